@@ -1,0 +1,1 @@
+"""chatmw: chat metrics middleware for chatbots."""

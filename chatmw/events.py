@@ -1,0 +1,155 @@
+"""Typed events: the only thing sources hand to the recorder.
+
+Every source (ASGI middleware, platform adapters, the web widget, transcript import, the
+survey dispatcher) translates what it sees into these records. Nothing downstream knows
+which source made an event. Times are timezone-aware ``datetime`` values; the store keeps
+them as integer milliseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+__all__ = [
+    "ROLES",
+    "Event",
+    "Message",
+    "Status",
+    "Touch",
+    "ConversationUpdate",
+    "Exposure",
+    "RawPayload",
+    "Role",
+    "now_utc",
+    "to_ms",
+    "from_ms",
+]
+
+Role = Literal["user", "bot", "agent"]
+ROLES: tuple[str, ...] = ("user", "bot", "agent")
+
+
+def now_utc() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def to_ms(moment: datetime) -> int:
+    """Convert an aware datetime to integer milliseconds since the epoch."""
+    if moment.tzinfo is None:
+        raise ValueError(f"naive datetime {moment.isoformat()}: a time zone is required")
+    return int(round(moment.timestamp() * 1000))
+
+
+def from_ms(ms: int) -> datetime:
+    """Convert milliseconds since the epoch to an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of every event. ``channel`` names the platform (web, messenger, whatsapp, ...)."""
+
+    channel: str
+    occurred_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message(Event):
+    """One message in either direction.
+
+    ``key`` is unique across the store: the platform message id where there is one, or a
+    key derived from the import row or generated at the request. The same key stored twice
+    is counted once. ``conversation_id`` is the source's own conversation id; when it is
+    ``None`` the writer assigns the message to the contact's open conversation, or starts
+    a new one after the configured silence.
+    """
+
+    key: str
+    role: Role
+    user_id: str
+    text: str | None = None
+    conversation_id: str | None = None
+    platform_message_id: str | None = None
+    kind: str = "message"
+    latency_ms: float | None = None
+    intent: str | None = None
+    reply_to: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Status(Event):
+    """A delivery status of an outbound message, linked by the platform message id."""
+
+    platform_message_id: str
+    status: str
+    user_id: str | None = None
+    error_code: str | None = None
+    error_title: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Touch(Event):
+    """An attribution touch: a campaign link, an ad click or a referral that led to a chat.
+
+    ``key`` makes a touch idempotent, as for messages.
+    """
+
+    key: str
+    user_id: str
+    conversation_id: str | None = None
+    kind: str = "link"
+    source: str | None = None
+    medium: str | None = None
+    campaign: str | None = None
+    term: str | None = None
+    content: str | None = None
+    ad_id: str | None = None
+    ref: str | None = None
+    click_id: str | None = None
+    referrer: str | None = None
+    landing_url: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConversationUpdate(Event):
+    """Facts about a conversation reported by the bot or the app.
+
+    Each field left ``None`` is unchanged. ``ended`` closes the conversation with
+    ``ended_reason``; a later message reopens it.
+    """
+
+    user_id: str
+    conversation_id: str | None = None
+    ended: bool | None = None
+    ended_reason: str | None = None
+    resolved: bool | None = None
+    handed_off: bool | None = None
+    intent: str | None = None
+    step: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exposure(Event):
+    """A user was reached without writing: a widget impression or open, a proactive send."""
+
+    key: str
+    user_id: str
+    kind: str
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawPayload(Event):
+    """A body that a source accepted but could not parse, kept for inspection."""
+
+    source: str
+    body: bytes
+    reason: str

@@ -1,0 +1,1 @@
+"""The store: SQLAlchemy models, engines, migrations and the batch writer."""

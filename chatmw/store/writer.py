@@ -1,0 +1,455 @@
+"""The batch writer: turns a batch of events into rows in one transaction.
+
+Every write is idempotent: messages, touches and exposures carry unique keys and are
+inserted with ``ON CONFLICT DO NOTHING``; statuses are unique per message and status; the
+derived figures of a conversation are recomputed from its stored messages. A batch that
+is written twice therefore stores the same rows as one written once.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, func, select, update
+from sqlalchemy.orm import Session
+
+from chatmw import events as ev
+from chatmw.store import models
+from chatmw.store.derive import refresh_conversations
+from chatmw.store.identity import (
+    CHUNK,
+    assign_sessions,
+    insert_ignore,
+    resolve_contacts,
+    resolve_named_conversations,
+    upsert,
+)
+
+__all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK"]
+
+# An enricher returns extra column values for a message row (for example its sentiment).
+Enricher = Callable[[ev.Message], Mapping[str, Any]]
+# A preprocessor may replace the messages of a batch before they are stored, with the
+# session at hand (for example to recognise survey answers).
+Preprocessor = Callable[[Session, list[ev.Message]], list[ev.Message]]
+Handler = Callable[[Session, list[Any]], None]
+
+# A status only moves forward: a late "sent" after "read" changes nothing.
+STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
+
+
+@dataclass(slots=True)
+class WriterSettings:
+    """Settings of the writer. ``session_gap_ms`` is the silence that starts a new conversation."""
+
+    session_gap_ms: int = 30 * 60 * 1000
+
+
+@dataclass
+class Writer:
+    """Writes batches of events into the store.
+
+    Extra event types are handled by functions added to ``handlers``; ``enrichers`` add
+    columns to message rows off the request path; ``preprocessors`` may rewrite messages.
+    """
+
+    engine: Engine
+    settings: WriterSettings = field(default_factory=WriterSettings)
+    enrichers: list[Enricher] = field(default_factory=list)
+    preprocessors: list[Preprocessor] = field(default_factory=list)
+    handlers: dict[type, Handler] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        defaults: dict[type, Handler] = {
+            ev.Message: self._write_messages,
+            ev.Status: self._write_statuses,
+            ev.Touch: self._write_touches,
+            ev.ConversationUpdate: self._write_updates,
+            ev.Exposure: self._write_exposures,
+            ev.RawPayload: self._write_raw,
+        }
+        for event_type, handler in defaults.items():
+            self.handlers.setdefault(event_type, handler)
+
+    def write(self, batch: Sequence[ev.Event]) -> None:
+        """Write ``batch`` in one transaction, in order, grouping runs of one event type."""
+        with Session(self.engine) as session, session.begin():
+            self.write_in(session, batch)
+
+    def write_in(self, session: Session, batch: Sequence[ev.Event]) -> None:
+        """Write ``batch`` inside an open ``session`` transaction."""
+        for event_type, run in itertools.groupby(batch, key=type):
+            handler = self._handler_for(event_type)
+            handler(session, list(run))
+
+    def _handler_for(self, event_type: type) -> Handler:
+        for klass in event_type.__mro__:
+            if klass in self.handlers:
+                return self.handlers[klass]
+        raise TypeError(f"no handler for event type {event_type.__name__}")
+
+    # Messages
+
+    def _write_messages(self, session: Session, messages: list[ev.Message]) -> None:
+        for preprocess in self.preprocessors:
+            messages = preprocess(session, messages)
+        if not messages:
+            return
+        times = [ev.to_ms(message.occurred_at) for message in messages]
+        contacts = self._contacts_for(session, messages, times)
+        conversation_ids = self._conversations_for(session, messages, times, contacts)
+
+        rows = []
+        for message, at_ms, conversation_id in zip(messages, times, conversation_ids, strict=True):
+            row = {
+                "key": message.key,
+                "conversation_id": conversation_id,
+                "contact_id": contacts[(message.channel, message.user_id)],
+                "channel": message.channel,
+                "role": message.role,
+                "kind": message.kind,
+                "text": message.text,
+                "occurred_at_ms": at_ms,
+                "platform_message_id": message.platform_message_id,
+                "reply_to": message.reply_to,
+                "latency_ms": message.latency_ms,
+                "response_ms": None,
+                "is_first_response": False,
+                "intent": message.intent,
+                "sentiment": None,
+                "status": None,
+                "status_at_ms": None,
+                "meta": dict(message.meta) or None,
+            }
+            for enrich in self.enrichers:
+                row.update(enrich(message))
+            rows.append(row)
+        insert_ignore(session, models.Message.__table__, rows, ["key"])
+
+        self._write_attributes(session, messages, conversation_ids)
+        self._touch_contacts(session, messages, times, contacts)
+        self._apply_intents(session, messages, conversation_ids)
+        refresh_conversations(session, conversation_ids)
+        outbound = [(m.channel, m.platform_message_id) for m in messages
+                    if m.role != "user" and m.platform_message_id]
+        if outbound:
+            refresh_statuses(session, outbound)
+        link_pending_touches(session, set(conversation_ids), self.settings.session_gap_ms)
+
+    def _contacts_for(self, session: Session, messages: Sequence[ev.Message],
+                      times: Sequence[int]) -> dict[tuple[str, str], int]:
+        first_seen: dict[tuple[str, str], int] = {}
+        for message, at_ms in zip(messages, times, strict=True):
+            identity = (message.channel, message.user_id)
+            first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
+        return resolve_contacts(session, first_seen)
+
+    def _conversations_for(self, session: Session, messages: Sequence[ev.Message],
+                           times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> list[int]:
+        named: dict[tuple[str, str], tuple[int, int | None]] = {}
+        unnamed: list[tuple[str, int, str, int]] = []
+        unnamed_index: list[int] = []
+        for index, (message, at_ms) in enumerate(zip(messages, times, strict=True)):
+            contact_id = contacts[(message.channel, message.user_id)]
+            if message.conversation_id is None:
+                unnamed.append((message.channel, contact_id, message.user_id, at_ms))
+                unnamed_index.append(index)
+                continue
+            key = (message.channel, message.conversation_id)
+            earliest, owner = named.get(key, (at_ms, None))
+            if owner is None and message.role == "user":
+                owner = contact_id
+            named[key] = (min(earliest, at_ms), owner)
+        named_ids = resolve_named_conversations(session, named)
+        sessions = assign_sessions(session, unnamed, self.settings.session_gap_ms)
+        result: list[int] = [0] * len(messages)
+        for index, message in enumerate(messages):
+            if message.conversation_id is not None:
+                result[index] = named_ids[(message.channel, message.conversation_id)]
+        for position, index in enumerate(unnamed_index):
+            result[index] = sessions[position]
+        self._claim_owners(session, named, named_ids)
+        return result
+
+    def _claim_owners(self, session: Session, named: Mapping[tuple[str, str], tuple[int, int | None]],
+                      named_ids: Mapping[tuple[str, str], int]) -> None:
+        # A conversation created by a bot message first gets its contact from the first user.
+        for key, (_, owner) in named.items():
+            if owner is not None:
+                session.execute(
+                    update(models.Conversation)
+                    .where(models.Conversation.id == named_ids[key],
+                           models.Conversation.contact_id.is_(None))
+                    .values(contact_id=owner)
+                )
+
+    def _write_attributes(self, session: Session, messages: Sequence[ev.Message],
+                          conversation_ids: Sequence[int]) -> None:
+        values: dict[tuple[int, str], str] = {}
+        for message, conversation_id in zip(messages, conversation_ids, strict=True):
+            for name, value in message.attributes.items():
+                values[(conversation_id, name)] = value
+        write_attributes(session, values)
+
+    def _touch_contacts(self, session: Session, messages: Sequence[ev.Message],
+                        times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> None:
+        last_seen: dict[int, int] = {}
+        last_user: dict[int, int] = {}
+        for message, at_ms in zip(messages, times, strict=True):
+            contact_id = contacts[(message.channel, message.user_id)]
+            last_seen[contact_id] = max(at_ms, last_seen.get(contact_id, at_ms))
+            if message.role == "user" and message.kind not in ("survey_prompt",):
+                last_user[contact_id] = max(at_ms, last_user.get(contact_id, at_ms))
+        contact = models.Contact
+        for contact_id, at_ms in last_seen.items():
+            session.execute(update(contact).where(contact.id == contact_id, contact.last_seen_ms < at_ms)
+                            .values(last_seen_ms=at_ms))
+            session.execute(update(contact).where(contact.id == contact_id, contact.first_seen_ms > at_ms)
+                            .values(first_seen_ms=at_ms))
+        for contact_id, at_ms in last_user.items():
+            session.execute(
+                update(contact)
+                .where(contact.id == contact_id,
+                       (contact.last_user_message_ms.is_(None)) | (contact.last_user_message_ms < at_ms))
+                .values(last_user_message_ms=at_ms)
+            )
+
+    def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
+                       conversation_ids: Sequence[int]) -> None:
+        intents: dict[int, str] = {}
+        for message, conversation_id in zip(messages, conversation_ids, strict=True):
+            if message.intent and conversation_id not in intents:
+                intents[conversation_id] = message.intent
+        for conversation_id, intent in intents.items():
+            session.execute(
+                update(models.Conversation)
+                .where(models.Conversation.id == conversation_id, models.Conversation.intent.is_(None))
+                .values(intent=intent)
+            )
+
+    # Statuses
+
+    def _write_statuses(self, session: Session, statuses: list[ev.Status]) -> None:
+        rows = [
+            {"channel": status.channel, "platform_message_id": status.platform_message_id,
+             "status": status.status, "occurred_at_ms": ev.to_ms(status.occurred_at),
+             "error_code": status.error_code, "error_title": status.error_title}
+            for status in statuses
+        ]
+        insert_ignore(session, models.MessageStatus.__table__, rows,
+                      ["channel", "platform_message_id", "status"])
+        refresh_statuses(session, [(s.channel, s.platform_message_id) for s in statuses])
+
+    # Touches
+
+    def _write_touches(self, session: Session, touches: list[ev.Touch]) -> None:
+        times = [ev.to_ms(touch.occurred_at) for touch in touches]
+        first_seen: dict[tuple[str, str], int] = {}
+        for touch, at_ms in zip(touches, times, strict=True):
+            identity = (touch.channel, touch.user_id)
+            first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
+        contacts = resolve_contacts(session, first_seen)
+        named = {(t.channel, t.conversation_id): (at_ms, contacts[(t.channel, t.user_id)])
+                 for t, at_ms in zip(touches, times, strict=True) if t.conversation_id}
+        named_ids = resolve_named_conversations(session, named)
+        rows = []
+        for touch, at_ms in zip(touches, times, strict=True):
+            conversation_id = named_ids.get((touch.channel, touch.conversation_id or ""))
+            rows.append({
+                "key": touch.key, "contact_id": contacts[(touch.channel, touch.user_id)],
+                "conversation_id": conversation_id, "channel": touch.channel, "kind": touch.kind,
+                "occurred_at_ms": at_ms, "source": touch.source, "medium": touch.medium,
+                "campaign": touch.campaign, "term": touch.term, "content": touch.content,
+                "ad_id": touch.ad_id, "ref": touch.ref, "click_id": touch.click_id,
+                "referrer": touch.referrer, "landing_url": touch.landing_url,
+                "meta": dict(touch.meta) or None,
+            })
+        insert_ignore(session, models.Touch.__table__, rows, ["key"])
+        link_touches_to_open_conversations(session, set(contacts.values()),
+                                           self.settings.session_gap_ms)
+        refresh_touch_pointers(session, contact_ids=set(contacts.values()))
+
+    # Conversation updates
+
+    def _write_updates(self, session: Session, updates: list[ev.ConversationUpdate]) -> None:
+        for item in updates:
+            at_ms = ev.to_ms(item.occurred_at)
+            conversation_id = self._find_conversation(session, item, at_ms)
+            if conversation_id is None:
+                continue
+            values: dict[str, Any] = {}
+            if item.ended is True:
+                values.update(ended_at_ms=at_ms, ended_reason=item.ended_reason or "ended")
+            elif item.ended is False:
+                values.update(ended_at_ms=None, ended_reason=None)
+            if item.resolved is not None:
+                values["resolved"] = item.resolved
+            if item.handed_off is not None:
+                values["handed_off"] = item.handed_off
+            if item.intent is not None:
+                values["intent"] = item.intent
+            if item.step is not None:
+                values["last_step"] = item.step
+            if values:
+                session.execute(update(models.Conversation)
+                                .where(models.Conversation.id == conversation_id).values(**values))
+            write_attributes(session, {(conversation_id, k): v for k, v in item.attributes.items()})
+
+    def _find_conversation(self, session: Session, item: ev.ConversationUpdate,
+                           at_ms: int) -> int | None:
+        conversation = models.Conversation
+        if item.conversation_id is not None:
+            named = resolve_named_conversations(session, {(item.channel, item.conversation_id): (at_ms, None)})
+            return named[(item.channel, item.conversation_id)]
+        contacts = resolve_contacts(session, {(item.channel, item.user_id): at_ms})
+        statement = (
+            select(conversation.id)
+            .where(conversation.channel == item.channel,
+                   conversation.contact_id == contacts[(item.channel, item.user_id)],
+                   conversation.started_at_ms <= at_ms)
+            .order_by(conversation.started_at_ms.desc())
+            .limit(1)
+        )
+        return session.execute(statement).scalar_one_or_none()
+
+    # Exposures and raw payloads
+
+    def _write_exposures(self, session: Session, exposures: list[ev.Exposure]) -> None:
+        times = [ev.to_ms(item.occurred_at) for item in exposures]
+        first_seen: dict[tuple[str, str], int] = {}
+        for item, at_ms in zip(exposures, times, strict=True):
+            identity = (item.channel, item.user_id)
+            first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
+        contacts = resolve_contacts(session, first_seen)
+        rows = [
+            {"key": item.key, "contact_id": contacts[(item.channel, item.user_id)],
+             "channel": item.channel, "kind": item.kind, "occurred_at_ms": at_ms,
+             "meta": dict(item.meta) or None}
+            for item, at_ms in zip(exposures, times, strict=True)
+        ]
+        insert_ignore(session, models.Exposure.__table__, rows, ["key"])
+
+    def _write_raw(self, session: Session, payloads: list[ev.RawPayload]) -> None:
+        rows = [
+            {"channel": item.channel, "source": item.source, "received_at_ms": ev.to_ms(item.occurred_at),
+             "reason": item.reason, "body": item.body}
+            for item in payloads
+        ]
+        session.execute(models.RawPayload.__table__.insert(), rows)
+
+
+def write_attributes(session: Session, values: Mapping[tuple[int, str], str]) -> None:
+    """Set conversation attributes; a later value of the same name replaces the earlier one."""
+    rows = [{"conversation_id": cid, "name": name, "value": value}
+            for (cid, name), value in sorted(values.items())]
+    upsert(session, models.ConversationAttribute.__table__, rows, ["conversation_id", "name"], ["value"])
+
+
+def refresh_statuses(session: Session, keys: Iterable[tuple[str, str]]) -> None:
+    """Set each outbound message's status to the furthest one stored for it."""
+    by_channel: dict[str, set[str]] = {}
+    for channel, platform_id in keys:
+        by_channel.setdefault(channel, set()).add(platform_id)
+    status = models.MessageStatus
+    for channel, ids in by_channel.items():
+        id_list = sorted(ids)
+        for start in range(0, len(id_list), CHUNK):
+            chunk = id_list[start:start + CHUNK]
+            best: dict[str, tuple[int, str, int]] = {}
+            rows = session.execute(
+                select(status.platform_message_id, status.status, status.occurred_at_ms)
+                .where(status.channel == channel, status.platform_message_id.in_(chunk))
+            )
+            for platform_id, name, at_ms in rows:
+                rank = STATUS_RANK.get(name, 0)
+                if platform_id not in best or rank > best[platform_id][0]:
+                    best[platform_id] = (rank, name, at_ms)
+            for platform_id, (_, name, at_ms) in best.items():
+                session.execute(
+                    update(models.Message)
+                    .where(models.Message.channel == channel,
+                           models.Message.platform_message_id == platform_id)
+                    .values(status=name, status_at_ms=at_ms)
+                )
+
+
+def link_touches_to_open_conversations(session: Session, contact_ids: Iterable[int], gap_ms: int) -> None:
+    """Attach unlinked touches to the contact's conversation that was active at the time.
+
+    A touch belongs to the conversation that started at most ``gap_ms`` after it, or that
+    was running when it happened.
+    """
+    touch, conversation = models.Touch, models.Conversation
+    ids = sorted(set(contact_ids))
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        loose = session.execute(
+            select(touch.id, touch.contact_id, touch.channel, touch.occurred_at_ms)
+            .where(touch.contact_id.in_(chunk), touch.conversation_id.is_(None))
+        ).all()
+        for touch_id, contact_id, channel, at_ms in loose:
+            target = session.execute(
+                select(conversation.id)
+                .where(conversation.contact_id == contact_id, conversation.channel == channel,
+                       conversation.started_at_ms <= at_ms + gap_ms,
+                       conversation.last_message_at_ms >= at_ms - gap_ms)
+                .order_by(func.abs(conversation.started_at_ms - at_ms))
+                .limit(1)
+            ).scalar_one_or_none()
+            if target is not None:
+                session.execute(update(touch).where(touch.id == touch_id).values(conversation_id=target))
+
+
+def link_pending_touches(session: Session, conversation_ids: set[int], gap_ms: int) -> None:
+    """Link loose touches of the contacts of ``conversation_ids`` and refresh first and last touch."""
+    if not conversation_ids:
+        return
+    conversation = models.Conversation
+    contact_ids: set[int] = set()
+    ids = sorted(conversation_ids)
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        contact_ids.update(
+            cid for cid in session.execute(
+                select(conversation.contact_id).where(conversation.id.in_(chunk))).scalars()
+            if cid is not None
+        )
+    touch = models.Touch
+    with_loose = set()
+    id_list = sorted(contact_ids)
+    for start in range(0, len(id_list), CHUNK):
+        chunk = id_list[start:start + CHUNK]
+        with_loose.update(session.execute(
+            select(touch.contact_id).where(touch.contact_id.in_(chunk), touch.conversation_id.is_(None))
+            .distinct()).scalars())
+    if with_loose:
+        link_touches_to_open_conversations(session, with_loose, gap_ms)
+        refresh_touch_pointers(session, contact_ids=with_loose)
+
+
+def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None:
+    """Set first and last touch on the contacts and on their conversations."""
+    touch = models.Touch
+    ids = sorted(set(contact_ids))
+    for start in range(0, len(ids), CHUNK):
+        chunk = ids[start:start + CHUNK]
+        rows = session.execute(
+            select(touch.id, touch.contact_id, touch.conversation_id, touch.occurred_at_ms)
+            .where(touch.contact_id.in_(chunk))
+            .order_by(touch.occurred_at_ms, touch.id)
+        ).all()
+        by_contact: dict[int, list[int]] = {}
+        by_conversation: dict[int, list[int]] = {}
+        for touch_id, contact_id, conversation_id, _ in rows:
+            by_contact.setdefault(contact_id, []).append(touch_id)
+            if conversation_id is not None:
+                by_conversation.setdefault(conversation_id, []).append(touch_id)
+        for contact_id, touch_ids in by_contact.items():
+            session.execute(update(models.Contact).where(models.Contact.id == contact_id)
+                            .values(first_touch_id=touch_ids[0], last_touch_id=touch_ids[-1]))
+        for conversation_id, touch_ids in by_conversation.items():
+            session.execute(update(models.Conversation).where(models.Conversation.id == conversation_id)
+                            .values(first_touch_id=touch_ids[0], last_touch_id=touch_ids[-1]))

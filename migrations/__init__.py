@@ -1,0 +1,1 @@
+"""Alembic migrations of the chatmw store; ``chatmw db upgrade`` applies them."""
