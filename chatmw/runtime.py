@@ -1,0 +1,49 @@
+"""The pieces one process runs: engine, writer and recorder, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import Engine
+
+from chatmw.config import Settings
+from chatmw.recorder import Recorder, Spool
+from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.writer import Writer, WriterSettings
+
+__all__ = ["Runtime"]
+
+logger = logging.getLogger("chatmw")
+
+
+class Runtime:
+    """Owns the engine, the writer and the recorder of one process.
+
+    Create it with :meth:`from_settings`; ``start`` migrates the database (when asked) and
+    starts the recorder; ``stop`` flushes it within the configured time limit.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, writer: Writer, recorder: Recorder) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.writer = writer
+        self.recorder = recorder
+
+    @classmethod
+    def from_settings(cls, settings: Settings, spool: Spool | None = None) -> Runtime:
+        engine = make_engine(settings.database_url)
+        writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
+        recorder = Recorder(writer, settings.recorder, spool=spool)
+        return cls(settings, engine, writer, recorder)
+
+    def start(self, migrate: bool = True) -> None:
+        """Apply migrations (unless ``migrate`` is false) and start the recorder."""
+        if migrate:
+            upgrade(self.engine)
+        self.recorder.start()
+
+    def stop(self) -> bool:
+        """Flush and stop the recorder; ``False`` when events were left unwritten."""
+        flushed = self.recorder.stop()
+        self.engine.dispose()
+        return flushed
