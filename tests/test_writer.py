@@ -1,0 +1,98 @@
+"""The batch writer on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from chatmw import events as ev
+from chatmw.store import models
+from chatmw.store.writer import Writer, WriterSettings
+
+T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
+
+def message(key: str, role: str, seconds: float, user: str = "u1", **fields) -> ev.Message:
+    return ev.Message(channel="web", occurred_at=T0 + timedelta(seconds=seconds), key=key,
+                      role=role, user_id=user, text=key, **fields)
+
+
+def test_same_batch_twice_stored_once(engine: Engine) -> None:
+    writer = Writer(engine)
+    batch = [message("m1", "user", 0), message("m2", "bot", 2)]
+    writer.write(batch)
+    writer.write(batch)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(models.Message)) == 2
+        assert session.scalar(select(func.count()).select_from(models.Conversation)) == 1
+        conversation = session.scalars(select(models.Conversation)).one()
+    assert conversation.message_count == 2
+    assert conversation.first_response_ms == 2000.0
+
+
+def test_silence_starts_new_conversation(engine: Engine) -> None:
+    writer = Writer(engine, WriterSettings(session_gap_ms=30 * 60_000))
+    writer.write([message("a", "user", 0), message("b", "bot", 1)])
+    writer.write([message("c", "user", 29 * 60)])
+    writer.write([message("d", "user", 29 * 60 + 31 * 60)])
+    with Session(engine) as session:
+        counts = session.execute(
+            select(models.Conversation.id, models.Conversation.message_count)
+            .order_by(models.Conversation.started_at_ms)
+        ).all()
+    assert [count for _, count in counts] == [3, 1]
+
+
+def test_reply_time_from_first_message_of_run(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.write([message("u1", "user", 0), message("u2", "user", 5), message("a1", "agent", 12),
+                  message("u3", "user", 20), message("b1", "bot", 21)])
+    with Session(engine) as session:
+        rows = dict(session.execute(select(models.Message.key, models.Message.response_ms)).all())
+    assert rows["a1"] == 12_000.0
+    assert rows["b1"] == 1_000.0
+    assert rows["u2"] is None
+
+
+def test_out_of_order_batches_match_ordered(engine: Engine) -> None:
+    writer = Writer(engine)
+    conversation = {"conversation_id": "c-1"}
+    writer.write([message("b1", "bot", 30, **conversation)])
+    writer.write([message("u1", "user", 10, **conversation)])
+    with Session(engine) as session:
+        stored = session.scalars(select(models.Conversation)).one()
+        bot_response = session.scalar(select(models.Message.response_ms).where(models.Message.key == "b1"))
+    assert stored.first_response_ms == 20_000.0
+    assert stored.first_response_role == "bot"
+    assert bot_response == 20_000.0
+
+
+def test_status_never_goes_backwards(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.write([message("m1", "user", 0), message("out", "bot", 1, platform_message_id="wamid.1")])
+    for status, seconds in (("read", 9), ("delivered", 5), ("sent", 3)):
+        writer.write([ev.Status(channel="web", occurred_at=T0 + timedelta(seconds=seconds),
+                                platform_message_id="wamid.1", status=status)])
+    with Session(engine) as session:
+        stored = session.scalars(select(models.Message).where(models.Message.key == "out")).one()
+        times = dict(session.execute(
+            select(models.MessageStatus.status, models.MessageStatus.occurred_at_ms)).all())
+    assert stored.status == "read"
+    assert times["sent"] == ev.to_ms(T0 + timedelta(seconds=3))
+    assert len(times) == 3
+
+
+def test_touch_before_message_links_conversation(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.write([ev.Touch(channel="web", occurred_at=T0 - timedelta(seconds=30), key="t1",
+                           user_id="u1", source="newsletter", campaign="spring")])
+    writer.write([message("m1", "user", 0)])
+    with Session(engine) as session:
+        conversation = session.scalars(select(models.Conversation)).one()
+        touch = session.scalars(select(models.Touch)).one()
+        contact = session.scalars(select(models.Contact)).one()
+    assert touch.conversation_id == conversation.id
+    assert conversation.first_touch_id == touch.id
+    assert contact.first_touch_id == touch.id
