@@ -1,0 +1,1 @@
+"""The ``chatmw metrics`` command."""
