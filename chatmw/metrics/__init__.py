@@ -1,0 +1,8 @@
+"""Metric definitions. Importing this package registers every metric in ``REGISTRY``."""
+
+from chatmw.metrics import response_time, summary, volume  # noqa: F401
+from chatmw.metrics.filters import FilterError, MetricFilter, parse_filter
+from chatmw.metrics.registry import REGISTRY, MetricSpec, Param, register, render_json
+
+__all__ = ["REGISTRY", "FilterError", "MetricFilter", "MetricSpec", "Param", "parse_filter",
+           "register", "render_json"]

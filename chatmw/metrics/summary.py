@@ -1,0 +1,145 @@
+"""Summary: totals and response times for a window and the window before it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine, case, func, select
+
+from chatmw.metrics.filters import MetricFilter
+from chatmw.metrics.registry import MetricSpec, register
+from chatmw.metrics.response_time import collect_durations
+from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.stats import describe_seconds
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Conversation, Message
+
+__all__ = ["summary", "SUMMARY"]
+
+TOTALS = ("conversations", "messages", "user_messages", "bot_messages", "agent_messages", "users")
+
+
+def _totals(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]]:
+    scope = conversation_scope(flt).subquery()
+    conversations = (
+        select(scope.c.group_key, func.count(), func.count(func.distinct(Conversation.contact_id)))
+        .join(Conversation, Conversation.id == scope.c.conversation_id)
+        .group_by(scope.c.group_key)
+    )
+    messages = (
+        select(
+            scope.c.group_key,
+            func.count(),
+            func.sum(case((Message.role == "user", 1), else_=0)),
+            func.sum(case((Message.role == "bot", 1), else_=0)),
+            func.sum(case((Message.role == "agent", 1), else_=0)),
+        )
+        .join(Message, Message.conversation_id == scope.c.conversation_id)
+        .where(Message.kind.not_in(UNTIMED_KINDS))
+        .group_by(scope.c.group_key)
+    )
+    totals: dict[Any, dict[str, int]] = {}
+    with engine.connect() as connection:
+        for key, count, users in connection.execute(conversations):
+            totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(conversations=count, users=users)
+        for key, count, user, bot, agent in connection.execute(messages):
+            totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(
+                messages=count, user_messages=int(user or 0), bot_messages=int(bot or 0),
+                agent_messages=int(agent or 0))
+    return totals
+
+
+def _distinct_users(engine: Engine, flt: MetricFilter) -> int:
+    scope = conversation_scope(flt).subquery()
+    statement = select(func.count(func.distinct(Conversation.contact_id))).join(
+        scope, Conversation.id == scope.c.conversation_id)
+    with engine.connect() as connection:
+        return int(connection.execute(statement).scalar_one())
+
+
+def _section(engine: Engine, flt: MetricFilter) -> dict[str, Any]:
+    totals = _totals(engine, flt)
+    durations = collect_durations(engine, flt)
+    overall = dict.fromkeys(TOTALS, 0)
+    for values in totals.values():
+        for name in TOTALS:
+            overall[name] += values[name]
+    # A user can appear in several groups; the overall count is distinct across them.
+    overall["users"] = _distinct_users(engine, flt)
+    first = [v for d in durations.values() for v in d["first_response"]["all"]]
+    replies = [v for d in durations.values() for v in d["reply_time"]["all"]]
+    section: dict[str, Any] = {
+        "totals": overall,
+        "first_response": describe_seconds(first),
+        "reply_time": describe_seconds(replies),
+    }
+    if flt.group_by is not None:
+        keys = sorted(set(totals) | set(durations), key=group_label)
+        section["groups"] = [
+            {
+                "group": group_label(key),
+                "totals": totals.get(key, dict.fromkeys(TOTALS, 0)),
+                "first_response": describe_seconds(
+                    durations[key]["first_response"]["all"] if key in durations else []),
+                "reply_time": describe_seconds(
+                    durations[key]["reply_time"]["all"] if key in durations else []),
+            }
+            for key in keys
+        ]
+    return section
+
+
+def _change(current: Mapping[str, int], previous: Mapping[str, int]) -> dict[str, Any]:
+    change: dict[str, Any] = {}
+    for name in TOTALS:
+        difference = current[name] - previous[name]
+        change[name] = difference
+        change[f"{name}_pct"] = None if previous[name] == 0 else round(difference / previous[name] * 100, 2)
+    return change
+
+
+def summary(engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Compute totals and response times for the window and for the previous window.
+
+    The previous window has the same length and ends where this one starts; it is
+    ``null`` when the window is unbounded.
+    """
+    current = _section(engine, flt)
+    result: dict[str, Any] = {"metric": "summary", "filters": flt.describe(), **current}
+    before = flt.shifted_back()
+    if before is None:
+        result["previous"] = None
+        result["change"] = None
+        return result
+    previous = _section(engine, before)
+    previous.pop("groups", None)
+    result["previous"] = {"since": before.since.isoformat() if before.since else None,
+                          "until": before.until.isoformat() if before.until else None, **previous}
+    result["change"] = _change(current["totals"], previous["totals"])
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    sections = [("(all)", result)] + [(group["group"], group) for group in result.get("groups", [])]
+    rows = []
+    for group, section in sections:
+        row: dict[str, Any] = {"group": group, **section["totals"]}
+        for figure in ("first_response", "reply_time"):
+            for name, value in section[figure].items():
+                row[f"{figure}_{name}"] = value
+        rows.append(row)
+    return rows
+
+
+SUMMARY = register(MetricSpec(
+    name="summary",
+    summary="Totals and response times, with the previous window",
+    description=(
+        "Conversations started in the window, their messages (by role) and distinct users, "
+        "with first-response and reply-time figures in seconds; the same for the previous "
+        "window of equal length and the change between the two."
+    ),
+    compute=summary,
+    rows=_rows,
+))
