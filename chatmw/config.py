@@ -28,6 +28,8 @@ class Settings:
     session_gap_minutes: float = 30.0
     metrics_prefix: str = "/metrics"
     recorder: RecorderSettings = field(default_factory=RecorderSettings)
+    # Score the sentiment of English user messages as they are written (chatmw.sentiment).
+    sentiment: bool = True
 
     def __post_init__(self) -> None:
         if not self.database_url:

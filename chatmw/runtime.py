@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 
 from chatmw.config import Settings
 from chatmw.recorder import Recorder, Spool
+from chatmw.sentiment import sentiment_enricher
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.writer import Writer, WriterSettings
 
@@ -33,6 +34,8 @@ class Runtime:
     def from_settings(cls, settings: Settings, spool: Spool | None = None) -> Runtime:
         engine = make_engine(settings.database_url)
         writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
+        if settings.sentiment:
+            writer.enrichers.append(sentiment_enricher)
         recorder = Recorder(writer, settings.recorder, spool=spool)
         return cls(settings, engine, writer, recorder)
 
