@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, or_, select, tuple_, update
+from sqlalchemy import Table, and_, or_, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -129,6 +129,7 @@ class OpenConversation:
     started_at_ms: int
     last_message_at_ms: int
     ended_at_ms: int | None
+    key: tuple[str, str] | None = None
 
 
 def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
@@ -193,6 +194,8 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     the contact's latest conversation on that channel when it comes at most ``gap_ms``
     after that conversation's last message, and starts a new conversation otherwise. A late
     message from before the latest conversation joins the conversation that covers its time.
+    The conversations' start and end times are not updated here: the writer recomputes
+    them from the stored messages.
     """
     if not items:
         return {}
@@ -201,43 +204,45 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     latest = _latest_conversations(session, pairs)
     order = sorted(range(len(items)), key=lambda index: items[index][3])
     assigned: dict[int, int] = {}
-    table = Conversation.__table__
+    # Conversations this batch starts are known by their new external id until inserted.
+    pending: dict[int, tuple[str, str]] = {}
+    new_rows: dict[tuple[str, str], dict[str, Any]] = {}
     for index in order:
         channel, contact_id, external, at_ms = items[index]
         current = latest.get((channel, contact_id))
         if current is not None and at_ms < current.started_at_ms - gap_ms:
             covering = _covering_conversation(session, channel, contact_id, at_ms, gap_ms)
             if covering is not None:
-                _extend(session, covering, at_ms)
                 assigned[index] = covering.id
                 continue
         elif current is not None and at_ms - current.last_message_at_ms <= gap_ms:
-            _extend(session, current, at_ms)
-            assigned[index] = current.id
+            current.last_message_at_ms = max(current.last_message_at_ms, at_ms)
+            if current.id > 0:
+                assigned[index] = current.id
+            else:
+                pending[index] = new_rows_key(current)
             continue
         external_id = f"{external}@{at_ms}"
-        row = {"channel": channel, "external_id": external_id, "contact_id": contact_id,
-               "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
-               "user_message_count": 0, "handed_off": False}
-        insert_ignore(session, table, [row], ["channel", "external_id"])
-        conversation_id = session.execute(
-            select(Conversation.id).where(Conversation.channel == channel,
-                                          Conversation.external_id == external_id)
-        ).scalar_one()
-        created = OpenConversation(conversation_id, at_ms, at_ms, None)
+        new_rows[(channel, external_id)] = {
+            "channel": channel, "external_id": external_id, "contact_id": contact_id,
+            "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
+            "user_message_count": 0, "handed_off": False}
+        created = OpenConversation(-len(new_rows), at_ms, at_ms, None)
+        created.key = (channel, external_id)
         if current is None or at_ms >= current.started_at_ms:
             latest[(channel, contact_id)] = created
-        assigned[index] = conversation_id
+        pending[index] = (channel, external_id)
+    if new_rows:
+        insert_ignore(session, Conversation.__table__, list(new_rows.values()), ["channel", "external_id"])
+        found = resolve_named_conversations(
+            session, {key: (row["started_at_ms"], row["contact_id"]) for key, row in new_rows.items()})
+        for index, key in pending.items():
+            assigned[index] = found[key]
     return assigned
 
 
-def _extend(session: Session, conversation: OpenConversation, at_ms: int) -> None:
-    changes: dict[str, Any] = {}
-    if at_ms > conversation.last_message_at_ms:
-        conversation.last_message_at_ms = at_ms
-        changes["last_message_at_ms"] = at_ms
-    if at_ms < conversation.started_at_ms:
-        conversation.started_at_ms = at_ms
-        changes["started_at_ms"] = at_ms
-    if changes:
-        session.execute(update(Conversation).where(Conversation.id == conversation.id).values(**changes))
+def new_rows_key(conversation: OpenConversation) -> tuple[str, str]:
+    """Return the ``(channel, external_id)`` of a conversation this batch started."""
+    if conversation.key is None:
+        raise ValueError("conversation has no key: it was not started by this batch")
+    return conversation.key

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import BigInteger, Engine, bindparam, case, func, select, update
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.store import models
-from chatmw.store.derive import refresh_conversations
+from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
@@ -177,14 +177,17 @@ class Writer:
     def _claim_owners(self, session: Session, named: Mapping[tuple[str, str], tuple[int, int | None]],
                       named_ids: Mapping[tuple[str, str], int]) -> None:
         # A conversation created by a bot message first gets its contact from the first user.
-        for key, (_, owner) in named.items():
-            if owner is not None:
-                session.execute(
-                    update(models.Conversation)
-                    .where(models.Conversation.id == named_ids[key],
-                           models.Conversation.contact_id.is_(None))
-                    .values(contact_id=owner)
-                )
+        rows = [{"conversation_id": named_ids[key], "owner": owner}
+                for key, (_, owner) in named.items() if owner is not None]
+        if not rows:
+            return
+        table = models.Conversation.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("conversation_id"), table.c.contact_id.is_(None))
+            .values(contact_id=bindparam("owner")),
+            rows,
+        )
 
     def _write_attributes(self, session: Session, messages: Sequence[ev.Message],
                           conversation_ids: Sequence[int]) -> None:
@@ -196,26 +199,34 @@ class Writer:
 
     def _touch_contacts(self, session: Session, messages: Sequence[ev.Message],
                         times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> None:
-        last_seen: dict[int, int] = {}
-        last_user: dict[int, int] = {}
+        seen: dict[int, list[int | None]] = {}
         for message, at_ms in zip(messages, times, strict=True):
             contact_id = contacts[(message.channel, message.user_id)]
-            last_seen[contact_id] = max(at_ms, last_seen.get(contact_id, at_ms))
-            if message.role == "user" and message.kind not in ("survey_prompt",):
-                last_user[contact_id] = max(at_ms, last_user.get(contact_id, at_ms))
-        contact = models.Contact
-        for contact_id, at_ms in last_seen.items():
-            session.execute(update(contact).where(contact.id == contact_id, contact.last_seen_ms < at_ms)
-                            .values(last_seen_ms=at_ms))
-            session.execute(update(contact).where(contact.id == contact_id, contact.first_seen_ms > at_ms)
-                            .values(first_seen_ms=at_ms))
-        for contact_id, at_ms in last_user.items():
-            session.execute(
-                update(contact)
-                .where(contact.id == contact_id,
-                       (contact.last_user_message_ms.is_(None)) | (contact.last_user_message_ms < at_ms))
-                .values(last_user_message_ms=at_ms)
-            )
+            first, last, last_user = seen.get(contact_id, [at_ms, at_ms, None])
+            if message.role == "user" and message.kind not in UNTIMED_KINDS:
+                last_user = at_ms if last_user is None else max(last_user, at_ms)
+            seen[contact_id] = [min(first, at_ms), max(last, at_ms), last_user]  # type: ignore[type-var]
+        table = models.Contact.__table__
+        columns = table.c
+        rows = [{"contact_id": cid, "first": first, "last": last, "last_user": last_user}
+                for cid, (first, last, last_user) in sorted(seen.items())]
+        session.execute(
+            update(table)
+            .where(columns.id == bindparam("contact_id"))
+            .values(
+                first_seen_ms=case((columns.first_seen_ms > bindparam("first"), bindparam("first")),
+                                   else_=columns.first_seen_ms),
+                last_seen_ms=case((columns.last_seen_ms < bindparam("last"), bindparam("last")),
+                                  else_=columns.last_seen_ms),
+                last_user_message_ms=case(
+                    (bindparam("last_user", type_=BigInteger).is_(None), columns.last_user_message_ms),
+                    (columns.last_user_message_ms.is_(None), bindparam("last_user", type_=BigInteger)),
+                    (columns.last_user_message_ms < bindparam("last_user", type_=BigInteger),
+                     bindparam("last_user", type_=BigInteger)),
+                    else_=columns.last_user_message_ms),
+            ),
+            rows,
+        )
 
     def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
                        conversation_ids: Sequence[int]) -> None:
@@ -223,12 +234,15 @@ class Writer:
         for message, conversation_id in zip(messages, conversation_ids, strict=True):
             if message.intent and conversation_id not in intents:
                 intents[conversation_id] = message.intent
-        for conversation_id, intent in intents.items():
-            session.execute(
-                update(models.Conversation)
-                .where(models.Conversation.id == conversation_id, models.Conversation.intent.is_(None))
-                .values(intent=intent)
-            )
+        if not intents:
+            return
+        table = models.Conversation.__table__
+        session.execute(
+            update(table)
+            .where(table.c.id == bindparam("conversation_id"), table.c.intent.is_(None))
+            .values(intent=bindparam("new_intent")),
+            [{"conversation_id": cid, "new_intent": intent} for cid, intent in sorted(intents.items())],
+        )
 
     # Statuses
 
