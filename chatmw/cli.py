@@ -61,3 +61,4 @@ def main() -> None:
 # Feature commands register themselves on ``app`` when imported.
 from chatmw import cli_metrics  # noqa: E402,F401
 from chatmw import cli_serve  # noqa: E402,F401
+from chatmw import cli_demo  # noqa: E402,F401
