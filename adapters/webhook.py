@@ -1,0 +1,157 @@
+"""Webhook intake shared by the proxy and the in-process middleware.
+
+:class:`WebhookIntake` answers Meta's verification request, checks the signature of a
+webhook over its raw bytes, parses it into events (Messenger, Instagram or WhatsApp by the
+body's ``object``), and hands them to the recorder. It does no I/O of its own, so the
+acknowledgement depends only on the recorder accepting the events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+from chatmw import events as ev
+from chatmw.adapters import messenger, whatsapp
+from chatmw.adapters._meta import MetaSettings, WebhookStats, verification_challenge, verify_signature
+
+__all__ = [
+    "WebhookIntake",
+    "WebhookOutcome",
+    "EventSink",
+    "parse_webhook",
+    "WebhookFormatError",
+    "header_value",
+    "query_params",
+]
+
+logger = logging.getLogger("chatmw")
+
+# RawPayload sources that mark an event kind the parsers do not know.
+UNKNOWN_SOURCES = frozenset({"messenger_unknown", "instagram_unknown", "whatsapp_unknown"})
+
+
+class EventSink(Protocol):
+    """Where accepted events go: :class:`chatmw.recorder.Recorder` or anything alike."""
+
+    def submit(self, event: ev.Event) -> bool: ...
+
+
+class WebhookFormatError(ValueError):
+    """A verified body that is not a webhook the adapters know."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookOutcome:
+    """What to answer Meta, and whether the body should go on to the bot."""
+
+    status: int
+    body: bytes
+    events: int = 0
+    forward: bool = False
+
+
+def parse_webhook(body: bytes, received_at: datetime) -> list[ev.Event]:
+    """Parse a webhook body into events; raises :class:`WebhookFormatError` when it is not one."""
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WebhookFormatError(f"body is not valid JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise WebhookFormatError("body is not a JSON object")
+    kind = document.get("object")
+    if kind == "page":
+        return messenger.parse_webhook(document, received_at)
+    if kind == "instagram":
+        return messenger.parse_webhook(document, received_at, channel="instagram")
+    if kind == "whatsapp_business_account":
+        return whatsapp.parse_webhook(document, received_at)
+    raise WebhookFormatError(f"unknown webhook object {kind!r}")
+
+
+class WebhookIntake:
+    """Verifies, parses and records webhooks; one instance serves every request."""
+
+    def __init__(self, settings: MetaSettings, sink: EventSink | None,
+                 stats: WebhookStats | None = None) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.stats = stats or WebhookStats()
+
+    def challenge(self, query: Mapping[str, str]) -> WebhookOutcome:
+        """Answer a ``GET`` verification: the challenge with 200, or 403."""
+        answer = verification_challenge(query, self.settings.verify_token)
+        if answer is None:
+            logger.warning("webhook verification rejected: wrong mode or verify token")
+            return WebhookOutcome(403, b"verification failed")
+        return WebhookOutcome(200, answer.encode())
+
+    def receive(self, body: bytes, signature: bytes | str | None,
+                received_at: datetime | None = None) -> WebhookOutcome:
+        """Handle a ``POST`` body: 403 on a bad signature, else record and return 200.
+
+        Returns 503 when the recorder did not take the events, so that Meta delivers the
+        webhook again later.
+        """
+        self.stats.add("received")
+        if not verify_signature(body, signature, self.settings.app_secret):
+            self.stats.add("rejected_signature")
+            logger.warning("webhook rejected: missing or invalid %s", "X-Hub-Signature-256")
+            return WebhookOutcome(403, b"invalid signature")
+        self.stats.add("verified")
+        received_at = received_at or ev.now_utc()
+        found = self._parse(body, received_at)
+        if not self._accept(found):
+            self.stats.add("not_accepted")
+            return WebhookOutcome(503, b"recorder busy, retry later", events=len(found))
+        self.stats.add("events", len(found))
+        return WebhookOutcome(200, b"EVENT_RECEIVED", events=len(found), forward=True)
+
+    def _parse(self, body: bytes, received_at: datetime) -> list[ev.Event]:
+        try:
+            found = parse_webhook(body, received_at)
+        except WebhookFormatError as error:
+            self.stats.add("unparseable")
+            logger.warning("webhook body verified but not parsed (%d bytes): %s", len(body), error)
+            return [ev.RawPayload(channel="meta", occurred_at=received_at, source="meta_webhook",
+                                  body=body, reason=str(error))]
+        except Exception as error:  # noqa: BLE001 - a parser bug must not lose the body
+            self.stats.add("unparseable")
+            logger.exception("webhook parser failed on a verified body (%d bytes)", len(body))
+            return [ev.RawPayload(channel="meta", occurred_at=received_at, source="meta_webhook",
+                                  body=body, reason=f"parser error {type(error).__name__}: {error}")]
+        unknown = sum(1 for item in found
+                      if isinstance(item, ev.RawPayload) and item.source in UNKNOWN_SOURCES)
+        if unknown:
+            self.stats.add("unknown_events", unknown)
+            logger.info("webhook carried %d events of unknown kinds, kept as raw payloads", unknown)
+        return found
+
+    def _accept(self, found: Sequence[ev.Event]) -> bool:
+        if self.sink is None or not found:
+            return True
+        durable = getattr(self.sink, "submit_durable", None)
+        if self.settings.durable_acknowledgement and durable is not None:
+            return bool(durable(list(found)))
+        accepted = True
+        for event in found:
+            accepted = self.sink.submit(event) and accepted
+        return accepted
+
+
+def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """Return the first value of header ``name`` (lower case) from raw ASGI headers."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def query_params(query_string: bytes) -> dict[str, Any]:
+    """Decode an ASGI query string into a dict of last values."""
+    return dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
