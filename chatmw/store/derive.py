@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from chatmw.store.identity import CHUNK
+from chatmw.store.identity import CHUNK, bulk_update
 from chatmw.store.models import Conversation, Message
 
 __all__ = ["UNTIMED_KINDS", "MessageTiming", "compute_timings", "refresh_conversations"]
@@ -93,12 +93,12 @@ def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
         first_ms, first_role = compute_timings(messages)
         for message in messages:
             if stored[message.id] != (message.response_ms, message.is_first_response):
-                message_changes.append({"message_id": message.id, "response_ms": message.response_ms,
+                message_changes.append({"id": message.id, "response_ms": message.response_ms,
                                         "is_first_response": message.is_first_response})
         counted = [m for m in messages if m.kind not in UNTIMED_KINDS]
         user_times = [m.occurred_at_ms for m in counted if m.role == "user"]
         change = {
-            "conversation_id": conversation_id,
+            "id": conversation_id,
             "started_at_ms": min(m.occurred_at_ms for m in messages),
             "last_message_at_ms": max(m.occurred_at_ms for m in messages),
             "message_count": len(counted),
@@ -112,25 +112,7 @@ def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
             change["ended_at_ms"] = None
         conversation_changes.append(change)
 
-    if message_changes:
-        session.execute(
-            update(Message.__table__)
-            .where(Message.__table__.c.id == bindparam("message_id"))
-            .values(response_ms=bindparam("response_ms"),
-                    is_first_response=bindparam("is_first_response")),
-            message_changes,
-        )
-    if conversation_changes:
-        table = Conversation.__table__
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("conversation_id"))
-            .values(started_at_ms=bindparam("started_at_ms"),
-                    last_message_at_ms=bindparam("last_message_at_ms"),
-                    message_count=bindparam("message_count"),
-                    user_message_count=bindparam("user_message_count"),
-                    first_response_ms=bindparam("first_response_ms"),
-                    first_response_role=bindparam("first_response_role"),
-                    ended_at_ms=bindparam("ended_at_ms")),
-            conversation_changes,
-        )
+    bulk_update(session, Message.__table__, message_changes, ("response_ms", "is_first_response"))
+    bulk_update(session, Conversation.__table__, conversation_changes,
+                ("started_at_ms", "last_message_at_ms", "message_count", "user_message_count",
+                 "first_response_ms", "first_response_role", "ended_at_ms"))

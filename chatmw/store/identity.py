@@ -7,13 +7,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, or_, select, tuple_
+from sqlalchemy import Table, and_, bindparam, or_, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from chatmw.store.models import Contact, Conversation
 
 __all__ = [
+    "bulk_update",
     "insert_ignore",
     "upsert",
     "resolve_contacts",
@@ -39,11 +40,42 @@ def _insert(session: Session, table: Table) -> Any:
 def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                   conflict: Sequence[str]) -> None:
     """Insert ``rows``, skipping each row whose ``conflict`` columns already exist."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        _insert_ignore_unnest(session, table, rows, conflict)
+        return
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
-        if chunk:
-            statement = _insert(session, table).on_conflict_do_nothing(index_elements=conflict)
-            session.execute(statement, list(chunk))
+        statement = _insert(session, table).on_conflict_do_nothing(index_elements=conflict)
+        session.execute(statement, list(chunk))
+
+
+def _insert_ignore_unnest(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                          conflict: Sequence[str]) -> None:
+    # One INSERT ... SELECT FROM unnest(arrays) per batch: psycopg's executemany sends a
+    # statement per row, and a multi-row VALUES list is compiled anew for every length.
+    dialect = session.get_bind().dialect
+    names = list(rows[0])
+    casts = []
+    parameters: dict[str, list[Any]] = {}
+    for name in names:
+        column_type = table.c[name].type
+        values = [row.get(name) for row in rows]
+        type_name = column_type.compile(dialect=dialect)
+        if type_name in ("JSON", "JSONB"):
+            processor = column_type.bind_processor(dialect)
+            values = [None if v is None or processor is None else processor(v) for v in values]
+            casts.append(f"CAST(CAST(:{name} AS TEXT[]) AS {type_name}[])")
+        else:
+            casts.append(f"CAST(:{name} AS {type_name}[])")
+        parameters[name] = values
+    statement = text(
+        f"INSERT INTO {table.name} ({', '.join(names)}) "
+        f"SELECT * FROM unnest({', '.join(casts)}) "
+        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
+    )
+    session.execute(statement, parameters)
 
 
 def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -59,6 +91,33 @@ def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]],
             set_={name: statement.excluded[name] for name in update_columns},
         )
         session.execute(statement, list(chunk))
+
+
+def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                columns: Sequence[str]) -> None:
+    """Set ``columns`` on the rows of ``table`` whose ``id`` is each row's ``id``.
+
+    PostgreSQL gets one ``UPDATE ... FROM unnest(arrays)`` statement, because executemany
+    sends a statement per row; SQLite runs in process, where executemany is as fast.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql":
+        statement = (update(table).where(table.c.id == bindparam("_id"))
+                     .values({name: bindparam(f"_{name}") for name in columns}))
+        session.execute(statement, [{f"_{k}": v for k, v in row.items()} for row in rows])
+        return
+    names = ("id", *columns)
+    arrays = ", ".join(
+        f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names)
+    assignments = ", ".join(f"{name} = changes.{name}" for name in columns)
+    statement = text(
+        f"UPDATE {table.name} SET {assignments} "
+        f"FROM unnest({arrays}) AS changes({', '.join(names)}) "
+        f"WHERE {table.name}.id = changes.id"
+    )
+    session.execute(statement, {name: [row[name] for row in rows] for name in names})
 
 
 def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
