@@ -5,26 +5,58 @@ in-memory queue and returns at once; it never blocks, never touches the database
 never raises. A background thread drains the queue in batches (closed by count or by
 time), runs the writer, retries retryable failures with backoff, and hands what it could
 not write to the optional spool. Every loss is counted by reason and logged.
+
+With a replayable spool (:class:`chatmw.spool.FileSpool`) the recorder has three states:
+
+- ``healthy``: batches are written directly; events that reached the spool by another
+  path (durable submits, queue overflow) are replayed as they come.
+- ``spooling``: a batch failed after every retry, so every new batch goes to the spool
+  and the store is probed every ``probe_interval_s`` by replaying the oldest spooled
+  batch.
+- ``replaying``: the store works again; new batches still go to the spool, so that they
+  are stored after the older ones, until replay has emptied it.
+
+When the queue is full, :meth:`Recorder.submit` hands the event to a bounded overflow
+buffer instead of dropping it. A separate spill thread appends that buffer to the spool,
+so the fsync of a spool append never runs on the request path. Only
+:meth:`Recorder.submit_durable` fsyncs on the caller's thread, because its caller waits
+for exactly that guarantee.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatmw.events import Event
 
-__all__ = ["Recorder", "RecorderSettings", "Spool", "BatchWriter", "RecorderStats"]
+__all__ = [
+    "Recorder",
+    "RecorderSettings",
+    "Spool",
+    "ReplayableSpool",
+    "BatchWriter",
+    "RecorderStats",
+    "HEALTHY",
+    "SPOOLING",
+    "REPLAYING",
+]
 
 logger = logging.getLogger("chatmw")
+
+HEALTHY = "healthy"
+SPOOLING = "spooling"
+REPLAYING = "replaying"
 
 
 class BatchWriter(Protocol):
@@ -39,6 +71,25 @@ class Spool(Protocol):
     def append(self, batch: Sequence[Event]) -> bool: ...
 
 
+@runtime_checkable
+class ReplayableSpool(Protocol):
+    """A spool the recorder can replay: read the oldest batches, then commit or reject them.
+
+    :class:`chatmw.spool.FileSpool` is the implementation; ``read_next`` returns an object
+    with ``events`` and ``error`` attributes, or ``None`` when nothing is pending.
+    """
+
+    def append(self, batch: Sequence[Event]) -> bool: ...
+
+    def read_next(self, max_events: int) -> object | None: ...
+
+    def commit(self, chunk: object) -> None: ...
+
+    def reject(self, chunk: object, reason: str) -> None: ...
+
+    def pending_events(self) -> int: ...
+
+
 @dataclass(slots=True)
 class RecorderSettings:
     """Settings of the recorder.
@@ -46,7 +97,10 @@ class RecorderSettings:
     ``queue_size`` bounds the events waiting in memory; ``batch_size`` and
     ``batch_interval_s`` close a batch by count or by age; ``retries`` and
     ``retry_backoff_s`` govern retries of a failing write (backoff doubles each time);
-    ``flush_timeout_s`` bounds the flush on shutdown.
+    ``flush_timeout_s`` bounds the flush on shutdown. With a spool, ``overflow_size``
+    bounds the events that wait for the spill thread when the queue is full,
+    ``probe_interval_s`` is the time between attempts to reach a failing store, and
+    ``replay_budget_s`` is how long one replay turn may run before new events are taken in.
     """
 
     queue_size: int = 10_000
@@ -55,12 +109,16 @@ class RecorderSettings:
     retries: int = 3
     retry_backoff_s: float = 0.2
     flush_timeout_s: float = 10.0
+    overflow_size: int = 10_000
+    probe_interval_s: float = 1.0
+    replay_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("queue_size", "batch_size"):
+        for name in ("queue_size", "batch_size", "overflow_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_interval_s", "retry_backoff_s", "flush_timeout_s"):
+        for name in ("batch_interval_s", "retry_backoff_s", "flush_timeout_s",
+                     "probe_interval_s", "replay_budget_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.retries < 0:
@@ -69,7 +127,11 @@ class RecorderSettings:
 
 @dataclass(frozen=True, slots=True)
 class RecorderStats:
-    """A snapshot of the recorder's counters."""
+    """A snapshot of the recorder's counters.
+
+    ``spooled`` counts events handed to the spool, ``replayed`` events written from it;
+    ``write_seconds_sum`` and ``write_batches`` add up the successful writes.
+    """
 
     submitted: int
     written: int
@@ -78,9 +140,16 @@ class RecorderStats:
     spooled: int
     failed_batches: int
     last_write_seconds: float | None
+    state: str = HEALTHY
+    replayed: int = 0
+    overflow_depth: int = 0
+    write_seconds_sum: float = 0.0
+    write_batches: int = 0
+    state_changes: dict[str, int] = field(default_factory=dict)
 
 
 _STOP = object()
+_WAKE = object()
 
 
 def is_retryable(error: BaseException) -> bool:
@@ -90,84 +159,238 @@ def is_retryable(error: BaseException) -> bool:
     return isinstance(error, DBAPIError) and bool(error.connection_invalidated)
 
 
+class _WriteFailed(Exception):
+    """A write failed with a retryable error; the batch was not stored."""
+
+
 class Recorder:
-    """Bounded queue plus background writer thread. Start it before submitting events."""
+    """Bounded queue plus background writer thread. Start it before submitting events.
+
+    ``transform`` (for example pseudonymisation) is applied to every event exactly once,
+    before it is written or spooled; events replayed from the spool are not transformed
+    again. An event whose transform raises is dropped (reason ``transform_error``) rather
+    than stored untransformed.
+    """
 
     def __init__(self, writer: BatchWriter, settings: RecorderSettings | None = None,
                  spool: Spool | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 transform: Callable[[Event], Event] | None = None) -> None:
         self.writer = writer
         self.settings = settings or RecorderSettings()
         self.spool = spool
+        self.transform = transform
         self._sleep = sleep
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.settings.queue_size)
         self._thread: threading.Thread | None = None
+        self._spill_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._submitted = 0
         self._written = 0
         self._spooled = 0
+        self._replayed = 0
         self._failed_batches = 0
         self._dropped: Counter[str] = Counter()
+        self._state_changes: Counter[str] = Counter()
         self._last_write_s: float | None = None
+        self._write_seconds_sum = 0.0
+        self._write_batches = 0
+        # Events taken by submit and not yet written, spooled or dropped; guarded by _lock,
+        # and _idle is set or cleared only under _lock so that flush never misses one.
+        self._outstanding = 0
         self._idle = threading.Event()
         self._idle.set()
+        self._state = HEALTHY
+        self._next_probe = 0.0
+        self._stop_deadline: float | None = None
+        self._in_flight: list[Event] = []
+        self._overflow: collections.deque[Event] = collections.deque()
+        self._overflow_ready = threading.Condition()
+        self._spill_stop = False
+
+    @property
+    def state(self) -> str:
+        """``healthy``, ``spooling`` or ``replaying`` (see the module documentation)."""
+        return self._state
+
+    @property
+    def replayable(self) -> bool:
+        """Whether the spool can be replayed (it is a :class:`ReplayableSpool`)."""
+        return isinstance(self.spool, ReplayableSpool)
 
     # Request path
 
     def submit(self, event: Event) -> bool:
-        """Queue ``event`` for writing. Returns ``False`` (and counts it) when it was dropped."""
-        # Cleared before the put, so that a flush can never miss an event the writer has not seen.
-        self._idle.clear()
+        """Queue ``event`` for writing. Returns ``False`` (and counts it) when it was dropped.
+
+        When the queue is full and a spool is set, the event goes to the overflow buffer
+        that the spill thread appends to the spool; it is dropped (reason ``queue_full``)
+        only when that buffer is full too.
+        """
+        # Counted before the put, so that a flush can never miss an event the writer has not seen.
+        self._begin(1)
         try:
             self._queue.put_nowait(event)
         except queue.Full:
-            self._count_drop("queue_full", 1)
-            return False
+            return self._overflow_put(event)
         except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
             self._count_drop("submit_error", 1)
-            if self._queue.empty():
-                self._idle.set()
+            self._finish(1)
             return False
         with self._lock:
             self._submitted += 1
         return True
 
+    def _begin(self, count: int) -> None:
+        with self._lock:
+            self._outstanding += count
+            self._idle.clear()
+
+    def _finish(self, count: int) -> None:
+        with self._lock:
+            self._outstanding -= count
+            if self._outstanding <= 0 and not self._spool_work_pending():
+                self._idle.set()
+
+    def _spool_work_pending(self) -> bool:
+        # Spooled events count as handled while the store is down, and as pending otherwise.
+        if not self.replayable or self._state == SPOOLING:
+            return False
+        return bool(self.spool.pending_events())  # type: ignore[union-attr]
+
+    def submit_durable(self, events: Sequence[Event]) -> bool:
+        """Store ``events`` in the spool (fsync) before returning; the writer stores them later.
+
+        Call it before acknowledging a webhook: once it returns ``True`` the events survive
+        a crash or SIGKILL of this process and are replayed on the next start. It blocks
+        for one append and fsync of the spool file (typically a few milliseconds on local
+        disk). Returns ``False`` when there is no replayable spool, the spool is full or
+        the append failed; the events were then queued as by :meth:`submit` (when there
+        was room), so the caller should respond to the platform with an error status and let
+        it retry. Never raises.
+        """
+        if not events:
+            return True
+        if not self.replayable:
+            for event in events:
+                self.submit(event)
+            return False
+        try:
+            batch = self._transform(list(events))
+            stored = self.spool.append(batch)  # type: ignore[union-attr]
+        except Exception as error:  # noqa: BLE001 - the request path must never see our errors
+            logger.error("durable submit failed for %d events: %s", len(events), _describe(error))
+            stored = False
+            batch = []
+        if not stored:
+            for event in batch:
+                self._enqueue_transformed(event)
+            return False
+        with self._lock:
+            self._submitted += len(batch)
+            self._spooled += len(batch)
+            self._idle.clear()
+        self._wake()
+        return True
+
+    def _enqueue_transformed(self, event: Event) -> None:
+        # The event was transformed already: the marker keeps the writer from doing it again.
+        self._begin(1)
+        try:
+            self._queue.put_nowait(_Transformed(event))
+        except queue.Full:
+            self._count_drop("queue_full", 1)
+            self._finish(1)
+            return
+        with self._lock:
+            self._submitted += 1
+
+    def _overflow_put(self, event: Event) -> bool:
+        if not self.replayable or self._spill_thread is None:
+            self._count_drop("queue_full", 1)
+            self._finish(1)
+            return False
+        with self._overflow_ready:
+            if len(self._overflow) >= self.settings.overflow_size:
+                full = True
+            else:
+                full = False
+                self._overflow.append(event)
+                self._overflow_ready.notify()
+        if full:
+            self._count_drop("queue_full", 1)
+            self._finish(1)
+            return False
+        with self._lock:
+            self._submitted += 1
+        return True
+
+    def _wake(self) -> None:
+        # A full queue means the writer is busy and looks at the spool after this batch.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_WAKE)
+
     # Lifecycle
 
     def start(self) -> None:
-        """Start the writer thread (idempotent)."""
+        """Start the writer thread, and the spill thread when there is a spool (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
             return
+        self._stop_deadline = None
+        self._spill_stop = False
+        if self.replayable:
+            self._spill_thread = threading.Thread(target=self._spill, name="chatmw-spill",
+                                                  daemon=True)
+            self._spill_thread.start()
+            if self.spool.pending_events():  # type: ignore[union-attr]
+                with self._lock:
+                    self._idle.clear()
         self._thread = threading.Thread(target=self._run, name="chatmw-recorder", daemon=True)
         self._thread.start()
-        logger.info("recorder started: queue_size=%d batch_size=%d",
-                    self.settings.queue_size, self.settings.batch_size)
+        spool_kind = "none"
+        if self.spool is not None:
+            spool_kind = "replayable" if self.replayable else "append-only"
+        logger.info("recorder started: queue_size=%d batch_size=%d spool=%s",
+                    self.settings.queue_size, self.settings.batch_size, spool_kind)
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Flush queued events and stop the thread within ``timeout`` seconds.
+        """Flush queued events and stop the threads within ``timeout`` seconds.
 
         Returns ``True`` when everything queued was written or spooled in time. Events still
-        queued at the deadline are spooled if a spool is set, otherwise counted as dropped.
+        queued at the deadline, and the batch being written then, are spooled if a spool is
+        set, otherwise counted as dropped (reason ``shutdown_timeout``). The batch being
+        written may then be stored twice, which the idempotent writer stores once.
         """
         timeout = self.settings.flush_timeout_s if timeout is None else timeout
         thread = self._thread
         if thread is None:
             return self._queue.empty()
         deadline = time.monotonic() + timeout
+        self._stop_deadline = deadline
         self._put_stop(deadline)
         thread.join(max(0.0, deadline - time.monotonic()))
         self._thread = None
-        if thread.is_alive():
-            leftover = self._drain_nowait()
+        completed = not thread.is_alive()
+        if not completed:
+            drained = self._drain_nowait()
+            # With a spool the batch being written is spooled too: a duplicate is stored once,
+            # a batch lost with the process is not stored at all.
+            in_flight = list(self._in_flight) if self.spool is not None else []
+            leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
-            logger.warning("recorder stop timed out after %.1fs: %d events not written",
-                           timeout, len(leftover))
-            return False
-        logger.info("recorder stopped: written=%d", self._written)
-        return True
+            self._finish(len(drained))
+            logger.warning("recorder stop timed out after %.1fs: %d events handed to the %s",
+                           timeout, len(leftover), "spool" if self.spool else "void (dropped)")
+        completed = self._stop_spill(deadline) and completed
+        if completed:
+            logger.info("recorder stopped: written=%d spooled=%d", self._written, self._spooled)
+        return completed
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every event submitted so far was handled; ``False`` on timeout."""
+        """Wait until every event submitted so far was written or spooled; ``False`` on timeout.
+
+        While the store works, events waiting in the spool are written before this returns.
+        """
         return self._idle.wait(timeout)
 
     def stats(self) -> RecorderStats:
@@ -177,7 +400,42 @@ class Recorder:
                 submitted=self._submitted, written=self._written, queue_depth=self._queue.qsize(),
                 dropped=dict(self._dropped), spooled=self._spooled,
                 failed_batches=self._failed_batches, last_write_seconds=self._last_write_s,
+                state=self._state, replayed=self._replayed, overflow_depth=len(self._overflow),
+                write_seconds_sum=self._write_seconds_sum, write_batches=self._write_batches,
+                state_changes=dict(self._state_changes),
             )
+
+    # Spill thread: overflow buffer -> spool
+
+    def _spill(self) -> None:
+        while True:
+            with self._overflow_ready:
+                while not self._overflow and not self._spill_stop:
+                    self._overflow_ready.wait()
+                if not self._overflow and self._spill_stop:
+                    return
+                count = min(len(self._overflow), self.settings.batch_size)
+                batch = [self._overflow.popleft() for _ in range(count)]
+            self._give_up(self._transform(batch), "spool_full")
+            self._finish(len(batch))
+
+    def _stop_spill(self, deadline: float) -> bool:
+        spill = self._spill_thread
+        if spill is None:
+            return True
+        with self._overflow_ready:
+            self._spill_stop = True
+            self._overflow_ready.notify()
+        spill.join(max(0.0, deadline - time.monotonic()))
+        self._spill_thread = None
+        if not spill.is_alive():
+            return True
+        with self._overflow_ready:
+            leftover = list(self._overflow)
+            self._overflow.clear()
+        self._count_drop("shutdown_timeout", len(leftover))
+        self._finish(len(leftover))
+        return False
 
     # Writer thread
 
@@ -189,64 +447,227 @@ class Recorder:
             except queue.Full:
                 continue
 
-    def _drain_nowait(self) -> list[Event]:
-        items: list[Event] = []
+    def _drain_nowait(self) -> list[object]:
+        items: list[object] = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return items
-            if item is not _STOP:
-                items.append(item)  # type: ignore[arg-type]
+            if item is not _STOP and item is not _WAKE:
+                items.append(item)
 
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = self._next_batch()
-            if batch:
-                self._write_with_retries(batch)
-            if self._queue.empty():
-                self._idle.set()
+            items, stopping = self._next_batch()
+            try:
+                self._process(items, stopping)
+            except Exception as error:  # noqa: BLE001 - the writer thread must outlive its bugs
+                logger.exception("recorder loop failed; %d events counted as dropped: %s",
+                                 len(items), _describe(error))
+                self._count_drop("internal_error", len(items))
+                self._sleep(0.1)
+            finally:
+                self._finish(len(items))
 
-    def _next_batch(self) -> tuple[list[Event], bool]:
-        item = self._queue.get()
+    def _process(self, items: list[object], stopping: bool) -> None:
+        if items:
+            batch = self._transform_items(items)
+            if batch:
+                self._handle(batch)
+        if not stopping and self._stop_deadline is None:
+            self._replay_turn()
+
+    def _wait_seconds(self) -> float | None:
+        if not self.replayable:
+            return None
+        if self._state == SPOOLING:
+            return max(0.0, self._next_probe - time.monotonic())
+        if self._state == REPLAYING or self.spool.pending_events():  # type: ignore[union-attr]
+            return 0.0
+        return None
+
+    def _next_batch(self) -> tuple[list[object], bool]:
+        # Returns the queued items (events, or events marked as transformed) of one batch.
+        wait = self._wait_seconds()
+        try:
+            if wait is None:
+                item = self._queue.get()
+            elif wait > 0:
+                item = self._queue.get(timeout=wait)
+            else:
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            return [], False
         if item is _STOP:
             return [], True
-        batch: list[Event] = [item]  # type: ignore[list-item]
+        batch: list[object] = [] if item is _WAKE else [item]
         closes_at = time.monotonic() + self.settings.batch_interval_s
-        while len(batch) < self.settings.batch_size:
+        while batch and len(batch) < self.settings.batch_size:
             remaining = closes_at - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                if remaining > 0:
+                    item = self._queue.get(timeout=remaining)
+                else:
+                    item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is _STOP:
                 return batch, True
-            batch.append(item)  # type: ignore[arg-type]
+            if item is not _WAKE:
+                batch.append(item)
         return batch, False
+
+    def _transform_items(self, items: list[object]) -> list[Event]:
+        plain = [item for item in items if not isinstance(item, _Transformed)]
+        done = [item.event for item in items if isinstance(item, _Transformed)]
+        return done + self._transform(plain)  # type: ignore[arg-type]
+
+    def _transform(self, batch: list[Event]) -> list[Event]:
+        if self.transform is None or not batch:
+            return batch
+        result: list[Event] = []
+        for event in batch:
+            try:
+                result.append(self.transform(event))
+            except Exception as error:  # noqa: BLE001 - never store an event untransformed
+                logger.error("recorder transform failed for a %s event: %s",
+                             type(event).__name__, _describe(error))
+                self._count_drop("transform_error", 1)
+        return result
+
+    def _handle(self, batch: list[Event]) -> None:
+        if self.replayable and self._state != HEALTHY:
+            self._give_up(batch, "spool_full")
+            return
+        self._in_flight = batch
+        try:
+            self._write_with_retries(batch)
+        finally:
+            self._in_flight = []
 
     def _write_with_retries(self, batch: list[Event]) -> None:
         delay = self.settings.retry_backoff_s
         for attempt in range(self.settings.retries + 1):
-            started = time.perf_counter()
             try:
-                self.writer.write(batch)
-            except Exception as error:  # noqa: BLE001 - counted, logged, then retried or given up
-                retryable = is_retryable(error)
-                logger.warning("recorder write failed (attempt %d, %d events, retryable=%s): %s",
-                               attempt + 1, len(batch), retryable, _describe(error))
-                if not retryable:
-                    self._failed(batch, "write_error")
-                    return
-                if attempt < self.settings.retries:
-                    self._sleep(delay)
-                    delay *= 2
-                continue
-            with self._lock:
-                self._written += len(batch)
-                self._last_write_s = time.perf_counter() - started
-            return
+                self._write_isolating(batch)
+                return
+            except _WriteFailed as failure:
+                logger.warning("recorder write failed (attempt %d, %d events, retryable=True): %s",
+                               attempt + 1, len(batch), failure)
+            if attempt == self.settings.retries or self._past_deadline(delay):
+                break
+            self._sleep(delay)
+            delay *= 2
         self._failed(batch, "store_unavailable")
+        if self.replayable:
+            self._set_state(SPOOLING, "writes failed after retries")
+            self._next_probe = time.monotonic() + self.settings.probe_interval_s
+
+    def _past_deadline(self, delay: float) -> bool:
+        deadline = self._stop_deadline
+        return deadline is not None and time.monotonic() + delay >= deadline
+
+    def _write_isolating(self, batch: list[Event]) -> None:
+        """Write ``batch``; on a non-retryable error split it to isolate the events that fail.
+
+        Raises :class:`_WriteFailed` on a retryable error. Events that fail alone are
+        rejected: spooled aside when the spool can keep them, otherwise dropped.
+        """
+        started = time.perf_counter()
+        try:
+            self.writer.write(batch)
+        except Exception as error:  # noqa: BLE001 - counted, logged, then retried or isolated
+            if is_retryable(error):
+                raise _WriteFailed(_describe(error)) from error
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                self._write_isolating(batch[:middle])
+                self._write_isolating(batch[middle:])
+                return
+            logger.warning("recorder write rejected a %s event (retryable=False): %s",
+                           type(batch[0]).__name__, _describe(error))
+            with self._lock:
+                self._failed_batches += 1
+            self._quarantine(batch, f"write_error: {_describe(error)}")
+            self._count_drop("write_error", 1)
+            return
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            self._written += len(batch)
+            self._last_write_s = elapsed
+            self._write_seconds_sum += elapsed
+            self._write_batches += 1
+
+    def _quarantine(self, batch: list[Event], reason: str) -> None:
+        quarantine = getattr(self.spool, "quarantine", None)
+        if quarantine is None:
+            return
+        try:
+            quarantine(batch, reason)
+        except Exception as error:  # noqa: BLE001 - the event is counted as dropped anyway
+            logger.error("spool quarantine failed for %d events: %s", len(batch), _describe(error))
+
+    # Replay
+
+    def _replay_turn(self) -> None:
+        if not self.replayable:
+            return
+        if self._state == SPOOLING and time.monotonic() < self._next_probe:
+            return
+        spool: ReplayableSpool = self.spool  # type: ignore[assignment]
+        ends_at = time.monotonic() + self.settings.replay_budget_s
+        while True:
+            chunk = spool.read_next(self.settings.batch_size)
+            if chunk is None:
+                if self._state != HEALTHY:
+                    self._set_state(HEALTHY, "spool replayed")
+                return
+            if not self._replay_chunk(spool, chunk):
+                return
+            if time.monotonic() >= ends_at:
+                return
+            if self._state == HEALTHY and not self._queue.empty():
+                return
+
+    def _replay_chunk(self, spool: ReplayableSpool, chunk: object) -> bool:
+        error = getattr(chunk, "error", None)
+        events: list[Event] = getattr(chunk, "events", [])
+        if error:
+            spool.reject(chunk, f"undecodable batch: {error}")
+            self._count_drop("undecodable", 1)
+            return True
+        written_before = self._written
+        try:
+            self._write_isolating(events)
+        except _WriteFailed as failure:
+            if self._state != SPOOLING:
+                self._set_state(SPOOLING, f"replay failed: {failure}")
+            else:
+                logger.info("recorder probe failed, next in %.1fs: %s",
+                            self.settings.probe_interval_s, failure)
+            self._next_probe = time.monotonic() + self.settings.probe_interval_s
+            return False
+        spool.commit(chunk)
+        with self._lock:
+            self._replayed += self._written - written_before
+        if self._state == SPOOLING:
+            self._set_state(REPLAYING, "store reachable again")
+        return True
+
+    def _set_state(self, state: str, reason: str) -> None:
+        previous, self._state = self._state, state
+        if previous == state:
+            return
+        with self._lock:
+            self._state_changes[state] += 1
+        pending = self.spool.pending_events() if self.replayable else 0  # type: ignore[union-attr]
+        log = logger.info if state == HEALTHY else logger.warning
+        log("recorder state: %s -> %s (%s); %d events in the spool", previous, state, reason,
+            pending)
+
+    # Losses
 
     def _failed(self, batch: list[Event], reason: str) -> None:
         with self._lock:
@@ -254,6 +675,10 @@ class Recorder:
         self._give_up(batch, reason)
 
     def _give_up(self, batch: list[Event], reason: str) -> None:
+        """Spool ``batch``; count it as dropped with ``reason`` when there is no spool.
+
+        A spool that rejects the batch (it is full or closed) counts it as ``spool_full``.
+        """
         if not batch:
             return
         if self.spool is not None:
@@ -262,11 +687,15 @@ class Recorder:
                     with self._lock:
                         self._spooled += len(batch)
                     return
+                reason = "spool_full"
             except Exception as error:  # noqa: BLE001 - a failing spool must not stop the writer
                 logger.error("spool append failed for %d events: %s", len(batch), _describe(error))
+                reason = "spool_error"
         self._count_drop(reason, len(batch))
 
     def _count_drop(self, reason: str, count: int) -> None:
+        if count <= 0:
+            return
         with self._lock:
             self._dropped[reason] += count
             total = self._dropped[reason]
@@ -274,6 +703,12 @@ class Recorder:
         if total == count or total // 1000 != (total - count) // 1000:
             logger.error("recorder dropped %d events (%s); %d dropped for this reason so far",
                          count, reason, total)
+
+
+@dataclass(frozen=True, slots=True)
+class _Transformed:
+    # An event that was transformed before it was queued (after a failed durable submit).
+    event: Event
 
 
 def _describe(error: BaseException) -> str:

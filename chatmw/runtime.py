@@ -46,7 +46,14 @@ class Runtime:
         self.recorder.start()
 
     def stop(self) -> bool:
-        """Flush and stop the recorder; ``False`` when events were left unwritten."""
+        """Flush and stop the recorder, then close the spool; ``False`` when events were lost.
+
+        Events the recorder could not write in time are in the spool (when there is one)
+        and are replayed by the next start.
+        """
         flushed = self.recorder.stop()
+        close = getattr(self.recorder.spool, "close", None)
+        if close is not None:
+            close()
         self.engine.dispose()
         return flushed
