@@ -27,11 +27,15 @@ def demo_command(
     from chatmw._demo.faq_bot import CHAT_PATH, create_app
     from chatmw.store.engine import make_engine, upgrade
 
-    engine = make_engine(db)
+    try:
+        engine = make_engine(db)
+    except Exception as error:
+        raise typer.BadParameter(f"invalid database URL {db!r}: {error}",
+                                 param_hint="--db") from error
     try:
         upgrade(engine)
     except Exception as error:
-        raise typer.BadParameter(f"cannot migrate the database {db!r}: {error}",
+        raise typer.BadParameter(f"migrating the database {db!r} failed: {error}",
                                  param_hint="--db") from error
     finally:
         engine.dispose()
