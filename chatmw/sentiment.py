@@ -38,7 +38,7 @@ MIN_ENGLISH_SHARE = 0.5
 
 # English words frequent in chat that the sentiment lexicon lacks: pronouns, articles,
 # auxiliaries, prepositions, question words and common support-chat words.
-ENGLISH_WORDS = frozenset("""
+_ENGLISH_WORDS_TEXT = """
 a about after again all also am an and any are as at be because been before being but by
 can can't cannot could couldn't did didn't do does doesn't don't for from had has have
 haven't he her here hers him his how i i'd i'll i'm i've if in into is isn't it it's its
@@ -49,7 +49,8 @@ who whom why will with won't would wouldn't yes you you're your yours yourself
 hi hello hey thanks thank ok okay order orders account help need want get got know like
 money refund pay paid payment card delivery package price still yet again sorry anyone
 agent human person talk speak someone call phone email password login log sign
-""".split())
+"""
+ENGLISH_WORDS = frozenset(_ENGLISH_WORDS_TEXT.split())
 
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 _analyzer = PatternAnalyzer()

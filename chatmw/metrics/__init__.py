@@ -1,6 +1,16 @@
 """Metric definitions. Importing this package registers every metric in ``REGISTRY``."""
 
-from chatmw.metrics import response_time, summary, volume  # noqa: F401
+from chatmw.metrics import (  # noqa: F401
+    business_hours,
+    channels,
+    growth,
+    heatmap,
+    response_time,
+    retention,
+    sentiment,
+    summary,
+    volume,
+)
 from chatmw.metrics.filters import FilterError, MetricFilter, parse_filter
 from chatmw.metrics.registry import REGISTRY, MetricSpec, Param, register, render_json
 

@@ -1,0 +1,281 @@
+"""Channel performance: one row per channel with volume, engagement, outcomes and quality."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine, Table, and_, case, func, inspect, select
+from sqlalchemy.orm import aliased
+
+from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.registry import MetricSpec, register
+from chatmw.metrics.response_time import collect_durations
+from chatmw.metrics.scope import conversation_scope
+from chatmw.metrics.sentiment import mean_polarity
+from chatmw.metrics.stats import describe_seconds, rate
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Base, Contact, Conversation, Message
+
+__all__ = [
+    "channel_performance",
+    "CHANNELS",
+    "ENGAGED_MIN_USER_MESSAGES",
+    "CSAT_SATISFIED_MIN",
+    "NPS_PROMOTER_MIN",
+    "NPS_DETRACTOR_MAX",
+]
+
+# A conversation is engaged when the user sent at least this many messages.
+ENGAGED_MIN_USER_MESSAGES = 2
+# CSAT scores run 1-5; 4 and 5 count as satisfied. NPS scores run 0-10.
+CSAT_SATISFIED_MIN = 4
+NPS_PROMOTER_MIN = 9
+NPS_DETRACTOR_MAX = 6
+
+
+def _has_table(engine: Engine, module: str, name: str) -> bool:
+    # The business and survey tables are optional features: present only when their model
+    # module imports and their migration has run on this database.
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return name in Base.metadata.tables and inspect(engine).has_table(name)
+
+
+def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
+    scope = conversation_scope(flt).subquery()
+    conversations = (
+        select(
+            Conversation.channel,
+            func.count(),
+            func.count(func.distinct(Conversation.contact_id)),
+            func.sum(
+                case((Conversation.user_message_count >= ENGAGED_MIN_USER_MESSAGES, 1), else_=0)
+            ),
+        )
+        .join(scope, Conversation.id == scope.c.conversation_id)
+        .group_by(Conversation.channel)
+    )
+    messages = (
+        select(
+            Conversation.channel, func.count(), func.sum(case((Message.role == "user", 1), else_=0))
+        )
+        .join(scope, Conversation.id == scope.c.conversation_id)
+        .join(Message, Message.conversation_id == Conversation.id)
+        .where(Message.kind.not_in(UNTIMED_KINDS))
+        .group_by(Conversation.channel)
+    )
+    rows: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {"conversations": 0, "users": 0, "messages": 0, "user_messages": 0, "engaged": 0}
+    )
+    with engine.connect() as connection:
+        for channel, count, users, engaged in connection.execute(conversations):
+            rows[channel].update(conversations=count, users=users, engaged=int(engaged or 0))
+        for channel, count, user_count in connection.execute(messages):
+            rows[channel].update(messages=count, user_messages=int(user_count or 0))
+    return rows
+
+
+def _conversions(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, int]] | None:
+    """Return converted conversations and conversion counts per channel, or None without the table.
+
+    A conversion names its conversation by external id, or only its user; a user-only
+    conversion counts for that user's latest conversation on the channel that started at or
+    before it.
+    """
+    if not _has_table(engine, "chatmw.store.models_business", "conversions"):
+        return None
+    conversions: Table = Base.metadata.tables["conversions"]
+    scope = conversation_scope(flt).subquery()
+    by_conversation = (
+        select(Conversation.id, Conversation.channel, func.count())
+        .join(scope, Conversation.id == scope.c.conversation_id)
+        .join(
+            conversions,
+            and_(
+                conversions.c.channel == Conversation.channel,
+                conversions.c.conversation_external_id == Conversation.external_id,
+            ),
+        )
+        .group_by(Conversation.id, Conversation.channel)
+    )
+    earlier, earlier_contact = aliased(Conversation), aliased(Contact)
+    latest = (
+        select(func.max(earlier.started_at_ms))
+        .join(earlier_contact, earlier_contact.id == earlier.contact_id)
+        .where(
+            earlier_contact.channel == conversions.c.channel,
+            earlier_contact.external_id == conversions.c.user_id,
+            earlier.channel == conversions.c.channel,
+            earlier.started_at_ms <= conversions.c.occurred_at_ms,
+        )
+        .correlate(conversions)
+        .scalar_subquery()
+    )
+    by_user = (
+        select(Conversation.id, Conversation.channel, func.count())
+        .join(scope, Conversation.id == scope.c.conversation_id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .join(
+            conversions,
+            and_(
+                conversions.c.channel == Conversation.channel,
+                conversions.c.user_id == Contact.external_id,
+                conversions.c.conversation_external_id.is_(None),
+            ),
+        )
+        .where(Conversation.started_at_ms == latest)
+        .group_by(Conversation.id, Conversation.channel)
+    )
+    counted: dict[int, tuple[str, int]] = {}
+    with engine.connect() as connection:
+        for statement in (by_conversation, by_user):
+            for conversation_id, channel, count in connection.execute(statement):
+                previous = counted.get(conversation_id, (channel, 0))[1]
+                counted[conversation_id] = (channel, previous + count)
+    result: dict[str, dict[str, int]] = defaultdict(lambda: {"converted": 0, "conversions": 0})
+    for channel, count in counted.values():
+        result[channel]["converted"] += 1
+        result[channel]["conversions"] += count
+    return result
+
+
+def _surveys(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, list[int]]] | None:
+    if not _has_table(engine, "chatmw.store.models_surveys", "surveys"):
+        return None
+    surveys: Table = Base.metadata.tables["surveys"]
+    scope = conversation_scope(flt).subquery()
+    statement = (
+        select(Conversation.channel, surveys.c.kind, surveys.c.score)
+        .join(scope, Conversation.id == scope.c.conversation_id)
+        .join(surveys, surveys.c.conversation_id == Conversation.id)
+        .where(surveys.c.score.is_not(None), surveys.c.kind.in_(("csat", "nps")))
+    )
+    scores: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"csat": [], "nps": []})
+    with engine.connect() as connection:
+        for channel, kind, score in connection.execute(statement):
+            scores[channel][kind].append(int(score))
+    return scores
+
+
+def _csat(scores: list[int]) -> dict[str, Any]:
+    satisfied = sum(1 for score in scores if score >= CSAT_SATISFIED_MIN)
+    share = rate(satisfied, len(scores))
+    return {
+        "responses": len(scores),
+        "csat_pct": None if share is None else round(share * 100, 2),
+        "mean": None if not scores else round(sum(scores) / len(scores), 3),
+    }
+
+
+def _nps(scores: list[int]) -> dict[str, Any]:
+    if not scores:
+        return {"responses": 0, "nps": None, "promoters": 0, "passives": 0, "detractors": 0}
+    promoters = sum(1 for score in scores if score >= NPS_PROMOTER_MIN)
+    detractors = sum(1 for score in scores if score <= NPS_DETRACTOR_MAX)
+    return {
+        "responses": len(scores),
+        "nps": round((promoters - detractors) / len(scores) * 100, 2),
+        "promoters": promoters,
+        "passives": len(scores) - promoters - detractors,
+        "detractors": detractors,
+    }
+
+
+def channel_performance(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute one row per channel over the conversations of ``flt``."""
+    by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
+    volume = _volume(engine, flt)
+    durations = collect_durations(engine, by_channel)
+    sentiment = mean_polarity(engine, by_channel)
+    conversions = _conversions(engine, flt)
+    surveys = _surveys(engine, flt)
+
+    notes = []
+    if conversions is None:
+        notes.append("conversion is null: the store has no conversions table")
+    if surveys is None:
+        notes.append("csat and nps are null: the store has no surveys table")
+    channels = []
+    for channel in sorted(set(volume) | set(durations)):
+        figures = volume[channel]
+        row: dict[str, Any] = {
+            "channel": channel,
+            **{k: v for k, v in figures.items() if k != "engaged"},
+        }
+        row["engagement"] = {
+            "engaged": figures["engaged"],
+            "rate": rate(figures["engaged"], figures["conversations"]),
+        }
+        if conversions is None:
+            row["conversion"] = None
+        else:
+            converted = conversions.get(channel, {"converted": 0, "conversions": 0})
+            row["conversion"] = {
+                **converted,
+                "rate": rate(converted["converted"], figures["conversations"]),
+            }
+        times = durations.get(channel)
+        row["first_response"] = describe_seconds(times["first_response"]["all"] if times else [])
+        row["reply_time"] = describe_seconds(times["reply_time"]["all"] if times else [])
+        row["csat"] = None if surveys is None else _csat(surveys.get(channel, {}).get("csat", []))
+        row["nps"] = None if surveys is None else _nps(surveys.get(channel, {}).get("nps", []))
+        row["sentiment_mean"] = sentiment.get(channel)
+        channels.append(row)
+    return {"metric": "channels", "filters": flt.describe(), "channels": channels, "notes": notes}
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for channel in result["channels"]:
+        row: dict[str, Any] = {}
+        for name, value in channel.items():
+            if isinstance(value, dict):
+                row.update({f"{name}_{key}": item for key, item in value.items()})
+            else:
+                row[name] = value
+        rows.append(row)
+    return rows
+
+
+CHANNELS = register(
+    MetricSpec(
+        name="channels",
+        summary=(
+            "Channel performance: volume, engagement, conversion, response times, CSAT, NPS "
+            "and sentiment"
+        ),
+        description=(
+            "One row per channel over the conversations that started in the window (`group_by` "
+            "is ignored: the channel is the grouping).\n\n"
+            "- `conversations`, `users` (distinct contacts), `messages` and `user_messages` "
+            "(survey prompts and answers and reactions are not counted).\n"
+            f"- `engagement.rate`: conversations with at least {ENGAGED_MIN_USER_MESSAGES} user "
+            "messages divided by conversations.\n"
+            "- `conversion.rate`: conversations with at least one conversion divided by "
+            "conversations; `conversion.conversions` counts the conversions. A conversion that "
+            "names its conversation counts there; one that names only its user counts for that "
+            "user's latest conversation on the channel that started at or before it. "
+            "`conversion` is `null` when the store has no conversions table (a note says so).\n"
+            "- `first_response` and `reply_time`: as in `response-time` (bot and agent answers "
+            "together), in seconds.\n"
+            "- `csat`: answered CSAT surveys (1-5) of these conversations; `csat_pct` is the "
+            f"share of scores >= {CSAT_SATISFIED_MIN} in percent, `mean` the mean score.\n"
+            f"- `nps`: answered NPS surveys (0-10); promoters score >= {NPS_PROMOTER_MIN}, "
+            f"detractors <= {NPS_DETRACTOR_MAX}; `nps` = % promoters - % detractors "
+            "(-100 to 100).\n"
+            "  `csat` and `nps` are `null` when the store has no surveys table.\n"
+            "- `sentiment_mean`: mean polarity of scored user messages (see `sentiment`).\n\n"
+            "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
+        ),
+        compute=channel_performance,
+        rows=_rows,
+    )
+)
