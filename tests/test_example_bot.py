@@ -68,7 +68,7 @@ def stored(database_url: str) -> tuple[list[models.Message], list[models.Convers
 
 
 def wait_for_messages(database_url: str, expected: int, timeout_s: float = 10.0) -> None:
-    """Wait until the store holds ``expected`` messages: the middleware records after replying."""
+    """Wait for ``expected`` stored messages: the middleware records after it replies."""
     engine = make_engine(database_url)
     deadline = time.monotonic() + timeout_s
     try:

@@ -1,6 +1,6 @@
 """A small FAQ bot on FastAPI, and the same bot wrapped by chatmw.
 
-The bot answers by keyword after a short simulated think time. It takes
+The bot replies by keyword after a short simulated think time. It takes
 ``{"user_id", "message", "conversation_id"?}`` on ``POST /chat`` and returns
 ``{"replies": [{"text", "intent", ...}]}``, where a reply may also carry ``resolved``,
 ``handed_off`` and ``ended``. ``FAQ_CODEC`` tells chatmw where those fields are.
@@ -109,7 +109,7 @@ def _matches(entry: _Entry, words: set[str], text: str) -> bool:
 
 
 def answer(message: str) -> Reply:
-    """Return the FAQ entry that matches ``message`` by keyword, or the fallback."""
+    """Return the reply of the first FAQ entry whose keyword is in ``message``, or the fallback."""
     text = message.lower()
     words = {word.strip(".,!?;:'\"()") for word in text.split()}
     entry = next((entry for entry in FAQ if _matches(entry, words, text)), FALLBACK)
@@ -119,7 +119,7 @@ def answer(message: str) -> Reply:
 def create_bot(delay_s: tuple[float, float] = DEFAULT_DELAY_S,
                lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None
                ) -> FastAPI:
-    """Build the bare FAQ bot, which knows nothing about chatmw."""
+    """Build the bare FAQ bot, with no chatmw code in it."""
     low, high = delay_s
     if not 0 <= low <= high:
         raise ValueError(f"delay_s must be (low, high) with 0 <= low <= high, got {delay_s}")
