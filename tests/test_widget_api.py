@@ -53,15 +53,23 @@ def widget_app(settings: WidgetSettings, sink: object) -> FastAPI:
     return app
 
 
-@pytest.fixture
-def sink() -> ListSink:
+@pytest.fixture(scope="module")
+def shared_sink() -> ListSink:
     return ListSink()
 
 
 @pytest.fixture
-def chat(bot_url: str, sink: ListSink) -> Iterator[httpx.Client]:
-    settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url, rate_burst=50)
-    with serve(widget_app(settings, sink)) as server, httpx.Client(base_url=server.url) as client:
+def sink(shared_sink: ListSink) -> ListSink:
+    """The module's sink, emptied for each test."""
+    shared_sink.events.clear()
+    return shared_sink
+
+
+@pytest.fixture(scope="module")
+def chat(bot_url: str, shared_sink: ListSink) -> Iterator[httpx.Client]:
+    """A client of one endpoint shared by the module, with a rate limit no test reaches."""
+    settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url, rate_burst=10_000)
+    with serve(widget_app(settings, shared_sink)) as server, httpx.Client(base_url=server.url) as client:
         yield client
 
 
