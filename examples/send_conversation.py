@@ -13,6 +13,7 @@ import json
 import sys
 import time
 import uuid
+from typing import Any
 
 import httpx
 
@@ -25,10 +26,11 @@ CONVERSATION = (
 )
 
 
-def send_conversation(client: httpx.Client, user_id: str, messages: tuple[str, ...] = CONVERSATION,
-                      conversation_id: str | None = None) -> list[dict[str, object]]:
+def send_conversation(client: httpx.Client, user_id: str,
+                      messages: tuple[str, ...] = CONVERSATION,
+                      conversation_id: str | None = None) -> list[dict[str, Any]]:
     """Post each message to ``/chat`` in turn, print the exchange and return the replies."""
-    replies: list[dict[str, object]] = []
+    replies: list[dict[str, Any]] = []
     for message in messages:
         body: dict[str, str] = {"user_id": user_id, "message": message}
         if conversation_id is not None:
@@ -44,13 +46,14 @@ def send_conversation(client: httpx.Client, user_id: str, messages: tuple[str, .
     return replies
 
 
-def fetch_summary(client: httpx.Client, expected_messages: int, timeout_s: float = 5.0) -> dict:
+def fetch_summary(client: httpx.Client, expected_messages: int,
+                  timeout_s: float = 5.0) -> dict[str, Any]:
     """Return ``/metrics/summary`` once it counts ``expected_messages`` (the writer is async)."""
     deadline = time.monotonic() + timeout_s
     while True:
         response = client.get("/metrics/summary")
         response.raise_for_status()
-        summary = response.json()
+        summary: dict[str, Any] = response.json()
         if summary["totals"]["messages"] >= expected_messages or time.monotonic() > deadline:
             return summary
         time.sleep(0.1)
