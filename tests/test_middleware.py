@@ -22,7 +22,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from chatmw import events as ev
-from chatmw.codecs import JsonCodec
+from chatmw.codecs import JsonCodec, RasaCodec
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store import models
@@ -639,6 +639,60 @@ def test_server_error_records_unanswered_user() -> None:
     exchange(wrap(bot, recorder), "/chat", chat_body("anyone?"))
 
     assert [(m.role, m.text) for m in recorder.messages()] == [("user", "anyone?")]
+
+
+def test_concurrent_requests_kept_apart() -> None:
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        document = json.loads((await receive())["body"])
+        # Later users get faster replies, so the responses finish in reverse order.
+        await asyncio.sleep(0.05 - 0.01 * int(document["user_id"]))
+        reply = {"replies": [{"text": f"to {document['user_id']}"}]}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(reply).encode()})
+
+    recorder = CollectingRecorder()
+    middleware = wrap(bot, recorder)
+
+    async def run_all() -> None:
+        await asyncio.gather(*(
+            run_http(middleware, "/chat", json.dumps({"user_id": str(n), "message": f"from {n}"})
+                     .encode())
+            for n in range(4)))
+
+    asyncio.run(run_all())
+
+    users = {m.key: m for m in recorder.messages() if m.role == "user"}
+    replies = [m for m in recorder.messages() if m.role == "bot"]
+    assert len(users) == 4
+    assert len(replies) == 4
+    for reply in replies:
+        user = users[reply.reply_to or ""]
+        assert reply.user_id == user.user_id
+        assert reply.text == f"to {user.user_id}"
+        assert reply.latency_ms is not None
+        assert reply.latency_ms >= (0.05 - 0.01 * int(user.user_id)) * 1000
+
+
+def test_rasa_bot_recorded() -> None:
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        document = json.loads((await receive())["body"])
+        reply = [{"recipient_id": document["sender"], "text": "Hey!"},
+                 {"recipient_id": document["sender"], "image": "https://example.invalid/a.png"}]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps(reply).encode()})
+
+    recorder = CollectingRecorder()
+    middleware = wrap(bot, recorder, codec=RasaCodec(), paths=["/webhooks/rest/webhook"])
+    body = json.dumps({"sender": "s-1", "message": "hi",
+                       "metadata": {"conversation_id": "rasa-c1"}}).encode()
+
+    exchange(middleware, "/webhooks/rest/webhook", body)
+
+    user, text_reply, image_reply = recorder.messages()
+    assert (user.user_id, user.text, user.conversation_id) == ("s-1", "hi", "rasa-c1")
+    assert text_reply.text == "Hey!"
+    assert image_reply.text is None
+    assert image_reply.latency_ms == text_reply.latency_ms
 
 
 # Through the recorder into the store
