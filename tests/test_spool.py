@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy.exc import IntegrityError, OperationalError
+from spool_helpers import SwitchableWriter, wait_for
 
 from chatmw import events as ev
 from chatmw.recorder import HEALTHY, REPLAYING, SPOOLING, Recorder, RecorderSettings
@@ -34,15 +32,6 @@ def message(key: str, seconds: float = 0, **fields) -> ev.Message:
 
 def open_spool(directory: Path, **settings) -> FileSpool:
     return FileSpool(SpoolSettings(directory=directory, **settings))
-
-
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def replay_all(spool: FileSpool) -> list[ev.Event]:
@@ -226,28 +215,6 @@ def test_oldest_age_tracks_first_pending(tmp_path: Path) -> None:
 
 
 # Recorder with a spool, with a writer that can be switched off
-
-
-class SwitchableWriter:
-    """Keeps written events in memory; raises a retryable error while ``down`` is set."""
-
-    def __init__(self) -> None:
-        self.down = threading.Event()
-        self.batches: list[list[ev.Event]] = []
-        self.delay = 0.0
-        self.poison: set[str] = set()
-
-    def write(self, batch: Sequence[ev.Event]) -> None:
-        if self.down.is_set():
-            raise OperationalError("INSERT", {}, Exception("connection refused"))
-        if self.delay:
-            time.sleep(self.delay)
-        if any(getattr(event, "key", None) in self.poison for event in batch):
-            raise IntegrityError("INSERT", {}, Exception("value too long"))
-        self.batches.append(list(batch))
-
-    def keys(self) -> list[str]:
-        return [event.key for batch in self.batches for event in batch]  # type: ignore[attr-defined]
 
 
 FAST = RecorderSettings(batch_interval_s=0.01, retries=1, retry_backoff_s=0.01,
