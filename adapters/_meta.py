@@ -71,7 +71,9 @@ ENV_WHATSAPP_ACCESS_TOKEN = "CHATMW_WHATSAPP_ACCESS_TOKEN"
 ENV_WHATSAPP_PHONE_NUMBER_ID = "CHATMW_WHATSAPP_PHONE_NUMBER_ID"
 ENV_MAX_BODY_BYTES = "CHATMW_META_MAX_BODY_BYTES"
 
-_SECRET_FIELDS = frozenset({"app_secret", "verify_token", "page_access_token", "whatsapp_access_token"})
+_SECRET_FIELDS = frozenset(
+    {"app_secret", "verify_token", "page_access_token", "whatsapp_access_token"}
+)
 
 
 @dataclass(slots=True, repr=False)
@@ -122,13 +124,17 @@ class MetaSettings:
         if not self.app_secret:
             raise ValueError("app_secret must not be empty: use the secret of your Meta app")
         if not self.verify_token:
-            raise ValueError("verify_token must not be empty: use the token set in the webhook settings")
+            raise ValueError(
+                "verify_token must not be empty: use the token set in the webhook settings"
+            )
         if self.bot_webhook_url is not None:
             _check_http_url("bot_webhook_url", self.bot_webhook_url)
         _check_http_url("graph_base_url", self.graph_base_url)
         self.graph_base_url = self.graph_base_url.rstrip("/")
         if not self.graph_api_version.startswith("v"):
-            raise ValueError(f"graph_api_version must look like 'v27.0', got {self.graph_api_version!r}")
+            raise ValueError(
+                f"graph_api_version must look like 'v27.0', got {self.graph_api_version!r}"
+            )
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if not self.webhook_path.startswith("/"):
@@ -137,7 +143,9 @@ class MetaSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.forward_backoff_s < 0:
-            raise ValueError(f"forward_backoff_s must not be negative, got {self.forward_backoff_s}")
+            raise ValueError(
+                f"forward_backoff_s must not be negative, got {self.forward_backoff_s}"
+            )
         if self.forward_retries < 0:
             raise ValueError(f"forward_retries must not be negative, got {self.forward_retries}")
         for name in ("forward_queue_size", "forward_workers"):
@@ -160,19 +168,26 @@ class MetaSettings:
         """
         environ = os.environ if environ is None else environ
         names = {
-            "app_secret": ENV_APP_SECRET, "verify_token": ENV_VERIFY_TOKEN,
-            "bot_webhook_url": ENV_BOT_WEBHOOK_URL, "graph_base_url": ENV_GRAPH_BASE_URL,
-            "graph_api_version": ENV_GRAPH_API_VERSION, "page_access_token": ENV_PAGE_ACCESS_TOKEN,
+            "app_secret": ENV_APP_SECRET,
+            "verify_token": ENV_VERIFY_TOKEN,
+            "bot_webhook_url": ENV_BOT_WEBHOOK_URL,
+            "graph_base_url": ENV_GRAPH_BASE_URL,
+            "graph_api_version": ENV_GRAPH_API_VERSION,
+            "page_access_token": ENV_PAGE_ACCESS_TOKEN,
             "whatsapp_access_token": ENV_WHATSAPP_ACCESS_TOKEN,
             "whatsapp_phone_number_id": ENV_WHATSAPP_PHONE_NUMBER_ID,
         }
-        values: dict[str, Any] = {name: environ[var] for name, var in names.items() if environ.get(var)}
+        values: dict[str, Any] = {
+            name: environ[var] for name, var in names.items() if environ.get(var)
+        }
         if environ.get(ENV_MAX_BODY_BYTES):
             try:
                 values["max_body_bytes"] = int(environ[ENV_MAX_BODY_BYTES])
             except ValueError as error:
-                raise ValueError(f"{ENV_MAX_BODY_BYTES} must be an integer number of bytes, "
-                                 f"got {environ[ENV_MAX_BODY_BYTES]!r}") from error
+                raise ValueError(
+                    f"{ENV_MAX_BODY_BYTES} must be an integer number of bytes, "
+                    f"got {environ[ENV_MAX_BODY_BYTES]!r}"
+                ) from error
         values.update({name: value for name, value in overrides.items() if value is not None})
         values.setdefault("app_secret", "")
         values.setdefault("verify_token", "")
@@ -346,8 +361,13 @@ def describe_graph_error(status_code: int, document: Any) -> tuple[str, bool]:
     return f"{kind} {code if code is not None else ''}: {message}".replace("  ", " "), retryable
 
 
-async def post_graph(client: httpx.AsyncClient | None, settings: MetaSettings, url: str, token: str,
-                     body: Mapping[str, Any]) -> tuple[SendResult, dict[str, Any]]:
+async def post_graph(
+    client: httpx.AsyncClient | None,
+    settings: MetaSettings,
+    url: str,
+    token: str,
+    body: Mapping[str, Any],
+) -> tuple[SendResult, dict[str, Any]]:
     """POST ``body`` to a Graph API ``url``; returns the result and the answer's JSON object.
 
     Never raises for network or platform errors: they come back as a failed result.
@@ -356,10 +376,15 @@ async def post_graph(client: httpx.AsyncClient | None, settings: MetaSettings, u
     owned = client is None
     http = client or httpx.AsyncClient(timeout=settings.graph_timeout_s)
     try:
-        response = await http.post(url, json=body, headers=headers, timeout=settings.graph_timeout_s)
+        response = await http.post(
+            url, json=body, headers=headers, timeout=settings.graph_timeout_s
+        )
     except httpx.HTTPError as error:
-        return SendResult(ok=False, error=f"Graph API request failed: {type(error).__name__}: {error}",
-                          retryable=True), {}
+        return SendResult(
+            ok=False,
+            error=f"Graph API request failed: {type(error).__name__}: {error}",
+            retryable=True,
+        ), {}
     finally:
         if owned:
             await http.aclose()

@@ -30,8 +30,13 @@ def is_send(method: str, path: str) -> bool:
     return method.upper() == "POST" and SEND_PATH.match(path) is not None
 
 
-def events_from_exchange(request_body: bytes, content_type: str | None, status_code: int,
-                         response_body: bytes, sent_at: datetime) -> list[ev.Event]:
+def events_from_exchange(
+    request_body: bytes,
+    content_type: str | None,
+    status_code: int,
+    response_body: bytes,
+    sent_at: datetime,
+) -> list[ev.Event]:
     """Return the bot message created by a send call, or nothing when it failed or sent none.
 
     A body with ``messaging_product: "whatsapp"`` is a WhatsApp send; any other is a
@@ -53,12 +58,20 @@ def events_from_exchange(request_body: bytes, content_type: str | None, status_c
     return messenger.events_from_send(request, response, sent_at)
 
 
-def record_send(request_body: bytes, content_type: str | None, status_code: int,
-                response_body: bytes, sent_at: datetime, submit: Submit | None,
-                stats: WebhookStats | None = None) -> list[ev.Event]:
+def record_send(
+    request_body: bytes,
+    content_type: str | None,
+    status_code: int,
+    response_body: bytes,
+    sent_at: datetime,
+    submit: Submit | None,
+    stats: WebhookStats | None = None,
+) -> list[ev.Event]:
     """Record the bot message of a send call; counts ``sends_recorded`` and ``sends_failed``."""
     try:
-        found = events_from_exchange(request_body, content_type, status_code, response_body, sent_at)
+        found = events_from_exchange(
+            request_body, content_type, status_code, response_body, sent_at
+        )
     except Exception:  # noqa: BLE001 - recording must never break the bot's send
         logger.exception("recording a Graph API send failed (HTTP %d)", status_code)
         found = []

@@ -39,20 +39,38 @@ class _Matcher:
             return None
         if not url.path.startswith(self.prefix):
             return None
-        path = url.path[len(self.prefix):]
+        path = url.path[len(self.prefix) :]
         return path if is_send(request.method, path) else None
 
 
 def _rebuilt(response: httpx.Response, raw: bytes, request: httpx.Request) -> httpx.Response:
-    return httpx.Response(status_code=response.status_code, headers=response.headers,
-                          stream=httpx.ByteStream(raw), extensions=response.extensions, request=request)
+    return httpx.Response(
+        status_code=response.status_code,
+        headers=response.headers,
+        stream=httpx.ByteStream(raw),
+        extensions=response.extensions,
+        request=request,
+    )
 
 
-def _record(request: httpx.Request, response: httpx.Response, raw: bytes, sent_at: datetime,
-            submit: Submit, stats: WebhookStats | None) -> None:
+def _record(
+    request: httpx.Request,
+    response: httpx.Response,
+    raw: bytes,
+    sent_at: datetime,
+    submit: Submit,
+    stats: WebhookStats | None,
+) -> None:
     decoded = httpx.Response(response.status_code, headers=response.headers, content=raw).content
-    record_send(request.content, request.headers.get("content-type"), response.status_code,
-                decoded, sent_at, submit, stats)
+    record_send(
+        request.content,
+        request.headers.get("content-type"),
+        response.status_code,
+        decoded,
+        sent_at,
+        submit,
+        stats,
+    )
 
 
 class AsyncRecordingTransport(httpx.AsyncBaseTransport):
@@ -62,9 +80,13 @@ class AsyncRecordingTransport(httpx.AsyncBaseTransport):
     omitted); ``graph_base_url`` selects which requests are Graph API calls.
     """
 
-    def __init__(self, submit: Submit, transport: httpx.AsyncBaseTransport | None = None,
-                 graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
-                 stats: WebhookStats | None = None) -> None:
+    def __init__(
+        self,
+        submit: Submit,
+        transport: httpx.AsyncBaseTransport | None = None,
+        graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
+        stats: WebhookStats | None = None,
+    ) -> None:
         self.submit = submit
         self.transport = transport or httpx.AsyncHTTPTransport()
         self.stats = stats or WebhookStats()
@@ -90,9 +112,13 @@ class AsyncRecordingTransport(httpx.AsyncBaseTransport):
 class RecordingTransport(httpx.BaseTransport):
     """The synchronous counterpart of :class:`AsyncRecordingTransport`, for ``httpx.Client``."""
 
-    def __init__(self, submit: Submit, transport: httpx.BaseTransport | None = None,
-                 graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
-                 stats: WebhookStats | None = None) -> None:
+    def __init__(
+        self,
+        submit: Submit,
+        transport: httpx.BaseTransport | None = None,
+        graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
+        stats: WebhookStats | None = None,
+    ) -> None:
         self.submit = submit
         self.transport = transport or httpx.HTTPTransport()
         self.stats = stats or WebhookStats()

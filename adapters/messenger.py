@@ -77,8 +77,9 @@ class Watermark(ev.Event):
 # Webhooks
 
 
-def parse_webhook(document: Mapping[str, Any], received_at: datetime,
-                  channel: str = CHANNEL) -> list[ev.Event]:
+def parse_webhook(
+    document: Mapping[str, Any], received_at: datetime, channel: str = CHANNEL
+) -> list[ev.Event]:
     """Translate a ``page`` (or ``instagram``) webhook body into events.
 
     Items of unknown kinds become :class:`~chatmw.events.RawPayload` events with source
@@ -99,16 +100,27 @@ def parse_webhook(document: Mapping[str, Any], received_at: datetime,
     return found
 
 
-def parse_item(item: Mapping[str, Any], page_id: str | None, fallback: datetime,
-               channel: str = CHANNEL, standby: bool = False) -> list[ev.Event]:
+def parse_item(
+    item: Mapping[str, Any],
+    page_id: str | None,
+    fallback: datetime,
+    channel: str = CHANNEL,
+    standby: bool = False,
+) -> list[ev.Event]:
     """Translate one ``messaging`` item into events."""
     at = time_from_epoch(item.get("timestamp"), fallback)
     kind = next((name for name in _KINDS if isinstance(item.get(name), dict)), None)
     sender = _party(item.get("sender"))
     if kind is None or sender is None:
         return [_unknown(item, channel, at, kind or _first_key(item))]
-    context = _Context(channel=channel, page_id=page_id, at=at, standby=standby, sender=sender,
-                       recipient=_party(item.get("recipient")))
+    context = _Context(
+        channel=channel,
+        page_id=page_id,
+        at=at,
+        standby=standby,
+        sender=sender,
+        recipient=_party(item.get("recipient")),
+    )
     body = item[kind]
     if kind == "message":
         return _message(context, body)
@@ -151,8 +163,13 @@ def _first_key(item: Mapping[str, Any]) -> str:
 
 def _unknown(item: Mapping[str, Any], channel: str, at: datetime, kind: str) -> ev.RawPayload:
     body = json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
-    return ev.RawPayload(channel=channel, occurred_at=at, source=f"{channel}_unknown", body=body,
-                         reason=f"unknown {channel} event kind {kind!r}")
+    return ev.RawPayload(
+        channel=channel,
+        occurred_at=at,
+        source=f"{channel}_unknown",
+        body=body,
+        reason=f"unknown {channel} event kind {kind!r}",
+    )
 
 
 def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
@@ -160,7 +177,9 @@ def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
     echo = message.get("is_echo") is True
     user_id = context.recipient if echo else context.sender
     if mid is None or user_id is None:
-        return [_unknown({"message": dict(message)}, context.channel, context.at, "message without mid")]
+        return [
+            _unknown({"message": dict(message)}, context.channel, context.at, "message without mid")
+        ]
     attachments = [as_dict(item) for item in as_list(message.get("attachments"))]
     meta = context.meta(
         quick_reply_payload=as_dict(message.get("quick_reply")).get("payload"),
@@ -173,11 +192,19 @@ def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
         # An echo is the page's own message: sent by an app (a bot) or by a person in the
         # page inbox, which Meta marks by leaving out app_id.
         role = "bot" if message.get("app_id") not in (None, "") else "agent"
-    found: list[ev.Event] = [ev.Message(
-        channel=context.channel, occurred_at=context.at, key=f"{context.channel}:{mid}", role=role,
-        user_id=user_id, text=as_str(message.get("text")), platform_message_id=mid,
-        reply_to=as_str(as_dict(message.get("reply_to")).get("mid")), meta=meta,
-    )]
+    found: list[ev.Event] = [
+        ev.Message(
+            channel=context.channel,
+            occurred_at=context.at,
+            key=f"{context.channel}:{mid}",
+            role=role,
+            user_id=user_id,
+            text=as_str(message.get("text")),
+            platform_message_id=mid,
+            reply_to=as_str(as_dict(message.get("reply_to")).get("mid")),
+            meta=meta,
+        )
+    ]
     if not echo and isinstance(message.get("referral"), dict):
         found.extend(_touches(context, message["referral"], origin="message"))
     return found
@@ -187,13 +214,24 @@ def _postback(context: _Context, postback: Mapping[str, Any]) -> list[ev.Event]:
     user_id = context.sender
     payload = as_str(postback.get("payload"))
     mid = as_str(postback.get("mid"))
-    key = f"{context.channel}:{mid}" if mid else stable_key(
-        f"{context.channel}:postback", user_id, context.at.timestamp(), payload)
-    found: list[ev.Event] = [ev.Message(
-        channel=context.channel, occurred_at=context.at, key=key, role="user", user_id=user_id,
-        kind="postback", text=as_str(postback.get("title")) or payload, platform_message_id=mid,
-        meta=context.meta(postback_payload=payload),
-    )]
+    key = (
+        f"{context.channel}:{mid}"
+        if mid
+        else stable_key(f"{context.channel}:postback", user_id, context.at.timestamp(), payload)
+    )
+    found: list[ev.Event] = [
+        ev.Message(
+            channel=context.channel,
+            occurred_at=context.at,
+            key=key,
+            role="user",
+            user_id=user_id,
+            kind="postback",
+            text=as_str(postback.get("title")) or payload,
+            platform_message_id=mid,
+            meta=context.meta(postback_payload=payload),
+        )
+    ]
     if isinstance(postback.get("referral"), dict):
         # The Get Started button carries the referral that opened the thread.
         found.extend(_touches(context, postback["referral"], origin="postback"))
@@ -206,27 +244,52 @@ def _touches(context: _Context, referral: Mapping[str, Any], origin: str) -> lis
     ad_id = as_str(referral.get("ad_id"))
     source = as_str(referral.get("source"))
     ads_context = as_dict(referral.get("ads_context_data"))
-    meta = {name: value for name, value in {
-        "type": as_str(referral.get("type")), "origin": origin, **ads_context,
-        "product_id": as_str(referral.get("product", {}).get("id"))
-        if isinstance(referral.get("product"), dict) else None,
-    }.items() if value not in (None, "")}
-    key = stable_key(f"{context.channel}:touch", user_id, context.at.timestamp(), source, ref, ad_id)
-    return [ev.Touch(
-        channel=context.channel, occurred_at=context.at, key=key, user_id=user_id,
-        kind="ad" if ad_id or source == "ADS" else "referral", source=source,
-        medium=as_str(referral.get("type")), campaign=ref, ref=ref, ad_id=ad_id,
-        referrer=as_str(referral.get("referer_uri")), meta=meta,
-    )]
+    meta = {
+        name: value
+        for name, value in {
+            "type": as_str(referral.get("type")),
+            "origin": origin,
+            **ads_context,
+            "product_id": as_str(referral.get("product", {}).get("id"))
+            if isinstance(referral.get("product"), dict)
+            else None,
+        }.items()
+        if value not in (None, "")
+    }
+    key = stable_key(
+        f"{context.channel}:touch", user_id, context.at.timestamp(), source, ref, ad_id
+    )
+    return [
+        ev.Touch(
+            channel=context.channel,
+            occurred_at=context.at,
+            key=key,
+            user_id=user_id,
+            kind="ad" if ad_id or source == "ADS" else "referral",
+            source=source,
+            medium=as_str(referral.get("type")),
+            campaign=ref,
+            ref=ref,
+            ad_id=ad_id,
+            referrer=as_str(referral.get("referer_uri")),
+            meta=meta,
+        )
+    ]
 
 
 def _delivery(context: _Context, delivery: Mapping[str, Any]) -> list[ev.Event]:
     # Each status keeps the time of the event that reported it (Meta's item timestamp, or
     # the entry time when the item has none).
     found: list[ev.Event] = [
-        ev.Status(channel=context.channel, occurred_at=context.at, platform_message_id=str(mid),
-                  status="delivered", user_id=context.sender)
-        for mid in as_list(delivery.get("mids")) if as_str(mid)
+        ev.Status(
+            channel=context.channel,
+            occurred_at=context.at,
+            platform_message_id=str(mid),
+            status="delivered",
+            user_id=context.sender,
+        )
+        for mid in as_list(delivery.get("mids"))
+        if as_str(mid)
     ]
     if delivery.get("watermark") is not None:
         found.append(_watermark(context, delivery, "delivered"))
@@ -235,8 +298,13 @@ def _delivery(context: _Context, delivery: Mapping[str, Any]) -> list[ev.Event]:
 
 def _watermark(context: _Context, body: Mapping[str, Any], status: str) -> ev.Event:
     watermark = time_from_epoch(body.get("watermark"), context.at)
-    return Watermark(channel=context.channel, occurred_at=context.at, user_id=context.sender,
-                     status=status, watermark=watermark)
+    return Watermark(
+        channel=context.channel,
+        occurred_at=context.at,
+        user_id=context.sender,
+        status=status,
+        watermark=watermark,
+    )
 
 
 def _reaction(context: _Context, reaction: Mapping[str, Any]) -> ev.Message:
@@ -247,8 +315,14 @@ def _reaction(context: _Context, reaction: Mapping[str, Any]) -> ev.Message:
     # A reaction has no id of its own: the key combines the user, the target and the time.
     key = stable_key(f"{context.channel}:reaction", user_id, target, action, context.at.timestamp())
     return ev.Message(
-        channel=context.channel, occurred_at=context.at, key=key, role="user", user_id=user_id,
-        kind="reaction", text=emoji if action == "react" else None, reply_to=target,
+        channel=context.channel,
+        occurred_at=context.at,
+        key=key,
+        role="user",
+        user_id=user_id,
+        kind="reaction",
+        text=emoji if action == "react" else None,
+        reply_to=target,
         meta=context.meta(action=action, reaction=as_str(reaction.get("reaction"))),
     )
 
@@ -259,9 +333,19 @@ def _optin(context: _Context, optin: Mapping[str, Any]) -> list[ev.Event]:
         return [_unknown({"optin": dict(optin)}, context.channel, context.at, "optin without ref")]
     user_id = context.sender
     key = stable_key(f"{context.channel}:touch", user_id, context.at.timestamp(), "OPTIN", ref)
-    return [ev.Touch(channel=context.channel, occurred_at=context.at, key=key, user_id=user_id,
-                     kind="optin", source="OPTIN", campaign=ref, ref=ref,
-                     meta={"type": as_str(optin.get("type"))} if optin.get("type") else {})]
+    return [
+        ev.Touch(
+            channel=context.channel,
+            occurred_at=context.at,
+            key=key,
+            user_id=user_id,
+            kind="optin",
+            source="OPTIN",
+            campaign=ref,
+            ref=ref,
+            meta={"type": as_str(optin.get("type"))} if optin.get("type") else {},
+        )
+    ]
 
 
 # Delivery and read watermarks
@@ -276,21 +360,39 @@ def write_watermarks(session: Session, items: list[Watermark]) -> None:
     message, contact = models.Message, models.Contact
     touched: list[tuple[str, str]] = []
     for item in items:
-        rows = session.execute(
-            select(message.platform_message_id)
-            .join(contact, contact.id == message.contact_id)
-            .where(contact.channel == item.channel, contact.external_id == item.user_id,
-                   message.channel == item.channel, message.role != "user",
-                   message.platform_message_id.is_not(None),
-                   message.occurred_at_ms <= ev.to_ms(item.watermark))
-        ).scalars().all()
+        rows = (
+            session.execute(
+                select(message.platform_message_id)
+                .join(contact, contact.id == message.contact_id)
+                .where(
+                    contact.channel == item.channel,
+                    contact.external_id == item.user_id,
+                    message.channel == item.channel,
+                    message.role != "user",
+                    message.platform_message_id.is_not(None),
+                    message.occurred_at_ms <= ev.to_ms(item.watermark),
+                )
+            )
+            .scalars()
+            .all()
+        )
         status_rows = [
-            {"channel": item.channel, "platform_message_id": platform_id, "status": item.status,
-             "occurred_at_ms": ev.to_ms(item.occurred_at), "error_code": None, "error_title": None}
+            {
+                "channel": item.channel,
+                "platform_message_id": platform_id,
+                "status": item.status,
+                "occurred_at_ms": ev.to_ms(item.occurred_at),
+                "error_code": None,
+                "error_title": None,
+            }
             for platform_id in rows
         ]
-        insert_ignore(session, models.MessageStatus.__table__, status_rows,
-                      ["channel", "platform_message_id", "status"])
+        insert_ignore(
+            session,
+            models.MessageStatus.__table__,
+            status_rows,
+            ["channel", "platform_message_id", "status"],
+        )
         touched.extend((item.channel, platform_id) for platform_id in rows)
     if touched:
         refresh_statuses(session, touched)
@@ -325,9 +427,14 @@ def decode_send_request(body: bytes, content_type: str | None) -> dict[str, Any]
     return document if isinstance(document, dict) else None
 
 
-def events_from_send(request: Mapping[str, Any], response: Mapping[str, Any], sent_at: datetime,
-                     channel: str = CHANNEL, kind: str = "message",
-                     meta: Mapping[str, Any] | None = None) -> list[ev.Event]:
+def events_from_send(
+    request: Mapping[str, Any],
+    response: Mapping[str, Any],
+    sent_at: datetime,
+    channel: str = CHANNEL,
+    kind: str = "message",
+    meta: Mapping[str, Any] | None = None,
+) -> list[ev.Event]:
     """Return the bot message of a successful Send API call (nothing for sender actions).
 
     The ``message_id`` Meta returned becomes the platform message id, so delivery and read
@@ -340,31 +447,45 @@ def events_from_send(request: Mapping[str, Any], response: Mapping[str, Any], se
         return []
     attachment = as_dict(message.get("attachment"))
     details = {
-        "messaging_type": as_str(request.get("messaging_type")), "tag": as_str(request.get("tag")),
+        "messaging_type": as_str(request.get("messaging_type")),
+        "tag": as_str(request.get("tag")),
         "quick_replies": len(as_list(message.get("quick_replies"))) or None,
         "attachment_type": as_str(attachment.get("type")),
         "template_type": as_str(as_dict(attachment.get("payload")).get("template_type")),
         **(meta or {}),
     }
-    return [ev.Message(
-        channel=channel, occurred_at=sent_at, key=f"{channel}:{message_id}", role="bot",
-        user_id=user_id, text=as_str(message.get("text")), platform_message_id=message_id,
-        kind=kind, meta={name: value for name, value in details.items() if value is not None},
-    )]
+    return [
+        ev.Message(
+            channel=channel,
+            occurred_at=sent_at,
+            key=f"{channel}:{message_id}",
+            role="bot",
+            user_id=user_id,
+            text=as_str(message.get("text")),
+            platform_message_id=message_id,
+            kind=kind,
+            meta={name: value for name, value in details.items() if value is not None},
+        )
+    ]
 
 
-def build_send_request(message: OutboundMessage, messaging_type: str = "RESPONSE",
-                       tag: str | None = None) -> dict[str, Any]:
+def build_send_request(
+    message: OutboundMessage, messaging_type: str = "RESPONSE", tag: str | None = None
+) -> dict[str, Any]:
     """Return the Send API body for ``message``; list rows become quick replies."""
     choices = [(item.title, item.payload) for item in message.quick_replies]
     choices += [(item.title, item.payload) for item in message.list_rows]
     content: dict[str, Any] = {"text": message.text}
     if choices:
         content["quick_replies"] = [
-            {"content_type": "text", "title": title, "payload": payload} for title, payload in choices
+            {"content_type": "text", "title": title, "payload": payload}
+            for title, payload in choices
         ]
-    body: dict[str, Any] = {"recipient": {"id": message.user_id}, "messaging_type": messaging_type,
-                            "message": content}
+    body: dict[str, Any] = {
+        "recipient": {"id": message.user_id},
+        "messaging_type": messaging_type,
+        "message": content,
+    }
     if tag is not None:
         body["tag"] = tag
     return body
@@ -379,9 +500,14 @@ class MessengerSender:
 
     channel = CHANNEL
 
-    def __init__(self, settings: MetaSettings, submit: Submit | None = None,
-                 client: httpx.AsyncClient | None = None, messaging_type: str = "RESPONSE",
-                 tag: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: MetaSettings,
+        submit: Submit | None = None,
+        client: httpx.AsyncClient | None = None,
+        messaging_type: str = "RESPONSE",
+        tag: str | None = None,
+    ) -> None:
         if not settings.page_access_token:
             raise ValueError("page_access_token must be set to send Messenger messages")
         self.settings = settings
@@ -393,21 +519,32 @@ class MessengerSender:
     async def send(self, message: OutboundMessage) -> SendResult:
         """Send ``message``; network and platform errors come back as a failed result."""
         if message.template is not None:
-            return SendResult(ok=False, error="Messenger has no message templates: send text",
-                              retryable=False)
+            return SendResult(
+                ok=False, error="Messenger has no message templates: send text", retryable=False
+            )
         if len(message.quick_replies) + len(message.list_rows) > 13:
-            return SendResult(ok=False, error="Messenger allows at most 13 quick replies",
-                              retryable=False)
+            return SendResult(
+                ok=False, error="Messenger allows at most 13 quick replies", retryable=False
+            )
         body = build_send_request(message, self.messaging_type, self.tag)
         sent_at = ev.now_utc()
         started = time.perf_counter()
-        result, document = await post_graph(self._client, self.settings,
-                                            self.settings.graph_url("me/messages"),
-                                            self.settings.page_access_token or "", body)
+        result, document = await post_graph(
+            self._client,
+            self.settings,
+            self.settings.graph_url("me/messages"),
+            self.settings.page_access_token or "",
+            body,
+        )
         if not result.ok:
             logger.warning("messenger send to a user failed: %s", result.error)
             return result
-        found = events_from_send(body, document, sent_at, kind=message.kind,
-                                 meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)})
+        found = events_from_send(
+            body,
+            document,
+            sent_at,
+            kind=message.kind,
+            meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)},
+        )
         submit_all(self.submit, found)
         return SendResult(ok=True, platform_message_id=as_str(document.get("message_id")))

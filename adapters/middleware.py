@@ -36,9 +36,15 @@ class MetaWebhookMiddleware:
     size limit is passed to the bot unrecorded; the bot decides what to answer.
     """
 
-    def __init__(self, app: ASGIApp, settings: MetaSettings, sink: EventSink | None = None,
-                 runtime: Any = None, path: str | None = None,
-                 stats: WebhookStats | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: MetaSettings,
+        sink: EventSink | None = None,
+        runtime: Any = None,
+        path: str | None = None,
+        stats: WebhookStats | None = None,
+    ) -> None:
         if runtime is not None:
             sink = runtime.recorder
             messenger.register_handlers(runtime.writer)

@@ -40,12 +40,24 @@ logger = logging.getLogger("chatmw")
 STATS_PATH = "/_chatmw/stats"
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and the ones the HTTP client sets again itself.
-_HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"host", b"content-length", b"expect",
-})
-_RESPONSE_SKIP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
-                            "date", "server"})
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+    }
+)
+_RESPONSE_SKIP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+)
 
 
 def forwardable_headers(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -81,8 +93,10 @@ class Forwarder:
         """Create the HTTP client and the worker tasks in the running event loop."""
         self._queue = asyncio.Queue(maxsize=self.settings.forward_queue_size)
         self._client = httpx.AsyncClient(timeout=self.settings.forward_timeout_s)
-        self._workers = [asyncio.create_task(self._work(), name=f"chatmw-forward-{index}")
-                         for index in range(self.settings.forward_workers)]
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"chatmw-forward-{index}")
+            for index in range(self.settings.forward_workers)
+        ]
         logger.info("webhook forwarder started: %d workers to %s", len(self._workers), self.url)
 
     def enqueue(self, body: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -93,8 +107,10 @@ class Forwarder:
             self._queue.put_nowait(_Delivery(body, forwardable_headers(headers)))
         except asyncio.QueueFull:
             self.stats.add("forward_dropped")
-            logger.error("webhook not forwarded to the bot: forward queue full (%d waiting)",
-                         self._queue.qsize())
+            logger.error(
+                "webhook not forwarded to the bot: forward queue full (%d waiting)",
+                self._queue.qsize(),
+            )
             return False
         return True
 
@@ -111,8 +127,9 @@ class Forwarder:
     async def stop(self, timeout: float = 5.0) -> None:
         """Deliver what is queued within ``timeout`` seconds, then stop the workers."""
         if self._queue is not None and not await self.join(timeout):
-            logger.warning("webhook forwarder stopped with %d webhooks not forwarded",
-                           self._queue.qsize())
+            logger.warning(
+                "webhook forwarder stopped with %d webhooks not forwarded", self._queue.qsize()
+            )
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -143,8 +160,9 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 delay *= 2
             try:
-                response = await self._client.post(self.url, content=delivery.body,
-                                                   headers=delivery.headers)
+                response = await self._client.post(
+                    self.url, content=delivery.body, headers=delivery.headers
+                )
             except httpx.HTTPError as error:
                 problem = f"{type(error).__name__}: {error}"
                 logger.warning("forward to the bot failed (attempt %d): %s", attempt + 1, problem)
@@ -160,8 +178,11 @@ class Forwarder:
             self.stats.add("forwarded")
             return
         self.stats.add("forward_failed")
-        logger.error("webhook not forwarded to the bot after %d attempts: %s",
-                     self.settings.forward_retries + 1, problem)
+        logger.error(
+            "webhook not forwarded to the bot after %d attempts: %s",
+            self.settings.forward_retries + 1,
+            problem,
+        )
 
 
 class ProxyState:
@@ -201,8 +222,13 @@ class ProxyState:
             self.graph = None
 
 
-def create_proxy_app(settings: MetaSettings, runtime: Any = None, *, sink: EventSink | None = None,
-                     stats: WebhookStats | None = None) -> Starlette:
+def create_proxy_app(
+    settings: MetaSettings,
+    runtime: Any = None,
+    *,
+    sink: EventSink | None = None,
+    stats: WebhookStats | None = None,
+) -> Starlette:
     """Build the proxy ASGI app.
 
     Give a started :class:`chatmw.runtime.Runtime` as ``runtime`` (its recorder takes the
@@ -272,8 +298,10 @@ async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
     url = state.settings.graph_base_url + path
     query = request.scope.get("query_string", b"")
     upstream_request = state.graph.build_request(
-        request.method, url + ("?" + query.decode("latin-1") if query else ""),
-        headers=forwardable_headers(request.scope["headers"]), content=body,
+        request.method,
+        url + ("?" + query.decode("latin-1") if query else ""),
+        headers=forwardable_headers(request.scope["headers"]),
+        content=body,
     )
     try:
         upstream = await state.graph.send(upstream_request, stream=True)
@@ -282,19 +310,39 @@ async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
         finally:
             await upstream.aclose()
     except httpx.HTTPError as error:
-        logger.error("Graph API pass-through failed for %s %s: %s", request.method, path,
-                     type(error).__name__)
-        document = {"error": {"message": f"chatmw proxy could not reach the Graph API: "
-                                         f"{type(error).__name__}", "type": "ChatmwProxyError",
-                              "is_transient": True}}
+        logger.error(
+            "Graph API pass-through failed for %s %s: %s",
+            request.method,
+            path,
+            type(error).__name__,
+        )
+        document = {
+            "error": {
+                "message": f"chatmw proxy could not reach the Graph API: {type(error).__name__}",
+                "type": "ChatmwProxyError",
+                "is_transient": True,
+            }
+        }
         return JSONResponse(document, status_code=502)
 
     if is_send(request.method, path):
-        decoded = httpx.Response(upstream.status_code, headers=upstream.headers, content=raw).content
-        record_send(body, request.headers.get("content-type"), upstream.status_code, decoded,
-                    sent_at, state.submit, state.stats)
-    headers = [(name, value) for name, value in upstream.headers.multi_items()
-               if name.lower() not in _RESPONSE_SKIP]
+        decoded = httpx.Response(
+            upstream.status_code, headers=upstream.headers, content=raw
+        ).content
+        record_send(
+            body,
+            request.headers.get("content-type"),
+            upstream.status_code,
+            decoded,
+            sent_at,
+            state.submit,
+            state.stats,
+        )
+    headers = [
+        (name, value)
+        for name, value in upstream.headers.multi_items()
+        if name.lower() not in _RESPONSE_SKIP
+    ]
     response = Response(content=raw, status_code=upstream.status_code)
     for name, value in headers:
         response.headers.append(name, value)
@@ -305,4 +353,4 @@ def _route_path(scope: dict[str, Any]) -> str:
     # Under a mount, scope["path"] keeps the mount prefix, which root_path names.
     path: str = scope["path"]
     root = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path

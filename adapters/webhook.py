@@ -18,7 +18,12 @@ from urllib.parse import parse_qsl
 
 from chatmw import events as ev
 from chatmw.adapters import messenger, whatsapp
-from chatmw.adapters._meta import MetaSettings, WebhookStats, verification_challenge, verify_signature
+from chatmw.adapters._meta import (
+    MetaSettings,
+    WebhookStats,
+    verification_challenge,
+    verify_signature,
+)
 
 __all__ = [
     "WebhookIntake",
@@ -77,8 +82,9 @@ def parse_webhook(body: bytes, received_at: datetime) -> list[ev.Event]:
 class WebhookIntake:
     """Verifies, parses and records webhooks; one instance serves every request."""
 
-    def __init__(self, settings: MetaSettings, sink: EventSink | None,
-                 stats: WebhookStats | None = None) -> None:
+    def __init__(
+        self, settings: MetaSettings, sink: EventSink | None, stats: WebhookStats | None = None
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.stats = stats or WebhookStats()
@@ -91,8 +97,9 @@ class WebhookIntake:
             return WebhookOutcome(403, b"verification failed")
         return WebhookOutcome(200, answer.encode())
 
-    def receive(self, body: bytes, signature: bytes | str | None,
-                received_at: datetime | None = None) -> WebhookOutcome:
+    def receive(
+        self, body: bytes, signature: bytes | str | None, received_at: datetime | None = None
+    ) -> WebhookOutcome:
         """Handle a ``POST`` body: 403 on a bad signature, else record and return 200.
 
         Returns 503 when the recorder did not take the events, so that Meta delivers the
@@ -118,15 +125,32 @@ class WebhookIntake:
         except WebhookFormatError as error:
             self.stats.add("unparseable")
             logger.warning("webhook body verified but not parsed (%d bytes): %s", len(body), error)
-            return [ev.RawPayload(channel="meta", occurred_at=received_at, source="meta_webhook",
-                                  body=body, reason=str(error))]
+            return [
+                ev.RawPayload(
+                    channel="meta",
+                    occurred_at=received_at,
+                    source="meta_webhook",
+                    body=body,
+                    reason=str(error),
+                )
+            ]
         except Exception as error:  # noqa: BLE001 - a parser bug must not lose the body
             self.stats.add("unparseable")
             logger.exception("webhook parser failed on a verified body (%d bytes)", len(body))
-            return [ev.RawPayload(channel="meta", occurred_at=received_at, source="meta_webhook",
-                                  body=body, reason=f"parser error {type(error).__name__}: {error}")]
-        unknown = sum(1 for item in found
-                      if isinstance(item, ev.RawPayload) and item.source in UNKNOWN_SOURCES)
+            return [
+                ev.RawPayload(
+                    channel="meta",
+                    occurred_at=received_at,
+                    source="meta_webhook",
+                    body=body,
+                    reason=f"parser error {type(error).__name__}: {error}",
+                )
+            ]
+        unknown = sum(
+            1
+            for item in found
+            if isinstance(item, ev.RawPayload) and item.source in UNKNOWN_SOURCES
+        )
         if unknown:
             self.stats.add("unknown_events", unknown)
             logger.info("webhook carried %d events of unknown kinds, kept as raw payloads", unknown)

@@ -66,8 +66,14 @@ def parse_webhook(document: Mapping[str, Any], received_at: datetime) -> list[ev
             change = as_dict(change)
             value = as_dict(change.get("value"))
             if change.get("field") != "messages":
-                found.append(_raw(value or change, received_at, "whatsapp_unknown",
-                                  f"unknown whatsapp change field {change.get('field')!r}"))
+                found.append(
+                    _raw(
+                        value or change,
+                        received_at,
+                        "whatsapp_unknown",
+                        f"unknown whatsapp change field {change.get('field')!r}",
+                    )
+                )
                 continue
             found.extend(parse_value(value, received_at))
     return found
@@ -106,8 +112,12 @@ def _sender(message: Mapping[str, Any], contacts: list[dict[str, Any]]) -> str |
     return None
 
 
-def _message(message: Mapping[str, Any], contacts: list[dict[str, Any]],
-             phone_number_id: str | None, received_at: datetime) -> list[ev.Event]:
+def _message(
+    message: Mapping[str, Any],
+    contacts: list[dict[str, Any]],
+    phone_number_id: str | None,
+    received_at: datetime,
+) -> list[ev.Event]:
     wamid = as_str(message.get("id"))
     user_id = _sender(message, contacts)
     at = time_from_epoch(message.get("timestamp"), received_at)
@@ -116,26 +126,45 @@ def _message(message: Mapping[str, Any], contacts: list[dict[str, Any]],
         return [_raw(message, at, "whatsapp_unknown", "whatsapp message without id or sender")]
     if kind_name == "system":
         system = as_dict(message.get("system"))
-        return [_raw(message, at, "whatsapp_system",
-                     f"whatsapp system event {as_str(system.get('type')) or 'unknown'}")]
+        return [
+            _raw(
+                message,
+                at,
+                "whatsapp_system",
+                f"whatsapp system event {as_str(system.get('type')) or 'unknown'}",
+            )
+        ]
 
     text, details = _content(kind_name, message)
     context = as_dict(message.get("context"))
     errors = [as_dict(error) for error in as_list(message.get("errors"))]
     meta = {
-        "type": kind_name, "phone_number_id": phone_number_id, **details,
-        "forwarded": True if context.get("forwarded") or context.get("frequently_forwarded") else None,
-        "errors": [{"code": error.get("code"), "title": error.get("title")} for error in errors] or None,
+        "type": kind_name,
+        "phone_number_id": phone_number_id,
+        **details,
+        "forwarded": True
+        if context.get("forwarded") or context.get("frequently_forwarded")
+        else None,
+        "errors": [{"code": error.get("code"), "title": error.get("title")} for error in errors]
+        or None,
     }
     reply_to = as_str(context.get("id"))
     if kind_name == "reaction":
         reply_to = as_str(as_dict(message.get("reaction")).get("message_id"))
-    found: list[ev.Event] = [ev.Message(
-        channel=CHANNEL, occurred_at=at, key=f"{CHANNEL}:{wamid}", role="user", user_id=user_id,
-        kind="reaction" if kind_name == "reaction" else "message", text=text,
-        platform_message_id=wamid, reply_to=reply_to,
-        meta={name: value for name, value in meta.items() if value is not None},
-    )]
+    found: list[ev.Event] = [
+        ev.Message(
+            channel=CHANNEL,
+            occurred_at=at,
+            key=f"{CHANNEL}:{wamid}",
+            role="user",
+            user_id=user_id,
+            kind="reaction" if kind_name == "reaction" else "message",
+            text=text,
+            platform_message_id=wamid,
+            reply_to=reply_to,
+            meta={name: value for name, value in meta.items() if value is not None},
+        )
+    ]
     referral = message.get("referral")
     if isinstance(referral, dict):
         found.append(_touch(referral, user_id, wamid, at))
@@ -149,8 +178,10 @@ def _content(kind_name: str, message: Mapping[str, Any]) -> tuple[str | None, di
     if kind_name == "interactive":
         reply_type = as_str(body.get("type"))
         reply = as_dict(body.get(reply_type or ""))
-        return as_str(reply.get("title")), {"interactive_type": reply_type,
-                                            "reply_id": as_str(reply.get("id"))}
+        return as_str(reply.get("title")), {
+            "interactive_type": reply_type,
+            "reply_id": as_str(reply.get("id")),
+        }
     if kind_name == "button":
         return as_str(body.get("text")), {"button_payload": as_str(body.get("payload"))}
     if kind_name in _MEDIA_TYPES:
@@ -167,12 +198,20 @@ def _content(kind_name: str, message: Mapping[str, Any]) -> tuple[str | None, di
 def _touch(referral: Mapping[str, Any], user_id: str, wamid: str, at: datetime) -> ev.Touch:
     # Click-to-WhatsApp ads and posts: the ad or post id, its URL and Meta's click id.
     source_type = as_str(referral.get("source_type"))
-    meta = {name: as_str(referral.get(name)) for name in (
-        "headline", "body", "media_type", "image_url", "video_url", "thumbnail_url")}
+    meta = {
+        name: as_str(referral.get(name))
+        for name in ("headline", "body", "media_type", "image_url", "video_url", "thumbnail_url")
+    }
     return ev.Touch(
-        channel=CHANNEL, occurred_at=at, key=f"{CHANNEL}:touch:{wamid}", user_id=user_id,
-        kind=source_type or "referral", source=source_type, ad_id=as_str(referral.get("source_id")),
-        click_id=as_str(referral.get("ctwa_clid")), landing_url=as_str(referral.get("source_url")),
+        channel=CHANNEL,
+        occurred_at=at,
+        key=f"{CHANNEL}:touch:{wamid}",
+        user_id=user_id,
+        kind=source_type or "referral",
+        source=source_type,
+        ad_id=as_str(referral.get("source_id")),
+        click_id=as_str(referral.get("ctwa_clid")),
+        landing_url=as_str(referral.get("source_url")),
         meta={name: value for name, value in meta.items() if value is not None},
     )
 
@@ -185,39 +224,65 @@ def _status(status: Mapping[str, Any], received_at: datetime) -> ev.Event:
         return _raw(status, at, "whatsapp_unknown", "whatsapp status without id or status")
     error = as_dict(as_list(status.get("errors"))[0]) if as_list(status.get("errors")) else {}
     return ev.Status(
-        channel=CHANNEL, occurred_at=at, platform_message_id=wamid, status=name,
+        channel=CHANNEL,
+        occurred_at=at,
+        platform_message_id=wamid,
+        status=name,
         user_id=as_str(status.get("recipient_id")) or as_str(status.get("recipient_user_id")),
-        error_code=as_str(error.get("code")), error_title=as_str(error.get("title")),
+        error_code=as_str(error.get("code")),
+        error_title=as_str(error.get("title")),
     )
 
 
 # Sends
 
 
-def events_from_send(request: Mapping[str, Any], response: Mapping[str, Any], sent_at: datetime,
-                     kind: str = "message", meta: Mapping[str, Any] | None = None) -> list[ev.Event]:
+def events_from_send(
+    request: Mapping[str, Any],
+    response: Mapping[str, Any],
+    sent_at: datetime,
+    kind: str = "message",
+    meta: Mapping[str, Any] | None = None,
+) -> list[ev.Event]:
     """Return the bot message of a successful send (nothing for read receipts).
 
     ``messages[0].id`` of Meta's answer becomes the platform message id, so statuses link
     to this row. The user is the ``wa_id`` Meta resolved, or ``to`` as the bot wrote it.
     """
-    wamid = as_str(as_dict(as_list(response.get("messages"))[0]).get("id")) \
-        if as_list(response.get("messages")) else None
+    wamid = (
+        as_str(as_dict(as_list(response.get("messages"))[0]).get("id"))
+        if as_list(response.get("messages"))
+        else None
+    )
     if wamid is None or "status" in request:
         return []
-    resolved = as_dict(as_list(response.get("contacts"))[0]) if as_list(response.get("contacts")) else {}
-    user_id = as_str(resolved.get("wa_id")) or as_str(request.get("to")) or as_str(request.get("recipient"))
+    resolved = (
+        as_dict(as_list(response.get("contacts"))[0]) if as_list(response.get("contacts")) else {}
+    )
+    user_id = (
+        as_str(resolved.get("wa_id"))
+        or as_str(request.get("to"))
+        or as_str(request.get("recipient"))
+    )
     if user_id is None:
         return []
     type_name = as_str(request.get("type")) or "text"
     text, details = _sent_content(type_name, request)
     merged = {"type": type_name, **details, **(meta or {})}
-    return [ev.Message(
-        channel=CHANNEL, occurred_at=sent_at, key=f"{CHANNEL}:{wamid}", role="bot", user_id=user_id,
-        kind=kind, text=text, platform_message_id=wamid,
-        reply_to=as_str(as_dict(request.get("context")).get("message_id")),
-        meta={name: value for name, value in merged.items() if value is not None},
-    )]
+    return [
+        ev.Message(
+            channel=CHANNEL,
+            occurred_at=sent_at,
+            key=f"{CHANNEL}:{wamid}",
+            role="bot",
+            user_id=user_id,
+            kind=kind,
+            text=text,
+            platform_message_id=wamid,
+            reply_to=as_str(as_dict(request.get("context")).get("message_id")),
+            meta={name: value for name, value in merged.items() if value is not None},
+        )
+    ]
 
 
 def _sent_content(type_name: str, request: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -225,10 +290,14 @@ def _sent_content(type_name: str, request: Mapping[str, Any]) -> tuple[str | Non
     if type_name == "text":
         return as_str(body.get("body")), {}
     if type_name == "interactive":
-        return as_str(as_dict(body.get("body")).get("text")), {"interactive_type": as_str(body.get("type"))}
+        return as_str(as_dict(body.get("body")).get("text")), {
+            "interactive_type": as_str(body.get("type"))
+        }
     if type_name == "template":
-        return None, {"template": as_str(body.get("name")),
-                      "language": as_str(as_dict(body.get("language")).get("code"))}
+        return None, {
+            "template": as_str(body.get("name")),
+            "language": as_str(as_dict(body.get("language")).get("code")),
+        }
     if type_name in _MEDIA_TYPES:
         return as_str(body.get("caption")), {}
     return None, {}
@@ -239,11 +308,16 @@ def build_send_request(message: OutboundMessage) -> dict[str, Any]:
 
     Up to three quick replies become reply buttons; more, or list rows, become a list.
     """
-    base: dict[str, Any] = {"messaging_product": "whatsapp", "recipient_type": "individual",
-                            "to": message.user_id}
+    base: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "recipient_type": "individual",
+        "to": message.user_id,
+    }
     if message.template is not None:
-        template: dict[str, Any] = {"name": message.template.name,
-                                    "language": {"code": message.template.language}}
+        template: dict[str, Any] = {
+            "name": message.template.name,
+            "language": {"code": message.template.language},
+        }
         if message.template.components:
             template["components"] = [dict(item) for item in message.template.components]
         return {**base, "type": "template", "template": template}
@@ -251,15 +325,26 @@ def build_send_request(message: OutboundMessage) -> dict[str, Any]:
     if not rows and len(message.quick_replies) > 3:
         rows = [(item.title, item.payload, None) for item in message.quick_replies]
     if rows:
-        list_rows = [{"id": payload, "title": title, **({"description": text} if text else {})}
-                     for title, payload, text in rows]
-        interactive = {"type": "list", "body": {"text": message.text},
-                       "action": {"button": message.list_button, "sections": [{"rows": list_rows}]}}
+        list_rows = [
+            {"id": payload, "title": title, **({"description": text} if text else {})}
+            for title, payload, text in rows
+        ]
+        interactive = {
+            "type": "list",
+            "body": {"text": message.text},
+            "action": {"button": message.list_button, "sections": [{"rows": list_rows}]},
+        }
         return {**base, "type": "interactive", "interactive": interactive}
     if message.quick_replies:
-        buttons = [{"type": "reply", "reply": {"id": item.payload, "title": item.title}}
-                   for item in message.quick_replies]
-        interactive = {"type": "button", "body": {"text": message.text}, "action": {"buttons": buttons}}
+        buttons = [
+            {"type": "reply", "reply": {"id": item.payload, "title": item.title}}
+            for item in message.quick_replies
+        ]
+        interactive = {
+            "type": "button",
+            "body": {"text": message.text},
+            "action": {"buttons": buttons},
+        }
         return {**base, "type": "interactive", "interactive": interactive}
     return {**base, "type": "text", "text": {"body": message.text, "preview_url": False}}
 
@@ -272,8 +357,12 @@ class WhatsAppSender:
 
     channel = CHANNEL
 
-    def __init__(self, settings: MetaSettings, submit: Submit | None = None,
-                 client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: MetaSettings,
+        submit: Submit | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
         if not settings.whatsapp_access_token:
             raise ValueError("whatsapp_access_token must be set to send WhatsApp messages")
         if not settings.whatsapp_phone_number_id:
@@ -284,19 +373,29 @@ class WhatsAppSender:
 
     async def send(self, message: OutboundMessage) -> SendResult:
         """Send ``message``; network and platform errors come back as a failed result."""
-        if len(message.list_rows) > 10 or (not message.list_rows and len(message.quick_replies) > 10):
-            return SendResult(ok=False, error="WhatsApp lists allow at most 10 rows", retryable=False)
+        if len(message.list_rows) > 10 or (
+            not message.list_rows and len(message.quick_replies) > 10
+        ):
+            return SendResult(
+                ok=False, error="WhatsApp lists allow at most 10 rows", retryable=False
+            )
         body = build_send_request(message)
         url = self.settings.graph_url(f"{self.settings.whatsapp_phone_number_id}/messages")
         sent_at = ev.now_utc()
         started = time.perf_counter()
-        result, document = await post_graph(self._client, self.settings, url,
-                                            self.settings.whatsapp_access_token or "", body)
+        result, document = await post_graph(
+            self._client, self.settings, url, self.settings.whatsapp_access_token or "", body
+        )
         if not result.ok:
             logger.warning("whatsapp send failed: %s", result.error)
             return result
-        found = events_from_send(body, document, sent_at, kind=message.kind,
-                                 meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)})
+        found = events_from_send(
+            body,
+            document,
+            sent_at,
+            kind=message.kind,
+            meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)},
+        )
         submit_all(self.submit, found)
         wamid = found[0].platform_message_id if found else None  # type: ignore[attr-defined]
         return SendResult(ok=True, platform_message_id=wamid)
