@@ -1,10 +1,19 @@
 """Metric definitions. Importing this package registers every metric in ``REGISTRY``."""
 
 from chatmw.metrics import (  # noqa: F401
+    attribution,
     business_hours,
     channels,
+    conversion,
+    cpa,
+    dropoff,
+    engagement,
     growth,
     heatmap,
+    leads,
+    ltv,
+    query_types,
+    resolution,
     response_time,
     retention,
     sentiment,

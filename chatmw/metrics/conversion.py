@@ -1,0 +1,273 @@
+"""Conversion rate, conversions and revenue, and the attribution the other business metrics share.
+
+A conversion is attributed to conversations in one of two ways:
+
+- It names a conversation: it is attributed to that conversation only.
+- It names a user: it is attributed to every conversation of that user (contact) that
+  started at most ``attribution_days`` before the conversion, and not after it.
+
+A conversion attributed to several conversations counts in full for each of them; totals
+over all conversations count it once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Select, and_, func, select, union, union_all
+from sqlalchemy.orm import aliased
+
+from chatmw.events_business import format_micros
+from chatmw.metrics.filters import FilterError, MetricFilter
+from chatmw.metrics.registry import MetricSpec, Param, register
+from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.stats import rate
+from chatmw.store.models import Contact, Conversation
+from chatmw.store.models_business import Conversion, Spend
+
+__all__ = [
+    "ATTRIBUTION_PARAM",
+    "AttributedConversion",
+    "attribution_days",
+    "attribution_pairs",
+    "resolved_conversions",
+    "attributed_conversions",
+    "conversation_counts",
+    "currency_of",
+    "conversion_rate",
+    "CONVERSION",
+]
+
+DAY_MS = 86_400_000
+DEFAULT_ATTRIBUTION_DAYS = 7.0
+MAX_ATTRIBUTION_DAYS = 366.0
+ATTRIBUTION_PARAM = Param(
+    "attribution_days",
+    "Attribution window in days: a conversion counts for the user's conversations that started "
+    f"at most this long before it (default {DEFAULT_ATTRIBUTION_DAYS:g}).",
+    default=DEFAULT_ATTRIBUTION_DAYS,
+    kind=float,
+)
+
+
+def attribution_days(options: Mapping[str, Any]) -> float:
+    """Return the validated ``attribution_days`` option."""
+    days = options.get("attribution_days", DEFAULT_ATTRIBUTION_DAYS)
+    if days is None:
+        return DEFAULT_ATTRIBUTION_DAYS
+    if not 0 <= days <= MAX_ATTRIBUTION_DAYS:
+        raise FilterError(
+            "attribution_days", f"must be between 0 and {MAX_ATTRIBUTION_DAYS:g}, got {days:g}"
+        )
+    return float(days)
+
+
+def resolved_conversions() -> Select[Any]:
+    """Select each conversion with its contact and its named conversation, where found.
+
+    The contact is the user's contact on the conversion's channel, or else the named
+    conversation's contact.
+    """
+    contact = aliased(Contact)
+    named = aliased(Conversation)
+    return (
+        select(
+            Conversion.id.label("conversion_id"),
+            Conversion.name,
+            Conversion.value_micros,
+            Conversion.occurred_at_ms,
+            Conversion.conversation_external_id,
+            func.coalesce(contact.id, named.contact_id).label("contact_id"),
+            named.id.label("linked_conversation_id"),
+        )
+        .outerjoin(
+            contact,
+            and_(contact.channel == Conversion.channel, contact.external_id == Conversion.user_id),
+        )
+        .outerjoin(
+            named,
+            and_(
+                named.channel == Conversion.channel,
+                named.external_id == Conversion.conversation_external_id,
+            ),
+        )
+    )
+
+
+def attribution_pairs(days: float) -> Select[Any]:
+    """Select ``(conversion_id, conversation_id)`` for every attribution (see the module doc)."""
+    window_ms = int(days * DAY_MS)
+    resolved = resolved_conversions().subquery()
+    by_user = (
+        select(resolved.c.conversion_id, Conversation.id.label("conversation_id"))
+        .join(
+            Conversation,
+            and_(
+                Conversation.contact_id == resolved.c.contact_id,
+                Conversation.started_at_ms <= resolved.c.occurred_at_ms,
+                Conversation.started_at_ms >= resolved.c.occurred_at_ms - window_ms,
+            ),
+        )
+        .where(resolved.c.conversation_external_id.is_(None))
+    )
+    by_conversation = select(
+        resolved.c.conversion_id, resolved.c.linked_conversation_id.label("conversation_id")
+    ).where(resolved.c.linked_conversation_id.is_not(None))
+    return union_all(by_user, by_conversation).subquery().select()
+
+
+@dataclass(frozen=True, slots=True)
+class AttributedConversion:
+    """One attribution of a conversion to a conversation of the filter's scope."""
+
+    group_key: Any
+    conversation_id: int
+    conversion_id: int
+    name: str
+    value_micros: int
+    occurred_at_ms: int
+    contact_id: int | None
+
+
+def attributed_conversions(
+    engine: Engine, flt: MetricFilter, days: float
+) -> list[AttributedConversion]:
+    """Return every attribution to a conversation that ``flt`` covers."""
+    scope = conversation_scope(flt).subquery()
+    pairs = attribution_pairs(days).subquery()
+    resolved = resolved_conversions().subquery()
+    statement = (
+        select(
+            scope.c.group_key,
+            scope.c.conversation_id,
+            resolved.c.conversion_id,
+            resolved.c.name,
+            resolved.c.value_micros,
+            resolved.c.occurred_at_ms,
+            resolved.c.contact_id,
+        )
+        .join(pairs, pairs.c.conversation_id == scope.c.conversation_id)
+        .join(resolved, resolved.c.conversion_id == pairs.c.conversion_id)
+    )
+    with engine.connect() as connection:
+        return [AttributedConversion(*row) for row in connection.execute(statement)]
+
+
+def conversation_counts(engine: Engine, flt: MetricFilter) -> dict[Any, int]:
+    """Return the number of conversations per group key."""
+    scope = conversation_scope(flt).subquery()
+    statement = select(scope.c.group_key, func.count()).group_by(scope.c.group_key)
+    with engine.connect() as connection:
+        return {key: int(count) for key, count in connection.execute(statement)}
+
+
+def currency_of(engine: Engine) -> dict[str, Any]:
+    """Return ``{"currency": code}`` for the stored amounts, with a note if they mix currencies."""
+    statement = union(select(Conversion.currency), select(Spend.currency))
+    with engine.connect() as connection:
+        codes = sorted(connection.execute(statement).scalars())
+    if len(codes) <= 1:
+        return {"currency": codes[0] if codes else None}
+    return {
+        "currency": None,
+        "currency_note": f"amounts are stored in several currencies ({', '.join(codes)}); "
+        "sums add them as they are",
+    }
+
+
+def _figures(conversations: int, rows: Iterable[AttributedConversion]) -> dict[str, Any]:
+    converted: set[int] = set()
+    values: dict[int, int] = {}
+    names: dict[int, str] = {}
+    for row in rows:
+        converted.add(row.conversation_id)
+        values[row.conversion_id] = row.value_micros
+        names[row.conversion_id] = row.name
+    by_name: dict[str, list[int]] = defaultdict(list)
+    for conversion_id, value in values.items():
+        by_name[names[conversion_id]].append(value)
+    return {
+        "conversations": conversations,
+        "converted_conversations": len(converted),
+        "conversion_rate": rate(len(converted), conversations),
+        "conversions": len(values),
+        "revenue": format_micros(sum(values.values())),
+        "by_name": [
+            {"name": name, "conversions": len(items), "revenue": format_micros(sum(items))}
+            for name, items in sorted(by_name.items())
+        ],
+    }
+
+
+def conversion_rate(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute the conversion rate, conversions and revenue of the conversations of ``flt``."""
+    days = attribution_days(options or {})
+    counts = conversation_counts(engine, flt)
+    rows = attributed_conversions(engine, flt, days)
+    result: dict[str, Any] = {
+        "metric": "conversion",
+        "filters": flt.describe(),
+        "attribution_days": days,
+        **currency_of(engine),
+    }
+    result.update(_figures(sum(counts.values()), rows))
+    if flt.group_by is not None:
+        by_group: dict[Any, list[AttributedConversion]] = defaultdict(list)
+        for row in rows:
+            by_group[row.group_key].append(row)
+        result["groups"] = [
+            {"group": group_label(key), **_figures(counts.get(key, 0), by_group[key])}
+            for key in sorted(set(counts) | set(by_group), key=group_label)
+        ]
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    sections = [("(all)", result)] + [(group["group"], group) for group in result.get("groups", [])]
+    names = (
+        "conversations",
+        "converted_conversations",
+        "conversion_rate",
+        "conversions",
+        "revenue",
+    )
+    return [
+        {
+            "group": group,
+            **{name: section[name] for name in names},
+            "currency": result.get("currency"),
+        }
+        for group, section in sections
+    ]
+
+
+CONVERSION = register(
+    MetricSpec(
+        name="conversion",
+        summary="Conversion rate, conversions and revenue",
+        description=(
+            "**Conversion rate** = conversations with at least one attributed conversion / "
+            "conversations that started in the window.\n\n"
+            "Conversions are recorded through `POST /business/conversions` or "
+            "`chatmw.business.record_conversion`. A conversion that names a conversation is "
+            "attributed to that conversation only. One that names a user is attributed to each "
+            "conversation of that user (same channel) that started at most `attribution_days` "
+            "(default 7) before the conversion, the conversion time included, and not after it.\n\n"
+            "- `conversions`: distinct conversions attributed to conversations in the window.\n"
+            "- `revenue`: the sum of their values, a decimal string in `currency` (each "
+            "conversion once, however many conversations it is attributed to).\n"
+            "- `by_name`: conversions and revenue per conversion name.\n"
+            "- `groups` (with `group_by`): the same per group. A conversion attributed to "
+            "conversations of two groups counts in both, so group totals may exceed the total.\n\n"
+            "An empty window gives `conversion_rate: null` with `conversations: 0`."
+        ),
+        compute=conversion_rate,
+        params=(ATTRIBUTION_PARAM,),
+        rows=_rows,
+    )
+)

@@ -1,0 +1,160 @@
+"""Cost per acquisition and return on investment, per campaign (or channel) and overall."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Mapping
+from datetime import date, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from chatmw.events import to_ms
+from chatmw.events_business import MICROS, format_micros
+from chatmw.metrics.conversion import (
+    ATTRIBUTION_PARAM,
+    attributed_conversions,
+    attribution_days,
+    currency_of,
+)
+from chatmw.metrics.filters import FilterError, GroupBy, MetricFilter
+from chatmw.metrics.registry import MetricSpec, register
+from chatmw.metrics.scope import UNKNOWN_GROUP, group_label
+from chatmw.store.models_business import Spend
+
+__all__ = ["cost_per_acquisition", "CPA"]
+
+
+def _check_filter(flt: MetricFilter) -> GroupBy:
+    # Spend is recorded by day, channel and campaign only, so nothing else can select it.
+    if flt.attributes:
+        name = next(iter(flt.attributes))
+        raise FilterError(
+            f"attr.{name}", "spend has no conversation attributes; filter by channel or campaign"
+        )
+    for name in flt.touch_filters:
+        if name != "campaign":
+            raise FilterError(
+                name,
+                "spend is recorded by day, channel and campaign; filter by channel or campaign",
+            )
+    group_by = flt.group_by or GroupBy("campaign")
+    if group_by.kind not in ("campaign", "channel"):
+        raise FilterError("group_by", f"expected campaign or channel, got {group_by.label!r}")
+    return group_by
+
+
+def _day_in_window(day: date, flt: MetricFilter) -> bool:
+    start_ms = to_ms(datetime(day.year, day.month, day.day, tzinfo=flt.tz))
+    if flt.since_ms is not None and start_ms < flt.since_ms:
+        return False
+    return flt.until_ms is None or start_ms < flt.until_ms
+
+
+def _spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dict[str, int]:
+    statement = select(Spend.day, Spend.channel, Spend.campaign, Spend.amount_micros)
+    if flt.channels:
+        statement = statement.where(Spend.channel.in_(flt.channels))
+    if "campaign" in flt.touch_filters:
+        statement = statement.where(Spend.campaign == flt.touch_filters["campaign"])
+    spend: dict[str, int] = defaultdict(int)
+    with engine.connect() as connection:
+        for day, channel, campaign, micros in connection.execute(statement):
+            if not _day_in_window(day, flt):
+                continue
+            key = channel if group_by.kind == "channel" else campaign
+            spend[key or UNKNOWN_GROUP] += micros
+    return spend
+
+
+def _cpa(spend: int, conversions: int) -> str | None:
+    if conversions == 0:
+        return None
+    value = Decimal(spend) / MICROS / conversions
+    return str(value.quantize(Decimal("0.01"), rounding=ROUND_HALF_EVEN))
+
+
+def _roi(revenue: int, spend: int) -> float | None:
+    return None if spend == 0 else round((revenue - spend) / spend, 4)
+
+
+def _figures(spend: int, conversions: Mapping[int, int]) -> dict[str, Any]:
+    revenue = sum(conversions.values())
+    return {
+        "spend": format_micros(spend),
+        "conversions": len(conversions),
+        "revenue": format_micros(revenue),
+        "cpa": _cpa(spend, len(conversions)),
+        "roi": _roi(revenue, spend),
+    }
+
+
+def cost_per_acquisition(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute spend, attributed conversions and revenue, CPA and ROI per group and overall."""
+    group_by = _check_filter(flt)
+    days = attribution_days(options or {})
+    spend = _spend_by_group(engine, flt, group_by)
+    grouped = dataclasses.replace(flt, group_by=group_by)
+    conversions: dict[str, dict[int, int]] = defaultdict(dict)
+    overall: dict[int, int] = {}
+    for row in attributed_conversions(engine, grouped, days):
+        conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
+        overall[row.conversion_id] = row.value_micros
+    result: dict[str, Any] = {
+        "metric": "cpa",
+        "filters": flt.describe(),
+        "attribution_days": days,
+        "group_by": group_by.label,
+        **currency_of(engine),
+        **_figures(sum(spend.values()), overall),
+    }
+    result["groups"] = [
+        {"group": key, **_figures(spend.get(key, 0), conversions.get(key, {}))}
+        for key in sorted(set(spend) | set(conversions))
+    ]
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    names = ("spend", "conversions", "revenue", "cpa", "roi")
+    sections = [("(all)", result)] + [(group["group"], group) for group in result["groups"]]
+    return [
+        {
+            "group": group,
+            **{name: section[name] for name in names},
+            "currency": result.get("currency"),
+        }
+        for group, section in sections
+    ]
+
+
+CPA = register(
+    MetricSpec(
+        name="cpa",
+        summary="Cost per acquisition and return on investment",
+        description=(
+            "Advertising spend (recorded by day, channel and campaign through "
+            "`POST /business/spend`, the CSV upload or `chatmw spend import`) against the "
+            "conversions attributed to conversations that started in the window.\n\n"
+            "- **CPA** = spend / conversions, a decimal string in `currency` rounded half-to-even "
+            "to 2 places; `null` when there are no conversions.\n"
+            "- **ROI** = (attributed revenue - spend) / spend, a ratio rounded to 4 places "
+            "(0.5 = 50 % return); `null` when spend is 0.\n\n"
+            "A spend day counts when its midnight in `tz` falls in the window. Groups are "
+            "campaigns by default (`group_by=campaign`): a conversion counts for the campaign of "
+            "its conversation's touch (`touch`, last by default), spend for the campaign it was "
+            "recorded with; spend without a campaign and conversations without a campaign touch "
+            "form the group `(none)`. `group_by=channel` splits by channel instead. A conversion "
+            "attributed to conversations of two campaigns counts for both, but once overall. "
+            "Filters: `channel` and `campaign` apply to both spend and conversations; attribute "
+            "filters and the other touch filters are rejected because spend has no such fields."
+        ),
+        compute=cost_per_acquisition,
+        params=(ATTRIBUTION_PARAM,),
+        rows=_rows,
+    )
+)

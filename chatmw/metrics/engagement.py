@@ -1,0 +1,223 @@
+"""Engagement: reached users who wrote, and conversations with a real exchange."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import aliased
+
+from chatmw.metrics.filters import MetricFilter
+from chatmw.metrics.registry import MetricSpec, register
+from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.stats import rate
+from chatmw.store.models import Conversation, Exposure, Message
+
+__all__ = ["engagement", "ENGAGEMENT"]
+
+
+def _exposed(engine: Engine, flt: MetricFilter) -> tuple[dict[str, set[int]], set[str]]:
+    """Return contacts exposed in the window per channel, and the channels with any exposure."""
+    window = select(Exposure.channel, Exposure.contact_id).distinct()
+    known = select(Exposure.channel).distinct()
+    if flt.channels:
+        window = window.where(Exposure.channel.in_(flt.channels))
+        known = known.where(Exposure.channel.in_(flt.channels))
+    if flt.since_ms is not None:
+        window = window.where(Exposure.occurred_at_ms >= flt.since_ms)
+    if flt.until_ms is not None:
+        window = window.where(Exposure.occurred_at_ms < flt.until_ms)
+    reached: dict[str, set[int]] = defaultdict(set)
+    with engine.connect() as connection:
+        for channel, contact_id in connection.execute(window):
+            reached[channel].add(contact_id)
+        channels = set(connection.execute(known).scalars())
+    return reached, channels
+
+
+def _conversations(
+    engine: Engine, flt: MetricFilter
+) -> list[tuple[Any, str, int | None, int, bool]]:
+    """Return group key, channel, contact, user messages and whether a bot or agent opened it."""
+    scope = conversation_scope(flt).subquery()
+    first = aliased(Message)
+    first_id = (
+        select(first.id)
+        .where(first.conversation_id == Conversation.id)
+        .order_by(first.occurred_at_ms, first.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    opener = aliased(Message)
+    statement = (
+        select(
+            scope.c.group_key,
+            Conversation.channel,
+            func.coalesce(Conversation.contact_id, opener.contact_id),
+            Conversation.user_message_count,
+            opener.role,
+        )
+        .join(Conversation, Conversation.id == scope.c.conversation_id)
+        .outerjoin(opener, opener.id == first_id)
+    )
+    with engine.connect() as connection:
+        return [
+            (key, channel, contact, int(count or 0), role is not None and role != "user")
+            for key, channel, contact, count, role in connection.execute(statement)
+        ]
+
+
+def _reach(
+    flt: MetricFilter,
+    exposed: Mapping[str, set[int]],
+    known: set[str],
+    conversations: list[tuple[Any, str, int | None, int, bool]],
+) -> dict[str, Any]:
+    proactive: dict[str, set[int]] = defaultdict(set)
+    writers: dict[str, set[int]] = defaultdict(set)
+    for _, channel, contact, user_messages, bot_opened in conversations:
+        if contact is None:
+            continue
+        if bot_opened:
+            proactive[channel].add(contact)
+        if user_messages >= 1:
+            writers[channel].add(contact)
+    channels = sorted(set(flt.channels) | known | {row[1] for row in conversations})
+    rows, notes = [], []
+    total_reach = total_engaged = 0
+    for channel in channels:
+        reached = exposed.get(channel, set()) | proactive.get(channel, set())
+        row: dict[str, Any] = {
+            "channel": channel,
+            "exposed_users": len(exposed.get(channel, set())),
+            "proactive_users": len(proactive.get(channel, set())),
+            "users_writing": len(writers.get(channel, set())),
+        }
+        if channel not in known and not proactive.get(channel):
+            note = f"no exposure data for channel {channel}"
+            rows.append(
+                {
+                    **row,
+                    "reach": None,
+                    "reach_note": note,
+                    "engaged_users": None,
+                    "engagement_rate": None,
+                }
+            )
+            notes.append(note)
+            continue
+        engaged = len(reached & writers.get(channel, set()))
+        row.update(
+            reach=len(reached), engaged_users=engaged, engagement_rate=rate(engaged, len(reached))
+        )
+        if channel not in known:
+            row["reach_note"] = (
+                f"no exposure data for channel {channel}; reach counts proactive conversations only"
+            )
+        rows.append(row)
+        total_reach += len(reached)
+        total_engaged += engaged
+    return {
+        "reach": total_reach,
+        "engaged_users": total_engaged,
+        "engagement_rate": rate(total_engaged, total_reach),
+        "reach_notes": notes,
+        "channels": rows,
+    }
+
+
+def _exchanges(rows: list[tuple[Any, str, int | None, int, bool]]) -> dict[str, Any]:
+    engaged = sum(1 for row in rows if row[3] >= 2)
+    return {
+        "conversations": len(rows),
+        "engaged_conversations": engaged,
+        "conversation_engagement_rate": rate(engaged, len(rows)),
+    }
+
+
+def engagement(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute the user engagement rate per channel and the conversation engagement rate."""
+    exposed, known = _exposed(engine, flt)
+    conversations = _conversations(engine, flt)
+    result: dict[str, Any] = {
+        "metric": "engagement",
+        "filters": flt.describe(),
+        "users": _reach(flt, exposed, known, conversations),
+        **_exchanges(conversations),
+    }
+    if flt.attributes or flt.touch_filters:
+        result["users"]["reach_notes"].append(
+            "reach ignores attribute and touch filters (exposures have neither); "
+            "engaged users are counted in the filtered conversations only"
+        )
+    if flt.group_by is not None:
+        by_group: dict[Any, list[tuple[Any, str, int | None, int, bool]]] = defaultdict(list)
+        for row in conversations:
+            by_group[row[0]].append(row)
+        result["groups"] = [
+            {"group": group_label(key), **_exchanges(items)}
+            for key, items in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+        ]
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    names = ("conversations", "engaged_conversations", "conversation_engagement_rate")
+    rows = [
+        {
+            "split": "channel",
+            "group": row["channel"],
+            **{k: v for k, v in row.items() if k != "channel"},
+        }
+        for row in result["users"]["channels"]
+    ]
+    rows.append(
+        {
+            "split": "(all)",
+            "group": "(all)",
+            "reach": result["users"]["reach"],
+            "engaged_users": result["users"]["engaged_users"],
+            "engagement_rate": result["users"]["engagement_rate"],
+            **{name: result[name] for name in names},
+        }
+    )
+    rows.extend(
+        {"split": "group_by", "group": group["group"], **{name: group[name] for name in names}}
+        for group in result.get("groups", [])
+    )
+    return rows
+
+
+ENGAGEMENT = register(
+    MetricSpec(
+        name="engagement",
+        summary="Engagement rate of reached users and of conversations",
+        description=(
+            "**User engagement rate** (`users.engagement_rate`) = reached users who wrote / "
+            "reached users, per channel (`users.channels`) and over the channels with reach "
+            "data.\n\n"
+            "- **Reached users** (`reach`): distinct users with a widget impression or open (an "
+            "`exposures` row) in the window, plus users who received a proactive conversation "
+            "(one whose first message came from the bot or an agent) that started in the "
+            "window.\n"
+            "- **Reached users who wrote** (`engaged_users`): those of them with a conversation "
+            "that started in the window and has at least one user message.\n"
+            "- A channel with no exposure rows at all and no proactive conversation in the "
+            "window has `reach: null`, `engagement_rate: null` and a `reach_note` such as `no "
+            "exposure data for channel messenger`; it is left out of the totals and listed in "
+            "`reach_notes`. A channel with proactive conversations but no exposures counts only "
+            "those, and says so in `reach_note`.\n\n"
+            "**Conversation engagement rate** (`conversation_engagement_rate`) = conversations "
+            "with at least two user messages / conversations that started in the window; "
+            "`group_by` splits this part (`groups`).\n\n"
+            "Rates are `null` when their denominator is 0. Reach ignores attribute and touch "
+            "filters, which exposures do not have."
+        ),
+        compute=engagement,
+        rows=_rows,
+    )
+)

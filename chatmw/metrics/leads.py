@@ -1,0 +1,203 @@
+"""Leads: contact details users gave, and the share of them that later converted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, Select, and_, func, select
+from sqlalchemy.orm import aliased
+
+from chatmw.metrics.conversion import resolved_conversions
+from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.registry import MetricSpec, register
+from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.stats import rate
+from chatmw.store.identity import CHUNK
+from chatmw.store.models import Contact, Conversation
+from chatmw.store.models_business import Lead
+
+__all__ = ["lead_conversations", "leads", "LEADS"]
+
+
+def lead_conversations() -> Select[Any]:
+    """Select each lead with its contact and conversation.
+
+    The conversation is the one the lead was found in, else the one it names, else the
+    user's latest conversation on the channel that started at or before the lead.
+    """
+    contact = aliased(Contact)
+    named = aliased(Conversation)
+    earlier = aliased(Conversation)
+    latest = (
+        select(earlier.id)
+        .where(
+            earlier.contact_id == contact.id,
+            earlier.channel == Lead.channel,
+            earlier.started_at_ms <= Lead.occurred_at_ms,
+        )
+        .order_by(earlier.started_at_ms.desc(), earlier.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    return (
+        select(
+            Lead.id.label("lead_id"),
+            Lead.kind,
+            Lead.origin,
+            Lead.score,
+            Lead.occurred_at_ms,
+            contact.id.label("contact_id"),
+            func.coalesce(Lead.conversation_id, named.id, latest).label("conversation_id"),
+        )
+        .outerjoin(
+            contact, and_(contact.channel == Lead.channel, contact.external_id == Lead.user_id)
+        )
+        .outerjoin(
+            named,
+            and_(named.channel == Lead.channel, named.external_id == Lead.conversation_external_id),
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _LeadRow:
+    group_key: Any
+    lead_id: int
+    kind: str
+    origin: str
+    score: float | None
+    occurred_at_ms: int
+    contact_id: int | None
+
+
+def _leads_in_scope(engine: Engine, flt: MetricFilter) -> list[_LeadRow]:
+    scope = conversation_scope(flt).subquery()
+    linked = lead_conversations().subquery()
+    statement = select(
+        scope.c.group_key,
+        linked.c.lead_id,
+        linked.c.kind,
+        linked.c.origin,
+        linked.c.score,
+        linked.c.occurred_at_ms,
+        linked.c.contact_id,
+    ).join(linked, linked.c.conversation_id == scope.c.conversation_id)
+    with engine.connect() as connection:
+        return [_LeadRow(*row) for row in connection.execute(statement)]
+
+
+def _conversion_times(engine: Engine, contact_ids: Iterable[int]) -> dict[int, int]:
+    """Return each contact's latest conversion time in ms."""
+    resolved = resolved_conversions().subquery()
+    latest: dict[int, int] = {}
+    ids = sorted(set(contact_ids))
+    with engine.connect() as connection:
+        for start in range(0, len(ids), CHUNK):
+            statement = (
+                select(resolved.c.contact_id, func.max(resolved.c.occurred_at_ms))
+                .where(resolved.c.contact_id.in_(ids[start : start + CHUNK]))
+                .group_by(resolved.c.contact_id)
+            )
+            latest.update({contact: int(at) for contact, at in connection.execute(statement)})
+    return latest
+
+
+def _figures(rows: Sequence[_LeadRow], converted_after: Mapping[int, int]) -> dict[str, Any]:
+    # One lead can be attached to several scope rows only through grouping; count ids once.
+    unique = {row.lead_id: row for row in rows}.values()
+    converted = [
+        row
+        for row in unique
+        if row.contact_id is not None
+        and converted_after.get(row.contact_id, -1) >= row.occurred_at_ms
+    ]
+    scores = [row.score for row in unique if row.score is not None]
+    kinds: dict[str, int] = defaultdict(int)
+    origins: dict[str, int] = defaultdict(int)
+    for row in unique:
+        kinds[row.kind] += 1
+        origins[row.origin] += 1
+    count = len(unique)
+    return {
+        "leads": count,
+        "users": len({row.contact_id for row in unique if row.contact_id is not None}),
+        "by_kind": {kind: kinds.get(kind, 0) for kind in ("email", "phone")},
+        "by_origin": {origin: origins.get(origin, 0) for origin in ("message", "api")},
+        "converted_leads": len(converted),
+        "lead_quality": rate(len(converted), count),
+        "scored_leads": len(scores),
+        "average_score": round(math.fsum(scores) / len(scores), 2) if scores else None,
+    }
+
+
+def _split(rows: Sequence[_LeadRow], converted_after: Mapping[int, int]) -> list[dict[str, Any]]:
+    by_group: dict[Any, list[_LeadRow]] = defaultdict(list)
+    for row in rows:
+        by_group[row.group_key].append(row)
+    return [
+        {"group": group_label(key), **_figures(items, converted_after)}
+        for key, items in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+    ]
+
+
+def leads(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute leads, lead quality and scores for the conversations of ``flt``, per source."""
+    rows = _leads_in_scope(engine, flt)
+    by_source = _leads_in_scope(engine, dataclasses.replace(flt, group_by=GroupBy("source")))
+    converted_after = _conversion_times(
+        engine, (r.contact_id for r in rows if r.contact_id is not None)
+    )
+    result: dict[str, Any] = {
+        "metric": "leads",
+        "filters": flt.describe(),
+        **_figures(rows, converted_after),
+    }
+    result["by_source"] = _split(by_source, converted_after)
+    if flt.group_by is not None:
+        result["groups"] = _split(rows, converted_after)
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    names = ("leads", "users", "converted_leads", "lead_quality", "scored_leads", "average_score")
+    rows = [{"split": "(all)", "group": "(all)", **{name: result[name] for name in names}}]
+    for split in ("by_source", "groups"):
+        rows.extend(
+            {"split": split, "group": item["group"], **{name: item[name] for name in names}}
+            for item in result.get(split, [])
+        )
+    return rows
+
+
+LEADS = register(
+    MetricSpec(
+        name="leads",
+        summary="Leads captured, lead quality and score, per source",
+        description=(
+            "A **lead** is an e-mail address or phone number a user gave: found in a user "
+            "message by the writer (when `chatmw.business.install` is active), or recorded "
+            "through `POST /business/leads`. One user giving the same address twice is one "
+            "lead; an address and a phone number are two. Leads count for the conversation they "
+            "were found in, else the conversation they name, else the user's latest conversation "
+            "on the channel that started at or before them; so a lead counts in the window in "
+            "which that conversation started. Leads with no such conversation are not counted.\n\n"
+            "- `leads`, `users` (distinct users with a lead), `by_kind` (email, phone), "
+            "`by_origin` (message, api).\n"
+            "- **Lead quality** = leads whose user has a conversion at or after the lead's time "
+            "/ leads (`null` when there are no leads).\n"
+            "- `average_score`: the mean of the optional scores (0-100) given through the API, "
+            "over `scored_leads`; `null` when none has a score.\n"
+            "- `by_source`: the same per source of the conversation's touch (`touch`, last by "
+            "default); `(none)` when it has no touch. `groups` (with `group_by`): per group."
+        ),
+        compute=leads,
+        rows=_rows,
+    )
+)

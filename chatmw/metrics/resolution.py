@@ -1,0 +1,158 @@
+"""First-contact resolution: resolved conversations with no hand-off and no repeat contact."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Engine, Select, and_, exists, func, select
+from sqlalchemy.orm import aliased
+
+from chatmw.metrics.filters import FilterError, MetricFilter
+from chatmw.metrics.registry import MetricSpec, Param, register
+from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.stats import rate
+from chatmw.store.models import Conversation
+
+__all__ = [
+    "first_contact_resolution",
+    "conversation_outcomes",
+    "RESOLUTION",
+    "DEFAULT_REPEAT_HOURS",
+]
+
+DEFAULT_REPEAT_HOURS = 24.0
+MAX_REPEAT_HOURS = 24.0 * 366
+HOUR_MS = 3_600_000
+COUNTS = (
+    "conversations",
+    "resolved",
+    "resolved_handed_off",
+    "resolved_repeated",
+    "first_contact_resolved",
+)
+
+
+def repeat_hours(options: Mapping[str, Any]) -> float:
+    """Return the validated ``repeat_hours`` option."""
+    hours = options.get("repeat_hours")
+    hours = DEFAULT_REPEAT_HOURS if hours is None else hours
+    if not 0 <= hours <= MAX_REPEAT_HOURS:
+        raise FilterError(
+            "repeat_hours", f"must be between 0 and {MAX_REPEAT_HOURS:g}, got {hours:g}"
+        )
+    return float(hours)
+
+
+def conversation_outcomes(flt: MetricFilter, hours: float) -> Select[Any]:
+    """Select group key, conversation id, resolved, handed_off and ``repeated`` per conversation.
+
+    ``repeated`` is true when the same contact started another conversation after this one
+    started and at most ``hours`` after it ended (or after its last message, if it has no end).
+    """
+    scope = conversation_scope(flt).subquery()
+    later = aliased(Conversation)
+    end_ms = func.coalesce(Conversation.ended_at_ms, Conversation.last_message_at_ms)
+    repeated = exists().where(
+        later.contact_id == Conversation.contact_id,
+        later.id != Conversation.id,
+        later.started_at_ms > Conversation.started_at_ms,
+        later.started_at_ms <= end_ms + int(hours * HOUR_MS),
+    )
+    return select(
+        scope.c.group_key,
+        Conversation.id,
+        Conversation.resolved,
+        Conversation.handed_off,
+        and_(Conversation.contact_id.is_not(None), repeated).label("repeated"),
+    ).join(scope, scope.c.conversation_id == Conversation.id)
+
+
+def _empty() -> dict[str, int]:
+    return dict.fromkeys(COUNTS, 0)
+
+
+def _with_rates(counts: Mapping[str, int]) -> dict[str, Any]:
+    return {
+        **counts,
+        "resolution_rate": rate(counts["resolved"], counts["conversations"]),
+        "fcr_rate": rate(counts["first_contact_resolved"], counts["resolved"]),
+    }
+
+
+def first_contact_resolution(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute first-contact resolution for the conversations of ``flt``."""
+    hours = repeat_hours(options or {})
+    counts: dict[Any, dict[str, int]] = defaultdict(_empty)
+    with engine.connect() as connection:
+        for group_key, _, resolved, handed_off, repeated in connection.execute(
+            conversation_outcomes(flt, hours)
+        ):
+            bucket = counts[group_key]
+            bucket["conversations"] += 1
+            if not resolved:
+                continue
+            bucket["resolved"] += 1
+            bucket["resolved_handed_off"] += int(bool(handed_off))
+            bucket["resolved_repeated"] += int(bool(repeated))
+            bucket["first_contact_resolved"] += int(not handed_off and not repeated)
+    overall = _empty()
+    for values in counts.values():
+        for name in COUNTS:
+            overall[name] += values[name]
+    result: dict[str, Any] = {
+        "metric": "resolution",
+        "filters": flt.describe(),
+        "repeat_hours": hours,
+        **_with_rates(overall),
+    }
+    if flt.group_by is not None:
+        result["groups"] = [
+            {"group": group_label(key), **_with_rates(values)}
+            for key, values in sorted(counts.items(), key=lambda item: group_label(item[0]))
+        ]
+    return result
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    names = (*COUNTS, "resolution_rate", "fcr_rate")
+    sections = [("(all)", result)] + [(group["group"], group) for group in result.get("groups", [])]
+    return [
+        {"group": group, **{name: section[name] for name in names}} for group, section in sections
+    ]
+
+
+RESOLUTION = register(
+    MetricSpec(
+        name="resolution",
+        summary="First-contact resolution",
+        description=(
+            "**First-contact resolution rate** (`fcr_rate`) = first-contact resolved / resolved "
+            "conversations, over conversations that started in the window.\n\n"
+            "A conversation is **resolved** when its `resolved` flag is true (set by a "
+            "`ConversationUpdate` event from the bot, its codec or a rule). It is "
+            "**first-contact resolved** when it is resolved, was not handed off to an agent "
+            "(`resolved_handed_off` counts those that were), and the same contact started no "
+            "other conversation after it started and at most `repeat_hours` (default 24) after "
+            "it ended, or after its last message when it has no end (`resolved_repeated` counts "
+            "those that did; the later conversation may fall outside the window). Contacts are "
+            "per channel, so a repeat on another channel is not seen.\n\n"
+            "Also `resolution_rate` = resolved / conversations. Rates are `null` when their "
+            "denominator is 0."
+        ),
+        compute=first_contact_resolution,
+        params=(
+            Param(
+                "repeat_hours",
+                "Hours after a conversation's end within which a new "
+                f"conversation of the same contact is a repeat (default {DEFAULT_REPEAT_HOURS:g}).",
+                default=DEFAULT_REPEAT_HOURS,
+                kind=float,
+            ),
+        ),
+        rows=_rows,
+    )
+)
