@@ -156,14 +156,16 @@ class Schedule:
             intervals.append((self._local_ms(day, start), self._local_ms(day, end_minute)))
         return tuple(intervals)
 
+    def _local_date(self, moment_ms: int) -> date:
+        return datetime.fromtimestamp(moment_ms / 1000, UTC).astimezone(self.tz).date()
+
     def intervals(self, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
         """Return the merged business intervals (epoch ms) that overlap ``[start_ms, end_ms)``."""
         if end_ms <= start_ms:
             return []
-        first = datetime.fromtimestamp(start_ms / 1000, UTC).astimezone(self.tz).date() - timedelta(
-            days=1
-        )
-        last = datetime.fromtimestamp(end_ms / 1000, UTC).astimezone(self.tz).date()
+        # A period that crosses midnight belongs to the day before, so start a day early.
+        first = self._local_date(start_ms) - timedelta(days=1)
+        last = self._local_date(end_ms)
         raw = []
         day = first
         while day <= last:
