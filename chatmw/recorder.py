@@ -203,6 +203,9 @@ class Recorder:
         self._state = HEALTHY
         self._next_probe = 0.0
         self._stop_deadline: float | None = None
+        # Set when stop() timed out and handed the in-flight batch to the spool: the writer
+        # thread, still busy in a write, then leaves without touching the spool or counters.
+        self._abandoned = False
         self._in_flight: list[Event] = []
         self._overflow: collections.deque[Event] = collections.deque()
         self._overflow_ready = threading.Condition()
@@ -337,6 +340,7 @@ class Recorder:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop_deadline = None
+        self._abandoned = False
         self._spill_stop = False
         if self.replayable:
             self._spill_thread = threading.Thread(target=self._spill, name="chatmw-spill",
@@ -372,6 +376,7 @@ class Recorder:
         self._thread = None
         completed = not thread.is_alive()
         if not completed:
+            self._abandoned = True
             drained = self._drain_nowait()
             # With a spool the batch being written is spooled too: a duplicate is stored once,
             # a batch lost with the process is not stored at all.
@@ -379,6 +384,8 @@ class Recorder:
             leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(_STOP)  # lets the thread end once its write returns
             logger.warning("recorder stop timed out after %.1fs: %d events handed to the %s",
                            timeout, len(leftover), "spool" if self.spool else "void (dropped)")
         completed = self._stop_spill(deadline) and completed
@@ -459,7 +466,7 @@ class Recorder:
 
     def _run(self) -> None:
         stopping = False
-        while not stopping:
+        while not stopping and not self._abandoned:
             items, stopping = self._next_batch()
             try:
                 self._process(items, stopping)
@@ -554,6 +561,8 @@ class Recorder:
                 self._write_isolating(batch)
                 return
             except _WriteFailed as failure:
+                if self._abandoned:
+                    return
                 logger.warning("recorder write failed (attempt %d, %d events, retryable=True): %s",
                                attempt + 1, len(batch), failure)
             if attempt == self.settings.retries or self._past_deadline(delay):
