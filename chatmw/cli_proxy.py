@@ -16,18 +16,34 @@ def proxy_command(
     db: DbOption = None,
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 8200,
-    bot_url: Annotated[str | None, typer.Option(
-        "--bot-url", envvar="CHATMW_BOT_WEBHOOK_URL", show_envvar=True,
-        help="The bot's own webhook URL; verified webhooks are forwarded there. "
-             "Without it the proxy only records.")] = None,
-    graph_base_url: Annotated[str | None, typer.Option(
-        "--graph-base-url", envvar="CHATMW_GRAPH_BASE_URL", show_envvar=True,
-        help="Where Graph API calls are passed through (default https://graph.facebook.com).")]
-        = None,
-    webhook_path: Annotated[str, typer.Option(help="Path that receives Meta's webhooks.")]
-        = "/webhook",
-    max_body_bytes: Annotated[int | None, typer.Option(
-        help="Largest webhook body accepted, in bytes (default 1 MiB); larger gets 413.")] = None,
+    bot_url: Annotated[
+        str | None,
+        typer.Option(
+            "--bot-url",
+            envvar="CHATMW_BOT_WEBHOOK_URL",
+            show_envvar=True,
+            help="The bot's own webhook URL; verified webhooks are forwarded there. "
+            "Without it the proxy only records.",
+        ),
+    ] = None,
+    graph_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--graph-base-url",
+            envvar="CHATMW_GRAPH_BASE_URL",
+            show_envvar=True,
+            help="Where Graph API calls are passed through (default https://graph.facebook.com).",
+        ),
+    ] = None,
+    webhook_path: Annotated[
+        str, typer.Option(help="Path that receives Meta's webhooks.")
+    ] = "/webhook",
+    max_body_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest webhook body accepted, in bytes (default 1 MiB); larger gets 413."
+        ),
+    ] = None,
 ) -> None:
     """Receive Meta webhooks, record them and forward them to the bot; pass Graph API calls through.
 
@@ -42,8 +58,12 @@ def proxy_command(
 
     settings = settings_from(db)
     try:
-        meta = MetaSettings.from_env(bot_webhook_url=bot_url, graph_base_url=graph_base_url,
-                                     webhook_path=webhook_path, max_body_bytes=max_body_bytes)
+        meta = MetaSettings.from_env(
+            bot_webhook_url=bot_url,
+            graph_base_url=graph_base_url,
+            webhook_path=webhook_path,
+            max_body_bytes=max_body_bytes,
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     runtime = Runtime.from_settings(settings)
