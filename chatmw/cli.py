@@ -61,6 +61,7 @@ def main() -> None:
 # Feature commands register themselves on ``app`` when imported.
 from chatmw import cli_metrics  # noqa: E402,F401
 from chatmw import cli_serve  # noqa: E402,F401
+from chatmw import cli_import  # noqa: E402,F401
 from chatmw import cli_demo  # noqa: E402,F401
 from chatmw import cli_surveys  # noqa: E402,F401
 from chatmw import cli_proxy  # noqa: E402,F401

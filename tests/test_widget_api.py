@@ -69,13 +69,23 @@ def sink(shared_sink: ListSink) -> ListSink:
 def chat(bot_url: str, shared_sink: ListSink) -> Iterator[httpx.Client]:
     """A client of one endpoint shared by the module, with a rate limit no test reaches."""
     settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url, rate_burst=10_000)
-    with serve(widget_app(settings, shared_sink)) as server, httpx.Client(base_url=server.url) as client:
+    with (
+        serve(widget_app(settings, shared_sink)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
         yield client
 
 
-def message_body(text: str = "hello", message_id: str = "message_00000001", **extra: object) -> dict:
-    body = {"visitor_id": VISITOR, "conversation_id": CONVERSATION, "message_id": message_id,
-            "text": text, "page_url": "http://site.test/pricing.html?email=a@b.test"}
+def message_body(
+    text: str = "hello", message_id: str = "message_00000001", **extra: object
+) -> dict:
+    body = {
+        "visitor_id": VISITOR,
+        "conversation_id": CONVERSATION,
+        "message_id": message_id,
+        "text": text,
+        "page_url": "http://site.test/pricing.html?email=a@b.test",
+    }
     body.update(extra)
     return body
 
@@ -90,13 +100,24 @@ def post_message(client: httpx.Client, body: object, origin: str | None = SITE) 
 # Three days ago: inside the window in which the endpoint trusts a touch time from the widget.
 FIRST_AT = ev.to_ms(ev.now_utc() - timedelta(days=3))
 ATTRIBUTION = {
-    "first": {"source": "newsletter", "campaign": "spring", "landing_url": "http://site.test/?utm_source=newsletter",
-              "referrer": "https://mail.test/", "at": FIRST_AT},
-    "last": {"source": "google", "medium": "cpc", "gclid": "abc123", "landing_url": "http://site.test/?gclid=abc123"},
+    "first": {
+        "source": "newsletter",
+        "campaign": "spring",
+        "landing_url": "http://site.test/?utm_source=newsletter",
+        "referrer": "https://mail.test/",
+        "at": FIRST_AT,
+    },
+    "last": {
+        "source": "google",
+        "medium": "cpc",
+        "gclid": "abc123",
+        "landing_url": "http://site.test/?gclid=abc123",
+    },
 }
 
 
 # Replies and recorded events
+
 
 def test_message_returns_bot_replies_with_buttons(chat: httpx.Client, sink: ListSink) -> None:
     response = post_message(chat, message_body("pricing"))
@@ -104,7 +125,10 @@ def test_message_returns_bot_replies_with_buttons(chat: httpx.Client, sink: List
     assert response.status_code == 200
     body = response.json()
     assert body["conversation_id"] == CONVERSATION
-    assert body["replies"][0] == {"text": "Starter is $19 a month and Team is $49 a month.", "buttons": []}
+    assert body["replies"][0] == {
+        "text": "Starter is $19 a month and Team is $49 a month.",
+        "buttons": [],
+    }
     assert body["replies"][1]["buttons"] == [
         {"title": "Yes, book a demo", "payload": "/request_demo"},
         {"title": "No, thanks", "payload": "/deny"},
@@ -137,18 +161,30 @@ def test_message_records_first_and_last_touch(chat: httpx.Client, sink: ListSink
     touches = sink.of_type(ev.Touch)
     assert [t.meta["touch"] for t in touches] == ["first", "last"]
     first, last = touches
-    assert (first.kind, first.source, first.campaign, first.click_id) == ("utm", "newsletter", "spring", None)
+    assert (first.kind, first.source, first.campaign, first.click_id) == (
+        "utm",
+        "newsletter",
+        "spring",
+        None,
+    )
     assert first.occurred_at == ev.from_ms(FIRST_AT)
     assert first.referrer == "https://mail.test/"
     assert first.conversation_id == CONVERSATION
-    assert (last.kind, last.source, last.medium, last.click_id) == ("click", "google", "cpc", "abc123")
+    assert (last.kind, last.source, last.medium, last.click_id) == (
+        "click",
+        "google",
+        "cpc",
+        "abc123",
+    )
     assert last.meta["click_id_param"] == "gclid"
     assert first.key != last.key
 
 
 def test_touch_keys_stable_across_messages(chat: httpx.Client, sink: ListSink) -> None:
     post_message(chat, message_body(attribution=ATTRIBUTION))
-    post_message(chat, message_body("again", message_id="message_00000002", attribution=ATTRIBUTION))
+    post_message(
+        chat, message_body("again", message_id="message_00000002", attribution=ATTRIBUTION)
+    )
 
     keys = [t.key for t in sink.of_type(ev.Touch)]
     assert len(keys) == 4
@@ -176,8 +212,13 @@ def test_malformed_attribution_ignored(chat: httpx.Client, sink: ListSink) -> No
 
 
 def test_event_records_exposure(chat: httpx.Client, sink: ListSink) -> None:
-    body = {"visitor_id": VISITOR, "event_id": "event_000000001", "kind": "impression",
-            "page_url": "http://site.test/?utm_source=x", "conversation_id": None}
+    body = {
+        "visitor_id": VISITOR,
+        "event_id": "event_000000001",
+        "kind": "impression",
+        "page_url": "http://site.test/?utm_source=x",
+        "conversation_id": None,
+    }
     response = chat.post("/chat/events", json=body, headers={"Origin": SITE})
 
     assert response.status_code == 204
@@ -198,10 +239,14 @@ def test_event_with_unknown_kind_rejected(chat: httpx.Client, sink: ListSink) ->
 
 def test_handler_bot_buttons_pass_through(sink: ListSink) -> None:
     async def survey_bot(request: ChatRequest) -> list[ChatReply]:
-        buttons = [{"title": str(score), "payload": f"/csat{{\"score\": {score}}}"} for score in range(1, 6)]
-        return [ChatReply(text="How did we do?", extra={"buttons": buttons}),
-                ChatReply(text=None, extra={"image": "x.png"}),
-                ChatReply(text="Thanks", resolved=True)]
+        buttons = [
+            {"title": str(score), "payload": f'/csat{{"score": {score}}}'} for score in range(1, 6)
+        ]
+        return [
+            ChatReply(text="How did we do?", extra={"buttons": buttons}),
+            ChatReply(text=None, extra={"image": "x.png"}),
+            ChatReply(text="Thanks", resolved=True),
+        ]
 
     settings = WidgetSettings(allowed_origins=[SITE], bot=survey_bot)
     with serve(widget_app(settings, sink)) as server, httpx.Client(base_url=server.url) as client:
@@ -218,6 +263,7 @@ def test_handler_bot_buttons_pass_through(sink: ListSink) -> None:
 
 # Limits
 
+
 def test_message_at_limit_accepted(chat: httpx.Client) -> None:
     response = post_message(chat, message_body("x" * 2000))
 
@@ -228,8 +274,10 @@ def test_message_over_limit_rejected(chat: httpx.Client, sink: ListSink) -> None
     response = post_message(chat, message_body("x" * 2001))
 
     assert response.status_code == 413
-    assert response.json() == {"error": "message_too_long",
-                               "detail": "message has 2001 characters; the maximum is 2000"}
+    assert response.json() == {
+        "error": "message_too_long",
+        "detail": "message has 2001 characters; the maximum is 2000",
+    }
     assert response.headers["access-control-allow-origin"] == SITE
     assert sink.events == []
 
@@ -242,16 +290,21 @@ def test_body_over_limit_rejected(chat: httpx.Client, sink: ListSink) -> None:
     assert sink.events == []
 
 
-@pytest.mark.parametrize("field,value", [
-    ("visitor_id", None),
-    ("visitor_id", "short"),
-    ("visitor_id", "has space in it"),
-    ("visitor_id", "x" * 65),
-    ("conversation_id", "<script>alert(1)</script>"),
-    ("conversation_id", 12345678),
-    ("message_id", "../../etc/passwd"),
-])
-def test_malformed_id_rejected(chat: httpx.Client, sink: ListSink, field: str, value: object) -> None:
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("visitor_id", None),
+        ("visitor_id", "short"),
+        ("visitor_id", "has space in it"),
+        ("visitor_id", "x" * 65),
+        ("conversation_id", "<script>alert(1)</script>"),
+        ("conversation_id", 12345678),
+        ("message_id", "../../etc/passwd"),
+    ],
+)
+def test_malformed_id_rejected(
+    chat: httpx.Client, sink: ListSink, field: str, value: object
+) -> None:
     body = message_body()
     body[field] = value
     response = post_message(chat, body)
@@ -262,15 +315,20 @@ def test_malformed_id_rejected(chat: httpx.Client, sink: ListSink, field: str, v
     assert sink.events == []
 
 
-@pytest.mark.parametrize("content,content_type,status,error", [
-    ("{not json", "application/json", 400, "invalid_json"),
-    ("[1, 2]", "application/json", 422, "invalid_body"),
-    (json.dumps({"text": "hi"}), "text/plain", 415, "unsupported_media_type"),
-])
-def test_malformed_body_rejected(chat: httpx.Client, content: str, content_type: str, status: int,
-                                 error: str) -> None:
-    response = chat.post("/chat/messages", content=content,
-                         headers={"Content-Type": content_type, "Origin": SITE})
+@pytest.mark.parametrize(
+    "content,content_type,status,error",
+    [
+        ("{not json", "application/json", 400, "invalid_json"),
+        ("[1, 2]", "application/json", 422, "invalid_body"),
+        (json.dumps({"text": "hi"}), "text/plain", 415, "unsupported_media_type"),
+    ],
+)
+def test_malformed_body_rejected(
+    chat: httpx.Client, content: str, content_type: str, status: int, error: str
+) -> None:
+    response = chat.post(
+        "/chat/messages", content=content, headers={"Content-Type": content_type, "Origin": SITE}
+    )
 
     assert response.status_code == status
     assert response.json()["error"] == error
@@ -284,10 +342,14 @@ def test_empty_text_rejected(chat: httpx.Client) -> None:
 
 
 def test_rate_limit_per_visitor(bot_url: str, sink: ListSink) -> None:
-    settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url, rate_burst=3, rate_per_minute=6)
+    settings = WidgetSettings(
+        allowed_origins=[SITE], bot_url=bot_url, rate_burst=3, rate_per_minute=6
+    )
     with serve(widget_app(settings, sink)) as server, httpx.Client(base_url=server.url) as client:
-        statuses = [post_message(client, message_body(message_id=f"message_0000000{i}")).status_code
-                    for i in range(3)]
+        statuses = [
+            post_message(client, message_body(message_id=f"message_0000000{i}")).status_code
+            for i in range(3)
+        ]
         limited = post_message(client, message_body(message_id="message_00000009"))
         other = post_message(client, message_body(visitor_id="other_visitor_0001"))
 
@@ -328,6 +390,7 @@ def test_token_bucket_evicts_least_recent() -> None:
 
 # Origins
 
+
 def test_disallowed_origin_rejected(chat: httpx.Client, sink: ListSink) -> None:
     response = post_message(chat, message_body(), origin="http://evil.test")
 
@@ -355,8 +418,14 @@ def test_event_from_disallowed_origin_rejected(chat: httpx.Client, sink: ListSin
 
 @pytest.mark.parametrize("path", ["/chat/messages", "/chat/events"])
 def test_preflight_allowed_origin(chat: httpx.Client, path: str) -> None:
-    response = chat.options(path, headers={"Origin": SITE, "Access-Control-Request-Method": "POST",
-                                           "Access-Control-Request-Headers": "content-type"})
+    response = chat.options(
+        path,
+        headers={
+            "Origin": SITE,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
 
     assert response.status_code == 204
     assert response.headers["access-control-allow-origin"] == SITE
@@ -366,14 +435,17 @@ def test_preflight_allowed_origin(chat: httpx.Client, path: str) -> None:
 
 
 def test_preflight_disallowed_origin_rejected(chat: httpx.Client) -> None:
-    response = chat.options("/chat/messages", headers={"Origin": "http://site.test.evil.test",
-                                                       "Access-Control-Request-Method": "POST"})
+    response = chat.options(
+        "/chat/messages",
+        headers={"Origin": "http://site.test.evil.test", "Access-Control-Request-Method": "POST"},
+    )
 
     assert response.status_code == 403
     assert "access-control-allow-origin" not in response.headers
 
 
 # Bot failures
+
 
 def test_bot_down_returns_502(sink: ListSink) -> None:
     settings = WidgetSettings(allowed_origins=[SITE], bot_url=f"http://127.0.0.1:{free_port()}/bot")
@@ -386,7 +458,9 @@ def test_bot_down_returns_502(sink: ListSink) -> None:
 
 
 def test_bot_error_status_returns_502(bot_url: str, sink: ListSink) -> None:
-    settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url.replace(EXAMPLE_BOT_PATH, "/missing"))
+    settings = WidgetSettings(
+        allowed_origins=[SITE], bot_url=bot_url.replace(EXAMPLE_BOT_PATH, "/missing")
+    )
     with serve(widget_app(settings, sink)) as server, httpx.Client(base_url=server.url) as client:
         response = post_message(client, message_body())
 
@@ -416,7 +490,10 @@ def test_unreadable_bot_response_returns_502(sink: ListSink) -> None:
 
     with serve(bot) as bot_server:
         settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_server.url + "/bot")
-        with serve(widget_app(settings, sink)) as server, httpx.Client(base_url=server.url) as client:
+        with (
+            serve(widget_app(settings, sink)) as server,
+            httpx.Client(base_url=server.url) as client,
+        ):
             response = post_message(client, message_body())
 
     assert response.status_code == 502
@@ -424,6 +501,7 @@ def test_unreadable_bot_response_returns_502(sink: ListSink) -> None:
 
 
 # Assets and settings
+
 
 def test_widget_assets_served(chat: httpx.Client) -> None:
     script = chat.get("/chat/widget.js")
@@ -444,24 +522,27 @@ def test_prefix_moves_paths(bot_url: str, sink: ListSink) -> None:
         assert client.get("/chat/widget.js").status_code == 404
 
 
-@pytest.mark.parametrize("overrides,setting", [
-    ({"allowed_origins": []}, "allowed_origins"),
-    ({"allowed_origins": "http://site.test"}, "allowed_origins"),
-    ({"allowed_origins": ["http://site.test/"]}, "allowed_origins"),
-    ({"allowed_origins": ["site.test"]}, "allowed_origins"),
-    ({"allowed_origins": ["HTTP://Site.test"]}, "allowed_origins"),
-    ({"bot_url": None}, "bot_url"),
-    ({"bot_url": "ftp://bot.test/"}, "bot_url"),
-    ({"bot": 42}, "bot"),
-    ({"prefix": "api"}, "prefix"),
-    ({"prefix": "/api/"}, "prefix"),
-    ({"max_message_chars": 0}, "max_message_chars"),
-    ({"max_body_bytes": 100}, "max_body_bytes"),
-    ({"rate_per_minute": 0}, "rate_per_minute"),
-    ({"rate_burst": 0}, "rate_burst"),
-    ({"bot_timeout_s": -1}, "bot_timeout_s"),
-    ({"channel": ""}, "channel"),
-])
+@pytest.mark.parametrize(
+    "overrides,setting",
+    [
+        ({"allowed_origins": []}, "allowed_origins"),
+        ({"allowed_origins": "http://site.test"}, "allowed_origins"),
+        ({"allowed_origins": ["http://site.test/"]}, "allowed_origins"),
+        ({"allowed_origins": ["site.test"]}, "allowed_origins"),
+        ({"allowed_origins": ["HTTP://Site.test"]}, "allowed_origins"),
+        ({"bot_url": None}, "bot_url"),
+        ({"bot_url": "ftp://bot.test/"}, "bot_url"),
+        ({"bot": 42}, "bot"),
+        ({"prefix": "api"}, "prefix"),
+        ({"prefix": "/api/"}, "prefix"),
+        ({"max_message_chars": 0}, "max_message_chars"),
+        ({"max_body_bytes": 100}, "max_body_bytes"),
+        ({"rate_per_minute": 0}, "rate_per_minute"),
+        ({"rate_burst": 0}, "rate_burst"),
+        ({"bot_timeout_s": -1}, "bot_timeout_s"),
+        ({"channel": ""}, "channel"),
+    ],
+)
 def test_settings_reject_invalid_value(overrides: dict, setting: str) -> None:
     values = {"allowed_origins": [SITE], "bot_url": "http://127.0.0.1:5005/webhooks/rest/webhook"}
     values.update(overrides)
@@ -474,37 +555,61 @@ def test_settings_accept_codec_and_handler() -> None:
     async def handler(request: ChatRequest) -> list[ChatReply]:
         return []
 
-    assert WidgetSettings(allowed_origins=[SITE], bot=RasaCodec(), bot_url="http://bot.test/").bot_url
-    assert WidgetSettings(allowed_origins=[SITE, "https://www.site.test:8443"], bot=handler).bot_url is None
+    assert WidgetSettings(
+        allowed_origins=[SITE], bot=RasaCodec(), bot_url="http://bot.test/"
+    ).bot_url
+    assert (
+        WidgetSettings(allowed_origins=[SITE, "https://www.site.test:8443"], bot=handler).bot_url
+        is None
+    )
 
 
 # The store, on SQLite and PostgreSQL
+
 
 def test_retried_message_stored_once(database_url: str, bot_url: str) -> None:
     runtime = Runtime.from_settings(Settings(database_url=database_url))
     runtime.start(migrate=False)
     settings = WidgetSettings(allowed_origins=[SITE], bot_url=bot_url)
     try:
-        with serve(widget_app(settings, runtime.recorder)) as server, \
-                httpx.Client(base_url=server.url) as client:
+        with (
+            serve(widget_app(settings, runtime.recorder)) as server,
+            httpx.Client(base_url=server.url) as client,
+        ):
             for _ in range(2):
-                assert post_message(client, message_body("pricing", attribution=ATTRIBUTION)).status_code == 200
+                assert (
+                    post_message(
+                        client, message_body("pricing", attribution=ATTRIBUTION)
+                    ).status_code
+                    == 200
+                )
             event = {"visitor_id": VISITOR, "event_id": "event_000000001", "kind": "open"}
             for _ in range(2):
-                assert client.post("/chat/events", json=event, headers={"Origin": SITE}).status_code == 204
+                assert (
+                    client.post("/chat/events", json=event, headers={"Origin": SITE}).status_code
+                    == 204
+                )
         assert runtime.recorder.flush(10)
         with runtime.engine.connect() as connection:
             messages = connection.execute(
-                select(models.Message.role, models.Message.latency_ms, models.Message.response_ms)
-                .order_by(models.Message.occurred_at_ms, models.Message.id)).all()
+                select(
+                    models.Message.role, models.Message.latency_ms, models.Message.response_ms
+                ).order_by(models.Message.occurred_at_ms, models.Message.id)
+            ).all()
             touches = connection.execute(
-                select(models.Touch.source, models.Touch.meta).order_by(models.Touch.id)).all()
+                select(models.Touch.source, models.Touch.meta).order_by(models.Touch.id)
+            ).all()
             conversation = connection.execute(
-                select(models.Conversation.external_id, models.Conversation.channel,
-                       models.Conversation.user_message_count, models.Conversation.first_touch_id)
+                select(
+                    models.Conversation.external_id,
+                    models.Conversation.channel,
+                    models.Conversation.user_message_count,
+                    models.Conversation.first_touch_id,
+                )
             ).one()
             first_touch_source = connection.execute(
-                select(models.Touch.source).where(models.Touch.id == conversation.first_touch_id)).scalar_one()
+                select(models.Touch.source).where(models.Touch.id == conversation.first_touch_id)
+            ).scalar_one()
             exposures = connection.execute(select(models.Exposure.kind)).scalars().all()
     finally:
         runtime.stop()
@@ -512,7 +617,10 @@ def test_retried_message_stored_once(database_url: str, bot_url: str) -> None:
     assert [row.role for row in messages] == ["user", "bot", "bot"]
     assert all(row.latency_ms > 0 for row in messages[1:])
     assert messages[1].response_ms is not None and messages[1].response_ms >= 0
-    assert [(source, meta["touch"]) for source, meta in touches] == [("newsletter", "first"), ("google", "last")]
+    assert [(source, meta["touch"]) for source, meta in touches] == [
+        ("newsletter", "first"),
+        ("google", "last"),
+    ]
     assert conversation.external_id == CONVERSATION
     assert conversation.channel == "web"
     assert conversation.user_message_count == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from browser.chromium import chromium  # noqa: F401 - fixture
+from browser.chromium import chromium  # noqa: F401 - a fixture, found by pytest by this name
 from browser.servers import ServerThread, free_port, serve
 from browser.sites import embedding_page_app, example_site_app, wait_until
 from fastapi import FastAPI
@@ -13,10 +13,12 @@ from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import func, select
 
 from chatmw import events as ev
+from chatmw._demo.faq_bot import create_app
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
 from chatmw.store import models
 from chatmw.widget import WidgetSettings, example_site_dir, mount_widget
+from chatmw.widget.demo import mount_demo_site
 from chatmw.widget.example_bot import EXAMPLE_BOT_PATH, create_example_bot
 
 XSS = '<img src=x onerror="window.__xss=1">'
@@ -56,7 +58,7 @@ def demo_server(runtime: Runtime, bot_url: str) -> ServerThread:
 
 
 @pytest.fixture
-def page(chromium: Browser) -> Iterator[Page]:  # noqa: F811 - the fixture above
+def page(chromium: Browser) -> Iterator[Page]:  # noqa: F811 - the imported fixture
     context = chromium.new_context()
     page = context.new_page()
     page.set_default_timeout(10_000)
@@ -86,13 +88,18 @@ def bot_says(page: Page, text: str) -> None:
 def shadow_focus(page: Page) -> str:
     return page.evaluate(
         "() => { const node = document.querySelector('#chatmw-widget').shadowRoot.activeElement;"
-        " return node ? (node.id || node.className) : ''; }")
+        " return node ? (node.id || node.className) : ''; }"
+    )
 
 
 # Attribution and the stored conversation, on SQLite and PostgreSQL
 
-def test_conversation_carries_attribution(chromium: Browser, runtime: Runtime,  # noqa: F811
-                                          bot_url: str) -> None:
+
+def test_conversation_carries_attribution(
+    chromium: Browser,  # noqa: F811 - the imported fixture
+    runtime: Runtime,
+    bot_url: str,
+) -> None:
     server = demo_server(runtime, bot_url).start()
     try:
         context = chromium.new_context()
@@ -138,16 +145,31 @@ def test_conversation_carries_attribution(chromium: Browser, runtime: Runtime,  
 
     engine = runtime.engine
     with engine.connect() as connection:
-        wait_until(lambda: connection.execute(select(func.count()).select_from(models.Exposure)).scalar() >= 6)
+        wait_until(
+            lambda: (
+                connection.execute(select(func.count()).select_from(models.Exposure)).scalar() >= 6
+            )
+        )
         conversations = connection.execute(
-            select(models.Conversation.id, models.Conversation.channel,
-                   models.Conversation.user_message_count, models.Conversation.first_response_ms,
-                   models.Conversation.first_touch_id, models.Conversation.last_touch_id)
-            .order_by(models.Conversation.started_at_ms)).all()
+            select(
+                models.Conversation.id,
+                models.Conversation.channel,
+                models.Conversation.user_message_count,
+                models.Conversation.first_response_ms,
+                models.Conversation.first_touch_id,
+                models.Conversation.last_touch_id,
+            ).order_by(models.Conversation.started_at_ms)
+        ).all()
         messages = connection.execute(
-            select(models.Message.conversation_id, models.Message.role, models.Message.text,
-                   models.Message.latency_ms, models.Message.response_ms, models.Message.meta)
-            .order_by(models.Message.occurred_at_ms, models.Message.id)).all()
+            select(
+                models.Message.conversation_id,
+                models.Message.role,
+                models.Message.text,
+                models.Message.latency_ms,
+                models.Message.response_ms,
+                models.Message.meta,
+            ).order_by(models.Message.occurred_at_ms, models.Message.id)
+        ).all()
         touches = {row.id: row for row in connection.execute(select(models.Touch)).all()}
         exposures = connection.execute(select(models.Exposure.kind)).scalars().all()
 
@@ -158,23 +180,34 @@ def test_conversation_carries_attribution(chromium: Browser, runtime: Runtime,  
     assert second.user_message_count == 2
     for conversation in conversations:
         first_touch = touches[conversation.first_touch_id]
-        assert (first_touch.source, first_touch.campaign, first_touch.kind) == ("newsletter", "spring", "utm")
+        assert (first_touch.source, first_touch.campaign, first_touch.kind) == (
+            "newsletter",
+            "spring",
+            "utm",
+        )
         assert first_touch.landing_url == landing
         assert first_touch.referrer == "https://news.example/"
         assert first_touch.meta == {"touch": "first"}
         assert conversation.first_response_ms is not None and conversation.first_response_ms >= 0
     assert touches[first.last_touch_id].source == "newsletter"
     last_of_second = touches[second.last_touch_id]
-    assert (last_of_second.kind, last_of_second.source, last_of_second.medium) == ("click", "google", "cpc")
+    assert (last_of_second.kind, last_of_second.source, last_of_second.medium) == (
+        "click",
+        "google",
+        "cpc",
+    )
     assert last_of_second.click_id == "g-123"
     assert last_of_second.meta == {"touch": "last", "click_id_param": "gclid"}
 
     first_messages = [m for m in messages if m.conversation_id == first.id]
     assert [(m.role, m.text) for m in first_messages] == [
-        ("user", "hello"), ("bot", HELLO_REPLY),
-        ("user", "what are your plans?"), ("bot", "Starter is $19 a month and Team is $49 a month."),
+        ("user", "hello"),
+        ("bot", HELLO_REPLY),
+        ("user", "what are your plans?"),
+        ("bot", "Starter is $19 a month and Team is $49 a month."),
         ("bot", "Would you like a demo?"),
-        ("user", "/request_demo"), ("bot", "Great, a demo request is on its way to our team."),
+        ("user", "/request_demo"),
+        ("bot", "Great, a demo request is on its way to our team."),
     ]
     assert first_messages[2].meta == {"page": "/pricing.html"}
     assert first_messages[5].meta == {"page": "/pricing.html", "button_title": "Yes, book a demo"}
@@ -191,6 +224,7 @@ def test_conversation_carries_attribution(chromium: Browser, runtime: Runtime,  
 
 
 # Rendering, keyboard and errors
+
 
 def test_markup_renders_as_text(page: Page, bot_url: str) -> None:
     sink = ListSink()
@@ -243,7 +277,9 @@ def test_keyboard_only_conversation(page: Page, bot_url: str) -> None:
         page.keyboard.press("Escape")
         expect(page.get_by_role("dialog")).to_be_hidden()
         assert shadow_focus(page) == "launcher"
-        expect(page.get_by_role("button", name="Open chat")).to_have_attribute("aria-expanded", "false")
+        expect(page.get_by_role("button", name="Open chat")).to_have_attribute(
+            "aria-expanded", "false"
+        )
 
 
 def test_error_and_retry_when_bot_down(page: Page, runtime: Runtime) -> None:
@@ -265,8 +301,9 @@ def test_error_and_retry_when_bot_down(page: Page, runtime: Runtime) -> None:
     assert runtime.recorder.flush(10)
 
     with runtime.engine.connect() as connection:
-        rows = connection.execute(select(models.Message.role, models.Message.text)
-                                  .order_by(models.Message.occurred_at_ms)).all()
+        rows = connection.execute(
+            select(models.Message.role, models.Message.text).order_by(models.Message.occurred_at_ms)
+        ).all()
     assert [tuple(row) for row in rows] == [("user", "hello"), ("bot", HELLO_REPLY)]
 
 
@@ -277,8 +314,10 @@ def test_other_origin_embeds_widget(page: Page, bot_url: str) -> None:
     settings = WidgetSettings(allowed_origins=[site_origin], bot_url=bot_url)
     with serve(example_site_app(settings, sink)) as chat_server:
         script_url = chat_server.url + "/chat/widget.js"
-        with serve(embedding_page_app(script_url), site_port) as site, \
-                serve(embedding_page_app(script_url), stranger_port) as stranger:
+        with (
+            serve(embedding_page_app(script_url), site_port) as site,
+            serve(embedding_page_app(script_url), stranger_port) as stranger,
+        ):
             page.goto(site.url + "/?utm_source=partner")
             open_chat_anywhere(page)
             say(page, "hello")
@@ -294,7 +333,8 @@ def test_other_origin_embeds_widget(page: Page, bot_url: str) -> None:
     texts = [e.text for e in sink.events if isinstance(e, ev.Message)]
     assert texts == ["hello", HELLO_REPLY]
     assert allowed_events == len(sink.events) or all(
-        not isinstance(e, ev.Message) for e in sink.events[allowed_events:])
+        not isinstance(e, ev.Message) for e in sink.events[allowed_events:]
+    )
     touches = [e for e in sink.events if isinstance(e, ev.Touch)]
     assert {t.source for t in touches} == {"partner"}
 
@@ -315,3 +355,34 @@ class serve_started:
 
     def __exit__(self, *exc: object) -> None:
         self.server.stop()
+
+
+# The demo app
+
+
+def test_demo_app_serves_widget_site(page: Page, database_url: str) -> None:
+    port = free_port()
+    app = create_app(wrapped=True, database_url=database_url)
+    assert mount_demo_site(app, app.state.chatmw, "127.0.0.1", port)
+    with serve(app, port, lifespan="on") as server:
+        page.goto(server.url + "/pricing.html?utm_source=newsletter&utm_campaign=spring")
+        open_chat(page)
+        say(page, "pricing")
+        bot_says(page, "Would you like a demo?")
+        page.get_by_role("button", name="No, thanks").click()
+        bot_says(page, "No problem. I'm here if you need anything.")
+        assert app.state.chatmw.recorder.flush(10)
+        with app.state.chatmw.engine.connect() as connection:
+            texts = (
+                connection.execute(
+                    select(models.Message.text)
+                    .where(models.Message.role == "user")
+                    .order_by(models.Message.occurred_at_ms)
+                )
+                .scalars()
+                .all()
+            )
+            campaigns = connection.execute(select(models.Touch.campaign)).scalars().all()
+
+    assert texts == ["pricing", "/deny"]
+    assert set(campaigns) == {"spring"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 
@@ -35,7 +36,7 @@ __all__ = [
     "example_site_dir",
 ]
 
-_PAGE_NAME = re.compile(r"^[a-z0-9-]+\.html$")
+_PAGE_NAME = re.compile(r"^[a-z0-9-]+$")
 
 
 def example_site_dir() -> Path | None:
@@ -55,29 +56,37 @@ def create_site_router(site_dir: Path, path: str = "") -> APIRouter:
         return FileResponse(root / "index.html")
 
     async def page(name: str) -> FileResponse:
-        if not _PAGE_NAME.match(name) or not (root / name).is_file():
-            raise HTTPException(status_code=404, detail=f"page {name!r} not found")
-        return FileResponse(root / name)
+        if not _PAGE_NAME.match(name) or not (root / f"{name}.html").is_file():
+            raise HTTPException(status_code=404, detail=f"page {name}.html not found")
+        return FileResponse(root / f"{name}.html")
 
     async def to_index() -> RedirectResponse:
         return RedirectResponse(f"{path}/")
 
     router.add_api_route(f"{path}/", index, methods=["GET"], include_in_schema=False)
-    router.add_api_route(f"{path}/{{name}}", page, methods=["GET"], include_in_schema=False)
+    # Only ``*.html`` paths, so that the site shadows no other route of the app.
+    router.add_api_route(f"{path}/{{name}}.html", page, methods=["GET"], include_in_schema=False)
     if path:
         router.add_api_route(path, to_index, methods=["GET"], include_in_schema=False)
     return router
 
 
-def mount_widget(app: FastAPI, runtime: Runtime, settings: WidgetSettings,
-                 site_dir: Path | None = None, site_path: str = "") -> WidgetEndpoint:
+def mount_widget(
+    app: FastAPI,
+    runtime: Runtime,
+    settings: WidgetSettings,
+    site_dir: Path | None = None,
+    site_path: str = "",
+    bot_transport: httpx.AsyncBaseTransport | None = None,
+) -> WidgetEndpoint:
     """Add the widget's files and chat endpoint to ``app``, recording through ``runtime``.
 
     With ``site_dir``, its pages are served at ``site_path`` too (the example site uses
     ``/chat/widget.js``, so serve it from the same app with the default prefix).
+    ``bot_transport`` replaces the HTTP transport to the bot, as in :func:`create_widget_router`.
     Returns the endpoint; await ``endpoint.bot.aclose()`` when the app stops.
     """
-    router = create_widget_router(settings, runtime.recorder)
+    router = create_widget_router(settings, runtime.recorder, bot_transport)
     app.include_router(router)
     if site_dir is not None:
         app.include_router(create_site_router(site_dir, site_path))

@@ -31,7 +31,9 @@ class BotClient:
     call :meth:`aclose` when the server stops.
     """
 
-    def __init__(self, settings: WidgetSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, settings: WidgetSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -52,15 +54,19 @@ class BotClient:
         codec = self.settings.bot
         url = self.settings.bot_url or ""  # WidgetSettings requires bot_url with a codec
         if self._client is None:
-            self._client = httpx.AsyncClient(transport=self._transport,
-                                             timeout=self.settings.bot_timeout_s)
+            self._client = httpx.AsyncClient(
+                transport=self._transport, timeout=self.settings.bot_timeout_s
+            )
         try:
             response = await self._client.post(
-                url, content=codec.encode_request(request),  # type: ignore[union-attr]
+                url,
+                content=codec.encode_request(request),  # type: ignore[union-attr]
                 headers={"Content-Type": "application/json"},
             )
         except httpx.TimeoutException as error:
-            raise BotError("timeout", f"bot did not answer within {self.settings.bot_timeout_s}s") from error
+            raise BotError(
+                "timeout", f"bot did not answer within {self.settings.bot_timeout_s}s"
+            ) from error
         except httpx.HTTPError as error:
             raise BotError("unavailable", f"bot request failed: {type(error).__name__}") from error
         if response.status_code >= 400:
@@ -73,10 +79,14 @@ class BotClient:
     async def _ask_handler(self, request: ChatRequest) -> list[ChatReply]:
         handler = self.settings.bot
         try:
-            replies = await asyncio.wait_for(handler(request),  # type: ignore[operator]
-                                             timeout=self.settings.bot_timeout_s)
+            replies = await asyncio.wait_for(
+                handler(request),  # type: ignore[operator]
+                timeout=self.settings.bot_timeout_s,
+            )
         except TimeoutError as error:
-            raise BotError("timeout", f"bot did not answer within {self.settings.bot_timeout_s}s") from error
+            raise BotError(
+                "timeout", f"bot did not answer within {self.settings.bot_timeout_s}s"
+            ) from error
         except Exception as error:  # noqa: BLE001 - the bot's failure becomes a 502 for the visitor
             logger.warning("widget bot handler failed: %s", type(error).__name__)
             raise BotError("unavailable", f"bot handler raised {type(error).__name__}") from error

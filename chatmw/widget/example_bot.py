@@ -25,9 +25,13 @@ def _answer(text: str) -> list[dict[str, Any]]:
     if "pric" in lowered or "plan" in lowered:
         return [
             {"text": "Starter is $19 a month and Team is $49 a month."},
-            {"text": "Would you like a demo?",
-             "buttons": [{"title": "Yes, book a demo", "payload": "/request_demo"},
-                         {"title": "No, thanks", "payload": "/deny"}]},
+            {
+                "text": "Would you like a demo?",
+                "buttons": [
+                    {"title": "Yes, book a demo", "payload": "/request_demo"},
+                    {"title": "No, thanks", "payload": "/deny"},
+                ],
+            },
         ]
     if lowered == "/request_demo":
         return [{"text": "Great, a demo request is on its way to our team."}]

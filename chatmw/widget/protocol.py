@@ -36,8 +36,15 @@ EXPOSURE_KINDS = ("impression", "open")
 
 # Attribution never blocks a message: values of the wrong type are dropped and long ones
 # are cut to these widths (the widths of the touches table's columns).
-_TOUCH_FIELD_CHARS = {"source": 255, "medium": 255, "campaign": 255, "term": 255,
-                      "content": 255, "gclid": 512, "fbclid": 512}
+_TOUCH_FIELD_CHARS = {
+    "source": 255,
+    "medium": 255,
+    "campaign": 255,
+    "term": 255,
+    "content": 255,
+    "gclid": 512,
+    "fbclid": 512,
+}
 _URL_CHARS = 2048
 _MAX_BUTTONS = 10
 _BUTTON_TITLE_CHARS = 200
@@ -49,8 +56,9 @@ _TOUCH_MAX_SKEW = timedelta(minutes=5)
 class WidgetError(Exception):
     """A request the endpoint rejects, with the HTTP status and the JSON error to send."""
 
-    def __init__(self, status: int, error: str, detail: str,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
@@ -102,7 +110,9 @@ def _load_object(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WidgetError(400, "invalid_json", f"request body is not valid JSON: {error}") from error
+        raise WidgetError(
+            400, "invalid_json", f"request body is not valid JSON: {error}"
+        ) from error
     if not isinstance(document, dict):
         raise WidgetError(422, "invalid_body", "request body must be a JSON object")
     return document
@@ -113,8 +123,9 @@ def _required_id(document: Mapping[str, Any], name: str) -> str:
     if value is None:
         raise WidgetError(422, "invalid_id", f"{name} is missing")
     if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise WidgetError(422, "invalid_id",
-                          f"{name} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        raise WidgetError(
+            422, "invalid_id", f"{name} must be 8 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        )
     return value
 
 
@@ -127,8 +138,9 @@ def _optional_text(value: Any, limit: int) -> str | None:
 def _parse_touch(value: Any) -> TouchData | None:
     if not isinstance(value, Mapping):
         return None
-    fields = {name: _optional_text(value.get(name), limit)
-              for name, limit in _TOUCH_FIELD_CHARS.items()}
+    fields = {
+        name: _optional_text(value.get(name), limit) for name, limit in _TOUCH_FIELD_CHARS.items()
+    }
     at = value.get("at")
     touch = TouchData(
         **fields,
@@ -154,8 +166,11 @@ def parse_message_request(body: bytes, max_chars: int) -> MessageRequest:
     if not isinstance(text, str) or not text.strip():
         raise WidgetError(422, "invalid_text", "text must be a non-empty string")
     if len(text) > max_chars:
-        raise WidgetError(413, "message_too_long",
-                          f"message has {len(text)} characters; the maximum is {max_chars}")
+        raise WidgetError(
+            413,
+            "message_too_long",
+            f"message has {len(text)} characters; the maximum is {max_chars}",
+        )
     attribution = document.get("attribution")
     touches: dict[str, TouchData] = {}
     if isinstance(attribution, Mapping):
@@ -230,9 +245,20 @@ def _touch_time(at_ms: int | None, now: datetime) -> datetime:
 
 def _touch_key(channel: str, conversation_id: str, position: str, touch: TouchData) -> str:
     # The same touch sent with every message of a conversation is stored once.
-    fingerprint = json.dumps([touch.source, touch.medium, touch.campaign, touch.term, touch.content,
-                              touch.gclid, touch.fbclid, touch.referrer, touch.landing_url,
-                              touch.at_ms])
+    fingerprint = json.dumps(
+        [
+            touch.source,
+            touch.medium,
+            touch.campaign,
+            touch.term,
+            touch.content,
+            touch.gclid,
+            touch.fbclid,
+            touch.referrer,
+            touch.landing_url,
+            touch.at_ms,
+        ]
+    )
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:24]
     return f"{channel}:touch:{conversation_id}:{position}:{digest}"
 
@@ -257,21 +283,23 @@ def touch_events(request: MessageRequest, channel: str, now: datetime) -> list[e
             kind = "utm"
         else:
             kind = "referral"
-        touches.append(ev.Touch(
-            channel=channel,
-            occurred_at=_touch_time(touch.at_ms, now),
-            key=_touch_key(channel, request.conversation_id, position, touch),
-            user_id=request.visitor_id,
-            conversation_id=request.conversation_id,
-            kind=kind,
-            source=touch.source,
-            medium=touch.medium,
-            campaign=touch.campaign,
-            term=touch.term,
-            content=touch.content,
-            click_id=click_id,
-            referrer=touch.referrer,
-            landing_url=touch.landing_url,
-            meta=meta,
-        ))
+        touches.append(
+            ev.Touch(
+                channel=channel,
+                occurred_at=_touch_time(touch.at_ms, now),
+                key=_touch_key(channel, request.conversation_id, position, touch),
+                user_id=request.visitor_id,
+                conversation_id=request.conversation_id,
+                kind=kind,
+                source=touch.source,
+                medium=touch.medium,
+                campaign=touch.campaign,
+                term=touch.term,
+                content=touch.content,
+                click_id=click_id,
+                referrer=touch.referrer,
+                landing_url=touch.landing_url,
+                meta=meta,
+            )
+        )
     return touches

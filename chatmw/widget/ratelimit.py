@@ -18,8 +18,13 @@ class TokenBuckets:
     evicted key starts again with a full bucket.
     """
 
-    def __init__(self, rate_per_minute: float, burst: int, max_keys: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        rate_per_minute: float,
+        burst: int,
+        max_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rate_per_second = rate_per_minute / 60.0
         self.burst = burst
         self.max_keys = max_keys

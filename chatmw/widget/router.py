@@ -44,11 +44,18 @@ __all__ = ["create_widget_router", "WidgetEndpoint", "EventSink"]
 
 logger = logging.getLogger("chatmw")
 
-_STATIC_TYPES = {"widget.js": "text/javascript; charset=utf-8", "widget.css": "text/css; charset=utf-8"}
+_STATIC_TYPES = {
+    "widget.js": "text/javascript; charset=utf-8",
+    "widget.css": "text/css; charset=utf-8",
+}
 _BOT_ERRORS = {
     "timeout": (504, "bot_timeout", "The assistant took too long to answer."),
     "unavailable": (502, "bot_unavailable", "The assistant is not available right now."),
-    "bad_response": (502, "bot_bad_response", "The assistant sent an answer that could not be read."),
+    "bad_response": (
+        502,
+        "bot_bad_response",
+        "The assistant sent an answer that could not be read.",
+    ),
 }
 
 
@@ -61,27 +68,37 @@ class EventSink(Protocol):
 class WidgetEndpoint:
     """State shared by the widget's routes: settings, rate limits, the bot client, the sink."""
 
-    def __init__(self, settings: WidgetSettings, sink: EventSink,
-                 bot_transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        settings: WidgetSettings,
+        sink: EventSink,
+        bot_transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.bot = BotClient(settings, transport=bot_transport)
-        self.message_buckets = TokenBuckets(settings.rate_per_minute, settings.rate_burst,
-                                            settings.max_tracked_visitors)
+        self.message_buckets = TokenBuckets(
+            settings.rate_per_minute, settings.rate_burst, settings.max_tracked_visitors
+        )
         # NOTE: limits are per visitor id, which the client chooses; a client that makes up a
         # new id per request is bounded only by a proxy's per-address limit in front.
-        self.event_buckets = TokenBuckets(settings.event_rate_per_minute, settings.event_burst,
-                                          settings.max_tracked_visitors)
-        self._static = {name: resources.files("chatmw.widget").joinpath("static", name).read_bytes()
-                        for name in _STATIC_TYPES}
+        self.event_buckets = TokenBuckets(
+            settings.event_rate_per_minute, settings.event_burst, settings.max_tracked_visitors
+        )
+        self._static = {
+            name: resources.files("chatmw.widget").joinpath("static", name).read_bytes()
+            for name in _STATIC_TYPES
+        }
 
     # Routes
 
     async def static_file(self, request: Request) -> Response:
         name = request.url.path.rsplit("/", 1)[-1]
-        return Response(self._static[name], media_type=_STATIC_TYPES[name],
-                        headers={"Cache-Control": "public, max-age=300",
-                                 "X-Content-Type-Options": "nosniff"})
+        return Response(
+            self._static[name],
+            media_type=_STATIC_TYPES[name],
+            headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
 
     async def preflight(self, request: Request) -> Response:
         try:
@@ -89,9 +106,13 @@ class WidgetEndpoint:
         except WidgetError as error:
             return self._error_response(error, None)
         headers = self._cors_headers(origin)
-        headers.update({"Access-Control-Allow-Methods": "POST, OPTIONS",
-                        "Access-Control-Allow-Headers": "Content-Type",
-                        "Access-Control-Max-Age": "600"})
+        headers.update(
+            {
+                "Access-Control-Allow-Methods": "POST, OPTIONS",
+                "Access-Control-Allow-Headers": "Content-Type",
+                "Access-Control-Max-Age": "600",
+            }
+        )
         return Response(status_code=204, headers=headers)
 
     async def post_message(self, request: Request) -> Response:
@@ -110,22 +131,32 @@ class WidgetEndpoint:
         for touch in touch_events(message, self.settings.channel, received):
             self.sink.submit(touch)
 
-        chat_request = ChatRequest(user_id=message.visitor_id, text=message.text,
-                                   conversation_id=message.conversation_id,
-                                   channel=self.settings.channel, message_id=user_key)
+        chat_request = ChatRequest(
+            user_id=message.visitor_id,
+            text=message.text,
+            conversation_id=message.conversation_id,
+            channel=self.settings.channel,
+            message_id=user_key,
+        )
         started = time.perf_counter()
         try:
             replies = await self.bot.ask(chat_request)
         except BotError as error:
-            logger.warning("widget bot call failed for conversation %s: %s",
-                           message.conversation_id, error.detail)
+            logger.warning(
+                "widget bot call failed for conversation %s: %s",
+                message.conversation_id,
+                error.detail,
+            )
             status, code, detail = _BOT_ERRORS[error.kind]
             return self._error_response(WidgetError(status, code, detail), origin)
         latency_ms = (time.perf_counter() - started) * 1000.0
 
         payloads = self._record_replies(message, user_key, replies, latency_ms)
-        content = {"conversation_id": message.conversation_id, "message_id": message.message_id,
-                   "replies": payloads}
+        content = {
+            "conversation_id": message.conversation_id,
+            "message_id": message.message_id,
+            "replies": payloads,
+        }
         return JSONResponse(content, headers=self._cors_headers(origin))
 
     async def post_event(self, request: Request) -> Response:
@@ -145,11 +176,15 @@ class WidgetEndpoint:
     def _check_origin(self, request: Request) -> str:
         origin = request.headers.get("origin")
         if origin is None:
-            raise WidgetError(403, "origin_missing",
-                              "the Origin header is missing; the chat works only from allowed sites")
+            raise WidgetError(
+                403,
+                "origin_missing",
+                "the Origin header is missing; the chat works only from allowed sites",
+            )
         if origin not in self.settings.allowed_origins:
-            raise WidgetError(403, "origin_not_allowed",
-                              f"origin {origin!r} is not in the allowed site origins")
+            raise WidgetError(
+                403, "origin_not_allowed", f"origin {origin!r} is not in the allowed site origins"
+            )
         return origin
 
     async def _read_json_body(self, request: Request) -> bytes:
@@ -164,16 +199,21 @@ class WidgetEndpoint:
         async for chunk in request.stream():
             chunks.extend(chunk)
             if len(chunks) > limit:
-                raise WidgetError(413, "body_too_large", f"request body is larger than {limit} bytes")
+                raise WidgetError(
+                    413, "body_too_large", f"request body is larger than {limit} bytes"
+                )
         return bytes(chunks)
 
     def _limit(self, buckets: TokenBuckets, visitor_id: str) -> None:
         wait = buckets.take(visitor_id)
         if wait > 0:
             retry_after = TokenBuckets.retry_after(wait)
-            raise WidgetError(429, "rate_limited",
-                              f"too many requests from this visitor; retry in {retry_after} s",
-                              headers={"Retry-After": retry_after})
+            raise WidgetError(
+                429,
+                "rate_limited",
+                f"too many requests from this visitor; retry in {retry_after} s",
+                headers={"Retry-After": retry_after},
+            )
 
     # Responses and events
 
@@ -187,8 +227,11 @@ class WidgetEndpoint:
     def _error_response(self, error: WidgetError, origin: str | None) -> Response:
         headers = self._cors_headers(origin)
         headers.update(error.headers)
-        return JSONResponse({"error": error.error, "detail": error.detail},
-                            status_code=error.status, headers=headers)
+        return JSONResponse(
+            {"error": error.error, "detail": error.detail},
+            status_code=error.status,
+            headers=headers,
+        )
 
     def _user_message(self, message: MessageRequest, key: str, received: Any) -> ev.Message:
         meta: dict[str, Any] = {}
@@ -197,12 +240,20 @@ class WidgetEndpoint:
             meta["page"] = page
         if message.display:
             meta["button_title"] = message.display
-        return ev.Message(channel=self.settings.channel, occurred_at=received, key=key, role="user",
-                          user_id=message.visitor_id, text=message.text,
-                          conversation_id=message.conversation_id, meta=meta)
+        return ev.Message(
+            channel=self.settings.channel,
+            occurred_at=received,
+            key=key,
+            role="user",
+            user_id=message.visitor_id,
+            text=message.text,
+            conversation_id=message.conversation_id,
+            meta=meta,
+        )
 
-    def _record_replies(self, message: MessageRequest, user_key: str, replies: list[ChatReply],
-                        latency_ms: float) -> list[dict[str, Any]]:
+    def _record_replies(
+        self, message: MessageRequest, user_key: str, replies: list[ChatReply], latency_ms: float
+    ) -> list[dict[str, Any]]:
         answered = ev.now_utc()
         payloads = []
         for index, reply in enumerate(replies):
@@ -212,17 +263,27 @@ class WidgetEndpoint:
             payloads.append(payload)
             meta = {"buttons": payload["buttons"]} if payload["buttons"] else {}
             # One millisecond apart, so that stored replies keep the bot's order.
-            self.sink.submit(ev.Message(
-                channel=self.settings.channel, occurred_at=answered + timedelta(milliseconds=index),
-                key=f"{user_key}:reply:{index}", role="bot", user_id=message.visitor_id,
-                text=payload["text"], conversation_id=message.conversation_id,
-                latency_ms=latency_ms, intent=reply.intent, reply_to=user_key, meta=meta,
-            ))
+            self.sink.submit(
+                ev.Message(
+                    channel=self.settings.channel,
+                    occurred_at=answered + timedelta(milliseconds=index),
+                    key=f"{user_key}:reply:{index}",
+                    role="bot",
+                    user_id=message.visitor_id,
+                    text=payload["text"],
+                    conversation_id=message.conversation_id,
+                    latency_ms=latency_ms,
+                    intent=reply.intent,
+                    reply_to=user_key,
+                    meta=meta,
+                )
+            )
         self._record_conversation_facts(message, replies, answered)
         return payloads
 
-    def _record_conversation_facts(self, message: MessageRequest, replies: list[ChatReply],
-                                   answered: Any) -> None:
+    def _record_conversation_facts(
+        self, message: MessageRequest, replies: list[ChatReply], answered: Any
+    ) -> None:
         facts: dict[str, Any] = {}
         for reply in replies:
             for name in ("resolved", "handed_off", "ended", "step"):
@@ -230,10 +291,15 @@ class WidgetEndpoint:
                 if value is not None:
                     facts[name] = value
         if facts:
-            self.sink.submit(ev.ConversationUpdate(
-                channel=self.settings.channel, occurred_at=answered, user_id=message.visitor_id,
-                conversation_id=message.conversation_id, **facts,
-            ))
+            self.sink.submit(
+                ev.ConversationUpdate(
+                    channel=self.settings.channel,
+                    occurred_at=answered,
+                    user_id=message.visitor_id,
+                    conversation_id=message.conversation_id,
+                    **facts,
+                )
+            )
 
     def _exposure(self, event: EventRequest) -> ev.Exposure:
         meta: dict[str, Any] = {}
@@ -242,9 +308,14 @@ class WidgetEndpoint:
             meta["page"] = page
         if event.conversation_id:
             meta["conversation_id"] = event.conversation_id
-        return ev.Exposure(channel=self.settings.channel, occurred_at=ev.now_utc(),
-                           key=f"{self.settings.channel}:{event.kind}:{event.visitor_id}:{event.event_id}",
-                           user_id=event.visitor_id, kind=event.kind, meta=meta)
+        return ev.Exposure(
+            channel=self.settings.channel,
+            occurred_at=ev.now_utc(),
+            key=f"{self.settings.channel}:{event.kind}:{event.visitor_id}:{event.event_id}",
+            user_id=event.visitor_id,
+            kind=event.kind,
+            meta=meta,
+        )
 
 
 def _page_path(url: str | None) -> str | None:
@@ -254,8 +325,9 @@ def _page_path(url: str | None) -> str | None:
     return urlsplit(url).path[:512] or "/"
 
 
-def create_widget_router(settings: WidgetSettings, sink: EventSink,
-                         bot_transport: httpx.AsyncBaseTransport | None = None) -> APIRouter:
+def create_widget_router(
+    settings: WidgetSettings, sink: EventSink, bot_transport: httpx.AsyncBaseTransport | None = None
+) -> APIRouter:
     """Build the router with the widget's files and endpoints under ``{prefix}/chat``.
 
     ``sink`` receives every event (pass ``runtime.recorder``). ``bot_transport`` replaces
@@ -267,14 +339,25 @@ def create_widget_router(settings: WidgetSettings, sink: EventSink,
     base = settings.chat_path
     router = APIRouter()
     for name in _STATIC_TYPES:
-        router.add_api_route(f"{base}/{name}", endpoint.static_file, methods=["GET"],
-                             include_in_schema=False)
-    router.add_api_route(f"{base}/messages", endpoint.post_message, methods=["POST"],
-                         summary="Send a visitor's message to the bot and return the replies")
-    router.add_api_route(f"{base}/events", endpoint.post_event, methods=["POST"],
-                         summary="Record a widget impression or open", status_code=204)
+        router.add_api_route(
+            f"{base}/{name}", endpoint.static_file, methods=["GET"], include_in_schema=False
+        )
+    router.add_api_route(
+        f"{base}/messages",
+        endpoint.post_message,
+        methods=["POST"],
+        summary="Send a visitor's message to the bot and return the replies",
+    )
+    router.add_api_route(
+        f"{base}/events",
+        endpoint.post_event,
+        methods=["POST"],
+        summary="Record a widget impression or open",
+        status_code=204,
+    )
     for path in ("messages", "events"):
-        router.add_api_route(f"{base}/{path}", endpoint.preflight, methods=["OPTIONS"],
-                             include_in_schema=False)
+        router.add_api_route(
+            f"{base}/{path}", endpoint.preflight, methods=["OPTIONS"], include_in_schema=False
+        )
     router.widget_endpoint = endpoint  # type: ignore[attr-defined]
     return router

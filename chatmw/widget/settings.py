@@ -52,14 +52,17 @@ class WidgetSettings:
         origins = tuple(self.allowed_origins)
         object.__setattr__(self, "allowed_origins", origins)
         if isinstance(self.allowed_origins, str) or not origins:
-            raise ValueError("allowed_origins must list at least one site origin, "
-                             "such as 'https://www.example.com'")
+            raise ValueError(
+                "allowed_origins must list at least one site origin, "
+                "such as 'https://www.example.com'"
+            )
         for origin in origins:
             _check_origin(origin)
         self._check_bot()
         if not _PREFIX.match(self.prefix):
-            raise ValueError(f"prefix must be empty or start with '/' and not end with '/', "
-                             f"got {self.prefix!r}")
+            raise ValueError(
+                f"prefix must be empty or start with '/' and not end with '/', got {self.prefix!r}"
+            )
         if not self.channel:
             raise ValueError("channel must not be empty")
         self._check_limits()
@@ -72,19 +75,28 @@ class WidgetSettings:
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"bot_url must be an http or https URL, got {self.bot_url!r}")
         elif not callable(self.bot):
-            raise ValueError(f"bot must be a codec or an async callable, got {type(self.bot).__name__}")
+            raise ValueError(
+                f"bot must be a codec or an async callable, got {type(self.bot).__name__}"
+            )
 
     def _check_limits(self) -> None:
-        for name in ("max_message_chars", "max_body_bytes", "rate_burst", "event_burst",
-                     "max_tracked_visitors"):
+        for name in (
+            "max_message_chars",
+            "max_body_bytes",
+            "rate_burst",
+            "event_burst",
+            "max_tracked_visitors",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("rate_per_minute", "event_rate_per_minute", "bot_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_body_bytes < self.max_message_chars:
-            raise ValueError(f"max_body_bytes ({self.max_body_bytes}) must be at least "
-                             f"max_message_chars ({self.max_message_chars})")
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) must be at least "
+                f"max_message_chars ({self.max_message_chars})"
+            )
 
     @property
     def chat_path(self) -> str:
@@ -100,10 +112,16 @@ def is_codec(bot: object) -> bool:
 def _check_origin(origin: str) -> None:
     parts = urlsplit(origin)
     well_formed = (
-        parts.scheme in ("http", "https") and parts.hostname
-        and parts.path == "" and not parts.query and not parts.fragment
-        and parts.username is None and origin == origin.lower()
+        parts.scheme in ("http", "https")
+        and parts.hostname
+        and parts.path == ""
+        and not parts.query
+        and not parts.fragment
+        and parts.username is None
+        and origin == origin.lower()
     )
     if not well_formed:
-        raise ValueError(f"allowed_origins entry {origin!r} is not an origin: write it as "
-                         "lower-case 'scheme://host[:port]' with no path or trailing slash")
+        raise ValueError(
+            f"allowed_origins entry {origin!r} is not an origin: write it as "
+            "lower-case 'scheme://host[:port]' with no path or trailing slash"
+        )

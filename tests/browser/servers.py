@@ -22,9 +22,10 @@ def free_port() -> int:
 class ServerThread:
     """Runs ``app`` with uvicorn on ``127.0.0.1:port`` (a free port when ``port`` is 0)."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, lifespan: str = "off") -> None:
         self.app = app
         self.port = port
+        self.lifespan = lifespan
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -37,10 +38,14 @@ class ServerThread:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         self.port = int(listener.getsockname()[1])
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="off")
+        config = uvicorn.Config(self.app, log_level="warning", lifespan=self.lifespan)
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener]},
-                                        name=f"uvicorn-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [listener]},
+            name=f"uvicorn-{self.port}",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -61,9 +66,9 @@ class ServerThread:
 
 
 @contextmanager
-def serve(app: Any, port: int = 0) -> Iterator[ServerThread]:
-    """Serve ``app`` for the duration of the ``with`` block."""
-    server = ServerThread(app, port).start()
+def serve(app: Any, port: int = 0, lifespan: str = "off") -> Iterator[ServerThread]:
+    """Serve ``app`` during the ``with`` block; ``lifespan="on"`` runs the app's lifespan."""
+    server = ServerThread(app, port, lifespan).start()
     try:
         yield server
     finally:
