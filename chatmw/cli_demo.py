@@ -50,5 +50,11 @@ def demo_command(
     typer.echo(f"  API docs              {base}/docs")
     typer.echo("  a scripted conversation: python examples/send_conversation.py "
                f"--url {base}\n")
-    uvicorn.run(create_app(wrapped=True, database_url=db), host=host, port=port,
-                log_level="info")
+    demo_app = create_app(wrapped=True, database_url=db)
+
+    # The web chat widget: the example site at /, chatting with the example bot.
+    from chatmw.widget.demo import mount_demo_site
+
+    if mount_demo_site(demo_app, demo_app.state.chatmw, host, port):
+        typer.echo(f"  web chat widget  {base}/?utm_source=newsletter&utm_campaign=spring\n")
+    uvicorn.run(demo_app, host=host, port=port, log_level="info")
