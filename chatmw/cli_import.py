@@ -1,0 +1,186 @@
+"""The ``chatmw import`` command: load past transcripts into the store."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from contextlib import ExitStack
+from datetime import tzinfo
+from pathlib import Path
+from typing import Annotated, TextIO
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from chatmw.cli import DbOption, app, settings_from
+
+__all__ = ["import_command", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SKIPPED"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a batch could not be written or the file is not valid UTF-8
+EXIT_USAGE = 2  # missing file, unknown format, a required column missing from the header
+EXIT_SKIPPED = 3  # the import finished but some rows were invalid and skipped
+
+# Files smaller than this import in about a second: no progress bar.
+PROGRESS_MIN_BYTES = 1024 * 1024
+
+FORMAT_HELP = "File format: csv, jsonl or twcs (default: from the extension .csv, .jsonl, .ndjson)."
+
+
+def _timezone(name: str | None) -> tzinfo | None:
+    if name is None:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise typer.BadParameter(f"unknown time zone {name!r}: use an IANA name such as UTC "
+                                 "or Europe/Paris", param_hint="--naive-timezone") from None
+
+
+class _ProblemLog:
+    """Prints the first skipped rows to stderr and writes all of them to an optional CSV."""
+
+    def __init__(self, console: Console, limit: int, errors_file: TextIO | None) -> None:
+        self.console = console
+        self.limit = limit
+        self.count = 0
+        self.writer = csv.writer(errors_file) if errors_file else None
+        if self.writer:
+            self.writer.writerow(["line", "reason"])
+
+    def __call__(self, item: object) -> None:
+        line, reason = item.line, item.reason  # type: ignore[attr-defined]
+        self.count += 1
+        if self.writer:
+            self.writer.writerow([line, reason])
+        if self.count <= self.limit:
+            self.console.print(f"line {line}: skipped: {reason}", markup=False, highlight=False)
+
+    def close(self) -> None:
+        hidden = self.count - self.limit
+        if hidden > 0:
+            self.console.print(f"... and {hidden} more skipped rows not shown "
+                               "(see --errors or --show-errors)", markup=False, highlight=False)
+
+
+@app.command("import")
+def import_command(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
+                                         help="Transcript file to import.")],
+    file_format: Annotated[str | None, typer.Option("--format", help=FORMAT_HELP)] = None,
+    channel: Annotated[str | None, typer.Option(
+        help="Channel of rows without a channel column (default: import; twcs: twitter).")] = None,
+    naive_timezone: Annotated[str | None, typer.Option(
+        "--naive-timezone",
+        help="Time zone of timestamps without a UTC offset, such as UTC (default: reject them).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, max=100_000,
+                                            help="Messages written per transaction.")] = 5000,
+    errors: Annotated[Path | None, typer.Option(
+        help="Write every skipped row's line number and reason to this CSV file.")] = None,
+    show_errors: Annotated[int, typer.Option(
+        min=0, help="Print at most this many skipped rows to stderr.")] = 20,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--no-progress", help="Show a progress bar (default: on a terminal, "
+        "for files of 1 MiB or more).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Import a transcript file through the same writer as live traffic.
+
+    Importing a file again stores nothing new. Exit status: 0 when every row was imported
+    (or already stored), 3 when invalid rows were skipped, 2 for usage errors (missing
+    file, unknown format, a required column missing from the header), 1 when writing failed.
+    """
+    from chatmw.importers import (
+        FORMATS,
+        ImportAborted,
+        ImportFileError,
+        TextFile,
+        detect_format,
+        open_source,
+        run_import,
+    )
+    from chatmw.store.engine import make_engine, upgrade
+    from chatmw.store.writer import Writer, WriterSettings
+
+    if file_format is None:
+        try:
+            file_format = detect_format(file)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="FILE") from None
+    file_format = file_format.lower()
+    if file_format not in FORMATS:
+        raise typer.BadParameter(f"unknown format {file_format!r}: use {', '.join(FORMATS)}",
+                                 param_hint="--format")
+    zone = _timezone(naive_timezone)
+    settings = settings_from(db)
+    text_file = TextFile(file)
+    try:
+        source = open_source(text_file, file_format, channel=channel, naive_timezone=zone)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+    err = Console(stderr=True, soft_wrap=True)
+    if progress is None:
+        progress = err.is_terminal and text_file.size >= PROGRESS_MIN_BYTES
+    engine = make_engine(settings.database_url)
+    with ExitStack() as stack:
+        stack.callback(engine.dispose)
+        upgrade(engine)
+        writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
+        errors_stream = stack.enter_context(errors.open("w", newline="", encoding="utf-8")) \
+            if errors else None
+        problems = _ProblemLog(err, show_errors, errors_stream)
+        bar = stack.enter_context(_progress_bar(err, enabled=progress))
+        task = bar.add_task("importing", total=text_file.size * 2)
+        text_file.on_progress = lambda done: bar.update(task, completed=done)
+
+        try:
+            report = run_import(source, writer, batch_size=batch_size, on_skipped=problems)
+        except ImportFileError as error:
+            err.print(f"error: cannot import {file}: {error}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_USAGE) from None
+        except UnicodeDecodeError as error:
+            err.print(f"error: {file} is not valid UTF-8 (byte {error.start} of a read block): "
+                      "convert it to UTF-8 and import again", markup=False, highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+        except ImportAborted as error:
+            err.print(f"error: {error}", markup=False, highlight=False)
+            err.print("rows before that batch are stored; importing the file again is safe",
+                      markup=False, highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+        problems.close()
+
+    typer.echo(
+        f"{report.rows} rows read: {report.imported} imported, {report.duplicates} duplicates, "
+        f"{report.skipped} skipped; {report.conversation_count} conversations; "
+        f"{report.seconds:.1f} s ({report.rate():,.0f} rows/s)"
+    )
+    if report.skipped:
+        raise typer.Exit(EXIT_SKIPPED)
+
+
+def _progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

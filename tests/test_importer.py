@@ -1,0 +1,467 @@
+"""Transcript import (``chatmw import``) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select, text
+from typer.testing import CliRunner
+
+from chatmw.cli import app
+from chatmw.importers import TextFile
+from chatmw.importers.source import read_csv
+from chatmw.importers.transcript import message_key
+from chatmw.importers.twcs import _resolve_roots, parse_created_at
+from chatmw.store import models
+
+FIXTURES = Path(__file__).parent / "fixtures" / "import"
+
+
+def run_import(database_url: str, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["import", *args, "--db", database_url])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def ms(moment: str) -> int:
+    return int(datetime.fromisoformat(moment).timestamp() * 1000)
+
+
+def snapshot(engine: Engine) -> dict[str, list[tuple]]:
+    """Every row of the tables an import writes, sorted, for before/after comparisons."""
+    tables = ("contacts", "conversations", "conversation_attributes", "messages")
+    with engine.connect() as connection:
+        return {name: sorted(map(tuple, connection.execute(text(f"SELECT * FROM {name}"))))
+                for name in tables}
+
+
+def conversations(engine: Engine) -> dict[str, dict]:
+    """Conversations by external id, with their messages, contact and attributes."""
+    result: dict[str, dict] = {}
+    with engine.connect() as connection:
+        for row in connection.execute(select(models.Conversation.__table__)).mappings():
+            result[row["external_id"]] = {**row, "messages": [], "attributes": {}}
+        by_id = {item["id"]: item for item in result.values()}
+        contacts = dict(connection.execute(
+            select(models.Contact.id, models.Contact.external_id)).all())
+        for row in connection.execute(select(models.ConversationAttribute.__table__)).mappings():
+            by_id[row["conversation_id"]]["attributes"][row["name"]] = row["value"]
+        messages = connection.execute(
+            select(models.Message.__table__).order_by(models.Message.occurred_at_ms)).mappings()
+        for row in messages:
+            entry = {**row, "contact": contacts.get(row["contact_id"])}
+            by_id[row["conversation_id"]]["messages"].append(entry)
+        for item in result.values():
+            item["contact"] = contacts.get(item["contact_id"])
+    return result
+
+
+def count(engine: Engine, model: type) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+# CSV
+
+
+def test_csv_stores_conversations_and_attributes(database_url: str, engine: Engine) -> None:
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "transcript.csv"))
+
+    assert status == 0, stderr
+    assert "8 rows read: 8 imported, 0 duplicates, 0 skipped; 3 conversations" in stdout
+    stored = conversations(engine)
+    assert sorted(stored) == ["c-100", "c-200", "c-300"]
+    acme = stored["c-100"]
+    assert acme["channel"] == "web"
+    assert acme["attributes"] == {"company": "Acme", "plan": "pro"}
+    assert [m["role"] for m in acme["messages"]] == ["user", "user", "agent", "user"]
+    assert [m["key"] for m in acme["messages"]][0] == "import:web:c-100:m1"
+    assert acme["contact"] == "alice"
+    assert {m["contact"] for m in acme["messages"]} == {"alice"}
+    assert acme["first_response_ms"] == 120_000.0
+    assert acme["first_response_role"] == "agent"
+    assert acme["started_at_ms"] == ms("2024-03-01T09:00:00+00:00")
+    # The last row's 10:03:00.500+01:00 is 09:03:00.500 UTC.
+    assert acme["last_message_at_ms"] == ms("2024-03-01T09:03:00.500+00:00")
+
+
+def test_csv_bot_greeting_uses_conversation_user(database_url: str, engine: Engine) -> None:
+    run_import(database_url, str(FIXTURES / "transcript.csv"))
+
+    globex = conversations(engine)["c-200"]
+    assert [m["role"] for m in globex["messages"]] == ["bot", "user", "bot"]
+    assert [m["contact"] for m in globex["messages"]] == ["bob", "bob", "bob"]
+    assert globex["contact"] == "bob"
+    assert globex["attributes"] == {"company": "Globex"}
+    assert globex["first_response_ms"] == 1250.0
+    assert count(engine, models.Contact) == 3
+
+
+def test_csv_default_channel_and_derived_key(database_url: str, engine: Engine) -> None:
+    run_import(database_url, str(FIXTURES / "transcript.csv"), "--channel", "legacy")
+
+    unanswered = conversations(engine)["c-300"]
+    (message,) = unanswered["messages"]
+    assert unanswered["channel"] == "legacy"
+    assert message["key"] == message_key("legacy", "c-300", None, ms("2024-03-01T11:00:00+00:00"),
+                                         "user", "No answer here")
+    assert message["key"].startswith("import:legacy:c-300:")
+    assert unanswered["first_response_ms"] is None
+
+
+def test_multiline_emoji_text_survives_exactly(database_url: str, engine: Engine) -> None:
+    run_import(database_url, str(FIXTURES / "transcript.csv"))
+
+    raw = (FIXTURES / "transcript.csv").read_bytes()
+    with engine.connect() as connection:
+        stored = dict(connection.execute(select(models.Message.key, models.Message.text)).all())
+    second = stored["import:web:c-100:m2"]
+    assert second.encode("utf-8") == "Second line follows\r\nnext line 👩‍👩‍👧 and café".encode()
+    assert second.encode("utf-8") in raw
+    assert stored["import:web:c-200:m2"] == "Line one\nline two\n\nline four 🎉"
+    assert stored["import:web:c-100:m3"] == 'Sorry about that, "checking" now'
+    assert not any(value.startswith("\ufeff") for value in stored.values())
+
+
+def test_reimport_changes_nothing(database_url: str, engine: Engine) -> None:
+    path = str(FIXTURES / "transcript.csv")
+    run_import(database_url, path)
+    before = snapshot(engine)
+
+    status, stdout, _ = run_import(database_url, path)
+
+    assert status == 0
+    assert "8 rows read: 0 imported, 8 duplicates, 0 skipped" in stdout
+    after = snapshot(engine)
+    assert {name: len(rows) for name, rows in after.items()} == {
+        name: len(rows) for name, rows in before.items()}
+    assert after == before
+
+
+def test_jsonl_stores_messages(database_url: str, engine: Engine) -> None:
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "transcript.jsonl"))
+
+    assert status == 0, stderr
+    assert "4 rows read: 4 imported" in stdout
+    stored = conversations(engine)
+    first = stored["j-1"]
+    assert first["channel"] == "import"
+    assert first["attributes"] == {"company": "Initech", "vip": "true"}
+    assert [m["key"] for m in first["messages"]] == ["import:import:j-1:1", "import:import:j-1:2"]
+    assert [m["role"] for m in first["messages"]] == ["user", "bot"]
+    assert [m["contact"] for m in first["messages"]] == ["dora", "dora"]
+    assert first["messages"][0]["text"] == "Bonjour 👋\nJ'ai une question"
+    assert first["first_response_ms"] == 45_000.0
+    second = stored["j-2"]
+    assert second["channel"] == "whatsapp"
+    assert [m["contact"] for m in second["messages"]] == ["erik", "erik"]
+    assert second["first_response_ms"] == 300_000.0
+
+
+def test_jsonl_reimport_changes_nothing(database_url: str, engine: Engine) -> None:
+    path = str(FIXTURES / "transcript.jsonl")
+    run_import(database_url, path, "--format", "jsonl")
+    before = snapshot(engine)
+
+    status, stdout, _ = run_import(database_url, path)
+
+    assert status == 0
+    assert "0 imported, 4 duplicates" in stdout
+    assert snapshot(engine) == before
+
+
+def test_csv_and_jsonl_rows_agree(database_url: str, engine: Engine, tmp_path: Path) -> None:
+    header, records = read_csv_fixture("transcript.csv")
+    jsonl = tmp_path / "same.ndjson"
+    jsonl.write_text("".join(json.dumps(dict(zip(header, row, strict=True))) + "\n"
+                             for row in records), encoding="utf-8")
+    run_import(database_url, str(FIXTURES / "transcript.csv"))
+    before = snapshot(engine)
+
+    status, stdout, _ = run_import(database_url, str(jsonl))
+
+    assert status == 0
+    assert "0 imported, 8 duplicates" in stdout
+    assert snapshot(engine) == before
+
+
+def read_csv_fixture(name: str) -> tuple[list[str], list[list[str]]]:
+    with open(FIXTURES / name, newline="", encoding="utf-8-sig") as stream:
+        rows = list(csv.reader(stream))
+    return rows[0], rows[1:]
+
+
+# Invalid rows and files
+
+
+def test_bad_csv_rows_reported_and_skipped(database_url: str, engine: Engine) -> None:
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "bad_rows.csv"))
+
+    assert status == 3
+    assert "8 rows read: 3 imported, 0 duplicates, 5 skipped" in stdout
+    lines = stderr.splitlines()
+    assert "line 4: skipped: invalid timestamp 'yesterday'" in lines[0]
+    assert lines[1] == "line 5: skipped: unknown role 'robot': expected user, bot or agent"
+    assert lines[2] == "line 6: skipped: empty conversation_id"
+    assert lines[3].startswith("line 7: skipped: timestamp '2024-03-01T09:03:00' has no UTC offset")
+    assert lines[4] == "line 10: skipped: the row has 4 fields but the header has 6"
+    assert len(lines) == 5
+    with engine.connect() as connection:
+        keys = connection.execute(select(models.Message.key)).scalars().all()
+    assert sorted(keys) == ["import:import:b-1:1", "import:import:b-1:6", "import:import:b-1:8"]
+
+
+def test_bad_jsonl_rows_reported_and_skipped(database_url: str, engine: Engine) -> None:
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "bad_rows.jsonl"))
+
+    assert status == 3
+    assert "6 rows read: 2 imported, 0 duplicates, 4 skipped" in stdout
+    lines = stderr.splitlines()
+    assert lines[0].startswith("line 2: skipped: invalid JSON: ")
+    assert lines[1] == "line 4: skipped: expected a JSON object, got list"
+    assert lines[2] == "line 5: skipped: missing column text"
+    assert lines[3] == "line 6: skipped: column meta must be a string or a number, got dict"
+    assert count(engine, models.Message) == 2
+
+
+def test_errors_file_lists_every_skipped_row(database_url: str, tmp_path: Path) -> None:
+    report = tmp_path / "errors.csv"
+
+    status, _, stderr = run_import(database_url, str(FIXTURES / "bad_rows.csv"),
+                                   "--errors", str(report), "--show-errors", "2")
+
+    assert status == 3
+    with open(report, newline="", encoding="utf-8") as stream:
+        rows = list(csv.reader(stream))
+    assert rows[0] == ["line", "reason"]
+    assert [row[0] for row in rows[1:]] == ["4", "5", "6", "7", "10"]
+    assert len(stderr.splitlines()) == 3
+    assert "3 more skipped rows not shown" in stderr
+
+
+def test_naive_timestamps_named_zone(database_url: str, engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "naive.csv"
+    path.write_text("conversation_id,timestamp,role,user_id,text\n"
+                    "n-1,2024-07-01 09:00:00,user,u1,hello\n"
+                    "n-1,2024-07-01T09:00:07Z,bot,,hi\n", encoding="utf-8")
+
+    status, _, stderr = run_import(database_url, str(path), "--naive-timezone", "Europe/Paris")
+
+    assert status == 0, stderr
+    with engine.connect() as connection:
+        times = connection.execute(
+            select(models.Message.occurred_at_ms).order_by(models.Message.occurred_at_ms)
+        ).scalars().all()
+    paris_summer = timezone(timedelta(hours=2))
+    assert times[0] == int(datetime(2024, 7, 1, 9, tzinfo=paris_summer).timestamp() * 1000)
+    assert times[1] == ms("2024-07-01T09:00:07+00:00")
+
+
+def test_missing_header_column_rejected(database_url: str, engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "no_role.csv"
+    path.write_text("conversation_id,timestamp,text\nc,2024-01-01T00:00:00Z,hi\n", encoding="utf-8")
+
+    status, _, stderr = run_import(database_url, str(path))
+
+    assert status == 2
+    assert "missing required column role in the header" in stderr
+    assert count(engine, models.Message) == 0
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["missing.csv"], "does not exist"),
+    (["{tmp}/transcript.txt"], "cannot tell the format of transcript.txt"),
+    (["{tmp}/transcript.txt", "--format", "xml"], "unknown format 'xml'"),
+    (["{tmp}/transcript.txt", "--format", "csv", "--naive-timezone", "Mars/Olympus"],
+     "unknown time zone"),
+])
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
+    (tmp_path / "transcript.txt").write_text("conversation_id\n", encoding="utf-8")
+    url = f"sqlite:///{tmp_path / 'usage.db'}"
+
+    status, _, stderr = run_import(url, *[arg.format(tmp=tmp_path) for arg in args])
+
+    assert status == 2
+    assert expected in " ".join(stderr.split())
+
+
+def test_invalid_utf8_exits_1(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("conversation_id,timestamp,role,text\nc,2024-01-01T00:00:00Z,user,caf\xe9\n"
+                     .encode("latin-1"))
+
+    status, _, stderr = run_import(f"sqlite:///{tmp_path / 'enc.db'}", str(path))
+
+    assert status == 1
+    assert "is not valid UTF-8" in stderr
+
+
+def test_repeated_key_in_file_counted_as_duplicate(database_url: str, engine: Engine,
+                                                   tmp_path: Path) -> None:
+    path = tmp_path / "repeat.csv"
+    path.write_text("conversation_id,message_id,timestamp,role,user_id,text\n"
+                    "r,1,2024-01-01T00:00:00Z,user,u,hi\n"
+                    "r,1,2024-01-01T00:00:00Z,user,u,hi\n"
+                    "r,2,2024-01-01T00:00:03Z,bot,,hello\n", encoding="utf-8")
+
+    status, stdout, _ = run_import(database_url, str(path), "--batch-size", "2")
+
+    assert status == 0
+    assert "3 rows read: 2 imported, 1 duplicates, 0 skipped" in stdout
+    assert count(engine, models.Message) == 2
+
+
+def test_batches_split_conversation_consistently(database_url: str, engine: Engine) -> None:
+    run_import(database_url, str(FIXTURES / "transcript.csv"), "--batch-size", "1")
+    one_by_one = {key: (value["message_count"], value["first_response_ms"], value["contact"],
+                        value["attributes"]) for key, value in conversations(engine).items()}
+
+    expected = {"c-100": (4, 120_000.0, "alice", {"company": "Acme", "plan": "pro"}),
+                "c-200": (3, 1250.0, "bob", {"company": "Globex"}),
+                "c-300": (1, None, "carol", {"company": "Acme"})}
+    assert one_by_one == expected
+
+
+def test_progress_bar_option_runs(database_url: str, engine: Engine) -> None:
+    status, _, _ = run_import(database_url, str(FIXTURES / "transcript.csv"), "--progress")
+
+    assert status == 0
+    assert count(engine, models.Message) == 8
+
+
+# Twitter customer support (twcs)
+
+
+def test_twcs_threads_resolve_to_roots(database_url: str, engine: Engine) -> None:
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "twcs_sample.csv"),
+                                        "--format", "twcs")
+
+    assert status == 3
+    assert "15 rows read: 14 imported, 0 duplicates, 1 skipped; 6 conversations" in stdout
+    assert stderr.startswith("line 17: skipped: invalid created_at 'yesterday'")
+    stored = conversations(engine)
+    assert sorted(stored) == ["10", "20", "30", "40", "50", "60"]
+    thread = stored["10"]
+    assert thread["channel"] == "twitter"
+    assert [m["platform_message_id"] for m in thread["messages"]] == ["10", "11", "12", "13", "14"]
+    assert [m["role"] for m in thread["messages"]] == ["user", "agent", "user", "user", "agent"]
+    assert [m["contact"] for m in thread["messages"]] == ["5001", "5001", "5001", "5002", "5001"]
+    assert [m["reply_to"] for m in thread["messages"]] == [None, "10", "11", "11", "12"]
+    assert thread["messages"][2]["text"] == "@AcmeHelp It blinks red\nand then 🔴 stops"
+    assert thread["messages"][0]["key"] == "import:twitter:tweet:10"
+    assert thread["attributes"] == {"company": "AcmeHelp"}
+    assert thread["first_response_ms"] == 300_000.0
+
+
+def test_twcs_companies_and_contacts(database_url: str, engine: Engine) -> None:
+    run_import(database_url, str(FIXTURES / "twcs_sample.csv"), "--format", "twcs")
+
+    stored = conversations(engine)
+    companies = {key: value["attributes"].get("company") for key, value in stored.items()}
+    assert companies == {"10": "AcmeHelp", "20": "GlobexCare", "30": "GlobexCare",
+                         "40": "AcmeHelp", "50": "AcmeHelp", "60": "AcmeHelp"}
+    assert stored["20"]["first_response_ms"] is None
+    assert stored["30"]["first_response_ms"] == 90_000.0
+    # The root of thread 40 is not in the file; the thread is still one conversation.
+    assert [m["platform_message_id"] for m in stored["40"]["messages"]] == ["41", "42"]
+    # A company opened thread 50: its tweet belongs to the customer who answered.
+    assert [m["contact"] for m in stored["50"]["messages"]] == ["8001", "8001"]
+    assert stored["50"]["contact"] == "8001"
+    # Tweet 61 names no parent, but tweet 60 lists it in response_tweet_id.
+    assert [m["platform_message_id"] for m in stored["60"]["messages"]] == ["60", "61"]
+    assert stored["60"]["first_response_ms"] == 120_000.0
+
+
+def test_twcs_reimport_changes_nothing(database_url: str, engine: Engine) -> None:
+    path = str(FIXTURES / "twcs_sample.csv")
+    run_import(database_url, path, "--format", "twcs")
+    before = snapshot(engine)
+
+    status, stdout, _ = run_import(database_url, path, "--format", "twcs")
+
+    assert status == 3
+    assert "0 imported, 14 duplicates, 1 skipped" in stdout
+    assert snapshot(engine) == before
+
+
+def test_twcs_missing_column_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "twcs.csv"
+    path.write_text("tweet_id,author_id,inbound,created_at,text\n", encoding="utf-8")
+
+    status, _, stderr = run_import(f"sqlite:///{tmp_path / 'x.db'}", str(path), "--format", "twcs")
+
+    assert status == 2
+    assert "missing required column response_tweet_id, in_response_to_tweet_id" in stderr
+
+
+# Units
+
+
+def test_created_at_parses_offsets() -> None:
+    assert parse_created_at("Wed Oct 11 06:55:44 +0000 2017") == datetime(2017, 10, 11, 6, 55, 44,
+                                                                          tzinfo=UTC)
+    parsed = parse_created_at("Wed Oct 11 06:55:44 -0130 2017")
+    assert parsed.utcoffset() == -timedelta(hours=1, minutes=30)
+    assert parsed.astimezone(UTC).hour == 8
+
+
+def test_roots_follow_parents_and_break_cycles() -> None:
+    parent = {2: 1, 3: 2, 4: 99, 7: 8, 8: 7}
+
+    roots = _resolve_roots({1, 2, 3, 4, 5, 7, 8}, parent)
+
+    assert roots[3] == 1
+    assert roots[2] == 1
+    assert roots[4] == 99
+    assert roots[5] == 5
+    assert roots[7] == roots[8] == 7
+
+
+def test_message_key_long_ids_hashed() -> None:
+    key = message_key("web", "c" * 300, "m1", 0, "user", "hi")
+
+    assert len(key) <= 255
+    assert key.startswith("import:web:sha256:")
+    assert key == message_key("web", "c" * 300, "m1", 0, "user", "hi")
+    assert key != message_key("web", "c" * 300, "m2", 0, "user", "hi")
+
+
+def test_derived_key_depends_on_text() -> None:
+    first = message_key("web", "c", None, 1000, "user", "hello")
+
+    assert first == message_key("web", "c", None, 1000, "user", "hello")
+    assert first != message_key("web", "c", None, 1000, "user", "hello!")
+    assert first != message_key("web", "c", None, 1000, "bot", "hello")
+
+
+def test_csv_line_numbers_follow_quoted_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "lines.csv"
+    path.write_bytes(b'\xef\xbb\xbfa,b\r\n1,"x\r\ny\r\nz"\r\n\r\n2,w\r\n')
+
+    with TextFile(path).open() as stream:
+        header, records = read_csv(stream)
+        lines = [(record.line, record.values) for record in records]
+
+    assert header == ["a", "b"]
+    assert lines == [(2, {"a": "1", "b": "x\r\ny\r\nz"}), (6, {"a": "2", "b": "w"})]
+
+
+def test_text_file_reports_progress_in_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"a,b\n" + b"1,2\n" * 200_000)
+    seen: list[int] = []
+    file = TextFile(path, on_progress=seen.append)
+
+    with file.open() as stream:
+        for _ in stream:
+            pass
+
+    assert len(seen) > 2
+    assert seen[-1] == path.stat().st_size
+    assert seen == sorted(seen)
+
