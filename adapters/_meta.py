@@ -55,8 +55,8 @@ Submit = Callable[[Event], bool]
 
 SIGNATURE_HEADER = "X-Hub-Signature-256"
 DEFAULT_GRAPH_BASE_URL = "https://graph.facebook.com"
-# The Graph API version the senders use (v27.0 is the version in Meta's WhatsApp examples of
-# October 2026); the pass-through keeps whatever version the bot calls.
+# The Graph API version the senders use: v27.0 is the version in Meta's WhatsApp examples of
+# October 2026. The pass-through keeps whatever version the bot calls.
 DEFAULT_GRAPH_API_VERSION = "v27.0"
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
@@ -121,12 +121,19 @@ class MetaSettings:
     durable_acknowledgement: bool = False
 
     def __post_init__(self) -> None:
+        self._check_secrets()
+        self._check_urls()
+        self._check_limits()
+
+    def _check_secrets(self) -> None:
         if not self.app_secret:
             raise ValueError("app_secret must not be empty: use the secret of your Meta app")
         if not self.verify_token:
             raise ValueError(
                 "verify_token must not be empty: use the token set in the webhook settings"
             )
+
+    def _check_urls(self) -> None:
         if self.bot_webhook_url is not None:
             _check_http_url("bot_webhook_url", self.bot_webhook_url)
         _check_http_url("graph_base_url", self.graph_base_url)
@@ -135,10 +142,12 @@ class MetaSettings:
             raise ValueError(
                 f"graph_api_version must look like 'v27.0', got {self.graph_api_version!r}"
             )
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         if not self.webhook_path.startswith("/"):
             raise ValueError(f"webhook_path must start with '/', got {self.webhook_path!r}")
+
+    def _check_limits(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be at least 1, got {self.max_body_bytes}")
         for name in ("forward_timeout_s", "graph_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -156,8 +165,8 @@ class MetaSettings:
         parts = []
         for item in fields(self):
             value = getattr(self, item.name)
-            shown = "'[secure]'" if item.name in _SECRET_FIELDS and value else repr(value)
-            parts.append(f"{item.name}={shown}")
+            rendered = "'[secure]'" if item.name in _SECRET_FIELDS and value else repr(value)
+            parts.append(f"{item.name}={rendered}")
         return f"MetaSettings({', '.join(parts)})"
 
     @classmethod
@@ -243,9 +252,9 @@ def verify_signature(body: bytes, header: bytes | str | None, app_secret: str) -
     """
     if not header:
         return False
-    given = header if isinstance(header, bytes) else header.encode("utf-8", "replace")
+    received = header if isinstance(header, bytes) else header.encode("utf-8", "replace")
     expected = sign(body, app_secret).encode()
-    return hmac.compare_digest(expected, given.strip().lower())
+    return hmac.compare_digest(expected, received.strip().lower())
 
 
 def verification_challenge(query: Mapping[str, str], verify_token: str) -> str | None:
@@ -259,7 +268,7 @@ def verification_challenge(query: Mapping[str, str], verify_token: str) -> str |
 
 
 class BodyTooLarge(Exception):
-    """A request body exceeded the configured size; ``received`` holds what was read."""
+    """A request body exceeded the size limit; ``received`` has the messages read so far."""
 
     def __init__(self, limit: int, received: list[MutableMapping[str, Any]]) -> None:
         super().__init__(f"request body larger than {limit} bytes")

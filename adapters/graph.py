@@ -1,7 +1,7 @@
 """Graph API sends: recognise a send call and record the message it created.
 
 The proxy's pass-through and the httpx hooks both see a bot's Graph API call as a
-request and Meta's answer; :func:`record_send` turns a successful Messenger Send API or
+request and Meta's response; :func:`record_send` turns a successful Messenger Send API or
 WhatsApp Cloud API message call into a bot message. It never raises.
 """
 

@@ -8,7 +8,7 @@ messages), ``postback``, ``referral``, ``delivery``, ``read``, ``reaction`` or `
 The same parser reads Instagram messaging webhooks (``"object": "instagram"``).
 
 Send API: ``POST /{version}/me/messages`` (or ``/{page-id}/messages``) with ``recipient``
-and ``message``; Meta answers ``{"recipient_id", "message_id"}``.
+and ``message``; Meta returns ``{"recipient_id", "message_id"}``.
 """
 
 from __future__ import annotations
@@ -354,8 +354,8 @@ def _optin(context: _Context, optin: Mapping[str, Any]) -> list[ev.Event]:
 def write_watermarks(session: Session, items: list[Watermark]) -> None:
     """Store a status for every outbound message at or before each watermark.
 
-    Each status keeps the time of the event that reported it; statuses already stored stay
-    as they are, and the messages' current status only moves forward.
+    Each status keeps the time of the event that reported it. Statuses already stored stay
+    as they are, so a message's current status only moves forward.
     """
     message, contact = models.Message, models.Contact
     touched: list[tuple[str, str]] = []

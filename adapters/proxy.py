@@ -3,7 +3,7 @@
 Point the Meta app's webhook callback URL at the proxy's ``webhook_path`` and the bot's
 Graph API base URL at the proxy itself. The proxy then:
 
-- answers Meta's verification ``GET`` with the configured verify token;
+- returns the challenge of Meta's verification ``GET`` when the verify token matches;
 - checks each webhook's ``X-Hub-Signature-256`` over the raw body, records its events,
   acknowledges Meta, and forwards the same bytes with the original headers to the bot's
   webhook URL from a bounded background queue with retries, so the bot's own signature

@@ -1,6 +1,6 @@
 """Webhook intake shared by the proxy and the in-process middleware.
 
-:class:`WebhookIntake` answers Meta's verification request, checks the signature of a
+:class:`WebhookIntake` responds to Meta's verification request, checks the signature of a
 webhook over its raw bytes, parses it into events (Messenger, Instagram or WhatsApp by the
 body's ``object``), and hands them to the recorder. It does no I/O of its own, so the
 acknowledgement depends only on the recorder accepting the events.
@@ -42,7 +42,7 @@ UNKNOWN_SOURCES = frozenset({"messenger_unknown", "instagram_unknown", "whatsapp
 
 
 class EventSink(Protocol):
-    """Where accepted events go: :class:`chatmw.recorder.Recorder` or anything alike."""
+    """A destination of accepted events: :class:`chatmw.recorder.Recorder` or alike."""
 
     def submit(self, event: ev.Event) -> bool: ...
 
@@ -53,7 +53,7 @@ class WebhookFormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class WebhookOutcome:
-    """What to answer Meta, and whether the body should go on to the bot."""
+    """The response to Meta, and whether the body goes on to the bot."""
 
     status: int
     body: bytes
@@ -90,7 +90,7 @@ class WebhookIntake:
         self.stats = stats or WebhookStats()
 
     def challenge(self, query: Mapping[str, str]) -> WebhookOutcome:
-        """Answer a ``GET`` verification: the challenge with 200, or 403."""
+        """Respond to a ``GET`` verification: the challenge with 200, or 403."""
         answer = verification_challenge(query, self.settings.verify_token)
         if answer is None:
             logger.warning("webhook verification rejected: wrong mode or verify token")

@@ -1,7 +1,7 @@
 """WhatsApp Cloud API: webhook events to chatmw events, message sends to bot messages.
 
 Webhook bodies have ``"object": "whatsapp_business_account"``; each ``entry`` has
-``changes`` whose ``field`` is ``messages`` and whose ``value`` holds ``metadata`` (the
+``changes`` whose ``field`` is ``messages`` and whose ``value`` contains ``metadata`` (the
 business phone number), ``contacts`` (profile, ``wa_id`` and the business-scoped
 ``user_id``; either id, the profile or the whole list may be missing), ``messages``,
 ``statuses`` and ``errors``. Timestamps are strings of seconds.
@@ -103,7 +103,7 @@ def _raw(document: Mapping[str, Any], at: datetime, source: str, reason: str) ->
 
 def _sender(message: Mapping[str, Any], contacts: list[dict[str, Any]]) -> str | None:
     # The phone number (wa_id) identifies a user while Meta still shares it, because the
-    # bot's sends address that number; a username-only user has just the business-scoped id.
+    # bot's sends address that number. A username-only user has just the business-scoped id.
     direct = as_str(message.get("from")) or as_str(message.get("from_user_id"))
     if direct is not None:
         return direct
@@ -246,7 +246,7 @@ def events_from_send(
 ) -> list[ev.Event]:
     """Return the bot message of a successful send (nothing for read receipts).
 
-    ``messages[0].id`` of Meta's answer becomes the platform message id, so statuses link
+    ``messages[0].id`` of Meta's response becomes the platform message id, so statuses link
     to this row. The user is the ``wa_id`` Meta resolved, or ``to`` as the bot wrote it.
     """
     wamid = (

@@ -1,8 +1,8 @@
 """A WhatsApp echo bot recorded in process: no proxy, the bot keeps its own webhook URL.
 
 ``MetaWebhookMiddleware`` wraps the bot's ASGI app and records each verified webhook on
-its way in; ``AsyncRecordingTransport`` wraps the bot's httpx client and records each
-message it sends through the Cloud API. Neither changes what the bot receives or gets back.
+its way in. ``AsyncRecordingTransport`` wraps the bot's httpx client and records each
+message the bot sends through the Cloud API. Neither changes what the bot receives or gets back.
 
 Settings, read from the environment:
 

@@ -45,8 +45,9 @@ class ServerThread:
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -69,7 +70,7 @@ class ServerThread:
 
 @dataclass
 class GraphStub:
-    """A stub Graph API: answers sends like Meta does and keeps every request it got.
+    """A stub Graph API: responds to sends as Meta does and keeps every request it received.
 
     Recipient ``fail`` gets a 400 OAuth-style error, ``busy`` a 503, ``throttled`` error
     code 613 with HTTP 400.
@@ -83,38 +84,65 @@ class GraphStub:
 
     async def handle(self, request: Request) -> Response:
         body = await request.body()
-        self.calls.append({"method": request.method, "path": request.url.path,
-                           "query": request.url.query, "headers": dict(request.headers),
-                           "body": body})
+        self.calls.append(
+            {
+                "method": request.method,
+                "path": request.url.path,
+                "query": request.url.query,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+        )
         if request.method == "GET":
-            return JSONResponse({"id": request.url.path.rsplit("/", 1)[-1], "name": "Test Page"},
-                                headers={"x-fb-trace-id": "trace-get"})
+            return JSONResponse(
+                {"id": request.url.path.rsplit("/", 1)[-1], "name": "Test Page"},
+                headers={"x-fb-trace-id": "trace-get"},
+            )
+
         document = json.loads(body or b"{}")
         number = next(self.counter)
         headers = {"x-fb-trace-id": f"trace-{number}", "x-app-usage": '{"call_count":1}'}
         recipient = document.get("to") or document.get("recipient", {}).get("id")
         if recipient == "fail":
-            error = {"error": {"message": "(#100) Invalid parameter", "type": "OAuthException",
-                               "code": 100, "fbtrace_id": "AbC"}}
+            error = {
+                "error": {
+                    "message": "(#100) Invalid parameter",
+                    "type": "OAuthException",
+                    "code": 100,
+                    "fbtrace_id": "AbC",
+                }
+            }
             return JSONResponse(error, status_code=400, headers=headers)
         if recipient == "busy":
-            return JSONResponse({"error": {"message": "Service unavailable", "code": 2}},
-                                status_code=503, headers=headers)
+            return JSONResponse(
+                {"error": {"message": "Service unavailable", "code": 2}},
+                status_code=503,
+                headers=headers,
+            )
         if recipient == "throttled":
-            error = {"error": {"message": "Calls to this api have exceeded the rate limit.",
-                               "type": "OAuthException", "code": 613}}
+            error = {
+                "error": {
+                    "message": "Calls to this api have exceeded the rate limit.",
+                    "type": "OAuthException",
+                    "code": 613,
+                }
+            }
             return JSONResponse(error, status_code=400, headers=headers)
+
         if document.get("messaging_product") == "whatsapp":
             if "status" in document:
                 return JSONResponse({"success": True}, headers=headers)
-            answer = {"messaging_product": "whatsapp",
-                      "contacts": [{"input": recipient, "wa_id": recipient}],
-                      "messages": [{"id": f"wamid.stub{number}", "message_status": "accepted"}]}
+            answer = {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": recipient, "wa_id": recipient}],
+                "messages": [{"id": f"wamid.stub{number}", "message_status": "accepted"}],
+            }
             return JSONResponse(answer, headers=headers)
         if "sender_action" in document:
             return JSONResponse({"recipient_id": recipient}, headers=headers)
-        return JSONResponse({"recipient_id": recipient, "message_id": f"m_stub{number}"},
-                            headers=headers)
+        return JSONResponse(
+            {"recipient_id": recipient, "message_id": f"m_stub{number}"}, headers=headers
+        )
 
 
 @dataclass
@@ -138,8 +166,8 @@ class EchoBot:
 
     async def webhook(self, request: Request) -> Response:
         body = await request.body()
-        given = request.headers.get("x-hub-signature-256", "")
-        if not hmac.compare_digest(given, signature(body, self.secret)):
+        header = request.headers.get("x-hub-signature-256", "")
+        if not hmac.compare_digest(header, signature(body, self.secret)):
             self.rejected += 1
             return PlainTextResponse("bad signature", status_code=403)
         self.headers_seen.append(dict(request.headers))
@@ -153,18 +181,33 @@ class EchoBot:
         async with httpx.AsyncClient(base_url=self.graph_url) as client:
             for user, text in _texts(document):
                 if document["object"] == "page":
-                    payload: dict[str, Any] = {"recipient": {"id": user},
-                                               "messaging_type": "RESPONSE",
-                                               "message": {"text": f"echo: {text}"}}
-                    response = await client.post("/v21.0/me/messages", json=payload,
-                                                 params={"access_token": "page-token"})
+                    payload: dict[str, Any] = {
+                        "recipient": {"id": user},
+                        "messaging_type": "RESPONSE",
+                        "message": {"text": f"echo: {text}"},
+                    }
+                    response = await client.post(
+                        "/v21.0/me/messages", json=payload, params={"access_token": "page-token"}
+                    )
                 else:
-                    payload = {"messaging_product": "whatsapp", "to": user, "type": "text",
-                               "text": {"body": f"echo: {text}"}}
-                    response = await client.post("/v21.0/230000000000001/messages", json=payload,
-                                                 headers={"Authorization": "Bearer wa-token"})
-                self.replies.append({"status": response.status_code, "json": response.json(),
-                                     "headers": dict(response.headers)})
+                    payload = {
+                        "messaging_product": "whatsapp",
+                        "to": user,
+                        "type": "text",
+                        "text": {"body": f"echo: {text}"},
+                    }
+                    response = await client.post(
+                        "/v21.0/230000000000001/messages",
+                        json=payload,
+                        headers={"Authorization": "Bearer wa-token"},
+                    )
+                self.replies.append(
+                    {
+                        "status": response.status_code,
+                        "json": response.json(),
+                        "headers": dict(response.headers),
+                    }
+                )
         return PlainTextResponse("ok")
 
 

@@ -41,11 +41,15 @@ def graph() -> Iterator[tuple[GraphStub, str]]:
 
 
 def meta_settings(graph_url: str, **overrides: object) -> MetaSettings:
-    values: dict[str, object] = {"app_secret": APP_SECRET, "verify_token": VERIFY_TOKEN,
-                                 "graph_base_url": graph_url, "page_access_token": "page-token",
-                                 "whatsapp_access_token": "wa-token",
-                                 "whatsapp_phone_number_id": "230000000000001",
-                                 "graph_timeout_s": 5}
+    values: dict[str, object] = {
+        "app_secret": APP_SECRET,
+        "verify_token": VERIFY_TOKEN,
+        "graph_base_url": graph_url,
+        "page_access_token": "page-token",
+        "whatsapp_access_token": "wa-token",
+        "whatsapp_phone_number_id": "230000000000001",
+        "graph_timeout_s": 5,
+    }
     values.update(overrides)
     return MetaSettings(**values)  # type: ignore[arg-type]
 
@@ -65,29 +69,55 @@ def bot_app(seen: list[bytes]) -> Starlette:
 
 
 def wrapped(sink: ListSink, seen: list[bytes], max_body: int = 4096) -> MetaWebhookMiddleware:
-    settings = MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN, max_body_bytes=max_body)
+    settings = MetaSettings(
+        app_secret=APP_SECRET, verify_token=VERIFY_TOKEN, max_body_bytes=max_body
+    )
     return MetaWebhookMiddleware(bot_app(seen), settings, sink=sink)
 
 
 def whatsapp_body(text: str) -> bytes:
-    document = {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
-        {"field": "messages", "value": {"messaging_product": "whatsapp",
-                                        "metadata": {"phone_number_id": "230000000000001"},
-                                        "messages": [{"from": "4915100000001", "id": "wamid.mw1",
-                                                      "timestamp": "1767225600", "type": "text",
-                                                      "text": {"body": text}}]}}]}]}
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {"phone_number_id": "230000000000001"},
+                            "messages": [
+                                {
+                                    "from": "4915100000001",
+                                    "id": "wamid.mw1",
+                                    "timestamp": "1767225600",
+                                    "type": "text",
+                                    "text": {"body": text},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document, ensure_ascii=False).encode()
 
 
 async def call(app: MetaWebhookMiddleware, body: bytes, headers: dict[str, str]) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bot") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://bot"
+    ) as client:
         return await client.post("/webhook", content=body, headers=headers)
 
 
 def test_middleware_records_and_passes_body_through() -> None:
     sink, seen = ListSink(), []
     body = whatsapp_body("Grüße 🌍")
-    response = asyncio.run(call(wrapped(sink, seen), body, {"x-hub-signature-256": signature(body)}))
+    response = asyncio.run(
+        call(wrapped(sink, seen), body, {"x-hub-signature-256": signature(body)})
+    )
     assert response.status_code == 200
     assert response.json() == {"bot": "handled", "bytes": len(body)}
     assert response.headers["x-bot"] == "1"
@@ -112,12 +142,13 @@ def test_middleware_passes_oversized_body_unrecorded() -> None:
     async def chunked() -> httpx.Response:
         async def chunks():  # type: ignore[no-untyped-def]
             for start in range(0, len(body), 700):
-                yield body[start:start + 700]
+                yield body[start : start + 700]
 
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://bot") as client:
-            return await client.post("/webhook", content=chunks(),
-                                     headers={"x-hub-signature-256": signature(body)})
+            return await client.post(
+                "/webhook", content=chunks(), headers={"x-hub-signature-256": signature(body)}
+            )
 
     response = asyncio.run(chunked())
     assert response.status_code == 200
@@ -136,9 +167,15 @@ def test_async_transport_records_send_unchanged(graph: tuple[GraphStub, str]) ->
     async def send() -> tuple[httpx.Response, httpx.Response]:
         transport = AsyncRecordingTransport(sink.submit, graph_base_url=url)
         async with httpx.AsyncClient(transport=transport, base_url=url) as client:
-            sent = await client.post("/v21.0/230000000000001/messages", json={
-                "messaging_product": "whatsapp", "to": "4915100000001", "type": "text",
-                "text": {"body": "Ihre Bestellung ist unterwegs 🚚"}})
+            sent = await client.post(
+                "/v21.0/230000000000001/messages",
+                json={
+                    "messaging_product": "whatsapp",
+                    "to": "4915100000001",
+                    "type": "text",
+                    "text": {"body": "Ihre Bestellung ist unterwegs 🚚"},
+                },
+            )
             other = await client.get("/v21.0/230000000000001")
         return sent, other
 
@@ -150,7 +187,11 @@ def test_async_transport_records_send_unchanged(graph: tuple[GraphStub, str]) ->
     assert len(sink.events) == 1
     message = sink.events[0]
     assert isinstance(message, ev.Message)
-    assert (message.role, message.platform_message_id, message.user_id) == ("bot", wamid, "4915100000001")
+    assert (message.role, message.platform_message_id, message.user_id) == (
+        "bot",
+        wamid,
+        "4915100000001",
+    )
     assert message.text == "Ihre Bestellung ist unterwegs 🚚"
 
 
@@ -158,17 +199,24 @@ def test_sync_transport_records_messenger_send(graph: tuple[GraphStub, str]) -> 
     stub, url = graph
     sink = ListSink()
     with httpx.Client(transport=RecordingTransport(sink.submit, graph_base_url=url)) as client:
-        answer = client.post(f"{url}/v21.0/me/messages", params={"access_token": "t"},
-                             json={"recipient": {"id": "7100000000000009"}, "message": {"text": "hola"}})
-        typing = client.post(f"{url}/v21.0/me/messages",
-                             json={"recipient": {"id": "7100000000000009"}, "sender_action": "typing_on"})
-        failed = client.post(f"{url}/v21.0/me/messages",
-                             json={"recipient": {"id": "fail"}, "message": {"text": "x"}})
+        answer = client.post(
+            f"{url}/v21.0/me/messages",
+            params={"access_token": "t"},
+            json={"recipient": {"id": "7100000000000009"}, "message": {"text": "hola"}},
+        )
+        typing = client.post(
+            f"{url}/v21.0/me/messages",
+            json={"recipient": {"id": "7100000000000009"}, "sender_action": "typing_on"},
+        )
+        failed = client.post(
+            f"{url}/v21.0/me/messages", json={"recipient": {"id": "fail"}, "message": {"text": "x"}}
+        )
     assert answer.json()["recipient_id"] == "7100000000000009"
     assert typing.status_code == 200
     assert failed.status_code == 400
     assert [(e.platform_message_id, e.text) for e in sink.events] == [  # type: ignore[attr-defined]
-        (answer.json()["message_id"], "hola")]
+        (answer.json()["message_id"], "hola")
+    ]
 
 
 def test_transport_ignores_other_hosts(graph: tuple[GraphStub, str]) -> None:
@@ -176,7 +224,9 @@ def test_transport_ignores_other_hosts(graph: tuple[GraphStub, str]) -> None:
     sink = ListSink()
     transport = RecordingTransport(sink.submit, graph_base_url="http://127.0.0.1:9")
     with httpx.Client(transport=transport) as client:
-        client.post(f"{url}/v21.0/me/messages", json={"recipient": {"id": "1"}, "message": {"text": "a"}})
+        client.post(
+            f"{url}/v21.0/me/messages", json={"recipient": {"id": "1"}, "message": {"text": "a"}}
+        )
     assert sink.events == []
 
 
@@ -187,9 +237,14 @@ def test_messenger_sender_sends_quick_replies(graph: tuple[GraphStub, str]) -> N
     stub, url = graph
     sink = ListSink()
     sender = MessengerSender(meta_settings(url), sink.submit)
-    message = OutboundMessage(channel="messenger", user_id="7100000000000001", text="How did we do?",
-                              quick_replies=[QuickReply("Great", "CSAT_5"), QuickReply("Bad", "CSAT_1")],
-                              kind="survey_prompt", meta={"survey": "csat"})
+    message = OutboundMessage(
+        channel="messenger",
+        user_id="7100000000000001",
+        text="How did we do?",
+        quick_replies=[QuickReply("Great", "CSAT_5"), QuickReply("Bad", "CSAT_1")],
+        kind="survey_prompt",
+        meta={"survey": "csat"},
+    )
     result = asyncio.run(sender.send(message))
     assert result.ok
     call = stub.calls[-1]
@@ -199,43 +254,75 @@ def test_messenger_sender_sends_quick_replies(graph: tuple[GraphStub, str]) -> N
     assert body["recipient"] == {"id": "7100000000000001"}
     assert body["message"]["quick_replies"] == [
         {"content_type": "text", "title": "Great", "payload": "CSAT_5"},
-        {"content_type": "text", "title": "Bad", "payload": "CSAT_1"}]
+        {"content_type": "text", "title": "Bad", "payload": "CSAT_1"},
+    ]
     recorded = sink.events[0]
     assert isinstance(recorded, ev.Message)
     assert recorded.platform_message_id == result.platform_message_id
-    assert (recorded.role, recorded.kind, recorded.meta["survey"]) == ("bot", "survey_prompt", "csat")
+    assert (recorded.role, recorded.kind, recorded.meta["survey"]) == (
+        "bot",
+        "survey_prompt",
+        "csat",
+    )
 
 
 def test_whatsapp_sender_builds_buttons_lists_templates(graph: tuple[GraphStub, str]) -> None:
     stub, url = graph
     sink = ListSink()
     sender = WhatsAppSender(meta_settings(url), sink.submit)
-    buttons = OutboundMessage(channel="whatsapp", user_id="4915100000001", text="Rate us",
-                              quick_replies=[QuickReply(str(n), f"R{n}") for n in range(1, 4)])
-    listed = OutboundMessage(channel="whatsapp", user_id="4915100000001", text="Pick one",
-                             list_rows=[ListRow("Blue", "c_blue", "Navy")], list_button="Colours")
-    template = OutboundMessage(channel="whatsapp", user_id="4915100000001",
-                               template=Template("csat_survey", "de", [{"type": "body", "parameters": []}]))
+    buttons = OutboundMessage(
+        channel="whatsapp",
+        user_id="4915100000001",
+        text="Rate us",
+        quick_replies=[QuickReply(str(n), f"R{n}") for n in range(1, 4)],
+    )
+    listed = OutboundMessage(
+        channel="whatsapp",
+        user_id="4915100000001",
+        text="Pick one",
+        list_rows=[ListRow("Blue", "c_blue", "Navy")],
+        list_button="Colours",
+    )
+    template = OutboundMessage(
+        channel="whatsapp",
+        user_id="4915100000001",
+        template=Template("csat_survey", "de", [{"type": "body", "parameters": []}]),
+    )
     results = [asyncio.run(sender.send(item)) for item in (buttons, listed, template)]
     assert all(result.ok for result in results)
     bodies = [json.loads(call["body"]) for call in stub.calls[-3:]]
     assert stub.calls[-1]["path"] == "/v27.0/230000000000001/messages"
     assert bodies[0]["interactive"]["type"] == "button"
-    assert [b["reply"]["id"] for b in bodies[0]["interactive"]["action"]["buttons"]] == ["R1", "R2", "R3"]
+    assert [b["reply"]["id"] for b in bodies[0]["interactive"]["action"]["buttons"]] == [
+        "R1",
+        "R2",
+        "R3",
+    ]
     assert bodies[1]["interactive"]["action"] == {
-        "button": "Colours", "sections": [{"rows": [{"id": "c_blue", "title": "Blue", "description": "Navy"}]}]}
-    assert bodies[2]["template"] == {"name": "csat_survey", "language": {"code": "de"},
-                                     "components": [{"type": "body", "parameters": []}]}
+        "button": "Colours",
+        "sections": [{"rows": [{"id": "c_blue", "title": "Blue", "description": "Navy"}]}],
+    }
+    assert bodies[2]["template"] == {
+        "name": "csat_survey",
+        "language": {"code": "de"},
+        "components": [{"type": "body", "parameters": []}],
+    }
     assert [e.platform_message_id for e in sink.events] == [r.platform_message_id for r in results]  # type: ignore[attr-defined]
     assert sink.events[2].meta["template"] == "csat_survey"  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("recipient", "retryable"), [("fail", False), ("busy", True), ("throttled", True)])
-def test_sender_failures_classified(graph: tuple[GraphStub, str], recipient: str, retryable: bool) -> None:
+@pytest.mark.parametrize(
+    ("recipient", "retryable"), [("fail", False), ("busy", True), ("throttled", True)]
+)
+def test_sender_failures_classified(
+    graph: tuple[GraphStub, str], recipient: str, retryable: bool
+) -> None:
     stub, url = graph
     sink = ListSink()
     sender = WhatsAppSender(meta_settings(url), sink.submit)
-    result = asyncio.run(sender.send(OutboundMessage(channel="whatsapp", user_id=recipient, text="x")))
+    result = asyncio.run(
+        sender.send(OutboundMessage(channel="whatsapp", user_id=recipient, text="x"))
+    )
     assert not result.ok
     assert result.retryable is retryable
     assert result.error

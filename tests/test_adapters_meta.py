@@ -9,7 +9,12 @@ import json
 import pytest
 from adapters_support import SHARED_PAYLOADS, fixture_bytes
 
-from chatmw.adapters._meta import MetaSettings, describe_graph_error, verification_challenge, verify_signature
+from chatmw.adapters._meta import (
+    MetaSettings,
+    describe_graph_error,
+    verification_challenge,
+    verify_signature,
+)
 
 
 def settings(**overrides: object) -> MetaSettings:
@@ -18,18 +23,21 @@ def settings(**overrides: object) -> MetaSettings:
     return MetaSettings(**values)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("overrides", "named"), [
-    ({"app_secret": ""}, "app_secret"),
-    ({"verify_token": ""}, "verify_token"),
-    ({"bot_webhook_url": "ftp://bot"}, "bot_webhook_url"),
-    ({"graph_base_url": "graph.facebook.com"}, "graph_base_url"),
-    ({"graph_api_version": "21.0"}, "graph_api_version"),
-    ({"max_body_bytes": 0}, "max_body_bytes"),
-    ({"webhook_path": "webhook"}, "webhook_path"),
-    ({"forward_retries": -1}, "forward_retries"),
-    ({"forward_workers": 0}, "forward_workers"),
-    ({"forward_timeout_s": 0}, "forward_timeout_s"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"app_secret": ""}, "app_secret"),
+        ({"verify_token": ""}, "verify_token"),
+        ({"bot_webhook_url": "ftp://bot"}, "bot_webhook_url"),
+        ({"graph_base_url": "graph.facebook.com"}, "graph_base_url"),
+        ({"graph_api_version": "21.0"}, "graph_api_version"),
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"webhook_path": "webhook"}, "webhook_path"),
+        ({"forward_retries": -1}, "forward_retries"),
+        ({"forward_workers": 0}, "forward_workers"),
+        ({"forward_timeout_s": 0}, "forward_timeout_s"),
+    ],
+)
 def test_settings_name_invalid_value(overrides: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         settings(**overrides)
@@ -44,8 +52,12 @@ def test_settings_repr_masks_secrets() -> None:
 
 
 def test_settings_from_env() -> None:
-    environ = {"CHATMW_META_APP_SECRET": "a", "CHATMW_META_VERIFY_TOKEN": "b",
-               "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9/", "CHATMW_META_MAX_BODY_BYTES": "2048"}
+    environ = {
+        "CHATMW_META_APP_SECRET": "a",
+        "CHATMW_META_VERIFY_TOKEN": "b",
+        "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9/",
+        "CHATMW_META_MAX_BODY_BYTES": "2048",
+    }
     loaded = MetaSettings.from_env(environ)
     assert loaded.graph_base_url == "http://127.0.0.1:9"
     assert loaded.max_body_bytes == 2048
@@ -69,15 +81,18 @@ def test_signature_over_raw_bytes_with_emoji() -> None:
     assert not verify_signature(body, "sha256=é", "k")
 
 
-@pytest.mark.skipif(not (SHARED_PAYLOADS / "whatsapp" / "wa_signature_vector.json").exists(),
-                    reason="shared signature vector not present")
+@pytest.mark.skipif(
+    not (SHARED_PAYLOADS / "whatsapp" / "wa_signature_vector.json").exists(),
+    reason="shared signature vector not present",
+)
 def test_signature_matches_published_vector() -> None:
     vector = json.loads((SHARED_PAYLOADS / "whatsapp" / "wa_signature_vector.json").read_text())
     body = (SHARED_PAYLOADS / "whatsapp" / vector["raw_body_file"]).read_bytes()
     assert len(body) == vector["raw_body_bytes"]
     assert verify_signature(body, vector["header_value"], vector["app_secret"])
-    assert not verify_signature(json.dumps(json.loads(body)).encode(), vector["header_value"],
-                                vector["app_secret"])
+    assert not verify_signature(
+        json.dumps(json.loads(body)).encode(), vector["header_value"], vector["app_secret"]
+    )
 
 
 def test_verification_challenge() -> None:
@@ -88,14 +103,17 @@ def test_verification_challenge() -> None:
     assert verification_challenge({}, "tok") is None
 
 
-@pytest.mark.parametrize(("status", "document", "retryable"), [
-    (503, {}, True),
-    (429, {}, True),
-    (400, {"error": {"code": 613, "message": "rate"}}, True),
-    (400, {"error": {"code": 100, "message": "bad", "is_transient": True}}, True),
-    (400, {"error": {"code": 100, "message": "bad"}}, False),
-    (403, {"error": {"code": 10, "type": "OAuthException", "message": "denied"}}, False),
-])
+@pytest.mark.parametrize(
+    ("status", "document", "retryable"),
+    [
+        (503, {}, True),
+        (429, {}, True),
+        (400, {"error": {"code": 613, "message": "rate"}}, True),
+        (400, {"error": {"code": 100, "message": "bad", "is_transient": True}}, True),
+        (400, {"error": {"code": 100, "message": "bad"}}, False),
+        (403, {"error": {"code": 10, "type": "OAuthException", "message": "denied"}}, False),
+    ],
+)
 def test_graph_errors_classified(status: int, document: dict, retryable: bool) -> None:
     description, found = describe_graph_error(status, document)
     assert found is retryable

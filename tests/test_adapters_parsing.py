@@ -75,11 +75,15 @@ def test_messenger_mixed_entry() -> None:
     assert standby.meta["standby"] is True
     assert standby.role == "user"
 
-    assert [(s.platform_message_id, s.status) for s in statuses] == [("m_echo_bot_0001", "delivered")]
-    # The delivery item has no timestamp: the entry time stands in.
+    assert [(s.platform_message_id, s.status) for s in statuses] == [
+        ("m_echo_bot_0001", "delivered")
+    ]
+    # The delivery item has no timestamp, so the entry time is used.
     assert statuses[0].occurred_at == at_ms(T_MS + 60000)
     assert [(w.status, w.watermark) for w in watermarks] == [
-        ("delivered", at_ms(T_MS + 4500)), ("read", at_ms(T_MS + 5000))]
+        ("delivered", at_ms(T_MS + 4500)),
+        ("read", at_ms(T_MS + 5000)),
+    ]
 
     by_source = {touch.source: touch for touch in touches}
     assert set(by_source) == {"SHORTLINK", "ADS", "CUSTOMER_CHAT_PLUGIN"}
@@ -121,7 +125,11 @@ def test_whatsapp_every_message_type() -> None:
     assert text.key == "whatsapp:wamid.text1"
 
     button = messages["wamid.btn1"]
-    assert (button.text, button.meta["reply_id"], button.reply_to) == ("Size M", "size_m", "wamid.bot1")
+    assert (button.text, button.meta["reply_id"], button.reply_to) == (
+        "Size M",
+        "size_m",
+        "wamid.bot1",
+    )
     listed = messages["wamid.list1"]
     assert (listed.text, listed.meta["interactive_type"]) == ("Blue", "list_reply")
     template_button = messages["wamid.tpl1"]
@@ -147,10 +155,13 @@ def test_whatsapp_every_message_type() -> None:
     assert touch.user_id == "4915100000001"
 
 
-@pytest.mark.parametrize(("name", "user_id"), [
-    ("whatsapp_username_only.json", "DE.2000000000000002"),
-    ("whatsapp_no_contacts.json", "4915100000002"),
-])
+@pytest.mark.parametrize(
+    ("name", "user_id"),
+    [
+        ("whatsapp_username_only.json", "DE.2000000000000002"),
+        ("whatsapp_no_contacts.json", "4915100000002"),
+    ],
+)
 def test_whatsapp_sender_without_full_contact(name: str, user_id: str) -> None:
     found = parse_webhook(fixture_bytes(name), RECEIVED)
     assert len(found) == 1
@@ -161,8 +172,12 @@ def test_whatsapp_sender_without_full_contact(name: str, user_id: str) -> None:
 def test_whatsapp_statuses_keep_their_times() -> None:
     found = parse_webhook(fixture_bytes("whatsapp_statuses.json"), RECEIVED)
     rows = [(s.platform_message_id, s.status, int(s.occurred_at.timestamp())) for s in found]
-    assert rows == [("wamid.bot1", "sent", 1767225605), ("wamid.bot1", "delivered", 1767225606),
-                    ("wamid.bot1", "read", 1767225608), ("wamid.bot2", "failed", 1767225609)]
+    assert rows == [
+        ("wamid.bot1", "sent", 1767225605),
+        ("wamid.bot1", "delivered", 1767225606),
+        ("wamid.bot1", "read", 1767225608),
+        ("wamid.bot2", "failed", 1767225609),
+    ]
     failed = found[3]
     assert isinstance(failed, ev.Status)
     assert (failed.error_code, failed.error_title) == ("131047", "Re-engagement message")
@@ -210,8 +225,11 @@ def test_shared_samples_parse_without_unknowns() -> None:
             continue
         document = _wrap_messenger_item(json.loads(path.read_bytes()))
         found = parse_webhook(json.dumps(document).encode(), RECEIVED)
-        unknown = [item for item in found
-                   if isinstance(item, ev.RawPayload) and item.source.endswith("_unknown")]
+        unknown = [
+            item
+            for item in found
+            if isinstance(item, ev.RawPayload) and item.source.endswith("_unknown")
+        ]
         assert unknown == [], path.name
         if "without_messaging" not in path.name:
             assert found, path.name

@@ -69,14 +69,20 @@ class Stack:
 def stack(database_url: str) -> Iterator[Stack]:
     graph = GraphStub()
     bot = EchoBot()
-    runtime = Runtime.from_settings(Settings(database_url=database_url,
-                                             recorder=RecorderSettings(batch_interval_s=0.01)))
+    runtime = Runtime.from_settings(
+        Settings(database_url=database_url, recorder=RecorderSettings(batch_interval_s=0.01))
+    )
     runtime.start(migrate=False)
     with ServerThread(graph.app()) as graph_server, ServerThread(bot.app()) as bot_server:
-        settings = MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN,
-                                bot_webhook_url=f"{bot_server.url}/bot/webhook",
-                                graph_base_url=graph_server.url, max_body_bytes=MAX_BODY,
-                                forward_backoff_s=0.02, forward_timeout_s=15)
+        settings = MetaSettings(
+            app_secret=APP_SECRET,
+            verify_token=VERIFY_TOKEN,
+            bot_webhook_url=f"{bot_server.url}/bot/webhook",
+            graph_base_url=graph_server.url,
+            max_body_bytes=MAX_BODY,
+            forward_backoff_s=0.02,
+            forward_timeout_s=15,
+        )
         app = create_proxy_app(settings, runtime)
         with ServerThread(app) as proxy_server:
             bot.graph_url = proxy_server.url
@@ -90,31 +96,76 @@ def now_ms() -> int:
 
 
 def messenger_text(mid: str, text: str, at_ms: int, user: str = PSID) -> bytes:
-    document = {"object": "page", "entry": [{"id": PAGE, "time": at_ms, "messaging": [
-        {"sender": {"id": user}, "recipient": {"id": PAGE}, "timestamp": at_ms,
-         "message": {"mid": mid, "text": text}}]}]}
+    document = {
+        "object": "page",
+        "entry": [
+            {
+                "id": PAGE,
+                "time": at_ms,
+                "messaging": [
+                    {
+                        "sender": {"id": user},
+                        "recipient": {"id": PAGE},
+                        "timestamp": at_ms,
+                        "message": {"mid": mid, "text": text},
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document, ensure_ascii=False).encode()
 
 
 def messenger_read(watermark_ms: int, at_ms: int) -> bytes:
-    document = {"object": "page", "entry": [{"id": PAGE, "time": at_ms, "messaging": [
-        {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": at_ms,
-         "read": {"watermark": watermark_ms}}]}]}
+    document = {
+        "object": "page",
+        "entry": [
+            {
+                "id": PAGE,
+                "time": at_ms,
+                "messaging": [
+                    {
+                        "sender": {"id": PSID},
+                        "recipient": {"id": PAGE},
+                        "timestamp": at_ms,
+                        "read": {"watermark": watermark_ms},
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document).encode()
 
 
 def whatsapp_value(value: dict) -> bytes:
-    document = {"object": "whatsapp_business_account", "entry": [{"id": "440000000000001", "changes": [
-        {"field": "messages", "value": {"messaging_product": "whatsapp",
-                                        "metadata": {"display_phone_number": "4930000000",
-                                                     "phone_number_id": "230000000000001"},
-                                        **value}}]}]}
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "440000000000001",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "4930000000",
+                                "phone_number_id": "230000000000001",
+                            },
+                            **value,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document, ensure_ascii=False).encode()
 
 
 def whatsapp_status(wamid: str, status: str, at_s: int) -> bytes:
-    return whatsapp_value({"statuses": [{"id": wamid, "status": status, "timestamp": str(at_s),
-                                         "recipient_id": WA}]})
+    return whatsapp_value(
+        {"statuses": [{"id": wamid, "status": status, "timestamp": str(at_s), "recipient_id": WA}]}
+    )
 
 
 def post(url: str, body: bytes, sign: bool = True, **headers: str) -> httpx.Response:
@@ -157,10 +208,14 @@ def test_oversized_body_rejected_with_413(stack: Stack) -> None:
 
     def chunks() -> Iterator[bytes]:
         for start in range(0, len(body), 4096):
-            yield body[start:start + 4096]
+            yield body[start : start + 4096]
 
-    response = httpx.post(f"{stack.url}/webhook", content=chunks(),
-                          headers={"x-hub-signature-256": signature(body)}, timeout=10)
+    response = httpx.post(
+        f"{stack.url}/webhook",
+        content=chunks(),
+        headers={"x-hub-signature-256": signature(body)},
+        timeout=10,
+    )
     assert response.status_code == 413
     stack.flush()
     with stack.session() as session:
@@ -190,7 +245,7 @@ def test_messenger_bot_behind_proxy_records_reply_time(stack: Stack) -> None:
     assert wait_until(lambda: len(stack.bot.replies) == 1)
     elapsed_ms = (time.monotonic() - started) * 1000
 
-    # The bot saw Meta's exact bytes and signature, and Meta's answer to its send.
+    # The bot received Meta's exact bytes and signature, and the Graph API response to its send.
     assert stack.bot.received == [body]
     assert stack.bot.headers_seen[0]["x-hub-signature-256"] == signature(body)
     assert stack.bot.rejected == 0
@@ -206,7 +261,10 @@ def test_messenger_bot_behind_proxy_records_reply_time(stack: Stack) -> None:
     stack.flush()
     with stack.session() as session:
         rows = session.scalars(select(models.Message).order_by(models.Message.occurred_at_ms)).all()
-    assert [(row.role, row.text) for row in rows] == [("user", "Café? 😀"), ("bot", "echo: Café? 😀")]
+    assert [(row.role, row.text) for row in rows] == [
+        ("user", "Café? 😀"),
+        ("bot", "echo: Café? 😀"),
+    ]
     user, bot = rows
     assert user.occurred_at_ms == sent_ms
     assert bot.platform_message_id == "m_stub1"
@@ -229,22 +287,42 @@ def test_messenger_read_watermark_marks_earlier_sends(stack: Stack) -> None:
     assert post(stack.url, messenger_read(watermark, read_at)).status_code == 200
     stack.flush()
     with stack.session() as session:
-        bots = session.scalars(select(models.Message).where(models.Message.role == "bot")
-                               .order_by(models.Message.occurred_at_ms)).all()
-        statuses = session.execute(select(models.MessageStatus.platform_message_id,
-                                          models.MessageStatus.status,
-                                          models.MessageStatus.occurred_at_ms)).all()
-    assert [(row.platform_message_id, row.status) for row in bots] == [("m_stub1", "read"), ("m_stub2", None)]
+        bots = session.scalars(
+            select(models.Message)
+            .where(models.Message.role == "bot")
+            .order_by(models.Message.occurred_at_ms)
+        ).all()
+        statuses = session.execute(
+            select(
+                models.MessageStatus.platform_message_id,
+                models.MessageStatus.status,
+                models.MessageStatus.occurred_at_ms,
+            )
+        ).all()
+    assert [(row.platform_message_id, row.status) for row in bots] == [
+        ("m_stub1", "read"),
+        ("m_stub2", None),
+    ]
     assert bots[0].status_at_ms == read_at
     assert statuses == [("m_stub1", "read", read_at)]
 
 
 def test_whatsapp_statuses_never_go_backwards(stack: Stack) -> None:
     sent_s = int(time.time()) - 5
-    inbound = whatsapp_value({
-        "contacts": [{"profile": {"name": "Kim"}, "wa_id": WA}],
-        "messages": [{"from": WA, "id": "wamid.in1", "timestamp": str(sent_s), "type": "text",
-                      "text": {"body": "Größe M?"}}]})
+    inbound = whatsapp_value(
+        {
+            "contacts": [{"profile": {"name": "Kim"}, "wa_id": WA}],
+            "messages": [
+                {
+                    "from": WA,
+                    "id": "wamid.in1",
+                    "timestamp": str(sent_s),
+                    "type": "text",
+                    "text": {"body": "Größe M?"},
+                }
+            ],
+        }
+    )
     assert post(stack.url, inbound).status_code == 200
     assert wait_until(lambda: len(stack.bot.replies) == 1)
     assert stack.bot.replies[0]["json"]["messages"][0]["id"] == "wamid.stub1"
@@ -252,20 +330,29 @@ def test_whatsapp_statuses_never_go_backwards(stack: Stack) -> None:
 
     base = int(time.time())
     for status, offset in (("sent", 1), ("delivered", 2), ("read", 3)):
-        assert post(stack.url, whatsapp_status("wamid.stub1", status, base + offset)).status_code == 200
+        assert (
+            post(stack.url, whatsapp_status("wamid.stub1", status, base + offset)).status_code
+            == 200
+        )
     stack.flush()
     assert post(stack.url, whatsapp_status("wamid.stub1", "sent", base + 9)).status_code == 200
     stack.flush()
 
     with stack.session() as session:
         bot = session.scalars(select(models.Message).where(models.Message.role == "bot")).one()
-        statuses = dict(session.execute(select(models.MessageStatus.status,
-                                               models.MessageStatus.occurred_at_ms)).all())
+        statuses = dict(
+            session.execute(
+                select(models.MessageStatus.status, models.MessageStatus.occurred_at_ms)
+            ).all()
+        )
         user = session.scalars(select(models.Message).where(models.Message.role == "user")).one()
     assert bot.status == "read"
     assert bot.status_at_ms == (base + 3) * 1000
-    assert statuses == {"sent": (base + 1) * 1000, "delivered": (base + 2) * 1000,
-                        "read": (base + 3) * 1000}
+    assert statuses == {
+        "sent": (base + 1) * 1000,
+        "delivered": (base + 2) * 1000,
+        "read": (base + 3) * 1000,
+    }
     assert user.platform_message_id == "wamid.in1"
     assert bot.response_ms == bot.occurred_at_ms - sent_s * 1000
     assert bot.response_ms >= 5000
@@ -277,8 +364,12 @@ def test_duplicate_webhooks_concurrently_stored_once(stack: Stack) -> None:
     async def deliver_all() -> list[int]:
         headers = {"x-hub-signature-256": signature(body), "content-type": "application/json"}
         async with httpx.AsyncClient(timeout=10) as client:
-            answers = await asyncio.gather(*[client.post(f"{stack.url}/webhook", content=body,
-                                                         headers=headers) for _ in range(6)])
+            answers = await asyncio.gather(
+                *[
+                    client.post(f"{stack.url}/webhook", content=body, headers=headers)
+                    for _ in range(6)
+                ]
+            )
         return [answer.status_code for answer in answers]
 
     assert asyncio.run(deliver_all()) == [200] * 6
@@ -308,21 +399,36 @@ def test_touches_carry_source_campaign_and_ad(stack: Stack) -> None:
     assert post(stack.url, fixture_bytes("messenger_mixed.json")).status_code == 200
     stack.flush()
     with stack.session() as session:
-        touches = session.execute(select(models.Touch.source, models.Touch.campaign,
-                                         models.Touch.ad_id, models.Touch.conversation_id)
-                                  .order_by(models.Touch.occurred_at_ms)).all()
+        touches = session.execute(
+            select(
+                models.Touch.source,
+                models.Touch.campaign,
+                models.Touch.ad_id,
+                models.Touch.conversation_id,
+            ).order_by(models.Touch.occurred_at_ms)
+        ).all()
         contacts = {row.external_id: row for row in session.scalars(select(models.Contact))}
-        echo_roles = dict(session.execute(select(models.Message.key, models.Message.role)
-                                          .where(models.Message.key.like("messenger:m_echo%"))).all())
+        echo_roles = dict(
+            session.execute(
+                select(models.Message.key, models.Message.role).where(
+                    models.Message.key.like("messenger:m_echo%")
+                )
+            ).all()
+        )
         raw = session.scalars(select(models.RawPayload.source)).all()
     assert [(t.source, t.campaign, t.ad_id) for t in touches] == [
-        ("SHORTLINK", "spring-sale", None), ("ADS", "retarget-7", "6001234567890"),
-        ("CUSTOMER_CHAT_PLUGIN", None, None)]
+        ("SHORTLINK", "spring-sale", None),
+        ("ADS", "retarget-7", "6001234567890"),
+        ("CUSTOMER_CHAT_PLUGIN", None, None),
+    ]
     assert touches[0].conversation_id is not None
     assert contacts[PSID].first_touch_id is not None
     assert contacts["7100000000000002"].first_touch_id is not None
     assert contacts["7100000000000002"].last_touch_id != contacts["7100000000000002"].first_touch_id
-    assert echo_roles == {"messenger:m_echo_bot_0001": "bot", "messenger:m_echo_agent_0001": "agent"}
+    assert echo_roles == {
+        "messenger:m_echo_bot_0001": "bot",
+        "messenger:m_echo_agent_0001": "agent",
+    }
     assert raw == ["messenger_unknown"]
     assert stack.stats["unknown_events"] == 1
 
@@ -339,7 +445,8 @@ def test_graph_passthrough_returns_meta_answer_unchanged(stack: Stack) -> None:
     assert stack.graph.calls[-1]["query"] == "fields=first_name"
     read_receipt = {"messaging_product": "whatsapp", "status": "read", "message_id": "wamid.x"}
     assert httpx.post(f"{stack.url}/v21.0/230000000000001/messages", json=read_receipt).json() == {
-        "success": True}
+        "success": True
+    }
     stack.flush()
     with stack.session() as session:
         assert count(session, models.Message) == 0
