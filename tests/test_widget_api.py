@@ -200,6 +200,19 @@ def test_touch_time_outside_window_replaced(chat: httpx.Client, sink: ListSink) 
         assert touch.occurred_at >= before
 
 
+def test_touch_urls_drop_other_parameters(chat: httpx.Client, sink: ListSink) -> None:
+    touch = {
+        "source": "newsletter",
+        "landing_url": "https://site.test/a?email=x%40y.test&utm_source=newsletter&gclid=g1#top",
+        "referrer": "https://search.test/results?q=my+name",
+    }
+    post_message(chat, message_body(attribution={"first": touch}))
+
+    (stored,) = sink.of_type(ev.Touch)
+    assert stored.landing_url == "https://site.test/a?utm_source=newsletter&gclid=g1"
+    assert stored.referrer == "https://search.test/results"
+
+
 def test_malformed_attribution_ignored(chat: httpx.Client, sink: ListSink) -> None:
     odd = {"first": {"source": 5, "campaign": ["x"], "medium": "m" * 400}, "last": "newsletter"}
     response = post_message(chat, message_body(attribution=odd))

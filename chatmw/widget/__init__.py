@@ -4,9 +4,9 @@ A site embeds the widget with one tag::
 
     <script src="https://chat.example.com/chat/widget.js" async></script>
 
-The widget posts each visitor message to ``{prefix}/chat/messages``; the endpoint forwards
-it to the bot through a codec (or an in-process handler), returns the replies and records
-messages, attribution touches and funnel exposures through the recorder.
+The widget posts each visitor message to ``{prefix}/chat/messages``. The endpoint forwards
+it to the bot through a codec (or an in-process handler) and returns the replies. It
+records messages, attribution touches and funnel exposures through the recorder.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ logger = logging.getLogger("chatmw")
 
 
 class BotError(Exception):
-    """The bot did not answer: ``kind`` is ``timeout``, ``unavailable`` or ``bad_response``."""
+    """The bot did not reply: ``kind`` is ``timeout``, ``unavailable`` or ``bad_response``."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -65,7 +65,7 @@ class BotClient:
             )
         except httpx.TimeoutException as error:
             raise BotError(
-                "timeout", f"bot did not answer within {self.settings.bot_timeout_s}s"
+                "timeout", f"bot timed out after {self.settings.bot_timeout_s}s"
             ) from error
         except httpx.HTTPError as error:
             raise BotError("unavailable", f"bot request failed: {type(error).__name__}") from error
@@ -85,7 +85,7 @@ class BotClient:
             )
         except TimeoutError as error:
             raise BotError(
-                "timeout", f"bot did not answer within {self.settings.bot_timeout_s}s"
+                "timeout", f"bot timed out after {self.settings.bot_timeout_s}s"
             ) from error
         except Exception as error:  # noqa: BLE001 - the bot's failure becomes a 502 for the visitor
             logger.warning("widget bot handler failed: %s", type(error).__name__)

@@ -2,7 +2,7 @@
 
 ``POST /webhooks/rest/webhook`` takes ``{"sender", "message"}`` and returns
 ``[{"recipient_id", "text", "buttons"?}]``. It greets, describes pricing with two buttons,
-answers the buttons' payloads, waits about a second on "slow", and echoes anything else.
+replies to the buttons' payloads, waits about a second on "slow", and echoes anything else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["create_example_bot", "EXAMPLE_BOT_PATH"]
 EXAMPLE_BOT_PATH = "/webhooks/rest/webhook"
 
 
-def _answer(text: str) -> list[dict[str, Any]]:
+def _replies_to(text: str) -> list[dict[str, Any]]:
     lowered = text.strip().lower()
     if lowered in ("hi", "hello", "hey"):
         return [{"text": "Hello! Ask me about pricing, or anything else."}]
@@ -53,7 +53,7 @@ def create_example_bot() -> FastAPI:
             await asyncio.sleep(1.0)
             replies = [{"text": "Sorry for the wait: that took a moment."}]
         else:
-            replies = _answer(text)
+            replies = _replies_to(text)
         return JSONResponse([{"recipient_id": sender, **reply} for reply in replies])
 
     return app

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from chatmw import events as ev
 from chatmw.codecs import ChatReply
@@ -29,8 +30,8 @@ __all__ = [
     "EXPOSURE_KINDS",
 ]
 
-# Visitor, conversation, message and event ids are made by the widget from 16 random bytes
-# (22 base64url characters); other well-formed ids of 8 to 64 such characters are accepted.
+# The widget makes visitor, conversation, message and event ids from 16 random bytes (22
+# base64url characters). Other ids of 8 to 64 such characters are accepted too.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 EXPOSURE_KINDS = ("impression", "open")
 
@@ -46,6 +47,17 @@ _TOUCH_FIELD_CHARS = {
     "fbclid": 512,
 }
 _URL_CHARS = 2048
+# The query parameters kept in a stored landing URL. Others are dropped, because query
+# strings can carry personal data (emails, tokens); a referrer keeps no query at all.
+ATTRIBUTION_PARAMS = (
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "utm_term",
+    "utm_content",
+    "gclid",
+    "fbclid",
+)
 _MAX_BUTTONS = 10
 _BUTTON_TITLE_CHARS = 200
 # A touch time from the widget is trusted only inside this window around the server's clock.
@@ -144,12 +156,22 @@ def _parse_touch(value: Any) -> TouchData | None:
     at = value.get("at")
     touch = TouchData(
         **fields,
-        referrer=_optional_text(value.get("referrer"), _URL_CHARS),
-        landing_url=_optional_text(value.get("landing_url"), _URL_CHARS),
+        referrer=_trimmed_url(value.get("referrer"), keep_params=()),
+        landing_url=_trimmed_url(value.get("landing_url"), keep_params=ATTRIBUTION_PARAMS),
         at_ms=at if isinstance(at, int) and not isinstance(at, bool) else None,
     )
     has_campaign = any(fields.values())
     return touch if has_campaign or touch.referrer else None
+
+
+def _trimmed_url(value: Any, keep_params: tuple[str, ...]) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    parts = urlsplit(value)
+    query = urlencode(
+        [(name, item) for name, item in parse_qsl(parts.query) if name in keep_params]
+    )
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))[:_URL_CHARS]
 
 
 def parse_message_request(body: bytes, max_chars: int) -> MessageRequest:
@@ -212,8 +234,8 @@ def parse_event_request(body: bytes) -> EventRequest:
 def reply_payload(reply: ChatReply) -> dict[str, Any] | None:
     """Return the widget's form of a bot reply, ``{"text", "buttons"}``, or ``None`` if empty.
 
-    Buttons come from the reply's ``extra["buttons"]`` (the Rasa REST shape: a list of
-    ``{"title", "payload"}``); a button without a string title is skipped, and one without
+    Buttons come from the reply's ``extra["buttons"]``, in the Rasa REST shape: a list of
+    ``{"title", "payload"}``. A button without a string title is skipped. A button without
     a payload sends its title.
     """
     buttons = []

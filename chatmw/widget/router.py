@@ -5,7 +5,7 @@ Paths, under ``{prefix}/chat``:
 - ``GET widget.js`` and ``GET widget.css``: the widget, shipped inside this package.
 - ``POST messages``: a visitor's message. It is forwarded to the bot and the replies are
   returned as ``{"conversation_id", "message_id", "replies": [{"text", "buttons"}]}``.
-- ``POST events``: a funnel event (``impression`` or ``open``); answers 204.
+- ``POST events``: a funnel event (``impression`` or ``open``); returns 204.
 
 Both POST paths accept only ``application/json`` from the allowed site origins. Every
 message, reply, touch and exposure goes to the recorder, so no request waits on the
@@ -15,8 +15,10 @@ database.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from datetime import timedelta
+from collections import Counter
+from datetime import datetime, timedelta
 from importlib import resources
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -80,11 +82,13 @@ class WidgetEndpoint:
         self.message_buckets = TokenBuckets(
             settings.rate_per_minute, settings.rate_burst, settings.max_tracked_visitors
         )
-        # NOTE: limits are per visitor id, which the client chooses; a client that makes up a
-        # new id per request is bounded only by a proxy's per-address limit in front.
+        # NOTE: limits are per visitor id, and the client chooses that id. A client that makes
+        # up a new id for each request is bounded only by a per-address limit in a proxy.
         self.event_buckets = TokenBuckets(
             settings.event_rate_per_minute, settings.event_burst, settings.max_tracked_visitors
         )
+        self._rejected: Counter[str] = Counter()
+        self._lock = threading.Lock()
         self._static = {
             name: resources.files("chatmw.widget").joinpath("static", name).read_bytes()
             for name in _STATIC_TYPES
@@ -104,7 +108,7 @@ class WidgetEndpoint:
         try:
             origin = self._check_origin(request)
         except WidgetError as error:
-            return self._error_response(error, None)
+            return self._reject(error, None, request)
         headers = self._cors_headers(origin)
         headers.update(
             {
@@ -123,7 +127,7 @@ class WidgetEndpoint:
             message = parse_message_request(body, self.settings.max_message_chars)
             self._limit(self.message_buckets, message.visitor_id)
         except WidgetError as error:
-            return self._error_response(error, origin)
+            return self._reject(error, origin, request)
 
         received = ev.now_utc()
         user_key = f"{self.settings.channel}:{message.conversation_id}:{message.message_id}"
@@ -167,7 +171,7 @@ class WidgetEndpoint:
             event = parse_event_request(body)
             self._limit(self.event_buckets, event.visitor_id)
         except WidgetError as error:
-            return self._error_response(error, origin)
+            return self._reject(error, origin, request)
         self.sink.submit(self._exposure(event))
         return Response(status_code=204, headers=self._cors_headers(origin))
 
@@ -224,6 +228,24 @@ class WidgetEndpoint:
             headers["Access-Control-Expose-Headers"] = "Retry-After"
         return headers
 
+    def _reject(self, error: WidgetError, origin: str | None, request: Request) -> Response:
+        with self._lock:
+            self._rejected[error.error] += 1
+            count = self._rejected[error.error]
+        # The first rejection of each kind is logged, then every thousandth, so a flood of bad
+        # requests stays readable in the log.
+        if count == 1 or count % 1000 == 0:
+            client = request.client.host if request.client else "unknown"
+            logger.info(
+                "widget rejected %s %s from %s: %s (%d so far)",
+                request.method,
+                request.url.path,
+                client,
+                error.error,
+                count,
+            )
+        return self._error_response(error, origin)
+
     def _error_response(self, error: WidgetError, origin: str | None) -> Response:
         headers = self._cors_headers(origin)
         headers.update(error.headers)
@@ -233,7 +255,7 @@ class WidgetEndpoint:
             headers=headers,
         )
 
-    def _user_message(self, message: MessageRequest, key: str, received: Any) -> ev.Message:
+    def _user_message(self, message: MessageRequest, key: str, received: datetime) -> ev.Message:
         meta: dict[str, Any] = {}
         page = _page_path(message.page_url)
         if page:
@@ -254,7 +276,7 @@ class WidgetEndpoint:
     def _record_replies(
         self, message: MessageRequest, user_key: str, replies: list[ChatReply], latency_ms: float
     ) -> list[dict[str, Any]]:
-        answered = ev.now_utc()
+        replied_at = ev.now_utc()
         payloads = []
         for index, reply in enumerate(replies):
             payload = reply_payload(reply)
@@ -266,7 +288,7 @@ class WidgetEndpoint:
             self.sink.submit(
                 ev.Message(
                     channel=self.settings.channel,
-                    occurred_at=answered + timedelta(milliseconds=index),
+                    occurred_at=replied_at + timedelta(milliseconds=index),
                     key=f"{user_key}:reply:{index}",
                     role="bot",
                     user_id=message.visitor_id,
@@ -278,11 +300,11 @@ class WidgetEndpoint:
                     meta=meta,
                 )
             )
-        self._record_conversation_facts(message, replies, answered)
+        self._record_conversation_facts(message, replies, replied_at)
         return payloads
 
     def _record_conversation_facts(
-        self, message: MessageRequest, replies: list[ChatReply], answered: Any
+        self, message: MessageRequest, replies: list[ChatReply], replied_at: datetime
     ) -> None:
         facts: dict[str, Any] = {}
         for reply in replies:
@@ -294,7 +316,7 @@ class WidgetEndpoint:
             self.sink.submit(
                 ev.ConversationUpdate(
                     channel=self.settings.channel,
-                    occurred_at=answered,
+                    occurred_at=replied_at,
                     user_id=message.visitor_id,
                     conversation_id=message.conversation_id,
                     **facts,
@@ -332,7 +354,7 @@ def create_widget_router(
 
     ``sink`` receives every event (pass ``runtime.recorder``). ``bot_transport`` replaces
     the HTTP transport to the bot (``httpx.ASGITransport`` runs a bot app in-process).
-    The router's ``widget_endpoint`` attribute holds the :class:`WidgetEndpoint`; await its
+    The router's ``widget_endpoint`` attribute is the :class:`WidgetEndpoint`; await its
     ``bot.aclose()`` at shutdown.
     """
     endpoint = WidgetEndpoint(settings, sink, bot_transport)

@@ -20,7 +20,7 @@
 
   var MAX_CHARS = 2000;
   var HISTORY_LIMIT = 100;
-  // A conversation idle for this long is closed and the next message starts a new one.
+  // After this much idle time, the next message starts a new conversation.
   var CONVERSATION_IDLE_MS = 30 * 60 * 1000;
   var KEYS = {
     visitor: "chatmw:visitor",
@@ -110,12 +110,13 @@
 
   // Attribution ------------------------------------------------------------------------
 
-  // Read this page's campaign parameters, click ids and referrer; null for a direct visit or
-  // a navigation inside the site, which must not replace the touch already stored.
+  // Read this page's campaign parameters, click ids and referrer. Returns null for a direct
+  // visit or a navigation inside the site, because those must not replace a stored touch.
   function captureTouch() {
     var params = new URLSearchParams(location.search);
     var touch = {};
     var found = false;
+
     UTM_FIELDS.forEach(function (name) {
       var value = params.get("utm_" + name);
       if (value) {
@@ -130,6 +131,7 @@
         found = true;
       }
     });
+
     var referrer = document.referrer || "";
     var external = false;
     try {
@@ -140,6 +142,7 @@
     if (!found && !external) {
       return null;
     }
+
     touch.referrer = referrer || null;
     touch.landing_url = location.href;
     touch.at = Date.now();
@@ -356,8 +359,8 @@
 
   function renderItem(item, index) {
     var bubble = element("div", { "class": "message " + (item.role === "user" ? "user" : "bot") });
-    var who = element("span", { "class": "visually-hidden" }, item.role === "user" ? "You: " : "Assistant: ");
-    bubble.appendChild(who);
+    var speaker = element("span", { "class": "visually-hidden" }, item.role === "user" ? "You: " : "Assistant: ");
+    bubble.appendChild(speaker);
     if (item.text) {
       bubble.appendChild(element("span", { "class": "text" }, item.text));
     }
