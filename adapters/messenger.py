@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -41,7 +41,7 @@ from chatmw.adapters._meta import (
 from chatmw.outbound import OutboundMessage, SendResult
 from chatmw.store import models
 from chatmw.store.identity import insert_ignore
-from chatmw.store.writer import Writer, refresh_statuses
+from chatmw.store.writer import STATUS_RANK, Writer, refresh_statuses
 
 __all__ = [
     "CHANNEL",
@@ -354,13 +354,16 @@ def _optin(context: _Context, optin: Mapping[str, Any]) -> list[ev.Event]:
 def write_watermarks(session: Session, items: list[Watermark]) -> None:
     """Store a status for every outbound message at or before each watermark.
 
-    Each status keeps the time of the event that reported it. Statuses already stored stay
-    as they are, so a message's current status only moves forward.
+    Each status keeps the time of the event that reported it. Only messages whose current
+    status is behind the reported one are touched, so a long history is not rewritten on
+    every read, and a message's status only moves forward.
     """
     message, contact = models.Message, models.Contact
     touched: list[tuple[str, str]] = []
     for item in items:
-        rows = (
+        rank = STATUS_RANK.get(item.status, 0)
+        behind = [name for name, other in STATUS_RANK.items() if other < rank]
+        rows: Sequence[str] = (
             session.execute(
                 select(message.platform_message_id)
                 .join(contact, contact.id == message.contact_id)
@@ -371,6 +374,7 @@ def write_watermarks(session: Session, items: list[Watermark]) -> None:
                     message.role != "user",
                     message.platform_message_id.is_not(None),
                     message.occurred_at_ms <= ev.to_ms(item.watermark),
+                    or_(message.status.is_(None), message.status.in_(behind)),
                 )
             )
             .scalars()

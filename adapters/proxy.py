@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -349,7 +349,7 @@ async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
     return response
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+def _route_path(scope: MutableMapping[str, Any]) -> str:
     # Under a mount, scope["path"] keeps the mount prefix, which root_path names.
     path: str = scope["path"]
     root = scope.get("root_path", "")

@@ -88,6 +88,11 @@ class WebhookIntake:
         self.settings = settings
         self.sink = sink
         self.stats = stats or WebhookStats()
+        if settings.durable_acknowledgement and not getattr(sink, "replayable", False):
+            logger.warning(
+                "durable acknowledgement requested, but the recorder has no replayable "
+                "spool: webhooks are acknowledged once queued in memory"
+            )
 
     def challenge(self, query: Mapping[str, str]) -> WebhookOutcome:
         """Respond to a ``GET`` verification: the challenge with 200, or 403."""
@@ -159,8 +164,11 @@ class WebhookIntake:
     def _accept(self, found: Sequence[ev.Event]) -> bool:
         if self.sink is None or not found:
             return True
+        # Durable acknowledgement needs a recorder with a replayable spool; without one,
+        # Recorder.submit_durable would report every webhook as not stored.
         durable = getattr(self.sink, "submit_durable", None)
-        if self.settings.durable_acknowledgement and durable is not None:
+        replayable = bool(getattr(self.sink, "replayable", False))
+        if self.settings.durable_acknowledgement and durable is not None and replayable:
             return bool(durable(list(found)))
         accepted = True
         for event in found:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import hmac
 import itertools
@@ -101,6 +102,8 @@ class GraphStub:
 
         document = json.loads(body or b"{}")
         number = next(self.counter)
+        if request.query_params.get("gzip") == "1":
+            return _gzipped({"recipient_id": "7100000000000001", "message_id": f"m_gz{number}"})
         headers = {"x-fb-trace-id": f"trace-{number}", "x-app-usage": '{"call_count":1}'}
         recipient = document.get("to") or document.get("recipient", {}).get("id")
         if recipient == "fail":
@@ -209,6 +212,11 @@ class EchoBot:
                     }
                 )
         return PlainTextResponse("ok")
+
+
+def _gzipped(document: dict[str, Any]) -> Response:
+    body = gzip.compress(json.dumps(document).encode())
+    return Response(body, media_type="application/json", headers={"content-encoding": "gzip"})
 
 
 def _texts(document: dict[str, Any]) -> list[tuple[str, str]]:
