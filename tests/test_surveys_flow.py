@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from surveys_support import Harness, survey_config
@@ -10,6 +12,7 @@ from chatmw.outbound import SendResult
 from chatmw.store.models import Contact, Conversation, Message
 from chatmw.surveys.answers import score_payload
 from chatmw.surveys.scheduler import SurveyExistsError, is_sampled, request_survey
+from chatmw.surveys.service import SurveyService
 from chatmw.surveys.web import WebOutbound, fetch_web_messages
 
 
@@ -356,3 +359,32 @@ def test_web_outbox_delivers_each_message_once(engine: Engine) -> None:
             select(Message.platform_message_id).where(Message.kind == "survey_prompt")
         )
     assert stored == first[0]["id"]
+
+
+def test_message_for_other_conversation_not_answer(engine: Engine) -> None:
+    harness = Harness(engine, survey_config(csat={"delay_minutes": 0}))
+    harness.conversation("c1")
+    harness.round()
+    harness.user_says("n1", "5", conversation_id="c2")
+    survey = harness.surveys()[0]
+    assert survey.state == "sent"
+    assert survey.score is None
+    with Session(engine) as session:
+        assert session.scalar(select(Message.kind).where(Message.key == "n1")) == "message"
+
+
+def test_service_thread_sends_and_stops(engine: Engine) -> None:
+    config = survey_config(csat={"delay_minutes": 0}, dispatcher={"poll_seconds": 0.05})
+    harness = Harness(engine, config)
+    harness.conversation("c1")
+    service = SurveyService(harness.dispatcher)
+    service.start()
+    try:
+        for _ in range(200):
+            if harness.outbound["web"].sent:
+                break
+            time.sleep(0.02)
+    finally:
+        stopped = service.stop(timeout=5)
+    assert stopped
+    assert len(harness.outbound["web"].sent) == 1

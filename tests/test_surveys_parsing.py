@@ -292,5 +292,6 @@ def test_whatsapp_nps_two_steps() -> None:
 def test_follow_up_is_plain_text() -> None:
     message = render(_request("csat", "whatsapp", "follow_up"))
     assert message.text == "Why?"
-    assert not message.quick_replies and not message.list_rows
+    assert not message.quick_replies
+    assert not message.list_rows
     assert whatsapp_request(message)["type"] == "text"

@@ -124,14 +124,17 @@ class SurveyAnswerPreprocessor:
         )
         found: dict[tuple[str, str], tuple[Survey, str]] = {}
         for survey, conversation_external, channel, user_id in session.execute(statement):
+            # Detached, so that the writer's commit never flushes these copies: every
+            # change goes through an explicit UPDATE in ``_set``.
+            session.expunge(survey)
             # The latest survey sent to the user wins.
             found[(channel, user_id)] = (survey, conversation_external)
         return found
 
     @staticmethod
     def _for_survey(message: ev.Message, survey: Survey, conversation_id: str) -> bool:
-        # A source that names another conversation says the message is not an answer, unless
-        # it carries this survey's button payload.
+        # A message the source assigns to another conversation is not an answer, unless it
+        # carries this survey's button payload.
         if message.conversation_id in (None, conversation_id):
             return True
         payload = _payload(message) or message.text or ""

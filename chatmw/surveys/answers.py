@@ -1,10 +1,14 @@
 """Reading a survey answer: button payloads and typed scores.
 
-Accepted forms: a button payload made by :func:`score_payload`; a number (``4``, ``4.``);
-a score over the scale (``10/10``, ``4 out of 5``); stars (``⭐⭐⭐⭐``); a number word in
-English, Spanish, French, German or Portuguese (``four``, ``diez``). Text after a score
-and a separator (``9 - quick and friendly``) is kept as the comment. Anything else is
-unclear and returns ``None``.
+Accepted forms:
+
+- a button payload made by :func:`score_payload` or :func:`range_payload`;
+- a number (``4``, ``4.``) or a score over the scale (``10/10``, ``4 out of 5``);
+- stars (``⭐⭐⭐⭐``) or keycap digits (``4️⃣``);
+- a number word in English, Spanish, French, German or Portuguese (``four``, ``diez``).
+
+Text after a score and a separator (``9 - quick and friendly``) is kept as the comment.
+Anything else is unclear and returns ``None``.
 """
 
 from __future__ import annotations

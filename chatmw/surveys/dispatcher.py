@@ -1,9 +1,10 @@
 """The survey dispatcher: schedules due surveys, sends each claimed message, records it.
 
-One round (:meth:`Dispatcher.run_once`) schedules surveys of ended conversations, claims
-due sends for the channels this process can send on, renders and sends each one through
-the channel's :class:`chatmw.outbound.OutboundChannel`, stores the outcome, and records
-each sent message as a ``survey_prompt`` message of the surveyed conversation. Any number
+One round (:meth:`Dispatcher.run_once`) schedules surveys of ended conversations and
+claims the due sends of the channels this process can send on. It renders each one and
+sends it through the channel's :class:`chatmw.outbound.OutboundChannel`. Then it stores
+the outcome and records each sent message as a ``survey_prompt`` message of the surveyed
+conversation. Any number
 of processes may run rounds against one database; each send goes out at most once.
 """
 
@@ -49,7 +50,7 @@ def _now_ms() -> int:
 
 @dataclass(slots=True)
 class RoundStats:
-    """What one round did: surveys scheduled, sends made, retried, failed or skipped."""
+    """Counts of one round: surveys scheduled, sends made, retried, failed or skipped."""
 
     scheduled: int = 0
     sent: int = 0
@@ -92,7 +93,7 @@ class Dispatcher:
         return source.current() if isinstance(source, ConfigSource) else source
 
     async def run_once(self) -> RoundStats:
-        """Run one round; errors of single sends are stored, never raised."""
+        """Run one round. A failed send is stored on its row; database errors propagate."""
         config = self.config
         stats = RoundStats()
         await asyncio.to_thread(self._maintain, config, stats)

@@ -54,7 +54,7 @@ STAR = "⭐"
 
 @dataclass(frozen=True, slots=True)
 class RenderRequest:
-    """What one survey message needs: the survey, its recipient and the message's purpose.
+    """The input of one survey message: the survey, its recipient and the message's purpose.
 
     ``score_range`` is the NPS range chosen in the first step (for ``step2``);
     ``template`` is set when the prompt must go as a WhatsApp template.
@@ -82,13 +82,17 @@ def _score_choices(request: RenderRequest, low: int, high: int) -> list[tuple[st
     ]
 
 
-def _check(choices: list[tuple[str, str]], count: int, title: int, payload: int, what: str) -> None:
+def _check(
+    choices: list[tuple[str, str]], count: int, title: int, payload: int, label: str
+) -> None:
     # Titles and payloads are built here, so exceeding a limit is a programming error.
     if len(choices) > count:
-        raise ValueError(f"{what}: {len(choices)} choices, the platform allows {count}")
-    for shown, sent in choices:
-        if len(shown) > title or len(sent) > payload:
-            raise ValueError(f"{what}: choice {shown!r} exceeds the platform's length limits")
+        raise ValueError(f"{label}: {len(choices)} choices, the platform allows {count}")
+    for choice_title, choice_payload in choices:
+        if len(choice_title) > title or len(choice_payload) > payload:
+            raise ValueError(
+                f"{label}: choice {choice_title!r} exceeds the platform's length limits"
+            )
 
 
 def _whatsapp_message(request: RenderRequest, text: str, meta: dict[str, Any]) -> OutboundMessage:

@@ -1,4 +1,4 @@
-"""The store side of surveys: deciding what is due, and claiming sends exactly once.
+"""The store side of surveys: deciding what is due, and claiming each send for one process.
 
 Several processes may run these functions against one database at the same time:
 
@@ -459,7 +459,7 @@ def _skip(session: Session, send_id: int, survey_id: int | None, reason: str) ->
 def _check_prompt(
     session: Session, send_id: int, survey: Survey, settings: SurveySettings, now_ms: int
 ) -> bool:
-    # Returns whether the prompt may go out now; otherwise the rows say why not.
+    # Returns whether the prompt may go out now. Otherwise the survey and send rows store why not.
     if survey.trigger != "on_demand":
         ended_at, last_at = session.execute(
             select(Conversation.ended_at_ms, Conversation.last_message_at_ms).where(

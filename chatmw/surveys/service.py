@@ -60,9 +60,9 @@ def build_channels(
 class SurveyService:
     """Runs a :class:`Dispatcher` on its own thread and event loop until :meth:`stop`.
 
-    Use it in a process without an event loop of its own (a worker, a WSGI app); in an
-    ASGI app, ``asyncio.create_task(dispatcher.run(stop_event))`` in the lifespan does the
-    same on the app's loop.
+    Use it in a process without an event loop of its own (a worker, a WSGI app). In an ASGI
+    app, ``asyncio.create_task(dispatcher.run(stop_event))`` in the lifespan does the same
+    on the app's loop.
     """
 
     def __init__(self, dispatcher: Dispatcher) -> None:
