@@ -293,11 +293,21 @@ def test_error_and_retry_when_bot_down(page: Page, runtime: Runtime) -> None:
         expect(alert).to_contain_text("The assistant is not available right now.")
         retry = page.get_by_role("button", name="Retry")
         expect(retry).to_be_visible()
+        retry.click()
+        expect(alert).to_contain_text("The assistant is not available right now.")
+
+        # The unsent message follows the visitor to the next page, still ready to retry.
+        page.get_by_role("link", name="See pricing").click()
+        page.wait_for_url(f"{server.url}/pricing.html")
+        expect(alert).to_contain_text("Your last message was not sent.")
         with serve(create_example_bot(), bot_port):
             retry.click()
             expect_bot_message(page, HELLO_REPLY)
         expect(alert).to_be_hidden()
         expect(page.locator(".message.user")).to_have_count(1)
+        page.reload()
+        expect_bot_message(page, HELLO_REPLY)
+        expect(alert).to_be_hidden()
     assert runtime.recorder.flush(10)
 
     with runtime.engine.connect() as connection:

@@ -28,6 +28,7 @@
     history: "chatmw:history",
     firstTouch: "chatmw:first_touch",
     lastTouch: "chatmw:last_touch",
+    pending: "chatmw:pending",
     open: "chatmw:open"
   };
   var UTM_FIELDS = ["source", "medium", "campaign", "term", "content"];
@@ -419,10 +420,32 @@
     errorText.textContent = "";
   }
 
+  // The message being sent, or the last one that failed, kept across page loads so that the
+  // visitor can retry it on the next page. A retry reuses the message id, so the endpoint
+  // stores the message once.
+  function setPending(message) {
+    pending = message;
+    var conversation = currentConversation(false);
+    if (message && conversation) {
+      local.set(KEYS.pending, { conversation_id: conversation.id, message: message });
+    } else {
+      local.remove(KEYS.pending);
+    }
+  }
+
+  function restorePending() {
+    var saved = local.get(KEYS.pending);
+    var conversation = currentConversation(false);
+    if (saved && conversation && saved.conversation_id === conversation.id && saved.message) {
+      pending = saved.message;
+      showError("Your last message was not sent.", true);
+    }
+  }
+
   function deliver(message) {
     var conversation = currentConversation(true);
     touchConversation(conversation);
-    pending = message;
+    setPending(message);
     hideError();
     setBusy(true);
     var payload = {
@@ -448,7 +471,7 @@
         throw failure("The chat could not be reached. Check your connection and retry.", true);
       })
       .then(function (body) {
-        pending = null;
+        setPending(null);
         setBusy(false);
         (body && Array.isArray(body.replies) ? body.replies : []).forEach(function (reply) {
           addItem({ role: "bot", text: reply.text || "", buttons: reply.buttons || [] });
@@ -458,7 +481,7 @@
         setBusy(false);
         showError(error.message, error.retryable !== false);
         if (error.retryable === false) {
-          pending = null;
+          setPending(null);
         }
       });
   }
@@ -542,6 +565,7 @@
     }
     items = loadHistory().slice();
     items.forEach(renderItem);
+    restorePending();
     if (session.get(KEYS.open)) {
       openPanel(false);
     }
