@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,19 +96,8 @@ def _write_batch(writer: Writer, batch: list[Row], report: ImportReport) -> None
     report.imported += len(new_keys)
 
 
-def run_import(source: MessageSource, writer: Writer, batch_size: int = DEFAULT_BATCH_SIZE,
-               on_skipped: Callable[[Skipped], None] | None = None) -> ImportReport:
-    """Import every row of ``source`` through ``writer`` in batches of ``batch_size``.
-
-    ``on_skipped`` is called for each invalid row. Raises :class:`ImportAborted` when a batch fails,
-    with the batches before it stored; running the import again is safe.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    report = ImportReport()
-    started = time.perf_counter()
-    source.scan()
-
+def _batches(source: MessageSource, batch_size: int, report: ImportReport,
+             on_skipped: Callable[[Skipped], None] | None) -> Iterator[list[Row]]:
     batch: list[Row] = []
     batch_keys: set[str] = set()
     for item in source.rows():
@@ -125,10 +115,36 @@ def run_import(source: MessageSource, writer: Writer, batch_size: int = DEFAULT_
         batch.append(item)
         batch_keys.add(message.key)
         if len(batch) >= batch_size:
-            _write_batch(writer, batch, report)
+            yield batch
             batch, batch_keys = [], set()
     if batch:
-        _write_batch(writer, batch, report)
+        yield batch
+
+
+def run_import(source: MessageSource, writer: Writer, batch_size: int = DEFAULT_BATCH_SIZE,
+               on_skipped: Callable[[Skipped], None] | None = None) -> ImportReport:
+    """Import every row of ``source`` through ``writer`` in batches of ``batch_size``.
+
+    One thread writes a batch while this one reads the next, and reading waits until the
+    write before it is done, so at most two batches are in memory. ``on_skipped`` is called
+    for each invalid row. Raises :class:`ImportAborted` when a batch fails, with the
+    batches before it stored; running the import again is safe.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    report = ImportReport()
+    started = time.perf_counter()
+    source.scan()
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmw-import") as executor:
+        pending: Future[None] | None = None
+        for batch in _batches(source, batch_size, report, on_skipped):
+            if pending is not None:
+                pending.result()
+            pending = executor.submit(_write_batch, writer, batch, report)
+        if pending is not None:
+            pending.result()
+
     report.seconds = time.perf_counter() - started
     logger.info("import: %d rows read, %d imported, %d duplicates, %d skipped in %.1f s",
                 report.rows, report.imported, report.duplicates, report.skipped, report.seconds)

@@ -66,22 +66,26 @@ def message_key(channel: str, conversation_id: str, message_id: str | None, at_m
     return f"import:{channel}:sha256:{hashlib.sha256(key.encode('utf-8')).hexdigest()}"
 
 
-def _string(values: dict[str, Any], column: str) -> str | None:
-    # CSV gives strings; JSON may give numbers or booleans, which are stored as written.
-    value = values.get(column)
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    raise RowError(f"column {column} must be a string or a number, got {type(value).__name__}")
+def _as_strings(values: dict[str, Any]) -> dict[str, str | None]:
+    # JSON may give numbers or booleans, which are stored as written; null stays None.
+    strings: dict[str, str | None] = {}
+    for column, value in values.items():
+        if value is None or isinstance(value, str):
+            strings[column] = value
+        elif isinstance(value, bool):
+            strings[column] = "true" if value else "false"
+        elif isinstance(value, int | float):
+            strings[column] = str(value)
+        else:
+            raise RowError(f"column {column} must be a string or a number, "
+                           f"got {type(value).__name__}")
+    return strings
 
 
-def _required(values: dict[str, Any], column: str) -> str:
+def _required(values: dict[str, str | None], column: str) -> str:
     if column not in values:
         raise RowError(f"missing column {column}")
-    value = _string(values, column)
+    value = values[column]
     if value is None or not value.strip():
         raise RowError(f"empty {column}")
     return value.strip()
@@ -139,18 +143,20 @@ class TranscriptSource:
 
     def _note_user(self, values: dict[str, Any]) -> None:
         try:
-            if str(values.get("role", "")).strip().lower() != "user":
+            if self.file_format == "jsonl":
+                values = _as_strings(values)
+            if (values.get("role") or "").strip().lower() != "user":
                 return
-            user_id = _string(values, "user_id")
-            if not user_id or not user_id.strip():
+            user_id = (values.get("user_id") or "").strip()
+            if not user_id:
                 return
             identity = (self._channel(values), _required(values, "conversation_id"))
         except RowError:
             return  # reported with its line number on the second pass
-        self.users.setdefault(identity, user_id.strip())
+        self.users.setdefault(identity, user_id)
 
-    def _channel(self, values: dict[str, Any]) -> str:
-        channel = _string(values, "channel")
+    def _channel(self, values: dict[str, str | None]) -> str:
+        channel = values.get("channel")
         if channel is None or not channel.strip():
             return self.default_channel
         channel = channel.strip()
@@ -173,6 +179,8 @@ class TranscriptSource:
 
     def to_message(self, values: dict[str, Any]) -> ev.Message:
         """Turn one record into a message; raises RowError with the reason it is invalid."""
+        if self.file_format == "jsonl":
+            values = _as_strings(values)
         conversation_id = _required(values, "conversation_id")
         role = _required(values, "role").lower()
         if role not in ev.ROLES:
@@ -180,10 +188,10 @@ class TranscriptSource:
         occurred_at = parse_timestamp(_required(values, "timestamp"), self.naive_timezone)
         if "text" not in values:
             raise RowError("missing column text")
-        text = _string(values, "text")
+        text = values["text"]
         channel = self._channel(values)
-        message_id = (_string(values, "message_id") or "").strip() or None
-        user_id = (_string(values, "user_id") or "").strip()
+        message_id = (values.get("message_id") or "").strip() or None
+        user_id = (values.get("user_id") or "").strip()
         if not user_id:
             user_id = self.users.get((channel, conversation_id), conversation_id)
         for column, value in (("conversation_id", conversation_id), ("user_id", user_id),
@@ -204,12 +212,11 @@ class TranscriptSource:
             attributes=self._attributes(values),
         )
 
-    def _attributes(self, values: dict[str, Any]) -> dict[str, str]:
+    def _attributes(self, values: dict[str, str | None]) -> dict[str, str]:
         attributes: dict[str, str] = {}
-        for name in values:
+        for name, value in values.items():
             if name in KNOWN_COLUMNS:
                 continue
-            value = _string(values, name)
             if value is None or not value.strip():
                 continue
             if len(name) > MAX_ATTRIBUTE_NAME_CHARS:
