@@ -37,8 +37,6 @@ MAX_INTERVAL_S = 60.0
 MAX_ACTIVE_MINUTES = 24 * 60
 # The window of the message rate and of the recent response time.
 RECENT_MINUTES = 5
-# How often a waiting stream checks whether its client is gone, in seconds.
-_DISCONNECT_POLL_S = 0.5
 
 
 def live_snapshot(
@@ -111,6 +109,17 @@ def _invalid(param: str, message: str) -> JSONResponse:
     )
 
 
+async def _watch_disconnect(request: Request, disconnected: asyncio.Event) -> None:
+    # Starlette's StreamingResponse (1.x) listens for the disconnect itself only under ASGI
+    # spec versions before 2.4; from 2.4 on it notices only when a write fails, up to one
+    # ``interval`` later. This task ends the wait as soon as the client goes, either way.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            disconnected.set()
+            return
+
+
 async def _stream(
     request: Request,
     engine: Engine,
@@ -123,6 +132,8 @@ async def _stream(
     streams.open += 1
     streams.started += 1
     sent = 0
+    disconnected = asyncio.Event()
+    watcher = asyncio.create_task(_watch_disconnect(request, disconnected))
     logger.debug("live: stream opened (%d open)", streams.open)
     try:
         # The retry field tells the browser's EventSource how long to wait before reconnecting.
@@ -136,12 +147,13 @@ async def _stream(
             sent += 1
             if count is not None and sent >= count:
                 break
-            deadline = time.monotonic() + interval
-            while time.monotonic() < deadline:
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(min(_DISCONNECT_POLL_S, max(0.0, deadline - time.monotonic())))
+            try:
+                await asyncio.wait_for(disconnected.wait(), timeout=interval)
+                return
+            except TimeoutError:
+                pass
     finally:
+        watcher.cancel()
         streams.open -= 1
         logger.debug("live: stream closed after %d events (%d open)", sent, streams.open)
 

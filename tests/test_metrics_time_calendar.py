@@ -30,17 +30,35 @@ def compute(engine: Engine, name: str, **params: str) -> dict:
     return spec.compute(engine, flt, parse_options(spec, query))
 
 
-def conversation(number: int, user: str, start: datetime, channel: str = "web",
-                 replies: int = 1) -> list[ev.Message]:
+def conversation(
+    number: int, user: str, start: datetime, channel: str = "web", replies: int = 1
+) -> list[ev.Message]:
     """Return a conversation of ``replies`` user-bot exchanges, one minute apart."""
     messages = []
     for turn in range(replies):
         at = start + timedelta(minutes=turn)
-        messages.append(ev.Message(channel=channel, occurred_at=at, key=f"c{number}-u{turn}", role="user",
-                                   user_id=user, text="hi", conversation_id=f"c{number}"))
-        messages.append(ev.Message(channel=channel, occurred_at=at + timedelta(seconds=10),
-                                   key=f"c{number}-b{turn}", role="bot", user_id=user, text="hello",
-                                   conversation_id=f"c{number}"))
+        messages.append(
+            ev.Message(
+                channel=channel,
+                occurred_at=at,
+                key=f"c{number}-u{turn}",
+                role="user",
+                user_id=user,
+                text="hi",
+                conversation_id=f"c{number}",
+            )
+        )
+        messages.append(
+            ev.Message(
+                channel=channel,
+                occurred_at=at + timedelta(seconds=10),
+                key=f"c{number}-b{turn}",
+                role="bot",
+                user_id=user,
+                text="hello",
+                conversation_id=f"c{number}",
+            )
+        )
     return messages
 
 
@@ -55,10 +73,24 @@ def generate(seed: int, first_day: date, days: int, users: int = 25) -> list[dic
         for _ in range(rng.randint(1, 5)):
             day = first_day + timedelta(days=rng.randrange(days))
             # Local wall times, including the hours that a daylight-saving change skips or repeats.
-            local = datetime(day.year, day.month, day.day, rng.randrange(24), rng.randrange(60),
-                             tzinfo=NY, fold=rng.randrange(2))
-            rows.append({"number": number, "user": f"u{user}", "channel": channel,
-                         "start": local.astimezone(UTC), "replies": rng.randint(1, 3)})
+            local = datetime(
+                day.year,
+                day.month,
+                day.day,
+                rng.randrange(24),
+                rng.randrange(60),
+                tzinfo=NY,
+                fold=rng.randrange(2),
+            )
+            rows.append(
+                {
+                    "number": number,
+                    "user": f"u{user}",
+                    "channel": channel,
+                    "start": local.astimezone(UTC),
+                    "replies": rng.randint(1, 3),
+                }
+            )
             number += 1
     return rows
 
@@ -66,7 +98,9 @@ def generate(seed: int, first_day: date, days: int, users: int = 25) -> list[dic
 def store(engine: Engine, rows: list[dict]) -> None:
     messages = []
     for row in rows:
-        messages.extend(conversation(row["number"], row["user"], row["start"], row["channel"], row["replies"]))
+        messages.extend(
+            conversation(row["number"], row["user"], row["start"], row["channel"], row["replies"])
+        )
     Writer(engine).write(messages)
 
 
@@ -99,7 +133,9 @@ def test_growth_matches_reference_across_spring_change(engine: Engine, period: s
     rows = generate(seed=1, first_day=date(2024, 3, 4), days=14)
     store(engine, rows)
     since, until = "2024-03-04T00:00:00", "2024-03-18T00:00:00"
-    result = compute(engine, "growth", tz="America/New_York", since=since, until=until, period=period)
+    result = compute(
+        engine, "growth", tz="America/New_York", since=since, until=until, period=period
+    )
 
     firsts: dict[str, datetime] = {}
     for row in rows:
@@ -134,11 +170,31 @@ def test_growth_matches_reference_across_spring_change(engine: Engine, period: s
 def test_growth_day_buckets_have_dst_offsets(engine: Engine) -> None:
     # 23:30 local on the 23-hour day is 03:30 UTC on the next day.
     start = datetime(2024, 3, 10, 23, 30, tzinfo=NY)
-    store(engine, [{"number": 0, "user": "a", "channel": "web", "start": start.astimezone(UTC), "replies": 1}])
-    result = compute(engine, "growth", tz="America/New_York", since="2024-03-09", until="2024-03-12",
-                     period="day")
+    store(
+        engine,
+        [
+            {
+                "number": 0,
+                "user": "a",
+                "channel": "web",
+                "start": start.astimezone(UTC),
+                "replies": 1,
+            }
+        ],
+    )
+    result = compute(
+        engine,
+        "growth",
+        tz="America/New_York",
+        since="2024-03-09",
+        until="2024-03-12",
+        period="day",
+    )
     assert [row["bucket"] for row in result["series"]] == [
-        "2024-03-09T00:00:00-05:00", "2024-03-10T00:00:00-05:00", "2024-03-11T00:00:00-04:00"]
+        "2024-03-09T00:00:00-05:00",
+        "2024-03-10T00:00:00-05:00",
+        "2024-03-11T00:00:00-04:00",
+    ]
     assert [row["conversations"] for row in result["series"]] == [0, 1, 0]
     assert result["series"][2]["conversations_change_pct"] == -100.0
     assert result["series"][1]["conversations_change_pct"] is None
@@ -161,8 +217,15 @@ def test_retention_matches_reference(engine: Engine, period: str) -> None:
     rows = generate(seed=2, first_day=date(2024, 10, 20), days=30, users=40)
     store(engine, rows)
     since, until = "2024-10-20T00:00:00", "2024-11-10T00:00:00"
-    result = compute(engine, "retention", tz="America/New_York", since=since, until=until,
-                     period=period, periods="6")
+    result = compute(
+        engine,
+        "retention",
+        tz="America/New_York",
+        since=since,
+        until=until,
+        period=period,
+        periods="6",
+    )
     until_utc = datetime(2024, 11, 10, tzinfo=NY).astimezone(UTC)
     since_utc = datetime(2024, 10, 20, tzinfo=NY).astimezone(UTC)
 
@@ -178,7 +241,9 @@ def test_retention_matches_reference(engine: Engine, period: str) -> None:
             continue
         cohort = period_key(times[0], period)
         sizes[cohort] += 1
-        for offset in {period_offset(period_key(t, period), cohort, period) for t in times[1:]} - {0}:
+        for offset in {period_offset(period_key(t, period), cohort, period) for t in times[1:]} - {
+            0
+        }:
             returns[cohort][offset] += 1
 
     first = period_key(since_utc, period)
@@ -202,7 +267,9 @@ def test_retention_matches_reference(engine: Engine, period: str) -> None:
                 assert cell["share"] is None
                 continue
             assert cell["users"] == returns[cohort][offset], (cohort, offset)
-            expected_share = None if sizes[cohort] == 0 else round(returns[cohort][offset] / sizes[cohort], 4)
+            expected_share = (
+                None if sizes[cohort] == 0 else round(returns[cohort][offset] / sizes[cohort], 4)
+            )
             assert cell["share"] == expected_share
 
 
@@ -210,12 +277,29 @@ def test_retention_fall_back_day_counts_once(engine: Engine) -> None:
     # Both 01:30 of 2024-11-03 (EDT, then EST) fall on the same local day.
     first = datetime(2024, 11, 2, 12, 0, tzinfo=NY)
     repeated = [datetime(2024, 11, 3, 1, 30, tzinfo=NY, fold=fold) for fold in (0, 1)]
-    rows = [{"number": 0, "user": "a", "channel": "web", "start": first.astimezone(UTC), "replies": 1}]
-    rows += [{"number": index + 1, "user": "a", "channel": "web", "start": moment.astimezone(UTC), "replies": 1}
-             for index, moment in enumerate(repeated)]
+    rows = [
+        {"number": 0, "user": "a", "channel": "web", "start": first.astimezone(UTC), "replies": 1}
+    ]
+    rows += [
+        {
+            "number": index + 1,
+            "user": "a",
+            "channel": "web",
+            "start": moment.astimezone(UTC),
+            "replies": 1,
+        }
+        for index, moment in enumerate(repeated)
+    ]
     store(engine, rows)
-    result = compute(engine, "retention", tz="America/New_York", since="2024-11-02", until="2024-11-05",
-                     period="day", periods="3")
+    result = compute(
+        engine,
+        "retention",
+        tz="America/New_York",
+        since="2024-11-02",
+        until="2024-11-05",
+        period="day",
+        periods="3",
+    )
     cohort = result["cohorts"][0]
     assert cohort["cohort"] == "2024-11-02T00:00:00-04:00"
     assert cohort["users"] == 1
@@ -224,10 +308,14 @@ def test_retention_fall_back_day_counts_once(engine: Engine) -> None:
 
 
 def test_retention_empty_cohorts_have_null_shares(engine: Engine) -> None:
-    result = compute(engine, "retention", since="2024-01-01", until="2024-01-03", period="day", periods="2")
+    result = compute(
+        engine, "retention", since="2024-01-01", until="2024-01-03", period="day", periods="2"
+    )
     assert [row["users"] for row in result["cohorts"]] == [0, 0]
-    assert result["cohorts"][0]["following"] == [{"period": 1, "users": 0, "share": None},
-                                                 {"period": 2, "users": None, "share": None}]
+    assert result["cohorts"][0]["following"] == [
+        {"period": 1, "users": 0, "share": None},
+        {"period": 2, "users": None, "share": None},
+    ]
 
 
 def test_retention_rejects_too_many_periods(engine: Engine) -> None:
@@ -258,13 +346,15 @@ def test_heatmap_matches_reference(engine: Engine) -> None:
 
 def test_heatmap_daylight_saving_hours(engine: Engine) -> None:
     moments = [
-        datetime(2024, 3, 10, 6, 30, tzinfo=UTC),   # 01:30 EST, Sunday
-        datetime(2024, 3, 10, 7, 30, tzinfo=UTC),   # 03:30 EDT: 02:xx is skipped
-        datetime(2024, 11, 3, 5, 30, tzinfo=UTC),   # 01:30 EDT, Sunday
-        datetime(2024, 11, 3, 6, 30, tzinfo=UTC),   # 01:30 EST, the repeated hour
+        datetime(2024, 3, 10, 6, 30, tzinfo=UTC),  # 01:30 EST, Sunday
+        datetime(2024, 3, 10, 7, 30, tzinfo=UTC),  # 03:30 EDT: 02:xx is skipped
+        datetime(2024, 11, 3, 5, 30, tzinfo=UTC),  # 01:30 EDT, Sunday
+        datetime(2024, 11, 3, 6, 30, tzinfo=UTC),  # 01:30 EST, the repeated hour
     ]
-    rows = [{"number": n, "user": f"u{n}", "channel": "web", "start": m, "replies": 1}
-            for n, m in enumerate(moments)]
+    rows = [
+        {"number": n, "user": f"u{n}", "channel": "web", "start": m, "replies": 1}
+        for n, m in enumerate(moments)
+    ]
     store(engine, rows)
     result = compute(engine, "heatmap", tz="America/New_York")
     sunday = result["conversations"][6]
@@ -283,4 +373,6 @@ def test_heatmap_empty_window_and_groups(engine: Engine) -> None:
     assert empty["conversations"] == [[0] * 24 for _ in range(7)]
     grouped = compute(engine, "heatmap", group_by="channel")
     by_channel = Counter(row["channel"] for row in rows)
-    assert {group["group"]: group["totals"]["conversations"] for group in grouped["groups"]} == dict(by_channel)
+    assert {
+        group["group"]: group["totals"]["conversations"] for group in grouped["groups"]
+    } == dict(by_channel)

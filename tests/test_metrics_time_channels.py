@@ -41,15 +41,41 @@ def generate(seed: int) -> tuple[list[ev.Message], list[dict]]:
             at = start + timedelta(minutes=turn * 3)
             text_value = rng.choice(TEXTS)
             delay = rng.randint(1, 120)
-            messages.append(ev.Message(channel=channel, occurred_at=at, key=f"c{number}-u{turn}", role="user",
-                                       user_id=user, text=text_value, conversation_id=f"c{number}"))
-            messages.append(ev.Message(channel=channel, occurred_at=at + timedelta(seconds=delay),
-                                       key=f"c{number}-b{turn}", role="bot", user_id=user, text="ok",
-                                       conversation_id=f"c{number}"))
+            messages.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=at,
+                    key=f"c{number}-u{turn}",
+                    role="user",
+                    user_id=user,
+                    text=text_value,
+                    conversation_id=f"c{number}",
+                )
+            )
+            messages.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=at + timedelta(seconds=delay),
+                    key=f"c{number}-b{turn}",
+                    role="bot",
+                    user_id=user,
+                    text="ok",
+                    conversation_id=f"c{number}",
+                )
+            )
             delays.append(delay)
             scores.append(sentiment_enricher(messages[-2])["sentiment"])
-        conversations.append({"number": number, "channel": channel, "user": user, "start": start,
-                              "turns": turns, "delays": delays, "scores": scores})
+        conversations.append(
+            {
+                "number": number,
+                "channel": channel,
+                "user": user,
+                "start": start,
+                "turns": turns,
+                "delays": delays,
+                "scores": scores,
+            }
+        )
     return messages, conversations
 
 
@@ -63,28 +89,56 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
         item["conversions"] = 0
         if rng.random() < 0.3:
             for index in range(rng.randint(1, 2)):
-                conversion_rows.append({
-                    "key": f"conv-{item['number']}-{index}", "name": "purchase", "value_micros": 1_000_000,
-                    "currency": "EUR", "channel": item["channel"], "user_id": item["user"],
-                    "conversation_external_id": f"c{item['number']}",
-                    "occurred_at_ms": int((item["start"] + timedelta(hours=1)).timestamp() * 1000)})
+                conversion_rows.append(
+                    {
+                        "key": f"conv-{item['number']}-{index}",
+                        "name": "purchase",
+                        "value_micros": 1_000_000,
+                        "currency": "EUR",
+                        "channel": item["channel"],
+                        "user_id": item["user"],
+                        "conversation_external_id": f"c{item['number']}",
+                        "occurred_at_ms": int(
+                            (item["start"] + timedelta(hours=1)).timestamp() * 1000
+                        ),
+                    }
+                )
                 item["conversions"] += 1
         kind = rng.choice(["csat", "nps", None])
         item["survey"] = None
         if kind is not None:
             score = rng.randint(1, 5) if kind == "csat" else rng.randint(0, 10)
             item["survey"] = (kind, score)
-            survey_rows.append({
-                "conversation_id": ids[f"c{item['number']}"], "channel": item["channel"], "name": kind,
-                "kind": kind, "trigger": "end", "state": "answered", "locale": "en",
-                "created_at_ms": 0, "score": score, "comment_window_ms": 0, "reasks": 0,
-                "used_template": False})
+            survey_rows.append(
+                {
+                    "conversation_id": ids[f"c{item['number']}"],
+                    "channel": item["channel"],
+                    "name": kind,
+                    "kind": kind,
+                    "trigger": "end",
+                    "state": "answered",
+                    "locale": "en",
+                    "created_at_ms": 0,
+                    "score": score,
+                    "comment_window_ms": 0,
+                    "reasks": 0,
+                    "used_template": False,
+                }
+            )
     # A user-only conversion counts for that user's latest conversation started before it.
     last = max(conversations, key=lambda item: item["start"])
-    conversion_rows.append({
-        "key": "conv-user-only", "name": "signup", "value_micros": 0, "currency": "EUR",
-        "channel": last["channel"], "user_id": last["user"], "conversation_external_id": None,
-        "occurred_at_ms": int((last["start"] + timedelta(minutes=5)).timestamp() * 1000)})
+    conversion_rows.append(
+        {
+            "key": "conv-user-only",
+            "name": "signup",
+            "value_micros": 0,
+            "currency": "EUR",
+            "channel": last["channel"],
+            "user_id": last["user"],
+            "conversation_external_id": None,
+            "occurred_at_ms": int((last["start"] + timedelta(minutes=5)).timestamp() * 1000),
+        }
+    )
     last["conversions"] += 1
     with engine.begin() as connection:
         connection.execute(insert(Conversion.__table__), conversion_rows)
@@ -125,18 +179,29 @@ def test_channels_match_reference(engine: Engine) -> None:
         replies = [delay for item in mine for delay in item["delays"]]
         assert row["first_response"]["p50"] == pytest.approx(percentile(firsts, 0.5), abs=1e-3)
         assert row["reply_time"]["mean"] == pytest.approx(statistics.fmean(replies), abs=1e-3)
-        csat = [item["survey"][1] for item in mine if item["survey"] and item["survey"][0] == "csat"]
+        csat = [
+            item["survey"][1] for item in mine if item["survey"] and item["survey"][0] == "csat"
+        ]
         nps = [item["survey"][1] for item in mine if item["survey"] and item["survey"][0] == "nps"]
         assert row["csat"]["responses"] == len(csat)
         if csat:
-            assert row["csat"]["csat_pct"] == round(sum(1 for s in csat if s >= 4) / len(csat) * 100, 2)
+            assert row["csat"]["csat_pct"] == round(
+                sum(1 for s in csat if s >= 4) / len(csat) * 100, 2
+            )
         else:
             assert row["csat"]["csat_pct"] is None
-        expected_nps = (round((sum(1 for s in nps if s >= 9) - sum(1 for s in nps if s <= 6)) / len(nps) * 100, 2)
-                        if nps else None)
+        expected_nps = (
+            round(
+                (sum(1 for s in nps if s >= 9) - sum(1 for s in nps if s <= 6)) / len(nps) * 100, 2
+            )
+            if nps
+            else None
+        )
         assert row["nps"]["nps"] == expected_nps
         scores = [s for item in mine for s in item["scores"] if s is not None]
-        assert row["sentiment_mean"] == (pytest.approx(statistics.fmean(scores), abs=1e-4) if scores else None)
+        assert row["sentiment_mean"] == (
+            pytest.approx(statistics.fmean(scores), abs=1e-4) if scores else None
+        )
 
 
 def test_channels_empty_window(engine: Engine) -> None:
@@ -164,5 +229,10 @@ def test_channels_without_optional_tables(engine: Engine, database_url: str) -> 
             # Later tests share this PostgreSQL database: put the dropped tables back.
             from chatmw.store.models import Base
 
-            Base.metadata.create_all(engine, tables=[Base.metadata.tables[name] for name in
-                                                     ("conversions", "surveys", "survey_sends")])
+            Base.metadata.create_all(
+                engine,
+                tables=[
+                    Base.metadata.tables[name]
+                    for name in ("conversions", "surveys", "survey_sends")
+                ],
+            )

@@ -61,11 +61,24 @@ def test_english_heuristic_labels(text: str, english: bool) -> None:
 
 
 def test_enricher_scores_only_user_messages() -> None:
-    user = ev.Message(channel="web", occurred_at=T0, key="u", role="user", user_id="a", text="I love it")
-    bot = ev.Message(channel="web", occurred_at=T0, key="b", role="bot", user_id="a", text="I love it")
-    survey = ev.Message(channel="web", occurred_at=T0, key="s", role="user", user_id="a",
-                        text="great", kind="survey_answer")
-    assert sentiment_enricher(user) == {"sentiment": round(TextBlob("I love it").sentiment.polarity, 4)}
+    user = ev.Message(
+        channel="web", occurred_at=T0, key="u", role="user", user_id="a", text="I love it"
+    )
+    bot = ev.Message(
+        channel="web", occurred_at=T0, key="b", role="bot", user_id="a", text="I love it"
+    )
+    survey = ev.Message(
+        channel="web",
+        occurred_at=T0,
+        key="s",
+        role="user",
+        user_id="a",
+        text="great",
+        kind="survey_answer",
+    )
+    assert sentiment_enricher(user) == {
+        "sentiment": round(TextBlob("I love it").sentiment.polarity, 4)
+    }
     assert sentiment_enricher(bot) == {}
     assert sentiment_enricher(survey) == {}
 
@@ -93,19 +106,42 @@ def generate(seed: int = 7) -> tuple[list[ev.Message], dict[str, dict]]:
         for turn in range(rng.randint(0, 5)):
             text, english = rng.choice(TEXTS)
             at = start + timedelta(minutes=turn * 2)
-            messages.append(ev.Message(channel=channel, occurred_at=at, key=f"{conversation}-u{turn}",
-                                       role="user", user_id=f"user{number}", text=text,
-                                       conversation_id=conversation))
-            messages.append(ev.Message(channel=channel, occurred_at=at + timedelta(seconds=20),
-                                       key=f"{conversation}-b{turn}", role="bot",
-                                       user_id=f"user{number}", text="I love helping!",
-                                       conversation_id=conversation))
+            messages.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=at,
+                    key=f"{conversation}-u{turn}",
+                    role="user",
+                    user_id=f"user{number}",
+                    text=text,
+                    conversation_id=conversation,
+                )
+            )
+            messages.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=at + timedelta(seconds=20),
+                    key=f"{conversation}-b{turn}",
+                    role="bot",
+                    user_id=f"user{number}",
+                    text="I love helping!",
+                    conversation_id=conversation,
+                )
+            )
             scores.append(expected_score(text, english))
         if not scores:
             # A conversation without user messages: only a bot greeting.
-            messages.append(ev.Message(channel=channel, occurred_at=start, key=f"{conversation}-g",
-                                       role="bot", user_id=f"user{number}", text="Hello!",
-                                       conversation_id=conversation))
+            messages.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=start,
+                    key=f"{conversation}-g",
+                    role="bot",
+                    user_id=f"user{number}",
+                    text="Hello!",
+                    conversation_id=conversation,
+                )
+            )
         truth[conversation] = {"channel": channel, "start": start, "scores": scores}
     return messages, truth
 
@@ -120,9 +156,15 @@ def reference(truth: dict[str, dict]) -> dict:
             means.append(statistics.fmean(own))
         if len(own) >= 2:
             shifts.append(own[-1] - own[0])
-    return {"count": len(scores), "scored": len(scored), "unscored": len(scores) - len(scored),
-            "mean": statistics.fmean(scored) if scored else None,
-            "labels": [classify(s) for s in scored], "conversation_means": means, "shifts": shifts}
+    return {
+        "count": len(scores),
+        "scored": len(scored),
+        "unscored": len(scores) - len(scored),
+        "mean": statistics.fmean(scored) if scored else None,
+        "labels": [classify(s) for s in scored],
+        "conversation_means": means,
+        "shifts": shifts,
+    }
 
 
 def check_section(section: dict, truth: dict[str, dict]) -> None:
@@ -138,9 +180,13 @@ def check_section(section: dict, truth: dict[str, dict]) -> None:
         assert messages[label] == pytest.approx(count / len(expected["labels"]), abs=1e-4)
     assert conversations["count"] == len(truth)
     assert conversations["scored"] == len(expected["conversation_means"])
-    assert conversations["mean"] == pytest.approx(statistics.fmean(expected["conversation_means"]), abs=1e-3)
+    assert conversations["mean"] == pytest.approx(
+        statistics.fmean(expected["conversation_means"]), abs=1e-3
+    )
     assert conversations["shift_count"] == len(expected["shifts"])
-    assert conversations["shift_mean"] == pytest.approx(statistics.fmean(expected["shifts"]), abs=1e-3)
+    assert conversations["shift_mean"] == pytest.approx(
+        statistics.fmean(expected["shifts"]), abs=1e-3
+    )
     assert conversations["improved"] == sum(1 for s in expected["shifts"] if s > 1e-9)
     assert conversations["worsened"] == sum(1 for s in expected["shifts"] if s < -1e-9)
 
@@ -158,7 +204,9 @@ def test_sentiment_metric_matches_reference(engine: Engine) -> None:
     groups = {group["group"]: group for group in result["groups"]}
     assert set(groups) == {"web", "whatsapp"}
     for channel, group in groups.items():
-        check_section(group, {key: item for key, item in truth.items() if item["channel"] == channel})
+        check_section(
+            group, {key: item for key, item in truth.items() if item["channel"] == channel}
+        )
 
 
 def test_sentiment_window_follows_conversation_start(engine: Engine) -> None:
@@ -166,7 +214,9 @@ def test_sentiment_window_follows_conversation_start(engine: Engine) -> None:
     Writer(engine, enrichers=[sentiment_enricher]).write(messages)
     since, until = T0 + timedelta(hours=20), T0 + timedelta(hours=70)
     result = compute(engine, since=since.isoformat(), until=until.isoformat())
-    check_section(result, {key: item for key, item in truth.items() if since <= item["start"] < until})
+    check_section(
+        result, {key: item for key, item in truth.items() if since <= item["start"] < until}
+    )
 
 
 def test_sentiment_per_conversation_list(engine: Engine) -> None:
@@ -179,7 +229,9 @@ def test_sentiment_per_conversation_list(engine: Engine) -> None:
     for row in listed:
         own = [s for s in truth[row["external_id"]]["scores"] if s is not None]
         assert row["scored"] == len(own)
-        assert row["shift"] == (pytest.approx(own[-1] - own[0], abs=1e-4) if len(own) >= 2 else None)
+        assert row["shift"] == (
+            pytest.approx(own[-1] - own[0], abs=1e-4) if len(own) >= 2 else None
+        )
 
 
 def test_sentiment_empty_window_is_null(engine: Engine) -> None:
