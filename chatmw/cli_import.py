@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from contextlib import ExitStack
 from datetime import tzinfo
 from pathlib import Path
@@ -22,6 +21,7 @@ from rich.progress import (
 )
 
 from chatmw.cli import DbOption, app, settings_from
+from chatmw.importers.source import Skipped
 
 __all__ = ["import_command", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SKIPPED"]
 
@@ -30,7 +30,7 @@ EXIT_FAILED = 1  # a batch could not be written or the file is not valid UTF-8
 EXIT_USAGE = 2  # missing file, unknown format, a required column missing from the header
 EXIT_SKIPPED = 3  # the import finished but some rows were invalid and skipped
 
-# Files smaller than this import in about a second: no progress bar.
+# Smallest file, in bytes, that gets a progress bar unless --progress or --no-progress is given.
 PROGRESS_MIN_BYTES = 1024 * 1024
 
 FORMAT_HELP = "File format: csv, jsonl or twcs (default: from the extension .csv, .jsonl, .ndjson)."
@@ -47,7 +47,7 @@ def _timezone(name: str | None) -> tzinfo | None:
 
 
 class _ProblemLog:
-    """Prints the first skipped rows to stderr and writes all of them to an optional CSV."""
+    """Log of skipped rows: the first ones go to stderr, and all of them to an optional CSV."""
 
     def __init__(self, console: Console, limit: int, errors_file: TextIO | None) -> None:
         self.console = console
@@ -57,8 +57,8 @@ class _ProblemLog:
         if self.writer:
             self.writer.writerow(["line", "reason"])
 
-    def __call__(self, item: object) -> None:
-        line, reason = item.line, item.reason  # type: ignore[attr-defined]
+    def __call__(self, item: Skipped) -> None:
+        line, reason = item.line, item.reason
         self.count += 1
         if self.writer:
             self.writer.writerow([line, reason])
@@ -72,7 +72,17 @@ class _ProblemLog:
                                "(see --errors or --show-errors)", markup=False, highlight=False)
 
 
-@app.command("import")
+IMPORT_HELP = (
+    "Import a transcript file through the same writer as live traffic.\n\n"
+    "Importing a file again stores nothing new. Invalid rows are reported with their line "
+    "number and skipped.\n\n"
+    "Exit status: 0 when every row was imported or already stored, 1 when writing failed, "
+    "2 for usage errors (missing file, unknown format, a required column missing from the "
+    "header), 3 when invalid rows were skipped."
+)
+
+
+@app.command("import", help=IMPORT_HELP)
 def import_command(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True,
                                          help="Transcript file to import.")],
@@ -94,12 +104,7 @@ def import_command(
         "for files of 1 MiB or more).")] = None,
     db: DbOption = None,
 ) -> None:
-    """Import a transcript file through the same writer as live traffic.
-
-    Importing a file again stores nothing new. Exit status: 0 when every row was imported
-    (or already stored), 3 when invalid rows were skipped, 2 for usage errors (missing
-    file, unknown format, a required column missing from the header), 1 when writing failed.
-    """
+    """Import a transcript file; see ``IMPORT_HELP`` for the exit statuses."""
     from chatmw.importers import (
         FORMATS,
         ImportAborted,
@@ -181,6 +186,3 @@ def _progress_bar(console: Console, enabled: bool) -> Progress:
         transient=True,
     )
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

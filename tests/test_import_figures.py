@@ -32,9 +32,9 @@ def percentile_cont(values: list[float], fraction: float) -> float:
 def first_responses_by_company(path: Path) -> dict[str, list[float]]:
     """Return each company's first-response times in ms, read straight from the CSV.
 
-    A conversation's first response is its first bot or agent message that follows a user
-    message, timed from the first user message; a bot greeting before any user message does
-    not count, and a conversation nobody answered has none.
+    A conversation's first response is its first bot or agent message after a user message,
+    timed from the first user message. A bot greeting before any user message does not
+    count, and a conversation without a bot or agent reply has no first response.
     """
     messages: dict[str, list[tuple[float, int, str]]] = defaultdict(list)
     companies: dict[str, str] = {}

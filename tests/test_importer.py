@@ -369,7 +369,7 @@ def test_twcs_companies_and_contacts(database_url: str, engine: Engine) -> None:
     assert stored["30"]["first_response_ms"] == 90_000.0
     # The root of thread 40 is not in the file; the thread is still one conversation.
     assert [m["platform_message_id"] for m in stored["40"]["messages"]] == ["41", "42"]
-    # A company opened thread 50: its tweet belongs to the customer who answered.
+    # A company tweet opened thread 50, so its contact is the customer who replied.
     assert [m["contact"] for m in stored["50"]["messages"]] == ["8001", "8001"]
     assert stored["50"]["contact"] == "8001"
     # Tweet 61 names no parent, but tweet 60 lists it in response_tweet_id.

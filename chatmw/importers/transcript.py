@@ -1,8 +1,8 @@
 """Transcripts as one row per message, from CSV or JSON Lines.
 
-Columns: ``conversation_id``, ``timestamp``, ``role`` and ``text`` are required;
-``message_id``, ``user_id`` and ``channel`` are optional; every other column becomes a
-conversation attribute (``company``, ``plan``, ...), and an empty value sets none.
+Columns: ``conversation_id``, ``timestamp``, ``role`` and ``text`` are required, and
+``message_id``, ``user_id`` and ``channel`` are optional. Every other column becomes a
+conversation attribute (``company``, ``plan``, ...). An empty value sets no attribute.
 
 Timestamps are ISO-8601 with a UTC offset (``2024-03-01T09:00:00Z``,
 ``2024-03-01T09:00:00.250+01:00``). A timestamp without an offset is rejected, unless

@@ -2,8 +2,8 @@
 
 Columns: ``tweet_id, author_id, inbound, created_at, text, response_tweet_id,
 in_response_to_tweet_id``. ``inbound`` is ``True`` for a customer's tweet and ``False``
-for a company account's; ``created_at`` looks like ``Wed Oct 11 06:55:44 +0000 2017``;
-``response_tweet_id`` is empty, one id or a comma-separated list; the dataset writes
+for a company account's. ``created_at`` looks like ``Wed Oct 11 06:55:44 +0000 2017``.
+``response_tweet_id`` is empty, one id or a comma-separated list. The dataset writes
 ``in_response_to_tweet_id`` as a float (``119236.0``).
 
 A conversation is a thread: every tweet followed up through ``in_response_to_tweet_id``
@@ -50,7 +50,9 @@ def parse_created_at(value: str) -> datetime:
         if len(offset) != 5 or offset[0] not in "+-":
             raise ValueError(value)
         delta = timedelta(hours=int(offset[1:3]), minutes=int(offset[3:5]))
-        zone = UTC if not delta else timezone(-delta if offset[0] == "-" else delta)
+        if offset[0] == "-":
+            delta = -delta
+        zone = timezone(delta) if delta else UTC
         return datetime(int(parts[5]), MONTHS[parts[1]], int(parts[2]), hour, minute, second,
                         tzinfo=zone)
     except (ValueError, KeyError):
