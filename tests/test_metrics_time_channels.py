@@ -86,7 +86,7 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
     with engine.connect() as connection:
         ids = dict(connection.execute(text("SELECT external_id, id FROM conversations")).all())
     for item in conversations:
-        item["conversions"] = 0
+        item["conversions"] = set()
         if rng.random() < 0.3:
             for index in range(rng.randint(1, 2)):
                 conversion_rows.append(
@@ -103,7 +103,7 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
                         ),
                     }
                 )
-                item["conversions"] += 1
+                item["conversions"].add(f"conv-{item['number']}-{index}")
         kind = rng.choice(["csat", "nps", None])
         item["survey"] = None
         if kind is not None:
@@ -125,8 +125,10 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
                     "used_template": False,
                 }
             )
-    # A user-only conversion counts for that user's latest conversation started before it.
+    # A user-only conversion counts for each conversation of that user on that channel that
+    # started at most 7 days (the default attribution window) before it.
     last = max(conversations, key=lambda item: item["start"])
+    occurred = last["start"] + timedelta(minutes=5)
     conversion_rows.append(
         {
             "key": "conv-user-only",
@@ -136,10 +138,13 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
             "channel": last["channel"],
             "user_id": last["user"],
             "conversation_external_id": None,
-            "occurred_at_ms": int((last["start"] + timedelta(minutes=5)).timestamp() * 1000),
+            "occurred_at_ms": int(occurred.timestamp() * 1000),
         }
     )
-    last["conversions"] += 1
+    for item in conversations:
+        same_user = (item["channel"], item["user"]) == (last["channel"], last["user"])
+        if same_user and occurred - timedelta(days=7) <= item["start"] <= occurred:
+            item["conversions"].add("conv-user-only")
     with engine.begin() as connection:
         connection.execute(insert(Conversion.__table__), conversion_rows)
         if survey_rows:
@@ -173,7 +178,8 @@ def test_channels_match_reference(engine: Engine) -> None:
         assert row["engagement"]["rate"] == round(engaged / len(mine), 4)
         converted = sum(1 for item in mine if item["conversions"])
         assert row["conversion"]["converted"] == converted
-        assert row["conversion"]["conversions"] == sum(item["conversions"] for item in mine)
+        distinct = set().union(*(item["conversions"] for item in mine))
+        assert row["conversion"]["conversions"] == len(distinct)
         assert row["conversion"]["rate"] == round(converted / len(mine), 4)
         firsts = [item["delays"][0] for item in mine]
         replies = [delay for item in mine for delay in item["delays"]]

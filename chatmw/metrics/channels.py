@@ -8,8 +8,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, Table, and_, case, func, inspect, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import Engine, Table, case, func, inspect, select
 
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
@@ -18,7 +17,13 @@ from chatmw.metrics.scope import conversation_scope
 from chatmw.metrics.sentiment import mean_polarity
 from chatmw.metrics.stats import describe_seconds, rate
 from chatmw.store.derive import UNTIMED_KINDS
-from chatmw.store.models import Base, Contact, Conversation, Message
+from chatmw.store.models import Base, Conversation, Message
+
+try:
+    # Conversion figures come from the conversion metric, so both give the same numbers.
+    from chatmw.metrics import conversion as _conversion
+except ImportError:
+    _conversion = None  # type: ignore[assignment]
 
 __all__ = [
     "channel_performance",
@@ -81,68 +86,23 @@ def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _conversions(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, int]] | None:
-    """Return converted conversations and conversion counts per channel, or None without the table.
-
-    A conversion names its conversation by external id, or only its user; a user-only
-    conversion counts for that user's latest conversation on the channel that started at or
-    before it.
-    """
-    if not _has_table(engine, "chatmw.store.models_business", "conversions"):
+def _conversions(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any]
+) -> dict[str, dict[str, Any]] | None:
+    """Return the ``conversion`` metric's figures per channel, or None without its table."""
+    if _conversion is None or not _has_table(engine, "chatmw.store.models_business", "conversions"):
         return None
-    conversions: Table = Base.metadata.tables["conversions"]
-    scope = conversation_scope(flt).subquery()
-    by_conversation = (
-        select(Conversation.id, Conversation.channel, func.count())
-        .join(scope, Conversation.id == scope.c.conversation_id)
-        .join(
-            conversions,
-            and_(
-                conversions.c.channel == Conversation.channel,
-                conversions.c.conversation_external_id == Conversation.external_id,
-            ),
-        )
-        .group_by(Conversation.id, Conversation.channel)
-    )
-    earlier, earlier_contact = aliased(Conversation), aliased(Contact)
-    latest = (
-        select(func.max(earlier.started_at_ms))
-        .join(earlier_contact, earlier_contact.id == earlier.contact_id)
-        .where(
-            earlier_contact.channel == conversions.c.channel,
-            earlier_contact.external_id == conversions.c.user_id,
-            earlier.channel == conversions.c.channel,
-            earlier.started_at_ms <= conversions.c.occurred_at_ms,
-        )
-        .correlate(conversions)
-        .scalar_subquery()
-    )
-    by_user = (
-        select(Conversation.id, Conversation.channel, func.count())
-        .join(scope, Conversation.id == scope.c.conversation_id)
-        .join(Contact, Contact.id == Conversation.contact_id)
-        .join(
-            conversions,
-            and_(
-                conversions.c.channel == Conversation.channel,
-                conversions.c.user_id == Contact.external_id,
-                conversions.c.conversation_external_id.is_(None),
-            ),
-        )
-        .where(Conversation.started_at_ms == latest)
-        .group_by(Conversation.id, Conversation.channel)
-    )
-    counted: dict[int, tuple[str, int]] = {}
-    with engine.connect() as connection:
-        for statement in (by_conversation, by_user):
-            for conversation_id, channel, count in connection.execute(statement):
-                previous = counted.get(conversation_id, (channel, 0))[1]
-                counted[conversation_id] = (channel, previous + count)
-    result: dict[str, dict[str, int]] = defaultdict(lambda: {"converted": 0, "conversions": 0})
-    for channel, count in counted.values():
-        result[channel]["converted"] += 1
-        result[channel]["conversions"] += count
-    return result
+    days = _conversion.attribution_days(options)
+    result = _conversion.conversion_rate(engine, flt, {"attribution_days": days})
+    return {
+        group["group"]: {
+            "converted": group["converted_conversations"],
+            "conversions": group["conversions"],
+            "revenue": group["revenue"],
+            "currency": result.get("currency"),
+        }
+        for group in result["groups"]
+    }
 
 
 def _surveys(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, list[int]]] | None:
@@ -195,7 +155,7 @@ def channel_performance(
     volume = _volume(engine, flt)
     durations = collect_durations(engine, by_channel)
     sentiment = mean_polarity(engine, by_channel)
-    conversions = _conversions(engine, flt)
+    conversions = _conversions(engine, by_channel, options or {})
     surveys = _surveys(engine, flt)
 
     notes = []
@@ -217,7 +177,9 @@ def channel_performance(
         if conversions is None:
             row["conversion"] = None
         else:
-            converted = conversions.get(channel, {"converted": 0, "conversions": 0})
+            converted = conversions.get(
+                channel, {"converted": 0, "conversions": 0, "revenue": None, "currency": None}
+            )
             row["conversion"] = {
                 **converted,
                 "rate": rate(converted["converted"], figures["conversations"]),
@@ -259,11 +221,13 @@ CHANNELS = register(
             "(survey prompts and answers and reactions are not counted).\n"
             f"- `engagement.rate`: conversations with at least {ENGAGED_MIN_USER_MESSAGES} user "
             "messages divided by conversations.\n"
-            "- `conversion.rate`: conversations with at least one conversion divided by "
-            "conversations; `conversion.conversions` counts the conversions. A conversion that "
-            "names its conversation counts there; one that names only its user counts for that "
-            "user's latest conversation on the channel that started at or before it. "
-            "`conversion` is `null` when the store has no conversions table (a note says so).\n"
+            "- `conversion`: the `conversion` metric per channel, with the same attribution "
+            "(a conversion that names a conversation counts there; one that names only a user "
+            "counts for each of that user's conversations that started at most "
+            "`attribution_days` before it). `rate` is conversations with at least one "
+            "conversion divided by conversations; `conversions` counts distinct conversions; "
+            "`revenue` is a decimal string in `currency`. `conversion` is `null` when the store "
+            "has no conversions table (a note says so).\n"
             "- `first_response` and `reply_time`: as in `response-time` (bot and agent answers "
             "together), in seconds.\n"
             "- `csat`: answered CSAT surveys (1-5) of these conversations; `csat_pct` is the "
@@ -276,6 +240,7 @@ CHANNELS = register(
             "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
         ),
         compute=channel_performance,
+        params=() if _conversion is None else (_conversion.ATTRIBUTION_PARAM,),
         rows=_rows,
     )
 )
