@@ -66,3 +66,4 @@ from chatmw import cli_demo  # noqa: E402,F401
 from chatmw import cli_surveys  # noqa: E402,F401
 from chatmw import cli_proxy  # noqa: E402,F401
 from chatmw import cli_business  # noqa: E402,F401
+from chatmw import cli_admin  # noqa: E402,F401

@@ -8,6 +8,7 @@ from sqlalchemy import Engine
 
 from chatmw.config import Settings
 from chatmw.recorder import Recorder, Spool
+from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.sentiment import sentiment_enricher
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.writer import Writer, WriterSettings
@@ -24,25 +25,42 @@ class Runtime:
     starts the recorder; ``stop`` flushes it within the configured time limit.
     """
 
-    def __init__(self, settings: Settings, engine: Engine, writer: Writer, recorder: Recorder) -> None:
+    def __init__(self, settings: Settings, engine: Engine, writer: Writer, recorder: Recorder,
+                 privacy_settings: PrivacySettings | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.writer = writer
         self.recorder = recorder
+        self.privacy_settings = privacy_settings
+        # Set by start() when privacy settings were given: the resolved pseudonymiser.
+        self.privacy: Privacy | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, spool: Spool | None = None) -> Runtime:
+    def from_settings(cls, settings: Settings, spool: Spool | None = None,
+                      privacy: PrivacySettings | None = None) -> Runtime:
+        """Build the engine, writer and recorder; ``privacy`` turns on pseudonyms and redaction.
+
+        Without ``privacy`` ids and text are stored as the sources report them.
+        """
         engine = make_engine(settings.database_url)
         writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
         if settings.sentiment:
             writer.enrichers.append(sentiment_enricher)
         recorder = Recorder(writer, settings.recorder, spool=spool)
-        return cls(settings, engine, writer, recorder)
+        return cls(settings, engine, writer, recorder, privacy)
 
     def start(self, migrate: bool = True) -> None:
-        """Apply migrations (unless ``migrate`` is false) and start the recorder."""
+        """Apply migrations (unless ``migrate`` is false) and start the recorder.
+
+        With privacy settings, the pseudonym key is resolved first (from the settings, or
+        from the database, which must then be reachable) and installed in the writer and
+        the recorder.
+        """
         if migrate:
             upgrade(self.engine)
+        if self.privacy_settings is not None and self.privacy is None:
+            self.privacy = Privacy.load(self.privacy_settings, self.engine)
+            self.privacy.install(self.writer, self.recorder)
         self.recorder.start()
 
     def stop(self) -> bool:

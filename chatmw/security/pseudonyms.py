@@ -1,0 +1,117 @@
+"""Keyed pseudonyms of platform user ids and conversation ids (HMAC-SHA256).
+
+A pseudonym is ``ps_`` followed by the first 128 bits of HMAC-SHA256(key, kind + id) in
+hex. The same id always gives the same pseudonym under one key, so contacts and
+conversations still join up; without the key an id cannot be recovered, and guesses (a
+phone number, say) cannot be tested against the stored pseudonyms.
+
+The key comes from ``CHATMW_PSEUDONYM_KEY``. When it is not set, a random key is generated
+once and stored in the ``chatmw_secrets`` table, so that every process on the database
+uses the same one; a warning says so at each start, because anyone with a copy of that
+database then also has the key. Changing the key splits every person into a new contact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from chatmw.events import Event
+from chatmw.security.secret import Secret
+
+__all__ = [
+    "PSEUDONYM_KEY_ENV",
+    "PSEUDONYM_PREFIX",
+    "PSEUDONYMISED_FIELDS",
+    "MIN_KEY_LENGTH",
+    "Pseudonymiser",
+    "load_or_create_key",
+]
+
+logger = logging.getLogger("chatmw")
+
+# The pseudonym key: at least MIN_KEY_LENGTH characters, for example `openssl rand -hex 32`.
+PSEUDONYM_KEY_ENV = "CHATMW_PSEUDONYM_KEY"
+MIN_KEY_LENGTH = 16
+PSEUDONYM_PREFIX = "ps_"
+STORED_KEY_NAME = "pseudonym_key"
+# Event fields replaced by pseudonyms, on every event type that has them.
+PSEUDONYMISED_FIELDS = {"user_id": "user", "conversation_id": "conversation"}
+
+
+class Pseudonymiser:
+    """Maps platform ids to keyed pseudonyms; :meth:`apply` rewrites a whole event."""
+
+    def __init__(self, key: Secret,
+                 fields: tuple[str, ...] = tuple(PSEUDONYMISED_FIELDS)) -> None:
+        if len(key.reveal()) < MIN_KEY_LENGTH:
+            raise ValueError(f"the pseudonym key must be at least {MIN_KEY_LENGTH} characters "
+                             f"long, got {len(key.reveal())}: generate one with "
+                             "`openssl rand -hex 32`")
+        unknown = set(fields) - set(PSEUDONYMISED_FIELDS)
+        if unknown:
+            raise ValueError(f"cannot pseudonymise fields {sorted(unknown)}: "
+                             f"choose from {sorted(PSEUDONYMISED_FIELDS)}")
+        self._key = key.reveal().encode("utf-8")
+        self.fields = fields
+
+    def __repr__(self) -> str:
+        return "Pseudonymiser(key=[secure])"
+
+    def pseudonymise(self, value: str, kind: str = "user") -> str:
+        """Return the pseudonym of ``value``, a user id (``kind="user"``) or a conversation id."""
+        digest = hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256)
+        return PSEUDONYM_PREFIX + digest.hexdigest()[:32]
+
+    def apply(self, event: Event) -> Event:
+        """Return ``event`` with its id fields (``user_id``, ``conversation_id``) pseudonymised."""
+        changes = {}
+        for name in self.fields:
+            kind = PSEUDONYMISED_FIELDS[name]
+            value = getattr(event, name, None)
+            if isinstance(value, str) and value:
+                changes[name] = self.pseudonymise(value, kind)
+        return dataclasses.replace(event, **changes) if changes else event
+
+    def apply_all(self, events: Iterable[Event]) -> list[Event]:
+        """Pseudonymise ``events`` (for sources that write through the Writer directly)."""
+        return [self.apply(event) for event in events]
+
+
+def load_or_create_key(engine: Engine, configured: Secret | None,
+                       clock: Callable[[], float] = time.time) -> Secret:
+    """Return ``configured``, or the key stored in the database, created on first use."""
+    if configured is not None:
+        return configured
+    from chatmw.store.models_security import StoredSecret
+
+    def read() -> str | None:
+        with Session(engine) as session:
+            return session.scalar(select(StoredSecret.value)
+                                  .where(StoredSecret.name == STORED_KEY_NAME))
+
+    stored = read()
+    if stored is None:
+        candidate = secrets.token_hex(32)
+        try:
+            with Session(engine) as session, session.begin():
+                session.add(StoredSecret(name=STORED_KEY_NAME, value=candidate,
+                                         created_at_ms=int(clock() * 1000)))
+            stored = candidate
+        except IntegrityError:  # another process stored its key first: use that one
+            stored = read()
+    if stored is None:
+        raise RuntimeError("the generated pseudonym key could not be stored or read back")
+    logger.warning("%s is not set: user ids are pseudonymised with a key stored in the "
+                   "database, so a copy of the database can be matched against guessed ids; "
+                   "set %s to keep the key elsewhere", PSEUDONYM_KEY_ENV, PSEUDONYM_KEY_ENV)
+    return Secret(stored)
