@@ -293,6 +293,8 @@ async def _webhook(state: ProxyState, request: Request) -> Response:
 async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
     assert state.graph is not None  # ensure_started() ran
     path = _route_path(request.scope)
+    # NOTE: The request body is read into memory before it is passed on, media uploads
+    # included; only send calls need it, but every call is buffered.
     body = await request.body()
     sent_at = ev.now_utc()
     url = state.settings.graph_base_url + path

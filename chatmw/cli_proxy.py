@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -9,6 +12,10 @@ import typer
 from chatmw.cli import DbOption, app, settings_from
 
 __all__ = ["proxy_command"]
+
+
+def _exit_cleanly(_signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @app.command("proxy")
@@ -68,7 +75,19 @@ def proxy_command(
         raise typer.BadParameter(str(error)) from error
     runtime = Runtime.from_settings(settings)
     runtime.start()
+    # httpx logs each request URL at INFO, and Graph API URLs may carry access_token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler the
+    # process would die before the finally clause flushes the recorder.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run(create_proxy_app(meta, runtime), host=host, port=port, log_level="info")
+        # No access log: bots often pass the page access token in the query string.
+        uvicorn.run(
+            create_proxy_app(meta, runtime),
+            host=host,
+            port=port,
+            log_level="info",
+            access_log=False,
+        )
     finally:
         runtime.stop()

@@ -1,0 +1,115 @@
+"""The ``chatmw proxy`` command as a user runs it: a real process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from adapters_support import (
+    APP_SECRET,
+    VERIFY_TOKEN,
+    EchoBot,
+    GraphStub,
+    ServerThread,
+    signature,
+    wait_until,
+)
+from sqlalchemy import create_engine, text
+
+from chatmw.store.engine import make_engine, upgrade
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_proxy_command_records_and_forwards(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'proxy.db'}"
+    engine = make_engine(database_url)
+    upgrade(engine)
+    engine.dispose()
+    graph, bot = GraphStub(), EchoBot()
+    port = free_port()
+    with ServerThread(graph.app()) as graph_server, ServerThread(bot.app()) as bot_server:
+        bot.graph_url = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "CHATMW_META_APP_SECRET": APP_SECRET,
+            "CHATMW_META_VERIFY_TOKEN": VERIFY_TOKEN,
+            "CHATMW_DATABASE_URL": database_url,
+            "CHATMW_GRAPH_BASE_URL": graph_server.url,
+            "CHATMW_BOT_WEBHOOK_URL": f"{bot_server.url}/bot/webhook",
+        }
+        command = [str(Path(sys.executable).parent / "chatmw"), "-v", "proxy", "--port", str(port)]
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            challenge = {
+                "hub.mode": "subscribe",
+                "hub.verify_token": VERIFY_TOKEN,
+                "hub.challenge": "77",
+            }
+            started = wait_until(lambda: _answers(f"{url}/webhook", challenge), timeout=30)
+            if not started:
+                process.terminate()
+                pytest.fail(f"chatmw proxy did not start: {process.communicate(timeout=20)[0]!r}")
+            at_ms = int(time.time() * 1000) - 1000
+            body = json.dumps(
+                {
+                    "object": "page",
+                    "entry": [
+                        {
+                            "id": "1",
+                            "time": at_ms,
+                            "messaging": [
+                                {
+                                    "sender": {"id": "42"},
+                                    "recipient": {"id": "1"},
+                                    "timestamp": at_ms,
+                                    "message": {"mid": "m_cli_1", "text": "ça va?"},
+                                }
+                            ],
+                        }
+                    ],
+                },
+                ensure_ascii=False,
+            ).encode()
+            response = httpx.post(
+                f"{url}/webhook", content=body, headers={"x-hub-signature-256": signature(body)}
+            )
+            assert response.status_code == 200
+            assert wait_until(lambda: len(bot.replies) == 1, timeout=10)
+        finally:
+            process.terminate()
+            output = process.communicate(timeout=20)[0].decode()
+    assert process.returncode == 0, output
+    leaked = [line for line in output.splitlines() if "access_token" in line]
+    assert leaked == []
+    assert "recorder stopped" in output
+    with create_engine(database_url).connect() as connection:
+        rows = connection.execute(
+            text("SELECT role, text, response_ms FROM messages ORDER BY occurred_at_ms")
+        ).all()
+    assert [(role, message) for role, message, _ in rows] == [
+        ("user", "ça va?"),
+        ("bot", "echo: ça va?"),
+    ]
+    assert rows[1][2] >= 1000
+
+
+def _answers(url: str, params: dict[str, str]) -> bool:
+    try:
+        return httpx.get(url, params=params, timeout=1).text == "77"
+    except httpx.HTTPError:
+        return False
