@@ -7,12 +7,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from sqlalchemy.orm import Session
 
 from chatmw.cli import DbOption, app, settings_from
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from chatmw.metrics.filters import MetricFilter
+    from chatmw.surveys.config import SurveysConfig
 
 __all__ = ["surveys_app"]
 
@@ -33,7 +39,7 @@ FilterOptions = {
 }
 
 
-def _load(config: Path):  # noqa: ANN202 - returns SurveysConfig, imported lazily
+def _load(config: Path) -> SurveysConfig:
     from chatmw.surveys.config import load_config
 
     try:
@@ -48,7 +54,7 @@ def _filter(
     tz: str | None,
     channel: str | None,
     group_by: str | None = None,
-):  # noqa: ANN202 - returns MetricFilter
+) -> MetricFilter:
     from chatmw.metrics.filters import FilterError, parse_filter
 
     params = {
@@ -68,7 +74,7 @@ def _filter(
         raise typer.BadParameter(error.message, param_hint=f"--{error.param}") from error
 
 
-def _engine(db: str | None):  # noqa: ANN202 - returns Engine
+def _engine(db: str | None) -> Engine:
     from chatmw.store.engine import make_engine
 
     return make_engine(settings_from(db).database_url)

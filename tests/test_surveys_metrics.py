@@ -212,6 +212,31 @@ def test_admin_routes_closed_without_key_check(engine: Engine) -> None:
     assert asyncio.run(call()).status_code == 503
 
 
+@pytest.mark.skipif(not _has_key_check(), reason="no API key check installed")
+def test_admin_routes_need_admin_key(engine: Engine) -> None:
+    from chatmw.security import KeyAuth, create_key
+
+    read_key = create_key(engine, "read").key
+    admin_key = create_key(engine, "admin").key
+    app = FastAPI()
+    app.state.chatmw_key_auth = KeyAuth(engine)
+    app.include_router(create_survey_router(engine, survey_config()))
+
+    async def calls() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [
+                await client.get("/surveys/config"),
+                await client.get("/surveys/config", headers={"X-API-Key": read_key}),
+                await client.get("/surveys/config", headers={"X-API-Key": admin_key}),
+            ]
+
+    missing, read_only, admin = asyncio.run(calls())
+    assert missing.status_code == 401
+    assert read_only.status_code == 403
+    assert admin.status_code == 200
+
+
 def test_config_routes(engine: Engine) -> None:
     document = survey_config().to_document()
     document["surveys"]["csat"]["sampling_rate"] = 0.25

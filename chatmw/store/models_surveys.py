@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -125,3 +126,10 @@ class SurveyConfigDocument(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     document: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+# The tables as ``Table`` objects, for core statements (a mapped class types ``__table__``
+# as a plain ``FromClause``).
+SURVEYS: Table = Base.metadata.tables["surveys"]
+SURVEY_SENDS: Table = Base.metadata.tables["survey_sends"]
+SURVEY_CONFIG: Table = Base.metadata.tables["survey_config"]

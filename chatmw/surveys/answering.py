@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from chatmw import events as ev
 from chatmw.store.identity import insert_ignore
 from chatmw.store.models import Contact, Conversation, Message
-from chatmw.store.models_surveys import Survey, SurveySend
+from chatmw.store.models_surveys import SURVEY_SENDS, Survey
 from chatmw.surveys.answers import Answer, parse_answer
 from chatmw.surveys.config import SCALES
 
@@ -209,7 +209,7 @@ class SurveyAnswerPreprocessor:
     def _queue(self, session: Session, survey: Survey, purpose: str) -> None:
         insert_ignore(
             session,
-            SurveySend.__table__,
+            SURVEY_SENDS,
             [
                 {
                     "survey_id": survey.id,

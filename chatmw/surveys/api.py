@@ -39,7 +39,7 @@ def default_admin_dependency() -> Callable[..., Any]:
     answer 503 rather than run unprotected; pass ``admin_dependency`` to use another check.
     """
     try:
-        from chatmw.security import require_key  # type: ignore[attr-defined]
+        from chatmw.security import require_key
     except ImportError:
 
         def reject() -> None:
@@ -50,7 +50,7 @@ def default_admin_dependency() -> Callable[..., Any]:
             )
 
         return reject
-    return require_key(ADMIN_SCOPE)  # type: ignore[no-any-return]
+    return require_key(ADMIN_SCOPE)
 
 
 def _error(error: FilterError) -> JSONResponse:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from chatmw.store.identity import insert_ignore
 from chatmw.store.models import Contact, Conversation, ConversationAttribute
-from chatmw.store.models_surveys import Survey, SurveySend
+from chatmw.store.models_surveys import SURVEY_SENDS, SURVEYS, Survey, SurveySend
 from chatmw.surveys.config import SurveysConfig, SurveySettings
 
 __all__ = [
@@ -223,7 +223,7 @@ def _schedule_survey(
             stats.scheduled += 1
         else:
             stats.not_sampled += 1
-    insert_ignore(session, Survey.__table__, survey_rows, ["conversation_id"])
+    insert_ignore(session, SURVEYS, survey_rows, ["conversation_id"])
     _add_prompt_sends(session, [row["conversation_id"] for row in survey_rows])
 
 
@@ -245,7 +245,7 @@ def _add_prompt_sends(session: Session, conversation_ids: Sequence[int]) -> None
         }
         for survey_id, due_at in scheduled
     ]
-    insert_ignore(session, SurveySend.__table__, rows, ["survey_id", "purpose"])
+    insert_ignore(session, SURVEY_SENDS, rows, ["survey_id", "purpose"])
 
 
 def _reschedule_waiting(
@@ -268,8 +268,9 @@ def _reschedule_waiting(
             update(Survey)
             .where(Survey.id == survey_id, Survey.state == "waiting")
             .values(state="scheduled", basis_ms=basis, due_at_ms=due_at)
-        ).rowcount
-        if moved:
+            .returning(Survey.id)
+        ).first()
+        if moved is not None:
             session.execute(
                 update(SurveySend)
                 .where(
@@ -283,11 +284,13 @@ def _reschedule_waiting(
 
 
 def _expire_answers(session: Session, now_ms: int, stats: ScheduleStats) -> None:
-    stats.expired += session.execute(
+    expired = session.execute(
         update(Survey)
         .where(Survey.state == "sent", Survey.answer_deadline_ms < now_ms)
         .values(state="unanswered", reason="no answer within the answer window")
-    ).rowcount
+        .returning(Survey.id)
+    ).all()
+    stats.expired += len(expired)
     session.execute(
         update(Survey)
         .where(Survey.state == "answered", Survey.comment_deadline_ms < now_ms)
@@ -358,7 +361,7 @@ def request_survey(
         "reasks": 0,
         "used_template": False,
     }
-    insert_ignore(session, Survey.__table__, [values], ["conversation_id"])
+    insert_ignore(session, SURVEYS, [values], ["conversation_id"])
     survey_id, trigger, created = session.execute(
         select(Survey.id, Survey.trigger, Survey.created_at_ms).where(
             Survey.conversation_id == row.id

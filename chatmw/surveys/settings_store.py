@@ -7,10 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.dialects import postgresql, sqlite
 
-from chatmw.store.identity import upsert
-from chatmw.store.models_surveys import SurveyConfigDocument
+from chatmw.store.models_surveys import SURVEY_CONFIG, SurveyConfigDocument
 from chatmw.surveys.config import SurveysConfig, parse_config
 
 __all__ = ["ConfigSource", "save_config_document", "clear_config_document"]
@@ -29,17 +28,24 @@ def save_config_document(engine: Engine, document: Mapping[str, Any]) -> Surveys
         "document": config.to_document(),
         "updated_at_ms": int(time.time() * 1000),
     }
-    with Session(engine) as session, session.begin():
-        upsert(
-            session, SurveyConfigDocument.__table__, [row], ["id"], ["document", "updated_at_ms"]
-        )
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(SURVEY_CONFIG).values(**row)
+    statement = statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "document": statement.excluded.document,
+            "updated_at_ms": statement.excluded.updated_at_ms,
+        },
+    )
+    with engine.begin() as connection:
+        connection.execute(statement)
     return config
 
 
 def clear_config_document(engine: Engine) -> None:
     """Remove the stored configuration, so the file's applies again."""
     with engine.begin() as connection:
-        connection.execute(SurveyConfigDocument.__table__.delete())
+        connection.execute(SURVEY_CONFIG.delete())
 
 
 class ConfigSource:

@@ -27,10 +27,8 @@ def _now_ms() -> int:
 
 def widget_payload(message: OutboundMessage) -> dict[str, Any]:
     """Return the widget's reply shape: ``{"text", "buttons": [{"title", "payload"}]}``."""
-    buttons = [
-        {"title": choice.title, "payload": choice.payload}
-        for choice in (*message.quick_replies, *message.list_rows)
-    ]
+    buttons = [{"title": reply.title, "payload": reply.payload} for reply in message.quick_replies]
+    buttons += [{"title": row.title, "payload": row.payload} for row in message.list_rows]
     payload: dict[str, Any] = {"text": message.text or ""}
     if buttons:
         payload["buttons"] = buttons
