@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import tzinfo
 from pathlib import Path
@@ -146,8 +147,7 @@ def import_command(
             if errors else None
         problems = _ProblemLog(err, show_errors, errors_stream)
         bar = stack.enter_context(_progress_bar(err, enabled=progress))
-        task = bar.add_task("importing", total=text_file.size * 2)
-        text_file.on_progress = lambda done: bar.update(task, completed=done)
+        text_file.on_progress = _two_pass_progress(bar, text_file.size)
 
         try:
             report = run_import(source, writer, batch_size=batch_size, on_skipped=problems)
@@ -172,6 +172,18 @@ def import_command(
     )
     if report.skipped:
         raise typer.Exit(EXIT_SKIPPED)
+
+
+def _two_pass_progress(bar: Progress, size: int) -> Callable[[int], None]:
+    # Every format reads the file twice: a scan for ids, then the import itself.
+    scan = bar.add_task("scanning", total=size)
+    write = bar.add_task("importing", total=size)
+
+    def update(bytes_read: int) -> None:
+        bar.update(scan, completed=min(bytes_read, size))
+        bar.update(write, completed=max(bytes_read - size, 0))
+
+    return update
 
 
 def _progress_bar(console: Console, enabled: bool) -> Progress:
