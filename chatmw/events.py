@@ -1,7 +1,7 @@
 """Typed events: the only thing sources hand to the recorder.
 
 Every source (ASGI middleware, platform adapters, the web widget, transcript import, the
-survey dispatcher) translates what it sees into these records. Nothing downstream knows
+survey dispatcher) translates its input into these records. Nothing downstream knows
 which source made an event. Times are timezone-aware ``datetime`` values; the store keeps
 them as integer milliseconds since the Unix epoch (UTC).
 """

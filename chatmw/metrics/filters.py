@@ -36,7 +36,7 @@ MAX_WINDOW_DAYS = 3660
 
 
 class FilterError(ValueError):
-    """An invalid metric parameter. ``param`` names it; the message says what is wrong."""
+    """An invalid metric parameter: ``param`` is its name and ``message`` the problem."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
@@ -46,7 +46,7 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class GroupBy:
-    """How results are split: by ``channel``, an attribute, or a touch field."""
+    """A split of results by ``channel``, an attribute, or a touch field."""
 
     kind: str
     name: str | None = None
@@ -58,7 +58,7 @@ class GroupBy:
 
 @dataclass(frozen=True, slots=True)
 class MetricFilter:
-    """Which conversations a metric covers and how it splits them.
+    """The conversations a metric covers, and the split of its results.
 
     A conversation belongs to the window in which it started: ``since`` inclusive, ``until``
     exclusive. ``tz`` is the zone of day and hour buckets. ``touch`` chooses the first or
