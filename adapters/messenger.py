@@ -259,15 +259,17 @@ def _touches(context: _Context, referral: Mapping[str, Any], origin: str) -> lis
     key = stable_key(
         f"{context.channel}:touch", user_id, context.at.timestamp(), source, ref, ad_id
     )
+    # The medium is how the user came: an ad, or a link, plugin or code (a referral).
+    kind = "ad" if ad_id or source == "ADS" else "referral"
     return [
         ev.Touch(
             channel=context.channel,
             occurred_at=context.at,
             key=key,
             user_id=user_id,
-            kind="ad" if ad_id or source == "ADS" else "referral",
+            kind=kind,
             source=source,
-            medium=as_str(referral.get("type")),
+            medium=kind,
             campaign=ref,
             ref=ref,
             ad_id=ad_id,

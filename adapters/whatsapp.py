@@ -196,12 +196,20 @@ def _content(kind_name: str, message: Mapping[str, Any]) -> tuple[str | None, di
 
 
 def _touch(referral: Mapping[str, Any], user_id: str, wamid: str, at: datetime) -> ev.Touch:
-    # Click-to-WhatsApp ads and posts: the ad or post id, its URL and Meta's click id.
+    # Click-to-WhatsApp ads and posts: the ad or post id, its URL and Meta's click id. A
+    # post id is kept in meta only, so that ad groupings hold ad ids alone.
     source_type = as_str(referral.get("source_type"))
-    meta = {
-        name: as_str(referral.get(name))
-        for name in ("headline", "body", "media_type", "image_url", "video_url", "thumbnail_url")
-    }
+    source_id = as_str(referral.get("source_id"))
+    fields = (
+        "source_id",
+        "headline",
+        "body",
+        "media_type",
+        "image_url",
+        "video_url",
+        "thumbnail_url",
+    )
+    meta = {name: as_str(referral.get(name)) for name in fields}
     return ev.Touch(
         channel=CHANNEL,
         occurred_at=at,
@@ -209,7 +217,8 @@ def _touch(referral: Mapping[str, Any], user_id: str, wamid: str, at: datetime) 
         user_id=user_id,
         kind=source_type or "referral",
         source=source_type,
-        ad_id=as_str(referral.get("source_id")),
+        medium="ad" if source_type == "ad" else "referral",
+        ad_id=source_id if source_type == "ad" else None,
         click_id=as_str(referral.get("ctwa_clid")),
         landing_url=as_str(referral.get("source_url")),
         meta={name: value for name, value in meta.items() if value is not None},

@@ -91,6 +91,7 @@ def test_messenger_mixed_entry() -> None:
     assert by_source["SHORTLINK"].meta["origin"] == "postback"
     ad = by_source["ADS"]
     assert ad.kind == "ad"
+    assert ad.medium == "ad"
     assert ad.ad_id == "6001234567890"
     assert ad.campaign == "retarget-7"
     assert ad.meta["ad_title"] == "Spring sale"

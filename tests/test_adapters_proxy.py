@@ -459,3 +459,24 @@ def test_proxy_without_bot_url_records_only() -> None:
     assert app.state.proxy.forwarder is None
     with pytest.raises(ValueError, match="runtime or a sink"):
         create_proxy_app(settings)
+
+
+def test_attribution_metric_groups_adapter_touches(stack: Stack) -> None:
+    from chatmw.metrics.attribution import attribution
+    from chatmw.metrics.filters import MetricFilter
+
+    assert post(stack.url, fixture_bytes("messenger_mixed.json")).status_code == 200
+    assert post(stack.url, fixture_bytes("whatsapp_messages.json")).status_code == 200
+    stack.flush()
+    result = attribution(stack.runtime.engine, MetricFilter())
+    first = result["first_touch"]
+    ads = {item["value"]: item["conversations"] for item in first["ad"]}
+    campaigns = {item["value"]: item["conversations"] for item in first["campaign"]}
+    sources = {item["value"]: item["conversations"] for item in first["source"]}
+    assert ads["6001234567890"] == 1
+    assert ads["120200000000001"] == 1
+    assert campaigns["spring-sale"] == 1
+    assert campaigns["retarget-7"] == 1
+    # The bot answers the fixture's January message now, more than 30 minutes later, so
+    # its reply opens a conversation of its own, without a touch.
+    assert sources == {"SHORTLINK": 1, "ADS": 1, "ad": 1, "(none)": 1}
