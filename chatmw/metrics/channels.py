@@ -128,6 +128,7 @@ def _csat(scores: list[int]) -> dict[str, Any]:
     share = rate(satisfied, len(scores))
     return {
         "responses": len(scores),
+        "satisfied": satisfied,
         "csat_pct": None if share is None else round(share * 100, 2),
         "mean": None if not scores else round(sum(scores) / len(scores), 3),
     }

@@ -1,0 +1,377 @@
+// The chatmw dashboard. Every figure comes from the metrics API under the page's prefix;
+// this script only fetches, formats and draws. Text from the API is inserted with
+// textContent, never as HTML.
+"use strict";
+
+(function () {
+  const body = document.body;
+  const api = body.dataset.api;
+  const form = document.getElementById("filters");
+  const funnelForm = document.getElementById("funnel-form");
+  const plotConfig = { displayModeBar: false, responsive: true };
+  let registered = new Set();
+
+  // Filters
+
+  function addDay(isoDate) {
+    const day = new Date(isoDate + "T00:00:00Z");
+    day.setUTCDate(day.getUTCDate() + 1);
+    return day.toISOString().slice(0, 10);
+  }
+
+  function filterParams() {
+    const data = new FormData(form);
+    const params = new URLSearchParams();
+    const since = data.get("since");
+    const to = data.get("to");
+    if (since) params.set("since", since);
+    // "To" is inclusive on the page; the API's `until` is exclusive.
+    if (to) params.set("until", addDay(to));
+    params.set("tz", data.get("tz") || "UTC");
+    if (data.get("channel")) params.set("channel", data.get("channel"));
+    if (data.get("campaign")) params.set("campaign", data.get("campaign"));
+    return params;
+  }
+
+  function restoreForm() {
+    const params = new URLSearchParams(window.location.search);
+    for (const name of ["since", "to", "tz", "interval"]) {
+      if (params.has(name)) form.elements[name].value = params.get(name);
+    }
+    if (!form.elements.tz.value) {
+      form.elements.tz.value = Intl.DateTimeFormat().resolvedOptions().timeZone || "UTC";
+    }
+    if (params.has("steps")) funnelForm.elements.steps.value = params.get("steps");
+    return params;
+  }
+
+  function saveForm() {
+    const params = new URLSearchParams();
+    for (const name of ["since", "to", "tz", "channel", "campaign", "interval"]) {
+      const value = form.elements[name].value;
+      if (value) params.set(name, value);
+    }
+    const steps = funnelForm.elements.steps.value.trim();
+    if (steps) params.set("steps", steps);
+    window.history.replaceState(null, "", "?" + params.toString());
+  }
+
+  function fillSelect(select, values, chosen) {
+    for (const value of values) {
+      const option = document.createElement("option");
+      option.value = value;
+      option.textContent = value;
+      select.appendChild(option);
+    }
+    if (chosen && !values.includes(chosen)) {
+      const option = document.createElement("option");
+      option.value = chosen;
+      option.textContent = chosen;
+      select.appendChild(option);
+    }
+    if (chosen) select.value = chosen;
+  }
+
+  // Fetching
+
+  async function getJson(url) {
+    const response = await fetch(url, { headers: { Accept: "application/json" } });
+    const payload = await response.json().catch(() => null);
+    if (!response.ok) {
+      const detail = payload && payload.detail && payload.detail[0];
+      const where = detail && detail.loc ? detail.loc[detail.loc.length - 1] + ": " : "";
+      throw new Error(detail ? where + detail.msg : "HTTP " + response.status);
+    }
+    return payload;
+  }
+
+  function metric(name, extra) {
+    const params = filterParams();
+    for (const [key, value] of Object.entries(extra || {})) params.set(key, value);
+    return getJson(api + "/" + name + "?" + params.toString());
+  }
+
+  // Formatting
+
+  function formatCount(value) {
+    return value === null || value === undefined ? "–" : Number(value).toLocaleString("en-US");
+  }
+
+  function formatSeconds(value) {
+    if (value === null || value === undefined) return "–";
+    if (value < 60) return value.toFixed(1) + " s";
+    if (value < 3600) return (value / 60).toFixed(1) + " min";
+    return (value / 3600).toFixed(1) + " h";
+  }
+
+  function formatShare(value) {
+    return value === null || value === undefined ? "–" : (value * 100).toFixed(1) + " %";
+  }
+
+  function formatNumber(value, digits) {
+    return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
+  }
+
+  function setText(id, text) {
+    document.getElementById(id).textContent = text;
+  }
+
+  function showError(id, error) {
+    const element = document.getElementById(id);
+    element.hidden = !error;
+    element.textContent = error ? "Could not load: " + error.message : "";
+  }
+
+  function fillTable(table, columns, rows) {
+    table.replaceChildren();
+    const head = table.createTHead().insertRow();
+    for (const column of columns) {
+      const cell = document.createElement("th");
+      cell.textContent = column.label;
+      if (column.text) cell.className = "text";
+      head.appendChild(cell);
+    }
+    const tbody = table.createTBody();
+    for (const row of rows) {
+      const line = tbody.insertRow();
+      for (const column of columns) {
+        const cell = line.insertCell();
+        cell.textContent = column.format(row);
+        if (column.text) cell.className = "text";
+      }
+    }
+    if (!rows.length) {
+      const cell = tbody.insertRow().insertCell();
+      cell.colSpan = columns.length;
+      cell.textContent = "No data in this window.";
+    }
+  }
+
+  // Sections
+
+  async function renderOverview(channels) {
+    const summary = await metric("summary");
+    setText("tile-conversations", formatCount(summary.totals.conversations));
+    setText("tile-users", formatCount(summary.totals.users));
+    setText("tile-messages", formatCount(summary.totals.messages));
+    setText("tile-first-response", formatSeconds(summary.first_response.p50));
+
+    const sentiment = await metric("sentiment");
+    setText("tile-sentiment", formatNumber(sentiment.messages.mean, 2));
+
+    // CSAT and NPS over all channels, from the per-channel counts.
+    let responses = 0, satisfied = 0, npsResponses = 0, promoters = 0, detractors = 0, surveys = false;
+    for (const row of channels ? channels.channels : []) {
+      if (row.csat) { surveys = true; responses += row.csat.responses; satisfied += row.csat.satisfied; }
+      if (row.nps) {
+        npsResponses += row.nps.responses; promoters += row.nps.promoters; detractors += row.nps.detractors;
+      }
+    }
+    setText("tile-csat", surveys && responses ? (satisfied / responses * 100).toFixed(1) + " %" : "–");
+    setText("tile-nps", surveys && npsResponses
+      ? ((promoters - detractors) / npsResponses * 100).toFixed(0) : "–");
+
+    const box = document.getElementById("tile-conversion-box");
+    box.hidden = !registered.has("conversion");
+    if (registered.has("conversion")) {
+      const conversion = await metric("conversion");
+      setText("tile-conversion", formatShare(conversion.conversion_rate));
+    }
+  }
+
+  async function renderTrend() {
+    const interval = form.elements.interval.value;
+    const volume = await metric("volume", { interval: interval });
+    const x = volume.series.map((row) => row.bucket);
+    const traces = ["conversations", "users", "messages"].map((name) => ({
+      type: "scatter",
+      mode: "lines+markers",
+      name: name,
+      x: x,
+      y: volume.series.map((row) => row[name]),
+      yaxis: name === "messages" ? "y2" : "y",
+    }));
+    window.Plotly.react("trend", traces, {
+      margin: { t: 10, r: 60, b: 40, l: 50 },
+      xaxis: { type: "date" },
+      yaxis: { title: { text: "conversations, users" }, rangemode: "tozero" },
+      yaxis2: { title: { text: "messages" }, overlaying: "y", side: "right", rangemode: "tozero" },
+      legend: { orientation: "h" },
+    }, plotConfig);
+  }
+
+  async function renderHeatmap() {
+    const heatmap = await metric("heatmap");
+    window.Plotly.react("heatmap", [{
+      type: "heatmap",
+      z: heatmap.conversations,
+      x: heatmap.hours.map((hour) => String(hour).padStart(2, "0") + ":00"),
+      y: heatmap.weekdays,
+      colorscale: [[0, "#f5f8fc"], [1, "#1f4e9c"]],
+      hovertemplate: "%{y} %{x}: %{z} conversations<extra></extra>",
+    }], {
+      margin: { t: 10, r: 10, b: 40, l: 50 },
+      yaxis: { autorange: "reversed" },
+    }, plotConfig);
+  }
+
+  async function renderFunnel() {
+    const steps = funnelForm.elements.steps.value.trim();
+    const dropoff = await metric("dropoff", steps ? { steps: steps } : {});
+    if (dropoff.funnel && dropoff.funnel.length) {
+      window.Plotly.react("funnel", [{
+        type: "funnel",
+        y: dropoff.funnel.map((row) => row.step),
+        x: dropoff.funnel.map((row) => row.reached),
+        textinfo: "value+percent initial",
+      }], { margin: { t: 10, r: 10, b: 30, l: 120 } }, plotConfig);
+      return;
+    }
+    const last = dropoff.last_steps || [];
+    window.Plotly.react("funnel", [{
+      type: "bar",
+      orientation: "h",
+      y: last.map((row) => row.step),
+      x: last.map((row) => row.conversations),
+    }], {
+      margin: { t: 30, r: 10, b: 30, l: 120 },
+      title: { text: "Last step of conversations that dropped off", font: { size: 13 } },
+      yaxis: { autorange: "reversed" },
+    }, plotConfig);
+  }
+
+  function renderChannels(result) {
+    const table = document.getElementById("channels-table");
+    fillTable(table, [
+      { label: "Channel", format: (row) => row.channel, text: true },
+      { label: "Conversations", format: (row) => formatCount(row.conversations) },
+      { label: "Users", format: (row) => formatCount(row.users) },
+      { label: "Messages", format: (row) => formatCount(row.messages) },
+      { label: "Engagement", format: (row) => formatShare(row.engagement.rate) },
+      { label: "Conversion", format: (row) => (row.conversion ? formatShare(row.conversion.rate) : "–") },
+      { label: "First response p50", format: (row) => formatSeconds(row.first_response.p50) },
+      { label: "Reply time p50", format: (row) => formatSeconds(row.reply_time.p50) },
+      { label: "CSAT", format: (row) => (row.csat && row.csat.csat_pct !== null ? row.csat.csat_pct.toFixed(1) + " %" : "–") },
+      { label: "NPS", format: (row) => (row.nps && row.nps.nps !== null ? row.nps.nps.toFixed(0) : "–") },
+      { label: "Sentiment", format: (row) => formatNumber(row.sentiment_mean, 2) },
+    ], result.channels);
+    setText("channels-notes", (result.notes || []).join("; "));
+  }
+
+  async function renderAttribution() {
+    const result = await metric("attribution");
+    const rows = [];
+    for (const field of ["campaign", "source", "medium"]) {
+      const touches = result.last_touch || {};
+      for (const item of touches[field] || []) rows.push({ field: field, ...item });
+    }
+    fillTable(document.getElementById("attribution-table"), [
+      { label: "Field", format: (row) => row.field, text: true },
+      { label: "Value", format: (row) => row.value, text: true },
+      { label: "Conversations", format: (row) => formatCount(row.conversations) },
+      { label: "Users", format: (row) => formatCount(row.users) },
+      { label: "Conversions", format: (row) => formatCount(row.conversions) },
+      { label: "Revenue", format: (row) => (row.revenue === null ? "–" : row.revenue + (result.currency ? " " + result.currency : "")) },
+    ], rows);
+  }
+
+  async function renderRetention() {
+    const period = form.elements.interval.value;
+    const result = await metric("retention", { period: period, periods: "8" });
+    const columns = [
+      { label: "Cohort", format: (row) => row.cohort.slice(0, 10), text: true },
+      { label: "Users", format: (row) => formatCount(row.users) },
+    ];
+    for (let index = 0; index < 8; index += 1) {
+      columns.push({
+        label: "+" + (index + 1) + " " + period,
+        format: (row) => formatShare(row.following[index].share),
+      });
+    }
+    fillTable(document.getElementById("retention-table"), columns, result.cohorts.slice(-24));
+  }
+
+  // Live stream
+
+  let source = null;
+
+  function connectLive() {
+    if (body.dataset.live !== "true" || !window.EventSource) return;
+    if (source) source.close();
+    document.getElementById("live").hidden = false;
+    const params = new URLSearchParams({ interval: "5" });
+    if (form.elements.channel.value) params.set("channel", form.elements.channel.value);
+    source = new EventSource(api + "/live?" + params.toString());
+    source.addEventListener("snapshot", (event) => {
+      const snapshot = JSON.parse(event.data);
+      setText("live-active", formatCount(snapshot.active_conversations));
+      setText("live-rate", formatNumber(snapshot.messages_per_minute, 1));
+      setText("live-response", formatSeconds(snapshot.response_time_p50));
+    });
+  }
+
+  // Refresh
+
+  async function section(errorId, render) {
+    try {
+      await render();
+      showError(errorId, null);
+      return true;
+    } catch (error) {
+      showError(errorId, error);
+      return false;
+    }
+  }
+
+  async function refresh() {
+    body.dataset.state = "loading";
+    setText("status", "Loading…");
+    saveForm();
+    let channels = null;
+    const channelsDone = section("channels-error", async () => {
+      channels = await metric("channels");
+      renderChannels(channels);
+    });
+    const results = await Promise.all([
+      channelsDone.then(() => section("overview-error", () => renderOverview(channels))),
+      section("trend-error", renderTrend),
+      section("heatmap-error", renderHeatmap),
+      registered.has("dropoff") ? section("funnel-error", renderFunnel) : true,
+      registered.has("attribution") ? section("attribution-error", renderAttribution) : true,
+      section("retention-error", renderRetention),
+      channelsDone,
+    ]);
+    const failed = results.filter((ok) => !ok).length;
+    body.dataset.state = failed ? "error" : "ready";
+    setText("status", (failed ? failed + " section(s) failed. " : "") +
+      "Updated " + new Date().toLocaleTimeString("en-GB") + " · " + (form.elements.tz.value || "UTC"));
+  }
+
+  async function start() {
+    const params = restoreForm();
+    try {
+      const options = await getJson(api + "/dashboard/options");
+      registered = new Set(options.metrics);
+      fillSelect(form.elements.channel, options.channels, params.get("channel"));
+      fillSelect(form.elements.campaign, options.campaigns, params.get("campaign"));
+    } catch (error) {
+      setText("status", "Could not load the filter options: " + error.message);
+    }
+    document.getElementById("funnel-section").hidden = !registered.has("dropoff");
+    document.getElementById("attribution-section").hidden = !registered.has("attribution");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      connectLive();
+      refresh();
+    });
+    funnelForm.addEventListener("submit", (event) => {
+      event.preventDefault();
+      saveForm();
+      section("funnel-error", renderFunnel);
+    });
+    connectLive();
+    await refresh();
+  }
+
+  start();
+})();
