@@ -94,13 +94,14 @@ class ReplayableSpool(Protocol):
 class RecorderSettings:
     """Settings of the recorder.
 
-    ``queue_size`` bounds the events waiting in memory; ``batch_size`` and
-    ``batch_interval_s`` close a batch by count or by age; ``retries`` and
-    ``retry_backoff_s`` govern retries of a failing write (backoff doubles each time);
-    ``flush_timeout_s`` bounds the flush on shutdown. With a spool, ``overflow_size``
-    bounds the events that wait for the spill thread when the queue is full,
-    ``probe_interval_s`` is the time between attempts to reach a failing store, and
-    ``replay_budget_s`` is how long one replay turn may run before new events are taken in.
+    - ``queue_size``: the maximum number of events waiting in memory.
+    - ``batch_size``, ``batch_interval_s``: a batch closes at this count or age.
+    - ``retries``, ``retry_backoff_s``: retries of a failing write; the backoff doubles.
+    - ``flush_timeout_s``: the time limit of the flush on shutdown.
+    - ``overflow_size``: with a spool, the events that may wait for the spill thread
+      when the queue is full.
+    - ``probe_interval_s``: the time between attempts to reach a failing store.
+    - ``replay_budget_s``: how long one replay turn may run before new events are taken in.
     """
 
     queue_size: int = 10_000
@@ -167,7 +168,7 @@ class Recorder:
     """Bounded queue plus background writer thread. Start it before submitting events.
 
     ``transform`` (for example pseudonymisation) is applied to every event exactly once,
-    before it is written or spooled; events replayed from the spool are not transformed
+    before it is written or spooled. Events replayed from the spool are not transformed
     again. An event whose transform raises is dropped (reason ``transform_error``) rather
     than stored untransformed.
     """
@@ -195,8 +196,8 @@ class Recorder:
         self._last_write_s: float | None = None
         self._write_seconds_sum = 0.0
         self._write_batches = 0
-        # Events taken by submit and not yet written, spooled or dropped; guarded by _lock,
-        # and _idle is set or cleared only under _lock so that flush never misses one.
+        # Events taken by submit and not yet written, spooled or dropped, guarded by _lock.
+        # _idle is set or cleared only under _lock too, so that flush never misses one.
         self._outstanding = 0
         self._idle = threading.Event()
         self._idle.set()
@@ -226,8 +227,8 @@ class Recorder:
     def submit(self, event: Event) -> bool:
         """Queue ``event`` for writing. Returns ``False`` (and counts it) when it was dropped.
 
-        When the queue is full and a spool is set, the event goes to the overflow buffer
-        that the spill thread appends to the spool; it is dropped (reason ``queue_full``)
+        When the queue is full and a spool is set, the event goes to the overflow buffer,
+        which the spill thread appends to the spool. It is dropped (reason ``queue_full``)
         only when that buffer is full too.
         """
         # Counted before the put, so that a flush can never miss an event the writer has not seen.
@@ -268,9 +269,9 @@ class Recorder:
         a crash or SIGKILL of this process and are replayed on the next start. It blocks
         for one append and fsync of the spool file (typically a few milliseconds on local
         disk). Returns ``False`` when there is no replayable spool, the spool is full or
-        the append failed; the events were then queued as by :meth:`submit` (when there
-        was room), so the caller should respond to the platform with an error status and let
-        it retry. Never raises.
+        the append failed. The events were then queued as by :meth:`submit` (when there
+        was room), and the caller should respond to the platform with an error status so
+        that it retries. Never raises.
         """
         if not events:
             return True

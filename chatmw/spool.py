@@ -5,7 +5,7 @@ message text):
 
 - ``segment-<seq>.log``: append-only segment files. Each line is one batch, written as
   ``<crc32 hex> <json>\\n`` and fsynced before :meth:`FileSpool.append` returns. The JSON
-  holds the append time and the batch's events; datetimes and bytes are tagged so that
+  contains the append time and the batch's events. Datetimes and bytes are tagged, so
   they decode to equal values (see :func:`encode_event`).
 - ``segment-<seq>.offset``: how far replay has got in that segment, in bytes. It is written
   after each replayed chunk without fsync: after a crash replay may repeat a chunk, which
@@ -15,8 +15,9 @@ message text):
   replayed. It does not count towards ``max_bytes``.
 - ``LOCK``: held with ``flock`` by the one process that uses the spool.
 
-A line whose checksum does not match (a write cut short by a crash) ends its segment:
-that batch was never acknowledged, because its fsync had not returned.
+An incomplete last line (a write cut short by a crash) is ignored: that batch was never
+acknowledged, because its fsync had not returned. A complete line whose checksum does not
+match is moved to ``rejected.log`` by replay, and the lines after it are replayed.
 """
 
 from __future__ import annotations
@@ -61,21 +62,28 @@ SEGMENT_PATTERN = re.compile(r"^segment-(\d{12})\.log$")
 IMPORTABLE_PREFIXES = ("chatmw.", "adapters.")
 
 
+# The spool directory; without it chatmw runs without a spool.
+SPOOL_DIR_ENV = "CHATMW_SPOOL_DIR"
+# The bound on the spool's total size in bytes (default 256 MiB).
+SPOOL_MAX_BYTES_ENV = "CHATMW_SPOOL_MAX_BYTES"
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
 class SpoolLockedError(RuntimeError):
-    """Another process holds the spool directory."""
+    """Another process has the spool directory open."""
 
 
 @dataclass(slots=True)
 class SpoolSettings:
     """Settings of the file spool.
 
-    ``directory`` holds the segment files; ``max_bytes`` bounds their total size (an append
-    that would pass it is rejected and counted as ``spool_full``); ``segment_bytes`` is the
-    size after which a new segment file is started.
+    ``directory`` contains the segment files. ``max_bytes`` bounds their total size: an
+    append that would pass it is rejected and counted as ``spool_full``. ``segment_bytes``
+    is the size after which a new segment file is started.
     """
 
     directory: str | os.PathLike[str]
-    max_bytes: int = 256 * 1024 * 1024
+    max_bytes: int = DEFAULT_MAX_BYTES
     segment_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -83,6 +91,21 @@ class SpoolSettings:
             raise ValueError(f"max_bytes must be at least 1, got {self.max_bytes}")
         if self.segment_bytes < 1:
             raise ValueError(f"segment_bytes must be at least 1, got {self.segment_bytes}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SpoolSettings | None:
+        """Read ``CHATMW_SPOOL_DIR`` and ``CHATMW_SPOOL_MAX_BYTES``; ``None`` without a dir."""
+        environ = os.environ if environ is None else environ
+        directory = environ.get(SPOOL_DIR_ENV, "").strip()
+        if not directory:
+            return None
+        raw_max = environ.get(SPOOL_MAX_BYTES_ENV, "").strip()
+        try:
+            max_bytes = int(raw_max) if raw_max else DEFAULT_MAX_BYTES
+        except ValueError as error:
+            raise ValueError(f"{SPOOL_MAX_BYTES_ENV} must be a whole number of bytes, "
+                             f"got {raw_max!r}") from error
+        return cls(directory=directory, max_bytes=max_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,12 +314,17 @@ class FileSpool:
             position = 0
             for line in handle:
                 record = _decode_record(line)
-                if record is None:
-                    logger.warning("spool segment %s: unreadable record at byte %d ignored "
+                if record is None and not line.endswith(b"\n"):
+                    logger.warning("spool segment %s: incomplete record at byte %d ignored "
                                    "(a write cut short by a crash)", path.name, position)
                     break
                 position += len(line)
                 valid_end = position
+                if record is None:
+                    # A complete line that fails its checksum: replay moves it to rejected.log.
+                    logger.error("spool segment %s: corrupt record at byte %d",
+                                 path.name, position - len(line))
+                    continue
                 if position > offset:
                     events += len(record.get("events", []))
                     if oldest is None:
@@ -403,8 +431,11 @@ class FileSpool:
                 line = handle.readline()
                 record = _decode_record(line)
                 if record is None:
-                    position = end
-                    break
+                    if events or not line.endswith(b"\n"):
+                        break
+                    # A corrupt line comes back alone, so that only it is rejected.
+                    return SpoolChunk(segment=seq, start=start, end=position + len(line),
+                                      events=[], batches=1, error="checksum mismatch")
                 try:
                     decoded = [decode_event(item) for item in record.get("events", [])]
                 except (ValueError, TypeError, KeyError) as error:

@@ -136,18 +136,28 @@ def test_torn_last_record_ignored(tmp_path: Path) -> None:
     assert [e.key for e in replay_all(reopened)] == ["a"]  # type: ignore[attr-defined]
 
 
-def test_corrupt_record_checksum_ends_segment(tmp_path: Path) -> None:
+def test_corrupt_record_rejected_alone(tmp_path: Path) -> None:
     spool = open_spool(tmp_path)
     spool.append([message("a")])
+    spool.append([message("b")])
+    spool.append([message("c")])
     spool.close()
     segment = next(tmp_path.glob("segment-*.log"))
-    data = segment.read_bytes().replace(b"text a", b"text X")
-    segment.write_bytes(data)
+    segment.write_bytes(segment.read_bytes().replace(b"text b", b"text X"))
 
     reopened = open_spool(tmp_path)
+    assert reopened.pending_events() == 2
+    first = reopened.read_next(10)
+    assert first is not None
+    assert [e.key for e in first.events] == ["a"]  # type: ignore[attr-defined]
+    reopened.commit(first)
+    corrupt = reopened.read_next(10)
+    assert corrupt is not None
+    assert corrupt.error == "checksum mismatch"
+    reopened.reject(corrupt, "test")
 
-    assert reopened.pending_events() == 0
-    assert reopened.read_next(10) is None
+    assert [e.key for e in replay_all(reopened)] == ["c"]  # type: ignore[attr-defined]
+    assert b"text X" in (tmp_path / "rejected.log").read_bytes()
 
 
 def test_full_spool_rejects_append(tmp_path: Path) -> None:
@@ -158,6 +168,17 @@ def test_full_spool_rejects_append(tmp_path: Path) -> None:
     assert stats.full_rejections == 20 - accepted
     assert stats.pending_bytes <= 2000
     assert stats.pending_events == accepted
+
+
+def test_settings_from_environment() -> None:
+    assert SpoolSettings.from_env({}) is None
+    settings = SpoolSettings.from_env({"CHATMW_SPOOL_DIR": "/var/spool/chatmw",
+                                       "CHATMW_SPOOL_MAX_BYTES": "1000"})
+    assert settings is not None
+    assert str(settings.directory) == "/var/spool/chatmw"
+    assert settings.max_bytes == 1000
+    with pytest.raises(ValueError, match="CHATMW_SPOOL_MAX_BYTES must be a whole number"):
+        SpoolSettings.from_env({"CHATMW_SPOOL_DIR": "x", "CHATMW_SPOOL_MAX_BYTES": "1G"})
 
 
 def test_second_process_cannot_open_directory(tmp_path: Path) -> None:
