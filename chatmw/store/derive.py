@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from chatmw.store.identity import CHUNK, bulk_update
+from chatmw.store.identity import bulk_update, id_in
 from chatmw.store.models import Conversation, Message
 
 __all__ = ["UNTIMED_KINDS", "MessageTiming", "compute_timings", "refresh_conversations"]
@@ -23,11 +23,14 @@ __all__ = ["UNTIMED_KINDS", "MessageTiming", "compute_timings", "refresh_convers
 # user messages, and they are not counted as messages of the conversation.
 UNTIMED_KINDS = frozenset({"survey_prompt", "survey_answer", "reaction"})
 RESPONDER_ROLES = frozenset({"bot", "agent"})
+# Conversations refreshed per query; ids travel as one array or JSON parameter, so this
+# only bounds the rows held in memory at once.
+REFRESH_CHUNK = 5000
 
 
 @dataclass(slots=True)
 class MessageTiming:
-    """One message as the timing computation sees it."""
+    """One message's role, kind and time, as input to the timing computation."""
 
     id: int
     role: str
@@ -67,15 +70,15 @@ def compute_timings(messages: Sequence[MessageTiming]) -> tuple[float | None, st
 def refresh_conversations(session: Session, conversation_ids: Iterable[int]) -> None:
     """Recompute counts, times and response times of the given conversations."""
     ids = sorted(set(conversation_ids))
-    for start in range(0, len(ids), CHUNK):
-        _refresh_chunk(session, ids[start:start + CHUNK])
+    for start in range(0, len(ids), REFRESH_CHUNK):
+        _refresh_chunk(session, ids[start:start + REFRESH_CHUNK])
 
 
 def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
     statement = (
         select(Message.conversation_id, Message.id, Message.role, Message.kind,
                Message.occurred_at_ms, Message.response_ms, Message.is_first_response)
-        .where(Message.conversation_id.in_(list(ids)))
+        .where(id_in(session, Message.conversation_id, ids))
         .order_by(Message.conversation_id, Message.occurred_at_ms, Message.id)
     )
     grouped: dict[int, list[MessageTiming]] = defaultdict(list)
@@ -87,7 +90,7 @@ def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
     ended = dict(session.execute(
-        select(Conversation.id, Conversation.ended_at_ms).where(Conversation.id.in_(list(ids)))
+        select(Conversation.id, Conversation.ended_at_ms).where(id_in(session, Conversation.id, ids))
     ).all())
     for conversation_id, messages in grouped.items():
         first_ms, first_role = compute_timings(messages)

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, bindparam, or_, select, text, tuple_, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Table,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -15,7 +28,9 @@ from chatmw.store.models import Contact, Conversation
 
 __all__ = [
     "bulk_update",
+    "id_in",
     "insert_ignore",
+    "select_by_keys",
     "upsert",
     "resolve_contacts",
     "resolve_named_conversations",
@@ -42,21 +57,60 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
     """Insert ``rows``, skipping each row whose ``conflict`` columns already exist."""
     if not rows:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         _insert_ignore_unnest(session, table, rows, conflict)
         return
-    for start in range(0, len(rows), CHUNK):
-        chunk = rows[start:start + CHUNK]
-        statement = _insert(session, table).on_conflict_do_nothing(index_elements=conflict)
-        session.execute(statement, list(chunk))
+    if dialect != "sqlite":
+        raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
+    # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
+    # cost more than SQLite's own work on the message batches.
+    names = list(rows[0])
+    processors = _bind_processors(session, table, names)
+    statement = (
+        f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
+        f"VALUES ({', '.join('?' for _ in names)}) "
+        f"ON CONFLICT ({', '.join(_quoted(conflict))}) DO NOTHING"
+    )
+    session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+
+
+def _quoted(names: Sequence[str]) -> list[str]:
+    return [f'"{name}"' for name in names]
+
+
+def _bind_processors(session: Session, table: Table, names: Sequence[str]) -> list[Any]:
+    dialect = session.get_bind().dialect
+    return [table.c[name].type.bind_processor(dialect) for name in names]
+
+
+def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
+            processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    if not any(processors):
+        return [tuple(row.get(name) for name in names) for row in rows]
+    pairs = list(zip(names, processors, strict=True))
+    return [tuple(row.get(name) if processor is None else processor(row.get(name))
+                  for name, processor in pairs) for row in rows]
 
 
 def _insert_ignore_unnest(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                           conflict: Sequence[str]) -> None:
     # One INSERT ... SELECT FROM unnest(arrays) per batch: psycopg's executemany sends a
     # statement per row, and a multi-row VALUES list is compiled anew for every length.
-    dialect = session.get_bind().dialect
     names = list(rows[0])
+    casts, parameters = _unnest_arrays(session, table, rows, names)
+    statement = text(
+        f"INSERT INTO {table.name} ({', '.join(names)}) "
+        f"SELECT * FROM unnest({', '.join(casts)}) "
+        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
+    )
+    session.execute(statement, parameters)
+
+
+def _unnest_arrays(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                   names: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
+    # The casts and array parameters of ``unnest(...)`` over the ``names`` columns of rows.
+    dialect = session.get_bind().dialect
     casts = []
     parameters: dict[str, list[Any]] = {}
     for name in names:
@@ -70,27 +124,73 @@ def _insert_ignore_unnest(session: Session, table: Table, rows: Sequence[dict[st
         else:
             casts.append(f"CAST(:{name} AS {type_name}[])")
         parameters[name] = values
-    statement = text(
-        f"INSERT INTO {table.name} ({', '.join(names)}) "
-        f"SELECT * FROM unnest({', '.join(casts)}) "
-        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
-    )
-    session.execute(statement, parameters)
+    return casts, parameters
 
 
 def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]],
            conflict: Sequence[str], update_columns: Sequence[str]) -> None:
     """Insert ``rows``; where the ``conflict`` columns exist, overwrite ``update_columns``."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    keys = {tuple(row[name] for name in conflict) for row in rows}
+    # One statement for the whole list, unless it names a row twice: a single INSERT ... ON
+    # CONFLICT may not update the same row twice, while row-by-row updates apply in order.
+    if len(keys) == len(rows) and dialect in ("postgresql", "sqlite"):
+        _upsert_at_once(session, table, rows, conflict, update_columns)
+        return
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
-        if not chunk:
-            continue
         statement = _insert(session, table)
         statement = statement.on_conflict_do_update(
             index_elements=conflict,
             set_={name: statement.excluded[name] for name in update_columns},
         )
         session.execute(statement, list(chunk))
+
+
+def _upsert_at_once(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                    conflict: Sequence[str], update_columns: Sequence[str]) -> None:
+    names = list(rows[0])
+    assignments = ", ".join(f'"{name}" = excluded."{name}"' for name in update_columns)
+    action = f"DO UPDATE SET {assignments}" if update_columns else "DO NOTHING"
+    target = f"ON CONFLICT ({', '.join(_quoted(conflict))}) {action}"
+    if session.get_bind().dialect.name == "sqlite":
+        statement = (f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
+                     f"VALUES ({', '.join('?' for _ in names)}) {target}")
+        processors = _bind_processors(session, table, names)
+        session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+        return
+    casts, parameters = _unnest_arrays(session, table, rows, names)
+    session.execute(text(f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
+                         f"SELECT * FROM unnest({', '.join(casts)}) {target}"), parameters)
+
+
+def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                types: dict[str, Any], where: str, assignments: str) -> None:
+    """Run one ``UPDATE table SET assignments FROM changes WHERE where`` for all ``rows``.
+
+    ``changes`` is a derived table with one row per dict of ``rows`` and the columns named
+    in ``types`` (name to SQLAlchemy type), built from arrays on PostgreSQL and from one
+    JSON document on SQLite (3.33 or later, for ``UPDATE ... FROM``). ``where`` and
+    ``assignments`` are SQL that refer to ``changes.NAME``. A target row matched by two
+    changes rows is updated once, by either, so callers pass one change per target row.
+    """
+    if not rows:
+        return
+    names = list(types)
+    if session.get_bind().dialect.name == "postgresql":
+        dialect = session.get_bind().dialect
+        arrays = ", ".join(f"CAST(:{name} AS {types[name].compile(dialect=dialect)}[])"
+                           for name in names)
+        source = f"unnest({arrays}) AS changes({', '.join(names)})"
+        parameters: dict[str, Any] = {name: [row[name] for row in rows] for name in names}
+    else:
+        columns = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
+        source = f"(SELECT {columns} FROM json_each(:changes)) AS changes"
+        parameters = {"changes": json.dumps([[row[name] for name in names] for row in rows])}
+    session.execute(text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}"),
+                    parameters)
 
 
 def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -104,9 +204,12 @@ def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
         return
     dialect = session.get_bind().dialect
     if dialect.name != "postgresql":
-        statement = (update(table).where(table.c.id == bindparam("_id"))
-                     .values({name: bindparam(f"_{name}") for name in columns}))
-        session.execute(statement, [{f"_{k}": v for k, v in row.items()} for row in rows])
+        assignments = ", ".join(f'"{name}" = ?' for name in columns)
+        names = (*columns, "id")
+        processors = _bind_processors(session, table, names)
+        session.connection().exec_driver_sql(
+            f"UPDATE {table.name} SET {assignments} WHERE id = ?",
+            _tuples(rows, names, processors))
         return
     names = ("id", *columns)
     arrays = ", ".join(
@@ -120,9 +223,44 @@ def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
     session.execute(statement, {name: [row[name] for row in rows] for name in names})
 
 
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), CHUNK):
-        yield items[start:start + CHUNK]
+def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
+    """Return ``column IN ids`` as one bound parameter, whatever the number of ids.
+
+    PostgreSQL gets ``= ANY(array)`` and SQLite ``IN (SELECT value FROM json_each(...))``:
+    an expanded ``IN (?, ?, ...)`` list is a new statement text for each length, which
+    both drivers parse and plan again, and it is bounded by SQLite's variable limit.
+    """
+    values = [int(value) for value in ids]
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(cast(bindparam(None, values, unique=True), ARRAY(column.type)))
+    table = func.json_each(bindparam(None, json.dumps(values), unique=True)).table_valued("value")
+    return column.in_(select(table.c.value))
+
+
+def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
+                   keys: Sequence[tuple[Any, ...]], result_columns: Sequence[str]) -> list[Any]:
+    """Return ``result_columns`` of the rows whose ``key_columns`` equal one of ``keys``.
+
+    The keys travel as arrays (PostgreSQL) or one JSON document (SQLite) joined to the
+    table, so one statement text serves every batch.
+    """
+    if not keys:
+        return []
+    selected = ", ".join(f"t.{name}" for name in result_columns)
+    if session.get_bind().dialect.name == "postgresql":
+        dialect = session.get_bind().dialect
+        arrays = ", ".join(
+            f"CAST(:k{i} AS {table.c[name].type.compile(dialect=dialect)}[])"
+            for i, name in enumerate(key_columns))
+        on = " AND ".join(f"t.{name} = k.{name}" for name in key_columns)
+        statement = text(f"SELECT {selected} FROM unnest({arrays}) AS k({', '.join(key_columns)}) "
+                         f"JOIN {table.name} AS t ON {on}")
+        parameters = {f"k{i}": [key[i] for key in keys] for i in range(len(key_columns))}
+        return list(session.execute(statement, parameters))
+    on = " AND ".join(f"t.{name} = json_extract(k.value, '$[{i}]')"
+                      for i, name in enumerate(key_columns))
+    statement = text(f"SELECT {selected} FROM json_each(:keys) AS k JOIN {table.name} AS t ON {on}")
+    return list(session.execute(statement, {"keys": json.dumps([list(key) for key in keys])}))
 
 
 def resolve_contacts(session: Session, identities: dict[tuple[str, str], int]) -> dict[
@@ -143,12 +281,9 @@ def resolve_contacts(session: Session, identities: dict[tuple[str, str], int]) -
     ]
     insert_ignore(session, table, rows, ["channel", "external_id"])
     found: dict[tuple[str, str], int] = {}
-    for chunk in _chunks(keys):
-        statement = select(Contact.channel, Contact.external_id, Contact.id).where(
-            tuple_(Contact.channel, Contact.external_id).in_(list(chunk))
-        )
-        for channel, external, contact_id in session.execute(statement):
-            found[(channel, external)] = contact_id
+    for channel, external, contact_id in select_by_keys(
+            session, table, ("channel", "external_id"), keys, ("channel", "external_id", "id")):
+        found[(channel, external)] = contact_id
     return found
 
 
@@ -171,18 +306,16 @@ def resolve_named_conversations(
     ]
     insert_ignore(session, Conversation.__table__, rows, ["channel", "external_id"])
     found: dict[tuple[str, str], int] = {}
-    for chunk in _chunks(keys):
-        statement = select(Conversation.channel, Conversation.external_id, Conversation.id).where(
-            tuple_(Conversation.channel, Conversation.external_id).in_(list(chunk))
-        )
-        for channel, external, conversation_id in session.execute(statement):
-            found[(channel, external)] = conversation_id
+    for channel, external, conversation_id in select_by_keys(
+            session, Conversation.__table__, ("channel", "external_id"), keys,
+            ("channel", "external_id", "id")):
+        found[(channel, external)] = conversation_id
     return found
 
 
 @dataclass(slots=True)
 class OpenConversation:
-    """The latest conversation of a contact, as sessionisation sees it."""
+    """The latest conversation of a contact, with the times sessionisation compares."""
 
     id: int
     started_at_ms: int
@@ -197,10 +330,10 @@ def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
     # PostgreSQL. SQLite allows one writer at a time, so it needs no lock.
     if session.get_bind().dialect.name != "postgresql":
         return
-    for chunk in _chunks(sorted(contact_ids)):
-        session.execute(
-            select(Contact.id).where(Contact.id.in_(list(chunk))).order_by(Contact.id).with_for_update()
-        )
+    session.execute(
+        select(Contact.id).where(id_in(session, Contact.id, sorted(contact_ids)))
+        .order_by(Contact.id).with_for_update()
+    )
 
 
 def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str, int]]) -> dict[
@@ -210,16 +343,16 @@ def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str
     for channel, contact_id in channel_contacts:
         by_channel[channel].append(contact_id)
     for channel, contact_ids in by_channel.items():
-        for chunk in _chunks(contact_ids):
-            statement = (
-                select(Conversation.contact_id, Conversation.id, Conversation.started_at_ms,
-                       Conversation.last_message_at_ms, Conversation.ended_at_ms)
-                .where(Conversation.channel == channel, Conversation.contact_id.in_(list(chunk)))
-                .order_by(Conversation.contact_id, Conversation.started_at_ms)
-            )
-            for contact_id, conversation_id, started, last, ended in session.execute(statement):
-                # Rows come in start order, so the last one seen is the latest.
-                latest[(channel, contact_id)] = OpenConversation(conversation_id, started, last, ended)
+        statement = (
+            select(Conversation.contact_id, Conversation.id, Conversation.started_at_ms,
+                   Conversation.last_message_at_ms, Conversation.ended_at_ms)
+            .where(Conversation.channel == channel,
+                   id_in(session, Conversation.contact_id, contact_ids))
+            .order_by(Conversation.contact_id, Conversation.started_at_ms)
+        )
+        for contact_id, conversation_id, started, last, ended in session.execute(statement):
+            # Rows come in start order, so the last one seen is the latest.
+            latest[(channel, contact_id)] = OpenConversation(conversation_id, started, last, ended)
     return latest
 
 

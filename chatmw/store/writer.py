@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, bindparam, case, func, select, update
+from sqlalchemy import BigInteger, Engine, Integer, String, func, select, update
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -22,9 +22,11 @@ from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
+    id_in,
     insert_ignore,
     resolve_contacts,
     resolve_named_conversations,
+    update_from,
     upsert,
 )
 
@@ -177,17 +179,13 @@ class Writer:
     def _claim_owners(self, session: Session, named: Mapping[tuple[str, str], tuple[int, int | None]],
                       named_ids: Mapping[tuple[str, str], int]) -> None:
         # A conversation created by a bot message first gets its contact from the first user.
-        rows = [{"conversation_id": named_ids[key], "owner": owner}
-                for key, (_, owner) in named.items() if owner is not None]
-        if not rows:
-            return
-        table = models.Conversation.__table__
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("conversation_id"), table.c.contact_id.is_(None))
-            .values(contact_id=bindparam("owner")),
-            rows,
-        )
+        owners = {named_ids[key]: owner for key, (_, owner) in named.items() if owner is not None}
+        rows = [{"conversation_id": cid, "owner": owner} for cid, owner in sorted(owners.items())]
+        update_from(session, models.Conversation.__table__, rows,
+                    {"conversation_id": Integer(), "owner": Integer()},
+                    "conversations.id = changes.conversation_id "
+                    "AND conversations.contact_id IS NULL",
+                    "contact_id = changes.owner")
 
     def _write_attributes(self, session: Session, messages: Sequence[ev.Message],
                           conversation_ids: Sequence[int]) -> None:
@@ -206,26 +204,22 @@ class Writer:
             if message.role == "user" and message.kind not in UNTIMED_KINDS:
                 last_user = at_ms if last_user is None else max(last_user, at_ms)
             seen[contact_id] = [min(first, at_ms), max(last, at_ms), last_user]  # type: ignore[type-var]
-        table = models.Contact.__table__
-        columns = table.c
         rows = [{"contact_id": cid, "first": first, "last": last, "last_user": last_user}
                 for cid, (first, last, last_user) in sorted(seen.items())]
-        session.execute(
-            update(table)
-            .where(columns.id == bindparam("contact_id"))
-            .values(
-                first_seen_ms=case((columns.first_seen_ms > bindparam("first"), bindparam("first")),
-                                   else_=columns.first_seen_ms),
-                last_seen_ms=case((columns.last_seen_ms < bindparam("last"), bindparam("last")),
-                                  else_=columns.last_seen_ms),
-                last_user_message_ms=case(
-                    (bindparam("last_user", type_=BigInteger).is_(None), columns.last_user_message_ms),
-                    (columns.last_user_message_ms.is_(None), bindparam("last_user", type_=BigInteger)),
-                    (columns.last_user_message_ms < bindparam("last_user", type_=BigInteger),
-                     bindparam("last_user", type_=BigInteger)),
-                    else_=columns.last_user_message_ms),
-            ),
-            rows,
+        update_from(
+            session, models.Contact.__table__, rows,
+            {"contact_id": Integer(), "first": BigInteger(), "last": BigInteger(),
+             "last_user": BigInteger()},
+            "contacts.id = changes.contact_id",
+            "first_seen_ms = CASE WHEN contacts.first_seen_ms > changes.first "
+            "THEN changes.first ELSE contacts.first_seen_ms END, "
+            "last_seen_ms = CASE WHEN contacts.last_seen_ms < changes.last "
+            "THEN changes.last ELSE contacts.last_seen_ms END, "
+            "last_user_message_ms = CASE WHEN changes.last_user IS NULL "
+            "THEN contacts.last_user_message_ms "
+            "WHEN contacts.last_user_message_ms IS NULL THEN changes.last_user "
+            "WHEN contacts.last_user_message_ms < changes.last_user THEN changes.last_user "
+            "ELSE contacts.last_user_message_ms END",
         )
 
     def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
@@ -236,13 +230,12 @@ class Writer:
                 intents[conversation_id] = message.intent
         if not intents:
             return
-        table = models.Conversation.__table__
-        session.execute(
-            update(table)
-            .where(table.c.id == bindparam("conversation_id"), table.c.intent.is_(None))
-            .values(intent=bindparam("new_intent")),
+        update_from(
+            session, models.Conversation.__table__,
             [{"conversation_id": cid, "new_intent": intent} for cid, intent in sorted(intents.items())],
-        )
+            {"conversation_id": Integer(), "new_intent": String()},
+            "conversations.id = changes.conversation_id AND conversations.intent IS NULL",
+            "intent = changes.new_intent")
 
     # Statuses
 
@@ -398,11 +391,10 @@ def link_touches_to_open_conversations(session: Session, contact_ids: Iterable[i
     """
     touch, conversation = models.Touch, models.Conversation
     ids = sorted(set(contact_ids))
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start:start + CHUNK]
+    if ids:
         loose = session.execute(
             select(touch.id, touch.contact_id, touch.channel, touch.occurred_at_ms)
-            .where(touch.contact_id.in_(chunk), touch.conversation_id.is_(None))
+            .where(id_in(session, touch.contact_id, ids), touch.conversation_id.is_(None))
         ).all()
         for touch_id, contact_id, channel, at_ms in loose:
             target = session.execute(
@@ -421,24 +413,14 @@ def link_pending_touches(session: Session, conversation_ids: set[int], gap_ms: i
     """Link loose touches of the contacts of ``conversation_ids`` and refresh first and last touch."""
     if not conversation_ids:
         return
-    conversation = models.Conversation
-    contact_ids: set[int] = set()
-    ids = sorted(conversation_ids)
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start:start + CHUNK]
-        contact_ids.update(
-            cid for cid in session.execute(
-                select(conversation.contact_id).where(conversation.id.in_(chunk))).scalars()
-            if cid is not None
-        )
-    touch = models.Touch
-    with_loose = set()
-    id_list = sorted(contact_ids)
-    for start in range(0, len(id_list), CHUNK):
-        chunk = id_list[start:start + CHUNK]
-        with_loose.update(session.execute(
-            select(touch.contact_id).where(touch.contact_id.in_(chunk), touch.conversation_id.is_(None))
-            .distinct()).scalars())
+    conversation, touch = models.Conversation, models.Touch
+    # Contacts of these conversations that have touches not linked to a conversation.
+    with_loose = set(session.execute(
+        select(touch.contact_id).distinct()
+        .join(conversation, conversation.contact_id == touch.contact_id)
+        .where(id_in(session, conversation.id, sorted(conversation_ids)),
+               touch.conversation_id.is_(None))
+    ).scalars())
     if with_loose:
         link_touches_to_open_conversations(session, with_loose, gap_ms)
         refresh_touch_pointers(session, contact_ids=with_loose)
@@ -452,7 +434,7 @@ def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None
         chunk = ids[start:start + CHUNK]
         rows = session.execute(
             select(touch.id, touch.contact_id, touch.conversation_id, touch.occurred_at_ms)
-            .where(touch.contact_id.in_(chunk))
+            .where(id_in(session, touch.contact_id, chunk))
             .order_by(touch.occurred_at_ms, touch.id)
         ).all()
         by_contact: dict[int, list[int]] = {}
