@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
 import time
+from datetime import timedelta
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from surveys_support import Harness, survey_config
 
+from chatmw import events as ev
 from chatmw.outbound import SendResult
 from chatmw.store.models import Contact, Conversation, Message
+from chatmw.store.models_surveys import SurveyAddress
+from chatmw.surveys.addresses import ADDRESS_META_KEY, capture_addresses
 from chatmw.surveys.answers import score_payload
 from chatmw.surveys.scheduler import SurveyExistsError, is_sampled, request_survey
 from chatmw.surveys.service import SurveyService
@@ -388,3 +395,95 @@ def test_service_thread_sends_and_stops(engine: Engine) -> None:
         stopped = service.stop(timeout=5)
     assert stopped
     assert len(harness.outbound["web"].sent) == 1
+
+
+def _pseudonymise(event: ev.Event) -> ev.Event:
+    # Stands in for the privacy transform: a keyed, irreversible pseudonym of each id.
+    changes = {}
+    for name in ("user_id", "conversation_id"):
+        value = getattr(event, name, None)
+        if value:
+            digest = hmac.new(b"test-key", f"{name}\x00{value}".encode(), hashlib.sha256)
+            changes[name] = "ps_" + digest.hexdigest()[:32]
+    return dataclasses.replace(event, **changes)
+
+
+def test_pseudonymised_user_surveyed_at_platform_id(engine: Engine) -> None:
+    harness = Harness(engine, survey_config(csat={"delay_minutes": 0}))
+    transform = capture_addresses(_pseudonymise, ["web", "messenger"])
+    start = harness.clock.at() - timedelta(minutes=5)
+    raw = [
+        ev.Message(
+            channel="messenger",
+            occurred_at=start,
+            key="in",
+            role="user",
+            user_id="psid-77",
+            text="hi",
+            conversation_id="c1",
+        ),
+        ev.ConversationUpdate(
+            channel="messenger",
+            occurred_at=start + timedelta(seconds=5),
+            user_id="psid-77",
+            conversation_id="c1",
+            ended=True,
+        ),
+    ]
+    harness.writer.write([transform(event) for event in raw])
+    harness.round()
+    sent = harness.outbound["messenger"].sent
+    assert len(sent) == 1
+    assert sent[0].user_id == "psid-77"
+    answer = ev.Message(
+        channel="messenger",
+        occurred_at=harness.clock.at(),
+        key="answer",
+        role="user",
+        user_id="psid-77",
+        text="4",
+    )
+    harness.writer.write([transform(answer)])
+    assert harness.surveys()[0].score == 4
+    with Session(engine) as session:
+        stored = session.execute(select(SurveyAddress.user_id, SurveyAddress.platform_id)).all()
+        metas = session.scalars(select(Message.meta)).all()
+        prompt_user = session.scalar(
+            select(Contact.external_id)
+            .join(Message, Message.contact_id == Contact.id)
+            .where(Message.kind == "survey_prompt")
+        )
+    assert [platform_id for _, platform_id in stored] == ["psid-77"]
+    assert stored[0][0].startswith("ps_")
+    assert prompt_user == stored[0][0]
+    assert all(ADDRESS_META_KEY not in (meta or {}) for meta in metas)
+
+
+def test_pseudonymised_user_without_address_skipped(engine: Engine) -> None:
+    harness = Harness(engine, survey_config(csat={"delay_minutes": 0}))
+    harness.writer.write(
+        [
+            _pseudonymise(event)
+            for event in (
+                ev.Message(
+                    channel="web",
+                    occurred_at=harness.clock.at() - timedelta(minutes=5),
+                    key="in",
+                    role="user",
+                    user_id="visitor",
+                    text="hi",
+                    conversation_id="c1",
+                ),
+                ev.ConversationUpdate(
+                    channel="web",
+                    occurred_at=harness.clock.at() - timedelta(minutes=4),
+                    user_id="visitor",
+                    conversation_id="c1",
+                    ended=True,
+                ),
+            )
+        ]
+    )
+    harness.round()
+    assert harness.outbound["web"].sent == []
+    assert harness.surveys()[0].reason == "no platform id stored for this pseudonymised user"

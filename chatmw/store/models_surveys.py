@@ -1,5 +1,7 @@
 """Tables of post-chat surveys: one survey per conversation, its sends, the web outbox.
 
+``survey_addresses`` keeps the platform ids of users whose stored ids are pseudonyms.
+
 A survey row follows one conversation from scheduling to its answer. Every message the
 dispatcher sends for it (the prompt, a re-ask, the follow-up, the thanks) is a row of
 ``survey_sends``, claimed by exactly one dispatcher before it goes out. The web widget has
@@ -31,6 +33,7 @@ __all__ = [
     "SurveySend",
     "WebOutboxMessage",
     "SurveyConfigDocument",
+    "SurveyAddress",
     "SURVEY_STATES",
     "SEND_STATES",
 ]
@@ -118,6 +121,23 @@ class WebOutboxMessage(Base):
     delivered_at_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class SurveyAddress(Base):
+    """The platform id to send surveys to, for a user whose stored id is a pseudonym.
+
+    ``user_id`` is the id as stored in ``contacts.external_id``; ``platform_id`` is the
+    id the platform needs (a PSID, a phone number, a widget visitor id).
+    """
+
+    __tablename__ = "survey_addresses"
+    __table_args__ = (UniqueConstraint("channel", "user_id", name="uq_survey_addresses_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str] = mapped_column(String(255))
+    platform_id: Mapped[str] = mapped_column(String(255))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class SurveyConfigDocument(Base):
     """The survey configuration set through the API; when present it replaces the file's."""
 
@@ -133,3 +153,4 @@ class SurveyConfigDocument(Base):
 SURVEYS: Table = Base.metadata.tables["surveys"]
 SURVEY_SENDS: Table = Base.metadata.tables["survey_sends"]
 SURVEY_CONFIG: Table = Base.metadata.tables["survey_config"]
+SURVEY_ADDRESSES: Table = Base.metadata.tables["survey_addresses"]

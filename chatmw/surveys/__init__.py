@@ -5,6 +5,7 @@ through the channel's outbound interface, and the answer preprocessor turns repl
 scores in the writer's transaction. See ``docs/surveys.md``.
 """
 
+from chatmw.surveys.addresses import capture_addresses, install_address_capture
 from chatmw.surveys.answering import SurveyAnswerPreprocessor
 from chatmw.surveys.answers import Answer, parse_answer
 from chatmw.surveys.api import create_survey_router
@@ -26,9 +27,11 @@ __all__ = [
     "SurveysConfig",
     "WebOutbound",
     "build_channels",
+    "capture_addresses",
     "create_survey_router",
     "csat",
     "fetch_web_messages",
+    "install_address_capture",
     "install_answer_preprocessor",
     "load_config",
     "nps",

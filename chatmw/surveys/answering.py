@@ -22,6 +22,7 @@ from chatmw import events as ev
 from chatmw.store.identity import insert_ignore
 from chatmw.store.models import Contact, Conversation, Message
 from chatmw.store.models_surveys import SURVEY_SENDS, Survey
+from chatmw.surveys.addresses import ADDRESS_META_KEY, store_addresses
 from chatmw.surveys.answers import Answer, parse_answer
 from chatmw.surveys.config import SCALES
 
@@ -61,6 +62,7 @@ class SurveyAnswerPreprocessor:
         self.clock = clock
 
     def __call__(self, session: Session, messages: list[ev.Message]) -> list[ev.Message]:
+        messages = self._take_addresses(session, messages)
         indexes = [i for i, m in enumerate(messages) if m.role == "user" and m.kind == "message"]
         if not indexes:
             return messages
@@ -89,6 +91,22 @@ class SurveyAnswerPreprocessor:
                 result[index] = dataclasses.replace(
                     message, kind="survey_answer", conversation_id=conversation_id, meta=meta
                 )
+        return result
+
+    def _take_addresses(self, session: Session, messages: list[ev.Message]) -> list[ev.Message]:
+        # Moves the platform ids that address capture put in the meta into their table.
+        addresses: dict[tuple[str, str], str] = {}
+        result = []
+        for message in messages:
+            if ADDRESS_META_KEY not in message.meta:
+                result.append(message)
+                continue
+            meta = dict(message.meta)
+            platform_id = meta.pop(ADDRESS_META_KEY)
+            if isinstance(platform_id, str) and platform_id:
+                addresses[(message.channel, message.user_id)] = platform_id
+            result.append(dataclasses.replace(message, meta=meta))
+        store_addresses(session, addresses, self.clock())
         return result
 
     def _stored_answers(self, session: Session, keys: Sequence[str]) -> dict[str, str | None]:

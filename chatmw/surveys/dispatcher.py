@@ -65,8 +65,9 @@ class Dispatcher:
     """Sends due survey messages through ``channels`` (a channel name to its sender).
 
     ``config`` is a fixed configuration or a :class:`ConfigSource` read every round.
-    ``record`` stores the sent messages as events (by default a :class:`Writer` on
-    ``engine``; pass the recorder's submit in a running app). A sender whose attribute
+    ``record`` stores the sent messages as events, by default through a :class:`Writer` on
+    ``engine``. The events carry the user and conversation ids as stored, so they must not
+    pass through the recorder's transform (pseudonymisation) again. A sender whose attribute
     ``records_sends`` is true records its own sends, and the dispatcher does not record them.
     """
 
@@ -143,7 +144,7 @@ class Dispatcher:
                 survey_id=job.survey_id,
                 kind=job.kind,
                 channel=job.channel,
-                user_id=job.user_id,
+                user_id=job.address,
                 conversation_id=job.conversation_id,
                 purpose=job.purpose,
                 texts=settings.texts_for(job.locale),

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from chatmw.store.identity import insert_ignore
 from chatmw.store.models import Contact, Conversation, ConversationAttribute
 from chatmw.store.models_surveys import SURVEY_SENDS, SURVEYS, Survey, SurveySend
+from chatmw.surveys.addresses import find_address
 from chatmw.surveys.config import SurveysConfig, SurveySettings
 
 __all__ = [
@@ -55,7 +56,11 @@ class SurveyExistsError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """A claimed send, with what the dispatcher needs to render and record it."""
+    """A claimed send, with what the dispatcher needs to render and record it.
+
+    ``user_id`` and ``conversation_id`` are the ids as stored (pseudonyms when the store
+    pseudonymises); ``address`` is the platform id the message goes to.
+    """
 
     send_id: int
     survey_id: int
@@ -63,6 +68,7 @@ class Job:
     attempts: int
     channel: str
     user_id: str
+    address: str
     conversation_id: str
     name: str
     kind: str
@@ -550,6 +556,11 @@ def claim_one(
         .join(Conversation, Conversation.id == survey.conversation_id)
         .where(Contact.id == survey.contact_id)
     ).one()
+    address = find_address(session, survey.channel, user_id)
+    if address is None:
+        reason = "no platform id stored for this pseudonymised user"
+        _skip(session, send_id, survey.id if purpose == "prompt" else None, reason)
+        return True
     return Job(
         send_id=send_id,
         survey_id=survey.id,
@@ -557,6 +568,7 @@ def claim_one(
         attempts=attempts,
         channel=survey.channel,
         user_id=user_id,
+        address=address,
         conversation_id=conversation_id,
         name=survey.name,
         kind=survey.kind,
