@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from starlette.concurrency import run_in_threadpool
+
 from chatmw.adapters import messenger
 from chatmw.adapters._meta import BodyTooLarge, MetaSettings, WebhookStats, read_body
 from chatmw.adapters.webhook import EventSink, WebhookIntake, header_value
@@ -70,13 +72,17 @@ class MetaWebhookMiddleware:
         except ConnectionError:
             received = [{"type": "http.disconnect"}]
         else:
-            self._record(body, scope)
+            await self._record(body, scope)
         await self.app(scope, _replay(received, receive), send)
 
-    def _record(self, body: bytes, scope: Scope) -> None:
+    async def _record(self, body: bytes, scope: Scope) -> None:
         try:
             signature = header_value(scope.get("headers", []), b"x-hub-signature-256")
-            outcome = self.intake.receive(body, signature)
+            if self.settings.durable_acknowledgement:
+                # A durable submit waits for an fsync of the spool: keep it off the event loop.
+                outcome = await run_in_threadpool(self.intake.receive, body, signature)
+            else:
+                outcome = self.intake.receive(body, signature)
         except Exception:  # noqa: BLE001 - recording must never reach the bot
             logger.exception("recording a webhook failed; the bot still receives it")
             return

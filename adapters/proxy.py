@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -284,7 +285,12 @@ async def _webhook(state: ProxyState, request: Request) -> Response:
         return PlainTextResponse("body too large", status_code=413)
     except ConnectionError:
         return PlainTextResponse("client disconnected", status_code=400)
-    outcome = state.intake.receive(body, request.headers.get("x-hub-signature-256"))
+    signature_header = request.headers.get("x-hub-signature-256")
+    if state.settings.durable_acknowledgement:
+        # A durable submit waits for an fsync of the spool: keep it off the event loop.
+        outcome = await run_in_threadpool(state.intake.receive, body, signature_header)
+    else:
+        outcome = state.intake.receive(body, signature_header)
     if outcome.forward and state.forwarder is not None:
         state.forwarder.enqueue(body, request.scope["headers"])
     return PlainTextResponse(outcome.body.decode(), status_code=outcome.status)

@@ -55,25 +55,32 @@ def proxy_command(
     """Receive Meta webhooks, record them and forward them to the bot; pass Graph API calls through.
 
     The app secret and verify token come from CHATMW_META_APP_SECRET and
-    CHATMW_META_VERIFY_TOKEN.
+    CHATMW_META_VERIFY_TOKEN. Privacy follows CHATMW_PSEUDONYMISE and CHATMW_TEXT_MODE.
+    With CHATMW_SPOOL_DIR set, a webhook is acknowledged only once its events are on disk.
     """
     import uvicorn
 
     from chatmw.adapters._meta import MetaSettings
     from chatmw.adapters.proxy import create_proxy_app
     from chatmw.runtime import Runtime
+    from chatmw.security.privacy import PrivacySettings
+    from chatmw.spool import FileSpool, SpoolSettings
 
     settings = settings_from(db)
     try:
+        spool_settings = SpoolSettings.from_env()
+        privacy = PrivacySettings.from_env()
         meta = MetaSettings.from_env(
             bot_webhook_url=bot_url,
             graph_base_url=graph_base_url,
             webhook_path=webhook_path,
             max_body_bytes=max_body_bytes,
+            durable_acknowledgement=True if spool_settings is not None else None,
         )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    runtime = Runtime.from_settings(settings)
+    spool = FileSpool(spool_settings) if spool_settings is not None else None
+    runtime = Runtime.from_settings(settings, spool=spool, privacy=privacy)
     runtime.start()
     # httpx logs each request URL at INFO, and Graph API URLs may carry access_token.
     logging.getLogger("httpx").setLevel(logging.WARNING)

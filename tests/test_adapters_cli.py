@@ -48,6 +48,8 @@ def test_proxy_command_records_and_forwards(tmp_path: Path) -> None:
             "CHATMW_DATABASE_URL": database_url,
             "CHATMW_GRAPH_BASE_URL": graph_server.url,
             "CHATMW_BOT_WEBHOOK_URL": f"{bot_server.url}/bot/webhook",
+            # With a spool, each webhook is acknowledged once its events are on disk.
+            "CHATMW_SPOOL_DIR": str(tmp_path / "spool"),
         }
         command = [str(Path(sys.executable).parent / "chatmw"), "-v", "proxy", "--port", str(port)]
         process = subprocess.Popen(
@@ -94,6 +96,8 @@ def test_proxy_command_records_and_forwards(tmp_path: Path) -> None:
             process.terminate()
             output = process.communicate(timeout=20)[0].decode()
     assert process.returncode == 0, output
+    assert (tmp_path / "spool").is_dir()
+    assert "no replayable spool" not in output
     leaked = [line for line in output.splitlines() if "access_token" in line]
     assert leaked == []
     assert "recorder stopped" in output
