@@ -13,6 +13,7 @@ import random
 import secrets
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -43,34 +44,48 @@ TEXTS = ("I want a refund please", "where is my delivery", "hello there", "what 
 PG_ADMIN_URL = os.environ.get("CHATMW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def world_engine(backend: str, directory: str) -> Iterator[tuple[Engine, World]]:
-    """Yield an engine on a fresh database holding the generated world, then drop it.
+@contextmanager
+def fresh_database(backend: str, directory: str) -> Iterator[str]:
+    """Yield the URL of a new migrated database (SQLite file or PostgreSQL), dropped afterwards.
 
-    Writing the world takes seconds, so a test module writes it once per backend into a
-    database of its own (a SQLite file, or a PostgreSQL database created for the module),
-    which no function-scoped fixture empties.
+    Module-scoped fixtures use it: no function-scoped fixture empties it between tests.
     """
-    admin = None
-    name = f"chatmw_test_world_{secrets.token_hex(4)}"
     if backend == "sqlite":
-        url = f"sqlite:///{directory}/world.db"
-    else:
-        admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        url = make_url(admin.url).set(database=name).render_as_string(hide_password=False)
-    engine = make_engine(url)
-    try:
+        url = f"sqlite:///{directory}/business.db"
+        engine = make_engine(url)
         upgrade(engine)
-        world = World.generate()
-        world.write(engine)
-        yield engine, world
-    finally:
         engine.dispose()
-        if admin is not None:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        yield url
+        return
+    admin = make_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"chatmw_test_business_{secrets.token_hex(4)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(admin.url).set(database=name).render_as_string(hide_password=False)
+    try:
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def world_engine(backend: str, directory: str) -> Iterator[tuple[Engine, World]]:
+    """Yield an engine on a fresh database holding the generated world.
+
+    Writing the world takes seconds, so a test module writes it once per backend.
+    """
+    with fresh_database(backend, directory) as url:
+        engine = make_engine(url)
+        try:
+            world = World.generate()
+            world.write(engine)
+            yield engine, world
+        finally:
+            engine.dispose()
 
 
 def rate(numerator: int, denominator: int) -> float | None:

@@ -151,7 +151,8 @@ ATTRIBUTION = register(
             "in full for each value, so rows may add up to more than `totals`, which count each "
             "conversion and user once. Rows are sorted by conversations, most first. "
             "`group_by` is rejected because the response is already split. Touch filters "
-            "(`source`, ...) select conversations by the touch named in `touch`."
+            "(`source`, ...) select conversations by the touch named in `touch`. An empty window "
+            "gives `totals` of 0 and empty lists, never `null` figures."
         ),
         compute=attribution,
         params=(ATTRIBUTION_PARAM,),

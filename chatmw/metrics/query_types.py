@@ -160,7 +160,8 @@ QUERY_TYPES = register(
             "`resolution_rate` = resolved / conversations of the type, and `csat` from answered "
             "CSAT surveys (1-5): `responses`, `csat_pct` = share of scores >= "
             f"{CSAT_SATISFIED_MIN} in percent, and `mean`; `null` when there are no responses. "
-            "Types are sorted by conversations, most first."
+            "Types are sorted by conversations, most first. An empty window gives "
+            "`conversations: 0` and no types."
         ),
         compute=query_types,
         params=(
