@@ -125,6 +125,13 @@ def run(
         channels = build_channels(engine, loaded)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
+    surveyed = {channel for survey in loaded.surveys.values() for channel in survey.channels}
+    for channel in sorted(surveyed - set(channels)):
+        typer.echo(
+            f"warning: no sender for channel {channel!r}; add it to [dispatcher.outbound] "
+            "or its surveys wait for another process",
+            err=True,
+        )
     dispatcher = Dispatcher(engine, ConfigSource(engine, loaded), channels)
 
     async def main() -> None:

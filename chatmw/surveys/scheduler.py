@@ -254,13 +254,49 @@ def _add_prompt_sends(session: Session, conversation_ids: Sequence[int]) -> None
     insert_ignore(session, SURVEY_SENDS, rows, ["survey_id", "purpose"])
 
 
+def _drop_stale_waiting(session: Session, config: SurveysConfig, now_ms: int) -> None:
+    # A reopened conversation that has not ended again within the lookback never will be
+    # surveyed, so its survey stops being examined every round.
+    longest_inactivity = max(
+        (int(survey.inactivity_minutes * 60_000) for survey in config.surveys.values()), default=0
+    )
+    bound = now_ms - int(config.dispatcher.lookback_hours * HOUR_MS) - longest_inactivity
+    stale = (
+        select(Conversation.id)
+        .where(
+            Conversation.last_message_at_ms < bound,
+            or_(Conversation.ended_at_ms.is_(None), Conversation.ended_at_ms < bound),
+        )
+        .scalar_subquery()
+    )
+    dropped = (
+        session.execute(
+            update(Survey)
+            .where(Survey.state == "waiting", Survey.conversation_id.in_(stale))
+            .values(state="skipped", reason="reopened and not ended again within lookback_hours")
+            .returning(Survey.id)
+        )
+        .scalars()
+        .all()
+    )
+    if dropped:
+        session.execute(
+            update(SurveySend)
+            .where(SurveySend.survey_id.in_(list(dropped)), SurveySend.state == "waiting")
+            .values(state="skipped", error="conversation not ended again")
+        )
+
+
 def _reschedule_waiting(
     session: Session, config: SurveysConfig, now_ms: int, stats: ScheduleStats
 ) -> None:
+    _drop_stale_waiting(session, config, now_ms)
     waiting = session.execute(
         select(Survey.id, Survey.name, Conversation.ended_at_ms, Conversation.last_message_at_ms)
         .join(Conversation, Conversation.id == Survey.conversation_id)
         .where(Survey.state == "waiting")
+        .order_by(Conversation.last_message_at_ms.desc())
+        .limit(config.dispatcher.batch_size * 10)
     ).all()
     for survey_id, name, ended_at, last_at in waiting:
         survey = config.surveys.get(name)
