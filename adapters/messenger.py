@@ -52,6 +52,9 @@ __all__ = [
     "events_from_send",
     "write_watermarks",
     "register_handlers",
+    "drop_recorded_echoes",
+    "build_send_request",
+    "sender_from_env",
     "MessengerSender",
 ]
 
@@ -186,6 +189,7 @@ def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
         attachments=[as_str(item.get("type")) for item in attachments] or None,
         app_id=as_str(message.get("app_id")) if echo else None,
         metadata=message.get("metadata") if echo else None,
+        echo=True if echo else None,
     )
     role: ev.Role = "user"
     if echo:
@@ -404,9 +408,48 @@ def write_watermarks(session: Session, items: list[Watermark]) -> None:
         refresh_statuses(session, touched)
 
 
+def drop_recorded_echoes(session: Session, messages: list[ev.Message]) -> list[ev.Message]:
+    """Drop echoes of messages already stored, or recorded in the same batch.
+
+    A survey prompt is stored with the dispatcher's own key and Meta's message id; its
+    echo carries the same id and would otherwise count as a second bot message.
+    """
+    echoes = {
+        (item.channel, item.platform_message_id)
+        for item in messages
+        if item.meta.get("echo") and item.platform_message_id
+    }
+    if not echoes:
+        return messages
+    message = models.Message
+    known: set[tuple[str, str | None]] = set()
+    for channel in {channel for channel, _ in echoes}:
+        ids = [platform_id for other, platform_id in echoes if other == channel]
+        rows = session.execute(
+            select(message.platform_message_id).where(
+                message.channel == channel, message.platform_message_id.in_(ids)
+            )
+        )
+        known.update((channel, platform_id) for platform_id in rows.scalars())
+    # Within the batch, a message recorded from the send itself wins over its echo.
+    for item in messages:
+        if not item.meta.get("echo") and item.platform_message_id:
+            known.add((item.channel, item.platform_message_id))
+    return [
+        item
+        for item in messages
+        if not (item.meta.get("echo") and (item.channel, item.platform_message_id) in known)
+    ]
+
+
 def register_handlers(writer: Writer) -> None:
-    """Teach ``writer`` to store :class:`Watermark` events (idempotent)."""
+    """Teach ``writer`` to store :class:`Watermark` events and to drop duplicate echoes.
+
+    Idempotent: registering twice changes nothing.
+    """
     writer.handlers.setdefault(Watermark, write_watermarks)
+    if drop_recorded_echoes not in writer.preprocessors:
+        writer.preprocessors.append(drop_recorded_echoes)
 
 
 # Send API
@@ -518,6 +561,8 @@ class MessengerSender:
             raise ValueError("page_access_token must be set to send Messenger messages")
         self.settings = settings
         self.submit = submit
+        # Without submit, the caller records what was sent (the survey dispatcher does).
+        self.records_sends = submit is not None
         self.messaging_type = messaging_type
         self.tag = tag
         self._client = client
@@ -554,3 +599,11 @@ class MessengerSender:
         )
         submit_all(self.submit, found)
         return SendResult(ok=True, platform_message_id=as_str(document.get("message_id")))
+
+
+def sender_from_env() -> MessengerSender:
+    """Build a sender from the ``CHATMW_*`` environment, for ``[dispatcher.outbound]``.
+
+    It does not record its sends: the survey dispatcher records each prompt itself.
+    """
+    return MessengerSender(MetaSettings.from_env())

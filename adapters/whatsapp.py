@@ -42,6 +42,7 @@ __all__ = [
     "events_from_send",
     "build_send_request",
     "WhatsAppSender",
+    "sender_from_env",
 ]
 
 CHANNEL = "whatsapp"
@@ -378,6 +379,8 @@ class WhatsAppSender:
             raise ValueError("whatsapp_phone_number_id must be set to send WhatsApp messages")
         self.settings = settings
         self.submit = submit
+        # Without submit, the caller records what was sent (the survey dispatcher does).
+        self.records_sends = submit is not None
         self._client = client
 
     async def send(self, message: OutboundMessage) -> SendResult:
@@ -408,3 +411,11 @@ class WhatsAppSender:
         submit_all(self.submit, found)
         wamid = found[0].platform_message_id if found else None  # type: ignore[attr-defined]
         return SendResult(ok=True, platform_message_id=wamid)
+
+
+def sender_from_env() -> WhatsAppSender:
+    """Build a sender from the ``CHATMW_*`` environment, for ``[dispatcher.outbound]``.
+
+    It does not record its sends: the survey dispatcher records each prompt itself.
+    """
+    return WhatsAppSender(MetaSettings.from_env())

@@ -348,3 +348,22 @@ def test_messenger_sender_rejects_templates(graph: tuple[GraphStub, str]) -> Non
     assert not result.retryable
     with pytest.raises(ValueError, match="page_access_token"):
         MessengerSender(meta_settings(url, page_access_token=None))
+
+
+def test_sender_factories_leave_recording_to_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatmw.adapters import messenger, whatsapp
+
+    for name, value in {
+        "CHATMW_META_APP_SECRET": "a",
+        "CHATMW_META_VERIFY_TOKEN": "b",
+        "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9",
+        "CHATMW_MESSENGER_PAGE_ACCESS_TOKEN": "p",
+        "CHATMW_WHATSAPP_ACCESS_TOKEN": "w",
+        "CHATMW_WHATSAPP_PHONE_NUMBER_ID": "1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    built = [messenger.sender_from_env(), whatsapp.sender_from_env()]
+    assert [sender.records_sends for sender in built] == [False, False]
+    assert [sender.channel for sender in built] == ["messenger", "whatsapp"]
+    assert built[0].settings.graph_base_url == "http://127.0.0.1:9"
+    assert MessengerSender(meta_settings("http://127.0.0.1:9"), ListSink().submit).records_sends

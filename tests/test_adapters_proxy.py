@@ -29,6 +29,7 @@ from adapters_support import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from chatmw import events as ev
 from chatmw.adapters._meta import MetaSettings
 from chatmw.adapters.proxy import create_proxy_app
 from chatmw.config import Settings
@@ -480,3 +481,59 @@ def test_attribution_metric_groups_adapter_touches(stack: Stack) -> None:
     # The bot answers the fixture's January message now, more than 30 minutes later, so
     # its reply opens a conversation of its own, without a touch.
     assert sources == {"SHORTLINK": 1, "ADS": 1, "ad": 1, "(none)": 1}
+
+
+def test_echo_of_recorded_prompt_not_stored_twice(stack: Stack) -> None:
+    at_ms = now_ms()
+    prompt = ev.Message(
+        channel="messenger",
+        occurred_at=ev.from_ms(at_ms),
+        key="survey:1:prompt",
+        role="bot",
+        user_id=PSID,
+        text="How did we do?",
+        kind="survey_prompt",
+        platform_message_id="m_survey_1",
+    )
+    assert stack.runtime.recorder.submit(prompt)
+    stack.flush()
+    echo = {
+        "object": "page",
+        "entry": [
+            {
+                "id": PAGE,
+                "time": at_ms + 50,
+                "messaging": [
+                    {
+                        "sender": {"id": PAGE},
+                        "recipient": {"id": PSID},
+                        "timestamp": at_ms + 40,
+                        "message": {
+                            "mid": "m_survey_1",
+                            "is_echo": True,
+                            "app_id": 99,
+                            "text": "How did we do?",
+                        },
+                    },
+                    {
+                        "sender": {"id": PAGE},
+                        "recipient": {"id": PSID},
+                        "timestamp": at_ms + 45,
+                        "message": {"mid": "m_agent_9", "is_echo": True, "text": "Thanks!"},
+                    },
+                ],
+            }
+        ],
+    }
+    assert post(stack.url, json.dumps(echo).encode()).status_code == 200
+    stack.flush()
+    with stack.session() as session:
+        rows = session.execute(
+            select(models.Message.key, models.Message.kind, models.Message.role).order_by(
+                models.Message.occurred_at_ms
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        ("survey:1:prompt", "survey_prompt", "bot"),
+        ("messenger:m_agent_9", "message", "agent"),
+    ]
