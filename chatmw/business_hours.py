@@ -38,7 +38,7 @@ __all__ = ["BusinessHours", "Schedule", "parse_inline", "DAYS", "DEFAULT_BUSINES
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _PERIOD = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 MINUTES_PER_DAY = 24 * 60
-# The most distinct dates whose periods one schedule keeps converted in memory.
+# The maximum number of dates whose converted periods one schedule caches.
 _DAY_CACHE_SIZE = 4096
 
 

@@ -136,7 +136,7 @@ async def _stream(
     watcher = asyncio.create_task(_watch_disconnect(request, disconnected))
     logger.debug("live: stream opened (%d open)", streams.open)
     try:
-        # The retry field tells the browser's EventSource how long to wait before reconnecting.
+        # The retry field sets how long the browser's EventSource waits before it reconnects.
         yield f"retry: {int(interval * 1000)}\n\n".encode()
         while count is None or sent < count:
             now_ms = int(time.time() * 1000)

@@ -3,7 +3,7 @@
 The enricher runs in the recorder's writer thread, never on the request path. It scores
 only user messages of kind ``message`` with text, and only text that looks English:
 TextBlob's default analyser (``PatternAnalyzer``, whose lexicon ships inside the textblob
-package, so no corpus download is needed) knows English words only and returns 0.0 for
+package, so no corpus download is needed) scores English words only and returns 0.0 for
 anything else. Scoring French or an emoji as 0.0 would count it as neutral, so such text
 is stored as unscored (``NULL``) instead.
 

@@ -44,7 +44,11 @@ def expected_score(text: str, english: bool) -> float | None:
 
 
 def classify(score: float) -> str:
-    return "positive" if score > 0.1 else "negative" if score < -0.1 else "neutral"
+    if score > 0.1:
+        return "positive"
+    if score < -0.1:
+        return "negative"
+    return "neutral"
 
 
 def compute(engine: Engine, **params: str) -> dict:

@@ -8,7 +8,7 @@ from chatmw.store.models import Conversation, Touch
 
 __all__ = ["filter_choices", "MAX_CHOICES"]
 
-# The most values listed per filter; the filters accept any value typed into the URL.
+# The maximum number of values listed per filter. The filters accept any value typed into the URL.
 MAX_CHOICES = 500
 
 

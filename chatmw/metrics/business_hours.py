@@ -160,10 +160,11 @@ RESPONSE_TIME_BUSINESS = register(
         summary="First response and reply time in business hours, beside calendar time",
         description=(
             "The figures of `response-time` (first response and reply time, by `bot`, `agent` and "
-            "`all`; count, mean, p50, p90, p95 and max in seconds), each twice: `calendar` counts "
-            "every second from the user's message to the answer; `business` counts only the "
-            "seconds inside business hours, so a question sent on Friday evening and answered on "
-            "Monday at 09:30 takes 30 minutes of business time when the team opens at 09:00. An "
+            "`all`, as count, mean, p50, p90, p95 and max in seconds), each given twice. "
+            "`calendar` counts every second from the user's message to the answer. `business` "
+            "counts only the seconds inside business hours: a question sent on Friday evening and "
+            "answered on Monday at 09:30 takes 30 minutes of business time when the team opens "
+            "at 09:00. An "
             "answer given entirely outside business hours takes 0 business seconds.\n\n"
             "Business hours are a weekly schedule of periods per day in the team's time zone, "
             "optionally different per channel (each answer uses its message's channel), with "

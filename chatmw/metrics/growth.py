@@ -98,13 +98,13 @@ def growth(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     started, first_ms, sent = _load(engine, flt)
     result: dict[str, Any] = {"metric": "growth", "filters": flt.describe(), "period": period}
     times = [at for _, at, _ in started]
-    first = flt.since_ms if flt.since_ms is not None else (min(times) if times else None)
-    end = flt.until_ms if flt.until_ms is not None else (max(times) + 1 if times else None)
-    if first is None or end is None:
+    if not times and (flt.since_ms is None or flt.until_ms is None):
         result.update(series=[], totals=_totals([]))
         if flt.group_by is not None:
             result["groups"] = []
         return result
+    first = flt.since_ms if flt.since_ms is not None else min(times)
+    end = flt.until_ms if flt.until_ms is not None else max(times) + 1
     try:
         starts = bucket_range(first, end, period, flt.tz)
     except ValueError as error:

@@ -106,11 +106,11 @@ HEATMAP = register(
         summary="Conversations and messages by weekday and hour",
         description=(
             "Two 7 x 24 grids of counts, indexed `[weekday][hour]` with Monday = 0 and hours 0 to "
-            "23 of the wall clock in `tz`: `conversations` by the time each conversation of the "
-            "window started, and `messages` of those conversations by each message's own time "
-            "(survey prompts and answers and reactions are not counted). On a daylight-saving "
-            "change the skipped hour gets nothing and both passes of the repeated hour count in "
-            "the same cell. `totals` gives the sum of each grid. Counts are totals over the "
+            "23 of the wall clock in `tz`. `conversations` counts each conversation of the window "
+            "at the time it started. `messages` counts the messages of those conversations at "
+            "their own times (survey prompts and answers and reactions are not counted). On a "
+            "daylight-saving change the skipped hour gets nothing, and both passes of the "
+            "repeated hour count in the same cell. `totals` gives the sum of each grid. Counts are totals over the "
             "window, not averages per week."
         ),
         compute=heatmap,

@@ -21,7 +21,7 @@ from chatmw.store.models import Conversation
 __all__ = ["retention", "RETENTION", "PERIODS", "MAX_FOLLOWING"]
 
 PERIODS = ("day", "week", "month")
-# The most following periods one cohort row may have.
+# The maximum number of following periods per cohort row.
 MAX_FOLLOWING = 60
 
 
@@ -179,7 +179,7 @@ RETENTION = register(
             "are the periods whose users' first conversation started in the window.\n\n"
             "For each cohort and each following period k = 1..`periods`, `users` is the number of "
             "cohort users who started at least one conversation in the k-th period after the "
-            "cohort's own, and `share` is that number divided by the cohort size. "
+            "cohort's own. `share` is that number divided by the cohort size. "
             "`returned_same_period` counts users who started a second conversation within the "
             "cohort period itself.\n\n"
             "Only conversations that started before `until` (or before now, when `until` is not "

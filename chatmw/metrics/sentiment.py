@@ -29,7 +29,7 @@ __all__ = [
 # Polarity above this is positive, below NEGATIVE_BELOW negative, anything between neutral.
 POSITIVE_ABOVE = 0.1
 NEGATIVE_BELOW = -0.1
-# The most conversations ``per_conversation`` may list.
+# The maximum number of conversations ``per_conversation`` may list.
 MAX_LISTED = 1000
 
 # (conversation id, occurred_at_ms, message id, polarity or None)
@@ -206,10 +206,11 @@ SENTIMENT = register(
         description=(
             "TextBlob polarity (PatternAnalyzer, from -1 very negative to +1 very positive) of "
             "each user message of kind `message` in the conversations of the window, scored when "
-            "the message is written. Text that does not look English (fewer than half of its words "
-            "in TextBlob's sentiment lexicon or a short list of English function words), text "
-            "without letters (emoji only) and messages without text are **unscored** (stored as "
-            "NULL) and counted in `unscored`, never as neutral.\n\n"
+            "the message is written. Some messages are **unscored** (stored as NULL): text that "
+            "does not look English, text without letters (emoji only) and messages without text. "
+            "Text looks English when at least half of its words are in TextBlob's sentiment "
+            "lexicon or a short list of English function words. Unscored messages are counted in "
+            "`unscored`, never as neutral.\n\n"
             f"- A score is **positive** when > {POSITIVE_ABOVE}, **negative** when < "
             f"{NEGATIVE_BELOW}, otherwise **neutral**; `positive`, `neutral` and `negative` are "
             "shares (0 to 1) of scored items, with `*_count` beside them.\n"
