@@ -110,8 +110,8 @@ HEATMAP = register(
             "at the time it started. `messages` counts the messages of those conversations at "
             "their own times (survey prompts and answers and reactions are not counted). On a "
             "daylight-saving change the skipped hour gets nothing, and both passes of the "
-            "repeated hour count in the same cell. `totals` gives the sum of each grid. Counts are totals over the "
-            "window, not averages per week."
+            "repeated hour count in the same cell. `totals` gives the sum of each grid. Counts "
+            "are totals over the window, not averages per week."
         ),
         compute=heatmap,
         rows=_rows,
