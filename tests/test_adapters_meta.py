@@ -118,3 +118,19 @@ def test_graph_errors_classified(status: int, document: dict, retryable: bool) -
     description, found = describe_graph_error(status, document)
     assert found is retryable
     assert description
+
+
+def test_package_public_names() -> None:
+    import chatmw.adapters as adapters
+
+    assert sorted(adapters.__all__) == [
+        "AsyncRecordingTransport",
+        "MessengerSender",
+        "MetaSettings",
+        "MetaWebhookMiddleware",
+        "RecordingTransport",
+        "WhatsAppSender",
+        "create_proxy_app",
+    ]
+    for name in adapters.__all__:
+        assert getattr(adapters, name) is not None
