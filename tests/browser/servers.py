@@ -34,7 +34,9 @@ class ServerThread:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> ServerThread:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only when the proto
+        # says TCP. Without it, keep-alive responses wait about 40 ms for a delayed ACK.
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         self.port = int(listener.getsockname()[1])
