@@ -70,6 +70,8 @@ ENV_PAGE_ACCESS_TOKEN = "CHATMW_MESSENGER_PAGE_ACCESS_TOKEN"
 ENV_WHATSAPP_ACCESS_TOKEN = "CHATMW_WHATSAPP_ACCESS_TOKEN"
 ENV_WHATSAPP_PHONE_NUMBER_ID = "CHATMW_WHATSAPP_PHONE_NUMBER_ID"
 ENV_MAX_BODY_BYTES = "CHATMW_META_MAX_BODY_BYTES"
+# Comma-separated app ids whose echoes are agent messages.
+ENV_AGENT_APP_IDS = "CHATMW_MESSENGER_AGENT_APP_IDS"
 
 _SECRET_FIELDS = frozenset(
     {"app_secret", "verify_token", "page_access_token", "whatsapp_access_token"}
@@ -97,6 +99,9 @@ class MetaSettings:
     - ``forward_queue_size``: webhooks waiting to be forwarded; more are dropped and logged.
     - ``forward_workers``: concurrent forwards to the bot.
     - ``graph_timeout_s``: timeout of each Graph API call made or passed through.
+    - ``agent_app_ids``: ids of apps whose Messenger echoes are people answering (a help
+      desk, the page inbox); echoes of other apps are bot messages, and echoes without an
+      app id are agent messages.
     - ``durable_acknowledgement``: acknowledge a webhook only once its events are in the
       recorder's spool on disk (``Recorder.submit_durable``); needs a replayable spool.
       Otherwise the acknowledgement follows the in-memory ``Recorder.submit``.
@@ -119,11 +124,13 @@ class MetaSettings:
     forward_workers: int = 4
     graph_timeout_s: float = 30.0
     durable_acknowledgement: bool = False
+    agent_app_ids: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self._check_secrets()
         self._check_urls()
         self._check_limits()
+        self._check_agent_app_ids()
 
     def _check_secrets(self) -> None:
         if not self.app_secret:
@@ -144,6 +151,11 @@ class MetaSettings:
             )
         if not self.webhook_path.startswith("/"):
             raise ValueError(f"webhook_path must start with '/', got {self.webhook_path!r}")
+
+    def _check_agent_app_ids(self) -> None:
+        if isinstance(self.agent_app_ids, str):
+            raise ValueError("agent_app_ids must be a collection of app ids, not one string")
+        self.agent_app_ids = frozenset(str(app_id) for app_id in self.agent_app_ids)
 
     def _check_limits(self) -> None:
         if self.max_body_bytes < 1:
@@ -189,6 +201,9 @@ class MetaSettings:
         values: dict[str, Any] = {
             name: environ[var] for name, var in names.items() if environ.get(var)
         }
+        if environ.get(ENV_AGENT_APP_IDS):
+            ids = environ[ENV_AGENT_APP_IDS].split(",")
+            values["agent_app_ids"] = frozenset(item.strip() for item in ids if item.strip())
         if environ.get(ENV_MAX_BODY_BYTES):
             try:
                 values["max_body_bytes"] = int(environ[ENV_MAX_BODY_BYTES])

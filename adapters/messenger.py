@@ -81,12 +81,16 @@ class Watermark(ev.Event):
 
 
 def parse_webhook(
-    document: Mapping[str, Any], received_at: datetime, channel: str = CHANNEL
+    document: Mapping[str, Any],
+    received_at: datetime,
+    channel: str = CHANNEL,
+    agent_app_ids: frozenset[str] = frozenset(),
 ) -> list[ev.Event]:
     """Translate a ``page`` (or ``instagram``) webhook body into events.
 
     Items of unknown kinds become :class:`~chatmw.events.RawPayload` events with source
-    ``<channel>_unknown``, so they are kept and counted.
+    ``<channel>_unknown``, so they are kept and counted. Echoes sent by an app in
+    ``agent_app_ids`` (a help desk, the page inbox) are recorded as agent messages.
     """
     found: list[ev.Event] = []
     for entry in as_list(document.get("entry")):
@@ -94,12 +98,14 @@ def parse_webhook(
         page_id = as_str(entry.get("id"))
         entry_time = time_from_epoch(entry.get("time"), received_at)
         for item in as_list(entry.get("messaging")):
-            found.extend(parse_item(as_dict(item), page_id, entry_time, channel))
+            found.extend(parse_item(as_dict(item), page_id, entry_time, channel, agent_app_ids))
         for item in as_list(entry.get("standby")):
-            found.extend(parse_item(as_dict(item), page_id, entry_time, channel, standby=True))
+            found.extend(
+                parse_item(as_dict(item), page_id, entry_time, channel, agent_app_ids, standby=True)
+            )
         for change in as_list(entry.get("changes")):
             value = as_dict(as_dict(change).get("value"))
-            found.extend(parse_item(value, page_id, entry_time, channel))
+            found.extend(parse_item(value, page_id, entry_time, channel, agent_app_ids))
     return found
 
 
@@ -108,6 +114,7 @@ def parse_item(
     page_id: str | None,
     fallback: datetime,
     channel: str = CHANNEL,
+    agent_app_ids: frozenset[str] = frozenset(),
     standby: bool = False,
 ) -> list[ev.Event]:
     """Translate one ``messaging`` item into events."""
@@ -123,6 +130,7 @@ def parse_item(
         standby=standby,
         sender=sender,
         recipient=_party(item.get("recipient")),
+        agent_app_ids=agent_app_ids,
     )
     body = item[kind]
     if kind == "message":
@@ -148,6 +156,7 @@ class _Context:
     standby: bool
     sender: str
     recipient: str | None
+    agent_app_ids: frozenset[str] = frozenset()
 
     def meta(self, **values: Any) -> dict[str, Any]:
         found = {"page_id": self.page_id, "standby": True if self.standby else None, **values}
@@ -193,9 +202,10 @@ def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
     )
     role: ev.Role = "user"
     if echo:
-        # An echo is the page's own message: sent by an app (a bot) or by a person in the
-        # page inbox, which Meta marks by leaving out app_id.
-        role = "bot" if message.get("app_id") not in (None, "") else "agent"
+        # An echo is the page's own message: sent by an app (a bot), by an app that people
+        # answer from (agent_app_ids), or without app_id (a person on the page).
+        app_id = as_str(message.get("app_id"))
+        role = "agent" if app_id is None or app_id in context.agent_app_ids else "bot"
     found: list[ev.Event] = [
         ev.Message(
             channel=context.channel,

@@ -61,8 +61,13 @@ class WebhookOutcome:
     forward: bool = False
 
 
-def parse_webhook(body: bytes, received_at: datetime) -> list[ev.Event]:
-    """Parse a webhook body into events; raises :class:`WebhookFormatError` when it is not one."""
+def parse_webhook(
+    body: bytes, received_at: datetime, agent_app_ids: frozenset[str] = frozenset()
+) -> list[ev.Event]:
+    """Parse a webhook body into events; raises :class:`WebhookFormatError` when it is not one.
+
+    Messenger and Instagram echoes from an app in ``agent_app_ids`` are agent messages.
+    """
     try:
         document = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -71,9 +76,9 @@ def parse_webhook(body: bytes, received_at: datetime) -> list[ev.Event]:
         raise WebhookFormatError("body is not a JSON object")
     kind = document.get("object")
     if kind == "page":
-        return messenger.parse_webhook(document, received_at)
+        return messenger.parse_webhook(document, received_at, agent_app_ids=agent_app_ids)
     if kind == "instagram":
-        return messenger.parse_webhook(document, received_at, channel="instagram")
+        return messenger.parse_webhook(document, received_at, "instagram", agent_app_ids)
     if kind == "whatsapp_business_account":
         return whatsapp.parse_webhook(document, received_at)
     raise WebhookFormatError(f"unknown webhook object {kind!r}")
@@ -126,7 +131,7 @@ class WebhookIntake:
 
     def _parse(self, body: bytes, received_at: datetime) -> list[ev.Event]:
         try:
-            found = parse_webhook(body, received_at)
+            found = parse_webhook(body, received_at, self.settings.agent_app_ids)
         except WebhookFormatError as error:
             self.stats.add("unparseable")
             logger.warning("webhook body verified but not parsed (%d bytes): %s", len(body), error)

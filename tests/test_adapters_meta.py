@@ -36,6 +36,7 @@ def settings(**overrides: object) -> MetaSettings:
         ({"forward_retries": -1}, "forward_retries"),
         ({"forward_workers": 0}, "forward_workers"),
         ({"forward_timeout_s": 0}, "forward_timeout_s"),
+        ({"agent_app_ids": "263902037430900"}, "agent_app_ids"),
     ],
 )
 def test_settings_name_invalid_value(overrides: dict, named: str) -> None:
@@ -60,6 +61,9 @@ def test_settings_from_env() -> None:
     }
     loaded = MetaSettings.from_env(environ)
     assert loaded.graph_base_url == "http://127.0.0.1:9"
+    assert loaded.agent_app_ids == frozenset()
+    with_agents = MetaSettings.from_env({**environ, "CHATMW_MESSENGER_AGENT_APP_IDS": "12, 34,"})
+    assert with_agents.agent_app_ids == frozenset({"12", "34"})
     assert loaded.max_body_bytes == 2048
     with pytest.raises(ValueError, match="CHATMW_META_MAX_BODY_BYTES"):
         MetaSettings.from_env({**environ, "CHATMW_META_MAX_BODY_BYTES": "1MB"})

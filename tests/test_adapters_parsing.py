@@ -234,3 +234,14 @@ def test_shared_samples_parse_without_unknowns() -> None:
         assert unknown == [], path.name
         if "without_messaging" not in path.name:
             assert found, path.name
+
+
+def test_echo_from_agent_app_is_agent() -> None:
+    found = parse_webhook(
+        fixture_bytes("messenger_mixed.json"),
+        RECEIVED,
+        agent_app_ids=frozenset({"9900000000000001"}),
+    )
+    roles = {item.key: item.role for item in by_type(found, ev.Message)}
+    assert roles["messenger:m_echo_bot_0001"] == "agent"
+    assert roles["messenger:m_echo_agent_0001"] == "agent"
