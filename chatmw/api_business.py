@@ -27,7 +27,7 @@ from chatmw.business import (
     parse_spend_csv,
 )
 from chatmw.business_detect import find_emails, hash_value, normalise_email
-from chatmw.events_business import Conversion, Lead, Spend, parse_amount
+from chatmw.events_business import Conversion, Lead, Spend, parse_amount, to_micros
 from chatmw.runtime import Runtime
 
 __all__ = ["create_business_router", "MAX_CSV_BYTES"]
@@ -150,7 +150,7 @@ class _Endpoints:
             occurred_at=body.occurred_at or ev.now_utc(),
             key=body.key,
             name=body.name,
-            value=body.value,
+            value_micros=to_micros(body.value),
             currency=body.currency,
             user_id=body.user_id,
             conversation_id=body.conversation_id,
@@ -211,14 +211,7 @@ class _Endpoints:
                 f"currency {currency} differs from this deployment's "
                 f"currency {expected}; record amounts in {expected}",
             )
-        event = Spend(
-            channel=body.channel,
-            occurred_at=ev.now_utc(),
-            day=body.day,
-            amount=body.amount,
-            currency=currency,
-            campaign=body.campaign,
-        )
+        event = Spend.for_day(body.day, body.channel, body.amount, currency, body.campaign)
         await run_in_threadpool(self.runtime.writer.write, [event])
         return JSONResponse(status_code=200, content={"stored": 1, "currency": currency})
 
@@ -268,7 +261,7 @@ def create_business_router(
 
     It installs the business handlers on ``runtime.writer`` (see
     :func:`chatmw.business.install`). Conversions and leads go through the recorder and
-    are answered with 202; spend is written at once and answered with 200. A repeated
+    return 202 once queued. Spend is written at once and returns 200. A repeated
     conversion or lead key is stored once; a repeated spend day, channel and campaign
     replaces the amount. ``dependencies`` run before each endpoint (an API key check, say).
     """

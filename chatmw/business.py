@@ -9,8 +9,8 @@ event to the recorder and returns at once), over HTTP with
 
 One deployment uses one currency: ``BusinessSettings.currency``, or else the currency of
 the first conversion or spend stored. The HTTP API and the CSV import reject another
-currency; the writer drops (and logs) a conversion or spend recorded from Python in
-another currency, because the recorder never raises into the caller.
+currency. The recorder never raises into the caller, so the writer drops (and logs) a
+conversion or spend recorded from Python in another currency.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ class BusinessSettings:
 
     ``currency`` (ISO 4217) fixes the deployment's currency; when ``None`` the first
     conversion or spend stored fixes it. ``redact_leads`` stores only a hash of each lead's
-    e-mail address or phone number (the default, because they are personal data);
+    e-mail address or phone number. It is the default because they are personal data.
     ``lead_hash_key`` makes that hash an HMAC, so it cannot be reversed by hashing guessed
     addresses. ``detect_leads`` looks for leads in user messages. ``query_rules`` (or
     ``query_rules_path``, a TOML or JSON file read once here) classify each conversation's
@@ -107,12 +107,12 @@ class BusinessSettings:
 class CurrencyMismatch(ValueError):
     """A conversion or spend in a currency other than the deployment's."""
 
-    def __init__(self, given: str, expected: str) -> None:
+    def __init__(self, currency: str, expected: str) -> None:
         super().__init__(
-            f"currency {given} differs from this deployment's currency {expected}; "
+            f"currency {currency} differs from this deployment's currency {expected}; "
             f"record amounts in {expected}"
         )
-        self.given = given
+        self.currency = currency
         self.expected = expected
 
 
@@ -166,7 +166,7 @@ def record_conversion(
         occurred_at=_check_time("occurred_at", occurred_at),
         key=key,
         name=name,
-        value=parse_amount(value),
+        value_micros=to_micros(parse_amount(value)),
         currency=check_currency(currency),
         user_id=user_id or None,
         conversation_id=conversation_id or None,
@@ -244,15 +244,7 @@ def record_spend(
 def _spend_event(day: date, channel: str, campaign: str, amount: Decimal, currency: str) -> Spend:
     if amount < 0:
         raise ValueError(f"amount must not be negative, got {amount}")
-    moment = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    return Spend(
-        channel=channel,
-        occurred_at=moment,
-        day=day,
-        amount=amount,
-        currency=currency,
-        campaign=campaign or "",
-    )
+    return Spend.for_day(day, channel, amount, currency, campaign or "")
 
 
 # Deployment currency
@@ -347,6 +339,7 @@ def _spend_row(row: Mapping[str, str | None], line: int, default_currency: str |
     if None in row:
         raise SpendRowError(line, "(row)", "more fields than columns in the header")
     values = {name: (value or "").strip() for name, value in row.items()}
+
     try:
         day = date.fromisoformat(values.get("day", ""))
     except ValueError:
@@ -360,12 +353,14 @@ def _spend_row(row: Mapping[str, str | None], line: int, default_currency: str |
             _check_text(name, text, required=name == "channel")
         except ValueError as error:
             raise SpendRowError(line, name, str(error)) from None
+
     try:
         amount = parse_amount(values.get("amount", ""))
     except ValueError as error:
         raise SpendRowError(line, "amount", str(error)) from None
     if amount < 0:
         raise SpendRowError(line, "amount", f"amount must not be negative, got {amount}")
+
     currency = values.get("currency") or default_currency
     if not currency:
         raise SpendRowError(
@@ -375,6 +370,7 @@ def _spend_row(row: Mapping[str, str | None], line: int, default_currency: str |
         check_currency(currency)
     except ValueError as error:
         raise SpendRowError(line, "currency", str(error)) from None
+
     return _spend_event(day, channel, campaign, amount, currency)
 
 
@@ -389,21 +385,21 @@ class _Handlers:
         expected = self.settings.currency or stored_currency(session)
         if expected is None and items:
             expected = items[0].currency
-        kept = [item for item in items if item.currency == expected]
-        if len(kept) < len(items):
+        allowed_items = [item for item in items if item.currency == expected]
+        if len(allowed_items) < len(items):
             logger.error(
                 "business writer dropped %d records in a currency other than %s",
-                len(items) - len(kept),
+                len(items) - len(allowed_items),
                 expected,
             )
-        return kept
+        return allowed_items
 
     def conversions(self, session: Session, items: list[Conversion]) -> None:
         rows = [
             {
                 "key": item.key,
                 "name": item.name,
-                "value_micros": to_micros(item.value),
+                "value_micros": item.value_micros,
                 "currency": item.currency,
                 "channel": item.channel,
                 "user_id": item.user_id,
@@ -423,7 +419,7 @@ class _Handlers:
                 "day": item.day,
                 "channel": item.channel,
                 "campaign": item.campaign,
-                "amount_micros": to_micros(item.amount),
+                "amount_micros": item.amount_micros,
                 "currency": item.currency,
                 "updated_at_ms": now_ms,
             }

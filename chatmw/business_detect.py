@@ -64,9 +64,10 @@ def find_emails(text: str) -> list[str]:
 def normalise_phone(number: str) -> str | None:
     """Return the digits of ``number`` with a leading ``+`` if it had one, or ``None``.
 
-    ``None`` means the text is not a plausible phone number: too few or too many digits, a
-    date, an IPv4 address, a time range, or a run of plain digits without a leading ``+``
-    or ``0`` (order numbers, amounts and postcodes look like that).
+    ``None`` means the text is not a plausible phone number. That is the case for too few
+    or too many digits, a date, an IPv4 address or a time range. It is also the case for a
+    run of plain digits without a leading ``+`` or ``0``, because order numbers, amounts
+    and postcodes look like that.
     """
     text = number.strip()
     digits = re.sub(r"\D", "", text)

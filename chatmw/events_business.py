@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Literal
 
@@ -94,16 +94,22 @@ class Conversion(Event):
 
     It names the user (``user_id`` on ``channel``) or the conversation
     (``conversation_id``, the source's own id on ``channel``), or both. ``key`` is the
-    idempotency key: a conversion stored twice under one key counts once.
+    idempotency key: a conversion stored twice under one key counts once. The amount is
+    kept in integer micros, a type the recorder's disk spool can store exactly.
     """
 
     key: str
     name: str
-    value: Decimal
+    value_micros: int
     currency: str
     user_id: str | None = None
     conversation_id: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> Decimal:
+        """The amount as a decimal in ``currency``."""
+        return Decimal(self.value_micros) / MICROS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,10 +136,34 @@ class Lead(Event):
 class Spend(Event):
     """Advertising spend of one day on one channel and campaign (``""`` for none).
 
-    A later record of the same day, channel and campaign replaces the earlier amount.
+    A later record of the same day, channel and campaign replaces the earlier amount. The
+    day is ``occurred_at``'s date in UTC (build one with :meth:`for_day`), and the amount
+    is in integer micros, so the recorder's disk spool can store both exactly.
     """
 
-    day: date
-    amount: Decimal
+    amount_micros: int
     currency: str
     campaign: str = ""
+
+    @classmethod
+    def for_day(
+        cls, day: date, channel: str, amount: Decimal, currency: str, campaign: str = ""
+    ) -> Spend:
+        """Build the spend of ``day``, with ``amount`` as parsed by :func:`parse_amount`."""
+        return cls(
+            channel=channel,
+            occurred_at=datetime(day.year, day.month, day.day, tzinfo=UTC),
+            amount_micros=to_micros(amount),
+            currency=currency,
+            campaign=campaign,
+        )
+
+    @property
+    def day(self) -> date:
+        """The day the spend belongs to."""
+        return self.occurred_at.astimezone(UTC).date()
+
+    @property
+    def amount(self) -> Decimal:
+        """The amount as a decimal in ``currency``."""
+        return Decimal(self.amount_micros) / MICROS

@@ -195,6 +195,7 @@ class World:
         if proactive:
             conv.messages.append((at, "bot", None, "news for you"))
             at += timedelta(seconds=30)
+
         first_intent = rng.choice((None, "billing", "shipping"))
         text = rng.choice(TEXTS)
         lead = rng.random()
@@ -202,6 +203,7 @@ class World:
             text += f" mail {user}@Example.com"
         elif lead < 0.3:
             text += f" call +33 6 12 {len(self.conversations):02d} 45 67"
+
         if not (proactive and rng.random() < 0.5):
             conv.messages.append((at, "user", None, text))
             at += timedelta(seconds=5)
@@ -211,12 +213,14 @@ class World:
                 conv.messages.append((at, "user", None, "next"))
                 at += timedelta(seconds=3)
                 conv.messages.append((at, "bot", step, step))
+
         conv.resolved = rng.random() < 0.5
         conv.handed_off = rng.random() < 0.2
         if rng.random() < 0.5:
             conv.ended_at = at + timedelta(minutes=2)
         if rng.random() < 0.3:
             conv.step = rng.choice(STEPS)
+
         if rng.random() < 0.6:
             conv.touches.append(
                 {
@@ -237,8 +241,10 @@ class World:
                         "ad": None,
                     }
                 )
+
         if rng.random() < 0.4:
             conv.csat = rng.randrange(1, 6)
+
         self.conversations.append(conv)
         for moment, role, _, message_text in conv.messages:
             if role != "user":
@@ -318,6 +324,7 @@ class World:
                     for n, (moment, role, intent, text) in enumerate(sorted(conv.messages))
                 ]
             )
+
         updates, touches = [], []
         for conv in self.conversations:
             updates.append(
@@ -346,8 +353,10 @@ class World:
                         ad_id=touch["ad"],
                     )
                 )
+
         writer.write(updates)
         writer.write(touches)
+
         writer.write(
             [
                 ev.Exposure(
@@ -367,7 +376,7 @@ class World:
                     occurred_at=c.at,
                     key=c.key,
                     name=c.name,
-                    value=Decimal(c.micros) / 1_000_000,
+                    value_micros=c.micros,
                     currency="EUR",
                     user_id=c.user,
                     conversation_id=c.conversation,
@@ -377,17 +386,11 @@ class World:
         )
         writer.write(
             [
-                Spend(
-                    channel=channel,
-                    occurred_at=T0,
-                    day=day,
-                    amount=Decimal(m) / 1_000_000,
-                    currency="EUR",
-                    campaign=campaign,
-                )
+                Spend.for_day(day, channel, Decimal(m) / 1_000_000, "EUR", campaign)
                 for day, channel, campaign, m in self.spend
             ]
         )
+
         self._write_surveys(engine)
         return writer
 

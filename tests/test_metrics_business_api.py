@@ -397,3 +397,37 @@ def test_cli_spend_import(database_url: str, tmp_path: Path) -> None:
     metrics = runner.invoke(cli_app, ["metrics", "cpa", "--db", database_url, "--json"])
     assert metrics.exit_code == 0, metrics.output
     assert json.loads(metrics.output)["spend"] == "175.50"
+
+
+def test_business_events_survive_spool() -> None:
+    from chatmw.events_business import Conversion, Lead, Spend
+    from chatmw.spool import decode_event, encode_event
+
+    events = [
+        Conversion(
+            channel="web",
+            occurred_at=T0,
+            key="k",
+            name="purchase",
+            value_micros=1_500_000,
+            currency="EUR",
+            user_id="u1",
+            meta={"order": "A-1"},
+        ),
+        Lead(
+            channel="web",
+            occurred_at=T0,
+            key="l",
+            user_id="u1",
+            kind="email",
+            value="a@b.org",
+            score=50.0,
+        ),
+        Spend.for_day(T0.date(), "web", Decimal("12.25"), "EUR", "spring"),
+    ]
+    for event in events:
+        decoded = decode_event(json.loads(json.dumps(encode_event(event))))
+        assert decoded == event
+    assert events[0].value == Decimal("1.5")
+    assert events[2].day == T0.date()
+    assert events[2].amount == Decimal("12.25")

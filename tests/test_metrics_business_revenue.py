@@ -112,7 +112,7 @@ def test_conversion_before_chat_attributed(engine: Engine) -> None:
                 occurred_at=T0 + DAY,
                 key="early",
                 name="purchase",
-                value=Decimal("9.99"),
+                value_micros=9_990_000,
                 currency="EUR",
                 user_id="late-user",
             )

@@ -21,7 +21,7 @@ __all__ = ["query_types", "QUERY_TYPES", "UNCLASSIFIED", "CSAT_SATISFIED_MIN"]
 UNCLASSIFIED = "unclassified"
 # The attribute the writer's keyword rules set (chatmw.business.QUERY_TYPE_ATTRIBUTE).
 RULES_ATTRIBUTE = "query_type"
-# CSAT answers run from 1 to 5; 4 and 5 count as satisfied.
+# CSAT scores range from 1 to 5, and 4 and 5 count as satisfied.
 CSAT_SATISFIED_MIN = 4
 
 

@@ -1,10 +1,10 @@
 """Tables of the business figures: conversions, leads and advertising spend.
 
 Amounts are integer micros (millionths of the currency unit). Conversions and recorded
-leads name their user and conversation by the source's own ids (``channel`` plus
-``user_id`` or ``conversation_external_id``); the metrics join them to contacts and
-conversations when they run, so a conversion recorded before the chat it belongs to is
-still attributed once the chat arrives.
+leads name their user and conversation by the source's own ids: ``channel`` plus
+``user_id`` or ``conversation_external_id``. The metrics join them to contacts and
+conversations when they run, so a conversion recorded before its chat is still
+attributed once the chat arrives.
 """
 
 from __future__ import annotations
