@@ -20,6 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from chatmw.cli import DbOption, app, settings_from
 from chatmw.importers.source import Skipped
@@ -27,7 +28,7 @@ from chatmw.importers.source import Skipped
 __all__ = ["import_command", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SKIPPED"]
 
 EXIT_OK = 0
-EXIT_FAILED = 1  # a batch could not be written or the file is not valid UTF-8
+EXIT_FAILED = 1  # the database failed, or the file is not valid UTF-8
 EXIT_USAGE = 2  # missing file, unknown format, a required column missing from the header
 EXIT_SKIPPED = 3  # the import finished but some rows were invalid and skipped
 
@@ -141,7 +142,13 @@ def import_command(
     engine = make_engine(settings.database_url)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
-        upgrade(engine)
+        try:
+            upgrade(engine)
+        except SQLAlchemyError as error:
+            shown = engine.url.render_as_string(hide_password=True)
+            err.print(f"error: migrating the database {shown} failed: {error}", markup=False,
+                      highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
         writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
         errors_stream = stack.enter_context(errors.open("w", newline="", encoding="utf-8")) \
             if errors else None
@@ -155,8 +162,10 @@ def import_command(
             err.print(f"error: cannot import {file}: {error}", markup=False, highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
         except UnicodeDecodeError as error:
-            err.print(f"error: {file} is not valid UTF-8 (byte {error.start} of a read block): "
-                      "convert it to UTF-8 and import again", markup=False, highlight=False)
+            # The scan pass reads the whole file before the first write, so nothing is stored.
+            err.print(f"error: {file} is not valid UTF-8 ({error.reason}), so nothing was "
+                      "imported: convert it to UTF-8 and import again", markup=False,
+                      highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
         except ImportAborted as error:
             err.print(f"error: {error}", markup=False, highlight=False)

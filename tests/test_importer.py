@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from chatmw import events as ev
 from chatmw.cli import app
-from chatmw.importers import TextFile
+from chatmw.importers import ImportAborted, TextFile, open_source
+from chatmw.importers import run_import as run_import_api
 from chatmw.importers.source import read_csv
 from chatmw.importers.transcript import message_key
 from chatmw.importers.twcs import _resolve_roots, parse_created_at
 from chatmw.store import models
+from chatmw.store.writer import Writer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
 
@@ -299,6 +304,36 @@ def test_invalid_utf8_exits_1(tmp_path: Path) -> None:
 
     assert status == 1
     assert "is not valid UTF-8" in stderr
+
+
+def test_unreachable_database_exits_1(tmp_path: Path) -> None:
+    status, _, stderr = run_import("postgresql://postgres@127.0.0.1:1/none",
+                                   str(FIXTURES / "transcript.csv"))
+
+    assert status == 1
+    assert "migrating the database postgresql+psycopg://postgres@127.0.0.1:1/none failed" in stderr
+
+
+def test_failed_batch_aborts_with_lines(database_url: str, engine: Engine) -> None:
+    writer = Writer(engine)
+    write_messages = writer.handlers[ev.Message]
+    calls = []
+
+    def fail_second_batch(session: Session, messages: list[ev.Message]) -> None:
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise OperationalError("INSERT", {}, Exception("disk full"))
+        write_messages(session, messages)
+
+    writer.handlers[ev.Message] = fail_second_batch
+    source = open_source(TextFile(FIXTURES / "transcript.csv"), "csv")
+
+    with pytest.raises(ImportAborted) as raised:
+        run_import_api(source, writer, batch_size=3)
+
+    assert (raised.value.first_line, raised.value.last_line) == (6, 8)
+    assert "lines 6-8 failed" in str(raised.value)
+    assert count(engine, models.Message) == 3
 
 
 def test_repeated_key_in_file_counted_as_duplicate(database_url: str, engine: Engine,
