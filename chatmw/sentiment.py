@@ -7,17 +7,20 @@ package, so no corpus download is needed) scores English words only and returns 
 anything else. Scoring French or an emoji as 0.0 would count it as neutral, so such text
 is stored as unscored (``NULL``) instead.
 
-The English test: the text's words (runs of letters in any script, apostrophes kept) are
-looked up in TextBlob's sentiment lexicon and in :data:`ENGLISH_WORDS`, a short list of
-English function and chat words. The text is English when it has at least one word and
-at least :data:`MIN_ENGLISH_SHARE` of its words are found. Text without letters
-(emoji, emoticons, numbers) is unscored.
+The English test: handles (``@name``), hashtags, links and e-mail addresses are removed,
+and the remaining words (runs of letters in any script, apostrophes kept) are looked up in
+TextBlob's English word list and sentiment lexicon and in :data:`ENGLISH_WORDS`, a list of
+English function and chat words. The shares that make a text English are
+:data:`MIN_KNOWN_SHARE` and :data:`MIN_CORE_SHARE`. Text without letters (emoji,
+emoticons, numbers) is unscored.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
+from importlib import resources
 from typing import Any
 
 from textblob.en import sentiment as _pattern_lexicon
@@ -26,45 +29,76 @@ from chatmw import events as ev
 
 __all__ = [
     "ENGLISH_WORDS",
-    "MIN_ENGLISH_SHARE",
+    "MIN_KNOWN_SHARE",
+    "MIN_CORE_SHARE",
     "is_english",
     "polarity",
     "sentiment_enricher",
 ]
 
-# The share of words that must be known English words for a text to be scored.
-MIN_ENGLISH_SHARE = 0.5
+# A text is scored when at least MIN_KNOWN_SHARE of its words are English words (in
+# TextBlob's English word list, its sentiment lexicon or ENGLISH_WORDS) and at least
+# MIN_CORE_SHARE are core English words (in the sentiment lexicon or ENGLISH_WORDS). The word
+# list alone is not enough because it comes from Project Gutenberg books and so contains
+# French and German words such as "merci" and "ist".
+MIN_KNOWN_SHARE = 0.6
+MIN_CORE_SHARE = 0.25
 
-# English words frequent in chat that the sentiment lexicon lacks: pronouns, articles,
-# auxiliaries, prepositions, question words and common support-chat words.
+# English function words (pronouns, articles, auxiliaries, prepositions, conjunctions,
+# question words) and frequent support-chat words that the sentiment lexicon lacks.
 _ENGLISH_WORDS_TEXT = """
-a about after again all also am an and any are as at be because been before being but by
-can can't cannot could couldn't did didn't do does doesn't don't for from had has have
-haven't he her here hers him his how i i'd i'll i'm i've if in into is isn't it it's its
-just me my myself no nor not now of off on once only or our ours out over please same she
-should so some such than that that's the their them then there these they this those
-through to too under until up us was wasn't we were weren't what when where which while
-who whom why will with won't would wouldn't yes you you're your yours yourself
-hi hello hey thanks thank ok okay order orders account help need want get got know like
-money refund pay paid payment card delivery package price still yet again sorry anyone
-agent human person talk speak someone call phone email password login log sign
+a about above after again against all also am an and any are aren't as at be because been
+before being below between both but by can can't cannot could couldn't did didn't do does
+doesn't doing don't down during each few for from further had hadn't has hasn't have
+haven't having he he'd he'll he's her here here's hers herself him himself his how how's i
+i'd i'll i'm i've if in into is isn't it it's its itself just let's me more most mustn't my
+myself no nor not now of off on once only or other ought our ours ourselves out over own
+please same shan't she she'd she'll she's should shouldn't so some such than that that's
+the their theirs them themselves then there there's these they they'd they'll they're
+they've this those through to too under until up us very was wasn't we we'd we'll we're
+we've were weren't what what's when when's where where's which while who who's whom why
+why's will with won't would wouldn't yes yet you you'd you'll you're you've your yours
+yourself yourselves
+hi hello hey thanks thank thx pls plz ok okay yeah yep nope lol order orders account help
+need want get got know like money refund pay paid payment card delivery package price still
+sorry anyone agent human person talk speak someone call phone email password login log sign
+app issue issues problem problems fix working work works customer service support time
 """
 ENGLISH_WORDS = frozenset(_ENGLISH_WORDS_TEXT.split())
 
+# Handles, hashtags, links and e-mail addresses are names, not words of any language.
+_MARKUP = re.compile(r"(?:https?://|www\.)\S+|\S+@\S+\.\S+|[@#]\w+")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 
 
+@functools.cache
+def _vocabularies() -> tuple[frozenset[str], frozenset[str]]:
+    """Return the core English words and all known English words, built on first use."""
+    # en-spelling.txt ships with textblob (about 29,000 words with their counts, after
+    # comment lines starting with ";;;"); it is read once, in the thread that scores first.
+    path = resources.files("textblob.en").joinpath("en-spelling.txt")
+    listed = set()
+    for line in path.read_text("utf-8").splitlines():
+        if line and not line.startswith(";;;"):
+            listed.add(line.split()[0].lower())
+    core = ENGLISH_WORDS | {word for word in _pattern_lexicon if " " not in word}
+    return frozenset(core), frozenset(core | listed)
+
+
 def _words(text: str) -> list[str]:
-    return [match.group(0).lower().replace("\u2019", "'") for match in _WORD.finditer(text)]
+    text = _MARKUP.sub(" ", text.replace("\u2019", "'"))
+    return [match.group(0).lower() for match in _WORD.finditer(text)]
 
 
 def is_english(text: str) -> bool:
-    """Return whether ``text`` has words and at least half of them are known English words."""
-    words = _words(text.replace("\u2019", "'"))
+    """Return whether ``text`` looks English by the share of known English words in it."""
+    words = _words(text)
     if not words:
         return False
-    known = sum(1 for word in words if word in ENGLISH_WORDS or word in _pattern_lexicon)
-    return known / len(words) >= MIN_ENGLISH_SHARE
+    core_words, known_words = _vocabularies()
+    core = sum(1 for word in words if word in core_words)
+    known = sum(1 for word in words if word in known_words)
+    return known / len(words) >= MIN_KNOWN_SHARE and core / len(words) >= MIN_CORE_SHARE
 
 
 def polarity(text: str | None) -> float | None:

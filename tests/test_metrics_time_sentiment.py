@@ -36,6 +36,12 @@ TEXTS = [
     ("😀😀😀", False),
     (":)", False),
     ("12345", False),
+    ("@ChaseSupport Terrible customer support in time of crisis.", True),
+    ("great job #fast https://example.com/x", True),
+    ("merci beaucoup", False),
+    ("je ne peux pas me connecter", False),
+    ("mi pedido no ha llegado", False),
+    ("@RockstarSupport PS4", False),
 ]
 
 

@@ -14,6 +14,7 @@ from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.stats import rate
+from chatmw.sentiment import MIN_CORE_SHARE, MIN_KNOWN_SHARE
 from chatmw.store.models import Conversation, Message
 
 __all__ = [
@@ -208,9 +209,11 @@ SENTIMENT = register(
             "each user message of kind `message` in the conversations of the window, scored when "
             "the message is written. Some messages are **unscored** (stored as NULL): text that "
             "does not look English, text without letters (emoji only) and messages without text. "
-            "Text looks English when at least half of its words are in TextBlob's sentiment "
-            "lexicon or a short list of English function words. Unscored messages are counted in "
-            "`unscored`, never as neutral.\n\n"
+            "Handles, hashtags and links are left out, and text looks English when at least "
+            f"{MIN_KNOWN_SHARE:.0%} of its words are English (in TextBlob's English word list, "
+            "its sentiment lexicon or a list of English function and chat words) and at least "
+            f"{MIN_CORE_SHARE:.0%} are in the sentiment lexicon or that list. Unscored messages "
+            "are counted in `unscored`, never as neutral.\n\n"
             f"- A score is **positive** when > {POSITIVE_ABOVE}, **negative** when < "
             f"{NEGATIVE_BELOW}, otherwise **neutral**; `positive`, `neutral` and `negative` are "
             "shares (0 to 1) of scored items, with `*_count` beside them.\n"
