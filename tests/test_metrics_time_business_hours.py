@@ -316,3 +316,21 @@ def test_api_rejects_invalid_hours(query: str, param: str, engine: Engine) -> No
     response = asyncio.run(fetch())
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", param]
+
+
+def test_channel_schedule_applies_to_its_answers(engine: Engine) -> None:
+    messages, _ = generate(seed=7)
+    Writer(engine).write(messages)
+    hours = BusinessHours.from_mapping(
+        {
+            "hours": {"mon": ["00:00-00:01"]},
+            "channels": {"web": {"hours": {"mon-sun": ["00:00-24:00"]}}},
+        }
+    )
+    use_business_hours(hours)
+    try:
+        result = compute(engine)
+    finally:
+        use_business_hours(None)
+    assert result["business_hours"]["channels"]["web"]["hours"]["tue"] == ["00:00-24:00"]
+    assert result["reply_time"]["business"]["all"] == result["reply_time"]["calendar"]["all"]

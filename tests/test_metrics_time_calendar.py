@@ -376,3 +376,25 @@ def test_heatmap_empty_window_and_groups(engine: Engine) -> None:
     assert {
         group["group"]: group["totals"]["conversations"] for group in grouped["groups"]
     } == dict(by_channel)
+
+
+def test_growth_and_retention_groups_add_up(engine: Engine) -> None:
+    rows = generate(seed=5, first_day=date(2024, 3, 1), days=20, users=30)
+    store(engine, rows)
+    window = {"tz": "America/New_York", "since": "2024-03-01", "until": "2024-03-21"}
+    growth = compute(engine, "growth", period="week", group_by="channel", **window)
+    for index, total in enumerate(growth["series"]):
+        for name in ("conversations", "messages", "users", "new_users"):
+            assert total[name] == sum(group["series"][index][name] for group in growth["groups"])
+    for group in growth["groups"]:
+        mine = [row for row in rows if row["channel"] == group["group"]]
+        assert group["totals"]["conversations"] == len(mine)
+
+    retention = compute(engine, "retention", period="week", group_by="channel", **window)
+    for index, cohort in enumerate(retention["cohorts"]):
+        groups = [group["cohorts"][index] for group in retention["groups"]]
+        assert cohort["users"] == sum(group["users"] for group in groups)
+        for offset, cell in enumerate(cohort["following"]):
+            if cell["users"] is None:
+                continue
+            assert cell["users"] == sum(group["following"][offset]["users"] for group in groups)
