@@ -405,7 +405,7 @@ def test_meta_callback_erases_and_reports_status(engine: Engine) -> None:
         channel="messenger", occurred_at=T0, key=f"m{i}", role="user", user_id="7100000000000001",
         text="hi")) for i in range(3)])
     app = FastAPI()
-    app.include_router(create_admin_router(engine, privacy=privacy, auth=KeyAuth(engine),
+    app.include_router(create_admin_router(engine, privacy=lambda: privacy, auth=KeyAuth(engine),
                                            meta_app_secret=Secret("app-secret"), prefix="/chat"))
     form = {"signed_request": signed({"algorithm": "HMAC-SHA256", "user_id": "7100000000000001",
                                       "issued_at": 1700000000}, "app-secret")}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs
@@ -29,7 +29,8 @@ MAX_CALLBACK_BYTES = 16_384
 
 
 def create_admin_router(engine: Engine, *, auth: KeyAuth | None = None,
-                        privacy: Privacy | None = None, prefix: str = "/metrics",
+                        privacy: Privacy | Callable[[], Privacy | None] | None = None,
+                        prefix: str = "/metrics",
                         registry: DataRegistry = REGISTRY,
                         meta_app_secret: Secret | None = None,
                         meta_channels: Sequence[str] = META_CHANNELS,
@@ -46,15 +47,18 @@ def create_admin_router(engine: Engine, *, auth: KeyAuth | None = None,
       public, because the person opens it, and shows no personal data.
 
     ``privacy`` (the runtime's :class:`Privacy`) maps platform ids to pseudonyms; pass it
-    whenever the runtime pseudonymises. ``public_base_url`` is the scheme and host the
-    status URL starts with (default: taken from the request).
+    whenever the runtime pseudonymises. Because the runtime resolves it only in
+    ``start()``, a function returning it is accepted too (``lambda: runtime.privacy``).
+    ``public_base_url`` is the scheme and host the status URL starts with (default: taken
+    from the request).
     """
     router = APIRouter(prefix=f"{prefix}/admin", tags=["admin"])
     admin = Depends(require_key("admin", auth))
 
     def erase(channel: str, user_id: str, pseudonymised: bool, origin: str,
               code: str | None = None) -> dict[str, Any]:
-        ids = (privacy.erasure_ids(user_id, pseudonymised) if privacy is not None
+        current = privacy() if callable(privacy) else privacy
+        ids = (current.erasure_ids(user_id, pseudonymised) if current is not None
                else {"user_id": user_id, "raw_user_id": None if pseudonymised else user_id})
         report = erase_person(engine, channel, registry=registry, origin=origin,
                               confirmation_code=code, **ids)

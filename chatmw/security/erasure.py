@@ -70,7 +70,7 @@ class ErasureSubject:
 
 @dataclass(slots=True)
 class ErasureReport:
-    """What one erasure removed: rows per table, and the code that confirms it."""
+    """The result of one erasure: rows removed per table, and the confirmation code."""
 
     channel: str
     removed: dict[str, int]
@@ -94,8 +94,8 @@ class DataRegistry:
     """Tables and steps that features add, so that erasure and retention cover their data.
 
     Tables linked by a foreign key to contacts, conversations or messages, and tables with
-    a ``user_id`` column, are found without registering; register what those rules miss
-    (a table keyed by an e-mail address, data kept outside the database).
+    a ``user_id`` column, are found without registering. Register what those rules miss,
+    such as a table keyed by an e-mail address or data kept outside the database.
     """
 
     erasure_steps: dict[str, ErasureStep] = field(default_factory=dict)
@@ -300,11 +300,13 @@ def erase_person(engine: Engine, channel: str, user_id: str, *,
                  origin: str = "api", confirmation_code: str | None = None) -> ErasureReport:
     """Remove everything stored about ``user_id`` on ``channel`` in one transaction.
 
-    ``user_id`` is the id as stored; ``stored_ids`` adds other ids the person may be stored
-    under (the platform id and its pseudonym), ``conversation_ids`` the conversation ids
-    that may name them (a user id used as conversation id, and its pseudonym), and
-    ``raw_user_id`` the platform id for searching unparsed payloads. Use
-    :meth:`chatmw.security.privacy.Privacy.erasure_ids` to build these. An
+    - ``user_id``: the id as stored.
+    - ``stored_ids``: other ids the person may be stored under (the platform id).
+    - ``conversation_ids``: conversation ids that may name them (a user id used as
+      conversation id, and its pseudonym).
+    - ``raw_user_id``: the platform id, searched for in unparsed payloads.
+
+    :meth:`chatmw.security.privacy.Privacy.erasure_ids` builds these arguments. An
     ``erasure_records`` row with the counts, but without any id of the person, is kept.
     """
     ids = tuple(dict.fromkeys([user_id, *stored_ids]))

@@ -38,15 +38,16 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 
 @dataclass(slots=True)
 class PrivacySettings:
-    """What chatmw stores about people.
+    """Rules for what chatmw stores about people.
 
     ``pseudonymise`` replaces user and conversation ids by keyed pseudonyms made with
-    ``pseudonym_key`` (generated and kept in the database when ``None``); ``text_mode``
-    is ``full``, ``redacted`` (e-mail addresses and phone numbers replaced) or ``none``;
-    ``keep_raw_payloads`` keeps the bodies of payloads a source could not parse, which
-    contain ids and text as the platform sent them. ``pseudonymise_conversations`` also
-    replaces the sources' conversation ids, which often contain the user id (Rasa's
-    ``sender_id``); turn it off when they are ticket numbers that must stay readable.
+    ``pseudonym_key``, which is generated and kept in the database when ``None``.
+    ``text_mode`` is ``full``, ``redacted`` (e-mail addresses and phone numbers replaced)
+    or ``none``. ``keep_raw_payloads`` keeps the bodies of payloads a source could not
+    parse, which contain ids and text as the platform sent them.
+    ``pseudonymise_conversations`` also replaces the sources' conversation ids, which
+    often contain the user id (Rasa's ``sender_id``); turn it off when they are ticket
+    numbers that must stay readable.
     """
 
     pseudonymise: bool = True

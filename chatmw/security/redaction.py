@@ -43,7 +43,7 @@ def redact_text(text: str) -> str:
 
 
 def text_enricher(mode: TextMode) -> Callable[[Message], Mapping[str, Any]] | None:
-    """Return a Writer enricher that stores message text as ``mode`` says; ``None`` for full.
+    """Return a Writer enricher that stores message text in ``mode``; ``None`` for full.
 
     Add it last to ``Writer.enrichers``: it overrides the ``text`` column only, so other
     enrichers (sentiment, lead capture) and preprocessors still see the full text.

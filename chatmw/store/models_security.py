@@ -1,6 +1,6 @@
 """Tables of the security features: API keys, generated secrets, erasure records.
 
-No table here holds personal data: API keys are stored as SHA-256 hashes, and an erasure
+No table here contains personal data: API keys are stored as SHA-256 hashes, and an erasure
 record keeps the counts of what was removed, never whom it was about.
 """
 
