@@ -151,3 +151,26 @@ def test_label_values_escaped() -> None:
     recorder._count_drop('odd "reason"\\\n', 1)
     text = render_metrics(recorder)
     assert 'chatmw_events_dropped_total{reason="odd \\"reason\\"\\\\\\n"} 1' in text
+
+
+def test_routes_accept_key_dependency(tmp_path: Path) -> None:
+    from chatmw.security import KeyAuth, create_key, require_key
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'chatmw.db'}")
+    runtime = Runtime.from_settings(settings)
+    runtime.start()
+    auth = KeyAuth(runtime.engine)
+    key = create_key(runtime.engine, "read").key
+    app = FastAPI()
+    app.include_router(create_health_router(runtime, dependencies=[require_key("read", auth)]))
+
+    async def fetch(headers: dict[str, str]) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/metrics/health/metrics", headers=headers)
+
+    anonymous = asyncio.run(fetch({}))
+    keyed = asyncio.run(fetch({"X-API-Key": key}))
+    runtime.stop()
+    assert anonymous.status_code == 401
+    assert keyed.status_code == 200
