@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
+    "is_survey_payload",
     "Answer",
     "parse_answer",
     "score_payload",
@@ -121,6 +122,11 @@ class Answer:
     score_range: tuple[int, int] | None = None
     comment: str | None = None
     survey_id: int | None = None
+
+
+def is_survey_payload(text: str | None) -> bool:
+    """Return whether ``text`` is a survey button payload, which the bot should not receive."""
+    return text is not None and _PAYLOAD.match(text.strip()) is not None
 
 
 def score_payload(survey_id: int, score: int) -> str:

@@ -44,7 +44,12 @@ __all__ = [
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
 # Meta allows free-form messages only within 24 hours of the user's last message, on
-# WhatsApp (the customer service window) and on Messenger (the standard messaging window).
+# WhatsApp (the customer service window, after which only approved templates may be sent:
+# https://docs.360dialog.com/docs/whatsapp-api/whatsapp-api/template-messaging) and on
+# Messenger (the standard messaging window:
+# https://developers.facebook.com/documentation/business-messaging/messenger-platform/policy/).
+# NOTE: Messenger opens a window of up to 7 days after a Click-to-Messenger ad; such users
+# are still held to 24 hours here, so some surveys are skipped that Meta would allow.
 MESSAGING_WINDOW_MS = DAY_MS
 WINDOW_CHANNELS = frozenset({"whatsapp", "messenger"})
 LOCALE_ATTRIBUTES = ("locale", "language")
