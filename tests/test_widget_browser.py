@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from chatmw import events as ev
 from chatmw._demo.faq_bot import create_app
+from chatmw.codecs import ChatReply, ChatRequest
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
 from chatmw.store import models
@@ -395,3 +396,59 @@ def test_demo_app_serves_widget_site(page: Page, database_url: str) -> None:
 
     assert texts == ["pricing", "/deny"]
     assert set(campaigns) == {"spring"}
+
+
+def test_rate_limit_shown_to_visitor(page: Page, bot_url: str) -> None:
+    sink = ListSink()
+    port = free_port()
+    settings = WidgetSettings(
+        allowed_origins=[f"http://127.0.0.1:{port}"],
+        bot_url=bot_url,
+        rate_burst=1,
+        rate_per_minute=2,
+    )
+    with serve(example_site_app(settings, sink), port) as server:
+        page.goto(server.url + "/")
+        open_chat(page)
+        say(page, "hello")
+        expect_bot_message(page, HELLO_REPLY)
+        say(page, "hello again")
+        alert = page.get_by_role("alert")
+        expect(alert).to_contain_text(
+            "You are sending messages too quickly. Try again in 30 seconds."
+        )
+        expect(page.get_by_role("button", name="Retry")).to_be_visible()
+
+    texts = [e.text for e in sink.events if isinstance(e, ev.Message)]
+    assert texts == ["hello", HELLO_REPLY]
+
+
+def test_reply_buttons_send_payload(page: Page) -> None:
+    async def survey_bot(request: ChatRequest) -> list[ChatReply]:
+        if request.text and request.text.startswith("/rate"):
+            return [ChatReply(text="Thanks for rating us.")]
+        buttons = [
+            {"title": f"{score} <b>stars</b>", "payload": f"/rate{score}"} for score in (1, 5)
+        ]
+        return [ChatReply(text="How did we do? <i>1-5</i>", extra={"buttons": buttons})]
+
+    sink = ListSink()
+    port = free_port()
+    settings = WidgetSettings(allowed_origins=[f"http://127.0.0.1:{port}"], bot=survey_bot)
+    with serve(example_site_app(settings, sink), port) as server:
+        page.goto(server.url + "/")
+        open_chat(page)
+        say(page, "done")
+        expect_bot_message(page, "How did we do? <i>1-5</i>")
+        group = page.get_by_role("group", name="Suggested replies")
+        expect(group.get_by_role("button")).to_have_count(2)
+        group.get_by_role("button", name="5 <b>stars</b>").click()
+        expect_bot_message(page, "Thanks for rating us.")
+        expect(page.locator(".message.user .text").last).to_have_text("5 <b>stars</b>")
+        expect(group.get_by_role("button", name="1 <b>stars</b>")).to_be_disabled()
+        markup = widget(page).locator("b, i").count()
+
+    assert markup == 0
+    user_messages = [e for e in sink.events if isinstance(e, ev.Message) and e.role == "user"]
+    assert [m.text for m in user_messages] == ["done", "/rate5"]
+    assert user_messages[1].meta["button_title"] == "5 <b>stars</b>"
