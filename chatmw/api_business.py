@@ -27,7 +27,7 @@ from chatmw.business import (
     parse_spend_csv,
 )
 from chatmw.business_detect import find_emails, hash_value, normalise_email
-from chatmw.events_business import Conversion, Lead, Spend, parse_amount, to_micros
+from chatmw.events_business import Conversion, Lead, LeadKind, Spend, parse_amount, to_micros
 from chatmw.runtime import Runtime
 
 __all__ = ["create_business_router", "MAX_CSV_BYTES"]
@@ -161,7 +161,7 @@ class _Endpoints:
         return JSONResponse(status_code=202, content={"status": "accepted", "key": body.key})
 
     async def lead(self, body: LeadBody) -> JSONResponse:
-        values: list[tuple[str, str]] = []
+        values: list[tuple[LeadKind, str]] = []
         if body.email is not None:
             email = normalise_email(body.email)
             if find_emails(email) != [email]:
@@ -190,7 +190,7 @@ class _Endpoints:
                 key=key,
                 user_id=body.user_id,
                 kind=kind,
-                value=value,  # type: ignore[arg-type]
+                value=value,
                 conversation_id=body.conversation_id,
                 origin="api",
                 score=body.score,
@@ -273,7 +273,9 @@ def create_business_router(
         tags=["business"],
         dependencies=[Depends(dep) if callable(dep) else dep for dep in dependencies],
     )
-    invalid = {422: {"description": "Invalid input; `detail[0].loc` names the field."}}
+    invalid: dict[int | str, dict[str, Any]] = {
+        422: {"description": "Invalid input; `detail[0].loc` names the field."}
+    }
     router.add_api_route(
         "/conversions",
         endpoints.conversion,

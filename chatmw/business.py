@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, delete, func, select, union_all
+from sqlalchemy import Engine, Table, delete, func, select, union_all
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -377,6 +377,10 @@ def _spend_row(row: Mapping[str, str | None], line: int, default_currency: str |
 # Writer handlers
 
 
+def _table(model: type[models.Base]) -> Table:
+    return cast(Table, model.__table__)
+
+
 @dataclass
 class _Handlers:
     settings: BusinessSettings
@@ -409,7 +413,7 @@ class _Handlers:
             }
             for item in self._allowed(session, items)
         ]
-        insert_ignore(session, bm.Conversion.__table__, rows, ["key"])
+        insert_ignore(session, _table(bm.Conversion), rows, ["key"])
 
     def spend(self, session: Session, items: list[Spend]) -> None:
         now_ms = ev.to_ms(ev.now_utc())
@@ -425,7 +429,7 @@ class _Handlers:
             }
         upsert(
             session,
-            bm.Spend.__table__,
+            _table(bm.Spend),
             list(latest.values()),
             ["day", "channel", "campaign"],
             ["amount_micros", "currency", "updated_at_ms"],
@@ -453,7 +457,7 @@ class _Handlers:
                     "meta": dict(item.meta) or None,
                 }
             )
-        insert_ignore(session, bm.Lead.__table__, rows, ["key"])
+        insert_ignore(session, _table(bm.Lead), rows, ["key"])
 
 
 def install(writer: Writer, settings: BusinessSettings | None = None) -> None:

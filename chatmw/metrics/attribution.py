@@ -125,7 +125,7 @@ def _split(
 
 
 def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for mode in MODES:
         for field, items in result[mode].items():
             rows.extend(

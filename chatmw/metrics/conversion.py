@@ -65,7 +65,7 @@ def attribution_days(options: Mapping[str, Any]) -> float:
     return float(days)
 
 
-def resolved_conversions() -> Select[Any]:
+def resolved_conversions() -> Select[*tuple[Any, ...]]:
     """Select each conversion with its contact and its named conversation, where found.
 
     The contact is the user's contact on the conversion's channel, or else the named

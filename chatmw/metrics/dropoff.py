@@ -79,7 +79,8 @@ def _bot_intents(engine: Engine, conversation_ids: Sequence[int]) -> dict[int, l
                 .order_by(Message.conversation_id, Message.occurred_at_ms, Message.id)
             )
             for conversation_id, intent in connection.execute(statement):
-                intents[conversation_id].append(intent)
+                if intent is not None:
+                    intents[conversation_id].append(intent)
     return intents
 
 
@@ -193,7 +194,7 @@ def dropoff(
 
 def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     sections = [("(all)", result)] + [(group["group"], group) for group in result.get("groups", [])]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for group, section in sections:
         rows.extend(
             {

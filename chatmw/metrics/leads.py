@@ -24,7 +24,7 @@ from chatmw.store.models_business import Lead
 __all__ = ["lead_conversations", "leads", "LEADS"]
 
 
-def lead_conversations() -> Select[Any]:
+def lead_conversations() -> Select[*tuple[Any, ...]]:
     """Select each lead with its contact and conversation.
 
     The conversation is the one the lead was found in, else the one it names, else the
