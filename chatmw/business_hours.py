@@ -278,8 +278,13 @@ class BusinessHours:
         return cls.from_mapping(data, setting="business_hours")
 
 
-def parse_inline(text: str, timezone: str = "UTC", setting: str = "hours") -> BusinessHours:
-    """Parse ``"mon-fri 09:00-17:00,18:00-20:00; sat 10:00-14:00"`` into business hours."""
+def parse_inline(
+    text: str, timezone: str = "UTC", setting: str = "hours", zone_setting: str = "hours_tz"
+) -> BusinessHours:
+    """Parse ``"mon-fri 09:00-17:00,18:00-20:00; sat 10:00-14:00"`` into business hours.
+
+    Errors name ``setting`` (with the day and period position) or ``zone_setting``.
+    """
     hours: dict[str, list[str]] = {}
     for part in text.split(";"):
         if not part.strip():
@@ -294,7 +299,7 @@ def parse_inline(text: str, timezone: str = "UTC", setting: str = "hours") -> Bu
         hours[days] = [period.strip() for period in periods.split(",")]
     if not hours:
         raise ValueError(f"{setting}: empty; expected e.g. mon-fri 09:00-17:00")
-    return BusinessHours.from_mapping({"timezone": timezone, "hours": hours}, setting=setting)
+    return BusinessHours(Schedule(_parse_zone(zone_setting, timezone), _parse_week(setting, hours)))
 
 
 # Used when neither the application nor the request gives business hours.

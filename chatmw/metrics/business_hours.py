@@ -59,8 +59,11 @@ def _resolve(options: Mapping[str, Any]) -> tuple[BusinessHours, str]:
     try:
         return parse_inline(inline, zone or "UTC"), "request"
     except ValueError as error:
-        param = "hours_tz" if str(error).startswith("hours.timezone") else "hours"
-        raise FilterError(param, str(error).split(": ", 1)[-1]) from None
+        message = str(error)
+        if message.startswith("hours_tz: "):
+            raise FilterError("hours_tz", message.removeprefix("hours_tz: ")) from None
+        # Keep the day and period position ("mon-fri[0]: ...") that the parser names.
+        raise FilterError("hours", message.removeprefix("hours: ").removeprefix("hours.")) from None
 
 
 def _empty() -> dict[str, dict[str, dict[str, list[float]]]]:
