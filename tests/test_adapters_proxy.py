@@ -468,6 +468,8 @@ def test_attribution_metric_groups_adapter_touches(stack: Stack) -> None:
 
     assert post(stack.url, fixture_bytes("messenger_mixed.json")).status_code == 200
     assert post(stack.url, fixture_bytes("whatsapp_messages.json")).status_code == 200
+    # The bot answers the one WhatsApp text; its reply must be stored before the metric runs.
+    assert wait_until(lambda: len(stack.bot.replies) == 1)
     stack.flush()
     result = attribution(stack.runtime.engine, MetricFilter())
     first = result["first_touch"]
