@@ -390,8 +390,9 @@ def test_acknowledgement_does_not_wait_for_bot(stack: Stack) -> None:
     response = post(stack.url, body)
     answered_in = time.monotonic() - started
     assert response.status_code == 200
-    assert answered_in < 1.0
+    # The bot is still held at its gate, so the acknowledgement cannot have waited for it.
     assert stack.bot.received == []
+    assert answered_in < 5.0
     stack.bot.gate.set()
     assert wait_until(lambda: stack.bot.received == [body])
 
