@@ -454,3 +454,32 @@ def test_reply_buttons_send_payload(page: Page) -> None:
     user_messages = [e for e in sink.events if isinstance(e, ev.Message) and e.role == "user"]
     assert [m.text for m in user_messages] == ["done", "/rate5"]
     assert user_messages[1].meta["button_title"] == "5 <b>stars</b>"
+
+
+def test_idle_conversation_starts_fresh(page: Page, bot_url: str) -> None:
+    sink = ListSink()
+    port = free_port()
+    settings = WidgetSettings(allowed_origins=[f"http://127.0.0.1:{port}"], bot_url=bot_url)
+    with serve(example_site_app(settings, sink), port) as server:
+        page.goto(server.url + "/")
+        open_chat(page)
+        say(page, "hello")
+        expect_bot_message(page, HELLO_REPLY)
+        # Thirty-one minutes of silence, while the page stays open.
+        page.evaluate(
+            "() => { const key = 'chatmw:conversation';"
+            " const record = JSON.parse(localStorage.getItem(key));"
+            " record.last = Date.now() - 31 * 60 * 1000;"
+            " localStorage.setItem(key, JSON.stringify(record)); }"
+        )
+        say(page, "hi")
+        expect_bot_message(page, HELLO_REPLY)
+        expect(page.locator(".message")).to_have_count(2)
+        page.reload()
+        expect(page.locator(".message")).to_have_count(2)
+
+    messages = [e for e in sink.events if isinstance(e, ev.Message)]
+    assert [m.text for m in messages] == ["hello", HELLO_REPLY, "hi", HELLO_REPLY]
+    assert messages[0].conversation_id == messages[1].conversation_id
+    assert messages[2].conversation_id == messages[3].conversation_id
+    assert messages[0].conversation_id != messages[2].conversation_id

@@ -393,6 +393,16 @@
     return group;
   }
 
+  function resetTranscript() {
+    items = [];
+    while (log.firstChild) {
+      log.removeChild(log.firstChild);
+    }
+    if (greeting) {
+      renderItem({ role: "bot", text: greeting }, -1);
+    }
+  }
+
   function addItem(item) {
     items.push(item);
     renderItem(item, items.length - 1);
@@ -497,6 +507,10 @@
       showError("That message is too long: the limit is " + MAX_CHARS + " characters.", false);
       return false;
     }
+    if (!currentConversation(false)) {
+      // The conversation went idle while this page stayed open: the next one starts empty.
+      resetTranscript();
+    }
     currentConversation(true);
     var message = { id: newId(), text: text, display: display };
     addItem({ role: "user", text: display || text });
@@ -560,9 +574,7 @@
 
   function start() {
     updateAttribution();
-    if (greeting) {
-      renderItem({ role: "bot", text: greeting }, -1);
-    }
+    resetTranscript();
     items = loadHistory().slice();
     items.forEach(renderItem);
     restorePending();
