@@ -67,6 +67,7 @@ def test_answer_recorded_without_touching_timings(engine: Engine) -> None:
     survey = harness.surveys()[0]
     harness.clock.advance(minutes=1)
     harness.user_says("a1", "⭐⭐⭐⭐", payload=score_payload(survey.id, 4))
+    harness.round()
     harness.clock.advance(minutes=1)
     harness.user_says("a2", "Quick and friendly")
     after = _conversation(engine, "c1")
@@ -487,3 +488,19 @@ def test_pseudonymised_user_without_address_skipped(engine: Engine) -> None:
     harness.round()
     assert harness.outbound["web"].sent == []
     assert harness.surveys()[0].reason == "no platform id stored for this pseudonymised user"
+
+
+def test_queued_question_dropped_once_answered(engine: Engine) -> None:
+    harness = Harness(engine, survey_config(csat={"delay_minutes": 0}))
+    harness.conversation("c1")
+    harness.round()
+    harness.user_says("x1", "hmm")
+    harness.user_says("x2", "5")
+    harness.user_says("x3", "Great help")
+    harness.round()
+    purposes = [message.meta["purpose"] for message in harness.outbound["web"].sent]
+    reasons = {send.purpose: (send.state, send.error) for send in harness.sends()}
+    assert purposes == ["prompt", "thanks"]
+    assert reasons["reask"] == ("skipped", "not needed: survey is answered")
+    assert reasons["follow_up"] == ("skipped", "not needed: comment already received")
+    assert harness.surveys()[0].comment == "Great help"

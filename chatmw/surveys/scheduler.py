@@ -496,6 +496,15 @@ def _in_cooldown(session: Session, survey: Survey, settings: SurveySettings, now
     return bool(session.execute(statement).scalar_one())
 
 
+def _overtaken(survey: Survey, purpose: str) -> str | None:
+    # The user may answer before a queued question goes out; the question is then dropped.
+    if purpose in ("reask", "step2") and (survey.state != "sent" or survey.score is not None):
+        return f"not needed: survey is {survey.state}"
+    if purpose == "follow_up" and survey.comment is not None:
+        return "not needed: comment already received"
+    return None
+
+
 def _skip(session: Session, send_id: int, survey_id: int | None, reason: str) -> None:
     session.execute(
         update(SurveySend).where(SurveySend.id == send_id).values(state="skipped", error=reason)
@@ -581,6 +590,10 @@ def claim_one(
         _skip(session, send_id, None, "survey no longer configured")
         return True
     if purpose == "prompt" and not _check_prompt(session, send_id, survey, settings, now_ms):
+        return True
+    overtaken = _overtaken(survey, purpose)
+    if overtaken is not None:
+        _skip(session, send_id, None, overtaken)
         return True
     use_template = False
     if _outside_window(session, survey.channel, survey.contact_id, now_ms):
