@@ -79,11 +79,11 @@ class WidgetEndpoint:
         self.settings = settings
         self.sink = sink
         self.bot = BotClient(settings, transport=bot_transport)
+        # NOTE: limits are per visitor id, and the client chooses that id. A client that makes
+        # up a new id for each request is bounded only by a per-address limit in a proxy.
         self.message_buckets = TokenBuckets(
             settings.rate_per_minute, settings.rate_burst, settings.max_tracked_visitors
         )
-        # NOTE: limits are per visitor id, and the client chooses that id. A client that makes
-        # up a new id for each request is bounded only by a per-address limit in a proxy.
         self.event_buckets = TokenBuckets(
             settings.event_rate_per_minute, settings.event_burst, settings.max_tracked_visitors
         )
