@@ -27,5 +27,5 @@ def filter_choices(engine: Engine) -> dict[str, list[str]]:
     with engine.connect() as connection:
         return {
             "channels": list(connection.execute(channels).scalars()),
-            "campaigns": list(connection.execute(campaigns).scalars()),
+            "campaigns": [value for value in connection.execute(campaigns).scalars() if value],
         }

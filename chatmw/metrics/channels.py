@@ -154,8 +154,9 @@ def channel_performance(
     """Compute one row per channel over the conversations of ``flt``."""
     by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
     volume = _volume(engine, flt)
-    durations = collect_durations(engine, by_channel)
-    sentiment = mean_polarity(engine, by_channel)
+    # The group key is the channel, which every conversation has.
+    durations = {str(key): value for key, value in collect_durations(engine, by_channel).items()}
+    sentiment = {str(key): value for key, value in mean_polarity(engine, by_channel).items()}
     conversions = _conversions(engine, by_channel, options or {})
     surveys = _surveys(engine, flt)
 

@@ -44,9 +44,13 @@ def _load(
         .where(Message.kind.not_in(UNTIMED_KINDS))
     )
     with engine.connect() as connection:
-        started = [(row[0], row[1], row[2]) for row in connection.execute(conversations)]
-        first_ms = {row[0]: row[1] for row in connection.execute(firsts)}
-        sent = [(row[0], row[1]) for row in connection.execute(messages)]
+        started = [(row[0], int(row[1]), row[2]) for row in connection.execute(conversations)]
+        first_ms = {
+            contact_id: int(at)
+            for contact_id, at in connection.execute(firsts)
+            if contact_id is not None
+        }
+        sent = [(row[0], int(row[1])) for row in connection.execute(messages)]
     return started, first_ms, sent
 
 

@@ -70,7 +70,7 @@ def _cohort_table(
     rows = []
     for index in range(cohorts):
         size = sizes.get(index, 0)
-        cells = []
+        cells: list[dict[str, Any]] = []
         for offset in range(1, following + 1):
             position = index + offset
             if position >= len(starts) or start_ms[position] >= end_ms:
