@@ -99,7 +99,7 @@ class MetaSettings:
     - ``forward_queue_size``: webhooks waiting to be forwarded; more are dropped and logged.
     - ``forward_workers``: concurrent forwards to the bot.
     - ``graph_timeout_s``: timeout of each Graph API call made or passed through.
-    - ``agent_app_ids``: ids of apps whose Messenger echoes are people answering (a help
+    - ``agent_app_ids``: ids of apps through which people reply (a help
       desk, the page inbox); echoes of other apps are bot messages, and echoes without an
       app id are agent messages.
     - ``durable_acknowledgement``: acknowledge a webhook only once its events are in the
@@ -322,7 +322,7 @@ def time_from_epoch(value: Any, fallback: datetime) -> datetime:
     """Convert a Meta timestamp to an aware datetime.
 
     Messenger sends integer milliseconds, WhatsApp strings of seconds, and one documented
-    Messenger postback a string of seconds, so the unit is told by size: values below
+    Messenger postback a string of seconds, so the size decides the unit: values below
     10**11 are seconds (10**11 ms is in 1973, 10**11 s in the year 5138). Missing or
     invalid values give ``fallback``.
     """
@@ -392,7 +392,7 @@ async def post_graph(
     token: str,
     body: Mapping[str, Any],
 ) -> tuple[SendResult, dict[str, Any]]:
-    """POST ``body`` to a Graph API ``url``; returns the result and the answer's JSON object.
+    """POST ``body`` to a Graph API ``url``; return the result and the response's JSON object.
 
     Never raises for network or platform errors: they come back as a failed result.
     """

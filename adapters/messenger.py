@@ -202,8 +202,8 @@ def _message(context: _Context, message: Mapping[str, Any]) -> list[ev.Event]:
     )
     role: ev.Role = "user"
     if echo:
-        # An echo is the page's own message: sent by an app (a bot), by an app that people
-        # answer from (agent_app_ids), or without app_id (a person on the page).
+        # An echo is the page's own message: sent by an app (a bot), by an app through
+        # which people reply (agent_app_ids), or without app_id (a person on the page).
         app_id = as_str(message.get("app_id"))
         role = "agent" if app_id is None or app_id in context.agent_app_ids else "bot"
     found: list[ev.Event] = [
@@ -421,8 +421,8 @@ def write_watermarks(session: Session, items: list[Watermark]) -> None:
 def drop_recorded_echoes(session: Session, messages: list[ev.Message]) -> list[ev.Message]:
     """Drop echoes of messages already stored, or recorded in the same batch.
 
-    A survey prompt is stored with the dispatcher's own key and Meta's message id; its
-    echo carries the same id and would otherwise count as a second bot message.
+    The survey dispatcher stores a prompt with its own key and Meta's message id. The echo
+    of that prompt carries the same id, so it would otherwise count as a second bot message.
     """
     echoes = {
         (item.channel, item.platform_message_id)

@@ -3,7 +3,7 @@
 ``MetaWebhookMiddleware`` wraps the bot's app. For a ``POST`` to the webhook path it reads
 the body (up to ``max_body_bytes``), checks its signature, records its events, and then
 hands the bot the very same request: the same ``http.request`` messages, in order. The
-bot's answer is never changed, so the bot keeps its own signature check and its own
+bot's response is never changed, so the bot keeps its own signature check and its own
 acknowledgement. Record the bot's sends with :mod:`chatmw.adapters.httpx_hooks`.
 """
 
@@ -35,7 +35,7 @@ class MetaWebhookMiddleware:
 
     ``sink`` is usually ``runtime.recorder``; pass ``runtime`` instead to also register the
     Messenger watermark handler on its writer. A body with a wrong signature or over the
-    size limit is passed to the bot unrecorded; the bot decides what to answer.
+    size limit is passed to the bot unrecorded; the bot decides how to respond.
     """
 
     def __init__(

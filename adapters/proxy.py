@@ -4,11 +4,12 @@ Point the Meta app's webhook callback URL at the proxy's ``webhook_path`` and th
 Graph API base URL at the proxy itself. The proxy then:
 
 - returns the challenge of Meta's verification ``GET`` when the verify token matches;
-- checks each webhook's ``X-Hub-Signature-256`` over the raw body, records its events,
-  acknowledges Meta, and forwards the same bytes with the original headers to the bot's
-  webhook URL from a bounded background queue with retries, so the bot's own signature
-  check passes and a slow bot never delays the acknowledgement;
-- passes every other request through to the Graph API and returns Meta's answer
+- checks each webhook's ``X-Hub-Signature-256`` over the raw body, records its events
+  and acknowledges Meta;
+- forwards the same bytes with the original headers to the bot's webhook URL, so the
+  bot's own signature check passes. A bounded background queue with retries does this,
+  so a slow bot never delays the acknowledgement;
+- passes every other request through to the Graph API and returns Meta's response
   unchanged, recording each successful message send as a bot message.
 """
 
@@ -299,8 +300,8 @@ async def _webhook(state: ProxyState, request: Request) -> Response:
 async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
     assert state.graph is not None  # ensure_started() ran
     path = _route_path(request.scope)
-    # NOTE: The request body is read into memory before it is passed on, media uploads
-    # included; only send calls need it, but every call is buffered.
+    # NOTE: Every request body is read into memory before it is passed on, media uploads
+    # included, although only send calls need the body.
     body = await request.body()
     sent_at = ev.now_utc()
     url = state.settings.graph_base_url + path

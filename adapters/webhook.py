@@ -101,11 +101,11 @@ class WebhookIntake:
 
     def challenge(self, query: Mapping[str, str]) -> WebhookOutcome:
         """Respond to a ``GET`` verification: the challenge with 200, or 403."""
-        answer = verification_challenge(query, self.settings.verify_token)
-        if answer is None:
+        challenge = verification_challenge(query, self.settings.verify_token)
+        if challenge is None:
             logger.warning("webhook verification rejected: wrong mode or verify token")
             return WebhookOutcome(403, b"verification failed")
-        return WebhookOutcome(200, answer.encode())
+        return WebhookOutcome(200, challenge.encode())
 
     def receive(
         self, body: bytes, signature: bytes | str | None, received_at: datetime | None = None

@@ -1,13 +1,13 @@
 """WhatsApp Cloud API: webhook events to chatmw events, message sends to bot messages.
 
-Webhook bodies have ``"object": "whatsapp_business_account"``; each ``entry`` has
+Webhook bodies have ``"object": "whatsapp_business_account"``. Each ``entry`` has
 ``changes`` whose ``field`` is ``messages`` and whose ``value`` contains ``metadata`` (the
-business phone number), ``contacts`` (profile, ``wa_id`` and the business-scoped
-``user_id``; either id, the profile or the whole list may be missing), ``messages``,
-``statuses`` and ``errors``. Timestamps are strings of seconds.
+business phone number), ``contacts``, ``messages``, ``statuses`` and ``errors``. A contact
+has a profile, the phone number ``wa_id`` and the business-scoped ``user_id``, but either
+id, the profile or the whole list may be missing. Timestamps are strings of seconds.
 
 Sends: ``POST /{version}/{phone-number-id}/messages`` with ``messaging_product:
-"whatsapp"`` and ``to``; Meta answers ``{"messages": [{"id": "wamid..."}]}``. The same
+"whatsapp"`` and ``to``; Meta returns ``{"messages": [{"id": "wamid..."}]}``. The same
 endpoint marks messages read (``"status": "read"``), which is not a message.
 """
 

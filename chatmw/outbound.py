@@ -19,7 +19,7 @@ __all__ = ["OutboundMessage", "QuickReply", "ListRow", "Template", "SendResult",
 class QuickReply:
     """A choice shown under the message (a Messenger quick reply, a WhatsApp reply button).
 
-    ``payload`` comes back in the user's answer; ``title`` is what the user sees.
+    ``payload`` comes back in the user's reply; ``title`` is what the user sees.
     """
 
     title: str
@@ -81,7 +81,7 @@ class SendResult:
     """The outcome of one send.
 
     ``platform_message_id`` is the platform's id of the sent message when it was accepted.
-    ``retryable`` tells whether the same send may succeed later (network errors, HTTP 5xx
+    ``retryable`` is whether the same send may succeed later (network errors, HTTP 5xx
     and 429, platform throttling); it is ``False`` for a successful send.
     """
 

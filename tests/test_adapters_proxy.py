@@ -469,7 +469,7 @@ def test_attribution_metric_groups_adapter_touches(stack: Stack) -> None:
 
     assert post(stack.url, fixture_bytes("messenger_mixed.json")).status_code == 200
     assert post(stack.url, fixture_bytes("whatsapp_messages.json")).status_code == 200
-    # The bot answers the one WhatsApp text; its reply must be stored before the metric runs.
+    # The bot replies to the one WhatsApp text, and that reply must be stored first.
     assert wait_until(lambda: len(stack.bot.replies) == 1)
     stack.flush()
     result = attribution(stack.runtime.engine, MetricFilter())
@@ -481,7 +481,7 @@ def test_attribution_metric_groups_adapter_touches(stack: Stack) -> None:
     assert ads["120200000000001"] == 1
     assert campaigns["spring-sale"] == 1
     assert campaigns["retarget-7"] == 1
-    # The bot answers the fixture's January message now, more than 30 minutes later, so
+    # The bot replies to the fixture's January message now, more than 30 minutes later, so
     # its reply opens a conversation of its own, without a touch.
     assert sources == {"SHORTLINK": 1, "ADS": 1, "ad": 1, "(none)": 1}
 
