@@ -23,6 +23,7 @@ from chatmw.business_hours import DAYS, BusinessHours, parse_inline
 from chatmw.metrics import REGISTRY, parse_filter
 from chatmw.metrics.business_hours import use_business_hours
 from chatmw.metrics.registry import parse_options
+from chatmw.store.engine import make_engine
 from chatmw.store.writer import Writer
 
 NY = ZoneInfo("America/New_York")
@@ -304,7 +305,9 @@ def test_empty_window_gives_null(engine: Engine) -> None:
         ("hours=funday+09:00-10:00", "hours"),
     ],
 )
-def test_api_rejects_invalid_hours(query: str, param: str, engine: Engine) -> None:
+def test_api_rejects_invalid_hours(query: str, param: str, tmp_path) -> None:
+    # Parameters are checked before any query, so an unmigrated SQLite file serves.
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
     app = FastAPI()
     app.include_router(create_metrics_router(engine))
 
@@ -314,6 +317,7 @@ def test_api_rejects_invalid_hours(query: str, param: str, engine: Engine) -> No
             return await client.get(f"/metrics/response-time-business?{query}")
 
     response = asyncio.run(fetch())
+    engine.dispose()
     assert response.status_code == 422
     assert response.json()["detail"][0]["loc"] == ["query", param]
 
