@@ -49,7 +49,7 @@ from chatmw.events_business import (
 from chatmw.recorder import Recorder
 from chatmw.store import models
 from chatmw.store import models_business as bm
-from chatmw.store.identity import insert_ignore, upsert
+from chatmw.store.identity import CHUNK, insert_ignore, upsert
 from chatmw.store.writer import Writer, write_attributes
 
 __all__ = [
@@ -500,11 +500,11 @@ def _after_messages(session: Session, messages: Sequence[ev.Message], handlers: 
 def _stored_rows(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
     found: dict[str, tuple[int, int]] = {}
     key_list = sorted(set(keys))
-    for start in range(0, len(key_list), 500):
+    for start in range(0, len(key_list), CHUNK):
         rows = session.execute(
             select(
                 models.Message.key, models.Message.conversation_id, models.Message.occurred_at_ms
-            ).where(models.Message.key.in_(key_list[start : start + 500]))
+            ).where(models.Message.key.in_(key_list[start : start + CHUNK]))
         )
         for key, conversation_id, at_ms in rows:
             found[key] = (conversation_id, at_ms)
@@ -544,6 +544,25 @@ def _detect_leads(
         handlers.leads(session, leads, conversation_ids)
 
 
+def _first_user_message_times(session: Session, conversation_ids: Sequence[int]) -> dict[int, int]:
+    message = models.Message
+    times: dict[int, int] = {}
+    for start in range(0, len(conversation_ids), CHUNK):
+        statement = (
+            select(message.conversation_id, func.min(message.occurred_at_ms))
+            .where(
+                message.conversation_id.in_(conversation_ids[start : start + CHUNK]),
+                message.role == "user",
+                message.kind == "message",
+            )
+            .group_by(message.conversation_id)
+        )
+        times.update(
+            {conversation_id: int(at_ms) for conversation_id, at_ms in session.execute(statement)}
+        )
+    return times
+
+
 def _classify_conversations(
     session: Session,
     messages: Sequence[ev.Message],
@@ -559,24 +578,25 @@ def _classify_conversations(
         conversation_id, at_ms = stored[message.key]
         if conversation_id not in earliest or at_ms < earliest[conversation_id][0]:
             earliest[conversation_id] = (at_ms, message)
-    message_table = models.Message
+    first_user_ms = _first_user_message_times(session, list(earliest))
+    types: dict[tuple[int, str], str] = {}
+    unmatched: list[int] = []
     for conversation_id, (at_ms, message) in earliest.items():
-        first_ms = session.execute(
-            select(func.min(message_table.occurred_at_ms)).where(
-                message_table.conversation_id == conversation_id,
-                message_table.role == "user",
-                message_table.kind == "message",
-            )
-        ).scalar_one()
+        first_ms = first_user_ms.get(conversation_id)
         if first_ms is not None and first_ms < at_ms:
             continue
         query_type = classify(message.text or "", rules)
-        if query_type is not None:
-            write_attributes(session, {(conversation_id, QUERY_TYPE_ATTRIBUTE): query_type})
-            continue
-        attribute = models.ConversationAttribute
+        if query_type is None:
+            unmatched.append(conversation_id)
+        else:
+            types[(conversation_id, QUERY_TYPE_ATTRIBUTE)] = query_type
+
+    write_attributes(session, types)
+    attribute = models.ConversationAttribute
+    for start in range(0, len(unmatched), CHUNK):
         session.execute(
             delete(attribute).where(
-                attribute.conversation_id == conversation_id, attribute.name == QUERY_TYPE_ATTRIBUTE
+                attribute.conversation_id.in_(unmatched[start : start + CHUNK]),
+                attribute.name == QUERY_TYPE_ATTRIBUTE,
             )
         )
