@@ -137,7 +137,10 @@ class GraphStub:
                 return JSONResponse({"success": True}, headers=headers)
             answer = {
                 "messaging_product": "whatsapp",
-                "contacts": [{"input": recipient, "wa_id": recipient}],
+                # Meta resolves the number the bot wrote to the digits-only wa_id.
+                "contacts": [
+                    {"input": recipient, "wa_id": "".join(filter(str.isdigit, recipient))}
+                ],
                 "messages": [{"id": f"wamid.stub{number}", "message_status": "accepted"}],
             }
             return JSONResponse(answer, headers=headers)

@@ -171,7 +171,7 @@ def test_async_transport_records_send_unchanged(graph: tuple[GraphStub, str]) ->
                 "/v21.0/230000000000001/messages",
                 json={
                     "messaging_product": "whatsapp",
-                    "to": "4915100000001",
+                    "to": "+49 151 0000 0001",
                     "type": "text",
                     "text": {"body": "Ihre Bestellung ist unterwegs 🚚"},
                 },

@@ -170,7 +170,7 @@ def whatsapp_status(wamid: str, status: str, at_s: int) -> bytes:
 
 
 def post(url: str, body: bytes, sign: bool = True, **headers: str) -> httpx.Response:
-    sent = {"content-type": "application/json", **headers}
+    sent = {"content-type": "application/json", "user-agent": "facebookexternalua", **headers}
     if sign:
         sent["x-hub-signature-256"] = signature(body)
     return httpx.post(f"{url}/webhook", content=body, headers=sent, timeout=10)
@@ -249,6 +249,8 @@ def test_messenger_bot_behind_proxy_records_reply_time(stack: Stack) -> None:
     # The bot received Meta's exact bytes and signature, and the Graph API response to its send.
     assert stack.bot.received == [body]
     assert stack.bot.headers_seen[0]["x-hub-signature-256"] == signature(body)
+    assert stack.bot.headers_seen[0]["user-agent"] == "facebookexternalua"
+    assert stack.bot.headers_seen[0]["content-type"] == "application/json"
     assert stack.bot.rejected == 0
     reply = stack.bot.replies[0]
     assert reply["status"] == 200
