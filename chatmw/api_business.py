@@ -32,7 +32,7 @@ from chatmw.runtime import Runtime
 
 __all__ = ["create_business_router", "MAX_CSV_BYTES"]
 
-# The largest spend CSV accepted in one upload (about 50,000 rows).
+# The largest spend CSV accepted in one upload: an estimated 50,000 rows of 100 bytes.
 MAX_CSV_BYTES = 5 * 1024 * 1024
 _PHONE = re.compile(r"^\+?\d{8,15}$")
 _PHONE_SEPARATORS = re.compile(r"[\s().\-/]")

@@ -287,6 +287,7 @@ def test_spend_csv_upload_and_cpa(api: Api) -> None:
         ("day,channel,amount,cost\n", ["body", 1, "cost"]),
         ("day,channel,amount,currency\n2024-03-01,web,1,USD\n", ["body", 2, "currency"]),
         ("day,channel,amount\n2024-03-01,web,1\n2024-03-01,web,2\n", ["body", 3, "day"]),
+        ("day,channel,amount\n2024-03-01,web,1,9\n", ["body", 2, "(row)"]),
     ],
 )
 def test_spend_csv_rejects_row_stores_nothing(shared_api: Api, text: str, loc: list[Any]) -> None:
@@ -294,6 +295,25 @@ def test_spend_csv_rejects_row_stores_nothing(shared_api: Api, text: str, loc: l
     assert error_loc(response) == loc
     with shared_api.runtime.engine.connect() as connection:
         assert connection.execute(select(Spend.id)).all() == []
+
+
+def test_spend_csv_with_bom_and_crlf(api: Api) -> None:
+    text = (
+        "\ufeffday,channel,campaign,amount\r\n2024-03-01,web,spring,10.5\r\n2024-03-02,web,,2\r\n"
+    )
+    response = api.client.post("/business/spend/csv", content=text.encode())
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "stored": 2,
+        "currency": "EUR",
+        "first_day": "2024-03-01",
+        "last_day": "2024-03-02",
+    }
+    with api.runtime.engine.connect() as connection:
+        rows = connection.execute(
+            select(Spend.campaign, Spend.amount_micros).order_by(Spend.day)
+        ).all()
+    assert rows == [("spring", 10_500_000), ("", 2_000_000)]
 
 
 def test_python_recording_functions(api: Api) -> None:

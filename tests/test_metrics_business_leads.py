@@ -14,9 +14,16 @@ from sqlalchemy import Engine, select
 from chatmw import events as ev
 from chatmw.api import compute_metric
 from chatmw.business import BusinessSettings, install
-from chatmw.business_detect import find_emails, find_phones, hash_value, load_query_rules
+from chatmw.business_detect import (
+    find_emails,
+    find_phones,
+    hash_value,
+    load_query_rules,
+    parse_query_rules,
+)
 from chatmw.events_business import Lead
 from chatmw.metrics import REGISTRY
+from chatmw.store.models import ConversationAttribute
 from chatmw.store.models_business import Lead as LeadRow
 from chatmw.store.writer import Writer
 
@@ -209,6 +216,85 @@ def test_recorded_lead_joins_latest_conversation(engine: Engine) -> None:
     assert everything["by_origin"] == {"message": 0, "api": 2}
     assert everything["average_score"] == 60.0
     assert everything["scored_leads"] == 2
+
+
+def test_query_type_from_earliest_message(engine: Engine) -> None:
+    writer = Writer(engine)
+    install(
+        writer,
+        BusinessSettings(
+            query_rules=parse_query_rules(
+                [
+                    {"type": "refund", "keywords": ["refund"]},
+                    {"type": "delivery", "keywords": ["parcel"]},
+                ]
+            )
+        ),
+    )
+    later = T0 + timedelta(minutes=5)
+    writer.write(
+        [
+            ev.Message(
+                channel="web",
+                occurred_at=later,
+                key="second",
+                role="user",
+                user_id="u1",
+                text="where is my parcel",
+                conversation_id="c1",
+            )
+        ]
+    )
+    assert attribute_of(engine) == "delivery"
+    writer.write(
+        [
+            ev.Message(
+                channel="web",
+                occurred_at=T0,
+                key="first",
+                role="user",
+                user_id="u1",
+                text="I need a refund",
+                conversation_id="c1",
+            )
+        ]
+    )
+    assert attribute_of(engine) == "refund"
+    writer.write(
+        [
+            ev.Message(
+                channel="web",
+                occurred_at=T0 + timedelta(minutes=9),
+                key="third",
+                role="user",
+                user_id="u1",
+                text="parcel?",
+                conversation_id="c1",
+            )
+        ]
+    )
+    assert attribute_of(engine) == "refund"
+    writer.write(
+        [
+            ev.Message(
+                channel="web",
+                occurred_at=T0 - timedelta(minutes=1),
+                key="zeroth",
+                role="user",
+                user_id="u1",
+                text="hello",
+                conversation_id="c1",
+            )
+        ]
+    )
+    assert attribute_of(engine) is None
+
+
+def attribute_of(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(ConversationAttribute.value).where(ConversationAttribute.name == "query_type")
+        ).scalar_one_or_none()
 
 
 def expected_leads(world: World) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from business_support import DAY, T0, World, money, rate, world_engine
@@ -238,6 +239,30 @@ def test_cpa_per_campaign_and_overall(store: Engine, world: World) -> None:
     assert pick(result, names) == expected.pop("(all)")
     assert {group["group"]: pick(group, names) for group in result["groups"]} == expected
     assert {"spring", "summer", "(none)"} <= set(expected)
+
+
+def test_cpa_days_in_local_time(store: Engine, world: World) -> None:
+    paris = ZoneInfo("Europe/Paris")
+    since = datetime(2024, 3, 5, tzinfo=paris)
+    until = datetime(2024, 3, 9, 12, tzinfo=paris)
+    params = {"since": ["2024-03-05"], "until": ["2024-03-09T12:00"], "tz": ["Europe/Paris"]}
+    result = run(store, "cpa", params)
+    expected = expected_cpa(world, since, until)
+    names = ["spend", "conversions", "revenue", "cpa", "roi"]
+    assert pick(result, names) == expected.pop("(all)")
+    assert {group["group"]: pick(group, names) for group in result["groups"]} == expected
+
+
+def test_cpa_by_channel(store: Engine, world: World) -> None:
+    result = run(store, "cpa", {**WINDOW, "group_by": ["channel"], "channel": ["messenger"]})
+    spent = sum(
+        micros
+        for day, channel, _, micros in world.spend
+        if channel == "messenger" and SINCE.date() <= day < UNTIL.date()
+    )
+    assert result["spend"] == money(spent)
+    assert [group["group"] for group in result["groups"]] == ["messenger"]
+    assert result["groups"][0]["spend"] == money(spent)
 
 
 def test_cpa_empty_window(store: Engine, world: World) -> None:
