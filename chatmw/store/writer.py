@@ -184,7 +184,9 @@ class Writer:
         update_from(session, models.Conversation.__table__, rows,
                     {"conversation_id": Integer(), "owner": Integer()},
                     "conversations.id = changes.conversation_id "
-                    "AND conversations.contact_id IS NULL",
+                    # The unary + keeps SQLite from driving the join through the index on
+                    # contact_id, which scans the changes once per ownerless conversation.
+                    "AND +conversations.contact_id IS NULL",
                     "contact_id = changes.owner")
 
     def _write_attributes(self, session: Session, messages: Sequence[ev.Message],
