@@ -73,7 +73,8 @@ def normalise_phone(number: str) -> str | None:
     digits = re.sub(r"\D", "", text)
     if not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS:
         return None
-    if _DATE.match(text) or _IPV4.match(text) or _TIME_RANGE.match(text):
+    bare = text.strip("()")
+    if _DATE.match(bare) or _IPV4.match(bare) or _TIME_RANGE.match(bare):
         return None
     if text.startswith("+"):
         return "+" + digits

@@ -68,6 +68,7 @@ def test_emails_found(text: str, expected: list[str]) -> None:
         ("+33612345678, thanks", ["+33612345678"]),
         ("order 123456789", []),
         ("on 2024-03-01 at 10:00", []),
+        ("crossed 100K on (03/18/2020) but", []),
         ("server 192.168.100.200", []),
         ("price 1234.56 eur", []),
         ("open 09:00 - 17:30", []),
