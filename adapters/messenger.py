@@ -52,6 +52,7 @@ __all__ = [
     "events_from_send",
     "write_watermarks",
     "register_handlers",
+    "register_sink_handlers",
     "drop_recorded_echoes",
     "build_send_request",
     "sender_from_env",
@@ -460,6 +461,21 @@ def register_handlers(writer: Writer) -> None:
     writer.handlers.setdefault(Watermark, write_watermarks)
     if drop_recorded_echoes not in writer.preprocessors:
         writer.preprocessors.append(drop_recorded_echoes)
+
+
+def register_sink_handlers(sink: object) -> None:
+    """Register the handlers on the writer behind ``sink`` when it is a recorder.
+
+    A writer without the :class:`Watermark` handler would reject every batch holding one.
+    """
+    writer = getattr(sink, "writer", None)
+    if isinstance(writer, Writer):
+        register_handlers(writer)
+    else:
+        logger.warning(
+            "event sink has no chatmw writer: register Messenger handlers on the "
+            "writer that stores its events (chatmw.adapters.messenger.register_handlers)"
+        )
 
 
 # Send API

@@ -49,9 +49,9 @@ class MetaWebhookMiddleware:
     ) -> None:
         if runtime is not None:
             sink = runtime.recorder
-            messenger.register_handlers(runtime.writer)
         if sink is None:
             raise ValueError("MetaWebhookMiddleware needs a sink or a runtime to record events")
+        messenger.register_sink_handlers(sink)
         self.app = app
         self.settings = settings
         self.path = path or settings.webhook_path

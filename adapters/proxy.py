@@ -239,9 +239,9 @@ def create_proxy_app(
     """
     if runtime is not None:
         sink = runtime.recorder
-        messenger.register_handlers(runtime.writer)
     if sink is None:
         raise ValueError("create_proxy_app needs a runtime or a sink to record events")
+    messenger.register_sink_handlers(sink)
     state = ProxyState(settings, sink, stats or WebhookStats())
 
     @contextlib.asynccontextmanager

@@ -210,3 +210,16 @@ def test_watermark_survives_spool_encoding() -> None:
     )
     decoded = spool.decode_event(json.loads(json.dumps(spool.encode_event(event))))
     assert decoded == event
+
+
+def test_recorder_sink_gets_messenger_handlers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from chatmw.adapters.messenger import drop_recorded_echoes
+    from chatmw.config import Settings
+    from chatmw.runtime import Runtime
+
+    runtime = Runtime.from_settings(Settings(database_url=f"sqlite:///{tmp_path / 'h.db'}"))
+    create_proxy_app(meta(), sink=runtime.recorder)
+    create_proxy_app(meta(), sink=runtime.recorder)
+    assert Watermark in runtime.writer.handlers
+    assert runtime.writer.preprocessors.count(drop_recorded_echoes) == 1
+    runtime.engine.dispose()
