@@ -118,13 +118,19 @@ def _unnest_arrays(session: Session, table: Table, rows: Sequence[dict[str, Any]
         values = [row.get(name) for row in rows]
         type_name = column_type.compile(dialect=dialect)
         if type_name in ("JSON", "JSONB"):
-            processor = column_type.bind_processor(dialect)
-            values = [None if v is None or processor is None else processor(v) for v in values]
+            # psycopg's dialect has no JSON bind processor (the driver adapts dicts itself),
+            # but these values travel as text, so they are serialised here.
+            processor = column_type.bind_processor(dialect) or _json_text
+            values = [None if v is None else processor(v) for v in values]
             casts.append(f"CAST(CAST(:{name} AS TEXT[]) AS {type_name}[])")
         else:
             casts.append(f"CAST(:{name} AS {type_name}[])")
         parameters[name] = values
     return casts, parameters
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]],
