@@ -3,6 +3,8 @@
 Columns: ``conversation_id``, ``timestamp``, ``role`` and ``text`` are required, and
 ``message_id``, ``user_id`` and ``channel`` are optional. Every other column becomes a
 conversation attribute (``company``, ``plan``, ...). An empty value sets no attribute.
+A CSV header without a required column rejects the whole file. JSON Lines has no header,
+so there a missing key rejects only its line.
 
 Timestamps are ISO-8601 with a UTC offset (``2024-03-01T09:00:00Z``,
 ``2024-03-01T09:00:00.250+01:00``). A timestamp without an offset is rejected, unless
