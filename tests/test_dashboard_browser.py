@@ -6,6 +6,7 @@ playwright Python package; the browser is never downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -13,12 +14,12 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Header, HTTPException
 from sqlalchemy import Engine
 
 from chatmw import events as ev
@@ -100,13 +101,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def server(engine: Engine) -> Iterator[str]:
-    populate(engine)
+@contextlib.contextmanager
+def serving(engine: Engine, dependencies: Sequence[object] = ()) -> Iterator[str]:
+    """Serve the metrics API, the dashboard and the live stream on a free port."""
     app = FastAPI()
-    app.include_router(create_metrics_router(engine, prefix="/metrics"))
-    app.include_router(create_dashboard_router(engine, prefix="/metrics", live=True))
-    app.include_router(create_live_router(engine, prefix="/metrics", default_interval=1))
+    app.include_router(create_metrics_router(engine, prefix="/metrics", dependencies=dependencies))
+    app.include_router(
+        create_dashboard_router(engine, prefix="/metrics", dependencies=dependencies, live=True)
+    )
+    app.include_router(
+        create_live_router(engine, prefix="/metrics", dependencies=dependencies, default_interval=1)
+    )
     port = free_port()
     uvicorn_server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -117,9 +122,24 @@ def server(engine: Engine) -> Iterator[str]:
     while not uvicorn_server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uvicorn_server.started
-    yield f"http://127.0.0.1:{port}"
-    uvicorn_server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uvicorn_server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(engine: Engine) -> Iterator[str]:
+    populate(engine)
+    with serving(engine) as base:
+        yield base
+
+
+def require_test_key(authorization: str | None = Header(None)) -> None:
+    """Admit requests that send ``Authorization: Bearer test-key``, like an API key check."""
+    if authorization != "Bearer test-key":
+        raise HTTPException(401, detail={"error": "missing_api_key", "message": "send an API key"})
 
 
 def api(base: str, path: str) -> dict:
@@ -216,3 +236,36 @@ def test_dashboard_serves_plotly_from_package(server: str) -> None:
     with urllib.request.urlopen(f"{server}/metrics/dashboard", timeout=10) as response:
         csp = response.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp
+
+
+def test_dashboard_with_api_key(engine: Engine) -> None:
+    populate(engine)
+    console: list[str] = []
+    with serving(engine, dependencies=[require_test_key]) as base:
+        summary = api_with_key(base, "/metrics/summary?tz=UTC")
+        with playwright_sync.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page()
+            page.on("pageerror", lambda error: console.append(f"pageerror: {error}"))
+            page.goto(f"{base}/metrics/dashboard?tz=UTC")
+            page.wait_for_selector("body[data-state=error]", timeout=30_000)
+            assert "API key" in page.text_content("#overview-error")
+
+            page.fill("input[name=key]", "test-key")
+            page.click("#filters button[type=submit]")
+            page.wait_for_selector("body[data-state=ready]", timeout=30_000)
+            conversations = page.text_content("#tile-conversations")
+            assert number(conversations) == summary["totals"]["conversations"]
+            assert page.locator("select[name=channel] option").count() == 4
+            playwright_sync.expect(page.locator("#live-active")).not_to_have_text(
+                "–", timeout=15_000
+            )
+            assert "test-key" not in page.url
+            browser.close()
+    assert console == []
+
+
+def api_with_key(base: str, path: str) -> dict:
+    request = urllib.request.Request(base + path, headers={"Authorization": "Bearer test-key"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())

@@ -69,7 +69,10 @@ def create_dashboard_router(
 
     ``prefix`` must be the metrics API's prefix. With ``live`` the page also opens the
     server-sent events stream at ``{prefix}/live`` (mount :func:`chatmw.live.create_live_router`
-    there too). ``dependencies`` run before every route, as for the metrics API.
+    there too). ``dependencies`` (an API key check, as for the metrics API) guard the filter
+    options, which list stored channels and campaigns. The page and its scripts contain no
+    data and stay public, so that a browser can load them. The page sends the API key that
+    the user types in with every request it makes.
     """
     if not prefix.startswith("/") or prefix.endswith("/"):
         raise ValueError(f"prefix must start with '/' and not end with '/', got {prefix!r}")
@@ -79,11 +82,8 @@ def create_dashboard_router(
         name: resources.files("chatmw.dashboard").joinpath("static", name).read_bytes()
         for name in _STATIC
     }
-    router = APIRouter(
-        prefix=f"{prefix}/dashboard",
-        tags=["dashboard"],
-        dependencies=[Depends(dep) if callable(dep) else dep for dep in dependencies],
-    )
+    router = APIRouter(prefix=f"{prefix}/dashboard", tags=["dashboard"])
+    guards = [Depends(dep) if callable(dep) else dep for dep in dependencies]
     security_headers = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
 
     @router.get("", response_class=HTMLResponse, summary="The metrics dashboard")
@@ -97,7 +97,7 @@ def create_dashboard_router(
             },
         )
 
-    @router.get("/options", summary="Values for the dashboard's filters")
+    @router.get("/options", summary="Values for the dashboard's filters", dependencies=guards)
     async def dashboard_options() -> JSONResponse:
         choices = await run_in_threadpool(filter_choices, engine)
         return JSONResponse({**choices, "metrics": sorted(REGISTRY)})

@@ -1,6 +1,7 @@
 // The chatmw dashboard. Every figure comes from the metrics API under the page's prefix;
 // this script only fetches, formats and draws. Text from the API is inserted with
-// textContent, never as HTML.
+// textContent, never as HTML. An API key typed into the page is kept in sessionStorage
+// (this tab only) and sent as "Authorization: Bearer"; it never goes into the URL.
 "use strict";
 
 (function () {
@@ -9,6 +10,7 @@
   const form = document.getElementById("filters");
   const funnelForm = document.getElementById("funnel-form");
   const plotConfig = { displayModeBar: false, responsive: true };
+  const keyStorage = "chatmw-dashboard-api-key";
   let registered = new Set();
 
   // Filters
@@ -74,14 +76,31 @@
 
   // Fetching
 
-  async function getJson(url) {
-    const response = await fetch(url, { headers: { Accept: "application/json" } });
-    const payload = await response.json().catch(() => null);
-    if (!response.ok) {
-      const detail = payload && payload.detail && payload.detail[0];
-      const where = detail && detail.loc ? detail.loc[detail.loc.length - 1] + ": " : "";
-      throw new Error(detail ? where + detail.msg : "HTTP " + response.status);
+  function requestHeaders(accept) {
+    const headers = { Accept: accept };
+    const key = window.sessionStorage.getItem(keyStorage);
+    if (key) headers.Authorization = "Bearer " + key;
+    return headers;
+  }
+
+  function errorMessage(status, payload) {
+    const detail = payload && payload.detail;
+    // Metric parameters fail as FastAPI's list of errors; API keys as {error, message}.
+    if (Array.isArray(detail) && detail.length) {
+      const where = detail[0].loc ? detail[0].loc[detail[0].loc.length - 1] + ": " : "";
+      return where + detail[0].msg;
     }
+    if (detail && detail.message) {
+      const hint = status === 401 ? " (enter an API key above)" : "";
+      return detail.message + hint;
+    }
+    return "HTTP " + status;
+  }
+
+  async function getJson(url) {
+    const response = await fetch(url, { headers: requestHeaders("application/json") });
+    const payload = await response.json().catch(() => null);
+    if (!response.ok) throw new Error(errorMessage(response.status, payload));
     return payload;
   }
 
@@ -291,23 +310,67 @@
     fillTable(document.getElementById("retention-table"), columns, result.cohorts.slice(-24));
   }
 
-  // Live stream
+  // Live stream. It is read with fetch rather than EventSource, because EventSource cannot
+  // send the Authorization header.
 
-  let source = null;
+  let liveAbort = null;
 
-  function connectLive() {
-    if (body.dataset.live !== "true" || !window.EventSource) return;
-    if (source) source.close();
+  function showSnapshot(snapshot) {
+    setText("live-active", formatCount(snapshot.active_conversations));
+    setText("live-rate", formatNumber(snapshot.messages_per_minute, 1));
+    setText("live-response", formatSeconds(snapshot.response_time_p50));
+  }
+
+  function dispatchEvent(block) {
+    let name = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) name = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+    }
+    if (name === "snapshot" && data.length) showSnapshot(JSON.parse(data.join("\n")));
+  }
+
+  async function readLive(url, signal) {
+    const response = await fetch(url, { headers: requestHeaders("text/event-stream"), signal: signal });
+    if (!response.ok) {
+      const payload = await response.json().catch(() => null);
+      throw new Error(errorMessage(response.status, payload));
+    }
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value.replace(/\r\n?/g, "\n");
+      let end = buffer.indexOf("\n\n");
+      while (end >= 0) {
+        dispatchEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        end = buffer.indexOf("\n\n");
+      }
+    }
+  }
+
+  async function connectLive() {
+    if (body.dataset.live !== "true") return;
+    if (liveAbort) liveAbort.abort();
+    const controller = new AbortController();
+    liveAbort = controller;
     document.getElementById("live").hidden = false;
     const params = new URLSearchParams({ interval: "5" });
     if (form.elements.channel.value) params.set("channel", form.elements.channel.value);
-    source = new EventSource(api + "/live?" + params.toString());
-    source.addEventListener("snapshot", (event) => {
-      const snapshot = JSON.parse(event.data);
-      setText("live-active", formatCount(snapshot.active_conversations));
-      setText("live-rate", formatNumber(snapshot.messages_per_minute, 1));
-      setText("live-response", formatSeconds(snapshot.response_time_p50));
-    });
+    // Reconnect after a dropped stream or a failed request, until the filters change.
+    while (!controller.signal.aborted) {
+      try {
+        await readLive(api + "/live?" + params.toString(), controller.signal);
+        showError("live-error", null);
+      } catch (error) {
+        if (controller.signal.aborted) return;
+        showError("live-error", error);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 5000));
+    }
   }
 
   // Refresh
@@ -347,20 +410,33 @@
       "Updated " + new Date().toLocaleTimeString("en-GB") + " · " + (form.elements.tz.value || "UTC"));
   }
 
-  async function start() {
-    const params = restoreForm();
+  let optionsLoaded = false;
+
+  async function loadOptions(params) {
     try {
       const options = await getJson(api + "/dashboard/options");
       registered = new Set(options.metrics);
       fillSelect(form.elements.channel, options.channels, params.get("channel"));
       fillSelect(form.elements.campaign, options.campaigns, params.get("campaign"));
+      optionsLoaded = true;
     } catch (error) {
       setText("status", "Could not load the filter options: " + error.message);
     }
     document.getElementById("funnel-section").hidden = !registered.has("dropoff");
     document.getElementById("attribution-section").hidden = !registered.has("attribution");
-    form.addEventListener("submit", (event) => {
+  }
+
+  async function start() {
+    const params = restoreForm();
+    form.elements.key.value = window.sessionStorage.getItem(keyStorage) || "";
+    await loadOptions(params);
+    form.addEventListener("submit", async (event) => {
       event.preventDefault();
+      const key = form.elements.key.value.trim();
+      if (key) window.sessionStorage.setItem(keyStorage, key);
+      else window.sessionStorage.removeItem(keyStorage);
+      // Options fail without a key on a protected API; load them once a key is given.
+      if (!optionsLoaded) await loadOptions(new URLSearchParams(window.location.search));
       connectLive();
       refresh();
     });
