@@ -321,3 +321,20 @@ def test_engagement_empty_window(stored: tuple[Engine, World]) -> None:
     assert result["users"]["engagement_rate"] is None
     assert result["conversations"] == 0
     assert result["conversation_engagement_rate"] is None
+
+
+def test_engagement_without_any_reach_data(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.write(
+        [
+            ev.Message(
+                channel="twitter", occurred_at=T0, key="t1", role="user", user_id="u1", text="hi"
+            )
+        ]
+    )
+    result = run(engine, "engagement", {})
+    assert result["users"]["reach"] is None
+    assert result["users"]["engaged_users"] is None
+    assert result["users"]["engagement_rate"] is None
+    assert result["users"]["reach_notes"] == ["no exposure data for channel twitter"]
+    assert result["conversations"] == 1

@@ -87,6 +87,7 @@ def _reach(
     channels = sorted(set(flt.channels) | known | {row[1] for row in conversations})
     rows, notes = [], []
     total_reach = total_engaged = 0
+    measured = False
     for channel in channels:
         reached = exposed.get(channel, set()) | proactive.get(channel, set())
         row: dict[str, Any] = {
@@ -117,11 +118,14 @@ def _reach(
                 f"no exposure data for channel {channel}; reach counts proactive conversations only"
             )
         rows.append(row)
+        measured = True
         total_reach += len(reached)
         total_engaged += engaged
+
+    # With no channel that has reach data, a total of 0 would read as a measurement.
     return {
-        "reach": total_reach,
-        "engaged_users": total_engaged,
+        "reach": total_reach if measured else None,
+        "engaged_users": total_engaged if measured else None,
         "engagement_rate": rate(total_engaged, total_reach),
         "reach_notes": notes,
         "channels": rows,
@@ -210,7 +214,8 @@ ENGAGEMENT = register(
             "window has `reach: null`, `engagement_rate: null` and a `reach_note` such as `no "
             "exposure data for channel messenger`; it is left out of the totals and listed in "
             "`reach_notes`. A channel with proactive conversations but no exposures counts only "
-            "those, and says so in `reach_note`.\n\n"
+            "those, and says so in `reach_note`. When no channel has reach data, the totals "
+            "are `null` as well.\n\n"
             "**Conversation engagement rate** (`conversation_engagement_rate`) = conversations "
             "with at least two user messages / conversations that started in the window; "
             "`group_by` splits this part (`groups`).\n\n"
