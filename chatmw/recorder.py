@@ -183,6 +183,10 @@ class Recorder:
         self.transform = transform
         self._sleep = sleep
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.settings.queue_size)
+        # Set when a full batch is queued (or on stop and wake): the writer thread waits on it
+        # once per batch, because waking it on every submitted event costs the host
+        # application a thread switch and an interpreter-lock handover per event.
+        self._batch_ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._spill_thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -235,6 +239,8 @@ class Recorder:
         self._begin(1)
         try:
             self._queue.put_nowait(event)
+            if self._queue.qsize() >= self.settings.batch_size:
+                self._batch_ready.set()
         except queue.Full:
             return self._overflow_put(event)
         except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
@@ -333,6 +339,7 @@ class Recorder:
         # A full queue means the writer is busy and looks at the spool after this batch.
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_WAKE)
+        self._batch_ready.set()
 
     # Lifecycle
 
@@ -451,8 +458,10 @@ class Recorder:
         while time.monotonic() < deadline:
             try:
                 self._queue.put(_STOP, timeout=0.05)
+                self._batch_ready.set()
                 return
             except queue.Full:
+                self._batch_ready.set()
                 continue
 
     def _drain_nowait(self) -> list[object]:
@@ -513,14 +522,16 @@ class Recorder:
         batch: list[object] = [] if item is _WAKE else [item]
         closes_at = time.monotonic() + self.settings.batch_interval_s
         while batch and len(batch) < self.settings.batch_size:
-            remaining = closes_at - time.monotonic()
             try:
-                if remaining > 0:
-                    item = self._queue.get(timeout=remaining)
-                else:
-                    item = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                # Wait once for a full batch (or the batch's age) rather than once per event.
+                remaining = closes_at - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._batch_ready.wait(remaining)
+                self._batch_ready.clear()
+                continue
             if item is _STOP:
                 return batch, True
             if item is not _WAKE:
