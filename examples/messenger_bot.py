@@ -15,6 +15,8 @@ Settings, read from the environment:
 - ``CHATMW_GRAPH_BASE_URL``: where Graph API calls finally go (default Meta's
   ``https://graph.facebook.com``; point it at a local stub to try the example offline).
 - ``CHATMW_DATABASE_URL``: where chatmw stores what it records (default ``sqlite:///chatmw.db``).
+- ``CHATMW_PSEUDONYMISE``, ``CHATMW_PSEUDONYM_KEY``, ``CHATMW_TEXT_MODE``: what chatmw stores
+  about people (by default pseudonymised ids and redacted text; see docs/security.md).
 - ``PROXY_PORT`` (default 8200) and ``BOT_PORT`` (default 8300).
 
 Run ``python examples/messenger_bot.py`` and set the app's callback URL to the public
@@ -40,6 +42,7 @@ from chatmw.adapters._meta import MetaSettings
 from chatmw.adapters.proxy import create_proxy_app
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
+from chatmw.security.privacy import PrivacySettings
 
 
 def make_bot(app_secret: str, page_token: str, graph_url: str) -> Starlette:
@@ -81,13 +84,17 @@ async def main() -> None:
         bot_webhook_url=os.environ.get("CHATMW_BOT_WEBHOOK_URL", default_bot_url)
     )
 
-    runtime = Runtime.from_settings(Settings.from_env())
+    runtime = Runtime.from_settings(Settings.from_env(), privacy=PrivacySettings.from_env())
     runtime.start()
     proxy = uvicorn.Server(
-        uvicorn.Config(create_proxy_app(meta, runtime), host="127.0.0.1", port=proxy_port)
+        # No access log: the bot passes its page access token in the query string.
+        uvicorn.Config(
+            create_proxy_app(meta, runtime), host="127.0.0.1", port=proxy_port, access_log=False
+        )
     )
     bot_app = make_bot(meta.app_secret, page_token, f"http://127.0.0.1:{proxy_port}")
-    bot = uvicorn.Server(uvicorn.Config(bot_app, host="127.0.0.1", port=bot_port))
+    # uvicorn's access logger is shared by both servers, so it is off for both.
+    bot = uvicorn.Server(uvicorn.Config(bot_app, host="127.0.0.1", port=bot_port, access_log=False))
     try:
         await asyncio.gather(proxy.serve(), bot.serve())
     finally:

@@ -13,6 +13,8 @@ Settings, read from the environment:
 - ``CHATMW_GRAPH_BASE_URL``: the Graph API base URL (default Meta's
   ``https://graph.facebook.com``; point it at a local stub to try the example offline).
 - ``CHATMW_DATABASE_URL``: where chatmw stores what it records (default ``sqlite:///chatmw.db``).
+- ``CHATMW_PSEUDONYMISE``, ``CHATMW_PSEUDONYM_KEY``, ``CHATMW_TEXT_MODE``: what chatmw stores
+  about people (by default pseudonymised ids and redacted text; see docs/security.md).
 - ``BOT_PORT`` (default 8300).
 
 Run ``python examples/whatsapp_bot.py`` and set the app's callback URL to the public
@@ -40,6 +42,7 @@ from chatmw.adapters.httpx_hooks import AsyncRecordingTransport
 from chatmw.adapters.middleware import MetaWebhookMiddleware
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
+from chatmw.security.privacy import PrivacySettings
 
 
 def make_bot(meta: MetaSettings, runtime: Runtime) -> Starlette:
@@ -101,7 +104,7 @@ def main() -> None:
     meta = MetaSettings.from_env()
     if not meta.whatsapp_access_token or not meta.whatsapp_phone_number_id:
         raise SystemExit("set CHATMW_WHATSAPP_ACCESS_TOKEN and CHATMW_WHATSAPP_PHONE_NUMBER_ID")
-    runtime = Runtime.from_settings(Settings.from_env())
+    runtime = Runtime.from_settings(Settings.from_env(), privacy=PrivacySettings.from_env())
     runtime.start()
     app = MetaWebhookMiddleware(make_bot(meta, runtime), meta, runtime=runtime)
     try:
