@@ -260,13 +260,15 @@ def create_business_router(
     """Build the router that records conversions, leads and spend under ``prefix``.
 
     It installs the business handlers on ``runtime.writer`` (see
-    :func:`chatmw.business.install`). Conversions and leads go through the recorder and
-    return 202 once queued. Spend is written at once and returns 200. A repeated
+    :func:`chatmw.business.install`), with lead redaction following the runtime's privacy
+    text mode unless ``settings.redact_leads`` is set. Conversions and leads go through the
+    recorder and return 202 once queued. Spend is written at once and returns 200. A repeated
     conversion or lead key is stored once; a repeated spend day, channel and campaign
     replaces the amount. ``dependencies`` run before each endpoint (an API key check, say).
     """
     settings = settings or BusinessSettings()
-    install(runtime.writer, settings)
+    privacy = getattr(runtime, "privacy_settings", None)
+    install(runtime.writer, settings, text_mode=getattr(privacy, "text_mode", None))
     endpoints = _Endpoints(runtime, settings)
     router = APIRouter(
         prefix=prefix,

@@ -82,16 +82,18 @@ class BusinessSettings:
 
     ``currency`` (ISO 4217) fixes the deployment's currency; when ``None`` the first
     conversion or spend stored fixes it. ``redact_leads`` stores only a hash of each lead's
-    e-mail address or phone number. It is the default because they are personal data.
-    ``lead_hash_key`` makes that hash an HMAC, so it cannot be reversed by hashing guessed
-    addresses. ``detect_leads`` looks for leads in user messages. ``query_rules`` (or
+    e-mail address or phone number, not the value. ``None`` (the default) follows the
+    privacy text mode given to :func:`install`: the value is kept only when message text
+    is stored in full, and without a text mode only the hash is stored. ``lead_hash_key``
+    makes that hash an HMAC, so it cannot be reversed by hashing guessed addresses.
+    ``detect_leads`` looks for leads in user messages. ``query_rules`` (or
     ``query_rules_path``, a TOML or JSON file read once here) classify each conversation's
     first user message into a query type, stored as the conversation attribute
     ``query_type``.
     """
 
     currency: str | None = None
-    redact_leads: bool = True
+    redact_leads: bool | None = None
     lead_hash_key: bytes | None = field(default=None, repr=False)
     detect_leads: bool = True
     query_rules: Sequence[QueryRule] = ()
@@ -384,6 +386,7 @@ def _table(model: type[models.Base]) -> Table:
 @dataclass
 class _Handlers:
     settings: BusinessSettings
+    redact: bool
 
     def _allowed(self, session: Session, items: Sequence[Conversion | Spend]) -> list[Any]:
         expected = self.settings.currency or stored_currency(session)
@@ -450,7 +453,7 @@ class _Handlers:
                     "conversation_external_id": item.conversation_id,
                     "kind": item.kind,
                     "value_hash": digest,
-                    "value": None if self.settings.redact_leads else item.value,
+                    "value": None if self.redact else item.value,
                     "origin": item.origin,
                     "score": item.score,
                     "occurred_at_ms": ev.to_ms(item.occurred_at),
@@ -460,15 +463,22 @@ class _Handlers:
         insert_ignore(session, _table(bm.Lead), rows, ["key"])
 
 
-def install(writer: Writer, settings: BusinessSettings | None = None) -> None:
+def install(
+    writer: Writer, settings: BusinessSettings | None = None, text_mode: str | None = None
+) -> None:
     """Register the business event handlers on ``writer`` (idempotent).
 
     Adds handlers for :class:`Conversion`, :class:`Lead` and :class:`Spend`, and wraps the
     message handler so that, after messages are stored, leads are detected in user
     messages and query-type rules classify each conversation's first user message.
+    ``text_mode`` is the privacy text mode (``full``, ``redacted`` or ``none``); it decides
+    lead redaction when ``settings.redact_leads`` is ``None``.
     """
     settings = settings or BusinessSettings()
-    handlers = _Handlers(settings)
+    redact = settings.redact_leads
+    if redact is None:
+        redact = text_mode != "full"
+    handlers = _Handlers(settings, redact)
     writer.handlers[Conversion] = handlers.conversions
     writer.handlers[Lead] = handlers.leads
     writer.handlers[Spend] = handlers.spend

@@ -26,6 +26,11 @@ from chatmw.business import BusinessSettings, record_conversion, record_lead
 from chatmw.cli import app as cli_app
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
+from chatmw.security.privacy import PrivacySettings
+from chatmw.security.secret import Secret
+from chatmw.store.models import Contact
+from chatmw.store.models_business import Conversion as ConversionRow
+from chatmw.store.models_business import Lead as LeadRow
 from chatmw.store.models_business import Spend
 
 T0 = ev.now_utc().replace(microsecond=0) - timedelta(days=3)
@@ -57,8 +62,8 @@ class Api:
 
 
 @contextmanager
-def running_api(database_url: str) -> Iterator[Api]:
-    runtime = Runtime.from_settings(Settings(database_url=database_url))
+def running_api(database_url: str, privacy: PrivacySettings | None = None) -> Iterator[Api]:
+    runtime = Runtime.from_settings(Settings(database_url=database_url), privacy=privacy)
     runtime.start(migrate=False)
     app = FastAPI()
     app.include_router(create_business_router(runtime, BusinessSettings(currency="EUR")))
@@ -451,3 +456,43 @@ def test_business_events_survive_spool() -> None:
     assert events[0].value == Decimal("1.5")
     assert events[2].day == T0.date()
     assert events[2].amount == Decimal("12.25")
+
+
+def test_pseudonymised_ids_still_attribute(database_url: str) -> None:
+    privacy = PrivacySettings(pseudonym_key=Secret("k" * 64), text_mode="redacted")
+    with running_api(database_url, privacy) as api:
+        for offset, text in ((0, "hi, I am ann@example.org"), (9, "thanks")):
+            api.runtime.recorder.submit(
+                ev.Message(
+                    channel="web",
+                    occurred_at=T0 + timedelta(seconds=offset),
+                    key=f"p{offset}",
+                    role="user",
+                    user_id="u1",
+                    text=text,
+                    conversation_id="c1",
+                )
+            )
+        assert api.client.post("/business/conversions", json=conversion()).status_code == 202
+        assert (
+            api.client.post("/business/leads", json=lead(email="other@example.org")).status_code
+            == 202
+        )
+        api.flush()
+        converted = api.metric("conversion")
+        leads = api.metric("leads")
+        with api.runtime.engine.connect() as connection:
+            contact_ids = connection.execute(select(Contact.external_id)).scalars().all()
+            conversion_users = connection.execute(select(ConversionRow.user_id)).scalars().all()
+            lead_rows = connection.execute(
+                select(LeadRow.user_id, LeadRow.value, LeadRow.origin)
+            ).all()
+    assert converted["converted_conversations"] == 1
+    assert converted["revenue"] == "49.90"
+    assert leads["leads"] == 2
+    assert leads["converted_leads"] == 2
+    assert "u1" not in contact_ids
+    assert conversion_users == contact_ids
+    assert {user for user, _, _ in lead_rows} == set(contact_ids)
+    assert {value for _, value, _ in lead_rows} == {None}
+    assert sorted(origin for _, _, origin in lead_rows) == ["api", "message"]

@@ -113,10 +113,21 @@ def write_user_message(
     )
 
 
-@pytest.mark.parametrize("redact", [True, False])
-def test_lead_stored_hashed_when_redacted(engine: Engine, redact: bool) -> None:
+@pytest.mark.parametrize(
+    ("redact", "text_mode", "kept"),
+    [
+        (True, "full", False),
+        (False, "none", True),
+        (None, None, False),
+        (None, "redacted", False),
+        (None, "full", True),
+    ],
+)
+def test_lead_stored_hashed_when_redacted(
+    engine: Engine, redact: bool | None, text_mode: str | None, kept: bool
+) -> None:
     writer = Writer(engine)
-    install(writer, BusinessSettings(redact_leads=redact))
+    install(writer, BusinessSettings(redact_leads=redact), text_mode=text_mode)
     write_user_message(writer, "m1", "reach me at Ann@Example.org or +33 6 12 34 56 78")
     write_user_message(writer, "m22", "again: ann@example.org")
     with engine.connect() as connection:
@@ -132,7 +143,7 @@ def test_lead_stored_hashed_when_redacted(engine: Engine, redact: bool) -> None:
         ("phone", phone_hash, "message"),
     ]
     assert [value for _, value, _, _ in rows] == (
-        [None, None] if redact else ["ann@example.org", "+33612345678"]
+        ["ann@example.org", "+33612345678"] if kept else [None, None]
     )
 
 
