@@ -30,6 +30,8 @@ import hashlib
 import hmac
 import json
 import os
+import signal
+import sys
 
 import httpx
 import uvicorn
@@ -86,6 +88,9 @@ async def main() -> None:
 
     runtime = Runtime.from_settings(Settings.from_env(), privacy=PrivacySettings.from_env())
     runtime.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process
+    # before the recorder is flushed; turn it into a normal exit instead.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     proxy = uvicorn.Server(
         # No access log: the bot passes its page access token in the query string.
         uvicorn.Config(

@@ -28,6 +28,8 @@ import hashlib
 import hmac
 import json
 import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 
 import httpx
@@ -106,6 +108,9 @@ def main() -> None:
         raise SystemExit("set CHATMW_WHATSAPP_ACCESS_TOKEN and CHATMW_WHATSAPP_PHONE_NUMBER_ID")
     runtime = Runtime.from_settings(Settings.from_env(), privacy=PrivacySettings.from_env())
     runtime.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which would end the process
+    # before the recorder is flushed; turn it into a normal exit instead.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     app = MetaWebhookMiddleware(make_bot(meta, runtime), meta, runtime=runtime)
     try:
         uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("BOT_PORT", "8300")))

@@ -117,3 +117,113 @@ def _answers(url: str, params: dict[str, str]) -> bool:
         return httpx.get(url, params=params, timeout=1).text == "77"
     except httpx.HTTPError:
         return False
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("script", ["messenger_bot.py", "whatsapp_bot.py"])
+def test_example_bot_records_reply(tmp_path: Path, script: str) -> None:
+    graph = GraphStub()
+    proxy_port, bot_port = free_port(), free_port()
+    entry_port = proxy_port if script == "messenger_bot.py" else bot_port
+    database_url = f"sqlite:///{tmp_path / 'example.db'}"
+    with ServerThread(graph.app()) as graph_server:
+        env = {
+            **os.environ,
+            "CHATMW_META_APP_SECRET": APP_SECRET,
+            "CHATMW_META_VERIFY_TOKEN": VERIFY_TOKEN,
+            "CHATMW_MESSENGER_PAGE_ACCESS_TOKEN": "page-token",
+            "CHATMW_WHATSAPP_ACCESS_TOKEN": "wa-token",
+            "CHATMW_WHATSAPP_PHONE_NUMBER_ID": "230000000000001",
+            "CHATMW_GRAPH_BASE_URL": graph_server.url,
+            "CHATMW_DATABASE_URL": database_url,
+            "CHATMW_PSEUDONYMISE": "0",
+            "PROXY_PORT": str(proxy_port),
+            "BOT_PORT": str(bot_port),
+        }
+        process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / script)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            url = f"http://127.0.0.1:{entry_port}"
+            challenge = {
+                "hub.mode": "subscribe",
+                "hub.verify_token": VERIFY_TOKEN,
+                "hub.challenge": "77",
+            }
+            if not wait_until(lambda: _answers(f"{url}/webhook", challenge), timeout=30):
+                process.terminate()
+                pytest.fail(f"{script} did not start: {process.communicate(timeout=20)[0]!r}")
+            at_s = int(time.time()) - 2
+            body = _example_webhook(script, at_s)
+            response = httpx.post(
+                f"{url}/webhook", content=body, headers={"x-hub-signature-256": signature(body)}
+            )
+            assert response.status_code == 200
+            assert wait_until(lambda: len(graph.calls) == 1, timeout=10)
+        finally:
+            process.terminate()
+            output = process.communicate(timeout=20)[0].decode()
+    assert [line for line in output.splitlines() if "access_token" in line] == []
+    with create_engine(database_url).connect() as connection:
+        rows = connection.execute(
+            text("SELECT role, text, response_ms FROM messages ORDER BY occurred_at_ms")
+        ).all()
+    assert [(role, message) for role, message, _ in rows] == [
+        ("user", "héllo"),
+        ("bot", "You said: héllo"),
+    ], output
+    assert rows[1][2] >= 2000
+
+
+def _example_webhook(script: str, at_s: int) -> bytes:
+    if script == "messenger_bot.py":
+        document: dict = {
+            "object": "page",
+            "entry": [
+                {
+                    "id": "1",
+                    "time": at_s * 1000,
+                    "messaging": [
+                        {
+                            "sender": {"id": "42"},
+                            "recipient": {"id": "1"},
+                            "timestamp": at_s * 1000,
+                            "message": {"mid": "m_example_1", "text": "héllo"},
+                        }
+                    ],
+                }
+            ],
+        }
+    else:
+        document = {
+            "object": "whatsapp_business_account",
+            "entry": [
+                {
+                    "id": "1",
+                    "changes": [
+                        {
+                            "field": "messages",
+                            "value": {
+                                "messaging_product": "whatsapp",
+                                "metadata": {"phone_number_id": "230000000000001"},
+                                "messages": [
+                                    {
+                                        "from": "4915100000001",
+                                        "id": "wamid.example1",
+                                        "timestamp": str(at_s),
+                                        "type": "text",
+                                        "text": {"body": "héllo"},
+                                    }
+                                ],
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+    return json.dumps(document, ensure_ascii=False).encode()
