@@ -141,3 +141,67 @@ def purge(
     for table, count in sorted(removed.items()):
         typer.echo(f"{table:<28} {count:>8}")
     typer.echo(f"{'total':<28} {sum(removed.values()):>8}")
+
+
+spool_app = typer.Typer(no_args_is_help=True, help="Inspect and replay a recorder spool.")
+app.add_typer(spool_app, name="spool")
+
+SpoolDirOption = Annotated[str, typer.Option(
+    "--dir", envvar="CHATMW_SPOOL_DIR", show_envvar=True,
+    help="The spool directory (the running app must not be using it).")]
+
+
+def _open_spool(directory: str):  # noqa: ANN202 - returns a FileSpool, imported lazily
+    from chatmw.spool import FileSpool, SpoolLockedError, SpoolSettings
+
+    try:
+        return FileSpool(SpoolSettings(directory=directory))
+    except SpoolLockedError as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from error
+
+
+@spool_app.command("status")
+def spool_status(directory: SpoolDirOption, as_json: JsonOption = False) -> None:
+    """Print how many events wait in the spool, its size and the oldest event's age."""
+    spool = _open_spool(directory)
+    stats = spool.stats()
+    spool.close()
+    values = {"pending_events": stats.pending_events, "bytes": stats.pending_bytes,
+              "segments": stats.segments, "oldest_age_seconds": stats.oldest_age_seconds}
+    if as_json:
+        typer.echo(json.dumps(values, indent=2))
+        return
+    for name, value in values.items():
+        typer.echo(f"{name:<20} {'-' if value is None else value}")
+
+
+@spool_app.command("replay")
+def spool_replay(
+    directory: SpoolDirOption,
+    db: DbOption = None,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+) -> None:
+    """Write the spooled events to the database, as the app does on its next start.
+
+    The writer gets the same enrichers as the app (sentiment, and the text rule of
+    CHATMW_TEXT_MODE); the events in the spool were pseudonymised before they were spooled.
+    """
+    import time
+
+    from chatmw.runtime import Runtime
+    from chatmw.security.privacy import PrivacySettings
+
+    runtime = Runtime.from_settings(settings_from(db), spool=_open_spool(directory),
+                                    privacy=PrivacySettings.from_env())
+    runtime.start()
+    spool = runtime.recorder.spool
+    deadline = time.monotonic() + timeout
+    while spool.pending_events() and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.1)
+    left = spool.pending_events()  # type: ignore[union-attr]
+    stats = runtime.recorder.stats()
+    runtime.stop()
+    typer.echo(f"replayed {stats.replayed} events, {left} left in the spool")
+    if left:
+        raise typer.Exit(1)

@@ -234,3 +234,30 @@ def test_graceful_stop_spools_the_rest(tmp_path: Path, monkeypatch: pytest.Monke
     keys = stored_keys(make_engine(url))
     assert sorted(keys) == [f"k{index:06d}" for index in range(300)]
     assert len(keys) == 300
+
+
+def test_spool_cli_status_and_replay(database_url: str, engine: Engine, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from chatmw.cli import app as cli_app
+
+    monkeypatch.setenv("CHATMW_PSEUDONYMISE", "0")
+    spool_dir = tmp_path / "spool"
+    spool = FileSpool(SpoolSettings(directory=spool_dir))
+    spool.append([message(index) for index in range(3)])
+    spool.append([message(index) for index in range(3, 5)])
+    spool.close()
+    runner = CliRunner()
+
+    before = runner.invoke(cli_app, ["spool", "status", "--dir", str(spool_dir), "--json"])
+    replay = runner.invoke(cli_app, ["spool", "replay", "--dir", str(spool_dir),
+                                     "--db", database_url])
+    after = runner.invoke(cli_app, ["spool", "status", "--dir", str(spool_dir), "--json"])
+
+    assert before.exit_code == 0, before.output
+    assert '"pending_events": 5' in before.stdout
+    assert replay.exit_code == 0, replay.output
+    assert "replayed 5 events, 0 left" in replay.stdout
+    assert '"pending_events": 0' in after.stdout
+    assert stored_keys(engine) == [f"k{index:06d}" for index in range(5)]
