@@ -245,3 +245,32 @@ def test_echo_from_agent_app_is_agent() -> None:
     roles = {item.key: item.role for item in by_type(found, ev.Message)}
     assert roles["messenger:m_echo_bot_0001"] == "agent"
     assert roles["messenger:m_echo_agent_0001"] == "agent"
+
+
+def test_instagram_messages_use_own_channel() -> None:
+    document = {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": "17841400000000001",
+                "time": T_MS,
+                "messaging": [
+                    {
+                        "sender": {"id": "5500000000000001"},
+                        "recipient": {"id": "17841400000000001"},
+                        "timestamp": T_MS,
+                        "message": {"mid": "aWdfZAG1fake", "text": "hola"},
+                    }
+                ],
+            }
+        ],
+    }
+    found = parse_webhook(json.dumps(document).encode(), RECEIVED)
+    assert len(found) == 1
+    message = found[0]
+    assert isinstance(message, ev.Message)
+    assert (message.channel, message.key, message.text) == (
+        "instagram",
+        "instagram:aWdfZAG1fake",
+        "hola",
+    )
