@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from chatmw import events as ev
 from chatmw.api import create_metrics_router
 from chatmw.api_business import create_business_router
-from chatmw.business import BusinessSettings, record_conversion, record_lead
+from chatmw.business import BusinessSettings, record_conversion, record_lead, record_spend
 from chatmw.cli import app as cli_app
 from chatmw.config import Settings
 from chatmw.runtime import Runtime
@@ -366,9 +366,24 @@ def test_python_recording_functions(api: Api) -> None:
         value="ann@example.org",
         occurred_at=T0,
     )
+    with pytest.raises(ValueError, match="amount must not be negative"):
+        record_spend(
+            api.runtime.recorder, day=T0.date(), channel="web", amount="-2", currency="EUR"
+        )
+    assert record_spend(
+        api.runtime.recorder,
+        day=T0.date(),
+        channel="web",
+        amount="2.5",
+        currency="EUR",
+        campaign="spring",
+    )
     api.flush()
     assert api.metric("conversion")["revenue"] == "5.00"
     assert api.metric("leads")["leads"] == 1
+    cpa = api.metric("cpa")
+    assert cpa["spend"] == "2.50"
+    assert cpa["cpa"] == "2.50"
 
 
 @pytest.mark.parametrize("name", BUSINESS_METRICS)
