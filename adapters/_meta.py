@@ -72,6 +72,8 @@ ENV_WHATSAPP_PHONE_NUMBER_ID = "CHATMW_WHATSAPP_PHONE_NUMBER_ID"
 ENV_MAX_BODY_BYTES = "CHATMW_META_MAX_BODY_BYTES"
 # Comma-separated app ids whose echoes are agent messages.
 ENV_AGENT_APP_IDS = "CHATMW_MESSENGER_AGENT_APP_IDS"
+# Comma-separated Instagram account ids whose sends are Instagram messages.
+ENV_INSTAGRAM_ACCOUNT_IDS = "CHATMW_INSTAGRAM_ACCOUNT_IDS"
 
 _SECRET_FIELDS = frozenset(
     {"app_secret", "verify_token", "page_access_token", "whatsapp_access_token"}
@@ -102,6 +104,8 @@ class MetaSettings:
     - ``agent_app_ids``: ids of apps through which people reply (a help
       desk, the page inbox); echoes of other apps are bot messages, and echoes without an
       app id are agent messages.
+    - ``instagram_account_ids``: Instagram account ids whose ``/{id}/messages`` sends
+      through the pass-through are recorded on the ``instagram`` channel.
     - ``durable_acknowledgement``: acknowledge a webhook only once its events are in the
       recorder's spool on disk (``Recorder.submit_durable``); needs a replayable spool.
       Otherwise the acknowledgement follows the in-memory ``Recorder.submit``.
@@ -125,12 +129,13 @@ class MetaSettings:
     graph_timeout_s: float = 30.0
     durable_acknowledgement: bool = False
     agent_app_ids: frozenset[str] = frozenset()
+    instagram_account_ids: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self._check_secrets()
         self._check_urls()
         self._check_limits()
-        self._check_agent_app_ids()
+        self._check_id_sets()
 
     def _check_secrets(self) -> None:
         if not self.app_secret:
@@ -152,10 +157,12 @@ class MetaSettings:
         if not self.webhook_path.startswith("/"):
             raise ValueError(f"webhook_path must start with '/', got {self.webhook_path!r}")
 
-    def _check_agent_app_ids(self) -> None:
-        if isinstance(self.agent_app_ids, str):
-            raise ValueError("agent_app_ids must be a collection of app ids, not one string")
-        self.agent_app_ids = frozenset(str(app_id) for app_id in self.agent_app_ids)
+    def _check_id_sets(self) -> None:
+        for name in ("agent_app_ids", "instagram_account_ids"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"{name} must be a collection of ids, not one string")
+            setattr(self, name, frozenset(str(item) for item in value))
 
     def _check_limits(self) -> None:
         if self.max_body_bytes < 1:
@@ -201,9 +208,13 @@ class MetaSettings:
         values: dict[str, Any] = {
             name: environ[var] for name, var in names.items() if environ.get(var)
         }
-        if environ.get(ENV_AGENT_APP_IDS):
-            ids = environ[ENV_AGENT_APP_IDS].split(",")
-            values["agent_app_ids"] = frozenset(item.strip() for item in ids if item.strip())
+        for name, variable in (
+            ("agent_app_ids", ENV_AGENT_APP_IDS),
+            ("instagram_account_ids", ENV_INSTAGRAM_ACCOUNT_IDS),
+        ):
+            if environ.get(variable):
+                ids = environ[variable].split(",")
+                values[name] = frozenset(item.strip() for item in ids if item.strip())
         if environ.get(ENV_MAX_BODY_BYTES):
             try:
                 values["max_body_bytes"] = int(environ[ENV_MAX_BODY_BYTES])

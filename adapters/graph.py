@@ -16,7 +16,7 @@ from chatmw import events as ev
 from chatmw.adapters import messenger, whatsapp
 from chatmw.adapters._meta import Submit, WebhookStats, as_dict, submit_all
 
-__all__ = ["SEND_PATH", "is_send", "record_send", "events_from_exchange"]
+__all__ = ["SEND_PATH", "is_send", "record_send", "events_from_exchange", "send_channel"]
 
 logger = logging.getLogger("chatmw")
 
@@ -36,11 +36,13 @@ def events_from_exchange(
     status_code: int,
     response_body: bytes,
     sent_at: datetime,
+    channel: str = messenger.CHANNEL,
 ) -> list[ev.Event]:
     """Return the bot message created by a send call, or nothing when it failed or sent none.
 
-    A body with ``messaging_product: "whatsapp"`` is a WhatsApp send; any other is a
-    Messenger Send API call.
+    A body with ``messaging_product: "whatsapp"`` is a WhatsApp send; any other is a Send
+    API call recorded on ``channel`` (``messenger``, or ``instagram`` as
+    :func:`send_channel` decides).
     """
     if not 200 <= status_code < 300:
         return []
@@ -53,9 +55,20 @@ def events_from_exchange(
         return []
     if request.get("messaging_product") == "whatsapp":
         return whatsapp.events_from_send(request, response, sent_at)
-    # NOTE: Instagram sends use the same path and body as Messenger, so they are recorded
-    # on the messenger channel.
-    return messenger.events_from_send(request, response, sent_at)
+    return messenger.events_from_send(request, response, sent_at, channel=channel)
+
+
+def send_channel(path: str, instagram_account_ids: frozenset[str]) -> str:
+    """Return the channel of a Send API call: ``instagram`` for an Instagram account's path.
+
+    Instagram sends have the same body as Messenger sends, so only the account id in the
+    path (``/{ig-user-id}/messages``) tells them apart.
+    """
+    match = SEND_PATH.match(path)
+    if match is not None and match.group("node") in instagram_account_ids:
+        return "instagram"
+    # NOTE: A send to /me/messages with an Instagram token is recorded on messenger.
+    return messenger.CHANNEL
 
 
 def record_send(
@@ -66,11 +79,12 @@ def record_send(
     sent_at: datetime,
     submit: Submit | None,
     stats: WebhookStats | None = None,
+    channel: str = messenger.CHANNEL,
 ) -> list[ev.Event]:
     """Record the bot message of a send call; counts ``sends_recorded`` and ``sends_failed``."""
     try:
         found = events_from_exchange(
-            request_body, content_type, status_code, response_body, sent_at
+            request_body, content_type, status_code, response_body, sent_at, channel
         )
     except Exception:  # noqa: BLE001 - recording must never break the bot's send
         logger.exception("recording a Graph API send failed (HTTP %d)", status_code)

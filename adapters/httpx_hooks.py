@@ -19,7 +19,7 @@ import httpx
 
 from chatmw import events as ev
 from chatmw.adapters._meta import DEFAULT_GRAPH_BASE_URL, Submit, WebhookStats
-from chatmw.adapters.graph import is_send, record_send
+from chatmw.adapters.graph import is_send, record_send, send_channel
 
 __all__ = ["RecordingTransport", "AsyncRecordingTransport"]
 
@@ -60,6 +60,7 @@ def _record(
     sent_at: datetime,
     submit: Submit,
     stats: WebhookStats | None,
+    channel: str,
 ) -> None:
     decoded = httpx.Response(response.status_code, headers=response.headers, content=raw).content
     record_send(
@@ -70,6 +71,7 @@ def _record(
         sent_at,
         submit,
         stats,
+        channel,
     )
 
 
@@ -77,7 +79,8 @@ class AsyncRecordingTransport(httpx.AsyncBaseTransport):
     """An async transport that records Graph API sends and passes everything through.
 
     ``transport`` is the transport to wrap (a new ``httpx.AsyncHTTPTransport`` when
-    omitted); ``graph_base_url`` selects which requests are Graph API calls.
+    omitted); ``graph_base_url`` selects which requests are Graph API calls. Sends to the
+    ``/{id}/messages`` path of an id in ``instagram_account_ids`` are Instagram messages.
     """
 
     def __init__(
@@ -86,14 +89,17 @@ class AsyncRecordingTransport(httpx.AsyncBaseTransport):
         transport: httpx.AsyncBaseTransport | None = None,
         graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
         stats: WebhookStats | None = None,
+        instagram_account_ids: frozenset[str] = frozenset(),
     ) -> None:
         self.submit = submit
+        self.instagram_account_ids = instagram_account_ids
         self.transport = transport or httpx.AsyncHTTPTransport()
         self.stats = stats or WebhookStats()
         self._matcher = _Matcher(graph_base_url)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._matcher.path_of(request) is None:
+        path = self._matcher.path_of(request)
+        if path is None:
             return await self.transport.handle_async_request(request)
         await request.aread()
         sent_at = ev.now_utc()
@@ -102,7 +108,8 @@ class AsyncRecordingTransport(httpx.AsyncBaseTransport):
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
         finally:
             await response.aclose()
-        _record(request, response, raw, sent_at, self.submit, self.stats)
+        channel = send_channel(path, self.instagram_account_ids)
+        _record(request, response, raw, sent_at, self.submit, self.stats, channel)
         return _rebuilt(response, raw, request)
 
     async def aclose(self) -> None:
@@ -118,14 +125,17 @@ class RecordingTransport(httpx.BaseTransport):
         transport: httpx.BaseTransport | None = None,
         graph_base_url: str = DEFAULT_GRAPH_BASE_URL,
         stats: WebhookStats | None = None,
+        instagram_account_ids: frozenset[str] = frozenset(),
     ) -> None:
         self.submit = submit
+        self.instagram_account_ids = instagram_account_ids
         self.transport = transport or httpx.HTTPTransport()
         self.stats = stats or WebhookStats()
         self._matcher = _Matcher(graph_base_url)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self._matcher.path_of(request) is None:
+        path = self._matcher.path_of(request)
+        if path is None:
             return self.transport.handle_request(request)
         request.read()
         sent_at = ev.now_utc()
@@ -134,7 +144,8 @@ class RecordingTransport(httpx.BaseTransport):
             raw = b"".join(response.iter_raw())
         finally:
             response.close()
-        _record(request, response, raw, sent_at, self.submit, self.stats)
+        channel = send_channel(path, self.instagram_account_ids)
+        _record(request, response, raw, sent_at, self.submit, self.stats, channel)
         return _rebuilt(response, raw, request)
 
     def close(self) -> None:

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from chatmw import events as ev
 from chatmw.adapters import messenger
 from chatmw.adapters._meta import BodyTooLarge, MetaSettings, WebhookStats, read_body
-from chatmw.adapters.graph import is_send, record_send
+from chatmw.adapters.graph import is_send, record_send, send_channel
 from chatmw.adapters.webhook import EventSink, WebhookIntake
 
 __all__ = ["create_proxy_app", "Forwarder", "ProxyState", "STATS_PATH"]
@@ -346,6 +346,7 @@ async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
             sent_at,
             state.submit,
             state.stats,
+            send_channel(path, state.settings.instagram_account_ids),
         )
     headers = [
         (name, value)

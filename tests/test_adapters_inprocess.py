@@ -367,3 +367,22 @@ def test_sender_factories_leave_recording_to_caller(monkeypatch: pytest.MonkeyPa
     assert [sender.channel for sender in built] == ["messenger", "whatsapp"]
     assert built[0].settings.graph_base_url == "http://127.0.0.1:9"
     assert MessengerSender(meta_settings("http://127.0.0.1:9"), ListSink().submit).records_sends
+
+
+def test_transport_records_instagram_sends(graph: tuple[GraphStub, str]) -> None:
+    stub, url = graph
+    sink = ListSink()
+    transport = RecordingTransport(
+        sink.submit, graph_base_url=url, instagram_account_ids=frozenset({"17841400000000001"})
+    )
+    with httpx.Client(transport=transport) as client:
+        for node in ("17841400000000001", "me"):
+            client.post(
+                f"{url}/v21.0/{node}/messages",
+                json={"recipient": {"id": "5500000000000001"}, "message": {"text": "hi"}},
+            )
+    assert [(e.channel, e.user_id) for e in sink.events] == [  # type: ignore[attr-defined]
+        ("instagram", "5500000000000001"),
+        ("messenger", "5500000000000001"),
+    ]
+    assert sink.events[0].key.startswith("instagram:")  # type: ignore[attr-defined]
