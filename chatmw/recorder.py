@@ -539,9 +539,16 @@ class Recorder:
         return batch, False
 
     def _transform_items(self, items: list[object]) -> list[Event]:
-        plain = [item for item in items if not isinstance(item, _Transformed)]
-        done = [item.event for item in items if isinstance(item, _Transformed)]
-        return done + self._transform(plain)  # type: ignore[arg-type]
+        # Keeps the order of the items; those marked as transformed pass unchanged.
+        if not any(isinstance(item, _Transformed) for item in items):
+            return self._transform(items)  # type: ignore[arg-type]
+        result: list[Event] = []
+        for item in items:
+            if isinstance(item, _Transformed):
+                result.append(item.event)
+            else:
+                result.extend(self._transform([item]))  # type: ignore[list-item]
+        return result
 
     def _transform(self, batch: list[Event]) -> list[Event]:
         if self.transform is None or not batch:

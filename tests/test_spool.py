@@ -418,3 +418,25 @@ def test_spool_full_counted_as_drop(tmp_path: Path) -> None:
     assert wait_for(lambda: recorder.state == HEALTHY)
     assert len(writer.keys()) == stats.spooled
     assert recorder.stop()
+
+
+def test_refused_durable_submit_queues_transformed(tmp_path: Path) -> None:
+    writer = SwitchableWriter()
+    spool = open_spool(tmp_path, max_bytes=10)  # too small for any batch
+    calls: list[str] = []
+
+    def rename(event: ev.Event) -> ev.Event:
+        calls.append(event.key)  # type: ignore[attr-defined]
+        return message("t-" + event.key)  # type: ignore[attr-defined]
+
+    recorder = Recorder(writer, FAST, spool=spool, transform=rename)
+    recorder.start()
+    recorder.submit(message("a"))
+    stored = recorder.submit_durable([message("b"), message("c")])
+    recorder.submit(message("d"))
+    assert recorder.flush(5)
+    assert recorder.stop()
+
+    assert not stored
+    assert writer.keys() == ["t-a", "t-b", "t-c", "t-d"]
+    assert sorted(calls) == ["a", "b", "c", "d"]  # each event transformed exactly once
