@@ -185,11 +185,13 @@ def create_health_router(runtime: Runtime, prefix: str = "/metrics",
 
     router = APIRouter(prefix=prefix, dependencies=[Depends(d) for d in dependencies])
 
-    @router.get("/health/metrics")
+    # response_model=None: the return annotations name classes imported in this function,
+    # which FastAPI cannot resolve from the module, and the OpenAPI description would fail.
+    @router.get("/health/metrics", response_model=None)
     def health_metrics() -> Response:
         return Response(render_metrics(runtime.recorder), media_type=CONTENT_TYPE)
 
-    @router.get("/health")
+    @router.get("/health", response_model=None)
     def health() -> JSONResponse:
         return JSONResponse(health_summary(runtime.recorder))
 

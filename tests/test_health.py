@@ -174,3 +174,12 @@ def test_routes_accept_key_dependency(tmp_path: Path) -> None:
     runtime.stop()
     assert anonymous.status_code == 401
     assert keyed.status_code == 200
+
+
+def test_routes_appear_in_openapi(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'chatmw.db'}")
+    app = FastAPI()
+    app.include_router(create_health_router(Runtime.from_settings(settings), prefix="/chat"))
+    paths = app.openapi()["paths"]
+    assert "/chat/health/metrics" in paths
+    assert "/chat/health" in paths
