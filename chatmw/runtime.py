@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from sqlalchemy import Engine
 
@@ -12,6 +13,8 @@ from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.sentiment import sentiment_enricher
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.writer import Writer, WriterSettings
+from chatmw.surveys.addresses import install_address_capture
+from chatmw.surveys.service import install_answer_preprocessor
 
 __all__ = ["Runtime"]
 
@@ -23,29 +26,39 @@ class Runtime:
 
     Create it with :meth:`from_settings`; ``start`` migrates the database (when asked) and
     starts the recorder; ``stop`` flushes it within the configured time limit.
+
+    ``survey_channels`` are the channels whose users' platform ids are kept for surveys
+    when ids are pseudonymised (see :mod:`chatmw.surveys.addresses`); set it before
+    ``start``. It is empty by default, so no platform id is stored unless surveys need it.
     """
 
     def __init__(self, settings: Settings, engine: Engine, writer: Writer, recorder: Recorder,
-                 privacy_settings: PrivacySettings | None = None) -> None:
+                 privacy_settings: PrivacySettings | None = None,
+                 survey_channels: Collection[str] = ()) -> None:
         self.settings = settings
         self.engine = engine
         self.writer = writer
         self.recorder = recorder
         self.privacy_settings = privacy_settings
+        self.survey_channels = tuple(survey_channels)
         # Set by start() when privacy settings were given: the resolved pseudonymiser.
         self.privacy: Privacy | None = None
+        self._capturing = False
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
                       privacy: PrivacySettings | None = None) -> Runtime:
         """Build the engine, writer and recorder; ``privacy`` turns on pseudonyms and redaction.
 
-        Without ``privacy`` ids and text are stored as the sources report them.
+        Without ``privacy`` ids and text are stored as the sources report them. The writer
+        gets the survey answer preprocessor, because any process that records user messages
+        may receive the answer to a survey that another process sent.
         """
         engine = make_engine(settings.database_url)
         writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
         if settings.sentiment:
             writer.enrichers.append(sentiment_enricher)
+        install_answer_preprocessor(writer)
         recorder = Recorder(writer, settings.recorder, spool=spool)
         return cls(settings, engine, writer, recorder, privacy)
 
@@ -54,13 +67,17 @@ class Runtime:
 
         With privacy settings, the pseudonym key is resolved first (from the settings, or
         from the database, which must then be reachable) and installed in the writer and
-        the recorder.
+        the recorder. Address capture for ``survey_channels`` is installed after that, so
+        that it sees the platform ids before they are pseudonymised.
         """
         if migrate:
             upgrade(self.engine)
         if self.privacy_settings is not None and self.privacy is None:
             self.privacy = Privacy.load(self.privacy_settings, self.engine)
             self.privacy.install(self.writer, self.recorder)
+        if self.survey_channels and not self._capturing:
+            install_address_capture(self.recorder, self.survey_channels)
+            self._capturing = True
         self.recorder.start()
 
     def stop(self) -> bool:

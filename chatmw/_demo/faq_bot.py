@@ -5,23 +5,23 @@ The bot replies by keyword after a short simulated think time. It takes
 ``{"replies": [{"text", "intent", ...}]}``, where a reply may also carry ``resolved``,
 ``handed_off`` and ``ended``. ``FAQ_CODEC`` tells chatmw where those fields are.
 
-``create_app(wrapped=True, database_url=...)`` shows the three lines that add chatmw to a
-FastAPI bot: the middleware, the metrics router and a lifespan that starts and stops
-the runtime.
+``create_app(wrapped=True, database_url=...)`` shows the lines that add chatmw to a
+FastAPI bot: a runtime, the middleware, and :func:`chatmw.app.mount_chatmw`, which adds
+the metrics API, dashboard and other routes and starts and stops the runtime with the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from chatmw.api import create_metrics_router
+from chatmw.app import mount_chatmw
 from chatmw.codecs import JsonCodec
 from chatmw.config import Settings
 from chatmw.middleware import ChatMetricsMiddleware
@@ -138,29 +138,21 @@ def create_bot(delay_s: tuple[float, float] = DEFAULT_DELAY_S,
 
 
 def create_app(wrapped: bool, database_url: str | None = None,
-               delay_s: tuple[float, float] = DEFAULT_DELAY_S) -> FastAPI:
+               delay_s: tuple[float, float] = DEFAULT_DELAY_S,
+               require_keys: bool = False) -> FastAPI:
     """Build the FAQ bot, bare or wrapped by chatmw with the metrics API under ``/metrics``.
 
     The wrapped app migrates the database and starts the recorder on start-up, and flushes
-    it on shutdown. Its runtime is at ``app.state.chatmw``.
+    it on shutdown. Its runtime is at ``app.state.chatmw``. The read routes (metrics,
+    dashboard data, health) are open unless ``require_keys`` is set, which suits a demo on
+    127.0.0.1 only; admin routes always need an API key of scope ``admin``.
     """
+    bot = create_bot(delay_s)
     if not wrapped:
-        return create_bot(delay_s)
+        return bot
 
-    settings = Settings.from_env(database_url=database_url)
-    runtime = Runtime.from_settings(settings)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        runtime.start()
-        try:
-            yield
-        finally:
-            runtime.stop()
-
-    app = create_bot(delay_s, lifespan=lifespan)
-    app.state.chatmw = runtime
-    app.add_middleware(ChatMetricsMiddleware, recorder=runtime.recorder, codec=FAQ_CODEC,
+    runtime = Runtime.from_settings(Settings.from_env(database_url=database_url))
+    bot.add_middleware(ChatMetricsMiddleware, recorder=runtime.recorder, codec=FAQ_CODEC,
                        paths=[CHAT_PATH])
-    app.include_router(create_metrics_router(runtime.engine, prefix=settings.metrics_prefix))
-    return app
+    mount_chatmw(bot, runtime, require_keys=require_keys)
+    return bot

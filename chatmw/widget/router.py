@@ -6,6 +6,14 @@ Paths, under ``{prefix}/chat``:
 - ``POST messages``: a visitor's message. It is forwarded to the bot and the replies are
   returned as ``{"conversation_id", "message_id", "replies": [{"text", "buttons"}]}``.
 - ``POST events``: a funnel event (``impression`` or ``open``); returns 204.
+- ``POST poll``: ``{"visitor_id"}``; returns ``{"replies": [...]}``, the messages waiting
+  for the visitor in the web outbox (survey prompts sent after a conversation ended).
+  It is a POST because reading marks the messages delivered, and because browsers send
+  the ``Origin`` header that the endpoint checks only on POST requests.
+
+With an ``outbox_engine`` (when surveys run on the web channel), ``POST messages`` also
+returns the waiting outbox messages after the bot's replies, and a survey button's payload
+is recorded without reaching the bot: the survey answer preprocessor reads it.
 
 Both POST paths accept only ``application/json`` from the allowed site origins. Every
 message, reply, touch and exposure goes to the recorder, so no request waits on the
@@ -26,14 +34,20 @@ from urllib.parse import urlsplit
 import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from chatmw import events as ev
 from chatmw.codecs import ChatReply, ChatRequest
+from chatmw.surveys.answers import is_survey_payload
+from chatmw.surveys.web import fetch_web_messages
 from chatmw.widget.bot import BotClient, BotError
 from chatmw.widget.protocol import (
     EventRequest,
     MessageRequest,
     WidgetError,
+    _load_object,
+    _required_id,
     parse_event_request,
     parse_message_request,
     reply_payload,
@@ -75,9 +89,11 @@ class WidgetEndpoint:
         settings: WidgetSettings,
         sink: EventSink,
         bot_transport: httpx.AsyncBaseTransport | None = None,
+        outbox_engine: Engine | None = None,
     ) -> None:
         self.settings = settings
         self.sink = sink
+        self.outbox_engine = outbox_engine
         self.bot = BotClient(settings, transport=bot_transport)
         # NOTE: limits are per visitor id, and the client chooses that id. A client that makes
         # up a new id for each request is bounded only by a per-address limit in a proxy.
@@ -135,6 +151,15 @@ class WidgetEndpoint:
         for touch in touch_events(message, self.settings.channel, received):
             self.sink.submit(touch)
 
+        if self.outbox_engine is not None and is_survey_payload(message.text):
+            # A tapped survey button: the writer's survey preprocessor stores the score.
+            content = {
+                "conversation_id": message.conversation_id,
+                "message_id": message.message_id,
+                "replies": await self._outbox(message.visitor_id),
+            }
+            return JSONResponse(content, headers=self._cors_headers(origin))
+
         chat_request = ChatRequest(
             user_id=message.visitor_id,
             text=message.text,
@@ -156,6 +181,7 @@ class WidgetEndpoint:
         latency_ms = (time.perf_counter() - started) * 1000.0
 
         payloads = self._record_replies(message, user_key, replies, latency_ms)
+        payloads += await self._outbox(message.visitor_id)
         content = {
             "conversation_id": message.conversation_id,
             "message_id": message.message_id,
@@ -174,6 +200,32 @@ class WidgetEndpoint:
             return self._reject(error, origin, request)
         self.sink.submit(self._exposure(event))
         return Response(status_code=204, headers=self._cors_headers(origin))
+
+    async def post_poll(self, request: Request) -> Response:
+        origin = None
+        try:
+            origin = self._check_origin(request)
+            body = await self._read_json_body(request)
+            visitor_id = _required_id(_load_object(body), "visitor_id")
+            self._limit(self.event_buckets, visitor_id)
+        except WidgetError as error:
+            return self._reject(error, origin, request)
+        replies = await self._outbox(visitor_id)
+        return JSONResponse({"replies": replies}, headers=self._cors_headers(origin))
+
+    async def _outbox(self, visitor_id: str) -> list[dict[str, Any]]:
+        if self.outbox_engine is None:
+            return []
+        try:
+            waiting = await run_in_threadpool(fetch_web_messages, self.outbox_engine, visitor_id)
+        except Exception as error:  # noqa: BLE001 - the bot's replies go out without them
+            logger.warning("widget outbox read failed for a visitor: %s", type(error).__name__)
+            return []
+        # Only what the widget draws: the meta names stored survey and conversation ids.
+        return [
+            {"id": item["id"], "text": item.get("text", ""), "buttons": item.get("buttons", [])}
+            for item in waiting
+        ]
 
     # Checks
 
@@ -348,16 +400,21 @@ def _page_path(url: str | None) -> str | None:
 
 
 def create_widget_router(
-    settings: WidgetSettings, sink: EventSink, bot_transport: httpx.AsyncBaseTransport | None = None
+    settings: WidgetSettings,
+    sink: EventSink,
+    bot_transport: httpx.AsyncBaseTransport | None = None,
+    outbox_engine: Engine | None = None,
 ) -> APIRouter:
     """Build the router with the widget's files and endpoints under ``{prefix}/chat``.
 
     ``sink`` receives every event (pass ``runtime.recorder``). ``bot_transport`` replaces
     the HTTP transport to the bot (``httpx.ASGITransport`` runs a bot app in-process).
+    ``outbox_engine`` (the runtime's engine) hands over the survey messages waiting in the
+    web outbox; pass it when surveys run on the widget's channel.
     The router's ``widget_endpoint`` attribute is the :class:`WidgetEndpoint`; await its
     ``bot.aclose()`` at shutdown.
     """
-    endpoint = WidgetEndpoint(settings, sink, bot_transport)
+    endpoint = WidgetEndpoint(settings, sink, bot_transport, outbox_engine)
     base = settings.chat_path
     router = APIRouter()
     for name in _STATIC_TYPES:
@@ -377,7 +434,13 @@ def create_widget_router(
         summary="Record a widget impression or open",
         status_code=204,
     )
-    for path in ("messages", "events"):
+    router.add_api_route(
+        f"{base}/poll",
+        endpoint.post_poll,
+        methods=["POST"],
+        summary="Return the messages waiting for a visitor (survey prompts)",
+    )
+    for path in ("messages", "events", "poll"):
         router.add_api_route(
             f"{base}/{path}", endpoint.preflight, methods=["OPTIONS"], include_in_schema=False
         )
