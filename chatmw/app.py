@@ -46,7 +46,7 @@ logger = logging.getLogger("chatmw")
 
 @dataclass(slots=True)
 class ChatmwMount:
-    """What :func:`mount_chatmw` added: the key check, the survey dispatcher, the widget.
+    """The parts :func:`mount_chatmw` added: the key check, the survey dispatcher, the widget.
 
     ``dispatcher`` is ``None`` without a surveys configuration. ``widget`` is the widget
     endpoint when one was mounted.
@@ -70,7 +70,7 @@ class ChatmwMount:
         """Stop the dispatcher after its round, close the widget's bot client, flush the runtime."""
         if self._task is not None and self._stop is not None:
             self._stop.set()
-            # The dispatcher finishes the send in flight; a hung platform call is cut off.
+            # The dispatcher finishes the send in flight, unless it takes more than 10 s.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, timeout=10.0)
             self._task = None
@@ -115,11 +115,11 @@ def mount_chatmw(
 ) -> ChatmwMount:
     """Add chatmw's routes to ``app`` and tie ``runtime`` to its lifespan.
 
-    Routes, under the runtime's ``metrics_prefix`` (``/metrics`` by default): every metric,
+    Under the runtime's ``metrics_prefix`` (``/metrics`` by default) go every metric,
     ``live`` (server-sent events), ``dashboard``, ``csat`` and ``nps``, ``health`` and
-    ``health/metrics``, and ``admin/...``; ``/business/...`` records conversions, leads and
-    spend; ``/surveys/...`` administers surveys; ``/chat/...`` is the widget's endpoint
-    when ``widget`` is given.
+    ``health/metrics``, and ``admin/...``. ``/business/...`` records conversions, leads and
+    spend, and ``/surveys/...`` administers surveys. With ``widget``, ``/chat/...`` is the
+    widget's endpoint.
 
     With ``require_keys`` the read routes need an API key of scope ``read``; without it they
     are open, which suits only a server on 127.0.0.1. Business, survey administration and

@@ -60,7 +60,7 @@ class AppConfig:
 
     ``require_keys`` guards the read routes (metrics, live figures, health, CSAT and NPS,
     the dashboard's filter values) with an API key of scope ``read``. Admin routes
-    (erasure, survey administration) need a key of scope ``admin`` whatever it says.
+    (erasure, survey administration) need a key of scope ``admin`` in either case.
     ``key_rate_per_second`` and ``key_burst`` limit each key's requests. ``privacy`` of
     ``None`` stores ids and text as the sources report them. ``surveys`` of ``None``
     runs no survey dispatcher in this process (the CSAT and NPS routes are served anyway).

@@ -45,11 +45,17 @@ def demo_command(
     typer.echo(f"  chat endpoint    POST {base}{CHAT_PATH}")
     typer.echo(f"    curl -s {base}{CHAT_PATH} -H 'content-type: application/json' \\")
     typer.echo('      -d \'{"user_id": "alice", "message": "What are your opening hours?"}\'')
+    typer.echo(f"  dashboard             {base}/metrics/dashboard")
     typer.echo(f"  metrics summary  GET  {base}/metrics/summary")
     typer.echo(f"  response times   GET  {base}/metrics/response-time")
     typer.echo(f"  API docs              {base}/docs")
     typer.echo("  a scripted conversation: python examples/send_conversation.py "
                f"--url {base}\n")
+    # The demo's metrics need no API key; admin routes still do (`chatmw keys create`).
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: the demo serves its metrics without API keys to anyone who "
+                   f"can reach {host}; use `chatmw serve` with keys outside this machine",
+                   err=True)
     demo_app = create_app(wrapped=True, database_url=db)
 
     # The web chat widget: the example site at /, chatting with the example bot.

@@ -71,7 +71,7 @@ def serve_command(
                 "loopback address such as 127.0.0.1, or create keys with `chatmw keys create`",
                 param_hint="--no-auth")
         loaded.require_keys = False
-    # uvicorn re-raises SIGTERM after its graceful shutdown, which has flushed the recorder;
-    # this handler turns it into a normal exit (status 0) instead of a death by signal.
+    # uvicorn re-raises SIGTERM after its graceful shutdown, which has flushed the recorder.
+    # This handler turns it into a normal exit with status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(create_app(loaded), host=host, port=port, log_level="info")

@@ -68,7 +68,7 @@ class Runtime:
         With privacy settings, the pseudonym key is resolved first (from the settings, or
         from the database, which must then be reachable) and installed in the writer and
         the recorder. Address capture for ``survey_channels`` is installed after that, so
-        that it sees the platform ids before they are pseudonymised.
+        that it copies the platform ids before they are pseudonymised.
         """
         if migrate:
             upgrade(self.engine)

@@ -8,10 +8,9 @@ The bot itself lives in ``chatmw/_demo/faq_bot.py`` so that ``chatmw demo`` can 
 from any install. Its ``create_app`` is the part to copy into your own FastAPI bot:
 
     runtime = Runtime.from_settings(Settings(database_url=...))
-    app = FastAPI(lifespan=...)              # calls runtime.start() and runtime.stop()
     app.add_middleware(ChatMetricsMiddleware, recorder=runtime.recorder,
                        codec=JsonCodec(...), paths=["/chat"])
-    app.include_router(create_metrics_router(runtime.engine, prefix="/metrics"))
+    mount_chatmw(app, runtime)               # routes under /metrics, started with the app
 """
 
 from __future__ import annotations

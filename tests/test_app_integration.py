@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,6 +246,21 @@ def test_config_file_read(tmp_path: Path) -> None:
     assert config.surveys is None
     with pytest.raises(ValueError, match="cannot be read"):
         load_app_config(tmp_path / "missing.toml", environ={})
+
+
+def test_example_configs_valid() -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    config = load_app_config(examples / "chatmw.toml", environ={})
+    with open(examples / "surveys.toml", "rb") as handle:
+        surveys = tomllib.load(handle)
+    with open(examples / "chatmw.toml", "rb") as handle:
+        combined = parse_app_config({**tomllib.load(handle), **surveys}, environ={})
+
+    assert config.business.currency == "EUR"
+    assert config.business_hours is not None
+    assert config.surveys is None
+    assert combined.surveys is not None
+    assert combined.surveys.surveys
 
 
 # chatmw serve in its own process
