@@ -83,6 +83,10 @@ class GraphStub:
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self.handle, methods=["GET", "POST"])])
 
+    def reset(self) -> None:
+        self.calls.clear()
+        self.counter = itertools.count(1)
+
     async def handle(self, request: Request) -> Response:
         body = await request.body()
         self.calls.append(
@@ -169,6 +173,13 @@ class EchoBot:
 
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/bot/webhook", self.webhook, methods=["POST"])])
+
+    def reset(self) -> None:
+        self.received.clear()
+        self.replies.clear()
+        self.headers_seen.clear()
+        self.rejected = 0
+        self.gate = None
 
     async def webhook(self, request: Request) -> Response:
         body = await request.body()

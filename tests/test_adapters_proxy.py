@@ -66,29 +66,38 @@ class Stack:
         return self.app.state.proxy.stats.snapshot()  # type: ignore[attr-defined]
 
 
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[tuple[GraphStub, EchoBot, str, str]]:
+    """The stub Graph API and the bot, shared by the module's tests and reset for each."""
+    graph, bot = GraphStub(), EchoBot()
+    with ServerThread(graph.app()) as graph_server, ServerThread(bot.app()) as bot_server:
+        yield graph, bot, graph_server.url, bot_server.url
+
+
 @pytest.fixture
-def stack(database_url: str) -> Iterator[Stack]:
-    graph = GraphStub()
-    bot = EchoBot()
+def stack(database_url: str, upstreams: tuple[GraphStub, EchoBot, str, str]) -> Iterator[Stack]:
+    graph, bot, graph_url, bot_url = upstreams
+    graph.reset()
+    bot.reset()
     runtime = Runtime.from_settings(
         Settings(database_url=database_url, recorder=RecorderSettings(batch_interval_s=0.01))
     )
     runtime.start(migrate=False)
-    with ServerThread(graph.app()) as graph_server, ServerThread(bot.app()) as bot_server:
-        settings = MetaSettings(
-            app_secret=APP_SECRET,
-            verify_token=VERIFY_TOKEN,
-            bot_webhook_url=f"{bot_server.url}/bot/webhook",
-            graph_base_url=graph_server.url,
-            max_body_bytes=MAX_BODY,
-            forward_backoff_s=0.02,
-            forward_timeout_s=15,
-        )
-        app = create_proxy_app(settings, runtime)
-        with ServerThread(app) as proxy_server:
-            bot.graph_url = proxy_server.url
-            yield Stack(proxy_server, bot, graph, runtime, app)
-            bot.gate = None
+    settings = MetaSettings(
+        app_secret=APP_SECRET,
+        verify_token=VERIFY_TOKEN,
+        bot_webhook_url=f"{bot_url}/bot/webhook",
+        graph_base_url=graph_url,
+        max_body_bytes=MAX_BODY,
+        forward_backoff_s=0.02,
+        forward_timeout_s=15,
+    )
+    app = create_proxy_app(settings, runtime)
+    # Stopping the proxy waits for its forwards, so no bot call leaks into the next test.
+    with ServerThread(app) as proxy_server:
+        bot.graph_url = proxy_server.url
+        yield Stack(proxy_server, bot, graph, runtime, app)
+        bot.gate = None
     runtime.stop()
 
 
