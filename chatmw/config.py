@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sqlalchemy.engine import make_url
+
 from chatmw.recorder import RecorderSettings
 
 __all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV"]
@@ -24,7 +26,7 @@ class Settings:
     the metrics API is mounted.
     """
 
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     session_gap_minutes: float = 30.0
     metrics_prefix: str = "/metrics"
     recorder: RecorderSettings = field(default_factory=RecorderSettings)
@@ -50,6 +52,12 @@ class Settings:
             values["database_url"] = environ[DATABASE_URL_ENV]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        # The URL may carry a password: the repr shows it masked.
+        url = make_url(self.database_url).render_as_string(hide_password=True)
+        return (f"Settings(database_url={url!r}, session_gap_minutes={self.session_gap_minutes!r}, "
+                f"metrics_prefix={self.metrics_prefix!r}, sentiment={self.sentiment!r})")
 
     @property
     def session_gap_ms(self) -> int:
