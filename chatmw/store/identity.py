@@ -176,27 +176,36 @@ def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                 types: dict[str, Any], where: str, assignments: str) -> None:
     """Run one ``UPDATE table SET assignments FROM changes WHERE where`` for all ``rows``.
 
-    ``changes`` is a derived table with one row per dict of ``rows`` and the columns named
-    in ``types`` (name to SQLAlchemy type), built from arrays on PostgreSQL and from one
-    JSON document on SQLite (3.33 or later, for ``UPDATE ... FROM``). ``where`` and
-    ``assignments`` are SQL that refer to ``changes.NAME``. A target row matched by two
-    changes rows is updated once, by either, so callers pass one change per target row.
+    ``changes`` is :func:`derived_table` of ``rows``. ``where`` and ``assignments`` are SQL
+    that refer to ``changes.NAME``. A target row matched by two changes rows is updated
+    once, by either, so callers pass one change per target row.
     """
     if not rows:
         return
+    source, parameters = derived_table(session, "changes", types, rows)
+    session.execute(text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}"),
+                    parameters)
+
+
+def derived_table(session: Session, alias: str, types: dict[str, Any],
+                  rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Return SQL for a table ``alias`` of ``rows`` (columns: ``types``) and its parameters.
+
+    PostgreSQL gets ``unnest`` of one array per column; SQLite gets ``json_each`` of one
+    JSON document (``UPDATE ... FROM`` needs SQLite 3.33 or later). Either way one
+    statement text serves every number of rows.
+    """
     names = list(types)
     if session.get_bind().dialect.name == "postgresql":
         dialect = session.get_bind().dialect
-        arrays = ", ".join(f"CAST(:{name} AS {types[name].compile(dialect=dialect)}[])"
+        arrays = ", ".join(f"CAST(:{alias}_{name} AS {types[name].compile(dialect=dialect)}[])"
                            for name in names)
-        source = f"unnest({arrays}) AS changes({', '.join(names)})"
-        parameters: dict[str, Any] = {name: [row[name] for row in rows] for name in names}
-    else:
-        columns = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
-        source = f"(SELECT {columns} FROM json_each(:changes)) AS changes"
-        parameters = {"changes": json.dumps([[row[name] for name in names] for row in rows])}
-    session.execute(text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}"),
-                    parameters)
+        parameters: dict[str, Any] = {f"{alias}_{name}": [row[name] for row in rows]
+                                      for name in names}
+        return f"unnest({arrays}) AS {alias}({', '.join(names)})", parameters
+    columns = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
+    document = json.dumps([[row[name] for name in names] for row in rows])
+    return f"(SELECT {columns} FROM json_each(:{alias})) AS {alias}", {alias: document}
 
 
 def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],

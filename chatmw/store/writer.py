@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import BigInteger, Engine, Integer, String, func, select, update
+from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, select, text, update
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -22,6 +22,7 @@ from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
+    derived_table,
     id_in,
     insert_ignore,
     resolve_contacts,
@@ -82,10 +83,19 @@ class Writer:
             self.write_in(session, batch)
 
     def write_in(self, session: Session, batch: Sequence[ev.Event]) -> None:
-        """Write ``batch`` inside an open ``session`` transaction."""
-        for event_type, run in itertools.groupby(batch, key=type):
+        """Write ``batch`` inside an open ``session`` transaction.
+
+        Runs of one event type are written in batch order, except that in a stretch of
+        messages and conversation updates alone, every message is written before every
+        update. A bot's exchanges alternate the two (user message, reply, update), and one
+        handler call per exchange costs a dozen statements each. The result is the same:
+        updates set fields that messages never overwrite (a message sets a conversation's
+        intent only while it has none), and ends are checked against message times again
+        after the updates (see ``_write_updates``).
+        """
+        for event_type, run in _coalesced_runs(batch):
             handler = self._handler_for(event_type)
-            handler(session, list(run))
+            handler(session, run)
 
     def _handler_for(self, event_type: type) -> Handler:
         for klass in event_type.__mro__:
@@ -284,45 +294,75 @@ class Writer:
     # Conversation updates
 
     def _write_updates(self, session: Session, updates: list[ev.ConversationUpdate]) -> None:
-        for item in updates:
-            at_ms = ev.to_ms(item.occurred_at)
-            conversation_id = self._find_conversation(session, item, at_ms)
+        times = [ev.to_ms(item.occurred_at) for item in updates]
+        conversation_ids = self._update_targets(session, updates, times)
+        values: dict[int, dict[str, Any]] = {}
+        attributes: dict[tuple[int, str], str] = {}
+        ended: set[int] = set()
+        for item, at_ms, conversation_id in zip(updates, times, conversation_ids, strict=True):
             if conversation_id is None:
                 continue
-            values: dict[str, Any] = {}
+            # Later updates of one conversation override earlier ones field by field, as if
+            # each were applied in turn.
+            changes = values.setdefault(conversation_id, {})
             if item.ended is True:
-                values.update(ended_at_ms=at_ms, ended_reason=item.ended_reason or "ended")
+                changes.update(ended_at_ms=at_ms, ended_reason=item.ended_reason or "ended")
+                ended.add(conversation_id)
             elif item.ended is False:
-                values.update(ended_at_ms=None, ended_reason=None)
-            if item.resolved is not None:
-                values["resolved"] = item.resolved
-            if item.handed_off is not None:
-                values["handed_off"] = item.handed_off
-            if item.intent is not None:
-                values["intent"] = item.intent
-            if item.step is not None:
-                values["last_step"] = item.step
-            if values:
-                session.execute(update(models.Conversation)
-                                .where(models.Conversation.id == conversation_id).values(**values))
-            write_attributes(session, {(conversation_id, k): v for k, v in item.attributes.items()})
+                changes.update(ended_at_ms=None, ended_reason=None)
+            for name, column in (("resolved", "resolved"), ("handed_off", "handed_off"),
+                                 ("intent", "intent"), ("step", "last_step")):
+                if getattr(item, name) is not None:
+                    changes[column] = getattr(item, name)
+            for name, value in item.attributes.items():
+                attributes[(conversation_id, name)] = value
+        self._apply_conversation_values(session, values)
+        write_attributes(session, attributes)
+        if ended:
+            # A user message later than the end reopens the conversation, whichever came first.
+            refresh_conversations(session, ended)
 
-    def _find_conversation(self, session: Session, item: ev.ConversationUpdate,
-                           at_ms: int) -> int | None:
-        conversation = models.Conversation
-        if item.conversation_id is not None:
-            named = resolve_named_conversations(session, {(item.channel, item.conversation_id): (at_ms, None)})
-            return named[(item.channel, item.conversation_id)]
-        contacts = resolve_contacts(session, {(item.channel, item.user_id): at_ms})
-        statement = (
-            select(conversation.id)
-            .where(conversation.channel == item.channel,
-                   conversation.contact_id == contacts[(item.channel, item.user_id)],
-                   conversation.started_at_ms <= at_ms)
-            .order_by(conversation.started_at_ms.desc())
-            .limit(1)
-        )
-        return session.execute(statement).scalar_one_or_none()
+    def _update_targets(self, session: Session, updates: Sequence[ev.ConversationUpdate],
+                        times: Sequence[int]) -> list[int | None]:
+        # Each update's conversation: its named one (created when missing), or the latest
+        # conversation of its contact on the channel that started at or before the update.
+        named: dict[tuple[str, str], tuple[int, None]] = {}
+        identities: dict[tuple[str, str], int] = {}
+        for item, at_ms in zip(updates, times, strict=True):
+            if item.conversation_id is not None:
+                named.setdefault((item.channel, item.conversation_id), (at_ms, None))
+            else:
+                identities.setdefault((item.channel, item.user_id), at_ms)
+        named_ids = resolve_named_conversations(session, named)
+        contacts = resolve_contacts(session, identities)
+        lookups = [
+            {"idx": index, "channel": item.channel,
+             "contact_id": contacts[(item.channel, item.user_id)], "at_ms": at_ms}
+            for index, (item, at_ms) in enumerate(zip(updates, times, strict=True))
+            if item.conversation_id is None
+        ]
+        latest = latest_conversations_at(session, lookups)
+        targets: list[int | None] = []
+        for index, item in enumerate(updates):
+            if item.conversation_id is not None:
+                targets.append(named_ids[(item.channel, item.conversation_id)])
+            else:
+                targets.append(latest.get(index))
+        return targets
+
+    def _apply_conversation_values(self, session: Session,
+                                   values: Mapping[int, Mapping[str, Any]]) -> None:
+        # One UPDATE per distinct set of columns; most batches have one or two sets.
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for conversation_id, changes in sorted(values.items()):
+            if changes:
+                columns = tuple(sorted(changes))
+                by_columns.setdefault(columns, []).append({"id": conversation_id, **changes})
+        for columns, rows in by_columns.items():
+            types = {"id": Integer(), **{name: _UPDATE_TYPES[name] for name in columns}}
+            update_from(session, models.Conversation.__table__, rows, types,
+                        "conversations.id = changes.id",
+                        ", ".join(f"{name} = changes.{name}" for name in columns))
 
     # Exposures and raw payloads
 
@@ -348,6 +388,61 @@ class Writer:
             for item in payloads
         ]
         session.execute(models.RawPayload.__table__.insert(), rows)
+
+
+# Types of the conversation columns that a ConversationUpdate sets.
+_UPDATE_TYPES: dict[str, Any] = {
+    "ended_at_ms": BigInteger(), "ended_reason": String(), "resolved": Boolean(),
+    "handed_off": Boolean(), "intent": String(), "last_step": String(),
+}
+
+
+def _coalesced_runs(batch: Sequence[ev.Event]) -> list[tuple[type, list[Any]]]:
+    """Group ``batch`` into runs of one type, messages before updates in mixed stretches."""
+    runs: list[tuple[type, list[Any]]] = []
+    messages: list[ev.Event] = []
+    updates: list[ev.Event] = []
+    for event_type, run in itertools.groupby(batch, key=type):
+        if event_type is ev.Message:
+            messages.extend(run)
+            continue
+        if event_type is ev.ConversationUpdate:
+            updates.extend(run)
+            continue
+        _flush_stretch(runs, messages, updates)
+        messages, updates = [], []
+        runs.append((event_type, list(run)))
+    _flush_stretch(runs, messages, updates)
+    return runs
+
+
+def _flush_stretch(runs: list[tuple[type, list[Any]]], messages: list[ev.Event],
+                   updates: list[ev.Event]) -> None:
+    if messages:
+        runs.append((ev.Message, messages))
+    if updates:
+        runs.append((ev.ConversationUpdate, updates))
+
+
+def latest_conversations_at(session: Session, lookups: Sequence[dict[str, Any]]) -> dict[int, int]:
+    """Map each lookup's ``idx`` to the latest conversation started at or before ``at_ms``.
+
+    Lookups are dicts of ``idx``, ``channel``, ``contact_id`` and ``at_ms``; one statement
+    answers all of them through the ``(contact_id, started_at_ms)`` index.
+    """
+    if not lookups:
+        return {}
+    source, parameters = derived_table(
+        session, "lookups",
+        {"idx": Integer(), "channel": String(), "contact_id": Integer(), "at_ms": BigInteger()},
+        lookups)
+    statement = text(
+        "SELECT lookups.idx, (SELECT c.id FROM conversations AS c "
+        "WHERE c.channel = lookups.channel AND c.contact_id = lookups.contact_id "
+        "AND c.started_at_ms <= lookups.at_ms ORDER BY c.started_at_ms DESC LIMIT 1) "
+        f"FROM {source}")
+    return {int(idx): int(cid) for idx, cid in session.execute(statement, parameters)
+            if cid is not None}
 
 
 def write_attributes(session: Session, values: Mapping[tuple[int, str], str]) -> None:
