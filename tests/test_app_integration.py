@@ -13,8 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser.servers import free_port
+from browser.chromium import chromium  # noqa: F401 - a fixture, found by pytest by this name
+from browser.servers import free_port, serve
 from fastapi import FastAPI
+from playwright.sync_api import Browser, Page, expect
 from sqlalchemy import select
 
 from chatmw.app import mount_chatmw
@@ -29,7 +31,8 @@ from chatmw.security.secret import Secret
 from chatmw.store import models
 from chatmw.store.models_surveys import Survey
 from chatmw.surveys.config import parse_config
-from chatmw.widget import WidgetSettings
+from chatmw.widget import WidgetSettings, create_site_router, example_site_dir
+from chatmw.widget import router as widget_router
 
 SITE = "http://site.test"
 VISITOR = "visitor_0123456789abcd"
@@ -346,3 +349,51 @@ def test_serve_no_auth_refused_off_loopback(serve_env: dict[str, str]) -> None:
     assert "loopback" in refused.stderr
     assert invalid.returncode == 2
     assert "cannot be read" in invalid.stderr
+
+
+# The widget in a browser
+
+
+@pytest.fixture
+def page(chromium: Browser) -> Iterator[Page]:  # noqa: F811 - the imported fixture
+    context = chromium.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    yield page
+    context.close()
+
+
+def test_browser_shows_survey_after_goodbye(
+    page: Page, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(widget_router, "POLL_SECONDS", 1)
+    runtime = Runtime.from_settings(
+        Settings(database_url=f"sqlite:///{tmp_path / 'b.db'}"),
+        privacy=PrivacySettings(pseudonym_key=Secret("k" * 32)),
+    )
+    port = free_port()
+    app = FastAPI()
+    site_dir = example_site_dir()
+    assert site_dir is not None
+    app.include_router(create_site_router(site_dir))
+    mount_chatmw(app, runtime, surveys=SURVEYS,
+                 widget=WidgetSettings(allowed_origins=[f"http://127.0.0.1:{port}"],
+                                       bot=FarewellBot()))
+
+    with serve(app, port, lifespan="on") as server:
+        page.goto(server.url + "/")
+        page.get_by_role("button", name="Open chat").click()
+        box = page.get_by_role("textbox", name="Message")
+        box.fill("bye")
+        box.press("Enter")
+        expect(page.locator(".message.bot .text", has_text="Goodbye!")).to_be_visible()
+        expect(page.locator(".message.bot .text", has_text=PROMPT)).to_be_visible()
+        stars = page.get_by_role("group", name="Suggested replies").get_by_role("button")
+        expect(stars).to_have_count(5)
+        stars.nth(3).click()
+        expect(page.locator(".message.bot .text", has_text=THANKS)).to_be_visible()
+        assert runtime.recorder.flush(10)
+        with runtime.engine.connect() as connection:
+            survey = connection.execute(select(Survey.state, Survey.score)).one()
+
+    assert tuple(survey) == ("answered", 4)

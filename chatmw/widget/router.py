@@ -11,6 +11,10 @@ Paths, under ``{prefix}/chat``:
   It is a POST because reading marks the messages delivered, and because browsers send
   the ``Origin`` header that the endpoint checks only on POST requests.
 
+With an outbox, responses carry ``poll_seconds``: the widget then polls at that interval
+while its page is visible, for an hour after the visitor's last message. Without
+``poll_seconds`` (no surveys on the channel) the widget does not poll.
+
 With an ``outbox_engine`` (when surveys run on the web channel), ``POST messages`` also
 returns the waiting outbox messages after the bot's replies, and a survey button's payload
 is recorded without reaching the bot: the survey answer preprocessor reads it.
@@ -59,6 +63,10 @@ from chatmw.widget.settings import WidgetSettings
 __all__ = ["create_widget_router", "WidgetEndpoint", "EventSink"]
 
 logger = logging.getLogger("chatmw")
+
+# Seconds between the widget's polls of the outbox. A survey prompt reaches an open page
+# at most this long after the dispatcher sent it; each poll is one UPDATE statement.
+POLL_SECONDS = 10
 
 _STATIC_TYPES = {
     "widget.js": "text/javascript; charset=utf-8",
@@ -157,6 +165,7 @@ class WidgetEndpoint:
                 "conversation_id": message.conversation_id,
                 "message_id": message.message_id,
                 "replies": await self._outbox(message.visitor_id),
+                "poll_seconds": POLL_SECONDS,
             }
             return JSONResponse(content, headers=self._cors_headers(origin))
 
@@ -182,11 +191,13 @@ class WidgetEndpoint:
 
         payloads = self._record_replies(message, user_key, replies, latency_ms)
         payloads += await self._outbox(message.visitor_id)
-        content = {
+        content: dict[str, Any] = {
             "conversation_id": message.conversation_id,
             "message_id": message.message_id,
             "replies": payloads,
         }
+        if self.outbox_engine is not None:
+            content["poll_seconds"] = POLL_SECONDS
         return JSONResponse(content, headers=self._cors_headers(origin))
 
     async def post_event(self, request: Request) -> Response:
@@ -211,7 +222,8 @@ class WidgetEndpoint:
         except WidgetError as error:
             return self._reject(error, origin, request)
         replies = await self._outbox(visitor_id)
-        return JSONResponse({"replies": replies}, headers=self._cors_headers(origin))
+        content = {"replies": replies, "poll_seconds": POLL_SECONDS if self.outbox_engine else 0}
+        return JSONResponse(content, headers=self._cors_headers(origin))
 
     async def _outbox(self, visitor_id: str) -> list[dict[str, Any]]:
         if self.outbox_engine is None:

@@ -29,8 +29,12 @@
     firstTouch: "chatmw:first_touch",
     lastTouch: "chatmw:last_touch",
     pending: "chatmw:pending",
-    open: "chatmw:open"
+    open: "chatmw:open",
+    poll: "chatmw:poll"
   };
+  // When the endpoint asks for polls (surveys run on the web channel), the widget polls for
+  // this long after the visitor's last message, to fetch a survey prompt sent after the end.
+  var POLL_WINDOW_MS = 60 * 60 * 1000;
   var UTM_FIELDS = ["source", "medium", "campaign", "term", "content"];
   var CLICK_IDS = ["gclid", "fbclid"];
 
@@ -232,6 +236,51 @@
     }, true).catch(function () {
       // Funnel events are best effort: a lost impression must not disturb the visitor.
     });
+  }
+
+  // Polls of the outbox: messages the server sends later, such as a survey prompt.
+  var pollTimer = null;
+
+  function notePoll(body) {
+    var seconds = body && typeof body.poll_seconds === "number" ? body.poll_seconds : 0;
+    if (seconds > 0) {
+      local.set(KEYS.poll, { every_ms: seconds * 1000, until: Date.now() + POLL_WINDOW_MS });
+    } else {
+      local.remove(KEYS.poll);
+    }
+    schedulePoll();
+  }
+
+  function schedulePoll() {
+    var state = local.get(KEYS.poll);
+    if (pollTimer !== null) {
+      clearTimeout(pollTimer);
+      pollTimer = null;
+    }
+    if (!state || typeof state.every_ms !== "number" || !(state.until > Date.now())) {
+      return;
+    }
+    pollTimer = setTimeout(pollOnce, Math.max(1000, state.every_ms));
+  }
+
+  function pollOnce() {
+    pollTimer = null;
+    if (document.hidden || busy) {
+      schedulePoll();
+      return;
+    }
+    postJson("/poll", { visitor_id: visitorId() })
+      .then(function (response) {
+        return response.ok ? response.json() : null;
+      })
+      .then(function (body) {
+        (body && Array.isArray(body.replies) ? body.replies : []).forEach(function (reply) {
+          addItem({ role: "bot", text: reply.text || "", buttons: reply.buttons || [] });
+        });
+      }, function () {
+        // A failed poll is retried at the next interval.
+      })
+      .then(schedulePoll);
   }
 
   function failure(message, retryable) {
@@ -486,6 +535,7 @@
         (body && Array.isArray(body.replies) ? body.replies : []).forEach(function (reply) {
           addItem({ role: "bot", text: reply.text || "", buttons: reply.buttons || [] });
         });
+        notePoll(body);
       })
       .catch(function (error) {
         setBusy(false);
@@ -583,6 +633,7 @@
     }
     document.body.appendChild(host);
     recordEvent("impression");
+    schedulePoll();
   }
 
   function reveal() {
