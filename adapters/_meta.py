@@ -8,6 +8,7 @@ keyed with the app secret>``. Both send through the Graph API with a bearer toke
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import hmac
@@ -22,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chatmw.events import Event
+from chatmw.events import Event, Touch
 from chatmw.outbound import SendResult
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "describe_graph_error",
     "post_graph",
     "submit_all",
+    "fit_touch",
     "Submit",
 ]
 
@@ -444,3 +446,31 @@ def submit_all(submit: Submit | None, found: Iterable[Event]) -> bool:
     if not accepted:
         logger.warning("recorder did not accept every event (queue full or stopped)")
     return accepted
+
+
+# Widths of the touch columns in chatmw.store.models.Touch.
+_TOUCH_WIDTHS = {
+    "source": 255,
+    "medium": 255,
+    "campaign": 255,
+    "ad_id": 255,
+    "ref": 255,
+    "click_id": 512,
+}
+
+
+def fit_touch(touch: Touch) -> Touch:
+    """Return ``touch`` with values cut to their column widths; cut values stay whole in meta.
+
+    A value longer than its column would make the database reject the whole touch.
+    """
+    changes: dict[str, Any] = {}
+    full: dict[str, str] = {}
+    for name, width in _TOUCH_WIDTHS.items():
+        value = getattr(touch, name)
+        if isinstance(value, str) and len(value) > width:
+            changes[name] = value[:width]
+            full[f"{name}_full"] = value
+    if not changes:
+        return touch
+    return dataclasses.replace(touch, **changes, meta={**touch.meta, **full})

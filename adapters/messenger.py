@@ -33,6 +33,7 @@ from chatmw.adapters._meta import (
     as_dict,
     as_list,
     as_str,
+    fit_touch,
     post_graph,
     stable_key,
     submit_all,
@@ -277,19 +278,21 @@ def _touches(context: _Context, referral: Mapping[str, Any], origin: str) -> lis
     # The medium is how the user came: an ad, or a link, plugin or code (a referral).
     kind = "ad" if ad_id or source == "ADS" else "referral"
     return [
-        ev.Touch(
-            channel=context.channel,
-            occurred_at=context.at,
-            key=key,
-            user_id=user_id,
-            kind=kind,
-            source=source,
-            medium=kind,
-            campaign=ref,
-            ref=ref,
-            ad_id=ad_id,
-            referrer=as_str(referral.get("referer_uri")),
-            meta=meta,
+        fit_touch(
+            ev.Touch(
+                channel=context.channel,
+                occurred_at=context.at,
+                key=key,
+                user_id=user_id,
+                kind=kind,
+                source=source,
+                medium=kind,
+                campaign=ref,
+                ref=ref,
+                ad_id=ad_id,
+                referrer=as_str(referral.get("referer_uri")),
+                meta=meta,
+            )
         )
     ]
 
@@ -351,16 +354,18 @@ def _optin(context: _Context, optin: Mapping[str, Any]) -> list[ev.Event]:
     user_id = context.sender
     key = stable_key(f"{context.channel}:touch", user_id, context.at.timestamp(), "OPTIN", ref)
     return [
-        ev.Touch(
-            channel=context.channel,
-            occurred_at=context.at,
-            key=key,
-            user_id=user_id,
-            kind="optin",
-            source="OPTIN",
-            campaign=ref,
-            ref=ref,
-            meta={"type": as_str(optin.get("type"))} if optin.get("type") else {},
+        fit_touch(
+            ev.Touch(
+                channel=context.channel,
+                occurred_at=context.at,
+                key=key,
+                user_id=user_id,
+                kind="optin",
+                source="OPTIN",
+                campaign=ref,
+                ref=ref,
+                meta={"type": as_str(optin.get("type"))} if optin.get("type") else {},
+            )
         )
     ]
 

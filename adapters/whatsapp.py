@@ -29,6 +29,7 @@ from chatmw.adapters._meta import (
     as_dict,
     as_list,
     as_str,
+    fit_touch,
     post_graph,
     submit_all,
     time_from_epoch,
@@ -211,18 +212,20 @@ def _touch(referral: Mapping[str, Any], user_id: str, wamid: str, at: datetime) 
         "thumbnail_url",
     )
     meta = {name: as_str(referral.get(name)) for name in fields}
-    return ev.Touch(
-        channel=CHANNEL,
-        occurred_at=at,
-        key=f"{CHANNEL}:touch:{wamid}",
-        user_id=user_id,
-        kind=source_type or "referral",
-        source=source_type,
-        medium="ad" if source_type == "ad" else "referral",
-        ad_id=source_id if source_type == "ad" else None,
-        click_id=as_str(referral.get("ctwa_clid")),
-        landing_url=as_str(referral.get("source_url")),
-        meta={name: value for name, value in meta.items() if value is not None},
+    return fit_touch(
+        ev.Touch(
+            channel=CHANNEL,
+            occurred_at=at,
+            key=f"{CHANNEL}:touch:{wamid}",
+            user_id=user_id,
+            kind=source_type or "referral",
+            source=source_type,
+            medium="ad" if source_type == "ad" else "referral",
+            ad_id=source_id if source_type == "ad" else None,
+            click_id=as_str(referral.get("ctwa_clid")),
+            landing_url=as_str(referral.get("source_url")),
+            meta={name: value for name, value in meta.items() if value is not None},
+        )
     )
 
 

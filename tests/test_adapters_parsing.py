@@ -6,6 +6,8 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from adapters_support import SHARED_PAYLOADS, fixture_bytes
 
 from chatmw import events as ev
@@ -274,3 +276,188 @@ def test_instagram_messages_use_own_channel() -> None:
         "instagram:aWdfZAG1fake",
         "hola",
     )
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "id",
+                    "mid",
+                    "text",
+                    "timestamp",
+                    "message",
+                    "sender",
+                    "recipient",
+                    "messages",
+                    "statuses",
+                    "contacts",
+                    "from",
+                    "type",
+                    "referral",
+                    "watermark",
+                    "mids",
+                    "is_echo",
+                    "errors",
+                    "value",
+                    "changes",
+                    "messaging",
+                    "postback",
+                    "payload",
+                    "delivery",
+                    "read",
+                    "interactive",
+                    "context",
+                    "reaction",
+                    "entry",
+                    "field",
+                    "standby",
+                    "wa_id",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["page", "instagram", "whatsapp_business_account"]), entry=JSON_VALUES)
+def test_parsers_never_crash_on_odd_shapes(kind: str, entry: object) -> None:
+    body = json.dumps({"object": kind, "entry": [entry]}).encode()
+    found = parse_webhook(body, RECEIVED)
+    assert all(isinstance(item, ev.Event) for item in found)
+
+
+MESSENGER_KINDS = ["message", "postback", "referral", "delivery", "read", "reaction", "optin"]
+WHATSAPP_TYPES = [
+    "text",
+    "interactive",
+    "button",
+    "image",
+    "reaction",
+    "contacts",
+    "location",
+    "system",
+    "unsupported",
+    "order",
+]
+
+
+@st.composite
+def messenger_entries(draw: st.DrawFn) -> dict:
+    kind = draw(st.sampled_from(MESSENGER_KINDS))
+    body = draw(
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "mid",
+                    "text",
+                    "is_echo",
+                    "app_id",
+                    "quick_reply",
+                    "attachments",
+                    "reply_to",
+                    "payload",
+                    "title",
+                    "referral",
+                    "ref",
+                    "ad_id",
+                    "source",
+                    "mids",
+                    "watermark",
+                    "emoji",
+                    "action",
+                    "ads_context_data",
+                ]
+            ),
+            JSON_VALUES,
+            max_size=6,
+        )
+    )
+    item = {
+        "sender": draw(st.one_of(JSON_VALUES, st.just({"id": "1"}))),
+        "recipient": draw(st.one_of(JSON_VALUES, st.just({"id": "2"}))),
+        "timestamp": draw(JSON_VALUES),
+        kind: body,
+    }
+    place = draw(st.sampled_from(["messaging", "standby", "changes"]))
+    content = [{"field": "messaging_postbacks", "value": item}] if place == "changes" else [item]
+    return {"id": draw(JSON_VALUES), "time": draw(JSON_VALUES), place: content}
+
+
+@st.composite
+def whatsapp_entries(draw: st.DrawFn) -> dict:
+    kind = draw(st.sampled_from(WHATSAPP_TYPES))
+    message = {
+        "from": draw(st.one_of(JSON_VALUES, st.just("4915100000001"))),
+        "id": draw(st.one_of(JSON_VALUES, st.just("wamid.x"))),
+        "timestamp": draw(JSON_VALUES),
+        "type": kind,
+        kind: draw(JSON_VALUES),
+        "context": draw(JSON_VALUES),
+        "referral": draw(JSON_VALUES),
+        "errors": draw(JSON_VALUES),
+    }
+    status = draw(
+        st.dictionaries(
+            st.sampled_from(["id", "status", "timestamp", "recipient_id", "errors"]),
+            JSON_VALUES,
+            max_size=5,
+        )
+    )
+    value = {
+        "metadata": draw(JSON_VALUES),
+        "contacts": draw(JSON_VALUES),
+        "messages": [message],
+        "statuses": [status],
+        "errors": draw(JSON_VALUES),
+    }
+    return {"id": "1", "changes": [{"field": "messages", "value": value}]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=messenger_entries())
+def test_messenger_parser_survives_fuzzed_items(entry: dict) -> None:
+    found = parse_webhook(json.dumps({"object": "page", "entry": [entry]}).encode(), RECEIVED)
+    assert all(isinstance(item, ev.Event) for item in found)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entry=whatsapp_entries())
+def test_whatsapp_parser_survives_fuzzed_items(entry: dict) -> None:
+    document = {"object": "whatsapp_business_account", "entry": [entry]}
+    found = parse_webhook(json.dumps(document).encode(), RECEIVED)
+    assert all(isinstance(item, ev.Event) for item in found)
+
+
+def test_long_ref_cut_to_column_width() -> None:
+    ref = "r" * 400
+    document = {
+        "object": "page",
+        "entry": [
+            {
+                "id": "1",
+                "time": T_MS,
+                "messaging": [
+                    {
+                        "sender": {"id": "42"},
+                        "recipient": {"id": "1"},
+                        "timestamp": T_MS,
+                        "referral": {"ref": ref, "source": "SHORTLINK", "type": "OPEN_THREAD"},
+                    }
+                ],
+            }
+        ],
+    }
+    touch = parse_webhook(json.dumps(document).encode(), RECEIVED)[0]
+    assert isinstance(touch, ev.Touch)
+    assert touch.ref == ref[:255]
+    assert touch.campaign == ref[:255]
+    assert touch.meta["ref_full"] == ref
+    assert touch.meta["campaign_full"] == ref
