@@ -142,19 +142,23 @@ class Forwarder:
         logger.info("webhook forwarder stopped")
 
     async def _work(self) -> None:
-        assert self._queue is not None  # set by start() before the workers exist
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("forwarder worker started before its queue")
         while True:
-            delivery = await self._queue.get()
+            delivery = await queue.get()
             try:
                 await self._deliver(delivery)
             except Exception:  # noqa: BLE001 - a worker must survive any single delivery
                 self.stats.add("forward_failed")
                 logger.exception("forwarding a webhook to the bot failed")
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     async def _deliver(self, delivery: _Delivery) -> None:
-        assert self._client is not None
+        client = self._client
+        if client is None:
+            raise RuntimeError("forwarder is not started")
         delay = self.settings.forward_backoff_s
         problem = ""
         for attempt in range(self.settings.forward_retries + 1):
@@ -162,7 +166,7 @@ class Forwarder:
                 await asyncio.sleep(delay)
                 delay *= 2
             try:
-                response = await self._client.post(
+                response = await client.post(
                     self.url, content=delivery.body, headers=delivery.headers
                 )
             except httpx.HTTPError as error:
@@ -298,7 +302,9 @@ async def _webhook(state: ProxyState, request: Request) -> Response:
 
 
 async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
-    assert state.graph is not None  # ensure_started() ran
+    graph = state.graph
+    if graph is None:
+        raise RuntimeError("proxy used before ensure_started()")
     path = _route_path(request.scope)
     # NOTE: Every request body is read into memory before it is passed on, media uploads
     # included, although only send calls need the body.
@@ -306,14 +312,14 @@ async def _graph_passthrough(state: ProxyState, request: Request) -> Response:
     sent_at = ev.now_utc()
     url = state.settings.graph_base_url + path
     query = request.scope.get("query_string", b"")
-    upstream_request = state.graph.build_request(
+    upstream_request = graph.build_request(
         request.method,
         url + ("?" + query.decode("latin-1") if query else ""),
         headers=forwardable_headers(request.scope["headers"]),
         content=body,
     )
     try:
-        upstream = await state.graph.send(upstream_request, stream=True)
+        upstream = await graph.send(upstream_request, stream=True)
         try:
             raw = b"".join([chunk async for chunk in upstream.aiter_raw()])
         finally:
