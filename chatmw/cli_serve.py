@@ -51,12 +51,15 @@ def serve_command(
     """Serve the metrics API (described at /docs) and the dashboard (/metrics/dashboard).
 
     Read routes need an API key of scope read (`chatmw keys create --scope read`), unless
-    --no-auth is given; admin routes always need a key of scope admin.
+    --no-auth is given; admin routes always need a key of scope admin. With CHATMW_SPOOL_DIR
+    set, events the database cannot take are kept on disk and written later.
     """
     import uvicorn
 
     from chatmw.app import create_app
     from chatmw.app_config import load_app_config
+    from chatmw.runtime import Runtime
+    from chatmw.spool import FileSpool, SpoolSettings
 
     try:
         loaded = load_app_config(config, database_url=db)
@@ -64,6 +67,10 @@ def serve_command(
             loaded.settings = dataclasses.replace(loaded.settings, metrics_prefix=prefix)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--config" if config else None) from error
+    try:
+        spool_settings = SpoolSettings.from_env()
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
     if no_auth:
         if not _is_loopback(host):
             raise typer.BadParameter(
@@ -74,4 +81,6 @@ def serve_command(
     # uvicorn re-raises SIGTERM after its graceful shutdown, which has flushed the recorder.
     # This handler turns it into a normal exit with status 0.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(create_app(loaded), host=host, port=port, log_level="info")
+    spool = FileSpool(spool_settings) if spool_settings is not None else None
+    runtime = Runtime.from_settings(loaded.settings, spool=spool, privacy=loaded.privacy)
+    uvicorn.run(create_app(loaded, runtime), host=host, port=port, log_level="info")
