@@ -118,7 +118,14 @@ class WebhookIntake:
         self.stats.add("received")
         if not verify_signature(body, signature, self.settings.app_secret):
             self.stats.add("rejected_signature")
-            logger.warning("webhook rejected: missing or invalid %s", "X-Hub-Signature-256")
+            rejected = self.stats["rejected_signature"]
+            # The first rejection and every hundredth: a flood of forged requests stays readable.
+            if rejected == 1 or rejected % 100 == 0:
+                logger.warning(
+                    "webhook rejected: missing or invalid X-Hub-Signature-256 "
+                    "(%d rejected so far); check the app secret",
+                    rejected,
+                )
             return WebhookOutcome(403, b"invalid signature")
         self.stats.add("verified")
         received_at = received_at or ev.now_utc()
