@@ -12,12 +12,14 @@ over all conversations count it once.
 
 from __future__ import annotations
 
+import sys
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select, union, union_all
+from sqlalchemy import Engine, Select, and_, func, select, union
 from sqlalchemy.orm import aliased
 
 from chatmw.events_business import format_micros
@@ -32,7 +34,8 @@ __all__ = [
     "ATTRIBUTION_PARAM",
     "AttributedConversion",
     "attribution_days",
-    "attribution_pairs",
+    "ResolvedConversion",
+    "load_conversions",
     "resolved_conversions",
     "attributed_conversions",
     "conversation_counts",
@@ -97,26 +100,34 @@ def resolved_conversions() -> Select[*tuple[Any, ...]]:
     )
 
 
-def attribution_pairs(days: float) -> Select[Any]:
-    """Select ``(conversion_id, conversation_id)`` for every attribution (see the module doc)."""
-    window_ms = int(days * DAY_MS)
-    resolved = resolved_conversions().subquery()
-    by_user = (
-        select(resolved.c.conversion_id, Conversation.id.label("conversation_id"))
-        .join(
-            Conversation,
-            and_(
-                Conversation.contact_id == resolved.c.contact_id,
-                Conversation.started_at_ms <= resolved.c.occurred_at_ms,
-                Conversation.started_at_ms >= resolved.c.occurred_at_ms - window_ms,
-            ),
-        )
-        .where(resolved.c.conversation_external_id.is_(None))
-    )
-    by_conversation = select(
-        resolved.c.conversion_id, resolved.c.linked_conversation_id.label("conversation_id")
-    ).where(resolved.c.linked_conversation_id.is_not(None))
-    return union_all(by_user, by_conversation).subquery().select()
+@dataclass(frozen=True, slots=True)
+class ResolvedConversion:
+    """A stored conversion with its contact and the conversation it names, where found."""
+
+    conversion_id: int
+    name: str
+    value_micros: int
+    occurred_at_ms: int
+    names_conversation: bool
+    contact_id: int | None
+    linked_conversation_id: int | None
+
+
+def load_conversions(engine: Engine) -> list[ResolvedConversion]:
+    """Return every stored conversion, resolved as :func:`resolved_conversions` selects it."""
+    with engine.connect() as connection:
+        return [
+            ResolvedConversion(
+                row.conversion_id,
+                row.name,
+                row.value_micros,
+                row.occurred_at_ms,
+                row.conversation_external_id is not None,
+                row.contact_id,
+                row.linked_conversation_id,
+            )
+            for row in connection.execute(resolved_conversions())
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,28 +143,69 @@ class AttributedConversion:
     contact_id: int | None
 
 
-def attributed_conversions(
-    engine: Engine, flt: MetricFilter, days: float
-) -> list[AttributedConversion]:
-    """Return every attribution to a conversation that ``flt`` covers."""
+def _scoped_conversations(
+    engine: Engine, flt: MetricFilter
+) -> list[tuple[int, Any, int | None, int]]:
     scope = conversation_scope(flt).subquery()
-    pairs = attribution_pairs(days).subquery()
-    resolved = resolved_conversions().subquery()
-    statement = (
-        select(
-            scope.c.group_key,
-            scope.c.conversation_id,
-            resolved.c.conversion_id,
-            resolved.c.name,
-            resolved.c.value_micros,
-            resolved.c.occurred_at_ms,
-            resolved.c.contact_id,
-        )
-        .join(pairs, pairs.c.conversation_id == scope.c.conversation_id)
-        .join(resolved, resolved.c.conversion_id == pairs.c.conversion_id)
-    )
+    statement = select(
+        scope.c.conversation_id,
+        scope.c.group_key,
+        Conversation.contact_id,
+        Conversation.started_at_ms,
+    ).join(Conversation, Conversation.id == scope.c.conversation_id)
     with engine.connect() as connection:
-        return [AttributedConversion(*row) for row in connection.execute(statement)]
+        return [(row[0], row[1], row[2], row[3]) for row in connection.execute(statement)]
+
+
+def attributed_conversions(
+    engine: Engine,
+    flt: MetricFilter,
+    days: float,
+    conversions: Sequence[ResolvedConversion] | None = None,
+) -> list[AttributedConversion]:
+    """Return every attribution (see the module doc) to a conversation that ``flt`` covers.
+
+    The matching runs here rather than in SQL, because SQLite joins two derived tables as a
+    nested loop without an index, which is quadratic in their sizes. Two indexed reads and
+    a binary search per conversion are not.
+    """
+    if conversions is None:
+        conversions = load_conversions(engine)
+    scoped = _scoped_conversations(engine, flt)
+    group_of = {conversation_id: group_key for conversation_id, group_key, _, _ in scoped}
+    by_contact: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for conversation_id, _, contact_id, started_ms in scoped:
+        if contact_id is not None:
+            by_contact[contact_id].append((started_ms, conversation_id))
+    for entries in by_contact.values():
+        entries.sort()
+    window_ms = int(days * DAY_MS)
+
+    rows: list[AttributedConversion] = []
+    for conversion in conversions:
+        targets: list[int] = []
+        if conversion.names_conversation:
+            linked = conversion.linked_conversation_id
+            if linked is not None and linked in group_of:
+                targets.append(linked)
+        elif conversion.contact_id is not None:
+            entries = by_contact.get(conversion.contact_id, [])
+            low = bisect_left(entries, (conversion.occurred_at_ms - window_ms, -1))
+            high = bisect_right(entries, (conversion.occurred_at_ms, sys.maxsize))
+            targets.extend(conversation_id for _, conversation_id in entries[low:high])
+        rows.extend(
+            AttributedConversion(
+                group_of[target],
+                target,
+                conversion.conversion_id,
+                conversion.name,
+                conversion.value_micros,
+                conversion.occurred_at_ms,
+                conversion.contact_id,
+            )
+            for target in targets
+        )
+    return rows
 
 
 def conversation_counts(engine: Engine, flt: MetricFilter) -> dict[Any, int]:

@@ -5,19 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
-from chatmw.metrics.conversion import resolved_conversions
+from chatmw.metrics.conversion import load_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.stats import rate
-from chatmw.store.identity import CHUNK
 from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_business import Lead
 
@@ -75,35 +74,33 @@ class _LeadRow:
     contact_id: int | None
 
 
-def _leads_in_scope(engine: Engine, flt: MetricFilter) -> list[_LeadRow]:
-    scope = conversation_scope(flt).subquery()
-    linked = lead_conversations().subquery()
-    statement = select(
-        scope.c.group_key,
-        linked.c.lead_id,
-        linked.c.kind,
-        linked.c.origin,
-        linked.c.score,
-        linked.c.occurred_at_ms,
-        linked.c.contact_id,
-    ).join(linked, linked.c.conversation_id == scope.c.conversation_id)
+def _load_leads(engine: Engine) -> list[tuple[Any, ...]]:
     with engine.connect() as connection:
-        return [_LeadRow(*row) for row in connection.execute(statement)]
+        return [tuple(row) for row in connection.execute(lead_conversations())]
 
 
-def _conversion_times(engine: Engine, contact_ids: Iterable[int]) -> dict[int, int]:
+def _leads_in_scope(
+    engine: Engine, flt: MetricFilter, leads: Sequence[tuple[Any, ...]]
+) -> list[_LeadRow]:
+    # Matched here rather than by joining two derived tables, which SQLite runs as a
+    # nested loop without an index.
+    scope = conversation_scope(flt)
+    with engine.connect() as connection:
+        group_of = {row[0]: row[1] for row in connection.execute(scope)}
+    return [
+        _LeadRow(group_of[conversation_id], lead_id, kind, origin, score, occurred_ms, contact_id)
+        for lead_id, kind, origin, score, occurred_ms, contact_id, conversation_id in leads
+        if conversation_id in group_of
+    ]
+
+
+def _conversion_times(engine: Engine) -> dict[int, int]:
     """Return each contact's latest conversion time in ms."""
-    resolved = resolved_conversions().subquery()
     latest: dict[int, int] = {}
-    ids = sorted(set(contact_ids))
-    with engine.connect() as connection:
-        for start in range(0, len(ids), CHUNK):
-            statement = (
-                select(resolved.c.contact_id, func.max(resolved.c.occurred_at_ms))
-                .where(resolved.c.contact_id.in_(ids[start : start + CHUNK]))
-                .group_by(resolved.c.contact_id)
-            )
-            latest.update({contact: int(at) for contact, at in connection.execute(statement)})
+    for conversion in load_conversions(engine):
+        contact_id = conversion.contact_id
+        if contact_id is not None:
+            latest[contact_id] = max(conversion.occurred_at_ms, latest.get(contact_id, -1))
     return latest
 
 
@@ -149,11 +146,12 @@ def leads(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute leads, lead quality and scores for the conversations of ``flt``, per source."""
-    rows = _leads_in_scope(engine, flt)
-    by_source = _leads_in_scope(engine, dataclasses.replace(flt, group_by=GroupBy("source")))
-    converted_after = _conversion_times(
-        engine, (r.contact_id for r in rows if r.contact_id is not None)
+    stored = _load_leads(engine)
+    rows = _leads_in_scope(engine, flt, stored)
+    by_source = _leads_in_scope(
+        engine, dataclasses.replace(flt, group_by=GroupBy("source")), stored
     )
+    converted_after = _conversion_times(engine)
     result: dict[str, Any] = {
         "metric": "leads",
         "filters": flt.describe(),

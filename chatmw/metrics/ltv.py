@@ -3,54 +3,46 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ResolvedConversion,
     attributed_conversions,
     attribution_days,
     currency_of,
-    resolved_conversions,
+    load_conversions,
 )
 from chatmw.metrics.filters import FilterError, MetricFilter, parse_datetime
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import group_label
-from chatmw.store.identity import CHUNK
 
 __all__ = ["lifetime_value", "LTV", "DEFAULT_LIFESPAN_YEARS"]
 
 # A planning assumption, not a measurement: replace it with 1 / your annual churn rate.
 DEFAULT_LIFESPAN_YEARS = 3.0
 YEAR_MS = 365.25 * 86_400_000
-# Each customer is observed for at least a day, so a conversion just before the end of the
-# window cannot make the purchase frequency arbitrarily large.
+# Each customer is observed for at least a day, so a conversion just before ``as_of``
+# cannot make the purchase frequency arbitrarily large.
 MIN_OBSERVED_MS = 86_400_000
 
 
 def _orders(
-    engine: Engine, customers: Iterable[int], end_ms: int
+    conversions: Sequence[ResolvedConversion], customers: set[int], end_ms: int
 ) -> dict[int, list[tuple[int, int]]]:
     """Return each customer's conversions before ``end_ms`` as ``(time ms, value micros)``."""
-    resolved = resolved_conversions().subquery()
     orders: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    ids = sorted(set(customers))
-    with engine.connect() as connection:
-        for start in range(0, len(ids), CHUNK):
-            statement = select(
-                resolved.c.contact_id, resolved.c.occurred_at_ms, resolved.c.value_micros
-            ).where(
-                resolved.c.contact_id.in_(ids[start : start + CHUNK]),
-                resolved.c.occurred_at_ms < end_ms,
-            )
-            for contact_id, at_ms, micros in connection.execute(statement):
-                orders[contact_id].append((at_ms, micros))
+    for conversion in conversions:
+        contact_id = conversion.contact_id
+        if contact_id in customers and conversion.occurred_at_ms < end_ms:
+            orders[contact_id].append((conversion.occurred_at_ms, conversion.value_micros))
     return orders
 
 
@@ -103,12 +95,13 @@ def lifetime_value(
     end = datetime.now(UTC) if not as_of else parse_datetime("as_of", as_of, flt.tz)
     end_ms = to_ms(end)
 
+    conversions = load_conversions(engine)
     customers_by_group: dict[Any, set[int]] = defaultdict(set)
-    for row in attributed_conversions(engine, flt, days):
+    for row in attributed_conversions(engine, flt, days, conversions):
         if row.contact_id is not None:
             customers_by_group[row.group_key].add(row.contact_id)
     customers = set().union(*customers_by_group.values()) if customers_by_group else set()
-    orders = _orders(engine, customers, end_ms)
+    orders = _orders(conversions, customers, end_ms)
 
     result: dict[str, Any] = {
         "metric": "ltv",
