@@ -1,0 +1,20 @@
+-- POSTs FAQ-bot chat messages from 5,000 users with varied texts.
+package.path = package.path .. ";" .. os.getenv("BENCH_LUA_DIR") .. "/?.lua"
+require "report"
+
+local texts = {
+  "hello there", "what are your opening hours?", "how much is the pro plan",
+  "my delivery is late, where is my package", "I want a refund please",
+  "I forgot my password", "can I talk to a human", "thanks, that solved it", "bye",
+  "the app crashed again and I lost my order"
+}
+local counter = 0
+
+request = function()
+  counter = counter + 1
+  local body = string.format('{"user_id": "user-%d", "message": "%s"}',
+    counter % 5000, texts[counter % #texts + 1])
+  return wrk.format("POST", "/chat", {["Content-Type"] = "application/json"}, body)
+end
+
+done = report

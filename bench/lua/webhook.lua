@@ -1,0 +1,15 @@
+-- POSTs pre-signed Meta webhooks from the file named by BENCH_BODIES (a Lua table).
+package.path = package.path .. ";" .. os.getenv("BENCH_LUA_DIR") .. "/?.lua"
+require "report"
+
+local bodies = dofile(os.getenv("BENCH_BODIES"))
+local counter = 0
+
+request = function()
+  counter = counter + 1
+  local item = bodies[counter % #bodies + 1]
+  return wrk.format("POST", "/webhook",
+    {["Content-Type"] = "application/json", ["X-Hub-Signature-256"] = item[2]}, item[1])
+end
+
+done = report

@@ -1,0 +1,168 @@
+"""A batch writer that runs the store writer in a child process.
+
+The recorder's writer thread shares the interpreter lock with the host application. With
+the writer in the same process, its Python work (building rows, scoring sentiment,
+reading results back) competes with the application's event loop for the lock and for one
+CPU, and the loop's requests wait behind it. :class:`ProcessWriter` keeps the recorder as
+it is (queue, batches, retries, spool) and only moves ``write(batch)`` into a child
+process: the writer thread pickles the batch, sends it down a pipe and waits, with the
+lock released, for the child's answer.
+
+The child builds its own writer by calling ``factory`` (a picklable callable, such as
+``functools.partial(build_writer, url)``), because engines and connections cannot cross a
+process boundary. A feature that registers handlers, enrichers or preprocessors on the
+writer must do so inside the factory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from chatmw.events import Event
+from chatmw.recorder import BatchWriter, _describe, is_retryable
+
+__all__ = ["ProcessWriter", "WriteRejected", "build_writer", "writer_factory"]
+
+logger = logging.getLogger("chatmw")
+
+
+class WriteRejected(Exception):
+    """The child's writer rejected the batch with an error that a retry would not fix."""
+
+
+def build_writer(database_url: str, session_gap_ms: int = 30 * 60 * 1000,
+                 sentiment: bool = True) -> BatchWriter:
+    """Build the standard store writer (with the sentiment enricher when asked)."""
+    from chatmw.store.engine import make_engine
+    from chatmw.store.writer import Writer, WriterSettings
+
+    writer = Writer(make_engine(database_url), WriterSettings(session_gap_ms=session_gap_ms))
+    if sentiment:
+        from chatmw.sentiment import sentiment_enricher
+
+        writer.enrichers.append(sentiment_enricher)
+    return writer
+
+
+def writer_factory(database_url: str, session_gap_ms: int = 30 * 60 * 1000,
+                   sentiment: bool = True) -> Callable[[], BatchWriter]:
+    """Return a picklable factory of :func:`build_writer` for :class:`ProcessWriter`."""
+    return functools.partial(build_writer, database_url, session_gap_ms, sentiment)
+
+
+def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
+    # The child's loop: receive one batch, send one (ok, retryable, description) reply.
+    writer = factory()
+    while True:
+        try:
+            batch = connection.recv()
+        except EOFError:
+            return
+        if batch is None:
+            return
+        try:
+            writer.write(batch)
+        except Exception as error:  # noqa: BLE001 - sent back to the parent, which decides
+            connection.send((False, is_retryable(error), _describe(error)))
+            continue
+        connection.send((True, False, ""))
+
+
+class ProcessWriter:
+    """Writes batches through a writer that runs in a child process.
+
+    ``factory`` builds the writer in the child. ``timeout_s`` bounds one write: a child that
+    has not answered by then is killed and the write fails as retryable (the batch may then
+    be stored twice, which the idempotent writer stores once). A child that died is started
+    again on the next write. Retryable errors in the child are raised here as
+    :class:`sqlalchemy.exc.OperationalError`, so the recorder retries them as usual; other
+    errors are raised as :class:`WriteRejected`, so the recorder isolates the bad events.
+    """
+
+    def __init__(self, factory: Callable[[], BatchWriter], *, timeout_s: float = 120.0,
+                 start_method: str = "spawn") -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.factory = factory
+        self.timeout_s = timeout_s
+        self._context = multiprocessing.get_context(start_method)
+        self._process: Any = None
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the child process now rather than on the first write."""
+        with self._lock:
+            self._ensure_started()
+
+    def write(self, batch: Sequence[Event]) -> None:
+        """Write ``batch`` in the child; raises as described in the class documentation."""
+        with self._lock:
+            connection = self._ensure_started()
+            try:
+                connection.send(list(batch))
+                if not connection.poll(self.timeout_s):
+                    self._kill(f"write timed out after {self.timeout_s:.0f} s")
+                    raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
+                ok, retryable, description = connection.recv()
+            except (EOFError, OSError) as error:
+                self._kill(f"pipe failed: {type(error).__name__}")
+                description = f"child writer process failed: {type(error).__name__}"
+                raise _unavailable(description) from error
+        if ok:
+            return
+        if retryable:
+            raise _unavailable(description)
+        raise WriteRejected(description)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the child after the write in progress, if any."""
+        with self._lock:
+            process, connection = self._process, self._connection
+            self._process = self._connection = None
+            if process is None or connection is None:
+                return
+            with contextlib.suppress(OSError):
+                connection.send(None)
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join()
+            connection.close()
+
+    def _ensure_started(self) -> Connection:
+        if self._process is not None and self._process.is_alive() and self._connection is not None:
+            return self._connection
+        if self._process is not None:
+            self._kill("child writer process exited")
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=_serve, args=(child, self.factory),
+                                        name="chatmw-writer", daemon=True)
+        process.start()
+        child.close()
+        self._process, self._connection = process, parent
+        logger.info("writer process started: pid=%s", process.pid)
+        return parent
+
+    def _kill(self, reason: str) -> None:
+        process, connection = self._process, self._connection
+        self._process = self._connection = None
+        logger.warning("writer process stopped: %s", reason)
+        if process is not None and process.is_alive():
+            process.kill()
+            process.join()
+        if connection is not None:
+            connection.close()
+
+
+def _unavailable(description: str) -> OperationalError:
+    return OperationalError(None, None, Exception(description))

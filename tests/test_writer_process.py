@@ -1,0 +1,106 @@
+"""ProcessWriter: the store writer in a child process, behind the recorder."""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
+
+from chatmw import events as ev
+from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.models import Conversation, Message
+from chatmw.writer_process import ProcessWriter, WriteRejected, build_writer
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+class _Failing:
+    """A writer that raises ``error`` on every write (built in the child)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def write(self, batch: object) -> None:
+        raise self.error
+
+
+def _failing_writer(kind: str) -> _Failing:
+    if kind == "retryable":
+        return _Failing(OperationalError("INSERT", {}, Exception("database is locked")))
+    return _Failing(ValueError("bad event"))
+
+
+def _messages(count: int) -> list[ev.Event]:
+    return [ev.Message(channel="web", occurred_at=T0 + timedelta(seconds=index), key=f"m{index}",
+                       role="user" if index % 2 == 0 else "bot", user_id="u1", text="hello",
+                       conversation_id="c1")
+            for index in range(count)]
+
+
+def test_process_writer_stores_through_recorder(engine: Engine, database_url: str) -> None:
+    writer = ProcessWriter(functools.partial(build_writer, database_url, sentiment=True))
+    recorder = Recorder(writer, RecorderSettings(batch_interval_s=0.05))
+    recorder.start()
+    try:
+        for event in _messages(6):
+            assert recorder.submit(event)
+        assert recorder.flush(60)
+    finally:
+        recorder.stop()
+        writer.close()
+
+    with engine.connect() as connection:
+        stored = connection.execute(select(func.count()).select_from(Message)).scalar_one()
+        count = connection.execute(select(Conversation.message_count)).scalar_one()
+        scored = connection.execute(
+            select(func.count()).select_from(Message).where(Message.sentiment.is_not(None))
+        ).scalar_one()
+    assert stored == 6
+    assert count == 6
+    assert scored == 3
+
+
+def test_process_writer_raises_retryable_as_operational() -> None:
+    writer = ProcessWriter(functools.partial(_failing_writer, "retryable"))
+    try:
+        with pytest.raises(OperationalError, match="database is locked"):
+            writer.write(_messages(1))
+    finally:
+        writer.close()
+
+
+def test_process_writer_raises_other_errors_as_rejected() -> None:
+    writer = ProcessWriter(functools.partial(_failing_writer, "rejected"))
+    try:
+        with pytest.raises(WriteRejected, match="bad event"):
+            writer.write(_messages(1))
+    finally:
+        writer.close()
+
+
+def test_process_writer_restarts_dead_child(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
+    try:
+        writer.write(_messages(1))
+        first = writer._process
+        first.kill()
+        first.join()
+        writer.write(_messages(3))
+        assert writer._process is not first
+    finally:
+        writer.close()
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 3
+    engine.dispose()
+
+
+def test_process_writer_rejects_bad_timeout() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        ProcessWriter(functools.partial(build_writer, "sqlite://"), timeout_s=0)
