@@ -2,7 +2,8 @@
 
 A conversion is attributed to conversations in one of two ways:
 
-- It names a conversation: it is attributed to that conversation only.
+- It names a conversation: it is attributed to that conversation only, and to none while
+  that conversation is not stored.
 - It names a user: it is attributed to every conversation of that user (contact) that
   started at most ``attribution_days`` before the conversion, and not after it.
 
@@ -307,7 +308,8 @@ CONVERSION = register(
             "conversations that started in the window.\n\n"
             "Conversions are recorded through `POST /business/conversions` or "
             "`chatmw.business.record_conversion`. A conversion that names a conversation is "
-            "attributed to that conversation only. One that names a user is attributed to each "
+            "attributed to that conversation only, from the time it is stored (even when the "
+            "conversion was recorded first). One that names a user is attributed to each "
             "conversation of that user (same channel) that started at most `attribution_days` "
             "(default 7) before the conversion, the conversion time included, and not after it.\n\n"
             "- `conversions`: distinct conversions attributed to conversations in the window.\n"
