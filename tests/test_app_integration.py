@@ -179,7 +179,8 @@ def test_widget_without_surveys_forwards_everything(tmp_path: Path) -> None:
     reply, poll = asyncio.run(scenario())
     assert bot.received == ["survey:1:4"]
     assert [item["text"] for item in reply.json()["replies"]] == ["Our shop opens at 9."]
-    assert poll.json() == {"replies": []}
+    assert "poll_seconds" not in reply.json()
+    assert poll.json() == {"replies": [], "poll_seconds": 0}
 
 
 def test_poll_rejects_other_origins(tmp_path: Path) -> None:

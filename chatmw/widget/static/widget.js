@@ -32,7 +32,7 @@
     open: "chatmw:open",
     poll: "chatmw:poll"
   };
-  // When the endpoint asks for polls (surveys run on the web channel), the widget polls for
+  // When responses carry poll_seconds (surveys run on the web channel), the widget polls for
   // this long after the visitor's last message, to fetch a survey prompt sent after the end.
   var POLL_WINDOW_MS = 60 * 60 * 1000;
   var UTM_FIELDS = ["source", "medium", "campaign", "term", "content"];
