@@ -100,7 +100,7 @@ def money(micros: int) -> str:
 
 
 @dataclass
-class Conv:
+class ConversationRecord:
     id: str
     channel: str
     user: str
@@ -143,8 +143,8 @@ class Conv:
 
 
 @dataclass
-class Conv2:
-    """A conversion record: by user (``conversation`` None) or by conversation."""
+class ConversionRecord:
+    """A conversion, named by user (``conversation`` is None) or by conversation."""
 
     key: str
     channel: str
@@ -157,8 +157,8 @@ class Conv2:
 
 @dataclass
 class World:
-    conversations: list[Conv] = field(default_factory=list)
-    conversions: list[Conv2] = field(default_factory=list)
+    conversations: list[ConversationRecord] = field(default_factory=list)
+    conversions: list[ConversionRecord] = field(default_factory=list)
     exposures: list[tuple[str, str, datetime]] = field(default_factory=list)
     spend: list[tuple[date, str, str, int]] = field(default_factory=list)
     leads: list[tuple[str, str, str, str, datetime, str | None, float | None]] = field(
@@ -189,7 +189,7 @@ class World:
     def _conversation(
         self, rng: random.Random, channel: str, user: str, conv_id: str, start: datetime
     ) -> None:
-        conv = Conv(conv_id, channel, user, start)
+        conv = ConversationRecord(conv_id, channel, user, start)
         at = start
         proactive = channel == "messenger" and rng.random() < 0.3
         if proactive:
@@ -263,7 +263,7 @@ class World:
             if roll < 0.25:
                 at = conv.start + timedelta(hours=rng.choice((1, 30, 24 * 6, 24 * 9)))
                 self.conversions.append(
-                    Conv2(
+                    ConversionRecord(
                         f"u{index}",
                         conv.channel,
                         conv.user,
@@ -276,14 +276,16 @@ class World:
             elif roll < 0.35:
                 at = conv.start + timedelta(days=rng.choice((0, 12)), minutes=30)
                 self.conversions.append(
-                    Conv2(f"c{index}", conv.channel, None, conv.id, at, micros, "purchase")
+                    ConversionRecord(
+                        f"c{index}", conv.channel, None, conv.id, at, micros, "purchase"
+                    )
                 )
         # A conversion of a user who never chatted, and one naming an unknown conversation.
         self.conversions.append(
-            Conv2("ghost", "web", "nobody", None, T0 + 3 * DAY, 5_000_000, "purchase")
+            ConversionRecord("ghost", "web", "nobody", None, T0 + 3 * DAY, 5_000_000, "purchase")
         )
         self.conversions.append(
-            Conv2("lost", "web", None, "no-such", T0 + 3 * DAY, 7_000_000, "purchase")
+            ConversionRecord("lost", "web", None, "no-such", T0 + 3 * DAY, 7_000_000, "purchase")
         )
 
     def _spend(self, rng: random.Random) -> None:
@@ -426,7 +428,7 @@ class World:
 
     def in_window(
         self, since: datetime | None, until: datetime | None, channel: str | None = None
-    ) -> list[Conv]:
+    ) -> list[ConversationRecord]:
         return [
             c
             for c in self.conversations
@@ -456,7 +458,7 @@ class World:
                     result[conversion.key].add(conv.id)
         return result
 
-    def conversion_owner(self, conversion: Conv2) -> tuple[str, str] | None:
+    def conversion_owner(self, conversion: ConversionRecord) -> tuple[str, str] | None:
         if conversion.user is not None:
             return (conversion.channel, conversion.user)
         for conv in self.conversations:
@@ -464,11 +466,11 @@ class World:
                 return (conv.channel, conv.user)
         return None
 
-    def contact(self, conv: Conv) -> tuple[str, str] | None:
+    def contact(self, conv: ConversationRecord) -> tuple[str, str] | None:
         return (conv.channel, conv.user) if conv.user_messages >= 1 else None
 
-    def last_touch(self, conv: Conv) -> dict | None:
+    def last_touch(self, conv: ConversationRecord) -> dict | None:
         return max(conv.touches, key=lambda t: t["at"]) if conv.touches else None
 
-    def first_touch(self, conv: Conv) -> dict | None:
+    def first_touch(self, conv: ConversationRecord) -> dict | None:
         return min(conv.touches, key=lambda t: t["at"]) if conv.touches else None

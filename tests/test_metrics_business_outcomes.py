@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from business_support import DAY, STEPS, T0, Conv, World, rate, world_engine
+from business_support import DAY, STEPS, T0, ConversationRecord, World, rate, world_engine
 from sqlalchemy import Engine
 
 from chatmw import events as ev
@@ -30,7 +30,7 @@ def run(engine: Engine, name: str, params: dict[str, list[str]]) -> dict[str, An
     return compute_metric(engine, REGISTRY[name], params)
 
 
-def repeated(world: World, conv: Conv, hours: float) -> bool:
+def repeated(world: World, conv: ConversationRecord, hours: float) -> bool:
     if world.contact(conv) is None:
         return False
     return any(
@@ -41,7 +41,9 @@ def repeated(world: World, conv: Conv, hours: float) -> bool:
     )
 
 
-def expected_resolution(world: World, convs: list[Conv], hours: float) -> dict[str, Any]:
+def expected_resolution(
+    world: World, convs: list[ConversationRecord], hours: float
+) -> dict[str, Any]:
     resolved = [c for c in convs if c.resolved]
     handed = [c for c in resolved if c.handed_off]
     repeats = [c for c in resolved if repeated(world, c, hours)]
@@ -114,7 +116,7 @@ def test_resolution_repeat_within_hours(engine: Engine) -> None:
     assert result["first_contact_resolved"] == 2
 
 
-def last_step(conv: Conv) -> str:
+def last_step(conv: ConversationRecord) -> str:
     intents = conv.bot_intents
     return conv.step or (intents[-1] if intents else None) or "(unknown)"
 
@@ -201,8 +203,8 @@ def rule_type(text: str | None) -> str | None:
     return None
 
 
-def expected_types(convs: list[Conv], prefer: str) -> dict[str, dict[str, Any]]:
-    groups: dict[str, list[Conv]] = defaultdict(list)
+def expected_types(convs: list[ConversationRecord], prefer: str) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[ConversationRecord]] = defaultdict(list)
     for conv in convs:
         ruled = rule_type(conv.first_user_text)
         chosen = (conv.intent or ruled) if prefer == "intent" else (ruled or conv.intent)
