@@ -37,10 +37,10 @@ example ``api.burst: must be a whole number of at least 1, got 0``). The layout:
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from chatmw.business import BusinessSettings
 from chatmw.business_hours import BusinessHours
@@ -52,6 +52,7 @@ __all__ = ["AppConfig", "load_app_config", "parse_app_config"]
 
 _CORE_KEYS = ("database_url", "metrics_prefix", "session_gap_minutes", "sentiment")
 _TABLES = ("api", "privacy", "business", "business_hours", "surveys", "dispatcher")
+_Built = TypeVar("_Built")
 
 
 @dataclass(slots=True)
@@ -131,7 +132,7 @@ class _Table:
         return value
 
 
-def _named(table: str, build: Any, **values: Any) -> Any:
+def _named(table: str, build: Callable[..., _Built], **values: Any) -> _Built:
     # The settings classes name the field ("text_mode must be ..."); add the table's name.
     try:
         return build(**values)

@@ -161,13 +161,13 @@ class WidgetEndpoint:
 
         if self.outbox_engine is not None and is_survey_payload(message.text):
             # A tapped survey button: the writer's survey preprocessor stores the score.
-            content = {
+            answered: dict[str, Any] = {
                 "conversation_id": message.conversation_id,
                 "message_id": message.message_id,
                 "replies": await self._outbox(message.visitor_id),
                 "poll_seconds": POLL_SECONDS,
             }
-            return JSONResponse(content, headers=self._cors_headers(origin))
+            return JSONResponse(answered, headers=self._cors_headers(origin))
 
         chat_request = ChatRequest(
             user_id=message.visitor_id,
