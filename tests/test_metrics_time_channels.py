@@ -107,8 +107,12 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
         kind = rng.choice(["csat", "nps", None])
         item["survey"] = None
         if kind is not None:
-            score = rng.randint(1, 5) if kind == "csat" else rng.randint(0, 10)
-            item["survey"] = (kind, score)
+            # Answered, sent without an answer, or skipped (never sent).
+            state = rng.choice(["answered", "answered", "sent", "skipped"])
+            score = None
+            if state == "answered":
+                score = rng.randint(1, 5) if kind == "csat" else rng.randint(0, 10)
+            item["survey"] = (kind, state, score)
             survey_rows.append(
                 {
                     "conversation_id": ids[f"c{item['number']}"],
@@ -116,9 +120,10 @@ def add_outcomes(engine: Engine, conversations: list[dict], seed: int) -> None:
                     "name": kind,
                     "kind": kind,
                     "trigger": "end",
-                    "state": "answered",
+                    "state": state,
                     "locale": "en",
                     "created_at_ms": 0,
+                    "sent_at_ms": None if state == "skipped" else 1,
                     "score": score,
                     "comment_window_ms": 0,
                     "reasks": 0,
@@ -185,25 +190,26 @@ def test_channels_match_reference(engine: Engine) -> None:
         replies = [delay for item in mine for delay in item["delays"]]
         assert row["first_response"]["p50"] == pytest.approx(percentile(firsts, 0.5), abs=1e-3)
         assert row["reply_time"]["mean"] == pytest.approx(statistics.fmean(replies), abs=1e-3)
-        csat = [
-            item["survey"][1] for item in mine if item["survey"] and item["survey"][0] == "csat"
-        ]
-        nps = [item["survey"][1] for item in mine if item["survey"] and item["survey"][0] == "nps"]
-        assert row["csat"]["responses"] == len(csat)
+        surveys = [item["survey"] for item in mine if item["survey"]]
+        csat = [score for kind, _, score in surveys if kind == "csat" and score is not None]
+        nps = [score for kind, _, score in surveys if kind == "nps" and score is not None]
+        csat_sent = sum(1 for kind, state, _ in surveys if kind == "csat" and state != "skipped")
+        assert row["csat"]["sent"] == csat_sent
+        assert row["csat"]["answers"] == len(csat)
+        assert row["csat"]["satisfied"] == sum(1 for s in csat if s >= 4)
         if csat:
-            assert row["csat"]["csat_pct"] == round(
+            assert row["csat"]["score"] == round(
                 sum(1 for s in csat if s >= 4) / len(csat) * 100, 2
             )
         else:
-            assert row["csat"]["csat_pct"] is None
-        expected_nps = (
-            round(
-                (sum(1 for s in nps if s >= 9) - sum(1 for s in nps if s <= 6)) / len(nps) * 100, 2
-            )
-            if nps
-            else None
-        )
-        assert row["nps"]["nps"] == expected_nps
+            assert row["csat"]["score"] is None
+        assert row["nps"]["answers"] == len(nps)
+        if nps:
+            promoters = sum(1 for s in nps if s >= 9)
+            detractors = sum(1 for s in nps if s <= 6)
+            assert row["nps"]["nps"] == round((promoters - detractors) / len(nps) * 100, 2)
+        else:
+            assert row["nps"]["nps"] is None
         scores = [s for item in mine for s in item["scores"] if s is not None]
         assert row["sentiment_mean"] == (
             pytest.approx(statistics.fmean(scores), abs=1e-4) if scores else None

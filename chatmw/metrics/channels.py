@@ -6,9 +6,10 @@ import dataclasses
 import importlib
 from collections import defaultdict
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, Table, case, func, inspect, select
+from sqlalchemy import Engine, case, func, inspect, select
 
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
@@ -22,24 +23,19 @@ from chatmw.store.models import Base, Conversation, Message
 try:
     # Conversion figures come from the conversion metric, so both give the same numbers.
     from chatmw.metrics import conversion as _conversion
-except ImportError:
+except ModuleNotFoundError as error:
+    if error.name != "chatmw.metrics.conversion":
+        raise
     _conversion = None  # type: ignore[assignment]
 
 __all__ = [
     "channel_performance",
     "CHANNELS",
     "ENGAGED_MIN_USER_MESSAGES",
-    "CSAT_SATISFIED_MIN",
-    "NPS_PROMOTER_MIN",
-    "NPS_DETRACTOR_MAX",
 ]
 
 # A conversation is engaged when the user sent at least this many messages.
 ENGAGED_MIN_USER_MESSAGES = 2
-# CSAT scores run 1-5; 4 and 5 count as satisfied. NPS scores run 0-10.
-CSAT_SATISFIED_MIN = 4
-NPS_PROMOTER_MIN = 9
-NPS_DETRACTOR_MAX = 6
 
 
 def _has_table(engine: Engine, module: str, name: str) -> bool:
@@ -105,47 +101,34 @@ def _conversions(
     }
 
 
-def _surveys(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, list[int]]] | None:
+def _surveys(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]] | None:
+    """Return the ``csat`` and ``nps`` figures per channel, or None without the survey tables."""
     if not _has_table(engine, "chatmw.store.models_surveys", "surveys"):
         return None
-    surveys: Table = Base.metadata.tables["surveys"]
-    scope = conversation_scope(flt).subquery()
-    statement = (
-        select(Conversation.channel, surveys.c.kind, surveys.c.score)
-        .join(scope, Conversation.id == scope.c.conversation_id)
-        .join(surveys, surveys.c.conversation_id == Conversation.id)
-        .where(surveys.c.score.is_not(None), surveys.c.kind.in_(("csat", "nps")))
-    )
-    scores: dict[str, dict[str, list[int]]] = defaultdict(lambda: {"csat": [], "nps": []})
-    with engine.connect() as connection:
-        for channel, kind, score in connection.execute(statement):
-            scores[channel][kind].append(int(score))
-    return scores
+    try:
+        # Imported here, not at module level: chatmw.surveys imports this package's modules.
+        from chatmw.surveys.metrics import csat, nps
+    except ModuleNotFoundError as error:
+        if error.name not in ("chatmw.surveys", "chatmw.surveys.metrics"):
+            raise
+        return None
+    figures: dict[str, dict[str, Any]] = defaultdict(dict)
+    for kind, compute in (("csat", csat), ("nps", nps)):
+        for group in compute(engine, flt)["groups"]:
+            figures[group["group"]][kind] = {k: v for k, v in group.items() if k != "group"}
+        # The figures of a channel without surveys, in the same shape.
+        figures[""][kind] = {
+            k: v
+            for k, v in compute(engine, _nothing(flt)).items()
+            if k not in ("metric", "filters")
+        }
+    return figures
 
 
-def _csat(scores: list[int]) -> dict[str, Any]:
-    satisfied = sum(1 for score in scores if score >= CSAT_SATISFIED_MIN)
-    share = rate(satisfied, len(scores))
-    return {
-        "responses": len(scores),
-        "satisfied": satisfied,
-        "csat_pct": None if share is None else round(share * 100, 2),
-        "mean": None if not scores else round(sum(scores) / len(scores), 3),
-    }
-
-
-def _nps(scores: list[int]) -> dict[str, Any]:
-    if not scores:
-        return {"responses": 0, "nps": None, "promoters": 0, "passives": 0, "detractors": 0}
-    promoters = sum(1 for score in scores if score >= NPS_PROMOTER_MIN)
-    detractors = sum(1 for score in scores if score <= NPS_DETRACTOR_MAX)
-    return {
-        "responses": len(scores),
-        "nps": round((promoters - detractors) / len(scores) * 100, 2),
-        "promoters": promoters,
-        "passives": len(scores) - promoters - detractors,
-        "detractors": detractors,
-    }
+def _nothing(flt: MetricFilter) -> MetricFilter:
+    # An empty window (since == until) selects no conversation: the figures of no surveys.
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return dataclasses.replace(flt, since=epoch, until=epoch, group_by=None)
 
 
 def channel_performance(
@@ -158,7 +141,7 @@ def channel_performance(
     durations = {str(key): value for key, value in collect_durations(engine, by_channel).items()}
     sentiment = {str(key): value for key, value in mean_polarity(engine, by_channel).items()}
     conversions = _conversions(engine, by_channel, options or {})
-    surveys = _surveys(engine, flt)
+    surveys = _surveys(engine, by_channel)
 
     notes = []
     if conversions is None:
@@ -189,8 +172,12 @@ def channel_performance(
         times = durations.get(channel)
         row["first_response"] = describe_seconds(times["first_response"]["all"] if times else [])
         row["reply_time"] = describe_seconds(times["reply_time"]["all"] if times else [])
-        row["csat"] = None if surveys is None else _csat(surveys.get(channel, {}).get("csat", []))
-        row["nps"] = None if surveys is None else _nps(surveys.get(channel, {}).get("nps", []))
+        if surveys is None:
+            row["csat"] = row["nps"] = None
+        else:
+            own = surveys.get(channel, {})
+            row["csat"] = own.get("csat", surveys[""]["csat"])
+            row["nps"] = own.get("nps", surveys[""]["nps"])
         row["sentiment_mean"] = sentiment.get(channel)
         channels.append(row)
     return {"metric": "channels", "filters": flt.describe(), "channels": channels, "notes": notes}
@@ -232,12 +219,11 @@ CHANNELS = register(
             "has no conversions table (a note says so).\n"
             "- `first_response` and `reply_time`: as in `response-time` (bot and agent answers "
             "together), in seconds.\n"
-            "- `csat`: answered CSAT surveys (1-5) of these conversations; `satisfied` counts "
-            f"scores >= {CSAT_SATISFIED_MIN}, `csat_pct` is their share in percent and `mean` "
-            "the mean score.\n"
-            f"- `nps`: answered NPS surveys (0-10); promoters score >= {NPS_PROMOTER_MIN}, "
-            f"detractors <= {NPS_DETRACTOR_MAX}; `nps` = % promoters - % detractors "
-            "(-100 to 100). `csat` and `nps` are `null` when the store has no surveys table.\n"
+            "- `csat` and `nps`: the `GET {prefix}/csat` and `GET {prefix}/nps` figures per "
+            "channel (surveys of these conversations whose prompt was sent). CSAT scores run "
+            "1-5: `score` is the share of 4 and 5 among `answers`, in percent, and `satisfied` "
+            "their count. NPS scores run 0-10: `nps` = % promoters (9-10) - % detractors "
+            "(0-6), from -100 to 100. Both are `null` when the store has no surveys table.\n"
             "- `sentiment_mean`: mean polarity of scored user messages (see `sentiment`).\n\n"
             "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
         ),

@@ -181,9 +181,9 @@
     // CSAT and NPS over all channels, from the per-channel counts.
     let responses = 0, satisfied = 0, npsResponses = 0, promoters = 0, detractors = 0, surveys = false;
     for (const row of channels ? channels.channels : []) {
-      if (row.csat) { surveys = true; responses += row.csat.responses; satisfied += row.csat.satisfied; }
+      if (row.csat) { surveys = true; responses += row.csat.answers; satisfied += row.csat.satisfied; }
       if (row.nps) {
-        npsResponses += row.nps.responses; promoters += row.nps.promoters; detractors += row.nps.detractors;
+        npsResponses += row.nps.answers; promoters += row.nps.promoters; detractors += row.nps.detractors;
       }
     }
     setText("tile-csat", surveys && responses ? (satisfied / responses * 100).toFixed(1) + " %" : "–");
@@ -270,7 +270,7 @@
       { label: "Conversion", format: (row) => (row.conversion ? formatShare(row.conversion.rate) : "–") },
       { label: "First response p50", format: (row) => formatSeconds(row.first_response.p50) },
       { label: "Reply time p50", format: (row) => formatSeconds(row.reply_time.p50) },
-      { label: "CSAT", format: (row) => (row.csat && row.csat.csat_pct !== null ? row.csat.csat_pct.toFixed(1) + " %" : "–") },
+      { label: "CSAT", format: (row) => (row.csat && row.csat.score !== null ? row.csat.score.toFixed(1) + " %" : "–") },
       { label: "NPS", format: (row) => (row.nps && row.nps.nps !== null ? row.nps.nps.toFixed(0) : "–") },
       { label: "Sentiment", format: (row) => formatNumber(row.sentiment_mean, 2) },
     ], result.channels);
