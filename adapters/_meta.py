@@ -104,7 +104,7 @@ class MetaSettings:
     - ``forward_workers``: concurrent forwards to the bot.
     - ``graph_timeout_s``: timeout of each Graph API call made or passed through.
     - ``agent_app_ids``: ids of apps through which people reply (a help
-      desk, the page inbox); echoes of other apps are bot messages, and echoes without an
+      desk, the page inbox). Echoes of other apps are bot messages, and echoes without an
       app id are agent messages.
     - ``instagram_account_ids``: Instagram account ids whose ``/{id}/messages`` sends
       through the pass-through are recorded on the ``instagram`` channel.

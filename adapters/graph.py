@@ -62,7 +62,7 @@ def send_channel(path: str, instagram_account_ids: frozenset[str]) -> str:
     """Return the channel of a Send API call: ``instagram`` for an Instagram account's path.
 
     Instagram sends have the same body as Messenger sends, so only the account id in the
-    path (``/{ig-user-id}/messages``) tells them apart.
+    path (``/{ig-user-id}/messages``) distinguishes them.
     """
     match = SEND_PATH.match(path)
     if match is not None and match.group("node") in instagram_account_ids:
