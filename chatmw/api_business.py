@@ -7,14 +7,17 @@ so ``detail[0].loc`` names the field (or, for CSV, the line and column).
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 
 from chatmw import events as ev
@@ -31,6 +34,9 @@ from chatmw.events_business import Conversion, Lead, LeadKind, Spend, parse_amou
 from chatmw.runtime import Runtime
 
 __all__ = ["create_business_router", "MAX_CSV_BYTES"]
+
+logger = logging.getLogger("chatmw")
+_T = TypeVar("_T")
 
 # The largest spend CSV accepted in one upload: an estimated 50,000 rows of 100 bytes.
 MAX_CSV_BYTES = 5 * 1024 * 1024
@@ -117,6 +123,26 @@ def _invalid(loc: Sequence[str | int], message: str, status: int = 422) -> JSONR
     )
 
 
+class _StoreUnavailable(Exception):
+    """The database failed; the endpoint answers 503 so the client retries."""
+
+
+def _store_errors_as_503(
+    endpoint: Callable[..., Awaitable[JSONResponse]],
+) -> Callable[..., Awaitable[JSONResponse]]:
+    @functools.wraps(endpoint)
+    async def guarded(*args: Any, **kwargs: Any) -> JSONResponse:
+        try:
+            return await endpoint(*args, **kwargs)
+        except _StoreUnavailable:
+            return JSONResponse(
+                status_code=503,
+                content={"detail": "the database is unavailable; retry later"},
+            )
+
+    return guarded
+
+
 def _unavailable() -> JSONResponse:
     return JSONResponse(
         status_code=503,
@@ -129,8 +155,19 @@ class _Endpoints:
         self.runtime = runtime
         self.settings = settings
 
+    async def _in_store(self, function: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return await run_in_threadpool(function, *args)
+        except DBAPIError as error:
+            logger.error(
+                "business API: database call %s failed: %s",
+                function.__name__,
+                type(error.orig or error).__name__,
+            )
+            raise _StoreUnavailable from error
+
     async def _currency_error(self, currency: str) -> JSONResponse | None:
-        expected = await run_in_threadpool(deployment_currency, self.runtime.engine, self.settings)
+        expected = await self._in_store(deployment_currency, self.runtime.engine, self.settings)
         if expected is None or currency == expected:
             return None
         return _invalid(
@@ -201,7 +238,7 @@ class _Endpoints:
         return JSONResponse(status_code=202, content={"status": "accepted", "keys": keys})
 
     async def spend(self, body: SpendBody) -> JSONResponse:
-        expected = await run_in_threadpool(deployment_currency, self.runtime.engine, self.settings)
+        expected = await self._in_store(deployment_currency, self.runtime.engine, self.settings)
         currency = body.currency or expected
         if currency is None:
             return _invalid(["currency"], "currency is required until the deployment has one")
@@ -212,7 +249,7 @@ class _Endpoints:
                 f"currency {expected}; record amounts in {expected}",
             )
         event = Spend.for_day(body.day, body.channel, body.amount, currency, body.campaign)
-        await run_in_threadpool(self.runtime.writer.write, [event])
+        await self._in_store(self.runtime.writer.write, [event])
         return JSONResponse(status_code=200, content={"stored": 1, "currency": currency})
 
     async def spend_csv(self, request: Request) -> JSONResponse:
@@ -225,7 +262,7 @@ class _Endpoints:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             return _invalid([], f"CSV is not valid UTF-8 (byte {error.start})")
-        expected = await run_in_threadpool(deployment_currency, self.runtime.engine, self.settings)
+        expected = await self._in_store(deployment_currency, self.runtime.engine, self.settings)
         try:
             events = parse_spend_csv(text, expected)
         except SpendRowError as error:
@@ -238,7 +275,7 @@ class _Endpoints:
                 f"line 2, column currency: currency {events[0].currency} "
                 f"differs from this deployment's currency {expected}",
             )
-        await run_in_threadpool(self.runtime.writer.write, events)
+        await self._in_store(self.runtime.writer.write, events)
         days = sorted(event.day for event in events)
         return JSONResponse(
             status_code=200,
@@ -280,7 +317,7 @@ def create_business_router(
     }
     router.add_api_route(
         "/conversions",
-        endpoints.conversion,
+        _store_errors_as_503(endpoints.conversion),
         methods=["POST"],
         status_code=202,
         summary="Record a conversion",
@@ -290,7 +327,7 @@ def create_business_router(
     )
     router.add_api_route(
         "/leads",
-        endpoints.lead,
+        _store_errors_as_503(endpoints.lead),
         methods=["POST"],
         status_code=202,
         summary="Record a lead",
@@ -301,7 +338,7 @@ def create_business_router(
     )
     router.add_api_route(
         "/spend",
-        endpoints.spend,
+        _store_errors_as_503(endpoints.spend),
         methods=["POST"],
         summary="Record one day's spend",
         responses=invalid,
@@ -310,7 +347,7 @@ def create_business_router(
     )
     router.add_api_route(
         "/spend/csv",
-        endpoints.spend_csv,
+        _store_errors_as_503(endpoints.spend_csv),
         methods=["POST"],
         summary="Upload spend as CSV",
         responses={**invalid, 413: {"description": "Body too large."}},

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from browser.servers import serve
+from browser.servers import free_port, serve
 from business_support import fresh_database
 from fastapi import FastAPI
 from sqlalchemy import select
@@ -511,3 +511,23 @@ def test_pseudonymised_ids_still_attribute(database_url: str) -> None:
     assert {user for user, _, _ in lead_rows} == set(contact_ids)
     assert {value for _, value, _ in lead_rows} == {None}
     assert sorted(origin for _, _, origin in lead_rows) == ["api", "message"]
+
+
+def test_unreachable_database_gives_503() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/missing"
+    runtime = Runtime.from_settings(Settings(database_url=url))
+    app = FastAPI()
+    app.include_router(create_business_router(runtime))
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        spend = client.post(
+            "/business/spend", json={"day": "2024-03-01", "channel": "web", "amount": "1"}
+        )
+        upload = client.post(
+            "/business/spend/csv", content="day,channel,amount\n2024-03-01,web,1\n"
+        )
+        posted = client.post("/business/conversions", json=conversion())
+    runtime.engine.dispose()
+    assert spend.status_code == 503
+    assert upload.status_code == 503
+    assert posted.status_code == 503
+    assert spend.json() == {"detail": "the database is unavailable; retry later"}
