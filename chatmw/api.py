@@ -23,13 +23,22 @@ from chatmw.metrics.registry import parse_options
 __all__ = ["create_metrics_router", "compute_metric", "error_response", "rows_to_csv"]
 
 COMMON_QUERY: list[tuple[str, str]] = [
-    ("since", "Start of the window, ISO-8601 (inclusive); a conversation belongs to the window "
-              "in which it started. A value without offset is read in `tz`."),
+    (
+        "since",
+        "Start of the window, ISO-8601 (inclusive); a conversation belongs to the window "
+        "in which it started. A value without offset is read in `tz`.",
+    ),
     ("until", "End of the window, ISO-8601 (exclusive). Defaults to now when `since` is given."),
     ("tz", "IANA time zone of day and hour buckets (default UTC)."),
     ("channel", "Only these channels (comma-separated, or repeated)."),
-    ("group_by", "Split results by `channel`, `attr:NAME`, `source`, `medium`, `campaign` or `ad`."),
-    ("touch", "Attribution touch used by touch filters and groupings: `first` or `last` (default)."),
+    (
+        "group_by",
+        "Split results by `channel`, `attr:NAME`, `source`, `medium`, `campaign` or `ad`.",
+    ),
+    (
+        "touch",
+        "Attribution touch used by touch filters and groupings: `first` or `last` (default).",
+    ),
     ("source", "Only conversations whose touch has this source."),
     ("medium", "Only conversations whose touch has this medium."),
     ("campaign", "Only conversations whose touch has this campaign (UTM campaign or ref)."),
@@ -45,12 +54,15 @@ def error_response(error: FilterError) -> JSONResponse:
     """Return the 422 response for an invalid parameter, naming it and the problem."""
     return JSONResponse(
         status_code=422,
-        content={"detail": [{"loc": ["query", error.param], "msg": error.message,
-                             "type": "value_error"}]},
+        content={
+            "detail": [{"loc": ["query", error.param], "msg": error.message, "type": "value_error"}]
+        },
     )
 
 
-def compute_metric(engine: Engine, spec: MetricSpec, params: dict[str, list[str]]) -> dict[str, Any]:
+def compute_metric(
+    engine: Engine, spec: MetricSpec, params: dict[str, list[str]]
+) -> dict[str, Any]:
     """Parse ``params`` and compute ``spec``; raises :class:`FilterError` for invalid input."""
     flt = parse_filter(params, allowed=[param.name for param in spec.params])
     options = parse_options(spec, params)
@@ -95,37 +107,57 @@ def _endpoint(engine: Engine, spec: MetricSpec) -> Callable[..., Any]:
 
     # Declared parameters exist for the OpenAPI description; values are read from the
     # request so that ``attr.NAME`` filters and repeated values are handled in one place.
-    parameters = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                    annotation=Request)]
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)
+    ]
     for name, help_text in COMMON_QUERY:
-        parameters.append(inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-            default=Query(None, description=help_text)))
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=str | None,
+                default=Query(None, description=help_text),
+            )
+        )
     for param in spec.params:
         description = param.help
         if param.choices:
             description += f" One of: {', '.join(param.choices)}."
-        parameters.append(inspect.Parameter(
-            param.name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-            default=Query(None, description=description)))
+        parameters.append(
+            inspect.Parameter(
+                param.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=str | None,
+                default=Query(None, description=description),
+            )
+        )
     format_help = "`json` (default) or `csv`." if spec.rows else "`json` only."
-    parameters.append(inspect.Parameter("format", inspect.Parameter.KEYWORD_ONLY,
-                                        annotation=str | None,
-                                        default=Query(None, description=format_help)))
+    parameters.append(
+        inspect.Parameter(
+            "format",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=str | None,
+            default=Query(None, description=format_help),
+        )
+    )
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     endpoint.__name__ = "metric_" + spec.name.replace("-", "_")
     return endpoint
 
 
-def create_metrics_router(engine: Engine, prefix: str = "/metrics",
-                          dependencies: Sequence[Any] = ()) -> APIRouter:
+def create_metrics_router(
+    engine: Engine, prefix: str = "/metrics", dependencies: Sequence[Any] = ()
+) -> APIRouter:
     """Build the router serving every registered metric under ``prefix``.
 
     ``dependencies`` are FastAPI dependencies run before each endpoint (an API key check,
     for example).
     """
-    router = APIRouter(prefix=prefix, tags=["metrics"],
-                       dependencies=[Depends(dep) if callable(dep) else dep for dep in dependencies])
+    router = APIRouter(
+        prefix=prefix,
+        tags=["metrics"],
+        dependencies=[Depends(dep) if callable(dep) else dep for dep in dependencies],
+    )
     for spec in REGISTRY.values():
         router.add_api_route(
             f"/{spec.name}",
@@ -136,4 +168,3 @@ def create_metrics_router(engine: Engine, prefix: str = "/metrics",
             responses={422: {"description": "An invalid parameter, named in `detail[0].loc`."}},
         )
     return router
-

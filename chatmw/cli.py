@@ -14,15 +14,22 @@ from chatmw.config import DATABASE_URL_ENV, DEFAULT_DATABASE_URL, Settings
 
 __all__ = ["app", "main", "DbOption", "settings_from"]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="chatmw: chat metrics for the bots you already run.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="chatmw: chat metrics for the bots you already run.",
+)
 db_app = typer.Typer(no_args_is_help=True, help="Manage the chatmw database.")
 app.add_typer(db_app, name="db")
 
 DbOption = Annotated[
     str | None,
-    typer.Option("--db", envvar=DATABASE_URL_ENV, show_envvar=True,
-                 help=f"Database URL (default {DEFAULT_DATABASE_URL}).")
+    typer.Option(
+        "--db",
+        envvar=DATABASE_URL_ENV,
+        show_envvar=True,
+        help=f"Database URL (default {DEFAULT_DATABASE_URL}).",
+    ),
 ]
 
 
@@ -35,10 +42,13 @@ def settings_from(db: str | None, **overrides: object) -> Settings:
 
 
 @app.callback()
-def _configure(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
-               = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @db_app.command("upgrade")
@@ -59,11 +69,13 @@ def main() -> None:
 
 
 # Feature commands register themselves on ``app`` when imported.
-from chatmw import cli_metrics  # noqa: E402,F401
-from chatmw import cli_serve  # noqa: E402,F401
-from chatmw import cli_import  # noqa: E402,F401
-from chatmw import cli_demo  # noqa: E402,F401
-from chatmw import cli_surveys  # noqa: E402,F401
-from chatmw import cli_proxy  # noqa: E402,F401
-from chatmw import cli_business  # noqa: E402,F401
-from chatmw import cli_admin  # noqa: E402,F401
+from chatmw import (
+    cli_admin,  # noqa: E402,F401
+    cli_business,  # noqa: E402,F401
+    cli_demo,  # noqa: E402,F401
+    cli_import,  # noqa: E402,F401
+    cli_metrics,  # noqa: E402,F401
+    cli_proxy,  # noqa: E402,F401
+    cli_serve,  # noqa: E402,F401
+    cli_surveys,  # noqa: E402,F401
+)

@@ -27,7 +27,9 @@ def parse_extra_args(args: list[str]) -> dict[str, list[str]]:
     while index < len(args):
         token = args[index]
         if not token.startswith("--") or token == "--":
-            raise typer.BadParameter(f"unexpected argument {token!r}; options look like --since 2024-01-01")
+            raise typer.BadParameter(
+                f"unexpected argument {token!r}; options look like --since 2024-01-01"
+            )
         name, _, value = token[2:].partition("=")
         if not _:
             if index + 1 >= len(args):
@@ -46,13 +48,18 @@ def parse_extra_args(args: list[str]) -> dict[str, list[str]]:
     return params
 
 
-@app.command("metrics", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             epilog=EPILOG)
+@app.command(
+    "metrics",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog=EPILOG,
+)
 def metrics_command(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Metric name, e.g. summary, response-time, volume.")],
     db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON the HTTP API returns.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON the HTTP API returns.")
+    ] = False,
 ) -> None:
     """Compute one metric from the database and print it."""
     from chatmw.api import compute_metric, rows_to_csv
@@ -61,8 +68,9 @@ def metrics_command(
 
     spec = REGISTRY.get(name)
     if spec is None:
-        raise typer.BadParameter(f"unknown metric {name!r}; choose from {', '.join(sorted(REGISTRY))}",
-                                 param_hint="NAME")
+        raise typer.BadParameter(
+            f"unknown metric {name!r}; choose from {', '.join(sorted(REGISTRY))}", param_hint="NAME"
+        )
     params = parse_extra_args(list(ctx.args))
     output_format = params.pop("format", ["json" if as_json else "table"])[-1]
     settings = settings_from(db)
@@ -95,5 +103,7 @@ def _print_table(title: str, rows: list[dict[str, object]]) -> None:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if row.get(column) is None else str(row.get(column)) for column in columns))
+        table.add_row(
+            *("" if row.get(column) is None else str(row.get(column)) for column in columns)
+        )
     Console(width=200).print(table)

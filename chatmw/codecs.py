@@ -9,6 +9,7 @@ and to read the replies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,6 +22,8 @@ __all__ = [
     "JsonCodec",
     "RasaCodec",
     "get_path",
+    "load_json_body",
+    "replace_lone_surrogates",
 ]
 
 
@@ -98,11 +101,49 @@ def _set_path(document: dict[str, Any], path: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
+# What json.loads decodes to a surrogate: a \u escape of one, or its three-byte encoding
+# (json.loads decodes bytes with "surrogatepass").
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def replace_lone_surrogates(value: Any) -> Any:
+    """Return ``value`` with each lone surrogate in its strings replaced by U+FFFD.
+
+    JSON may escape half of a UTF-16 pair (``"\\ud800"``). Python decodes it to a string that
+    cannot be encoded as UTF-8, so neither the database nor a JSON response could take it.
+    """
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [replace_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {
+            replace_lone_surrogates(key): replace_lone_surrogates(item)
+            for key, item in value.items()
+        }
+    return value
+
+
+def load_json_body(body: bytes) -> Any:
+    """Parse a JSON body, with lone surrogates replaced; raises ValueError when it is invalid.
+
+    Besides invalid JSON and UTF-8, this rejects what ``json.loads`` refuses with other
+    errors: integers of more than 4300 digits and nesting deeper than the recursion limit.
+    """
+    try:
+        document = json.loads(body)
+        if _SURROGATE_ESCAPE.search(body):
+            document = replace_lone_surrogates(document)
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"body is not valid JSON: {error}") from None
+    return document
+
+
 def _load_json(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CodecError(f"body is not valid JSON: {error}") from error
+        return load_json_body(body)
+    except ValueError as error:
+        raise CodecError(str(error)) from error
 
 
 def _optional_str(value: Any) -> str | None:
@@ -172,7 +213,9 @@ class JsonCodec:
         if isinstance(replies, dict):
             replies = [replies]
         if not isinstance(replies, list):
-            raise CodecError(f"response field {self.replies_path or '(body)'!r} must be a list or object")
+            raise CodecError(
+                f"response field {self.replies_path or '(body)'!r} must be a list or object"
+            )
         return [self._reply(item) for item in replies if isinstance(item, dict)]
 
     def _reply(self, item: Mapping[str, Any]) -> ChatReply:

@@ -37,7 +37,9 @@ class Settings:
         if not self.database_url:
             raise ValueError("database_url must not be empty")
         if self.session_gap_minutes <= 0:
-            raise ValueError(f"session_gap_minutes must be positive, got {self.session_gap_minutes}")
+            raise ValueError(
+                f"session_gap_minutes must be positive, got {self.session_gap_minutes}"
+            )
         if not self.metrics_prefix.startswith("/") or self.metrics_prefix.endswith("/"):
             raise ValueError(
                 f"metrics_prefix must start with '/' and not end with '/', got {self.metrics_prefix!r}"
@@ -56,8 +58,10 @@ class Settings:
     def __repr__(self) -> str:
         # The URL may carry a password: the repr shows it masked.
         url = make_url(self.database_url).render_as_string(hide_password=True)
-        return (f"Settings(database_url={url!r}, session_gap_minutes={self.session_gap_minutes!r}, "
-                f"metrics_prefix={self.metrics_prefix!r}, sentiment={self.sentiment!r})")
+        return (
+            f"Settings(database_url={url!r}, session_gap_minutes={self.session_gap_minutes!r}, "
+            f"metrics_prefix={self.metrics_prefix!r}, sentiment={self.sentiment!r})"
+        )
 
     @property
     def session_gap_ms(self) -> int:

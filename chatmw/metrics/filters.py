@@ -83,13 +83,25 @@ class MetricFilter:
         return None if self.until is None else to_ms(self.until)
 
     def shifted_back(self) -> MetricFilter | None:
-        """Return the same filter over the previous window of equal length, if bounded."""
+        """Return the same filter over the previous window of equal length, if bounded.
+
+        Returns ``None`` also when the previous window would start before the year 1.
+        """
         if self.since is None or self.until is None:
             return None
         length = self.until - self.since
-        return MetricFilter(since=self.since - length, until=self.since, tz=self.tz,
-                            channels=self.channels, attributes=self.attributes, touch=self.touch,
-                            touch_filters=self.touch_filters, group_by=self.group_by)
+        if self.since - datetime.min.replace(tzinfo=UTC) < length:
+            return None
+        return MetricFilter(
+            since=self.since - length,
+            until=self.since,
+            tz=self.tz,
+            channels=self.channels,
+            attributes=self.attributes,
+            touch=self.touch,
+            touch_filters=self.touch_filters,
+            group_by=self.group_by,
+        )
 
     def describe(self) -> dict[str, object]:
         """Return the filter as plain data, echoed in every result."""
@@ -113,11 +125,17 @@ def parse_datetime(param: str, value: str, tz: ZoneInfo) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise FilterError(param, f"invalid ISO-8601 date or time {value!r}; "
-                                 "expected e.g. 2024-03-01 or 2024-03-01T09:00:00Z") from None
+        raise FilterError(
+            param,
+            f"invalid ISO-8601 date or time {value!r}; "
+            "expected e.g. 2024-03-01 or 2024-03-01T09:00:00Z",
+        ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise FilterError(param, f"date or time {value!r} is out of range in UTC") from None
 
 
 def _single(params: Mapping[str, Iterable[str]], name: str) -> str | None:
@@ -141,8 +159,9 @@ def _parse_tz(value: str | None) -> ZoneInfo:
     try:
         return ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        raise FilterError("tz", f"unknown time zone {value!r}; use an IANA name such as "
-                                "Europe/Paris or UTC") from None
+        raise FilterError(
+            "tz", f"unknown time zone {value!r}; use an IANA name such as Europe/Paris or UTC"
+        ) from None
 
 
 def _parse_group_by(value: str | None) -> GroupBy | None:
@@ -151,7 +170,7 @@ def _parse_group_by(value: str | None) -> GroupBy | None:
     if value == "channel" or value in TOUCH_FIELDS:
         return GroupBy(value)
     if value.startswith("attr:"):
-        name = value[len("attr:"):]
+        name = value[len("attr:") :]
         if not _NAME.match(name):
             raise FilterError("group_by", f"invalid attribute name {name!r}")
         return GroupBy("attr", name)
@@ -159,8 +178,9 @@ def _parse_group_by(value: str | None) -> GroupBy | None:
     raise FilterError("group_by", f"unknown grouping {value!r}; expected one of {choices}")
 
 
-def parse_filter(params: Mapping[str, Iterable[str]], now: datetime | None = None,
-                 allowed: Iterable[str] = ()) -> MetricFilter:
+def parse_filter(
+    params: Mapping[str, Iterable[str]], now: datetime | None = None, allowed: Iterable[str] = ()
+) -> MetricFilter:
     """Build a :class:`MetricFilter` from query parameters (each name to its values).
 
     ``attr.NAME=value`` filters on a conversation attribute. Names other than the common
@@ -187,13 +207,15 @@ def parse_filter(params: Mapping[str, Iterable[str]], now: datetime | None = Non
 
     channels: list[str] = []
     for value in params.get("channel", ()):
-        channels.extend(_check_value("channel", part.strip()) for part in value.split(",") if part.strip())
+        channels.extend(
+            _check_value("channel", part.strip()) for part in value.split(",") if part.strip()
+        )
 
     attributes: dict[str, str] = {}
     for name, values in params.items():
         if not name.startswith(ATTRIBUTE_PREFIX):
             continue
-        attribute = name[len(ATTRIBUTE_PREFIX):]
+        attribute = name[len(ATTRIBUTE_PREFIX) :]
         if not _NAME.match(attribute):
             raise FilterError(name, f"invalid attribute name {attribute!r}")
         value = _single(params, name)
@@ -210,6 +232,13 @@ def parse_filter(params: Mapping[str, Iterable[str]], now: datetime | None = Non
         if value is not None:
             touch_filters[name] = _check_value(name, value)
 
-    return MetricFilter(since=since, until=until, tz=tz, channels=tuple(dict.fromkeys(channels)),
-                        attributes=attributes, touch=touch, touch_filters=touch_filters,
-                        group_by=_parse_group_by(_single(params, "group_by")))
+    return MetricFilter(
+        since=since,
+        until=until,
+        tz=tz,
+        channels=tuple(dict.fromkeys(channels)),
+        attributes=attributes,
+        touch=touch,
+        touch_filters=touch_filters,
+        group_by=_parse_group_by(_single(params, "group_by")),
+    )

@@ -40,7 +40,9 @@ class Param:
             return self.default
         value = present[0]
         if self.choices and value not in self.choices:
-            raise FilterError(self.name, f"expected one of {', '.join(self.choices)}, got {value!r}")
+            raise FilterError(
+                self.name, f"expected one of {', '.join(self.choices)}, got {value!r}"
+            )
         if self.kind is int:
             try:
                 return int(value)

@@ -23,10 +23,13 @@ def conversation_scope(flt: MetricFilter, window: bool = True) -> Select[Any]:
     rows by time, such as message volume).
     """
     conversation = Conversation
-    touch_column = conversation.first_touch_id if flt.touch == "first" else conversation.last_touch_id
+    touch_column = (
+        conversation.first_touch_id if flt.touch == "first" else conversation.last_touch_id
+    )
     touch = aliased(Touch)
     needs_touch = bool(flt.touch_filters) or (
-        flt.group_by is not None and flt.group_by.kind in TOUCH_FIELDS)
+        flt.group_by is not None and flt.group_by.kind in TOUCH_FIELDS
+    )
 
     group_key: Any = literal(None)
     if flt.group_by is not None:
@@ -36,7 +39,9 @@ def conversation_scope(flt: MetricFilter, window: bool = True) -> Select[Any]:
             grouped = aliased(ConversationAttribute)
             group_key = (
                 select(grouped.value)
-                .where(grouped.conversation_id == conversation.id, grouped.name == flt.group_by.name)
+                .where(
+                    grouped.conversation_id == conversation.id, grouped.name == flt.group_by.name
+                )
                 .scalar_subquery()
             )
         else:
@@ -56,8 +61,11 @@ def conversation_scope(flt: MetricFilter, window: bool = True) -> Select[Any]:
         attribute = aliased(ConversationAttribute)
         statement = statement.join(
             attribute,
-            and_(attribute.conversation_id == conversation.id, attribute.name == name,
-                 attribute.value == value),
+            and_(
+                attribute.conversation_id == conversation.id,
+                attribute.name == name,
+                attribute.value == value,
+            ),
         )
     for name, value in flt.touch_filters.items():
         conditions.append(getattr(touch, TOUCH_FIELDS[name]) == value)

@@ -42,18 +42,24 @@ def _totals(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]]:
     totals: dict[Any, dict[str, int]] = {}
     with engine.connect() as connection:
         for key, count, users in connection.execute(conversations):
-            totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(conversations=count, users=users)
+            totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(
+                conversations=count, users=users
+            )
         for key, count, user, bot, agent in connection.execute(messages):
             totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(
-                messages=count, user_messages=int(user or 0), bot_messages=int(bot or 0),
-                agent_messages=int(agent or 0))
+                messages=count,
+                user_messages=int(user or 0),
+                bot_messages=int(bot or 0),
+                agent_messages=int(agent or 0),
+            )
     return totals
 
 
 def _distinct_users(engine: Engine, flt: MetricFilter) -> int:
     scope = conversation_scope(flt).subquery()
     statement = select(func.count(func.distinct(Conversation.contact_id))).join(
-        scope, Conversation.id == scope.c.conversation_id)
+        scope, Conversation.id == scope.c.conversation_id
+    )
     with engine.connect() as connection:
         return int(connection.execute(statement).scalar_one())
 
@@ -81,9 +87,11 @@ def _section(engine: Engine, flt: MetricFilter) -> dict[str, Any]:
                 "group": group_label(key),
                 "totals": totals.get(key, dict.fromkeys(TOTALS, 0)),
                 "first_response": describe_seconds(
-                    durations[key]["first_response"]["all"] if key in durations else []),
+                    durations[key]["first_response"]["all"] if key in durations else []
+                ),
                 "reply_time": describe_seconds(
-                    durations[key]["reply_time"]["all"] if key in durations else []),
+                    durations[key]["reply_time"]["all"] if key in durations else []
+                ),
             }
             for key in keys
         ]
@@ -95,11 +103,15 @@ def _change(current: Mapping[str, int], previous: Mapping[str, int]) -> dict[str
     for name in TOTALS:
         difference = current[name] - previous[name]
         change[name] = difference
-        change[f"{name}_pct"] = None if previous[name] == 0 else round(difference / previous[name] * 100, 2)
+        change[f"{name}_pct"] = (
+            None if previous[name] == 0 else round(difference / previous[name] * 100, 2)
+        )
     return change
 
 
-def summary(engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def summary(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Compute totals and response times for the window and for the previous window.
 
     The previous window has the same length and ends where this one starts; it is
@@ -114,8 +126,11 @@ def summary(engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None
         return result
     previous = _section(engine, before)
     previous.pop("groups", None)
-    result["previous"] = {"since": before.since.isoformat() if before.since else None,
-                          "until": before.until.isoformat() if before.until else None, **previous}
+    result["previous"] = {
+        "since": before.since.isoformat() if before.since else None,
+        "until": before.until.isoformat() if before.until else None,
+        **previous,
+    }
     result["change"] = _change(current["totals"], previous["totals"])
     return result
 
@@ -132,14 +147,16 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-SUMMARY = register(MetricSpec(
-    name="summary",
-    summary="Totals and response times, with the previous window",
-    description=(
-        "Conversations started in the window, their messages (by role) and distinct users, "
-        "with first-response and reply-time figures in seconds; the same for the previous "
-        "window of equal length and the change between the two."
-    ),
-    compute=summary,
-    rows=_rows,
-))
+SUMMARY = register(
+    MetricSpec(
+        name="summary",
+        summary="Totals and response times, with the previous window",
+        description=(
+            "Conversations started in the window, their messages (by role) and distinct users, "
+            "with first-response and reply-time figures in seconds; the same for the previous "
+            "window of equal length and the change between the two."
+        ),
+        compute=summary,
+        rows=_rows,
+    )
+)

@@ -24,7 +24,8 @@ COUNTS = ("conversations", "messages", "users")
 def _conversation_rows(engine: Engine, flt: MetricFilter) -> list[tuple[Any, int]]:
     scope = conversation_scope(flt).subquery()
     statement = select(scope.c.group_key, Conversation.started_at_ms).join(
-        Conversation, Conversation.id == scope.c.conversation_id)
+        Conversation, Conversation.id == scope.c.conversation_id
+    )
     with engine.connect() as connection:
         return [(row[0], row[1]) for row in connection.execute(statement)]
 
@@ -44,8 +45,9 @@ def _message_rows(engine: Engine, flt: MetricFilter) -> list[tuple[Any, int, str
         return [(row[0], row[1], row[2], row[3]) for row in connection.execute(statement)]
 
 
-def series_with_change(starts: Iterable[datetime], counts: Mapping[datetime, Mapping[str, int]],
-                       names: Iterable[str]) -> list[dict[str, Any]]:
+def series_with_change(
+    starts: Iterable[datetime], counts: Mapping[datetime, Mapping[str, int]], names: Iterable[str]
+) -> list[dict[str, Any]]:
     """Return one row per bucket with each count, its change and its change in percent."""
     names = tuple(names)
     series: list[dict[str, Any]] = []
@@ -61,8 +63,9 @@ def series_with_change(starts: Iterable[datetime], counts: Mapping[datetime, Map
             else:
                 change = current[name] - previous[name]
                 row[f"{name}_change"] = change
-                row[f"{name}_change_pct"] = (None if previous[name] == 0
-                                             else round(change / previous[name] * 100, 2))
+                row[f"{name}_change_pct"] = (
+                    None if previous[name] == 0 else round(change / previous[name] * 100, 2)
+                )
         series.append(row)
         previous = current
     return series
@@ -91,7 +94,9 @@ def volume(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     except ValueError as error:
         raise FilterError("interval", str(error)) from None
 
-    counts: dict[Any, dict[datetime, dict[str, int]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(int)))
+    counts: dict[Any, dict[datetime, dict[str, int]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(int))
+    )
     users: dict[Any, dict[datetime, set[int]]] = defaultdict(lambda: defaultdict(set))
     for group_key, started in conversations:
         start = bucket_start(started, interval, flt.tz)
@@ -132,16 +137,18 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-VOLUME = register(MetricSpec(
-    name="volume",
-    summary="Conversations, messages and users per period",
-    description=(
-        "Per bucket of `interval` in `tz`: conversations that started, messages sent (by "
-        "their own time, for conversations matching the channel, attribute and touch "
-        "filters), and distinct users who sent a message, each with the change from the "
-        "previous bucket (absolute and in percent; null where the previous bucket is 0)."
-    ),
-    compute=volume,
-    params=(Param("interval", "Bucket size.", default="day", choices=INTERVALS),),
-    rows=_rows,
-))
+VOLUME = register(
+    MetricSpec(
+        name="volume",
+        summary="Conversations, messages and users per period",
+        description=(
+            "Per bucket of `interval` in `tz`: conversations that started, messages sent (by "
+            "their own time, for conversations matching the channel, attribute and touch "
+            "filters), and distinct users who sent a message, each with the change from the "
+            "previous bucket (absolute and in percent; null where the previous bucket is 0)."
+        ),
+        compute=volume,
+        params=(Param("interval", "Bucket size.", default="day", choices=INTERVALS),),
+        rows=_rows,
+    )
+)
