@@ -20,14 +20,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
-from sqlalchemy import Engine
+from sqlalchemy import Engine, insert, text
 
 from chatmw import events as ev
 from chatmw.api import create_metrics_router
 from chatmw.dashboard import create_dashboard_router, plotly_js_path
 from chatmw.live import create_live_router
 from chatmw.sentiment import sentiment_enricher
+from chatmw.store.models_surveys import Survey
 from chatmw.store.writer import Writer
+from chatmw.surveys.api import create_survey_router
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -93,6 +95,28 @@ def populate(engine: Engine) -> None:
         for number in range(0, 24, 3)
     ]
     Writer(engine, enrichers=[sentiment_enricher]).write([*messages, *touches])
+    with engine.begin() as connection:
+        ids = dict(connection.execute(text("SELECT external_id, id FROM conversations")).all())
+        surveys = [
+            {
+                "conversation_id": ids[f"c{number}"],
+                "channel": ("web", "whatsapp", "messenger")[number % 3],
+                "name": kind,
+                "kind": kind,
+                "trigger": "end",
+                "state": "answered",
+                "locale": "en",
+                "created_at_ms": 0,
+                "sent_at_ms": 1,
+                "score": number % 5 + 1 if kind == "csat" else number % 11,
+                "comment_window_ms": 0,
+                "reasks": 0,
+                "used_template": False,
+            }
+            for number in range(24)
+            for kind in (("csat",) if number % 2 else ("nps",))
+        ]
+        connection.execute(insert(Survey.__table__), surveys)
 
 
 def free_port() -> int:
@@ -112,6 +136,7 @@ def serving(engine: Engine, dependencies: Sequence[object] = ()) -> Iterator[str
     app.include_router(
         create_live_router(engine, prefix="/metrics", dependencies=dependencies, default_interval=1)
     )
+    app.include_router(create_survey_router(engine, prefix="/metrics", dependencies=dependencies))
     port = free_port()
     uvicorn_server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
@@ -182,6 +207,11 @@ def test_dashboard_shows_api_figures(server: str) -> None:
         )
         assert number(page.text_content("#tile-messages")) == summary["totals"]["messages"]
         assert number(page.text_content("#tile-users")) == summary["totals"]["users"]
+        csat = api(server, "/metrics/csat?since=2024-03-04&until=2024-03-11&tz=UTC")
+        nps = api(server, "/metrics/nps?since=2024-03-04&until=2024-03-11&tz=UTC")
+        assert csat["answers"] > 0
+        assert page.text_content("#tile-csat") == f"{csat['score']:.1f} %"
+        assert page.text_content("#tile-nps") == f"{nps['nps']:.0f}"
 
         channels = api(server, "/metrics/channels?since=2024-03-04&until=2024-03-11&tz=UTC")
         table_rows = page.locator("#channels-table tbody tr")

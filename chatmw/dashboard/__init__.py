@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +30,7 @@ from chatmw.metrics import REGISTRY
 __all__ = ["create_dashboard_router", "plotly_js_path"]
 
 _STATIC = ("dashboard.js", "dashboard.css")
+_EXTRA_FIGURES = ("csat", "nps")
 _MEDIA_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 # plotly.js draws with inline styles and data: images; everything else comes from this origin.
 _CSP = (
@@ -98,9 +99,13 @@ def create_dashboard_router(
         )
 
     @router.get("/options", summary="Values for the dashboard's filters", dependencies=guards)
-    async def dashboard_options() -> JSONResponse:
+    async def dashboard_options(request: Request) -> JSONResponse:
         choices = await run_in_threadpool(filter_choices, engine)
-        return JSONResponse({**choices, "metrics": sorted(REGISTRY)})
+        # Figures served outside the catalogue (the survey router's csat and nps) are
+        # offered when the application mounted them under the same prefix.
+        paths = {getattr(route, "path", None) for route in request.app.routes}
+        extra = [name for name in _EXTRA_FIGURES if f"{prefix}/{name}" in paths]
+        return JSONResponse({**choices, "metrics": sorted([*REGISTRY, *extra])})
 
     @router.get("/static/plotly.min.js", include_in_schema=False)
     async def plotly_js() -> Response:

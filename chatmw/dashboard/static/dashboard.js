@@ -178,7 +178,24 @@
     const sentiment = await metric("sentiment");
     setText("tile-sentiment", formatNumber(sentiment.messages.mean, 2));
 
-    // CSAT and NPS over all channels, from the per-channel counts.
+    if (registered.has("csat") && registered.has("nps")) {
+      const [csat, nps] = await Promise.all([metric("csat"), metric("nps")]);
+      setText("tile-csat", csat.score === null ? "–" : csat.score.toFixed(1) + " %");
+      setText("tile-nps", nps.nps === null ? "–" : nps.nps.toFixed(0));
+    } else {
+      showSurveyTotals(channels);
+    }
+
+    const box = document.getElementById("tile-conversion-box");
+    box.hidden = !registered.has("conversion");
+    if (registered.has("conversion")) {
+      const conversion = await metric("conversion");
+      setText("tile-conversion", formatShare(conversion.conversion_rate));
+    }
+  }
+
+  // CSAT and NPS over all channels, from the per-channel counts of the channels metric.
+  function showSurveyTotals(channels) {
     let responses = 0, satisfied = 0, npsResponses = 0, promoters = 0, detractors = 0, surveys = false;
     for (const row of channels ? channels.channels : []) {
       if (row.csat) { surveys = true; responses += row.csat.answers; satisfied += row.csat.satisfied; }
@@ -189,13 +206,6 @@
     setText("tile-csat", surveys && responses ? (satisfied / responses * 100).toFixed(1) + " %" : "–");
     setText("tile-nps", surveys && npsResponses
       ? ((promoters - detractors) / npsResponses * 100).toFixed(0) : "–");
-
-    const box = document.getElementById("tile-conversion-box");
-    box.hidden = !registered.has("conversion");
-    if (registered.has("conversion")) {
-      const conversion = await metric("conversion");
-      setText("tile-conversion", formatShare(conversion.conversion_rate));
-    }
   }
 
   async function renderTrend() {
