@@ -219,6 +219,8 @@
       x: x,
       y: volume.series.map((row) => row[name]),
       yaxis: name === "messages" ? "y2" : "y",
+      // Users often equal conversations: a dotted line keeps both visible.
+      line: { dash: name === "users" ? "dot" : "solid" },
     }));
     window.Plotly.react("trend", traces, {
       margin: { t: 10, r: 60, b: 40, l: 50 },
