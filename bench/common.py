@@ -58,7 +58,7 @@ def postgres_version() -> str:
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
-    """Return the percentile with linear interpolation between ranks (PostgreSQL's percentile_cont)."""
+    """Return the percentile, interpolating between ranks like PostgreSQL's percentile_cont."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -113,8 +113,9 @@ def recreate_postgres_database(database: str) -> str:
 
 def postgres_database_exists(database: str) -> bool:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
-        row = connection.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                                 (database,)).fetchone()
+        row = connection.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
     return row is not None
 
 
@@ -142,16 +143,25 @@ def write_section(section: Section, command: str) -> None:
     benchmarks may be rerun one at a time.
     """
     machine = machine_description()
-    lines = [f"<!-- bench:{section.name} -->", section.markdown.rstrip(), "",
-             f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-             "", "| machine | |", "| --- | --- |"]
+    lines = [
+        f"<!-- bench:{section.name} -->",
+        section.markdown.rstrip(),
+        "",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "| machine | |",
+        "| --- | --- |",
+    ]
     lines += [f"| {key} | {value} |" for key, value in machine.items()]
     lines += ["", f"<!-- /bench:{section.name} -->"]
     block = "\n".join(lines)
     DOCS_PAGE.parent.mkdir(parents=True, exist_ok=True)
     text = DOCS_PAGE.read_text(encoding="utf-8") if DOCS_PAGE.exists() else _page_header()
-    pattern = re.compile(rf"<!-- bench:{re.escape(section.name)} -->.*?<!-- /bench:"
-                         rf"{re.escape(section.name)} -->", re.S)
+    pattern = re.compile(
+        rf"<!-- bench:{re.escape(section.name)} -->.*?<!-- /bench:"
+        rf"{re.escape(section.name)} -->",
+        re.S,
+    )
     if pattern.search(text):
         text = pattern.sub(lambda _match: block, text)
     else:

@@ -21,9 +21,6 @@ from pathlib import Path
 
 import psycopg
 
-from chatmw.store import models_business, models_surveys  # noqa: F401 - registers the tables
-from chatmw.store.engine import make_engine, upgrade
-
 from bench.common import (
     DATA_DIR,
     postgres_database_exists,
@@ -31,36 +28,127 @@ from bench.common import (
     recreate_postgres_database,
 )
 from bench.workload import BOT_TEXTS, CHANNELS, COUNTRIES, INTENTS, PLANS, USER_TEXTS
+from chatmw.store import models_business, models_surveys  # noqa: F401 - registers the tables
+from chatmw.store.engine import make_engine, upgrade
 
 START = datetime(2025, 1, 1, tzinfo=UTC)
 DAYS = 90
 START_MS = int(START.timestamp() * 1000)
-CAMPAIGNS = ("spring_sale", "brand", "retargeting", "newsletter", "launch", "partner", "search",
-             "social")
+CAMPAIGNS = (
+    "spring_sale",
+    "brand",
+    "retargeting",
+    "newsletter",
+    "launch",
+    "partner",
+    "search",
+    "social",
+)
 SOURCES = ("google", "facebook", "newsletter", "instagram", "bing")
 COMPANIES = tuple(f"company-{i}" for i in range(200))
 VERSION = 1
 
-MESSAGE_COLUMNS = ("id", "key", "conversation_id", "contact_id", "channel", "role", "kind", "text",
-                   "occurred_at_ms", "latency_ms", "response_ms", "is_first_response", "intent",
-                   "sentiment")
-CONVERSATION_COLUMNS = ("id", "channel", "external_id", "contact_id", "started_at_ms",
-                        "last_message_at_ms", "ended_at_ms", "ended_reason", "message_count",
-                        "user_message_count", "first_response_ms", "first_response_role",
-                        "resolved", "handed_off", "intent", "last_step", "first_touch_id",
-                        "last_touch_id")
-CONTACT_COLUMNS = ("id", "channel", "external_id", "first_seen_ms", "last_seen_ms",
-                   "last_user_message_ms", "first_touch_id", "last_touch_id")
-TOUCH_COLUMNS = ("id", "key", "contact_id", "conversation_id", "channel", "kind", "occurred_at_ms",
-                 "source", "medium", "campaign")
+MESSAGE_COLUMNS = (
+    "id",
+    "key",
+    "conversation_id",
+    "contact_id",
+    "channel",
+    "role",
+    "kind",
+    "text",
+    "occurred_at_ms",
+    "latency_ms",
+    "response_ms",
+    "is_first_response",
+    "intent",
+    "sentiment",
+)
+CONVERSATION_COLUMNS = (
+    "id",
+    "channel",
+    "external_id",
+    "contact_id",
+    "started_at_ms",
+    "last_message_at_ms",
+    "ended_at_ms",
+    "ended_reason",
+    "message_count",
+    "user_message_count",
+    "first_response_ms",
+    "first_response_role",
+    "resolved",
+    "handed_off",
+    "intent",
+    "last_step",
+    "first_touch_id",
+    "last_touch_id",
+)
+CONTACT_COLUMNS = (
+    "id",
+    "channel",
+    "external_id",
+    "first_seen_ms",
+    "last_seen_ms",
+    "last_user_message_ms",
+    "first_touch_id",
+    "last_touch_id",
+)
+TOUCH_COLUMNS = (
+    "id",
+    "key",
+    "contact_id",
+    "conversation_id",
+    "channel",
+    "kind",
+    "occurred_at_ms",
+    "source",
+    "medium",
+    "campaign",
+)
 ATTRIBUTE_COLUMNS = ("conversation_id", "name", "value")
-SURVEY_COLUMNS = ("id", "conversation_id", "contact_id", "channel", "name", "kind", "trigger",
-                  "state", "locale", "created_at_ms", "sent_at_ms", "answered_at_ms", "score",
-                  "comment_window_ms", "reasks", "used_template")
-CONVERSION_COLUMNS = ("id", "key", "name", "value_micros", "currency", "channel", "user_id",
-                      "conversation_external_id", "occurred_at_ms")
-LEAD_COLUMNS = ("id", "key", "channel", "user_id", "conversation_id", "conversation_external_id",
-                "kind", "value_hash", "origin", "score", "occurred_at_ms")
+SURVEY_COLUMNS = (
+    "id",
+    "conversation_id",
+    "contact_id",
+    "channel",
+    "name",
+    "kind",
+    "trigger",
+    "state",
+    "locale",
+    "created_at_ms",
+    "sent_at_ms",
+    "answered_at_ms",
+    "score",
+    "comment_window_ms",
+    "reasks",
+    "used_template",
+)
+CONVERSION_COLUMNS = (
+    "id",
+    "key",
+    "name",
+    "value_micros",
+    "currency",
+    "channel",
+    "user_id",
+    "conversation_external_id",
+    "occurred_at_ms",
+)
+LEAD_COLUMNS = (
+    "id",
+    "key",
+    "channel",
+    "user_id",
+    "conversation_id",
+    "conversation_external_id",
+    "kind",
+    "value_hash",
+    "origin",
+    "score",
+    "occurred_at_ms",
+)
 SPEND_COLUMNS = ("id", "day", "channel", "campaign", "amount_micros", "currency", "updated_at_ms")
 
 
@@ -118,7 +206,9 @@ def generate(messages: int, chunk: int = 200_000) -> Iterator[Tables]:
                 user_count += 1
                 run_started = run_started if run_started is not None else at
                 text = rng.choice(USER_TEXTS)
-                sentiment: float | None = round(rng.uniform(-1, 1), 4) if rng.random() < 0.9 else None
+                sentiment: float | None = (
+                    round(rng.uniform(-1, 1), 4) if rng.random() < 0.9 else None
+                )
                 intent = None
             else:
                 if run_started is not None:
@@ -131,10 +221,24 @@ def generate(messages: int, chunk: int = 200_000) -> Iterator[Tables]:
                 sentiment = None
                 intent = rng.choice(INTENTS)
                 last_intent = last_intent or intent
-            tables.messages.append((
-                message_id, f"g:{message_id}", conversation_id, contact_id, channel, role, "message",
-                text, at, float(rng.randint(20, 900)) if role != "user" else None, response_ms,
-                is_first, intent, sentiment))
+            tables.messages.append(
+                (
+                    message_id,
+                    f"g:{message_id}",
+                    conversation_id,
+                    contact_id,
+                    channel,
+                    role,
+                    "message",
+                    text,
+                    at,
+                    float(rng.randint(20, 900)) if role != "user" else None,
+                    response_ms,
+                    is_first,
+                    intent,
+                    sentiment,
+                )
+            )
         produced += length
         ended = at + 60_000 if rng.random() < 0.7 else None
         resolved = rng.random() < 0.6 if ended else None
@@ -143,46 +247,121 @@ def generate(messages: int, chunk: int = 200_000) -> Iterator[Tables]:
             for _ in range(rng.choice((1, 1, 2))):
                 touch_id += 1
                 campaign = rng.choice(CAMPAIGNS)
-                tables.touches.append((touch_id, f"t:{touch_id}", contact_id, conversation_id,
-                                       channel, "link", started - rng.randint(1_000, 600_000),
-                                       rng.choice(SOURCES), rng.choice(("cpc", "email", "social")),
-                                       campaign))
+                tables.touches.append(
+                    (
+                        touch_id,
+                        f"t:{touch_id}",
+                        contact_id,
+                        conversation_id,
+                        channel,
+                        "link",
+                        started - rng.randint(1_000, 600_000),
+                        rng.choice(SOURCES),
+                        rng.choice(("cpc", "email", "social")),
+                        campaign,
+                    )
+                )
                 first_touch = first_touch or touch_id
                 last_touch = touch_id
-        tables.conversations.append((
-            conversation_id, channel, f"gc{conversation_id}", contact_id, started, at, ended,
-            "bot" if ended else None, length, user_count,
-            first_response[0] if first_response else None,
-            first_response[1] if first_response else None, resolved, rng.random() < 0.08,
-            last_intent, rng.choice(("start", "menu", "details", "checkout")), first_touch,
-            last_touch))
-        tables.attributes += [(conversation_id, "plan", rng.choice(PLANS)),
-                              (conversation_id, "country", rng.choice(COUNTRIES))]
+        tables.conversations.append(
+            (
+                conversation_id,
+                channel,
+                f"gc{conversation_id}",
+                contact_id,
+                started,
+                at,
+                ended,
+                "bot" if ended else None,
+                length,
+                user_count,
+                first_response[0] if first_response else None,
+                first_response[1] if first_response else None,
+                resolved,
+                rng.random() < 0.08,
+                last_intent,
+                rng.choice(("start", "menu", "details", "checkout")),
+                first_touch,
+                last_touch,
+            )
+        )
+        tables.attributes += [
+            (conversation_id, "plan", rng.choice(PLANS)),
+            (conversation_id, "country", rng.choice(COUNTRIES)),
+        ]
         if rng.random() < 0.5:
             tables.attributes.append((conversation_id, "company", rng.choice(COMPANIES)))
         if ended and rng.random() < 0.2:
             survey_id += 1
             kind = rng.choice(("csat", "nps"))
             answered = rng.random() < 0.6
-            score = (rng.randint(1, 5) if kind == "csat" else rng.randint(0, 10)) if answered else None
-            tables.surveys.append((survey_id, conversation_id, contact_id, channel, "default", kind,
-                                   "ended", "answered" if answered else "unanswered", "en",
-                                   ended, ended + 5_000, ended + 60_000 if answered else None,
-                                   score, 0, 0, False))
+            score = (
+                (rng.randint(1, 5) if kind == "csat" else rng.randint(0, 10)) if answered else None
+            )
+            tables.surveys.append(
+                (
+                    survey_id,
+                    conversation_id,
+                    contact_id,
+                    channel,
+                    "default",
+                    kind,
+                    "ended",
+                    "answered" if answered else "unanswered",
+                    "en",
+                    ended,
+                    ended + 5_000,
+                    ended + 60_000 if answered else None,
+                    score,
+                    0,
+                    0,
+                    False,
+                )
+            )
         if rng.random() < 0.03:
             conversion_id += 1
-            tables.conversions.append((conversion_id, f"cv:{conversion_id}", "purchase",
-                                       rng.randint(5, 500) * 1_000_000, "EUR", channel,
-                                       f"user{contact_id}", f"gc{conversation_id}", at + 3_600_000))
+            tables.conversions.append(
+                (
+                    conversion_id,
+                    f"cv:{conversion_id}",
+                    "purchase",
+                    rng.randint(5, 500) * 1_000_000,
+                    "EUR",
+                    channel,
+                    f"user{contact_id}",
+                    f"gc{conversation_id}",
+                    at + 3_600_000,
+                )
+            )
         if rng.random() < 0.03:
             lead_id += 1
-            tables.leads.append((lead_id, f"ld:{lead_id}", channel, f"user{contact_id}",
-                                 conversation_id, f"gc{conversation_id}", "email",
-                                 f"{lead_id:064x}", "message", round(rng.random(), 3), at))
+            tables.leads.append(
+                (
+                    lead_id,
+                    f"ld:{lead_id}",
+                    channel,
+                    f"user{contact_id}",
+                    conversation_id,
+                    f"gc{conversation_id}",
+                    "email",
+                    f"{lead_id:064x}",
+                    "message",
+                    round(rng.random(), 3),
+                    at,
+                )
+            )
         state = contact_state.get(contact_id)
         if state is None:
-            contact_state[contact_id] = [contact_id, channel, f"user{contact_id}", started, at, at,
-                                         first_touch, last_touch]
+            contact_state[contact_id] = [
+                contact_id,
+                channel,
+                f"user{contact_id}",
+                started,
+                at,
+                at,
+                first_touch,
+                last_touch,
+            ]
         else:
             state[3] = min(state[3], started)  # type: ignore[type-var]
             state[4] = max(state[4], at)  # type: ignore[type-var]
@@ -202,8 +381,17 @@ def spend_rows() -> list[tuple[object, ...]]:
     for day in range(DAYS):
         for channel in CHANNELS:
             for campaign in CAMPAIGNS:
-                rows.append((len(rows) + 1, date(2025, 1, 1) + timedelta(days=day), channel,
-                             campaign, rng.randint(10, 300) * 1_000_000, "EUR", START_MS))
+                rows.append(
+                    (
+                        len(rows) + 1,
+                        date(2025, 1, 1) + timedelta(days=day),
+                        channel,
+                        campaign,
+                        rng.randint(10, 300) * 1_000_000,
+                        "EUR",
+                        START_MS,
+                    )
+                )
     return rows
 
 
@@ -229,16 +417,20 @@ def _fill_sqlite(path: Path, messages: int) -> None:
             if rows:
                 marks = ", ".join("?" for _ in columns)
                 connection.executemany(
-                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+                    f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows
+                )
         contacts.update(tables.contacts)
         connection.commit()
     connection.executemany(
         f"INSERT INTO contacts ({', '.join(CONTACT_COLUMNS)}) VALUES "
-        f"({', '.join('?' for _ in CONTACT_COLUMNS)})", [tuple(v) for v in contacts.values()])
+        f"({', '.join('?' for _ in CONTACT_COLUMNS)})",
+        [tuple(v) for v in contacts.values()],
+    )
     connection.executemany(
         f"INSERT INTO spend ({', '.join(SPEND_COLUMNS)}) VALUES "
         f"({', '.join('?' for _ in SPEND_COLUMNS)})",
-        [(*row[:1], row[1].isoformat(), *row[2:]) for row in spend_rows()])  # type: ignore[union-attr]
+        [(*row[:1], row[1].isoformat(), *row[2:]) for row in spend_rows()],
+    )  # type: ignore[union-attr]
     connection.commit()
     connection.execute("ANALYZE")
     connection.close()
@@ -254,21 +446,35 @@ def _fill_postgres(url: str, messages: int) -> None:
                 if not rows:
                     continue
                 with connection.cursor().copy(
-                        f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+                    f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+                ) as copy:
                     for row in rows:
                         copy.write_row(row)
             contacts.update(tables.contacts)
             connection.commit()
-        for table, columns, rows in (("contacts", CONTACT_COLUMNS, [tuple(v) for v in contacts.values()]),
-                                     ("spend", SPEND_COLUMNS, spend_rows())):
-            with connection.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for table, columns, rows in (
+            ("contacts", CONTACT_COLUMNS, [tuple(v) for v in contacts.values()]),
+            ("spend", SPEND_COLUMNS, spend_rows()),
+        ):
+            with connection.cursor().copy(
+                f"COPY {table} ({', '.join(columns)}) FROM STDIN"
+            ) as copy:
                 for row in rows:
                     copy.write_row(row)
-        for table in ("contacts", "conversations", "messages", "touches", "surveys", "conversions",
-                      "leads", "spend"):
+        for table in (
+            "contacts",
+            "conversations",
+            "messages",
+            "touches",
+            "surveys",
+            "conversions",
+            "leads",
+            "spend",
+        ):
             connection.execute(
                 f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                f"(SELECT coalesce(max(id), 1) FROM {table}))")
+                f"(SELECT coalesce(max(id), 1) FROM {table}))"
+            )
         connection.commit()
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute("VACUUM ANALYZE")

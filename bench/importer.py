@@ -61,8 +61,19 @@ def transcript_file(messages: int) -> Path:
     partial = path.with_suffix(".part")
     with partial.open("w", newline="", encoding="utf-8") as handle:
         out = csv.writer(handle)
-        out.writerow(["conversation_id", "message_id", "timestamp", "role", "user_id", "channel",
-                      "plan", "country", "text"])
+        out.writerow(
+            [
+                "conversation_id",
+                "message_id",
+                "timestamp",
+                "role",
+                "user_id",
+                "channel",
+                "plan",
+                "country",
+                "text",
+            ]
+        )
         while written < messages:
             conversation += 1
             user = f"user{rng.randrange(messages // 4 + 1)}"
@@ -72,9 +83,19 @@ def transcript_file(messages: int) -> Path:
                 role = "user" if turn % 2 == 0 else "bot"
                 at += timedelta(seconds=rng.randint(1, 90))
                 text = rng.choice(USER_TEXTS if role == "user" else BOT_TEXTS)
-                out.writerow([f"c{conversation}", f"c{conversation}-{turn}",
-                              at.isoformat().replace("+00:00", "Z"), role,
-                              user if role == "user" else "", channel, plan, country, text])
+                out.writerow(
+                    [
+                        f"c{conversation}",
+                        f"c{conversation}-{turn}",
+                        at.isoformat().replace("+00:00", "Z"),
+                        role,
+                        user if role == "user" else "",
+                        channel,
+                        plan,
+                        country,
+                        text,
+                    ]
+                )
                 written += 1
     partial.rename(path)
     return path
@@ -82,7 +103,7 @@ def transcript_file(messages: int) -> Path:
 
 def count_messages(url: str) -> int:
     if url.startswith("sqlite:///"):
-        with sqlite3.connect(url[len("sqlite:///"):]) as connection:
+        with sqlite3.connect(url[len("sqlite:///") :]) as connection:
             return int(connection.execute("SELECT count(*) FROM messages").fetchone()[0])
     with psycopg.connect(url) as connection:
         row = connection.execute("SELECT count(*) FROM messages").fetchone()
@@ -124,8 +145,10 @@ def render(results: list[ImportResult], path: Path, messages: int) -> str:
     ]
     for r in results:
         verdict = "met" if r.rate >= TARGET else "**missed**"
-        lines.append(f"| {r.database} | {r.messages:,} | {fmt(r.seconds)} | {fmt(r.rate, 0)} | "
-                     f"{verdict} | {r.output.replace('|', '/')} |")
+        lines.append(
+            f"| {r.database} | {r.messages:,} | {fmt(r.seconds)} | {fmt(r.rate, 0)} | "
+            f"{verdict} | {r.output.replace('|', '/')} |"
+        )
     return "\n".join(lines)
 
 

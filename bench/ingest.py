@@ -15,14 +15,11 @@ The rate counts events written between the end of the warm-up and the end of the
 from __future__ import annotations
 
 import argparse
+import functools
 import threading
 import time
 from dataclasses import dataclass
-
-from chatmw.recorder import Recorder, RecorderSettings
-from chatmw.sentiment import sentiment_enricher
-from chatmw.store.engine import make_engine, upgrade
-from chatmw.store.writer import Writer
+from typing import Any
 
 from bench.common import (
     DATA_DIR,
@@ -34,6 +31,11 @@ from bench.common import (
     write_section,
 )
 from bench.workload import message_stream
+from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.sentiment import sentiment_enricher
+from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.writer import Writer
+from chatmw.writer_process import ProcessWriter, build_writer
 
 TARGETS = {"sqlite": 25_000, "postgresql": 20_000}
 
@@ -43,6 +45,7 @@ class IngestResult:
     database: str
     mode: str
     sentiment: bool
+    placement: str
     seconds: float
     written: int
     dropped: int
@@ -64,13 +67,26 @@ def fresh_url(database: str) -> str:
     return recreate_postgres_database("chatmw_bench_ingest")
 
 
-def run_one(database: str, mode: str, sentiment: bool, seconds: float, warmup: float,
-            settings: RecorderSettings) -> IngestResult:
-    engine = make_engine(fresh_url(database))
+def run_one(
+    database: str,
+    mode: str,
+    sentiment: bool,
+    placement: str,
+    seconds: float,
+    warmup: float,
+    settings: RecorderSettings,
+) -> IngestResult:
+    url = fresh_url(database)
+    engine = make_engine(url)
     upgrade(engine)
-    writer = Writer(engine)
-    if sentiment:
-        writer.enrichers.append(sentiment_enricher)
+    writer: Any
+    if placement == "process":
+        writer = ProcessWriter(functools.partial(build_writer, url, sentiment=sentiment))
+        writer.write([])  # waits until the child has started and imported the writer
+    else:
+        writer = Writer(engine)
+        if sentiment:
+            writer.enrichers.append(sentiment_enricher)
     recorder = Recorder(writer, settings)
     recorder.start()
     stop = threading.Event()
@@ -85,8 +101,10 @@ def run_one(database: str, mode: str, sentiment: bool, seconds: float, warmup: f
             if mode == "paced":
                 count += 1
                 if count % 200 == 0:
-                    while (recorder.stats().queue_depth > settings.queue_size - 400
-                           and not stop.is_set()):
+                    while (
+                        recorder.stats().queue_depth > settings.queue_size - 400
+                        and not stop.is_set()
+                    ):
                         time.sleep(0.002)
             recorder.submit(message)
 
@@ -96,7 +114,10 @@ def run_one(database: str, mode: str, sentiment: bool, seconds: float, warmup: f
             time.sleep(0.2)
 
     rss_start = rss_mib()
-    threads = [threading.Thread(target=produce, daemon=True), threading.Thread(target=sample, daemon=True)]
+    threads = [
+        threading.Thread(target=produce, daemon=True),
+        threading.Thread(target=sample, daemon=True),
+    ]
     for thread in threads:
         thread.start()
     time.sleep(warmup)
@@ -109,12 +130,25 @@ def run_one(database: str, mode: str, sentiment: bool, seconds: float, warmup: f
     for thread in threads:
         thread.join()
     recorder.stop(timeout=60)
+    if isinstance(writer, ProcessWriter):
+        writer.close()
     engine.dispose()
     written = stats.written - written_before
-    return IngestResult(database, mode, sentiment, elapsed, written,
-                        sum(stats.dropped.values()), written / elapsed, rss_start,
-                        max(samples, default=rss_start), samples[-1] if samples else rss_start,
-                        settings.batch_size, settings.queue_size)
+    return IngestResult(
+        database,
+        mode,
+        sentiment,
+        placement,
+        elapsed,
+        written,
+        sum(stats.dropped.values()),
+        written / elapsed,
+        rss_start,
+        max(samples, default=rss_start),
+        samples[-1] if samples else rss_start,
+        settings.batch_size,
+        settings.queue_size,
+    )
 
 
 def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
@@ -127,21 +161,27 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
         f"{warmup:g} s warm-up. `paced` waits while the queue is full (nothing dropped), so "
         f"the rate is the sustained write rate; `flood` never waits, so the queue stays full "
         f"and the excess is dropped, and the resident memory (RSS, sampled every 0.2 s) shows "
-        f"what the backlog costs. Fresh database for each row.",
+        f"what the backlog costs. `writer` is where the store writer runs: the recorder's "
+        f"thread, or a child process (`chatmw.writer_process.ProcessWriter`, whose memory is "
+        f"not in the RSS shown). Fresh database for each row; targets apply to sentiment on.",
         "",
-        "| database | mode | sentiment | batch / queue | written/s | target | dropped | "
+        "| database | mode | sentiment | writer | batch / queue | written/s | target | dropped | "
         "RSS start / max / end (MiB) |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         target = TARGETS[r.database]
-        verdict = "" if r.mode != "paced" or not r.sentiment else (
-            " (met)" if r.rate >= target else " (**missed**)")
+        verdict = (
+            ""
+            if r.mode != "paced" or not r.sentiment
+            else (" (met)" if r.rate >= target else " (**missed**)")
+        )
         lines.append(
-            f"| {r.database} | {r.mode} | {'on' if r.sentiment else 'off'} | "
+            f"| {r.database} | {r.mode} | {'on' if r.sentiment else 'off'} | {r.placement} | "
             f"{r.batch_size:,} / {r.queue_size:,} | {fmt(r.rate, 0)} | "
             f">= {target:,}{verdict} | {r.dropped:,} | "
-            f"{fmt(r.rss_start)} / {fmt(r.rss_max)} / {fmt(r.rss_end)} |")
+            f"{fmt(r.rss_start)} / {fmt(r.rss_max)} / {fmt(r.rss_end)} |"
+        )
     return "\n".join(lines)
 
 
@@ -152,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[IngestResult]:
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--modes", default="paced,flood")
     parser.add_argument("--sentiment", default="on,off")
+    parser.add_argument("--writers", default="thread,process", help="where the writer runs")
     parser.add_argument("--batch-size", type=int, default=RecorderSettings().batch_size)
     parser.add_argument("--queue-size", type=int, default=RecorderSettings().queue_size)
     parser.add_argument("--no-docs", action="store_true", help="print only; leave the docs page")
@@ -161,11 +202,15 @@ def main(argv: list[str] | None = None) -> list[IngestResult]:
     for database in args.databases.split(","):
         for mode in args.modes.split(","):
             for flag in args.sentiment.split(","):
-                if mode == "flood" and flag == "off":
-                    continue
-                result = run_one(database, mode, flag == "on", args.seconds, args.warmup, settings)
-                print(result, flush=True)
-                results.append(result)
+                for placement in args.writers.split(","):
+                    # The flood rows show memory: one configuration per database is enough.
+                    if mode == "flood" and (flag == "off" or placement == "process"):
+                        continue
+                    result = run_one(
+                        database, mode, flag == "on", placement, args.seconds, args.warmup, settings
+                    )
+                    print(result, flush=True)
+                    results.append(result)
     if not args.no_docs:
         write_section(Section("ingest", render(results, args.seconds, args.warmup)), command_line())
     return results

@@ -48,8 +48,9 @@ def served(kind: str, database_url: str | None = None) -> Iterator[int]:
     command = [sys.executable, "-m", "bench.serve", kind, str(port)]
     if database_url:
         command.append(database_url)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_port(port, timeout_s=60)
         yield port
@@ -62,20 +63,41 @@ def served(kind: str, database_url: str | None = None) -> Iterator[int]:
             process.wait()
 
 
-def run_wrk(port: int, script: str, seconds: float, connections: int,
-            env: dict[str, str] | None = None, path: str = "/") -> LoadResult:
+def run_wrk(
+    port: int,
+    script: str,
+    seconds: float,
+    connections: int,
+    env: dict[str, str] | None = None,
+    path: str = "/",
+) -> LoadResult:
     """Run wrk (one thread) against 127.0.0.1:``port`` and parse the script's report line."""
-    command = [require_wrk(), "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "10s",
-               "-s", str(LUA_DIR / script), f"http://127.0.0.1:{port}{path}"]
+    command = [
+        require_wrk(),
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_DIR / script),
+        f"http://127.0.0.1:{port}{path}",
+    ]
     environment = {**os.environ, "BENCH_LUA_DIR": str(LUA_DIR), **(env or {})}
-    output = subprocess.run(command, check=True, capture_output=True, text=True,
-                            env=environment, timeout=seconds + 60).stdout
+    output = subprocess.run(
+        command, check=True, capture_output=True, text=True, env=environment, timeout=seconds + 60
+    ).stdout
     line = next(line for line in output.splitlines() if line.startswith("BENCH "))
-    data = json.loads(line[len("BENCH "):])
-    return LoadResult(requests=data["requests"], seconds=data["duration_us"] / 1e6,
-                      errors=data["errors"], p50_ms=data["p50"] / 1000,
-                      p90_ms=data["p90"] / 1000, p99_ms=data["p99"] / 1000,
-                      max_ms=data["max"] / 1000)
+    data = json.loads(line[len("BENCH ") :])
+    return LoadResult(
+        requests=data["requests"],
+        seconds=data["duration_us"] / 1e6,
+        errors=data["errors"],
+        p50_ms=data["p50"] / 1000,
+        p90_ms=data["p90"] / 1000,
+        p99_ms=data["p99"] / 1000,
+        max_ms=data["max"] / 1000,
+    )
 
 
 def settle(seconds: float = 1.0) -> None:
@@ -85,8 +107,14 @@ def settle(seconds: float = 1.0) -> None:
 def lua_string(value: bytes | str) -> str:
     """Return ``value`` as a quoted Lua string literal (3-digit decimal escapes)."""
     data = value.encode() if isinstance(value, str) else value
-    return '"' + "".join(f"\\{byte:03d}" if byte < 32 or byte > 126 or byte in (34, 92) else chr(byte)
-                         for byte in data) + '"'
+    return (
+        '"'
+        + "".join(
+            f"\\{byte:03d}" if byte < 32 or byte > 126 or byte in (34, 92) else chr(byte)
+            for byte in data
+        )
+        + '"'
+    )
 
 
 def write_lua_table(path: Path, rows: list[tuple[bytes, str]]) -> None:

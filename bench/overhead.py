@@ -43,17 +43,23 @@ def database_url(kind: str, database: str) -> str | None:
     return f"sqlite:///{path}"
 
 
-def measure(kind: str, database: str, seconds: float, warmup: float, connections: int) -> LoadResult:
+def measure(
+    kind: str, database: str, seconds: float, warmup: float, connections: int
+) -> LoadResult:
     with served(kind, database_url(kind, database)) as port:
         run_wrk(port, "chat.lua", warmup, connections)
         return run_wrk(port, "chat.lua", seconds, connections)
 
 
 def summarise(kind: str, rounds: list[LoadResult]) -> Summary:
-    return Summary(kind, statistics.median(r.rps for r in rounds),
-                   statistics.median(r.p50_ms for r in rounds),
-                   statistics.median(r.p99_ms for r in rounds),
-                   sum(r.errors for r in rounds), rounds)
+    return Summary(
+        kind,
+        statistics.median(r.rps for r in rounds),
+        statistics.median(r.p50_ms for r in rounds),
+        statistics.median(r.p99_ms for r in rounds),
+        sum(r.errors for r in rounds),
+        rounds,
+    )
 
 
 def render(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
@@ -81,12 +87,21 @@ def render(summaries: dict[str, Summary], args: argparse.Namespace) -> str:
         if kind != "bare":
             met = ratio >= 0.9 and added <= 1.0
             verdict = "met" if met else "**missed**"
-        lines.append(f"| {kind} | {fmt(item.rps, 0)} | {ratio * 100:.1f} % | {fmt(item.p50, 2)} | "
-                     f"{fmt(item.p99, 2)} | {'' if kind == 'bare' else fmt(added, 2)} | "
-                     f"{item.errors} | {verdict} |")
-    lines += ["", "Per round (requests/s, p99 ms): " + "; ".join(
-        f"{kind}: " + ", ".join(f"{fmt(r.rps, 0)} / {fmt(r.p99_ms, 2)}" for r in summaries[kind].rounds)
-        for kind in summaries) + "."]
+        lines.append(
+            f"| {kind} | {fmt(item.rps, 0)} | {ratio * 100:.1f} % | {fmt(item.p50, 2)} | "
+            f"{fmt(item.p99, 2)} | {'' if kind == 'bare' else fmt(added, 2)} | "
+            f"{item.errors} | {verdict} |"
+        )
+    lines += [
+        "",
+        "Per round (requests/s, p99 ms): "
+        + "; ".join(
+            f"{kind}: "
+            + ", ".join(f"{fmt(r.rps, 0)} / {fmt(r.p99_ms, 2)}" for r in summaries[kind].rounds)
+            for kind in summaries
+        )
+        + ".",
+    ]
     return "\n".join(lines)
 
 

@@ -19,12 +19,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 import chatmw.metrics as metrics
+from bench.common import Section, command_line, fmt, percentile, write_section
+from bench.gendata import DAYS, START, prepared_url
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.registry import parse_options
 from chatmw.store.engine import make_engine
-
-from bench.common import Section, command_line, fmt, percentile, write_section
-from bench.gendata import DAYS, START, prepared_url
 
 TARGET_MS = 100.0
 
@@ -50,7 +49,9 @@ def computations() -> dict[str, Callable[[Engine, MetricFilter], Any]]:
     result: dict[str, Callable[[Engine, MetricFilter], Any]] = {}
     for name, spec in sorted(metrics.REGISTRY.items()):
         options = parse_options(spec, {})
-        result[name] = lambda engine, flt, spec=spec, options=options: spec.compute(engine, flt, options)
+        result[name] = lambda engine, flt, spec=spec, options=options: spec.compute(
+            engine, flt, options
+        )
     try:
         from chatmw.surveys.metrics import csat, nps
     except ImportError:
@@ -60,8 +61,13 @@ def computations() -> dict[str, Callable[[Engine, MetricFilter], Any]]:
     return result
 
 
-def time_metric(engine: Engine, compute: Callable[[Engine, MetricFilter], Any], flt: MetricFilter,
-                repeat: int, budget_s: float) -> tuple[list[float], str | None]:
+def time_metric(
+    engine: Engine,
+    compute: Callable[[Engine, MetricFilter], Any],
+    flt: MetricFilter,
+    repeat: int,
+    budget_s: float,
+) -> tuple[list[float], str | None]:
     samples: list[float] = []
     spent = 0.0
     try:
@@ -82,8 +88,9 @@ def time_metric(engine: Engine, compute: Callable[[Engine, MetricFilter], Any], 
     return samples, None
 
 
-def run(database: str, messages: int, repeat: int, budget_s: float,
-        only: set[str] | None) -> list[Timing]:
+def run(
+    database: str, messages: int, repeat: int, budget_s: float, only: set[str] | None
+) -> list[Timing]:
     url = prepared_url(database, messages)
     engine = make_engine(url)
     end = START + timedelta(days=DAYS)
@@ -94,8 +101,11 @@ def run(database: str, messages: int, repeat: int, budget_s: float,
             continue
         samples, error = time_metric(engine, compute, flt, repeat, budget_s)
         timing = Timing(database, messages, name, samples, error)
-        print(f"{database} {messages:,} {name}: p50 {timing.p50:.0f} ms p95 {timing.p95:.0f} ms "
-              f"n={len(samples)} {error or ''}", flush=True)
+        print(
+            f"{database} {messages:,} {name}: p50 {timing.p50:.0f} ms p95 {timing.p95:.0f} ms "
+            f"n={len(samples)} {error or ''}",
+            flush=True,
+        )
         timings.append(timing)
     engine.dispose()
     return timings
@@ -133,8 +143,10 @@ def render(timings: list[Timing], args: argparse.Namespace) -> str:
                 cells.append(f"error: {timing.error}")
             else:
                 mark = "" if timing.p95 <= TARGET_MS else " (over)"
-                cells.append(f"{fmt(timing.p50, 0)} / {fmt(timing.p95, 0)}{mark} "
-                             f"(n={len(timing.samples_ms)})")
+                cells.append(
+                    f"{fmt(timing.p50, 0)} / {fmt(timing.p95, 0)}{mark} "
+                    f"(n={len(timing.samples_ms)})"
+                )
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     over = [t for t in timings if not t.error and t.p95 > TARGET_MS]
     lines += ["", f"{len(over)} of {len(timings)} measurements are over {TARGET_MS:g} ms at p95."]
@@ -147,8 +159,8 @@ def main(argv: list[str] | None = None) -> list[Timing]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", default="1000000", help="comma-separated store sizes")
     parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds per metric")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=12.0, help="seconds per metric")
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)

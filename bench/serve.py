@@ -51,8 +51,9 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
         runtime = Runtime.from_settings(Settings(database_url=database_url or "sqlite:///bench.db"))
         if kind == "proxy-process":
             use_process_writer(runtime, proxy_writer)
-        proxy = create_proxy_app(MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN),
-                                 runtime)
+        proxy = create_proxy_app(
+            MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN), runtime
+        )
 
         @contextlib.asynccontextmanager
         async def lifespan(_app):  # type: ignore[no-untyped-def]
@@ -90,8 +91,9 @@ def use_process_writer(runtime, build=None) -> None:  # type: ignore[no-untyped-
     from chatmw.writer_process import ProcessWriter, build_writer
 
     settings = runtime.settings
-    factory = functools.partial(build or build_writer, settings.database_url,
-                                settings.session_gap_ms, settings.sentiment)
+    factory = functools.partial(
+        build or build_writer, settings.database_url, settings.session_gap_ms, settings.sentiment
+    )
     writer = ProcessWriter(factory)
     writer.start()
     runtime.recorder.writer = writer
@@ -101,8 +103,9 @@ def main() -> None:
     kind, port = sys.argv[1], int(sys.argv[2])
     url = sys.argv[3] if len(sys.argv) > 3 else None
     logging.getLogger("chatmw").setLevel(logging.WARNING)
-    uvicorn.run(build(kind, url), host="127.0.0.1", port=port, log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        build(kind, url), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -22,30 +22,61 @@ BODIES = 4000
 
 def messenger_body(index: int) -> bytes:
     base_ms = 1767225600000 + index * 1000
-    document = {"object": "page", "entry": [{
-        "id": "104857600000001", "time": base_ms + 500,
-        "messaging": [{
-            "sender": {"id": f"71{index % 3000:014d}"}, "recipient": {"id": "104857600000001"},
-            "timestamp": base_ms,
-            "message": {"mid": f"m_bench_{index}", "text": "where is my order? it is late"},
-        }],
-    }]}
+    document = {
+        "object": "page",
+        "entry": [
+            {
+                "id": "104857600000001",
+                "time": base_ms + 500,
+                "messaging": [
+                    {
+                        "sender": {"id": f"71{index % 3000:014d}"},
+                        "recipient": {"id": "104857600000001"},
+                        "timestamp": base_ms,
+                        "message": {
+                            "mid": f"m_bench_{index}",
+                            "text": "where is my order? it is late",
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document).encode()
 
 
 def whatsapp_body(index: int) -> bytes:
     wa_id = f"49151{index % 3000:08d}"
-    document = {"object": "whatsapp_business_account", "entry": [{
-        "id": "440000000000001",
-        "changes": [{"field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "4930000000", "phone_number_id": "230000000000001"},
-            "contacts": [{"profile": {"name": "Kim"}, "wa_id": wa_id}],
-            "messages": [{"from": wa_id, "id": f"wamid.bench{index}",
-                          "timestamp": str(1767225600 + index), "type": "text",
-                          "text": {"body": "Hello, can I change my delivery address?"}}],
-        }}],
-    }]}
+    document = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "440000000000001",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {
+                                "display_phone_number": "4930000000",
+                                "phone_number_id": "230000000000001",
+                            },
+                            "contacts": [{"profile": {"name": "Kim"}, "wa_id": wa_id}],
+                            "messages": [
+                                {
+                                    "from": wa_id,
+                                    "id": f"wamid.bench{index}",
+                                    "timestamp": str(1767225600 + index),
+                                    "type": "text",
+                                    "text": {"body": "Hello, can I change my delivery address?"},
+                                }
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(document).encode()
 
 
@@ -83,9 +114,11 @@ def render(results: dict[str, LoadResult], args: argparse.Namespace) -> str:
     ]
     for platform, result in results.items():
         met = result.p50_ms <= 5 and result.p99_ms <= 50
-        lines.append(f"| {platform} | {fmt(result.rps, 0)} | {fmt(result.p50_ms, 2)} | "
-                     f"{fmt(result.p90_ms, 2)} | {fmt(result.p99_ms, 2)} | {fmt(result.max_ms, 1)} | "
-                     f"{result.errors} | {'met' if met else '**missed**'} |")
+        lines.append(
+            f"| {platform} | {fmt(result.rps, 0)} | {fmt(result.p50_ms, 2)} | "
+            f"{fmt(result.p90_ms, 2)} | {fmt(result.p99_ms, 2)} | {fmt(result.max_ms, 1)} | "
+            f"{result.errors} | {'met' if met else '**missed**'} |"
+        )
     return "\n".join(lines)
 
 

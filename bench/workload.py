@@ -40,13 +40,16 @@ PLANS = ("free", "basic", "pro")
 COUNTRIES = ("fr", "de", "us", "gb", "es", "it")
 
 
-def message_stream(seed: int = 7, open_conversations: int = 2000, prefix: str = "b",
-                   start: datetime | None = None) -> Iterator[ev.Message]:
+def message_stream(
+    seed: int = 7, open_conversations: int = 2000, prefix: str = "b", start: datetime | None = None
+) -> Iterator[ev.Message]:
     """Yield messages forever from ``open_conversations`` interleaved conversations."""
     rng = random.Random(seed)
     clock = start or datetime(2025, 1, 1, tzinfo=UTC)
     serial = 0
-    slots: list[dict[str, object]] = [_new_conversation(rng, prefix, i) for i in range(open_conversations)]
+    slots: list[dict[str, object]] = [
+        _new_conversation(rng, prefix, i) for i in range(open_conversations)
+    ]
     while True:
         index = rng.randrange(open_conversations)
         state = slots[index]

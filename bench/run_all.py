@@ -1,0 +1,126 @@
+"""Run every benchmark and rewrite docs/benchmarks.md: ``python -m bench.run_all``.
+
+Each benchmark writes its own section with the machine description and its command; this
+script then writes the summary of measured figures against targets at the top.
+``--quick`` shortens every run (a smoke check of the scripts, not figures to publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from bench import importer, ingest, overhead, queries, webhook
+from bench.common import DOCS_PAGE, Section, fmt, write_section
+from bench.loadgen import require_wrk
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: overhead,webhook,ingest,queries,import"
+    )
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    require_wrk()
+    started = time.monotonic()
+    quick = ["--seconds", "3", "--warmup", "1"] if args.quick else []
+    steps = {
+        "overhead": lambda: overhead.main(quick + (["--rounds", "1"] if args.quick else [])),
+        "webhook": lambda: webhook.main(quick),
+        "ingest": lambda: ingest.main(quick),
+        "queries": lambda: queries.main(
+            ["--messages", "20000", "--repeat", "2"] if args.quick else []
+        ),
+        "import": lambda: importer.main(["--messages", "20000"] if args.quick else []),
+    }
+    results: dict[str, Any] = {}
+    for name, step in steps.items():
+        if name in skip:
+            continue
+        print(f"== {name}", flush=True)
+        results[name] = step()
+    write_section(Section("summary", summary(results)), "bash bench/run.sh")
+    print(f"done in {time.monotonic() - started:.0f} s; see {DOCS_PAGE}")
+
+
+def summary(results: dict[str, Any]) -> str:
+    """Return the table of measured figures against targets for the benchmarks that ran."""
+    rows: list[tuple[str, str, str, bool]] = []
+    if "overhead" in results:
+        items = results["overhead"]
+        bare = items["bare"]
+        for kind in ("wrapped", "wrapped-nosentiment", "wrapped-process"):
+            if kind in items:
+                ratio = items[kind].rps / bare.rps
+                added = items[kind].p99 - bare.p99
+                rows.append(
+                    (
+                        f"overhead, {kind}: RPS kept / p99 added",
+                        ">= 90 % / <= 1 ms",
+                        f"{ratio * 100:.0f} % / {fmt(added, 1)} ms",
+                        ratio >= 0.9 and added <= 1,
+                    )
+                )
+    for platform, result in results.get("webhook", {}).items():
+        rows.append(
+            (
+                f"webhook ack, {platform}: p50 / p99",
+                "<= 5 / <= 50 ms",
+                f"{fmt(result.p50_ms, 1)} / {fmt(result.p99_ms, 1)} ms",
+                result.p50_ms <= 5 and result.p99_ms <= 50,
+            )
+        )
+    for item in results.get("ingest", []):
+        if item.mode == "paced":
+            target = ingest.TARGETS[item.database]
+            rows.append(
+                (
+                    f"ingest, {item.database}, sentiment {'on' if item.sentiment else 'off'}",
+                    f">= {target:,}/s",
+                    f"{fmt(item.rate, 0)}/s",
+                    item.rate >= target,
+                )
+            )
+    timings = [t for t in results.get("queries", []) if not t.error]
+    for database in ("sqlite", "postgresql"):
+        mine = [t for t in timings if t.database == database]
+        if mine:
+            worst = max(mine, key=lambda t: t.p95)
+            size = max(t.messages for t in mine)
+            over = sum(1 for t in mine if t.p95 > queries.TARGET_MS)
+            rows.append(
+                (
+                    f"queries, {database}, {size / 1e6:g}M messages: worst p95 "
+                    f"({over} of {len(mine)} metrics over)",
+                    "<= 100 ms at 10M",
+                    f"{fmt(worst.p95, 0)} ms ({worst.metric})",
+                    over == 0,
+                )
+            )
+    for item in results.get("import", []):
+        rows.append(
+            (
+                f"import, {item.database}",
+                f">= {importer.TARGET:,}/s",
+                f"{fmt(item.rate, 0)}/s",
+                item.rate >= importer.TARGET,
+            )
+        )
+    lines = [
+        "## Summary: measured figures against targets",
+        "",
+        "| benchmark | target | measured | verdict |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {target} | {measured} | {'met' if met else '**missed**'} |"
+        for name, target, measured, met in rows
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
