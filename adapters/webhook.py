@@ -8,7 +8,6 @@ acknowledgement depends only on the recorder accepting the events.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from chatmw.adapters._meta import (
     verification_challenge,
     verify_signature,
 )
+from chatmw.codecs import load_json_body
 
 __all__ = [
     "WebhookIntake",
@@ -69,9 +69,9 @@ def parse_webhook(
     Messenger and Instagram echoes from an app in ``agent_app_ids`` are agent messages.
     """
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WebhookFormatError(f"body is not valid JSON: {error}") from error
+        document = load_json_body(body)
+    except ValueError as error:
+        raise WebhookFormatError(str(error)) from error
     if not isinstance(document, dict):
         raise WebhookFormatError("body is not a JSON object")
     kind = document.get("object")
