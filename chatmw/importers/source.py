@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from chatmw import events as ev
+from chatmw.codecs import replace_lone_surrogates
 
 __all__ = [
     "ImportFileError",
@@ -171,8 +172,14 @@ def read_jsonl(stream: io.TextIOWrapper) -> Iterator[Record]:
             continue
         try:
             value = json.loads(line)
+            if "\\u" in line:
+                value = replace_lone_surrogates(value)
         except json.JSONDecodeError as error:
             yield Record(line_number, None, f"invalid JSON: {error.msg} at column {error.colno}")
+            continue
+        except (ValueError, RecursionError) as error:
+            # Integers of more than 4300 digits, and nesting deeper than the recursion limit.
+            yield Record(line_number, None, f"invalid JSON: {error}")
             continue
         if not isinstance(value, dict):
             yield Record(line_number, None, f"expected a JSON object, got {type(value).__name__}")
