@@ -163,8 +163,9 @@ def _parse_stars(text: str, scale: tuple[int, int]) -> Answer | None:
     return Answer(score=score) if scale[0] <= score <= scale[1] else None
 
 
-def _number(token: str) -> int:
-    return int(token) if token.isdigit() else _WORDS[token.lower()]
+def _number(token: str) -> int | None:
+    # IGNORECASE also matches letters whose lower() is not in _WORDS ("ſix", "eİns").
+    return int(token) if token.isdigit() else _WORDS.get(token.lower())
 
 
 def parse_answer(text: str | None, payload: str | None, scale: tuple[int, int]) -> Answer | None:
@@ -197,6 +198,8 @@ def parse_answer(text: str | None, payload: str | None, scale: tuple[int, int]) 
     if match is None:
         return None
     score = _number(match.group("number"))
+    if score is None:
+        return None
     denominator = match.group("denominator")
     if denominator is not None and int(denominator) != scale[1]:
         return None
