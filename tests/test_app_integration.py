@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from browser.chromium import chromium  # noqa: F401 - a fixture, found by pytest by this name
+from browser.chromium import CHROMIUM, CHROMIUM_ARGS
 from browser.servers import free_port, serve
 from fastapi import FastAPI
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Page, expect, sync_playwright
 from sqlalchemy import select
 
 from chatmw.app import mount_chatmw
@@ -356,12 +356,23 @@ def test_serve_no_auth_refused_off_loopback(serve_env: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def page(chromium: Browser) -> Iterator[Page]:  # noqa: F811 - the imported fixture
-    context = chromium.new_context()
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    yield page
-    context.close()
+def page() -> Iterator[Page]:
+    """A page of a Chromium started for this test only.
+
+    The session's shared browser (``browser.chromium``) keeps Playwright's event loop
+    running until the session ends, which makes ``asyncio.run`` fail in every later test.
+    """
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} not found: install Debian's chromium package"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_context().new_page()
+        page.set_default_timeout(15_000)
+        yield page
+        browser.close()
 
 
 def test_browser_shows_survey_after_goodbye(
