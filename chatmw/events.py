@@ -8,6 +8,7 @@ them as integer milliseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,10 +27,19 @@ __all__ = [
     "now_utc",
     "to_ms",
     "from_ms",
+    "storable",
 ]
 
 Role = Literal["user", "bot", "agent"]
 ROLES: tuple[str, ...] = ("user", "bot", "agent")
+
+# Characters no store takes: PostgreSQL rejects NUL in text, SQLite ids with NUL are read
+# back cut short, and a lone surrogate has no UTF-8 encoding.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# Field types that never contain text, skipped without a closer look.
+_PLAIN_TYPES = frozenset({int, float, bool, bytes, datetime})
+# Containers in event fields nested deeper than this are left as they are.
+_MAX_CLEAN_DEPTH = 64
 
 
 def now_utc() -> datetime:
@@ -49,12 +59,57 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _has_unstorable(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, str):
+        if value.isascii():
+            return "\x00" in value
+        return _UNSTORABLE.search(value) is not None
+    if depth >= _MAX_CLEAN_DEPTH:
+        return False
+    if isinstance(value, Mapping):
+        return any(_has_unstorable(k, depth + 1) or _has_unstorable(v, depth + 1)
+                   for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_unstorable(item, depth + 1) for item in value)
+    return False
+
+
+def storable(value: Any, depth: int = 0) -> Any:
+    """Return ``value`` with NUL and lone surrogates in its strings replaced by U+FFFD.
+
+    Descends into mappings, lists and tuples; returns ``value`` itself when nothing changed.
+    """
+    if not _has_unstorable(value, depth):
+        return value
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {storable(k, depth + 1): storable(v, depth + 1) for k, v in value.items()}
+    return type(value)(storable(item, depth + 1) for item in value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
-    """Base of every event. ``channel`` names the platform (web, messenger, whatsapp, ...)."""
+    """Base of every event. ``channel`` names the platform (web, messenger, whatsapp, ...).
+
+    Construction replaces NUL and lone surrogates in string fields, including those inside
+    mappings and lists, by U+FFFD (see :func:`storable`).
+    """
 
     channel: str
     occurred_at: datetime
+
+    def __post_init__(self) -> None:
+        # Every source builds events, so this one check keeps any text the store cannot
+        # take (see ``storable``) from failing the batch write and losing the event.
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is None or value.__class__ in _PLAIN_TYPES:
+                continue
+            if value.__class__ is str and value.isascii() and "\x00" not in value:
+                continue
+            if _has_unstorable(value):
+                object.__setattr__(self, name, storable(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
