@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from chatmw import events as ev
-from chatmw.codecs import ChatReply
+from chatmw.codecs import ChatReply, load_json_body
 
 __all__ = [
     "WidgetError",
@@ -120,11 +120,9 @@ class EventRequest:
 
 def _load_object(body: bytes) -> dict[str, Any]:
     try:
-        document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WidgetError(
-            400, "invalid_json", f"request body is not valid JSON: {error}"
-        ) from error
+        document = load_json_body(body)
+    except ValueError as error:
+        raise WidgetError(400, "invalid_json", f"request {error}") from error
     if not isinstance(document, dict):
         raise WidgetError(422, "invalid_body", "request body must be a JSON object")
     return document
@@ -167,7 +165,10 @@ def _parse_touch(value: Any) -> TouchData | None:
 def _trimmed_url(value: Any, keep_params: tuple[str, ...]) -> str | None:
     if not isinstance(value, str) or not value:
         return None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an invalid IPv6 host such as "http://[::1"
+        return None
     query = urlencode(
         [(name, item) for name, item in parse_qsl(parts.query) if name in keep_params]
     )

@@ -408,7 +408,11 @@ def _page_path(url: str | None) -> str | None:
     # Only the path is kept: query strings can carry personal data (emails, tokens).
     if not url:
         return None
-    return urlsplit(url).path[:512] or "/"
+    try:
+        path = urlsplit(url).path
+    except ValueError:  # an invalid IPv6 host such as "http://[::1"
+        return None
+    return path[:512] or "/"
 
 
 def create_widget_router(
