@@ -96,6 +96,7 @@ class LiveStreams:
 
     open: int = 0
     started: int = 0
+    rejected: int = 0
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -164,8 +165,15 @@ def create_live_router(
     dependencies: Sequence[Any] = (),
     default_interval: float = 5.0,
     default_active_minutes: float = 5.0,
+    max_streams: int = 100,
 ) -> APIRouter:
-    """Build the router of ``GET {prefix}/live``; ``router.live_streams`` counts open streams."""
+    """Build the router of ``GET {prefix}/live``; ``router.live_streams`` counts open streams.
+
+    Each open stream queries the store every ``interval`` seconds, so a request beyond
+    ``max_streams`` open streams gets HTTP 503 with ``Retry-After``.
+    """
+    if max_streams < 1:
+        raise ValueError(f"max_streams must be at least 1, got {max_streams}")
     if not MIN_INTERVAL_S <= default_interval <= MAX_INTERVAL_S:
         raise ValueError(
             f"default_interval must be between {MIN_INTERVAL_S} and {MAX_INTERVAL_S} "
@@ -191,6 +199,7 @@ def create_live_router(
         responses={
             200: {"content": {"text/event-stream": {}}},
             422: {"description": "An invalid parameter, named in `detail[0].loc`."},
+            503: {"description": "Too many open streams; retry after `Retry-After` seconds."},
         },
     )
     async def live(
@@ -218,6 +227,20 @@ def create_live_router(
         if count is not None and not 1 <= count <= 100_000:
             return _invalid("count", "must be between 1 and 100000")
         channels = tuple(part.strip() for part in (channel or "").split(",") if part.strip())
+        # NOTE: streams count as open once their first event is produced, so requests that
+        # arrive together may exceed max_streams by a few.
+        if streams.open >= max_streams:
+            streams.rejected += 1
+            logger.warning(
+                "live: rejected a stream, %d already open (%d rejected so far)",
+                streams.open,
+                streams.rejected,
+            )
+            return JSONResponse(
+                status_code=503,
+                content={"detail": f"too many live streams open (max {max_streams}); retry later"},
+                headers={"Retry-After": str(int(interval))},
+            )
         return StreamingResponse(
             _stream(request, engine, streams, interval, active_minutes, channels, count),
             media_type="text/event-stream",

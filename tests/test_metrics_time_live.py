@@ -197,3 +197,32 @@ def test_router_rejects_invalid_defaults(tmp_path) -> None:
     with pytest.raises(ValueError, match="default_active_minutes"):
         create_live_router(engine, default_active_minutes=0)
     engine.dispose()
+
+
+def test_stream_limit_rejects_extra_clients(engine: Engine) -> None:
+    app = FastAPI()
+    router = create_live_router(engine, prefix="/metrics", max_streams=1)
+    app.include_router(router)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}/metrics/live"
+    try:
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("GET", base, params={"interval": 1}) as first,
+        ):
+            lines = first.iter_lines()
+            next_snapshot(lines)
+            # count=1 ends the second stream should the limit fail to reject it.
+            second = client.get(base, params={"interval": 2, "count": 1})
+        assert second.status_code == 503
+        assert second.headers["retry-after"] == "2"
+        assert router.live_streams.rejected == 1
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -101,7 +101,9 @@ events. Each event's `data` is one JSON object:
   minutes; `null` without answers.
 - `responses`: the number of those answers.
 
-`channel` limits every figure to the given channels.
+`channel` limits every figure to the given channels. A server keeps at most 100 streams
+open by default (`max_streams` of the router); a request beyond that gets HTTP 503 with
+`Retry-After`.
 
 ## Metrics
 
