@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tomllib
 import statistics
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -338,3 +339,12 @@ def test_channel_schedule_applies_to_its_answers(engine: Engine) -> None:
         use_business_hours(None)
     assert result["business_hours"]["channels"]["web"]["hours"]["tue"] == ["00:00-24:00"]
     assert result["reply_time"]["business"]["all"] == result["reply_time"]["calendar"]["all"]
+
+
+def test_documented_example_parses() -> None:
+    description = REGISTRY["response-time-business"].description
+    example = description.split("```toml\n")[1].split("```")[0]
+    hours = BusinessHours.from_mapping(tomllib.loads(example)["business_hours"])
+    assert hours.default.tz.key == "Europe/Paris"
+    assert hours.for_channel("whatsapp").tz.key == "America/New_York"
+    assert hours.describe()["hours"]["sat"] == ["22:00-02:00"]

@@ -173,11 +173,28 @@ RESPONSE_TIME_BUSINESS = register(
             "optionally different per channel (each answer uses its message's channel), with "
             "closed dates; periods may cross midnight. They come from the request's `hours` "
             "(for example `mon-fri 09:00-12:30,13:30-18:00; sat 10:00-14:00`, read in "
-            "`hours_tz`), else from the application's configuration (a TOML file, see "
-            "`chatmw.business_hours`), else Monday to Friday 09:00-17:00 UTC. "
-            "`business_hours.source` says which (`request`, `configured` or `default`) and the "
-            "schedule used is echoed. Wall-clock times skipped by a daylight-saving change "
-            "resolve with the offset before the change."
+            "`hours_tz`), else from the application's configuration, else Monday to Friday "
+            "09:00-17:00 UTC. `business_hours.source` says which (`request`, `configured` or "
+            "`default`) and the schedule used is echoed. Wall-clock times skipped by a "
+            "daylight-saving change resolve with the offset before the change.\n\n"
+            "The configuration is the `[business_hours]` table of the `chatmw serve` "
+            "configuration file (or a `chatmw.business_hours.BusinessHours` given to "
+            "`mount_chatmw`). Day keys are `mon` to `sun` or ranges such as `mon-fri`; a "
+            "period whose end is not after its start ends on the next day; `24:00` ends a day; "
+            "a closed date drops the periods that start on it; an invalid entry stops start-up "
+            "with an error naming it:\n\n"
+            "```toml\n"
+            "[business_hours]\n"
+            'timezone = "Europe/Paris"\n'
+            'closed = ["2024-12-25"]\n'
+            "[business_hours.hours]\n"
+            'mon-fri = ["09:00-12:30", "13:30-18:00"]\n'
+            'sat = ["22:00-02:00"]\n'
+            "[business_hours.channels.whatsapp]\n"
+            'timezone = "America/New_York"\n'
+            "[business_hours.channels.whatsapp.hours]\n"
+            'mon-sun = ["00:00-24:00"]\n'
+            "```"
         ),
         compute=response_time_business,
         params=(
