@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import tomllib
 import statistics
+import tomllib
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
