@@ -19,7 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import Engine, and_, func, or_, select
+from sqlalchemy import Engine, and_, func, select
 from starlette.concurrency import run_in_threadpool
 
 from chatmw.events import from_ms
@@ -44,33 +44,31 @@ def live_snapshot(
 ) -> dict[str, Any]:
     """Compute the live figures at ``now_ms``.
 
-    A conversation is active when its last message is at most ``active_minutes`` old and
-    it was not ended after that message. Messages and answers are counted by their own time
-    in the last :data:`RECENT_MINUTES` minutes (up to ``now_ms``, inclusive).
+    A conversation is active when it has not ended and its last dialogue message is at most
+    ``active_minutes`` old. Messages and answers are counted by their own time in the last
+    :data:`RECENT_MINUTES` minutes (up to ``now_ms``, inclusive). Survey prompts and
+    answers and reactions count for neither.
     """
     active_since = now_ms - int(active_minutes * 60_000)
     recent_since = now_ms - RECENT_MINUTES * 60_000
     minute_since = now_ms - 60_000
+    dialogue = Message.kind.not_in(UNTIMED_KINDS)
+    # Survey prompts come after a conversation ends, so activity is judged on dialogue
+    # messages, not on the conversation's last_message_at_ms.
     active = (
-        select(func.count())
-        .select_from(Conversation)
+        select(func.count(func.distinct(Message.conversation_id)))
+        .join(Conversation, Conversation.id == Message.conversation_id)
         .where(
-            Conversation.last_message_at_ms >= active_since,
-            Conversation.last_message_at_ms <= now_ms,
-            or_(
-                Conversation.ended_at_ms.is_(None),
-                Conversation.ended_at_ms < Conversation.last_message_at_ms,
-            ),
+            Message.occurred_at_ms >= active_since,
+            Message.occurred_at_ms <= now_ms,
+            dialogue,
+            Conversation.ended_at_ms.is_(None),
         )
     )
-    recent = and_(
-        Message.occurred_at_ms > recent_since,
-        Message.occurred_at_ms <= now_ms,
-        Message.kind.not_in(UNTIMED_KINDS),
-    )
+    recent = and_(Message.occurred_at_ms > recent_since, Message.occurred_at_ms <= now_ms, dialogue)
     messages = select(Message.occurred_at_ms, Message.response_ms).where(recent)
     if channels:
-        active = active.where(Conversation.channel.in_(channels))
+        active = active.where(Message.channel.in_(channels))
         messages = messages.where(Message.channel.in_(channels))
     with engine.connect() as connection:
         active_count = int(connection.execute(active).scalar_one())

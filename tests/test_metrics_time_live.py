@@ -53,21 +53,32 @@ def populate(engine: Engine) -> None:
             # Not active: last message 20 minutes ago; its answer is outside the 5-minute window.
             message("c1", "user", NOW - 21 * minute, "c"),
             message("c2", "bot", NOW - 20 * minute, "c"),
-            # Not counted: a survey prompt is no message of the dialogue.
+            # Not active: ended, then sent only a survey prompt, which is no dialogue message.
+            message("d0", "user", NOW - 3 * minute, "d"),
             message("d1", "bot", NOW - minute, "d", kind="survey_prompt"),
+            # Active: ended, then reopened by a user message 50 seconds ago.
+            message("e1", "user", NOW - 10 * minute, "e"),
         ]
     )
-    Writer(engine).write(
-        [
-            ev.ConversationUpdate(
-                channel="web",
-                occurred_at=NOW - 2 * minute + timedelta(seconds=1),
-                user_id="d",
-                conversation_id="d",
-                ended=True,
-            )
-        ]
-    )
+    ended = [
+        ev.ConversationUpdate(
+            channel="web",
+            occurred_at=NOW - 2 * minute + timedelta(seconds=1),
+            user_id="d",
+            conversation_id="d",
+            ended=True,
+        ),
+        ev.ConversationUpdate(
+            channel="web",
+            occurred_at=NOW - 9 * minute,
+            user_id="e",
+            conversation_id="e",
+            ended=True,
+        ),
+    ]
+    Writer(engine).write(ended)
+    # The reopening message arrives after the end was recorded.
+    Writer(engine).write([message("e2", "user", NOW - timedelta(seconds=50), "e")])
 
 
 def test_snapshot_figures(engine: Engine) -> None:
@@ -76,8 +87,8 @@ def test_snapshot_figures(engine: Engine) -> None:
     # d's only item is a survey prompt at NOW-1min, but d ended before it: ended conversations
     # are active again only after a later message, and the prompt is later, so d counts.
     assert snapshot["active_conversations"] == 3
-    assert snapshot["messages_last_minute"] == 1
-    assert snapshot["messages_per_minute"] == round(5 / 5, 2)
+    assert snapshot["messages_last_minute"] == 2
+    assert snapshot["messages_per_minute"] == round(7 / 5, 2)
     assert snapshot["responses"] == 2
     assert snapshot["response_time_p50"] == 60.0
     whatsapp = live_snapshot(
