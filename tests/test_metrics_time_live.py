@@ -84,8 +84,7 @@ def populate(engine: Engine) -> None:
 def test_snapshot_figures(engine: Engine) -> None:
     populate(engine)
     snapshot = live_snapshot(engine, int(NOW.timestamp() * 1000), active_minutes=5)
-    # d's only item is a survey prompt at NOW-1min, but d ended before it: ended conversations
-    # are active again only after a later message, and the prompt is later, so d counts.
+    # a, b and the reopened e; not c (too old) nor d (ended).
     assert snapshot["active_conversations"] == 3
     assert snapshot["messages_last_minute"] == 2
     assert snapshot["messages_per_minute"] == round(7 / 5, 2)
