@@ -222,9 +222,16 @@
       // Users often equal conversations: a dotted line keeps both visible.
       line: { dash: name === "users" ? "dot" : "solid" },
     }));
+    // A single bucket would make plotly zoom to milliseconds around it: pad it by a bucket.
+    const xaxis = { type: "date" };
+    if (x.length === 1) {
+      const days = { day: 1, week: 7, month: 31 }[interval] || 1;
+      const at = new Date(x[0]).getTime();
+      xaxis.range = [new Date(at - days * 86400000), new Date(at + days * 86400000)];
+    }
     window.Plotly.react("trend", traces, {
       margin: { t: 10, r: 60, b: 40, l: 50 },
-      xaxis: { type: "date" },
+      xaxis: xaxis,
       yaxis: { title: { text: "conversations, users" }, rangemode: "tozero" },
       yaxis2: { title: { text: "messages" }, overlaying: "y", side: "right", rangemode: "tozero" },
       legend: { orientation: "h" },
@@ -250,6 +257,8 @@
     const steps = funnelForm.elements.steps.value.trim();
     const dropoff = await metric("dropoff", steps ? { steps: steps } : {});
     if (dropoff.funnel && dropoff.funnel.length) {
+      setText("funnel-note", "");
+      document.getElementById("funnel").hidden = false;
       window.Plotly.react("funnel", [{
         type: "funnel",
         y: dropoff.funnel.map((row) => row.step),
@@ -259,6 +268,15 @@
       return;
     }
     const last = dropoff.last_steps || [];
+    const chart = document.getElementById("funnel");
+    if (!last.length) {
+      setText("funnel-note", "No conversation dropped off in this window.");
+      window.Plotly.purge(chart);
+      chart.hidden = true;
+      return;
+    }
+    setText("funnel-note", "");
+    chart.hidden = false;
     window.Plotly.react("funnel", [{
       type: "bar",
       orientation: "h",
