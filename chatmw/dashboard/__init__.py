@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
@@ -108,9 +108,10 @@ def create_dashboard_router(
         return JSONResponse({**choices, "metrics": sorted([*REGISTRY, *extra])})
 
     @router.get("/static/plotly.min.js", include_in_schema=False)
-    async def plotly_js() -> Response:
-        return Response(
-            plotly_path.read_bytes(),
+    async def plotly_js() -> FileResponse:
+        # About 4.6 MB (plotly 7.1): streamed from the file, with ETag and Last-Modified.
+        return FileResponse(
+            plotly_path,
             media_type=_MEDIA_TYPES[".js"],
             headers={"Cache-Control": "public, max-age=86400", **security_headers},
         )
