@@ -78,7 +78,8 @@ def summary(results: dict[str, Any]) -> str:
             target = ingest.TARGETS[item.database]
             rows.append(
                 (
-                    f"ingest, {item.database}, sentiment {'on' if item.sentiment else 'off'}",
+                    f"ingest, {item.database}, sentiment {'on' if item.sentiment else 'off'}, "
+                    f"writer in {item.placement}",
                     f">= {target:,}/s",
                     f"{fmt(item.rate, 0)}/s",
                     item.rate >= target,
