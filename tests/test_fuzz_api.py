@@ -1,8 +1,10 @@
-"""The HTTP API against its own OpenAPI description, with schemathesis, in process.
+"""HTTP entry points under generated requests, in process.
 
-Every operation of the app ``mount_chatmw`` builds gets generated valid and invalid
-requests on a small SQLite or PostgreSQL store. No response may be a server error, and
-every response must match the schema its operation declares.
+Every operation of the app ``mount_chatmw`` builds gets schemathesis' valid and invalid
+requests on a small SQLite or PostgreSQL store: no response may be a server error, and
+every response must match the schema its operation declares. The Meta webhook endpoint
+acknowledges any signed body and stores what it cannot parse, and the bot middleware
+returns the bot's response unchanged whatever the request body.
 """
 
 from __future__ import annotations
@@ -12,20 +14,29 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
-from fastapi import FastAPI
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from fastapi import FastAPI, Request, Response
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
+from sqlalchemy import func, select
 
 from chatmw import events as ev
+from chatmw.adapters._meta import MetaSettings, sign
+from chatmw.adapters.proxy import create_proxy_app
 from chatmw.app import ChatmwMount, mount_chatmw
+from chatmw.codecs import RasaCodec
 from chatmw.config import Settings
+from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.runtime import Runtime
 from chatmw.security.keys import create_key
+from chatmw.store import models
 
 # Server-sent events never end, so a generated request to the live stream would not return.
 EXCLUDED_PATHS = ("/metrics/live",)
@@ -132,3 +143,108 @@ def test_survey_admin_422_matches_schema(mounted: tuple[FastAPI, ChatmwMount, st
     failures = run_operations(app, key, gaps=True)
 
     assert sorted(failures) == []
+
+
+# The Meta webhook endpoint and the bot middleware
+
+APP_SECRET = "fuzz-api-app-secret"
+BODIES = st.one_of(
+    st.binary(max_size=300),
+    st.sampled_from([b"", b"{}", b"[]", b"null", b'{"object": "page"}', b"1" * 5000, b"[" * 5000,
+                     b'{"object": "page", "entry": [{"messaging": [{"x": "\\ud800"}]}]}',
+                     b'{"object": "whatsapp_business_account", "entry": "x"}']),
+)
+HTTP_FUZZ = settings(max_examples=60, deadline=None, database=None,
+                     suppress_health_check=list(HealthCheck))
+
+
+class PortalClient:
+    """Calls an ASGI app in process from synchronous code (hypothesis tests are synchronous)."""
+
+    def __init__(self, portal: BlockingPortal, app: Any) -> None:
+        self.portal = portal
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                        base_url="http://chatmw")
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.portal.call(lambda: self.client.post(path, **kwargs))
+
+    def close(self) -> None:
+        self.portal.call(self.client.aclose)
+
+
+def raw_payload_count(runtime: Runtime) -> int:
+    with runtime.engine.connect() as connection:
+        statement = select(func.count()).select_from(models.RawPayload)
+        return int(connection.execute(statement).scalar_one())
+
+
+def test_webhook_endpoint_acknowledges_signed_bytes(database_url: str) -> None:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, sentiment=False))
+    runtime.start()
+    settings_ = MetaSettings(app_secret=APP_SECRET, verify_token="token",
+                             graph_base_url="http://127.0.0.1:9")
+    app = create_proxy_app(settings_, runtime)
+    unparseable = 0
+
+    @HTTP_FUZZ
+    @given(body=BODIES)
+    def post(body: bytes) -> None:
+        nonlocal unparseable
+        before = app.state.proxy.stats["unparseable"]
+        response = client.post("/webhook", content=body,
+                               headers={"x-hub-signature-256": sign(body, APP_SECRET)})
+        assert response.status_code == 200, response.text
+        assert response.text == "EVENT_RECEIVED"
+        unparseable += app.state.proxy.stats["unparseable"] - before
+
+    try:
+        with start_blocking_portal() as portal:
+            client = PortalClient(portal, app)
+            post()
+            client.close()
+            portal.call(app.state.proxy.stop)
+        assert runtime.recorder.flush(20)
+        stats = runtime.recorder.stats()
+        assert {reason: n for reason, n in stats.dropped.items() if n} == {}
+        assert unparseable > 0
+        assert raw_payload_count(runtime) >= unparseable
+    finally:
+        runtime.stop()
+
+
+async def fixed_bot(request: Request) -> Response:
+    await request.body()
+    return Response(b'[{"recipient_id": "u1", "text": "fixed"}]', status_code=201,
+                    media_type="application/json", headers={"x-bot": "yes"})
+
+
+def test_middleware_returns_bot_response(database_url: str) -> None:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, sentiment=False))
+    runtime.start()
+    bot = FastAPI()
+    bot.add_api_route("/chat", fixed_bot, methods=["POST"])
+    bot.add_middleware(ChatMetricsMiddleware, recorder=runtime.recorder, codec=RasaCodec(),
+                       paths=["/chat"])
+
+    @HTTP_FUZZ
+    @given(body=st.one_of(BODIES, st.fixed_dictionaries({"sender": st.text(max_size=20),
+                                                         "message": st.text(max_size=50)})
+                          .map(lambda document: httpx.Request("POST", "/", json=document).read())))
+    def post(body: bytes) -> None:
+        response = client.post("/chat", content=body,
+                               headers={"content-type": "application/json"})
+        assert response.status_code == 201
+        assert response.content == b'[{"recipient_id": "u1", "text": "fixed"}]'
+        assert response.headers["x-bot"] == "yes"
+
+    try:
+        with start_blocking_portal() as portal:
+            client = PortalClient(portal, bot)
+            post()
+            client.close()
+        assert runtime.recorder.flush(20)
+        stats = runtime.recorder.stats()
+        assert {reason: n for reason, n in stats.dropped.items() if n} == {}
+    finally:
+        runtime.stop()

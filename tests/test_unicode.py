@@ -1,7 +1,8 @@
 """Unusual text through every HTTP entry point, read back from SQLite and PostgreSQL.
 
 Emoji, right-to-left text and combining marks are stored exactly as sent. A lone surrogate
-("\\ud800" in JSON) cannot be encoded as UTF-8, so it is stored as U+FFFD. Every value is
+("\\ud800" in JSON) has no UTF-8 encoding and PostgreSQL rejects NUL in text, so both are
+stored as U+FFFD on either database. Every value is
 either stored or rejected with a 4xx that names the field. No request gets a 500 and the
 recorder drops no event it accepted, except in the cases marked xfail.
 """
