@@ -521,3 +521,21 @@ def test_filter_early_window_has_no_previous() -> None:
     flt = parse_filter({"since": ["0005-01-01"], "until": ["0010-01-01"]}, now=RECEIVED)
     assert flt.shifted_back() is None
 
+
+
+@pytest.mark.parametrize("param", ["channel", "attr.plan", "source", "campaign"])
+def test_parse_filter_rejects_lone_surrogates(param: str) -> None:
+    with pytest.raises(FilterError) as caught:
+        parse_filter({param: ["web\udcff"]}, now=RECEIVED)
+    assert caught.value.param == param
+    assert caught.value.message == "value is not valid UTF-8"
+
+
+def test_metrics_cli_invalid_utf8_argument(tmp_path: Path) -> None:
+    # The command line decodes the byte 0xff in an argument to the lone surrogate U+DCFF.
+    database = f"sqlite:///{tmp_path}/metrics.db"
+    result = CliRunner().invoke(app, ["metrics", "summary", "--db", database,
+                                      "--channel", "web\udcff"])
+
+    assert result.exit_code == 2, result.output
+    assert "invalid --channel: value is not valid UTF-8" in result.output

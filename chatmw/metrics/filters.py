@@ -31,6 +31,7 @@ COMMON_PARAMS = ("since", "until", "tz", "channel", "group_by", "touch", *TOUCH_
 ATTRIBUTE_PREFIX = "attr."
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_VALUE_LENGTH = 255
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # The widest window a query may cover; wider ones are rejected rather than scanned.
 MAX_WINDOW_DAYS = 3660
 
@@ -150,6 +151,9 @@ def _check_value(param: str, value: str) -> str:
         raise FilterError(param, f"value longer than {MAX_VALUE_LENGTH} characters")
     if "\x00" in value:
         raise FilterError(param, "value contains a NUL character")
+    if _SURROGATE.search(value):
+        # The command line decodes invalid UTF-8 in arguments to lone surrogates.
+        raise FilterError(param, "value is not valid UTF-8")
     return value
 
 
