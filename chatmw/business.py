@@ -74,6 +74,8 @@ logger = logging.getLogger("chatmw")
 QUERY_TYPE_ATTRIBUTE = "query_type"
 SPEND_COLUMNS = ("day", "channel", "campaign", "amount", "currency")
 _MAX_TEXT = 255
+# Narrower columns of the business tables (chatmw/store/models_business.py).
+_MAX_CHARS = {"channel": 32, "name": 128}
 
 
 @dataclass(slots=True)
@@ -126,8 +128,9 @@ def _check_text(name: str, value: str | None, required: bool = True) -> None:
         if required:
             raise ValueError(f"{name} is required")
         return
-    if not isinstance(value, str) or len(value) > _MAX_TEXT or "\x00" in value:
-        raise ValueError(f"{name} must be a string of at most {_MAX_TEXT} characters without NUL")
+    limit = _MAX_CHARS.get(name, _MAX_TEXT)
+    if not isinstance(value, str) or len(value) > limit or "\x00" in value:
+        raise ValueError(f"{name} must be a string of at most {limit} characters without NUL")
 
 
 def _check_time(name: str, moment: datetime | None) -> datetime:
@@ -305,6 +308,15 @@ def parse_spend_csv(text: str, default_currency: str | None) -> list[Spend]:
     stored from a file with an error.
     """
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        return _spend_rows(reader, default_currency)
+    except csv.Error as error:
+        # For example a field over csv.field_size_limit() characters. line_num does not
+        # count the line that failed yet.
+        raise SpendRowError(reader.line_num + 1, "(row)", f"invalid CSV: {error}") from None
+
+
+def _spend_rows(reader: csv.DictReader[str], default_currency: str | None) -> list[Spend]:
     header = [name.strip() for name in reader.fieldnames or []]
     reader.fieldnames = header
     for required in ("day", "channel", "amount"):
