@@ -8,6 +8,7 @@ whose message names the field and the problem.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ from chatmw import events as ev
 from chatmw.adapters import messenger, whatsapp
 from chatmw.adapters._meta import MetaSettings, sign, time_from_epoch
 from chatmw.adapters.webhook import WebhookFormatError, WebhookIntake, parse_webhook
+from chatmw.business import SpendRowError, parse_spend_csv
 from chatmw.cli import app
 from chatmw.codecs import ChatRequest, CodecError, JsonCodec, RasaCodec, replace_lone_surrogates
 from chatmw.importers import Skipped, TextFile, open_source
@@ -539,3 +541,42 @@ def test_metrics_cli_invalid_utf8_argument(tmp_path: Path) -> None:
 
     assert result.exit_code == 2, result.output
     assert "invalid --channel: value is not valid UTF-8" in result.output
+
+
+# Spend CSV
+
+SPEND_CELLS = st.one_of(CELLS, st.sampled_from(["2026-03-01", "web", "12.50", "EUR", "-1", "1e400",
+                                                "NaN", "w" * 40, "\x00"]))
+
+
+@FUZZ
+@given(rows=st.lists(st.lists(SPEND_CELLS, min_size=0, max_size=6), max_size=5),
+       header=st.sampled_from(["day,channel,amount", "day,channel,campaign,amount,currency",
+                               "day,amount", "day,channel,amount,amount", ""]))
+def test_spend_csv_any_rows(rows: list[list[str]], header: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    for row in rows:
+        writer.writerow([replace_lone_surrogates(cell) for cell in row])
+    text = f"{header}\n{buffer.getvalue()}"
+
+    try:
+        events = parse_spend_csv(text, "EUR")
+    except SpendRowError as error:
+        assert 0 < error.line <= text.count("\n") + 2
+        assert error.column
+        return
+    for event in events:
+        assert 0 < len(event.channel) <= 32
+        assert event.amount_micros >= 0
+
+
+def test_spend_csv_oversized_field_named() -> None:
+    text = "day,channel,amount\n2026-03-01,web," + "9" * 200_000 + "\n"
+
+    with pytest.raises(SpendRowError) as caught:
+        parse_spend_csv(text, "EUR")
+
+    # The transcript importer raises csv.field_size_limit() for the whole process, so the
+    # field may reach the amount check instead of failing in the CSV reader.
+    assert caught.value.line == 2
