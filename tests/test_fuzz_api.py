@@ -31,12 +31,13 @@ from chatmw import events as ev
 from chatmw.adapters._meta import MetaSettings, sign
 from chatmw.adapters.proxy import create_proxy_app
 from chatmw.app import ChatmwMount, mount_chatmw
-from chatmw.codecs import RasaCodec
+from chatmw.codecs import ChatReply, ChatRequest, RasaCodec
 from chatmw.config import Settings
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.runtime import Runtime
 from chatmw.security.keys import create_key
 from chatmw.store import models
+from chatmw.widget import WidgetSettings
 
 # Server-sent events never end, so a generated request to the live stream would not return.
 EXCLUDED_PATHS = ("/metrics/live",)
@@ -248,3 +249,70 @@ def test_middleware_returns_bot_response(database_url: str) -> None:
         assert {reason: n for reason, n in stats.dropped.items() if n} == {}
     finally:
         runtime.stop()
+
+
+# The widget's endpoints
+
+WIDGET_ID = st.one_of(st.from_regex(r"\A[A-Za-z0-9_-]{8,64}\Z"), st.text(max_size=70),
+                      st.integers(), st.none())
+ANY_JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                                  st.text(max_size=30)),
+                        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3)),
+                        max_leaves=10)
+TOUCH = st.fixed_dictionaries({}, optional={
+    "source": ANY_JSON, "campaign": st.text(max_size=300), "gclid": ANY_JSON,
+    "landing_url": st.one_of(st.text(max_size=60), st.sampled_from(["http://[::1", "//x", "?"])),
+    "referrer": ANY_JSON, "at": st.one_of(st.integers(), st.floats(), st.text(max_size=5)),
+})
+WIDGET_BODIES = st.one_of(
+    BODIES,
+    ANY_JSON.map(lambda document: httpx.Request("POST", "/", json=document).read()),
+    st.fixed_dictionaries({}, optional={
+        "visitor_id": WIDGET_ID, "conversation_id": WIDGET_ID, "message_id": WIDGET_ID,
+        "event_id": WIDGET_ID, "text": st.one_of(st.text(max_size=40), ANY_JSON),
+        "kind": st.one_of(st.sampled_from(["impression", "open"]), ANY_JSON),
+        "display": ANY_JSON, "page_url": ANY_JSON,
+        "attribution": st.one_of(ANY_JSON, st.fixed_dictionaries({"first": TOUCH, "last": TOUCH})),
+    }).map(lambda document: httpx.Request("POST", "/", json=document).read()),
+)
+
+
+async def echo(request: ChatRequest) -> list[ChatReply]:
+    return [ChatReply(text=request.text)]
+
+
+def test_widget_endpoints_any_body(database_url: str) -> None:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, sentiment=False))
+    app = FastAPI()
+    widget = WidgetSettings(allowed_origins=["http://site.test"], bot=echo, rate_burst=10_000,
+                            event_burst=10_000)
+    mount = mount_chatmw(app, runtime, require_keys=False, widget=widget, manage_lifespan=False)
+
+    @HTTP_FUZZ
+    @given(path=st.sampled_from(["/chat/messages", "/chat/events", "/chat/poll"]),
+           body=WIDGET_BODIES)
+    def post(path: str, body: bytes) -> None:
+        response = client.post(path, content=body, headers={"Origin": "http://site.test",
+                                                            "content-type": "application/json"})
+        assert response.status_code < 500, response.text[:300]
+        if response.status_code >= 400:
+            assert response.json()["detail"], response.text[:300]
+
+    with start_blocking_portal() as portal:
+        portal.call(mount.start)
+        try:
+            client = PortalClient(portal, app)
+            post()
+            valid = {"visitor_id": "visitor_0123456789", "conversation_id": "conversation_0123",
+                     "message_id": "message_0123456789", "text": "hello"}
+            accepted = client.post("/chat/messages", json=valid,
+                                   headers={"Origin": "http://site.test"})
+            client.close()
+            assert runtime.recorder.flush(20)
+            stats = runtime.recorder.stats()
+        finally:
+            portal.call(mount.stop)
+    assert accepted.status_code == 200, accepted.text
+    assert {reason: n for reason, n in stats.dropped.items() if n} == {}
