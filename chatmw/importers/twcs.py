@@ -29,6 +29,7 @@ from typing import Any
 
 from chatmw import events as ev
 from chatmw.importers.source import Row, RowError, Skipped, TextFile, check_header, read_csv
+from chatmw.importers.transcript import MAX_ID_CHARS
 
 __all__ = ["TWCS_COLUMNS", "TwcsSource", "parse_created_at"]
 
@@ -67,7 +68,8 @@ def _tweet_id(value: str | None, column: str) -> int | None:
         return None
     if value.endswith(".0"):
         value = value[:-2]
-    if not value.isdigit():
+    # isdigit() alone accepts digits such as "²" that int() rejects.
+    if not (value.isascii() and value.isdigit()):
         raise RowError(f"invalid {column} {value!r}: expected a tweet id")
     return int(value)
 
@@ -140,6 +142,8 @@ class TwcsSource:
         inbound = _inbound(values["inbound"])
         at = parse_created_at(values["created_at"]).timestamp()
         author = values["author_id"].strip()
+        if len(author) > MAX_ID_CHARS:
+            raise RowError(f"author_id is longer than {MAX_ID_CHARS} characters")
         replied_to = _tweet_id(values["in_response_to_tweet_id"], "in_response_to_tweet_id")
         if replied_to is not None:
             parent[tweet_id] = replied_to
@@ -183,6 +187,8 @@ class TwcsSource:
         author = values["author_id"].strip()
         if not author:
             raise RowError("empty author_id")
+        if len(author) > MAX_ID_CHARS:
+            raise RowError(f"author_id is longer than {MAX_ID_CHARS} characters")
 
         root = self.root_of.get(tweet_id, tweet_id)
         conversation_id = str(root)
