@@ -580,3 +580,33 @@ def test_spend_csv_oversized_field_named() -> None:
     # The transcript importer raises csv.field_size_limit() for the whole process, so the
     # field may reach the amount check instead of failing in the CSV reader.
     assert caught.value.line == 2
+
+
+# The Customer Support on Twitter format
+
+TWCS_HEADER = ["tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id",
+               "in_response_to_tweet_id"]
+TWEET_IDS = st.one_of(st.integers(0, 10**20).map(str), st.sampled_from(["", "1.0", "²", "٣", "-1",
+                                                                       "1,2", "x" * 300]), CELLS)
+TWCS_ROW = st.fixed_dictionaries({
+    "tweet_id": TWEET_IDS, "author_id": st.one_of(st.text(max_size=20), st.just("a" * 300)),
+    "inbound": st.sampled_from(["True", "False", "1", "0", "yes", ""]),
+    "created_at": st.one_of(st.sampled_from([
+        "Wed Oct 11 06:55:44 +0000 2017", "Wed Oct 11 06:55:44 -1400 0001",
+        "Fri Dec 31 23:59:59 +1400 9999", "Wed Foo 11 06:55:44 +0000 2017",
+        "Wed Oct ² 06:55:44 +0000 2017"]), CELLS),
+    "text": CELLS, "response_tweet_id": TWEET_IDS, "in_response_to_tweet_id": TWEET_IDS,
+})
+
+
+@FUZZ
+@given(rows=st.lists(TWCS_ROW, min_size=1, max_size=5))
+def test_twcs_rows_any_values(tmp_path: Path, rows: list[dict[str, str]]) -> None:
+    path = tmp_path / "twcs.csv"
+    with path.open("w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(TWCS_HEADER)
+        for row in rows:
+            writer.writerow([replace_lone_surrogates(row[name]) for name in TWCS_HEADER])
+
+    check_rows(import_rows(path, "twcs"), 1 + len(rows) * 3)
