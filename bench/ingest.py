@@ -15,7 +15,11 @@ The rate counts events written between the end of the warm-up and the end of the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from typing import Any
 
 from bench.common import (
     DATA_DIR,
+    ROOT,
     Section,
     command_line,
     fmt,
@@ -161,7 +166,8 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
         f"{warmup:g} s warm-up. `paced` waits while the queue is full (nothing dropped), so "
         f"the rate is the sustained write rate; `flood` never waits, so the queue stays full "
         f"and the excess is dropped, and the resident memory (RSS, sampled every 0.2 s) shows "
-        f"what the backlog costs. `writer` is where the store writer runs: the recorder's "
+        f"what the backlog costs, at two queue sizes. Each row runs in a fresh interpreter. "
+        f"`writer` is where the store writer runs: the recorder's "
         f"thread, or a child process (`chatmw.writer_process.ProcessWriter`, whose memory is "
         f"not in the RSS shown). Fresh database for each row; targets apply to sentiment on.",
         "",
@@ -185,6 +191,19 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
     return "\n".join(lines)
 
 
+def run_isolated(database: str, mode: str, sentiment: bool, placement: str, seconds: float,
+                 warmup: float, settings: RecorderSettings) -> IngestResult:
+    """Run one configuration in a fresh interpreter, so its RSS owes nothing to earlier rows."""
+    command = [sys.executable, "-m", "bench.ingest", "--one",
+               f"{database},{mode},{int(sentiment)},{placement}", "--seconds", str(seconds),
+               "--warmup", str(warmup), "--batch-size", str(settings.batch_size),
+               "--queue-size", str(settings.queue_size)]
+    output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True,
+                            timeout=seconds + warmup + 300).stdout
+    line = next(line for line in output.splitlines() if line.startswith("RESULT "))
+    return IngestResult(**json.loads(line[len("RESULT "):]))
+
+
 def main(argv: list[str] | None = None) -> list[IngestResult]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -195,22 +214,34 @@ def main(argv: list[str] | None = None) -> list[IngestResult]:
     parser.add_argument("--writers", default="thread,process", help="where the writer runs")
     parser.add_argument("--batch-size", type=int, default=RecorderSettings().batch_size)
     parser.add_argument("--queue-size", type=int, default=RecorderSettings().queue_size)
+    parser.add_argument("--flood-queue-sizes", default="10000,100000",
+                        help="queue sizes of the flood rows, which show the memory bound")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--no-docs", action="store_true", help="print only; leave the docs page")
     args = parser.parse_args(argv)
     settings = RecorderSettings(batch_size=args.batch_size, queue_size=args.queue_size)
+    if args.one:
+        database, mode, flag, placement = args.one.split(",")
+        result = run_one(database, mode, flag == "1", placement, args.seconds, args.warmup,
+                         settings)
+        print("RESULT " + json.dumps(dataclasses.asdict(result)), flush=True)
+        return [result]
     results = []
     for database in args.databases.split(","):
-        for mode in args.modes.split(","):
-            for flag in args.sentiment.split(","):
-                for placement in args.writers.split(","):
-                    # The flood rows show memory: one configuration per database is enough.
-                    if mode == "flood" and (flag == "off" or placement == "process"):
-                        continue
-                    result = run_one(
-                        database, mode, flag == "on", placement, args.seconds, args.warmup, settings
-                    )
-                    print(result, flush=True)
-                    results.append(result)
+        for flag in args.sentiment.split(","):
+            for placement in args.writers.split(","):
+                if "paced" in args.modes.split(","):
+                    results.append(run_isolated(database, "paced", flag == "on", placement,
+                                                args.seconds, args.warmup, settings))
+                    print(results[-1], flush=True)
+        if "flood" not in args.modes.split(","):
+            continue
+        # The flood rows show memory: sentiment on, writer thread, two queue sizes.
+        for size in (int(value) for value in args.flood_queue_sizes.split(",")):
+            flood = RecorderSettings(batch_size=args.batch_size, queue_size=size)
+            results.append(run_isolated(database, "flood", True, "thread", args.seconds,
+                                        args.warmup, flood))
+            print(results[-1], flush=True)
     if not args.no_docs:
         write_section(Section("ingest", render(results, args.seconds, args.warmup)), command_line())
     return results
