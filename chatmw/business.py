@@ -103,7 +103,11 @@ class BusinessSettings:
 
     def __post_init__(self) -> None:
         if self.currency is not None:
-            check_currency(self.currency)
+            try:
+                check_currency(self.currency)
+            except ValueError as error:
+                # Named like the other settings errors: "business.currency: invalid ...".
+                raise ValueError(f"currency: {error}") from None
         if self.query_rules_path is not None and not self.query_rules:
             self.query_rules = load_query_rules(self.query_rules_path)
 
