@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import string
+import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from chatmw import events as ev
 from chatmw.adapters import messenger, whatsapp
 from chatmw.adapters._meta import MetaSettings, sign, time_from_epoch
 from chatmw.adapters.webhook import WebhookFormatError, WebhookIntake, parse_webhook
+from chatmw.app_config import parse_app_config
 from chatmw.business import SpendRowError, parse_spend_csv
 from chatmw.cli import app
 from chatmw.codecs import ChatRequest, CodecError, JsonCodec, RasaCodec, replace_lone_surrogates
@@ -31,6 +33,7 @@ from chatmw.importers import Skipped, TextFile, open_source
 from chatmw.importers.source import Row
 from chatmw.metrics.filters import COMMON_PARAMS, FilterError, MetricFilter, parse_filter
 from chatmw.surveys.answers import Answer, parse_answer, parse_payload
+from chatmw.surveys.config import parse_config
 
 RECEIVED = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 FUZZ = settings(max_examples=200, deadline=None,
@@ -610,3 +613,61 @@ def test_twcs_rows_any_values(tmp_path: Path, rows: list[dict[str, str]]) -> Non
             writer.writerow([replace_lone_surrogates(row[name]) for name in TWCS_HEADER])
 
     check_rows(import_rows(path, "twcs"), 1 + len(rows) * 3)
+
+
+# Configuration files
+
+EXAMPLE_CONFIG = tomllib.loads(
+    (Path(__file__).resolve().parent.parent / "examples" / "chatmw.toml").read_text())
+EXAMPLE_SURVEYS = tomllib.loads(
+    (Path(__file__).resolve().parent.parent / "examples" / "surveys.toml").read_text())
+TOML_VALUES = st.one_of(
+    st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=20),
+    st.sampled_from(["", "09:00-17:00", "25:00-26:00", "Mars/Phobos", "EUR", "eur", "-1", "nan"]),
+    st.lists(st.text(max_size=12), max_size=3), st.dictionaries(st.text(max_size=8),
+                                                               st.text(max_size=8), max_size=2),
+    st.datetimes().map(lambda moment: moment.date()),
+)
+
+
+def perturbed(document: Any, data: st.DataObject, depth: int = 0) -> Any:
+    """Return ``document`` with some values replaced, some keys dropped and one key added."""
+    if not isinstance(document, dict) or depth > 4:
+        return data.draw(st.one_of(st.just(document), TOML_VALUES)) if depth else document
+    changed = {}
+    for key, value in document.items():
+        choice = data.draw(st.sampled_from(["keep", "keep", "change", "drop"]))
+        if choice == "keep":
+            changed[key] = value
+        elif choice == "change":
+            changed[key] = perturbed(value, data, depth + 1)
+    if data.draw(st.booleans()):
+        changed[data.draw(st.text(max_size=10))] = data.draw(TOML_VALUES)
+    return changed
+
+
+def check_config_error(error: ValueError) -> None:
+    # Every message starts with the dotted name of the setting, then ": " or " must".
+    message = str(error)
+    name = message.split(": ")[0].split(" must ")[0]
+    assert " " not in name.strip(), message
+    assert len(name) < len(message), message
+
+
+@FUZZ
+@given(data=st.data())
+def test_app_config_any_values(data: st.DataObject) -> None:
+    document = perturbed(EXAMPLE_CONFIG | EXAMPLE_SURVEYS, data)
+    try:
+        parse_app_config(document, database_url="sqlite:///unused.db", environ={})
+    except ValueError as error:
+        check_config_error(error)
+
+
+@FUZZ
+@given(data=st.data())
+def test_survey_config_any_values(data: st.DataObject) -> None:
+    try:
+        parse_config(perturbed(EXAMPLE_SURVEYS, data))
+    except ValueError as error:
+        check_config_error(error)
