@@ -29,6 +29,8 @@ from chatmw.config import Settings
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.runtime import Runtime
 from chatmw.security.keys import create_key
+from chatmw.security.privacy import PrivacySettings
+from chatmw.security.secret import Secret
 from chatmw.store import models
 from chatmw.widget import WidgetSettings
 
@@ -111,8 +113,10 @@ def build_app(runtime: Runtime, **widget: Any) -> FastAPI:
 
 
 @asynccontextmanager
-async def harness(database_url: str, **widget: Any) -> AsyncIterator[Harness]:
-    runtime = Runtime.from_settings(Settings(database_url=database_url, sentiment=False))
+async def harness(database_url: str, privacy: PrivacySettings | None = None,
+                  **widget: Any) -> AsyncIterator[Harness]:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, sentiment=False),
+                                    privacy=privacy)
     app = build_app(runtime, **widget)
     transport = httpx.ASGITransport(app=app)
     async with (
@@ -124,9 +128,10 @@ async def harness(database_url: str, **widget: Any) -> AsyncIterator[Harness]:
         yield Harness(client, runtime, admin.key)
 
 
-def run(database_url: str, scenario: Callable[[Harness], Any], **widget: Any) -> Any:
+def run(database_url: str, scenario: Callable[[Harness], Any],
+        privacy: PrivacySettings | None = None, **widget: Any) -> Any:
     async def main() -> Any:
-        async with harness(database_url, **widget) as h:
+        async with harness(database_url, privacy, **widget) as h:
             return await scenario(h)
 
     return asyncio.run(main())
@@ -166,6 +171,27 @@ def test_wrapped_bot_stores_text_intact(database_url: str) -> None:
             assert [row.text for row in replies] == [STORED[name]], name
 
     run(database_url, scenario)
+
+
+def test_wrapped_bot_with_privacy_records_all(database_url: str) -> None:
+    async def scenario(h: Harness) -> None:
+        for name, value in VALUES.items():
+            text = f"mail me at a@b.example {value}"
+            body = ascii_json({"sender": f"user-{value}", "message": text})
+            response = await h.client.post(BOT_PATH, content=body,
+                                           headers={"content-type": "application/json"})
+            assert response.status_code == 200, f"{name}: {response.text[:300]}"
+        h.flush()
+
+        assert h.write_errors() == {}
+        stored = h.messages(role="user")
+        assert len(stored) == len(VALUES)
+        assert all("a@b.example" not in (row.text or "") for row in stored)
+        contacts = {h.contact(row.contact_id) for row in stored}
+        assert len(contacts) == len(VALUES)
+        assert contacts.isdisjoint({f"user-{STORED[name]}" for name in VALUES})
+
+    run(database_url, scenario, PrivacySettings(pseudonym_key=Secret("k" * 32)))
 
 
 # The widget's chat endpoint
