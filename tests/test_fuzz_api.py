@@ -77,7 +77,7 @@ def mounted(database_url: str) -> Iterator[tuple[FastAPI, ChatmwMount, str]]:
     asyncio.run(mount.stop())
 
 
-def operation_ids(schema: Any) -> list[Any]:
+def schema_operations(schema: Any) -> list[Any]:
     operations = []
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -108,7 +108,7 @@ KNOWN_GAPS = {
 def run_operations(app: FastAPI, key: str, gaps: bool) -> dict[str, list[str]]:
     """Fuzz every operation (only the known gaps when ``gaps``) and return the failures."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = operation_ids(schema)
+    operations = schema_operations(schema)
     assert len(operations) > 20
     headers = {"Authorization": f"Bearer {key}"}
 
