@@ -21,9 +21,12 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
-    """A headless Chromium shared by the session's browser tests.
+    """A headless Chromium shared by one test module's browser tests.
+
+    Module scope, because Playwright's event loop stays open while the browser runs, and
+    ``asyncio.run`` in a later module would fail beside it.
 
     Where Chromium is missing the tests are skipped, except under CI (``CI`` set), where
     .ci/run installs it and a missing browser is a failure.
