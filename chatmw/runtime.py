@@ -7,6 +7,7 @@ from collections.abc import Collection
 
 from sqlalchemy import Engine
 
+from chatmw.business import install as install_business
 from chatmw.config import Settings
 from chatmw.recorder import Recorder, Spool
 from chatmw.security.privacy import Privacy, PrivacySettings
@@ -51,7 +52,7 @@ class Runtime:
         """Build the engine, writer and recorder; ``privacy`` turns on pseudonyms and redaction.
 
         Without ``privacy`` ids and text are stored as the sources report them. The writer
-        gets the survey answer preprocessor, because any process that records user messages
+        gets the business handlers and the survey answer preprocessor, because any process that records user messages
         may receive the answer to a survey that another process sent.
         """
         engine = make_engine(settings.database_url)
@@ -59,6 +60,9 @@ class Runtime:
         if settings.sentiment:
             writer.enrichers.append(sentiment_enricher)
         install_answer_preprocessor(writer)
+        # Lead detection and query-type rules run in every recording process; an app that
+        # mounts the business router installs its own settings over these defaults.
+        install_business(writer, text_mode=None if privacy is None else privacy.text_mode)
         recorder = Recorder(writer, settings.recorder, spool=spool)
         return cls(settings, engine, writer, recorder, privacy)
 
