@@ -116,8 +116,8 @@ def import_command(
         open_source,
         run_import,
     )
+    from chatmw.runtime import build_writer
     from chatmw.store.engine import make_engine, upgrade
-    from chatmw.store.writer import Writer, WriterSettings
 
     if file_format is None:
         try:
@@ -149,7 +149,8 @@ def import_command(
             err.print(f"error: migrating the database {shown} failed: {error}", markup=False,
                       highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
-        writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
+        # The same writer as live traffic: sentiment, leads, query types, survey answers.
+        writer = build_writer(settings, engine)
         errors_stream = stack.enter_context(errors.open("w", newline="", encoding="utf-8")) \
             if errors else None
         problems = _ProblemLog(err, show_errors, errors_stream)

@@ -17,9 +17,25 @@ from chatmw.store.writer import Writer, WriterSettings
 from chatmw.surveys.addresses import install_address_capture
 from chatmw.surveys.service import install_answer_preprocessor
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "build_writer"]
 
 logger = logging.getLogger("chatmw")
+
+
+def build_writer(settings: Settings, engine: Engine,
+                 privacy: PrivacySettings | None = None) -> Writer:
+    """Build the writer every recording path shares, with its enrichers and handlers.
+
+    Sentiment scoring (when ``settings.sentiment`` is on), lead detection, query-type rules
+    and the survey answer preprocessor run in every process that records messages; an app
+    that mounts the business router installs its own business settings over the defaults.
+    """
+    writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
+    if settings.sentiment:
+        writer.enrichers.append(sentiment_enricher)
+    install_business(writer, text_mode=None if privacy is None else privacy.text_mode)
+    install_answer_preprocessor(writer)
+    return writer
 
 
 class Runtime:
@@ -52,17 +68,10 @@ class Runtime:
         """Build the engine, writer and recorder; ``privacy`` turns on pseudonyms and redaction.
 
         Without ``privacy`` ids and text are stored as the sources report them. The writer
-        gets the business handlers and the survey answer preprocessor, because any process that records user messages
-        may receive the answer to a survey that another process sent.
+        comes from :func:`build_writer`.
         """
         engine = make_engine(settings.database_url)
-        writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
-        if settings.sentiment:
-            writer.enrichers.append(sentiment_enricher)
-        install_answer_preprocessor(writer)
-        # Lead detection and query-type rules run in every recording process; an app that
-        # mounts the business router installs its own settings over these defaults.
-        install_business(writer, text_mode=None if privacy is None else privacy.text_mode)
+        writer = build_writer(settings, engine, privacy)
         recorder = Recorder(writer, settings.recorder, spool=spool)
         return cls(settings, engine, writer, recorder, privacy)
 
