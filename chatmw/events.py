@@ -8,6 +8,7 @@ them as integer milliseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,36 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 _PLAIN_TYPES = frozenset({int, float, bool, bytes, datetime})
 # Containers in event fields nested deeper than this are left as they are.
 _MAX_CLEAN_DEPTH = 64
+
+# Widths of the columns that store identifiers and names (characters). A longer value would
+# be cut by PostgreSQL's casts, and two ids sharing a prefix would become one, so it is
+# replaced by a prefix and a hash of the whole value instead (see ``fit_id``).
+_ID_WIDTHS = {
+    "channel": 32,
+    "key": 255,
+    "user_id": 255,
+    "conversation_id": 255,
+    "platform_message_id": 255,
+    "reply_to": 255,
+    "kind": 32,
+    "status": 16,
+    "intent": 128,
+    "step": 128,
+    "ended_reason": 64,
+}
+
+
+def fit_id(value: str, width: int) -> str:
+    """Return ``value`` if it fits ``width`` characters, else a prefix plus its SHA-256.
+
+    The result is deterministic, so the same long id always maps to the same stored id,
+    and ids that differ anywhere stay different.
+    """
+    if len(value) <= width:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    keep = max(0, width - len(digest) - 1)
+    return f"{value[:keep]}~{digest}"[:width] if keep else digest[:width]
 
 
 def now_utc() -> datetime:
@@ -110,6 +141,10 @@ class Event:
                 continue
             if _has_unstorable(value):
                 object.__setattr__(self, name, storable(value))
+        for name, width in _ID_WIDTHS.items():
+            value = getattr(self, name, None)
+            if value.__class__ is str and len(value) > width:
+                object.__setattr__(self, name, fit_id(value, width))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from chatmw.events import fit_id
 from chatmw.store.models import Contact, Conversation
 
 __all__ = [
@@ -429,7 +430,7 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
             else:
                 pending[index] = new_rows_key(current)
             continue
-        external_id = f"{external}@{at_ms}"
+        external_id = fit_id(f"{external}@{at_ms}", 255)
         new_rows[(channel, external_id)] = {
             "channel": channel, "external_id": external_id, "contact_id": contact_id,
             "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
