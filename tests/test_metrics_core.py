@@ -245,3 +245,17 @@ def test_cli_invalid_option_exits_2(database_url: str) -> None:
     outcome = CliRunner().invoke(cli_app, ["metrics", "volume", "--db", database_url, "--interval", "x"])
     assert outcome.exit_code == 2
     assert "interval" in outcome.output
+
+
+def test_summary_counts_every_writer_as_user(engine: Engine) -> None:
+    Writer(engine).write([
+        ev.Message(channel="twitter", occurred_at=T0, key="a", role="user", user_id="ann",
+                   conversation_id="thread"),
+        ev.Message(channel="twitter", occurred_at=T0 + timedelta(seconds=5), key="b", role="user",
+                   user_id="bob", conversation_id="thread"),
+        ev.Message(channel="twitter", occurred_at=T0 + timedelta(seconds=9), key="c", role="agent",
+                   user_id="ann", conversation_id="thread"),
+    ])
+    result = summary(engine, MetricFilter())
+    assert result["totals"]["conversations"] == 1
+    assert result["totals"]["users"] == 2

@@ -23,8 +23,14 @@ TOTALS = ("conversations", "messages", "user_messages", "bot_messages", "agent_m
 def _totals(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]]:
     scope = conversation_scope(flt).subquery()
     conversations = (
-        select(scope.c.group_key, func.count(), func.count(func.distinct(Conversation.contact_id)))
+        select(scope.c.group_key, func.count())
         .join(Conversation, Conversation.id == scope.c.conversation_id)
+        .group_by(scope.c.group_key)
+    )
+    users = (
+        select(scope.c.group_key, func.count(func.distinct(Message.contact_id)))
+        .join(Message, Message.conversation_id == scope.c.conversation_id)
+        .where(Message.role == "user", Message.kind.not_in(UNTIMED_KINDS))
         .group_by(scope.c.group_key)
     )
     messages = (
@@ -41,10 +47,10 @@ def _totals(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]]:
     )
     totals: dict[Any, dict[str, int]] = {}
     with engine.connect() as connection:
-        for key, count, users in connection.execute(conversations):
-            totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(
-                conversations=count, users=users
-            )
+        for key, count in connection.execute(conversations):
+            totals.setdefault(key, dict.fromkeys(TOTALS, 0))["conversations"] = count
+        for key, count in connection.execute(users):
+            totals.setdefault(key, dict.fromkeys(TOTALS, 0))["users"] = count
         for key, count, user, bot, agent in connection.execute(messages):
             totals.setdefault(key, dict.fromkeys(TOTALS, 0)).update(
                 messages=count,
@@ -56,9 +62,13 @@ def _totals(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]]:
 
 
 def _distinct_users(engine: Engine, flt: MetricFilter) -> int:
+    # Distinct contacts who sent a user message in the covered conversations: in a
+    # multi-party conversation every writer counts, not only the conversation's owner.
     scope = conversation_scope(flt).subquery()
-    statement = select(func.count(func.distinct(Conversation.contact_id))).join(
-        scope, Conversation.id == scope.c.conversation_id
+    statement = (
+        select(func.count(func.distinct(Message.contact_id)))
+        .join(scope, Message.conversation_id == scope.c.conversation_id)
+        .where(Message.role == "user", Message.kind.not_in(UNTIMED_KINDS))
     )
     with engine.connect() as connection:
         return int(connection.execute(statement).scalar_one())
@@ -152,7 +162,8 @@ SUMMARY = register(
         name="summary",
         summary="Totals and response times, with the previous window",
         description=(
-            "Conversations started in the window, their messages (by role) and distinct users, "
+            "Conversations started in the window, their messages (by role) and distinct users "
+            "(contacts who sent at least one message in them), "
             "with first-response and reply-time figures in seconds; the same for the previous "
             "window of equal length and the change between the two."
         ),
