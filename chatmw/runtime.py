@@ -17,7 +17,11 @@ from chatmw.store.writer import Writer, WriterSettings
 from chatmw.surveys.addresses import install_address_capture
 from chatmw.surveys.service import install_answer_preprocessor
 
-__all__ = ["Runtime", "build_writer"]
+__all__ = ["Runtime", "build_writer", "PRIVACY_FROM_ENV"]
+
+# The default of ``Runtime.from_settings(privacy=...)``: privacy settings read from the
+# environment, which pseudonymise ids and redact text unless told otherwise.
+PRIVACY_FROM_ENV = object()
 
 logger = logging.getLogger("chatmw")
 
@@ -64,12 +68,19 @@ class Runtime:
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
-                      privacy: PrivacySettings | None = None) -> Runtime:
-        """Build the engine, writer and recorder; ``privacy`` turns on pseudonyms and redaction.
+                      privacy: PrivacySettings | None | object = PRIVACY_FROM_ENV) -> Runtime:
+        """Build the engine, writer and recorder.
 
-        Without ``privacy`` ids and text are stored as the sources report them. The writer
+        ``privacy`` defaults to :meth:`PrivacySettings.from_env`: platform user ids are
+        stored as keyed pseudonyms and e-mail addresses and phone numbers are redacted from
+        text, unless ``CHATMW_PSEUDONYMISE`` and ``CHATMW_TEXT_MODE`` say otherwise. With
+        ``privacy=None`` ids and text are stored as the sources report them. The writer
         comes from :func:`build_writer`.
         """
+        if privacy is PRIVACY_FROM_ENV:
+            privacy = PrivacySettings.from_env()
+        if privacy is not None and not isinstance(privacy, PrivacySettings):
+            raise TypeError(f"privacy must be PrivacySettings or None, got {type(privacy).__name__}")
         engine = make_engine(settings.database_url)
         writer = build_writer(settings, engine, privacy)
         recorder = Recorder(writer, settings.recorder, spool=spool)

@@ -18,6 +18,14 @@ from sqlalchemy.engine import make_url
 
 from chatmw.store.engine import make_engine, upgrade
 
+# Runtimes pseudonymise ids, redact text and drop unparseable bodies by default; the tests
+# that check stored ids, text and bodies turn that off here, and the privacy tests pass
+# their own settings. Subprocesses
+# started by tests inherit these variables.
+os.environ.setdefault("CHATMW_PSEUDONYMISE", "0")
+os.environ.setdefault("CHATMW_TEXT_MODE", "full")
+os.environ.setdefault("CHATMW_KEEP_RAW_PAYLOADS", "1")
+
 PG_ADMIN_URL = os.environ.get("CHATMW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

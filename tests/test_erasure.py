@@ -344,6 +344,7 @@ def test_erase_cli_reports_counts(database_url: str, engine: Engine, privacy: Pr
                                   people: dict[str, dict[str, int]],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATMW_PSEUDONYM_KEY", KEY.reveal())
+    monkeypatch.setenv("CHATMW_PSEUDONYMISE", "1")
     expected = expected_core_removal(engine, privacy.subject_id(ALICE), ALICE)
     result = CliRunner().invoke(cli_app, ["erase", "--user", f"whatsapp:{ALICE}", "--json",
                                           "--db", database_url])
