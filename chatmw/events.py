@@ -1,7 +1,7 @@
 """Typed events: the only thing sources hand to the recorder.
 
 Every source (ASGI middleware, platform adapters, the web widget, transcript import, the
-survey dispatcher) translates its input into these records. Nothing downstream knows
+survey dispatcher) translates its input into these records. Nothing downstream depends on
 which source made an event. Times are timezone-aware ``datetime`` values; the store keeps
 them as integer milliseconds since the Unix epoch (UTC).
 """
@@ -153,7 +153,7 @@ class Message(Event):
 
     ``key`` is unique across the store: the platform message id where there is one, or a
     key derived from the import row or generated at the request. The same key stored twice
-    is counted once. ``conversation_id`` is the source's own conversation id; when it is
+    is counted once. ``conversation_id`` is the source's own conversation id. When it is
     ``None`` the writer assigns the message to the contact's open conversation, or starts
     a new one after the configured silence.
     """

@@ -20,7 +20,7 @@ from chatmw.surveys.service import install_answer_preprocessor
 __all__ = ["Runtime", "build_writer", "PRIVACY_FROM_ENV"]
 
 # The default of ``Runtime.from_settings(privacy=...)``: privacy settings read from the
-# environment, which pseudonymise ids and redact text unless told otherwise.
+# environment, which pseudonymise ids and redact text unless the variables turn that off.
 PRIVACY_FROM_ENV = object()
 
 logger = logging.getLogger("chatmw")
@@ -31,7 +31,7 @@ def build_writer(settings: Settings, engine: Engine,
     """Build the writer every recording path shares, with its enrichers and handlers.
 
     Sentiment scoring (when ``settings.sentiment`` is on), lead detection, query-type rules
-    and the survey answer preprocessor run in every process that records messages; an app
+    and the survey answer preprocessor run in every process that records messages. An app
     that mounts the business router installs its own business settings over the defaults.
     """
     writer = Writer(engine, WriterSettings(session_gap_ms=settings.session_gap_ms))
@@ -73,7 +73,7 @@ class Runtime:
 
         ``privacy`` defaults to :meth:`PrivacySettings.from_env`: platform user ids are
         stored as keyed pseudonyms and e-mail addresses and phone numbers are redacted from
-        text, unless ``CHATMW_PSEUDONYMISE`` and ``CHATMW_TEXT_MODE`` say otherwise. With
+        text, unless ``CHATMW_PSEUDONYMISE`` or ``CHATMW_TEXT_MODE`` turn that off. With
         ``privacy=None`` ids and text are stored as the sources report them. The writer
         comes from :func:`build_writer`.
         """
