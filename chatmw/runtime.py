@@ -80,7 +80,8 @@ class Runtime:
         if privacy is PRIVACY_FROM_ENV:
             privacy = PrivacySettings.from_env()
         if privacy is not None and not isinstance(privacy, PrivacySettings):
-            raise TypeError(f"privacy must be PrivacySettings or None, got {type(privacy).__name__}")
+            kind = type(privacy).__name__
+            raise TypeError(f"privacy must be PrivacySettings or None, got {kind}")
         engine = make_engine(settings.database_url)
         writer = build_writer(settings, engine, privacy)
         recorder = Recorder(writer, settings.recorder, spool=spool)
