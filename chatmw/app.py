@@ -17,7 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 
 from chatmw.api import create_metrics_router
 from chatmw.api_business import create_business_router
@@ -25,6 +29,7 @@ from chatmw.app_config import AppConfig
 from chatmw.business import BusinessSettings
 from chatmw.business_hours import BusinessHours
 from chatmw.dashboard import create_dashboard_router
+from chatmw.events import storable
 from chatmw.health import create_health_router
 from chatmw.live import create_live_router
 from chatmw.metrics.business_hours import use_business_hours
@@ -98,6 +103,24 @@ def _tie_to_lifespan(app: FastAPI, mount: ChatmwMount) -> None:
     app.router.lifespan_context = lifespan
 
 
+async def _validation_error(request: Request, error: Exception) -> Response:
+    # FastAPI's own 422 response, unless the invalid input it echoes holds a lone surrogate
+    # (JSON allows "\ud800", UTF-8 does not): then the same detail with U+FFFD in its place,
+    # where FastAPI would answer 500.
+    try:
+        return await request_validation_exception_handler(request, error)  # type: ignore[arg-type]
+    except UnicodeEncodeError:
+        detail = storable(jsonable_encoder(error.errors()))  # type: ignore[attr-defined]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _encode_validation_errors_safely(app: FastAPI) -> None:
+    # Only FastAPI's default handler is wrapped, so a handler the bot set stays in charge.
+    current = app.exception_handlers.get(RequestValidationError)
+    if current is request_validation_exception_handler:
+        app.exception_handlers[RequestValidationError] = _validation_error
+
+
 def mount_chatmw(
     app: FastAPI,
     runtime: Runtime,
@@ -138,6 +161,7 @@ def mount_chatmw(
     prefix = settings.metrics_prefix
     engine = runtime.engine
     auth = auth or KeyAuth(engine)
+    _encode_validation_errors_safely(app)
     app.state.chatmw = runtime
     app.state.chatmw_key_auth = auth
     read = [require_key("read", auth)] if require_keys else []

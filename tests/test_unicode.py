@@ -316,8 +316,6 @@ def test_business_posts_store_or_name_field(database_url: str) -> None:
     run(database_url, scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="FastAPI's default 422 handler echoes the invalid input "
-                   "and cannot encode a lone surrogate, so the business routes answer 500")
 def test_business_posts_lone_surrogate(database_url: str) -> None:
     async def scenario(h: Harness) -> None:
         for label, response in (await post_business(h, ["lone_surrogate"])).items():
@@ -356,3 +354,18 @@ def test_raw_surrogate_bytes_in_query(database_url: str) -> None:
 
     statuses = run(database_url, scenario)
     assert all(status < 500 for status in statuses.values()), statuses
+
+
+def test_bot_validation_handler_kept() -> None:
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+
+    from chatmw.app import _encode_validation_errors_safely
+
+    async def own_handler(request: object, error: Exception) -> None:
+        return None
+
+    bot = FastAPI()
+    bot.add_exception_handler(RequestValidationError, own_handler)
+    _encode_validation_errors_safely(bot)
+    assert bot.exception_handlers[RequestValidationError] is own_handler
