@@ -51,6 +51,16 @@ def proxy_command(
             help="Largest webhook body accepted, in bytes (default 1 MiB); larger gets 413."
         ),
     ] = None,
+    survey_channels: Annotated[
+        str,
+        typer.Option(
+            "--survey-channels",
+            envvar="CHATMW_SURVEY_CHANNELS",
+            show_envvar=True,
+            help="Comma-separated channels (messenger, whatsapp) whose users' platform ids "
+            "are kept for the survey dispatcher while ids are pseudonymised.",
+        ),
+    ] = "",
 ) -> None:
     """Receive Meta webhooks, record them and forward them to the bot; pass Graph API calls through.
 
@@ -81,6 +91,9 @@ def proxy_command(
         raise typer.BadParameter(str(error)) from error
     spool = FileSpool(spool_settings) if spool_settings is not None else None
     runtime = Runtime.from_settings(settings, spool=spool, privacy=privacy)
+    runtime.survey_channels = tuple(
+        channel.strip() for channel in survey_channels.split(",") if channel.strip()
+    )
     runtime.start()
     # httpx logs each request URL at INFO, and Graph API URLs may carry access_token.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -227,3 +227,44 @@ def _example_webhook(script: str, at_s: int) -> bytes:
             ],
         }
     return json.dumps(document, ensure_ascii=False).encode()
+
+
+def test_proxy_keeps_survey_addresses_under_pseudonyms(tmp_path: Path) -> None:
+    database_url = f"sqlite:///{tmp_path / 'proxy.db'}"
+    port = free_port()
+    env = {
+        **os.environ,
+        "CHATMW_META_APP_SECRET": APP_SECRET,
+        "CHATMW_META_VERIFY_TOKEN": VERIFY_TOKEN,
+        "CHATMW_DATABASE_URL": database_url,
+        "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9",
+        "CHATMW_PSEUDONYMISE": "1",
+        "CHATMW_PSEUDONYM_KEY": "k" * 32,
+        "CHATMW_SURVEY_CHANNELS": "messenger",
+    }
+    command = [str(Path(sys.executable).parent / "chatmw"), "proxy", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        challenge = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "77"}
+        if not wait_until(lambda: _answers(f"{url}/webhook", challenge), timeout=30):
+            process.terminate()
+            pytest.fail(f"chatmw proxy did not start: {process.communicate(timeout=20)[0]!r}")
+        at_ms = int(time.time() * 1000) - 1000
+        body = json.dumps({"object": "page", "entry": [{"id": "1", "time": at_ms, "messaging": [{
+            "sender": {"id": "4242"}, "recipient": {"id": "1"}, "timestamp": at_ms,
+            "message": {"mid": "m_survey_1", "text": "hello"}}]}]}).encode()
+        response = httpx.post(f"{url}/webhook", content=body,
+                              headers={"x-hub-signature-256": signature(body)})
+        assert response.status_code == 200
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=20)[0].decode()
+    assert process.returncode == 0, output
+    with create_engine(database_url).connect() as connection:
+        contacts = connection.execute(text("SELECT external_id FROM contacts")).scalars().all()
+        addresses = connection.execute(
+            text("SELECT channel, user_id, platform_id FROM survey_addresses")).all()
+    assert len(contacts) == 1
+    assert contacts[0] != "4242"
+    assert addresses == [("messenger", contacts[0], "4242")]
