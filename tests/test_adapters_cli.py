@@ -246,7 +246,11 @@ def test_proxy_keeps_survey_addresses_under_pseudonyms(tmp_path: Path) -> None:
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        challenge = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "77"}
+        challenge = {
+            "hub.mode": "subscribe",
+            "hub.verify_token": VERIFY_TOKEN,
+            "hub.challenge": "77",
+        }
         if not wait_until(lambda: _answers(f"{url}/webhook", challenge), timeout=30):
             process.terminate()
             pytest.fail(f"chatmw proxy did not start: {process.communicate(timeout=20)[0]!r}")
