@@ -33,23 +33,12 @@ ADMIN_SCOPE = "admin"
 
 
 def default_admin_dependency() -> Callable[..., Any]:
-    """Return the API key check of scope ``admin``, or a dependency that rejects every call.
+    """Return the API key check of scope ``admin`` (:func:`chatmw.security.require_key`).
 
-    The key check comes from ``chatmw.security.require_key``. Without it, admin routes
-    answer 503 rather than run unprotected; pass ``admin_dependency`` to use another check.
+    Pass ``admin_dependency`` to :func:`create_survey_router` to use another check.
     """
-    try:
-        from chatmw.security import require_key
-    except ImportError:
+    from chatmw.security import require_key
 
-        def reject() -> None:
-            raise HTTPException(
-                503,
-                "survey admin routes are disabled: no API key check is "
-                "configured (chatmw.security.require_key)",
-            )
-
-        return reject
     return require_key(ADMIN_SCOPE)
 
 
