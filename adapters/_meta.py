@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import hmac
+import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, fields
@@ -23,8 +24,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from chatmw.events import Event, Touch
-from chatmw.outbound import SendResult
+from chatmw.events import Event, Touch, now_utc
+from chatmw.outbound import OutboundMessage, SendResult
 
 __all__ = [
     "MetaSettings",
@@ -433,6 +434,35 @@ async def post_graph(
         description, retryable = describe_graph_error(response.status_code, document)
         return SendResult(ok=False, error=description, retryable=retryable), document
     return SendResult(ok=True), document
+
+
+async def send_and_record(
+    client: httpx.AsyncClient | None,
+    settings: MetaSettings,
+    url: str,
+    token: str,
+    body: Mapping[str, Any],
+    parse: Callable[..., list[Event]],
+    message: OutboundMessage,
+    submit: Submit | None,
+    platform: str,
+) -> tuple[SendResult, list[Event], dict[str, Any]]:
+    """POST a send to the Graph API and submit the events ``parse`` reads from it.
+
+    ``parse(body, document, sent_at, kind=..., meta=...)`` is the platform's
+    ``events_from_send``. A failed send is logged and returns no events.
+    """
+    sent_at = now_utc()
+    started = time.perf_counter()
+    result, document = await post_graph(client, settings, url, token, body)
+    if not result.ok:
+        logger.warning("%s send failed: %s", platform, result.error)
+        return result, [], document
+    graph_ms = round((time.perf_counter() - started) * 1000)
+    found = parse(body, document, sent_at, kind=message.kind,
+                  meta={**message.meta, "graph_ms": graph_ms})
+    submit_all(submit, found)
+    return result, found, document
 
 
 def submit_all(submit: Submit | None, found: Iterable[Event]) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,9 +33,8 @@ from chatmw.adapters._meta import (
     as_list,
     as_str,
     fit_touch,
-    post_graph,
+    send_and_record,
     stable_key,
-    submit_all,
     time_from_epoch,
 )
 from chatmw.outbound import OutboundMessage, SendResult
@@ -609,26 +607,19 @@ class MessengerSender:
                 ok=False, error="Messenger allows at most 13 quick replies", retryable=False
             )
         body = build_send_request(message, self.messaging_type, self.tag)
-        sent_at = ev.now_utc()
-        started = time.perf_counter()
-        result, document = await post_graph(
+        result, _, document = await send_and_record(
             self._client,
             self.settings,
             self.settings.graph_url("me/messages"),
             self.settings.page_access_token or "",
             body,
+            events_from_send,
+            message,
+            self.submit,
+            "messenger",
         )
         if not result.ok:
-            logger.warning("messenger send to a user failed: %s", result.error)
             return result
-        found = events_from_send(
-            body,
-            document,
-            sent_at,
-            kind=message.kind,
-            meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)},
-        )
-        submit_all(self.submit, found)
         return SendResult(ok=True, platform_message_id=as_str(document.get("message_id")))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -30,8 +29,7 @@ from chatmw.adapters._meta import (
     as_list,
     as_str,
     fit_touch,
-    post_graph,
-    submit_all,
+    send_and_record,
     time_from_epoch,
 )
 from chatmw.outbound import OutboundMessage, SendResult
@@ -396,22 +394,19 @@ class WhatsAppSender:
             )
         body = build_send_request(message)
         url = self.settings.graph_url(f"{self.settings.whatsapp_phone_number_id}/messages")
-        sent_at = ev.now_utc()
-        started = time.perf_counter()
-        result, document = await post_graph(
-            self._client, self.settings, url, self.settings.whatsapp_access_token or "", body
+        result, found, _ = await send_and_record(
+            self._client,
+            self.settings,
+            url,
+            self.settings.whatsapp_access_token or "",
+            body,
+            events_from_send,
+            message,
+            self.submit,
+            "whatsapp",
         )
         if not result.ok:
-            logger.warning("whatsapp send failed: %s", result.error)
             return result
-        found = events_from_send(
-            body,
-            document,
-            sent_at,
-            kind=message.kind,
-            meta={**message.meta, "graph_ms": round((time.perf_counter() - started) * 1000)},
-        )
-        submit_all(self.submit, found)
         wamid = found[0].platform_message_id if found else None  # type: ignore[attr-defined]
         return SendResult(ok=True, platform_message_id=wamid)
 
