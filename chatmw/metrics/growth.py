@@ -13,7 +13,7 @@ from chatmw.metrics.buckets import bucket_range, bucket_start
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
-from chatmw.metrics.volume import series_with_change
+from chatmw.metrics.volume import series_rows, series_with_change
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 
@@ -136,13 +136,6 @@ def growth(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     return result
 
 
-def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"group": "(all)", **row} for row in result["series"]]
-    for group in result.get("groups", []):
-        rows.extend({"group": group["group"], **row} for row in group["series"])
-    return rows
-
-
 GROWTH = register(
     MetricSpec(
         name="growth",
@@ -166,6 +159,6 @@ GROWTH = register(
         ),
         compute=growth,
         params=(Param("period", "Period length.", default="week", choices=PERIODS),),
-        rows=_rows,
+        rows=series_rows,
     )
 )

@@ -16,7 +16,7 @@ from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 
-__all__ = ["volume", "VOLUME", "series_with_change"]
+__all__ = ["volume", "VOLUME", "series_with_change", "series_rows"]
 
 COUNTS = ("conversations", "messages", "users")
 
@@ -82,8 +82,11 @@ def volume(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     messages = _message_rows(engine, flt)
     times = [at for _, at in conversations] + [at for _, at, _, _ in messages]
     result: dict[str, Any] = {"metric": "volume", "filters": flt.describe(), "interval": interval}
-    first_ms = flt.since_ms if flt.since_ms is not None else (min(times) if times else None)
-    end_ms = flt.until_ms if flt.until_ms is not None else (max(times) + 1 if times else None)
+    first_ms, end_ms = flt.since_ms, flt.until_ms
+    if first_ms is None and times:
+        first_ms = min(times)
+    if end_ms is None and times:
+        end_ms = max(times) + 1
     if first_ms is None or end_ms is None:
         result["series"] = []
         if flt.group_by is not None:
@@ -130,7 +133,8 @@ def volume(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     return result
 
 
-def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+def series_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten a result's overall and per-group series into table rows with a ``group``."""
     rows = [{"group": "(all)", **row} for row in result["series"]]
     for group in result.get("groups", []):
         rows.extend({"group": group["group"], **row} for row in group["series"])
@@ -149,6 +153,6 @@ VOLUME = register(
         ),
         compute=volume,
         params=(Param("interval", "Bucket size.", default="day", choices=INTERVALS),),
-        rows=_rows,
+        rows=series_rows,
     )
 )
