@@ -101,7 +101,7 @@ def _set_path(document: dict[str, Any], path: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-# What json.loads decodes to a surrogate: a \u escape of one, or its three-byte encoding
+# The input that json.loads decodes to a surrogate: a \u escape of one, or its three-byte encoding
 # (json.loads decodes bytes with "surrogatepass").
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 

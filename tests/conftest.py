@@ -1,9 +1,9 @@
 """Shared fixtures: every store test runs on SQLite and on a real PostgreSQL.
 
 PostgreSQL is reached at ``CHATMW_TEST_PG_URL`` (default
-``postgresql://postgres@127.0.0.1:5432/postgres``); one database named
-``chatmw_test_<random>`` is created per test run, migrated once, emptied before each test
-and dropped at the end.
+``postgresql://postgres@127.0.0.1:5432/postgres``). One database named
+``chatmw_test_<random>`` is created per test run and migrated once. It is emptied before
+each test and dropped at the end.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 
 from chatmw.store.engine import make_engine, upgrade
 
-# Runtimes pseudonymise ids, redact text and drop unparseable bodies by default; the tests
+# Runtimes pseudonymise ids, redact text and drop unparseable bodies by default. The tests
 # that check stored ids, text and bodies turn that off here, and the privacy tests pass
 # their own settings. Subprocesses
 # started by tests inherit these variables.
