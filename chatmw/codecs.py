@@ -8,6 +8,7 @@ and to read the replies.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -75,12 +76,17 @@ class Codec(Protocol):
 _MISSING = object()
 
 
+@functools.lru_cache(maxsize=1024)
+def _path_parts(path: str) -> tuple[str, ...]:
+    return tuple(path.split("."))
+
+
 def get_path(document: Any, path: str | None) -> Any:
     """Return the value at a dotted ``path`` (``a.b.0.c``) or ``None`` where it is absent."""
     if path is None:
         return None
     value = document
-    for part in path.split("."):
+    for part in _path_parts(path):
         if isinstance(value, Mapping):
             value = value.get(part, _MISSING)
         elif isinstance(value, list) and part.lstrip("-").isdigit():

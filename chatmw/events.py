@@ -132,19 +132,66 @@ class Event:
 
     def __post_init__(self) -> None:
         # Every source builds events, so this one check keeps any text the store cannot
-        # take (see ``storable``) from failing the batch write and losing the event.
-        for name in self.__dataclass_fields__:
+        # take (see ``storable``) from failing the batch write and losing the event. Most
+        # values are ASCII strings, None or empty mappings: they are passed first.
+        for name in _field_names(self.__class__):
             value = getattr(self, name)
-            if value is None or value.__class__ in _PLAIN_TYPES:
+            kind = value.__class__
+            if kind is str:
+                if not value.isascii() or "\x00" in value:
+                    if _UNSTORABLE.search(value) is not None:
+                        value = _UNSTORABLE.sub("\ufffd", value)
+                        object.__setattr__(self, name, value)
+                width = _ID_WIDTHS.get(name)
+                if width is not None and len(value) > width:
+                    object.__setattr__(self, name, fit_id(value, width))
                 continue
-            if value.__class__ is str and value.isascii() and "\x00" not in value:
+            if value is None or kind in _PLAIN_TYPES or (kind is dict and not value):
                 continue
             if _has_unstorable(value):
                 object.__setattr__(self, name, storable(value))
-        for name, width in _ID_WIDTHS.items():
-            value = getattr(self, name, None)
-            if value.__class__ is str and len(value) > width:
-                object.__setattr__(self, name, fit_id(value, width))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Events cross process boundaries (the writer process) in every batch: a tuple of
+        # field values pickles several times faster than the dataclass's own state, and
+        # unpickling skips the checks above, which the values already passed.
+        return _rebuild, (self.__class__, _field_values(self))
+
+    def copy_with(self, **changes: Any) -> Event:
+        """Return a copy with ``changes``, which must be storable values of fitting width.
+
+        Unlike :func:`dataclasses.replace` it runs no checks: it serves transforms that
+        put values known to pass them, such as pseudonyms.
+        """
+        names = _field_names(self.__class__)
+        unknown = set(changes) - set(names)
+        if unknown:
+            raise TypeError(f"{self.__class__.__name__} has no fields {sorted(unknown)}")
+        values = tuple(changes[name] if name in changes else getattr(self, name)
+                       for name in names)
+        return _rebuild(self.__class__, values)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    return names
+
+
+def _field_values(event: Event) -> tuple[Any, ...]:
+    return tuple([getattr(event, name) for name in _field_names(event.__class__)])
+
+
+def _rebuild(cls: type[Event], values: tuple[Any, ...]) -> Event:
+    """Recreate an event of ``cls`` from its field values (see ``Event.__reduce__``)."""
+    event = object.__new__(cls)
+    for name, value in zip(_field_names(cls), values, strict=True):
+        object.__setattr__(event, name, value)
+    return event
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,27 +3,29 @@
 ``ChatMetricsMiddleware`` sits in front of any ASGI bot (FastAPI, Starlette, plain ASGI).
 For each request to a chat endpoint it copies the request body as the bot reads it and the
 response body as the bot sends it, and it times the reply. Once the response is complete,
-it hands the exchange to the recorder as events. It never touches the
-database and never changes what the bot receives or returns: the bot gets the very
-message objects the server sent, the server gets the very messages the bot sent, and
-each one is forwarded at once.
+it hands both bodies to the recorder as one :class:`chatmw.exchange.Exchange`, undecoded:
+the codec reads them when the batch is written, off the bot's event loop (and, with the
+writer process, off its interpreter). It never touches the database and never changes
+what the bot receives or returns: the bot gets the very message objects the server sent,
+the server gets the very messages the bot sent, and each one is forwarded at once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import itertools
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from chatmw import events as ev
-from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
+from chatmw.codecs import Codec
+from chatmw.exchange import Exchange, ExchangeDecoder
 from chatmw.recorder import Recorder
 
 __all__ = ["ChatMetricsMiddleware", "DEFAULT_MAX_BODY_BYTES"]
@@ -111,11 +113,6 @@ class _Exchange:
             return
         self.response_chunks.append(bytes(body))
 
-    def reply_timing(self, finished: float) -> tuple[float, datetime]:
-        """Return the latency (ms) and the wall-clock end of a response ending at ``finished``."""
-        latency_ms = (finished - self.started) * 1000.0
-        return latency_ms, self.arrived_at + timedelta(milliseconds=latency_ms)
-
 
 class ChatMetricsMiddleware:
     """Record the chat exchanges of a wrapped ASGI bot.
@@ -134,7 +131,9 @@ class ChatMetricsMiddleware:
     excluded and non-chat paths. Errors inside chatmw are logged on the ``chatmw`` logger,
     counted in ``errors`` and swallowed; the bot's own exceptions propagate unchanged.
     Exchanges left unrecorded for an expected reason (a body that is not a chat message,
-    a full recorder queue) are counted in ``skipped``.
+    a full recorder queue) are counted in ``skipped``; a body the codec cannot read is
+    counted there when the batch is written in this process (with the writer process, it
+    is counted and logged in that process).
     """
 
     def __init__(
@@ -169,6 +168,11 @@ class ChatMetricsMiddleware:
         self.timer = timer
         self.errors: Counter[str] = Counter()
         self.skipped: Counter[str] = Counter()
+        self.decoder = ExchangeDecoder(codec, channel=channel, record_text=record_text,
+                                       max_body_bytes=max_body_bytes, skipped=self.skipped)
+        # Keys of user messages without a message id: unique per middleware and request.
+        self._key_prefix = f"{uuid.uuid4().hex}:"
+        self._serial = itertools.count(1)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._is_chat_request(scope):
@@ -180,15 +184,21 @@ class ChatMetricsMiddleware:
             await self.app(scope, receive, send)
             return
 
+        # The copies run for every message of every chat request: plain try blocks here,
+        # because a context manager per message costs more than the copy itself.
         async def receive_and_copy() -> ASGIMessage:
             message = await receive()
-            with self._guard("request_copy"):
+            try:
                 exchange.on_request(message)
+            except Exception as error:  # noqa: BLE001 - never change the bot's request
+                self._failed("request_copy", error)
             return message
 
         async def send_and_copy(message: ASGIMessage) -> None:
-            with self._guard("response_copy"):
+            try:
                 exchange.on_response(message, self.timer)
+            except Exception as error:  # noqa: BLE001 - never change the bot's response
+                self._failed("response_copy", error)
             await send(message)
 
         try:
@@ -196,8 +206,10 @@ class ChatMetricsMiddleware:
         finally:
             # Runs once the bot has returned or raised, so after its response went out. The
             # bot's exception, if any, propagates unchanged after this block.
-            with self._guard("record"):
+            try:
                 self._record(exchange)
+            except Exception as error:  # noqa: BLE001 - never change the bot's response
+                self._failed("record", error)
 
     def _is_chat_request(self, scope: Scope) -> bool:
         path = scope.get("path", "")
@@ -214,7 +226,8 @@ class ChatMetricsMiddleware:
                              max_body_bytes=self.max_body_bytes)
         return None
 
-    # Recording: runs after the bot has returned or raised.
+    # Recording: runs after the bot has returned or raised. It only hands the copied bodies
+    # to the recorder; the decoder reads them when the batch is written.
 
     def _record(self, exchange: _Exchange) -> None:
         if exchange.status is not None and 400 <= exchange.status < 500:
@@ -223,113 +236,29 @@ class ChatMetricsMiddleware:
             reason = "request_too_large" if exchange.request_too_large else "request_incomplete"
             self._count_skip(reason)
             return
-        try:
-            request = self.codec.decode_request(b"".join(exchange.request_chunks))
-        except CodecError:
-            self._count_skip("request_not_decoded")
-            return
-        if request is None:
-            return
-
-        user_message = self._user_message(exchange, request)
-        status = exchange.status or 500
-        if exchange.finished is None or status >= 500:
-            # The bot failed or never finished its response: the user's message went unanswered.
-            self._submit([user_message])
-            return
-
-        latency_ms, finished_at = exchange.reply_timing(exchange.finished)
-        replies = self._decode_replies(exchange, request)
-        events: list[ev.Event] = [user_message]
-        events.extend(self._bot_messages(request, user_message, replies, latency_ms, finished_at))
-        update = self._conversation_update(request, replies, finished_at)
-        if update is not None:
-            events.append(update)
-        self._submit(events)
-
-    def _decode_replies(self, exchange: _Exchange, request: ChatRequest) -> list[ChatReply] | str:
-        """Return the replies, or why the response body could not be read."""
+        finished = exchange.finished
         if exchange.streaming:
-            return "streamed"
-        if exchange.response_too_large:
-            return "too_large"
-        body = _decoded_body(b"".join(exchange.response_chunks), exchange.content_encoding,
-                             self.max_body_bytes)
-        if body is None:
-            self._count_skip("response_encoding")
-            return "encoded"
-        try:
-            return self.codec.decode_response(body, request)
-        except CodecError:
-            self._count_skip("response_not_decoded")
-            return "not_decoded"
-
-    def _user_message(self, exchange: _Exchange, request: ChatRequest) -> ev.Message:
-        channel = request.channel or self.channel
-        if request.message_id is not None:
-            key = f"{channel}:{request.message_id}"
+            state = "streamed"
+        elif exchange.response_too_large:
+            state = "too_large"
+        elif finished is None:
+            state = "unfinished"
         else:
-            key = f"asgi:{uuid.uuid4().hex}"
-        return ev.Message(
-            channel=channel,
+            state = "complete"
+        captured = Exchange(
+            channel=self.channel,
             occurred_at=exchange.arrived_at,
-            key=key,
-            role="user",
-            user_id=request.user_id,
-            text=request.text if self.record_text else None,
-            conversation_id=request.conversation_id,
-            platform_message_id=request.message_id,
-            attributes=dict(request.attributes),
+            key=f"asgi:{self._key_prefix}{next(self._serial)}",
+            decoder=self.decoder,
+            request=b"".join(exchange.request_chunks),
+            response=b"".join(exchange.response_chunks) if state == "complete" else b"",
+            status=exchange.status,
+            latency_ms=None if finished is None else (finished - exchange.started) * 1000.0,
+            response_state=state,
+            content_encoding=exchange.content_encoding,
         )
-
-    def _bot_messages(self, request: ChatRequest, user_message: ev.Message,
-                      replies: list[ChatReply] | str, latency_ms: float,
-                      finished_at: datetime) -> list[ev.Message]:
-        common: dict[str, Any] = {
-            "channel": user_message.channel,
-            "occurred_at": finished_at,
-            "role": "bot",
-            "user_id": request.user_id,
-            "conversation_id": request.conversation_id,
-            "latency_ms": latency_ms,
-            "reply_to": user_message.key,
-        }
-        if isinstance(replies, str):
-            # The body was streamed, too large or unreadable: one reply without text keeps the
-            # time, and ``meta["body"]`` gives the reason the text is missing.
-            return [ev.Message(key=f"{user_message.key}:reply:0", text=None,
-                               meta={"body": replies}, **common)]
-        return [
-            ev.Message(key=f"{user_message.key}:reply:{index}",
-                       text=reply.text if self.record_text else None,
-                       intent=reply.intent, **common)
-            for index, reply in enumerate(replies)
-        ]
-
-    def _conversation_update(self, request: ChatRequest, replies: list[ChatReply] | str,
-                             finished_at: datetime) -> ev.ConversationUpdate | None:
-        fields: dict[str, Any] = {}
-        for reply in replies if isinstance(replies, list) else ():
-            for name in ("intent", "resolved", "handed_off", "ended", "step"):
-                value = getattr(reply, name)
-                if value is not None:
-                    fields[name] = value
-        if not fields:
-            return None
-        if fields.get("ended") is True:
-            fields["ended_reason"] = "bot"
-        return ev.ConversationUpdate(
-            channel=request.channel or self.channel,
-            occurred_at=finished_at,
-            user_id=request.user_id,
-            conversation_id=request.conversation_id,
-            **fields,
-        )
-
-    def _submit(self, events: list[ev.Event]) -> None:
-        for event in events:
-            if not self.recorder.submit(event):
-                self._count_skip("recorder_rejected")
+        if not self.recorder.submit(captured):
+            self._count_skip("recorder_rejected")
 
     # Errors of our own: logged with counts and error types, never with message text.
 
@@ -338,12 +267,15 @@ class ChatMetricsMiddleware:
         try:
             yield
         except Exception as error:  # noqa: BLE001 - chatmw must never change the bot's response
-            self.errors[step] += 1
-            count = self.errors[step]
-            if count == 1 or count % 1000 == 0:
-                logger.error("chat middleware step %s failed (%s), so the exchange was not "
-                             "recorded; %d failures of this step so far",
-                             step, type(error).__name__, count)
+            self._failed(step, error)
+
+    def _failed(self, step: str, error: Exception) -> None:
+        self.errors[step] += 1
+        count = self.errors[step]
+        if count == 1 or count % 1000 == 0:
+            logger.error("chat middleware step %s failed (%s), so the exchange was not "
+                         "recorded; %d failures of this step so far",
+                         step, type(error).__name__, count)
 
     def _count_skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -360,19 +292,3 @@ def _checked_paths(paths: Iterable[str], name: str) -> list[str]:
         if not path.startswith("/"):
             raise ValueError(f"{name} entries must start with '/', got {path!r}")
     return checked
-
-
-def _decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes | None:
-    """Undo a gzip or deflate content encoding; ``None`` for another encoding or a larger body."""
-    if encoding in (b"", b"identity"):
-        return body
-    if encoding not in (b"gzip", b"deflate"):
-        return None
-    wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        decoded = decompressor.decompress(body, limit + 1)
-    except zlib.error:
-        return None
-    return None if len(decoded) > limit else decoded
-

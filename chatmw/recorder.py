@@ -39,6 +39,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatmw.events import Event
+from chatmw.exchange import Exchange, expand_all
 
 __all__ = [
     "Recorder",
@@ -60,9 +61,14 @@ REPLAYING = "replaying"
 
 
 class BatchWriter(Protocol):
-    """Anything that writes a batch of events in one transaction."""
+    """Anything that writes a batch of events in one transaction.
 
-    def write(self, batch: Sequence[Event]) -> None: ...
+    A writer whose ``expands_exchanges`` attribute is true takes chat exchanges
+    (:class:`chatmw.exchange.Exchange`) as they are, decodes them itself, and returns the
+    number of events written; other writers get the decoded events.
+    """
+
+    def write(self, batch: Sequence[Event]) -> int | None: ...
 
 
 class Spool(Protocol):
@@ -250,6 +256,32 @@ class Recorder:
         with self._lock:
             self._submitted += 1
         return True
+
+    def submit_many(self, events: Sequence[Event]) -> int:
+        """Queue each of ``events`` as :meth:`submit` does; return how many were dropped."""
+        if not events:
+            return 0
+        self._begin(len(events))
+        queued = dropped = 0
+        for index, event in enumerate(events):
+            try:
+                self._queue.put_nowait(event)
+            except queue.Full:
+                # Each remaining event was counted by _begin; the overflow path settles it.
+                dropped += sum(1 for rest in events[index:] if not self._overflow_put(rest))
+                break
+            except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
+                self._count_drop("submit_error", 1)
+                self._finish(1)
+                dropped += 1
+                continue
+            queued += 1
+        if queued:
+            if self._queue.qsize() >= self.settings.batch_size:
+                self._batch_ready.set()
+            with self._lock:
+                self._submitted += queued
+        return dropped
 
     def _begin(self, count: int) -> None:
         with self._lock:
@@ -491,6 +523,8 @@ class Recorder:
     def _process(self, items: list[object], stopping: bool) -> None:
         if items:
             batch = self._transform_items(items)
+            if not getattr(self.writer, "expands_exchanges", False):
+                batch = self._expanded(batch)
             if batch:
                 self._handle(batch)
         if not stopping and self._stop_deadline is None:
@@ -550,6 +584,20 @@ class Recorder:
                 result.extend(self._transform([item]))  # type: ignore[list-item]
         return result
 
+    def _expanded(self, batch: list[Event]) -> list[Event]:
+        # Chat exchanges decoded into their events, which are transformed here because the
+        # exchange itself carried no ids. The spool and writers that do not decode
+        # exchanges themselves get these events.
+        if not any(isinstance(event, Exchange) for event in batch):
+            return batch
+        result: list[Event] = []
+        for event in batch:
+            if isinstance(event, Exchange):
+                result.extend(self._transform(expand_all([event])))
+            else:
+                result.append(event)
+        return result
+
     def _transform(self, batch: list[Event]) -> list[Event]:
         if self.transform is None or not batch:
             return batch
@@ -605,7 +653,7 @@ class Recorder:
         """
         started = time.perf_counter()
         try:
-            self.writer.write(batch)
+            written = self.writer.write(batch)
         except Exception as error:  # noqa: BLE001 - counted, logged, then retried or isolated
             if is_retryable(error):
                 raise _WriteFailed(_describe(error)) from error
@@ -623,7 +671,8 @@ class Recorder:
             return
         elapsed = time.perf_counter() - started
         with self._lock:
-            self._written += len(batch)
+            # A writer that decodes chat exchanges returns the number of events they became.
+            self._written += written if isinstance(written, int) else len(batch)
             self._last_write_s = elapsed
             self._write_seconds_sum += elapsed
             self._write_batches += 1
@@ -633,7 +682,7 @@ class Recorder:
         if quarantine is None:
             return
         try:
-            quarantine(batch, reason)
+            quarantine(self._expanded(batch), reason)
         except Exception as error:  # noqa: BLE001 - the event is counted as dropped anyway
             logger.error("spool quarantine failed for %d events: %s", len(batch), _describe(error))
 
@@ -711,6 +760,7 @@ class Recorder:
             return
         if self.spool is not None:
             try:
+                batch = self._expanded(batch)
                 if self.spool.append(batch):
                     with self._lock:
                         self._spooled += len(batch)

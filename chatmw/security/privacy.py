@@ -138,9 +138,13 @@ class Privacy:
         }
 
     def install(self, writer: Writer, recorder: Recorder | None = None) -> None:
-        """Add the text rule to ``writer`` (last enricher) and the transform to ``recorder``."""
+        """Add the text rule to ``writer`` (last enricher) and the transform to ``recorder``.
+
+        ``writer`` gets the transform too, for the events it decodes from chat exchanges.
+        """
         enricher = text_enricher(self.settings.text_mode)
         if enricher is not None:
             writer.enrichers.append(enricher)
+        writer.transform = self.transform
         if recorder is not None:
             recorder.transform = self.transform

@@ -13,7 +13,6 @@ database then also has the key. Changing the key splits every person into a new 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import logging
@@ -43,6 +42,8 @@ logger = logging.getLogger("chatmw")
 PSEUDONYM_KEY_ENV = "CHATMW_PSEUDONYM_KEY"
 MIN_KEY_LENGTH = 16
 PSEUDONYM_PREFIX = "ps_"
+# Pseudonyms remembered per Pseudonymiser, so a busy user is hashed once, not per message.
+RECENT_PSEUDONYMS = 10_000
 STORED_KEY_NAME = "pseudonym_key"
 # Event fields replaced by pseudonyms, on every event type that has them.
 PSEUDONYMISED_FIELDS = {"user_id": "user", "conversation_id": "conversation"}
@@ -63,14 +64,23 @@ class Pseudonymiser:
                              f"choose from {sorted(PSEUDONYMISED_FIELDS)}")
         self._key = key.reveal().encode("utf-8")
         self.fields = fields
+        self._recent: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return "Pseudonymiser(key=[secure])"
 
     def pseudonymise(self, value: str, kind: str = "user") -> str:
         """Return the pseudonym of ``value``, a user id (``kind="user"``) or a conversation id."""
+        known = self._recent.get((kind, value))
+        if known is not None:
+            return known
         digest = hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256)
-        return PSEUDONYM_PREFIX + digest.hexdigest()[:32]
+        pseudonym = PSEUDONYM_PREFIX + digest.hexdigest()[:32]
+        if len(self._recent) >= RECENT_PSEUDONYMS:
+            # A user writes several messages in a row; forgetting all at once keeps this cheap.
+            self._recent.clear()
+        self._recent[(kind, value)] = pseudonym
+        return pseudonym
 
     def apply(self, event: Event) -> Event:
         """Return ``event`` with its id fields (``user_id``, ``conversation_id``) pseudonymised."""
@@ -80,7 +90,8 @@ class Pseudonymiser:
             value = getattr(event, name, None)
             if isinstance(value, str) and value:
                 changes[name] = self.pseudonymise(value, kind)
-        return dataclasses.replace(event, **changes) if changes else event
+        # Pseudonyms are short hex strings, so the copy skips the checks a new event runs.
+        return event.copy_with(**changes) if changes else event
 
     def apply_all(self, events: Iterable[Event]) -> list[Event]:
         """Pseudonymise ``events`` (for sources that write through the Writer directly)."""

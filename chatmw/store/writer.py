@@ -17,6 +17,7 @@ from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, selec
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
+from chatmw.exchange import Exchange, expand_all
 from chatmw.store import models
 from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
 from chatmw.store.identity import (
@@ -57,6 +58,8 @@ class Writer:
 
     Extra event types are handled by functions added to ``handlers``; ``enrichers`` add
     columns to message rows off the request path; ``preprocessors`` may rewrite messages.
+    ``transform`` (the recorder's, such as pseudonyms) is applied to the events decoded
+    from chat exchanges (:mod:`chatmw.exchange`), which the recorder never saw.
     """
 
     engine: Engine
@@ -64,6 +67,9 @@ class Writer:
     enrichers: list[Enricher] = field(default_factory=list)
     preprocessors: list[Preprocessor] = field(default_factory=list)
     handlers: dict[type, Handler] = field(default_factory=dict)
+    transform: Callable[[ev.Event], ev.Event] | None = None
+    # Chat exchanges are decoded here, wherever this writer runs (see chatmw.recorder).
+    expands_exchanges: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         defaults: dict[type, Handler] = {
@@ -77,10 +83,32 @@ class Writer:
         for event_type, handler in defaults.items():
             self.handlers.setdefault(event_type, handler)
 
-    def write(self, batch: Sequence[ev.Event]) -> None:
-        """Write ``batch`` in one transaction, in order, grouping runs of one event type."""
+    def write(self, batch: Sequence[ev.Event]) -> int:
+        """Write ``batch`` in one transaction, in order, grouping runs of one event type.
+
+        Returns the number of events written once chat exchanges are decoded.
+        """
+        batch = self.expand(batch)
         with Session(self.engine) as session, session.begin():
             self.write_in(session, batch)
+        return len(batch)
+
+    def expand(self, batch: Sequence[ev.Event]) -> Sequence[ev.Event]:
+        """Decode the chat exchanges of ``batch`` into events, passed through ``transform``.
+
+        The other events of a batch were transformed by the recorder already.
+        """
+        if not any(event.__class__ is Exchange for event in batch):
+            return batch
+        result: list[ev.Event] = []
+        for event in batch:
+            if event.__class__ is not Exchange:
+                result.append(event)
+                continue
+            for decoded in expand_all([event]):
+                transformed = decoded if self.transform is None else self.transform(decoded)
+                result.append(transformed)
+        return result
 
     def write_in(self, session: Session, batch: Sequence[ev.Event]) -> None:
         """Write ``batch`` inside an open ``session`` transaction.

@@ -1,0 +1,212 @@
+"""Captured chat exchanges, decoded into messages off the request path.
+
+The ASGI middleware copies a request and its response and hands them to the recorder as
+one :class:`Exchange` event, without reading either body. Whoever writes the batch turns
+it into the user's message, the bot's replies and a conversation update with the
+exchange's :class:`ExchangeDecoder`: the store writer, in the recorder's thread or in the
+writer process, or the recorder itself before it spools a batch. The bot's event loop
+therefore spends no time on JSON decoding or on building events.
+
+Expanding an exchange is deterministic: the keys of the messages come from the exchange
+(``key``), so a batch written again after a failure stores the same rows once.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from chatmw import events as ev
+from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
+
+__all__ = ["Exchange", "ExchangeDecoder", "expand_all", "RESPONSE_STATES"]
+
+logger = logging.getLogger("chatmw")
+
+# What became of the response body: read in full, streamed (server-sent events, never
+# copied), larger than the copy limit, or never finished.
+RESPONSE_STATES = ("complete", "streamed", "too_large", "unfinished")
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeDecoder:
+    """Turns an :class:`Exchange` into events with a bot's codec.
+
+    ``channel`` names the channel when the codec gives none; ``record_text`` set to false
+    stores messages without their text; ``max_body_bytes`` bounds a decompressed response.
+    Exchanges left unrecorded for an expected reason (a body that is not a chat message)
+    are counted in ``skipped`` of the process that decodes them.
+    """
+
+    codec: Codec
+    channel: str = "web"
+    record_text: bool = True
+    max_body_bytes: int = 1024 * 1024
+    skipped: Counter[str] = field(default_factory=Counter, compare=False, repr=False)
+
+    def expand(self, exchange: Exchange) -> list[ev.Event]:
+        """Return the events of ``exchange``: none when it was not a chat message."""
+        if exchange.status is not None and 400 <= exchange.status < 500:
+            return []  # The bot rejected the request: it was not a chat message.
+        try:
+            request = self.codec.decode_request(exchange.request)
+        except CodecError:
+            self._skip("request_not_decoded")
+            return []
+        if request is None:
+            return []
+        user_message = self._user_message(exchange, request)
+        status = exchange.status or 500
+        if exchange.latency_ms is None or status >= 500:
+            # The bot failed or never finished its response: the user's message went unanswered.
+            return [user_message]
+        finished_at = exchange.occurred_at + timedelta(milliseconds=exchange.latency_ms)
+        replies = self._replies(exchange, request)
+        events: list[ev.Event] = [user_message]
+        events.extend(self._bot_messages(request, user_message, replies, exchange.latency_ms,
+                                         finished_at))
+        update = self._conversation_update(request, replies, finished_at)
+        if update is not None:
+            events.append(update)
+        return events
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        count = self.skipped[reason]
+        if count == 1 or count % 1000 == 0:
+            logger.warning("chat middleware skipped an exchange (%s), %d so far", reason, count)
+
+    def _replies(self, exchange: Exchange, request: ChatRequest) -> list[ChatReply] | str:
+        """Return the replies, or why the response body could not be read."""
+        if exchange.response_state != "complete":
+            return exchange.response_state
+        body = decoded_body(exchange.response, exchange.content_encoding, self.max_body_bytes)
+        if body is None:
+            self._skip("response_encoding")
+            return "encoded"
+        try:
+            return self.codec.decode_response(body, request)
+        except CodecError:
+            self._skip("response_not_decoded")
+            return "not_decoded"
+
+    def _user_message(self, exchange: Exchange, request: ChatRequest) -> ev.Message:
+        channel = request.channel or self.channel
+        if request.message_id is not None:
+            key = f"{channel}:{request.message_id}"
+        else:
+            key = exchange.key
+        return ev.Message(
+            channel=channel,
+            occurred_at=exchange.occurred_at,
+            key=key,
+            role="user",
+            user_id=request.user_id,
+            text=request.text if self.record_text else None,
+            conversation_id=request.conversation_id,
+            platform_message_id=request.message_id,
+            attributes=dict(request.attributes),
+        )
+
+    def _bot_messages(self, request: ChatRequest, user_message: ev.Message,
+                      replies: list[ChatReply] | str, latency_ms: float,
+                      finished_at: datetime) -> list[ev.Message]:
+        common: dict[str, Any] = {
+            "channel": user_message.channel,
+            "occurred_at": finished_at,
+            "role": "bot",
+            "user_id": request.user_id,
+            "conversation_id": request.conversation_id,
+            "latency_ms": latency_ms,
+            "reply_to": user_message.key,
+        }
+        if isinstance(replies, str):
+            # The body was streamed, too large or unreadable: one reply without text keeps the
+            # time, and ``meta["body"]`` gives the reason the text is missing.
+            return [ev.Message(key=f"{user_message.key}:reply:0", text=None,
+                               meta={"body": replies}, **common)]
+        return [
+            ev.Message(key=f"{user_message.key}:reply:{index}",
+                       text=reply.text if self.record_text else None,
+                       intent=reply.intent, **common)
+            for index, reply in enumerate(replies)
+        ]
+
+    def _conversation_update(self, request: ChatRequest, replies: list[ChatReply] | str,
+                             finished_at: datetime) -> ev.ConversationUpdate | None:
+        fields: dict[str, Any] = {}
+        for reply in replies if isinstance(replies, list) else ():
+            for name in ("intent", "resolved", "handed_off", "ended", "step"):
+                value = getattr(reply, name)
+                if value is not None:
+                    fields[name] = value
+        if not fields:
+            return None
+        if fields.get("ended") is True:
+            fields["ended_reason"] = "bot"
+        return ev.ConversationUpdate(
+            channel=request.channel or self.channel,
+            occurred_at=finished_at,
+            user_id=request.user_id,
+            conversation_id=request.conversation_id,
+            **fields,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Exchange(ev.Event):
+    """One chat request and its response as the middleware copied them, not yet decoded.
+
+    ``occurred_at`` is the request's arrival, ``latency_ms`` the time until the response
+    ended (``None`` when it never did), ``key`` the key of the user's message when the
+    codec gives no message id. ``response_state`` is one of :data:`RESPONSE_STATES`.
+    """
+
+    key: str
+    decoder: ExchangeDecoder
+    request: bytes
+    response: bytes = b""
+    status: int | None = None
+    latency_ms: float | None = None
+    response_state: str = "complete"
+    content_encoding: bytes = b""
+
+
+def expand_all(batch: Iterable[ev.Event]) -> list[ev.Event]:
+    """Return ``batch`` with each :class:`Exchange` replaced by its events, in order.
+
+    A decoder that fails is logged and its exchange left out: a bug in a codec must not
+    keep the rest of the batch from being stored.
+    """
+    result: list[ev.Event] = []
+    for event in batch:
+        if event.__class__ is not Exchange:
+            result.append(event)
+            continue
+        try:
+            result.extend(event.decoder.expand(event))  # type: ignore[attr-defined]
+        except Exception as error:  # noqa: BLE001 - one bad exchange must not stop the batch
+            event.decoder.skipped["decode_error"] += 1  # type: ignore[attr-defined]
+            logger.error("chat exchange could not be decoded (%s), so it was not recorded",
+                         type(error).__name__)
+    return result
+
+
+def decoded_body(body: bytes, encoding: bytes, limit: int) -> bytes | None:
+    """Undo a gzip or deflate content encoding; ``None`` for another encoding or a larger body."""
+    if encoding in (b"", b"identity"):
+        return body
+    if encoding not in (b"gzip", b"deflate"):
+        return None
+    wbits = 16 + zlib.MAX_WBITS if encoding == b"gzip" else zlib.MAX_WBITS
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        decoded = decompressor.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    return None if len(decoded) > limit else decoded
