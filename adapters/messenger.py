@@ -472,7 +472,12 @@ def register_sink_handlers(sink: object) -> None:
     A writer without the :class:`Watermark` handler would reject every batch holding one.
     """
     writer = getattr(sink, "writer", None)
-    if isinstance(writer, Writer):
+    # A writer process copies its local writer: register there, then let it copy again.
+    local = getattr(writer, "local_writer", None)
+    if isinstance(local, Writer):
+        register_handlers(local)
+        writer.refresh()  # type: ignore[union-attr]
+    elif isinstance(writer, Writer):
         register_handlers(writer)
     else:
         logger.warning(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from bench.common import DATA_DIR, Section, command_line, fmt, write_section
 from bench.loadgen import LoadResult, run_wrk, served
 
-KINDS = ("bare", "wrapped", "wrapped-nosentiment", "wrapped-process", "wrapped-nowrite")
+KINDS = ("bare", "wrapped", "wrapped-nosentiment", "wrapped-thread", "wrapped-nowrite")
 
 
 @dataclass

@@ -52,7 +52,7 @@ def summary(results: dict[str, Any]) -> str:
     if "overhead" in results:
         items = results["overhead"]
         bare = items["bare"]
-        for kind in ("wrapped", "wrapped-nosentiment", "wrapped-process"):
+        for kind in ("wrapped", "wrapped-nosentiment", "wrapped-thread"):
             if kind in items:
                 ratio = items[kind].rps / bare.rps
                 added = items[kind].p99 - bare.p99

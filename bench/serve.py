@@ -1,10 +1,11 @@
 """Serve one app under uvicorn for a load benchmark: ``python -m bench.serve KIND PORT [URL]``.
 
-Kinds: ``bare`` (the FAQ bot alone), ``wrapped`` (the FAQ bot with chatmw, sentiment on),
-``wrapped-nosentiment``, ``wrapped-nowrite`` (the recorder takes events and a no-op writer
-drops them, isolating the middleware's own cost), ``wrapped-process`` (the store writer in
-a child process, :class:`chatmw.writer_process.ProcessWriter`), ``proxy`` (the Messenger and
-WhatsApp proxy, recording only) and ``proxy-process``.
+Kinds: ``bare`` (the FAQ bot alone), ``wrapped`` (the FAQ bot with chatmw as it comes:
+sentiment on, the store writer in a child process), ``wrapped-nosentiment``,
+``wrapped-thread`` (the store writer in the recorder's thread, ``CHATMW_WRITER=thread``),
+``wrapped-nowrite`` (the recorder takes the exchanges and a no-op writer drops them
+undecoded, isolating the middleware's own cost in the bot's process), ``proxy`` (the
+Messenger and WhatsApp proxy, recording only, writer process) and ``proxy-thread``.
 The bot answers at once (think time 0), so the benchmark measures the framework and
 chatmw, not a simulated delay.
 """
@@ -16,28 +17,32 @@ import sys
 
 import uvicorn
 
+from chatmw.sentiment import sentiment_enricher
+
 APP_SECRET = "bench-app-secret"
 VERIFY_TOKEN = "bench-verify-token"
 
 
 def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
+    import os
+
     from chatmw._demo.faq_bot import create_app
 
+    if kind in ("wrapped-thread", "wrapped-nowrite", "proxy-thread"):
+        os.environ["CHATMW_WRITER"] = "thread"
     if kind == "bare":
         return create_app(False, delay_s=(0.0, 0.0))
     if kind.startswith("wrapped"):
         app = create_app(True, database_url, delay_s=(0.0, 0.0))
         runtime = app.state.chatmw
         if kind == "wrapped-nosentiment":
-            runtime.writer.enrichers.clear()
+            runtime.writer.enrichers.remove(sentiment_enricher)
         elif kind == "wrapped-nowrite":
             runtime.recorder.writer = _NullWriter()
-        elif kind == "wrapped-process":
-            use_process_writer(runtime)
-        elif kind != "wrapped":
+        elif kind not in ("wrapped", "wrapped-thread"):
             raise SystemExit(f"unknown kind {kind!r}")
         return app
-    if kind in ("proxy", "proxy-process"):
+    if kind in ("proxy", "proxy-thread"):
         import contextlib
 
         from starlette.applications import Starlette
@@ -49,8 +54,6 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
         from chatmw.runtime import Runtime
 
         runtime = Runtime.from_settings(Settings(database_url=database_url or "sqlite:///bench.db"))
-        if kind == "proxy-process":
-            use_process_writer(runtime, proxy_writer)
         proxy = create_proxy_app(
             MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN), runtime
         )
@@ -70,33 +73,11 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
 
 
 class _NullWriter:
-    def write(self, batch: object) -> None:
-        return None
+    # Takes the exchanges undecoded, as the writer process does, and stores nothing.
+    expands_exchanges = True
 
-
-def proxy_writer(database_url: str, session_gap_ms: int, sentiment: bool):  # type: ignore[no-untyped-def]
-    """Build the proxy's writer in the child: the standard one plus the Messenger handlers."""
-    from chatmw.adapters import messenger
-    from chatmw.writer_process import build_writer
-
-    writer = build_writer(database_url, session_gap_ms, sentiment)
-    messenger.register_handlers(writer)
-    return writer
-
-
-def use_process_writer(runtime, build=None) -> None:  # type: ignore[no-untyped-def]
-    """Give the runtime's recorder a writer in a child process, built like the runtime's own."""
-    import functools
-
-    from chatmw.writer_process import ProcessWriter, build_writer
-
-    settings = runtime.settings
-    factory = functools.partial(
-        build or build_writer, settings.database_url, settings.session_gap_ms, settings.sentiment
-    )
-    writer = ProcessWriter(factory)
-    writer.start()
-    runtime.recorder.writer = writer
+    def write(self, batch: object) -> int:
+        return 0
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -500,13 +500,21 @@ def install(
     writer.handlers[Spend] = handlers.spend
     current = writer.handlers[ev.Message]
     original = getattr(current, "__wrapped_by_business__", current)
+    writer.handlers[ev.Message] = _BusinessMessages(original, handlers)
 
-    def write_messages(session: Session, messages: list[ev.Message]) -> None:
-        original(session, messages)
-        _after_messages(session, messages, handlers)
 
-    write_messages.__wrapped_by_business__ = original  # type: ignore[attr-defined]
-    writer.handlers[ev.Message] = write_messages
+class _BusinessMessages:
+    # The message handler followed by lead detection and query types. A class rather than
+    # a closure, so that a writer can be pickled into the writer process.
+
+    def __init__(self, original: Callable[[Session, list[ev.Message]], None],
+                 handlers: _Handlers) -> None:
+        self.__wrapped_by_business__ = original
+        self.handlers = handlers
+
+    def __call__(self, session: Session, messages: list[ev.Message]) -> None:
+        self.__wrapped_by_business__(session, messages)
+        _after_messages(session, messages, self.handlers)
 
 
 def _after_messages(session: Session, messages: Sequence[ev.Message], handlers: _Handlers) -> None:

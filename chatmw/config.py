@@ -10,11 +10,13 @@ from sqlalchemy.engine import make_url
 
 from chatmw.recorder import RecorderSettings
 
-__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV"]
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "WRITER_ENV"]
 
 DEFAULT_DATABASE_URL = "sqlite:///chatmw.db"
 # The database URL when no ``--db`` option or ``database_url`` argument is given.
 DATABASE_URL_ENV = "CHATMW_DATABASE_URL"
+# The store writer's placement: "process" (the default) or "thread".
+WRITER_ENV = "CHATMW_WRITER"
 
 
 @dataclass(slots=True)
@@ -32,6 +34,12 @@ class Settings:
     recorder: RecorderSettings = field(default_factory=RecorderSettings)
     # Score the sentiment of English user messages as they are written (chatmw.sentiment).
     sentiment: bool = True
+    # Run the store writer in a child process (chatmw.writer_process), so that decoding,
+    # enrichment and SQL never take the application's interpreter lock or CPU. ``None``
+    # reads CHATMW_WRITER ("process" or "thread") when the runtime starts, and means
+    # "process" when it is unset. An in-memory SQLite database keeps the writer in the
+    # recorder's thread.
+    writer_process: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.database_url:
@@ -52,6 +60,7 @@ class Settings:
         values: dict[str, object] = {}
         if environ.get(DATABASE_URL_ENV):
             values["database_url"] = environ[DATABASE_URL_ENV]
+        values["writer_process"] = writer_process_from_env(environ)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -60,9 +69,24 @@ class Settings:
         url = make_url(self.database_url).render_as_string(hide_password=True)
         return (
             f"Settings(database_url={url!r}, session_gap_minutes={self.session_gap_minutes!r}, "
-            f"metrics_prefix={self.metrics_prefix!r}, sentiment={self.sentiment!r})"
+            f"metrics_prefix={self.metrics_prefix!r}, sentiment={self.sentiment!r}, "
+            f"writer_process={self.writer_process!r})"
         )
+
+    def use_writer_process(self) -> bool:
+        """Return whether the store writer runs in a child process (see ``writer_process``)."""
+        if self.writer_process is not None:
+            return self.writer_process
+        return writer_process_from_env(os.environ)
 
     @property
     def session_gap_ms(self) -> int:
         return int(self.session_gap_minutes * 60_000)
+
+
+def writer_process_from_env(environ: Mapping[str, str]) -> bool:
+    """Read ``CHATMW_WRITER``: ``process`` (also when unset) or ``thread``."""
+    placement = environ.get(WRITER_ENV, "").strip().lower() or "process"
+    if placement not in ("process", "thread"):
+        raise ValueError(f"{WRITER_ENV} must be 'process' or 'thread', got {placement!r}")
+    return placement == "process"

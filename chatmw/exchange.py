@@ -1,10 +1,10 @@
 """Captured chat exchanges, decoded into messages off the request path.
 
 The ASGI middleware copies a request and its response and hands them to the recorder as
-one :class:`Exchange` event, without reading either body. Whoever writes the batch turns
-it into the user's message, the bot's replies and a conversation update with the
-exchange's :class:`ExchangeDecoder`: the store writer, in the recorder's thread or in the
-writer process, or the recorder itself before it spools a batch. The bot's event loop
+one :class:`Exchange` event, without reading either body. The exchange's
+:class:`ExchangeDecoder` turns it into the user's message, the bot's replies and a
+conversation update where the batch is written: in the store writer (in the recorder's
+thread or in the writer process), or in the recorder itself before it spools a batch. The bot's event loop
 therefore spends no time on JSON decoding or on building events.
 
 Expanding an exchange is deterministic: the keys of the messages come from the exchange
@@ -28,8 +28,8 @@ __all__ = ["Exchange", "ExchangeDecoder", "expand_all", "RESPONSE_STATES"]
 
 logger = logging.getLogger("chatmw")
 
-# What became of the response body: read in full, streamed (server-sent events, never
-# copied), larger than the copy limit, or never finished.
+# States of the response body: read in full, streamed (server-sent events, never copied),
+# larger than the copy limit, or never finished.
 RESPONSE_STATES = ("complete", "streamed", "too_large", "unfinished")
 
 

@@ -16,6 +16,7 @@ from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.writer import Writer, WriterSettings
 from chatmw.surveys.addresses import install_address_capture
 from chatmw.surveys.service import install_answer_preprocessor
+from chatmw.writer_process import ProcessWriter, start_process_writer
 
 __all__ = ["Runtime", "build_writer", "PRIVACY_FROM_ENV"]
 
@@ -65,6 +66,8 @@ class Runtime:
         # Set by start() when privacy settings were given: the resolved pseudonymiser.
         self.privacy: Privacy | None = None
         self._capturing = False
+        # Set by start() when the writer runs in a child process (Settings.writer_process).
+        self._process_writer: ProcessWriter | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
@@ -103,6 +106,12 @@ class Runtime:
         if self.survey_channels and not self._capturing:
             install_address_capture(self.recorder, self.survey_channels)
             self._capturing = True
+        # Events decoded from chat exchanges by the writer get the recorder's transform.
+        self.writer.transform = self.recorder.transform
+        if self._process_writer is None and self.settings.use_writer_process():
+            self._process_writer = start_process_writer(self.writer, self.settings.database_url)
+            if self._process_writer is not None:
+                self.recorder.writer = self._process_writer
         self.recorder.start()
 
     def stop(self) -> bool:
@@ -112,6 +121,10 @@ class Runtime:
         and are replayed by the next start.
         """
         flushed = self.recorder.stop()
+        if self._process_writer is not None:
+            self._process_writer.close()
+            self._process_writer = None
+            self.recorder.writer = self.writer
         close = getattr(self.recorder.spool, "close", None)
         if close is not None:
             close()

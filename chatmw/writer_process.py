@@ -20,6 +20,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import pickle
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
@@ -30,7 +31,8 @@ from sqlalchemy.exc import OperationalError
 from chatmw.events import Event
 from chatmw.recorder import BatchWriter, _describe, is_retryable
 
-__all__ = ["ProcessWriter", "WriteRejected", "build_writer", "writer_factory"]
+__all__ = ["ProcessWriter", "WriteRejected", "WriterSnapshot", "build_writer", "start_process_writer",
+           "writer_factory"]
 
 logger = logging.getLogger("chatmw")
 
@@ -59,8 +61,46 @@ def writer_factory(database_url: str, session_gap_ms: int = 30 * 60 * 1000,
     return functools.partial(build_writer, database_url, session_gap_ms, sentiment)
 
 
+class WriterSnapshot:
+    """A factory that returns a copy of ``writer`` in the child process.
+
+    The writer is pickled when the child starts (see :meth:`chatmw.store.writer.Writer.__getstate__`),
+    so handlers, enrichers, preprocessors and the transform installed on it until then are
+    all in the copy. Everything on the writer must therefore be picklable: module-level
+    functions and instances of module-level classes, not closures.
+    """
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def __call__(self) -> Any:
+        return self.writer
+
+
+def start_process_writer(writer: Any, database_url: str) -> ProcessWriter | None:
+    """Return a :class:`ProcessWriter` running a copy of ``writer``, or ``None`` when it cannot.
+
+    An in-memory SQLite database exists in one process only, and a writer with something
+    that cannot be pickled cannot be copied: both keep the writer in the recorder's thread,
+    with a warning for the second.
+    """
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        return None
+    try:
+        pickle.dumps(writer)
+    except Exception as error:  # noqa: BLE001 - any pickling failure keeps the thread writer
+        logger.warning("the store writer stays in this process: it cannot be copied to a "
+                       "writer process (%s: %s)", type(error).__name__, error)
+        return None
+    return ProcessWriter(WriterSnapshot(writer), local_writer=writer)
+
+
 def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
-    # The child's loop: receive one batch, send one (ok, retryable, description) reply.
+    # The child's loop: receive one batch, send one (ok, retryable, description, written)
+    # reply.
     writer = factory()
     while True:
         try:
@@ -70,11 +110,11 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
         if batch is None:
             return
         try:
-            writer.write(batch)
+            written = writer.write(batch)
         except Exception as error:  # noqa: BLE001 - sent back to the parent, which decides
-            connection.send((False, is_retryable(error), _describe(error)))
+            connection.send((False, is_retryable(error), _describe(error), 0))
             continue
-        connection.send((True, False, ""))
+        connection.send((True, False, "", written if isinstance(written, int) else len(batch)))
 
 
 class ProcessWriter:
@@ -88,11 +128,17 @@ class ProcessWriter:
     errors are raised as :class:`WriteRejected`, so the recorder isolates the bad events.
     """
 
+    # Chat exchanges (chatmw.exchange) are decoded in the child, by the store writer there.
+    expands_exchanges = True
+
     def __init__(self, factory: Callable[[], BatchWriter], *, timeout_s: float = 120.0,
-                 start_method: str = "spawn") -> None:
+                 start_method: str = "spawn", local_writer: Any = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.factory = factory
+        # The writer the child copies, when there is one: code that registers handlers
+        # registers them here, then calls refresh().
+        self.local_writer = local_writer
         self.timeout_s = timeout_s
         self._context = multiprocessing.get_context(start_method)
         self._process: Any = None
@@ -104,8 +150,11 @@ class ProcessWriter:
         with self._lock:
             self._ensure_started()
 
-    def write(self, batch: Sequence[Event]) -> None:
-        """Write ``batch`` in the child; raises as described in the class documentation."""
+    def write(self, batch: Sequence[Event]) -> int:
+        """Write ``batch`` in the child and return the number of events written there.
+
+        Raises as described in the class documentation.
+        """
         with self._lock:
             connection = self._ensure_started()
             try:
@@ -113,16 +162,23 @@ class ProcessWriter:
                 if not connection.poll(self.timeout_s):
                     self._kill(f"write timed out after {self.timeout_s:.0f} s")
                     raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
-                ok, retryable, description = connection.recv()
+                ok, retryable, description, written = connection.recv()
             except (EOFError, OSError) as error:
                 self._kill(f"pipe failed: {type(error).__name__}")
                 description = f"child writer process failed: {type(error).__name__}"
                 raise _unavailable(description) from error
         if ok:
-            return
+            return int(written)
         if retryable:
             raise _unavailable(description)
         raise WriteRejected(description)
+
+    def refresh(self) -> None:
+        """Stop the child after the write in progress, so the next write starts a new copy.
+
+        Call it after changing the local writer (new handlers, say) once writes have begun.
+        """
+        self.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the child after the write in progress, if any."""

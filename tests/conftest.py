@@ -20,11 +20,14 @@ from chatmw.store.engine import make_engine, upgrade
 
 # Runtimes pseudonymise ids, redact text and drop unparseable bodies by default. The tests
 # that check stored ids, text and bodies turn that off here, and the privacy tests pass
-# their own settings. Subprocesses
-# started by tests inherit these variables.
+# their own settings. Subprocesses started by tests inherit these variables.
 os.environ.setdefault("CHATMW_PSEUDONYMISE", "0")
 os.environ.setdefault("CHATMW_TEXT_MODE", "full")
 os.environ.setdefault("CHATMW_KEEP_RAW_PAYLOADS", "1")
+# Runtimes write from a child process by default. Most tests look at the store right after
+# a flush from the same process and build hundreds of runtimes, so they keep the writer in
+# the recorder's thread; tests/test_writer_placement.py runs the writer process.
+os.environ.setdefault("CHATMW_WRITER", "thread")
 
 PG_ADMIN_URL = os.environ.get("CHATMW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 

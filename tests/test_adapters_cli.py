@@ -229,7 +229,8 @@ def _example_webhook(script: str, at_s: int) -> bytes:
     return json.dumps(document, ensure_ascii=False).encode()
 
 
-def test_proxy_keeps_survey_addresses_under_pseudonyms(tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_proxy_keeps_survey_addresses_under_pseudonyms(tmp_path: Path, placement: str) -> None:
     database_url = f"sqlite:///{tmp_path / 'proxy.db'}"
     port = free_port()
     env = {
@@ -241,6 +242,7 @@ def test_proxy_keeps_survey_addresses_under_pseudonyms(tmp_path: Path) -> None:
         "CHATMW_PSEUDONYMISE": "1",
         "CHATMW_PSEUDONYM_KEY": "k" * 32,
         "CHATMW_SURVEY_CHANNELS": "messenger",
+        "CHATMW_WRITER": placement,
     }
     command = [str(Path(sys.executable).parent / "chatmw"), "proxy", "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

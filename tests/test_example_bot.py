@@ -169,10 +169,15 @@ def test_wrapped_bot_identical_over_http(database_url: str) -> None:
 
 # End to end
 
-def test_conversation_recorded_end_to_end(database_url: str) -> None:
+@pytest.mark.parametrize("placement", ["thread", "process"])
+def test_conversation_recorded_end_to_end(database_url: str, placement: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATMW_WRITER", placement)
     app = create_app(wrapped=True, database_url=database_url, delay_s=(BOT_DELAY_S, BOT_DELAY_S))
 
     with serve(app) as base_url:
+        writer_kind = type(app.state.chatmw.recorder.writer).__name__
+        assert writer_kind == ("ProcessWriter" if placement == "process" else "Writer")
         completed = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "send_conversation.py"),
              "--url", base_url, "--user", "e2e-visitor"],

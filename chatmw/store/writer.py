@@ -83,6 +83,20 @@ class Writer:
         for event_type, handler in defaults.items():
             self.handlers.setdefault(event_type, handler)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A writer is pickled into the writer process (chatmw.writer_process): the engine
+        # travels as its URL, with the password, and the child opens its own.
+        state = dict(self.__dict__)
+        state["engine"] = self.engine.url.render_as_string(hide_password=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from chatmw.store.engine import make_engine
+
+        state = dict(state)
+        state["engine"] = make_engine(state["engine"])
+        self.__dict__.update(state)
+
     def write(self, batch: Sequence[ev.Event]) -> int:
         """Write ``batch`` in one transaction, in order, grouping runs of one event type.
 

@@ -40,14 +40,20 @@ Transform = Callable[[ev.Event], ev.Event]
 
 def capture_addresses(transform: Transform | None, channels: Collection[str]) -> Transform:
     """Return a transform that keeps user messages' platform ids, then applies ``transform``."""
-    surveyed = frozenset(channels)
+    return _CaptureAddresses(transform, frozenset(channels))
 
-    def capture(event: ev.Event) -> ev.Event:
-        if isinstance(event, ev.Message) and event.role == "user" and event.channel in surveyed:
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CaptureAddresses:
+    # A class rather than a closure, so that the writer process can receive it.
+    transform: Transform | None
+    surveyed: frozenset[str]
+
+    def __call__(self, event: ev.Event) -> ev.Event:
+        if (isinstance(event, ev.Message) and event.role == "user"
+                and event.channel in self.surveyed):
             event = dataclasses.replace(event, meta={**event.meta, ADDRESS_META_KEY: event.user_id})
-        return transform(event) if transform is not None else event
-
-    return capture
+        return self.transform(event) if self.transform is not None else event
 
 
 def install_address_capture(recorder: object, channels: Collection[str]) -> None:

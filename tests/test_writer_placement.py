@@ -1,0 +1,211 @@
+"""Chat exchanges decoded where the batch is written, and the writer in a child process."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from chatmw import events as ev
+from chatmw._demo.faq_bot import FAQ_CODEC
+from chatmw.adapters import messenger
+from chatmw.config import Settings
+from chatmw.exchange import Exchange, ExchangeDecoder, expand_all
+from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.runtime import Runtime
+from chatmw.security.privacy import PrivacySettings
+from chatmw.security.secret import Secret
+from chatmw.spool import FileSpool, SpoolSettings
+from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.models import Contact, Message
+from chatmw.writer_process import ProcessWriter, start_process_writer
+from tests.spool_helpers import SwitchableWriter
+
+T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
+KEY = "k" * 32
+
+
+def exchange(index: int, user: str = "u1", text: str = "what are your opening hours?",
+             decoder: ExchangeDecoder | None = None) -> Exchange:
+    body = ('{"user_id": "%s", "message": "%s"}' % (user, text)).encode()
+    reply = b'{"replies": [{"text": "We open at 9.", "intent": "opening_hours"}]}'
+    return Exchange(channel="web", occurred_at=T0 + timedelta(minutes=index), key=f"x{index}",
+                    decoder=decoder or ExchangeDecoder(FAQ_CODEC), request=body, response=reply,
+                    status=200, latency_ms=120.0)
+
+
+# Decoding
+
+def test_exchange_expands_to_messages() -> None:
+    events = expand_all([exchange(0)])
+
+    user, bot, update = events
+    assert isinstance(user, ev.Message) and isinstance(bot, ev.Message)
+    assert isinstance(update, ev.ConversationUpdate) and update.intent == "opening_hours"
+    assert (user.key, user.role, user.user_id, user.text) == (
+        "x0", "user", "u1", "what are your opening hours?")
+    assert (bot.key, bot.role, bot.reply_to, bot.intent) == (
+        "x0:reply:0", "bot", "x0", "opening_hours")
+    assert bot.latency_ms == 120.0
+    assert bot.occurred_at == T0 + timedelta(milliseconds=120)
+    # Decoding twice gives the same events, so a batch written again stores them once.
+    assert expand_all([exchange(0)]) == events
+
+
+def test_exchange_unfinished_keeps_user_message() -> None:
+    unfinished = Exchange(channel="web", occurred_at=T0, key="x", decoder=ExchangeDecoder(FAQ_CODEC),
+                          request=b'{"user_id": "u", "message": "hi"}', latency_ms=None,
+                          response_state="unfinished")
+    assert [e.role for e in expand_all([unfinished])] == ["user"]  # type: ignore[attr-defined]
+
+
+def test_exchange_not_chat_is_counted() -> None:
+    decoder = ExchangeDecoder(FAQ_CODEC)
+    bad = Exchange(channel="web", occurred_at=T0, key="x", decoder=decoder, request=b"not json",
+                   status=200, latency_ms=5.0)
+    assert expand_all([bad, exchange(1, decoder=decoder)])[0].key == "x1"  # type: ignore[attr-defined]
+    assert decoder.skipped == {"request_not_decoded": 1}
+
+
+# The recorder and writers that do not decode exchanges
+
+def test_recorder_decodes_exchanges_for_plain_writers() -> None:
+    writer = SwitchableWriter()
+    recorder = Recorder(writer, RecorderSettings(batch_interval_s=0.01))
+    recorder.transform = lambda event: event.copy_with(user_id="T-" + event.user_id) if hasattr(
+        event, "user_id") else event
+    recorder.start()
+    try:
+        assert recorder.submit(exchange(0))
+        assert recorder.flush(10)
+    finally:
+        recorder.stop()
+    written = [event for batch in writer.batches for event in batch]
+    assert [type(event).__name__ for event in written] == [
+        "Message", "Message", "ConversationUpdate"]
+    assert {event.user_id for event in written} == {"T-u1"}  # type: ignore[attr-defined]
+    assert recorder.stats().written == 3
+
+
+def test_spooled_exchanges_are_decoded_and_transformed(tmp_path: Path) -> None:
+    writer = SwitchableWriter()
+    writer.down.set()
+    spool = FileSpool(SpoolSettings(tmp_path / "spool"))
+    recorder = Recorder(writer, RecorderSettings(batch_interval_s=0.01, retries=0,
+                                                 retry_backoff_s=0.01), spool=spool)
+    recorder.transform = lambda event: event.copy_with(user_id="T-" + event.user_id) if hasattr(
+        event, "user_id") else event
+    recorder.start()
+    try:
+        assert recorder.submit(exchange(0))
+        assert recorder.flush(10)
+        chunk = spool.read_next(100)
+    finally:
+        recorder.stop(timeout=2)
+        spool.close()
+    assert chunk is not None
+    assert [(type(e).__name__, e.user_id) for e in chunk.events] == [  # type: ignore[attr-defined]
+        ("Message", "T-u1"), ("Message", "T-u1"), ("ConversationUpdate", "T-u1")]
+
+
+# Events cross the process boundary
+
+@pytest.mark.parametrize("event", [
+    ev.Message(channel="web", occurred_at=T0, key="m", role="user", user_id="u", text="é\x00",
+               attributes={"plan": "pro"}, meta={"a": [1, 2]}),
+    ev.Status(channel="whatsapp", occurred_at=T0, platform_message_id="w", status="read"),
+    ev.Touch(channel="web", occurred_at=T0, key="t", user_id="u", campaign="spring"),
+    ev.ConversationUpdate(channel="web", occurred_at=T0, user_id="u", ended=True),
+    ev.Exposure(channel="web", occurred_at=T0, key="e", user_id="u", kind="impression"),
+    ev.RawPayload(channel="meta", occurred_at=T0, source="s", body=b"\xff", reason="r"),
+])
+def test_events_pickle_to_equal_events(event: ev.Event) -> None:
+    assert pickle.loads(pickle.dumps(event)) == event
+
+
+def test_copy_with_changes_fields_and_rejects_unknown_ones() -> None:
+    message = ev.Message(channel="web", occurred_at=T0, key="m", role="user", user_id="u")
+    assert message.copy_with(user_id="v") == ev.Message(
+        channel="web", occurred_at=T0, key="m", role="user", user_id="v")
+    with pytest.raises(TypeError, match="no fields"):
+        message.copy_with(nickname="v")
+
+
+def test_submit_many_counts_what_the_full_queue_drops() -> None:
+    recorder = Recorder(SwitchableWriter(), RecorderSettings(queue_size=2))
+    events = [ev.Message(channel="web", occurred_at=T0, key=f"m{i}", role="user", user_id="u")
+              for i in range(5)]
+    assert recorder.submit_many(events) == 3
+    stats = recorder.stats()
+    assert (stats.submitted, stats.dropped) == (2, {"queue_full": 3})
+
+
+# The writer process
+
+def test_writer_process_stores_pseudonyms(database_url: str, engine: Engine) -> None:
+    settings = Settings(database_url=database_url, writer_process=True)
+    privacy = PrivacySettings(pseudonymise=True, pseudonym_key=Secret(KEY), text_mode="full")
+    runtime = Runtime.from_settings(settings, privacy=privacy)
+    runtime.start()
+    try:
+        assert isinstance(runtime.recorder.writer, ProcessWriter)
+        assert runtime.recorder.submit_many([exchange(0, "alice"), exchange(1, "bob")]) == 0
+        assert runtime.recorder.flush(60)
+        written = runtime.recorder.stats().written
+        pseudonyms = {runtime.privacy.subject_id(name) for name in ("alice", "bob")}  # type: ignore[union-attr]
+    finally:
+        runtime.stop()
+    assert runtime.recorder.writer is runtime.writer
+    with engine.connect() as connection:
+        contacts = set(connection.execute(select(Contact.external_id)).scalars())
+        roles = connection.execute(select(Message.role).order_by(Message.id)).scalars().all()
+    assert contacts == pseudonyms
+    assert sorted(roles) == ["bot", "bot", "user", "user"]
+    assert written == 6  # two messages and a conversation update per exchange
+
+
+def test_writer_process_gets_new_handlers(database_url: str) -> None:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, writer_process=True),
+                                    privacy=None)
+    runtime.start()
+    try:
+        writer = runtime.recorder.writer
+        assert isinstance(writer, ProcessWriter)
+        assert runtime.recorder.submit(exchange(0))
+        assert runtime.recorder.flush(60)
+        messenger.register_sink_handlers(runtime.recorder)
+        watermark = messenger.Watermark(channel="messenger", occurred_at=T0, user_id="u1",
+                                        status="read", watermark=T0)
+        assert runtime.recorder.submit(watermark)
+        assert runtime.recorder.flush(60)
+        stats = runtime.recorder.stats()
+    finally:
+        runtime.stop()
+    assert messenger.Watermark in runtime.writer.handlers
+    assert stats.failed_batches == 0
+    assert stats.dropped == {}
+
+
+def test_writer_process_not_possible(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    runtime = Runtime.from_settings(Settings(database_url=url), privacy=None)
+    assert start_process_writer(runtime.writer, "sqlite://") is None
+    runtime.writer.enrichers.append(lambda message: {})
+    with caplog.at_level(logging.WARNING, logger="chatmw"):
+        assert start_process_writer(runtime.writer, url) is None
+    assert "cannot be copied to a writer process" in caplog.text
+    engine.dispose()
+    runtime.engine.dispose()
+
+
+def test_writer_placement_from_env() -> None:
+    assert Settings.from_env({"CHATMW_WRITER": "thread"}).writer_process is False
+    assert Settings.from_env({}).writer_process is True
+    with pytest.raises(ValueError, match="CHATMW_WRITER must be 'process' or 'thread'"):
+        Settings.from_env({"CHATMW_WRITER": "fork"})
