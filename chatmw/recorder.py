@@ -186,6 +186,8 @@ class Recorder:
         self.writer = writer
         self.settings = settings or RecorderSettings()
         self.spool = spool
+        self._replayable_for: object = object()
+        self._replayable = False
         self.transform = transform
         self._sleep = sleep
         self._queue: queue.Queue[object] = queue.Queue(maxsize=self.settings.queue_size)
@@ -230,7 +232,13 @@ class Recorder:
     @property
     def replayable(self) -> bool:
         """Whether the spool can be replayed (it is a :class:`ReplayableSpool`)."""
-        return isinstance(self.spool, ReplayableSpool)
+        # A protocol isinstance check inspects every method, and this runs for every event:
+        # the answer is kept until the spool is replaced.
+        spool = self.spool
+        if spool is not self._replayable_for:
+            self._replayable = isinstance(spool, ReplayableSpool)
+            self._replayable_for = spool
+        return self._replayable
 
     # Request path
 

@@ -148,12 +148,14 @@ def test_submit_many_counts_what_the_full_queue_drops() -> None:
 
 def test_writer_process_stores_pseudonyms(database_url: str, engine: Engine) -> None:
     settings = Settings(database_url=database_url, writer_process=True)
-    privacy = PrivacySettings(pseudonymise=True, pseudonym_key=Secret(KEY), text_mode="full")
+    # The default privacy settings: pseudonyms, and text with addresses redacted.
+    privacy = PrivacySettings(pseudonym_key=Secret(KEY))
     runtime = Runtime.from_settings(settings, privacy=privacy)
     runtime.start()
     try:
         assert isinstance(runtime.recorder.writer, ProcessWriter)
-        assert runtime.recorder.submit_many([exchange(0, "alice"), exchange(1, "bob")]) == 0
+        exchanges = [exchange(0, "alice", "mail me at alice@example.com"), exchange(1, "bob")]
+        assert runtime.recorder.submit_many(exchanges) == 0
         assert runtime.recorder.flush(60)
         written = runtime.recorder.stats().written
         pseudonyms = {runtime.privacy.subject_id(name) for name in ("alice", "bob")}  # type: ignore[union-attr]
@@ -163,7 +165,9 @@ def test_writer_process_stores_pseudonyms(database_url: str, engine: Engine) -> 
     with engine.connect() as connection:
         contacts = set(connection.execute(select(Contact.external_id)).scalars())
         roles = connection.execute(select(Message.role).order_by(Message.id)).scalars().all()
+        texts = set(connection.execute(select(Message.text).where(Message.role == "user")).scalars())
     assert contacts == pseudonyms
+    assert texts == {"mail me at [email]", "what are your opening hours?"}
     assert sorted(roles) == ["bot", "bot", "user", "user"]
     assert written == 6  # two messages and a conversation update per exchange
 

@@ -52,10 +52,16 @@ def text_enricher(mode: TextMode) -> Callable[[Message], Mapping[str, Any]] | No
         raise ValueError(f"text mode must be one of {', '.join(TEXT_MODES)}, got {mode!r}")
     if mode == "full":
         return None
-    if mode == "none":
-        return lambda message: {"text": None}
+    return drop_text if mode == "none" else redact_message
 
-    def redact(message: Message) -> Mapping[str, Any]:
-        return {"text": None if message.text is None else redact_text(message.text)}
 
-    return redact
+# Module-level functions, so that a writer holding them can be copied to the writer process.
+
+def drop_text(message: Message) -> Mapping[str, Any]:
+    """Return the ``text`` column of a message stored without text."""
+    return {"text": None}
+
+
+def redact_message(message: Message) -> Mapping[str, Any]:
+    """Return the ``text`` column of a message stored with addresses and numbers redacted."""
+    return {"text": None if message.text is None else redact_text(message.text)}
