@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import subprocess
 import sys
@@ -36,11 +35,11 @@ from bench.common import (
     write_section,
 )
 from bench.workload import message_stream
+from chatmw.config import Settings
 from chatmw.recorder import Recorder, RecorderSettings
-from chatmw.sentiment import sentiment_enricher
+from chatmw.runtime import build_writer
 from chatmw.store.engine import make_engine, upgrade
-from chatmw.store.writer import Writer
-from chatmw.writer_process import ProcessWriter, build_writer
+from chatmw.writer_process import ProcessWriter, start_process_writer
 
 TARGETS = {"sqlite": 25_000, "postgresql": 20_000}
 
@@ -84,14 +83,12 @@ def run_one(
     url = fresh_url(database)
     engine = make_engine(url)
     upgrade(engine)
-    writer: Any
+    # The writer every runtime builds (lead detection, query types, survey answers), with
+    # the sentiment enricher on or off.
+    writer: Any = build_writer(Settings(database_url=url, sentiment=sentiment), engine)
     if placement == "process":
-        writer = ProcessWriter(functools.partial(build_writer, url, sentiment=sentiment))
+        writer = start_process_writer(writer, url)
         writer.write([])  # waits until the child has started and imported the writer
-    else:
-        writer = Writer(engine)
-        if sentiment:
-            writer.enrichers.append(sentiment_enricher)
     recorder = Recorder(writer, settings)
     recorder.start()
     stop = threading.Event()

@@ -1,8 +1,8 @@
 """Webhook acknowledgement latency of the Messenger and WhatsApp adapters under load.
 
 The recording proxy (``adapters/proxy.py``, recording only, no bot to forward to) runs in
-its own uvicorn process with a SQLite store; wrk posts webhooks signed with the app
-secret (``X-Hub-Signature-256``) from another process. Bodies are generated up front,
+its own uvicorn process with a SQLite or PostgreSQL store; wrk posts webhooks signed with
+the app secret (``X-Hub-Signature-256``) from another process, saturated and paced. Bodies are generated up front,
 each with its own message ids, and cycled by bench/lua/webhook.lua.
 """
 
@@ -13,7 +13,14 @@ import hashlib
 import hmac
 import json
 
-from bench.common import DATA_DIR, Section, command_line, fmt, write_section
+from bench.common import (
+    DATA_DIR,
+    Section,
+    command_line,
+    fmt,
+    recreate_postgres_database,
+    write_section,
+)
 from bench.loadgen import LoadResult, run_wrk, served, write_lua_table
 from bench.serve import APP_SECRET
 
@@ -84,55 +91,79 @@ def sign(body: bytes) -> str:
     return "sha256=" + hmac.new(APP_SECRET.encode(), body, hashlib.sha256).hexdigest()
 
 
-def measure(platform: str, seconds: float, warmup: float, connections: int) -> LoadResult:
+def measure(platform: str, database: str, seconds: float, warmup: float, connections: int,
+            delay_ms: int) -> LoadResult:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     build = messenger_body if platform == "messenger" else whatsapp_body
     bodies = [build(index) for index in range(BODIES)]
     table = DATA_DIR / f"webhook_{platform}.lua"
     write_lua_table(table, [(body, sign(body)) for body in bodies])
-    path = DATA_DIR / f"webhook_{platform}.db"
-    for suffix in ("", "-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    if database == "postgresql":
+        url = recreate_postgres_database("chatmw_bench_webhook")
+    else:
+        path = DATA_DIR / f"webhook_{platform}.db"
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        url = f"sqlite:///{path}"
     env = {"BENCH_BODIES": str(table)}
-    with served("proxy", f"sqlite:///{path}") as port:
+    if delay_ms:
+        env["BENCH_DELAY_MS"] = str(delay_ms)
+    with served("proxy", url) as port:
         run_wrk(port, "webhook.lua", warmup, connections, env)
         return run_wrk(port, "webhook.lua", seconds, connections, env)
 
 
-def render(results: dict[str, LoadResult], args: argparse.Namespace) -> str:
+def met(result: LoadResult) -> bool:
+    return result.p50_ms <= 5 and result.p99_ms <= 50
+
+
+def render(results: dict[tuple[str, str, str], LoadResult], args: argparse.Namespace) -> str:
+    paced_rate = args.connections * 1000 / args.delay_ms
     lines = [
         "## Webhook acknowledgement latency (Messenger and WhatsApp)",
         "",
-        f"The recording proxy (`chatmw proxy` without a bot URL) in its own uvicorn process "
-        f"with a SQLite store, loaded by `wrk -t1 -c{args.connections}` on 127.0.0.1 with "
-        f"signed webhooks ({BODIES:,} distinct bodies of one text message each, cycled) for "
-        f"{args.seconds:g} s after a {args.warmup:g} s warm-up. Latency is from wrk's send to "
-        f"the proxy's 200 acknowledgement. Targets: p50 <= 5 ms, p99 <= 50 ms.",
+        f"The recording proxy (`chatmw proxy` without a bot URL, writer process as it comes) "
+        f"in its own uvicorn process, loaded by `wrk -t1 -c{args.connections}` on 127.0.0.1 "
+        f"with signed webhooks ({BODIES:,} distinct bodies of one text message each, cycled) "
+        f"for {args.seconds:g} s after a {args.warmup:g} s warm-up. `saturated`: each "
+        f"connection posts again as soon as it is answered, so latency includes the queue "
+        f"of {args.connections} requests at full capacity. `paced`: each connection waits "
+        f"{args.delay_ms} ms between webhooks (at most {paced_rate:,.0f} webhooks/s). "
+        f"Latency is from wrk's send to the proxy's 200 acknowledgement. Targets: "
+        f"p50 <= 5 ms, p99 <= 50 ms.",
         "",
-        "| platform | webhooks/s | p50 (ms) | p90 (ms) | p99 (ms) | max (ms) | errors | verdict |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| database | load | platform | webhooks/s | p50 (ms) | p90 (ms) | p99 (ms) | "
+        "max (ms) | errors | verdict |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for platform, result in results.items():
-        met = result.p50_ms <= 5 and result.p99_ms <= 50
+    for (database, load, platform), result in results.items():
         lines.append(
-            f"| {platform} | {fmt(result.rps, 0)} | {fmt(result.p50_ms, 2)} | "
-            f"{fmt(result.p90_ms, 2)} | {fmt(result.p99_ms, 2)} | {fmt(result.max_ms, 1)} | "
-            f"{result.errors} | {'met' if met else '**missed**'} |"
+            f"| {database} | {load} | {platform} | {fmt(result.rps, 0)} | "
+            f"{fmt(result.p50_ms, 2)} | {fmt(result.p90_ms, 2)} | {fmt(result.p99_ms, 2)} | "
+            f"{fmt(result.max_ms, 1)} | {result.errors} | "
+            f"{'met' if met(result) else '**missed**'} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, LoadResult]:
+def main(argv: list[str] | None = None) -> dict[tuple[str, str, str], LoadResult]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--delay-ms", type=int, default=16,
+                        help="pause of each connection between webhooks in the paced load")
+    parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     results = {}
-    for platform in ("messenger", "whatsapp"):
-        results[platform] = measure(platform, args.seconds, args.warmup, args.connections)
-        print(platform, results[platform], flush=True)
+    for database in args.databases.split(","):
+        for load, delay_ms in (("saturated", 0), ("paced", args.delay_ms)):
+            for platform in ("messenger", "whatsapp"):
+                result = measure(platform, database, args.seconds, args.warmup,
+                                 args.connections, delay_ms)
+                results[(database, load, platform)] = result
+                print(database, load, platform, result, flush=True)
     if not args.no_docs:
         write_section(Section("webhook", render(results, args)), command_line())
     return results

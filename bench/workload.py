@@ -3,8 +3,8 @@
 Many conversations are open at once and their messages interleave, as on a busy bot:
 each conversation alternates user and bot messages a few seconds apart, about a third
 have no conversation id (the writer sessionises them by silence), and first messages
-carry attributes. Texts are English support-chat sentences, so the sentiment enricher
-scores every user message.
+carry attributes. User texts are English support-chat sentences with openers and order
+numbers, nearly all distinct, so the sentiment enricher scores every one of them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ BOT_TEXTS = (
     "Use 'Forgot password' on the sign-in page and follow the link we email you.",
     "I am passing you to a colleague; they will reply here shortly.",
 )
+OPENERS = ("hello,", "hey", "ok so", "sorry but", "quick question:", "good morning,", "um")
 INTENTS = ("greeting", "shipping", "refund", "password_reset", "human", "pricing")
 PLANS = ("free", "basic", "pro")
 COUNTRIES = ("fr", "de", "us", "gb", "es", "it")
@@ -64,7 +65,7 @@ def message_stream(
             key=f"{prefix}:{serial}",
             role=role,  # type: ignore[arg-type]
             user_id=str(state["user"]),
-            text=rng.choice(USER_TEXTS if role == "user" else BOT_TEXTS),
+            text=_user_text(rng) if role == "user" else rng.choice(BOT_TEXTS),
             conversation_id=state["conversation"],  # type: ignore[arg-type]
             intent=rng.choice(INTENTS) if role == "bot" else None,
             latency_ms=float(rng.randint(20, 900)) if role == "bot" else None,
@@ -73,6 +74,15 @@ def message_stream(
         state["turn"] = turn + 1
         if turn + 1 >= int(state["length"]):  # type: ignore[call-overload]
             slots[index] = _new_conversation(rng, prefix, serial)
+
+
+def _user_text(rng: random.Random) -> str:
+    # Users rarely write the same text twice: an opener, a sentence and an order number
+    # make nearly every text distinct, so no cache of scored texts helps the writer.
+    text = rng.choice(USER_TEXTS)
+    if rng.random() < 0.5:
+        text = f"{rng.choice(OPENERS)} {text}"
+    return f"{text} (order {rng.randrange(10**6)})" if rng.random() < 0.8 else text
 
 
 def _new_conversation(rng: random.Random, prefix: str, number: int) -> dict[str, object]:

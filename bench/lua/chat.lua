@@ -17,4 +17,10 @@ request = function()
   return wrk.format("POST", "/chat", {["Content-Type"] = "application/json"}, body)
 end
 
+-- BENCH_DELAY_MS paces each connection: it waits that long before each next request.
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
+
 done = report

@@ -12,4 +12,10 @@ request = function()
     {["Content-Type"] = "application/json", ["X-Hub-Signature-256"] = item[2]}, item[1])
 end
 
+-- BENCH_DELAY_MS paces each connection: it waits that long before each next request.
+local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+if delay_ms > 0 then
+  delay = function() return delay_ms end
+end
+
 done = report
