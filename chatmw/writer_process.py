@@ -89,6 +89,11 @@ def start_process_writer(writer: Any, database_url: str) -> ProcessWriter | None
     url = make_url(database_url)
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         return None
+    if multiprocessing.current_process().daemon:
+        # A daemonic process (some process managers' workers) may not start children.
+        logger.info("the store writer stays in this process: daemonic processes cannot "
+                    "start a writer process")
+        return None
     try:
         pickle.dumps(writer)
     except Exception as error:  # noqa: BLE001 - any pickling failure keeps the thread writer
@@ -203,7 +208,13 @@ class ProcessWriter:
         parent, child = self._context.Pipe()
         process = self._context.Process(target=_serve, args=(child, self.factory),
                                         name="chatmw-writer", daemon=True)
-        process.start()
+        try:
+            process.start()
+        except Exception as error:  # noqa: BLE001 - reported as a retryable write failure
+            parent.close()
+            child.close()
+            logger.error("writer process could not start: %s", _describe(error))
+            raise _unavailable(f"writer process could not start: {_describe(error)}") from error
         child.close()
         self._process, self._connection = process, parent
         logger.info("writer process started: pid=%s", process.pid)

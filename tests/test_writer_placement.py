@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import pickle
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import OperationalError
 
 from chatmw import events as ev
 from chatmw._demo.faq_bot import FAQ_CODEC
@@ -213,3 +215,23 @@ def test_writer_placement_from_env() -> None:
     assert Settings.from_env({}).writer_process is True
     with pytest.raises(ValueError, match="CHATMW_WRITER must be 'process' or 'thread'"):
         Settings.from_env({"CHATMW_WRITER": "fork"})
+
+
+def test_writer_process_start_failure_is_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = ProcessWriter(SwitchableWriter)
+
+    def refuse(self: object) -> None:
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(writer._context.Process, "start", refuse)
+    with pytest.raises(OperationalError, match="writer process could not start"):
+        writer.write([exchange(0)])
+
+
+def test_daemonic_process_keeps_thread_writer(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    runtime = Runtime.from_settings(Settings(database_url=url), privacy=None)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
+    assert start_process_writer(runtime.writer, url) is None
+    runtime.engine.dispose()
