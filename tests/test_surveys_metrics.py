@@ -244,7 +244,9 @@ def test_config_routes(engine: Engine) -> None:
 
     rejected, saved, current, deleted, restored = asyncio.run(calls())
     assert rejected.status_code == 422
-    assert rejected.json()["detail"].startswith("surveys.csat.kind: expected one of csat, nps")
+    assert rejected.json()["detail"][0]["msg"].startswith(
+        "surveys.csat.kind: expected one of csat, nps")
+    assert rejected.json()["detail"][0]["loc"] == ["body"]
     assert saved.status_code == 200
     assert current.json()["surveys"]["csat"]["sampling_rate"] == 0.25
     assert deleted.status_code == 204

@@ -51,6 +51,14 @@ def _error(error: FilterError) -> JSONResponse:
     )
 
 
+def _invalid_body(message: str, *loc: str) -> JSONResponse:
+    # The 422 shape FastAPI declares in the OpenAPI description: a list of {loc, msg, type}.
+    return JSONResponse(
+        status_code=422,
+        content={"detail": [{"loc": ["body", *loc], "msg": message, "type": "value_error"}]},
+    )
+
+
 def _params(request: Request) -> dict[str, list[str]]:
     params: dict[str, list[str]] = {}
     for name, value in request.query_params.multi_items():
@@ -163,11 +171,12 @@ def create_survey_router(
         tags=["surveys"],
         summary="Survey one conversation now",
     )
-    async def send_now(body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    async def send_now(body: Annotated[dict[str, Any], Body()]) -> Any:
         channel, conversation = body.get("channel"), body.get("conversation_id")
         locale = body.get("locale")
-        if not isinstance(channel, str) or not isinstance(conversation, str):
-            raise HTTPException(422, "channel and conversation_id must be strings")
+        for name, value in (("channel", channel), ("conversation_id", conversation)):
+            if not isinstance(value, str):
+                return _invalid_body(f"{name} must be a string", name)
 
         def create() -> int:
             with Session(engine) as session, session.begin():
@@ -187,7 +196,7 @@ def create_survey_router(
         except SurveyExistsError as error:
             raise HTTPException(409, str(error)) from error
         except ValueError as error:
-            raise HTTPException(422, str(error)) from error
+            return _invalid_body(str(error))
         return {"survey_id": survey_id, "state": "scheduled"}
 
     @router.get(
@@ -205,11 +214,11 @@ def create_survey_router(
         tags=["surveys"],
         summary="Replace the survey configuration for every process",
     )
-    async def put_config(document: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+    async def put_config(document: Annotated[dict[str, Any], Body()]) -> Any:
         try:
             saved = await run_in_threadpool(save_config_document, engine, document)
         except ValueError as error:
-            raise HTTPException(422, str(error)) from error
+            return _invalid_body(str(error))
         return saved.to_document()
 
     @router.delete(
