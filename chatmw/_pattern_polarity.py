@@ -151,7 +151,7 @@ def _split_punctuation(token: str, tokens: list[str]) -> None:
 
 
 def _tokens(text: str) -> list[str]:
-    """Return TextBlob's tokens of ``text`` before sentence splitting, with end-of-sentence marks."""
+    """Return TextBlob's tokens of ``text``, end-of-sentence marks included."""
     if "'" in text or not _CONTRACTIONS_NEED_APOSTROPHE:
         for old, new in _CONTRACTIONS:
             if old in text:
@@ -244,11 +244,7 @@ def _mean_polarity(words: list[str]) -> float:
             negation = word
         elif negation is not None and len(word.strip("'")) > 1:
             negation = None
-        if (
-            negation is not None
-            and modifier is not None
-            and textblob_sentiment.modifier(modifier)
-        ):
+        if negation is not None and modifier is not None and textblob_sentiment.modifier(modifier):
             assessments[-1][2] = True
             negation = None
         elif modifier is not None and len(word) > 2:
@@ -267,7 +263,7 @@ def _mean_polarity(words: list[str]) -> float:
 
 
 def fast_pattern_polarity(text: str) -> float | None:
-    """Return TextBlob's polarity of ``text``, or ``None`` for text this module leaves to TextBlob."""
+    """Return TextBlob's polarity of ``text``, or ``None`` for text left to TextBlob's call."""
     if _UNCHECKED_WHITESPACE.search(text) is not None:
         return None
     return _mean_polarity(_words(text))
