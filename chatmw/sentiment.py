@@ -75,9 +75,15 @@ ENGLISH_WORDS = frozenset(_ENGLISH_WORDS_TEXT.split())
 
 # Handles, hashtags, links and e-mail addresses are names, not words of any language.
 _MARKUP = re.compile(r"(?:https?://|www\.)\S+|\S+@\S+\.\S+|[@#]\w+")
-# Every _MARKUP match contains one of these, so text without them skips the substitution.
+# Every _MARKUP match contains one of these and no whitespace, so only the whitespace-separated
+# runs that contain one need the substitution.
 _MARKUP_SIGNS = ("@", "#", "://", "www.")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+# On lowercase ASCII text, _WORD matches runs of a-z, joined by one apostrophe at most.
+_ASCII_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_ASCII_NON_LETTERS = str.maketrans(
+    {chr(code): " " for code in range(128) if not "a" <= chr(code) <= "z"}
+)
 
 # Scores of up to _MEMO_SIZE texts of at most _MEMO_MAX_CHARS characters are kept: an
 # estimated 10 MB at most (about 300 bytes per entry with its key), usually far less.
@@ -99,14 +105,25 @@ def _vocabularies() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(core), frozenset(core | listed)
 
 
+def _without_markup(text: str) -> str:
+    runs = text.split()
+    for index, run in enumerate(runs):
+        if "@" in run or "#" in run or "://" in run or "www." in run:  # _MARKUP_SIGNS
+            runs[index] = _MARKUP.sub(" ", run)
+    return " ".join(runs)
+
+
 def _words(text: str) -> list[str]:
     text = text.replace("\u2019", "'")
     if any(sign in text for sign in _MARKUP_SIGNS):
-        text = _MARKUP.sub(" ", text)
-    if text.isascii():
-        # Lowercasing ASCII maps letters to letters only, so the matches stay the same.
-        return _WORD.findall(text.lower())
-    return [word.lower() for word in _WORD.findall(text)]
+        text = _without_markup(text)
+    if not text.isascii():
+        return [word.lower() for word in _WORD.findall(text)]
+    # Lowercasing ASCII maps letters to letters only, so the words stay the same.
+    text = text.lower()
+    if "'" in text:
+        return _ASCII_WORD.findall(text)
+    return text.translate(_ASCII_NON_LETTERS).split()
 
 
 def is_english(text: str) -> bool:
@@ -115,14 +132,8 @@ def is_english(text: str) -> bool:
     if not words:
         return False
     core_words, known_words = _vocabularies()
-    core = known = 0
-    for word in words:
-        # Core words are a subset of known words.
-        if word in core_words:
-            core += 1
-            known += 1
-        elif word in known_words:
-            known += 1
+    core = sum(map(core_words.__contains__, words))
+    known = sum(map(known_words.__contains__, words))
     return known / len(words) >= MIN_KNOWN_SHARE and core / len(words) >= MIN_CORE_SHARE
 
 
