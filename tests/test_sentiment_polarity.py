@@ -195,6 +195,19 @@ def test_polarity_matches_textblob_on_any_text(text: str) -> None:
     assert pattern_polarity(text) == textblob_sentiment(text)[0]
 
 
+MARKUP_PIECES = [
+    "@", "#", "://", "www.", "https://", "http", ".", "a", "Z", "é", "İ", "'", "\u2019", "_",
+    "1", " ", "\n", "\u00a0", "-", "x@y.z", "don't",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(MARKUP_PIECES), max_size=15))
+def test_words_match_previous_split_on_markup(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    assert sentiment._words(text) == reference_words(text)
+
+
 def test_words_match_previous_split() -> None:
     for text in CORPUS + GENERATED:
         assert sentiment._words(text) == reference_words(text), text
