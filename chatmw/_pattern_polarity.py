@@ -1,10 +1,10 @@
 """TextBlob's PatternAnalyzer polarity, computed without TextBlob's regex-heavy tokenizer.
 
 ``textblob.en.sentiment(text)`` (textblob 0.20) splits ``text`` into sentences of tokens with
-``textblob._text.find_tokens``, lowercases the tokens, turns them into assessments (a lexicon
-word with the adverb or negation before it, an emoticon, the irony mark "(!)") and returns
-the mean polarity of the assessments. :func:`pattern_polarity` returns the same float
-(tests compare the two on a fixed corpus and on generated texts), computed as follows:
+``textblob._text.find_tokens`` and lowercases the tokens. It turns them into assessments: a
+lexicon word with the adverb or negation before it, an emoticon, or the irony mark "(!)".
+It returns the mean polarity of the assessments. :func:`pattern_polarity` returns the same
+float (tests compare the two on a fixed corpus and on generated texts), computed as follows:
 
 * Tokens come from ``str.replace`` and ``str.split``. Contractions ("n't" becomes " n't") and
   quote characters are padded with spaces, and two or more line feeds become TextBlob's
@@ -49,8 +49,8 @@ _LEADING_PUNCTUATION = frozenset(textblob_text.PUNCTUATION) - {"."}
 _TRAILING_PUNCTUATION = _LEADING_PUNCTUATION | {"."}
 
 # A sentence ends at one of _SENTENCE_ENDS and takes the closing tokens right after it. A
-# straight quote always stops that run: TextBlob checks whether the quote count is even in a
-# sentence list that is still empty at that point.
+# straight quote always stops that run, because TextBlob checks whether the quote count is
+# even in a sentence list that is still empty at that point.
 _SENTENCE_ENDS = frozenset(("...", ".", "!", "?", _EOS))
 _CLOSING_TOKENS = frozenset(("\u201d", "\u2019", "...", ".", "!", "?", ")", _EOS))
 
@@ -225,14 +225,14 @@ def _join_marks(tokens: list[str]) -> list[str]:
 def _words(text: str) -> list[str]:
     """Return the lowercase words that TextBlob's sentiment call assesses for ``text``."""
     tokens = _tokens(text)
-    kept = [token for token in tokens if token != _EOS] if _EOS in tokens else tokens
-    line = " ".join(kept)
+    assessed = [token for token in tokens if token != _EOS] if _EOS in tokens else tokens
+    line = " ".join(assessed)
     if ("(" in line and "!" in line) or _EMOTICON_PAIR.search(line) is not None:
-        kept = _join_marks(tokens)
+        assessed = _join_marks(tokens)
     elif line.isascii():
         # ASCII lowercasing maps each character to one non-space character.
         return line.lower().split()
-    return [token.lower() for token in kept]
+    return [token.lower() for token in assessed]
 
 
 def _mean_polarity(words: list[str]) -> float:
@@ -244,7 +244,7 @@ def _mean_polarity(words: list[str]) -> float:
         tables.appended,
         tables.special,
     )
-    # Each assessment is [polarity, intensity, negated]; a modifier or negation before a
+    # Each assessment is [polarity, intensity, negated]. A modifier or negation before a
     # lexicon word changes the last assessment instead of adding one.
     assessments: list[list] = []
     modifier: str | None = None

@@ -1,8 +1,8 @@
 """Sentiment scoring: the fast polarity against TextBlob's own call, on fixed and generated texts.
 
-TextBlob is the reference: ``textblob.en.sentiment(text)[0]`` is the float chatmw stored before
+TextBlob is the reference. ``textblob.en.sentiment(text)[0]`` is the float chatmw stored before
 the fast path existed, and ``reference_polarity`` below repeats how chatmw rounded it. The
-fixture ``fixtures/sentiment/chat_texts.json`` holds chat-like texts written for this test:
+fixture ``fixtures/sentiment/chat_texts.json`` contains chat-like texts written for this test:
 negations, modifiers, "!", "(!)", emoticons, contractions, quotes, abbreviations, ellipses,
 numbers, links, line breaks, non-English text and unusual whitespace.
 """
