@@ -7,6 +7,12 @@ package, so no corpus download is needed) scores English words only and returns 
 anything else. Scoring French or an emoji as 0.0 would count it as neutral, so such text
 is stored as unscored (``NULL``) instead.
 
+The score is TextBlob's polarity rounded to 4 decimals. ``chatmw._pattern_polarity``
+computes it with plain string operations and dict lookups instead of TextBlob's tokenizer,
+and hands text with unusual whitespace to TextBlob itself. Texts of up to
+:data:`_MEMO_MAX_CHARS` characters are remembered (the last :data:`_MEMO_SIZE` of them),
+because chat users repeat short texts such as greetings and button titles.
+
 The English test: handles (``@name``), hashtags, links and e-mail addresses are removed,
 and the remaining words (runs of letters in any script, apostrophes kept) are looked up in
 TextBlob's English word list and sentiment lexicon and in :data:`ENGLISH_WORDS`, a list of
@@ -26,6 +32,7 @@ from typing import Any
 from textblob.en import sentiment as _pattern_lexicon
 
 from chatmw import events as ev
+from chatmw._pattern_polarity import pattern_polarity
 
 __all__ = [
     "ENGLISH_WORDS",
@@ -68,7 +75,21 @@ ENGLISH_WORDS = frozenset(_ENGLISH_WORDS_TEXT.split())
 
 # Handles, hashtags, links and e-mail addresses are names, not words of any language.
 _MARKUP = re.compile(r"(?:https?://|www\.)\S+|\S+@\S+\.\S+|[@#]\w+")
+# Every _MARKUP match contains one of these and no whitespace, so only the whitespace-separated
+# runs that contain one need the substitution.
+_MARKUP_SIGNS = ("@", "#", "://", "www.")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+# On lowercase ASCII text, _WORD matches runs of a-z, joined by one apostrophe at most.
+_ASCII_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_ASCII_NON_LETTERS = str.maketrans(
+    {chr(code): " " for code in range(128) if not "a" <= chr(code) <= "z"}
+)
+
+# Scores of up to _MEMO_SIZE texts of at most _MEMO_MAX_CHARS characters are kept. Full, that
+# is about 9 MB for ASCII texts (260 bytes per entry with its key, tracemalloc, CPython 3.11)
+# and up to about 22 MB for texts with emoji, which take 4 bytes per character.
+_MEMO_SIZE = 32_768
+_MEMO_MAX_CHARS = 128
 
 
 @functools.cache
@@ -85,9 +106,25 @@ def _vocabularies() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(core), frozenset(core | listed)
 
 
+def _without_markup(text: str) -> str:
+    runs = text.split()
+    for index, run in enumerate(runs):
+        if "@" in run or "#" in run or "://" in run or "www." in run:  # _MARKUP_SIGNS
+            runs[index] = _MARKUP.sub(" ", run)
+    return " ".join(runs)
+
+
 def _words(text: str) -> list[str]:
-    text = _MARKUP.sub(" ", text.replace("\u2019", "'"))
-    return [match.group(0).lower() for match in _WORD.finditer(text)]
+    text = text.replace("\u2019", "'")
+    if any(sign in text for sign in _MARKUP_SIGNS):
+        text = _without_markup(text)
+    if not text.isascii():
+        return [word.lower() for word in _WORD.findall(text)]
+    # Lowercasing ASCII maps letters to letters only, so the words stay the same.
+    text = text.lower()
+    if "'" in text:
+        return _ASCII_WORD.findall(text)
+    return text.translate(_ASCII_NON_LETTERS).split()
 
 
 def is_english(text: str) -> bool:
@@ -96,19 +133,29 @@ def is_english(text: str) -> bool:
     if not words:
         return False
     core_words, known_words = _vocabularies()
-    core = sum(1 for word in words if word in core_words)
-    known = sum(1 for word in words if word in known_words)
+    core = sum(map(core_words.__contains__, words))
+    known = sum(map(known_words.__contains__, words))
     return known / len(words) >= MIN_KNOWN_SHARE and core / len(words) >= MIN_CORE_SHARE
+
+
+def _score(text: str) -> float | None:
+    if not is_english(text):
+        return None
+    # pattern_polarity returns textblob.en.sentiment(text)[0], which is the polarity that
+    # TextBlob's PatternAnalyzer.analyze returns.
+    return max(-1.0, min(1.0, round(pattern_polarity(text), 4)))
+
+
+_remembered_score = functools.lru_cache(maxsize=_MEMO_SIZE)(_score)
 
 
 def polarity(text: str | None) -> float | None:
     """Return the TextBlob polarity of ``text`` in [-1, 1], or ``None`` when it is not scored."""
-    if not text or not is_english(text):
+    if not text:
         return None
-    # The lexicon's own call is what PatternAnalyzer.analyze runs, without the namedtuple
-    # class that analyze builds on every call (textblob 0.20: about 40 % of its time).
-    score = float(_pattern_lexicon(text)[0])
-    return max(-1.0, min(1.0, round(score, 4)))
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _remembered_score(text)
+    return _score(text)
 
 
 def sentiment_enricher(message: ev.Message) -> Mapping[str, Any]:
