@@ -17,8 +17,7 @@ import time
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -213,18 +212,20 @@ class ChatMetricsMiddleware:
 
     def _is_chat_request(self, scope: Scope) -> bool:
         path = scope.get("path", "")
-        if any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
-               for prefix in self.exclude_paths):
+        if self.exclude_paths and any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
+                                      for prefix in self.exclude_paths):
             return False
         if self.paths is not None and path not in self.paths:
             return False
         return scope.get("method", "").upper() in self.methods
 
     def _start_exchange(self) -> _Exchange | None:
-        with self._guard("clock"):
+        try:
             return _Exchange(arrived_at=self.clock(), started=self.timer(),
                              max_body_bytes=self.max_body_bytes)
-        return None
+        except Exception as error:  # noqa: BLE001 - the exchange passes through unrecorded
+            self._failed("clock", error)
+            return None
 
     # Recording: runs after the bot has returned or raised. It only hands the copied bodies
     # to the recorder; the decoder reads them when the batch is written.
@@ -261,13 +262,6 @@ class ChatMetricsMiddleware:
             self._count_skip("recorder_rejected")
 
     # Errors of our own: logged with counts and error types, never with message text.
-
-    @contextmanager
-    def _guard(self, step: str) -> Iterator[None]:
-        try:
-            yield
-        except Exception as error:  # noqa: BLE001 - chatmw must never change the bot's response
-            self._failed(step, error)
 
     def _failed(self, step: str, error: Exception) -> None:
         self.errors[step] += 1
