@@ -15,6 +15,7 @@ The rate counts events written between the end of the warm-up and the end of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -59,6 +60,7 @@ class IngestResult:
     rss_end: float
     batch_size: int
     queue_size: int
+    child_rss_max: float | None = None
 
 
 def fresh_url(database: str) -> str:
@@ -110,9 +112,15 @@ def run_one(
                         time.sleep(0.002)
             recorder.submit(message)
 
+    child_samples: list[float] = []
+
     def sample() -> None:
         while not stop.is_set():
             samples.append(rss_mib())
+            child = getattr(getattr(writer, "_process", None), "pid", None)
+            if child is not None:
+                with contextlib.suppress(OSError):
+                    child_samples.append(rss_mib(child))
             time.sleep(0.2)
 
     rss_start = rss_mib()
@@ -150,6 +158,7 @@ def run_one(
         samples[-1] if samples else rss_start,
         settings.batch_size,
         settings.queue_size,
+        max(child_samples) if child_samples else None,
     )
 
 
@@ -164,13 +173,15 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
         f"the rate is the sustained write rate; `flood` never waits, so the queue stays full "
         f"and the excess is dropped, and the resident memory (RSS, sampled every 0.2 s) shows "
         f"what the backlog costs, at two queue sizes. Each row runs in a fresh interpreter. "
-        f"`writer` is where the store writer runs: the recorder's "
-        f"thread, or a child process (`chatmw.writer_process.ProcessWriter`, whose memory is "
-        f"not in the RSS shown). Fresh database for each row; targets apply to sentiment on.",
+        f"`writer` is where the store writer runs (the writer every runtime builds: sentiment "
+        f"on or off, lead detection, query types, survey answers): the recorder's thread, or "
+        f"a child process (`chatmw.writer_process`, the default of a runtime), whose own "
+        f"largest RSS is in the last column. Fresh database for each row; targets apply to "
+        f"sentiment on.",
         "",
         "| database | mode | sentiment | writer | batch / queue | written/s | target | dropped | "
-        "RSS start / max / end (MiB) |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        "RSS start / max / end (MiB) | writer process RSS max (MiB) |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in results:
         target = TARGETS[r.database]
@@ -183,7 +194,8 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
             f"| {r.database} | {r.mode} | {'on' if r.sentiment else 'off'} | {r.placement} | "
             f"{r.batch_size:,} / {r.queue_size:,} | {fmt(r.rate, 0)} | "
             f">= {target:,}{verdict} | {r.dropped:,} | "
-            f"{fmt(r.rss_start)} / {fmt(r.rss_max)} / {fmt(r.rss_end)} |"
+            f"{fmt(r.rss_start)} / {fmt(r.rss_max)} / {fmt(r.rss_end)} | "
+            f"{'' if r.child_rss_max is None else fmt(r.child_rss_max)} |"
         )
     return "\n".join(lines)
 
@@ -233,10 +245,10 @@ def main(argv: list[str] | None = None) -> list[IngestResult]:
                     print(results[-1], flush=True)
         if "flood" not in args.modes.split(","):
             continue
-        # The flood rows show memory: sentiment on, writer thread, two queue sizes.
+        # The flood rows show memory: sentiment on, writer process, two queue sizes.
         for size in (int(value) for value in args.flood_queue_sizes.split(",")):
             flood = RecorderSettings(batch_size=args.batch_size, queue_size=size)
-            results.append(run_isolated(database, "flood", True, "thread", args.seconds,
+            results.append(run_isolated(database, "flood", True, "process", args.seconds,
                                         args.warmup, flood))
             print(results[-1], flush=True)
     if not args.no_docs:
