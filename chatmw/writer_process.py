@@ -20,9 +20,10 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import os
 import pickle
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -35,6 +36,10 @@ __all__ = ["ProcessWriter", "WriteRejected", "WriterSnapshot", "build_writer", "
            "writer_factory"]
 
 logger = logging.getLogger("chatmw")
+
+# The niceness the writer process adds to its own, so the application wins contended CPU.
+NICE_ENV = "CHATMW_WRITER_NICE"
+DEFAULT_NICENESS = 5
 
 
 class WriteRejected(Exception):
@@ -106,6 +111,7 @@ def start_process_writer(writer: Any, database_url: str) -> ProcessWriter | None
 def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
     # The child's loop: receive one batch, send one (ok, retryable, description, written)
     # reply.
+    _lower_priority()
     writer = factory()
     while True:
         try:
@@ -120,6 +126,35 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
             connection.send((False, is_retryable(error), _describe(error), 0))
             continue
         connection.send((True, False, "", written if isinstance(written, int) else len(batch)))
+
+
+def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
+    """Read ``CHATMW_WRITER_NICE``, the niceness the writer process adds to its own (0-19)."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(NICE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_NICENESS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{NICE_ENV} must be an integer from 0 to 19, got {raw!r}") from None
+    if not 0 <= value <= 19:
+        raise ValueError(f"{NICE_ENV} must be an integer from 0 to 19, got {value}")
+    return value
+
+
+def _lower_priority() -> None:
+    # When the bot and the writer want the same CPU, the bot's requests go first; the queue
+    # absorbs the writer's delay and it catches up on idle CPU.
+    try:
+        niceness = writer_niceness()
+    except ValueError as error:
+        logger.warning("%s; the writer process keeps the default niceness %d",
+                       error, DEFAULT_NICENESS)
+        niceness = DEFAULT_NICENESS
+    if niceness and hasattr(os, "nice"):
+        with contextlib.suppress(OSError):
+            os.nice(niceness)
 
 
 class ProcessWriter:

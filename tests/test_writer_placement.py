@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import pickle
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ from chatmw.security.secret import Secret
 from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Contact, Message
-from chatmw.writer_process import ProcessWriter, start_process_writer
+from chatmw.writer_process import ProcessWriter, start_process_writer, writer_niceness
 from tests.spool_helpers import SwitchableWriter
 
 T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
@@ -235,3 +236,26 @@ def test_daemonic_process_keeps_thread_writer(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)
     assert start_process_writer(runtime.writer, url) is None
     runtime.engine.dispose()
+
+
+def test_writer_process_runs_nicer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHATMW_WRITER_NICE", "7")
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    runtime = Runtime.from_settings(Settings(database_url=url, writer_process=True), privacy=None)
+    runtime.start()
+    try:
+        writer = runtime.recorder.writer
+        assert isinstance(writer, ProcessWriter)
+        assert runtime.recorder.submit(exchange(0))
+        assert runtime.recorder.flush(60)
+        child = writer._process.pid
+        niceness = os.getpriority(os.PRIO_PROCESS, child) - os.getpriority(os.PRIO_PROCESS, 0)
+    finally:
+        runtime.stop()
+    assert niceness == 7
+
+
+@pytest.mark.parametrize("raw", ["high", "-1", "20"])
+def test_writer_niceness_rejects_bad_values(raw: str) -> None:
+    with pytest.raises(ValueError, match="CHATMW_WRITER_NICE must be an integer from 0 to 19"):
+        writer_niceness({"CHATMW_WRITER_NICE": raw})
