@@ -144,8 +144,8 @@ def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
 
 
 def _lower_priority() -> None:
-    # When the bot and the writer want the same CPU, the bot's requests go first; the queue
-    # absorbs the writer's delay and it catches up on idle CPU.
+    # When the bot and the writer want the same CPU, the bot's requests go first. The queue
+    # absorbs the writer's delay, and the writer catches up on idle CPU.
     try:
         niceness = writer_niceness()
     except ValueError as error:
