@@ -6,7 +6,6 @@ right when messages arrive late, out of order or twice.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,47 +74,80 @@ def refresh_conversations(session: Session, conversation_ids: Iterable[int]) -> 
 
 
 def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
+    connection = session.connection()
     statement = (
         select(Message.conversation_id, Message.id, Message.role, Message.kind,
                Message.occurred_at_ms, Message.response_ms, Message.is_first_response)
         .where(id_in(session, Message.conversation_id, ids))
         .order_by(Message.conversation_id, Message.occurred_at_ms, Message.id)
     )
-    grouped: dict[int, list[MessageTiming]] = defaultdict(list)
-    stored: dict[int, tuple[float | None, bool]] = {}
-    for conversation_id, message_id, role, kind, at_ms, response_ms, first in session.execute(statement):
-        grouped[conversation_id].append(MessageTiming(message_id, role, kind, at_ms))
-        stored[message_id] = (response_ms, bool(first))
-
-    message_changes: list[dict[str, Any]] = []
-    conversation_changes: list[dict[str, Any]] = []
-    ended = dict(session.execute(
+    ended = dict(connection.execute(
         select(Conversation.id, Conversation.ended_at_ms).where(id_in(session, Conversation.id, ids))
     ).all())
-    for conversation_id, messages in grouped.items():
-        first_ms, first_role = compute_timings(messages)
-        for message in messages:
-            if stored[message.id] != (message.response_ms, message.is_first_response):
-                message_changes.append({"id": message.id, "response_ms": message.response_ms,
-                                        "is_first_response": message.is_first_response})
-        counted = [m for m in messages if m.kind not in UNTIMED_KINDS]
-        user_times = [m.occurred_at_ms for m in counted if m.role == "user"]
-        change = {
-            "id": conversation_id,
-            "started_at_ms": min(m.occurred_at_ms for m in messages),
-            "last_message_at_ms": max(m.occurred_at_ms for m in messages),
-            "message_count": len(counted),
-            "user_message_count": len(user_times),
-            "first_response_ms": first_ms,
-            "first_response_role": first_role,
-            "ended_at_ms": ended.get(conversation_id),
-        }
-        # A user message after the end reopens the conversation.
-        if change["ended_at_ms"] is not None and user_times and max(user_times) > change["ended_at_ms"]:
-            change["ended_at_ms"] = None
+    message_changes: list[dict[str, Any]] = []
+    conversation_changes: list[dict[str, Any]] = []
+    rows = connection.execute(statement).all()
+    start = 0
+    while start < len(rows):
+        conversation_id = rows[start][0]
+        end = start + 1
+        while end < len(rows) and rows[end][0] == conversation_id:
+            end += 1
+        change = _conversation_figures(rows[start:end], ended.get(conversation_id), message_changes)
         conversation_changes.append(change)
+        start = end
 
     bulk_update(session, Message.__table__, message_changes, ("response_ms", "is_first_response"))
     bulk_update(session, Conversation.__table__, conversation_changes,
                 ("started_at_ms", "last_message_at_ms", "message_count", "user_message_count",
                  "first_response_ms", "first_response_role", "ended_at_ms"))
+
+
+def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
+                          message_changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return one conversation's figures from its message rows, sorted by time and id.
+
+    The rows are ``(conversation id, message id, role, kind, time, stored response_ms,
+    stored is_first_response)``. Messages whose response figures differ from the stored
+    ones are appended to ``message_changes``. The figures are those of
+    :func:`compute_timings`, computed on the rows without building objects.
+    """
+    run_started: int | None = None
+    first_ms: float | None = None
+    first_role: str | None = None
+    count = 0
+    user_count = 0
+    last_user_ms: int | None = None
+    for _, message_id, role, kind, at_ms, stored_response, stored_first in rows:
+        response_ms: float | None = None
+        is_first = False
+        if kind not in UNTIMED_KINDS:
+            count += 1
+            if role == "user":
+                user_count += 1
+                # Rows come in time order, so the last user message seen is the latest.
+                last_user_ms = at_ms
+                if run_started is None:
+                    run_started = at_ms
+            elif role in RESPONDER_ROLES and run_started is not None:
+                response_ms = float(at_ms - run_started)
+                if first_ms is None:
+                    is_first = True
+                    first_ms, first_role = response_ms, role
+                run_started = None
+        if stored_response != response_ms or bool(stored_first) != is_first:
+            message_changes.append({"id": message_id, "response_ms": response_ms,
+                                    "is_first_response": is_first})
+    # A user message after the end reopens the conversation.
+    if ended_at_ms is not None and last_user_ms is not None and last_user_ms > ended_at_ms:
+        ended_at_ms = None
+    return {
+        "id": rows[0][0],
+        "started_at_ms": rows[0][4],
+        "last_message_at_ms": rows[-1][4],
+        "message_count": count,
+        "user_message_count": user_count,
+        "first_response_ms": first_ms,
+        "first_response_role": first_role,
+        "ended_at_ms": ended_at_ms,
+    }

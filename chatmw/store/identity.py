@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
+    Integer,
+    String,
     Table,
     and_,
     any_,
@@ -381,7 +382,7 @@ def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
     # PostgreSQL. SQLite allows one writer at a time, so it needs no lock.
     if session.get_bind().dialect.name != "postgresql":
         return
-    session.execute(
+    session.connection().execute(
         select(Contact.id).where(id_in(session, Contact.id, sorted(contact_ids)))
         .order_by(Contact.id).with_for_update()
     )
@@ -389,21 +390,21 @@ def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
 
 def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str, int]]) -> dict[
         tuple[str, int], OpenConversation]:
+    # One statement for every pair: each pair's latest conversation by start time, the
+    # highest id among conversations that started at the same millisecond.
+    source, parameters = derived_table(
+        session, "pairs", {"channel": String(), "contact_id": Integer()},
+        [{"channel": channel, "contact_id": contact_id} for channel, contact_id in channel_contacts])
+    statement = text(
+        "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
+        f"c.ended_at_ms FROM {source} JOIN conversations AS c ON c.id = ("
+        "SELECT l.id FROM conversations AS l "
+        "WHERE l.contact_id = pairs.contact_id AND l.channel = pairs.channel "
+        "ORDER BY l.started_at_ms DESC, l.id DESC LIMIT 1)")
     latest: dict[tuple[str, int], OpenConversation] = {}
-    by_channel: dict[str, list[int]] = defaultdict(list)
-    for channel, contact_id in channel_contacts:
-        by_channel[channel].append(contact_id)
-    for channel, contact_ids in by_channel.items():
-        statement = (
-            select(Conversation.contact_id, Conversation.id, Conversation.started_at_ms,
-                   Conversation.last_message_at_ms, Conversation.ended_at_ms)
-            .where(Conversation.channel == channel,
-                   id_in(session, Conversation.contact_id, contact_ids))
-            .order_by(Conversation.contact_id, Conversation.started_at_ms)
-        )
-        for contact_id, conversation_id, started, last, ended in session.execute(statement):
-            # Rows come in start order, so the last one seen is the latest.
-            latest[(channel, contact_id)] = OpenConversation(conversation_id, started, last, ended)
+    for channel, contact_id, conversation_id, started, last, ended in session.connection().execute(
+            statement, parameters):
+        latest[(channel, int(contact_id))] = OpenConversation(conversation_id, started, last, ended)
     return latest
 
 
@@ -422,7 +423,7 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
         .order_by(Conversation.started_at_ms.desc())
         .limit(1)
     )
-    row = session.execute(statement).first()
+    row = session.connection().execute(statement).first()
     if row is None:
         return None
     return OpenConversation(row[0], row[1], row[2], row[3])
@@ -476,9 +477,12 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
             latest[(channel, contact_id)] = created
         pending[index] = (channel, external_id)
     if new_rows:
+        # Inserted in time order, so the new conversations' ids follow their start times.
         insert_ignore(session, Conversation.__table__, list(new_rows.values()), ["channel", "external_id"])
-        found = resolve_named_conversations(
-            session, {key: (row["started_at_ms"], row["contact_id"]) for key, row in new_rows.items()})
+        found = {(channel, external): conversation_id
+                 for channel, external, conversation_id in select_by_keys(
+                     session, Conversation.__table__, ("channel", "external_id"), sorted(new_rows),
+                     ("channel", "external_id", "id"))}
         for index, key in pending.items():
             assigned[index] = found[key]
     return assigned
