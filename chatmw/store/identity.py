@@ -120,12 +120,14 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
              rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Return SQL for a PostgreSQL table ``alias`` of ``rows`` (columns: ``types``) and its parameters.
 
-    The rows travel as one JSON document of arrays, read by ``json_array_elements``:
+    The rows travel as one JSON document of arrays, read by ``jsonb_array_elements``:
     ``json.dumps`` serialises a batch in a fraction of the time psycopg takes to adapt one
-    array per column. Each value is cast to its column's type, as the array path casts
-    each array, so both store the same values (``VARCHAR(n)`` casts truncate in both).
-    Rows that JSON cannot carry exactly (NaN or infinite floats, dates, decimals) take the
-    array path.
+    array per column. (``jsonb`` rather than ``json``, because ``->>`` on ``json`` parses
+    the row again for every column.) Each value is cast to its column's type, as the array
+    path casts each array, so both store the same values: ``VARCHAR(n)`` casts truncate in
+    both, and a float's shortest repr, read as ``numeric`` and cast to ``float8``, is the
+    same double. Rows that JSON cannot carry exactly (NaN or infinite floats, dates,
+    decimals) take the array path.
     """
     dialect = session.get_bind().dialect
     names = list(types)
@@ -135,21 +137,27 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
     json_columns = {i: types[name].bind_processor(dialect) or _json_text
                     for i, (name, type_name) in enumerate(zip(names, type_names, strict=True))
                     if type_name in ("JSON", "JSONB")}
-    document = _rows_document(rows, names, json_columns)
+    integer_columns = {i for i, name in enumerate(names)
+                       if getattr(types[name], "_type_affinity", None) is Integer}
+    document = _rows_document(rows, names, json_columns, integer_columns)
     if document is None:
         return _pg_arrays(alias, names, type_names, json_columns, rows)
     selected = ", ".join(f"CAST(e.v->>{i} AS {type_name}) AS {name}"
                          for i, (name, type_name) in enumerate(zip(names, type_names, strict=True)))
-    source = f"(SELECT {selected} FROM json_array_elements(CAST(:{alias} AS JSON)) AS e(v)) AS {alias}"
+    source = f"(SELECT {selected} FROM jsonb_array_elements(CAST(:{alias} AS JSONB)) AS e(v)) AS {alias}"
     return source, {alias: document}
 
 
 def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str],
-                   json_columns: dict[int, Any]) -> str | None:
+                   json_columns: dict[int, Any], integer_columns: set[int]) -> str | None:
     # JSON values travel as their serialised text, the same text the array path sends.
+    # A float or bool in an integer column goes the array way, where PostgreSQL casts it
+    # to an integer; as JSON text (``5.0``, ``true``) it would not be valid input.
     columns = []
     for i, name in enumerate(names):
         values = [row.get(name) for row in rows]
+        if i in integer_columns and any(type(value) in (float, bool) for value in values):
+            return None
         if i in json_columns:
             processor = json_columns[i]
             values = [None if value is None else processor(value) for value in values]
@@ -395,12 +403,23 @@ def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str
     source, parameters = derived_table(
         session, "pairs", {"channel": String(), "contact_id": Integer()},
         [{"channel": channel, "contact_id": contact_id} for channel, contact_id in channel_contacts])
-    statement = text(
-        "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
-        f"c.ended_at_ms FROM {source} JOIN conversations AS c ON c.id = ("
-        "SELECT l.id FROM conversations AS l "
-        "WHERE l.contact_id = pairs.contact_id AND l.channel = pairs.channel "
-        "ORDER BY l.started_at_ms DESC, l.id DESC LIMIT 1)")
+    # ``|| ''`` keeps the planners off the (channel, external_id) index, which matches
+    # every conversation of the channel, and on the (contact_id, started_at_ms) one.
+    latest_of_pair = (
+        "SELECT l.id, l.started_at_ms, l.last_message_at_ms, l.ended_at_ms FROM conversations AS l "
+        "WHERE l.contact_id = pairs.contact_id AND l.channel || '' = pairs.channel "
+        "ORDER BY l.started_at_ms DESC, l.id DESC LIMIT 1")
+    if session.get_bind().dialect.name == "postgresql":
+        # A correlated ``c.id = (subquery)`` makes PostgreSQL scan every conversation.
+        statement = text(
+            "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
+            f"c.ended_at_ms FROM {source} CROSS JOIN LATERAL ({latest_of_pair}) AS c")
+    else:
+        # SQLite has no LATERAL, but it runs the correlated subquery once per pair.
+        statement = text(
+            "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
+            f"c.ended_at_ms FROM {source} JOIN conversations AS c "
+            f"ON c.id = (SELECT latest.id FROM ({latest_of_pair}) AS latest)")
     latest: dict[tuple[str, int], OpenConversation] = {}
     for channel, contact_id, conversation_id, started, last, ended in session.connection().execute(
             statement, parameters):
