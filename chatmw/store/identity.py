@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
+    Float,
     Integer,
     String,
     Table,
@@ -118,16 +119,15 @@ def _column_types(session: Session, table: Table, names: Sequence[str]) -> dict[
 
 def _pg_rows(session: Session, alias: str, types: dict[str, Any],
              rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """Return SQL for a PostgreSQL table ``alias`` of ``rows`` (columns: ``types``) and its parameters.
+    """Return SQL for a PostgreSQL table ``alias`` of ``rows`` (columns: ``types``) and parameters.
 
     The rows travel as one JSON document of arrays, read by ``jsonb_array_elements``:
     ``json.dumps`` serialises a batch in a fraction of the time psycopg takes to adapt one
     array per column. (``jsonb`` rather than ``json``, because ``->>`` on ``json`` parses
     the row again for every column.) Each value is cast to its column's type, as the array
     path casts each array, so both store the same values: ``VARCHAR(n)`` casts truncate in
-    both, and a float's shortest repr, read as ``numeric`` and cast to ``float8``, is the
-    same double. Rows that JSON cannot carry exactly (NaN or infinite floats, dates,
-    decimals) take the array path.
+    both, and a float's repr, cast to ``float8``, is the same double. Rows that JSON cannot
+    carry exactly (dates, decimals, floats in integer columns) take the array path.
     """
     dialect = session.get_bind().dialect
     names = list(types)
@@ -137,9 +137,10 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
     json_columns = {i: types[name].bind_processor(dialect) or _json_text
                     for i, (name, type_name) in enumerate(zip(names, type_names, strict=True))
                     if type_name in ("JSON", "JSONB")}
-    integer_columns = {i for i, name in enumerate(names)
-                       if getattr(types[name], "_type_affinity", None) is Integer}
-    document = _rows_document(rows, names, json_columns, integer_columns)
+    affinities = [getattr(types[name], "_type_affinity", None) for name in names]
+    integer_columns = {i for i, affinity in enumerate(affinities) if affinity is Integer}
+    float_columns = {i for i, affinity in enumerate(affinities) if affinity is Float}
+    document = _rows_document(rows, names, json_columns, integer_columns, float_columns)
     if document is None:
         return _pg_arrays(alias, names, type_names, json_columns, rows)
     selected = ", ".join(f"CAST(e.v->>{i} AS {type_name}) AS {name}"
@@ -148,16 +149,21 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
     return source, {alias: document}
 
 
-def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str],
-                   json_columns: dict[int, Any], integer_columns: set[int]) -> str | None:
+def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str], json_columns: dict[int, Any],
+                   integer_columns: set[int], float_columns: set[int]) -> str | None:
     # JSON values travel as their serialised text, the same text the array path sends.
     # A float or bool in an integer column goes the array way, where PostgreSQL casts it
     # to an integer; as JSON text (``5.0``, ``true``) it would not be valid input.
+    # Floats travel as strings of their repr, which ``float8`` reads back exactly,
+    # NaN, infinities and -0.0 included (a JSON number read by jsonb loses the sign of 0).
     columns = []
     for i, name in enumerate(names):
         values = [row.get(name) for row in rows]
         if i in integer_columns and any(type(value) in (float, bool) for value in values):
             return None
+        if i in float_columns:
+            values = [float.__repr__(value) if isinstance(value, float) else value
+                      for value in values]
         if i in json_columns:
             processor = json_columns[i]
             values = [None if value is None else processor(value) for value in values]
