@@ -67,14 +67,14 @@ def _events_at(rng: random.Random, serial: int, clock: datetime,
         return [ev.Touch(channel=channel, occurred_at=clock - timedelta(minutes=rng.randint(0, 50)),
                          key=f"touch{serial}", user_id=user, source=rng.choice(("ads", "mail")),
                          conversation_id=rng.choice((None, f"{user}-a")))]
-    if roll < 0.16:
+    if roll < 0.2:
         return [ev.ConversationUpdate(
             channel=channel, occurred_at=clock, user_id=user,
             conversation_id=rng.choice((None, f"{user}-a", f"{user}-b")),
-            ended=rng.choice((True, False, None)), ended_reason=rng.choice((None, "bot")),
+            ended=rng.choice((True, True, False, None)), ended_reason=rng.choice((None, "bot")),
             resolved=rng.choice((True, None)), intent=rng.choice((None, "refund")),
             attributes={"stage": rng.choice(("one", "two"))})]
-    if roll < 0.2 and sent:
+    if roll < 0.25 and sent:
         outbound = [m for m in sent if m.platform_message_id]
         if outbound:
             target = rng.choice(outbound)
@@ -205,6 +205,8 @@ def test_reference_traffic_is_tricky() -> None:
     assert sum(message.kind in UNTIMED_KINDS for message in messages) >= 20
     late = [b for a, b in zip(messages, messages[1:], strict=False) if b.occurred_at < a.occurred_at]
     assert len(late) >= 20
+    assert sum(isinstance(event, ev.ConversationUpdate) and event.ended is True
+               for event in events) >= 20
     assert any(isinstance(event, ev.Status) for event in events)
     assert any(isinstance(event, ev.Touch) for event in events)
     assert any(math.copysign(1.0, message.latency_ms) < 0 for message in messages
