@@ -3,10 +3,10 @@
 That writer inserted rows through arrays, read through the ORM, loaded every conversation
 of a contact to sessionise its messages and updated statuses and touch pointers row by
 row. ``fixtures/writer_reference.json`` is what it stored for the traffic below, written
-in uneven batches: duplicate keys within and across batches, late and out-of-order
-messages, unnamed conversations sessionised by silence next to named ones, messages at
-the same millisecond, untimed kinds, conversation ends and reopenings, statuses and
-touches. Ids are replaced by the natural keys of the rows they point to, so the same
+in uneven batches. The traffic has duplicate keys within and across batches, late and
+out-of-order messages, and unnamed conversations sessionised by silence next to named
+ones. It also has messages at the same millisecond, untimed kinds, conversation ends and
+reopenings, statuses and touches. Ids are replaced by the natural keys of the rows they point to, so the same
 reference serves SQLite and PostgreSQL.
 
 To record the reference again, run this module as a script with a PostgreSQL URL.
