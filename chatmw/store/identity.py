@@ -322,11 +322,12 @@ def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
         source, parameters = _pg_rows(session, "k", types, key_rows)
         on = " AND ".join(f"t.{name} = k.{name}" for name in key_columns)
         statement = text(f"SELECT {selected} FROM {source} JOIN {table.name} AS t ON {on}")
-        return list(session.connection().execute(statement, parameters))
+        return session.connection().execute(statement, parameters).all()
     on = " AND ".join(f"t.{name} = json_extract(k.value, '$[{i}]')"
                       for i, name in enumerate(key_columns))
     statement = text(f"SELECT {selected} FROM json_each(:keys) AS k JOIN {table.name} AS t ON {on}")
-    return list(session.connection().execute(statement, {"keys": json.dumps([list(key) for key in keys])}))
+    document = json.dumps([list(key) for key in keys])
+    return session.connection().execute(statement, {"keys": document}).all()
 
 
 def resolve_contacts(session: Session, identities: dict[tuple[str, str], int]) -> dict[
@@ -427,8 +428,8 @@ def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str
             f"c.ended_at_ms FROM {source} JOIN conversations AS c "
             f"ON c.id = (SELECT latest.id FROM ({latest_of_pair}) AS latest)")
     latest: dict[tuple[str, int], OpenConversation] = {}
-    for channel, contact_id, conversation_id, started, last, ended in session.connection().execute(
-            statement, parameters):
+    rows = session.connection().execute(statement, parameters).all()
+    for channel, contact_id, conversation_id, started, last, ended in rows:
         latest[(channel, int(contact_id))] = OpenConversation(conversation_id, started, last, ended)
     return latest
 

@@ -115,7 +115,7 @@ class SurveyAnswerPreprocessor:
         rows = session.connection().execute(text(
             "SELECT m.key, m.kind, c.external_id "
             f"FROM {source} JOIN messages AS m ON m.key = batch.message_key "
-            "JOIN conversations AS c ON c.id = m.conversation_id"), parameters)
+            "JOIN conversations AS c ON c.id = m.conversation_id"), parameters).all()
         return {
             key: (external if kind == "survey_answer" else None) for key, kind, external in rows
         }
