@@ -110,7 +110,7 @@ def _insert_ignore_pg(session: Session, table: Table, rows: Sequence[dict[str, A
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
     )
-    session.execute(statement, parameters)
+    session.connection().execute(statement, parameters)
 
 
 def _column_types(session: Session, table: Table, names: Sequence[str]) -> dict[str, Any]:
@@ -231,8 +231,9 @@ def _upsert_at_once(session: Session, table: Table, rows: Sequence[dict[str, Any
         session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
         return
     source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
-    session.execute(text(f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
-                         f"SELECT * FROM {source} {target}"), parameters)
+    statement = text(f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
+                     f"SELECT * FROM {source} {target}")
+    session.connection().execute(statement, parameters)
 
 
 def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -246,8 +247,8 @@ def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
     if not rows:
         return
     source, parameters = derived_table(session, "changes", types, rows)
-    session.execute(text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}"),
-                    parameters)
+    statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}")
+    session.connection().execute(statement, parameters)
 
 
 def derived_table(session: Session, alias: str, types: dict[str, Any],
@@ -289,7 +290,7 @@ def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
     assignments = ", ".join(f"{name} = changes.{name}" for name in columns)
     statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} "
                      f"WHERE {table.name}.id = changes.id")
-    session.execute(statement, parameters)
+    session.connection().execute(statement, parameters)
 
 
 def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
