@@ -22,12 +22,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.config import Settings
 from chatmw.runtime import build_writer
-from chatmw.store import models
+from chatmw.store import identity, models
+from chatmw.store import writer as writer_module
 from chatmw.store.derive import UNTIMED_KINDS, MessageTiming, compute_timings
 
 REFERENCE = Path(__file__).parent / "fixtures" / "writer_reference.json"
@@ -152,6 +155,38 @@ def write_traffic(engine: Engine) -> None:
 
 def test_writer_stores_reference_rows(engine: Engine) -> None:
     write_traffic(engine)
+    check_reference(engine)
+
+
+def test_fallback_refresh_stores_reference_rows(engine: Engine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if every insert differed from the plan: the messages go in with the planned
+    # figures, and the conversations are then recomputed from the stored messages.
+    def unplanned(*args: Any) -> bool:
+        identity.insert_ignore_expected(*args)
+        return False
+
+    monkeypatch.setattr(writer_module, "insert_ignore_expected", unplanned)
+    write_traffic(engine)
+    check_reference(engine)
+
+
+def test_insert_reports_unexpected_rows(engine: Engine) -> None:
+    table = models.Message.__table__
+    with Session(engine) as session, session.begin():
+        ids = identity.resolve_named_conversations(session, {("web", "expected"): (0, None)})
+        rows = [{"key": key, "conversation_id": ids[("web", "expected")], "channel": "web",
+                 "role": "user", "kind": "message", "occurred_at_ms": 1000,
+                 "is_first_response": False}
+                for key in ("k1", "k2", "k3")]
+        assert identity.insert_ignore_expected(session, table, rows[:1], ["key"], ["k1"])
+        # k1 is stored now, as if another writer had inserted it after the plan was made.
+        assert not identity.insert_ignore_expected(session, table, rows[:2], ["key"], ["k1", "k2"])
+        assert not identity.insert_ignore_expected(session, table, rows[2:], ["key"], [])
+        assert identity.insert_ignore_expected(session, table, rows, ["key"], [])
+
+
+def check_reference(engine: Engine) -> None:
     expected = json.loads(REFERENCE.read_text(encoding="utf-8"))
     if engine.dialect.name == "sqlite":
         # The reference comes from PostgreSQL. SQLite writes a REAL that has no fraction

@@ -33,6 +33,7 @@ __all__ = [
     "bulk_update",
     "id_in",
     "insert_ignore",
+    "insert_ignore_expected",
     "select_by_keys",
     "upsert",
     "resolve_contacts",
@@ -64,10 +65,43 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
     if dialect == "postgresql":
         _insert_ignore_pg(session, table, rows, conflict)
         return
+    _insert_ignore_sqlite(session, table, rows, conflict)
+
+
+def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                           conflict: Sequence[str], expected: Sequence[Any]) -> bool:
+    """Insert ``rows`` as :func:`insert_ignore` does; whether exactly ``expected`` went in.
+
+    ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
+    row order. The result is true when those rows, and no others, were inserted, and
+    their ids increase in that order. On PostgreSQL the statement returns the inserted
+    keys and ids; on SQLite the inserted row count is compared, because SQLite gives new
+    rows increasing ids and lets no other writer in while this transaction writes.
+    """
+    if not rows:
+        return not expected
+    if session.get_bind().dialect.name != "postgresql":
+        return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
+    names = list(rows[0])
+    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
+    statement = text(
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
+        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
+    )
+    inserted = dict(session.connection().execute(statement, parameters).all())
+    if len(inserted) != len(expected) or any(key not in inserted for key in expected):
+        return False
+    ids = [inserted[key] for key in expected]
+    return all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False))
+
+
+def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                          conflict: Sequence[str]) -> int:
+    # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
+    # cost more than SQLite's own work on the message batches. Returns the rows inserted.
+    dialect = session.get_bind().dialect.name
     if dialect != "sqlite":
         raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
-    # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
-    # cost more than SQLite's own work on the message batches.
     names = list(rows[0])
     processors = _bind_processors(session, table, names)
     statement = (
@@ -75,7 +109,8 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
         f"VALUES ({', '.join('?' for _ in names)}) "
         f"ON CONFLICT ({', '.join(_quoted(conflict))}) DO NOTHING"
     )
-    session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    result = session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    return int(result.rowcount)
 
 
 def _quoted(names: Sequence[str]) -> list[str]:

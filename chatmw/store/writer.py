@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.store import models
-from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
+from chatmw.store.derive import UNTIMED_KINDS, apply_refresh, plan_refresh, refresh_conversations
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
@@ -26,6 +26,7 @@ from chatmw.store.identity import (
     derived_table,
     id_in,
     insert_ignore,
+    insert_ignore_expected,
     resolve_contacts,
     resolve_named_conversations,
     update_from,
@@ -140,12 +141,20 @@ class Writer:
             for enrich in self.enrichers:
                 row.update(enrich(message))
             rows.append(row)
-        insert_ignore(session, models.Message.__table__, rows, ["key"])
+        # The response figures are computed before the insert, so that new messages go in
+        # with them; when the insert is not what the plan expected, the conversations are
+        # recomputed from the stored messages instead.
+        plan = plan_refresh(session, rows)
+        planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
+                                         plan.expected)
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
         self._apply_intents(session, messages, conversation_ids)
-        refresh_conversations(session, conversation_ids)
+        if planned:
+            apply_refresh(session, plan)
+        else:
+            refresh_conversations(session, conversation_ids)
         outbound = [(m.channel, m.platform_message_id) for m in messages
                     if m.role != "user" and m.platform_message_id]
         if outbound:
