@@ -243,8 +243,8 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]]) -> RefreshPla
 
 
 def _merged(stored: Sequence[Any], new_rows: Sequence[dict[str, Any]]) -> list[Any]:
-    # Stored rows come sorted by time and id; new rows follow them at equal times, in row
-    # order, because their ids will be higher. sorted() is stable, so that order holds.
+    # Stored rows come sorted by time and id. New rows follow them at equal times, in row
+    # order, because their ids will be higher. The sort is stable, so that order holds.
     entries = [(row[4], 0, row) for row in stored]
     entries += [(row["occurred_at_ms"], 1, (row["conversation_id"], row, row["role"], row["kind"],
                                             row["occurred_at_ms"], row["response_ms"],

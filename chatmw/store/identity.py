@@ -75,7 +75,7 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
     row order. The result is true when those rows, and no others, were inserted, and
     their ids increase in that order. On PostgreSQL the statement returns the inserted
-    keys and ids; on SQLite the inserted row count is compared, because SQLite gives new
+    keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
     """
     if not rows:
@@ -188,9 +188,9 @@ def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str], json_co
                    integer_columns: set[int], float_columns: set[int]) -> str | None:
     # JSON values travel as their serialised text, the same text the array path sends.
     # A float or bool in an integer column goes the array way, where PostgreSQL casts it
-    # to an integer; as JSON text (``5.0``, ``true``) it would not be valid input.
-    # Floats travel as strings of their repr, which ``float8`` reads back exactly,
-    # NaN, infinities and -0.0 included (a JSON number read by jsonb loses the sign of 0).
+    # to an integer, because its JSON text (``5.0``, ``true``) is no valid integer input.
+    # Floats travel as strings of their repr, which ``float8`` reads back exactly, NaN,
+    # infinities and -0.0 included. A JSON number read by jsonb loses the sign of 0.
     columns = []
     for i, name in enumerate(names):
         values = [row.get(name) for row in rows]

@@ -142,7 +142,7 @@ class Writer:
                 row.update(enrich(message))
             rows.append(row)
         # The response figures are computed before the insert, so that new messages go in
-        # with them; when the insert is not what the plan expected, the conversations are
+        # with them. When the insert differs from the plan, the conversations are
         # recomputed from the stored messages instead.
         plan = plan_refresh(session, rows)
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
