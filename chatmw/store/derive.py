@@ -6,9 +6,11 @@ right when messages arrive late, out of order or twice.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import select
@@ -112,17 +114,9 @@ def _ended_times(session: Session, ids: Sequence[int]) -> dict[int, int | None]:
     return dict(session.connection().execute(statement).all())  # type: ignore[arg-type]
 
 
-def _groups(rows: Sequence[Any]) -> list[Sequence[Any]]:
+def _groups(rows: Sequence[Any]) -> list[list[Any]]:
     # Runs of rows with the same conversation id (the first column).
-    groups = []
-    start = 0
-    while start < len(rows):
-        end = start + 1
-        while end < len(rows) and rows[end][0] == rows[start][0]:
-            end += 1
-        groups.append(rows[start:end])
-        start = end
-    return groups
+    return [list(group) for _, group in itertools.groupby(rows, key=itemgetter(0))]
 
 
 def _apply(session: Session, message_changes: list[dict[str, Any]],
@@ -242,16 +236,19 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]]) -> RefreshPla
     return RefreshPlan(ids, expected, message_changes, conversation_changes)
 
 
-def _merged(stored: Sequence[Any], new_rows: Sequence[dict[str, Any]]) -> list[Any]:
+def _merged(stored: Sequence[Any], new_rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
     # Stored rows come sorted by time and id. New rows follow them at equal times, in row
-    # order, because their ids will be higher. The sort is stable, so that order holds.
-    entries = [(row[4], 0, row) for row in stored]
-    entries += [(row["occurred_at_ms"], 1, (row["conversation_id"], row, row["role"], row["kind"],
-                                            row["occurred_at_ms"], row["response_ms"],
-                                            row["is_first_response"]))
-                for row in new_rows]
-    if new_rows:
-        entries.sort(key=lambda entry: (entry[0], entry[1]))
+    # order, because their ids will be higher. The sorts are stable, so that order holds.
+    if not new_rows:
+        return stored
+    added = sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
+                     row["response_ms"], row["is_first_response"]) for row in new_rows),
+                   key=itemgetter(4))
+    if not stored or stored[-1][4] <= added[0][4]:
+        # The common case: every new message is at least as late as the stored ones.
+        return [*stored, *added]
+    entries = [(row[4], 0, row) for row in stored] + [(row[4], 1, row) for row in added]
+    entries.sort(key=itemgetter(0, 1))
     return [entry[2] for entry in entries]
 
 

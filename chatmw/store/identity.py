@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
@@ -124,14 +125,21 @@ def _bind_processors(session: Session, table: Table, names: Sequence[str]) -> li
 
 def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
             processors: Sequence[Any]) -> list[tuple[Any, ...]]:
-    # Column by column: one comprehension per column costs less than a generator per row,
-    # and only the columns with a bind processor (Boolean and JSON on SQLite) pay for it.
-    columns = []
-    for name, processor in zip(names, processors, strict=True):
-        values = [row.get(name) for row in rows]
+    # One itemgetter call per row reads every column, when every row has every column
+    # (a missing one counts as None). Only the columns with a bind processor (Boolean and
+    # JSON on SQLite) are then processed, column by column.
+    columns: list[Sequence[Any]]
+    try:
+        if len(names) < 2:
+            raise KeyError(names)
+        columns = list(zip(*map(itemgetter(*names), rows)))
+    except KeyError:
+        columns = [[row.get(name) for row in rows] for name in names]
+    if not any(processors):
+        return list(zip(*columns))
+    for index, processor in enumerate(processors):
         if processor is not None:
-            values = [processor(value) for value in values]
-        columns.append(values)
+            columns[index] = [processor(value) for value in columns[index]]
     return list(zip(*columns))
 
 
