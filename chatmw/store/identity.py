@@ -71,7 +71,7 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
 
 def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                            conflict: Sequence[str], expected: Sequence[Any]) -> bool:
-    """Insert ``rows`` as :func:`insert_ignore` does; whether exactly ``expected`` went in.
+    """Insert ``rows`` as :func:`insert_ignore` does, and return whether ``expected`` went in.
 
     ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
     row order. The result is true when those rows, and no others, were inserted, and
