@@ -524,7 +524,8 @@ def _after_messages(session: Session, messages: Sequence[ev.Message], handlers: 
 
 
 def _stored_rows(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
-    rows = select_by_keys(session, _table(models.Message), ("key",), [(key,) for key in sorted(set(keys))],
+    key_tuples = [(key,) for key in sorted(set(keys))]
+    rows = select_by_keys(session, _table(models.Message), ("key",), key_tuples,
                           ("key", "conversation_id", "occurred_at_ms"))
     return {key: (conversation_id, at_ms) for key, conversation_id, at_ms in rows}
 

@@ -6,8 +6,8 @@ row. ``fixtures/writer_reference.json`` is what it stored for the traffic below,
 in uneven batches. The traffic has duplicate keys within and across batches, late and
 out-of-order messages, and unnamed conversations sessionised by silence next to named
 ones. It also has messages at the same millisecond, untimed kinds, conversation ends and
-reopenings, statuses and touches. Ids are replaced by the natural keys of the rows they point to, so the same
-reference serves SQLite and PostgreSQL.
+reopenings, statuses and touches. Ids are replaced by the natural keys of the rows they
+point to, so the same reference serves SQLite and PostgreSQL.
 
 To record the reference again, run this module as a script with a PostgreSQL URL.
 """
@@ -238,7 +238,8 @@ def test_reference_traffic_is_tricky() -> None:
     assert len(keys) - len(set(keys)) >= 10
     assert sum(message.conversation_id is None for message in messages) >= 100
     assert sum(message.kind in UNTIMED_KINDS for message in messages) >= 20
-    late = [b for a, b in zip(messages, messages[1:], strict=False) if b.occurred_at < a.occurred_at]
+    late = [later for earlier, later in zip(messages, messages[1:], strict=False)
+            if later.occurred_at < earlier.occurred_at]
     assert len(late) >= 20
     assert sum(isinstance(event, ev.ConversationUpdate) and event.ended is True
                for event in events) >= 15

@@ -132,15 +132,15 @@ def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
     try:
         if len(names) < 2:
             raise KeyError(names)
-        columns = list(zip(*map(itemgetter(*names), rows)))
+        columns = list(zip(*map(itemgetter(*names), rows), strict=True))
     except KeyError:
         columns = [[row.get(name) for row in rows] for name in names]
     if not any(processors):
-        return list(zip(*columns))
+        return list(zip(*columns, strict=True))
     for index, processor in enumerate(processors):
         if processor is not None:
             columns[index] = [processor(value) for value in columns[index]]
-    return list(zip(*columns))
+    return list(zip(*columns, strict=True))
 
 
 def _insert_ignore_pg(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -188,12 +188,14 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
         return _pg_arrays(alias, names, type_names, json_columns, rows)
     selected = ", ".join(f"CAST(e.v->>{i} AS {type_name}) AS {name}"
                          for i, (name, type_name) in enumerate(zip(names, type_names, strict=True)))
-    source = f"(SELECT {selected} FROM jsonb_array_elements(CAST(:{alias} AS JSONB)) AS e(v)) AS {alias}"
+    elements = f"jsonb_array_elements(CAST(:{alias} AS JSONB))"
+    source = f"(SELECT {selected} FROM {elements} AS e(v)) AS {alias}"
     return source, {alias: document}
 
 
-def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str], json_columns: dict[int, Any],
-                   integer_columns: set[int], float_columns: set[int]) -> str | None:
+def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str],
+                   json_columns: dict[int, Any], integer_columns: set[int],
+                   float_columns: set[int]) -> str | None:
     # JSON values travel as their serialised text, the same text the array path sends.
     # A float or bool in an integer column goes the array way, where PostgreSQL casts it
     # to an integer, because its JSON text (``5.0``, ``true``) is no valid integer input.
@@ -212,13 +214,14 @@ def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str], json_co
             values = [None if value is None else processor(value) for value in values]
         columns.append(values)
     try:
-        return json.dumps(list(zip(*columns)), ensure_ascii=False, allow_nan=False)
+        return json.dumps(list(zip(*columns, strict=True)), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError):
         return None
 
 
 def _pg_arrays(alias: str, names: Sequence[str], type_names: Sequence[str],
-               json_columns: dict[int, Any], rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+               json_columns: dict[int, Any],
+               rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     # ``unnest`` of one array parameter per column.
     casts = []
     parameters: dict[str, list[Any]] = {}
@@ -453,7 +456,8 @@ def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str
     # highest id among conversations that started at the same millisecond.
     source, parameters = derived_table(
         session, "pairs", {"channel": String(), "contact_id": Integer()},
-        [{"channel": channel, "contact_id": contact_id} for channel, contact_id in channel_contacts])
+        [{"channel": channel, "contact_id": contact_id}
+         for channel, contact_id in channel_contacts])
     # ``|| ''`` keeps the planners off the (channel, external_id) index, which matches
     # every conversation of the channel, and on the (contact_id, started_at_ms) one.
     latest_of_pair = (
@@ -548,7 +552,8 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
         pending[index] = (channel, external_id)
     if new_rows:
         # Inserted in time order, so the new conversations' ids follow their start times.
-        insert_ignore(session, Conversation.__table__, list(new_rows.values()), ["channel", "external_id"])
+        insert_ignore(session, Conversation.__table__, list(new_rows.values()),
+                      ["channel", "external_id"])
         found = {(channel, external): conversation_id
                  for channel, external, conversation_id in select_by_keys(
                      session, Conversation.__table__, ("channel", "external_id"), sorted(new_rows),

@@ -553,7 +553,8 @@ def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None
             if conversation_id is not None:
                 by_conversation.setdefault(conversation_id, []).append(touch_id)
         bulk_update(session, models.Contact.__table__,
-                    [{"id": contact_id, "first_touch_id": touch_ids[0], "last_touch_id": touch_ids[-1]}
+                    [{"id": contact_id, "first_touch_id": touch_ids[0],
+                      "last_touch_id": touch_ids[-1]}
                      for contact_id, touch_ids in by_contact.items()],
                     ("first_touch_id", "last_touch_id"))
         bulk_update(session, models.Conversation.__table__,

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.store.identity import derived_table, insert_ignore
-from chatmw.store.models import Contact, Conversation, Message
+from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_surveys import SURVEY_SENDS, Survey
 from chatmw.surveys.addresses import ADDRESS_META_KEY, store_addresses
 from chatmw.surveys.answers import Answer, parse_answer
@@ -158,7 +158,8 @@ class SurveyAnswerPreprocessor:
         # find none, and then load no survey.
         source, parameters = derived_table(
             session, "users", {"channel": String(), "external_id": String()},
-            [{"channel": channel, "external_id": external} for channel, external in sorted(identities)])
+            [{"channel": channel, "external_id": external}
+             for channel, external in sorted(identities)])
         statement = text(
             f"SELECT s.id FROM {source} JOIN contacts AS c "
             "ON c.channel = users.channel AND c.external_id = users.external_id "
