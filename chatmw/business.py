@@ -49,7 +49,7 @@ from chatmw.events_business import (
 from chatmw.recorder import Recorder
 from chatmw.store import models
 from chatmw.store import models_business as bm
-from chatmw.store.identity import CHUNK, insert_ignore, upsert
+from chatmw.store.identity import CHUNK, id_in, insert_ignore, select_by_keys, upsert
 from chatmw.store.writer import Writer, write_attributes
 
 __all__ = [
@@ -532,17 +532,10 @@ def _after_messages(session: Session, messages: Sequence[ev.Message], handlers: 
 
 
 def _stored_rows(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
-    found: dict[str, tuple[int, int]] = {}
-    key_list = sorted(set(keys))
-    for start in range(0, len(key_list), CHUNK):
-        rows = session.execute(
-            select(
-                models.Message.key, models.Message.conversation_id, models.Message.occurred_at_ms
-            ).where(models.Message.key.in_(key_list[start : start + CHUNK]))
-        )
-        for key, conversation_id, at_ms in rows:
-            found[key] = (conversation_id, at_ms)
-    return found
+    key_tuples = [(key,) for key in sorted(set(keys))]
+    rows = select_by_keys(session, _table(models.Message), ("key",), key_tuples,
+                          ("key", "conversation_id", "occurred_at_ms"))
+    return {key: (conversation_id, at_ms) for key, conversation_id, at_ms in rows}
 
 
 def _detect_leads(
@@ -581,19 +574,19 @@ def _detect_leads(
 def _first_user_message_times(session: Session, conversation_ids: Sequence[int]) -> dict[int, int]:
     message = models.Message
     times: dict[int, int] = {}
-    for start in range(0, len(conversation_ids), CHUNK):
-        statement = (
-            select(message.conversation_id, func.min(message.occurred_at_ms))
-            .where(
-                message.conversation_id.in_(conversation_ids[start : start + CHUNK]),
-                message.role == "user",
-                message.kind == "message",
-            )
-            .group_by(message.conversation_id)
+    if not conversation_ids:
+        return times
+    statement = (
+        select(message.conversation_id, func.min(message.occurred_at_ms))
+        .where(
+            id_in(session, message.conversation_id, conversation_ids),
+            message.role == "user",
+            message.kind == "message",
         )
-        times.update(
-            {conversation_id: int(at_ms) for conversation_id, at_ms in session.execute(statement)}
-        )
+        .group_by(message.conversation_id)
+    )
+    for conversation_id, at_ms in session.connection().execute(statement):
+        times[conversation_id] = int(at_ms)
     return times
 
 

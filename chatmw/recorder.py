@@ -111,7 +111,7 @@ class RecorderSettings:
     """
 
     queue_size: int = 10_000
-    batch_size: int = 500
+    batch_size: int = 2000
     batch_interval_s: float = 0.2
     retries: int = 3
     retry_backoff_s: float = 0.2

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
     ARRAY,
     ColumnElement,
+    Float,
+    Integer,
+    String,
     Table,
     and_,
     any_,
@@ -31,6 +34,7 @@ __all__ = [
     "bulk_update",
     "id_in",
     "insert_ignore",
+    "insert_ignore_expected",
     "select_by_keys",
     "upsert",
     "resolve_contacts",
@@ -60,12 +64,45 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
         return
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        _insert_ignore_unnest(session, table, rows, conflict)
+        _insert_ignore_pg(session, table, rows, conflict)
         return
+    _insert_ignore_sqlite(session, table, rows, conflict)
+
+
+def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                           conflict: Sequence[str], expected: Sequence[Any]) -> bool:
+    """Insert ``rows`` as :func:`insert_ignore` does, and return whether ``expected`` went in.
+
+    ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
+    row order. The result is true when those rows, and no others, were inserted, and
+    their ids increase in that order. On PostgreSQL the statement returns the inserted
+    keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
+    rows increasing ids and lets no other writer in while this transaction writes.
+    """
+    if not rows:
+        return not expected
+    if session.get_bind().dialect.name != "postgresql":
+        return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
+    names = list(rows[0])
+    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
+    statement = text(
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
+        f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
+    )
+    inserted = dict(session.connection().execute(statement, parameters).all())
+    if len(inserted) != len(expected) or any(key not in inserted for key in expected):
+        return False
+    ids = [inserted[key] for key in expected]
+    return all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False))
+
+
+def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+                          conflict: Sequence[str]) -> int:
+    # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
+    # cost more than SQLite's own work on the message batches. Returns the rows inserted.
+    dialect = session.get_bind().dialect.name
     if dialect != "sqlite":
         raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
-    # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
-    # cost more than SQLite's own work on the message batches.
     names = list(rows[0])
     processors = _bind_processors(session, table, names)
     statement = (
@@ -73,7 +110,8 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
         f"VALUES ({', '.join('?' for _ in names)}) "
         f"ON CONFLICT ({', '.join(_quoted(conflict))}) DO NOTHING"
     )
-    session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    result = session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    return int(result.rowcount)
 
 
 def _quoted(names: Sequence[str]) -> list[str]:
@@ -87,47 +125,117 @@ def _bind_processors(session: Session, table: Table, names: Sequence[str]) -> li
 
 def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
             processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    # One itemgetter call per row reads every column, when every row has every column
+    # (a missing one counts as None). Only the columns with a bind processor (Boolean and
+    # JSON on SQLite) are then processed, column by column.
+    columns: list[Sequence[Any]]
+    try:
+        if len(names) < 2:
+            raise KeyError(names)
+        columns = list(zip(*map(itemgetter(*names), rows), strict=True))
+    except KeyError:
+        columns = [[row.get(name) for row in rows] for name in names]
     if not any(processors):
-        return [tuple(row.get(name) for name in names) for row in rows]
-    pairs = list(zip(names, processors, strict=True))
-    return [tuple(row.get(name) if processor is None else processor(row.get(name))
-                  for name, processor in pairs) for row in rows]
+        return list(zip(*columns, strict=True))
+    for index, processor in enumerate(processors):
+        if processor is not None:
+            columns[index] = [processor(value) for value in columns[index]]
+    return list(zip(*columns, strict=True))
 
 
-def _insert_ignore_unnest(session: Session, table: Table, rows: Sequence[dict[str, Any]],
+def _insert_ignore_pg(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                           conflict: Sequence[str]) -> None:
-    # One INSERT ... SELECT FROM unnest(arrays) per batch: psycopg's executemany sends a
-    # statement per row, and a multi-row VALUES list is compiled anew for every length.
+    # One INSERT ... SELECT per batch: psycopg's executemany sends a statement per row, and
+    # a multi-row VALUES list is compiled anew for every length.
     names = list(rows[0])
-    casts, parameters = _unnest_arrays(session, table, rows, names)
+    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
     statement = text(
-        f"INSERT INTO {table.name} ({', '.join(names)}) "
-        f"SELECT * FROM unnest({', '.join(casts)}) "
+        f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
     )
-    session.execute(statement, parameters)
+    session.connection().execute(statement, parameters)
 
 
-def _unnest_arrays(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                   names: Sequence[str]) -> tuple[list[str], dict[str, list[Any]]]:
-    # The casts and array parameters of ``unnest(...)`` over the ``names`` columns of rows.
+def _column_types(session: Session, table: Table, names: Sequence[str]) -> dict[str, Any]:
+    return {name: table.c[name].type for name in names}
+
+
+def _pg_rows(session: Session, alias: str, types: dict[str, Any],
+             rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Return SQL for a PostgreSQL table ``alias`` of ``rows`` (columns: ``types``) and parameters.
+
+    The rows travel as one JSON document of arrays, read by ``jsonb_array_elements``:
+    ``json.dumps`` serialises a batch in a fraction of the time psycopg takes to adapt one
+    array per column. (``jsonb`` rather than ``json``, because ``->>`` on ``json`` parses
+    the row again for every column.) Each value is cast to its column's type, as the array
+    path casts each array, so both store the same values: ``VARCHAR(n)`` casts truncate in
+    both, and a float's repr, cast to ``float8``, is the same double. Rows that JSON cannot
+    carry exactly (dates, decimals, floats in integer columns) take the array path.
+    """
     dialect = session.get_bind().dialect
+    names = list(types)
+    type_names = [types[name].compile(dialect=dialect) for name in names]
+    # psycopg's dialect has no JSON bind processor (the driver adapts dicts itself), but
+    # these values travel as text, so they are serialised here.
+    json_columns = {i: types[name].bind_processor(dialect) or _json_text
+                    for i, (name, type_name) in enumerate(zip(names, type_names, strict=True))
+                    if type_name in ("JSON", "JSONB")}
+    affinities = [getattr(types[name], "_type_affinity", None) for name in names]
+    integer_columns = {i for i, affinity in enumerate(affinities) if affinity is Integer}
+    float_columns = {i for i, affinity in enumerate(affinities) if affinity is Float}
+    document = _rows_document(rows, names, json_columns, integer_columns, float_columns)
+    if document is None:
+        return _pg_arrays(alias, names, type_names, json_columns, rows)
+    selected = ", ".join(f"CAST(e.v->>{i} AS {type_name}) AS {name}"
+                         for i, (name, type_name) in enumerate(zip(names, type_names, strict=True)))
+    elements = f"jsonb_array_elements(CAST(:{alias} AS JSONB))"
+    source = f"(SELECT {selected} FROM {elements} AS e(v)) AS {alias}"
+    return source, {alias: document}
+
+
+def _rows_document(rows: Sequence[dict[str, Any]], names: Sequence[str],
+                   json_columns: dict[int, Any], integer_columns: set[int],
+                   float_columns: set[int]) -> str | None:
+    # JSON values travel as their serialised text, the same text the array path sends.
+    # A float or bool in an integer column goes the array way, where PostgreSQL casts it
+    # to an integer, because its JSON text (``5.0``, ``true``) is no valid integer input.
+    # Floats travel as strings of their repr, which ``float8`` reads back exactly, NaN,
+    # infinities and -0.0 included. A JSON number read by jsonb loses the sign of 0.
+    columns = []
+    for i, name in enumerate(names):
+        values = [row.get(name) for row in rows]
+        if i in integer_columns and any(type(value) in (float, bool) for value in values):
+            return None
+        if i in float_columns:
+            values = [float.__repr__(value) if isinstance(value, float) else value
+                      for value in values]
+        if i in json_columns:
+            processor = json_columns[i]
+            values = [None if value is None else processor(value) for value in values]
+        columns.append(values)
+    try:
+        return json.dumps(list(zip(*columns, strict=True)), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def _pg_arrays(alias: str, names: Sequence[str], type_names: Sequence[str],
+               json_columns: dict[int, Any],
+               rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    # ``unnest`` of one array parameter per column.
     casts = []
     parameters: dict[str, list[Any]] = {}
-    for name in names:
-        column_type = table.c[name].type
+    for i, (name, type_name) in enumerate(zip(names, type_names, strict=True)):
         values = [row.get(name) for row in rows]
-        type_name = column_type.compile(dialect=dialect)
-        if type_name in ("JSON", "JSONB"):
-            # psycopg's dialect has no JSON bind processor (the driver adapts dicts itself),
-            # but these values travel as text, so they are serialised here.
-            processor = column_type.bind_processor(dialect) or _json_text
-            values = [None if v is None else processor(v) for v in values]
-            casts.append(f"CAST(CAST(:{name} AS TEXT[]) AS {type_name}[])")
+        parameter = f"{alias}_{name}"
+        if i in json_columns:
+            processor = json_columns[i]
+            values = [None if value is None else processor(value) for value in values]
+            casts.append(f"CAST(CAST(:{parameter} AS TEXT[]) AS {type_name}[])")
         else:
-            casts.append(f"CAST(:{name} AS {type_name}[])")
-        parameters[name] = values
-    return casts, parameters
+            casts.append(f"CAST(:{parameter} AS {type_name}[])")
+        parameters[parameter] = values
+    return f"unnest({', '.join(casts)}) AS {alias}({', '.join(names)})", parameters
 
 
 def _json_text(value: Any) -> str:
@@ -168,9 +276,10 @@ def _upsert_at_once(session: Session, table: Table, rows: Sequence[dict[str, Any
         processors = _bind_processors(session, table, names)
         session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
         return
-    casts, parameters = _unnest_arrays(session, table, rows, names)
-    session.execute(text(f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
-                         f"SELECT * FROM unnest({', '.join(casts)}) {target}"), parameters)
+    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
+    statement = text(f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
+                     f"SELECT * FROM {source} {target}")
+    session.connection().execute(statement, parameters)
 
 
 def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -184,26 +293,21 @@ def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
     if not rows:
         return
     source, parameters = derived_table(session, "changes", types, rows)
-    session.execute(text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}"),
-                    parameters)
+    statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}")
+    session.connection().execute(statement, parameters)
 
 
 def derived_table(session: Session, alias: str, types: dict[str, Any],
                   rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """Return SQL for a table ``alias`` of ``rows`` (columns: ``types``) and its parameters.
 
-    PostgreSQL gets ``unnest`` of one array per column; SQLite gets ``json_each`` of one
-    JSON document (``UPDATE ... FROM`` needs SQLite 3.33 or later). Either way one
-    statement text serves every number of rows.
+    PostgreSQL gets :func:`_pg_rows`; SQLite gets ``json_each`` of one JSON document
+    (``UPDATE ... FROM`` needs SQLite 3.33 or later). Either way one statement text serves
+    every number of rows.
     """
     names = list(types)
     if session.get_bind().dialect.name == "postgresql":
-        dialect = session.get_bind().dialect
-        arrays = ", ".join(f"CAST(:{alias}_{name} AS {types[name].compile(dialect=dialect)}[])"
-                           for name in names)
-        parameters: dict[str, Any] = {f"{alias}_{name}": [row[name] for row in rows]
-                                      for name in names}
-        return f"unnest({arrays}) AS {alias}({', '.join(names)})", parameters
+        return _pg_rows(session, alias, types, rows)
     columns = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
     document = json.dumps([[row[name] for name in names] for row in rows])
     return f"(SELECT {columns} FROM json_each(:{alias})) AS {alias}", {alias: document}
@@ -213,8 +317,8 @@ def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                 columns: Sequence[str]) -> None:
     """Set ``columns`` on the rows of ``table`` whose ``id`` is each row's ``id``.
 
-    PostgreSQL gets one ``UPDATE ... FROM unnest(arrays)`` statement, because executemany
-    sends a statement per row; SQLite runs in process, where executemany is as fast.
+    PostgreSQL gets one ``UPDATE ... FROM`` statement over :func:`_pg_rows`, because
+    executemany sends a statement per row; SQLite runs in process, where executemany is as fast.
     """
     if not rows:
         return
@@ -228,15 +332,11 @@ def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
             _tuples(rows, names, processors))
         return
     names = ("id", *columns)
-    arrays = ", ".join(
-        f"CAST(:{name} AS {table.c[name].type.compile(dialect=dialect)}[])" for name in names)
+    source, parameters = _pg_rows(session, "changes", _column_types(session, table, names), rows)
     assignments = ", ".join(f"{name} = changes.{name}" for name in columns)
-    statement = text(
-        f"UPDATE {table.name} SET {assignments} "
-        f"FROM unnest({arrays}) AS changes({', '.join(names)}) "
-        f"WHERE {table.name}.id = changes.id"
-    )
-    session.execute(statement, {name: [row[name] for row in rows] for name in names})
+    statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} "
+                     f"WHERE {table.name}.id = changes.id")
+    session.connection().execute(statement, parameters)
 
 
 def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:
@@ -257,26 +357,24 @@ def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
                    keys: Sequence[tuple[Any, ...]], result_columns: Sequence[str]) -> list[Any]:
     """Return ``result_columns`` of the rows whose ``key_columns`` equal one of ``keys``.
 
-    The keys travel as arrays (PostgreSQL) or one JSON document (SQLite) joined to the
-    table, so one statement text serves every batch.
+    The keys travel as one JSON document joined to the table, so one statement text
+    serves every batch.
     """
     if not keys:
         return []
     selected = ", ".join(f"t.{name}" for name in result_columns)
     if session.get_bind().dialect.name == "postgresql":
-        dialect = session.get_bind().dialect
-        arrays = ", ".join(
-            f"CAST(:k{i} AS {table.c[name].type.compile(dialect=dialect)}[])"
-            for i, name in enumerate(key_columns))
+        types = _column_types(session, table, key_columns)
+        key_rows = [dict(zip(key_columns, key, strict=True)) for key in keys]
+        source, parameters = _pg_rows(session, "k", types, key_rows)
         on = " AND ".join(f"t.{name} = k.{name}" for name in key_columns)
-        statement = text(f"SELECT {selected} FROM unnest({arrays}) AS k({', '.join(key_columns)}) "
-                         f"JOIN {table.name} AS t ON {on}")
-        parameters = {f"k{i}": [key[i] for key in keys] for i in range(len(key_columns))}
-        return list(session.execute(statement, parameters))
+        statement = text(f"SELECT {selected} FROM {source} JOIN {table.name} AS t ON {on}")
+        return session.connection().execute(statement, parameters).all()
     on = " AND ".join(f"t.{name} = json_extract(k.value, '$[{i}]')"
                       for i, name in enumerate(key_columns))
     statement = text(f"SELECT {selected} FROM json_each(:keys) AS k JOIN {table.name} AS t ON {on}")
-    return list(session.execute(statement, {"keys": json.dumps([list(key) for key in keys])}))
+    document = json.dumps([list(key) for key in keys])
+    return session.connection().execute(statement, {"keys": document}).all()
 
 
 def resolve_contacts(session: Session, identities: dict[tuple[str, str], int]) -> dict[
@@ -346,7 +444,7 @@ def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
     # PostgreSQL. SQLite allows one writer at a time, so it needs no lock.
     if session.get_bind().dialect.name != "postgresql":
         return
-    session.execute(
+    session.connection().execute(
         select(Contact.id).where(id_in(session, Contact.id, sorted(contact_ids)))
         .order_by(Contact.id).with_for_update()
     )
@@ -354,21 +452,33 @@ def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
 
 def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str, int]]) -> dict[
         tuple[str, int], OpenConversation]:
+    # One statement for every pair: each pair's latest conversation by start time, the
+    # highest id among conversations that started at the same millisecond.
+    source, parameters = derived_table(
+        session, "pairs", {"channel": String(), "contact_id": Integer()},
+        [{"channel": channel, "contact_id": contact_id}
+         for channel, contact_id in channel_contacts])
+    # ``|| ''`` keeps the planners off the (channel, external_id) index, which matches
+    # every conversation of the channel, and on the (contact_id, started_at_ms) one.
+    latest_of_pair = (
+        "SELECT l.id, l.started_at_ms, l.last_message_at_ms, l.ended_at_ms FROM conversations AS l "
+        "WHERE l.contact_id = pairs.contact_id AND l.channel || '' = pairs.channel "
+        "ORDER BY l.started_at_ms DESC, l.id DESC LIMIT 1")
+    if session.get_bind().dialect.name == "postgresql":
+        # A correlated ``c.id = (subquery)`` makes PostgreSQL scan every conversation.
+        statement = text(
+            "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
+            f"c.ended_at_ms FROM {source} CROSS JOIN LATERAL ({latest_of_pair}) AS c")
+    else:
+        # SQLite has no LATERAL, but it runs the correlated subquery once per pair.
+        statement = text(
+            "SELECT pairs.channel, pairs.contact_id, c.id, c.started_at_ms, c.last_message_at_ms, "
+            f"c.ended_at_ms FROM {source} JOIN conversations AS c "
+            f"ON c.id = (SELECT latest.id FROM ({latest_of_pair}) AS latest)")
     latest: dict[tuple[str, int], OpenConversation] = {}
-    by_channel: dict[str, list[int]] = defaultdict(list)
-    for channel, contact_id in channel_contacts:
-        by_channel[channel].append(contact_id)
-    for channel, contact_ids in by_channel.items():
-        statement = (
-            select(Conversation.contact_id, Conversation.id, Conversation.started_at_ms,
-                   Conversation.last_message_at_ms, Conversation.ended_at_ms)
-            .where(Conversation.channel == channel,
-                   id_in(session, Conversation.contact_id, contact_ids))
-            .order_by(Conversation.contact_id, Conversation.started_at_ms)
-        )
-        for contact_id, conversation_id, started, last, ended in session.execute(statement):
-            # Rows come in start order, so the last one seen is the latest.
-            latest[(channel, contact_id)] = OpenConversation(conversation_id, started, last, ended)
+    rows = session.connection().execute(statement, parameters).all()
+    for channel, contact_id, conversation_id, started, last, ended in rows:
+        latest[(channel, int(contact_id))] = OpenConversation(conversation_id, started, last, ended)
     return latest
 
 
@@ -387,7 +497,7 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
         .order_by(Conversation.started_at_ms.desc())
         .limit(1)
     )
-    row = session.execute(statement).first()
+    row = session.connection().execute(statement).first()
     if row is None:
         return None
     return OpenConversation(row[0], row[1], row[2], row[3])
@@ -441,9 +551,13 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
             latest[(channel, contact_id)] = created
         pending[index] = (channel, external_id)
     if new_rows:
-        insert_ignore(session, Conversation.__table__, list(new_rows.values()), ["channel", "external_id"])
-        found = resolve_named_conversations(
-            session, {key: (row["started_at_ms"], row["contact_id"]) for key, row in new_rows.items()})
+        # Inserted in time order, so the new conversations' ids follow their start times.
+        insert_ignore(session, Conversation.__table__, list(new_rows.values()),
+                      ["channel", "external_id"])
+        found = {(channel, external): conversation_id
+                 for channel, external, conversation_id in select_by_keys(
+                     session, Conversation.__table__, ("channel", "external_id"), sorted(new_rows),
+                     ("channel", "external_id", "id"))}
         for index, key in pending.items():
             assigned[index] = found[key]
     return assigned

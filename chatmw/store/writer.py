@@ -19,13 +19,15 @@ from sqlalchemy.orm import Session
 from chatmw import events as ev
 from chatmw.exchange import Exchange, expand_all
 from chatmw.store import models
-from chatmw.store.derive import UNTIMED_KINDS, refresh_conversations
+from chatmw.store.derive import UNTIMED_KINDS, apply_refresh, plan_refresh, refresh_conversations
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
+    bulk_update,
     derived_table,
     id_in,
     insert_ignore,
+    insert_ignore_expected,
     resolve_contacts,
     resolve_named_conversations,
     update_from,
@@ -181,12 +183,20 @@ class Writer:
             for enrich in self.enrichers:
                 row.update(enrich(message))
             rows.append(row)
-        insert_ignore(session, models.Message.__table__, rows, ["key"])
+        # The response figures are computed before the insert, so that new messages go in
+        # with them. When the insert differs from the plan, the conversations are
+        # recomputed from the stored messages instead.
+        plan = plan_refresh(session, rows)
+        planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
+                                         plan.expected)
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
         self._apply_intents(session, messages, conversation_ids)
-        refresh_conversations(session, conversation_ids)
+        if planned:
+            apply_refresh(session, plan)
+        else:
+            refresh_conversations(session, conversation_ids)
         outbound = [(m.channel, m.platform_message_id) for m in messages
                     if m.role != "user" and m.platform_message_id]
         if outbound:
@@ -483,7 +493,7 @@ def latest_conversations_at(session: Session, lookups: Sequence[dict[str, Any]])
         "WHERE c.channel = lookups.channel AND c.contact_id = lookups.contact_id "
         "AND c.started_at_ms <= lookups.at_ms ORDER BY c.started_at_ms DESC LIMIT 1) "
         f"FROM {source}")
-    return {int(idx): int(cid) for idx, cid in session.execute(statement, parameters)
+    return {int(idx): int(cid) for idx, cid in session.connection().execute(statement, parameters)
             if cid is not None}
 
 
@@ -505,7 +515,7 @@ def refresh_statuses(session: Session, keys: Iterable[tuple[str, str]]) -> None:
         for start in range(0, len(id_list), CHUNK):
             chunk = id_list[start:start + CHUNK]
             best: dict[str, tuple[int, str, int]] = {}
-            rows = session.execute(
+            rows = session.connection().execute(
                 select(status.platform_message_id, status.status, status.occurred_at_ms)
                 .where(status.channel == channel, status.platform_message_id.in_(chunk))
             )
@@ -513,13 +523,15 @@ def refresh_statuses(session: Session, keys: Iterable[tuple[str, str]]) -> None:
                 rank = STATUS_RANK.get(name, 0)
                 if platform_id not in best or rank > best[platform_id][0]:
                     best[platform_id] = (rank, name, at_ms)
-            for platform_id, (_, name, at_ms) in best.items():
-                session.execute(
-                    update(models.Message)
-                    .where(models.Message.channel == channel,
-                           models.Message.platform_message_id == platform_id)
-                    .values(status=name, status_at_ms=at_ms)
-                )
+            changes = [{"channel": channel, "platform_id": platform_id, "status": name,
+                        "at_ms": at_ms}
+                       for platform_id, (_, name, at_ms) in sorted(best.items())]
+            update_from(session, models.Message.__table__, changes,
+                        {"channel": String(), "platform_id": String(), "status": String(),
+                         "at_ms": BigInteger()},
+                        "messages.channel = changes.channel "
+                        "AND messages.platform_message_id = changes.platform_id",
+                        "status = changes.status, status_at_ms = changes.at_ms")
 
 
 def link_touches_to_open_conversations(session: Session, contact_ids: Iterable[int], gap_ms: int) -> None:
@@ -554,7 +566,7 @@ def link_pending_touches(session: Session, conversation_ids: set[int], gap_ms: i
         return
     conversation, touch = models.Conversation, models.Touch
     # Contacts of these conversations that have touches not linked to a conversation.
-    with_loose = set(session.execute(
+    with_loose = set(session.connection().execute(
         select(touch.contact_id).distinct()
         .join(conversation, conversation.contact_id == touch.contact_id)
         .where(id_in(session, conversation.id, sorted(conversation_ids)),
@@ -571,7 +583,7 @@ def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None
     ids = sorted(set(contact_ids))
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start:start + CHUNK]
-        rows = session.execute(
+        rows = session.connection().execute(
             select(touch.id, touch.contact_id, touch.conversation_id, touch.occurred_at_ms)
             .where(id_in(session, touch.contact_id, chunk))
             .order_by(touch.occurred_at_ms, touch.id)
@@ -582,9 +594,13 @@ def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None
             by_contact.setdefault(contact_id, []).append(touch_id)
             if conversation_id is not None:
                 by_conversation.setdefault(conversation_id, []).append(touch_id)
-        for contact_id, touch_ids in by_contact.items():
-            session.execute(update(models.Contact).where(models.Contact.id == contact_id)
-                            .values(first_touch_id=touch_ids[0], last_touch_id=touch_ids[-1]))
-        for conversation_id, touch_ids in by_conversation.items():
-            session.execute(update(models.Conversation).where(models.Conversation.id == conversation_id)
-                            .values(first_touch_id=touch_ids[0], last_touch_id=touch_ids[-1]))
+        bulk_update(session, models.Contact.__table__,
+                    [{"id": contact_id, "first_touch_id": touch_ids[0],
+                      "last_touch_id": touch_ids[-1]}
+                     for contact_id, touch_ids in by_contact.items()],
+                    ("first_touch_id", "last_touch_id"))
+        bulk_update(session, models.Conversation.__table__,
+                    [{"id": conversation_id, "first_touch_id": touch_ids[0],
+                      "last_touch_id": touch_ids[-1]}
+                     for conversation_id, touch_ids in by_conversation.items()],
+                    ("first_touch_id", "last_touch_id"))

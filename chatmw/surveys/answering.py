@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import and_, or_, select, tuple_, update
+from sqlalchemy import String, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
-from chatmw.store.identity import insert_ignore
-from chatmw.store.models import Contact, Conversation, Message
+from chatmw.store.identity import derived_table, insert_ignore
+from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_surveys import SURVEY_SENDS, Survey
 from chatmw.surveys.addresses import ADDRESS_META_KEY, store_addresses
 from chatmw.surveys.answers import Answer, parse_answer
@@ -110,11 +110,12 @@ class SurveyAnswerPreprocessor:
         return result
 
     def _stored_answers(self, session: Session, keys: Sequence[str]) -> dict[str, str | None]:
-        rows = session.execute(
-            select(Message.key, Message.kind, Conversation.external_id)
-            .join(Conversation, Conversation.id == Message.conversation_id)
-            .where(Message.key.in_(list(keys)))
-        ).all()
+        source, parameters = derived_table(
+            session, "batch", {"message_key": String()}, [{"message_key": key} for key in keys])
+        rows = session.connection().execute(text(
+            "SELECT m.key, m.kind, c.external_id "
+            f"FROM {source} JOIN messages AS m ON m.key = batch.message_key "
+            "JOIN conversations AS c ON c.id = m.conversation_id"), parameters).all()
         return {
             key: (external if kind == "survey_answer" else None) for key, kind, external in rows
         }
@@ -123,21 +124,22 @@ class SurveyAnswerPreprocessor:
         self, session: Session, identities: set[tuple[str, str]]
     ) -> dict[tuple[str, str], tuple[Survey, str]]:
         now_ms = self.clock()
+        awaiting = or_(
+            Survey.state == "sent",
+            and_(
+                Survey.state == "answered",
+                Survey.comment.is_(None),
+                Survey.comment_deadline_ms >= now_ms,
+            ),
+        )
+        candidates = self._awaiting_ids(session, identities, now_ms)
+        if not candidates:
+            return {}
         statement = (
             select(Survey, Conversation.external_id, Contact.channel, Contact.external_id)
             .join(Contact, Contact.id == Survey.contact_id)
             .join(Conversation, Conversation.id == Survey.conversation_id)
-            .where(
-                tuple_(Contact.channel, Contact.external_id).in_(sorted(identities)),
-                or_(
-                    Survey.state == "sent",
-                    and_(
-                        Survey.state == "answered",
-                        Survey.comment.is_(None),
-                        Survey.comment_deadline_ms >= now_ms,
-                    ),
-                ),
-            )
+            .where(Survey.id.in_(candidates), awaiting)
             .order_by(Survey.sent_at_ms, Survey.id)
         )
         found: dict[tuple[str, str], tuple[Survey, str]] = {}
@@ -148,6 +150,24 @@ class SurveyAnswerPreprocessor:
             # The latest survey sent to the user wins.
             found[(channel, user_id)] = (survey, conversation_external)
         return found
+
+    @staticmethod
+    def _awaiting_ids(session: Session, identities: set[tuple[str, str]], now_ms: int) -> list[int]:
+        # Ids of the surveys awaiting an answer from these users, with the same condition as
+        # ``_awaiting``: one statement whose text is the same for every batch. Most batches
+        # find none, and then load no survey.
+        source, parameters = derived_table(
+            session, "users", {"channel": String(), "external_id": String()},
+            [{"channel": channel, "external_id": external}
+             for channel, external in sorted(identities)])
+        statement = text(
+            f"SELECT s.id FROM {source} JOIN contacts AS c "
+            "ON c.channel = users.channel AND c.external_id = users.external_id "
+            "JOIN surveys AS s ON s.contact_id = c.id "
+            "WHERE s.state = 'sent' OR (s.state = 'answered' AND s.comment IS NULL "
+            "AND s.comment_deadline_ms >= :now_ms)")
+        rows = session.connection().execute(statement, {**parameters, "now_ms": now_ms})
+        return sorted(set(rows.scalars()))
 
     @staticmethod
     def _for_survey(message: ev.Message, survey: Survey, conversation_id: str) -> bool:
