@@ -1,0 +1,406 @@
+"""The rollup refresher: finds changed slots and recomputes them from raw rows.
+
+A rollup row depends only on the raw rows whose times fall in its slots, so a slot is
+refreshed by deleting its rows and counting the raw rows again. Inserting a duplicate
+event changes no raw row, and a late message dirties the slots it and its conversation
+touch, so the rollups match the raw rows after every refresh. docs/rollups.md describes
+the design.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Conversation, Message
+from chatmw.store.models_rollups import (
+    SLOT_MS,
+    RollupConversations,
+    RollupMessages,
+    RollupState,
+    RollupUsers,
+)
+
+__all__ = [
+    "RefreshReport",
+    "Refresher",
+    "refresh",
+    "rebuild",
+    "invalidate",
+    "slot_of",
+    "slot_expression",
+    "dirty_slots",
+    "slot_ranges",
+    "time_in_ranges",
+    "BEFORE_EPOCH_SLOT",
+    "OVERLAP_MS",
+    "REFRESH_INTERVAL_S",
+]
+
+logger = logging.getLogger("chatmw")
+
+# Every time before the Unix epoch shares this one slot; queries never read it from rollups.
+BEFORE_EPOCH_SLOT = -SLOT_MS
+# Messages are read again for this long after a refresh first saw their id range. A writer
+# transaction that takes ids and commits later than this is counted only after a rebuild.
+OVERLAP_MS = 5 * 60 * 1000
+# Seconds between two refreshes of the runtime's refresher thread.
+REFRESH_INTERVAL_S = 30.0
+# Slots deleted or read per statement.
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshReport:
+    """What one refresh did: a full rebuild or the number of slots recomputed."""
+
+    rebuilt: bool
+    slots: int
+    watermark_id: int
+    seconds: float
+
+
+def slot_of(moment_ms: int) -> int:
+    """Return the start of the rollup slot containing ``moment_ms``."""
+    if moment_ms < 0:
+        return BEFORE_EPOCH_SLOT
+    return moment_ms - moment_ms % SLOT_MS
+
+
+def slot_expression(column: Any) -> ColumnElement[Any]:
+    """Return SQL computing :func:`slot_of` of an integer millisecond column."""
+    # Integer division truncates in SQLite and PostgreSQL alike, so only times >= 0 use it.
+    # The constants are inlined: PostgreSQL matches a GROUP BY expression to the selected one
+    # only when their text is the same, and bound parameters get distinct names.
+    width = literal_column(str(SLOT_MS))
+    return case(
+        (column < literal_column("0"), literal_column(str(BEFORE_EPOCH_SLOT))),
+        else_=column.op("/")(width).op("*")(width),
+    )
+
+
+def slot_ranges(slots: Iterable[int]) -> list[tuple[int | None, int]]:
+    """Merge slots into ``[start, end)`` millisecond ranges; ``None`` starts before the epoch."""
+    ranges: list[tuple[int | None, int]] = []
+    for slot in sorted(set(slots)):
+        if slot == BEFORE_EPOCH_SLOT:
+            ranges.append((None, 0))
+            continue
+        if ranges and ranges[-1][1] == slot:
+            ranges[-1] = (ranges[-1][0], slot + SLOT_MS)
+        else:
+            ranges.append((slot, slot + SLOT_MS))
+    return ranges
+
+
+def time_in_ranges(column: Any, ranges: Iterable[tuple[int | None, int]]) -> ColumnElement[bool]:
+    """Return SQL true when ``column`` lies in one of ``ranges``."""
+    conditions = [
+        column < end if start is None else and_(column >= start, column < end)
+        for start, end in ranges
+    ]
+    return or_(*conditions) if conditions else false()
+
+
+def dirty_slots(connection: Connection, after_id: int, through_id: int | None = None) -> set[int]:
+    """Return the slots whose rollup rows may differ from the raw rows of messages above ``after_id``.
+
+    These are the slots of the new messages and, for each of their conversations, the
+    slots of all its messages and of its start: a late message can move the start, and the
+    old start was the time of one of the older messages.
+    """
+    tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
+    if through_id is not None:
+        tail = tail.where(Message.id <= through_id)
+    slots: set[int] = set()
+    conversations: set[int] = set()
+    for conversation_id, at_ms in connection.execute(tail):
+        slots.add(slot_of(at_ms))
+        conversations.add(conversation_id)
+    ids = sorted(conversations)
+    for index in range(0, len(ids), _CHUNK):
+        chunk = ids[index : index + _CHUNK]
+        times = select(Message.occurred_at_ms).where(Message.conversation_id.in_(chunk))
+        slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(times))
+        starts = select(Conversation.started_at_ms).where(Conversation.id.in_(chunk))
+        slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(starts))
+    return slots
+
+
+def _timed() -> ColumnElement[bool]:
+    return Message.kind.not_in(UNTIMED_KINDS)
+
+
+def _message_counts(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("start_slot_ms"),
+            slot_expression(Message.occurred_at_ms).label("slot_ms"),
+            Conversation.channel,
+            func.count().label("messages"),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), where)
+        .group_by(
+            slot_expression(Conversation.started_at_ms),
+            slot_expression(Message.occurred_at_ms),
+            Conversation.channel,
+        )
+    )
+
+
+def _user_rows(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Message.occurred_at_ms).label("slot_ms"),
+            Conversation.channel,
+            Message.contact_id,
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), Message.role == "user", Message.contact_id.is_not(None), where)
+        .distinct()
+    )
+
+
+def _conversation_counts(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("slot_ms"),
+            Conversation.channel,
+            func.count().label("conversations"),
+        )
+        .where(where)
+        .group_by(slot_expression(Conversation.started_at_ms), Conversation.channel)
+    )
+
+
+def _lock_state(connection: Connection) -> RollupStateRow:
+    row = connection.execute(
+        select(
+            RollupState.built,
+            RollupState.watermark_id,
+            RollupState.rescan_from_id,
+            RollupState.pending_id,
+            RollupState.pending_at_ms,
+        )
+        .where(RollupState.id == 1)
+        .with_for_update()
+    ).one()
+    return RollupStateRow(bool(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+
+
+@dataclass(slots=True)
+class RollupStateRow:
+    """The columns of ``rollup_state`` the refresher reads."""
+
+    built: bool
+    watermark_id: int
+    rescan_from_id: int
+    pending_id: int
+    pending_at_ms: int
+
+
+def _max_message_id(connection: Connection) -> int:
+    return int(connection.execute(select(func.coalesce(func.max(Message.id), 0))).scalar_one())
+
+
+def _rebuild(connection: Connection, now_ms: int) -> int:
+    watermark = _max_message_id(connection)
+    for table in (RollupConversations, RollupMessages, RollupUsers):
+        connection.execute(delete(table))
+    everything = true()
+    connection.execute(
+        insert(RollupConversations).from_select(
+            ["slot_ms", "channel", "conversations"], _conversation_counts(everything)
+        )
+    )
+    connection.execute(
+        insert(RollupMessages).from_select(
+            ["start_slot_ms", "slot_ms", "channel", "messages"], _message_counts(everything)
+        )
+    )
+    connection.execute(
+        insert(RollupUsers).from_select(["slot_ms", "channel", "contact_id"], _user_rows(everything))
+    )
+    connection.execute(
+        update(RollupState)
+        .where(RollupState.id == 1)
+        .values(
+            built=True,
+            watermark_id=watermark,
+            rescan_from_id=watermark,
+            pending_id=watermark,
+            pending_at_ms=now_ms,
+            refreshed_at_ms=now_ms,
+        )
+    )
+    return watermark
+
+
+def _delete_slots(connection: Connection, slots: list[int]) -> None:
+    for index in range(0, len(slots), _CHUNK):
+        chunk = slots[index : index + _CHUNK]
+        connection.execute(delete(RollupConversations).where(RollupConversations.slot_ms.in_(chunk)))
+        connection.execute(delete(RollupUsers).where(RollupUsers.slot_ms.in_(chunk)))
+        connection.execute(
+            delete(RollupMessages).where(
+                or_(RollupMessages.slot_ms.in_(chunk), RollupMessages.start_slot_ms.in_(chunk))
+            )
+        )
+
+
+def _recompute(connection: Connection, slots: set[int]) -> None:
+    """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    ordered = sorted(slots)
+    _delete_slots(connection, ordered)
+    ranges = slot_ranges(ordered)
+    for index in range(0, len(ranges), 50):
+        part = ranges[index : index + 50]
+        connection.execute(
+            insert(RollupConversations).from_select(
+                ["slot_ms", "channel", "conversations"],
+                _conversation_counts(time_in_ranges(Conversation.started_at_ms, part)),
+            )
+        )
+        connection.execute(
+            insert(RollupUsers).from_select(
+                ["slot_ms", "channel", "contact_id"],
+                _user_rows(time_in_ranges(Message.occurred_at_ms, part)),
+            )
+        )
+
+    # A message row is stale when its message slot or its conversation's start slot is
+    # dirty: count the first kind by message time, the second by conversation start, and
+    # keep each row once.
+    counts: dict[tuple[int, int, str], int] = defaultdict(int)
+    for index in range(0, len(ranges), 50):
+        part = ranges[index : index + 50]
+        by_time = _message_counts(time_in_ranges(Message.occurred_at_ms, part))
+        for start_slot, slot, channel, messages in connection.execute(by_time):
+            counts[(int(start_slot), int(slot), channel)] = int(messages)
+        by_start = _message_counts(time_in_ranges(Conversation.started_at_ms, part))
+        for start_slot, slot, channel, messages in connection.execute(by_start):
+            if int(slot) not in slots:
+                counts[(int(start_slot), int(slot), channel)] = int(messages)
+    rows = [
+        {"start_slot_ms": start, "slot_ms": slot, "channel": channel, "messages": messages}
+        for (start, slot, channel), messages in counts.items()
+    ]
+    if rows:
+        connection.execute(insert(RollupMessages), rows)
+
+
+def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
+    """Bring the rollups up to date with the raw rows; build them first if they are not built."""
+    started = time.perf_counter()
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    with engine.begin() as connection:
+        state = _lock_state(connection)
+        if not state.built:
+            watermark = _rebuild(connection, now_ms)
+            return RefreshReport(True, 0, watermark, time.perf_counter() - started)
+
+        watermark = max(_max_message_id(connection), state.watermark_id)
+        slots = dirty_slots(connection, state.rescan_from_id, watermark)
+        if slots:
+            _recompute(connection, slots)
+        rescan_from, pending, pending_at = (
+            state.rescan_from_id,
+            state.pending_id,
+            state.pending_at_ms,
+        )
+        if now_ms - pending_at >= OVERLAP_MS:
+            rescan_from, pending, pending_at = pending, watermark, now_ms
+        connection.execute(
+            update(RollupState)
+            .where(RollupState.id == 1)
+            .values(
+                watermark_id=watermark,
+                rescan_from_id=rescan_from,
+                pending_id=pending,
+                pending_at_ms=pending_at,
+                refreshed_at_ms=now_ms,
+            )
+        )
+    return RefreshReport(False, len(slots), watermark, time.perf_counter() - started)
+
+
+def rebuild(engine: Engine, now_ms: int | None = None) -> RefreshReport:
+    """Recompute every rollup row from the raw rows."""
+    invalidate(engine)
+    return refresh(engine, now_ms)
+
+
+def invalidate(engine: Engine) -> None:
+    """Mark the rollups unbuilt: queries read raw rows until the next refresh rebuilds them.
+
+    Call it after deleting raw rows (erasure, retention), which the refresher cannot see.
+    """
+    with engine.begin() as connection:
+        connection.execute(update(RollupState).where(RollupState.id == 1).values(built=False))
+
+
+class Refresher:
+    """A daemon thread that refreshes the rollups every ``interval_s`` seconds."""
+
+    def __init__(self, engine: Engine, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"rollup refresh interval must be positive, got {interval_s!r}")
+        self.engine = engine
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread; the first refresh runs at once."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="chatmw-rollups", daemon=True)
+        self._thread.start()
+        logger.info("rollups: refresher started, every %.0f s", self.interval_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread, waiting at most ``timeout_s`` for a running refresh."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        logger.info("rollups: refresher stopped")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                report = refresh(self.engine)
+                logger.debug(
+                    "rollups: refreshed %d slots to message id %d in %.2f s",
+                    report.slots,
+                    report.watermark_id,
+                    report.seconds,
+                )
+            except Exception:  # noqa: BLE001 - the thread keeps running; queries stay exact
+                logger.exception("rollups: refresh failed; retrying in %.0f s", self.interval_s)
+            self._stop.wait(self.interval_s)
