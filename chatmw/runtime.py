@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from chatmw.business import install as install_business
 from chatmw.config import Settings
+from chatmw.metrics.rollup_refresh import REFRESH_INTERVAL_S, Refresher
 from chatmw.recorder import Recorder, Spool
 from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.sentiment import sentiment_enricher
@@ -65,6 +66,9 @@ class Runtime:
         # Set by start() when privacy settings were given: the resolved pseudonymiser.
         self.privacy: Privacy | None = None
         self._capturing = False
+        # Seconds between rollup refreshes of the thread ``start`` runs; None runs no thread.
+        self.rollup_interval_s: float | None = REFRESH_INTERVAL_S
+        self._rollups: Refresher | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
@@ -104,6 +108,9 @@ class Runtime:
             install_address_capture(self.recorder, self.survey_channels)
             self._capturing = True
         self.recorder.start()
+        if self.rollup_interval_s is not None and self._rollups is None:
+            self._rollups = Refresher(self.engine, self.rollup_interval_s)
+            self._rollups.start()
 
     def stop(self) -> bool:
         """Flush and stop the recorder, then close the spool; ``False`` when events were lost.
@@ -111,6 +118,9 @@ class Runtime:
         Events the recorder could not write in time are in the spool (when there is one)
         and are replayed by the next start.
         """
+        if self._rollups is not None:
+            self._rollups.stop()
+            self._rollups = None
         flushed = self.recorder.stop()
         close = getattr(self.recorder.spool, "close", None)
         if close is not None:

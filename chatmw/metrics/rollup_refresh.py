@@ -33,6 +33,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.store.derive import UNTIMED_KINDS
@@ -198,7 +199,26 @@ def _conversation_counts(where: ColumnElement[bool]) -> Any:
     )
 
 
+def _ensure_state(connection: Connection) -> None:
+    # The migration inserts the row; a store whose tables were emptied gets it back here.
+    insert_module = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(
+        insert_module.insert(RollupState)
+        .values(
+            id=1,
+            built=False,
+            watermark_id=0,
+            rescan_from_id=0,
+            pending_id=0,
+            pending_at_ms=0,
+            refreshed_at_ms=0,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
 def _lock_state(connection: Connection) -> RollupStateRow:
+    _ensure_state(connection)
     row = connection.execute(
         select(
             RollupState.built,
