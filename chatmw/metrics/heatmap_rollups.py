@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, func, select
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.heatmap import local_slot
@@ -25,53 +25,59 @@ def _key(flt: MetricFilter, channel: str) -> Any:
     return channel if flt.group_by is not None else None
 
 
+def _channel_columns(flt: MetricFilter, column: Any) -> tuple[Any, ...]:
+    # Without a grouping every channel adds to the same cells, so SQL sums them.
+    return (column,) if flt.group_by is not None else ()
+
+
 def _add_conversations(
     connection: Connection, flt: MetricFilter, coverage: Coverage, grids: Grids
 ) -> None:
-    rollups = select(
-        RollupConversations.slot_ms, RollupConversations.channel, RollupConversations.conversations
-    ).where(
-        RollupConversations.slot_ms >= coverage.first_slot,
-        RollupConversations.slot_ms < coverage.end_slot,
-        *channel_condition(RollupConversations.channel, flt),
+    channels = _channel_columns(flt, RollupConversations.channel)
+    rollups = (
+        select(RollupConversations.slot_ms, func.sum(RollupConversations.conversations), *channels)
+        .where(
+            RollupConversations.slot_ms >= coverage.first_slot,
+            RollupConversations.slot_ms < coverage.end_slot,
+            ~time_in_ranges(RollupConversations.slot_ms, coverage.raw),
+            *channel_condition(RollupConversations.channel, flt),
+        )
+        .group_by(RollupConversations.slot_ms, *channels)
     )
-    for slot, channel, number in connection.execute(rollups):
-        if slot not in coverage.served:
-            continue
+    for slot, number, *channel in connection.execute(rollups):
         offset = coverage.offsets.slot_offset(slot)
         if offset is not None:
             cell = coverage.offsets.weekday_hour(slot, offset)
-            grids[_key(flt, channel)]["conversations"][cell] += number
+            grids[channel[0] if channel else None]["conversations"][cell] += int(number)
     raw = select(Conversation.started_at_ms, Conversation.channel).where(
         time_in_ranges(Conversation.started_at_ms, coverage.raw),
         *channel_condition(Conversation.channel, flt),
     )
-    for at_ms, channel in connection.execute(raw):
-        grids[_key(flt, channel)]["conversations"][local_slot(at_ms, flt.tz)] += 1
+    for at_ms, channel_name in connection.execute(raw):
+        grids[_key(flt, channel_name)]["conversations"][local_slot(at_ms, flt.tz)] += 1
 
 
 def _add_messages(connection: Connection, flt: MetricFilter, coverage: Coverage, grids: Grids) -> None:
-    rollups = select(
-        RollupMessages.start_slot_ms,
-        RollupMessages.slot_ms,
-        RollupMessages.channel,
-        RollupMessages.messages,
-    ).where(
-        RollupMessages.start_slot_ms >= coverage.first_slot,
-        RollupMessages.start_slot_ms < coverage.end_slot,
-        *channel_condition(RollupMessages.channel, flt),
+    channels = _channel_columns(flt, RollupMessages.channel)
+    rollups = (
+        select(RollupMessages.slot_ms, func.sum(RollupMessages.messages), *channels)
+        .where(
+            RollupMessages.start_slot_ms >= coverage.first_slot,
+            RollupMessages.start_slot_ms < coverage.end_slot,
+            ~time_in_ranges(RollupMessages.start_slot_ms, coverage.raw),
+            *channel_condition(RollupMessages.channel, flt),
+        )
+        .group_by(RollupMessages.slot_ms, *channels)
     )
     # Message slots of served conversations that rollups do not count exactly.
     unserved: set[int] = set()
-    for start_slot, slot, channel, number in connection.execute(rollups):
-        if start_slot not in coverage.served:
-            continue
+    for slot, number, *channel in connection.execute(rollups):
         offset = coverage.message_slot_offset(slot)
         if offset is None:
             unserved.add(slot)
             continue
         cell = coverage.offsets.weekday_hour(slot, offset)
-        grids[_key(flt, channel)]["messages"][cell] += number
+        grids[channel[0] if channel else None]["messages"][cell] += int(number)
 
     columns = (Message.occurred_at_ms, Conversation.channel, Conversation.started_at_ms)
     timed = Message.kind.not_in(UNTIMED_KINDS)

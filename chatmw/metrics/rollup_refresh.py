@@ -342,31 +342,53 @@ def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
         state = _lock_state(connection)
         if not state.built:
             watermark = _rebuild(connection, now_ms)
-            return RefreshReport(True, 0, watermark, time.perf_counter() - started)
+            rebuilt = True
+        else:
+            watermark, slots = _refresh_slots(connection, state, now_ms)
+            rebuilt = False
+    if rebuilt:
+        _analyze(engine)
+        return RefreshReport(True, 0, watermark, time.perf_counter() - started)
+    return RefreshReport(False, slots, watermark, time.perf_counter() - started)
 
-        watermark = max(_max_message_id(connection), state.watermark_id)
-        slots = dirty_slots(connection, state.rescan_from_id, watermark)
-        if slots:
-            _recompute(connection, slots)
-        rescan_from, pending, pending_at = (
-            state.rescan_from_id,
-            state.pending_id,
-            state.pending_at_ms,
+
+def _analyze(engine: Engine) -> None:
+    """Refresh planner statistics after a rebuild, so range scans on slots use the indexes."""
+    names = ("rollup_conversations", "rollup_messages", "rollup_users")
+    if engine.dialect.name == "postgresql":
+        # VACUUM cannot run in a transaction; it also sets the visibility map that lets
+        # PostgreSQL answer slot ranges from the primary key index alone.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            for name in names:
+                connection.exec_driver_sql(f"VACUUM ANALYZE {name}")
+        return
+    with engine.begin() as connection:
+        for name in names:
+            connection.exec_driver_sql(f"ANALYZE {name}")
+
+
+def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -> tuple[int, int]:
+    """Recompute the slots changed since the last refresh; return the watermark and slot count."""
+
+    watermark = max(_max_message_id(connection), state.watermark_id)
+    slots = dirty_slots(connection, state.rescan_from_id, watermark)
+    if slots:
+        _recompute(connection, slots)
+    rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
+    if now_ms - pending_at >= OVERLAP_MS:
+        rescan_from, pending, pending_at = pending, watermark, now_ms
+    connection.execute(
+        update(RollupState)
+        .where(RollupState.id == 1)
+        .values(
+            watermark_id=watermark,
+            rescan_from_id=rescan_from,
+            pending_id=pending,
+            pending_at_ms=pending_at,
+            refreshed_at_ms=now_ms,
         )
-        if now_ms - pending_at >= OVERLAP_MS:
-            rescan_from, pending, pending_at = pending, watermark, now_ms
-        connection.execute(
-            update(RollupState)
-            .where(RollupState.id == 1)
-            .values(
-                watermark_id=watermark,
-                rescan_from_id=rescan_from,
-                pending_id=pending,
-                pending_at_ms=pending_at,
-                refreshed_at_ms=now_ms,
-            )
-        )
-    return RefreshReport(False, len(slots), watermark, time.perf_counter() - started)
+    )
+    return watermark, len(slots)
 
 
 def rebuild(engine: Engine, now_ms: int | None = None) -> RefreshReport:

@@ -48,20 +48,52 @@ def _key(flt: MetricFilter, channel: str) -> Any:
     return channel if flt.group_by is not None else None
 
 
+def _channel_columns(flt: MetricFilter, column: Any) -> tuple[Any, ...]:
+    # Without a grouping every channel adds to the same buckets, so SQL sums them.
+    return (column,) if flt.group_by is not None else ()
+
+
+def _add_rollup_counts(
+    connection: Connection,
+    flt: MetricFilter,
+    coverage: Coverage,
+    buckets: _Buckets,
+    counts: Counts,
+    figure: str,
+) -> None:
+    """Add the served slots' conversations or messages from rollups."""
+    if figure == "conversations":
+        slot, channel_column, number = (
+            RollupConversations.slot_ms,
+            RollupConversations.channel,
+            RollupConversations.conversations,
+        )
+    else:
+        slot, channel_column, number = (
+            RollupMessages.slot_ms,
+            RollupMessages.channel,
+            RollupMessages.messages,
+        )
+    channels = _channel_columns(flt, channel_column)
+    statement = (
+        select(slot, func.sum(number), *channels)
+        .where(
+            slot >= coverage.first_slot,
+            slot < coverage.end_slot,
+            ~time_in_ranges(slot, coverage.raw),
+            *channel_condition(channel_column, flt),
+        )
+        .group_by(slot, *channels)
+    )
+    for slot_ms, total, *channel in connection.execute(statement):
+        key = channel[0] if channel else None
+        counts[key][buckets.index(slot_ms)][figure] += int(total)
+
+
 def _add_conversations(
     connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: _Buckets, counts: Counts
 ) -> None:
-    rollups = (
-        select(RollupConversations.slot_ms, RollupConversations.channel, RollupConversations.conversations)
-        .where(
-            RollupConversations.slot_ms >= coverage.first_slot,
-            RollupConversations.slot_ms < coverage.end_slot,
-            *channel_condition(RollupConversations.channel, flt),
-        )
-    )
-    for slot, channel, number in connection.execute(rollups):
-        if slot in coverage.served:
-            counts[_key(flt, channel)][buckets.index(slot)]["conversations"] += number
+    _add_rollup_counts(connection, flt, coverage, buckets, counts, "conversations")
     raw = select(Conversation.started_at_ms, Conversation.channel).where(
         time_in_ranges(Conversation.started_at_ms, coverage.raw),
         *channel_condition(Conversation.channel, flt),
@@ -73,18 +105,7 @@ def _add_conversations(
 def _add_messages(
     connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: _Buckets, counts: Counts
 ) -> None:
-    rollups = (
-        select(RollupMessages.slot_ms, RollupMessages.channel, func.sum(RollupMessages.messages))
-        .where(
-            RollupMessages.slot_ms >= coverage.first_slot,
-            RollupMessages.slot_ms < coverage.end_slot,
-            *channel_condition(RollupMessages.channel, flt),
-        )
-        .group_by(RollupMessages.slot_ms, RollupMessages.channel)
-    )
-    for slot, channel, number in connection.execute(rollups):
-        if slot in coverage.served:
-            counts[_key(flt, channel)][buckets.index(slot)]["messages"] += int(number)
+    _add_rollup_counts(connection, flt, coverage, buckets, counts, "messages")
     raw = (
         select(Message.occurred_at_ms, Conversation.channel)
         .join(Conversation, Conversation.id == Message.conversation_id)
