@@ -10,7 +10,7 @@ slots around an offset change that is not on a slot edge) are read from raw rows
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, case, literal_column, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -26,7 +26,15 @@ from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_refresh import BEFORE_EPOCH_SLOT, dirty_slots, slot_ranges
 from chatmw.store.models_rollups import SLOT_MS, RollupState
 
-__all__ = ["Coverage", "SlotOffsets", "cover", "raw_only", "channel_condition", "MAX_RAW_RANGES"]
+__all__ = [
+    "Coverage",
+    "SlotOffsets",
+    "cover",
+    "raw_only",
+    "bucket_index",
+    "channel_condition",
+    "MAX_RAW_RANGES",
+]
 
 _ENABLED: ContextVar[bool] = ContextVar("chatmw_rollups_enabled", default=True)
 DAY_MS = 86_400_000
@@ -172,6 +180,31 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
     if len(raw) > MAX_RAW_RANGES:
         return None
     return Coverage(since, until, first, end, served, raw, dirty, offsets)
+
+
+def bucket_index(column: Any, bounds: Sequence[int]) -> ColumnElement[Any]:
+    """Return SQL giving ``i`` where ``bounds[i] <= column < bounds[i + 1]``.
+
+    The CASE expressions nest as a binary search, so each row costs about log2(buckets)
+    comparisons. Numbers are inlined: PostgreSQL accepts a GROUP BY on the expression only
+    when its text is the same as the selected one.
+    """
+
+    def number(value: int) -> ColumnElement[Any]:
+        return literal_column(str(int(value)))
+
+    def search(low: int, high: int) -> ColumnElement[Any]:
+        if high - low == 1:
+            return number(low)
+        middle = (low + high) // 2
+        return case((column < number(bounds[middle]), search(low, middle)), else_=search(middle, high))
+
+    if len(bounds) < 2:
+        raise ValueError("bucket_index needs at least one bucket (two bounds)")
+    if len(bounds) == 2:
+        # A bare constant in GROUP BY would be read as a column position by PostgreSQL.
+        return case((column < number(bounds[1]), number(0)), else_=number(0))
+    return search(0, len(bounds) - 1)
 
 
 def channel_condition(column: Any, flt: MetricFilter) -> list[ColumnElement[bool]]:

@@ -8,21 +8,18 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, literal, select, union_all
+from sqlalchemy import Connection, Engine, func, select
 
 from chatmw.events import to_ms
 from chatmw.metrics.buckets import next_bucket
 from chatmw.metrics.filters import MetricFilter
-from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
+from chatmw.metrics.rollup_query import Coverage, bucket_index, channel_condition, cover
 from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import RollupConversations, RollupMessages, RollupUsers
 
 __all__ = ["volume_counts"]
-
-# Buckets per UNION ALL statement; SQLite allows at most 500 terms in one compound select.
-_UNION_CHUNK = 200
 
 Counts = dict[Any, dict[int, dict[str, int]]]
 
@@ -75,19 +72,20 @@ def _add_rollup_counts(
             RollupMessages.messages,
         )
     channels = _channel_columns(flt, channel_column)
+    index = bucket_index(slot, buckets.bounds)
     statement = (
-        select(slot, func.sum(number), *channels)
+        select(index, func.sum(number), *channels)
         .where(
             slot >= coverage.first_slot,
             slot < coverage.end_slot,
             ~time_in_ranges(slot, coverage.raw),
             *channel_condition(channel_column, flt),
         )
-        .group_by(slot, *channels)
+        .group_by(index, *channels)
     )
-    for slot_ms, total, *channel in connection.execute(statement):
+    for bucket, total, *channel in connection.execute(statement):
         key = channel[0] if channel else None
-        counts[key][buckets.index(slot_ms)][figure] += int(total)
+        counts[key][int(bucket)][figure] += int(total)
 
 
 def _add_conversations(
@@ -134,34 +132,26 @@ def _distinct_users(
     flt: MetricFilter,
     coverage: Coverage,
     buckets: _Buckets,
-    indexes: list[int],
+    whole: set[int],
     per_channel: bool,
 ) -> dict[tuple[Any, int], int]:
     """Count distinct contacts per bucket (and channel) over buckets served wholly from rollups."""
+    index = bucket_index(RollupUsers.slot_ms, buckets.bounds)
+    channels = (RollupUsers.channel,) if per_channel else ()
+    statement = (
+        select(index, func.count(func.distinct(RollupUsers.contact_id)), *channels)
+        .where(
+            RollupUsers.slot_ms >= coverage.first_slot,
+            RollupUsers.slot_ms < coverage.end_slot,
+            ~time_in_ranges(RollupUsers.slot_ms, coverage.raw),
+            *channel_condition(RollupUsers.channel, flt),
+        )
+        .group_by(index, *channels)
+    )
     result: dict[tuple[Any, int], int] = {}
-    for offset in range(0, len(indexes), _UNION_CHUNK):
-        parts = []
-        for index in indexes[offset : offset + _UNION_CHUNK]:
-            start, end = buckets.span(index, coverage)
-            channel = RollupUsers.channel if per_channel else literal(None)
-            part = select(
-                literal(index).label("bucket"),
-                channel.label("channel"),
-                func.count(func.distinct(RollupUsers.contact_id)).label("users"),
-            ).where(
-                RollupUsers.slot_ms >= start,
-                RollupUsers.slot_ms < end,
-                *channel_condition(RollupUsers.channel, flt),
-            )
-            if per_channel:
-                part = part.group_by(RollupUsers.channel)
-            parts.append(part)
-        if not parts:
-            continue
-        statement = parts[0] if len(parts) == 1 else union_all(*parts)
-        for index, channel, users in connection.execute(statement):
-            if users:
-                result[(channel, int(index))] = int(users)
+    for bucket, users, *channel in connection.execute(statement):
+        if int(bucket) in whole and users:
+            result[(channel[0] if channel else None, int(bucket))] = int(users)
     return result
 
 
@@ -211,7 +201,7 @@ def _add_users(
     overall_users: dict[int, int],
 ) -> None:
     mixed = _mixed_buckets(coverage, buckets)
-    whole = [index for index in range(len(buckets.bounds) - 1) if index not in mixed]
+    whole = {index for index in range(len(buckets.bounds) - 1) if index not in mixed}
     grouped = flt.group_by is not None
     for (channel, index), users in _distinct_users(
         connection, flt, coverage, buckets, whole, per_channel=grouped
