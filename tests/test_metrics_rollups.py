@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from chatmw import events as ev
 from chatmw.cli import app as cli_app
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import invalidate, rebuild, refresh
@@ -39,6 +40,9 @@ METRICS: dict[str, Compute] = {
     "volume-hour": lambda engine, flt: volume(engine, flt, {"interval": "hour"}),
     "volume-week": lambda engine, flt: volume(engine, flt, {"interval": "week"}),
     "heatmap": lambda engine, flt: heatmap(engine, flt, {}),
+    "growth-day": lambda engine, flt: growth(engine, flt, {"period": "day"}),
+    "growth-week": lambda engine, flt: growth(engine, flt, {"period": "week"}),
+    "growth-month": lambda engine, flt: growth(engine, flt, {"period": "month"}),
 }
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from bisect import bisect_right
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -22,12 +23,16 @@ from sqlalchemy import Connection, case, literal_column, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.elements import ColumnElement
 
+from chatmw.events import to_ms
+from chatmw.metrics.buckets import next_bucket
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_refresh import BEFORE_EPOCH_SLOT, dirty_slots, slot_ranges
 from chatmw.store.models_rollups import SLOT_MS, RollupState
 
 __all__ = [
+    "Buckets",
     "Coverage",
+    "mixed_buckets",
     "SlotOffsets",
     "cover",
     "raw_only",
@@ -180,6 +185,34 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
     if len(raw) > MAX_RAW_RANGES:
         return None
     return Coverage(since, until, first, end, served, raw, dirty, offsets)
+
+
+class Buckets:
+    """Bucket boundaries in ms, for finding the bucket of a time or a served slot."""
+
+    def __init__(self, starts: Sequence[datetime], interval: str, tz: ZoneInfo) -> None:
+        self.bounds = [to_ms(start) for start in starts]
+        self.bounds.append(to_ms(next_bucket(starts[-1], interval, tz)))
+
+    def index(self, moment_ms: int) -> int:
+        """Return the index of the bucket containing ``moment_ms``."""
+        return bisect_right(self.bounds, moment_ms) - 1
+
+    def span(self, index: int, coverage: Coverage) -> tuple[int, int]:
+        """Return the served slot range of bucket ``index`` inside the window."""
+        start = max(self.bounds[index], coverage.first_slot)
+        end = min(self.bounds[index + 1], coverage.end_slot)
+        return start, end
+
+
+def mixed_buckets(coverage: Coverage, buckets: Buckets) -> set[int]:
+    """Return the buckets that contain part of the raw ranges."""
+    mixed: set[int] = set()
+    for start, end in coverage.raw:
+        first = buckets.index(coverage.since_ms if start is None else start)
+        last = buckets.index(end - 1)
+        mixed.update(range(max(first, 0), last + 1))
+    return mixed
 
 
 def bucket_index(column: Any, bounds: Sequence[int]) -> ColumnElement[Any]:

@@ -41,7 +41,9 @@ from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import (
     SLOT_MS,
     RollupConversations,
+    RollupFirsts,
     RollupMessages,
+    RollupStarters,
     RollupState,
     RollupUsers,
 )
@@ -55,6 +57,9 @@ __all__ = [
     "slot_of",
     "slot_expression",
     "dirty_slots",
+    "changes_after",
+    "Changes",
+    "first_starts",
     "slot_ranges",
     "time_in_ranges",
     "BEFORE_EPOCH_SLOT",
@@ -127,29 +132,48 @@ def time_in_ranges(column: Any, ranges: Iterable[tuple[int | None, int]]) -> Col
     return or_(*conditions) if conditions else false()
 
 
-def dirty_slots(connection: Connection, after_id: int, through_id: int | None = None) -> set[int]:
-    """Return the slots whose rollup rows may differ from the raw rows of messages above ``after_id``.
+@dataclass(slots=True)
+class Changes:
+    """What messages above a watermark may have changed: slots and contacts."""
 
-    These are the slots of the new messages and, for each of their conversations, the
+    slots: set[int]
+    contacts: set[int]
+
+
+def changes_after(connection: Connection, after_id: int, through_id: int | None = None) -> Changes:
+    """Return the slots and contacts whose rollup rows may be stale after messages above ``after_id``.
+
+    The slots are those of the new messages and, for each of their conversations, the
     slots of all its messages and of its start: a late message can move the start, and the
-    old start was the time of one of the older messages.
+    old start was the time of one of the older messages. The contacts are the owners of
+    those conversations, whose first conversation may have moved.
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
         tail = tail.where(Message.id <= through_id)
-    slots: set[int] = set()
+    changes = Changes(set(), set())
     conversations: set[int] = set()
     for conversation_id, at_ms in connection.execute(tail):
-        slots.add(slot_of(at_ms))
+        changes.slots.add(slot_of(at_ms))
         conversations.add(conversation_id)
     ids = sorted(conversations)
     for index in range(0, len(ids), _CHUNK):
         chunk = ids[index : index + _CHUNK]
         times = select(Message.occurred_at_ms).where(Message.conversation_id.in_(chunk))
-        slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(times))
-        starts = select(Conversation.started_at_ms).where(Conversation.id.in_(chunk))
-        slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(starts))
-    return slots
+        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(times))
+        starts = select(Conversation.started_at_ms, Conversation.contact_id).where(
+            Conversation.id.in_(chunk)
+        )
+        for at_ms, contact_id in connection.execute(starts):
+            changes.slots.add(slot_of(at_ms))
+            if contact_id is not None:
+                changes.contacts.add(contact_id)
+    return changes
+
+
+def dirty_slots(connection: Connection, after_id: int, through_id: int | None = None) -> set[int]:
+    """Return the slots of :func:`changes_after`."""
+    return changes_after(connection, after_id, through_id).slots
 
 
 def _timed() -> ColumnElement[bool]:
@@ -184,6 +208,31 @@ def _user_rows(where: ColumnElement[bool]) -> Any:
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(_timed(), Message.role == "user", Message.contact_id.is_not(None), where)
         .distinct()
+    )
+
+
+def _starter_rows(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("slot_ms"),
+            Conversation.channel,
+            Conversation.contact_id,
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .distinct()
+    )
+
+
+def first_starts(where: ColumnElement[bool]) -> Any:
+    """Select each contact's first conversation start per channel among conversations ``where``."""
+    return (
+        select(
+            Conversation.contact_id,
+            Conversation.channel,
+            func.min(Conversation.started_at_ms).label("first_started_ms"),
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .group_by(Conversation.contact_id, Conversation.channel)
     )
 
 
@@ -250,7 +299,7 @@ def _max_message_id(connection: Connection) -> int:
 
 def _rebuild(connection: Connection, now_ms: int) -> int:
     watermark = _max_message_id(connection)
-    for table in (RollupConversations, RollupMessages, RollupUsers):
+    for table in (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts):
         connection.execute(delete(table))
     everything = true()
     connection.execute(
@@ -265,6 +314,16 @@ def _rebuild(connection: Connection, now_ms: int) -> int:
     )
     connection.execute(
         insert(RollupUsers).from_select(["slot_ms", "channel", "contact_id"], _user_rows(everything))
+    )
+    connection.execute(
+        insert(RollupStarters).from_select(
+            ["slot_ms", "channel", "contact_id"], _starter_rows(everything)
+        )
+    )
+    connection.execute(
+        insert(RollupFirsts).from_select(
+            ["contact_id", "channel", "first_started_ms"], first_starts(everything)
+        )
     )
     connection.execute(
         update(RollupState)
@@ -286,6 +345,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
         chunk = slots[index : index + _CHUNK]
         connection.execute(delete(RollupConversations).where(RollupConversations.slot_ms.in_(chunk)))
         connection.execute(delete(RollupUsers).where(RollupUsers.slot_ms.in_(chunk)))
+        connection.execute(delete(RollupStarters).where(RollupStarters.slot_ms.in_(chunk)))
         connection.execute(
             delete(RollupMessages).where(
                 or_(RollupMessages.slot_ms.in_(chunk), RollupMessages.start_slot_ms.in_(chunk))
@@ -312,6 +372,12 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
                 _user_rows(time_in_ranges(Message.occurred_at_ms, part)),
             )
         )
+        connection.execute(
+            insert(RollupStarters).from_select(
+                ["slot_ms", "channel", "contact_id"],
+                _starter_rows(time_in_ranges(Conversation.started_at_ms, part)),
+            )
+        )
 
     # A message row is stale when its message slot or its conversation's start slot is
     # dirty: count the first kind by message time, the second by conversation start, and
@@ -334,6 +400,20 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
         connection.execute(insert(RollupMessages), rows)
 
 
+def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
+    """Replace the first conversation starts of ``contacts`` with those of the raw rows."""
+    ordered = sorted(contacts)
+    for index in range(0, len(ordered), _CHUNK):
+        chunk = ordered[index : index + _CHUNK]
+        connection.execute(delete(RollupFirsts).where(RollupFirsts.contact_id.in_(chunk)))
+        connection.execute(
+            insert(RollupFirsts).from_select(
+                ["contact_id", "channel", "first_started_ms"],
+                first_starts(Conversation.contact_id.in_(chunk)),
+            )
+        )
+
+
 def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
     """Bring the rollups up to date with the raw rows; build them first if they are not built."""
     started = time.perf_counter()
@@ -354,7 +434,13 @@ def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
 
 def _analyze(engine: Engine) -> None:
     """Refresh planner statistics after a rebuild, so range scans on slots use the indexes."""
-    names = ("rollup_conversations", "rollup_messages", "rollup_users")
+    names = (
+        "rollup_conversations",
+        "rollup_messages",
+        "rollup_users",
+        "rollup_starters",
+        "rollup_firsts",
+    )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction; it also sets the visibility map that lets
         # PostgreSQL answer slot ranges from the primary key index alone.
@@ -371,9 +457,11 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     """Recompute the slots changed since the last refresh; return the watermark and slot count."""
 
     watermark = max(_max_message_id(connection), state.watermark_id)
-    slots = dirty_slots(connection, state.rescan_from_id, watermark)
+    changes = changes_after(connection, state.rescan_from_id, watermark)
+    slots = changes.slots
     if slots:
         _recompute(connection, slots)
+    _recompute_firsts(connection, changes.contacts)
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
     if now_ms - pending_at >= OVERLAP_MS:
         rescan_from, pending, pending_at = pending, watermark, now_ms

@@ -12,7 +12,15 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from chatmw.store.models import Base
 
-__all__ = ["RollupConversations", "RollupMessages", "RollupUsers", "RollupState", "SLOT_MS"]
+__all__ = [
+    "RollupConversations",
+    "RollupMessages",
+    "RollupUsers",
+    "RollupStarters",
+    "RollupFirsts",
+    "RollupState",
+    "SLOT_MS",
+]
 
 # The width of a rollup slot. Slots start at multiples of it after the Unix epoch (UTC).
 SLOT_MS = 15 * 60 * 1000
@@ -51,6 +59,27 @@ class RollupUsers(Base):
     slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupStarters(Base):
+    """A contact whose conversation started in a slot, per conversation channel."""
+
+    __tablename__ = "rollup_starters"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupFirsts(Base):
+    """The start of a contact's first conversation on a channel (not slotted: exact ms)."""
+
+    __tablename__ = "rollup_firsts"
+    __table_args__ = (Index("ix_rollup_firsts_started", "first_started_ms"),)
+
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    first_started_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class RollupState(Base):

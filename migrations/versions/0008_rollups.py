@@ -1,4 +1,4 @@
-"""Rollup tables: conversation, message and user counts per 15-minute UTC slot.
+"""Rollup tables: conversation, message and contact figures per 15-minute UTC slot.
 
 Revision ID: 0008_rollups
 Revises: 0001
@@ -40,6 +40,21 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("slot_ms", "channel", "contact_id"),
     )
     op.create_table(
+        "rollup_starters",
+        sa.Column("slot_ms", sa.BigInteger(), nullable=False),
+        sa.Column("channel", sa.String(length=32), nullable=False),
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("slot_ms", "channel", "contact_id"),
+    )
+    op.create_table(
+        "rollup_firsts",
+        sa.Column("contact_id", sa.Integer(), nullable=False),
+        sa.Column("channel", sa.String(length=32), nullable=False),
+        sa.Column("first_started_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("contact_id", "channel"),
+    )
+    op.create_index("ix_rollup_firsts_started", "rollup_firsts", ["first_started_ms"])
+    op.create_table(
         "rollup_state",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("built", sa.Boolean(), nullable=False),
@@ -79,6 +94,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("rollup_state")
+    op.drop_index("ix_rollup_firsts_started", table_name="rollup_firsts")
+    op.drop_table("rollup_firsts")
+    op.drop_table("rollup_starters")
     op.drop_table("rollup_users")
     op.drop_index("ix_rollup_messages_slot", table_name="rollup_messages")
     op.drop_table("rollup_messages")
