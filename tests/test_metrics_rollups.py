@@ -25,8 +25,15 @@ from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import invalidate, rebuild, refresh
 from chatmw.metrics.volume import volume
-from chatmw.store.models import Message
-from chatmw.store.models_rollups import SLOT_MS, RollupMessages
+from chatmw.security.erasure import erase_person
+from chatmw.store.models import Contact, Message
+from chatmw.store.models_rollups import (
+    SLOT_MS,
+    RollupFirsts,
+    RollupMessages,
+    RollupStarters,
+    RollupUsers,
+)
 from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 29, 0, 0, tzinfo=UTC)  # Europe/Paris moves to summer time on 31 March
@@ -247,3 +254,22 @@ def test_rollups_cli_refresh(database_url: str, engine: Engine) -> None:
     with engine.connect() as connection:
         count = connection.execute(select(func.count()).select_from(RollupMessages)).scalar_one()
     assert count > 0
+
+
+def test_erasure_removes_rollup_rows(engine: Engine) -> None:
+    build_store(engine)
+    refresh(engine)
+    with engine.connect() as connection:
+        contact_id = connection.execute(
+            select(Contact.id).where(Contact.channel == "web", Contact.external_id == "user3")
+        ).scalar_one()
+    report = erase_person(engine, "web", "user3")
+    assert report.removed["rollup_users"] > 0
+    with engine.connect() as connection:
+        for table in (RollupUsers, RollupStarters, RollupFirsts):
+            left = select(func.count()).where(table.contact_id == contact_id)
+            assert connection.execute(left).scalar_one() == 0, table.__tablename__
+        window = MetricFilter(since=T0, until=T0 + timedelta(days=5))
+        assert cover(connection, window) is None
+    assert refresh(engine).rebuilt
+    assert_same_as_raw(engine)
