@@ -8,10 +8,18 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_distinct import distinct_contacts
-from chatmw.metrics.rollup_query import Buckets, Coverage, bucket_index, channel_condition, cover
+from chatmw.metrics.rollup_query import (
+    MAX_RAW_RANGES,
+    Buckets,
+    Coverage,
+    bucket_index,
+    channel_condition,
+    cover,
+)
 from chatmw.metrics.rollup_refresh import (
     changes_after,
     first_starts,
@@ -27,6 +35,7 @@ from chatmw.store.models_rollups import (
     RollupMessages,
     RollupStarters,
     RollupState,
+    SLOT_MS,
 )
 
 __all__ = ["growth_counts"]
@@ -37,33 +46,6 @@ Counts = dict[Any, dict[int, dict[str, int]]]
 def _channels(flt: MetricFilter, column: Any) -> tuple[Any, ...]:
     # Without a grouping every channel adds to the same buckets, so SQL sums them.
     return (column,) if flt.group_by is not None else ()
-
-
-def _add_sums(
-    connection: Connection,
-    flt: MetricFilter,
-    coverage: Coverage,
-    buckets: Buckets,
-    counts: Counts,
-    figure: str,
-    slot: Any,
-    channel: Any,
-    number: Any,
-) -> None:
-    channels = _channels(flt, channel)
-    index = bucket_index(slot, buckets.bounds)
-    statement = (
-        select(index, func.sum(number), *channels)
-        .where(
-            slot >= coverage.first_slot,
-            slot < coverage.end_slot,
-            ~time_in_ranges(slot, coverage.raw),
-            *channel_condition(channel, flt),
-        )
-        .group_by(index, *channels)
-    )
-    for bucket, total, *key in connection.execute(statement):
-        counts[key[0] if key else None][int(bucket)][figure] += int(total)
 
 
 def _add_conversations(
@@ -100,30 +82,63 @@ def _add_message(flt: MetricFilter, buckets: Buckets, counts: Counts, at_ms: int
         counts[_key(flt, channel)][index]["messages"] += number
 
 
+def _served_starts(coverage: Coverage) -> list[ColumnElement[bool]]:
+    start = RollupMessages.start_slot_ms
+    return [
+        start >= coverage.first_slot,
+        start < coverage.end_slot,
+        ~time_in_ranges(start, coverage.raw),
+    ]
+
+
+def _add_served_messages(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: Buckets, counts: Counts
+) -> set[int]:
+    """Add the messages of served conversations from rollups; return the slots left to raw rows.
+
+    Message slots that are dirty or that the time zone does not map exactly are left out
+    of the sums, and the caller reads their messages from raw rows.
+    """
+    low, high = slot_of(buckets.bounds[0]), buckets.bounds[-1]
+    channels = _channels(flt, RollupMessages.channel)
+    slot = RollupMessages.slot_ms
+    unserved = {
+        start for start in range(max(low, 0), high, SLOT_MS) if coverage.message_slot_offset(start) is None
+    }
+    ranges = slot_ranges(unserved)
+    if low >= 0 and len(ranges) <= MAX_RAW_RANGES:
+        index = bucket_index(slot, buckets.bounds)
+        summed = (
+            select(index, func.sum(RollupMessages.messages), *channels)
+            .where(*_served_starts(coverage), slot >= low, slot < high, ~time_in_ranges(slot, ranges))
+            .where(*channel_condition(RollupMessages.channel, flt))
+            .group_by(index, *channels)
+        )
+        for bucket, number, *key in connection.execute(summed):
+            counts[key[0] if key else None][int(bucket)]["messages"] += int(number)
+        return unserved
+
+    # Too many unserved slots to leave out in SQL: check each slot's rows here.
+    unserved = set()
+    per_slot = (
+        select(slot, func.sum(RollupMessages.messages), *channels)
+        .where(*_served_starts(coverage), slot >= low, slot < high)
+        .where(*channel_condition(RollupMessages.channel, flt))
+        .group_by(slot, *channels)
+    )
+    for start, number, *key in connection.execute(per_slot):
+        if coverage.message_slot_offset(start) is None:
+            unserved.add(start)
+        else:
+            _add_message(flt, buckets, counts, start, key[0] if key else "", int(number))
+    return unserved
+
+
 def _add_messages(
     connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: Buckets, counts: Counts
 ) -> None:
     """Count the messages of conversations that started in the window, by their own time."""
-    channels = _channels(flt, RollupMessages.channel)
-    rollups = (
-        select(RollupMessages.slot_ms, func.sum(RollupMessages.messages), *channels)
-        .where(
-            RollupMessages.start_slot_ms >= coverage.first_slot,
-            RollupMessages.start_slot_ms < coverage.end_slot,
-            ~time_in_ranges(RollupMessages.start_slot_ms, coverage.raw),
-            RollupMessages.slot_ms >= slot_of(buckets.bounds[0]),
-            RollupMessages.slot_ms < buckets.bounds[-1],
-            *channel_condition(RollupMessages.channel, flt),
-        )
-        .group_by(RollupMessages.slot_ms, *channels)
-    )
-    # Message slots of served conversations that rollups do not count exactly.
-    unserved: set[int] = set()
-    for slot, number, *key in connection.execute(rollups):
-        if coverage.message_slot_offset(slot) is None:
-            unserved.add(slot)
-        else:
-            _add_message(flt, buckets, counts, slot, key[0] if key else "", int(number))
+    unserved = _add_served_messages(connection, flt, coverage, buckets, counts)
 
     columns = (Message.occurred_at_ms, Conversation.channel, Conversation.started_at_ms)
     timed = Message.kind.not_in(UNTIMED_KINDS)
@@ -157,46 +172,78 @@ def _key(flt: MetricFilter, channel: str) -> Any:
     return channel if flt.group_by is not None else None
 
 
-def _first_starts(connection: Connection, flt: MetricFilter) -> dict[int, dict[str, int]]:
-    """Return, per contact whose first start may lie in the window, its first start per channel.
-
-    Contacts changed after the watermark are read from the raw conversations.
-    """
-    state = select(RollupState.watermark_id).where(RollupState.id == 1).scalar_subquery()
-    watermark = int(connection.execute(select(state)).scalar_one())
-    changed = changes_after(connection, watermark).contacts
-    candidates = select(RollupFirsts.contact_id).where(
-        RollupFirsts.first_started_ms >= flt.since_ms,
-        RollupFirsts.first_started_ms < flt.until_ms,
-        *channel_condition(RollupFirsts.channel, flt),
-    )
-    rows = select(RollupFirsts.contact_id, RollupFirsts.channel, RollupFirsts.first_started_ms).where(
-        RollupFirsts.contact_id.in_(candidates), *channel_condition(RollupFirsts.channel, flt)
-    )
-    firsts: dict[int, dict[str, int]] = defaultdict(dict)
-    for contact_id, channel, first_ms in connection.execute(rows):
-        if contact_id not in changed:
-            firsts[contact_id][channel] = int(first_ms)
-    ordered = sorted(changed)
-    for index in range(0, len(ordered), 500):
-        chunk = ordered[index : index + 500]
-        fresh = first_starts(Conversation.contact_id.in_(chunk))
-        if flt.channels:
-            fresh = fresh.where(Conversation.channel.in_(flt.channels))
-        for contact_id, channel, first_ms in connection.execute(fresh):
-            firsts[contact_id][channel] = int(first_ms)
-    return firsts
+def _changed_contacts(connection: Connection) -> set[int]:
+    watermark = connection.execute(
+        select(RollupState.watermark_id).where(RollupState.id == 1)
+    ).scalar_one()
+    return changes_after(connection, int(watermark)).contacts
 
 
-def _add_new_users(
+def _add_new_from_rollups(
     connection: Connection,
     flt: MetricFilter,
     buckets: Buckets,
     counts: Counts,
     overall_new: dict[int, int],
+    changed: set[int],
 ) -> None:
+    """Count new users from ``rollup_firsts``, except the contacts in ``changed``."""
+    channel_filter = channel_condition(RollupFirsts.channel, flt)
+    unchanged = [RollupFirsts.contact_id.not_in(sorted(changed))] if changed else []
+    candidates = select(RollupFirsts.contact_id).where(
+        RollupFirsts.first_started_ms >= flt.since_ms,
+        RollupFirsts.first_started_ms < flt.until_ms,
+        *channel_filter,
+        *unchanged,
+    )
+    # Each candidate's first start over the filtered channels; it may lie before the window.
+    earliest = (
+        select(
+            RollupFirsts.contact_id.label("contact_id"),
+            func.min(RollupFirsts.first_started_ms).label("first_ms"),
+        )
+        .where(RollupFirsts.contact_id.in_(candidates), *channel_filter)
+        .group_by(RollupFirsts.contact_id)
+        .subquery()
+    )
+    in_window = [earliest.c.first_ms >= flt.since_ms, earliest.c.first_ms < flt.until_ms]
+    index = bucket_index(earliest.c.first_ms, buckets.bounds)
+    overall = select(index, func.count()).where(*in_window).group_by(index)
+    for bucket, number in connection.execute(overall):
+        overall_new[int(bucket)] = overall_new.get(int(bucket), 0) + int(number)
+    if flt.group_by is None:
+        return
+    # A contact is new in each group whose conversation starts at its first start.
+    index = bucket_index(RollupFirsts.first_started_ms, buckets.bounds)
+    grouped = (
+        select(index, RollupFirsts.channel, func.count())
+        .join(earliest, earliest.c.contact_id == RollupFirsts.contact_id)
+        .where(RollupFirsts.first_started_ms == earliest.c.first_ms, *in_window, *channel_filter)
+        .group_by(index, RollupFirsts.channel)
+    )
+    for bucket, channel, number in connection.execute(grouped):
+        counts[channel][int(bucket)]["new_users"] += int(number)
+
+
+def _add_new_from_raw(
+    connection: Connection,
+    flt: MetricFilter,
+    buckets: Buckets,
+    counts: Counts,
+    overall_new: dict[int, int],
+    changed: set[int],
+) -> None:
+    """Count new users among the ``changed`` contacts from the raw conversations."""
+    firsts: dict[int, dict[str, int]] = defaultdict(dict)
+    ordered = sorted(changed)
+    for offset in range(0, len(ordered), 500):
+        statement = first_starts(Conversation.contact_id.in_(ordered[offset : offset + 500]))
+        if flt.channels:
+            statement = statement.where(Conversation.channel.in_(flt.channels))
+        for contact_id, channel, first_ms in connection.execute(statement):
+            firsts[contact_id][channel] = int(first_ms)
     since, until = flt.since_ms, flt.until_ms
-    for by_channel in _first_starts(connection, flt).values():
+    for by_channel in firsts.values():
         first = min(by_channel.values())
         if since is None or until is None or not since <= first < until:
             continue
@@ -204,7 +251,6 @@ def _add_new_users(
         overall_new[index] = overall_new.get(index, 0) + 1
         if flt.group_by is None:
             continue
-        # The contact is new in each group whose conversation starts at its first start.
         for channel, at_ms in by_channel.items():
             if at_ms == first:
                 counts[channel][index]["new_users"] += 1
@@ -250,7 +296,9 @@ def growth_counts(
         _add_conversations(connection, flt, coverage, buckets, counts)
         _add_messages(connection, flt, coverage, buckets, counts)
         _add_users(connection, flt, coverage, buckets, counts, overall_users)
-        _add_new_users(connection, flt, buckets, counts, overall_new)
+        changed = _changed_contacts(connection)
+        _add_new_from_rollups(connection, flt, buckets, counts, overall_new, changed)
+        _add_new_from_raw(connection, flt, buckets, counts, overall_new, changed)
 
     groups: dict[Any, dict[datetime, dict[str, int]]] = {}
     overall: dict[datetime, dict[str, int]] = defaultdict(lambda: defaultdict(int))
