@@ -127,6 +127,11 @@ def render(timings: list[Timing], args: argparse.Namespace) -> str:
     databases = [d for d in ("sqlite", "postgresql") if any(t.database == d for t in timings)]
     columns = [(d, s) for s in sizes for d in databases]
     header = " | ".join(f"{d} {s / 1e6:g}M p50 / p95 (ms)" for d, s in columns)
+    path = (
+        "from raw rows only (`--raw`)"
+        if args.raw
+        else "after a rollup refresh, so the metrics listed in docs/rollups.md read rollups"
+    )
     lines = [
         "## Queries: every metric on generated stores",
         "",
@@ -135,10 +140,8 @@ def render(timings: list[Timing], args: argparse.Namespace) -> str:
         f"of conversations, CSAT and NPS answers on 20 % of ended ones, conversions, leads and "
         f"daily spend), written with COPY (PostgreSQL) or executemany (SQLite) and cached "
         f"under bench/.data/. Each metric's compute function (what `GET /metrics/NAME` runs) "
-        f"is called in process with a 30-day window and default options, "
-        f"{'from raw rows only' if args.raw else 'after a rollup refresh, so metrics that read rollups use them'}: "
-        f"one warm-up call, "
-        f"then up to {args.repeat} timed calls (fewer once a metric has used "
+        f"is called in process with a 30-day window and default options, {path}: "
+        f"one warm-up call, then up to {args.repeat} timed calls (fewer once a metric has used "
         f"{args.budget:g} s; a single call when the warm-up alone took longer). Target: p95 "
         f"<= {TARGET_MS:g} ms at 10 million messages.",
         "",

@@ -23,7 +23,7 @@ from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.rollup_query import cover, raw_only
-from chatmw.metrics.rollup_refresh import invalidate, rebuild, refresh
+from chatmw.metrics.rollup_refresh import Refresher, invalidate, rebuild, refresh
 from chatmw.metrics.volume import volume
 from chatmw.security.erasure import erase_person
 from chatmw.store.models import Contact, Message
@@ -273,3 +273,20 @@ def test_erasure_removes_rollup_rows(engine: Engine) -> None:
         assert cover(connection, window) is None
     assert refresh(engine).rebuilt
     assert_same_as_raw(engine)
+
+
+def test_refresher_thread_builds_rollups(engine: Engine) -> None:
+    build_store(engine)
+    refresher = Refresher(engine, interval_s=3600)
+    refresher.start()
+    refresher.stop()
+    with engine.connect() as connection:
+        coverage = cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
+    assert coverage is not None
+    assert coverage.raw == []
+    assert_same_as_raw(engine)
+
+
+def test_refresher_rejects_bad_interval(engine: Engine) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        Refresher(engine, interval_s=0)

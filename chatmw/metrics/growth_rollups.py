@@ -30,12 +30,12 @@ from chatmw.metrics.rollup_refresh import (
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import (
+    SLOT_MS,
     RollupConversations,
     RollupFirsts,
     RollupMessages,
     RollupStarters,
     RollupState,
-    SLOT_MS,
 )
 
 __all__ = ["growth_counts"]
@@ -74,7 +74,9 @@ def _add_conversations(
         counts[_key(flt, channel)][buckets.index(at_ms)]["conversations"] += 1
 
 
-def _add_message(flt: MetricFilter, buckets: Buckets, counts: Counts, at_ms: int, channel: str, number: int) -> None:
+def _add_message(
+    flt: MetricFilter, buckets: Buckets, counts: Counts, at_ms: int, channel: str, number: int
+) -> None:
     # Messages are counted in the period of their own time; those after the last period
     # are not counted, as in the raw computation.
     index = buckets.index(at_ms)
@@ -103,14 +105,18 @@ def _add_served_messages(
     channels = _channels(flt, RollupMessages.channel)
     slot = RollupMessages.slot_ms
     unserved = {
-        start for start in range(max(low, 0), high, SLOT_MS) if coverage.message_slot_offset(start) is None
+        start
+        for start in range(max(low, 0), high, SLOT_MS)
+        if coverage.message_slot_offset(start) is None
     }
     ranges = slot_ranges(unserved)
     if low >= 0 and len(ranges) <= MAX_RAW_RANGES:
         index = bucket_index(slot, buckets.bounds)
         summed = (
             select(index, func.sum(RollupMessages.messages), *channels)
-            .where(*_served_starts(coverage), slot >= low, slot < high, ~time_in_ranges(slot, ranges))
+            .where(
+                *_served_starts(coverage), slot >= low, slot < high, ~time_in_ranges(slot, ranges)
+            )
             .where(*channel_condition(RollupMessages.channel, flt))
             .group_by(index, *channels)
         )

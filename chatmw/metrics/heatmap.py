@@ -43,15 +43,24 @@ def _section(conversations: list[int], messages: list[int], tz: ZoneInfo) -> dic
     }
 
 
-def _grid_section(conversations: Mapping[tuple[int, int], int], messages: Mapping[tuple[int, int], int]) -> dict[str, Any]:
+def _grid_section(
+    conversations: Mapping[tuple[int, int], int], messages: Mapping[tuple[int, int], int]
+) -> dict[str, Any]:
     return {
-        "conversations": [[conversations.get((day, hour), 0) for hour in range(24)] for day in range(7)],
+        "conversations": [
+            [conversations.get((day, hour), 0) for hour in range(24)] for day in range(7)
+        ],
         "messages": [[messages.get((day, hour), 0) for hour in range(24)] for day in range(7)],
-        "totals": {"conversations": sum(conversations.values()), "messages": sum(messages.values())},
+        "totals": {
+            "conversations": sum(conversations.values()),
+            "messages": sum(messages.values()),
+        },
     }
 
 
-def _from_grids(flt: MetricFilter, grids: Mapping[Any, Mapping[str, Mapping[tuple[int, int], int]]]) -> dict[str, Any]:
+def _from_grids(
+    flt: MetricFilter, grids: Mapping[Any, Mapping[str, Mapping[tuple[int, int], int]]]
+) -> dict[str, Any]:
     conversations: dict[tuple[int, int], int] = defaultdict(int)
     messages: dict[tuple[int, int], int] = defaultdict(int)
     for grid in grids.values():
@@ -71,7 +80,9 @@ def _from_grids(flt: MetricFilter, grids: Mapping[Any, Mapping[str, Mapping[tupl
         result["groups"] = [
             {
                 "group": group_label(key),
-                **_grid_section(grids[key].get("conversations", {}), grids[key].get("messages", {})),
+                **_grid_section(
+                    grids[key].get("conversations", {}), grids[key].get("messages", {})
+                ),
             }
             for key in sorted(keys, key=group_label)
         ]

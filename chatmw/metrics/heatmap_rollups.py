@@ -57,7 +57,9 @@ def _add_conversations(
         grids[_key(flt, channel_name)]["conversations"][local_slot(at_ms, flt.tz)] += 1
 
 
-def _add_messages(connection: Connection, flt: MetricFilter, coverage: Coverage, grids: Grids) -> None:
+def _add_messages(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, grids: Grids
+) -> None:
     channels = _channel_columns(flt, RollupMessages.channel)
     rollups = (
         select(RollupMessages.slot_ms, func.sum(RollupMessages.messages), *channels)

@@ -13,7 +13,13 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 
 from chatmw.metrics.filters import MetricFilter
-from chatmw.metrics.rollup_query import Buckets, Coverage, bucket_index, channel_condition, mixed_buckets
+from chatmw.metrics.rollup_query import (
+    Buckets,
+    Coverage,
+    bucket_index,
+    channel_condition,
+    mixed_buckets,
+)
 from chatmw.metrics.rollup_refresh import time_in_ranges
 
 __all__ = ["distinct_contacts"]

@@ -10,11 +10,11 @@ slots around an offset change that is not on a slot edge) are read from raw rows
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from bisect import bisect_right
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -230,7 +230,9 @@ def bucket_index(column: Any, bounds: Sequence[int]) -> ColumnElement[Any]:
         if high - low == 1:
             return number(low)
         middle = (low + high) // 2
-        return case((column < number(bounds[middle]), search(low, middle)), else_=search(middle, high))
+        return case(
+            (column < number(bounds[middle]), search(low, middle)), else_=search(middle, high)
+        )
 
     if len(bounds) < 2:
         raise ValueError("bucket_index needs at least one bucket (two bounds)")

@@ -26,7 +26,6 @@ from sqlalchemy import (
     false,
     func,
     insert,
-    literal,
     literal_column,
     or_,
     select,
@@ -141,7 +140,7 @@ class Changes:
 
 
 def changes_after(connection: Connection, after_id: int, through_id: int | None = None) -> Changes:
-    """Return the slots and contacts whose rollup rows may be stale after messages above ``after_id``.
+    """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
     The slots are those of the new messages and, for each of their conversations, the
     slots of all its messages and of its start: a late message can move the start, and the
@@ -313,7 +312,9 @@ def _rebuild(connection: Connection, now_ms: int) -> int:
         )
     )
     connection.execute(
-        insert(RollupUsers).from_select(["slot_ms", "channel", "contact_id"], _user_rows(everything))
+        insert(RollupUsers).from_select(
+            ["slot_ms", "channel", "contact_id"], _user_rows(everything)
+        )
     )
     connection.execute(
         insert(RollupStarters).from_select(
@@ -343,7 +344,9 @@ def _rebuild(connection: Connection, now_ms: int) -> int:
 def _delete_slots(connection: Connection, slots: list[int]) -> None:
     for index in range(0, len(slots), _CHUNK):
         chunk = slots[index : index + _CHUNK]
-        connection.execute(delete(RollupConversations).where(RollupConversations.slot_ms.in_(chunk)))
+        connection.execute(
+            delete(RollupConversations).where(RollupConversations.slot_ms.in_(chunk))
+        )
         connection.execute(delete(RollupUsers).where(RollupUsers.slot_ms.in_(chunk)))
         connection.execute(delete(RollupStarters).where(RollupStarters.slot_ms.in_(chunk)))
         connection.execute(
@@ -506,7 +509,7 @@ class Refresher:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the thread; the first refresh runs at once."""
+        """Start the thread; the first refresh runs at once, and always runs to its end."""
         if self._thread is not None:
             return
         self._thread = threading.Thread(target=self._run, name="chatmw-rollups", daemon=True)
@@ -522,7 +525,9 @@ class Refresher:
         logger.info("rollups: refresher stopped")
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # The first refresh runs even when stop() comes at once, so a started refresher
+        # always leaves the rollups built.
+        while True:
             try:
                 report = refresh(self.engine)
                 logger.debug(
@@ -533,4 +538,5 @@ class Refresher:
                 )
             except Exception:  # noqa: BLE001 - the thread keeps running; queries stay exact
                 logger.exception("rollups: refresh failed; retrying in %.0f s", self.interval_s)
-            self._stop.wait(self.interval_s)
+            if self._stop.wait(self.interval_s):
+                return

@@ -91,7 +91,10 @@ def volume(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
             result["series"] = series_with_change(starts, overall, COUNTS)
             if flt.group_by is not None:
                 result["groups"] = [
-                    {"group": group_label(key), "series": series_with_change(starts, by_group[key], COUNTS)}
+                    {
+                        "group": group_label(key),
+                        "series": series_with_change(starts, by_group[key], COUNTS),
+                    }
                     for key in sorted(by_group, key=group_label)
                 ]
             return result

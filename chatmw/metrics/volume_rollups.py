@@ -151,7 +151,9 @@ def volume_counts(
     groups: dict[Any, dict[datetime, dict[str, int]]] = {}
     overall: dict[datetime, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for key, by_bucket in counts.items():
-        if not any(values.get("conversations") or values.get("messages") for values in by_bucket.values()):
+        if not any(
+            values.get("conversations") or values.get("messages") for values in by_bucket.values()
+        ):
             continue
         groups[key] = {starts[index]: dict(values) for index, values in by_bucket.items()}
         for index, values in by_bucket.items():
