@@ -14,7 +14,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, update
 from typer.testing import CliRunner
 
 from chatmw import events as ev
@@ -23,7 +23,13 @@ from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.rollup_query import cover, raw_only
-from chatmw.metrics.rollup_refresh import Refresher, invalidate, rebuild, refresh
+from chatmw.metrics.rollup_refresh import (
+    REBUILD_LEASE_MS,
+    Refresher,
+    invalidate,
+    rebuild,
+    refresh,
+)
 from chatmw.metrics.volume import volume
 from chatmw.security.erasure import erase_person
 from chatmw.store.models import Contact, Message
@@ -32,6 +38,7 @@ from chatmw.store.models_rollups import (
     RollupFirsts,
     RollupMessages,
     RollupStarters,
+    RollupState,
     RollupUsers,
 )
 from chatmw.store.writer import Writer
@@ -290,3 +297,21 @@ def test_refresher_thread_builds_rollups(engine: Engine) -> None:
 def test_refresher_rejects_bad_interval(engine: Engine) -> None:
     with pytest.raises(ValueError, match="must be positive"):
         Refresher(engine, interval_s=0)
+
+
+def test_refresh_waits_for_running_rebuild(engine: Engine) -> None:
+    build_store(engine)
+    now_ms = 10 * REBUILD_LEASE_MS
+    invalidate(engine)  # creates the state row where the fixture emptied the tables
+    with engine.begin() as connection:
+        # Another process claimed a rebuild a minute ago.
+        claim = {"built": False, "rebuild_token": "other", "rebuild_started_at_ms": now_ms - 60_000}
+        connection.execute(update(RollupState).values(**claim))
+    report = refresh(engine, now_ms=now_ms)
+    assert not report.rebuilt
+    with engine.connect() as connection:
+        assert cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5))) is None
+
+    # A claim older than the lease is taken over.
+    assert refresh(engine, now_ms=now_ms + REBUILD_LEASE_MS).rebuilt
+    assert_same_as_raw(engine)

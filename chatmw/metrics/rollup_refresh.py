@@ -10,6 +10,7 @@ the design.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -29,7 +30,6 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
-    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -75,6 +75,13 @@ BEFORE_EPOCH_SLOT = -SLOT_MS
 OVERLAP_MS = 5 * 60 * 1000
 # Seconds between two refreshes of the runtime's refresher thread.
 REFRESH_INTERVAL_S = 30.0
+# Raw time counted per transaction of a rebuild (7 days); the writer waits at most this long
+# for SQLite's write lock.
+REBUILD_CHUNK_MS = 7 * 86_400_000
+# Contacts per transaction when rebuilding rollup_firsts.
+REBUILD_CONTACTS = 50_000
+# A rebuild claimed longer ago than this (1 hour) is taken to have died; another may start.
+REBUILD_LEASE_MS = 60 * 60 * 1000
 # Slots deleted or read per statement.
 _CHUNK = 500
 
@@ -260,6 +267,7 @@ def _ensure_state(connection: Connection) -> None:
             pending_id=0,
             pending_at_ms=0,
             refreshed_at_ms=0,
+            rebuild_started_at_ms=0,
         )
         .on_conflict_do_nothing()
     )
@@ -296,49 +304,123 @@ def _max_message_id(connection: Connection) -> int:
     return int(connection.execute(select(func.coalesce(func.max(Message.id), 0))).scalar_one())
 
 
-def _rebuild(connection: Connection, now_ms: int) -> int:
+def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | None:
+    """Claim the rebuild and empty the rollups; return the claim token and the watermark.
+
+    Returns None while another rebuild holds a claim younger than :data:`REBUILD_LEASE_MS`.
+    The caller holds the lock on the state row.
+    """
+    token, started_ms = connection.execute(
+        select(RollupState.rebuild_token, RollupState.rebuild_started_at_ms).where(
+            RollupState.id == 1
+        )
+    ).one()
+    if token is not None and now_ms - int(started_ms) < REBUILD_LEASE_MS:
+        return None
+    token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
     for table in (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts):
         connection.execute(delete(table))
-    everything = true()
-    connection.execute(
-        insert(RollupConversations).from_select(
-            ["slot_ms", "channel", "conversations"], _conversation_counts(everything)
-        )
-    )
-    connection.execute(
-        insert(RollupMessages).from_select(
-            ["start_slot_ms", "slot_ms", "channel", "messages"], _message_counts(everything)
-        )
-    )
-    connection.execute(
-        insert(RollupUsers).from_select(
-            ["slot_ms", "channel", "contact_id"], _user_rows(everything)
-        )
-    )
-    connection.execute(
-        insert(RollupStarters).from_select(
-            ["slot_ms", "channel", "contact_id"], _starter_rows(everything)
-        )
-    )
-    connection.execute(
-        insert(RollupFirsts).from_select(
-            ["contact_id", "channel", "first_started_ms"], first_starts(everything)
-        )
-    )
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
-        .values(
-            built=True,
-            watermark_id=watermark,
-            rescan_from_id=watermark,
-            pending_id=watermark,
-            pending_at_ms=now_ms,
-            refreshed_at_ms=now_ms,
-        )
+        .values(built=False, rebuild_token=token, rebuild_started_at_ms=now_ms)
     )
-    return watermark
+    return token, watermark
+
+
+def _owns_rebuild(connection: Connection, token: str) -> bool:
+    owner = connection.execute(
+        select(RollupState.rebuild_token).where(RollupState.id == 1).with_for_update()
+    ).scalar_one_or_none()
+    return owner == token
+
+
+def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
+    """Return ``[start, end)`` ranges covering every conversation start and message time."""
+    bounds = connection.execute(
+        select(func.min(Conversation.started_at_ms), func.max(Conversation.started_at_ms))
+    ).one()
+    times = connection.execute(
+        select(func.min(Message.occurred_at_ms), func.max(Message.occurred_at_ms))
+    ).one()
+    known = [int(value) for value in (*bounds, *times) if value is not None]
+    if not known:
+        return []
+    first, last = min(known), max(known)
+    chunks: list[tuple[int | None, int]] = [(None, 0)] if first < 0 else []
+    start = slot_of(max(first, 0))
+    while start <= last:
+        chunks.append((start, start + REBUILD_CHUNK_MS))
+        start += REBUILD_CHUNK_MS
+    return chunks
+
+
+def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None:
+    by_start = time_in_ranges(Conversation.started_at_ms, [chunk])
+    by_time = time_in_ranges(Message.occurred_at_ms, [chunk])
+    # Every rollup row falls in exactly one chunk: by its start slot, or by its message slot.
+    statements = (
+        (
+            RollupConversations,
+            ["slot_ms", "channel", "conversations"],
+            _conversation_counts(by_start),
+        ),
+        (
+            RollupMessages,
+            ["start_slot_ms", "slot_ms", "channel", "messages"],
+            _message_counts(by_time),
+        ),
+        (RollupUsers, ["slot_ms", "channel", "contact_id"], _user_rows(by_time)),
+        (RollupStarters, ["slot_ms", "channel", "contact_id"], _starter_rows(by_start)),
+    )
+    for table, columns, rows in statements:
+        connection.execute(insert(table).from_select(columns, rows))
+
+
+def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
+    """Count every raw row into the emptied rollups, one chunk per transaction.
+
+    Short transactions keep SQLite's single write lock free for the writer between chunks.
+    Returns False when the claim was lost (another rebuild or an invalidation took over).
+    """
+    with engine.connect() as connection:
+        chunks = _time_chunks(connection)
+        last_contact = connection.execute(select(func.max(Conversation.contact_id))).scalar()
+    for chunk in chunks:
+        with engine.begin() as connection:
+            if not _owns_rebuild(connection, token):
+                return False
+            _insert_chunk(connection, chunk)
+    for low in range(0, int(last_contact or 0) + 1, REBUILD_CONTACTS):
+        with engine.begin() as connection:
+            if not _owns_rebuild(connection, token):
+                return False
+            contacts = and_(
+                Conversation.contact_id >= low, Conversation.contact_id < low + REBUILD_CONTACTS
+            )
+            connection.execute(
+                insert(RollupFirsts).from_select(
+                    ["contact_id", "channel", "first_started_ms"], first_starts(contacts)
+                )
+            )
+    with engine.begin() as connection:
+        if not _owns_rebuild(connection, token):
+            return False
+        connection.execute(
+            update(RollupState)
+            .where(RollupState.id == 1)
+            .values(
+                built=True,
+                rebuild_token=None,
+                watermark_id=watermark,
+                rescan_from_id=watermark,
+                pending_id=watermark,
+                pending_at_ms=now_ms,
+                refreshed_at_ms=now_ms,
+            )
+        )
+    return True
 
 
 def _delete_slots(connection: Connection, slots: list[int]) -> None:
@@ -418,21 +500,27 @@ def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
 
 
 def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
-    """Bring the rollups up to date with the raw rows; build them first if they are not built."""
+    """Bring the rollups up to date with the raw rows; build them first if they are not built.
+
+    While another process rebuilds the rollups, this returns at once with nothing done.
+    """
     started = time.perf_counter()
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     with engine.begin() as connection:
         state = _lock_state(connection)
-        if not state.built:
-            watermark = _rebuild(connection, now_ms)
-            rebuilt = True
-        else:
+        if state.built:
             watermark, slots = _refresh_slots(connection, state, now_ms)
-            rebuilt = False
-    if rebuilt:
-        _analyze(engine)
-        return RefreshReport(True, 0, watermark, time.perf_counter() - started)
-    return RefreshReport(False, slots, watermark, time.perf_counter() - started)
+            return RefreshReport(False, slots, watermark, time.perf_counter() - started)
+        claim = _claim_rebuild(connection, now_ms)
+    if claim is None:
+        logger.info("rollups: another rebuild is running; refresh skipped")
+        return RefreshReport(False, 0, state.watermark_id, time.perf_counter() - started)
+    token, watermark = claim
+    if not _rebuild(engine, token, watermark, now_ms):
+        logger.info("rollups: rebuild stopped because the rollups were invalidated")
+        return RefreshReport(False, 0, watermark, time.perf_counter() - started)
+    _analyze(engine)
+    return RefreshReport(True, 0, watermark, time.perf_counter() - started)
 
 
 def _analyze(engine: Engine) -> None:
@@ -494,7 +582,10 @@ def invalidate(engine: Engine) -> None:
     Call it after deleting raw rows (erasure, retention), which the refresher cannot see.
     """
     with engine.begin() as connection:
-        connection.execute(update(RollupState).where(RollupState.id == 1).values(built=False))
+        _ensure_state(connection)
+        connection.execute(
+            update(RollupState).where(RollupState.id == 1).values(built=False, rebuild_token=None)
+        )
 
 
 class Refresher:

@@ -307,12 +307,15 @@ def _invalidate_rollups(session: Session, metadata: MetaData, contact_ids: Itera
     """
     if "rollup_state" not in metadata.tables:
         return
+    # Updating the state row first waits for a rebuild step that holds its lock, and stops
+    # the rebuild, so no rebuild step inserts the contacts' rows again after the delete.
+    session.execute(
+        metadata.tables["rollup_state"].update().values(built=False, rebuild_token=None))
     contacts = set(contact_ids)
     for name in ROLLUP_CONTACT_TABLES:
         if contacts and name in metadata.tables:
             table = metadata.tables[name]
             _add(removed, name, _delete_in(session, table, table.c.contact_id, contacts))
-    session.execute(metadata.tables["rollup_state"].update().values(built=False))
 
 
 def erase_person(engine: Engine, channel: str, user_id: str, *,

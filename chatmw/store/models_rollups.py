@@ -99,3 +99,5 @@ class RollupState(Base):
     pending_id: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     refreshed_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    rebuild_token: Mapped[str | None] = mapped_column(String(32))
+    rebuild_started_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)

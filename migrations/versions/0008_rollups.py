@@ -63,6 +63,8 @@ def upgrade() -> None:
         sa.Column("pending_id", sa.BigInteger(), nullable=False),
         sa.Column("pending_at_ms", sa.BigInteger(), nullable=False),
         sa.Column("refreshed_at_ms", sa.BigInteger(), nullable=False),
+        sa.Column("rebuild_token", sa.String(length=32), nullable=True),
+        sa.Column("rebuild_started_at_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
     state = sa.table(
@@ -74,6 +76,7 @@ def upgrade() -> None:
         sa.column("pending_id", sa.BigInteger()),
         sa.column("pending_at_ms", sa.BigInteger()),
         sa.column("refreshed_at_ms", sa.BigInteger()),
+        sa.column("rebuild_started_at_ms", sa.BigInteger()),
     )
     # The refresher locks this row, so two refreshers never rebuild the same slots at once.
     op.bulk_insert(
@@ -87,6 +90,7 @@ def upgrade() -> None:
                 "pending_id": 0,
                 "pending_at_ms": 0,
                 "refreshed_at_ms": 0,
+                "rebuild_started_at_ms": 0,
             }
         ],
     )
