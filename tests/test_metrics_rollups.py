@@ -1,4 +1,4 @@
-"""Metrics answered from rollups give exactly the raw-row answer.
+"""Metrics computed from rollups equal the same metrics computed from raw rows.
 
 Each check computes a metric twice, once with rollups and once from raw rows only
 (``raw_only``), on stores with late messages, duplicate messages, messages on slot and

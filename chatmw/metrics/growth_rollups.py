@@ -202,6 +202,7 @@ def _add_new_from_rollups(
         *channel_filter,
         *unchanged,
     )
+
     # Each candidate's first start over the filtered channels; it may lie before the window.
     earliest = (
         select(
@@ -212,6 +213,7 @@ def _add_new_from_rollups(
         .group_by(RollupFirsts.contact_id)
         .subquery()
     )
+
     in_window = [earliest.c.first_ms >= flt.since_ms, earliest.c.first_ms < flt.until_ms]
     index = bucket_index(earliest.c.first_ms, buckets.bounds)
     overall = select(index, func.count()).where(*in_window).group_by(index)
@@ -219,6 +221,7 @@ def _add_new_from_rollups(
         overall_new[int(bucket)] = overall_new.get(int(bucket), 0) + int(number)
     if flt.group_by is None:
         return
+
     # A contact is new in each group whose conversation starts at its first start.
     index = bucket_index(RollupFirsts.first_started_ms, buckets.bounds)
     grouped = (

@@ -1,7 +1,7 @@
 """Distinct contacts per bucket from a slotted contact rollup and raw rows.
 
-Distinct counts do not add up across slots, so a bucket served wholly from rollups is
-counted with COUNT(DISTINCT) over its slots in SQL, and a bucket with a raw part is the
+Distinct counts do not add up across slots. A bucket served wholly from rollups is
+counted with COUNT(DISTINCT) over its slots in SQL. A bucket with a raw part counts the
 union of the contact sets of its served slots and of its raw rows.
 """
 

@@ -1,4 +1,4 @@
-"""Which part of a metric query the rollups answer exactly, and which reads raw rows.
+"""Which part of a metric query rollups count exactly, and which part reads raw rows.
 
 A query window is cut into 15-minute UTC slots. A slot is served from rollups when it
 lies wholly inside the window, the refresher has counted every message that touches it,
@@ -62,8 +62,8 @@ class SlotOffsets:
     """The UTC offset of ``tz`` per slot, where it is the same through the whole slot.
 
     A day whose first and last millisecond have the same offset is taken to have no
-    offset change inside it: every time zone database change so far moves the offset
-    at most once a day.
+    offset change inside it. This assumes that a zone does not change its offset and
+    change it back within one UTC day.
     """
 
     def __init__(self, tz: ZoneInfo) -> None:
@@ -79,7 +79,7 @@ class SlotOffsets:
         return offset % SLOT_MS == 0
 
     def slot_offset(self, slot: int) -> int | None:
-        """Return the offset in ms that holds through ``slot``, or None if it is not served."""
+        """Return the offset in ms that applies through all of ``slot``, or None if not served."""
         if slot < 0:
             return None
         day = slot - slot % DAY_MS

@@ -75,8 +75,8 @@ BEFORE_EPOCH_SLOT = -SLOT_MS
 OVERLAP_MS = 5 * 60 * 1000
 # Seconds between two refreshes of the runtime's refresher thread.
 REFRESH_INTERVAL_S = 30.0
-# Raw time counted per transaction of a rebuild (7 days); the writer waits at most this long
-# for SQLite's write lock.
+# The span of raw rows (7 days of event time) counted per transaction of a rebuild. It
+# bounds how long one rebuild step holds SQLite's write lock.
 REBUILD_CHUNK_MS = 7 * 86_400_000
 # Contacts per transaction when rebuilding rollup_firsts.
 REBUILD_CONTACTS = 50_000
@@ -88,7 +88,7 @@ _CHUNK = 500
 
 @dataclass(frozen=True, slots=True)
 class RefreshReport:
-    """What one refresh did: a full rebuild or the number of slots recomputed."""
+    """The outcome of one refresh: a full rebuild, or the number of slots recomputed."""
 
     rebuilt: bool
     slots: int
@@ -140,7 +140,7 @@ def time_in_ranges(column: Any, ranges: Iterable[tuple[int | None, int]]) -> Col
 
 @dataclass(slots=True)
 class Changes:
-    """What messages above a watermark may have changed: slots and contacts."""
+    """The slots and contacts whose rollup rows messages above a watermark may have changed."""
 
     slots: set[int]
     contacts: set[int]
@@ -150,9 +150,10 @@ def changes_after(connection: Connection, after_id: int, through_id: int | None 
     """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
     The slots are those of the new messages and, for each of their conversations, the
-    slots of all its messages and of its start: a late message can move the start, and the
-    old start was the time of one of the older messages. The contacts are the owners of
-    those conversations, whose first conversation may have moved.
+    slots of all its messages and of its start. A late message can move the start, and
+    the old start was the time of one of the older messages, so both slots are included.
+    The contacts are the owners of those conversations, whose first conversation may have
+    moved.
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
@@ -308,7 +309,7 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     """Claim the rebuild and empty the rollups; return the claim token and the watermark.
 
     Returns None while another rebuild holds a claim younger than :data:`REBUILD_LEASE_MS`.
-    The caller holds the lock on the state row.
+    The caller has locked the state row.
     """
     token, started_ms = connection.execute(
         select(RollupState.rebuild_token, RollupState.rebuild_started_at_ms).where(
@@ -533,8 +534,8 @@ def _analyze(engine: Engine) -> None:
         "rollup_firsts",
     )
     if engine.dialect.name == "postgresql":
-        # VACUUM cannot run in a transaction; it also sets the visibility map that lets
-        # PostgreSQL answer slot ranges from the primary key index alone.
+        # VACUUM cannot run in a transaction. It also sets the visibility map, so that
+        # PostgreSQL reads slot ranges from the primary key index alone.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             for name in names:
                 connection.exec_driver_sql(f"VACUUM ANALYZE {name}")

@@ -86,8 +86,8 @@ class RollupState(Base):
     """The refresher's progress: one row, ``id`` 1.
 
     ``watermark_id`` is the highest message id the rollups include. ``rescan_from_id`` is a
-    watermark at least one overlap period old; each refresh reads messages above it again,
-    which picks up rows that committed after rows with higher ids.
+    watermark at least one overlap period old. Each refresh reads the messages above it
+    again, so it picks up rows that committed after rows with higher ids.
     """
 
     __tablename__ = "rollup_state"
