@@ -47,7 +47,8 @@ class Runtime:
     """Owns the engine, the writer and the recorder of one process.
 
     Create it with :meth:`from_settings`; ``start`` migrates the database (when asked) and
-    starts the recorder; ``stop`` flushes it within the configured time limit.
+    starts the recorder and the rollup refresher thread (see docs/rollups.md); ``stop``
+    stops the refresher and flushes the recorder within the configured time limit.
 
     ``survey_channels`` are the channels whose users' platform ids are kept for surveys
     when ids are pseudonymised (see :mod:`chatmw.surveys.addresses`); set it before
