@@ -176,6 +176,13 @@ def test_rollups_match_raw_after_refresh(engine: Engine) -> None:
     assert coverage is not None
     assert len(coverage.served) == 5 * 24 * 4
     assert coverage.raw == []
+    with engine.connect() as connection:
+        for zone in ZONES:
+            # Every zone of the checks (+05:45 and -02:30 included) is served in full.
+            flt = MetricFilter(since=T0, until=T0 + timedelta(days=5), tz=ZoneInfo(zone))
+            zoned = cover(connection, flt)
+            assert zoned is not None, zone
+            assert zoned.raw == [], zone
     assert_same_as_raw(engine)
 
 
