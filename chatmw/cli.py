@@ -76,6 +76,7 @@ from chatmw import (
     cli_import,  # noqa: E402,F401
     cli_metrics,  # noqa: E402,F401
     cli_proxy,  # noqa: E402,F401
+    cli_rollups,  # noqa: E402,F401
     cli_serve,  # noqa: E402,F401
     cli_surveys,  # noqa: E402,F401
 )

@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 
 from chatmw.business import install as install_business
 from chatmw.config import Settings
+from chatmw.metrics.rollup_refresh import REFRESH_INTERVAL_S, Refresher
 from chatmw.recorder import Recorder, Spool
 from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.sentiment import sentiment_enricher
@@ -47,7 +48,8 @@ class Runtime:
     """Owns the engine, the writer and the recorder of one process.
 
     Create it with :meth:`from_settings`; ``start`` migrates the database (when asked) and
-    starts the recorder; ``stop`` flushes it within the configured time limit.
+    starts the recorder and the rollup refresher thread (see docs/rollups.md); ``stop``
+    stops the refresher and flushes the recorder within the configured time limit.
 
     ``survey_channels`` are the channels whose users' platform ids are kept for surveys
     when ids are pseudonymised (see :mod:`chatmw.surveys.addresses`); set it before
@@ -68,6 +70,9 @@ class Runtime:
         self._capturing = False
         # Set by start() when the writer runs in a child process (Settings.writer_process).
         self._process_writer: ProcessWriter | None = None
+        # Seconds between rollup refreshes of the thread ``start`` runs; None runs no thread.
+        self.rollup_interval_s: float | None = REFRESH_INTERVAL_S
+        self._rollups: Refresher | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
@@ -113,6 +118,9 @@ class Runtime:
             if self._process_writer is not None:
                 self.recorder.writer = self._process_writer
         self.recorder.start()
+        if self.rollup_interval_s is not None and self._rollups is None:
+            self._rollups = Refresher(self.engine, self.rollup_interval_s)
+            self._rollups.start()
 
     def stop(self) -> bool:
         """Flush and stop the recorder, then close the spool; ``False`` when events were lost.
@@ -120,6 +128,9 @@ class Runtime:
         Events the recorder could not write in time are in the spool (when there is one)
         and are replayed by the next start.
         """
+        if self._rollups is not None:
+            self._rollups.stop()
+            self._rollups = None
         flushed = self.recorder.stop()
         if self._process_writer is not None:
             self._process_writer.close()

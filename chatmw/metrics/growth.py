@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select
 
 from chatmw.metrics.buckets import bucket_range, bucket_start
 from chatmw.metrics.filters import FilterError, MetricFilter
+from chatmw.metrics.growth_rollups import growth_counts
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.volume import series_rows, series_with_change
@@ -99,8 +100,27 @@ def _totals(series: list[dict[str, Any]]) -> dict[str, Any]:
 def growth(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dict[str, Any]:
     """Count conversations, users, new users and messages per period, with the change."""
     period = options.get("period") or "week"
-    started, first_ms, sent = _load(engine, flt)
     result: dict[str, Any] = {"metric": "growth", "filters": flt.describe(), "period": period}
+    if flt.since_ms is not None and flt.until_ms is not None:
+        try:
+            starts = bucket_range(flt.since_ms, flt.until_ms, period, flt.tz)
+        except ValueError as error:
+            raise FilterError("period", str(error)) from None
+        from_rollups = growth_counts(engine, flt, period, starts)
+        if from_rollups is not None:
+            overall, by_group = from_rollups
+            result["series"] = series_with_change(starts, overall, COUNTS)
+            result["totals"] = _totals(result["series"])
+            if flt.group_by is not None:
+                result["groups"] = []
+                for key in sorted(by_group, key=group_label):
+                    series = series_with_change(starts, by_group[key], COUNTS)
+                    result["groups"].append(
+                        {"group": group_label(key), "series": series, "totals": _totals(series)}
+                    )
+            return result
+
+    started, first_ms, sent = _load(engine, flt)
     times = [at for _, at, _ in started]
     if not times and (flt.since_ms is None or flt.until_ms is None):
         result.update(series=[], totals=_totals([]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -42,10 +43,62 @@ def _section(conversations: list[int], messages: list[int], tz: ZoneInfo) -> dic
     }
 
 
+def _grid_section(
+    conversations: Mapping[tuple[int, int], int], messages: Mapping[tuple[int, int], int]
+) -> dict[str, Any]:
+    return {
+        "conversations": [
+            [conversations.get((day, hour), 0) for hour in range(24)] for day in range(7)
+        ],
+        "messages": [[messages.get((day, hour), 0) for hour in range(24)] for day in range(7)],
+        "totals": {
+            "conversations": sum(conversations.values()),
+            "messages": sum(messages.values()),
+        },
+    }
+
+
+def _from_grids(
+    flt: MetricFilter, grids: Mapping[Any, Mapping[str, Mapping[tuple[int, int], int]]]
+) -> dict[str, Any]:
+    conversations: dict[tuple[int, int], int] = defaultdict(int)
+    messages: dict[tuple[int, int], int] = defaultdict(int)
+    for grid in grids.values():
+        for cell, count in grid.get("conversations", {}).items():
+            conversations[cell] += count
+        for cell, count in grid.get("messages", {}).items():
+            messages[cell] += count
+    result: dict[str, Any] = {
+        "metric": "heatmap",
+        "filters": flt.describe(),
+        "weekdays": list(WEEKDAYS),
+        "hours": list(range(24)),
+        **_grid_section(conversations, messages),
+    }
+    if flt.group_by is not None:
+        keys = [key for key, grid in grids.items() if sum(grid.get("conversations", {}).values())]
+        result["groups"] = [
+            {
+                "group": group_label(key),
+                **_grid_section(
+                    grids[key].get("conversations", {}), grids[key].get("messages", {})
+                ),
+            }
+            for key in sorted(keys, key=group_label)
+        ]
+    return result
+
+
 def heatmap(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Count conversations by start and messages by their own time per weekday and hour."""
+    # Imported here: the rollup module reuses local_slot from this one.
+    from chatmw.metrics.heatmap_rollups import heatmap_counts
+
+    grids = heatmap_counts(engine, flt)
+    if grids is not None:
+        return _from_grids(flt, grids)
     scope = conversation_scope(flt).subquery()
     conversations = select(scope.c.group_key, Conversation.started_at_ms).join(
         Conversation, Conversation.id == scope.c.conversation_id

@@ -13,6 +13,7 @@ from chatmw.metrics.buckets import INTERVALS, bucket_range, bucket_start
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.volume_rollups import volume_counts
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 
@@ -78,10 +79,29 @@ def volume(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dic
     Survey prompts, survey answers and reactions are not counted as messages.
     """
     interval = options.get("interval") or "day"
+    result: dict[str, Any] = {"metric": "volume", "filters": flt.describe(), "interval": interval}
+    if flt.since_ms is not None and flt.until_ms is not None:
+        try:
+            starts = bucket_range(flt.since_ms, flt.until_ms, interval, flt.tz)
+        except ValueError as error:
+            raise FilterError("interval", str(error)) from None
+        from_rollups = volume_counts(engine, flt, interval, starts)
+        if from_rollups is not None:
+            overall, by_group = from_rollups
+            result["series"] = series_with_change(starts, overall, COUNTS)
+            if flt.group_by is not None:
+                result["groups"] = [
+                    {
+                        "group": group_label(key),
+                        "series": series_with_change(starts, by_group[key], COUNTS),
+                    }
+                    for key in sorted(by_group, key=group_label)
+                ]
+            return result
+
     conversations = _conversation_rows(engine, flt)
     messages = _message_rows(engine, flt)
     times = [at for _, at in conversations] + [at for _, at, _, _ in messages]
-    result: dict[str, Any] = {"metric": "volume", "filters": flt.describe(), "interval": interval}
     first_ms, end_ms = flt.since_ms, flt.until_ms
     if first_ms is None and times:
         first_ms = min(times)

@@ -10,7 +10,8 @@ What is removed, for a person on one channel:
 4. every row that references, through a foreign key, the person's contacts,
    conversations or messages, found by reading the database's own foreign keys (so a
    table added later is covered without registering it), and then those rows themselves;
-5. unparsed payloads whose body contains the platform id (when it is known).
+5. unparsed payloads whose body contains the platform id (when it is known);
+6. the person's rows in the metric rollups, which are then marked for a rebuild.
 
 Points 2 and 4 work from the schema in the database, not from imported model modules, so
 a feature whose module was not imported in this process is still covered.
@@ -18,7 +19,8 @@ a feature whose module was not imported in this process is still covered.
 Retention (:func:`purge_older_than`) removes conversations whose last message is older
 than the cutoff (with everything that references them), contacts last seen before it,
 and touches, exposures, statuses and payloads that happened before it. A conversation
-still active after the cutoff is kept whole, its older messages included.
+still active after the cutoff is kept whole, its older messages included. The metric
+rollups are marked for a rebuild, because they still count the removed rows.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ logger = logging.getLogger("chatmw")
 # Tables that hold no personal data and are never erased or purged.
 KEPT_TABLES = frozenset({"alembic_version", "api_keys", "chatmw_secrets", "erasure_records"})
 ROOT_TABLES = ("contacts", "conversations", "messages")
+# Rollup tables keyed by contact id (see chatmw/store/models_rollups.py).
+ROLLUP_CONTACT_TABLES = ("rollup_users", "rollup_starters", "rollup_firsts")
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")
 DAY_MS = 86_400_000
@@ -294,6 +298,26 @@ def _erase_raw_payloads(session: Session, metadata: MetaData, subject: ErasureSu
     _add(removed, "raw_payloads", _delete_in(session, table, table.c.id, matching))
 
 
+def _invalidate_rollups(session: Session, metadata: MetaData, contact_ids: Iterable[int],
+                        removed: dict[str, int]) -> None:
+    """Remove the contacts' rollup rows and mark the rollups unbuilt.
+
+    The refresher cannot see deleted raw rows, so metrics read raw rows until its next
+    refresh rebuilds every rollup row.
+    """
+    if "rollup_state" not in metadata.tables:
+        return
+    # Updating the state row first waits for a rebuild step that holds its lock, and stops
+    # the rebuild, so no rebuild step inserts the contacts' rows again after the delete.
+    session.execute(
+        metadata.tables["rollup_state"].update().values(built=False, rebuild_token=None))
+    contacts = set(contact_ids)
+    for name in ROLLUP_CONTACT_TABLES:
+        if contacts and name in metadata.tables:
+            table = metadata.tables[name]
+            _add(removed, name, _delete_in(session, table, table.c.contact_id, contacts))
+
+
 def erase_person(engine: Engine, channel: str, user_id: str, *,
                  stored_ids: Sequence[str] = (), conversation_ids: Sequence[str] = (),
                  raw_user_id: str | None = None, registry: DataRegistry = REGISTRY,
@@ -325,6 +349,7 @@ def erase_person(engine: Engine, channel: str, user_id: str, *,
             "contacts": set(subject.contact_ids), "conversations": set(subject.conversation_ids),
             "messages": set(subject.message_ids)}, removed)
         _erase_raw_payloads(session, metadata, subject, removed)
+        _invalidate_rollups(session, metadata, subject.contact_ids, removed)
         if "erasure_records" in metadata.tables:
             session.execute(metadata.tables["erasure_records"].insert().values(
                 confirmation_code=code, origin=origin, channel=channel,
@@ -366,6 +391,7 @@ def purge_older_than(engine: Engine, days: float, *, registry: DataRegistry = RE
                     active.add(contact_id)
         _delete_closure(session, metadata, {"conversations": old_conversations,
                                             "contacts": old_contacts - active}, removed)
+        _invalidate_rollups(session, metadata, old_contacts - active, removed)
     logger.info("retention purge before %d: %d rows removed", cutoff, sum(removed.values()))
     return removed
 

@@ -1,0 +1,634 @@
+"""The rollup refresher: finds changed slots and recomputes them from raw rows.
+
+A rollup row depends only on the raw rows whose times fall in its slots, so a slot is
+refreshed by deleting its rows and counting the raw rows again. Inserting a duplicate
+event changes no raw row, and a late message dirties the slots it and its conversation
+touch, so the rollups match the raw rows after every refresh. docs/rollups.md describes
+the design.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.elements import ColumnElement
+
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Conversation, Message
+from chatmw.store.models_rollups import (
+    SLOT_MS,
+    RollupConversations,
+    RollupFirsts,
+    RollupMessages,
+    RollupStarters,
+    RollupState,
+    RollupUsers,
+)
+
+__all__ = [
+    "RefreshReport",
+    "Refresher",
+    "refresh",
+    "rebuild",
+    "invalidate",
+    "slot_of",
+    "slot_expression",
+    "dirty_slots",
+    "changes_after",
+    "Changes",
+    "first_starts",
+    "slot_ranges",
+    "time_in_ranges",
+    "BEFORE_EPOCH_SLOT",
+    "OVERLAP_MS",
+    "REFRESH_INTERVAL_S",
+]
+
+logger = logging.getLogger("chatmw")
+
+# Every time before the Unix epoch shares this one slot; queries never read it from rollups.
+BEFORE_EPOCH_SLOT = -SLOT_MS
+# Messages are read again for this long after a refresh first saw their id range. A writer
+# transaction that takes ids and commits later than this is counted only after a rebuild.
+OVERLAP_MS = 5 * 60 * 1000
+# Seconds between two refreshes of the runtime's refresher thread.
+REFRESH_INTERVAL_S = 30.0
+# The span of raw rows (7 days of event time) counted per transaction of a rebuild. It
+# bounds how long one rebuild step holds SQLite's write lock.
+REBUILD_CHUNK_MS = 7 * 86_400_000
+# Contacts per transaction when rebuilding rollup_firsts.
+REBUILD_CONTACTS = 50_000
+# A rebuild claimed longer ago than this (1 hour) is taken to have died; another may start.
+REBUILD_LEASE_MS = 60 * 60 * 1000
+# Slots deleted or read per statement.
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshReport:
+    """The outcome of one refresh: a full rebuild, or the number of slots recomputed."""
+
+    rebuilt: bool
+    slots: int
+    watermark_id: int
+    seconds: float
+
+
+def slot_of(moment_ms: int) -> int:
+    """Return the start of the rollup slot containing ``moment_ms``."""
+    if moment_ms < 0:
+        return BEFORE_EPOCH_SLOT
+    return moment_ms - moment_ms % SLOT_MS
+
+
+def slot_expression(column: Any) -> ColumnElement[Any]:
+    """Return SQL computing :func:`slot_of` of an integer millisecond column."""
+    # Integer division truncates in SQLite and PostgreSQL alike, so only times >= 0 use it.
+    # The constants are inlined: PostgreSQL matches a GROUP BY expression to the selected one
+    # only when their text is the same, and bound parameters get distinct names.
+    width = literal_column(str(SLOT_MS))
+    return case(
+        (column < literal_column("0"), literal_column(str(BEFORE_EPOCH_SLOT))),
+        else_=column.op("/")(width).op("*")(width),
+    )
+
+
+def slot_ranges(slots: Iterable[int]) -> list[tuple[int | None, int]]:
+    """Merge slots into ``[start, end)`` millisecond ranges; ``None`` starts before the epoch."""
+    ranges: list[tuple[int | None, int]] = []
+    for slot in sorted(set(slots)):
+        if slot == BEFORE_EPOCH_SLOT:
+            ranges.append((None, 0))
+            continue
+        if ranges and ranges[-1][1] == slot:
+            ranges[-1] = (ranges[-1][0], slot + SLOT_MS)
+        else:
+            ranges.append((slot, slot + SLOT_MS))
+    return ranges
+
+
+def time_in_ranges(column: Any, ranges: Iterable[tuple[int | None, int]]) -> ColumnElement[bool]:
+    """Return SQL true when ``column`` lies in one of ``ranges``."""
+    conditions = [
+        column < end if start is None else and_(column >= start, column < end)
+        for start, end in ranges
+    ]
+    return or_(*conditions) if conditions else false()
+
+
+@dataclass(slots=True)
+class Changes:
+    """The slots and contacts whose rollup rows messages above a watermark may have changed."""
+
+    slots: set[int]
+    contacts: set[int]
+
+
+def changes_after(connection: Connection, after_id: int, through_id: int | None = None) -> Changes:
+    """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
+
+    The slots are those of the new messages and, for each of their conversations, the
+    slots of all its messages and of its start. A late message can move the start, and
+    the old start was the time of one of the older messages, so both slots are included.
+    The contacts are the owners of those conversations, whose first conversation may have
+    moved.
+    """
+    tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
+    if through_id is not None:
+        tail = tail.where(Message.id <= through_id)
+    changes = Changes(set(), set())
+    conversations: set[int] = set()
+    for conversation_id, at_ms in connection.execute(tail):
+        changes.slots.add(slot_of(at_ms))
+        conversations.add(conversation_id)
+    ids = sorted(conversations)
+    for index in range(0, len(ids), _CHUNK):
+        chunk = ids[index : index + _CHUNK]
+        times = select(Message.occurred_at_ms).where(Message.conversation_id.in_(chunk))
+        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(times))
+        starts = select(Conversation.started_at_ms, Conversation.contact_id).where(
+            Conversation.id.in_(chunk)
+        )
+        for at_ms, contact_id in connection.execute(starts):
+            changes.slots.add(slot_of(at_ms))
+            if contact_id is not None:
+                changes.contacts.add(contact_id)
+    return changes
+
+
+def dirty_slots(connection: Connection, after_id: int, through_id: int | None = None) -> set[int]:
+    """Return the slots of :func:`changes_after`."""
+    return changes_after(connection, after_id, through_id).slots
+
+
+def _timed() -> ColumnElement[bool]:
+    return Message.kind.not_in(UNTIMED_KINDS)
+
+
+def _message_counts(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("start_slot_ms"),
+            slot_expression(Message.occurred_at_ms).label("slot_ms"),
+            Conversation.channel,
+            func.count().label("messages"),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), where)
+        .group_by(
+            slot_expression(Conversation.started_at_ms),
+            slot_expression(Message.occurred_at_ms),
+            Conversation.channel,
+        )
+    )
+
+
+def _user_rows(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Message.occurred_at_ms).label("slot_ms"),
+            Conversation.channel,
+            Message.contact_id,
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), Message.role == "user", Message.contact_id.is_not(None), where)
+        .distinct()
+    )
+
+
+def _starter_rows(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("slot_ms"),
+            Conversation.channel,
+            Conversation.contact_id,
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .distinct()
+    )
+
+
+def first_starts(where: ColumnElement[bool]) -> Any:
+    """Select each contact's first conversation start per channel among conversations ``where``."""
+    return (
+        select(
+            Conversation.contact_id,
+            Conversation.channel,
+            func.min(Conversation.started_at_ms).label("first_started_ms"),
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .group_by(Conversation.contact_id, Conversation.channel)
+    )
+
+
+def _conversation_counts(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms).label("slot_ms"),
+            Conversation.channel,
+            func.count().label("conversations"),
+        )
+        .where(where)
+        .group_by(slot_expression(Conversation.started_at_ms), Conversation.channel)
+    )
+
+
+def _ensure_state(connection: Connection) -> None:
+    # The migration inserts the row; a store whose tables were emptied gets it back here.
+    insert_module = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(
+        insert_module.insert(RollupState)
+        .values(
+            id=1,
+            built=False,
+            watermark_id=0,
+            rescan_from_id=0,
+            pending_id=0,
+            pending_at_ms=0,
+            refreshed_at_ms=0,
+            rebuild_started_at_ms=0,
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+def _lock_state(connection: Connection) -> RollupStateRow:
+    _ensure_state(connection)
+    row = connection.execute(
+        select(
+            RollupState.built,
+            RollupState.watermark_id,
+            RollupState.rescan_from_id,
+            RollupState.pending_id,
+            RollupState.pending_at_ms,
+        )
+        .where(RollupState.id == 1)
+        .with_for_update()
+    ).one()
+    return RollupStateRow(bool(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+
+
+@dataclass(slots=True)
+class RollupStateRow:
+    """The columns of ``rollup_state`` the refresher reads."""
+
+    built: bool
+    watermark_id: int
+    rescan_from_id: int
+    pending_id: int
+    pending_at_ms: int
+
+
+def _max_message_id(connection: Connection) -> int:
+    return int(connection.execute(select(func.coalesce(func.max(Message.id), 0))).scalar_one())
+
+
+def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | None:
+    """Claim the rebuild and empty the rollups; return the claim token and the watermark.
+
+    Returns None while another rebuild holds a claim younger than :data:`REBUILD_LEASE_MS`.
+    The caller has locked the state row.
+    """
+    token, started_ms = connection.execute(
+        select(RollupState.rebuild_token, RollupState.rebuild_started_at_ms).where(
+            RollupState.id == 1
+        )
+    ).one()
+    if token is not None and now_ms - int(started_ms) < REBUILD_LEASE_MS:
+        return None
+    token = secrets.token_hex(8)
+    watermark = _max_message_id(connection)
+    for table in (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts):
+        connection.execute(delete(table))
+    connection.execute(
+        update(RollupState)
+        .where(RollupState.id == 1)
+        .values(built=False, rebuild_token=token, rebuild_started_at_ms=now_ms)
+    )
+    return token, watermark
+
+
+def _owns_rebuild(connection: Connection, token: str) -> bool:
+    owner = connection.execute(
+        select(RollupState.rebuild_token).where(RollupState.id == 1).with_for_update()
+    ).scalar_one_or_none()
+    return owner == token
+
+
+def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
+    """Return ``[start, end)`` ranges covering every conversation start and message time."""
+    bounds = connection.execute(
+        select(func.min(Conversation.started_at_ms), func.max(Conversation.started_at_ms))
+    ).one()
+    times = connection.execute(
+        select(func.min(Message.occurred_at_ms), func.max(Message.occurred_at_ms))
+    ).one()
+    known = [int(value) for value in (*bounds, *times) if value is not None]
+    if not known:
+        return []
+    first, last = min(known), max(known)
+    chunks: list[tuple[int | None, int]] = [(None, 0)] if first < 0 else []
+    start = slot_of(max(first, 0))
+    while start <= last:
+        chunks.append((start, start + REBUILD_CHUNK_MS))
+        start += REBUILD_CHUNK_MS
+    return chunks
+
+
+def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None:
+    by_start = time_in_ranges(Conversation.started_at_ms, [chunk])
+    by_time = time_in_ranges(Message.occurred_at_ms, [chunk])
+    # Every rollup row falls in exactly one chunk: by its start slot, or by its message slot.
+    statements = (
+        (
+            RollupConversations,
+            ["slot_ms", "channel", "conversations"],
+            _conversation_counts(by_start),
+        ),
+        (
+            RollupMessages,
+            ["start_slot_ms", "slot_ms", "channel", "messages"],
+            _message_counts(by_time),
+        ),
+        (RollupUsers, ["slot_ms", "channel", "contact_id"], _user_rows(by_time)),
+        (RollupStarters, ["slot_ms", "channel", "contact_id"], _starter_rows(by_start)),
+    )
+    for table, columns, rows in statements:
+        connection.execute(insert(table).from_select(columns, rows))
+
+
+def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
+    """Count every raw row into the emptied rollups, one chunk per transaction.
+
+    Short transactions keep SQLite's single write lock free for the writer between chunks.
+    Returns False when the claim was lost (another rebuild or an invalidation took over).
+    """
+    with engine.connect() as connection:
+        chunks = _time_chunks(connection)
+        last_contact = connection.execute(select(func.max(Conversation.contact_id))).scalar()
+    for chunk in chunks:
+        with engine.begin() as connection:
+            if not _owns_rebuild(connection, token):
+                return False
+            _insert_chunk(connection, chunk)
+    for low in range(0, int(last_contact or 0) + 1, REBUILD_CONTACTS):
+        with engine.begin() as connection:
+            if not _owns_rebuild(connection, token):
+                return False
+            contacts = and_(
+                Conversation.contact_id >= low, Conversation.contact_id < low + REBUILD_CONTACTS
+            )
+            connection.execute(
+                insert(RollupFirsts).from_select(
+                    ["contact_id", "channel", "first_started_ms"], first_starts(contacts)
+                )
+            )
+    with engine.begin() as connection:
+        if not _owns_rebuild(connection, token):
+            return False
+        connection.execute(
+            update(RollupState)
+            .where(RollupState.id == 1)
+            .values(
+                built=True,
+                rebuild_token=None,
+                watermark_id=watermark,
+                rescan_from_id=watermark,
+                pending_id=watermark,
+                pending_at_ms=now_ms,
+                refreshed_at_ms=now_ms,
+            )
+        )
+    return True
+
+
+def _delete_slots(connection: Connection, slots: list[int]) -> None:
+    for index in range(0, len(slots), _CHUNK):
+        chunk = slots[index : index + _CHUNK]
+        connection.execute(
+            delete(RollupConversations).where(RollupConversations.slot_ms.in_(chunk))
+        )
+        connection.execute(delete(RollupUsers).where(RollupUsers.slot_ms.in_(chunk)))
+        connection.execute(delete(RollupStarters).where(RollupStarters.slot_ms.in_(chunk)))
+        connection.execute(
+            delete(RollupMessages).where(
+                or_(RollupMessages.slot_ms.in_(chunk), RollupMessages.start_slot_ms.in_(chunk))
+            )
+        )
+
+
+def _recompute(connection: Connection, slots: set[int]) -> None:
+    """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    ordered = sorted(slots)
+    _delete_slots(connection, ordered)
+    ranges = slot_ranges(ordered)
+    for index in range(0, len(ranges), 50):
+        part = ranges[index : index + 50]
+        connection.execute(
+            insert(RollupConversations).from_select(
+                ["slot_ms", "channel", "conversations"],
+                _conversation_counts(time_in_ranges(Conversation.started_at_ms, part)),
+            )
+        )
+        connection.execute(
+            insert(RollupUsers).from_select(
+                ["slot_ms", "channel", "contact_id"],
+                _user_rows(time_in_ranges(Message.occurred_at_ms, part)),
+            )
+        )
+        connection.execute(
+            insert(RollupStarters).from_select(
+                ["slot_ms", "channel", "contact_id"],
+                _starter_rows(time_in_ranges(Conversation.started_at_ms, part)),
+            )
+        )
+
+    # A message row is stale when its message slot or its conversation's start slot is
+    # dirty: count the first kind by message time, the second by conversation start, and
+    # keep each row once.
+    counts: dict[tuple[int, int, str], int] = defaultdict(int)
+    for index in range(0, len(ranges), 50):
+        part = ranges[index : index + 50]
+        by_time = _message_counts(time_in_ranges(Message.occurred_at_ms, part))
+        for start_slot, slot, channel, messages in connection.execute(by_time):
+            counts[(int(start_slot), int(slot), channel)] = int(messages)
+        by_start = _message_counts(time_in_ranges(Conversation.started_at_ms, part))
+        for start_slot, slot, channel, messages in connection.execute(by_start):
+            if int(slot) not in slots:
+                counts[(int(start_slot), int(slot), channel)] = int(messages)
+    rows = [
+        {"start_slot_ms": start, "slot_ms": slot, "channel": channel, "messages": messages}
+        for (start, slot, channel), messages in counts.items()
+    ]
+    if rows:
+        connection.execute(insert(RollupMessages), rows)
+
+
+def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
+    """Replace the first conversation starts of ``contacts`` with those of the raw rows."""
+    ordered = sorted(contacts)
+    for index in range(0, len(ordered), _CHUNK):
+        chunk = ordered[index : index + _CHUNK]
+        connection.execute(delete(RollupFirsts).where(RollupFirsts.contact_id.in_(chunk)))
+        connection.execute(
+            insert(RollupFirsts).from_select(
+                ["contact_id", "channel", "first_started_ms"],
+                first_starts(Conversation.contact_id.in_(chunk)),
+            )
+        )
+
+
+def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
+    """Bring the rollups up to date with the raw rows; build them first if they are not built.
+
+    While another process rebuilds the rollups, this returns at once with nothing done.
+    """
+    started = time.perf_counter()
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    with engine.begin() as connection:
+        state = _lock_state(connection)
+        if state.built:
+            watermark, slots = _refresh_slots(connection, state, now_ms)
+            return RefreshReport(False, slots, watermark, time.perf_counter() - started)
+        claim = _claim_rebuild(connection, now_ms)
+    if claim is None:
+        logger.info("rollups: another rebuild is running; refresh skipped")
+        return RefreshReport(False, 0, state.watermark_id, time.perf_counter() - started)
+    token, watermark = claim
+    if not _rebuild(engine, token, watermark, now_ms):
+        logger.info("rollups: rebuild stopped because the rollups were invalidated")
+        return RefreshReport(False, 0, watermark, time.perf_counter() - started)
+    _analyze(engine)
+    return RefreshReport(True, 0, watermark, time.perf_counter() - started)
+
+
+def _analyze(engine: Engine) -> None:
+    """Refresh planner statistics after a rebuild, so range scans on slots use the indexes."""
+    names = (
+        "rollup_conversations",
+        "rollup_messages",
+        "rollup_users",
+        "rollup_starters",
+        "rollup_firsts",
+    )
+    if engine.dialect.name == "postgresql":
+        # VACUUM cannot run in a transaction. It also sets the visibility map, so that
+        # PostgreSQL reads slot ranges from the primary key index alone.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            for name in names:
+                connection.exec_driver_sql(f"VACUUM ANALYZE {name}")
+        return
+    with engine.begin() as connection:
+        for name in names:
+            connection.exec_driver_sql(f"ANALYZE {name}")
+
+
+def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -> tuple[int, int]:
+    """Recompute the slots changed since the last refresh; return the watermark and slot count."""
+
+    watermark = max(_max_message_id(connection), state.watermark_id)
+    changes = changes_after(connection, state.rescan_from_id, watermark)
+    slots = changes.slots
+    if slots:
+        _recompute(connection, slots)
+    _recompute_firsts(connection, changes.contacts)
+    rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
+    if now_ms - pending_at >= OVERLAP_MS:
+        rescan_from, pending, pending_at = pending, watermark, now_ms
+    connection.execute(
+        update(RollupState)
+        .where(RollupState.id == 1)
+        .values(
+            watermark_id=watermark,
+            rescan_from_id=rescan_from,
+            pending_id=pending,
+            pending_at_ms=pending_at,
+            refreshed_at_ms=now_ms,
+        )
+    )
+    return watermark, len(slots)
+
+
+def rebuild(engine: Engine, now_ms: int | None = None) -> RefreshReport:
+    """Recompute every rollup row from the raw rows."""
+    invalidate(engine)
+    return refresh(engine, now_ms)
+
+
+def invalidate(engine: Engine) -> None:
+    """Mark the rollups unbuilt: queries read raw rows until the next refresh rebuilds them.
+
+    Call it after deleting raw rows (erasure, retention), which the refresher cannot see.
+    """
+    with engine.begin() as connection:
+        _ensure_state(connection)
+        connection.execute(
+            update(RollupState).where(RollupState.id == 1).values(built=False, rebuild_token=None)
+        )
+
+
+class Refresher:
+    """A daemon thread that refreshes the rollups every ``interval_s`` seconds."""
+
+    def __init__(self, engine: Engine, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"rollup refresh interval must be positive, got {interval_s!r}")
+        self.engine = engine
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread; the first refresh runs at once, and always runs to its end."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="chatmw-rollups", daemon=True)
+        self._thread.start()
+        logger.info("rollups: refresher started, every %.0f s", self.interval_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the thread, waiting at most ``timeout_s`` for a running refresh."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+        logger.info("rollups: refresher stopped")
+
+    def _run(self) -> None:
+        # The first refresh runs even when stop() comes at once, so a started refresher
+        # always leaves the rollups built.
+        while True:
+            try:
+                report = refresh(self.engine)
+                logger.debug(
+                    "rollups: refreshed %d slots to message id %d in %.2f s",
+                    report.slots,
+                    report.watermark_id,
+                    report.seconds,
+                )
+            except Exception:  # noqa: BLE001 - the thread keeps running; queries stay exact
+                logger.exception("rollups: refresh failed; retrying in %.0f s", self.interval_s)
+            if self._stop.wait(self.interval_s):
+                return

@@ -1,0 +1,103 @@
+"""Rollup tables: counts per 15-minute UTC slot, recomputed from raw rows.
+
+Every row is a pure function of the raw rows whose times fall in its slots, so the
+refresher (``chatmw.metrics.rollup_refresh``) can rebuild any slot from scratch. See
+docs/rollups.md for the design.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Index, Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from chatmw.store.models import Base
+
+__all__ = [
+    "RollupConversations",
+    "RollupMessages",
+    "RollupUsers",
+    "RollupStarters",
+    "RollupFirsts",
+    "RollupState",
+    "SLOT_MS",
+]
+
+# The width of a rollup slot. Slots start at multiples of it after the Unix epoch (UTC).
+SLOT_MS = 15 * 60 * 1000
+
+
+class RollupConversations(Base):
+    """Conversations that started in a slot, per conversation channel."""
+
+    __tablename__ = "rollup_conversations"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+
+
+class RollupMessages(Base):
+    """Timed messages per conversation start slot, message slot and conversation channel.
+
+    Survey prompts, survey answers and reactions are not counted, as in the metrics.
+    """
+
+    __tablename__ = "rollup_messages"
+    __table_args__ = (Index("ix_rollup_messages_slot", "slot_ms", "channel"),)
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    messages: Mapped[int] = mapped_column(Integer)
+
+
+class RollupUsers(Base):
+    """A contact that sent a timed user message in a slot, per conversation channel."""
+
+    __tablename__ = "rollup_users"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupStarters(Base):
+    """A contact whose conversation started in a slot, per conversation channel."""
+
+    __tablename__ = "rollup_starters"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupFirsts(Base):
+    """The start of a contact's first conversation on a channel (not slotted: exact ms)."""
+
+    __tablename__ = "rollup_firsts"
+    __table_args__ = (Index("ix_rollup_firsts_started", "first_started_ms"),)
+
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    first_started_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class RollupState(Base):
+    """The refresher's progress: one row, ``id`` 1.
+
+    ``watermark_id`` is the highest message id the rollups include. ``rescan_from_id`` is a
+    watermark at least one overlap period old. Each refresh reads the messages above it
+    again, so it picks up rows that committed after rows with higher ids.
+    """
+
+    __tablename__ = "rollup_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    built: Mapped[bool] = mapped_column(Boolean, default=False)
+    watermark_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    rescan_from_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    pending_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    refreshed_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    rebuild_token: Mapped[str | None] = mapped_column(String(32))
+    rebuild_started_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
