@@ -32,7 +32,6 @@ from typing import Any
 from chatmw import events as ev
 from chatmw.importers.source import (
     ImportFileError,
-    Record,
     Row,
     RowError,
     Skipped,
@@ -347,7 +346,7 @@ def _csv_values(header: list[str], rows: Iterator[tuple[int, list[str] | None, s
         elif len(row) != width:
             yield line, None, f"the row has {len(row)} fields but the header has {width}"
         else:
-            yield line, dict(zip(header, row)), None
+            yield line, dict(zip(header, row, strict=True)), None
 
 
 def _resolve(entries: Any, user_id: str | None) -> None:

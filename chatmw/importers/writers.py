@@ -1,0 +1,236 @@
+"""Where the batches of an import are written: a thread of this process, or a child process.
+
+Both write one batch at a time, through a :class:`~chatmw.store.writer.Writer`, while the
+caller reads the next batch. Each batch is preceded by a read of the keys it repeats from
+the store, so that the import can count duplicates; the batch before it is committed by
+then, so a key repeated across batches of one file is counted once.
+
+In a thread, the writer's Python work shares the interpreter lock with the reading. In a
+child process (:class:`ProcessBatchWriter`) the two run on two CPUs. The child builds its
+own writer with a picklable factory, because engines and connections cannot cross a
+process boundary, and receives each batch as tuples of field values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import operator
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from chatmw import events as ev
+from chatmw.store import models
+from chatmw.store.identity import CHUNK
+from chatmw.store.writer import Writer
+
+if TYPE_CHECKING:
+    from chatmw.config import Settings
+    from chatmw.security.privacy import PrivacySettings
+
+__all__ = ["BatchWriter", "ThreadBatchWriter", "ProcessBatchWriter", "WriteFailed",
+           "build_import_writer"]
+
+logger = logging.getLogger("chatmw")
+
+# A message travels to the child as the tuple of its field values, in this order, and is
+# rebuilt there through the slots of its fields.
+_FIELDS = tuple(field.name for field in dataclasses.fields(ev.Message))
+_VALUES = operator.attrgetter(*_FIELDS)
+_SLOTS = tuple(getattr(ev.Message, name) for name in _FIELDS)
+
+
+class WriteFailed(Exception):
+    """The database rejected a batch; the message is the database error."""
+
+
+class BatchWriter(Protocol):
+    """Writes one batch at a time: :meth:`submit` starts a write, :meth:`result` waits for it."""
+
+    def submit(self, messages: list[ev.Message]) -> None: ...
+
+    def result(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def _stored_keys(engine: Engine, keys: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            # One array parameter: an IN list of thousands of values is slow to send.
+            statement = text("SELECT key FROM messages WHERE key = ANY(CAST(:keys AS VARCHAR[]))")
+            return set(connection.execute(statement, {"keys": list(keys)}).scalars())
+        column = models.Message.key
+        for start in range(0, len(keys), CHUNK):
+            chunk = list(keys[start:start + CHUNK])
+            found.update(connection.execute(select(column).where(column.in_(chunk))).scalars())
+    return found
+
+
+def write_batch(writer: Writer, messages: list[ev.Message]) -> int:
+    """Write ``messages``; return how many distinct keys of them were not stored before.
+
+    Raises :class:`WriteFailed` when the write fails, with the database error as cause.
+    """
+    keys = {message.key for message in messages}
+    # The duplicate count is read before the write, so a concurrent writer of the same keys
+    # can make it low; the stored rows are right either way, because keys are unique.
+    stored = _stored_keys(writer.engine, sorted(keys))
+    try:
+        writer.write(messages)
+    except SQLAlchemyError as error:
+        raise WriteFailed(str(error)) from error
+    return len(keys - stored)
+
+
+class ThreadBatchWriter:
+    """Writes batches through ``writer`` in one thread of this process."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmw-import")
+        self._pending: Future[int] | None = None
+
+    def submit(self, messages: list[ev.Message]) -> None:
+        """Start writing ``messages``; the write before must be collected with :meth:`result`."""
+        self._pending = self._executor.submit(write_batch, self.writer, messages)
+
+    def result(self) -> int:
+        """Wait for the write in progress; return the new messages or raise as it raised."""
+        if self._pending is None:
+            raise RuntimeError("no batch was submitted")
+        pending, self._pending = self._pending, None
+        return pending.result()
+
+    def close(self) -> None:
+        """Wait for the write in progress, if any, and stop the thread."""
+        self._executor.shutdown(wait=True)
+
+
+def _pack(messages: list[ev.Message]) -> list[tuple[Any, ...]]:
+    return list(map(_VALUES, messages))
+
+
+def _unpack(rows: list[tuple[Any, ...]]) -> list[ev.Message]:
+    # The values were checked when the messages were built in the parent, so the slots are
+    # set as they are: Message.__init__ would check them again, at a few times the cost.
+    messages = []
+    new = object.__new__
+    for row in rows:
+        message = new(ev.Message)
+        for slot, value in zip(_SLOTS, row, strict=True):
+            slot.__set__(message, value)
+        messages.append(message)
+    return messages
+
+
+def _serve(connection: Connection, factory: Callable[[], Writer]) -> None:
+    # The child: one reply per batch, ("ok", new), ("failed", database error) or ("error",
+    # exception). Ctrl-C goes to the parent, which stops the child.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    writer = factory()
+    try:
+        while True:
+            try:
+                rows = connection.recv()
+            except EOFError:
+                return
+            if rows is None:
+                return
+            try:
+                reply: tuple[str, Any] = ("ok", write_batch(writer, _unpack(rows)))
+            except WriteFailed as error:
+                reply = ("failed", str(error))
+            except Exception as error:  # noqa: BLE001 - raised again in the parent
+                reply = ("error", _sendable(error))
+            connection.send(reply)
+    finally:
+        writer.engine.dispose()
+
+
+def _sendable(error: Exception) -> Exception:
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # noqa: BLE001 - any error that does not survive pickling
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+class ProcessBatchWriter:
+    """Writes batches in a child process, through the writer that ``factory`` builds there.
+
+    ``factory`` must be picklable (a module-level function or a ``functools.partial`` of
+    one). The child starts at once, so that its imports overlap the parent's first batch.
+    A child that exits makes the write in progress fail with :class:`WriteFailed`.
+    """
+
+    def __init__(self, factory: Callable[[], Writer], start_method: str = "spawn") -> None:
+        context = multiprocessing.get_context(start_method)
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, factory),
+                                        name="chatmw-import-writer", daemon=True)
+        self._process.start()
+        child.close()
+        self._waiting = False
+
+    def submit(self, messages: list[ev.Message]) -> None:
+        """Send ``messages`` to the child; the write before must be collected first."""
+        with contextlib.suppress(OSError):  # the child has exited: result() says so
+            self._connection.send(_pack(messages))
+        self._waiting = True
+
+    def result(self) -> int:
+        """Wait for the child's reply; return the new messages or raise as the write failed."""
+        if not self._waiting:
+            raise RuntimeError("no batch was submitted")
+        try:
+            status, value = self._connection.recv()
+        except (EOFError, OSError):
+            self._waiting = False
+            self._process.join(5)
+            raise WriteFailed(f"the writer process exited with status "
+                              f"{self._process.exitcode}") from None
+        self._waiting = False
+        if status == "ok":
+            return int(value)
+        if status == "failed":
+            raise WriteFailed(value)
+        raise value
+
+    def close(self) -> None:
+        """Stop the child: at once when a write is in progress, else after it exits."""
+        if self._process.is_alive() and not self._waiting:
+            with contextlib.suppress(OSError):
+                self._connection.send(None)
+            self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._connection.close()
+
+
+def build_import_writer(settings: Settings, privacy: PrivacySettings | None = None) -> Writer:
+    """Build the writer of live traffic (see :func:`chatmw.runtime.build_writer`) on its own
+    engine, with the text rule of ``privacy`` installed, as a child's writer factory.
+
+    Pseudonyms are made before the batches are sent, so the pseudonym key is not needed.
+    """
+    from chatmw.runtime import build_writer
+    from chatmw.security.privacy import Privacy
+    from chatmw.store.engine import make_engine
+
+    writer = build_writer(settings, make_engine(settings.database_url), privacy)
+    if privacy is not None:
+        Privacy(privacy, None).install(writer)
+    return writer
