@@ -154,6 +154,16 @@ def import_command(
     engine = make_engine(settings.database_url)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
+        # The same writer as live traffic: sentiment, leads, query types, survey answers,
+        # and the same privacy rules: pseudonyms here, the text rule in the writer.
+        writer: Any = None
+        if text_file.size >= WRITER_PROCESS_MIN_BYTES:
+            # Started first, so that the child's imports overlap the migration. It needs
+            # the text rule only; the pseudonym key stays in this process.
+            child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
+            writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
+                                                          child_privacy))
+            stack.callback(writer.close)
         try:
             upgrade(engine)
         except SQLAlchemyError as error:
@@ -166,16 +176,7 @@ def import_command(
         except RuntimeError as error:
             err.print(f"error: {error}", markup=False, highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
-        # The same writer as live traffic: sentiment, leads, query types, survey answers,
-        # and the same privacy rules: pseudonyms here, the text rule in the writer.
-        writer: Any
-        if text_file.size >= WRITER_PROCESS_MIN_BYTES:
-            # The child needs the text rule only; the key stays in this process.
-            child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
-            writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
-                                                          child_privacy))
-            stack.callback(writer.close)
-        else:
+        if writer is None:
             writer = build_writer(settings, engine, privacy_settings)
             privacy.install(writer)
         transform = privacy.transform if privacy.pseudonymiser is not None else None
@@ -187,7 +188,7 @@ def import_command(
 
         try:
             report = run_import(source, writer, batch_size=batch_size, on_skipped=problems,
-                                transform=transform)  # type: ignore[arg-type]
+                                transform=transform)
         except ImportFileError as error:
             err.print(f"error: cannot import {file}: {error}", markup=False, highlight=False)
             raise typer.Exit(EXIT_USAGE) from None

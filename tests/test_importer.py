@@ -25,8 +25,11 @@ from chatmw.importers import run_import as run_import_api
 from chatmw.importers.source import Row, read_csv
 from chatmw.importers.transcript import message_key
 from chatmw.importers.twcs import _resolve_roots, parse_created_at
-from chatmw.importers.writers import ProcessBatchWriter
+from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
 from chatmw.runtime import Runtime
+from chatmw.security.privacy import PrivacySettings
+from chatmw.security.redaction import redact_text
+from chatmw.sentiment import sentiment_enricher
 from chatmw.store import models
 from chatmw.store.engine import make_engine
 from chatmw.store.writer import Writer
@@ -679,3 +682,33 @@ def test_imported_and_live_user_share_one_pseudonym(database_url: str, engine: E
     assert "live-1" in {key for key, _ in owners}
     assert {external_id for _, external_id in owners} == set(contacts)
     assert len(owners) == 3
+
+
+def test_child_and_parent_enrich_alike(database_url: str, engine: Engine) -> None:
+    privacy = PrivacySettings(pseudonymise=False, text_mode="redacted")
+    writer = ProcessBatchWriter(functools.partial(build_import_writer,
+                                                  Settings(database_url=database_url), privacy))
+    texts = ["I love it, thanks!", "this is awful", "call me on +44 20 7946 0958", "ok"]
+    batches = [[ev.Message(channel="web", occurred_at=datetime(2024, 1, 1, tzinfo=UTC),
+                           key=f"e-{batch}-{index}", role="user", user_id="eve", text=text)
+                for index, text in enumerate(texts)] for batch in (1, 2)]
+
+    try:
+        # The first batch is enriched here (no write is in progress), the second in the child.
+        writer.prepare(batches[0])
+        writer.submit(batches[0])
+        assert writer.result() == 4
+        writer.submit(batches[1])
+        assert writer.result() == 4
+    finally:
+        writer.close()
+
+    with engine.connect() as connection:
+        stored = {key: (sentiment, stored_text) for key, sentiment, stored_text
+                  in connection.execute(select(models.Message.key, models.Message.sentiment,
+                                               models.Message.text))}
+    for index, written in enumerate(texts):
+        expected = (sentiment_enricher(batches[0][index])["sentiment"], redact_text(written))
+        assert stored[f"e-1-{index}"] == expected
+        assert stored[f"e-2-{index}"] == expected
+    assert stored["e-1-2"][1] == "call me on [phone]"

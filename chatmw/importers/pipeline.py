@@ -114,6 +114,7 @@ def run_import(source: MessageSource, writer: Writer | BatchWriter,
             if transform is not None:
                 messages = [transform(message) for message in messages]
             if in_flight is not None:
+                batches.prepare(messages)
                 _collect(batches, in_flight, report)
             batches.submit(messages)
             in_flight = batch

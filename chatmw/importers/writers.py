@@ -19,7 +19,7 @@ import logging
 import multiprocessing
 import operator
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from chatmw import events as ev
 from chatmw.store import models
 from chatmw.store.identity import CHUNK
-from chatmw.store.writer import Writer
+from chatmw.store.writer import Enricher, Writer
 
 if TYPE_CHECKING:
     from chatmw.config import Settings
@@ -53,7 +53,13 @@ class WriteFailed(Exception):
 
 
 class BatchWriter(Protocol):
-    """Writes one batch at a time: :meth:`submit` starts a write, :meth:`result` waits for it."""
+    """Writes one batch at a time: :meth:`submit` starts a write, :meth:`result` waits for it.
+
+    :meth:`prepare` gets the next batch while a write is in progress, before
+    :meth:`result`, and may do part of its work in the meantime.
+    """
+
+    def prepare(self, messages: list[ev.Message]) -> None: ...
 
     def submit(self, messages: list[ev.Message]) -> None: ...
 
@@ -100,6 +106,9 @@ class ThreadBatchWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmw-import")
         self._pending: Future[int] | None = None
 
+    def prepare(self, messages: list[ev.Message]) -> None:
+        """Do nothing: the thread shares this process's CPU, so there is nothing to gain."""
+
     def submit(self, messages: list[ev.Message]) -> None:
         """Start writing ``messages``; the write before must be collected with :meth:`result`."""
         self._pending = self._executor.submit(write_batch, self.writer, messages)
@@ -133,25 +142,61 @@ def _unpack(rows: list[tuple[Any, ...]]) -> list[ev.Message]:
     return messages
 
 
+class _Enrichments:
+    """The child's one enricher: the parent's results for the messages it enriched.
+
+    The parent runs the same enrichers (built by the same factory) on part of each batch,
+    while it waits for the write before. A message that a preprocessor replaced, or that
+    the parent did not get to, is enriched here as the writer would have done it.
+    """
+
+    def __init__(self, enrichers: list[Enricher]) -> None:
+        self.enrichers = enrichers
+        self.results: dict[int, Mapping[str, Any]] = {}
+
+    def __call__(self, message: ev.Message) -> Mapping[str, Any]:
+        result = self.results.get(id(message))
+        if result is not None:
+            return result
+        return _enrich(self.enrichers, message)
+
+
+def _enrich(enrichers: list[Enricher], message: ev.Message) -> dict[str, Any]:
+    # One mapping with the values the writer sets from each enricher in turn.
+    values: dict[str, Any] = {}
+    for enrich in enrichers:
+        values.update(enrich(message))
+    return values
+
+
 def _serve(connection: Connection, factory: Callable[[], Writer]) -> None:
     # The child: one reply per batch, ("ok", new), ("failed", database error) or ("error",
     # exception). Ctrl-C goes to the parent, which stops the child.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     writer = factory()
+    enrichments = _Enrichments(writer.enrichers)
+    writer.enrichers = [enrichments]
     try:
         while True:
             try:
-                rows = connection.recv()
+                sent = connection.recv()
             except EOFError:
                 return
-            if rows is None:
+            if sent is None:
                 return
+            rows, results = sent
+            messages = _unpack(rows)
+            # The messages stay referenced until the write ends, so their ids are unique.
+            enrichments.results = {id(message): result for message, result
+                                   in zip(messages, results, strict=True) if result is not None}
             try:
-                reply: tuple[str, Any] = ("ok", write_batch(writer, _unpack(rows)))
+                reply: tuple[str, Any] = ("ok", write_batch(writer, messages))
             except WriteFailed as error:
                 reply = ("failed", str(error))
             except Exception as error:  # noqa: BLE001 - raised again in the parent
                 reply = ("error", _sendable(error))
+            finally:
+                enrichments.results = {}
             connection.send(reply)
     finally:
         writer.engine.dispose()
@@ -173,7 +218,14 @@ class ProcessBatchWriter:
     ``factory`` must be picklable (a module-level function or a ``functools.partial`` of
     one). The child starts at once, so that its imports overlap the parent's first batch.
     A child that exits makes the write in progress fail with :class:`WriteFailed`.
+
+    While the child writes a batch, :meth:`prepare` runs the writer's enrichers (sentiment,
+    text redaction) on the next one here, until the child answers; the child enriches the
+    rest. The two processes then share that work as their speeds allow.
     """
+
+    # Messages enriched between two checks for the child's answer.
+    ENRICH_CHUNK = 64
 
     def __init__(self, factory: Callable[[], Writer], start_method: str = "spawn") -> None:
         context = multiprocessing.get_context(start_method)
@@ -183,11 +235,34 @@ class ProcessBatchWriter:
         self._process.start()
         child.close()
         self._waiting = False
+        # The child's enrichers, from a writer built here by the same factory.
+        self._enrichers = list(factory().enrichers)
+        self._prepared: tuple[list[ev.Message], list[Mapping[str, Any] | None]] | None = None
+
+    def prepare(self, messages: list[ev.Message]) -> None:
+        """Enrich the first ``messages`` of the next batch until the write in progress ends."""
+        results: list[Mapping[str, Any] | None] = [None] * len(messages)
+        self._prepared = (messages, results)
+        if not self._enrichers:
+            return
+        for start in range(0, len(messages), self.ENRICH_CHUNK):
+            if self._connection.poll(0):
+                return
+            for index in range(start, min(start + self.ENRICH_CHUNK, len(messages))):
+                try:
+                    results[index] = _enrich(self._enrichers, messages[index])
+                except Exception:  # noqa: BLE001 - the child's writer raises it as usual
+                    continue
 
     def submit(self, messages: list[ev.Message]) -> None:
         """Send ``messages`` to the child; the write before must be collected first."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] is messages:
+            results = prepared[1]
+        else:
+            results = [None] * len(messages)
         with contextlib.suppress(OSError):  # the child has exited: result() says so
-            self._connection.send(_pack(messages))
+            self._connection.send((_pack(messages), results))
         self._waiting = True
 
     def result(self) -> int:
