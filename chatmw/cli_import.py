@@ -36,7 +36,7 @@ EXIT_SKIPPED = 3  # the import finished but some rows were invalid and skipped
 
 # Smallest file, in bytes, that gets a progress bar unless --progress or --no-progress is given.
 PROGRESS_MIN_BYTES = 1024 * 1024
-# Smallest file, in bytes, written by a child process while this one reads it; a smaller
+# Smallest file, in bytes, written by a child process while this one reads it. A smaller
 # file is written by a thread, because starting the child takes a second or two of CPU.
 WRITER_PROCESS_MIN_BYTES = 4 * 1024 * 1024
 
@@ -122,7 +122,11 @@ def import_command(
         open_source,
         run_import,
     )
-    from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
+    from chatmw.importers.writers import (
+        ProcessBatchWriter,
+        build_import_writer,
+        pseudonymise_messages,
+    )
     from chatmw.runtime import build_writer
     from chatmw.security.privacy import Privacy, PrivacySettings
     from chatmw.store.engine import make_engine, upgrade
@@ -179,7 +183,7 @@ def import_command(
         if writer is None:
             writer = build_writer(settings, engine, privacy_settings)
             privacy.install(writer)
-        transform = privacy.transform if privacy.pseudonymiser is not None else None
+        transform = pseudonymise_messages(privacy)
         errors_stream = stack.enter_context(errors.open("w", newline="", encoding="utf-8")) \
             if errors else None
         problems = _ProblemLog(err, show_errors, errors_stream)

@@ -157,8 +157,8 @@ _CHECKED_FIELDS: dict[type, tuple[tuple[str, int], ...]] = {}
 
 
 def _plain_text_dict(value: dict[Any, Any]) -> bool:
-    # True for a dict of ASCII strings without NUL (attributes, usually), in two joins
-    # rather than one check per string; False sends it to the full check.
+    # True for a dict of ASCII strings without NUL (attributes, usually), found with two
+    # joins rather than one check per string. False sends the dict to the full check.
     try:
         joined = "".join(value) + "".join(value.values())
     except TypeError:

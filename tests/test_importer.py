@@ -25,10 +25,15 @@ from chatmw.importers import run_import as run_import_api
 from chatmw.importers.source import Row, read_csv
 from chatmw.importers.transcript import message_key
 from chatmw.importers.twcs import _resolve_roots, parse_created_at
-from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
+from chatmw.importers.writers import (
+    ProcessBatchWriter,
+    build_import_writer,
+    pseudonymise_messages,
+)
 from chatmw.runtime import Runtime
-from chatmw.security.privacy import PrivacySettings
+from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.security.redaction import redact_text
+from chatmw.security.secret import Secret
 from chatmw.sentiment import sentiment_enricher
 from chatmw.store import models
 from chatmw.store.engine import make_engine
@@ -712,3 +717,29 @@ def test_child_and_parent_enrich_alike(database_url: str, engine: Engine) -> Non
         assert stored[f"e-1-{index}"] == expected
         assert stored[f"e-2-{index}"] == expected
     assert stored["e-1-2"][1] == "call me on [phone]"
+
+
+@pytest.mark.parametrize("conversations_too", [True, False])
+def test_import_pseudonyms_equal_runtime_transform(conversations_too: bool) -> None:
+    settings = PrivacySettings(pseudonym_key=Secret("k" * 32),
+                               pseudonymise_conversations=conversations_too)
+    privacy = Privacy.load(settings, engine=None)  # type: ignore[arg-type]
+    transform = pseudonymise_messages(privacy)
+    assert transform is not None
+    moment = datetime(2024, 1, 1, tzinfo=UTC)
+    messages = [
+        ev.Message(channel="web", occurred_at=moment, key="a", role="user", user_id="alice",
+                   conversation_id="c-1", attributes={"plan": "pro"}),
+        ev.Message(channel="web", occurred_at=moment, key="b", role="bot", user_id="",
+                   conversation_id=None, text="café"),
+        ev.Message(channel="web", occurred_at=moment, key="c", role="user",
+                   user_id="zoë\x00" + "x" * 300, conversation_id="c-1"),
+        ev.Message(channel="web", occurred_at=moment, key="d", role="user", user_id="alice",
+                   conversation_id="c-2"),
+    ]
+
+    assert [transform(message) for message in messages] == [
+        privacy.transform(message) for message in messages]
+    assert transform(messages[0]).user_id != messages[0].user_id
+    assert pseudonymise_messages(Privacy.load(PrivacySettings(pseudonymise=False),
+                                              engine=None)) is None  # type: ignore[arg-type]

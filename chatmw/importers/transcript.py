@@ -16,8 +16,8 @@ contact: the ``user_id`` of the conversation's first user row, even when the bot
 first. The file is parsed once. A row whose conversation has no user yet waits, with the
 rows after it, until that user appears or the file ends; when more than
 ``MAX_WAITING_ROWS`` rows wait, the users of the whole file are read in a second pass.
-Before that parse, the file is checked to be UTF-8, so that a file that is not is
-rejected before anything is stored.
+Before that parse, the whole file is decoded once without parsing, so that a file with
+invalid UTF-8 is rejected before anything is stored.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ MAX_ID_CHARS = 255
 MAX_CHANNEL_CHARS = 32
 MAX_ATTRIBUTE_NAME_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 255
-# Rows held back while the first of them waits for its conversation's user; past this
-# many, the users are read from the whole file instead (a second pass).
+# Rows held back while the first of them waits for its conversation's user. Past this
+# many, the users are read from the whole file in a second pass instead.
 MAX_WAITING_ROWS = 20_000
 
 
@@ -216,7 +216,8 @@ class TranscriptSource:
             for line, values, error in self._records(stream):
                 item, waits_for, noted = self._item(line, values, error)
                 if waits_for is not None:
-                    waiting.setdefault(waits_for, []).append(entry := [line, item, waits_for])
+                    entry: list[Any] = [line, item, waits_for]
+                    waiting.setdefault(waits_for, []).append(entry)
                     held.append(entry)
                 elif held:
                     held.append([line, item, None])
@@ -234,8 +235,8 @@ class TranscriptSource:
                     yield held.popleft()[1]
         for conversation, entries in waiting.items():
             _resolve(entries, self.users.get(conversation))
-        for entry in held:
-            yield entry[1]
+        for rest in held:
+            yield rest[1]
 
     def _item(self, line: int, values: dict[str, Any] | None, error: str | None
               ) -> tuple[Row | Skipped, tuple[str, str] | None, tuple[str, str] | None]:

@@ -1,9 +1,9 @@
 """Where the batches of an import are written: a thread of this process, or a child process.
 
 Both write one batch at a time, through a :class:`~chatmw.store.writer.Writer`, while the
-caller reads the next batch. Each batch is preceded by a read of the keys it repeats from
-the store, so that the import can count duplicates; the batch before it is committed by
-then, so a key repeated across batches of one file is counted once.
+caller reads the next batch. Before each batch is written, the keys of it that are stored
+already are read, so that the import can count duplicates. The batch before is committed
+by then, so a key repeated across batches of one file is counted once.
 
 In a thread, the writer's Python work shares the interpreter lock with the reading. In a
 child process (:class:`ProcessBatchWriter`) the two run on two CPUs. The child builds its
@@ -34,10 +34,10 @@ from chatmw.store.writer import Enricher, Writer
 
 if TYPE_CHECKING:
     from chatmw.config import Settings
-    from chatmw.security.privacy import PrivacySettings
+    from chatmw.security.privacy import Privacy, PrivacySettings
 
 __all__ = ["BatchWriter", "ThreadBatchWriter", "ProcessBatchWriter", "WriteFailed",
-           "build_import_writer"]
+           "build_import_writer", "pseudonymise_messages"]
 
 logger = logging.getLogger("chatmw")
 
@@ -228,7 +228,7 @@ class ProcessBatchWriter:
     ENRICH_CHUNK = 64
 
     def __init__(self, factory: Callable[[], Writer], start_method: str = "spawn") -> None:
-        context = multiprocessing.get_context(start_method)
+        context: Any = multiprocessing.get_context(start_method)
         self._connection, child = context.Pipe()
         self._process = context.Process(target=_serve, args=(child, factory),
                                         name="chatmw-import-writer", daemon=True)
@@ -309,3 +309,42 @@ def build_import_writer(settings: Settings, privacy: PrivacySettings | None = No
     if privacy is not None:
         Privacy(privacy, None).install(writer)
     return writer
+
+
+def pseudonymise_messages(privacy: Privacy) -> Callable[[ev.Message], ev.Message] | None:
+    """Return ``privacy.transform`` for messages, with each id's pseudonym computed once.
+
+    The result equals the runtime's (:meth:`~chatmw.security.privacy.Privacy.transform`),
+    which pseudonymises the id fields that hold a non-empty string; a copy of the message
+    gets the pseudonyms without a second run of the checks of ``Message.__init__``, which
+    a pseudonym (``ps_`` and hex digits) always passes. ``None`` when ids are kept.
+    """
+    pseudonymiser = privacy.pseudonymiser
+    if pseudonymiser is None:
+        return None
+    from chatmw.security.pseudonyms import PSEUDONYMISED_FIELDS
+
+    fields = [(getattr(ev.Message, name), PSEUDONYMISED_FIELDS[name])
+              for name in pseudonymiser.fields]
+    known: dict[tuple[str, str], str] = {}
+
+    def transform(message: ev.Message) -> ev.Message:
+        copy = object.__new__(ev.Message)
+        for slot, value in zip(_SLOTS, _VALUES(message), strict=True):
+            slot.__set__(copy, value)
+        for slot, kind in fields:
+            value = slot.__get__(message)
+            if isinstance(value, str) and value:
+                pseudonym = known.get((kind, value))
+                if pseudonym is None:
+                    if len(known) >= _MAX_KNOWN_PSEUDONYMS:
+                        known.clear()
+                    pseudonym = known[(kind, value)] = pseudonymiser.pseudonymise(value, kind)
+                slot.__set__(copy, pseudonym)
+        return copy
+
+    return transform
+
+
+# Pseudonyms remembered by pseudonymise_messages, at about 200 bytes each.
+_MAX_KNOWN_PSEUDONYMS = 100_000
