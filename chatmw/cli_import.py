@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import tzinfo
 from pathlib import Path
-from typing import Annotated, TextIO
+from typing import Annotated, Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
@@ -34,6 +36,9 @@ EXIT_SKIPPED = 3  # the import finished but some rows were invalid and skipped
 
 # Smallest file, in bytes, that gets a progress bar unless --progress or --no-progress is given.
 PROGRESS_MIN_BYTES = 1024 * 1024
+# Smallest file, in bytes, written by a child process while this one reads it. A smaller
+# file is written by a thread, because starting the child takes a second or two of CPU.
+WRITER_PROCESS_MIN_BYTES = 4 * 1024 * 1024
 
 FORMAT_HELP = "File format: csv, jsonl or twcs (default: from the extension .csv, .jsonl, .ndjson)."
 
@@ -77,7 +82,8 @@ class _ProblemLog:
 IMPORT_HELP = (
     "Import a transcript file through the same writer as live traffic.\n\n"
     "Importing a file again stores nothing new. Invalid rows are reported with their line "
-    "number and skipped.\n\n"
+    "number and skipped. User and conversation ids are pseudonymised and text is redacted "
+    "as in every other chatmw process: see CHATMW_PSEUDONYMISE and CHATMW_TEXT_MODE.\n\n"
     "Exit status: 0 when every row was imported or already stored, 1 when writing failed, "
     "2 for usage errors (missing file, unknown format, a required column missing from the "
     "header), 3 when invalid rows were skipped."
@@ -116,7 +122,13 @@ def import_command(
         open_source,
         run_import,
     )
+    from chatmw.importers.writers import (
+        ProcessBatchWriter,
+        build_import_writer,
+        pseudonymise_messages,
+    )
     from chatmw.runtime import build_writer
+    from chatmw.security.privacy import Privacy, PrivacySettings
     from chatmw.store.engine import make_engine, upgrade
 
     if file_format is None:
@@ -130,6 +142,10 @@ def import_command(
                                  param_hint="--format")
     zone = _timezone(naive_timezone)
     settings = settings_from(db)
+    try:
+        privacy_settings = PrivacySettings.from_env()
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     text_file = TextFile(file)
     try:
         source = open_source(text_file, file_format, channel=channel, naive_timezone=zone)
@@ -142,6 +158,16 @@ def import_command(
     engine = make_engine(settings.database_url)
     with ExitStack() as stack:
         stack.callback(engine.dispose)
+        # The same writer as live traffic: sentiment, leads, query types, survey answers,
+        # and the same privacy rules: pseudonyms here, the text rule in the writer.
+        writer: Any = None
+        if text_file.size >= WRITER_PROCESS_MIN_BYTES:
+            # Started first, so that the child's imports overlap the migration. It needs
+            # the text rule only; the pseudonym key stays in this process.
+            child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
+            writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
+                                                          child_privacy))
+            stack.callback(writer.close)
         try:
             upgrade(engine)
         except SQLAlchemyError as error:
@@ -149,8 +175,15 @@ def import_command(
             err.print(f"error: migrating the database {shown} failed: {error}", markup=False,
                       highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
-        # The same writer as live traffic: sentiment, leads, query types, survey answers.
-        writer = build_writer(settings, engine)
+        try:
+            privacy = Privacy.load(privacy_settings, engine)
+        except RuntimeError as error:
+            err.print(f"error: {error}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+        if writer is None:
+            writer = build_writer(settings, engine, privacy_settings)
+            privacy.install(writer)
+        transform = pseudonymise_messages(privacy)
         errors_stream = stack.enter_context(errors.open("w", newline="", encoding="utf-8")) \
             if errors else None
         problems = _ProblemLog(err, show_errors, errors_stream)
@@ -158,12 +191,13 @@ def import_command(
         text_file.on_progress = _two_pass_progress(bar, text_file.size)
 
         try:
-            report = run_import(source, writer, batch_size=batch_size, on_skipped=problems)
+            report = run_import(source, writer, batch_size=batch_size, on_skipped=problems,
+                                transform=transform)
         except ImportFileError as error:
             err.print(f"error: cannot import {file}: {error}", markup=False, highlight=False)
             raise typer.Exit(EXIT_USAGE) from None
         except UnicodeDecodeError as error:
-            # The scan pass reads the whole file before the first write, so nothing is stored.
+            # The first pass reads the whole file before the first write, so nothing is stored.
             err.print(f"error: {file} is not valid UTF-8 ({error.reason}), so nothing was "
                       "imported: convert it to UTF-8 and import again", markup=False,
                       highlight=False)
@@ -185,7 +219,8 @@ def import_command(
 
 
 def _two_pass_progress(bar: Progress, size: int) -> Callable[[int], None]:
-    # Every format reads the file twice: a scan for ids, then the import itself.
+    # Every format reads the file twice: a first pass (a UTF-8 check, or twcs's scan for
+    # thread ids), then the import itself.
     scan = bar.add_task("scanning", total=size)
     write = bar.add_task("importing", total=size)
 

@@ -132,24 +132,24 @@ class Event:
 
     def __post_init__(self) -> None:
         # Every source builds events, so this one check keeps any text the store cannot
-        # take (see ``storable``) from failing the batch write and losing the event. Most
-        # values are ASCII strings, None or empty mappings: they are passed first.
-        for name in _field_names(self.__class__):
+        # take (see ``storable``) from failing the batch write and losing the event.
+        for name, width in _checked_fields(self.__class__):
             value = getattr(self, name)
+            if value is None:
+                continue
             kind = value.__class__
             if kind is str:
-                if not value.isascii() or "\x00" in value:
-                    if _UNSTORABLE.search(value) is not None:
-                        value = _UNSTORABLE.sub("\ufffd", value)
-                        object.__setattr__(self, name, value)
-                width = _ID_WIDTHS.get(name)
-                if width is not None and len(value) > width:
-                    object.__setattr__(self, name, fit_id(value, width))
+                if not (value.isascii() and "\x00" not in value) \
+                        and _UNSTORABLE.search(value) is not None:
+                    value = _UNSTORABLE.sub("\ufffd", value)
+                    object.__setattr__(self, name, value)
+            elif kind in _PLAIN_TYPES or (kind is dict and _plain_text_dict(value)):
                 continue
-            if value is None or kind in _PLAIN_TYPES or (kind is dict and not value):
-                continue
-            if _has_unstorable(value):
-                object.__setattr__(self, name, storable(value))
+            elif _has_unstorable(value):
+                value = storable(value)
+                object.__setattr__(self, name, value)
+            if width and value.__class__ is str and len(value) > width:
+                object.__setattr__(self, name, fit_id(value, width))
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Events cross process boundaries (the writer process) in every batch: a tuple of
@@ -192,6 +192,29 @@ def _rebuild(cls: type[Event], values: tuple[Any, ...]) -> Event:
     for name, value in zip(_field_names(cls), values, strict=True):
         object.__setattr__(event, name, value)
     return event
+
+
+# Per event class: each field's name and its stored width (0 when it is not an id).
+_CHECKED_FIELDS: dict[type, tuple[tuple[str, int], ...]] = {}
+
+
+def _plain_text_dict(value: dict[Any, Any]) -> bool:
+    # True for a dict of ASCII strings without NUL (attributes, usually), found with two
+    # joins rather than one check per string. False sends the dict to the full check.
+    try:
+        joined = "".join(value) + "".join(value.values())
+    except TypeError:
+        return False
+    return joined.isascii() and "\x00" not in joined
+
+
+def _checked_fields(event_class: type) -> tuple[tuple[str, int], ...]:
+    fields = _CHECKED_FIELDS.get(event_class)
+    if fields is None:
+        fields = tuple((name, _ID_WIDTHS.get(name, 0))
+                       for name in event_class.__dataclass_fields__)  # type: ignore[attr-defined]
+        _CHECKED_FIELDS[event_class] = fields
+    return fields
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
+import hmac
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -13,14 +16,27 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from chatmw import cli_import
 from chatmw import events as ev
 from chatmw.cli import app
-from chatmw.importers import ImportAborted, TextFile, open_source
+from chatmw.config import Settings
+from chatmw.importers import ImportAborted, Skipped, TextFile, open_source, transcript
 from chatmw.importers import run_import as run_import_api
-from chatmw.importers.source import read_csv
+from chatmw.importers.source import Row, read_csv
 from chatmw.importers.transcript import message_key
 from chatmw.importers.twcs import _resolve_roots, parse_created_at
+from chatmw.importers.writers import (
+    ProcessBatchWriter,
+    build_import_writer,
+    pseudonymise_messages,
+)
+from chatmw.runtime import Runtime
+from chatmw.security.privacy import Privacy, PrivacySettings
+from chatmw.security.redaction import redact_text
+from chatmw.security.secret import Secret
+from chatmw.sentiment import sentiment_enricher
 from chatmw.store import models
+from chatmw.store.engine import make_engine
 from chatmw.store.writer import Writer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "import"
@@ -500,3 +516,230 @@ def test_text_file_reports_progress_in_blocks(tmp_path: Path) -> None:
     assert seen[-1] == path.stat().st_size
     assert seen == sorted(seen)
 
+
+
+# Writing in a child process
+
+
+def failing_writer(database_url: str) -> Writer:
+    """A writer whose second message batch fails, built in the child process."""
+    writer = Writer(make_engine(database_url))
+    write_messages = writer.handlers[ev.Message]
+    calls = []
+
+    def fail_second_batch(session: Session, messages: list[ev.Message]) -> None:
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise OperationalError("INSERT", {}, Exception("disk full"))
+        write_messages(session, messages)
+
+    writer.handlers[ev.Message] = fail_second_batch
+    return writer
+
+
+def test_child_writer_stores_what_thread_stores(database_url: str, engine: Engine,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_import, "WRITER_PROCESS_MIN_BYTES", 0)
+    path = str(FIXTURES / "transcript.csv")
+
+    status, stdout, stderr = run_import(database_url, path, "--batch-size", "3")
+
+    assert status == 0, stderr
+    assert "8 rows read: 8 imported, 0 duplicates, 0 skipped; 3 conversations" in stdout
+    stored = conversations(engine)
+    assert {key: (value["message_count"], value["first_response_ms"], value["contact"],
+                  value["attributes"]) for key, value in stored.items()} == {
+        "c-100": (4, 120_000.0, "alice", {"company": "Acme", "plan": "pro"}),
+        "c-200": (3, 1250.0, "bob", {"company": "Globex"}),
+        "c-300": (1, None, "carol", {"company": "Acme"})}
+    before = snapshot(engine)
+    monkeypatch.setattr(cli_import, "WRITER_PROCESS_MIN_BYTES", 1 << 40)
+
+    status, stdout, _ = run_import(database_url, path)
+
+    assert "8 rows read: 0 imported, 8 duplicates, 0 skipped" in stdout
+    assert snapshot(engine) == before
+
+
+def test_child_writer_reports_skipped_rows(database_url: str, engine: Engine,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_import, "WRITER_PROCESS_MIN_BYTES", 0)
+
+    status, stdout, stderr = run_import(database_url, str(FIXTURES / "bad_rows.csv"))
+
+    assert status == 3
+    assert "8 rows read: 3 imported, 0 duplicates, 5 skipped" in stdout
+    assert [line.split(":")[0] for line in stderr.splitlines()] == [
+        "line 4", "line 5", "line 6", "line 7", "line 10"]
+    assert count(engine, models.Message) == 3
+
+
+def test_child_writer_failed_batch_aborts_with_lines(database_url: str, engine: Engine) -> None:
+    source = open_source(TextFile(FIXTURES / "transcript.csv"), "csv")
+    writer = ProcessBatchWriter(functools.partial(failing_writer, database_url))
+
+    try:
+        with pytest.raises(ImportAborted) as raised:
+            run_import_api(source, writer, batch_size=3)
+    finally:
+        writer.close()
+
+    assert (raised.value.first_line, raised.value.last_line) == (6, 8)
+    assert "lines 6-8 failed" in str(raised.value)
+    assert "disk full" in str(raised.value)
+    assert count(engine, models.Message) == 3
+
+
+# Rows that wait for their conversation's user
+
+
+@pytest.mark.parametrize("max_waiting", [2, transcript.MAX_WAITING_ROWS])
+def test_rows_before_late_user_get_that_user(tmp_path: Path, max_waiting: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # With at most two waiting rows, the fourth row starts the second pass.
+    monkeypatch.setattr(transcript, "MAX_WAITING_ROWS", max_waiting)
+    path = tmp_path / "late.csv"
+    path.write_text("conversation_id,message_id,timestamp,role,user_id,text\n"
+                    "w,1,2024-01-01T00:00:00Z,bot,,hello\n"
+                    "v,1,2024-01-01T00:00:01Z,user,vic,hi\n"
+                    "w,2,2024-01-01T00:00:02Z,bot,,anyone?\n"
+                    "w,3,later,bot,,still there?\n"
+                    "w,4,2024-01-01T00:00:04Z,user,wes,here\n"
+                    "x,1,2024-01-01T00:00:05Z,bot,,nobody answers\n", encoding="utf-8")
+    source = open_source(TextFile(path), "csv")
+    source.scan()
+
+    items = list(source.rows())
+
+    assert [item.line for item in items] == [2, 3, 4, 5, 6, 7]
+    assert isinstance(items[3], Skipped)
+    assert items[3].reason.startswith("invalid timestamp 'later'")
+    users = [item.message.user_id for item in items if isinstance(item, Row)]
+    assert users == ["wes", "vic", "wes", "wes", "x"]
+
+
+# Privacy
+
+
+def pseudonym(key: str, kind: str, value: str) -> str:
+    return "ps_" + hmac.new(key.encode(), f"{kind}\x00{value}".encode(),
+                            hashlib.sha256).hexdigest()[:32]
+
+
+def stored_key(engine: Engine) -> str:
+    with engine.connect() as connection:
+        return connection.execute(text(
+            "SELECT value FROM chatmw_secrets WHERE name = 'pseudonym_key'")).scalar_one()
+
+
+@pytest.mark.parametrize("child", [False, True])
+def test_import_pseudonymises_and_redacts_by_default(database_url: str, engine: Engine,
+                                                     tmp_path: Path, child: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CHATMW_PSEUDONYMISE", "CHATMW_TEXT_MODE", "CHATMW_PSEUDONYM_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cli_import, "WRITER_PROCESS_MIN_BYTES", 0 if child else 1 << 40)
+    path = tmp_path / "private.csv"
+    path.write_text("conversation_id,timestamp,role,user_id,channel,text\n"
+                    "p-1,2024-01-01T00:00:00Z,user,alice,web,mail me at alice@example.com\n"
+                    "p-1,2024-01-01T00:00:04Z,bot,,web,done\n", encoding="utf-8")
+
+    status, _, stderr = run_import(database_url, str(path))
+
+    assert status == 0, stderr
+    key = stored_key(engine)
+    with engine.connect() as connection:
+        contacts = connection.execute(select(models.Contact.external_id)).scalars().all()
+        conversation_ids = connection.execute(
+            select(models.Conversation.external_id)).scalars().all()
+        texts = connection.execute(
+            select(models.Message.text).order_by(models.Message.occurred_at_ms)).scalars().all()
+    assert contacts == [pseudonym(key, "user", "alice")]
+    assert conversation_ids == [pseudonym(key, "conversation", "p-1")]
+    assert texts == ["mail me at [email]", "done"]
+
+
+def test_imported_and_live_user_share_one_pseudonym(database_url: str, engine: Engine,
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CHATMW_PSEUDONYMISE", "CHATMW_TEXT_MODE", "CHATMW_PSEUDONYM_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    for number in (1, 2):
+        path = tmp_path / f"part{number}.csv"
+        path.write_text("conversation_id,timestamp,role,user_id,channel,text\n"
+                        f"q-{number},2024-01-0{number}T00:00:00Z,user,alice,web,hello\n",
+                        encoding="utf-8")
+        status, _, stderr = run_import(database_url, str(path))
+        assert status == 0, stderr
+
+    runtime = Runtime.from_settings(Settings(database_url=database_url))
+    runtime.start(migrate=False)
+    runtime.recorder.submit(ev.Message(channel="web", occurred_at=ev.now_utc(), key="live-1",
+                                       role="user", user_id="alice", text="back again"))
+    assert runtime.stop()
+
+    with engine.connect() as connection:
+        contacts = connection.execute(select(models.Contact.external_id)).scalars().all()
+        owners = connection.execute(
+            select(models.Message.key, models.Contact.external_id)
+            .join(models.Contact, models.Contact.id == models.Message.contact_id)).all()
+    assert contacts == [pseudonym(stored_key(engine), "user", "alice")]
+    assert "live-1" in {key for key, _ in owners}
+    assert {external_id for _, external_id in owners} == set(contacts)
+    assert len(owners) == 3
+
+
+def test_child_and_parent_enrich_alike(database_url: str, engine: Engine) -> None:
+    privacy = PrivacySettings(pseudonymise=False, text_mode="redacted")
+    writer = ProcessBatchWriter(functools.partial(build_import_writer,
+                                                  Settings(database_url=database_url), privacy))
+    texts = ["I love it, thanks!", "this is awful", "call me on +44 20 7946 0958", "ok"]
+    batches = [[ev.Message(channel="web", occurred_at=datetime(2024, 1, 1, tzinfo=UTC),
+                           key=f"e-{batch}-{index}", role="user", user_id="eve", text=text)
+                for index, text in enumerate(texts)] for batch in (1, 2)]
+
+    try:
+        # The first batch is enriched here (no write is in progress), the second in the child.
+        writer.prepare(batches[0])
+        writer.submit(batches[0])
+        assert writer.result() == 4
+        writer.submit(batches[1])
+        assert writer.result() == 4
+    finally:
+        writer.close()
+
+    with engine.connect() as connection:
+        stored = {key: (sentiment, stored_text) for key, sentiment, stored_text
+                  in connection.execute(select(models.Message.key, models.Message.sentiment,
+                                               models.Message.text))}
+    for index, written in enumerate(texts):
+        expected = (sentiment_enricher(batches[0][index])["sentiment"], redact_text(written))
+        assert stored[f"e-1-{index}"] == expected
+        assert stored[f"e-2-{index}"] == expected
+    assert stored["e-1-2"][1] == "call me on [phone]"
+
+
+@pytest.mark.parametrize("conversations_too", [True, False])
+def test_import_pseudonyms_equal_runtime_transform(conversations_too: bool) -> None:
+    settings = PrivacySettings(pseudonym_key=Secret("k" * 32),
+                               pseudonymise_conversations=conversations_too)
+    privacy = Privacy.load(settings, engine=None)  # type: ignore[arg-type]
+    transform = pseudonymise_messages(privacy)
+    assert transform is not None
+    moment = datetime(2024, 1, 1, tzinfo=UTC)
+    messages = [
+        ev.Message(channel="web", occurred_at=moment, key="a", role="user", user_id="alice",
+                   conversation_id="c-1", attributes={"plan": "pro"}),
+        ev.Message(channel="web", occurred_at=moment, key="b", role="bot", user_id="",
+                   conversation_id=None, text="café"),
+        ev.Message(channel="web", occurred_at=moment, key="c", role="user",
+                   user_id="zoë\x00" + "x" * 300, conversation_id="c-1"),
+        ev.Message(channel="web", occurred_at=moment, key="d", role="user", user_id="alice",
+                   conversation_id="c-2"),
+    ]
+
+    assert [transform(message) for message in messages] == [
+        privacy.transform(message) for message in messages]
+    assert transform(messages[0]).user_id != messages[0].user_id
+    assert pseudonymise_messages(Privacy.load(PrivacySettings(pseudonymise=False),
+                                              engine=None)) is None  # type: ignore[arg-type]

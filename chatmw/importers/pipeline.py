@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import SQLAlchemyError
-
 from chatmw import events as ev
 from chatmw.importers.source import Row, Skipped
-from chatmw.store import models
-from chatmw.store.identity import CHUNK
+from chatmw.importers.writers import BatchWriter, ThreadBatchWriter, WriteFailed
 from chatmw.store.writer import Writer
 
 __all__ = ["ImportReport", "ImportAborted", "MessageSource", "run_import", "DEFAULT_BATCH_SIZE"]
@@ -26,7 +21,7 @@ DEFAULT_BATCH_SIZE = 5000
 
 
 class MessageSource(Protocol):
-    """A file format: a first pass over the file, then its rows as messages."""
+    """A file format: a first pass over the file (a check, or a scan for ids), then its rows."""
 
     def scan(self) -> None: ...
 
@@ -66,36 +61,6 @@ class ImportReport:
         return (self.rows - self.skipped) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _stored_keys(engine: Engine, keys: Sequence[str]) -> set[str]:
-    found: set[str] = set()
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            # One array parameter: an IN list of thousands of values is slow to send.
-            statement = text("SELECT key FROM messages WHERE key = ANY(CAST(:keys AS VARCHAR[]))")
-            return set(connection.execute(statement, {"keys": list(keys)}).scalars())
-        column = models.Message.key
-        for start in range(0, len(keys), CHUNK):
-            chunk = list(keys[start:start + CHUNK])
-            found.update(connection.execute(select(column).where(column.in_(chunk))).scalars())
-    return found
-
-
-def _write_batch(writer: Writer, batch: list[Row], report: ImportReport) -> None:
-    keys = [row.message.key for row in batch]
-    # The duplicate count is read before the write, so a concurrent writer of the same keys
-    # can make it low; the stored rows are right either way, because keys are unique.
-    stored = _stored_keys(writer.engine, sorted(set(keys)))
-    new_keys = set(keys) - stored
-    try:
-        writer.write([row.message for row in batch])
-    except SQLAlchemyError as error:
-        first, last = batch[0].line, batch[-1].line
-        raise ImportAborted(f"writing the rows of lines {first}-{last} failed: {error}",
-                            first, last) from error
-    report.duplicates += len(keys) - len(new_keys)
-    report.imported += len(new_keys)
-
-
 def _batches(source: MessageSource, batch_size: int, report: ImportReport,
              on_skipped: Callable[[Skipped], None] | None) -> Iterator[list[Row]]:
     batch: list[Row] = []
@@ -121,14 +86,19 @@ def _batches(source: MessageSource, batch_size: int, report: ImportReport,
         yield batch
 
 
-def run_import(source: MessageSource, writer: Writer, batch_size: int = DEFAULT_BATCH_SIZE,
-               on_skipped: Callable[[Skipped], None] | None = None) -> ImportReport:
+def run_import(source: MessageSource, writer: Writer | BatchWriter,
+               batch_size: int = DEFAULT_BATCH_SIZE,
+               on_skipped: Callable[[Skipped], None] | None = None,
+               transform: Callable[[ev.Message], ev.Message] | None = None) -> ImportReport:
     """Import every row of ``source`` through ``writer`` in batches of ``batch_size``.
 
-    One thread writes a batch while this one reads the next, and reading waits until the
-    write before it is done, so at most two batches are in memory. ``on_skipped`` is called
-    for each invalid row. Raises :class:`ImportAborted` when a batch fails, with the
-    batches before it stored; running the import again is safe.
+    A :class:`~chatmw.store.writer.Writer` writes in a thread of this process; a
+    :class:`~chatmw.importers.writers.BatchWriter` (such as a child process) is used as it
+    is and left open. Either writes one batch while this thread reads the next, and reading
+    waits until the write before it is done, so at most two batches are in memory.
+    ``transform`` (for example pseudonymisation) is applied to each message before it is
+    written. ``on_skipped`` is called for each invalid row. Raises :class:`ImportAborted`
+    when a batch fails, with the batches before it stored; running the import again is safe.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -136,16 +106,39 @@ def run_import(source: MessageSource, writer: Writer, batch_size: int = DEFAULT_
     started = time.perf_counter()
     source.scan()
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatmw-import") as executor:
-        pending: Future[None] | None = None
+    batches = ThreadBatchWriter(writer) if isinstance(writer, Writer) else writer
+    try:
+        in_flight: list[Row] | None = None
         for batch in _batches(source, batch_size, report, on_skipped):
-            if pending is not None:
-                pending.result()
-            pending = executor.submit(_write_batch, writer, batch, report)
-        if pending is not None:
-            pending.result()
+            messages = [row.message for row in batch]
+            if transform is not None:
+                messages = [transform(message) for message in messages]
+            if in_flight is not None:
+                batches.prepare(messages)
+                _collect(batches, in_flight, report)
+            batches.submit(messages)
+            in_flight = batch
+        if in_flight is not None:
+            _collect(batches, in_flight, report)
+    finally:
+        if batches is not writer:
+            batches.close()
 
     report.seconds = time.perf_counter() - started
     logger.info("import: %d rows read, %d imported, %d duplicates, %d skipped in %.1f s",
                 report.rows, report.imported, report.duplicates, report.skipped, report.seconds)
     return report
+
+
+def _collect(batches: BatchWriter, batch: list[Row], report: ImportReport) -> None:
+    # Waits for the write of ``batch`` and counts its new and repeated keys.
+    try:
+        new = batches.result()
+    except WriteFailed as error:
+        # Rows that waited for their conversation's user may come after later lines.
+        first = min(row.line for row in batch)
+        last = max(row.line for row in batch)
+        raise ImportAborted(f"writing the rows of lines {first}-{last} failed: {error}",
+                            first, last) from error.__cause__
+    report.duplicates += len(batch) - new
+    report.imported += new

@@ -8,6 +8,7 @@ memory whole.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -28,6 +29,7 @@ __all__ = [
     "Row",
     "TextFile",
     "read_csv",
+    "read_csv_rows",
     "read_jsonl",
     "check_header",
 ]
@@ -105,6 +107,19 @@ class TextFile:
         if self.on_progress is not None:
             self.on_progress(self.bytes_read)
 
+    def check_utf8(self) -> None:
+        """Read the whole file once, as bytes; raises UnicodeDecodeError where it is not UTF-8.
+
+        Only decodes, without parsing, so that an import can refuse a file before storing
+        any of it at a small part of the cost of a parse.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        with open(self.path, "rb", buffering=0) as raw:
+            while block := raw.read(self.BLOCK_BYTES):
+                self._count(len(block))
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+
     @contextmanager
     def open(self) -> Iterator[io.TextIOWrapper]:
         """Open the file as text; ``utf-8-sig`` drops a byte order mark at the start."""
@@ -123,16 +138,15 @@ def _csv_rows(stream: io.TextIOWrapper) -> Iterator[tuple[int, list[str] | None,
     start = 1
     while True:
         try:
-            row = next(reader)
-        except StopIteration:
+            # The reader goes on after a csv.Error, so the loop starts again on the next row.
+            for row in reader:
+                if row:
+                    yield start, row, None
+                start = reader.line_num + 1
             return
         except csv.Error as error:
             yield start, None, f"invalid CSV: {error}"
             start = reader.line_num + 1
-            continue
-        if row:
-            yield start, row, None
-        start = reader.line_num + 1
 
 
 def read_csv(stream: io.TextIOWrapper) -> tuple[list[str], Iterator[Record]]:
@@ -140,6 +154,18 @@ def read_csv(stream: io.TextIOWrapper) -> tuple[list[str], Iterator[Record]]:
 
     A row with more or fewer fields than the header is an invalid record. Raises
     :class:`ImportFileError` for an empty file or a header with a repeated column.
+    """
+    header, rows = read_csv_rows(stream)
+    return header, _csv_records(header, rows)
+
+
+def read_csv_rows(stream: io.TextIOWrapper
+                  ) -> tuple[list[str], Iterator[tuple[int, list[str] | None, str | None]]]:
+    """Read the header of a CSV file and return it with the rows as they are read.
+
+    Each row is ``(line, fields, None)``, or ``(line, None, reason)`` when it is not valid
+    CSV; the number of fields is not checked. Raises :class:`ImportFileError` as
+    :func:`read_csv` does.
     """
     rows = _csv_rows(stream)
     first = next(rows, None)
@@ -150,7 +176,7 @@ def read_csv(stream: io.TextIOWrapper) -> tuple[list[str], Iterator[Record]]:
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ImportFileError(f"the CSV header repeats the column {', '.join(repeated)}")
-    return header, _csv_records(header, rows)
+    return header, rows
 
 
 def _csv_records(header: list[str], rows: Iterator[tuple[int, list[str] | None, str | None]]

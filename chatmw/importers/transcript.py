@@ -11,14 +11,20 @@ Timestamps are ISO-8601 with a UTC offset (``2024-03-01T09:00:00Z``,
 the caller names the time zone such timestamps are in (``naive_timezone``), because a
 guessed zone would shift every response time and daily bucket without any warning.
 
-The file is read twice: the first pass records each conversation's user (the ``user_id``
-of its first user row), so that a bot or agent row with an empty ``user_id`` is stored
-with that user as its contact even when the bot spoke first.
+A bot or agent row with an empty ``user_id`` is stored with the conversation's user as its
+contact: the ``user_id`` of the conversation's first user row, even when the bot spoke
+first. The file is parsed once. A row whose conversation has no user yet waits, with the
+rows after it, until that user appears or the file ends; when more than
+``MAX_WAITING_ROWS`` rows wait, the users of the whole file are read in a second pass.
+Before that parse, the whole file is decoded once without parsing, so that a file with
+invalid UTF-8 is rejected before anything is stored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime, tzinfo
 from typing import Any
@@ -26,13 +32,12 @@ from typing import Any
 from chatmw import events as ev
 from chatmw.importers.source import (
     ImportFileError,
-    Record,
     Row,
     RowError,
     Skipped,
     TextFile,
     check_header,
-    read_csv,
+    read_csv_rows,
     read_jsonl,
 )
 
@@ -47,6 +52,9 @@ MAX_ID_CHARS = 255
 MAX_CHANNEL_CHARS = 32
 MAX_ATTRIBUTE_NAME_CHARS = 64
 MAX_ATTRIBUTE_VALUE_CHARS = 255
+# Rows held back while the first of them waits for its conversation's user. Past this
+# many, the users are read from the whole file in a second pass instead.
+MAX_WAITING_ROWS = 20_000
 
 
 def message_key(channel: str, conversation_id: str, message_id: str | None, at_ms: int, role: str,
@@ -108,6 +116,17 @@ def parse_timestamp(value: str, naive_timezone: tzinfo | None) -> datetime:
     return moment.replace(tzinfo=naive_timezone)
 
 
+class _UserRowError(RowError):
+    """A row error found after the user id check of a row whose user is not known yet.
+
+    Once the user is known, a user id that is too long is the reason reported instead.
+    """
+
+    def __init__(self, reason: str, identity: tuple[str, str]) -> None:
+        super().__init__(reason)
+        self.identity = identity
+
+
 class TranscriptSource:
     """Messages from a CSV or JSON Lines transcript with one row per message."""
 
@@ -124,38 +143,54 @@ class TranscriptSource:
         self.naive_timezone = naive_timezone
         # (channel, conversation id) -> user_id of the conversation's first user row.
         self.users: dict[tuple[str, str], str] = {}
+        # True once ``users`` holds the users of the whole file.
+        self.users_complete = False
 
-    def _records(self, stream: Any) -> Iterator[Record]:
+    def _records(self, stream: Any) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+        # (line, values, None) for each record, or (line, None, reason) for an unreadable one.
         if self.file_format == "jsonl":
-            return read_jsonl(stream)
-        header, records = read_csv(stream)
+            return ((record.line, record.values, record.error) for record in read_jsonl(stream))
+        header, rows = read_csv_rows(stream)
         check_header(header, REQUIRED_COLUMNS)
         too_long = [name for name in header if len(name) > MAX_ATTRIBUTE_NAME_CHARS]
         if too_long:
             raise ImportFileError(f"column name {too_long[0]!r} is longer than "
                                   f"{MAX_ATTRIBUTE_NAME_CHARS} characters")
-        return records
+        return _csv_values(header, rows)
 
     def scan(self) -> None:
-        """Read the file once to find each conversation's user; raises ImportFileError."""
-        with self.file.open() as stream:
-            for record in self._records(stream):
-                if record.values is not None:
-                    self._note_user(record.values)
+        """Check that the file is UTF-8 (raises UnicodeDecodeError), before any row is read."""
+        self.file.check_utf8()
 
-    def _note_user(self, values: dict[str, Any]) -> None:
+    def scan_users(self) -> None:
+        """Read the whole file to find each conversation's user; raises ImportFileError."""
+        with self.file.open() as stream:
+            for _, values, _ in self._records(stream):
+                if values is None:
+                    continue
+                try:
+                    if self.file_format == "jsonl":
+                        values = _as_strings(values)
+                except RowError:
+                    continue  # reported with its line number when the row is read
+                self._note_user(values)
+        self.users_complete = True
+
+    def _note_user(self, values: dict[str, str | None]) -> tuple[str, str] | None:
+        # Returns the conversation whose user this row names first.
+        if (values.get("role") or "").strip().lower() != "user":
+            return None
+        user_id = (values.get("user_id") or "").strip()
+        if not user_id:
+            return None
         try:
-            if self.file_format == "jsonl":
-                values = _as_strings(values)
-            if (values.get("role") or "").strip().lower() != "user":
-                return
-            user_id = (values.get("user_id") or "").strip()
-            if not user_id:
-                return
             identity = (self._channel(values), _required(values, "conversation_id"))
         except RowError:
-            return  # reported with its line number on the second pass
-        self.users.setdefault(identity, user_id)
+            return None  # reported with its line number when the row is converted
+        if identity in self.users:
+            return None
+        self.users[identity] = user_id
+        return identity
 
     def _channel(self, values: dict[str, str | None]) -> str:
         channel = values.get("channel")
@@ -168,21 +203,77 @@ class TranscriptSource:
         return channel
 
     def rows(self) -> Iterator[Row | Skipped]:
-        """Yield each record as a message or as the reason it was skipped."""
+        """Yield each record, in file order, as a message or as the reason it was skipped.
+
+        A row without ``user_id`` whose conversation's user is not known yet is held back,
+        with every row after it, until that user appears, the file ends, or more than
+        ``MAX_WAITING_ROWS`` rows wait (see the module documentation).
+        """
+        # Held rows in file order as [line, item, conversation still waiting for its user].
+        held: deque[list[Any]] = deque()
+        waiting: dict[tuple[str, str], list[list[Any]]] = {}
         with self.file.open() as stream:
-            for record in self._records(stream):
-                if record.values is None:
-                    yield Skipped(record.line, record.error or "unreadable record")
+            for line, values, error in self._records(stream):
+                item, waits_for, noted = self._item(line, values, error)
+                if waits_for is not None:
+                    entry: list[Any] = [line, item, waits_for]
+                    waiting.setdefault(waits_for, []).append(entry)
+                    held.append(entry)
+                elif held:
+                    held.append([line, item, None])
+                else:
+                    yield item
                     continue
-                try:
-                    yield Row(record.line, self.to_message(record.values))
-                except RowError as error:
-                    yield Skipped(record.line, str(error))
+                if noted is not None:
+                    _resolve(waiting.pop(noted, ()), self.users[noted])
+                if len(held) > MAX_WAITING_ROWS:
+                    self.scan_users()
+                    for conversation, entries in waiting.items():
+                        _resolve(entries, self.users.get(conversation))
+                    waiting.clear()
+                while held and held[0][2] is None:
+                    yield held.popleft()[1]
+        for conversation, entries in waiting.items():
+            _resolve(entries, self.users.get(conversation))
+        for rest in held:
+            yield rest[1]
+
+    def _item(self, line: int, values: dict[str, Any] | None, error: str | None
+              ) -> tuple[Row | Skipped, tuple[str, str] | None, tuple[str, str] | None]:
+        # The record as a row or a skip, the conversation whose user it waits for, and the
+        # conversation whose user it names first.
+        if values is None:
+            return Skipped(line, error or "unreadable record"), None, None
+        noted = None
+        try:
+            if self.file_format == "jsonl":
+                values = _as_strings(values)
+            noted = self._note_user(values)
+            message, waits_for = self._message(values)
+        except _UserRowError as row_error:
+            return Skipped(line, str(row_error)), row_error.identity, noted
+        except RowError as row_error:
+            return Skipped(line, str(row_error)), None, noted
+        return Row(line, message), waits_for, noted
 
     def to_message(self, values: dict[str, Any]) -> ev.Message:
-        """Turn one record into a message; raises RowError with the reason it is invalid."""
+        """Turn one record into a message; raises RowError with the reason it is invalid.
+
+        A row without ``user_id`` gets the user of its conversation found so far (see
+        :meth:`scan_users`), or else the conversation id.
+        """
         if self.file_format == "jsonl":
             values = _as_strings(values)
+        try:
+            return self._message(values)[0]
+        except _UserRowError as error:
+            raise RowError(str(error)) from None
+
+    def _message(self, values: dict[str, str | None]
+                 ) -> tuple[ev.Message, tuple[str, str] | None]:
+        # The message, and its conversation when the row has no user_id and the
+        # conversation's user is not known yet: the message then has the conversation id
+        # as its user, the user it gets when the file names none.
         conversation_id = _required(values, "conversation_id")
         role = _required(values, "role").lower()
         if role not in ev.ROLES:
@@ -194,15 +285,30 @@ class TranscriptSource:
         channel = self._channel(values)
         message_id = (values.get("message_id") or "").strip() or None
         user_id = (values.get("user_id") or "").strip()
+        waits_for: tuple[str, str] | None = None
         if not user_id:
-            user_id = self.users.get((channel, conversation_id), conversation_id)
-        for column, value in (("conversation_id", conversation_id), ("user_id", user_id),
-                              ("message_id", message_id or "")):
-            if len(value) > MAX_ID_CHARS:
-                raise RowError(f"{column} is longer than {MAX_ID_CHARS} characters")
+            identity = (channel, conversation_id)
+            known = self.users.get(identity)
+            if known is None and not self.users_complete:
+                waits_for = identity
+            user_id = known or conversation_id
+        if len(conversation_id) > MAX_ID_CHARS:
+            raise RowError(f"conversation_id is longer than {MAX_ID_CHARS} characters")
+        if len(user_id) > MAX_ID_CHARS:
+            raise RowError(f"user_id is longer than {MAX_ID_CHARS} characters")
+        try:
+            if message_id is not None and len(message_id) > MAX_ID_CHARS:
+                raise RowError(f"message_id is longer than {MAX_ID_CHARS} characters")
+            attributes = self._attributes(values)
+        except RowError as error:
+            if waits_for is None:
+                raise
+            raise _UserRowError(str(error), waits_for) from None
 
-        key = message_key(channel, conversation_id, message_id, ev.to_ms(occurred_at), role, text)
-        return ev.Message(
+        # The time is part of the key only without a message id.
+        at_ms = 0 if message_id else ev.to_ms(occurred_at)
+        key = message_key(channel, conversation_id, message_id, at_ms, role, text)
+        message = ev.Message(
             channel=channel,
             occurred_at=occurred_at,
             key=key,
@@ -211,8 +317,9 @@ class TranscriptSource:
             text=text,
             conversation_id=conversation_id,
             platform_message_id=message_id,
-            attributes=self._attributes(values),
+            attributes=attributes,
         )
+        return message, waits_for
 
     def _attributes(self, values: dict[str, str | None]) -> dict[str, str]:
         attributes: dict[str, str] = {}
@@ -229,3 +336,29 @@ class TranscriptSource:
                                "characters")
             attributes[name] = value.strip()
         return attributes
+
+
+def _csv_values(header: list[str], rows: Iterator[tuple[int, list[str] | None, str | None]]
+                ) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    width = len(header)
+    for line, row, error in rows:
+        if row is None:
+            yield line, None, error
+        elif len(row) != width:
+            yield line, None, f"the row has {len(row)} fields but the header has {width}"
+        else:
+            yield line, dict(zip(header, row, strict=True)), None
+
+
+def _resolve(entries: Any, user_id: str | None) -> None:
+    # Gives held rows their conversation's user (None: none in the file, so the
+    # conversation id they already carry), or the reason a too long one skips them.
+    for entry in entries:
+        line, item, _ = entry
+        entry[2] = None
+        if user_id is None:
+            continue
+        if len(user_id) > MAX_ID_CHARS:
+            entry[1] = Skipped(line, f"user_id is longer than {MAX_ID_CHARS} characters")
+        elif isinstance(item, Row):
+            entry[1] = Row(line, dataclasses.replace(item.message, user_id=user_id))
