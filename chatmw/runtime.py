@@ -114,11 +114,15 @@ class Runtime:
         # Events decoded from chat exchanges by the writer get the recorder's transform.
         self.writer.transform = self.recorder.transform
         if self._process_writer is None and self.settings.use_writer_process():
-            self._process_writer = start_process_writer(self.writer, self.settings.database_url)
+            self._process_writer = start_process_writer(
+                self.writer, self.settings.database_url, self.rollup_interval_s)
             if self._process_writer is not None:
                 self.recorder.writer = self._process_writer
+                # The child refreshes the rollups once it starts, at the first write.
+                self._process_writer.start()
         self.recorder.start()
-        if self.rollup_interval_s is not None and self._rollups is None:
+        if (self.rollup_interval_s is not None and self._rollups is None
+                and self._process_writer is None):
             self._rollups = Refresher(self.engine, self.rollup_interval_s)
             self._rollups.start()
 

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -40,6 +41,8 @@ logger = logging.getLogger("chatmw")
 # The niceness the writer process adds to its own, so the application wins contended CPU.
 NICE_ENV = "CHATMW_WRITER_NICE"
 DEFAULT_NICENESS = 5
+# Events pickled per message to the writer process: about a quarter of a millisecond each.
+SEND_CHUNK = 100
 
 
 class WriteRejected(Exception):
@@ -75,19 +78,36 @@ class WriterSnapshot:
     functions and instances of module-level classes, not closures.
     """
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: Any, rollup_interval_s: float | None = None) -> None:
         self.writer = writer
+        # The rollup refresher (chatmw.metrics.rollup_refresh) runs in the child too, when
+        # set, so that its reads and recounts stay off the application's interpreter.
+        self.rollup_interval_s = rollup_interval_s
+        self._refresher: Any = None
 
     def __call__(self) -> Any:
+        if self.rollup_interval_s is not None:
+            from chatmw.metrics.rollup_refresh import Refresher
+
+            self._refresher = Refresher(self.writer.engine, self.rollup_interval_s)
+            self._refresher.start()
         return self.writer
 
+    def stop(self) -> None:
+        """Stop the rollup refresher, if this copy started one."""
+        if self._refresher is not None:
+            self._refresher.stop()
+            self._refresher = None
 
-def start_process_writer(writer: Any, database_url: str) -> ProcessWriter | None:
+
+def start_process_writer(writer: Any, database_url: str,
+                         rollup_interval_s: float | None = None) -> ProcessWriter | None:
     """Return a :class:`ProcessWriter` running a copy of ``writer``, or ``None`` when it cannot.
 
     An in-memory SQLite database exists in one process only, and a writer with something
     that cannot be pickled cannot be copied: both keep the writer in the recorder's thread,
-    with a warning for the second.
+    with a warning for the second. With ``rollup_interval_s`` the child also runs the rollup
+    refresher at that interval.
     """
     from sqlalchemy.engine import make_url
 
@@ -105,7 +125,7 @@ def start_process_writer(writer: Any, database_url: str) -> ProcessWriter | None
         logger.warning("the store writer stays in this process: it cannot be copied to a "
                        "writer process (%s: %s)", type(error).__name__, error)
         return None
-    return ProcessWriter(WriterSnapshot(writer), local_writer=writer)
+    return ProcessWriter(WriterSnapshot(writer, rollup_interval_s), local_writer=writer)
 
 
 def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
@@ -113,12 +133,24 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
     # reply.
     _lower_priority()
     writer = factory()
+    try:
+        _write_batches(connection, writer)
+    finally:
+        stop = getattr(factory, "stop", None)
+        if stop is not None:
+            stop()
+
+
+def _write_batches(connection: Connection, writer: BatchWriter) -> None:
     while True:
+        batch: list[Event] = []
         try:
-            batch = connection.recv()
+            # A batch arrives in chunks (see ProcessWriter.write), ended by an empty one.
+            while chunk := connection.recv():
+                batch.extend(chunk)
         except EOFError:
             return
-        if batch is None:
+        if chunk is None:
             return
         try:
             written = writer.write(batch)
@@ -126,6 +158,15 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
             connection.send((False, is_retryable(error), _describe(error), 0))
             continue
         connection.send((True, False, "", written if isinstance(written, int) else len(batch)))
+
+
+def _send_in_chunks(connection: Connection, batch: Sequence[Event]) -> None:
+    # pickle holds the interpreter lock for a whole call: pickling a large batch at once
+    # would stall the application's threads for milliseconds. Chunks let them run between.
+    for start in range(0, len(batch), SEND_CHUNK):
+        connection.send(list(batch[start:start + SEND_CHUNK]))
+        time.sleep(0)
+    connection.send([])
 
 
 def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
@@ -198,7 +239,7 @@ class ProcessWriter:
         with self._lock:
             connection = self._ensure_started()
             try:
-                connection.send(list(batch))
+                _send_in_chunks(connection, batch)
                 if not connection.poll(self.timeout_s):
                     self._kill(f"write timed out after {self.timeout_s:.0f} s")
                     raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
