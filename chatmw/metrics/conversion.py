@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select, union
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, union
 from sqlalchemy.orm import aliased
 
 from chatmw.events_business import format_micros
@@ -144,16 +144,37 @@ class AttributedConversion:
     contact_id: int | None
 
 
+def _attributable() -> ColumnElement[bool]:
+    """Return a condition true for every conversation that some stored conversion can reach.
+
+    That is a conversation of a contact with a conversion naming a user, or a conversation
+    that a conversion names. Other conversations get no attribution, so they need not be read.
+    """
+    resolved = resolved_conversions().subquery()
+    contacts = select(resolved.c.contact_id).where(
+        resolved.c.conversation_external_id.is_(None), resolved.c.contact_id.is_not(None)
+    )
+    linked = select(resolved.c.linked_conversation_id).where(
+        resolved.c.conversation_external_id.is_not(None),
+        resolved.c.linked_conversation_id.is_not(None),
+    )
+    return or_(Conversation.contact_id.in_(contacts), Conversation.id.in_(linked))
+
+
 def _scoped_conversations(
     engine: Engine, flt: MetricFilter
 ) -> list[tuple[int, Any, int | None, int]]:
     scope = conversation_scope(flt).subquery()
-    statement = select(
-        scope.c.conversation_id,
-        scope.c.group_key,
-        Conversation.contact_id,
-        Conversation.started_at_ms,
-    ).join(Conversation, Conversation.id == scope.c.conversation_id)
+    statement = (
+        select(
+            scope.c.conversation_id,
+            scope.c.group_key,
+            Conversation.contact_id,
+            Conversation.started_at_ms,
+        )
+        .join(Conversation, Conversation.id == scope.c.conversation_id)
+        .where(_attributable())
+    )
     with engine.connect() as connection:
         return [(row[0], row[1], row[2], row[3]) for row in connection.execute(statement)]
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, exists, func, select
+from sqlalchemy import ColumnElement, Engine, Select, and_, case, exists, func, not_, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import FilterError, MetricFilter
@@ -18,6 +17,7 @@ from chatmw.store.models import Conversation
 __all__ = [
     "first_contact_resolution",
     "conversation_outcomes",
+    "outcome_counts",
     "RESOLUTION",
     "DEFAULT_REPEAT_HOURS",
 ]
@@ -81,24 +81,35 @@ def _with_rates(counts: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def outcome_counts(flt: MetricFilter, hours: float) -> Select[Any]:
+    """Select the group key and the figures of :data:`COUNTS` per group, counted in SQL."""
+    outcomes = conversation_outcomes(flt, hours).subquery()
+    resolved = outcomes.c.resolved.is_(True)
+    handed_off = outcomes.c.handed_off.is_(True)
+    repeated = outcomes.c.repeated.is_(True)
+    return select(
+        outcomes.c.group_key,
+        func.count(),
+        _count_where(resolved),
+        _count_where(and_(resolved, handed_off)),
+        _count_where(and_(resolved, repeated)),
+        _count_where(and_(resolved, not_(handed_off), not_(repeated))),
+    ).group_by(outcomes.c.group_key)
+
+
+def _count_where(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
 def first_contact_resolution(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute first-contact resolution for the conversations of ``flt``."""
     hours = repeat_hours(options or {})
-    counts: dict[Any, dict[str, int]] = defaultdict(_empty)
+    counts: dict[Any, dict[str, int]] = {}
     with engine.connect() as connection:
-        for group_key, _, resolved, handed_off, repeated in connection.execute(
-            conversation_outcomes(flt, hours)
-        ):
-            bucket = counts[group_key]
-            bucket["conversations"] += 1
-            if not resolved:
-                continue
-            bucket["resolved"] += 1
-            bucket["resolved_handed_off"] += int(bool(handed_off))
-            bucket["resolved_repeated"] += int(bool(repeated))
-            bucket["first_contact_resolved"] += int(not handed_off and not repeated)
+        for group_key, *figures in connection.execute(outcome_counts(flt, hours)):
+            counts[group_key] = {name: int(value) for name, value in zip(COUNTS, figures, strict=True)}
     overall = _empty()
     for values in counts.values():
         for name in COUNTS:
