@@ -109,7 +109,9 @@ def first_contact_resolution(
     counts: dict[Any, dict[str, int]] = {}
     with engine.connect() as connection:
         for group_key, *figures in connection.execute(outcome_counts(flt, hours)):
-            counts[group_key] = {name: int(value) for name, value in zip(COUNTS, figures, strict=True)}
+            counts[group_key] = {
+                name: int(value) for name, value in zip(COUNTS, figures, strict=True)
+            }
     overall = _empty()
     for values in counts.values():
         for name in COUNTS:
