@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, union
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, true, union
 from sqlalchemy.orm import aliased
 
 from chatmw.events_business import format_micros
@@ -114,8 +114,17 @@ class ResolvedConversion:
     linked_conversation_id: int | None
 
 
-def load_conversions(engine: Engine) -> list[ResolvedConversion]:
-    """Return every stored conversion, resolved as :func:`resolved_conversions` selects it."""
+def load_conversions(
+    engine: Engine, flt: MetricFilter | None = None, days: float = 0.0
+) -> list[ResolvedConversion]:
+    """Return the stored conversions, resolved as :func:`resolved_conversions` selects it.
+
+    With ``flt``, conversions naming a user are left out when they cannot be attributed
+    (within ``days``) to a conversation that started in the window of ``flt``.
+    """
+    statement = resolved_conversions()
+    if flt is not None:
+        statement = statement.where(_may_reach_window(flt, days))
     with engine.connect() as connection:
         return [
             ResolvedConversion(
@@ -127,8 +136,21 @@ def load_conversions(engine: Engine) -> list[ResolvedConversion]:
                 row.contact_id,
                 row.linked_conversation_id,
             )
-            for row in connection.execute(resolved_conversions())
+            for row in connection.execute(statement)
         ]
+
+
+def _may_reach_window(flt: MetricFilter, days: float) -> ColumnElement[bool]:
+    # A conversion at t reaches conversations that started in [t - days, t], so one naming a
+    # user reaches the window [since, until) only when since <= t < until + days.
+    bounds = []
+    if flt.since_ms is not None:
+        bounds.append(Conversion.occurred_at_ms >= flt.since_ms)
+    if flt.until_ms is not None:
+        bounds.append(Conversion.occurred_at_ms < flt.until_ms + int(days * DAY_MS))
+    if not bounds:
+        return true()
+    return or_(Conversion.conversation_external_id.is_not(None), and_(*bounds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +214,7 @@ def attributed_conversions(
     a binary search per conversion are not.
     """
     if conversions is None:
-        conversions = load_conversions(engine)
+        conversions = load_conversions(engine, flt, days)
     scoped = _scoped_conversations(engine, flt)
     group_of = {conversation_id: group_key for conversation_id, group_key, _, _ in scoped}
     by_contact: dict[int, list[tuple[int, int]]] = defaultdict(list)
