@@ -19,13 +19,13 @@ from sqlalchemy import Engine, and_, select
 from sqlalchemy.orm import aliased
 
 from chatmw.events import to_ms
-from chatmw.metrics import conversion, leads, resolution, retention
+from chatmw.metrics import business_hours, conversion, leads, resolution, retention
 from chatmw.metrics.conversion import AttributedConversion, ResolvedConversion
 from chatmw.metrics.cpa import _day_in_window
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.scope import UNKNOWN_GROUP, conversation_scope, group_label
 from chatmw.metrics.stats import rate
-from chatmw.store.models import Conversation, ConversationAttribute
+from chatmw.store.models import Conversation, ConversationAttribute, Message
 from chatmw.store.models_business import Spend
 from chatmw.store.models_surveys import Survey
 
@@ -368,3 +368,33 @@ def spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dict
                 key = channel if group_by.kind == "channel" else campaign
                 spend[key or UNKNOWN_GROUP] += micros
     return spend
+
+
+def business_durations(engine: Engine, flt: MetricFilter, hours: Any) -> dict[Any, Any]:
+    """Return durations in ms, with each answer's business time computed on its own."""
+    scope = conversation_scope(flt).subquery()
+    statement = (
+        select(
+            scope.c.group_key,
+            Message.channel,
+            Message.role,
+            Message.occurred_at_ms,
+            Message.response_ms,
+            Message.is_first_response,
+        )
+        .join(Message, Message.conversation_id == scope.c.conversation_id)
+        .where(Message.response_ms.is_not(None))
+    )
+    collected: dict[Any, Any] = defaultdict(business_hours._empty)
+    with engine.connect() as connection:
+        rows = connection.execute(statement).all()
+    for key, channel, role, answered_ms, response_ms, is_first in rows:
+        began_ms = answered_ms - int(round(response_ms))
+        business = float(hours.for_channel(channel).business_ms(began_ms, answered_ms))
+        figures = ("reply_time", "first_response") if is_first else ("reply_time",)
+        for figure in figures:
+            for basis, value in (("calendar", float(response_ms)), ("business", business)):
+                collected[key][figure][basis]["all"].append(value)
+                if role in business_hours.ROLES:
+                    collected[key][figure][basis][role].append(value)
+    return collected

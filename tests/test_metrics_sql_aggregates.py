@@ -19,7 +19,7 @@ from business_support import DAY, T0, world_engine
 from sqlalchemy import Engine, insert, select, update
 
 from chatmw import events as ev
-from chatmw.metrics import conversion, cpa, ltv
+from chatmw.metrics import business_hours, conversion, cpa, ltv
 from chatmw.metrics.filters import FilterError, GroupBy, MetricFilter
 from chatmw.metrics.leads import leads
 from chatmw.metrics.query_types import query_types
@@ -50,7 +50,9 @@ FILTERS = {
     "utc-channel": _window(0, 21, group_by=GroupBy("channel")),
     "kolkata-plan": _window(3, 17, KOLKATA, group_by=GroupBy("attr", "plan")),
     "kathmandu-source": _window(2, 30, KATHMANDU, group_by=GroupBy("source")),
-    "new-york-first-campaign": _window(1, 16, NEW_YORK, touch="first", group_by=GroupBy("campaign")),
+    "new-york-first-campaign": _window(
+        1, 16, NEW_YORK, touch="first", group_by=GroupBy("campaign")
+    ),
     "web-only": _window(0, 25, channels=("web",), group_by=GroupBy("attr", "query_type")),
     "plan-pro": _window(-3, 25, KOLKATA, attributes={"plan": "pro"}),
     "touch-google": _window(0, 25, touch_filters={"source": "google"}, group_by=GroupBy("channel")),
@@ -116,9 +118,7 @@ def _add_plans_and_nps(engine: Engine) -> None:
         surveyed = set(connection.execute(select(Survey.conversation_id)).scalars())
         # Two CSAT surveys in three count as sent; the others were never sent.
         connection.execute(
-            update(Survey)
-            .where(Survey.id % 3 != 0)
-            .values(sent_at_ms=Survey.created_at_ms)
+            update(Survey).where(Survey.id % 3 != 0).values(sent_at_ms=Survey.created_at_ms)
         )
         rows = []
         for n, conversation_id in enumerate(ids):
@@ -238,6 +238,32 @@ def test_ltv_matches_rows(
     actual = _outcome(lambda: ltv.lifetime_value(stored, flt, options))
     _legacy(monkeypatch)
     assert actual == _outcome(lambda: ltv.lifetime_value(stored, flt, options))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"hours": "mon-fri 09:00-12:30,13:30-18:00; sat 22:00-02:00", "hours_tz": "Asia/Kolkata"},
+        {"hours": "mon-sun 08:15-20:45", "hours_tz": "America/New_York"},
+    ],
+    ids=["default", "kolkata-overnight", "new-york-daily"],
+)
+def test_business_response_time_matches_rows(
+    stored: Engine, monkeypatch: pytest.MonkeyPatch, case: str, options: dict[str, str]
+) -> None:
+    flt = FILTERS[case]
+    actual = business_hours.response_time_business(stored, flt, options)
+    monkeypatch.setattr(business_hours, "collect_business_durations", reference.business_durations)
+    assert actual == business_hours.response_time_business(stored, flt, options)
+
+
+def test_business_fixture_has_answers(stored: Engine) -> None:
+    result = business_hours.response_time_business(stored, FILTERS["unbounded"], {})
+    figures = result["reply_time"]["business"]["all"]
+    assert figures["count"] > 0
+    assert figures["max"] > 0
 
 
 def test_legacy_path_is_patched(stored: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
