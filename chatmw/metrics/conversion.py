@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 DAY_MS = 86_400_000
+# Ids bound per query; SQLite 3.32 and later accept 32,766 parameters.
+IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
 ATTRIBUTION_PARAM = Param(
@@ -166,39 +168,36 @@ class AttributedConversion:
     contact_id: int | None
 
 
-def _attributable() -> ColumnElement[bool]:
-    """Return a condition true for every conversation that some stored conversion can reach.
-
-    That is a conversation of a contact with a conversion naming a user, or a conversation
-    that a conversion names. Other conversations get no attribution, so they need not be read.
-    """
-    resolved = resolved_conversions().subquery()
-    contacts = select(resolved.c.contact_id).where(
-        resolved.c.conversation_external_id.is_(None), resolved.c.contact_id.is_not(None)
-    )
-    linked = select(resolved.c.linked_conversation_id).where(
-        resolved.c.conversation_external_id.is_not(None),
-        resolved.c.linked_conversation_id.is_not(None),
-    )
-    return or_(Conversation.contact_id.in_(contacts), Conversation.id.in_(linked))
-
-
 def _scoped_conversations(
-    engine: Engine, flt: MetricFilter
+    engine: Engine, flt: MetricFilter, conversions: Sequence[ResolvedConversion]
 ) -> list[tuple[int, Any, int | None, int]]:
-    scope = conversation_scope(flt).subquery()
-    statement = (
-        select(
-            scope.c.conversation_id,
-            scope.c.group_key,
-            Conversation.contact_id,
-            Conversation.started_at_ms,
-        )
-        .join(Conversation, Conversation.id == scope.c.conversation_id)
-        .where(_attributable())
+    """Return id, group key, contact and start of the scoped conversations ``conversions`` reach.
+
+    Those are the conversations of contacts with a conversion naming a user, and the
+    conversations that conversions name; no other conversation gets an attribution. They
+    are read by id and by contact, in chunks under SQLite's limit on bound parameters.
+    """
+    contacts = sorted(
+        {c.contact_id for c in conversions if not c.names_conversation and c.contact_id is not None}
     )
+    linked = sorted(
+        {
+            c.linked_conversation_id
+            for c in conversions
+            if c.names_conversation and c.linked_conversation_id is not None
+        }
+    )
+    found: dict[int, tuple[int, Any, int | None, int]] = {}
     with engine.connect() as connection:
-        return [(row[0], row[1], row[2], row[3]) for row in connection.execute(statement)]
+        for column, values in ((Conversation.contact_id, contacts), (Conversation.id, linked)):
+            for first in range(0, len(values), IDS_PER_QUERY):
+                chunk = values[first : first + IDS_PER_QUERY]
+                statement = conversation_scope(flt).add_columns(
+                    Conversation.contact_id, Conversation.started_at_ms
+                )
+                for row in connection.execute(statement.where(column.in_(chunk))):
+                    found[row[0]] = (row[0], row[1], row[2], row[3])
+    return list(found.values())
 
 
 def attributed_conversions(
@@ -215,7 +214,7 @@ def attributed_conversions(
     """
     if conversions is None:
         conversions = load_conversions(engine, flt, days)
-    scoped = _scoped_conversations(engine, flt)
+    scoped = _scoped_conversations(engine, flt, conversions)
     group_of = {conversation_id: group_key for conversation_id, group_key, _, _ in scoped}
     by_contact: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for conversation_id, _, contact_id, started_ms in scoped:
