@@ -1,9 +1,10 @@
 """Metrics that aggregate in SQL return the same JSON as the earlier row-by-row code.
 
-The earlier code is kept in ``metrics_reference``; each case runs both on the generated
-business world (three channels, touches, conversions naming users and conversations, leads,
-spend, CSAT and NPS surveys, a ``plan`` attribute and conversations written late), on
-SQLite and PostgreSQL, over windows in zones with whole, half and quarter-hour offsets.
+The earlier code is kept in ``metrics_reference``, and each case runs both on the same
+store. The store is the generated business world (three channels, touches, conversions
+naming users and conversations, leads, spend, CSAT and NPS surveys) with a ``plan``
+attribute and conversations written late. Cases cover SQLite and PostgreSQL, and windows
+in zones with whole, half and quarter-hour offsets.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _add_plans_and_nps(engine: Engine) -> None:
         ]
         connection.execute(insert(ConversationAttribute), plans)
         surveyed = set(connection.execute(select(Survey.conversation_id)).scalars())
-        # Two CSAT surveys in three count as sent; the others were never sent.
+        # Two CSAT surveys in three count as sent, and the others were never sent.
         connection.execute(
             update(Survey).where(Survey.id % 3 != 0).values(sent_at_ms=Survey.created_at_ms)
         )

@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 DAY_MS = 86_400_000
-# Ids bound per query; SQLite 3.32 and later accept 32,766 parameters.
+# Ids bound per query, below SQLite's default limit of 32,766 bound parameters
+# (SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32.0).
 IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
@@ -174,8 +175,8 @@ def _scoped_conversations(
     """Return id, group key, contact and start of the scoped conversations ``conversions`` reach.
 
     Those are the conversations of contacts with a conversion naming a user, and the
-    conversations that conversions name; no other conversation gets an attribution. They
-    are read by id and by contact, in chunks under SQLite's limit on bound parameters.
+    conversations that conversions name, because no other conversation gets an attribution.
+    They are read by id and by contact, in chunks under SQLite's limit on bound parameters.
     """
     contacts = sorted(
         {c.contact_id for c in conversions if not c.names_conversation and c.contact_id is not None}

@@ -67,8 +67,8 @@ def _local_date(moment: datetime | None, flt: MetricFilter, step: timedelta) -> 
 
 def _spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dict[str, int]:
     statement = select(Spend.day, Spend.channel, Spend.campaign, Spend.amount_micros)
-    # A day a day away from the window's local dates cannot have its midnight inside it;
-    # the exact test stays below in _day_in_window.
+    # Only days within one day of the window's local dates can have their midnight inside
+    # it, and _day_in_window below makes the exact test.
     low = _local_date(flt.since, flt, -ONE_DAY)
     if low is not None:
         statement = statement.where(Spend.day >= low)

@@ -22,7 +22,8 @@ from chatmw.store.models_business import Lead
 
 __all__ = ["lead_conversations", "leads", "LEADS"]
 
-# Conversation ids bound per query; SQLite 3.32 and later accept 32,766 parameters.
+# Conversation ids bound per query, below SQLite's default limit of 32,766 bound
+# parameters (SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32.0).
 IDS_PER_QUERY = 10_000
 
 

@@ -28,7 +28,7 @@ CSAT_SATISFIED_MIN = 4
 
 @dataclass(slots=True)
 class _TypeCounts:
-    """Counts of one query type: conversations, resolved ones and their CSAT answers."""
+    """Counts of one query type: conversations, resolved ones and their CSAT scores."""
 
     conversations: int = 0
     resolved: int = 0

@@ -65,6 +65,8 @@ def _conversations_by_contact(
 
 def _first_group_keys(engine: Engine, flt: MetricFilter) -> set[Any]:
     """Return the group key of every contact's first conversation, whenever it started."""
+    # NOTE: two first conversations that started in the same millisecond are ordered by the
+    # database here and in _conversations_by_contact alike, so either may name the group.
     starts = _scoped_starts(flt).subquery()
     first = (
         func.row_number()

@@ -28,7 +28,7 @@ __all__ = ["csat", "nps", "csat_rows", "nps_rows"]
 
 @dataclass(slots=True)
 class _Answers:
-    """Surveys of one group: how many were sent, and the count of each answered score."""
+    """Surveys of one group: the number sent, and the count of each score given."""
 
     sent: int = 0
     scores: dict[int, int] = field(default_factory=dict)
