@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, Select, and_, case, exists, func, not_, select
+from sqlalchemy import Engine, Select, and_, case, exists, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import FilterError, MetricFilter
@@ -82,23 +83,34 @@ def _with_rates(counts: Mapping[str, int]) -> dict[str, Any]:
 
 
 def outcome_counts(flt: MetricFilter, hours: float) -> Select[Any]:
-    """Select the group key and the figures of :data:`COUNTS` per group, counted in SQL."""
+    """Select group key, resolved, handed-off and repeated flags (0 or 1), and a count.
+
+    Each row counts the conversations of one group with one combination of flags.
+    ``repeated`` is 0 for unresolved conversations, which spares their repeat lookup.
+    """
     outcomes = conversation_outcomes(flt, hours).subquery()
     resolved = outcomes.c.resolved.is_(True)
-    handed_off = outcomes.c.handed_off.is_(True)
-    repeated = outcomes.c.repeated.is_(True)
-    return select(
-        outcomes.c.group_key,
-        func.count(),
-        _count_where(resolved),
-        _count_where(and_(resolved, handed_off)),
-        _count_where(and_(resolved, repeated)),
-        _count_where(and_(resolved, not_(handed_off), not_(repeated))),
-    ).group_by(outcomes.c.group_key)
+    flags = (
+        case((resolved, 1), else_=0),
+        case((outcomes.c.handed_off.is_(True), 1), else_=0),
+        # CASE evaluates its branches in order, so the EXISTS behind ``repeated`` runs only
+        # for resolved conversations.
+        case((resolved, case((outcomes.c.repeated.is_(True), 1), else_=0)), else_=0),
+    )
+    return select(outcomes.c.group_key, *flags, func.count()).group_by(outcomes.c.group_key, *flags)
 
 
-def _count_where(condition: ColumnElement[bool]) -> ColumnElement[int]:
-    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+def _add_outcomes(
+    counts: dict[str, int], resolved: int, handed_off: int, repeated: int, number: int
+) -> None:
+    counts["conversations"] += number
+    if not resolved:
+        return
+    counts["resolved"] += number
+    counts["resolved_handed_off"] += number * handed_off
+    counts["resolved_repeated"] += number * repeated
+    if not handed_off and not repeated:
+        counts["first_contact_resolved"] += number
 
 
 def first_contact_resolution(
@@ -106,12 +118,14 @@ def first_contact_resolution(
 ) -> dict[str, Any]:
     """Compute first-contact resolution for the conversations of ``flt``."""
     hours = repeat_hours(options or {})
-    counts: dict[Any, dict[str, int]] = {}
+    counts: dict[Any, dict[str, int]] = defaultdict(_empty)
     with engine.connect() as connection:
-        for group_key, *figures in connection.execute(outcome_counts(flt, hours)):
-            counts[group_key] = {
-                name: int(value) for name, value in zip(COUNTS, figures, strict=True)
-            }
+        for group_key, resolved, handed_off, repeated, number in connection.execute(
+            outcome_counts(flt, hours)
+        ):
+            _add_outcomes(
+                counts[group_key], int(resolved), int(handed_off), int(repeated), int(number)
+            )
     overall = _empty()
     for values in counts.values():
         for name in COUNTS:
