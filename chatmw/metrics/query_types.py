@@ -13,6 +13,7 @@ from sqlalchemy.orm import aliased
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation, ConversationAttribute
 from chatmw.store.models_surveys import Survey
@@ -89,6 +90,7 @@ def _type_counts(
     )
     counts: dict[Any, dict[str, _TypeCounts]] = defaultdict(dict)
     with engine.connect() as connection:
+        disable_jit(connection)
         for group_key, name, *figures in connection.execute(statement):
             counts[group_key][name] = _TypeCounts(*(int(value) for value in figures))
     return counts

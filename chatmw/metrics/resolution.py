@@ -12,6 +12,7 @@ from sqlalchemy.orm import aliased
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation
 
@@ -120,6 +121,7 @@ def first_contact_resolution(
     hours = repeat_hours(options or {})
     counts: dict[Any, dict[str, int]] = defaultdict(_empty)
     with engine.connect() as connection:
+        disable_jit(connection)
         for group_key, resolved, handed_off, repeated, number in connection.execute(
             outcome_counts(flt, hours)
         ):

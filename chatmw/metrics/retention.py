@@ -15,6 +15,7 @@ from chatmw.metrics.buckets import bucket_range
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation
 
@@ -56,6 +57,7 @@ def _conversations_by_contact(
         statement = statement.where(Conversation.contact_id.in_(new_contacts))
     by_contact: dict[int, list[tuple[int, Any]]] = defaultdict(list)
     with engine.connect() as connection:
+        disable_jit(connection)
         for _, key, contact_id, started in connection.execute(statement):
             by_contact[contact_id].append((started, key))
     for starts_of_contact in by_contact.values():
