@@ -7,13 +7,15 @@ application installed at start-up with :func:`use_business_hours`, else
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Mapping
+from itertools import accumulate
 from typing import Any
 
 from sqlalchemy import Engine, select
 
-from chatmw.business_hours import DEFAULT_BUSINESS_HOURS, BusinessHours, parse_inline
+from chatmw.business_hours import DEFAULT_BUSINESS_HOURS, BusinessHours, Schedule, parse_inline
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
@@ -90,16 +92,69 @@ def collect_business_durations(
     collected: dict[Any, dict[str, dict[str, dict[str, list[float]]]]] = defaultdict(_empty)
     with engine.connect() as connection:
         rows = connection.execute(statement).all()
+    if not rows:
+        return collected
+    low = min(
+        answered_ms - int(round(response_ms)) for _, _, _, answered_ms, response_ms, _ in rows
+    )
+    high = max(answered_ms for _, _, _, answered_ms, _, _ in rows)
+    clocks: dict[str, _BusinessClock] = {}
+    # The value lists each kind of row appends to, looked up once per kind, not per row.
+    targets: dict[tuple[Any, Any, bool], tuple[list[list[float]], list[list[float]]]] = {}
     for key, channel, role, answered_ms, response_ms, is_first in rows:
-        began_ms = answered_ms - int(round(response_ms))
-        business = float(hours.for_channel(channel).business_ms(began_ms, answered_ms))
-        figures = ("reply_time", "first_response") if is_first else ("reply_time",)
-        for figure in figures:
-            for basis, value in (("calendar", float(response_ms)), ("business", business)):
-                collected[key][figure][basis]["all"].append(value)
-                if role in ROLES:
-                    collected[key][figure][basis][role].append(value)
+        clock = clocks.get(channel)
+        if clock is None:
+            clock = clocks[channel] = _BusinessClock(hours.for_channel(channel), low, high)
+        target = targets.get((key, role, bool(is_first)))
+        if target is None:
+            target = targets[(key, role, bool(is_first))] = _value_lists(
+                collected[key], role, bool(is_first)
+            )
+        calendar_lists, business_lists = target
+        calendar = float(response_ms)
+        business = float(clock.business_ms(answered_ms - int(round(response_ms)), answered_ms))
+        for values in calendar_lists:
+            values.append(calendar)
+        for values in business_lists:
+            values.append(business)
     return collected
+
+
+def _value_lists(
+    durations: dict[str, dict[str, dict[str, list[float]]]], role: Any, is_first: bool
+) -> tuple[list[list[float]], list[list[float]]]:
+    figures = ("reply_time", "first_response") if is_first else ("reply_time",)
+    roles = ("all", role) if role in ROLES else ("all",)
+    return tuple(  # type: ignore[return-value]
+        [durations[figure][basis][name] for figure in figures for name in roles] for basis in BASES
+    )
+
+
+class _BusinessClock:
+    """Business milliseconds of a schedule between any two moments of ``[low, high]``.
+
+    It keeps the schedule's merged open intervals over that range and the open time before
+    each, so a query is two binary searches instead of building each day's periods again.
+    It returns what ``Schedule.business_ms`` returns for the same moments.
+    """
+
+    def __init__(self, schedule: Schedule, low_ms: int, high_ms: int) -> None:
+        intervals = schedule.intervals(low_ms, high_ms + 1)
+        self._starts = [begin for begin, _ in intervals]
+        self._ends = [end for _, end in intervals]
+        self._before = list(accumulate((end - begin for begin, end in intervals), initial=0))
+
+    def _open_before(self, moment_ms: int) -> int:
+        index = bisect_right(self._starts, moment_ms) - 1
+        if index < 0:
+            return 0
+        inside = min(moment_ms, self._ends[index]) - self._starts[index]
+        return self._before[index] + inside
+
+    def business_ms(self, start_ms: int, end_ms: int) -> int:
+        if end_ms <= start_ms:
+            return 0
+        return self._open_before(end_ms) - self._open_before(start_ms)
 
 
 def _figures(durations: Mapping[str, Mapping[str, Mapping[str, list[float]]]]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select, union
+from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, true, union
 from sqlalchemy.orm import aliased
 
 from chatmw.events_business import format_micros
@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 DAY_MS = 86_400_000
+# Ids bound per query, below SQLite's default limit of 32,766 bound parameters
+# (SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32.0).
+IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
 ATTRIBUTION_PARAM = Param(
@@ -114,8 +117,17 @@ class ResolvedConversion:
     linked_conversation_id: int | None
 
 
-def load_conversions(engine: Engine) -> list[ResolvedConversion]:
-    """Return every stored conversion, resolved as :func:`resolved_conversions` selects it."""
+def load_conversions(
+    engine: Engine, flt: MetricFilter | None = None, days: float = 0.0
+) -> list[ResolvedConversion]:
+    """Return the stored conversions, resolved as :func:`resolved_conversions` selects it.
+
+    With ``flt``, conversions naming a user are left out when they cannot be attributed
+    (within ``days``) to a conversation that started in the window of ``flt``.
+    """
+    statement = resolved_conversions()
+    if flt is not None:
+        statement = statement.where(_may_reach_window(flt, days))
     with engine.connect() as connection:
         return [
             ResolvedConversion(
@@ -127,8 +139,21 @@ def load_conversions(engine: Engine) -> list[ResolvedConversion]:
                 row.contact_id,
                 row.linked_conversation_id,
             )
-            for row in connection.execute(resolved_conversions())
+            for row in connection.execute(statement)
         ]
+
+
+def _may_reach_window(flt: MetricFilter, days: float) -> ColumnElement[bool]:
+    # A conversion at t reaches conversations that started in [t - days, t], so one naming a
+    # user reaches the window [since, until) only when since <= t < until + days.
+    bounds = []
+    if flt.since_ms is not None:
+        bounds.append(Conversion.occurred_at_ms >= flt.since_ms)
+    if flt.until_ms is not None:
+        bounds.append(Conversion.occurred_at_ms < flt.until_ms + int(days * DAY_MS))
+    if not bounds:
+        return true()
+    return or_(Conversion.conversation_external_id.is_not(None), and_(*bounds))
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,17 +170,35 @@ class AttributedConversion:
 
 
 def _scoped_conversations(
-    engine: Engine, flt: MetricFilter
+    engine: Engine, flt: MetricFilter, conversions: Sequence[ResolvedConversion]
 ) -> list[tuple[int, Any, int | None, int]]:
-    scope = conversation_scope(flt).subquery()
-    statement = select(
-        scope.c.conversation_id,
-        scope.c.group_key,
-        Conversation.contact_id,
-        Conversation.started_at_ms,
-    ).join(Conversation, Conversation.id == scope.c.conversation_id)
+    """Return id, group key, contact and start of the scoped conversations ``conversions`` reach.
+
+    Those are the conversations of contacts with a conversion naming a user, and the
+    conversations that conversions name, because no other conversation gets an attribution.
+    They are read by id and by contact, in chunks under SQLite's limit on bound parameters.
+    """
+    contacts = sorted(
+        {c.contact_id for c in conversions if not c.names_conversation and c.contact_id is not None}
+    )
+    linked = sorted(
+        {
+            c.linked_conversation_id
+            for c in conversions
+            if c.names_conversation and c.linked_conversation_id is not None
+        }
+    )
+    found: dict[int, tuple[int, Any, int | None, int]] = {}
     with engine.connect() as connection:
-        return [(row[0], row[1], row[2], row[3]) for row in connection.execute(statement)]
+        for column, values in ((Conversation.contact_id, contacts), (Conversation.id, linked)):
+            for first in range(0, len(values), IDS_PER_QUERY):
+                chunk = values[first : first + IDS_PER_QUERY]
+                statement = conversation_scope(flt).add_columns(
+                    Conversation.contact_id, Conversation.started_at_ms
+                )
+                for row in connection.execute(statement.where(column.in_(chunk))):
+                    found[row[0]] = (row[0], row[1], row[2], row[3])
+    return list(found.values())
 
 
 def attributed_conversions(
@@ -171,8 +214,8 @@ def attributed_conversions(
     a binary search per conversion are not.
     """
     if conversions is None:
-        conversions = load_conversions(engine)
-    scoped = _scoped_conversations(engine, flt)
+        conversions = load_conversions(engine, flt, days)
+    scoped = _scoped_conversations(engine, flt, conversions)
     group_of = {conversation_id: group_key for conversation_id, group_key, _, _ in scoped}
     by_contact: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for conversation_id, _, contact_id, started_ms in scoped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
@@ -25,6 +25,8 @@ from chatmw.metrics.scope import UNKNOWN_GROUP, group_label
 from chatmw.store.models_business import Spend
 
 __all__ = ["cost_per_acquisition", "CPA"]
+
+ONE_DAY = timedelta(days=1)
 
 
 def _check_filter(flt: MetricFilter) -> GroupBy:
@@ -53,8 +55,26 @@ def _day_in_window(day: date, flt: MetricFilter) -> bool:
     return flt.until_ms is None or start_ms < flt.until_ms
 
 
+def _local_date(moment: datetime | None, flt: MetricFilter, step: timedelta) -> date | None:
+    """Return the date of ``moment`` in ``flt.tz`` plus ``step``, or None when out of range."""
+    if moment is None:
+        return None
+    try:
+        return moment.astimezone(flt.tz).date() + step
+    except OverflowError:
+        return None
+
+
 def _spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dict[str, int]:
     statement = select(Spend.day, Spend.channel, Spend.campaign, Spend.amount_micros)
+    # Only days within one day of the window's local dates can have their midnight inside
+    # it, and _day_in_window below makes the exact test.
+    low = _local_date(flt.since, flt, -ONE_DAY)
+    if low is not None:
+        statement = statement.where(Spend.day >= low)
+    high = _local_date(flt.until, flt, ONE_DAY)
+    if high is not None:
+        statement = statement.where(Spend.day <= high)
     if flt.channels:
         statement = statement.where(Spend.channel.in_(flt.channels))
     if "campaign" in flt.touch_filters:

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
-from chatmw.metrics.conversion import load_conversions
+from chatmw.metrics.conversion import resolved_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.scope import conversation_scope, group_label
@@ -21,6 +21,10 @@ from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_business import Lead
 
 __all__ = ["lead_conversations", "leads", "LEADS"]
+
+# Conversation ids bound per query, below SQLite's default limit of 32,766 bound
+# parameters (SQLITE_MAX_VARIABLE_NUMBER since SQLite 3.32.0).
+IDS_PER_QUERY = 10_000
 
 
 def lead_conversations() -> Select[*tuple[Any, ...]]:
@@ -79,14 +83,23 @@ def _load_leads(engine: Engine) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in connection.execute(lead_conversations())]
 
 
-def _leads_in_scope(
-    engine: Engine, flt: MetricFilter, leads: Sequence[tuple[Any, ...]]
-) -> list[_LeadRow]:
+def _group_keys(engine: Engine, flt: MetricFilter, ids: Sequence[int]) -> dict[int, Any]:
+    """Return conversation id -> group key for those of ``ids`` that ``flt`` covers."""
     # Matched here rather than by joining two derived tables, which SQLite runs as a
-    # nested loop without an index.
-    scope = conversation_scope(flt)
+    # nested loop without an index. Only the conversations that leads point to are read,
+    # in chunks that stay under SQLite's limit on bound parameters.
+    group_of: dict[int, Any] = {}
     with engine.connect() as connection:
-        group_of = {row[0]: row[1] for row in connection.execute(scope)}
+        for first in range(0, len(ids), IDS_PER_QUERY):
+            chunk = ids[first : first + IDS_PER_QUERY]
+            scope = conversation_scope(flt).where(Conversation.id.in_(chunk))
+            group_of.update((row[0], row[1]) for row in connection.execute(scope))
+    return group_of
+
+
+def _leads_in_scope(
+    group_of: Mapping[int, Any], leads: Sequence[tuple[Any, ...]]
+) -> list[_LeadRow]:
     return [
         _LeadRow(group_of[conversation_id], lead_id, kind, origin, score, occurred_ms, contact_id)
         for lead_id, kind, origin, score, occurred_ms, contact_id, conversation_id in leads
@@ -96,12 +109,16 @@ def _leads_in_scope(
 
 def _conversion_times(engine: Engine) -> dict[int, int]:
     """Return each contact's latest conversion time in ms."""
-    latest: dict[int, int] = {}
-    for conversion in load_conversions(engine):
-        contact_id = conversion.contact_id
-        if contact_id is not None:
-            latest[contact_id] = max(conversion.occurred_at_ms, latest.get(contact_id, -1))
-    return latest
+    resolved = resolved_conversions().subquery()
+    statement = (
+        select(resolved.c.contact_id, func.max(resolved.c.occurred_at_ms))
+        .where(resolved.c.contact_id.is_not(None))
+        .group_by(resolved.c.contact_id)
+    )
+    with engine.connect() as connection:
+        return {
+            int(contact_id): int(latest) for contact_id, latest in connection.execute(statement)
+        }
 
 
 def _figures(rows: Sequence[_LeadRow], converted_after: Mapping[int, int]) -> dict[str, Any]:
@@ -147,10 +164,12 @@ def leads(
 ) -> dict[str, Any]:
     """Compute leads, lead quality and scores for the conversations of ``flt``, per source."""
     stored = _load_leads(engine)
-    rows = _leads_in_scope(engine, flt, stored)
-    by_source = _leads_in_scope(
-        engine, dataclasses.replace(flt, group_by=GroupBy("source")), stored
-    )
+    ids = sorted({lead[-1] for lead in stored if lead[-1] is not None})
+    source_of = _group_keys(engine, dataclasses.replace(flt, group_by=GroupBy("source")), ids)
+    # Grouping never changes which conversations a filter covers, only their keys.
+    group_of = dict.fromkeys(source_of) if flt.group_by is None else _group_keys(engine, flt, ids)
+    rows = _leads_in_scope(group_of, stored)
+    by_source = _leads_in_scope(source_of, stored)
     converted_after = _conversion_times(engine)
     result: dict[str, Any] = {
         "metric": "leads",

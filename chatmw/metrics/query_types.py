@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, and_, select
+from sqlalchemy import ColumnElement, Engine, and_, case, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation, ConversationAttribute
 from chatmw.store.models_surveys import Survey
@@ -25,16 +27,53 @@ RULES_ATTRIBUTE = "query_type"
 CSAT_SATISFIED_MIN = 4
 
 
-def _conversation_types(
+@dataclass(slots=True)
+class _TypeCounts:
+    """Counts of one query type: conversations, resolved ones and their CSAT scores."""
+
+    conversations: int = 0
+    resolved: int = 0
+    responses: int = 0
+    satisfied: int = 0
+    score_sum: int = 0
+
+    def add(self, other: _TypeCounts) -> None:
+        self.conversations += other.conversations
+        self.resolved += other.resolved
+        self.responses += other.responses
+        self.satisfied += other.satisfied
+        self.score_sum += other.score_sum
+
+
+def _chosen_type(prefer: str, intent: Any, ruled: Any) -> ColumnElement[str]:
+    # An empty intent or rule type counts as missing, as it does in Python truthiness.
+    first, second = (intent, ruled) if prefer == "intent" else (ruled, intent)
+    return func.coalesce(func.nullif(first, ""), func.nullif(second, ""), UNCLASSIFIED)
+
+
+def _type_counts(
     engine: Engine, flt: MetricFilter, prefer: str
-) -> list[tuple[Any, str, bool, int | None]]:
+) -> dict[Any, dict[str, _TypeCounts]]:
+    """Return group key -> query type -> counts, aggregated in SQL."""
     scope = conversation_scope(flt).subquery()
     rule = aliased(ConversationAttribute)
     survey = aliased(Survey)
+    kind = _chosen_type(prefer, Conversation.intent, rule.value).label("kind")
+    answered = survey.score.is_not(None)
     statement = (
         select(
-            scope.c.group_key, Conversation.intent, rule.value, Conversation.resolved, survey.score
+            scope.c.group_key,
+            kind,
+            func.count(),
+            func.coalesce(func.sum(case((Conversation.resolved.is_(True), 1), else_=0)), 0),
+            func.count(survey.score),
+            func.coalesce(
+                func.sum(case((and_(answered, survey.score >= CSAT_SATISFIED_MIN), 1), else_=0)),
+                0,
+            ),
+            func.coalesce(func.sum(survey.score), 0),
         )
+        .select_from(scope)
         .join(Conversation, Conversation.id == scope.c.conversation_id)
         .outerjoin(
             rule, and_(rule.conversation_id == Conversation.id, rule.name == RULES_ATTRIBUTE)
@@ -47,49 +86,42 @@ def _conversation_types(
                 survey.score.is_not(None),
             ),
         )
+        .group_by(scope.c.group_key, kind)
     )
-    rows = []
+    counts: dict[Any, dict[str, _TypeCounts]] = defaultdict(dict)
     with engine.connect() as connection:
-        for group_key, intent, ruled, resolved, score in connection.execute(statement):
-            chosen = (intent or ruled) if prefer == "intent" else (ruled or intent)
-            rows.append((group_key, chosen or UNCLASSIFIED, bool(resolved), score))
-    return rows
+        disable_jit(connection)
+        for group_key, name, *figures in connection.execute(statement):
+            counts[group_key][name] = _TypeCounts(*(int(value) for value in figures))
+    return counts
 
 
-def _csat(scores: list[int]) -> dict[str, Any]:
-    satisfied = sum(1 for score in scores if score >= CSAT_SATISFIED_MIN)
-    share = rate(satisfied, len(scores))
+def _csat(counts: _TypeCounts) -> dict[str, Any]:
+    share = rate(counts.satisfied, counts.responses)
     return {
-        "responses": len(scores),
+        "responses": counts.responses,
         "csat_pct": None if share is None else round(share * 100, 2),
-        "mean": round(sum(scores) / len(scores), 3) if scores else None,
+        "mean": round(counts.score_sum / counts.responses, 3) if counts.responses else None,
     }
 
 
-def _types(rows: list[tuple[Any, str, bool, int | None]]) -> dict[str, Any]:
-    counts: dict[str, int] = defaultdict(int)
-    resolved: dict[str, int] = defaultdict(int)
-    scores: dict[str, list[int]] = defaultdict(list)
-    for _, kind, is_resolved, score in rows:
-        counts[kind] += 1
-        resolved[kind] += int(is_resolved)
-        if score is not None:
-            scores[kind].append(int(score))
-    total = len(rows)
+def _types(counts: Mapping[str, _TypeCounts]) -> dict[str, Any]:
+    total = sum(item.conversations for item in counts.values())
     types = [
         {
             "type": kind,
-            "conversations": counts[kind],
-            "share": rate(counts[kind], total),
-            "resolved": resolved[kind],
-            "resolution_rate": rate(resolved[kind], counts[kind]),
-            "csat": _csat(scores[kind]),
+            "conversations": counts[kind].conversations,
+            "share": rate(counts[kind].conversations, total),
+            "resolved": counts[kind].resolved,
+            "resolution_rate": rate(counts[kind].resolved, counts[kind].conversations),
+            "csat": _csat(counts[kind]),
         }
-        for kind in sorted(counts, key=lambda item: (-counts[item], item))
+        for kind in sorted(counts, key=lambda item: (-counts[item].conversations, item))
     ]
+    unclassified = counts.get(UNCLASSIFIED)
     return {
         "conversations": total,
-        "classified": total - counts.get(UNCLASSIFIED, 0),
+        "classified": total - (unclassified.conversations if unclassified else 0),
         "types": types,
     }
 
@@ -99,20 +131,21 @@ def query_types(
 ) -> dict[str, Any]:
     """Count the conversations of ``flt`` per query type, with resolution rate and CSAT."""
     prefer = (options or {}).get("prefer") or "intent"
-    rows = _conversation_types(engine, flt, prefer)
+    by_group = _type_counts(engine, flt, prefer)
+    overall: dict[str, _TypeCounts] = defaultdict(_TypeCounts)
+    for counts in by_group.values():
+        for kind, item in counts.items():
+            overall[kind].add(item)
     result: dict[str, Any] = {
         "metric": "query-types",
         "filters": flt.describe(),
         "prefer": prefer,
-        **_types(rows),
+        **_types(overall),
     }
     if flt.group_by is not None:
-        by_group: dict[Any, list[tuple[Any, str, bool, int | None]]] = defaultdict(list)
-        for row in rows:
-            by_group[row[0]].append(row)
         result["groups"] = [
-            {"group": group_label(key), **_types(items)}
-            for key, items in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+            {"group": group_label(key), **_types(counts)}
+            for key, counts in sorted(by_group.items(), key=lambda item: group_label(item[0]))
         ]
     return result
 

@@ -6,18 +6,20 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, exists, func, select
+from sqlalchemy import Engine, Select, and_, case, exists, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation
 
 __all__ = [
     "first_contact_resolution",
     "conversation_outcomes",
+    "outcome_counts",
     "RESOLUTION",
     "DEFAULT_REPEAT_HOURS",
 ]
@@ -81,6 +83,37 @@ def _with_rates(counts: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
+def outcome_counts(flt: MetricFilter, hours: float) -> Select[Any]:
+    """Select group key, resolved, handed-off and repeated flags (0 or 1), and a count.
+
+    Each row counts the conversations of one group with one combination of flags.
+    ``repeated`` is 0 for unresolved conversations, which spares their repeat lookup.
+    """
+    outcomes = conversation_outcomes(flt, hours).subquery()
+    resolved = outcomes.c.resolved.is_(True)
+    flags = (
+        case((resolved, 1), else_=0),
+        case((outcomes.c.handed_off.is_(True), 1), else_=0),
+        # CASE evaluates its branches in order, so the EXISTS behind ``repeated`` runs only
+        # for resolved conversations.
+        case((resolved, case((outcomes.c.repeated.is_(True), 1), else_=0)), else_=0),
+    )
+    return select(outcomes.c.group_key, *flags, func.count()).group_by(outcomes.c.group_key, *flags)
+
+
+def _add_outcomes(
+    counts: dict[str, int], resolved: int, handed_off: int, repeated: int, number: int
+) -> None:
+    counts["conversations"] += number
+    if not resolved:
+        return
+    counts["resolved"] += number
+    counts["resolved_handed_off"] += number * handed_off
+    counts["resolved_repeated"] += number * repeated
+    if not handed_off and not repeated:
+        counts["first_contact_resolved"] += number
+
+
 def first_contact_resolution(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -88,17 +121,13 @@ def first_contact_resolution(
     hours = repeat_hours(options or {})
     counts: dict[Any, dict[str, int]] = defaultdict(_empty)
     with engine.connect() as connection:
-        for group_key, _, resolved, handed_off, repeated in connection.execute(
-            conversation_outcomes(flt, hours)
+        disable_jit(connection)
+        for group_key, resolved, handed_off, repeated, number in connection.execute(
+            outcome_counts(flt, hours)
         ):
-            bucket = counts[group_key]
-            bucket["conversations"] += 1
-            if not resolved:
-                continue
-            bucket["resolved"] += 1
-            bucket["resolved_handed_off"] += int(bool(handed_off))
-            bucket["resolved_repeated"] += int(bool(repeated))
-            bucket["first_contact_resolved"] += int(not handed_off and not repeated)
+            _add_outcomes(
+                counts[group_key], int(resolved), int(handed_off), int(repeated), int(number)
+            )
     overall = _empty()
     for values in counts.values():
         for name in COUNTS:

@@ -8,13 +8,14 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Select, func, select
 
 from chatmw.events import to_ms
 from chatmw.metrics.buckets import bucket_range
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation
 
@@ -25,26 +26,59 @@ PERIODS = ("day", "week", "month")
 MAX_FOLLOWING = 60
 
 
+def _scoped_starts(flt: MetricFilter) -> Select[Any]:
+    # The window is applied to cohorts afterwards: a user's first conversation is the first
+    # one ever that matches the channel, attribute and touch filters.
+    # The scope selects from ``conversations`` itself, so its rows take the columns directly.
+    scope = conversation_scope(flt, window=False).add_columns(
+        Conversation.contact_id, Conversation.started_at_ms
+    )
+    statement = scope.where(Conversation.contact_id.is_not(None))
+    if flt.until_ms is not None:
+        statement = statement.where(Conversation.started_at_ms < flt.until_ms)
+    return statement
+
+
 def _conversations_by_contact(
     engine: Engine, flt: MetricFilter
 ) -> dict[int, list[tuple[int, Any]]]:
-    # The window is applied to cohorts afterwards: a user's first conversation is the first
-    # one ever that matches the channel, attribute and touch filters.
-    scope = conversation_scope(flt, window=False).subquery()
-    statement = (
-        select(Conversation.contact_id, Conversation.started_at_ms, scope.c.group_key)
-        .join(scope, Conversation.id == scope.c.conversation_id)
-        .where(Conversation.contact_id.is_not(None))
-    )
-    if flt.until_ms is not None:
-        statement = statement.where(Conversation.started_at_ms < flt.until_ms)
+    """Return the conversations of each contact whose first conversation is not before ``since``.
+
+    Contacts that started earlier belong to no cohort, so their conversations are not read.
+    """
+    statement = _scoped_starts(flt)
+    if flt.since_ms is not None:
+        starts = statement.subquery()
+        new_contacts = (
+            select(starts.c.contact_id)
+            .group_by(starts.c.contact_id)
+            .having(func.min(starts.c.started_at_ms) >= flt.since_ms)
+        )
+        statement = statement.where(Conversation.contact_id.in_(new_contacts))
     by_contact: dict[int, list[tuple[int, Any]]] = defaultdict(list)
     with engine.connect() as connection:
-        for contact_id, started, key in connection.execute(statement):
+        disable_jit(connection)
+        for _, key, contact_id, started in connection.execute(statement):
             by_contact[contact_id].append((started, key))
-    for starts in by_contact.values():
-        starts.sort(key=lambda item: item[0])
+    for starts_of_contact in by_contact.values():
+        starts_of_contact.sort(key=lambda item: item[0])
     return by_contact
+
+
+def _first_group_keys(engine: Engine, flt: MetricFilter) -> set[Any]:
+    """Return the group key of every contact's first conversation, whenever it started."""
+    # NOTE: two first conversations that started in the same millisecond are ordered by the
+    # database here and in _conversations_by_contact alike, so either may name the group.
+    starts = _scoped_starts(flt).subquery()
+    first = (
+        func.row_number()
+        .over(partition_by=starts.c.contact_id, order_by=starts.c.started_at_ms)
+        .label("position")
+    )
+    ranked = select(starts.c.group_key, first).subquery()
+    statement = select(ranked.c.group_key).where(ranked.c.position == 1).distinct()
+    with engine.connect() as connection:
+        return set(connection.execute(statement).scalars())
 
 
 def _cohort_table(
@@ -133,9 +167,12 @@ def retention(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> 
     try:
         result["cohorts"] = _table_for(list(by_contact.values()), flt, period, following, end_ms)
         if flt.group_by is not None:
-            members: dict[Any, list[list[tuple[int, Any]]]] = defaultdict(list)
+            # Groups whose users all started before the window still get (empty) cohorts.
+            members: dict[Any, list[list[tuple[int, Any]]]] = {
+                key: [] for key in _first_group_keys(engine, flt)
+            }
             for conversations in by_contact.values():
-                members[conversations[0][1]].append(conversations)
+                members.setdefault(conversations[0][1], []).append(conversations)
             result["groups"] = [
                 {
                     "group": group_label(key),

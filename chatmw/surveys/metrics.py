@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, case, func, select
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.scope import conversation_scope, group_label
@@ -25,19 +26,59 @@ from chatmw.store.models_surveys import Survey
 __all__ = ["csat", "nps", "csat_rows", "nps_rows"]
 
 
-def _scores(
-    engine: Engine, flt: MetricFilter, kind: str
-) -> dict[Any, list[tuple[bool, int | None]]]:
+@dataclass(slots=True)
+class _Answers:
+    """Surveys of one group: the number sent, and the count of each score given."""
+
+    sent: int = 0
+    scores: dict[int, int] = field(default_factory=dict)
+
+    def add(self, other: _Answers) -> None:
+        self.sent += other.sent
+        for score, count in other.scores.items():
+            self.scores[score] = self.scores.get(score, 0) + count
+
+    @property
+    def answers(self) -> int:
+        return sum(self.scores.values())
+
+    def count_at_least(self, low: int) -> int:
+        return sum(count for score, count in self.scores.items() if score >= low)
+
+    def count_at_most(self, high: int) -> int:
+        return sum(count for score, count in self.scores.items() if score <= high)
+
+    def mean(self) -> float | None:
+        answers = self.answers
+        if not answers:
+            return None
+        return round(sum(score * count for score, count in self.scores.items()) / answers, 3)
+
+
+def _answers(engine: Engine, flt: MetricFilter, kind: str) -> dict[Any, _Answers]:
+    """Return group key -> surveys of ``kind``, counted in SQL by sent state and score."""
     scope = conversation_scope(flt).subquery()
+    sent = Survey.sent_at_ms.is_not(None)
+    # Only the scores of sent surveys count as answers.
+    score = case((sent, Survey.score), else_=None)
     statement = (
-        select(scope.c.group_key, Survey.sent_at_ms, Survey.score)
+        select(
+            scope.c.group_key,
+            score,
+            func.count(),
+            func.coalesce(func.sum(case((sent, 1), else_=0)), 0),
+        )
         .join(Survey, Survey.conversation_id == scope.c.conversation_id)
         .where(Survey.kind == kind)
+        .group_by(scope.c.group_key, score)
     )
-    grouped: dict[Any, list[tuple[bool, int | None]]] = defaultdict(list)
+    grouped: dict[Any, _Answers] = defaultdict(_Answers)
     with engine.connect() as connection:
-        for key, sent_at, score in connection.execute(statement):
-            grouped[key].append((sent_at is not None, score))
+        for key, value, count, sent_count in connection.execute(statement):
+            answers = grouped[key]
+            answers.sent += int(sent_count)
+            if value is not None:
+                answers.scores[int(value)] = int(count)
     return grouped
 
 
@@ -45,47 +86,47 @@ def _pct(part: int, whole: int) -> float | None:
     return None if whole == 0 else round(part / whole * 100, 2)
 
 
-def _csat_figures(items: list[tuple[bool, int | None]]) -> dict[str, Any]:
-    scores = [score for sent, score in items if sent and score is not None]
-    sent = sum(1 for was_sent, _ in items if was_sent)
-    satisfied = sum(1 for score in scores if score >= 4)
+def _csat_figures(items: _Answers) -> dict[str, Any]:
+    answers = items.answers
+    satisfied = items.count_at_least(4)
     return {
-        "sent": sent,
-        "answers": len(scores),
+        "sent": items.sent,
+        "answers": answers,
         "satisfied": satisfied,
-        "score": _pct(satisfied, len(scores)),
-        "mean": None if not scores else round(sum(scores) / len(scores), 3),
-        "distribution": {str(value): scores.count(value) for value in range(1, 6)},
-        "response_rate_pct": _pct(len(scores), sent),
+        "score": _pct(satisfied, answers),
+        "mean": items.mean(),
+        "distribution": {str(value): items.scores.get(value, 0) for value in range(1, 6)},
+        "response_rate_pct": _pct(answers, items.sent),
     }
 
 
-def _nps_figures(items: list[tuple[bool, int | None]]) -> dict[str, Any]:
-    scores = [score for sent, score in items if sent and score is not None]
-    sent = sum(1 for was_sent, _ in items if was_sent)
-    promoters = sum(1 for score in scores if score >= 9)
-    detractors = sum(1 for score in scores if score <= 6)
-    passives = len(scores) - promoters - detractors
+def _nps_figures(items: _Answers) -> dict[str, Any]:
+    answers = items.answers
+    promoters = items.count_at_least(9)
+    detractors = items.count_at_most(6)
+    passives = answers - promoters - detractors
     nps_value = None
-    if scores:
-        nps_value = round((promoters - detractors) / len(scores) * 100, 2)
+    if answers:
+        nps_value = round((promoters - detractors) / answers * 100, 2)
     return {
-        "sent": sent,
-        "answers": len(scores),
+        "sent": items.sent,
+        "answers": answers,
         "promoters": promoters,
         "passives": passives,
         "detractors": detractors,
-        "promoters_pct": _pct(promoters, len(scores)),
-        "detractors_pct": _pct(detractors, len(scores)),
+        "promoters_pct": _pct(promoters, answers),
+        "detractors_pct": _pct(detractors, answers),
         "nps": nps_value,
-        "distribution": {str(value): scores.count(value) for value in range(0, 11)},
-        "response_rate_pct": _pct(len(scores), sent),
+        "distribution": {str(value): items.scores.get(value, 0) for value in range(0, 11)},
+        "response_rate_pct": _pct(answers, items.sent),
     }
 
 
 def _result(engine: Engine, flt: MetricFilter, kind: str, figures: Any) -> dict[str, Any]:
-    grouped = _scores(engine, flt, kind)
-    everything = [item for items in grouped.values() for item in items]
+    grouped = _answers(engine, flt, kind)
+    everything = _Answers()
+    for answers in grouped.values():
+        everything.add(answers)
     result: dict[str, Any] = {"metric": kind, "filters": flt.describe(), **figures(everything)}
     if flt.group_by is not None:
         keys = sorted(grouped, key=group_label)
