@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 
 from chatmw import events as ev
@@ -25,8 +25,9 @@ from chatmw.security.secret import Secret
 from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Contact, Message
+from chatmw.store.models_rollups import RollupState
 from chatmw.writer_process import ProcessWriter, start_process_writer, writer_niceness
-from tests.spool_helpers import SwitchableWriter
+from tests.spool_helpers import SwitchableWriter, wait_for
 
 T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
 KEY = "k" * 32
@@ -259,3 +260,43 @@ def test_writer_process_runs_nicer(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_writer_niceness_rejects_bad_values(raw: str) -> None:
     with pytest.raises(ValueError, match="CHATMW_WRITER_NICE must be an integer from 0 to 19"):
         writer_niceness({"CHATMW_WRITER_NICE": raw})
+
+
+def test_writer_process_refreshes_rollups(database_url: str, engine: Engine) -> None:
+    runtime = Runtime.from_settings(Settings(database_url=database_url, writer_process=True),
+                                    privacy=None)
+    runtime.rollup_interval_s = 0.2
+    runtime.start()
+    try:
+        assert runtime._rollups is None  # no refresher thread in this process
+        assert runtime.recorder.submit_many([exchange(index) for index in range(300)]) == 0
+        assert runtime.recorder.flush(60)
+        with engine.connect() as connection:
+            newest = connection.execute(select(func.max(Message.id))).scalar_one()
+
+        def refreshed() -> bool:
+            with engine.connect() as connection:
+                state = connection.execute(
+                    select(RollupState.built, RollupState.watermark_id)).first()
+            return state is not None and state.built and state.watermark_id >= newest
+
+        assert wait_for(refreshed, timeout=60)
+    finally:
+        runtime.stop()
+
+
+def test_writer_process_large_batch_arrives_whole(database_url: str, engine: Engine) -> None:
+    # More events than one chunk of the pipe protocol: all are written in one batch.
+    runtime = Runtime.from_settings(Settings(database_url=database_url, writer_process=True),
+                                    privacy=None)
+    runtime.start()
+    try:
+        writer = runtime.recorder.writer
+        assert isinstance(writer, ProcessWriter)
+        written = writer.write([exchange(index) for index in range(250)])
+    finally:
+        runtime.stop()
+    with engine.connect() as connection:
+        stored = connection.execute(select(func.count()).select_from(Message)).scalar_one()
+    assert written == 750
+    assert stored == 500
