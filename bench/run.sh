@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates docs/benchmarks.md: installs wrk when missing, then runs every benchmark.
-# Takes about 20 minutes on 2 cores, plus a few minutes the first time to generate the
+# Takes about 40 minutes on 2 cores, plus about 20 minutes the first time to generate the
 # query benchmark's stores under bench/.data/. Not part of the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         "webhook": lambda: webhook.main(quick),
         "ingest": lambda: ingest.main(quick),
         "queries": lambda: queries.main(
-            ["--messages", "20000", "--repeat", "2"] if args.quick else []
+            ["--messages", "20000", "--repeat", "2"] if args.quick
+            else ["--messages", "1000000,10000000"]
         ),
         "import": lambda: importer.main(["--messages", "20000"] if args.quick else []),
     }
