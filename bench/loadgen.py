@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import ROOT, free_port, wait_for_port
+from bench.common import DATA_DIR, ROOT, free_port, wait_for_port
 
 LUA_DIR = ROOT / "bench" / "lua"
 
@@ -48,9 +48,12 @@ def served(kind: str, database_url: str | None = None) -> Iterator[int]:
     command = [sys.executable, "-m", "bench.serve", kind, str(port)]
     if database_url:
         command.append(database_url)
-    process = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # The server's log goes to a file: an unread pipe fills up and then blocks the server
+    # (and its writer process) in the middle of a run.
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    log = (DATA_DIR / f"serve-{kind}.log").open("ab")
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
     try:
         wait_for_port(port, timeout_s=60)
         yield port
