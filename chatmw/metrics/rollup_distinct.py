@@ -24,7 +24,7 @@ from chatmw.metrics.rollup_refresh import time_in_ranges
 
 __all__ = ["distinct_contacts"]
 
-# TODO: the SQL count reads one row per active contact and slot. On the 10-million-message
+# NOTE: the SQL count reads one row per active contact and slot. On the 10-million-message
 # store of bench/queries.py that took 0.5 to 2 s per query (SQLite, loaded 2-core machine),
 # so volume's users and growth's users and new users miss 100 ms there. Counts cached per
 # closed bucket and dropped when the refresher recomputes one of its slots would fix it.
