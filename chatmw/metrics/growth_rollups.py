@@ -19,6 +19,7 @@ from chatmw.metrics.rollup_query import (
     bucket_index,
     channel_condition,
     cover,
+    raw_message_times,
 )
 from chatmw.metrics.rollup_refresh import (
     changes_after,
@@ -27,8 +28,7 @@ from chatmw.metrics.rollup_refresh import (
     slot_ranges,
     time_in_ranges,
 )
-from chatmw.store.derive import UNTIMED_KINDS
-from chatmw.store.models import Conversation, Message
+from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
     SLOT_MS,
     RollupConversations,
@@ -146,32 +146,8 @@ def _add_messages(
     """Count the messages of conversations that started in the window, by their own time."""
     unserved = _add_served_messages(connection, flt, coverage, buckets, counts)
 
-    columns = (Message.occurred_at_ms, Conversation.channel, Conversation.started_at_ms)
-    timed = Message.kind.not_in(UNTIMED_KINDS)
-    by_start = (
-        select(*columns)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(timed, time_in_ranges(Conversation.started_at_ms, coverage.raw))
-        .where(*channel_condition(Conversation.channel, flt))
-    )
-    for at_ms, channel, _ in connection.execute(by_start):
+    for at_ms, channel in raw_message_times(connection, flt, coverage, unserved):
         _add_message(flt, buckets, counts, at_ms, channel, 1)
-    if not unserved:
-        return
-    by_time = (
-        select(*columns)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(
-            timed,
-            time_in_ranges(Message.occurred_at_ms, slot_ranges(unserved)),
-            Conversation.started_at_ms >= coverage.first_slot,
-            Conversation.started_at_ms < coverage.end_slot,
-        )
-        .where(*channel_condition(Conversation.channel, flt))
-    )
-    for at_ms, channel, started_ms in connection.execute(by_time):
-        if slot_of(started_ms) in coverage.served:
-            _add_message(flt, buckets, counts, at_ms, channel, 1)
 
 
 def _key(flt: MetricFilter, channel: str) -> Any:

@@ -9,10 +9,14 @@ from sqlalchemy import Connection, Engine, func, select
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.heatmap import local_slot
-from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
-from chatmw.metrics.rollup_refresh import slot_of, slot_ranges, time_in_ranges
-from chatmw.store.derive import UNTIMED_KINDS
-from chatmw.store.models import Conversation, Message
+from chatmw.metrics.rollup_query import (
+    Coverage,
+    channel_condition,
+    cover,
+    raw_message_times,
+)
+from chatmw.metrics.rollup_refresh import time_in_ranges
+from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import RollupConversations, RollupMessages
 
 __all__ = ["heatmap_counts", "Grids"]
@@ -81,32 +85,8 @@ def _add_messages(
         cell = coverage.offsets.weekday_hour(slot, offset)
         grids[channel[0] if channel else None]["messages"][cell] += int(number)
 
-    columns = (Message.occurred_at_ms, Conversation.channel, Conversation.started_at_ms)
-    timed = Message.kind.not_in(UNTIMED_KINDS)
-    by_start = (
-        select(*columns)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(timed, time_in_ranges(Conversation.started_at_ms, coverage.raw))
-        .where(*channel_condition(Conversation.channel, flt))
-    )
-    for at_ms, channel, _ in connection.execute(by_start):
+    for at_ms, channel in raw_message_times(connection, flt, coverage, unserved):
         grids[_key(flt, channel)]["messages"][local_slot(at_ms, flt.tz)] += 1
-    if not unserved:
-        return
-    by_time = (
-        select(*columns)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(
-            timed,
-            time_in_ranges(Message.occurred_at_ms, slot_ranges(unserved)),
-            Conversation.started_at_ms >= coverage.first_slot,
-            Conversation.started_at_ms < coverage.end_slot,
-        )
-        .where(*channel_condition(Conversation.channel, flt))
-    )
-    for at_ms, channel, started_ms in connection.execute(by_time):
-        if slot_of(started_ms) in coverage.served:
-            grids[_key(flt, channel)]["messages"][local_slot(at_ms, flt.tz)] += 1
 
 
 def heatmap_counts(engine: Engine, flt: MetricFilter) -> Grids | None:

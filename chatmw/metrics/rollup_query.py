@@ -26,7 +26,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from chatmw.events import to_ms
 from chatmw.metrics.buckets import next_bucket
 from chatmw.metrics.filters import MetricFilter
-from chatmw.metrics.rollup_refresh import BEFORE_EPOCH_SLOT, dirty_slots, slot_ranges
+from chatmw.metrics.rollup_refresh import (
+    BEFORE_EPOCH_SLOT,
+    dirty_slots,
+    slot_of,
+    slot_ranges,
+    time_in_ranges,
+)
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import SLOT_MS, RollupState
 
 __all__ = [
@@ -38,6 +46,7 @@ __all__ = [
     "raw_only",
     "bucket_index",
     "channel_condition",
+    "raw_message_times",
     "MAX_RAW_RANGES",
 ]
 
@@ -245,3 +254,38 @@ def bucket_index(column: Any, bounds: Sequence[int]) -> ColumnElement[Any]:
 def channel_condition(column: Any, flt: MetricFilter) -> list[ColumnElement[bool]]:
     """Return the channel filter of ``flt`` on ``column``, as a list of conditions."""
     return [column.in_(flt.channels)] if flt.channels else []
+
+
+def raw_message_times(connection: Connection, flt: MetricFilter, coverage: Coverage,
+                      unserved: set[int]) -> Iterator[tuple[int, str]]:
+    """Yield ``(time, channel)`` of the timed messages that rollups leave to raw rows.
+
+    These are the messages of conversations that started in the raw ranges, and those in
+    the ``unserved`` message slots of conversations that started in served slots.
+    """
+    columns = (Message.occurred_at_ms, Conversation.channel, Conversation.started_at_ms)
+    timed = Message.kind.not_in(UNTIMED_KINDS)
+    by_start = (
+        select(*columns)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(timed, time_in_ranges(Conversation.started_at_ms, coverage.raw))
+        .where(*channel_condition(Conversation.channel, flt))
+    )
+    for at_ms, channel, _ in connection.execute(by_start):
+        yield at_ms, channel
+    if not unserved:
+        return
+    by_time = (
+        select(*columns)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            timed,
+            time_in_ranges(Message.occurred_at_ms, slot_ranges(unserved)),
+            Conversation.started_at_ms >= coverage.first_slot,
+            Conversation.started_at_ms < coverage.end_slot,
+        )
+        .where(*channel_condition(Conversation.channel, flt))
+    )
+    for at_ms, channel, started_ms in connection.execute(by_time):
+        if slot_of(started_ms) in coverage.served:
+            yield at_ms, channel
