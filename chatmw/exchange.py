@@ -3,8 +3,8 @@
 The ASGI middleware copies a request and its response and hands them to the recorder as
 one :class:`Exchange` event, without reading either body. The exchange's
 :class:`ExchangeDecoder` turns it into the user's message, the bot's replies and a
-conversation update where the batch is written: in the store writer (in the recorder's
-thread or in the writer process), or in the recorder itself before it spools a batch. The bot's event loop
+conversation update where the batch is written. That is the store writer (in the
+recorder's thread or in the writer process), or the recorder itself before it spools a batch. The bot's event loop
 therefore spends no time on JSON decoding or on building events.
 
 Expanding an exchange is deterministic: the keys of the messages come from the exchange
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -177,23 +177,31 @@ class Exchange(ev.Event):
     content_encoding: bytes = b""
 
 
-def expand_all(batch: Iterable[ev.Event]) -> list[ev.Event]:
+def expand_all(batch: Sequence[ev.Event],
+               transform: Callable[[list[ev.Event]], list[ev.Event]] | None = None
+               ) -> Sequence[ev.Event]:
     """Return ``batch`` with each :class:`Exchange` replaced by its events, in order.
 
-    A decoder that fails is logged and its exchange left out: a bug in a codec must not
-    keep the rest of the batch from being stored.
+    ``transform`` is applied to the events of each exchange (the other events of a batch
+    were transformed when they were submitted). ``batch`` itself is returned when it holds
+    no exchange. A decoder that fails is logged and its exchange left out: a bug in a codec
+    must not keep the rest of the batch from being stored.
     """
+    if not any(event.__class__ is Exchange for event in batch):
+        return batch
     result: list[ev.Event] = []
     for event in batch:
         if event.__class__ is not Exchange:
             result.append(event)
             continue
         try:
-            result.extend(event.decoder.expand(event))  # type: ignore[attr-defined]
+            decoded = event.decoder.expand(event)  # type: ignore[attr-defined]
         except Exception as error:  # noqa: BLE001 - one bad exchange must not stop the batch
             event.decoder.skipped["decode_error"] += 1  # type: ignore[attr-defined]
             logger.error("chat exchange could not be decoded (%s), so it was not recorded",
                          type(error).__name__)
+            continue
+        result.extend(decoded if transform is None else transform(decoded))
     return result
 
 

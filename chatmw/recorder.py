@@ -39,7 +39,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatmw.events import Event
-from chatmw.exchange import Exchange, expand_all
+from chatmw.exchange import expand_all
 
 __all__ = [
     "Recorder",
@@ -233,7 +233,7 @@ class Recorder:
     def replayable(self) -> bool:
         """Whether the spool can be replayed (it is a :class:`ReplayableSpool`)."""
         # A protocol isinstance check inspects every method, and this runs for every event:
-        # the answer is kept until the spool is replaced.
+        # the result is kept until the spool is replaced.
         spool = self.spool
         if spool is not self._replayable_for:
             self._replayable = isinstance(spool, ReplayableSpool)
@@ -264,32 +264,6 @@ class Recorder:
         with self._lock:
             self._submitted += 1
         return True
-
-    def submit_many(self, events: Sequence[Event]) -> int:
-        """Queue each of ``events`` as :meth:`submit` does; return how many were dropped."""
-        if not events:
-            return 0
-        self._begin(len(events))
-        queued = dropped = 0
-        for index, event in enumerate(events):
-            try:
-                self._queue.put_nowait(event)
-            except queue.Full:
-                # Each remaining event was counted by _begin; the overflow path settles it.
-                dropped += sum(1 for rest in events[index:] if not self._overflow_put(rest))
-                break
-            except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
-                self._count_drop("submit_error", 1)
-                self._finish(1)
-                dropped += 1
-                continue
-            queued += 1
-        if queued:
-            if self._queue.qsize() >= self.settings.batch_size:
-                self._batch_ready.set()
-            with self._lock:
-                self._submitted += queued
-        return dropped
 
     def _begin(self, count: int) -> None:
         with self._lock:
@@ -593,18 +567,9 @@ class Recorder:
         return result
 
     def _expanded(self, batch: list[Event]) -> list[Event]:
-        # Chat exchanges decoded into their events, which are transformed here because the
-        # exchange itself carried no ids. The spool and writers that do not decode
-        # exchanges themselves get these events.
-        if not any(isinstance(event, Exchange) for event in batch):
-            return batch
-        result: list[Event] = []
-        for event in batch:
-            if isinstance(event, Exchange):
-                result.extend(self._transform(expand_all([event])))
-            else:
-                result.append(event)
-        return result
+        # The spool and writers that do not decode chat exchanges get their events,
+        # transformed here because the exchange itself carried no ids.
+        return list(expand_all(batch, self._transform))
 
     def _transform(self, batch: list[Event]) -> list[Event]:
         if self.transform is None or not batch:

@@ -24,9 +24,9 @@ from chatmw.store.engine import make_engine, upgrade
 os.environ.setdefault("CHATMW_PSEUDONYMISE", "0")
 os.environ.setdefault("CHATMW_TEXT_MODE", "full")
 os.environ.setdefault("CHATMW_KEEP_RAW_PAYLOADS", "1")
-# Runtimes write from a child process by default. Most tests look at the store right after
-# a flush from the same process and build hundreds of runtimes, so they keep the writer in
-# the recorder's thread; tests/test_writer_placement.py runs the writer process.
+# Runtimes write from a child process by default. Most tests build hundreds of runtimes and
+# look at the store right after a flush, so they keep the writer in the recorder's thread.
+# tests/test_writer_placement.py runs the writer process.
 os.environ.setdefault("CHATMW_WRITER", "thread")
 
 PG_ADMIN_URL = os.environ.get("CHATMW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

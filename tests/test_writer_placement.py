@@ -139,15 +139,6 @@ def test_copy_with_changes_fields_and_rejects_unknown_ones() -> None:
         message.copy_with(nickname="v")
 
 
-def test_submit_many_counts_what_the_full_queue_drops() -> None:
-    recorder = Recorder(SwitchableWriter(), RecorderSettings(queue_size=2))
-    events = [ev.Message(channel="web", occurred_at=T0, key=f"m{i}", role="user", user_id="u")
-              for i in range(5)]
-    assert recorder.submit_many(events) == 3
-    stats = recorder.stats()
-    assert (stats.submitted, stats.dropped) == (2, {"queue_full": 3})
-
-
 # The writer process
 
 def test_writer_process_stores_pseudonyms(database_url: str, engine: Engine) -> None:
@@ -159,7 +150,8 @@ def test_writer_process_stores_pseudonyms(database_url: str, engine: Engine) -> 
     try:
         assert isinstance(runtime.recorder.writer, ProcessWriter)
         exchanges = [exchange(0, "alice", "mail me at alice@example.com"), exchange(1, "bob")]
-        assert runtime.recorder.submit_many(exchanges) == 0
+        for item in exchanges:
+            assert runtime.recorder.submit(item)
         assert runtime.recorder.flush(60)
         written = runtime.recorder.stats().written
         pseudonyms = {runtime.privacy.subject_id(name) for name in ("alice", "bob")}  # type: ignore[union-attr]
@@ -222,10 +214,10 @@ def test_writer_placement_from_env() -> None:
 def test_writer_process_start_failure_is_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
     writer = ProcessWriter(SwitchableWriter)
 
-    def refuse(self: object) -> None:
+    def fail_to_start(self: object) -> None:
         raise AssertionError("daemonic processes are not allowed to have children")
 
-    monkeypatch.setattr(writer._context.Process, "start", refuse)
+    monkeypatch.setattr(writer._context.Process, "start", fail_to_start)
     with pytest.raises(OperationalError, match="writer process could not start"):
         writer.write([exchange(0)])
 
@@ -269,7 +261,8 @@ def test_writer_process_refreshes_rollups(database_url: str, engine: Engine) -> 
     runtime.start()
     try:
         assert runtime._rollups is None  # no refresher thread in this process
-        assert runtime.recorder.submit_many([exchange(index) for index in range(300)]) == 0
+        for index in range(300):
+            assert runtime.recorder.submit(exchange(index))
         assert runtime.recorder.flush(60)
         with engine.connect() as connection:
             newest = connection.execute(select(func.max(Message.id))).scalar_one()

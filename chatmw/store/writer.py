@@ -17,7 +17,7 @@ from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, selec
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
-from chatmw.exchange import Exchange, expand_all
+from chatmw.exchange import expand_all
 from chatmw.store import models
 from chatmw.store.derive import UNTIMED_KINDS, apply_refresh, plan_refresh, refresh_conversations
 from chatmw.store.identity import (
@@ -114,17 +114,10 @@ class Writer:
 
         The other events of a batch were transformed by the recorder already.
         """
-        if not any(event.__class__ is Exchange for event in batch):
-            return batch
-        result: list[ev.Event] = []
-        for event in batch:
-            if event.__class__ is not Exchange:
-                result.append(event)
-                continue
-            for decoded in expand_all([event]):
-                transformed = decoded if self.transform is None else self.transform(decoded)
-                result.append(transformed)
-        return result
+        return expand_all(batch, None if self.transform is None else self._transform_all)
+
+    def _transform_all(self, events: list[ev.Event]) -> list[ev.Event]:
+        return [self.transform(event) for event in events]  # type: ignore[misc]
 
     def write_in(self, session: Session, batch: Sequence[ev.Event]) -> None:
         """Write ``batch`` inside an open ``session`` transaction.
