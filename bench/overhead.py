@@ -108,7 +108,9 @@ def render(results: dict[str, dict[str, dict[str, Summary]]], args: argparse.Nam
             ]
             for kind, item in summaries.items():
                 ratio, added, met = verdict(item, bare, load)
-                mark = "" if kind == "bare" else ("met" if met else "**missed**")
+                mark = "met" if met else "**missed**"
+                if kind == "bare":
+                    mark = ""
                 lines.append(
                     f"| {kind} | {fmt(item.rps, 0)} | {ratio * 100:.1f} % | {fmt(item.p50, 2)} | "
                     f"{fmt(item.p99, 2)} | {'' if kind == 'bare' else fmt(added, 2)} | "

@@ -183,7 +183,7 @@ def expand_all(batch: Sequence[ev.Event],
     """Return ``batch`` with each :class:`Exchange` replaced by its events, in order.
 
     ``transform`` is applied to the events of each exchange (the other events of a batch
-    were transformed when they were submitted). ``batch`` itself is returned when it holds
+    were transformed when they were submitted). ``batch`` itself is returned when it contains
     no exchange. A decoder that fails is logged and its exchange left out: a bug in a codec
     must not keep the rest of the batch from being stored.
     """
