@@ -22,6 +22,8 @@ from chatmw.cli import app as cli_app
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
+from chatmw.metrics.histogram import RELATIVE_ERROR
+from chatmw.metrics.response_time import response_times
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import (
     REBUILD_LEASE_MS,
@@ -30,6 +32,7 @@ from chatmw.metrics.rollup_refresh import (
     rebuild,
     refresh,
 )
+from chatmw.metrics.summary import summary
 from chatmw.metrics.volume import volume
 from chatmw.security.erasure import erase_person
 from chatmw.store.models import Contact, Message
@@ -37,6 +40,9 @@ from chatmw.store.models_rollups import (
     SLOT_MS,
     RollupFirsts,
     RollupMessages,
+    RollupParticipants,
+    RollupResponses,
+    RollupStarted,
     RollupStarters,
     RollupState,
     RollupUsers,
@@ -58,6 +64,32 @@ METRICS: dict[str, Compute] = {
     "growth-week": lambda engine, flt: growth(engine, flt, {"period": "week"}),
     "growth-month": lambda engine, flt: growth(engine, flt, {"period": "month"}),
 }
+# Metrics whose percentiles rollups estimate: every other figure must be equal.
+ESTIMATED: dict[str, Compute] = {
+    "summary": lambda engine, flt: summary(engine, flt, {}),
+    "response-time": lambda engine, flt: response_times(engine, flt, {}),
+}
+PERCENTILES = ("p50", "p90", "p95")
+
+
+def assert_close(actual: Any, expected: Any, path: str = "") -> None:
+    """Assert equal results, except percentiles within the histogram's relative error."""
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict), path
+        assert sorted(actual) == sorted(expected), path
+        for key, value in expected.items():
+            if key in PERCENTILES and value is not None and actual[key] is not None:
+                # Both are rounded to the ms, so they may differ by one more ms.
+                assert abs(actual[key] - value) <= RELATIVE_ERROR * value + 0.001, f"{path}.{key}"
+            else:
+                assert_close(actual[key], value, f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list), path
+        assert len(actual) == len(expected), path
+        for index, (left, right) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(left, right, f"{path}[{index}]")
+    else:
+        assert actual == expected, path
 
 
 def _edge_time(rng: random.Random) -> datetime:
@@ -160,6 +192,10 @@ def assert_same_as_raw(engine: Engine) -> None:
             with raw_only():
                 expected = compute(engine, flt)
             assert compute(engine, flt) == expected, (name, flt.describe())
+        for name, compute in ESTIMATED.items():
+            with raw_only():
+                expected = compute(engine, flt)
+            assert_close(compute(engine, flt), expected, f"{name} {flt.describe()}")
 
 
 def test_rollups_match_raw_before_refresh(engine: Engine) -> None:
@@ -213,8 +249,23 @@ def test_refresh_matches_rebuild(engine: Engine) -> None:
     later_events(writer, held_back)
     refresh(engine)
     refreshed = _rollup_rows(engine)
+    started = _started_rows(engine)
+    assert all(started.values())
     rebuild(engine)
     assert _rollup_rows(engine) == refreshed
+    rebuilt = _started_rows(engine)
+    for table in (RollupStarted, RollupParticipants, RollupResponses):
+        assert rebuilt[table.__tablename__] == started[table.__tablename__], table.__tablename__
+
+
+def _started_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
+    rows = {}
+    with engine.connect() as connection:
+        for table in (RollupStarted, RollupParticipants, RollupResponses):
+            columns = list(table.__table__.columns)
+            result = connection.execute(select(*columns).order_by(*columns))
+            rows[table.__tablename__] = [tuple(row) for row in result]
+    return rows
 
 
 def _rollup_rows(engine: Engine) -> list[tuple[int, int, str, int]]:
@@ -280,7 +331,7 @@ def test_erasure_removes_rollup_rows(engine: Engine) -> None:
     report = erase_person(engine, "web", "user3")
     assert report.removed["rollup_users"] > 0
     with engine.connect() as connection:
-        for table in (RollupUsers, RollupStarters, RollupFirsts):
+        for table in (RollupUsers, RollupStarters, RollupFirsts, RollupParticipants):
             left = select(func.count()).where(table.contact_id == contact_id)
             assert connection.execute(left).scalar_one() == 0, table.__tablename__
         window = MetricFilter(since=T0, until=T0 + timedelta(days=5))

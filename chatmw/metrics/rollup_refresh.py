@@ -38,6 +38,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import (
+    LEVEL_WEEK,
+    LEVEL_WIDTH_MS,
     SLOT_MS,
     RollupConversations,
     RollupFirsts,
@@ -75,9 +77,9 @@ BEFORE_EPOCH_SLOT = -SLOT_MS
 OVERLAP_MS = 5 * 60 * 1000
 # Seconds between two refreshes of the runtime's refresher thread.
 REFRESH_INTERVAL_S = 30.0
-# The span of raw rows (7 days of event time) counted per transaction of a rebuild. It
-# bounds how long one rebuild step holds SQLite's write lock.
-REBUILD_CHUNK_MS = 7 * 86_400_000
+# The span of raw rows (7 days of event time, the week rows of rollup_responses) counted per
+# transaction of a rebuild. It bounds how long one rebuild step holds SQLite's write lock.
+REBUILD_CHUNK_MS = LEVEL_WIDTH_MS[LEVEL_WEEK]
 # Contacts per transaction when rebuilding rollup_firsts.
 REBUILD_CONTACTS = 50_000
 # A rebuild claimed longer ago than this (1 hour) is taken to have died; another may start.
@@ -320,7 +322,10 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
-    for table in (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts):
+    from chatmw.metrics.rollup_started import STARTED_TABLES
+
+    tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
+    for table in (*tables, *STARTED_TABLES):
         connection.execute(delete(table))
     connection.execute(
         update(RollupState)
@@ -350,7 +355,8 @@ def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
         return []
     first, last = min(known), max(known)
     chunks: list[tuple[int | None, int]] = [(None, 0)] if first < 0 else []
-    start = slot_of(max(first, 0))
+    # Chunks are the weeks of rollup_responses, so each of its rows is in one chunk.
+    start = max(first, 0) - max(first, 0) % REBUILD_CHUNK_MS
     while start <= last:
         chunks.append((start, start + REBUILD_CHUNK_MS))
         start += REBUILD_CHUNK_MS
@@ -377,6 +383,9 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     )
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
+    from chatmw.metrics.rollup_started import insert_started
+
+    insert_started(connection, [chunk])
 
 
 def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
@@ -441,9 +450,13 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    from chatmw.metrics.rollup_started import delete_started, insert_started
+
     ordered = sorted(slots)
     _delete_slots(connection, ordered)
     ranges = slot_ranges(ordered)
+    delete_started(connection, ranges)
+    insert_started(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -532,6 +545,9 @@ def _analyze(engine: Engine) -> None:
         "rollup_users",
         "rollup_starters",
         "rollup_firsts",
+        "rollup_started",
+        "rollup_participants",
+        "rollup_responses",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that

@@ -9,8 +9,14 @@ from sqlalchemy import Engine, case, func, select
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
-from chatmw.metrics.response_time import collect_durations
+from chatmw.metrics.response_time import (
+    EXACT,
+    collect_durations,
+    describe_responses,
+    exact_requested,
+)
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.started_query import StartedFigures, started_figures
 from chatmw.metrics.stats import describe_seconds
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
@@ -74,7 +80,39 @@ def _distinct_users(engine: Engine, flt: MetricFilter) -> int:
         return int(connection.execute(statement).scalar_one())
 
 
-def _section(engine: Engine, flt: MetricFilter) -> dict[str, Any]:
+def _rollup_section(flt: MetricFilter, figures: StartedFigures) -> dict[str, Any]:
+    totals = figures.totals
+    responses = figures.responses
+    overall = dict.fromkeys(TOTALS, 0)
+    for values in totals.values():
+        for name in TOTALS:
+            overall[name] += values[name]
+    overall["users"] = figures.users
+    section: dict[str, Any] = {
+        "totals": overall,
+        "first_response": describe_responses(responses.values(), "first_response", "all"),
+        "reply_time": describe_responses(responses.values(), "reply_time", "all"),
+    }
+    if flt.group_by is not None:
+        keys = sorted(set(totals) | set(responses), key=group_label)
+        section["groups"] = [
+            {
+                "group": group_label(key),
+                "totals": totals.get(key, dict.fromkeys(TOTALS, 0)),
+                "first_response": describe_responses(
+                    [responses.get(key, {})], "first_response", "all"
+                ),
+                "reply_time": describe_responses([responses.get(key, {})], "reply_time", "all"),
+            }
+            for key in keys
+        ]
+    return section
+
+
+def _section(engine: Engine, flt: MetricFilter, exact: bool) -> dict[str, Any]:
+    figures = None if exact else started_figures(engine, flt)
+    if figures is not None:
+        return _rollup_section(flt, figures)
     totals = _totals(engine, flt)
     durations = collect_durations(engine, flt)
     overall = dict.fromkeys(TOTALS, 0)
@@ -125,16 +163,18 @@ def summary(
     """Compute totals and response times for the window and for the previous window.
 
     The previous window has the same length and ends where this one starts; it is
-    ``null`` when the window is unbounded.
+    ``null`` when the window is unbounded. Where rollups cover a window, its percentiles
+    are estimated as in the ``response-time`` metric unless ``exact`` is ``true``.
     """
-    current = _section(engine, flt)
+    exact = exact_requested(options)
+    current = _section(engine, flt, exact)
     result: dict[str, Any] = {"metric": "summary", "filters": flt.describe(), **current}
     before = flt.shifted_back()
     if before is None:
         result["previous"] = None
         result["change"] = None
         return result
-    previous = _section(engine, before)
+    previous = _section(engine, before, exact)
     previous.pop("groups", None)
     result["previous"] = {
         "since": before.since.isoformat() if before.since else None,
@@ -165,9 +205,12 @@ SUMMARY = register(
             "Conversations started in the window, their messages (by role) and distinct users "
             "(contacts who sent at least one message in them), "
             "with first-response and reply-time figures in seconds; the same for the previous "
-            "window of equal length and the change between the two."
+            "window of equal length and the change between the two. Where rollups cover a "
+            "window, percentiles are estimated as in `response-time`; `exact=true` computes "
+            "them from every raw duration."
         ),
         compute=summary,
+        params=(EXACT,),
         rows=_rows,
     )
 )

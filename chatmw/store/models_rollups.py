@@ -7,7 +7,7 @@ docs/rollups.md for the design.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, SmallInteger, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatmw.store.models import Base
@@ -18,12 +18,33 @@ __all__ = [
     "RollupUsers",
     "RollupStarters",
     "RollupFirsts",
+    "RollupStarted",
+    "RollupParticipants",
+    "RollupResponses",
     "RollupState",
     "SLOT_MS",
+    "LEVEL_SLOT",
+    "LEVEL_HOUR",
+    "LEVEL_DAY",
+    "LEVEL_WEEK",
+    "LEVEL_WIDTH_MS",
 ]
 
 # The width of a rollup slot. Slots start at multiples of it after the Unix epoch (UTC).
 SLOT_MS = 15 * 60 * 1000
+
+# Levels of rollup_responses: rows per slot, and sums of them per UTC hour, per UTC day and
+# per 7 days from the Unix epoch (weeks that start on a Thursday, 00:00 UTC).
+LEVEL_SLOT = 0
+LEVEL_HOUR = 1
+LEVEL_DAY = 2
+LEVEL_WEEK = 3
+LEVEL_WIDTH_MS = {
+    LEVEL_SLOT: SLOT_MS,
+    LEVEL_HOUR: 3_600_000,
+    LEVEL_DAY: 86_400_000,
+    LEVEL_WEEK: 7 * 86_400_000,
+}
 
 
 class RollupConversations(Base):
@@ -80,6 +101,53 @@ class RollupFirsts(Base):
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     first_started_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class RollupStarted(Base):
+    """Timed messages by role, per conversation start slot and conversation channel."""
+
+    __tablename__ = "rollup_started"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    messages: Mapped[int] = mapped_column(Integer)
+    user_messages: Mapped[int] = mapped_column(Integer)
+    bot_messages: Mapped[int] = mapped_column(Integer)
+    agent_messages: Mapped[int] = mapped_column(Integer)
+
+
+class RollupParticipants(Base):
+    """A contact that sent a timed user message in a conversation that started in a slot."""
+
+    __tablename__ = "rollup_participants"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupResponses(Base):
+    """Histograms of first-response and reply times per conversation start and channel.
+
+    ``level`` is :data:`LEVEL_SLOT` (``start_ms`` is a slot), :data:`LEVEL_HOUR`,
+    :data:`LEVEL_DAY` or :data:`LEVEL_WEEK` (the sum of the rows one level below in that
+    hour, day or week). ``figure`` is
+    ``first_response`` or ``reply_time``, ``role`` the responding message's role and
+    ``bucket`` a bucket of ``chatmw.metrics.histogram``. Durations are in ms.
+    """
+
+    __tablename__ = "rollup_responses"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    figure: Mapped[str] = mapped_column(String(16), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    total_ms: Mapped[float] = mapped_column(Float)
+    min_ms: Mapped[float] = mapped_column(Float)
+    max_ms: Mapped[float] = mapped_column(Float)
 
 
 class RollupState(Base):

@@ -1,0 +1,250 @@
+"""Rollups keyed by conversation start: messages by role, participants and response times.
+
+Each row counts the conversations that started in one slot, with all their messages,
+whatever the messages' own times. A late or changed message dirties its conversation's
+start slot (``chatmw.metrics.rollup_refresh.changes_after``), so recomputing the dirty
+slots from raw rows keeps these rows exact, as for the other rollups.
+
+Response-time histograms also have hour, day and week rows, each the sum of the rows one
+level below in it, so that a month-long window reads at most about 14 rows per channel,
+figure, role and bucket instead of about 3,000. The refresher recomputes the hours, days
+and weeks that contain a dirty slot after the slots themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, case, delete, func, insert, literal_column, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from chatmw.metrics.histogram import Bin, bucket_of
+from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
+from chatmw.store.derive import UNTIMED_KINDS
+from chatmw.store.models import Conversation, Message
+from chatmw.store.models_rollups import (
+    LEVEL_DAY,
+    LEVEL_HOUR,
+    LEVEL_SLOT,
+    LEVEL_WEEK,
+    LEVEL_WIDTH_MS,
+    RollupParticipants,
+    RollupResponses,
+    RollupStarted,
+)
+
+__all__ = [
+    "STARTED_TABLES",
+    "delete_started",
+    "insert_started",
+    "aligned_ranges",
+    "FIRST_RESPONSE",
+    "REPLY_TIME",
+]
+
+STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses)
+FIRST_RESPONSE = "first_response"
+REPLY_TIME = "reply_time"
+# Ranges per statement, as in chatmw.metrics.rollup_refresh.
+_RANGES_PER_STATEMENT = 50
+
+Ranges = list[tuple[int | None, int]]
+
+
+def aligned_ranges(ranges: Iterable[tuple[int | None, int]], width: int) -> list[tuple[int, int]]:
+    """Widen ``ranges`` to multiples of ``width`` and merge them; ranges before 0 are left out."""
+    widened: list[tuple[int, int]] = []
+    for start, end in sorted((s, e) for s, e in ranges if s is not None and s >= 0):
+        low = start - start % width
+        high = end + (-end) % width
+        if widened and low <= widened[-1][1]:
+            widened[-1] = (widened[-1][0], max(widened[-1][1], high))
+        else:
+            widened.append((low, high))
+    return widened
+
+
+def _parts(ranges: Ranges) -> Iterable[Ranges]:
+    for index in range(0, len(ranges), _RANGES_PER_STATEMENT):
+        yield ranges[index : index + _RANGES_PER_STATEMENT]
+
+
+def delete_started(connection: Connection, ranges: Ranges) -> None:
+    """Delete the rows of the start slots in ``ranges`` and the hour, day and week rows over them."""
+    for part in _parts(ranges):
+        connection.execute(
+            delete(RollupStarted).where(time_in_ranges(RollupStarted.start_slot_ms, part))
+        )
+        connection.execute(
+            delete(RollupParticipants).where(time_in_ranges(RollupParticipants.start_slot_ms, part))
+        )
+        connection.execute(
+            delete(RollupResponses).where(
+                RollupResponses.level == LEVEL_SLOT, time_in_ranges(RollupResponses.start_ms, part)
+            )
+        )
+    for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
+        for part in _parts(list(aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))):
+            connection.execute(
+                delete(RollupResponses).where(
+                    RollupResponses.level == level, time_in_ranges(RollupResponses.start_ms, part)
+                )
+            )
+
+
+def _timed() -> ColumnElement[bool]:
+    return Message.kind.not_in(UNTIMED_KINDS)
+
+
+def _role_count(role: str) -> Any:
+    return func.sum(case((Message.role == role, 1), else_=0))
+
+
+def _started_counts(where: ColumnElement[bool]) -> Any:
+    start_slot = slot_expression(Conversation.started_at_ms)
+    return (
+        select(
+            start_slot,
+            Conversation.channel,
+            func.count(),
+            _role_count("user"),
+            _role_count("bot"),
+            _role_count("agent"),
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), where)
+        .group_by(start_slot, Conversation.channel)
+    )
+
+
+def _participant_rows(where: ColumnElement[bool]) -> Any:
+    return (
+        select(
+            slot_expression(Conversation.started_at_ms),
+            Conversation.channel,
+            Message.contact_id,
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(_timed(), Message.role == "user", Message.contact_id.is_not(None), where)
+        .distinct()
+    )
+
+
+def _response_rows(connection: Connection, where: ColumnElement[bool]) -> list[dict[str, Any]]:
+    """Return the slot-level histogram rows of the conversations ``where`` selects."""
+    firsts = select(
+        slot_expression(Conversation.started_at_ms),
+        Conversation.channel,
+        Conversation.first_response_role,
+        Conversation.first_response_ms,
+    ).where(Conversation.first_response_ms.is_not(None), where)
+    replies = (
+        select(
+            slot_expression(Conversation.started_at_ms),
+            Conversation.channel,
+            Message.role,
+            Message.response_ms,
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Message.response_ms.is_not(None), where)
+    )
+    bins: dict[tuple[int, str, str, str, int], Bin] = {}
+    for figure, statement in ((FIRST_RESPONSE, firsts), (REPLY_TIME, replies)):
+        for start_slot, channel, role, value in connection.execute(statement):
+            key = (int(start_slot), channel, figure, role or "", bucket_of(value))
+            found = bins.get(key)
+            if found is None:
+                bins[key] = Bin(1, value, value, value)
+            else:
+                found.add(1, value, value, value)
+    return [
+        {
+            "level": LEVEL_SLOT,
+            "start_ms": start_ms,
+            "channel": channel,
+            "figure": figure,
+            "role": role,
+            "bucket": bucket,
+            "count": part.count,
+            "total_ms": part.total,
+            "min_ms": part.low,
+            "max_ms": part.high,
+        }
+        for (start_ms, channel, figure, role, bucket), part in bins.items()
+    ]
+
+
+def _sum_level(connection: Connection, level: int, ranges: list[tuple[int, int]]) -> None:
+    """Insert the ``level`` rows of ``ranges`` as sums of the rows one level below."""
+    width = literal_column(str(LEVEL_WIDTH_MS[level]))
+    # Inlined constants keep the GROUP BY text equal to the selected expression (PostgreSQL).
+    start = RollupResponses.start_ms.op("/")(width).op("*")(width)
+    keys = (
+        RollupResponses.channel,
+        RollupResponses.figure,
+        RollupResponses.role,
+        RollupResponses.bucket,
+    )
+    for part in _parts(list(ranges)):
+        rows = (
+            select(
+                literal_column(str(level)),
+                start,
+                *keys,
+                func.sum(RollupResponses.count),
+                func.sum(RollupResponses.total_ms),
+                func.min(RollupResponses.min_ms),
+                func.max(RollupResponses.max_ms),
+            )
+            .where(
+                RollupResponses.level == level - 1, time_in_ranges(RollupResponses.start_ms, part)
+            )
+            .group_by(start, *keys)
+        )
+        columns = [
+            "level",
+            "start_ms",
+            "channel",
+            "figure",
+            "role",
+            "bucket",
+            "count",
+            "total_ms",
+            "min_ms",
+            "max_ms",
+        ]
+        connection.execute(insert(RollupResponses).from_select(columns, rows))
+
+
+def insert_started(connection: Connection, ranges: Ranges) -> None:
+    """Count the conversations that started in ``ranges`` into the emptied rollup rows.
+
+    ``ranges`` are whole slots; the hour, day and week rows around them must be empty too
+    (:func:`delete_started`), and are summed again from the rows below them.
+    """
+    for part in _parts(ranges):
+        by_start = time_in_ranges(Conversation.started_at_ms, part)
+        connection.execute(
+            insert(RollupStarted).from_select(
+                [
+                    "start_slot_ms",
+                    "channel",
+                    "messages",
+                    "user_messages",
+                    "bot_messages",
+                    "agent_messages",
+                ],
+                _started_counts(by_start),
+            )
+        )
+        connection.execute(
+            insert(RollupParticipants).from_select(
+                ["start_slot_ms", "channel", "contact_id"], _participant_rows(by_start)
+            )
+        )
+        rows = _response_rows(connection, by_start)
+        if rows:
+            connection.execute(insert(RollupResponses), rows)
+    for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
+        _sum_level(connection, level, aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))
