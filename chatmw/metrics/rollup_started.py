@@ -71,7 +71,7 @@ def _parts(ranges: Ranges) -> Iterable[Ranges]:
 
 
 def delete_started(connection: Connection, ranges: Ranges) -> None:
-    """Delete the rows of the start slots in ``ranges`` and the hour, day and week rows over them."""
+    """Delete the rows of the slots in ``ranges`` and of the hours, days and weeks around them."""
     for part in _parts(ranges):
         connection.execute(
             delete(RollupStarted).where(time_in_ranges(RollupStarted.start_slot_ms, part))
