@@ -6,8 +6,8 @@ start slot (``chatmw.metrics.rollup_refresh.changes_after``), so recomputing the
 slots from raw rows keeps these rows exact, as for the other rollups.
 
 Response-time histograms also have hour, day and week rows, each the sum of the rows one
-level below in it, so that a month-long window reads at most about 14 rows per channel,
-figure, role and bucket instead of about 3,000. The refresher recomputes the hours, days
+level below in it, so that a 30-day window reads at most 68 rows per channel, figure,
+role and bucket instead of 2,880. The refresher recomputes the hours, days
 and weeks that contain a dirty slot after the slots themselves.
 """
 
