@@ -236,3 +236,28 @@ def test_level_ranges_use_widest_whole_rows() -> None:
         SlotOffsets(ZoneInfo("UTC")),
     )
     assert _level_ranges(clean)[LEVEL_WEEK] == [(2800 * week, 2801 * week)]
+
+
+def test_contact_set_encoding_round_trip() -> None:
+    from chatmw.metrics.contact_sets import count_union, decode, encode
+
+    ids = {1, 7, 8, 9, 1000, 123_457}
+    bits = decode(encode(ids))
+    assert bits.bit_count() == len(ids)
+    assert all((bits >> contact_id) & 1 for contact_id in ids)
+    assert decode(encode([])) == 0
+    assert count_union(bits, {7, 8, 5, 200_000}) == len(ids) + 2
+    assert count_union(0, {3, 4}) == 2
+
+
+def test_whole_periods_split_edges() -> None:
+    from chatmw.metrics.contact_sets import whole_periods
+
+    week = 7 * 86_400_000
+    day = 86_400_000
+    start = 100 * week - day - 900_000
+    end = 101 * week + day + 1_800_000
+    periods, rest = whole_periods(start, end)
+    assert periods == [(LEVEL_DAY, 100 * week - day), (LEVEL_WEEK, 100 * week),
+                       (LEVEL_DAY, 101 * week)]
+    assert rest == [(start, 100 * week - day), (101 * week + day, end)]

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from chatmw import events as ev
 from chatmw.cli import app as cli_app
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.contact_sets import count_distinct, decode
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.histogram import RELATIVE_ERROR
@@ -39,6 +40,7 @@ from chatmw.store.models import Contact, Message
 from chatmw.store.models_rollups import (
     SLOT_MS,
     RollupFirsts,
+    RollupContactSets,
     RollupMessages,
     RollupParticipants,
     RollupResponses,
@@ -219,6 +221,13 @@ def test_rollups_match_raw_after_refresh(engine: Engine) -> None:
             zoned = cover(connection, flt)
             assert zoned is not None, zone
             assert zoned.raw == [], zone
+        # Whole UTC days are counted from the day sets, not from the slot rows.
+        assert coverage is not None
+        spans = {0: (coverage.first_slot, coverage.end_slot)}
+        counted = count_distinct(connection, "users", spans, coverage.served, (), [])
+        assert counted is not None
+        users = select(func.count(func.distinct(RollupUsers.contact_id)))
+        assert counted[1][0] == connection.execute(users).scalar_one()
     assert_same_as_raw(engine)
 
 
@@ -251,11 +260,29 @@ def test_refresh_matches_rebuild(engine: Engine) -> None:
     refreshed = _rollup_rows(engine)
     started = _started_rows(engine)
     assert all(started.values())
+    sets = _contact_sets(engine)
+    assert {key[0] for key in sets} == {"users", "starters", "participants"}
     rebuild(engine)
     assert _rollup_rows(engine) == refreshed
     rebuilt = _started_rows(engine)
     for table in (RollupStarted, RollupParticipants, RollupResponses):
         assert rebuilt[table.__tablename__] == started[table.__tablename__], table.__tablename__
+    assert _contact_sets(engine) == sets
+
+
+def _contact_sets(engine: Engine) -> dict[tuple[str, int, int, str], int]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                RollupContactSets.kind,
+                RollupContactSets.level,
+                RollupContactSets.start_ms,
+                RollupContactSets.channel,
+                RollupContactSets.contacts,
+            )
+        )
+        return {(kind, level, start, channel): decode(blob)
+                for kind, level, start, channel, blob in rows}
 
 
 def _started_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:

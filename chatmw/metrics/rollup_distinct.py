@@ -1,17 +1,23 @@
 """Distinct contacts per bucket from a slotted contact rollup and raw rows.
 
-Distinct counts do not add up across slots. A bucket served wholly from rollups is
-counted with COUNT(DISTINCT) over its slots in SQL. A bucket with a raw part counts the
-union of the contact sets of its served slots and of its raw rows.
+Distinct counts do not add up across slots. When some bucket contains a whole UTC day
+or epoch week whose slots are all served, every bucket is counted from the day and week
+bitsets of ``rollup_contact_sets`` (``chatmw.metrics.contact_sets``) plus the contacts of
+its other slots and raw rows. Otherwise (hour buckets, or day buckets in a zone whose
+offset is not 0) a bucket served wholly from rollups is counted with COUNT(DISTINCT) over
+its slots in SQL, and a bucket with a raw part counts the union of the contact sets of
+its served slots and of its raw rows.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import Connection, func, select
 
+from chatmw.metrics.contact_sets import count_distinct
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import (
     Buckets,
@@ -24,10 +30,13 @@ from chatmw.metrics.rollup_refresh import time_in_ranges
 
 __all__ = ["distinct_contacts"]
 
-# NOTE: the SQL count reads one row per active contact and slot. On the 10-million-message
-# store of bench/queries.py that took 0.5 to 2 s per query (SQLite, loaded 2-core machine),
-# so volume's users and growth's users and new users miss 100 ms there. Counts cached per
-# closed bucket and dropped when the refresher recomputes one of its slots would fix it.
+# Contact tables with day and week sets in rollup_contact_sets, by the sets' kind.
+_SET_KINDS = {"rollup_users": "users", "rollup_starters": "starters"}
+
+# NOTE: the COUNT(DISTINCT) path reads one row per active contact and slot. On the
+# 10-million-message store of bench/queries.py that took 0.5 to 2 s per 30-day query
+# (SQLite, loaded 2-core machine), so hour buckets, and day buckets in a zone whose offset
+# is not 0, are still slow on large stores.
 
 
 def _whole_counts(
@@ -97,6 +106,20 @@ def distinct_contacts(
     selects (time in ms, channel, contact id) of the raw rows in ``coverage.raw``. The
     per-channel counts are empty unless ``flt`` groups by channel.
     """
+    kind = _SET_KINDS.get(table.__tablename__)
+    if kind is not None:
+
+        def raw_rows() -> Iterator[tuple[int, str, int]]:
+            for at_ms, channel, contact_id in connection.execute(raw):
+                yield buckets.index(at_ms), channel, contact_id
+
+        spans = {index: buckets.span(index, coverage) for index in range(len(buckets.bounds) - 1)}
+        counted = count_distinct(
+            connection, kind, spans, coverage.served, flt.channels, raw_rows()
+        )
+        if counted is not None:
+            per_channel, overall_counts = counted
+            return (per_channel if flt.group_by is not None else {}), overall_counts
     mixed = mixed_buckets(coverage, buckets)
     whole = {index for index in range(len(buckets.bounds) - 1) if index not in mixed}
     grouped = flt.group_by is not None

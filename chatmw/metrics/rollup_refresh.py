@@ -41,6 +41,7 @@ from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
     SLOT_MS,
+    RollupContactSets,
     RollupConversations,
     RollupFirsts,
     RollupMessages,
@@ -325,7 +326,7 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES):
+    for table in (*tables, *STARTED_TABLES, RollupContactSets):
         connection.execute(delete(table))
     connection.execute(
         update(RollupState)
@@ -383,9 +384,11 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     )
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
+    from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
+    refresh_sets(connection, [chunk])
 
 
 def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
@@ -450,6 +453,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
     ordered = sorted(slots)
@@ -497,6 +501,8 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     ]
     if rows:
         connection.execute(insert(RollupMessages), rows)
+    # The day and week contact sets are unions of the slot rows recomputed above.
+    refresh_sets(connection, ranges)
 
 
 def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
@@ -548,6 +554,7 @@ def _analyze(engine: Engine) -> None:
         "rollup_started",
         "rollup_participants",
         "rollup_responses",
+        "rollup_contact_sets",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that

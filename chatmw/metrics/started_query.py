@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, case, func, or_, select, union_all
 from sqlalchemy.sql.elements import ColumnElement
 
+from chatmw.metrics.contact_sets import count_distinct
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.histogram import Bin, Histogram, add_value
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
@@ -186,6 +187,34 @@ def _count_users(
     connection: Connection, flt: MetricFilter, coverage: Coverage, totals: dict[Any, dict[str, int]]
 ) -> int:
     """Set each group's distinct users and return the distinct users over all groups."""
+    raw_users = (
+        select(Conversation.channel, Message.contact_id)
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            Message.kind.not_in(UNTIMED_KINDS),
+            Message.role == "user",
+            Message.contact_id.is_not(None),
+            time_in_ranges(Conversation.started_at_ms, coverage.raw),
+            *channel_condition(Conversation.channel, flt),
+        )
+    )
+    counted = count_distinct(
+        connection,
+        "participants",
+        {0: (coverage.first_slot, coverage.end_slot)},
+        coverage.served,
+        flt.channels,
+        [(0, channel, contact_id) for channel, contact_id in connection.execute(raw_users)]
+        if coverage.raw
+        else [],
+    )
+    if counted is not None:
+        by_channel, overall = counted
+        if flt.group_by is not None:
+            for (channel, _), users in by_channel.items():
+                totals.setdefault(channel, _empty_totals())["users"] = users
+        return overall.get(0, 0)
+    # Without a whole served day, SQL counts the slot rows and raw rows together.
     rolled = select(RollupParticipants.channel, RollupParticipants.contact_id).where(
         *_served(RollupParticipants.start_slot_ms, coverage),
         *channel_condition(RollupParticipants.channel, flt),

@@ -311,6 +311,10 @@ def _invalidate_rollups(session: Session, metadata: MetaData, contact_ids: Itera
     # the rebuild, so no rebuild step inserts the contacts' rows again after the delete.
     session.execute(
         metadata.tables["rollup_state"].update().values(built=False, rebuild_token=None))
+    # The day and week bitsets contain the contacts too; the rebuild makes them again.
+    if "rollup_contact_sets" in metadata.tables:
+        sets = metadata.tables["rollup_contact_sets"]
+        _add(removed, "rollup_contact_sets", session.execute(sets.delete()).rowcount or 0)
     contacts = set(contact_ids)
     for name in ROLLUP_CONTACT_TABLES:
         if contacts and name in metadata.tables:

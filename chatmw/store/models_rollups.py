@@ -7,7 +7,16 @@ docs/rollups.md for the design.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Float, Index, Integer, SmallInteger, String
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from chatmw.store.models import Base
@@ -21,6 +30,7 @@ __all__ = [
     "RollupStarted",
     "RollupParticipants",
     "RollupResponses",
+    "RollupContactSets",
     "RollupState",
     "SLOT_MS",
     "LEVEL_SLOT",
@@ -148,6 +158,23 @@ class RollupResponses(Base):
     total_ms: Mapped[float] = mapped_column(Float)
     min_ms: Mapped[float] = mapped_column(Float)
     max_ms: Mapped[float] = mapped_column(Float)
+
+
+class RollupContactSets(Base):
+    """The contacts of a slot contact table over one UTC day or epoch week, as a bitset.
+
+    ``kind`` names the table (``users``, ``starters`` or ``participants``); ``contacts``
+    is a zlib-compressed little-endian bitset whose bit ``i`` is contact id ``i``
+    (``chatmw.metrics.contact_sets``).
+    """
+
+    __tablename__ = "rollup_contact_sets"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contacts: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RollupState(Base):
