@@ -36,7 +36,7 @@ from chatmw.metrics.rollup_refresh import (
 from chatmw.metrics.summary import summary
 from chatmw.metrics.volume import volume
 from chatmw.security.erasure import erase_person
-from chatmw.store.models import Contact, Message
+from chatmw.store.models import Contact, Conversation, Message
 from chatmw.store.models_rollups import (
     SLOT_MS,
     RollupFirsts,
@@ -400,3 +400,35 @@ def test_refresh_waits_for_running_rebuild(engine: Engine) -> None:
     # A claim older than the lease is taken over.
     assert refresh(engine, now_ms=now_ms + REBUILD_LEASE_MS).rebuilt
     assert_same_as_raw(engine)
+
+
+def test_new_users_across_channels(engine: Engine) -> None:
+    build_store(engine)
+    with engine.begin() as connection:
+        rows = connection.execute(
+            select(Conversation.id, Conversation.channel, Conversation.contact_id,
+                   Conversation.started_at_ms).order_by(Conversation.id)
+        ).all()
+        web = next(row for row in rows if row.channel == "web")
+        others = [row for row in rows if row.channel != "web"]
+        # One contact's conversations on other channels: one at its first start (a tie
+        # between two channels), one later, and one earlier on a third contact.
+        tie, later = others[0], next(row for row in others if row.channel != others[0].channel)
+        connection.execute(update(Conversation).where(Conversation.id == tie.id).values(
+            contact_id=web.contact_id, started_at_ms=web.started_at_ms))
+        connection.execute(update(Conversation).where(Conversation.id == later.id).values(
+            contact_id=web.contact_id, started_at_ms=web.started_at_ms + 3 * 86_400_000))
+    invalidate(engine)
+    assert refresh(engine).rebuilt
+    with engine.connect() as connection:
+        ranks = dict(connection.execute(
+            select(RollupFirsts.channel, RollupFirsts.first_rank)
+            .where(RollupFirsts.contact_id == web.contact_id)
+        ).all())
+    assert sorted(ranks.values()) == [0, 1, 2]
+    assert ranks[later.channel] == 2
+    for flt in filters():
+        for period in ("day", "week"):
+            with raw_only():
+                expected = growth(engine, flt, {"period": period})
+            assert growth(engine, flt, {"period": period}) == expected, flt.describe()

@@ -172,6 +172,9 @@ def _add_new_from_rollups(
     """Count new users from ``rollup_firsts``, except the contacts in ``changed``."""
     channel_filter = channel_condition(RollupFirsts.channel, flt)
     unchanged = [RollupFirsts.contact_id.not_in(sorted(changed))] if changed else []
+    if len(flt.channels) <= 1:
+        _add_new_ranked(connection, flt, buckets, counts, overall_new, unchanged)
+        return
     candidates = select(RollupFirsts.contact_id).where(
         RollupFirsts.first_started_ms >= flt.since_ms,
         RollupFirsts.first_started_ms < flt.until_ms,
@@ -204,6 +207,43 @@ def _add_new_from_rollups(
         select(index, RollupFirsts.channel, func.count())
         .join(earliest, earliest.c.contact_id == RollupFirsts.contact_id)
         .where(RollupFirsts.first_started_ms == earliest.c.first_ms, *in_window, *channel_filter)
+        .group_by(index, RollupFirsts.channel)
+    )
+    for bucket, channel, number in connection.execute(grouped):
+        counts[channel][int(bucket)]["new_users"] += int(number)
+
+
+def _add_new_ranked(
+    connection: Connection,
+    flt: MetricFilter,
+    buckets: Buckets,
+    counts: Counts,
+    overall_new: dict[int, int],
+    unchanged: list[ColumnElement[bool]],
+) -> None:
+    """Count new users over all channels or over one, from one index range of rows.
+
+    Over all channels a contact is new where its row of ``first_rank`` 0 starts, and new in
+    each channel group whose row has rank 0 or 1 (the same first start). Over one channel
+    each contact has one row, at its first start there.
+    """
+    first = RollupFirsts.first_started_ms
+    window = [first >= flt.since_ms, first < flt.until_ms, *unchanged]
+    if flt.channels:
+        overall_rows = [RollupFirsts.channel == flt.channels[0]]
+        group_rows = overall_rows
+    else:
+        overall_rows = [RollupFirsts.first_rank == 0]
+        group_rows = [RollupFirsts.first_rank <= 1]
+    index = bucket_index(first, buckets.bounds)
+    overall = select(index, func.count()).where(*overall_rows, *window).group_by(index)
+    for bucket, number in connection.execute(overall):
+        overall_new[int(bucket)] = overall_new.get(int(bucket), 0) + int(number)
+    if flt.group_by is None:
+        return
+    grouped = (
+        select(index, RollupFirsts.channel, func.count())
+        .where(*group_rows, *window)
         .group_by(index, RollupFirsts.channel)
     )
     for bucket, channel, number in connection.execute(grouped):

@@ -62,6 +62,7 @@ __all__ = [
     "changes_after",
     "Changes",
     "first_starts",
+    "ranked_first_starts",
     "slot_ranges",
     "time_in_ranges",
     "BEFORE_EPOCH_SLOT",
@@ -246,6 +247,22 @@ def first_starts(where: ColumnElement[bool]) -> Any:
     )
 
 
+def ranked_first_starts(where: ColumnElement[bool]) -> Any:
+    """Select :func:`first_starts` with each row's ``first_rank`` (see ``RollupFirsts``).
+
+    ``where`` must select every conversation of each contact it selects at all, so that
+    each contact's earliest start is among the rows.
+    """
+    firsts = first_starts(where).subquery()
+    earliest = func.min(firsts.c.first_started_ms).over(partition_by=firsts.c.contact_id)
+    order = func.row_number().over(
+        partition_by=firsts.c.contact_id,
+        order_by=(firsts.c.first_started_ms, firsts.c.channel),
+    )
+    rank = case((firsts.c.first_started_ms != earliest, 2), (order == 1, 0), else_=1)
+    return select(firsts.c.contact_id, firsts.c.channel, firsts.c.first_started_ms, rank)
+
+
 def _conversation_counts(where: ColumnElement[bool]) -> Any:
     return (
         select(
@@ -414,7 +431,8 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
             )
             connection.execute(
                 insert(RollupFirsts).from_select(
-                    ["contact_id", "channel", "first_started_ms"], first_starts(contacts)
+                    ["contact_id", "channel", "first_started_ms", "first_rank"],
+                    ranked_first_starts(contacts),
                 )
             )
     with engine.begin() as connection:
@@ -513,8 +531,8 @@ def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
         connection.execute(delete(RollupFirsts).where(RollupFirsts.contact_id.in_(chunk)))
         connection.execute(
             insert(RollupFirsts).from_select(
-                ["contact_id", "channel", "first_started_ms"],
-                first_starts(Conversation.contact_id.in_(chunk)),
+                ["contact_id", "channel", "first_started_ms", "first_rank"],
+                ranked_first_starts(Conversation.contact_id.in_(chunk)),
             )
         )
 

@@ -103,14 +103,23 @@ class RollupStarters(Base):
 
 
 class RollupFirsts(Base):
-    """The start of a contact's first conversation on a channel (not slotted: exact ms)."""
+    """The start of a contact's first conversation on a channel (not slotted: exact ms).
+
+    ``first_rank`` compares it with the contact's first start on any channel: 0 for the
+    one row (the earliest, then the first channel by name) that counts the contact as new
+    over all channels, 1 for other rows at that same first start, 2 for later ones.
+    """
 
     __tablename__ = "rollup_firsts"
-    __table_args__ = (Index("ix_rollup_firsts_started", "first_started_ms"),)
+    __table_args__ = (
+        Index("ix_rollup_firsts_started", "first_started_ms"),
+        Index("ix_rollup_firsts_rank", "first_rank", "first_started_ms"),
+    )
 
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     first_started_ms: Mapped[int] = mapped_column(BigInteger)
+    first_rank: Mapped[int] = mapped_column(SmallInteger, default=2, server_default="2")
 
 
 class RollupStarted(Base):
