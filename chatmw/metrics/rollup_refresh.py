@@ -573,6 +573,7 @@ def _analyze(engine: Engine) -> None:
         "rollup_participants",
         "rollup_responses",
         "rollup_contact_sets",
+        "rollup_sentiment",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that

@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.histogram import Bin, bucket_of
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
+from chatmw.metrics.sentiment_rollups import delete_sentiment, insert_sentiment
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import (
@@ -31,6 +32,7 @@ from chatmw.store.models_rollups import (
     LEVEL_WIDTH_MS,
     RollupParticipants,
     RollupResponses,
+    RollupSentiment,
     RollupStarted,
 )
 
@@ -43,7 +45,7 @@ __all__ = [
     "REPLY_TIME",
 ]
 
-STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses)
+STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses, RollupSentiment)
 FIRST_RESPONSE = "first_response"
 REPLY_TIME = "reply_time"
 # Ranges per statement, as in chatmw.metrics.rollup_refresh.
@@ -84,6 +86,7 @@ def delete_started(connection: Connection, ranges: Ranges) -> None:
                 RollupResponses.level == LEVEL_SLOT, time_in_ranges(RollupResponses.start_ms, part)
             )
         )
+        delete_sentiment(connection, part)
     for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
         for part in _parts(list(aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))):
             connection.execute(
@@ -246,5 +249,6 @@ def insert_started(connection: Connection, ranges: Ranges) -> None:
         rows = _response_rows(connection, by_start)
         if rows:
             connection.execute(insert(RollupResponses), rows)
+        insert_sentiment(connection, part)
     for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
         _sum_level(connection, level, aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))

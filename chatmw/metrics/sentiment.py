@@ -13,6 +13,7 @@ from chatmw.events import from_ms
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.sentiment_rollups import SentimentSums, sentiment_sums
 from chatmw.metrics.stats import rate
 from chatmw.sentiment import MIN_CORE_SHARE, MIN_KNOWN_SHARE
 from chatmw.store.models import Conversation, Message
@@ -158,12 +159,25 @@ def sentiment(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> 
     listed = int(options.get("per_conversation") or 0)
     if not 0 <= listed <= MAX_LISTED:
         raise FilterError("per_conversation", f"must be between 0 and {MAX_LISTED}, got {listed}")
-    groups, by_conversation, details = _load(engine, flt)
     result: dict[str, Any] = {
         "metric": "sentiment",
         "filters": flt.describe(),
         "thresholds": {"positive_above": POSITIVE_ABOVE, "negative_below": NEGATIVE_BELOW},
     }
+    # Listing conversations needs each one's rows, so only the plain figures use rollups.
+    sums = None if listed else sentiment_sums(engine, flt)
+    if sums is not None:
+        total = SentimentSums()
+        for part in sums.values():
+            total.add(part)
+        result.update(total.section())
+        if flt.group_by is not None:
+            result["groups"] = [
+                {"group": group_label(channel), **sums[channel].section()}
+                for channel in sorted(sums, key=group_label)
+            ]
+        return result
+    groups, by_conversation, details = _load(engine, flt)
     result.update(_section(sorted(groups), by_conversation))
     if flt.group_by is not None:
         members: dict[Any, list[int]] = defaultdict(list)

@@ -31,6 +31,7 @@ __all__ = [
     "RollupParticipants",
     "RollupResponses",
     "RollupContactSets",
+    "RollupSentiment",
     "RollupState",
     "SLOT_MS",
     "LEVEL_SLOT",
@@ -167,6 +168,36 @@ class RollupResponses(Base):
     total_ms: Mapped[float] = mapped_column(Float)
     min_ms: Mapped[float] = mapped_column(Float)
     max_ms: Mapped[float] = mapped_column(Float)
+
+
+class RollupSentiment(Base):
+    """Sentiment sums of the conversations that started in a slot, per conversation channel.
+
+    Message figures count user messages of kind ``message``; ``score_sum`` sums their
+    scores. Conversation means and shifts are rounded to 4 decimals and summed in units of
+    1/10,000 (``*_e4``). See ``chatmw.metrics.sentiment_rollups``.
+    """
+
+    __tablename__ = "rollup_sentiment"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    messages: Mapped[int] = mapped_column(Integer)
+    scored: Mapped[int] = mapped_column(Integer)
+    score_sum: Mapped[float] = mapped_column(Float)
+    positive: Mapped[int] = mapped_column(Integer)
+    neutral: Mapped[int] = mapped_column(Integer)
+    negative: Mapped[int] = mapped_column(Integer)
+    conv_scored: Mapped[int] = mapped_column(Integer)
+    conv_mean_e4: Mapped[int] = mapped_column(BigInteger)
+    conv_positive: Mapped[int] = mapped_column(Integer)
+    conv_neutral: Mapped[int] = mapped_column(Integer)
+    conv_negative: Mapped[int] = mapped_column(Integer)
+    shift_count: Mapped[int] = mapped_column(Integer)
+    shift_e4: Mapped[int] = mapped_column(BigInteger)
+    improved: Mapped[int] = mapped_column(Integer)
+    worsened: Mapped[int] = mapped_column(Integer)
+    unchanged: Mapped[int] = mapped_column(Integer)
 
 
 class RollupContactSets(Base):
