@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from chatmw import events as ev
 from chatmw.cli import app as cli_app
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.channels import channel_performance
 from chatmw.metrics.contact_sets import count_distinct, decode
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
@@ -70,6 +71,7 @@ METRICS: dict[str, Compute] = {
 ESTIMATED: dict[str, Compute] = {
     "summary": lambda engine, flt: summary(engine, flt, {}),
     "response-time": lambda engine, flt: response_times(engine, flt, {}),
+    "channels": lambda engine, flt: channel_performance(engine, flt, {}),
 }
 PERCENTILES = ("p50", "p90", "p95")
 

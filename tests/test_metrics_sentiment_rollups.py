@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from chatmw import events as ev
+from chatmw.metrics.channels import channel_performance
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.rollup_query import raw_only
 from chatmw.metrics.rollup_refresh import refresh
@@ -38,7 +39,7 @@ TEXTS = (
 )
 CHANNELS = ("web", "whatsapp", "messenger")
 # Means are rounded to 4 decimals; a float sum may round the other way at a boundary.
-MEANS = ("mean", "shift_mean")
+MEANS = ("mean", "shift_mean", "sentiment_mean")
 
 
 def assert_same(actual: Any, expected: Any, path: str = "") -> None:
@@ -100,7 +101,11 @@ def _check(engine: Engine) -> None:
     for flt in _filters():
         with raw_only():
             expected = sentiment(engine, flt, {})
+            raw_channels = channel_performance(engine, flt, {"exact": "true"})
         assert_same(sentiment(engine, flt, {}), expected, str(flt.describe()))
+        # With exact=true only the sentiment means of channels come from rollups.
+        rolled = channel_performance(engine, flt, {"exact": "true"})
+        assert_same(rolled, raw_channels, "channels")
 
 
 def test_sentiment_rollups_match_raw(engine: Engine) -> None:

@@ -13,9 +13,16 @@ from sqlalchemy import Engine, case, func, inspect, select
 
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
-from chatmw.metrics.response_time import collect_durations
+from chatmw.metrics.response_time import (
+    EXACT,
+    collect_durations,
+    describe_responses,
+    exact_requested,
+)
 from chatmw.metrics.scope import conversation_scope
 from chatmw.metrics.sentiment import mean_polarity
+from chatmw.metrics.sentiment_rollups import sentiment_sums
+from chatmw.metrics.started_query import started_figures
 from chatmw.metrics.stats import describe_seconds, rate
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Base, Conversation, Message
@@ -131,15 +138,46 @@ def _nothing(flt: MetricFilter) -> MetricFilter:
     return dataclasses.replace(flt, since=epoch, until=epoch, group_by=None)
 
 
+FIGURES = ("first_response", "reply_time")
+
+
+def _durations(engine: Engine, flt: MetricFilter, exact: bool) -> dict[str, dict[str, Any]]:
+    """Describe first response and reply time per channel, from rollups where they apply."""
+    figures = None if exact else started_figures(engine, flt, totals=False)
+    if figures is not None:
+        return {
+            str(channel): {
+                figure: describe_responses([by_figure], figure, "all") for figure in FIGURES
+            }
+            for channel, by_figure in figures.responses.items()
+        }
+    # The group key is the channel, which every conversation has.
+    return {
+        str(key): {figure: describe_seconds(value[figure]["all"]) for figure in FIGURES}
+        for key, value in collect_durations(engine, flt).items()
+    }
+
+
+def _sentiment_means(engine: Engine, flt: MetricFilter) -> dict[str, float | None]:
+    """Return the mean polarity of scored user messages per channel."""
+    sums = sentiment_sums(engine, flt)
+    if sums is None:
+        return {str(key): value for key, value in mean_polarity(engine, flt).items()}
+    return {
+        channel: round(part.score_sum / part.scored, 4)
+        for channel, part in sums.items()
+        if part.scored
+    }
+
+
 def channel_performance(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute one row per channel over the conversations of ``flt``."""
     by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
     volume = _volume(engine, flt)
-    # The group key is the channel, which every conversation has.
-    durations = {str(key): value for key, value in collect_durations(engine, by_channel).items()}
-    sentiment = {str(key): value for key, value in mean_polarity(engine, by_channel).items()}
+    durations = _durations(engine, by_channel, exact_requested(options))
+    sentiment = _sentiment_means(engine, by_channel)
     conversions = _conversions(engine, by_channel, options or {})
     surveys = _surveys(engine, by_channel)
 
@@ -170,8 +208,8 @@ def channel_performance(
                 "rate": rate(converted["converted"], figures["conversations"]),
             }
         times = durations.get(channel)
-        row["first_response"] = describe_seconds(times["first_response"]["all"] if times else [])
-        row["reply_time"] = describe_seconds(times["reply_time"]["all"] if times else [])
+        for figure in FIGURES:
+            row[figure] = times[figure] if times else describe_seconds([])
         if surveys is None:
             row["csat"] = row["nps"] = None
         else:
@@ -218,7 +256,8 @@ CHANNELS = register(
             "`revenue` is a decimal string in `currency`. `conversion` is `null` when the store "
             "has no conversions table (a note says so).\n"
             "- `first_response` and `reply_time`: as in `response-time` (bot and agent answers "
-            "together), in seconds.\n"
+            "together), in seconds; where rollups cover the window, percentiles are estimated "
+            "as there, and `exact=true` computes them from every raw duration.\n"
             "- `csat` and `nps`: the `GET {prefix}/csat` and `GET {prefix}/nps` figures per "
             "channel (surveys of these conversations whose prompt was sent). CSAT scores run "
             "1-5: `score` is the share of 4 and 5 among `answers`, in percent, and `satisfied` "
@@ -228,7 +267,7 @@ CHANNELS = register(
             "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
         ),
         compute=channel_performance,
-        params=() if _conversion is None else (_conversion.ATTRIBUTION_PARAM,),
+        params=(EXACT,) if _conversion is None else (_conversion.ATTRIBUTION_PARAM, EXACT),
         rows=_rows,
     )
 )
