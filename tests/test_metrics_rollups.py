@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from chatmw import events as ev
 from chatmw.cli import app as cli_app
-from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.channels import channel_performance
 from chatmw.metrics.contact_sets import count_distinct, decode
+from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.growth import growth
 from chatmw.metrics.heatmap import heatmap
 from chatmw.metrics.histogram import RELATIVE_ERROR
@@ -40,8 +40,8 @@ from chatmw.security.erasure import erase_person
 from chatmw.store.models import Contact, Conversation, Message
 from chatmw.store.models_rollups import (
     SLOT_MS,
-    RollupFirsts,
     RollupContactSets,
+    RollupFirsts,
     RollupMessages,
     RollupParticipants,
     RollupResponses,
