@@ -84,6 +84,16 @@ def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
     with engine.connect() as connection:
         for channel, count, users, engaged in connection.execute(conversations):
             rows[channel].update(conversations=count, users=users, engaged=int(engaged or 0))
+    # Message counts from rollups where they cover the window; they read no message row.
+    started = started_figures(engine, dataclasses.replace(flt, group_by=GroupBy("channel")))
+    if started is not None:
+        for channel, totals in started.totals.items():
+            if totals["messages"]:
+                rows[channel].update(
+                    messages=totals["messages"], user_messages=totals["user_messages"]
+                )
+        return rows
+    with engine.connect() as connection:
         for channel, count, user_count in connection.execute(messages):
             rows[channel].update(messages=count, user_messages=int(user_count or 0))
     return rows
