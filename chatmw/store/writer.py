@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 from chatmw import events as ev
 from chatmw.exchange import expand_all
 from chatmw.store import models
-from chatmw.store.derive import UNTIMED_KINDS, apply_refresh, plan_refresh, refresh_conversations
+from chatmw.store.derive import (
+    UNTIMED_KINDS,
+    ConversationCache,
+    ConversationState,
+    apply_refresh,
+    plan_refresh,
+    refresh_conversations,
+)
 from chatmw.store.identity import (
     CHUNK,
     assign_sessions,
@@ -72,6 +79,9 @@ class Writer:
     transform: Callable[[ev.Event], ev.Event] | None = None
     # Chat exchanges are decoded here, wherever this writer runs (see chatmw.recorder).
     expands_exchanges: bool = field(default=True, init=False)
+    # The figures of the conversations this writer stored last (see plan_refresh).
+    conversations: ConversationCache = field(default_factory=ConversationCache, init=False,
+                                              repr=False, compare=False)
 
     def __post_init__(self) -> None:
         defaults: dict[type, Handler] = {
@@ -90,6 +100,7 @@ class Writer:
         # travels as its URL, with the password, and the child opens its own.
         state = dict(self.__dict__)
         state["engine"] = self.engine.url.render_as_string(hide_password=False)
+        state["conversations"] = ConversationCache(self.conversations.size)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -105,8 +116,11 @@ class Writer:
         Returns the number of events written once chat exchanges are decoded.
         """
         batch = self.expand(batch)
-        with Session(self.engine) as session, session.begin():
-            self.write_in(session, batch)
+        with Session(self.engine) as session:
+            with session.begin():
+                self.write_in(session, batch)
+            # Committed: the conversation figures planned in the transaction now hold.
+            self.conversations.update(session.info.pop(_PENDING_STATES, {}))
         return len(batch)
 
     def expand(self, batch: Sequence[ev.Event]) -> Sequence[ev.Event]:
@@ -179,7 +193,9 @@ class Writer:
         # The response figures are computed before the insert, so that new messages go in
         # with them. When the insert differs from the plan, the conversations are
         # recomputed from the stored messages instead.
-        plan = plan_refresh(session, rows)
+        pending: dict[int, ConversationState] = session.info.setdefault(_PENDING_STATES, {})
+        plan = plan_refresh(session, rows, lambda conversation_id: (
+            pending.get(conversation_id) or self.conversations.get(conversation_id)))
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
                                          plan.expected)
 
@@ -188,8 +204,12 @@ class Writer:
         self._apply_intents(session, messages, conversation_ids)
         if planned:
             apply_refresh(session, plan)
+            pending.update(plan.states)
         else:
             refresh_conversations(session, conversation_ids)
+            for conversation_id in plan.conversation_ids:
+                pending.pop(conversation_id, None)
+            self.conversations.discard(plan.conversation_ids)
         outbound = [(m.channel, m.platform_message_id) for m in messages
                     if m.role != "user" and m.platform_message_id]
         if outbound:
@@ -434,6 +454,10 @@ class Writer:
         ]
         session.execute(models.RawPayload.__table__.insert(), rows)
 
+
+# The key in ``Session.info`` of the conversation states a transaction has stored so far,
+# which the writer remembers once it commits.
+_PENDING_STATES = "chatmw.conversation_states"
 
 # Types of the conversation columns that a ConversationUpdate sets.
 _UPDATE_TYPES: dict[str, Any] = {
