@@ -275,7 +275,9 @@ class RefreshPlan:
     """Figures computed before a batch of message rows is inserted; see :func:`plan_refresh`.
 
     ``expected`` are the keys of the rows the plan counts as new, in row order. ``states``
-    are the states of the conversations once the plan is applied.
+    are the states of the conversations once the plan is applied. ``stored`` maps the key
+    of every row to the conversation id and time of the message stored with that key
+    once the plan is applied. ``with_intent`` are the conversations that have an intent.
     """
 
     conversation_ids: list[int]
@@ -283,6 +285,8 @@ class RefreshPlan:
     message_changes: list[dict[str, Any]]
     conversation_changes: list[dict[str, Any]]
     states: dict[int, ConversationState] = field(default_factory=dict)
+    stored: dict[str, tuple[int, int]] = field(default_factory=dict)
+    with_intent: set[int] = field(default_factory=set)
 
 
 def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
@@ -304,22 +308,28 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     alone; the messages of the others are read.
     """
     ids = sorted({row["conversation_id"] for row in rows})
-    stored_keys = {key for (key,) in select_by_keys(
-        session, Message.__table__, ("key",), [(row["key"],) for row in rows], ("key",))}
+    stored_rows: dict[str, tuple[int, int]] = {
+        key: (conversation_id, at_ms) for key, conversation_id, at_ms in select_by_keys(
+            session, Message.__table__, ("key",), [(row["key"],) for row in rows],
+            ("key", "conversation_id", "occurred_at_ms"))}
     new_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
     expected: list[str] = []
     for row in rows:
-        if row["key"] not in stored_keys:
-            stored_keys.add(row["key"])
+        key = row["key"]
+        if key not in stored_rows:
+            stored_rows[key] = (row["conversation_id"], row["occurred_at_ms"])
             new_rows[row["conversation_id"]].append(row)
-            expected.append(row["key"])
+            expected.append(key)
 
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
     states: dict[int, ConversationState] = {}
+    with_intent: set[int] = set()
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
+        with_intent.update(conversation_id for conversation_id, row in conversations.items()
+                           if row[9])
         additions = {conversation_id: _added(new_rows.get(conversation_id, ()))
                      for conversation_id in chunk}
         planned: dict[int, _Running] = {}
@@ -357,16 +367,18 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                 else:
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
-    return RefreshPlan(ids, expected, message_changes, conversation_changes, states)
+    return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
+                       stored_rows, with_intent)
 
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
-    # The columns of a ConversationState, and the end time, of each conversation.
+    # The columns of a ConversationState, the end time and whether there is an intent.
     statement = select(
         Conversation.id, Conversation.channel, Conversation.external_id,
         Conversation.started_at_ms, Conversation.last_message_at_ms, Conversation.message_count,
         Conversation.user_message_count, Conversation.first_response_ms,
         Conversation.first_response_role, Conversation.ended_at_ms,
+        Conversation.intent.is_not(None),
     ).where(id_in(session, Conversation.id, ids))
     return {row[0]: tuple(row[1:]) for row in session.connection().execute(statement)}
 

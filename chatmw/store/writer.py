@@ -9,7 +9,7 @@ is written twice therefore stores the same rows as one written once.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +41,8 @@ from chatmw.store.identity import (
     upsert,
 )
 
-__all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK"]
+__all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK",
+           "stored_messages"]
 
 # An enricher returns extra column values for a message row (for example its sentiment).
 Enricher = Callable[[ev.Message], Mapping[str, Any]]
@@ -201,15 +202,17 @@ class Writer:
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
-        self._apply_intents(session, messages, conversation_ids)
+        self._apply_intents(session, messages, conversation_ids, plan.with_intent)
         if planned:
             apply_refresh(session, plan)
             pending.update(plan.states)
+            session.info.setdefault(_STORED_MESSAGES, {}).update(plan.stored)
         else:
             refresh_conversations(session, conversation_ids)
             for conversation_id in plan.conversation_ids:
                 pending.pop(conversation_id, None)
             self.conversations.discard(plan.conversation_ids)
+            session.info.pop(_STORED_MESSAGES, None)
         outbound = [(m.channel, m.platform_message_id) for m in messages
                     if m.role != "user" and m.platform_message_id]
         if outbound:
@@ -300,10 +303,13 @@ class Writer:
         )
 
     def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
-                       conversation_ids: Sequence[int]) -> None:
+                       conversation_ids: Sequence[int], with_intent: Collection[int]) -> None:
+        # Conversations in ``with_intent`` had an intent when the batch began, and an
+        # intent is never cleared, so the statement would leave them as they are.
         intents: dict[int, str] = {}
         for message, conversation_id in zip(messages, conversation_ids, strict=True):
-            if message.intent and conversation_id not in intents:
+            if (message.intent and conversation_id not in intents
+                    and conversation_id not in with_intent):
                 intents[conversation_id] = message.intent
         if not intents:
             return
@@ -458,6 +464,24 @@ class Writer:
 # The key in ``Session.info`` of the conversation states a transaction has stored so far,
 # which the writer remembers once it commits.
 _PENDING_STATES = "chatmw.conversation_states"
+# The key in ``Session.info`` of the conversation id and time of each message key the
+# transaction's message runs stored or found stored (see stored_messages).
+_STORED_MESSAGES = "chatmw.stored_messages"
+
+
+def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]] | None:
+    """Return the conversation id and time of the stored message of each of ``keys``.
+
+    The answer comes from what the writer's message runs in this transaction know, without
+    a query, or is ``None`` when they do not know every key.
+    """
+    known = session.info.get(_STORED_MESSAGES)
+    if known is None:
+        return None
+    try:
+        return {key: known[key] for key in keys}
+    except KeyError:
+        return None
 
 # Types of the conversation columns that a ConversationUpdate sets.
 _UPDATE_TYPES: dict[str, Any] = {
