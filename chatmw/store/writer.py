@@ -116,13 +116,21 @@ class Writer:
 
         Returns the number of events written once chat exchanges are decoded.
         """
+        return self.write_counted(batch)[0]
+
+    def write_counted(self, batch: Sequence[ev.Event]) -> tuple[int, int]:
+        """Write ``batch`` as :meth:`write` does; return its events and its new messages.
+
+        New messages are those whose keys were not stored when the transaction read them
+        (one each for keys repeated in the batch), so a repeated batch has none.
+        """
         batch = self.expand(batch)
         with Session(self.engine) as session:
             with session.begin():
                 self.write_in(session, batch)
             # Committed: the conversation figures planned in the transaction now hold.
             self.conversations.update(session.info.pop(_PENDING_STATES, {}))
-        return len(batch)
+            return len(batch), session.info.get(_NEW_MESSAGES, 0)
 
     def expand(self, batch: Sequence[ev.Event]) -> Sequence[ev.Event]:
         """Decode the chat exchanges of ``batch`` into events, passed through ``transform``.
@@ -199,6 +207,7 @@ class Writer:
             pending.get(conversation_id) or self.conversations.get(conversation_id)))
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
                                          plan.expected)
+        session.info[_NEW_MESSAGES] = session.info.get(_NEW_MESSAGES, 0) + len(plan.expected)
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
@@ -464,6 +473,8 @@ class Writer:
 # The key in ``Session.info`` of the conversation states a transaction has stored so far,
 # which the writer remembers once it commits.
 _PENDING_STATES = "chatmw.conversation_states"
+# The key in ``Session.info`` of the number of new messages the transaction stored.
+_NEW_MESSAGES = "chatmw.new_messages"
 # The key in ``Session.info`` of the conversation id and time of each message key the
 # transaction's message runs stored or found stored (see stored_messages).
 _STORED_MESSAGES = "chatmw.stored_messages"
