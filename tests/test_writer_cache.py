@@ -85,3 +85,55 @@ def test_states_follow_committed_figures(engine: Engine) -> None:
     assert states
     for conversation_id, state in states.items():
         assert state[:8] == rows[conversation_id]
+
+
+def _conversation_rows(engine: Engine) -> list[tuple[Any, ...]]:
+    from sqlalchemy import select
+
+    from chatmw.store import models
+
+    table = models.Conversation
+    with engine.connect() as connection:
+        return sorted(tuple(row) for row in connection.execute(select(
+            table.channel, table.external_id, table.started_at_ms, table.last_message_at_ms,
+            table.message_count, table.user_message_count, table.first_response_ms,
+            table.first_response_role)))
+
+
+def _exchange(prefix: str, start_ms: int) -> list[ev.Event]:
+    from datetime import UTC, datetime, timedelta
+
+    at = datetime(2025, 6, 1, tzinfo=UTC) + timedelta(milliseconds=start_ms)
+    step = timedelta(seconds=3)
+    return [
+        ev.Message(channel="web", occurred_at=at, key=f"{prefix}1", role="user",
+                   user_id="erased", conversation_id="named", text="hello"),
+        ev.Message(channel="web", occurred_at=at + step, key=f"{prefix}2", role="bot",
+                   user_id="erased", conversation_id="named", text="hi", intent="greeting"),
+        ev.Message(channel="web", occurred_at=at, key=f"{prefix}3", role="user",
+                   user_id="erased", text="anyone?"),
+        ev.Message(channel="web", occurred_at=at + step, key=f"{prefix}4", role="bot",
+                   user_id="erased", text="yes"),
+    ]
+
+
+def test_writer_recreates_erased_rows(engine: Engine, database_url: str) -> None:
+    # The writer knew the contact, the named conversation and their figures; erasure
+    # removes them, and the next messages of that person must create them again.
+    from chatmw.security.erasure import erase_person
+
+    writer = build_writer(Settings(sentiment=False), engine)
+    writer.write(_exchange("a", 0))
+    assert len(writer.contact_keys) and len(writer.conversation_keys)
+    assert len(writer.conversations)
+    erase_person(engine, "web", "erased")
+    assert _conversation_rows(engine) == []
+    writer.write(_exchange("b", 60_000))
+    with_cache = _conversation_rows(engine)
+
+    fresh = build_writer(Settings(sentiment=False), engine)
+    erase_person(engine, "web", "erased")
+    fresh.write(_exchange("b", 60_000))
+    assert with_cache == _conversation_rows(engine)
+    # Unnamed messages join the contact's latest conversation, the named one.
+    assert [row[4] for row in with_cache] == [4]

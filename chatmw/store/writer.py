@@ -29,6 +29,7 @@ from chatmw.store.derive import (
 )
 from chatmw.store.identity import (
     CHUNK,
+    KnownKeys,
     assign_sessions,
     bulk_update,
     derived_table,
@@ -83,6 +84,11 @@ class Writer:
     # The figures of the conversations this writer stored last (see plan_refresh).
     conversations: ConversationCache = field(default_factory=ConversationCache, init=False,
                                               repr=False, compare=False)
+    # Contacts and named conversations this writer found stored, whose insert it skips.
+    contact_keys: KnownKeys = field(default_factory=KnownKeys, init=False, repr=False,
+                                    compare=False)
+    conversation_keys: KnownKeys = field(default_factory=KnownKeys, init=False, repr=False,
+                                         compare=False)
 
     def __post_init__(self) -> None:
         defaults: dict[type, Handler] = {
@@ -102,6 +108,8 @@ class Writer:
         state = dict(self.__dict__)
         state["engine"] = self.engine.url.render_as_string(hide_password=False)
         state["conversations"] = ConversationCache(self.conversations.size)
+        state["contact_keys"] = KnownKeys(self.contact_keys.size)
+        state["conversation_keys"] = KnownKeys(self.conversation_keys.size)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -234,7 +242,7 @@ class Writer:
         for message, at_ms in zip(messages, times, strict=True):
             identity = (message.channel, message.user_id)
             first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
-        return resolve_contacts(session, first_seen)
+        return resolve_contacts(session, first_seen, self.contact_keys)
 
     def _conversations_for(self, session: Session, messages: Sequence[ev.Message],
                            times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> list[int]:
@@ -252,7 +260,7 @@ class Writer:
             if owner is None and message.role == "user":
                 owner = contact_id
             named[key] = (min(earliest, at_ms), owner)
-        named_ids = resolve_named_conversations(session, named)
+        named_ids = resolve_named_conversations(session, named, self.conversation_keys)
         sessions = assign_sessions(session, unnamed, self.settings.session_gap_ms)
         result: list[int] = [0] * len(messages)
         for index, message in enumerate(messages):
