@@ -194,9 +194,9 @@ def settle_collector() -> None:
     """Tune the garbage collector of a process that only writes batches, once it is set up.
 
     The objects of the process so far (modules, the writer) are moved out of the
-    collector's sight, and the youngest generation is collected less often: a batch
-    allocates hundreds of thousands of short-lived rows, which the default threshold of
-    700 allocations would have the collector look at dozens of times per batch.
+    collector's sight, and the youngest generation is collected less often. A batch
+    allocates hundreds of thousands of short-lived objects, and the default threshold of
+    700 allocations would run the collector hundreds of times per batch.
     """
     gc.collect()
     gc.freeze()

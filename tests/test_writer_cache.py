@@ -7,25 +7,29 @@ the stored rows with the reference.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.config import Settings
 from chatmw.runtime import build_writer
+from chatmw.security.erasure import erase_person
+from chatmw.store import models
 from chatmw.store.derive import ConversationCache
 from tests.test_writer_reference import check_reference, traffic
 
 
-def test_writers_taking_turns_store_reference_rows(engine: Engine) -> None:
+def test_alternating_writers_store_reference_rows(engine: Engine) -> None:
     # Each writer's states go stale whenever the other one writes the same conversations.
     writers = [build_writer(Settings(sentiment=False), engine) for _ in range(2)]
     for index, batch in enumerate(traffic()):
         writers[index % 3 == 0].write(batch)
-    assert len(writers[0].conversations) and len(writers[1].conversations)
+    assert len(writers[0].conversations) > 0
+    assert len(writers[1].conversations) > 0
     check_reference(engine)
 
 
@@ -44,7 +48,7 @@ class _Failure(Exception):
 
 def test_failed_batches_leave_no_state(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every batch is first written in a transaction that fails after the messages went in,
-    # then written again; the states planned in the failed transaction must not be used.
+    # then written again. The states planned in the failed transaction must not be kept.
     writer = build_writer(Settings(sentiment=False), engine)
     message_handler = writer.handlers[ev.Message]
     failing = {"on": False}
@@ -72,10 +76,6 @@ def test_states_follow_committed_figures(engine: Engine) -> None:
     for batch in traffic():
         writer.write(batch)
     with engine.connect() as connection:
-        from sqlalchemy import select
-
-        from chatmw.store import models
-
         table = models.Conversation
         rows = {row[0]: tuple(row[1:]) for row in connection.execute(select(
             table.id, table.channel, table.external_id, table.started_at_ms,
@@ -88,10 +88,6 @@ def test_states_follow_committed_figures(engine: Engine) -> None:
 
 
 def _conversation_rows(engine: Engine) -> list[tuple[Any, ...]]:
-    from sqlalchemy import select
-
-    from chatmw.store import models
-
     table = models.Conversation
     with engine.connect() as connection:
         return sorted(tuple(row) for row in connection.execute(select(
@@ -101,8 +97,6 @@ def _conversation_rows(engine: Engine) -> list[tuple[Any, ...]]:
 
 
 def _exchange(prefix: str, start_ms: int) -> list[ev.Event]:
-    from datetime import UTC, datetime, timedelta
-
     at = datetime(2025, 6, 1, tzinfo=UTC) + timedelta(milliseconds=start_ms)
     step = timedelta(seconds=3)
     return [
@@ -117,15 +111,14 @@ def _exchange(prefix: str, start_ms: int) -> list[ev.Event]:
     ]
 
 
-def test_writer_recreates_erased_rows(engine: Engine, database_url: str) -> None:
-    # The writer knew the contact, the named conversation and their figures; erasure
-    # removes them, and the next messages of that person must create them again.
-    from chatmw.security.erasure import erase_person
-
+def test_writer_recreates_erased_rows(engine: Engine) -> None:
+    # The writer has seen the contact, the named conversation and their figures. Erasure
+    # removes them, so the next messages of that person must create them again.
     writer = build_writer(Settings(sentiment=False), engine)
     writer.write(_exchange("a", 0))
-    assert len(writer.contact_keys) and len(writer.conversation_keys)
-    assert len(writer.conversations)
+    assert len(writer.contact_keys) > 0
+    assert len(writer.conversation_keys) > 0
+    assert len(writer.conversations) > 0
     erase_person(engine, "web", "erased")
     assert _conversation_rows(engine) == []
     writer.write(_exchange("b", 60_000))

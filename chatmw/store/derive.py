@@ -250,15 +250,15 @@ class ConversationCache:
 
     def update(self, states: Mapping[int, ConversationState]) -> None:
         """Remember ``states``, once the transaction that stored them has committed."""
-        held = self._states
+        entries = self._states
         for conversation_id, state in states.items():
-            held.pop(conversation_id, None)
-            held[conversation_id] = state
+            entries.pop(conversation_id, None)
+            entries[conversation_id] = state
         # The states written longest ago go first.
-        excess = len(held) - self.size
+        excess = len(entries) - self.size
         if excess > 0:
-            for conversation_id in list(itertools.islice(held, excess)):
-                del held[conversation_id]
+            for conversation_id in list(itertools.islice(entries, excess)):
+                del entries[conversation_id]
 
     def discard(self, conversation_ids: Iterable[int]) -> None:
         """Forget the states of ``conversation_ids``."""
@@ -305,7 +305,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     ``known`` returns the state of a conversation as this process stored it last (see
     :class:`ConversationCache`). A conversation whose stored row still matches that state,
     and whose new rows all come at or after its last message, is planned from the state
-    alone; the messages of the others are read.
+    alone. The messages of the other conversations are read.
     """
     ids = sorted({row["conversation_id"] for row in rows})
     stored_rows: dict[str, tuple[int, int]] = {
@@ -384,14 +384,14 @@ def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
 
 
 def _added(new_rows: Sequence[dict[str, Any]]) -> list[Any]:
-    # New rows as timing rows, in time order; rows of equal time keep their order.
+    # New rows as timing rows, sorted by time. Rows of equal time keep their order.
     return sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
                     row["response_ms"], row["is_first_response"]) for row in new_rows),
                   key=itemgetter(4))
 
 
 def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:
-    # Stored rows come sorted by time and id; ``added`` (see _added) are the new rows.
+    # Stored rows come sorted by time and id, and ``added`` (see _added) are the new rows.
     # New rows follow stored ones at equal times, in row order, because their ids will be
     # higher. The sorts are stable, so that order holds.
     if not added:

@@ -380,7 +380,7 @@ def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
 
 
 class KnownKeys:
-    """Natural keys of rows known to be stored, at most ``size`` of them, the oldest dropped.
+    """Natural keys of rows found stored, at most ``size`` of them (the oldest are dropped).
 
     :func:`resolve_contacts` and :func:`resolve_named_conversations` skip the insert of
     the rows they hold, and insert a row that turns out to be missing after all.
@@ -398,13 +398,13 @@ class KnownKeys:
 
     def add(self, keys: Iterable[Any]) -> None:
         """Remember ``keys``."""
-        held = self._keys
+        entries = self._keys
         for key in keys:
-            held[key] = None
-        excess = len(held) - self.size
+            entries[key] = None
+        excess = len(entries) - self.size
         if excess > 0:
-            for key in list(itertools.islice(held, excess)):
-                del held[key]
+            for key in list(itertools.islice(entries, excess)):
+                del entries[key]
 
 
 def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[str, Any]],

@@ -127,7 +127,7 @@ class Writer:
         return self.write_counted(batch)[0]
 
     def write_counted(self, batch: Sequence[ev.Event]) -> tuple[int, int]:
-        """Write ``batch`` as :meth:`write` does; return its events and its new messages.
+        """Write ``batch`` as :meth:`write` does, and return its events and new messages.
 
         New messages are those whose keys were not stored when the transaction read them
         (one each for keys repeated in the batch), so a repeated batch has none.
@@ -491,8 +491,8 @@ _STORED_MESSAGES = "chatmw.stored_messages"
 def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]] | None:
     """Return the conversation id and time of the stored message of each of ``keys``.
 
-    The answer comes from what the writer's message runs in this transaction know, without
-    a query, or is ``None`` when they do not know every key.
+    The result comes from the reads of the writer's message runs in this transaction,
+    without a query. It is ``None`` when those reads did not cover every key.
     """
     known = session.info.get(_STORED_MESSAGES)
     if known is None:
