@@ -7,6 +7,7 @@ the stored rows with the reference.
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +21,7 @@ from chatmw.runtime import build_writer
 from chatmw.security.erasure import erase_person
 from chatmw.store import models
 from chatmw.store.derive import ConversationCache
+from chatmw.store.identity import KnownKeys, resolve_contacts
 from tests.test_writer_reference import check_reference, traffic
 
 
@@ -130,3 +132,22 @@ def test_writer_recreates_erased_rows(engine: Engine) -> None:
     assert with_cache == _conversation_rows(engine)
     # Unnamed messages join the contact's latest conversation, the named one.
     assert [row[4] for row in with_cache] == [4]
+
+
+def test_known_contacts_still_take_write_lock(engine: Engine) -> None:
+    # Skipping the insert of known contacts must not leave the sessionisation reads of an
+    # SQLite transaction outside the write lock, where another process may write.
+    if engine.dialect.name != "sqlite":
+        pytest.skip("SQLite only: PostgreSQL locks the contacts it sessionises")
+    known = KnownKeys()
+    with Session(engine) as session, session.begin():
+        resolve_contacts(session, {("web", "u1"): 1000}, known)
+    assert ("web", "u1") in known
+    other = sqlite3.connect(engine.url.database, timeout=0)
+    try:
+        with Session(engine) as session, session.begin():
+            resolve_contacts(session, {("web", "u1"): 2000}, known)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+    finally:
+        other.close()

@@ -231,10 +231,12 @@ class ConversationCache:
     """The states of the conversations a writer stored last, at most ``size`` of them.
 
     A state (see ``ConversationState``) is used only while the stored conversation row
-    still has its figures. Messages are only ever added to a conversation,
-    each message that counts adds to ``message_count``, and the other messages move only
-    its first and last times. So a conversation whose row matches has the messages the
-    state was computed from, apart from messages that leave every figure unchanged.
+    still has its figures. Messages are only added to a conversation, each counted message
+    adds to ``message_count``, and the other messages move only its first and last times.
+    So a conversation whose row matches has the messages the state was computed from,
+    apart from messages that leave every figure unchanged. Erasure and retention remove
+    whole conversations, and the channel and external id in a state tell a conversation
+    apart from a new one that SQLite gives the same id.
     """
 
     def __init__(self, size: int = 50_000) -> None:

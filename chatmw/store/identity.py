@@ -413,7 +413,10 @@ def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[st
     # ids of every row. A known row that is missing (removed since) is inserted then.
     keys = sorted(rows)
     unknown = keys if known is None else [key for key in keys if key not in known]
-    insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
+    if unknown:
+        insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
+    else:
+        _hold_write_lock(session, table)
     found: dict[tuple[str, str], int] = {}
     for channel, external, row_id in select_by_keys(
             session, table, ("channel", "external_id"), keys, ("channel", "external_id", "id")):
@@ -428,6 +431,15 @@ def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[st
     if known is not None:
         known.add(found)
     return found
+
+
+def _hold_write_lock(session: Session, table: Table) -> None:
+    # The insert that known rows skip made an SQLite transaction the writer, and the reads
+    # after it (latest conversations, conversation figures) rely on that. The driver runs
+    # reads before a transaction's first write outside it, where another process may write
+    # in between. An update of no row takes the write lock all the same.
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql(f"UPDATE {table.name} SET id = id WHERE 0")
 
 
 def resolve_contacts(session: Session, identities: dict[tuple[str, str], int],

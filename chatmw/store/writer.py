@@ -321,8 +321,8 @@ class Writer:
 
     def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
                        conversation_ids: Sequence[int], with_intent: Collection[int]) -> None:
-        # Conversations in ``with_intent`` had an intent when the batch began, and an
-        # intent is never cleared, so the statement would leave them as they are.
+        # Conversations in ``with_intent`` had an intent when the plan read their rows, and
+        # an intent is never cleared, so the statement would leave them as they are.
         intents: dict[int, str] = {}
         for message, conversation_id in zip(messages, conversation_ids, strict=True):
             if (message.intent and conversation_id not in intents
@@ -501,6 +501,7 @@ def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[in
         return {key: known[key] for key in keys}
     except KeyError:
         return None
+
 
 # Types of the conversation columns that a ConversationUpdate sets.
 _UPDATE_TYPES: dict[str, Any] = {
