@@ -50,7 +50,7 @@ from chatmw.recorder import Recorder
 from chatmw.store import models
 from chatmw.store import models_business as bm
 from chatmw.store.identity import CHUNK, id_in, insert_ignore, select_by_keys, upsert
-from chatmw.store.writer import Writer, write_attributes
+from chatmw.store.writer import Writer, stored_messages, write_attributes
 
 __all__ = [
     "BusinessSettings",
@@ -532,7 +532,11 @@ def _after_messages(session: Session, messages: Sequence[ev.Message], handlers: 
 
 
 def _stored_rows(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
-    key_tuples = [(key,) for key in sorted(set(keys))]
+    keys = set(keys)
+    known = stored_messages(session, keys)
+    if known is not None:
+        return known
+    key_tuples = [(key,) for key in sorted(keys)]
     rows = select_by_keys(session, _table(models.Message), ("key",), key_tuples,
                           ("key", "conversation_id", "occurred_at_ms"))
     return {key: (conversation_id, at_ms) for key, conversation_id, at_ms in rows}

@@ -57,6 +57,9 @@ def normalise_email(address: str) -> str:
 
 def find_emails(text: str) -> list[str]:
     """Return the distinct e-mail addresses in ``text``, normalised, in order of appearance."""
+    if "@" not in text:
+        # Every address has an @, and this test is a hundred times cheaper than the search.
+        return []
     found = (normalise_email(match.group(1)) for match in _EMAIL.finditer(text))
     return list(dict.fromkeys(found))
 

@@ -1,8 +1,8 @@
 """Where the batches of an import are written: a thread of this process, or a child process.
 
 Both write one batch at a time, through a :class:`~chatmw.store.writer.Writer`, while the
-caller reads the next batch. Before each batch is written, the keys of it that are stored
-already are read, so that the import can count duplicates. The batch before is committed
+caller reads the next batch. The writer's transaction reads which keys of the batch are
+stored already, so that the import can count duplicates. The batch before is committed
 by then, so a key repeated across batches of one file is counted once.
 
 In a thread, the writer's Python work shares the interpreter lock with the reading. In a
@@ -19,18 +19,16 @@ import logging
 import multiprocessing
 import operator
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from chatmw import events as ev
-from chatmw.store import models
-from chatmw.store.identity import CHUNK
 from chatmw.store.writer import Enricher, Writer
+from chatmw.writer_process import settle_collector
 
 if TYPE_CHECKING:
     from chatmw.config import Settings
@@ -68,34 +66,17 @@ class BatchWriter(Protocol):
     def close(self) -> None: ...
 
 
-def _stored_keys(engine: Engine, keys: Sequence[str]) -> set[str]:
-    found: set[str] = set()
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            # One array parameter: an IN list of thousands of values is slow to send.
-            statement = text("SELECT key FROM messages WHERE key = ANY(CAST(:keys AS VARCHAR[]))")
-            return set(connection.execute(statement, {"keys": list(keys)}).scalars())
-        column = models.Message.key
-        for start in range(0, len(keys), CHUNK):
-            chunk = list(keys[start:start + CHUNK])
-            found.update(connection.execute(select(column).where(column.in_(chunk))).scalars())
-    return found
-
-
 def write_batch(writer: Writer, messages: list[ev.Message]) -> int:
     """Write ``messages``; return how many distinct keys of them were not stored before.
 
-    Raises :class:`WriteFailed` when the write fails, with the database error as cause.
+    The writer counts the keys its transaction did not find stored, so a key that a
+    concurrent writer stores at the same time may count in both. Raises
+    :class:`WriteFailed` when the write fails, with the database error as cause.
     """
-    keys = {message.key for message in messages}
-    # The duplicate count is read before the write, so a concurrent writer of the same keys
-    # can make it low; the stored rows are right either way, because keys are unique.
-    stored = _stored_keys(writer.engine, sorted(keys))
     try:
-        writer.write(messages)
+        return writer.write_counted(messages)[1]
     except SQLAlchemyError as error:
         raise WriteFailed(str(error)) from error
-    return len(keys - stored)
 
 
 class ThreadBatchWriter:
@@ -176,6 +157,7 @@ def _serve(connection: Connection, factory: Callable[[], Writer]) -> None:
     writer = factory()
     enrichments = _Enrichments(writer.enrichers)
     writer.enrichers = [enrichments]
+    settle_collector()
     try:
         while True:
             try:

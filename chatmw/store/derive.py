@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
@@ -21,6 +21,8 @@ from chatmw.store.models import Conversation, Message
 
 __all__ = [
     "UNTIMED_KINDS",
+    "ConversationCache",
+    "ConversationState",
     "MessageTiming",
     "RefreshPlan",
     "apply_refresh",
@@ -137,12 +139,38 @@ def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
     the stored ones is appended to ``changed``. The figures are those of
     :func:`compute_timings`, computed on the rows without building objects.
     """
-    run_started: int | None = None
+    return _figures(rows[0][0], _walk(rows, _Running(rows[0][4]), changed), ended_at_ms)
+
+
+@dataclass(slots=True)
+class _Running:
+    """What the figures of a conversation's next messages depend on, after its last one.
+
+    ``started_at_ms`` and ``last_at_ms`` are the times of its first and last messages,
+    ``run_started`` the time of the first user message not answered yet.
+    """
+
+    started_at_ms: int
+    last_at_ms: int = 0
+    count: int = 0
+    user_count: int = 0
     first_ms: float | None = None
     first_role: str | None = None
-    count = 0
-    user_count = 0
+    run_started: int | None = None
     last_user_ms: int | None = None
+
+
+def _walk(rows: Iterable[Any], running: _Running,
+          changed: list[tuple[Any, float | None, bool]]) -> _Running:
+    # Extends ``running`` by message rows that come after every message it has seen, as
+    # in :func:`_conversation_figures`.
+    run_started = running.run_started
+    first_ms = running.first_ms
+    first_role = running.first_role
+    count = running.count
+    user_count = running.user_count
+    last_user_ms = running.last_user_ms
+    at_ms = running.last_at_ms
     for _, message, role, kind, at_ms, stored_response, stored_first in rows:
         response_ms: float | None = None
         is_first = False
@@ -162,35 +190,109 @@ def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
                 run_started = None
         if stored_response != response_ms or bool(stored_first) != is_first:
             changed.append((message, response_ms, is_first))
+    return _Running(running.started_at_ms, at_ms, count, user_count, first_ms, first_role,
+                    run_started, last_user_ms)
+
+
+def _figures(conversation_id: int, running: _Running, ended_at_ms: int | None) -> dict[str, Any]:
     # A user message after the end reopens the conversation.
+    last_user_ms = running.last_user_ms
     if ended_at_ms is not None and last_user_ms is not None and last_user_ms > ended_at_ms:
         ended_at_ms = None
     return {
-        "id": rows[0][0],
-        "started_at_ms": rows[0][4],
-        "last_message_at_ms": rows[-1][4],
-        "message_count": count,
-        "user_message_count": user_count,
-        "first_response_ms": first_ms,
-        "first_response_role": first_role,
+        "id": conversation_id,
+        "started_at_ms": running.started_at_ms,
+        "last_message_at_ms": running.last_at_ms,
+        "message_count": running.count,
+        "user_message_count": running.user_count,
+        "first_response_ms": running.first_ms,
+        "first_response_role": running.first_role,
         "ended_at_ms": ended_at_ms,
     }
+
+
+# A conversation's figures after its latest message, as this process stored them:
+# ``(channel, external_id, started_at_ms, last_message_at_ms, message_count,
+# user_message_count, first_response_ms, first_response_role, run_started, last_user_ms)``,
+# the fields of :class:`_Running` after the first two. The first eight are columns of the
+# conversation row, compared with the stored row before the state is used. (A tuple of
+# plain values, which the garbage collector stops tracking, not an object.)
+ConversationState = tuple[Any, ...]
+_COMPARED = 8
+
+
+def _state(channel: str, external_id: str, running: _Running) -> ConversationState:
+    return (channel, external_id, running.started_at_ms, running.last_at_ms, running.count,
+            running.user_count, running.first_ms, running.first_role, running.run_started,
+            running.last_user_ms)
+
+
+class ConversationCache:
+    """The states of the conversations a writer stored last, at most ``size`` of them.
+
+    A state (see ``ConversationState``) is used only while the stored conversation row
+    still has its figures. Messages are only added to a conversation, each counted message
+    adds to ``message_count``, and the other messages move only its first and last times.
+    So a conversation whose row matches has the messages the state was computed from,
+    apart from messages that leave every figure unchanged. Erasure and retention remove
+    whole conversations, and the channel and external id in a state tell a conversation
+    apart from a new one that SQLite gives the same id.
+    """
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._states: dict[int, ConversationState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, conversation_id: int) -> ConversationState | None:
+        """Return the state of ``conversation_id``, or ``None``."""
+        return self._states.get(conversation_id)
+
+    def update(self, states: Mapping[int, ConversationState]) -> None:
+        """Remember ``states``, once the transaction that stored them has committed."""
+        entries = self._states
+        for conversation_id, state in states.items():
+            entries.pop(conversation_id, None)
+            entries[conversation_id] = state
+        # The states written longest ago go first.
+        excess = len(entries) - self.size
+        if excess > 0:
+            for conversation_id in list(itertools.islice(entries, excess)):
+                del entries[conversation_id]
+
+    def discard(self, conversation_ids: Iterable[int]) -> None:
+        """Forget the states of ``conversation_ids``."""
+        for conversation_id in conversation_ids:
+            self._states.pop(conversation_id, None)
+
+    def clear(self) -> None:
+        """Forget every state."""
+        self._states.clear()
 
 
 @dataclass(slots=True)
 class RefreshPlan:
     """Figures computed before a batch of message rows is inserted; see :func:`plan_refresh`.
 
-    ``expected`` are the keys of the rows the plan counts as new, in row order.
+    ``expected`` are the keys of the rows the plan counts as new, in row order. ``states``
+    are the states of the conversations once the plan is applied. ``stored`` maps the key
+    of every row to the conversation id and time of the message stored with that key
+    once the plan is applied. ``with_intent`` are the conversations that have an intent.
     """
 
     conversation_ids: list[int]
     expected: list[str]
     message_changes: list[dict[str, Any]]
     conversation_changes: list[dict[str, Any]]
+    states: dict[int, ConversationState] = field(default_factory=dict)
+    stored: dict[str, tuple[int, int]] = field(default_factory=dict)
+    with_intent: set[int] = field(default_factory=set)
 
 
-def plan_refresh(session: Session, rows: Sequence[dict[str, Any]]) -> RefreshPlan:
+def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
+                 known: Callable[[int], ConversationState | None] | None = None) -> RefreshPlan:
     """Compute the figures of the conversations of message ``rows`` before they are inserted.
 
     A row is new when no stored message and no earlier row has its key. New rows get ids
@@ -201,31 +303,65 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]]) -> RefreshPla
     The plan holds only if exactly the expected rows are then inserted, in order
     (:func:`chatmw.store.identity.insert_ignore_expected`): apply it with
     :func:`apply_refresh`, or else call :func:`refresh_conversations`.
+
+    ``known`` returns the state of a conversation as this process stored it last (see
+    :class:`ConversationCache`). A conversation whose stored row still matches that state,
+    and whose new rows all come at or after its last message, is planned from the state
+    alone. The messages of the other conversations are read.
     """
     ids = sorted({row["conversation_id"] for row in rows})
-    stored_keys = {key for (key,) in select_by_keys(
-        session, Message.__table__, ("key",), [(row["key"],) for row in rows], ("key",))}
+    stored_rows: dict[str, tuple[int, int]] = {
+        key: (conversation_id, at_ms) for key, conversation_id, at_ms in select_by_keys(
+            session, Message.__table__, ("key",), [(row["key"],) for row in rows],
+            ("key", "conversation_id", "occurred_at_ms"))}
     new_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
     expected: list[str] = []
     for row in rows:
-        if row["key"] not in stored_keys:
-            stored_keys.add(row["key"])
+        key = row["key"]
+        if key not in stored_rows:
+            stored_rows[key] = (row["conversation_id"], row["occurred_at_ms"])
             new_rows[row["conversation_id"]].append(row)
-            expected.append(row["key"])
+            expected.append(key)
 
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
+    states: dict[int, ConversationState] = {}
+    with_intent: set[int] = set()
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
-        stored = {group[0][0]: group for group in _groups(_stored_timings(session, chunk))}
-        ended = _ended_times(session, chunk)
+        conversations = _conversation_rows(session, chunk)
+        with_intent.update(conversation_id for conversation_id, row in conversations.items()
+                           if row[9])
+        additions = {conversation_id: _added(new_rows.get(conversation_id, ()))
+                     for conversation_id in chunk}
+        planned: dict[int, _Running] = {}
+        unknown: list[int] = []
         for conversation_id in chunk:
-            merged = _merged(stored.get(conversation_id, ()), new_rows.get(conversation_id, ()))
-            if not merged:
-                continue
+            row = conversations.get(conversation_id)
+            state = None if known is None or row is None else known(conversation_id)
+            added = additions[conversation_id]
+            if (state is not None and row[:_COMPARED] == state[:_COMPARED]
+                    and (not added or state[3] <= added[0][4])):
+                planned[conversation_id] = _Running(*state[2:])
+            else:
+                unknown.append(conversation_id)
+        stored = ({group[0][0]: group for group in _groups(_stored_timings(session, unknown))}
+                  if unknown else {})
+        for conversation_id in chunk:
             changed: list[tuple[Any, float | None, bool]] = []
+            running = planned.get(conversation_id)
+            if running is not None:
+                running = _walk(additions[conversation_id], running, changed)
+            else:
+                merged = _merged(stored.get(conversation_id, ()), additions[conversation_id])
+                if not merged:
+                    continue
+                running = _walk(merged, _Running(merged[0][4]), changed)
+            row = conversations.get(conversation_id)
             conversation_changes.append(
-                _conversation_figures(merged, ended.get(conversation_id), changed))
+                _figures(conversation_id, running, None if row is None else row[8]))
+            if row is not None:
+                states[conversation_id] = _state(row[0], row[1], running)
             for message, response_ms, is_first in changed:
                 if isinstance(message, dict):
                     message["response_ms"] = response_ms
@@ -233,17 +369,35 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]]) -> RefreshPla
                 else:
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
-    return RefreshPlan(ids, expected, message_changes, conversation_changes)
+    return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
+                       stored_rows, with_intent)
 
 
-def _merged(stored: Sequence[Any], new_rows: Sequence[dict[str, Any]]) -> Sequence[Any]:
-    # Stored rows come sorted by time and id. New rows follow them at equal times, in row
-    # order, because their ids will be higher. The sorts are stable, so that order holds.
-    if not new_rows:
+def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
+    # The columns of a ConversationState, the end time and whether there is an intent.
+    statement = select(
+        Conversation.id, Conversation.channel, Conversation.external_id,
+        Conversation.started_at_ms, Conversation.last_message_at_ms, Conversation.message_count,
+        Conversation.user_message_count, Conversation.first_response_ms,
+        Conversation.first_response_role, Conversation.ended_at_ms,
+        Conversation.intent.is_not(None),
+    ).where(id_in(session, Conversation.id, ids))
+    return {row[0]: tuple(row[1:]) for row in session.connection().execute(statement)}
+
+
+def _added(new_rows: Sequence[dict[str, Any]]) -> list[Any]:
+    # New rows as timing rows, sorted by time. Rows of equal time keep their order.
+    return sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
+                    row["response_ms"], row["is_first_response"]) for row in new_rows),
+                  key=itemgetter(4))
+
+
+def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:
+    # Stored rows come sorted by time and id, and ``added`` (see _added) are the new rows.
+    # New rows follow stored ones at equal times, in row order, because their ids will be
+    # higher. The sorts are stable, so that order holds.
+    if not added:
         return stored
-    added = sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
-                     row["response_ms"], row["is_first_response"]) for row in new_rows),
-                   key=itemgetter(4))
     if not stored or stored[-1][4] <= added[0][4]:
         # The common case: every new message is at least as late as the stored ones.
         return [*stored, *added]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "insert_ignore_expected",
     "select_by_keys",
     "upsert",
+    "KnownKeys",
     "resolve_contacts",
     "resolve_named_conversations",
     "assign_sessions",
@@ -377,54 +379,106 @@ def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
     return session.connection().execute(statement, {"keys": document}).all()
 
 
-def resolve_contacts(session: Session, identities: dict[tuple[str, str], int]) -> dict[
-        tuple[str, str], int]:
+class KnownKeys:
+    """Natural keys of rows found stored, at most ``size`` of them (the oldest are dropped).
+
+    :func:`resolve_contacts` and :func:`resolve_named_conversations` skip the insert of
+    the rows they hold, and insert a row that turns out to be missing after all.
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._keys: dict[Any, None] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, keys: Iterable[Any]) -> None:
+        """Remember ``keys``."""
+        entries = self._keys
+        for key in keys:
+            entries[key] = None
+        excess = len(entries) - self.size
+        if excess > 0:
+            for key in list(itertools.islice(entries, excess)):
+                del entries[key]
+
+
+def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[str, Any]],
+             known: KnownKeys | None) -> dict[tuple[str, str], int]:
+    # Inserts the rows whose (channel, external_id) ``known`` does not hold, then reads the
+    # ids of every row. A known row that is missing (removed since) is inserted then.
+    keys = sorted(rows)
+    unknown = keys if known is None else [key for key in keys if key not in known]
+    if unknown:
+        insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
+    else:
+        _hold_write_lock(session, table)
+    found: dict[tuple[str, str], int] = {}
+    for channel, external, row_id in select_by_keys(
+            session, table, ("channel", "external_id"), keys, ("channel", "external_id", "id")):
+        found[(channel, external)] = row_id
+    if len(found) < len(keys):
+        missing = [key for key in keys if key not in found]
+        insert_ignore(session, table, [rows[key] for key in missing], ["channel", "external_id"])
+        for channel, external, row_id in select_by_keys(
+                session, table, ("channel", "external_id"), missing,
+                ("channel", "external_id", "id")):
+            found[(channel, external)] = row_id
+    if known is not None:
+        known.add(found)
+    return found
+
+
+def _hold_write_lock(session: Session, table: Table) -> None:
+    # The insert that known rows skip made an SQLite transaction the writer, and the reads
+    # after it (latest conversations, conversation figures) rely on that. The driver runs
+    # reads before a transaction's first write outside it, where another process may write
+    # in between. An update of no row takes the write lock all the same.
+    if session.get_bind().dialect.name == "sqlite":
+        session.connection().exec_driver_sql(f"UPDATE {table.name} SET id = id WHERE 0")
+
+
+def resolve_contacts(session: Session, identities: dict[tuple[str, str], int],
+                     known: KnownKeys | None = None) -> dict[tuple[str, str], int]:
     """Return contact ids for ``(channel, external_id)`` pairs, creating missing contacts.
 
     ``identities`` maps each pair to the earliest time (ms) it was seen in the batch.
     Concurrent writers are safe: the unique constraint decides, and ids are read back.
+    The pairs in ``known`` are not inserted unless they are missing.
     """
     if not identities:
         return {}
-    table = Contact.__table__
-    keys = sorted(identities)
-    rows = [
-        {"channel": channel, "external_id": external, "first_seen_ms": identities[(channel, external)],
-         "last_seen_ms": identities[(channel, external)]}
-        for channel, external in keys
-    ]
-    insert_ignore(session, table, rows, ["channel", "external_id"])
-    found: dict[tuple[str, str], int] = {}
-    for channel, external, contact_id in select_by_keys(
-            session, table, ("channel", "external_id"), keys, ("channel", "external_id", "id")):
-        found[(channel, external)] = contact_id
-    return found
+    rows = {
+        (channel, external): {"channel": channel, "external_id": external,
+                              "first_seen_ms": at_ms, "last_seen_ms": at_ms}
+        for (channel, external), at_ms in identities.items()
+    }
+    return _resolve(session, Contact.__table__, rows, known)
 
 
 def resolve_named_conversations(
-    session: Session, wanted: dict[tuple[str, str], tuple[int, int | None]]
+    session: Session, wanted: dict[tuple[str, str], tuple[int, int | None]],
+    known: KnownKeys | None = None,
 ) -> dict[tuple[str, str], int]:
     """Return conversation ids for ``(channel, external_id)``, creating missing ones.
 
-    ``wanted`` maps each pair to ``(earliest time in ms, contact id)``.
+    ``wanted`` maps each pair to ``(earliest time in ms, contact id)``. The pairs in
+    ``known`` are not inserted unless they are missing.
     """
     if not wanted:
         return {}
-    keys = sorted(wanted)
-    rows = [
-        {"channel": channel, "external_id": external, "contact_id": wanted[(channel, external)][1],
-         "started_at_ms": wanted[(channel, external)][0],
-         "last_message_at_ms": wanted[(channel, external)][0], "message_count": 0,
-         "user_message_count": 0, "handed_off": False}
-        for channel, external in keys
-    ]
-    insert_ignore(session, Conversation.__table__, rows, ["channel", "external_id"])
-    found: dict[tuple[str, str], int] = {}
-    for channel, external, conversation_id in select_by_keys(
-            session, Conversation.__table__, ("channel", "external_id"), keys,
-            ("channel", "external_id", "id")):
-        found[(channel, external)] = conversation_id
-    return found
+    rows = {
+        (channel, external): {
+            "channel": channel, "external_id": external, "contact_id": contact_id,
+            "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
+            "user_message_count": 0, "handed_off": False}
+        for (channel, external), (at_ms, contact_id) in wanted.items()
+    }
+    return _resolve(session, Conversation.__table__, rows, known)
 
 
 @dataclass(slots=True)

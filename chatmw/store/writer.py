@@ -9,7 +9,7 @@ is written twice therefore stores the same rows as one written once.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +19,17 @@ from sqlalchemy.orm import Session
 from chatmw import events as ev
 from chatmw.exchange import expand_all
 from chatmw.store import models
-from chatmw.store.derive import UNTIMED_KINDS, apply_refresh, plan_refresh, refresh_conversations
+from chatmw.store.derive import (
+    UNTIMED_KINDS,
+    ConversationCache,
+    ConversationState,
+    apply_refresh,
+    plan_refresh,
+    refresh_conversations,
+)
 from chatmw.store.identity import (
     CHUNK,
+    KnownKeys,
     assign_sessions,
     bulk_update,
     derived_table,
@@ -34,7 +42,8 @@ from chatmw.store.identity import (
     upsert,
 )
 
-__all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK"]
+__all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK",
+           "stored_messages"]
 
 # An enricher returns extra column values for a message row (for example its sentiment).
 Enricher = Callable[[ev.Message], Mapping[str, Any]]
@@ -72,6 +81,14 @@ class Writer:
     transform: Callable[[ev.Event], ev.Event] | None = None
     # Chat exchanges are decoded here, wherever this writer runs (see chatmw.recorder).
     expands_exchanges: bool = field(default=True, init=False)
+    # The figures of the conversations this writer stored last (see plan_refresh).
+    conversations: ConversationCache = field(default_factory=ConversationCache, init=False,
+                                              repr=False, compare=False)
+    # Contacts and named conversations this writer found stored, whose insert it skips.
+    contact_keys: KnownKeys = field(default_factory=KnownKeys, init=False, repr=False,
+                                    compare=False)
+    conversation_keys: KnownKeys = field(default_factory=KnownKeys, init=False, repr=False,
+                                         compare=False)
 
     def __post_init__(self) -> None:
         defaults: dict[type, Handler] = {
@@ -90,6 +107,9 @@ class Writer:
         # travels as its URL, with the password, and the child opens its own.
         state = dict(self.__dict__)
         state["engine"] = self.engine.url.render_as_string(hide_password=False)
+        state["conversations"] = ConversationCache(self.conversations.size)
+        state["contact_keys"] = KnownKeys(self.contact_keys.size)
+        state["conversation_keys"] = KnownKeys(self.conversation_keys.size)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -104,10 +124,21 @@ class Writer:
 
         Returns the number of events written once chat exchanges are decoded.
         """
+        return self.write_counted(batch)[0]
+
+    def write_counted(self, batch: Sequence[ev.Event]) -> tuple[int, int]:
+        """Write ``batch`` as :meth:`write` does, and return its events and new messages.
+
+        New messages are those whose keys were not stored when the transaction read them
+        (one each for keys repeated in the batch), so a repeated batch has none.
+        """
         batch = self.expand(batch)
-        with Session(self.engine) as session, session.begin():
-            self.write_in(session, batch)
-        return len(batch)
+        with Session(self.engine) as session:
+            with session.begin():
+                self.write_in(session, batch)
+            # Committed: the conversation figures planned in the transaction now hold.
+            self.conversations.update(session.info.pop(_PENDING_STATES, {}))
+            return len(batch), session.info.get(_NEW_MESSAGES, 0)
 
     def expand(self, batch: Sequence[ev.Event]) -> Sequence[ev.Event]:
         """Decode the chat exchanges of ``batch`` into events, passed through ``transform``.
@@ -179,17 +210,26 @@ class Writer:
         # The response figures are computed before the insert, so that new messages go in
         # with them. When the insert differs from the plan, the conversations are
         # recomputed from the stored messages instead.
-        plan = plan_refresh(session, rows)
+        pending: dict[int, ConversationState] = session.info.setdefault(_PENDING_STATES, {})
+        plan = plan_refresh(session, rows, lambda conversation_id: (
+            pending.get(conversation_id) or self.conversations.get(conversation_id)))
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
                                          plan.expected)
+        session.info[_NEW_MESSAGES] = session.info.get(_NEW_MESSAGES, 0) + len(plan.expected)
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
-        self._apply_intents(session, messages, conversation_ids)
+        self._apply_intents(session, messages, conversation_ids, plan.with_intent)
         if planned:
             apply_refresh(session, plan)
+            pending.update(plan.states)
+            session.info.setdefault(_STORED_MESSAGES, {}).update(plan.stored)
         else:
             refresh_conversations(session, conversation_ids)
+            for conversation_id in plan.conversation_ids:
+                pending.pop(conversation_id, None)
+            self.conversations.discard(plan.conversation_ids)
+            session.info.pop(_STORED_MESSAGES, None)
         outbound = [(m.channel, m.platform_message_id) for m in messages
                     if m.role != "user" and m.platform_message_id]
         if outbound:
@@ -202,7 +242,7 @@ class Writer:
         for message, at_ms in zip(messages, times, strict=True):
             identity = (message.channel, message.user_id)
             first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
-        return resolve_contacts(session, first_seen)
+        return resolve_contacts(session, first_seen, self.contact_keys)
 
     def _conversations_for(self, session: Session, messages: Sequence[ev.Message],
                            times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> list[int]:
@@ -220,7 +260,7 @@ class Writer:
             if owner is None and message.role == "user":
                 owner = contact_id
             named[key] = (min(earliest, at_ms), owner)
-        named_ids = resolve_named_conversations(session, named)
+        named_ids = resolve_named_conversations(session, named, self.conversation_keys)
         sessions = assign_sessions(session, unnamed, self.settings.session_gap_ms)
         result: list[int] = [0] * len(messages)
         for index, message in enumerate(messages):
@@ -280,10 +320,13 @@ class Writer:
         )
 
     def _apply_intents(self, session: Session, messages: Sequence[ev.Message],
-                       conversation_ids: Sequence[int]) -> None:
+                       conversation_ids: Sequence[int], with_intent: Collection[int]) -> None:
+        # Conversations in ``with_intent`` had an intent when the plan read their rows, and
+        # an intent is never cleared, so the statement would leave them as they are.
         intents: dict[int, str] = {}
         for message, conversation_id in zip(messages, conversation_ids, strict=True):
-            if message.intent and conversation_id not in intents:
+            if (message.intent and conversation_id not in intents
+                    and conversation_id not in with_intent):
                 intents[conversation_id] = message.intent
         if not intents:
             return
@@ -433,6 +476,31 @@ class Writer:
             for item in payloads
         ]
         session.execute(models.RawPayload.__table__.insert(), rows)
+
+
+# The key in ``Session.info`` of the conversation states a transaction has stored so far,
+# which the writer remembers once it commits.
+_PENDING_STATES = "chatmw.conversation_states"
+# The key in ``Session.info`` of the number of new messages the transaction stored.
+_NEW_MESSAGES = "chatmw.new_messages"
+# The key in ``Session.info`` of the conversation id and time of each message key the
+# transaction's message runs stored or found stored (see stored_messages).
+_STORED_MESSAGES = "chatmw.stored_messages"
+
+
+def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[int, int]] | None:
+    """Return the conversation id and time of the stored message of each of ``keys``.
+
+    The result comes from the reads of the writer's message runs in this transaction,
+    without a query. It is ``None`` when those reads did not cover every key.
+    """
+    known = session.info.get(_STORED_MESSAGES)
+    if known is None:
+        return None
+    try:
+        return {key: known[key] for key in keys}
+    except KeyError:
+        return None
 
 
 # Types of the conversation columns that a ConversationUpdate sets.
