@@ -12,7 +12,6 @@ The targeted tests below the random ones pin down cases found risky or wrong.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -88,6 +87,10 @@ EXACT_OPTION: dict[str, Compute] = {
     "response-time exact": lambda engine, flt: response_times(engine, flt, {"exact": "true"}),
 }
 PERCENTILES = ("p50", "p90", "p95")
+# The metrics most targeted checks compare (each reads a different set of rollup tables).
+CORE = ("volume-day", "heatmap", "growth-week", "summary", "response-time")
+# The metrics with distinct counts from contact sets (bitsets per UTC day and epoch week).
+DISTINCT = ("volume-day", "volume-week", "growth-day", "growth-week", "summary")
 
 
 # Comparison
@@ -121,7 +124,9 @@ def _outcome(compute: Compute, engine: Engine, flt: MetricFilter) -> tuple[str, 
         return type(error).__name__, str(error)
 
 
-def assert_same_as_raw(engine: Engine, flt: MetricFilter, names: tuple[str, ...] | None = None) -> None:
+def assert_same_as_raw(
+    engine: Engine, flt: MetricFilter, names: tuple[str, ...] | None = None
+) -> None:
     """Compare every metric (or those in ``names``) from rollups with the raw figures."""
     label = describe(flt)
     for group in (EXACT_METRICS, ESTIMATED_METRICS):
@@ -283,7 +288,8 @@ def plans(draw: st.DrawFn, store: Store, anchor_ms: int) -> Plan:
         for step in range(draw(st.integers(1, 5))):
             role = "user" if step == 0 else draw(st.sampled_from(ROLES))
             # Another contact may write in the same named conversation.
-            user = f"u{draw(st.integers(0, 4))}" if named and draw(st.integers(0, 5)) == 0 else owner
+            guest = named and draw(st.integers(0, 5)) == 0
+            user = f"u{draw(st.integers(0, 4))}" if guest else owner
             kind = "reaction" if draw(st.integers(0, 9)) == 0 else "message"
             messages.append(
                 store.message(at, f"c{number}" if named else None, user, role, channel, kind)
@@ -299,7 +305,11 @@ def plans(draw: st.DrawFn, store: Store, anchor_ms: int) -> Plan:
     stored = shuffled + later
     duplicates = []
     for original in draw(st.lists(st.sampled_from(stored), max_size=4)):
+        # A duplicate may carry another time. Without a conversation id such a duplicate can
+        # start an empty conversation (test_duplicate_after_session_gap), so those keep theirs.
         moved = draw(st.sampled_from([0, 0, -SLOT_MS, 1, DAY_MS]))
+        if original.conversation_id is None:
+            moved = 0
         duplicates.append(
             store.message(
                 _ms(original.occurred_at) + moved,
@@ -342,9 +352,13 @@ def windows(draw: st.DrawFn, anchor_ms: int) -> MetricFilter:
 
 
 ANCHORS = st.sampled_from([_ms(EPOCH), _ms(EPOCH_WEEK_EDGE)])
-# CHATMW_ATTACK_EXAMPLES runs more random examples (the default keeps the module short).
+# CHATMW_ATTACK_EXAMPLES runs more random examples, with a new seed each run. By default
+# the module runs 12 examples from a fixed seed, so that it is short and repeatable.
+_EXAMPLES = os.environ.get("CHATMW_ATTACK_EXAMPLES")
 RANDOM = settings(
-    max_examples=int(os.environ.get("CHATMW_ATTACK_EXAMPLES", "12")),
+    max_examples=int(_EXAMPLES or "12"),
+    derandomize=_EXAMPLES is None,
+    database=None,
     deadline=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,
@@ -443,10 +457,11 @@ def test_epoch_week_edges(database_url: str, tmp_path: Path, anchor: datetime) -
         ]
         zones = ("UTC", "Asia/Kathmandu", "Africa/Monrovia", "Pacific/Chatham")
         for number, (since, until) in enumerate(windows):
-            assert_same_as_raw(store.engine, _filter(since, until, zones[number % len(zones)]))
+            flt = _filter(since, until, zones[number % len(zones)])
+            assert_same_as_raw(store.engine, flt, None if number == 0 else CORE)
         for since, until in windows[1:3]:
             flt = _filter(since, until, group_by=GroupBy("channel"), channels=("web", QUIET))
-            assert_same_as_raw(store.engine, flt)
+            assert_same_as_raw(store.engine, flt, CORE)
 
 
 def test_empty_and_tiny_windows(database_url: str, tmp_path: Path) -> None:
@@ -460,13 +475,11 @@ def test_empty_and_tiny_windows(database_url: str, tmp_path: Path) -> None:
             (edge + 1, edge + 1),
             (edge, edge + 1),
             (edge, edge + SLOT_MS),
-            (edge + SLOT_MS, edge + 2 * SLOT_MS),
-            (edge + 1, edge + SLOT_MS),
             (edge - 1, edge + SLOT_MS - 1),
             (edge + 3 * DAY_MS, edge + 4 * DAY_MS),  # nothing happened that day
         ]:
             group = GroupBy("channel") if since % 2 else None
-            assert_same_as_raw(store.engine, _filter(since, until, group_by=group))
+            assert_same_as_raw(store.engine, _filter(since, until, group_by=group), CORE)
 
 
 def test_quiet_channels(database_url: str, tmp_path: Path) -> None:
@@ -478,7 +491,7 @@ def test_quiet_channels(database_url: str, tmp_path: Path) -> None:
         for number, channels in enumerate([(QUIET,), (QUIET, "web"), ("web", "whatsapp")]):
             group = GroupBy("channel") if number % 2 else None
             flt = _filter(edge - DAY_MS, edge + WEEK_MS, channels=channels, group_by=group)
-            assert_same_as_raw(store.engine, flt)
+            assert_same_as_raw(store.engine, flt, CORE)
 
 
 def test_contacts_with_ids_far_apart(database_url: str, tmp_path: Path) -> None:
@@ -508,7 +521,7 @@ def test_contacts_with_ids_far_apart(database_url: str, tmp_path: Path) -> None:
         for since, until, group in [(edge, edge + WEEK_MS, None),
                                     (edge, edge + 2 * DAY_MS, GroupBy("channel")),
                                     (edge + 7, edge + 3 * DAY_MS, None)]:
-            assert_same_as_raw(store.engine, _filter(since, until, group_by=group))
+            assert_same_as_raw(store.engine, _filter(since, until, group_by=group), DISTINCT)
 
 
 def test_refresh_between_late_message_and_duplicate(database_url: str, tmp_path: Path) -> None:
@@ -527,10 +540,10 @@ def test_refresh_between_late_message_and_duplicate(database_url: str, tmp_path:
         store.write(duplicate)
         windows = [(edge, edge + DAY_MS), (edge + SLOT_MS, edge + DAY_MS), (edge, edge + SLOT_MS)]
         for since, until in windows:
-            assert_same_as_raw(store.engine, _filter(since, until))
+            assert_same_as_raw(store.engine, _filter(since, until), CORE)
         refresh(store.engine)
         for since, until in windows:
-            assert_same_as_raw(store.engine, _filter(since, until))
+            assert_same_as_raw(store.engine, _filter(since, until), CORE)
 
 
 def test_identical_timestamps(database_url: str, tmp_path: Path) -> None:
@@ -546,9 +559,10 @@ def test_identical_timestamps(database_url: str, tmp_path: Path) -> None:
         refresh(store.engine)
         store.write(*messages[20:])
         for since, until in [(edge, edge + SLOT_MS), (edge - SLOT_MS, edge + 1), (edge, edge + 1)]:
-            assert_same_as_raw(store.engine, _filter(since, until, group_by=GroupBy("channel")))
+            flt = _filter(since, until, group_by=GroupBy("channel"))
+            assert_same_as_raw(store.engine, flt, CORE)
         refresh(store.engine)
-        assert_same_as_raw(store.engine, _filter(edge, edge + SLOT_MS))
+        assert_same_as_raw(store.engine, _filter(edge, edge + SLOT_MS), CORE)
 
 
 def test_zero_and_large_response_times(database_url: str, tmp_path: Path) -> None:
@@ -645,10 +659,12 @@ def test_contact_across_channels(database_url: str, tmp_path: Path) -> None:
         invalidate(store.engine)
         refresh(store.engine)
         store.write(store.message(edge + 2 * DAY_MS, "w2", "p", channel="web"))
-        for channels in [(), ("web",), ("whatsapp", "messenger"), ("web", "messenger"), (QUIET, "web")]:
-            for group in (None, GroupBy("channel")):
-                flt = _filter(edge - DAY_MS, edge + WEEK_MS, channels=channels, group_by=group)
-                assert_same_as_raw(store.engine, flt, ("growth-day", "growth-week", "summary"))
+        for number, channels in enumerate(
+            [(), ("web",), ("whatsapp", "messenger"), ("web", "messenger"), (QUIET, "web")]
+        ):
+            group = GroupBy("channel") if number % 2 else None
+            flt = _filter(edge - DAY_MS, edge + WEEK_MS, channels=channels, group_by=group)
+            assert_same_as_raw(store.engine, flt, ("growth-day", "growth-week", "summary"))
 
 
 def test_erasure_and_retention(database_url: str, tmp_path: Path) -> None:
@@ -662,10 +678,10 @@ def test_erasure_and_retention(database_url: str, tmp_path: Path) -> None:
         with store.engine.connect() as connection:
             assert cover(connection, flt) is None
         assert refresh(store.engine).rebuilt
-        assert_same_as_raw(store.engine, flt)
+        assert_same_as_raw(store.engine, flt, CORE)
         purge_older_than(store.engine, 1, now_ms=edge + DAY_MS)
         assert refresh(store.engine).rebuilt
-        assert_same_as_raw(store.engine, flt)
+        assert_same_as_raw(store.engine, flt, CORE)
 
 
 # Bugs: each test states the exact failure it shows.
@@ -769,3 +785,45 @@ def test_rebuild_time_follows_time_span(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the rebuild of a 2-message store did not finish in 15 s")
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a duplicate message (a stored key) that arrives hours later without a "
+    "conversation id starts a new session conversation before the insert skips it; that "
+    "conversation has no message, so rollups never count it: summary counts 1 conversation "
+    "where raw rows count 2, before and after refresh",
+)
+def test_duplicate_after_session_gap(database_url: str, tmp_path: Path) -> None:
+    edge = _ms(EPOCH_WEEK_EDGE)
+    with fresh_store(database_url, tmp_path) as store:
+        store.write(store.message(edge + HOUR_MS, None, "u1", key="same"))
+        refresh(store.engine)
+        store.write(store.message(edge + 5 * HOUR_MS, None, "u1", key="same"))
+        refresh(store.engine)
+        assert_same_as_raw(store.engine, _filter(edge, edge + DAY_MS), ("summary", "volume-day"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="erasing a guest whose message opened another contact's conversation leaves that "
+    "conversation's start at the erased message's time; the rebuild counts it in that slot, "
+    "and when a new message moves the start the refresh does not recompute the old slot, "
+    "which no message touches any more: summary and heatmap count 2 conversations where raw "
+    "rows count 1, until the next full rebuild",
+)
+def test_new_message_after_erasing_the_opening_guest(database_url: str, tmp_path: Path) -> None:
+    edge = _ms(EPOCH_WEEK_EDGE)
+    with fresh_store(database_url, tmp_path) as store:
+        store.write(store.message(edge + 2 * HOUR_MS, "room", "owner"))
+        store.write(
+            store.message(edge + HOUR_MS, "room", "guest"),
+            store.message(edge + 3 * HOUR_MS, "room", "owner", "bot"),
+        )
+        erase_person(store.engine, "web", "guest")
+        assert refresh(store.engine).rebuilt
+        flt = _filter(edge, edge + DAY_MS)
+        assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))  # holds here
+        store.write(store.message(edge + 5 * HOUR_MS, "room", "owner"))
+        refresh(store.engine)
+        assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))
