@@ -1,8 +1,8 @@
 """Rollup figures against raw figures on random stores, event sequences and windows.
 
 Each check computes ``volume``, ``heatmap``, ``growth``, ``summary`` and ``response-time``
-twice, from rollups and from raw rows only (``raw_only``), and requires equal results,
-except p50, p90 and p95 of response times, which may differ by
+twice: from rollups, and from raw rows only (``raw_only``). The results must be equal.
+The one exception is p50, p90 and p95 of response times, which may differ by
 ``RELATIVE_ERROR`` of the raw value plus 1 ms of rounding. ``exact=true`` must give the
 raw figures exactly. The random stores have late, duplicate and out-of-order messages,
 identical timestamps, times on and next to slot edges, Unix epoch week edges and the
@@ -49,7 +49,7 @@ from chatmw.store.models_rollups import SLOT_MS, RollupConversations
 from chatmw.store.writer import Writer
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # a Thursday: the first epoch week starts here
-EPOCH_WEEK_EDGE = datetime(2024, 3, 28, tzinfo=UTC)  # a Thursday, 2,829 epoch weeks later
+EPOCH_WEEK_EDGE = datetime(2024, 3, 28, tzinfo=UTC)  # a Thursday, 2,830 epoch weeks later
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
@@ -103,7 +103,7 @@ def assert_close(actual: Any, expected: Any, path: str = "") -> None:
         assert sorted(actual) == sorted(expected), path
         for key, value in expected.items():
             if key in PERCENTILES and value is not None and actual[key] is not None:
-                # Both are rounded to the ms; 1e-9 absorbs the float error of the difference.
+                # Both are rounded to the ms. The 1e-9 absorbs the float error of the difference.
                 bound = RELATIVE_ERROR * value + 0.001 + 1e-9
                 assert abs(actual[key] - value) <= bound, f"{path}.{key}: {actual[key]} {value}"
             else:
@@ -517,7 +517,8 @@ def test_contacts_with_ids_far_apart(database_url: str, tmp_path: Path) -> None:
             store.message(edge + DAY_MS + 6, "d", "new"),
         )
         refresh(store.engine)
-        store.write(store.message(edge + 2 * DAY_MS, "e", "near"))  # unrefreshed: raw part
+        # Not refreshed yet, so its day is read from raw rows.
+        store.write(store.message(edge + 2 * DAY_MS, "e", "near"))
         for since, until, group in [(edge, edge + WEEK_MS, None),
                                     (edge, edge + 2 * DAY_MS, GroupBy("channel")),
                                     (edge + 7, edge + 3 * DAY_MS, None)]:
@@ -607,7 +608,7 @@ def _metrics_app(database_url: str) -> FastAPI:
 
 @pytest.mark.parametrize("metric", ["summary", "response-time"])
 def test_api_rejects_unknown_exact(database_url: str, metric: str) -> None:
-    """exact=maybe is a 422 naming the parameter and the accepted values; true and false work."""
+    """Reject exact=maybe with a 422 that names the parameter and the accepted values."""
     import asyncio
 
     import httpx
@@ -631,7 +632,9 @@ def test_api_rejects_unknown_exact(database_url: str, metric: str) -> None:
     assert maybe.status_code == 422, maybe.text
     detail = maybe.json()["detail"][0]
     assert detail["loc"] == ["query", "exact"]
-    assert "true" in detail["msg"] and "false" in detail["msg"] and "maybe" in detail["msg"]
+    assert "true" in detail["msg"]
+    assert "false" in detail["msg"]
+    assert "maybe" in detail["msg"]
     assert upper.status_code == 422
     assert twice.status_code == 422
     assert twice.json()["detail"][0]["msg"] == "given more than once"
@@ -664,7 +667,8 @@ def test_contact_across_channels(database_url: str, tmp_path: Path) -> None:
         ):
             group = GroupBy("channel") if number % 2 else None
             flt = _filter(edge - DAY_MS, edge + WEEK_MS, channels=channels, group_by=group)
-            assert_same_as_raw(store.engine, flt, ("growth-day", "growth-week", "summary"))
+            metrics = ("growth-day", "growth-week", "volume-week", "summary")
+            assert_same_as_raw(store.engine, flt, metrics)
 
 
 def test_erasure_and_retention(database_url: str, tmp_path: Path) -> None:
@@ -781,9 +785,9 @@ def test_rebuild_time_follows_time_span(tmp_path: Path) -> None:
     engine.dispose()
     command = [str(Path(sys.executable).parent / "chatmw"), "rollups", "refresh", "--db", url]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=15)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
-        pytest.fail("the rebuild of a 2-message store did not finish in 15 s")
+        pytest.fail("the rebuild of a 2-message store did not finish in 10 s")
     assert done.returncode == 0, done.stderr
 
 
@@ -812,7 +816,7 @@ def test_duplicate_after_session_gap(database_url: str, tmp_path: Path) -> None:
     "which no message touches any more: summary and heatmap count 2 conversations where raw "
     "rows count 1, until the next full rebuild",
 )
-def test_new_message_after_erasing_the_opening_guest(database_url: str, tmp_path: Path) -> None:
+def test_message_after_erased_opening_guest(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:
         store.write(store.message(edge + 2 * HOUR_MS, "room", "owner"))
@@ -826,4 +830,32 @@ def test_new_message_after_erasing_the_opening_guest(database_url: str, tmp_path
         assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))  # holds here
         store.write(store.message(edge + 5 * HOUR_MS, "room", "owner"))
         refresh(store.engine)
+        assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after the erasure of the guest whose message opened a conversation, an 'ended' "
+    "ConversationUpdate recomputes the conversation's start from its remaining messages "
+    "without writing a message, so no slot is dirtied: over the erased message's slot "
+    "summary and heatmap count 1 conversation and 2 messages where raw rows count none",
+)
+def test_end_update_after_erased_opener(database_url: str, tmp_path: Path) -> None:
+    edge = _ms(EPOCH_WEEK_EDGE)
+    with fresh_store(database_url, tmp_path) as store:
+        store.write(store.message(edge + 2 * HOUR_MS, "room", "owner"))
+        store.write(
+            store.message(edge + HOUR_MS, "room", "guest"),
+            store.message(edge + 3 * HOUR_MS, "room", "owner", "bot"),
+        )
+        erase_person(store.engine, "web", "guest")
+        assert refresh(store.engine).rebuilt
+        store.write(
+            ev.ConversationUpdate(
+                channel="web", occurred_at=EPOCH + timedelta(milliseconds=edge + 6 * HOUR_MS),
+                user_id="owner", conversation_id="room", ended=True,
+            )
+        )
+        refresh(store.engine)
+        flt = _filter(edge + HOUR_MS, edge + HOUR_MS + SLOT_MS)
         assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))
