@@ -223,8 +223,8 @@ def _sum_level(connection: Connection, level: int, ranges: list[tuple[int, int]]
 def insert_started(connection: Connection, ranges: Ranges) -> None:
     """Count the conversations that started in ``ranges`` into the emptied rollup rows.
 
-    ``ranges`` are whole slots; the hour, day and week rows around them must be empty too
-    (:func:`delete_started`), and are summed again from the rows below them.
+    ``ranges`` are whole slots. The hour, day and week rows around them must be empty too
+    (:func:`delete_started`), because they are summed again from the rows below them.
     """
     for part in _parts(ranges):
         by_start = time_in_ranges(Conversation.started_at_ms, part)
