@@ -691,12 +691,6 @@ def test_erasure_and_retention(database_url: str, tmp_path: Path) -> None:
 # Bugs: each test states the exact failure it shows.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a conversation created by a ConversationUpdate (no message) after the rollups "
-    "are built is missing from rollup figures: summary and volume count 1 conversation "
-    "where raw rows count 2, before and after refresh",
-)
 def test_conversation_created_by_update_after_build(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:
@@ -739,12 +733,6 @@ def test_conversation_start_moved_from_update_slot(database_url: str, tmp_path: 
         assert_same_as_raw(store.engine, _filter(edge, edge + DAY_MS), ("summary", "heatmap"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a touch naming a conversation that does not exist yet creates it without a "
-    "message; after the rollups are built it is missing from rollup figures (summary counts "
-    "1 conversation where raw rows count 2), before and after refresh",
-)
 def test_conversation_created_by_touch_after_build(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:
@@ -782,13 +770,6 @@ def test_rebuild_chunks_follow_rows_not_time_span(tmp_path: Path) -> None:
     engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a duplicate message (a stored key) that arrives hours later without a "
-    "conversation id starts a new session conversation before the insert skips it; that "
-    "conversation has no message, so rollups never count it: summary counts 1 conversation "
-    "where raw rows count 2, before and after refresh",
-)
 def test_duplicate_after_session_gap(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:

@@ -155,10 +155,12 @@ def _key(flt: MetricFilter, channel: str) -> Any:
 
 
 def _changed_contacts(connection: Connection) -> set[int]:
-    watermark = connection.execute(
-        select(RollupState.watermark_id).where(RollupState.id == 1)
-    ).scalar_one()
-    return changes_after(connection, int(watermark)).contacts
+    watermark, conversations = connection.execute(
+        select(RollupState.watermark_id, RollupState.conversation_watermark_id).where(
+            RollupState.id == 1
+        )
+    ).one()
+    return changes_after(connection, int(watermark), None, int(conversations)).contacts
 
 
 def _add_new_from_rollups(

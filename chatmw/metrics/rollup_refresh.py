@@ -150,12 +150,18 @@ class Changes:
     contacts: set[int]
 
 
-# NOTE: changes are found through new message ids only. A conversation row that the writer
-# creates or moves without storing a message (a ConversationUpdate or Touch naming a new
-# conversation, a duplicate key that opens a new session, an end that recomputes the start
-# after an erasure) is missed until the next rebuild; tests/test_rollups_attack.py keeps
-# these cases as strict xfails.
-def changes_after(connection: Connection, after_id: int, through_id: int | None = None) -> Changes:
+# NOTE: changes are found through new message ids and new conversation ids. A stored
+# conversation whose start the writer moves without storing a message (an end update that
+# recomputes the start after its opening message was erased, or the first message of a
+# conversation an update created) leaves its old start slot stale until the next rebuild;
+# tests/test_rollups_attack.py keeps these cases as strict xfails.
+def changes_after(
+    connection: Connection,
+    after_id: int,
+    through_id: int | None = None,
+    after_conversation_id: int | None = None,
+    through_conversation_id: int | None = None,
+) -> Changes:
     """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
     The slots are those of the new messages and, for each of their conversations, the
@@ -172,6 +178,12 @@ def changes_after(connection: Connection, after_id: int, through_id: int | None 
     for conversation_id, at_ms in connection.execute(tail):
         changes.slots.add(slot_of(at_ms))
         conversations.add(conversation_id)
+    if after_conversation_id is not None:
+        # Conversation rows created since, with or without a message.
+        created = select(Conversation.id).where(Conversation.id > after_conversation_id)
+        if through_conversation_id is not None:
+            created = created.where(Conversation.id <= through_conversation_id)
+        conversations.update(connection.execute(created).scalars())
     ids = sorted(conversations)
     for index in range(0, len(ids), _CHUNK):
         chunk = ids[index : index + _CHUNK]
@@ -187,9 +199,14 @@ def changes_after(connection: Connection, after_id: int, through_id: int | None 
     return changes
 
 
-def dirty_slots(connection: Connection, after_id: int, through_id: int | None = None) -> set[int]:
+def dirty_slots(
+    connection: Connection,
+    after_id: int,
+    through_id: int | None = None,
+    after_conversation_id: int | None = None,
+) -> set[int]:
     """Return the slots of :func:`changes_after`."""
-    return changes_after(connection, after_id, through_id).slots
+    return changes_after(connection, after_id, through_id, after_conversation_id).slots
 
 
 def _timed() -> ColumnElement[bool]:
@@ -308,11 +325,14 @@ def _lock_state(connection: Connection) -> RollupStateRow:
             RollupState.rescan_from_id,
             RollupState.pending_id,
             RollupState.pending_at_ms,
+            RollupState.conversation_watermark_id,
+            RollupState.conversation_rescan_from_id,
+            RollupState.conversation_pending_id,
         )
         .where(RollupState.id == 1)
         .with_for_update()
     ).one()
-    return RollupStateRow(bool(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4]))
+    return RollupStateRow(bool(row[0]), *(int(value) for value in row[1:]))
 
 
 @dataclass(slots=True)
@@ -324,6 +344,15 @@ class RollupStateRow:
     rescan_from_id: int
     pending_id: int
     pending_at_ms: int
+    conversation_watermark_id: int
+    conversation_rescan_from_id: int
+    conversation_pending_id: int
+
+
+def _max_conversation_id(connection: Connection) -> int:
+    return int(
+        connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one()
+    )
 
 
 def _max_message_id(connection: Connection) -> int:
@@ -350,10 +379,19 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
     for table in (*tables, *STARTED_TABLES, RollupContactSets):
         connection.execute(delete(table))
+    # Conversations created from here on have higher ids, so the next refresh finds them.
+    conversations = _max_conversation_id(connection)
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
-        .values(built=False, rebuild_token=token, rebuild_started_at_ms=now_ms)
+        .values(
+            built=False,
+            rebuild_token=token,
+            rebuild_started_at_ms=now_ms,
+            conversation_watermark_id=conversations,
+            conversation_rescan_from_id=conversations,
+            conversation_pending_id=conversations,
+        )
     )
     return token, watermark
 
@@ -611,14 +649,24 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     """Recompute the slots changed since the last refresh; return the watermark and slot count."""
 
     watermark = max(_max_message_id(connection), state.watermark_id)
-    changes = changes_after(connection, state.rescan_from_id, watermark)
+    conversation_mark = max(_max_conversation_id(connection), state.conversation_watermark_id)
+    changes = changes_after(
+        connection,
+        state.rescan_from_id,
+        watermark,
+        state.conversation_rescan_from_id,
+        conversation_mark,
+    )
     slots = changes.slots
     if slots:
         _recompute(connection, slots)
     _recompute_firsts(connection, changes.contacts)
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
+    conversation_rescan = state.conversation_rescan_from_id
+    conversation_pending = state.conversation_pending_id
     if now_ms - pending_at >= OVERLAP_MS:
         rescan_from, pending, pending_at = pending, watermark, now_ms
+        conversation_rescan, conversation_pending = conversation_pending, conversation_mark
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -628,6 +676,9 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
             pending_id=pending,
             pending_at_ms=pending_at,
             refreshed_at_ms=now_ms,
+            conversation_watermark_id=conversation_mark,
+            conversation_rescan_from_id=conversation_rescan,
+            conversation_pending_id=conversation_pending,
         )
     )
     return watermark, len(slots)

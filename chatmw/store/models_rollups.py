@@ -236,3 +236,14 @@ class RollupState(Base):
     refreshed_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
     rebuild_token: Mapped[str | None] = mapped_column(String(32))
     rebuild_started_at_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The same three watermarks over conversation ids: the writer creates some conversation
+    # rows without a message (an update or a touch naming a new conversation).
+    conversation_watermark_id: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
+    conversation_rescan_from_id: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
+    conversation_pending_id: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
