@@ -71,8 +71,8 @@ def earlier_rows(skipped: set[str]) -> list[str]:
     return [line for line in text[start:end].splitlines() if prefixes and line.startswith(prefixes)]
 
 
-def summary(results: dict[str, Any], kept: list[str] | None = None) -> str:
-    """Return the table of measured figures against targets, with ``kept`` rows carried over."""
+def summary(results: dict[str, Any], carried_rows: list[str] | None = None) -> str:
+    """Return the table of measured figures against targets, with ``carried_rows`` appended."""
     rows: list[tuple[str, str, str, bool]] = []
     for database, loads in results.get("overhead", {}).items():
         for load, items in loads.items():
@@ -143,7 +143,7 @@ def summary(results: dict[str, Any], kept: list[str] | None = None) -> str:
         f"| {name} | {target} | {measured} | {'met' if met else '**missed**'} |"
         for name, target, measured, met in rows
     ]
-    lines += kept or []
+    lines += carried_rows or []
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Response-time percentiles from rollup histograms against exact percentiles.
 
 The exact figures are computed here from the written durations, independently of the
-metric code; the rollup figures must match count, mean and max exactly and each
+metric code. The rollup figures must match count, mean and max exactly, and each
 percentile within one bucket width.
 """
 
@@ -141,7 +141,7 @@ def test_response_time_rollups_match_written_durations(engine: Engine) -> None:
     assert levels[LEVEL_DAY] > 0
     assert levels[LEVEL_WEEK] > 0
 
-    # The window holds one whole epoch week (from Thursday 2024-05-09) and whole days.
+    # The window contains one whole epoch week (from Thursday 2024-05-09) and whole days.
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=11), group_by=GroupBy("channel"))
     result = response_times(engine, flt, {})
     assert_within_bucket(result["reply_time"]["all"], replies["web"] + replies["whatsapp"])

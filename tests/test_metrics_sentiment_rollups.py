@@ -1,7 +1,7 @@
 """The sentiment metric from rollups equals the metric from raw rows.
 
 Stores get scored English texts, unscored texts, late first messages that move a
-conversation's start, and duplicates; each check runs before and after a refresh on
+conversation's start, and duplicates. Each check runs before and after a refresh, on
 SQLite and PostgreSQL.
 """
 

@@ -22,7 +22,7 @@ from chatmw.metrics.response_time import (
 from chatmw.metrics.scope import conversation_scope
 from chatmw.metrics.sentiment import mean_polarity
 from chatmw.metrics.sentiment_rollups import sentiment_sums
-from chatmw.metrics.started_query import started_figures
+from chatmw.metrics.started_query import StartedFigures, started_figures
 from chatmw.metrics.stats import describe_seconds, rate
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Base, Conversation, Message
@@ -55,7 +55,9 @@ def _has_table(engine: Engine, module: str, name: str) -> bool:
     return name in Base.metadata.tables and inspect(engine).has_table(name)
 
 
-def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
+def _volume(
+    engine: Engine, flt: MetricFilter, started: StartedFigures | None
+) -> dict[str, dict[str, Any]]:
     scope = conversation_scope(flt).subquery()
     conversations = (
         select(
@@ -85,7 +87,6 @@ def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
         for channel, count, users, engaged in connection.execute(conversations):
             rows[channel].update(conversations=count, users=users, engaged=int(engaged or 0))
     # Message counts from rollups where they cover the window; they read no message row.
-    started = started_figures(engine, dataclasses.replace(flt, group_by=GroupBy("channel")))
     if started is not None:
         for channel, totals in started.totals.items():
             if totals["messages"]:
@@ -151,15 +152,16 @@ def _nothing(flt: MetricFilter) -> MetricFilter:
 FIGURES = ("first_response", "reply_time")
 
 
-def _durations(engine: Engine, flt: MetricFilter, exact: bool) -> dict[str, dict[str, Any]]:
+def _durations(
+    engine: Engine, flt: MetricFilter, started: StartedFigures | None
+) -> dict[str, dict[str, Any]]:
     """Describe first response and reply time per channel, from rollups where they apply."""
-    figures = None if exact else started_figures(engine, flt, totals=False)
-    if figures is not None:
+    if started is not None:
         return {
             str(channel): {
                 figure: describe_responses([by_figure], figure, "all") for figure in FIGURES
             }
-            for channel, by_figure in figures.responses.items()
+            for channel, by_figure in started.responses.items()
         }
     # The group key is the channel, which every conversation has.
     return {
@@ -185,8 +187,10 @@ def channel_performance(
 ) -> dict[str, Any]:
     """Compute one row per channel over the conversations of ``flt``."""
     by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
-    volume = _volume(engine, flt)
-    durations = _durations(engine, by_channel, exact_requested(options))
+    # One read of the rollups serves message counts, and response times unless exact.
+    started = started_figures(engine, by_channel)
+    volume = _volume(engine, flt, started)
+    durations = _durations(engine, by_channel, None if exact_requested(options) else started)
     sentiment = _sentiment_means(engine, by_channel)
     conversions = _conversions(engine, by_channel, options or {})
     surveys = _surveys(engine, by_channel)

@@ -1,14 +1,13 @@
 """Log-scale histograms of durations, with percentiles estimated from bucket counts.
 
 Response-time rollups keep, per bucket, the count, sum, minimum and maximum of the
-durations (in ms) that fall in it. Buckets are 1/16 of an octave wide: bucket ``b``
-holds the integers from ``ceil(2 ** (b / 16))`` up to the next bucket's lower bound,
-so below 23 ms every bucket contains one integer. Count, mean and max computed from these
-buckets are exact. A percentile is estimated inside the bucket that holds its rank, by
-linear interpolation between the bucket's own minimum and maximum. The estimate lies in
-the same bucket as the exact value, so it differs from it by less than the bucket's width:
-under 4.45 % of the value, and exactly 0 for durations below 23 ms and for ranks that fall
-on a bucket's minimum or maximum.
+durations (in ms) that fall in it. Buckets are 1/16 of an octave wide. Their lower bounds
+are the distinct values of ``ceil(2 ** (k / 16))``, so below 23 ms every bucket contains
+one integer. Count, mean and max computed from these buckets are exact. A percentile is
+estimated inside the bucket that contains its rank, by linear interpolation between the
+bucket's own minimum and maximum. The estimate lies in the same bucket as the exact value,
+so it differs from it by less than the bucket's width. That is under 4.45 % of the value,
+and exactly 0 for durations below 23 ms and for ranks on a bucket's minimum or maximum.
 """
 
 from __future__ import annotations

@@ -125,6 +125,14 @@ class Coverage:
     dirty: set[int]
     offsets: SlotOffsets
 
+    def served_conditions(self, column: Any) -> list[ColumnElement[bool]]:
+        """Return SQL conditions true when the slot ``column`` is one of the served slots."""
+        return [
+            column >= self.first_slot,
+            column < self.end_slot,
+            ~time_in_ranges(column, self.raw),
+        ]
+
     def message_slot_offset(self, slot: int) -> int | None:
         """Return the offset of a message slot that rollups count exactly, or None."""
         if slot in self.dirty or slot == BEFORE_EPOCH_SLOT:

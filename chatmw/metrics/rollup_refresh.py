@@ -150,11 +150,11 @@ class Changes:
     contacts: set[int]
 
 
-# NOTE: changes are found through new message ids and new conversation ids. A stored
-# conversation whose start the writer moves without storing a message (an end update that
-# recomputes the start after its opening message was erased, or the first message of a
-# conversation an update created) leaves its old start slot stale until the next rebuild;
-# tests/test_rollups_attack.py keeps these cases as strict xfails.
+# NOTE: changes are found through new message ids and new conversation ids. When the writer
+# moves a stored conversation's start without a message at the old start, the old start
+# slot stays stale until the next rebuild. Two cases do this: an end update after the
+# opening message was erased, and the first message of a conversation an update created.
+# tests/test_rollups_attack.py keeps both as strict xfails.
 def changes_after(
     connection: Connection,
     after_id: int,

@@ -43,6 +43,7 @@ __all__ = [
     "aligned_ranges",
     "FIRST_RESPONSE",
     "REPLY_TIME",
+    "role_count",
 ]
 
 STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses, RollupSentiment)
@@ -100,7 +101,8 @@ def _timed() -> ColumnElement[bool]:
     return Message.kind.not_in(UNTIMED_KINDS)
 
 
-def _role_count(role: str) -> Any:
+def role_count(role: str) -> Any:
+    """Return SQL counting the messages of ``role`` in a group."""
     return func.sum(case((Message.role == role, 1), else_=0))
 
 
@@ -111,9 +113,9 @@ def _started_counts(where: ColumnElement[bool]) -> Any:
             start_slot,
             Conversation.channel,
             func.count(),
-            _role_count("user"),
-            _role_count("bot"),
-            _role_count("agent"),
+            role_count("user"),
+            role_count("bot"),
+            role_count("agent"),
         )
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(_timed(), where)

@@ -22,12 +22,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from chatmw.metrics.filters import MetricFilter
-from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
+from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.rollup_query import channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation, Message
-from chatmw.store.models_rollups import RollupConversations, RollupSentiment
+from chatmw.store.models_rollups import RollupSentiment
 
 __all__ = ["SentimentSums", "insert_sentiment", "delete_sentiment", "sentiment_sums"]
 
@@ -183,17 +183,13 @@ def insert_sentiment(connection: Connection, part: list[tuple[int | None, int]])
         connection.execute(insert(RollupSentiment), rows)
 
 
-def _served(column: Any, coverage: Coverage) -> list[ColumnElement[bool]]:
-    return [
-        column >= coverage.first_slot,
-        column < coverage.end_slot,
-        ~time_in_ranges(column, coverage.raw),
-    ]
-
-
 def sentiment_sums(engine: Engine, flt: MetricFilter) -> dict[str, SentimentSums] | None:
     """Return the sums per channel of the conversations of ``flt``, or None without rollups."""
+    # Imported here: chatmw.metrics.started_query imports the module that imports this one.
+    from chatmw.metrics.started_query import add_conversations
+
     utc = dataclasses.replace(flt, tz=ZoneInfo("UTC"))
+    by_channel_filter = dataclasses.replace(flt, group_by=GroupBy("channel"))
     names = [item.name for item in fields(SentimentSums) if item.name != "conversations"]
     by_channel: dict[str, SentimentSums] = defaultdict(SentimentSums)
     with engine.connect() as connection:
@@ -206,7 +202,7 @@ def sentiment_sums(engine: Engine, flt: MetricFilter) -> dict[str, SentimentSums
                 *(func.sum(getattr(RollupSentiment, name)) for name in names),
             )
             .where(
-                *_served(RollupSentiment.start_slot_ms, coverage),
+                *coverage.served_conditions(RollupSentiment.start_slot_ms),
                 *channel_condition(RollupSentiment.channel, flt),
             )
             .group_by(RollupSentiment.channel)
@@ -219,29 +215,15 @@ def sentiment_sums(engine: Engine, flt: MetricFilter) -> dict[str, SentimentSums
                 }
             )
             by_channel[channel].add(part)
-        counted = (
-            select(RollupConversations.channel, func.sum(RollupConversations.conversations))
-            .where(
-                *_served(RollupConversations.slot_ms, coverage),
-                *channel_condition(RollupConversations.channel, flt),
-            )
-            .group_by(RollupConversations.channel)
-        )
-        for channel, count in connection.execute(counted):
-            by_channel[channel].conversations += int(count or 0)
+        # Conversation counts as summary counts them, per channel.
+        counts: dict[Any, dict[str, int]] = {}
+        add_conversations(connection, by_channel_filter, coverage, counts)
+        for channel, totals in counts.items():
+            by_channel[channel].conversations += totals["conversations"]
         if coverage.raw:
             in_raw = time_in_ranges(Conversation.started_at_ms, coverage.raw)
-            conditions = [in_raw, *channel_condition(Conversation.channel, flt)]
-            for (_, channel), part in _collect(
-                connection,
-                in_raw & Conversation.channel.in_(flt.channels) if flt.channels else in_raw,
-            ).items():
+            if flt.channels:
+                in_raw = in_raw & Conversation.channel.in_(flt.channels)
+            for (_, channel), part in _collect(connection, in_raw).items():
                 by_channel[channel].add(part)
-            raw_counts = (
-                select(Conversation.channel, func.count())
-                .where(*conditions)
-                .group_by(Conversation.channel)
-            )
-            for channel, count in connection.execute(raw_counts):
-                by_channel[channel].conversations += int(count)
     return {channel: sums for channel, sums in by_channel.items() if sums.conversations}

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, case, func, or_, select, union_all
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy import Connection, Engine, func, or_, select, union_all
 
 from chatmw.metrics.contact_sets import count_distinct
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.histogram import Bin, Histogram, add_value
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import time_in_ranges
-from chatmw.metrics.rollup_started import FIRST_RESPONSE, REPLY_TIME
+from chatmw.metrics.rollup_started import FIRST_RESPONSE, REPLY_TIME, role_count
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import (
@@ -38,7 +37,7 @@ from chatmw.store.models_rollups import (
     RollupStarted,
 )
 
-__all__ = ["StartedFigures", "started_figures", "EXACT_PARAM_HELP"]
+__all__ = ["StartedFigures", "started_figures", "add_conversations", "EXACT_PARAM_HELP"]
 
 TOTALS = ("conversations", "messages", "user_messages", "bot_messages", "agent_messages", "users")
 EXACT_PARAM_HELP = (
@@ -61,14 +60,6 @@ class StartedFigures:
     totals: dict[Any, dict[str, int]]
     users: int
     responses: Responses
-
-
-def _served(column: Any, coverage: Coverage) -> list[ColumnElement[bool]]:
-    return [
-        column >= coverage.first_slot,
-        column < coverage.end_slot,
-        ~time_in_ranges(column, coverage.raw),
-    ]
 
 
 def _level_ranges(coverage: Coverage) -> dict[int, list[tuple[int, int]]]:
@@ -110,13 +101,14 @@ def _empty_totals() -> dict[str, int]:
     return dict.fromkeys(TOTALS, 0)
 
 
-def _add_conversations(
+def add_conversations(
     connection: Connection, flt: MetricFilter, coverage: Coverage, totals: dict[Any, dict[str, int]]
 ) -> None:
+    """Add the conversations that started in the window to ``totals`` per group key."""
     rolled = (
         select(RollupConversations.channel, func.sum(RollupConversations.conversations))
         .where(
-            *_served(RollupConversations.slot_ms, coverage),
+            *coverage.served_conditions(RollupConversations.slot_ms),
             *channel_condition(RollupConversations.channel, flt),
         )
         .group_by(RollupConversations.channel)
@@ -136,10 +128,6 @@ def _add_conversations(
                 group["conversations"] += int(count)
 
 
-def _role_count(role: str) -> Any:
-    return func.sum(case((Message.role == role, 1), else_=0))
-
-
 def _add_messages(
     connection: Connection, flt: MetricFilter, coverage: Coverage, totals: dict[Any, dict[str, int]]
 ) -> None:
@@ -152,7 +140,7 @@ def _add_messages(
             func.sum(RollupStarted.agent_messages),
         )
         .where(
-            *_served(RollupStarted.start_slot_ms, coverage),
+            *coverage.served_conditions(RollupStarted.start_slot_ms),
             *channel_condition(RollupStarted.channel, flt),
         )
         .group_by(RollupStarted.channel)
@@ -161,9 +149,9 @@ def _add_messages(
         select(
             Conversation.channel,
             func.count(),
-            _role_count("user"),
-            _role_count("bot"),
-            _role_count("agent"),
+            role_count("user"),
+            role_count("bot"),
+            role_count("agent"),
         )
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(
@@ -187,7 +175,7 @@ def _count_users(
     connection: Connection, flt: MetricFilter, coverage: Coverage, totals: dict[Any, dict[str, int]]
 ) -> int:
     """Set each group's distinct users and return the distinct users over all groups."""
-    raw_users = (
+    raw = (
         select(Conversation.channel, Message.contact_id)
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(
@@ -204,7 +192,7 @@ def _count_users(
         {0: (coverage.first_slot, coverage.end_slot)},
         coverage.served,
         flt.channels,
-        [(0, channel, contact_id) for channel, contact_id in connection.execute(raw_users)]
+        [(0, channel, contact_id) for channel, contact_id in connection.execute(raw)]
         if coverage.raw
         else [],
     )
@@ -216,19 +204,8 @@ def _count_users(
         return overall.get(0, 0)
     # Without a whole served day, SQL counts the slot rows and raw rows together.
     rolled = select(RollupParticipants.channel, RollupParticipants.contact_id).where(
-        *_served(RollupParticipants.start_slot_ms, coverage),
+        *coverage.served_conditions(RollupParticipants.start_slot_ms),
         *channel_condition(RollupParticipants.channel, flt),
-    )
-    raw = (
-        select(Conversation.channel, Message.contact_id)
-        .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(
-            Message.kind.not_in(UNTIMED_KINDS),
-            Message.role == "user",
-            Message.contact_id.is_not(None),
-            time_in_ranges(Conversation.started_at_ms, coverage.raw),
-            *channel_condition(Conversation.channel, flt),
-        )
     )
     contacts = union_all(rolled, raw).subquery()
     if flt.group_by is not None:
@@ -315,7 +292,7 @@ def started_figures(
             return None
         users = 0
         if totals:
-            _add_conversations(connection, flt, coverage, by_group)
+            add_conversations(connection, flt, coverage, by_group)
             _add_messages(connection, flt, coverage, by_group)
             users = _count_users(connection, flt, coverage, by_group)
         _add_responses(connection, flt, coverage, responses)

@@ -106,9 +106,9 @@ class RollupStarters(Base):
 class RollupFirsts(Base):
     """The start of a contact's first conversation on a channel (not slotted: exact ms).
 
-    ``first_rank`` compares it with the contact's first start on any channel: 0 for the
-    one row (the earliest, then the first channel by name) that counts the contact as new
-    over all channels, 1 for other rows at that same first start, 2 for later ones.
+    ``first_rank`` compares it with the contact's first start on any channel. Rank 0 marks
+    the one row that counts the contact as new over all channels (the earliest, then the
+    first channel by name). Rank 1 marks other rows at that same start, and 2 later ones.
     """
 
     __tablename__ = "rollup_firsts"
