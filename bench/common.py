@@ -95,26 +95,33 @@ def wait_for_port(port: int, timeout_s: float = 30.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
+def _named(database: str) -> str:
+    """Return ``database`` with the ``CHATMW_BENCH_DB_SUFFIX`` suffix, so runs can keep apart."""
+    name = database + os.environ.get("CHATMW_BENCH_DB_SUFFIX", "")
+    if not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"invalid database name {name!r}")
+    return name
+
+
 def postgres_url(database: str) -> str:
     """Return the URL of ``database`` on the benchmark server."""
     base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    return f"{base}/{database}"
+    return f"{base}/{_named(database)}"
 
 
 def recreate_postgres_database(database: str) -> str:
     """Drop and create ``database``; return its URL."""
-    if not re.fullmatch(r"[a-z0-9_]+", database):
-        raise ValueError(f"invalid database name {database!r}")
+    name = _named(database)
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
-        connection.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        connection.execute(f"CREATE DATABASE {database}")
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.execute(f"CREATE DATABASE {name}")
     return postgres_url(database)
 
 
 def postgres_database_exists(database: str) -> bool:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
         row = connection.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", (database,)
+            "SELECT 1 FROM pg_database WHERE datname = %s", (_named(database),)
         ).fetchone()
     return row is not None
 
