@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, case, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import MetricFilter
+from chatmw.metrics.outcome_query import query_type_sums
+from chatmw.metrics.outcome_rollups import TypeCounts
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.sql import disable_jit
@@ -27,34 +28,39 @@ RULES_ATTRIBUTE = "query_type"
 CSAT_SATISFIED_MIN = 4
 
 
-@dataclass(slots=True)
-class _TypeCounts:
-    """Counts of one query type: conversations, resolved ones and their CSAT scores."""
-
-    conversations: int = 0
-    resolved: int = 0
-    responses: int = 0
-    satisfied: int = 0
-    score_sum: int = 0
-
-    def add(self, other: _TypeCounts) -> None:
-        self.conversations += other.conversations
-        self.resolved += other.resolved
-        self.responses += other.responses
-        self.satisfied += other.satisfied
-        self.score_sum += other.score_sum
-
-
 def _chosen_type(prefer: str, intent: Any, ruled: Any) -> ColumnElement[str]:
     # An empty intent or rule type counts as missing, as it does in Python truthiness.
     first, second = (intent, ruled) if prefer == "intent" else (ruled, intent)
     return func.coalesce(func.nullif(first, ""), func.nullif(second, ""), UNCLASSIFIED)
 
 
+def _type_name(prefer: str, intent: str, ruled: str) -> str:
+    first, second = (intent, ruled) if prefer == "intent" else (ruled, intent)
+    return first or second or UNCLASSIFIED
+
+
+def _rolled_type_counts(
+    engine: Engine, flt: MetricFilter, prefer: str
+) -> dict[Any, dict[str, TypeCounts]] | None:
+    """Return group key -> query type -> counts from rollups, or None."""
+    by_channel = query_type_sums(engine, flt)
+    if by_channel is None:
+        return None
+    counts: dict[Any, dict[str, TypeCounts]] = defaultdict(lambda: defaultdict(TypeCounts))
+    for channel, pairs in by_channel.items():
+        group = counts[channel if flt.group_by is not None else None]
+        for (intent, ruled), item in pairs.items():
+            group[_type_name(prefer, intent, ruled)].add(item)
+    return counts
+
+
 def _type_counts(
     engine: Engine, flt: MetricFilter, prefer: str
-) -> dict[Any, dict[str, _TypeCounts]]:
-    """Return group key -> query type -> counts, aggregated in SQL."""
+) -> dict[Any, dict[str, TypeCounts]]:
+    """Return group key -> query type -> counts, from rollups or aggregated in SQL."""
+    rolled = _rolled_type_counts(engine, flt, prefer)
+    if rolled is not None:
+        return rolled
     scope = conversation_scope(flt).subquery()
     rule = aliased(ConversationAttribute)
     survey = aliased(Survey)
@@ -88,15 +94,15 @@ def _type_counts(
         )
         .group_by(scope.c.group_key, kind)
     )
-    counts: dict[Any, dict[str, _TypeCounts]] = defaultdict(dict)
+    counts: dict[Any, dict[str, TypeCounts]] = defaultdict(dict)
     with engine.connect() as connection:
         disable_jit(connection)
         for group_key, name, *figures in connection.execute(statement):
-            counts[group_key][name] = _TypeCounts(*(int(value) for value in figures))
+            counts[group_key][name] = TypeCounts(*(int(value) for value in figures))
     return counts
 
 
-def _csat(counts: _TypeCounts) -> dict[str, Any]:
+def _csat(counts: TypeCounts) -> dict[str, Any]:
     share = rate(counts.satisfied, counts.responses)
     return {
         "responses": counts.responses,
@@ -105,7 +111,7 @@ def _csat(counts: _TypeCounts) -> dict[str, Any]:
     }
 
 
-def _types(counts: Mapping[str, _TypeCounts]) -> dict[str, Any]:
+def _types(counts: Mapping[str, TypeCounts]) -> dict[str, Any]:
     total = sum(item.conversations for item in counts.values())
     types = [
         {
@@ -132,7 +138,7 @@ def query_types(
     """Count the conversations of ``flt`` per query type, with resolution rate and CSAT."""
     prefer = (options or {}).get("prefer") or "intent"
     by_group = _type_counts(engine, flt, prefer)
-    overall: dict[str, _TypeCounts] = defaultdict(_TypeCounts)
+    overall: dict[str, TypeCounts] = defaultdict(TypeCounts)
     for counts in by_group.values():
         for kind, item in counts.items():
             overall[kind].add(item)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, case, exists, func, select
+from sqlalchemy import ColumnElement, Engine, Select, and_, case, exists, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.filters import FilterError, MetricFilter
+from chatmw.metrics.outcome_query import outcome_sums
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.sql import disable_jit
@@ -47,27 +49,39 @@ def repeat_hours(options: Mapping[str, Any]) -> float:
     return float(hours)
 
 
-def conversation_outcomes(flt: MetricFilter, hours: float) -> Select[Any]:
-    """Select group key, conversation id, resolved, handed_off and ``repeated`` per conversation.
+def end_expression() -> ColumnElement[Any]:
+    """Return SQL for a conversation's end: its ``ended_at_ms``, else its last message."""
+    return func.coalesce(Conversation.ended_at_ms, Conversation.last_message_at_ms)
 
-    ``repeated`` is true when the same contact started another conversation after this one
-    started and at most ``hours`` after it ended (or after its last message, if it has no end).
+
+def repeated_condition(hours: float) -> ColumnElement[bool]:
+    """Return SQL true when a ``Conversation`` row is followed by a repeat within ``hours``.
+
+    That is, the same contact started another conversation after this one started and at
+    most ``hours`` after it ended (or after its last message, if it has no end).
     """
-    scope = conversation_scope(flt).subquery()
     later = aliased(Conversation)
-    end_ms = func.coalesce(Conversation.ended_at_ms, Conversation.last_message_at_ms)
     repeated = exists().where(
         later.contact_id == Conversation.contact_id,
         later.id != Conversation.id,
         later.started_at_ms > Conversation.started_at_ms,
-        later.started_at_ms <= end_ms + int(hours * HOUR_MS),
+        later.started_at_ms <= end_expression() + int(hours * HOUR_MS),
     )
+    return and_(Conversation.contact_id.is_not(None), repeated)
+
+
+def conversation_outcomes(flt: MetricFilter, hours: float) -> Select[Any]:
+    """Select group key, conversation id, resolved, handed_off and ``repeated`` per conversation.
+
+    ``repeated`` is :func:`repeated_condition`.
+    """
+    scope = conversation_scope(flt).subquery()
     return select(
         scope.c.group_key,
         Conversation.id,
         Conversation.resolved,
         Conversation.handed_off,
-        and_(Conversation.contact_id.is_not(None), repeated).label("repeated"),
+        repeated_condition(hours).label("repeated"),
     ).join(scope, scope.c.conversation_id == Conversation.id)
 
 
@@ -114,11 +128,7 @@ def _add_outcomes(
         counts["first_contact_resolved"] += number
 
 
-def first_contact_resolution(
-    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
-    """Compute first-contact resolution for the conversations of ``flt``."""
-    hours = repeat_hours(options or {})
+def _raw_counts(engine: Engine, flt: MetricFilter, hours: float) -> dict[Any, dict[str, int]]:
     counts: dict[Any, dict[str, int]] = defaultdict(_empty)
     with engine.connect() as connection:
         disable_jit(connection)
@@ -128,6 +138,30 @@ def first_contact_resolution(
             _add_outcomes(
                 counts[group_key], int(resolved), int(handed_off), int(repeated), int(number)
             )
+    return counts
+
+
+def _rolled_counts(engine: Engine, flt: MetricFilter) -> dict[Any, dict[str, int]] | None:
+    """Return the counts per group key from rollups (default repeat window), or None."""
+    by_channel = outcome_sums(engine, flt)
+    if by_channel is None:
+        return None
+    counts: dict[Any, dict[str, int]] = defaultdict(_empty)
+    for channel, figures in by_channel.items():
+        group = counts[channel if flt.group_by is not None else None]
+        for name, value in dataclasses.asdict(figures).items():
+            group[name] += value
+    return counts
+
+
+def first_contact_resolution(
+    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Compute first-contact resolution for the conversations of ``flt``."""
+    hours = repeat_hours(options or {})
+    counts = _rolled_counts(engine, flt) if hours == DEFAULT_REPEAT_HOURS else None
+    if counts is None:
+        counts = _raw_counts(engine, flt, hours)
     overall = _empty()
     for values in counts.values():
         for name in COUNTS:

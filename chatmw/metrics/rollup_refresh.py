@@ -168,7 +168,9 @@ def changes_after(
     slots of all its messages and of its start. A late message can move the start, and
     the old start was the time of one of the older messages, so both slots are included.
     The contacts are the owners of those conversations, whose first conversation may have
-    moved.
+    moved. The slots also include the start slots of the contacts' other conversations
+    that these conversations may have made repeats, or stopped being repeats, for the
+    ``resolution`` rollups (``chatmw.metrics.outcome_rollups.repeat_slots``).
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
@@ -185,17 +187,32 @@ def changes_after(
             created = created.where(Conversation.id <= through_conversation_id)
         conversations.update(connection.execute(created).scalars())
     ids = sorted(conversations)
+    # contact -> (first, last) time of each changed conversation, over its start and messages
+    spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for index in range(0, len(ids), _CHUNK):
         chunk = ids[index : index + _CHUNK]
-        times = select(Message.occurred_at_ms).where(Message.conversation_id.in_(chunk))
-        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(times))
-        starts = select(Conversation.started_at_ms, Conversation.contact_id).where(
+        bounds: dict[int, tuple[int, int]] = {}
+        times = select(Message.conversation_id, Message.occurred_at_ms).where(
+            Message.conversation_id.in_(chunk)
+        )
+        for conversation_id, at_ms in connection.execute(times):
+            changes.slots.add(slot_of(at_ms))
+            low, high = bounds.get(conversation_id, (at_ms, at_ms))
+            bounds[conversation_id] = (min(low, at_ms), max(high, at_ms))
+        starts = select(Conversation.id, Conversation.started_at_ms, Conversation.contact_id).where(
             Conversation.id.in_(chunk)
         )
-        for at_ms, contact_id in connection.execute(starts):
+        for conversation_id, at_ms, contact_id in connection.execute(starts):
             changes.slots.add(slot_of(at_ms))
             if contact_id is not None:
                 changes.contacts.add(contact_id)
+                low, high = bounds.get(conversation_id, (at_ms, at_ms))
+                spans[contact_id].append((min(low, at_ms), max(high, at_ms)))
+    if spans:
+        # Imported here: chatmw.metrics.outcome_rollups imports this module.
+        from chatmw.metrics.outcome_rollups import repeat_slots
+
+        changes.slots.update(repeat_slots(connection, spans))
     return changes
 
 
@@ -632,6 +649,9 @@ def _analyze(engine: Engine) -> None:
         "rollup_responses",
         "rollup_contact_sets",
         "rollup_sentiment",
+        "rollup_outcomes",
+        "rollup_surveys",
+        "rollup_query_types",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that

@@ -30,10 +30,13 @@ from chatmw.store.models_rollups import (
     LEVEL_SLOT,
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
+    RollupOutcomes,
     RollupParticipants,
+    RollupQueryTypes,
     RollupResponses,
     RollupSentiment,
     RollupStarted,
+    RollupSurveys,
 )
 
 __all__ = [
@@ -46,7 +49,15 @@ __all__ = [
     "role_count",
 ]
 
-STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses, RollupSentiment)
+STARTED_TABLES = (
+    RollupStarted,
+    RollupParticipants,
+    RollupResponses,
+    RollupSentiment,
+    RollupOutcomes,
+    RollupSurveys,
+    RollupQueryTypes,
+)
 FIRST_RESPONSE = "first_response"
 REPLY_TIME = "reply_time"
 # Ranges per statement, as in chatmw.metrics.rollup_refresh.
@@ -75,6 +86,10 @@ def _parts(ranges: Ranges) -> Iterable[Ranges]:
 
 def delete_started(connection: Connection, ranges: Ranges) -> None:
     """Delete the rows of the slots in ``ranges`` and of the hours, days and weeks around them."""
+    # Imported here: chatmw.metrics.outcome_rollups imports this module.
+    from chatmw.metrics.outcome_rollups import delete_outcomes
+
+    delete_outcomes(connection, ranges)
     for part in _parts(ranges):
         connection.execute(
             delete(RollupStarted).where(time_in_ranges(RollupStarted.start_slot_ms, part))
@@ -254,3 +269,6 @@ def insert_started(connection: Connection, ranges: Ranges) -> None:
         insert_sentiment(connection, part)
     for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
         _sum_level(connection, level, aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))
+    from chatmw.metrics.outcome_rollups import insert_outcomes
+
+    insert_outcomes(connection, ranges)

@@ -32,6 +32,9 @@ __all__ = [
     "RollupResponses",
     "RollupContactSets",
     "RollupSentiment",
+    "RollupOutcomes",
+    "RollupSurveys",
+    "RollupQueryTypes",
     "RollupState",
     "SLOT_MS",
     "LEVEL_SLOT",
@@ -198,6 +201,68 @@ class RollupSentiment(Base):
     improved: Mapped[int] = mapped_column(Integer)
     worsened: Mapped[int] = mapped_column(Integer)
     unchanged: Mapped[int] = mapped_column(Integer)
+
+
+class RollupOutcomes(Base):
+    """Resolution counts of the conversations that started in a slot, hour, day or week.
+
+    ``level`` and ``start_ms`` are as in :class:`RollupResponses`. ``resolved_repeated``
+    and ``first_contact_resolved`` use the default repeat window of the ``resolution``
+    metric (``chatmw.metrics.resolution.DEFAULT_REPEAT_HOURS``).
+    """
+
+    __tablename__ = "rollup_outcomes"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+    resolved: Mapped[int] = mapped_column(Integer)
+    resolved_handed_off: Mapped[int] = mapped_column(Integer)
+    resolved_repeated: Mapped[int] = mapped_column(Integer)
+    first_contact_resolved: Mapped[int] = mapped_column(Integer)
+
+
+class RollupSurveys(Base):
+    """Surveys of the conversations that started in a slot, hour, day or week, by score.
+
+    ``answered`` is true when the survey was sent and has a score, which is then
+    ``score``. Other surveys have ``answered`` false and ``score`` 0. ``surveys`` counts
+    all the surveys of the row and ``sent`` those whose prompt went out.
+    """
+
+    __tablename__ = "rollup_surveys"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)
+    answered: Mapped[bool] = mapped_column(Boolean, primary_key=True)
+    score: Mapped[int] = mapped_column(Integer, primary_key=True)
+    surveys: Mapped[int] = mapped_column(Integer)
+    sent: Mapped[int] = mapped_column(Integer)
+
+
+class RollupQueryTypes(Base):
+    """Conversations per intent and rule type that started in a slot, hour, day or week.
+
+    ``intent`` is the conversation's intent and ``rule_type`` its ``query_type``
+    attribute, each ``""`` when missing or empty. The ``csat_*`` columns count the CSAT
+    surveys with a score, sent or not, as the ``query-types`` metric does.
+    """
+
+    __tablename__ = "rollup_query_types"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    intent: Mapped[str] = mapped_column(String(128), primary_key=True)
+    rule_type: Mapped[str] = mapped_column(String(255), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+    resolved: Mapped[int] = mapped_column(Integer)
+    csat_responses: Mapped[int] = mapped_column(Integer)
+    csat_satisfied: Mapped[int] = mapped_column(Integer)
+    csat_score_sum: Mapped[int] = mapped_column(BigInteger)
 
 
 class RollupContactSets(Base):

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Engine, case, func, select
 
 from chatmw.metrics.filters import MetricFilter
+from chatmw.metrics.outcome_query import survey_sums
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.store.models_surveys import Survey
 
@@ -55,8 +56,24 @@ class _Answers:
         return round(sum(score * count for score, count in self.scores.items()) / answers, 3)
 
 
+def _rolled_answers(engine: Engine, flt: MetricFilter, kind: str) -> dict[Any, _Answers] | None:
+    """Return group key -> surveys of ``kind`` from rollups, or None where they do not apply."""
+    by_channel = survey_sums(engine, flt, kind)
+    if by_channel is None:
+        return None
+    grouped: dict[Any, _Answers] = defaultdict(_Answers)
+    for channel, counts in by_channel.items():
+        grouped[channel if flt.group_by is not None else None].add(
+            _Answers(counts.sent, dict(counts.scores))
+        )
+    return grouped
+
+
 def _answers(engine: Engine, flt: MetricFilter, kind: str) -> dict[Any, _Answers]:
-    """Return group key -> surveys of ``kind``, counted in SQL by sent state and score."""
+    """Return group key -> surveys of ``kind``, from rollups or counted in SQL by sent state."""
+    rolled = _rolled_answers(engine, flt, kind)
+    if rolled is not None:
+        return rolled
     scope = conversation_scope(flt).subquery()
     sent = Survey.sent_at_ms.is_not(None)
     # Only the scores of sent surveys count as answers.
