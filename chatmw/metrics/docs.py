@@ -74,8 +74,9 @@ cover at most {MAX_WINDOW_DAYS} days.
   heat map.
 - An empty window, bucket or group is reported with a count of 0 and `null` for every mean,
   percentile, share and rate, never as 0 and never as an error.
-- `volume`, `growth` and `heatmap` read pre-aggregated rollups of 15-minute UTC slots for
-  bounded windows without attribute or touch filters, and raw rows for the rest of the
+- `volume`, `growth`, `heatmap`, `resolution` (with the default `repeat_hours`) and
+  `query-types`, like `/csat` and `/nps`, read pre-aggregated rollups of 15-minute UTC slots
+  for bounded windows without attribute or touch filters, and raw rows for the rest of the
   window. The figures are the same either way, and include events stored a moment ago;
   docs/rollups.md describes how.
 

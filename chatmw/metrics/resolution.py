@@ -210,8 +210,9 @@ RESOLUTION = register(
         params=(
             Param(
                 "repeat_hours",
-                "Hours after a conversation's end within which a new "
-                f"conversation of the same contact is a repeat (default {DEFAULT_REPEAT_HOURS:g}).",
+                "Hours after a conversation's end within which a new conversation of the same "
+                f"contact is a repeat (default {DEFAULT_REPEAT_HOURS:g}). Other values read raw "
+                "rows instead of rollups (slower on large stores).",
                 default=DEFAULT_REPEAT_HOURS,
                 kind=float,
             ),
