@@ -122,7 +122,7 @@ def _add_surveys(engine: Engine, rng: random.Random) -> None:
             kind = rng.choice(("csat", "nps"))
             sent = rng.random() < 0.8
             low, high = (1, 5) if kind == "csat" else (0, 10)
-            # Some unsent surveys have a score: neither metric counts it as an answer,
+            # Some unsent surveys have a score. csat and nps do not count it as an answer,
             # but query-types counts the CSAT ones.
             score = rng.randint(low, high) if rng.random() < 0.7 else None
             rows.append(
@@ -307,12 +307,13 @@ def test_unsupported_queries_read_raw_rows(engine: Engine) -> None:
         raw = {name: compute(engine, plain) for name, compute in METRICS.items()}
     _corrupt_rollups(engine)
     # The default queries read the altered rollups, so they differ from raw rows now.
-    assert METRICS["resolution"](engine, plain)["conversations"] > raw["resolution"]["conversations"]
+    assert (
+        METRICS["resolution"](engine, plain)["conversations"] > raw["resolution"]["conversations"]
+    )
     assert METRICS["csat"](engine, plain)["sent"] > raw["csat"]["sent"]
     assert METRICS["nps"](engine, plain)["sent"] > raw["nps"]["sent"]
     assert (
-        METRICS["query-types"](engine, plain)["conversations"]
-        > raw["query-types"]["conversations"]
+        METRICS["query-types"](engine, plain)["conversations"] > raw["query-types"]["conversations"]
     )
     # A repeat window other than the default reads raw rows.
     assert METRICS["resolution-2h"](engine, plain) == raw["resolution-2h"]

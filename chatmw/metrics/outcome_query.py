@@ -1,8 +1,8 @@
 """Resolution, survey and query type counts of a filter's conversations, from rollups.
 
 The served slots of the window are read from ``rollup_outcomes``, ``rollup_surveys`` and
-``rollup_query_types`` (week, day, hour and slot rows), and the conversations that started
-in the raw ranges are counted from raw rows by the same functions that count slot rows.
+``rollup_query_types`` (week, day, hour and slot rows). The conversations that started in
+the raw ranges are counted from raw rows by the same functions that count slot rows.
 Each function returns counts per channel, or None when rollups do not apply (see
 ``chatmw.metrics.rollup_query.cover``).
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, and_, case, func, insert, select
@@ -284,11 +284,11 @@ def _insert_slot_rows(connection: Connection, where: ColumnElement[bool]) -> Non
 
 
 def _fields(counts: OutcomeCounts) -> dict[str, int]:
-    return dict(zip(OUTCOMES.sums, astuple(counts), strict=True))
+    return {name: getattr(counts, name) for name in OUTCOMES.sums}
 
 
 def delete_outcomes(connection: Connection, ranges: Ranges) -> None:
-    """Delete the rows of the start slots in ``ranges`` and of the hours, days and weeks around."""
+    """Delete the rows of the start slots in ``ranges`` and the hours, days and weeks around."""
     for table in (OUTCOMES, SURVEYS, QUERY_TYPES):
         table.delete(connection, ranges)
 
