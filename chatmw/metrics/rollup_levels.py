@@ -54,7 +54,7 @@ class LeveledSums:
     sums: tuple[str, ...]
 
     def columns(self) -> list[str]:
-        """Return the column names in the order that slot row selects must follow."""
+        """Return the column names in the order of the selects that insert rows."""
         return ["level", "start_ms", *self.keys, *self.sums]
 
     def delete(self, connection: Connection, ranges: Ranges) -> None:
@@ -69,10 +69,6 @@ class LeveledSums:
                 connection.execute(
                     delete(table).where(table.level == level, time_in_ranges(table.start_ms, part))
                 )
-
-    def insert_slots(self, connection: Connection, rows: Any) -> None:
-        """Insert slot rows from a select whose columns follow :meth:`columns`."""
-        connection.execute(insert(self.table).from_select(self.columns(), rows))
 
     def sum_levels(self, connection: Connection, ranges: Ranges) -> None:
         """Insert the hour, day and week rows around ``ranges`` as sums of the rows below.
