@@ -1,6 +1,6 @@
 """Response-time histograms in business hours, counted for one registered schedule.
 
-Business time depends on the schedule, so ``rollup_business_responses`` holds histograms
+Business time depends on the schedule, so ``rollup_business_responses`` keeps histograms
 for exactly one: the business hours stored in ``rollup_business_schedule`` (canonical
 JSON and its SHA-256 fingerprint). The process that serves the metrics registers its
 configured schedule (:func:`register_business_hours`; ``Runtime.start`` and
@@ -281,7 +281,7 @@ def rebuild_stale_business(engine: Engine, now_ms: int) -> bool:
 
     Runs one week of conversation starts per transaction, each under the state lock, so
     refreshes wait between steps and never interleave with one. Returns True when it
-    rebuilt the table, False when there was nothing to do, another rebuild holds the
+    rebuilt the table, False when there was nothing to do, another rebuild has the
     claim, or a schedule registered meanwhile took the claim away.
     """
     from chatmw.metrics.rollup_started import recount_business
