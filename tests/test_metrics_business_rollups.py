@@ -14,10 +14,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import Engine, func, select
+from typer.testing import CliRunner
 
 from chatmw import events as ev
+from chatmw.app import mount_chatmw
 from chatmw.business_hours import DEFAULT_BUSINESS_HOURS, BusinessHours, parse_inline
+from chatmw.cli import app as cli_app
 from chatmw.config import Settings
 from chatmw.metrics.business_hours import (
     response_time_business,
@@ -340,6 +344,47 @@ def test_runtime_registers_its_hours(tmp_path) -> None:
         runtime.engine.dispose()
     assert stored is not None
     assert stored.fingerprint == REGISTERED.fingerprint()
+
+
+def test_mount_sets_runtime_hours(tmp_path) -> None:
+    runtime = Runtime.from_settings(
+        Settings(database_url=f"sqlite:///{tmp_path / 'mount.db'}"), privacy=None
+    )
+    try:
+        mount_chatmw(FastAPI(), runtime, business_hours=REGISTERED, manage_lifespan=False)
+        assert runtime.business_hours is REGISTERED
+    finally:
+        use_business_hours(None)
+        runtime.engine.dispose()
+
+
+def test_cli_refresh_registers_config_hours(database_url: str, engine: Engine, tmp_path) -> None:
+    _write_store(engine, seed=15)
+    config = tmp_path / "chatmw.toml"
+    config.write_text(
+        '[business_hours]\ntimezone = "Asia/Kolkata"\n'
+        '[business_hours.hours]\nmon-sat = ["10:00-19:30"]\n'
+    )
+    configured = BusinessHours.from_mapping(
+        {"timezone": "Asia/Kolkata", "hours": {"mon-sat": ["10:00-19:30"]}}
+    )
+    runner = CliRunner()
+    command = ["rollups", "refresh", "--db", database_url]
+    result = runner.invoke(cli_app, [*command, "--config", str(config)], env={"CHATMW_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    with engine.connect() as connection:
+        stored = read_schedule(connection)
+    assert stored is not None
+    assert stored.fingerprint == configured.fingerprint()
+    assert stored.built
+    flt = _filters()[0]
+    assert rolled_histograms(engine, flt, configured) is not None
+
+    # Without a configuration the default schedule is registered and counted.
+    result = runner.invoke(cli_app, command, env={"CHATMW_CONFIG": ""})
+    assert result.exit_code == 0, result.output
+    assert rolled_histograms(engine, flt, configured) is None
+    assert rolled_histograms(engine, flt, DEFAULT_BUSINESS_HOURS) is not None
 
 
 @pytest.mark.xfail(
