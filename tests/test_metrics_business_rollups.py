@@ -310,6 +310,7 @@ def test_hand_computed_business_times(engine: Engine) -> None:
         ]
     )
     assert refresh(engine).rebuilt
+
     use_business_hours(REGISTERED)
     try:
         flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS), group_by=GroupBy("channel"))
@@ -317,6 +318,7 @@ def test_hand_computed_business_times(engine: Engine) -> None:
         result = response_time_business(engine, flt, {})
     finally:
         use_business_hours(None)
+
     groups = {group["group"]: group for group in result["groups"]}
     web = groups["web"]["first_response"]["business"]
     assert web["agent"]["p50"] == web["all"]["max"] == 5 * 3600
@@ -408,6 +410,7 @@ def test_end_update_after_erased_opener(engine: Engine) -> None:
     writer.write([guest, _message(start + timedelta(hours=2), "room", "bot")])
     erase_person(engine, "web", "guest")
     assert refresh(engine).rebuilt
+
     writer.write(
         [
             ev.ConversationUpdate(
@@ -420,6 +423,7 @@ def test_end_update_after_erased_opener(engine: Engine) -> None:
         ]
     )
     refresh(engine)
+
     with engine.connect() as connection:
         answers = connection.execute(
             select(func.count()).select_from(Message).where(Message.response_ms.is_not(None))
