@@ -331,6 +331,17 @@ def test_hand_computed_business_times(engine: Engine) -> None:
     assert messenger["calendar"]["all"]["max"] == 7200
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Tokyo", "America/New_York"])
+def test_business_ms_at_end_of_9999(zone: str) -> None:
+    schedule = parse_inline("mon-sun 22:00-02:00", zone).default
+    last = int(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC).timestamp() * 1000)
+    # Five whole nights of 4 h end before the last millisecond in each zone.
+    assert schedule.business_ms(last - 5 * 86_400_000 - 7_200_000, last - 7_200_000) == (
+        5 * 4 * 3_600_000
+    )
+    assert schedule.intervals(last - 86_400_000, last + 1)
+
+
 def test_runtime_registers_its_hours(tmp_path) -> None:
     runtime = Runtime.from_settings(
         Settings(database_url=f"sqlite:///{tmp_path / 'runtime.db'}"), privacy=None
