@@ -32,7 +32,7 @@ from chatmw.dashboard import create_dashboard_router
 from chatmw.events import storable
 from chatmw.health import create_health_router
 from chatmw.live import create_live_router
-from chatmw.metrics.business_hours import use_business_hours
+from chatmw.metrics.business_hours import installed_business_hours, use_business_hours
 from chatmw.outbound import OutboundChannel
 from chatmw.runtime import Runtime
 from chatmw.security.api import create_admin_router
@@ -152,7 +152,8 @@ def mount_chatmw(
     ``surveys`` starts a survey dispatcher in this process; ``survey_senders`` adds
     senders (Messenger, WhatsApp) to the built-in web outbox. Build them with
     ``submit=None``: the dispatcher records what they send. ``business_hours`` replaces
-    the default schedule of the business-hours metrics for the whole process.
+    the default schedule of the business-hours metrics for the whole process, and the
+    runtime registers the schedule in use as the one the business-hours rollups count.
 
     With ``manage_lifespan`` the runtime and the dispatcher start and stop with the app;
     otherwise await ``start()`` and ``stop()`` of the returned :class:`ChatmwMount`.
@@ -168,6 +169,8 @@ def mount_chatmw(
     admin = require_key("admin", auth)
     if business_hours is not None:
         use_business_hours(business_hours)
+    # The runtime registers the schedule these metrics use, so that rollups serve it.
+    runtime.business_hours = installed_business_hours()
 
     app.include_router(create_metrics_router(engine, prefix=prefix, dependencies=read))
     if live:

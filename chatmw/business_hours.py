@@ -23,17 +23,28 @@ drops the periods that start on it. Invalid input raises ``ValueError`` naming t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["BusinessHours", "Schedule", "parse_inline", "DAYS", "DEFAULT_BUSINESS_HOURS"]
+__all__ = [
+    "BusinessHours",
+    "BusinessClock",
+    "Schedule",
+    "parse_inline",
+    "DAYS",
+    "DEFAULT_BUSINESS_HOURS",
+]
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _PERIOD = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
@@ -141,8 +152,13 @@ class Schedule:
         )
 
     def _local_ms(self, day: date, minute: int) -> int:
-        extra_days, minute = divmod(minute, MINUTES_PER_DAY)
+        extra_days, minute_of_day = divmod(minute, MINUTES_PER_DAY)
+        if extra_days and day == date.max:
+            # A period that crosses midnight of 9999-12-31 ends after the last date Python
+            # represents, so its end is counted from that day's local midnight.
+            return self._local_ms(day, 0) + minute * 60_000
         day = day + timedelta(days=extra_days)
+        minute = minute_of_day
         # A wall time skipped by a daylight-saving change resolves with the offset before it.
         moment = datetime(day.year, day.month, day.day, minute // 60, minute % 60, tzinfo=self.tz)
         return int(moment.timestamp() * 1000)
@@ -157,19 +173,27 @@ class Schedule:
         return tuple(intervals)
 
     def _local_date(self, moment_ms: int) -> date:
-        return datetime.fromtimestamp(moment_ms / 1000, UTC).astimezone(self.tz).date()
+        try:
+            return datetime.fromtimestamp(moment_ms / 1000, UTC).astimezone(self.tz).date()
+        except (OverflowError, ValueError):
+            # Moments past 9999-12-31 or before 0001-01-01 in this zone.
+            return date.max if moment_ms > 0 else date.min
 
     def intervals(self, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
         """Return the merged business intervals (epoch ms) that overlap ``[start_ms, end_ms)``."""
         if end_ms <= start_ms:
             return []
         # A period that crosses midnight belongs to the day before, so start a day early.
-        first = self._local_date(start_ms) - timedelta(days=1)
+        first = self._local_date(start_ms)
+        if first > date.min:
+            first -= timedelta(days=1)
         last = self._local_date(end_ms)
         raw = []
         day = first
-        while day <= last:
+        while True:
             raw.extend(self._day_cache(day))  # type: ignore[attr-defined]
+            if day >= last:
+                break
             day += timedelta(days=1)
         merged: list[tuple[int, int]] = []
         for begin, end in sorted(raw):
@@ -225,6 +249,29 @@ class BusinessHours:
             },
         }
 
+    def canonical_json(self) -> str:
+        """Return the schedules as JSON with sorted keys and periods: the form rollups store.
+
+        Channel schedules equal to the default one are left out, because they count the
+        same business time. :meth:`from_canonical_json` reads it back.
+        """
+        default = _sorted_periods(self.default.describe())
+        channels = {}
+        for name, schedule in sorted(self.channels.items()):
+            described = _sorted_periods(schedule.describe())
+            if described != default:
+                channels[name] = described
+        return json.dumps({**default, "channels": channels}, sort_keys=True, separators=(",", ":"))
+
+    def fingerprint(self) -> str:
+        """Return the SHA-256 (hex) of :meth:`canonical_json`."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    @classmethod
+    def from_canonical_json(cls, text: str) -> BusinessHours:
+        """Build business hours from the output of :meth:`canonical_json`."""
+        return cls.from_mapping(json.loads(text))
+
     @classmethod
     def from_mapping(
         cls, data: Mapping[str, Any], setting: str = "business_hours"
@@ -276,6 +323,45 @@ class BusinessHours:
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"business_hours file {path}: invalid TOML: {error}") from None
         return cls.from_mapping(data, setting="business_hours")
+
+
+def _sorted_periods(described: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **described,
+        "hours": {day: sorted(periods) for day, periods in described["hours"].items()},
+    }
+
+
+class BusinessClock:
+    """Business milliseconds of a schedule between any two moments of ``[low, high]``.
+
+    It keeps the schedule's merged open intervals over that range and the open time before
+    each, so a query is two binary searches instead of building each day's periods again.
+    It returns what ``Schedule.business_ms`` returns for the same moments.
+    """
+
+    # NOTE: building costs time and memory in proportion to the days from ``low_ms`` to
+    # ``high_ms``: one answer dated in the year 9999 makes it take about 30 s (2024 to
+    # 9999, 2-core machine under load), in the raw metric and in the rollup refresh alike.
+
+    def __init__(self, schedule: Schedule, low_ms: int, high_ms: int) -> None:
+        intervals = schedule.intervals(low_ms, high_ms + 1)
+        self._starts = [begin for begin, _ in intervals]
+        self._ends = [end for _, end in intervals]
+        self._before = list(accumulate((end - begin for begin, end in intervals), initial=0))
+
+    def _open_before(self, moment_ms: int) -> int:
+        index = bisect_right(self._starts, moment_ms) - 1
+        if index < 0:
+            return 0
+        inside = min(moment_ms, self._ends[index]) - self._starts[index]
+        return self._before[index] + inside
+
+    def business_ms(self, start_ms: int, end_ms: int) -> int:
+        """Return the business milliseconds of ``[start_ms, end_ms)``."""
+        if end_ms <= start_ms:
+            return 0
+        return self._open_before(end_ms) - self._open_before(start_ms)
 
 
 def parse_inline(

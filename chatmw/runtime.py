@@ -6,9 +6,12 @@ import logging
 from collections.abc import Collection
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 
 from chatmw.business import install as install_business
+from chatmw.business_hours import BusinessHours
 from chatmw.config import Settings
+from chatmw.metrics.business_rollups import register_business_hours
 from chatmw.metrics.rollup_refresh import REFRESH_INTERVAL_S, Refresher
 from chatmw.recorder import Recorder, Spool
 from chatmw.security.privacy import Privacy, PrivacySettings
@@ -73,6 +76,10 @@ class Runtime:
         # Seconds between rollup refreshes of the thread ``start`` runs; None runs no thread.
         self.rollup_interval_s: float | None = REFRESH_INTERVAL_S
         self._rollups: Refresher | None = None
+        # The business hours this process serves metrics with; ``start`` registers them as
+        # the schedule of the business-hours rollups (``mount_chatmw`` sets it). None
+        # leaves the stored schedule as it is.
+        self.business_hours: BusinessHours | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool | None = None,
@@ -105,6 +112,8 @@ class Runtime:
         """
         if migrate:
             upgrade(self.engine)
+        if self.business_hours is not None:
+            self._register_business_hours(self.business_hours)
         if self.privacy_settings is not None and self.privacy is None:
             self.privacy = Privacy.load(self.privacy_settings, self.engine)
             self.privacy.install(self.writer, self.recorder)
@@ -125,6 +134,17 @@ class Runtime:
                 and self._process_writer is None):
             self._rollups = Refresher(self.engine, self.rollup_interval_s)
             self._rollups.start()
+
+    def _register_business_hours(self, hours: BusinessHours) -> None:
+        try:
+            register_business_hours(self.engine, hours)
+        except DBAPIError as error:
+            # The metrics stay exact: response-time-business reads raw rows for this schedule.
+            logger.warning(
+                "rollups: registering the business hours failed (%s); "
+                "response-time-business reads raw rows until they are registered",
+                type(error.orig).__name__,
+            )
 
     def stop(self) -> bool:
         """Flush and stop the recorder, then close the spool; ``False`` when events were lost.

@@ -749,7 +749,7 @@ def test_conversation_created_by_touch_after_build(database_url: str, tmp_path: 
 
 
 def test_rebuild_chunks_follow_rows_not_time_span(tmp_path: Path) -> None:
-    from chatmw.metrics.rollup_refresh import _time_chunks
+    from chatmw.metrics.rollup_refresh import time_chunks
     from chatmw.store.engine import upgrade
 
     url = f"sqlite:///{tmp_path / 'span.db'}"
@@ -763,7 +763,7 @@ def test_rebuild_chunks_follow_rows_not_time_span(tmp_path: Path) -> None:
         store.message(_ms(datetime(2124, 3, 28, tzinfo=UTC)), "c", "u1", "bot"),
     )
     with engine.connect() as connection:
-        chunks = _time_chunks(connection)
+        chunks = time_chunks(connection)
     assert len(chunks) == 2
     assert refresh(engine).rebuilt
     assert_same_as_raw(engine, _filter(edge, edge + DAY_MS), ("summary", "volume-day"))

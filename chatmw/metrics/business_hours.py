@@ -3,24 +3,44 @@
 The schedule comes from the request (``hours`` and ``hours_tz``), else from the one the
 application installed at start-up with :func:`use_business_hours`, else
 :data:`~chatmw.business_hours.DEFAULT_BUSINESS_HOURS` (Monday to Friday, 09:00-17:00 UTC).
+When the schedule is the one the rollups were counted for
+(``chatmw.metrics.business_rollups``) and rollups cover the window, both halves come from
+histograms; otherwise every duration is read from raw rows.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
+import dataclasses
 from collections import defaultdict
 from collections.abc import Mapping
-from itertools import accumulate
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, select
 
-from chatmw.business_hours import DEFAULT_BUSINESS_HOURS, BusinessHours, Schedule, parse_inline
+from chatmw.business_hours import (
+    DEFAULT_BUSINESS_HOURS,
+    BusinessClock,
+    BusinessHours,
+    parse_inline,
+)
+from chatmw.metrics.business_rollups import business_durations, read_schedule
 from chatmw.metrics.filters import FilterError, MetricFilter
+from chatmw.metrics.histogram import add_value
 from chatmw.metrics.registry import MetricSpec, Param, register
+from chatmw.metrics.response_time import EXACT, describe_responses, exact_requested
+from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
+from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.metrics.scope import conversation_scope, group_label
+from chatmw.metrics.started_query import (
+    Responses,
+    add_responses,
+    add_rolled_histograms,
+    new_responses,
+)
 from chatmw.metrics.stats import describe_seconds
-from chatmw.store.models import Message
+from chatmw.store.models import Conversation, Message
+from chatmw.store.models_rollups import RollupBusinessResponses
 
 __all__ = [
     "response_time_business",
@@ -98,13 +118,13 @@ def collect_business_durations(
         answered_ms - int(round(response_ms)) for _, _, _, answered_ms, response_ms, _ in rows
     )
     high = max(answered_ms for _, _, _, answered_ms, _, _ in rows)
-    clocks: dict[str, _BusinessClock] = {}
+    clocks: dict[str, BusinessClock] = {}
     # The value lists each kind of row appends to, looked up once per kind, not per row.
     targets: dict[tuple[Any, Any, bool], tuple[list[list[float]], list[list[float]]]] = {}
     for key, channel, role, answered_ms, response_ms, is_first in rows:
         clock = clocks.get(channel)
         if clock is None:
-            clock = clocks[channel] = _BusinessClock(hours.for_channel(channel), low, high)
+            clock = clocks[channel] = BusinessClock(hours.for_channel(channel), low, high)
         target = targets.get((key, role, bool(is_first)))
         if target is None:
             target = targets[(key, role, bool(is_first))] = _value_lists(
@@ -130,33 +150,6 @@ def _value_lists(
     )
 
 
-class _BusinessClock:
-    """Business milliseconds of a schedule between any two moments of ``[low, high]``.
-
-    It keeps the schedule's merged open intervals over that range and the open time before
-    each, so a query is two binary searches instead of building each day's periods again.
-    It returns what ``Schedule.business_ms`` returns for the same moments.
-    """
-
-    def __init__(self, schedule: Schedule, low_ms: int, high_ms: int) -> None:
-        intervals = schedule.intervals(low_ms, high_ms + 1)
-        self._starts = [begin for begin, _ in intervals]
-        self._ends = [end for _, end in intervals]
-        self._before = list(accumulate((end - begin for begin, end in intervals), initial=0))
-
-    def _open_before(self, moment_ms: int) -> int:
-        index = bisect_right(self._starts, moment_ms) - 1
-        if index < 0:
-            return 0
-        inside = min(moment_ms, self._ends[index]) - self._starts[index]
-        return self._before[index] + inside
-
-    def business_ms(self, start_ms: int, end_ms: int) -> int:
-        if end_ms <= start_ms:
-            return 0
-        return self._open_before(end_ms) - self._open_before(start_ms)
-
-
 def _figures(durations: Mapping[str, Mapping[str, Mapping[str, list[float]]]]) -> dict[str, Any]:
     return {
         figure: {
@@ -167,11 +160,106 @@ def _figures(durations: Mapping[str, Mapping[str, Mapping[str, list[float]]]]) -
     }
 
 
+def _add_raw_business(
+    connection: Connection,
+    flt: MetricFilter,
+    coverage: Coverage,
+    hours: BusinessHours,
+    responses: Responses,
+) -> None:
+    """Add the business durations of the conversations that started in the raw ranges."""
+    statement = (
+        select(
+            Conversation.channel,
+            Message.role,
+            Message.is_first_response,
+            Message.channel,
+            Message.occurred_at_ms,
+            Message.response_ms,
+        )
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(
+            Message.response_ms.is_not(None),
+            time_in_ranges(Conversation.started_at_ms, coverage.raw),
+            *channel_condition(Conversation.channel, flt),
+        )
+    )
+    rows = connection.execute(statement).all()
+    durations = business_durations([(row[3], row[4], row[5]) for row in rows], hours)
+    for (channel, role, is_first, *_), value in zip(rows, durations, strict=True):
+        by_figure = responses[channel if flt.group_by is not None else None]
+        add_value(by_figure["reply_time"][role or ""], value)
+        if is_first:
+            add_value(by_figure["first_response"][role or ""], value)
+
+
+def rolled_histograms(
+    engine: Engine, flt: MetricFilter, hours: BusinessHours
+) -> dict[str, Responses] | None:
+    """Return the calendar and business histograms per group, or None to read raw rows.
+
+    Rollups serve the query when ``chatmw.metrics.rollup_query.cover`` accepts it and the
+    business-hours histograms are built for a schedule with the fingerprint of ``hours``.
+    """
+    # Start slots are counted in UTC, as in chatmw.metrics.started_query.
+    utc = dataclasses.replace(flt, tz=ZoneInfo("UTC"))
+    with engine.connect() as connection:
+        coverage = cover(connection, utc)
+        if coverage is None:
+            return None
+        stored = read_schedule(connection)
+        if stored is None or not stored.built or stored.fingerprint != hours.fingerprint():
+            return None
+        calendar, business = new_responses(), new_responses()
+        add_responses(connection, flt, coverage, calendar)
+        add_rolled_histograms(connection, RollupBusinessResponses, flt, coverage, business)
+        if coverage.raw:
+            _add_raw_business(connection, flt, coverage, hours, business)
+    return {"calendar": calendar, "business": business}
+
+
+def _histogram_figures(by_basis: Mapping[str, list[Any]]) -> dict[str, Any]:
+    return {
+        figure: {
+            basis: {role: describe_responses(by_basis[basis], figure, role) for role in ROLES}
+            for basis in BASES
+        }
+        for figure in FIGURES
+    }
+
+
+def _rolled_result(histograms: dict[str, Responses], grouped: bool) -> dict[str, Any]:
+    result = _histogram_figures({basis: list(histograms[basis].values()) for basis in BASES})
+    if grouped:
+        keys = set(histograms["calendar"]) | set(histograms["business"])
+        result["groups"] = [
+            {
+                "group": group_label(key),
+                **_histogram_figures({basis: [histograms[basis][key]] for basis in BASES}),
+            }
+            for key in sorted(keys, key=group_label)
+        ]
+    return result
+
+
 def response_time_business(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Compute first response and reply time in calendar and in business time."""
+    """Compute first response and reply time in calendar and in business time.
+
+    Percentiles are estimated from rollup histograms where rollups serve the query
+    (:func:`rolled_histograms`) unless the ``exact`` option is ``true``.
+    """
     hours, origin = _resolve(options)
+    result: dict[str, Any] = {
+        "metric": "response-time-business",
+        "filters": flt.describe(),
+        "business_hours": {"source": origin, **hours.describe()},
+    }
+    histograms = None if exact_requested(options) else rolled_histograms(engine, flt, hours)
+    if histograms is not None:
+        result.update(_rolled_result(histograms, flt.group_by is not None))
+        return result
     collected = collect_business_durations(engine, flt, hours)
     merged = _empty()
     for durations in collected.values():
@@ -179,11 +267,6 @@ def response_time_business(
             for basis in BASES:
                 for role in ROLES:
                     merged[figure][basis][role].extend(durations[figure][basis][role])
-    result: dict[str, Any] = {
-        "metric": "response-time-business",
-        "filters": flt.describe(),
-        "business_hours": {"source": origin, **hours.describe()},
-    }
     result.update(_figures(merged))
     if flt.group_by is not None:
         result["groups"] = [
@@ -224,6 +307,11 @@ RESPONSE_TIME_BUSINESS = register(
             "answered on Monday at 09:30 takes 30 minutes of business time when the team opens "
             "at 09:00. An "
             "answer given entirely outside business hours takes 0 business seconds.\n\n"
+            "Where rollups cover the window and the schedule used is the one the rollups were "
+            "counted for (the application's configured schedule, or the default), count, mean "
+            "and max are exact and each percentile is estimated from log-scale histograms to "
+            "within 4.45 % of the exact value (exact below 23 ms), as in `response-time`; "
+            "`exact=true`, and any other schedule, compute every figure from raw durations.\n\n"
             "Business hours are a weekly schedule of periods per day in the team's time zone, "
             "optionally different per channel (each answer uses its message's channel), with "
             "closed dates; periods may cross midnight. They come from the request's `hours` "
@@ -260,6 +348,7 @@ RESPONSE_TIME_BUSINESS = register(
                 "the start crosses midnight).",
             ),
             Param("hours_tz", "IANA time zone of `hours` (default UTC)."),
+            EXACT,
         ),
         rows=_rows,
     )

@@ -65,6 +65,11 @@ __all__ = [
     "ranked_first_starts",
     "slot_ranges",
     "time_in_ranges",
+    "lock_state",
+    "time_chunks",
+    "analyze_tables",
+    "ROLLUP_TABLES",
+    "REBUILD_LEASE_MS",
     "BEFORE_EPOCH_SLOT",
     "OVERLAP_MS",
     "REFRESH_INTERVAL_S",
@@ -333,7 +338,11 @@ def _ensure_state(connection: Connection) -> None:
     )
 
 
-def _lock_state(connection: Connection) -> RollupStateRow:
+def lock_state(connection: Connection) -> RollupStateRow:
+    """Lock the ``rollup_state`` row (creating it if missing) and return its columns.
+
+    On SQLite the insert that creates a missing row takes the database's write lock.
+    """
     _ensure_state(connection)
     row = connection.execute(
         select(
@@ -367,9 +376,7 @@ class RollupStateRow:
 
 
 def _max_conversation_id(connection: Connection) -> int:
-    return int(
-        connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one()
-    )
+    return int(connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one())
 
 
 def _max_message_id(connection: Connection) -> int:
@@ -396,6 +403,9 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
     for table in (*tables, *STARTED_TABLES, RollupContactSets):
         connection.execute(delete(table))
+    from chatmw.metrics.business_rollups import claim_business_for_rebuild
+
+    claim_business_for_rebuild(connection, token, now_ms)
     # Conversations created from here on have higher ids, so the next refresh finds them.
     conversations = _max_conversation_id(connection)
     connection.execute(
@@ -420,7 +430,7 @@ def _owns_rebuild(connection: Connection, token: str) -> bool:
     return owner == token
 
 
-def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
+def time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
     """Return ``[start, end)`` ranges covering every conversation start and message time."""
     bounds = connection.execute(
         select(func.min(Conversation.started_at_ms), func.max(Conversation.started_at_ms))
@@ -490,7 +500,7 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
     Returns False when the claim was lost (another rebuild or an invalidation took over).
     """
     with engine.connect() as connection:
-        chunks = _time_chunks(connection)
+        chunks = time_chunks(connection)
         last_contact = connection.execute(select(func.max(Conversation.contact_id))).scalar()
     for chunk in chunks:
         with engine.begin() as connection:
@@ -510,9 +520,12 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
                     ranked_first_starts(contacts),
                 )
             )
+    from chatmw.metrics.business_rollups import finish_business_rebuild
+
     with engine.begin() as connection:
         if not _owns_rebuild(connection, token):
             return False
+        finish_business_rebuild(connection, token)
         connection.execute(
             update(RollupState)
             .where(RollupState.id == 1)
@@ -616,15 +629,23 @@ def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
     """Bring the rollups up to date with the raw rows; build them first if they are not built.
 
     While another process rebuilds the rollups, this returns at once with nothing done.
+    Business-hours histograms counted for a schedule other than the registered one are
+    counted again after the other rollups are up to date
+    (``chatmw.metrics.business_rollups.rebuild_stale_business``).
     """
+    from chatmw.metrics.business_rollups import rebuild_stale_business
+
     started = time.perf_counter()
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     with engine.begin() as connection:
-        state = _lock_state(connection)
+        state = lock_state(connection)
         if state.built:
             watermark, slots = _refresh_slots(connection, state, now_ms)
-            return RefreshReport(False, slots, watermark, time.perf_counter() - started)
-        claim = _claim_rebuild(connection, now_ms)
+        else:
+            claim = _claim_rebuild(connection, now_ms)
+    if state.built:
+        rebuild_stale_business(engine, now_ms)
+        return RefreshReport(False, slots, watermark, time.perf_counter() - started)
     if claim is None:
         logger.info("rollups: another rebuild is running; refresh skipped")
         return RefreshReport(False, 0, state.watermark_id, time.perf_counter() - started)
@@ -632,27 +653,33 @@ def refresh(engine: Engine, now_ms: int | None = None) -> RefreshReport:
     if not _rebuild(engine, token, watermark, now_ms):
         logger.info("rollups: rebuild stopped because the rollups were invalidated")
         return RefreshReport(False, 0, watermark, time.perf_counter() - started)
-    _analyze(engine)
+    analyze_tables(engine)
+    # A schedule registered during the rebuild leaves the business-hours histograms stale.
+    rebuild_stale_business(engine, now_ms)
     return RefreshReport(True, 0, watermark, time.perf_counter() - started)
 
 
-def _analyze(engine: Engine) -> None:
+# Every rollup table, for planner statistics after a rebuild.
+ROLLUP_TABLES = (
+    "rollup_conversations",
+    "rollup_messages",
+    "rollup_users",
+    "rollup_starters",
+    "rollup_firsts",
+    "rollup_started",
+    "rollup_participants",
+    "rollup_responses",
+    "rollup_business_responses",
+    "rollup_contact_sets",
+    "rollup_sentiment",
+    "rollup_outcomes",
+    "rollup_surveys",
+    "rollup_query_types",
+)
+
+
+def analyze_tables(engine: Engine, names: Iterable[str] = ROLLUP_TABLES) -> None:
     """Refresh planner statistics after a rebuild, so range scans on slots use the indexes."""
-    names = (
-        "rollup_conversations",
-        "rollup_messages",
-        "rollup_users",
-        "rollup_starters",
-        "rollup_firsts",
-        "rollup_started",
-        "rollup_participants",
-        "rollup_responses",
-        "rollup_contact_sets",
-        "rollup_sentiment",
-        "rollup_outcomes",
-        "rollup_surveys",
-        "rollup_query_types",
-    )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that
         # PostgreSQL reads slot ranges from the primary key index alone.

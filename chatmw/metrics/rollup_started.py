@@ -5,10 +5,12 @@ whatever the messages' own times. A late or changed message dirties its conversa
 start slot (``chatmw.metrics.rollup_refresh.changes_after``), so recomputing the dirty
 slots from raw rows keeps these rows exact, as for the other rollups.
 
-Response-time histograms also have hour, day and week rows, each the sum of the rows one
-level below in it, so that a 30-day window reads at most 68 rows per channel, figure,
-role and bucket instead of 2,880. The refresher recomputes the hours, days
-and weeks that contain a dirty slot after the slots themselves.
+Response-time histograms, in calendar time (``rollup_responses``) and in business hours
+(``rollup_business_responses``, see ``chatmw.metrics.business_rollups``), also have hour,
+day and week rows, each the sum of the rows one level below in it, so that a 30-day
+window reads at most 68 rows per channel, figure, role and bucket instead of 2,880. The
+refresher recomputes the hours, days and weeks that contain a dirty slot after the slots
+themselves.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, case, delete, func, insert, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from chatmw.metrics.business_rollups import business_slot_rows
 from chatmw.metrics.histogram import Bin, bucket_of
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
 from chatmw.metrics.sentiment_rollups import delete_sentiment, insert_sentiment
@@ -30,6 +33,7 @@ from chatmw.store.models_rollups import (
     LEVEL_SLOT,
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
+    RollupBusinessResponses,
     RollupOutcomes,
     RollupParticipants,
     RollupQueryTypes,
@@ -43,6 +47,7 @@ __all__ = [
     "STARTED_TABLES",
     "delete_started",
     "insert_started",
+    "recount_business",
     "aligned_ranges",
     "FIRST_RESPONSE",
     "REPLY_TIME",
@@ -53,11 +58,15 @@ STARTED_TABLES = (
     RollupStarted,
     RollupParticipants,
     RollupResponses,
+    RollupBusinessResponses,
     RollupSentiment,
     RollupOutcomes,
     RollupSurveys,
     RollupQueryTypes,
 )
+# Histogram tables with slot rows and their hour, day and week sums.
+HistogramTable = type[RollupResponses] | type[RollupBusinessResponses]
+_HISTOGRAM_TABLES: tuple[HistogramTable, ...] = (RollupResponses, RollupBusinessResponses)
 FIRST_RESPONSE = "first_response"
 REPLY_TIME = "reply_time"
 # Ranges per statement, as in chatmw.metrics.rollup_refresh.
@@ -97,18 +106,21 @@ def delete_started(connection: Connection, ranges: Ranges) -> None:
         connection.execute(
             delete(RollupParticipants).where(time_in_ranges(RollupParticipants.start_slot_ms, part))
         )
-        connection.execute(
-            delete(RollupResponses).where(
-                RollupResponses.level == LEVEL_SLOT, time_in_ranges(RollupResponses.start_ms, part)
-            )
-        )
         delete_sentiment(connection, part)
+    for table in _HISTOGRAM_TABLES:
+        _delete_histograms(connection, table, ranges)
+
+
+def _delete_histograms(connection: Connection, table: HistogramTable, ranges: Ranges) -> None:
+    """Delete the slot rows of ``ranges`` and the hour, day and week rows around them."""
+    for part in _parts(ranges):
+        connection.execute(
+            delete(table).where(table.level == LEVEL_SLOT, time_in_ranges(table.start_ms, part))
+        )
     for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
         for part in _parts(list(aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))):
             connection.execute(
-                delete(RollupResponses).where(
-                    RollupResponses.level == level, time_in_ranges(RollupResponses.start_ms, part)
-                )
+                delete(table).where(table.level == level, time_in_ranges(table.start_ms, part))
             )
 
 
@@ -195,31 +207,26 @@ def _response_rows(connection: Connection, where: ColumnElement[bool]) -> list[d
     ]
 
 
-def _sum_level(connection: Connection, level: int, ranges: list[tuple[int, int]]) -> None:
+def _sum_level(
+    connection: Connection, table: HistogramTable, level: int, ranges: list[tuple[int, int]]
+) -> None:
     """Insert the ``level`` rows of ``ranges`` as sums of the rows one level below."""
     width = literal_column(str(LEVEL_WIDTH_MS[level]))
     # Inlined constants keep the GROUP BY text equal to the selected expression (PostgreSQL).
-    start = RollupResponses.start_ms.op("/")(width).op("*")(width)
-    keys = (
-        RollupResponses.channel,
-        RollupResponses.figure,
-        RollupResponses.role,
-        RollupResponses.bucket,
-    )
+    start = table.start_ms.op("/")(width).op("*")(width)
+    keys = (table.channel, table.figure, table.role, table.bucket)
     for part in _parts(list(ranges)):
         rows = (
             select(
                 literal_column(str(level)),
                 start,
                 *keys,
-                func.sum(RollupResponses.count),
-                func.sum(RollupResponses.total_ms),
-                func.min(RollupResponses.min_ms),
-                func.max(RollupResponses.max_ms),
+                func.sum(table.count),
+                func.sum(table.total_ms),
+                func.min(table.min_ms),
+                func.max(table.max_ms),
             )
-            .where(
-                RollupResponses.level == level - 1, time_in_ranges(RollupResponses.start_ms, part)
-            )
+            .where(table.level == level - 1, time_in_ranges(table.start_ms, part))
             .group_by(start, *keys)
         )
         columns = [
@@ -234,7 +241,7 @@ def _sum_level(connection: Connection, level: int, ranges: list[tuple[int, int]]
             "min_ms",
             "max_ms",
         ]
-        connection.execute(insert(RollupResponses).from_select(columns, rows))
+        connection.execute(insert(table).from_select(columns, rows))
 
 
 def insert_started(connection: Connection, ranges: Ranges) -> None:
@@ -266,9 +273,31 @@ def insert_started(connection: Connection, ranges: Ranges) -> None:
         rows = _response_rows(connection, by_start)
         if rows:
             connection.execute(insert(RollupResponses), rows)
+        business = business_slot_rows(connection, by_start)
+        if business:
+            connection.execute(insert(RollupBusinessResponses), business)
         insert_sentiment(connection, part)
-    for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
-        _sum_level(connection, level, aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))
+    for table in _HISTOGRAM_TABLES:
+        _sum_levels(connection, table, ranges)
     from chatmw.metrics.outcome_rollups import insert_outcomes
 
     insert_outcomes(connection, ranges)
+
+
+def _sum_levels(connection: Connection, table: HistogramTable, ranges: Ranges) -> None:
+    for level in (LEVEL_HOUR, LEVEL_DAY, LEVEL_WEEK):
+        _sum_level(connection, table, level, aligned_ranges(ranges, LEVEL_WIDTH_MS[level]))
+
+
+def recount_business(connection: Connection, ranges: Ranges) -> None:
+    """Count the business-hours histograms of the conversations that started in ``ranges`` again.
+
+    ``ranges`` are whole slots; their rows and the hour, day and week rows around them are
+    deleted and summed again, with the schedule stored in ``rollup_business_schedule``.
+    """
+    _delete_histograms(connection, RollupBusinessResponses, ranges)
+    for part in _parts(ranges):
+        business = business_slot_rows(connection, time_in_ranges(Conversation.started_at_ms, part))
+        if business:
+            connection.execute(insert(RollupBusinessResponses), business)
+    _sum_levels(connection, RollupBusinessResponses, ranges)

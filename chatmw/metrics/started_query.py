@@ -31,13 +31,23 @@ from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
     SLOT_MS,
+    RollupBusinessResponses,
     RollupConversations,
     RollupParticipants,
     RollupResponses,
     RollupStarted,
 )
 
-__all__ = ["StartedFigures", "started_figures", "add_conversations", "EXACT_PARAM_HELP"]
+__all__ = [
+    "StartedFigures",
+    "Responses",
+    "started_figures",
+    "add_conversations",
+    "add_responses",
+    "add_rolled_histograms",
+    "new_responses",
+    "EXACT_PARAM_HELP",
+]
 
 TOTALS = ("conversations", "messages", "user_messages", "bot_messages", "agent_messages", "users")
 EXACT_PARAM_HELP = (
@@ -218,42 +228,55 @@ def _count_users(
     return int(connection.execute(overall).scalar_one())
 
 
-def _add_responses(
-    connection: Connection, flt: MetricFilter, coverage: Coverage, responses: Responses
+def new_responses() -> Responses:
+    """Return an empty mapping of group key -> figure -> role -> histogram."""
+    return defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+
+
+def add_rolled_histograms(
+    connection: Connection,
+    table: type[RollupResponses] | type[RollupBusinessResponses],
+    flt: MetricFilter,
+    coverage: Coverage,
+    responses: Responses,
 ) -> None:
+    """Add the histograms of ``table`` over the served slots of ``coverage`` to ``responses``."""
     levels = [
-        (RollupResponses.level == level) & time_in_ranges(RollupResponses.start_ms, spans)
+        (table.level == level) & time_in_ranges(table.start_ms, spans)
         for level, spans in _level_ranges(coverage).items()
         if spans
     ]
-    if levels:
-        rolled = (
-            select(
-                RollupResponses.channel,
-                RollupResponses.figure,
-                RollupResponses.role,
-                RollupResponses.bucket,
-                func.sum(RollupResponses.count),
-                func.sum(RollupResponses.total_ms),
-                func.min(RollupResponses.min_ms),
-                func.max(RollupResponses.max_ms),
-            )
-            .where(or_(*levels), *channel_condition(RollupResponses.channel, flt))
-            .group_by(
-                RollupResponses.channel,
-                RollupResponses.figure,
-                RollupResponses.role,
-                RollupResponses.bucket,
-            )
+    if not levels:
+        return
+    rolled = (
+        select(
+            table.channel,
+            table.figure,
+            table.role,
+            table.bucket,
+            func.sum(table.count),
+            func.sum(table.total_ms),
+            func.min(table.min_ms),
+            func.max(table.max_ms),
         )
-        for channel, figure, role, bucket, count, total, low, high in connection.execute(rolled):
-            histogram = responses[_key(flt, channel)][figure][role]
-            part = Bin(int(count), float(total), float(low), float(high))
-            found = histogram.get(int(bucket))
-            if found is None:
-                histogram[int(bucket)] = part
-            else:
-                found.add(part.count, part.total, part.low, part.high)
+        .where(or_(*levels), *channel_condition(table.channel, flt))
+        .group_by(table.channel, table.figure, table.role, table.bucket)
+    )
+    for channel, figure, role, bucket, count, total, low, high in connection.execute(rolled):
+        histogram = responses[_key(flt, channel)][figure][role]
+        part = Bin(int(count), float(total), float(low), float(high))
+        found = histogram.get(int(bucket))
+        if found is None:
+            histogram[int(bucket)] = part
+        else:
+            found.add(part.count, part.total, part.low, part.high)
+
+
+def add_responses(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, responses: Responses
+) -> None:
+    """Add the response-time histograms of the conversations that started in the window."""
+    add_rolled_histograms(connection, RollupResponses, flt, coverage, responses)
     if not coverage.raw:
         return
     in_raw = [
@@ -284,7 +307,7 @@ def started_figures(
     # Start slots are counted in UTC: the time zone does not change which conversations started
     # in the window.
     utc = dataclasses.replace(flt, tz=ZoneInfo("UTC"))
-    responses: Responses = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    responses = new_responses()
     by_group: dict[Any, dict[str, int]] = {}
     with engine.connect() as connection:
         coverage = cover(connection, utc)
@@ -295,5 +318,5 @@ def started_figures(
             add_conversations(connection, flt, coverage, by_group)
             _add_messages(connection, flt, coverage, by_group)
             users = _count_users(connection, flt, coverage, by_group)
-        _add_responses(connection, flt, coverage, responses)
+        add_responses(connection, flt, coverage, responses)
     return StartedFigures(by_group, users, responses)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -30,6 +31,8 @@ __all__ = [
     "RollupStarted",
     "RollupParticipants",
     "RollupResponses",
+    "RollupBusinessResponses",
+    "RollupBusinessSchedule",
     "RollupContactSets",
     "RollupSentiment",
     "RollupOutcomes",
@@ -173,6 +176,49 @@ class RollupResponses(Base):
     max_ms: Mapped[float] = mapped_column(Float)
 
 
+class RollupBusinessResponses(Base):
+    """Histograms of first-response and reply times counted in business hours.
+
+    The columns are those of :class:`RollupResponses`. Durations are the business
+    milliseconds of each answer under the schedule stored in
+    :class:`RollupBusinessSchedule`, with each answer timed by its message's channel
+    schedule. Rows are keyed by conversation start and conversation channel.
+    """
+
+    __tablename__ = "rollup_business_responses"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    figure: Mapped[str] = mapped_column(String(16), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    bucket: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger)
+    total_ms: Mapped[float] = mapped_column(Float)
+    min_ms: Mapped[float] = mapped_column(Float)
+    max_ms: Mapped[float] = mapped_column(Float)
+
+
+class RollupBusinessSchedule(Base):
+    """The business hours that ``rollup_business_responses`` counts: one row, ``id`` 1.
+
+    ``schedule`` is the canonical JSON of the registered business hours and
+    ``fingerprint`` its SHA-256. ``built_fingerprint`` equals ``fingerprint`` once every
+    row has been counted with that schedule, and is NULL while the rows still need a
+    rebuild. ``rebuild_token`` and ``rebuild_started_at_ms`` claim a running rebuild of
+    the table, as in :class:`RollupState`.
+    """
+
+    __tablename__ = "rollup_business_schedule"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    built_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    rebuild_token: Mapped[str | None] = mapped_column(String(32))
+    rebuild_started_at_ms: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
 class RollupSentiment(Base):
     """Sentiment sums of the conversations that started in a slot, per conversation channel.
 
@@ -309,6 +355,4 @@ class RollupState(Base):
     conversation_rescan_from_id: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0"
     )
-    conversation_pending_id: Mapped[int] = mapped_column(
-        BigInteger, default=0, server_default="0"
-    )
+    conversation_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
