@@ -31,7 +31,7 @@ from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import cover
 from chatmw.metrics.rollup_refresh import OVERLAP_MS, changes_after, rebuild, refresh, slot_of
 from chatmw.store.models import Contact, Conversation, Message
-from chatmw.store.models_rollups import SLOT_MS, RollupChange, RollupState
+from chatmw.store.models_rollups import RollupChange, RollupState
 from chatmw.surveys.answers import score_payload
 
 DAY_MS = 86_400_000
@@ -114,9 +114,15 @@ def test_update_alone_dirties_its_conversation(database_url: str, tmp_path: Path
         assert _logged_slots(store.engine, before) == set()
         store.write(
             ev.ConversationUpdate(
-                channel="web", occurred_at=_at(EDGE + 4 * HOUR_MS), user_id="u1",
-                conversation_id="c1", resolved=True, ended=True, ended_reason="done",
-                intent="refund", step="closing",
+                channel="web",
+                occurred_at=_at(EDGE + 4 * HOUR_MS),
+                user_id="u1",
+                conversation_id="c1",
+                resolved=True,
+                ended=True,
+                ended_reason="done",
+                intent="refund",
+                step="closing",
             )
         )
         expected = _message_slots(store.engine, "c1")
@@ -151,16 +157,29 @@ def test_conversion_by_conversation_and_by_user(database_url: str, tmp_path: Pat
         assert refresh(store.engine).rebuilt
         before = _marks(store.engine)[2]
         store.write(
-            Conversion(channel="web", occurred_at=_at(EDGE + 8 * HOUR_MS), key="v1",
-                       name="purchase", value_micros=5_000_000, currency="EUR",
-                       conversation_id="c1")
+            Conversion(
+                channel="web",
+                occurred_at=_at(EDGE + 8 * HOUR_MS),
+                key="v1",
+                name="purchase",
+                value_micros=5_000_000,
+                currency="EUR",
+                conversation_id="c1",
+            )
         )
         assert _logged_slots(store.engine, before) == _message_slots(store.engine, "c1")
 
         before = _marks(store.engine)[2]
         store.write(
-            Conversion(channel="web", occurred_at=_at(EDGE + 2 * DAY_MS), key="v2",
-                       name="purchase", value_micros=7_000_000, currency="EUR", user_id="u2")
+            Conversion(
+                channel="web",
+                occurred_at=_at(EDGE + 2 * DAY_MS),
+                key="v2",
+                name="purchase",
+                value_micros=7_000_000,
+                currency="EUR",
+                user_id="u2",
+            )
         )
         expected = _start_slots(store.engine, "u2")
         assert len(expected) == 2
@@ -168,9 +187,16 @@ def test_conversion_by_conversation_and_by_user(database_url: str, tmp_path: Pat
 
         rows = _change_rows(store.engine)
         store.write(
-            Conversion(channel="web", occurred_at=_at(EDGE + 2 * DAY_MS), key="v3",
-                       name="purchase", value_micros=1, currency="EUR", user_id="nobody",
-                       conversation_id="missing")
+            Conversion(
+                channel="web",
+                occurred_at=_at(EDGE + 2 * DAY_MS),
+                key="v3",
+                name="purchase",
+                value_micros=1,
+                currency="EUR",
+                user_id="nobody",
+                conversation_id="missing",
+            )
         )
         assert _change_rows(store.engine) == rows
         refresh(store.engine)
@@ -184,15 +210,28 @@ def test_api_lead_by_user_and_by_conversation(database_url: str, tmp_path: Path)
         assert refresh(store.engine).rebuilt
         before = _marks(store.engine)[2]
         store.write(
-            Lead(channel="web", occurred_at=_at(EDGE + 2 * DAY_MS), key="l1", user_id="u2",
-                 kind="email", value="someone@example.com")
+            Lead(
+                channel="web",
+                occurred_at=_at(EDGE + 2 * DAY_MS),
+                key="l1",
+                user_id="u2",
+                kind="email",
+                value="someone@example.com",
+            )
         )
         assert _logged_slots(store.engine, before) == _start_slots(store.engine, "u2")
 
         before = _marks(store.engine)[2]
         store.write(
-            Lead(channel="web", occurred_at=_at(EDGE + 2 * DAY_MS), key="l2", user_id="u2",
-                 kind="phone", value="+33100000000", conversation_id="c1")
+            Lead(
+                channel="web",
+                occurred_at=_at(EDGE + 2 * DAY_MS),
+                key="l2",
+                user_id="u2",
+                kind="phone",
+                value="+33100000000",
+                conversation_id="c1",
+            )
         )
         assert _logged_slots(store.engine, before) == _message_slots(store.engine, "c1")
 
@@ -203,8 +242,11 @@ def test_consumed_change_rows_are_pruned(database_url: str, tmp_path: Path) -> N
         now = ev.to_ms(ev.now_utc())
         assert refresh(store.engine, now).rebuilt
         update = ev.ConversationUpdate(
-            channel="web", occurred_at=_at(EDGE + 4 * HOUR_MS), user_id="u1",
-            conversation_id="c1", resolved=True,
+            channel="web",
+            occurred_at=_at(EDGE + 4 * HOUR_MS),
+            user_id="u1",
+            conversation_id="c1",
+            resolved=True,
         )
         store.write(update)
         first = _marks(store.engine)[2]
@@ -232,8 +274,11 @@ def test_cover_sees_change_rows_before_refresh(database_url: str, tmp_path: Path
             assert cover(connection, window).dirty == set()
         store.write(
             ev.ConversationUpdate(
-                channel="web", occurred_at=_at(EDGE + 9 * HOUR_MS), user_id="u2",
-                conversation_id="c2", ended=True,
+                channel="web",
+                occurred_at=_at(EDGE + 9 * HOUR_MS),
+                user_id="u2",
+                conversation_id="c2",
+                ended=True,
             )
         )
         with store.engine.connect() as connection:
@@ -250,8 +295,11 @@ def test_moved_start_fresh_before_refresh(database_url: str, tmp_path: Path) -> 
         store.write(store.message(EDGE + HOUR_MS, "c1", "u1"))
         store.write(
             ev.ConversationUpdate(
-                channel="web", occurred_at=_at(EDGE + 2 * HOUR_MS), user_id="u2",
-                conversation_id="c2", step="welcome",
+                channel="web",
+                occurred_at=_at(EDGE + 2 * HOUR_MS),
+                user_id="u2",
+                conversation_id="c2",
+                step="welcome",
             )
         )
         assert refresh(store.engine).rebuilt
@@ -270,8 +318,11 @@ def test_rebuild_consumes_change_rows(database_url: str, tmp_path: Path) -> None
         assert refresh(store.engine).rebuilt
         store.write(
             ev.ConversationUpdate(
-                channel="web", occurred_at=_at(EDGE + 4 * HOUR_MS), user_id="u1",
-                conversation_id="c1", ended=True,
+                channel="web",
+                occurred_at=_at(EDGE + 4 * HOUR_MS),
+                user_id="u1",
+                conversation_id="c1",
+                ended=True,
             )
         )
         logged = _marks(store.engine)[2]

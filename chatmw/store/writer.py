@@ -242,10 +242,10 @@ class Writer:
     @staticmethod
     def _record_repeated(session: Session, rows: Sequence[Mapping[str, Any]],
                          stored: Mapping[str, tuple[int, int]], new_keys: Collection[str]) -> None:
-        # A message whose key was stored already adds no message id, but its attributes,
-        # intent and owner still go to the conversation it was assigned, and the business
-        # handlers write to the stored message's conversation: both are logged. ``new_keys``
-        # is empty when the insert did not go as planned, and then every row is logged.
+        # A message whose key was stored already adds no message id. Its attributes, intent
+        # and owner still go to the conversation it was assigned, and the business handlers
+        # write to the stored message's conversation, so both are logged. ``new_keys`` is
+        # empty when the insert did not go as planned, and then every row is logged.
         new = set(new_keys)
         repeated: set[int] = set()
         for row in rows:

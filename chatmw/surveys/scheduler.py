@@ -241,7 +241,7 @@ def _schedule_survey(
 
 
 def _log_surveys(session: Session, conversation_ids: Iterable[int]) -> None:
-    # Survey rows are figures of their conversation: the rollup refresher must recount it.
+    # Survey rows are data of their conversation, so the rollup refresher recounts it.
     record_changes(session.connection(), conversations=[(cid, None) for cid in conversation_ids])
 
 
