@@ -1,10 +1,10 @@
 """The change log: changes without a new message dirty their conversations' slots.
 
-Each test makes a change that stores no message (a conversation update, a survey
-answer, a conversion, a lead) and reads the change log alone through
-``changes_after`` with the message and conversation watermarks at their current maximum,
-so only the logged rows can dirty a slot. The expected slots are computed in the test
-from the stored messages and conversation starts.
+Each test makes a change that stores no message: a conversation update, a survey
+answer, a conversion or a lead. It then reads the change log alone through
+``changes_after``, with the message and conversation watermarks at their current
+maximum, so that only logged rows can dirty a slot. The expected slots are computed in
+the test from the stored messages and conversation starts.
 """
 
 from __future__ import annotations
