@@ -49,6 +49,7 @@ from chatmw.events_business import (
 from chatmw.recorder import Recorder
 from chatmw.store import models
 from chatmw.store import models_business as bm
+from chatmw.store.changes import record_changes
 from chatmw.store.identity import CHUNK, id_in, insert_ignore, select_by_keys, upsert
 from chatmw.store.writer import Writer, stored_messages, write_attributes
 
@@ -433,6 +434,7 @@ class _Handlers:
             for item in self._allowed(session, items)
         ]
         insert_ignore(session, _table(bm.Conversion), rows, ["key"])
+        _record_conversions(session, rows)
 
     def spend(self, session: Session, items: list[Spend]) -> None:
         now_ms = ev.to_ms(ev.now_utc())
@@ -477,6 +479,64 @@ class _Handlers:
                 }
             )
         insert_ignore(session, _table(bm.Lead), rows, ["key"])
+        _record_leads(session, rows)
+
+
+def _named_conversations(
+    session: Session, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, int | None]]:
+    """Return the id and contact of each stored conversation among ``(channel, external id)``."""
+    found = select_by_keys(session, _table(models.Conversation), ("channel", "external_id"),
+                           sorted(set(keys)), ("channel", "external_id", "id", "contact_id"))
+    return {(channel, external): (cid, contact) for channel, external, cid, contact in found}
+
+
+def _user_contacts(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Return the contact id of each stored contact among ``(channel, user id)``."""
+    found = select_by_keys(session, _table(models.Contact), ("channel", "external_id"),
+                           sorted(set(keys)), ("channel", "external_id", "id"))
+    return {(channel, external): contact_id for channel, external, contact_id in found}
+
+
+def _record_conversions(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    # A conversion counts for the conversation it names, or else for the conversations of
+    # its user (chatmw.metrics.conversion). Its contact's latest conversion also decides
+    # whether that contact's leads converted, so the contact is logged in both cases.
+    named = _named_conversations(session, [
+        (row["channel"], row["conversation_external_id"]) for row in rows
+        if row["conversation_external_id"] is not None])
+    users = _user_contacts(session, [
+        (row["channel"], row["user_id"]) for row in rows if row["user_id"] is not None])
+    conversations: list[tuple[int, None]] = []
+    contacts: list[int | None] = []
+    for row in rows:
+        conversation = named.get((row["channel"], row["conversation_external_id"]))
+        if conversation is not None:
+            conversations.append((conversation[0], None))
+        contact = users.get((row["channel"], row["user_id"]))
+        contacts.append(contact if contact is not None or conversation is None else conversation[1])
+    record_changes(session.connection(), conversations=conversations, contacts=contacts)
+
+
+def _record_leads(session: Session, rows: Sequence[Mapping[str, Any]]) -> None:
+    # A lead counts for the conversation it was found in, else the one it names, else its
+    # user's latest conversation (chatmw.metrics.leads.lead_conversations).
+    named = _named_conversations(session, [
+        (row["channel"], row["conversation_external_id"]) for row in rows
+        if row["conversation_id"] is None and row["conversation_external_id"] is not None])
+    conversations: list[tuple[int, None]] = []
+    unplaced: list[tuple[str, str]] = []
+    for row in rows:
+        if row["conversation_id"] is not None:
+            conversations.append((row["conversation_id"], None))
+            continue
+        conversation = named.get((row["channel"], row["conversation_external_id"]))
+        if conversation is not None:
+            conversations.append((conversation[0], None))
+        else:
+            unplaced.append((row["channel"], row["user_id"]))
+    contacts = _user_contacts(session, unplaced).values() if unplaced else ()
+    record_changes(session.connection(), conversations=conversations, contacts=contacts)
 
 
 def install(

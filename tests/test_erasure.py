@@ -46,6 +46,7 @@ from chatmw.security import KeyAuth, Privacy, PrivacySettings, Secret, create_ke
 from chatmw.security.api import create_admin_router
 from chatmw.security.erasure import DataRegistry, erase_person, parse_user, purge_older_than
 from chatmw.store import models
+from chatmw.store.models_rollups import RollupChange
 from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
@@ -241,6 +242,10 @@ def expected_core_removal(engine: Engine, stored: str, raw: str) -> dict[str, in
                                         .where(models.Exposure.contact_id == contact)),
             "raw_payloads": sum(raw.encode() in bytes(body) for body in session.scalars(
                 select(models.RawPayload.body))),
+            # The change log keeps the contact's touches and business records for the
+            # rollup refresher until it consumes them.
+            "rollup_changes": session.scalar(select(func.count()).select_from(RollupChange)
+                                             .where(RollupChange.contact_id == contact)),
         }
     return {name: count for name, count in counts.items() if count}
 

@@ -706,13 +706,6 @@ def test_conversation_created_by_update_after_build(database_url: str, tmp_path:
         assert_same_as_raw(store.engine, _filter(edge, edge + DAY_MS), ("summary", "volume-day"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a conversation created by a ConversationUpdate before a rebuild is counted at "
-    "the update's slot; its first message moves the start to another slot, which the refresh "
-    "recomputes, but the old slot keeps the conversation: summary and heatmap count 2 "
-    "conversations where raw rows count 1, until the next full rebuild",
-)
 def test_conversation_start_moved_from_update_slot(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:
@@ -797,13 +790,6 @@ def test_message_after_erased_opening_guest(database_url: str, tmp_path: Path) -
         assert_same_as_raw(store.engine, flt, ("summary", "heatmap"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after the erasure of the guest whose message opened a conversation, an 'ended' "
-    "ConversationUpdate recomputes the conversation's start from its remaining messages "
-    "without writing a message, so no slot is dirtied: over the erased message's slot "
-    "summary and heatmap count 1 conversation and 2 messages where raw rows count none",
-)
 def test_end_update_after_erased_opener(database_url: str, tmp_path: Path) -> None:
     edge = _ms(EPOCH_WEEK_EDGE)
     with fresh_store(database_url, tmp_path) as store:

@@ -155,12 +155,16 @@ def _key(flt: MetricFilter, channel: str) -> Any:
 
 
 def _changed_contacts(connection: Connection) -> set[int]:
-    watermark, conversations = connection.execute(
-        select(RollupState.watermark_id, RollupState.conversation_watermark_id).where(
-            RollupState.id == 1
-        )
+    watermark, conversations, logged = connection.execute(
+        select(
+            RollupState.watermark_id,
+            RollupState.conversation_watermark_id,
+            RollupState.change_watermark_id,
+        ).where(RollupState.id == 1)
     ).one()
-    return changes_after(connection, int(watermark), None, int(conversations)).contacts
+    return changes_after(
+        connection, int(watermark), None, int(conversations), after_change_id=int(logged)
+    ).contacts
 
 
 def _add_new_from_rollups(

@@ -41,6 +41,7 @@ from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
     SLOT_MS,
+    RollupChange,
     RollupContactSets,
     RollupConversations,
     RollupFirsts,
@@ -155,17 +156,19 @@ class Changes:
     contacts: set[int]
 
 
-# NOTE: changes are found through new message ids and new conversation ids. When the writer
-# moves a stored conversation's start without a message at the old start, the old start
-# slot stays stale until the next rebuild. Two cases do this: an end update after the
-# opening message was erased, and the first message of a conversation an update created.
-# tests/test_rollups_attack.py keeps both as strict xfails.
+# NOTE: changes are found through new message ids, new conversation ids and the change
+# log (``rollup_changes``), which records the changes that leave no new id: conversation
+# updates, start moves with their old start, survey rows, conversions, leads, touches.
+# A change made without chatmw.store.changes.record_changes stays unseen until the next
+# rebuild, as does a row that commits more than OVERLAP_MS after taking its id.
 def changes_after(
     connection: Connection,
     after_id: int,
     through_id: int | None = None,
     after_conversation_id: int | None = None,
     through_conversation_id: int | None = None,
+    after_change_id: int | None = None,
+    through_change_id: int | None = None,
 ) -> Changes:
     """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
@@ -173,9 +176,15 @@ def changes_after(
     slots of all its messages and of its start. A late message can move the start, and
     the old start was the time of one of the older messages, so both slots are included.
     The contacts are the owners of those conversations, whose first conversation may have
-    moved. The slots also include the start slots of the contacts' other conversations
-    that these conversations may have made repeats, or stopped being repeats, for the
+    moved. Conversations created above ``after_conversation_id`` count as changed too.
+    The slots also include the start slots of the contacts' other conversations that
+    these conversations may have made repeats, or stopped being repeats, for the
     ``resolution`` rollups (``chatmw.metrics.outcome_rollups.repeat_slots``).
+
+    With ``after_change_id``, change-log rows above it are read as well: a recorded
+    conversation counts as changed, plus the slot of its recorded start before the
+    change, and a recorded contact adds the start slots of all its conversations and
+    itself to the contacts.
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
@@ -191,6 +200,8 @@ def changes_after(
         if through_conversation_id is not None:
             created = created.where(Conversation.id <= through_conversation_id)
         conversations.update(connection.execute(created).scalars())
+    if after_change_id is not None:
+        _add_logged(connection, changes, conversations, after_change_id, through_change_id)
     ids = sorted(conversations)
     # contact -> (first, last) time of each changed conversation, over its start and messages
     spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -221,14 +232,45 @@ def changes_after(
     return changes
 
 
+def _add_logged(
+    connection: Connection,
+    changes: Changes,
+    conversations: set[int],
+    after_change_id: int,
+    through_change_id: int | None,
+) -> None:
+    """Add the change-log rows above ``after_change_id`` to ``changes`` and ``conversations``."""
+    logged = select(RollupChange.conversation_id, RollupChange.contact_id, RollupChange.start_ms)
+    logged = logged.where(RollupChange.id > after_change_id)
+    if through_change_id is not None:
+        logged = logged.where(RollupChange.id <= through_change_id)
+    contacts: set[int] = set()
+    for conversation_id, contact_id, start_ms in connection.execute(logged):
+        if conversation_id is not None:
+            conversations.add(int(conversation_id))
+        if start_ms is not None:
+            changes.slots.add(slot_of(int(start_ms)))
+        if contact_id is not None:
+            contacts.add(int(contact_id))
+    changes.contacts.update(contacts)
+    ordered = sorted(contacts)
+    for index in range(0, len(ordered), _CHUNK):
+        chunk = ordered[index : index + _CHUNK]
+        starts = select(Conversation.started_at_ms).where(Conversation.contact_id.in_(chunk))
+        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(starts))
+
+
 def dirty_slots(
     connection: Connection,
     after_id: int,
     through_id: int | None = None,
     after_conversation_id: int | None = None,
+    after_change_id: int | None = None,
 ) -> set[int]:
     """Return the slots of :func:`changes_after`."""
-    return changes_after(connection, after_id, through_id, after_conversation_id).slots
+    return changes_after(
+        connection, after_id, through_id, after_conversation_id, after_change_id=after_change_id
+    ).slots
 
 
 def _timed() -> ColumnElement[bool]:
@@ -354,6 +396,9 @@ def lock_state(connection: Connection) -> RollupStateRow:
             RollupState.conversation_watermark_id,
             RollupState.conversation_rescan_from_id,
             RollupState.conversation_pending_id,
+            RollupState.change_watermark_id,
+            RollupState.change_rescan_from_id,
+            RollupState.change_pending_id,
         )
         .where(RollupState.id == 1)
         .with_for_update()
@@ -373,6 +418,15 @@ class RollupStateRow:
     conversation_watermark_id: int
     conversation_rescan_from_id: int
     conversation_pending_id: int
+    change_watermark_id: int
+    change_rescan_from_id: int
+    change_pending_id: int
+
+
+def _max_change_id(connection: Connection) -> int:
+    return int(
+        connection.execute(select(func.coalesce(func.max(RollupChange.id), 0))).scalar_one()
+    )
 
 
 def _max_conversation_id(connection: Connection) -> int:
@@ -406,8 +460,11 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     from chatmw.metrics.business_rollups import claim_business_for_rebuild
 
     claim_business_for_rebuild(connection, token, now_ms)
-    # Conversations created from here on have higher ids, so the next refresh finds them.
+    # Conversations created and changes logged from here on have higher ids, so the next
+    # refresh finds them. The rebuild counts the changes logged so far from raw rows.
     conversations = _max_conversation_id(connection)
+    logged = _max_change_id(connection)
+    connection.execute(delete(RollupChange).where(RollupChange.id <= logged))
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -418,6 +475,9 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
             conversation_watermark_id=conversations,
             conversation_rescan_from_id=conversations,
             conversation_pending_id=conversations,
+            change_watermark_id=logged,
+            change_rescan_from_id=logged,
+            change_pending_id=logged,
         )
     )
     return token, watermark
@@ -697,12 +757,15 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
 
     watermark = max(_max_message_id(connection), state.watermark_id)
     conversation_mark = max(_max_conversation_id(connection), state.conversation_watermark_id)
+    change_mark = max(_max_change_id(connection), state.change_watermark_id)
     changes = changes_after(
         connection,
         state.rescan_from_id,
         watermark,
         state.conversation_rescan_from_id,
         conversation_mark,
+        state.change_rescan_from_id,
+        change_mark,
     )
     slots = changes.slots
     if slots:
@@ -711,9 +774,11 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
     conversation_rescan = state.conversation_rescan_from_id
     conversation_pending = state.conversation_pending_id
+    change_rescan, change_pending = state.change_rescan_from_id, state.change_pending_id
     if now_ms - pending_at >= OVERLAP_MS:
         rescan_from, pending, pending_at = pending, watermark, now_ms
         conversation_rescan, conversation_pending = conversation_pending, conversation_mark
+        change_rescan, change_pending = change_pending, change_mark
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -726,8 +791,14 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
             conversation_watermark_id=conversation_mark,
             conversation_rescan_from_id=conversation_rescan,
             conversation_pending_id=conversation_pending,
+            change_watermark_id=change_mark,
+            change_rescan_from_id=change_rescan,
+            change_pending_id=change_pending,
         )
     )
+    if change_rescan > state.change_rescan_from_id:
+        # No refresh reads the rows at or below the rescan point again.
+        connection.execute(delete(RollupChange).where(RollupChange.id <= change_rescan))
     return watermark, len(slots)
 
 

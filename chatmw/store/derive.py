@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from chatmw.store.changes import record_changes
 from chatmw.store.identity import bulk_update, id_in, select_by_keys
 from chatmw.store.models import Conversation, Message
 
@@ -88,16 +89,22 @@ def refresh_conversations(session: Session, conversation_ids: Iterable[int]) -> 
 
 def _refresh_chunk(session: Session, ids: Sequence[int]) -> None:
     rows = _stored_timings(session, ids)
-    ended = _ended_times(session, ids)
+    stored = _start_and_end_times(session, ids)
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
+    moved: list[tuple[int, int]] = []
     for group in _groups(rows):
         changed: list[tuple[Any, float | None, bool]] = []
-        conversation_changes.append(_conversation_figures(group, ended.get(group[0][0]), changed))
+        conversation_id = group[0][0]
+        started_at_ms, ended_at_ms = stored.get(conversation_id, (None, None))
+        figures = _conversation_figures(group, ended_at_ms, changed)
+        conversation_changes.append(figures)
+        if started_at_ms is not None and started_at_ms != figures["started_at_ms"]:
+            moved.append((conversation_id, started_at_ms))
         message_changes.extend({"id": message_id, "response_ms": response_ms,
                                 "is_first_response": is_first}
                                for message_id, response_ms, is_first in changed)
-    _apply(session, message_changes, conversation_changes)
+    _apply(session, message_changes, conversation_changes, moved)
 
 
 def _stored_timings(session: Session, ids: Sequence[int]) -> list[Any]:
@@ -110,10 +117,11 @@ def _stored_timings(session: Session, ids: Sequence[int]) -> list[Any]:
     return session.connection().execute(statement).all()
 
 
-def _ended_times(session: Session, ids: Sequence[int]) -> dict[int, int | None]:
-    statement = select(Conversation.id, Conversation.ended_at_ms).where(
+def _start_and_end_times(session: Session,
+                         ids: Sequence[int]) -> dict[int, tuple[int, int | None]]:
+    statement = select(Conversation.id, Conversation.started_at_ms, Conversation.ended_at_ms).where(
         id_in(session, Conversation.id, ids))
-    return dict(session.connection().execute(statement).all())  # type: ignore[arg-type]
+    return {row[0]: (row[1], row[2]) for row in session.connection().execute(statement)}
 
 
 def _groups(rows: Sequence[Any]) -> list[list[Any]]:
@@ -122,11 +130,15 @@ def _groups(rows: Sequence[Any]) -> list[list[Any]]:
 
 
 def _apply(session: Session, message_changes: list[dict[str, Any]],
-           conversation_changes: list[dict[str, Any]]) -> None:
+           conversation_changes: list[dict[str, Any]], moved: Sequence[tuple[int, int]]) -> None:
+    # ``moved`` are the conversations whose start changes, with their start before. Their
+    # old start slot may hold no message, so the rollup refresher learns it from the log.
     bulk_update(session, Message.__table__, message_changes, ("response_ms", "is_first_response"))
     bulk_update(session, Conversation.__table__, conversation_changes,
                 ("started_at_ms", "last_message_at_ms", "message_count", "user_message_count",
                  "first_response_ms", "first_response_role", "ended_at_ms"))
+    if moved:
+        record_changes(session.connection(), conversations=moved)
 
 
 def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
@@ -280,6 +292,7 @@ class RefreshPlan:
     are the states of the conversations once the plan is applied. ``stored`` maps the key
     of every row to the conversation id and time of the message stored with that key
     once the plan is applied. ``with_intent`` are the conversations that have an intent.
+    ``moved`` are the conversations whose start the plan changes, with their start before.
     """
 
     conversation_ids: list[int]
@@ -289,6 +302,7 @@ class RefreshPlan:
     states: dict[int, ConversationState] = field(default_factory=dict)
     stored: dict[str, tuple[int, int]] = field(default_factory=dict)
     with_intent: set[int] = field(default_factory=set)
+    moved: list[tuple[int, int]] = field(default_factory=list)
 
 
 def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
@@ -327,6 +341,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     conversation_changes: list[dict[str, Any]] = []
     states: dict[int, ConversationState] = {}
     with_intent: set[int] = set()
+    moved: list[tuple[int, int]] = []
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
@@ -362,6 +377,8 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                 _figures(conversation_id, running, None if row is None else row[8]))
             if row is not None:
                 states[conversation_id] = _state(row[0], row[1], running)
+                if row[2] != running.started_at_ms:
+                    moved.append((conversation_id, row[2]))
             for message, response_ms, is_first in changed:
                 if isinstance(message, dict):
                     message["response_ms"] = response_ms
@@ -370,7 +387,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
     return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
-                       stored_rows, with_intent)
+                       stored_rows, with_intent, moved)
 
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
@@ -408,4 +425,4 @@ def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:
 
 def apply_refresh(session: Session, plan: RefreshPlan) -> None:
     """Store the figures of ``plan`` once its rows went in as expected."""
-    _apply(session, plan.message_changes, plan.conversation_changes)
+    _apply(session, plan.message_changes, plan.conversation_changes, plan.moved)

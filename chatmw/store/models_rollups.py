@@ -39,6 +39,7 @@ __all__ = [
     "RollupSurveys",
     "RollupQueryTypes",
     "RollupState",
+    "RollupChange",
     "SLOT_MS",
     "LEVEL_SLOT",
     "LEVEL_HOUR",
@@ -355,4 +356,32 @@ class RollupState(Base):
     conversation_rescan_from_id: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0"
     )
-    conversation_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    conversation_pending_id: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
+    # The same three watermarks over ``rollup_changes`` ids.
+    change_watermark_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    change_rescan_from_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    change_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class RollupChange(Base):
+    """A conversation or contact whose raw rows changed without a new message (the change log).
+
+    The writer, the survey service and the business API add a row in the transaction
+    that makes the change (``chatmw.store.changes.record_changes``). The refresher marks
+    dirty the slots of the conversation, or of every conversation of the contact, and
+    deletes the rows it has consumed. ``start_ms`` is the conversation's start before the
+    change, when the change may have moved it.
+    """
+
+    __tablename__ = "rollup_changes"
+    # Ids must never be reused once the consumed rows are deleted, which SQLite does for a
+    # plain INTEGER PRIMARY KEY whose highest rows are gone.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[int | None] = mapped_column(Integer)
+    contact_id: Mapped[int | None] = mapped_column(Integer)
+    start_ms: Mapped[int | None] = mapped_column(BigInteger)
+    at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from chatmw import events as ev
 from chatmw.exchange import expand_all
 from chatmw.store import models
+from chatmw.store.changes import record_changes
 from chatmw.store.derive import (
     UNTIMED_KINDS,
     ConversationCache,
@@ -216,6 +217,8 @@ class Writer:
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
                                          plan.expected)
         session.info[_NEW_MESSAGES] = session.info.get(_NEW_MESSAGES, 0) + len(plan.expected)
+        if len(plan.expected) < len(rows) or not planned:
+            self._record_repeated(session, rows, plan.stored, plan.expected if planned else ())
 
         self._write_attributes(session, messages, conversation_ids)
         self._touch_contacts(session, messages, times, contacts)
@@ -235,6 +238,24 @@ class Writer:
         if outbound:
             refresh_statuses(session, outbound)
         link_pending_touches(session, set(conversation_ids), self.settings.session_gap_ms)
+
+    @staticmethod
+    def _record_repeated(session: Session, rows: Sequence[Mapping[str, Any]],
+                         stored: Mapping[str, tuple[int, int]], new_keys: Collection[str]) -> None:
+        # A message whose key was stored already adds no message id. Its attributes, intent
+        # and owner still go to the conversation it was assigned, and the business handlers
+        # write to the stored message's conversation, so both are logged. ``new_keys`` is
+        # empty when the insert did not go as planned, and then every row is logged.
+        new = set(new_keys)
+        repeated: set[int] = set()
+        for row in rows:
+            key = row["key"]
+            if key in new:
+                continue
+            repeated.add(row["conversation_id"])
+            if key in stored:
+                repeated.add(stored[key][0])
+        record_changes(session.connection(), conversations=[(cid, None) for cid in repeated])
 
     def _contacts_for(self, session: Session, messages: Sequence[ev.Message],
                       times: Sequence[int]) -> dict[tuple[str, str], int]:
@@ -378,6 +399,8 @@ class Writer:
         link_touches_to_open_conversations(session, set(contacts.values()),
                                            self.settings.session_gap_ms)
         refresh_touch_pointers(session, contact_ids=set(contacts.values()))
+        # The touches can be linked to any conversation of their contacts.
+        record_changes(session.connection(), contacts=contacts.values())
 
     # Conversation updates
 
@@ -406,6 +429,9 @@ class Writer:
                 attributes[(conversation_id, name)] = value
         self._apply_conversation_values(session, values)
         write_attributes(session, attributes)
+        changed = {cid for cid, fields in values.items() if fields}
+        changed.update(cid for cid, _ in attributes)
+        record_changes(session.connection(), conversations=[(cid, None) for cid in changed])
         if ended:
             # A user message later than the end reopens the conversation, whichever came first.
             refresh_conversations(session, ended)
@@ -636,6 +662,7 @@ def link_pending_touches(session: Session, conversation_ids: set[int], gap_ms: i
     if with_loose:
         link_touches_to_open_conversations(session, with_loose, gap_ms)
         refresh_touch_pointers(session, contact_ids=with_loose)
+        record_changes(session.connection(), contacts=with_loose)
 
 
 def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None:

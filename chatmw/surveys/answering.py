@@ -19,6 +19,7 @@ from sqlalchemy import String, and_, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
+from chatmw.store.changes import record_changes
 from chatmw.store.identity import derived_table, insert_ignore
 from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_surveys import SURVEY_SENDS, Survey
@@ -241,6 +242,7 @@ class SurveyAnswerPreprocessor:
 
     def _set(self, session: Session, survey: Survey, **values: Any) -> None:
         session.execute(update(Survey).where(Survey.id == survey.id).values(**values))
+        record_changes(session.connection(), conversations=[(survey.conversation_id, None)])
         for name, value in values.items():
             setattr(survey, name, value)
 

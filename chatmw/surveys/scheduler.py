@@ -13,13 +13,14 @@ Several processes may run these functions against one database at the same time:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from chatmw.store.changes import record_changes
 from chatmw.store.identity import insert_ignore
 from chatmw.store.models import Contact, Conversation, ConversationAttribute
 from chatmw.store.models_surveys import SURVEY_SENDS, SURVEYS, Survey, SurveySend
@@ -235,7 +236,13 @@ def _schedule_survey(
         else:
             stats.not_sampled += 1
     insert_ignore(session, SURVEYS, survey_rows, ["conversation_id"])
+    _log_surveys(session, [row["conversation_id"] for row in survey_rows])
     _add_prompt_sends(session, [row["conversation_id"] for row in survey_rows])
+
+
+def _log_surveys(session: Session, conversation_ids: Iterable[int]) -> None:
+    # Survey rows are data of their conversation, so the rollup refresher recounts it.
+    record_changes(session.connection(), conversations=[(cid, None) for cid in conversation_ids])
 
 
 def _add_prompt_sends(session: Session, conversation_ids: Sequence[int]) -> None:
@@ -274,16 +281,14 @@ def _drop_stale_waiting(session: Session, config: SurveysConfig, now_ms: int) ->
         )
         .scalar_subquery()
     )
-    dropped = (
-        session.execute(
-            update(Survey)
-            .where(Survey.state == "waiting", Survey.conversation_id.in_(stale))
-            .values(state="skipped", reason="reopened and not ended again within lookback_hours")
-            .returning(Survey.id)
-        )
-        .scalars()
-        .all()
-    )
+    dropped_rows = session.execute(
+        update(Survey)
+        .where(Survey.state == "waiting", Survey.conversation_id.in_(stale))
+        .values(state="skipped", reason="reopened and not ended again within lookback_hours")
+        .returning(Survey.id, Survey.conversation_id)
+    ).all()
+    dropped = [survey_id for survey_id, _ in dropped_rows]
+    _log_surveys(session, [conversation_id for _, conversation_id in dropped_rows])
     if dropped:
         session.execute(
             update(SurveySend)
@@ -297,13 +302,19 @@ def _reschedule_waiting(
 ) -> None:
     _drop_stale_waiting(session, config, now_ms)
     waiting = session.execute(
-        select(Survey.id, Survey.name, Conversation.ended_at_ms, Conversation.last_message_at_ms)
+        select(
+            Survey.id,
+            Survey.name,
+            Conversation.ended_at_ms,
+            Conversation.last_message_at_ms,
+            Survey.conversation_id,
+        )
         .join(Conversation, Conversation.id == Survey.conversation_id)
         .where(Survey.state == "waiting")
         .order_by(Conversation.last_message_at_ms.desc())
         .limit(config.dispatcher.batch_size * 10)
     ).all()
-    for survey_id, name, ended_at, last_at in waiting:
+    for survey_id, name, ended_at, last_at, conversation_id in waiting:
         survey = config.surveys.get(name)
         if survey is None:
             continue
@@ -318,6 +329,7 @@ def _reschedule_waiting(
             .returning(Survey.id)
         ).first()
         if moved is not None:
+            _log_surveys(session, [conversation_id])
             session.execute(
                 update(SurveySend)
                 .where(
@@ -335,14 +347,16 @@ def _expire_answers(session: Session, now_ms: int, stats: ScheduleStats) -> None
         update(Survey)
         .where(Survey.state == "sent", Survey.answer_deadline_ms < now_ms)
         .values(state="unanswered", reason="no answer within the answer window")
-        .returning(Survey.id)
-    ).all()
+        .returning(Survey.conversation_id)
+    ).scalars().all()
     stats.expired += len(expired)
-    session.execute(
+    closed = session.execute(
         update(Survey)
         .where(Survey.state == "answered", Survey.comment_deadline_ms < now_ms)
         .values(comment_deadline_ms=None)
-    )
+        .returning(Survey.conversation_id)
+    ).scalars().all()
+    _log_surveys(session, [*expired, *closed])
 
 
 def schedule(session: Session, config: SurveysConfig, now_ms: int) -> ScheduleStats:
@@ -416,6 +430,7 @@ def request_survey(
     ).one()
     if trigger != "on_demand" or created != now_ms:
         raise SurveyExistsError(f"conversation {conversation_id!r} already has survey {survey_id}")
+    _log_surveys(session, [row.id])
     _add_prompt_sends(session, [row.id])
     return int(survey_id)
 
@@ -440,11 +455,13 @@ def release_stale_claims(session: Session, config: SurveysConfig, now_ms: int) -
             .values(state="failed", error=reason)
         )
         if purpose == "prompt":
-            session.execute(
+            failed = session.execute(
                 update(Survey)
                 .where(Survey.id == survey_id, Survey.state == "scheduled")
                 .values(state="failed", reason=reason)
-            )
+                .returning(Survey.conversation_id)
+            ).scalars().all()
+            _log_surveys(session, failed)
     return len(stale)
 
 
@@ -510,9 +527,13 @@ def _skip(session: Session, send_id: int, survey_id: int | None, reason: str) ->
         update(SurveySend).where(SurveySend.id == send_id).values(state="skipped", error=reason)
     )
     if survey_id is not None:
-        session.execute(
-            update(Survey).where(Survey.id == survey_id).values(state="skipped", reason=reason)
-        )
+        skipped = session.execute(
+            update(Survey)
+            .where(Survey.id == survey_id)
+            .values(state="skipped", reason=reason)
+            .returning(Survey.conversation_id)
+        ).scalars().all()
+        _log_surveys(session, skipped)
 
 
 def _check_prompt(
@@ -528,6 +549,7 @@ def _check_prompt(
         basis = _end_basis(settings, ended_at, last_at, now_ms)
         if basis is None:
             session.execute(update(Survey).where(Survey.id == survey.id).values(state="waiting"))
+            _log_surveys(session, [survey.conversation_id])
             session.execute(
                 update(SurveySend)
                 .where(SurveySend.id == send_id)
@@ -541,6 +563,7 @@ def _check_prompt(
                 .where(Survey.id == survey.id)
                 .values(basis_ms=basis, due_at_ms=due_at)
             )
+            _log_surveys(session, [survey.conversation_id])
             if due_at > now_ms:
                 session.execute(
                     update(SurveySend)
@@ -688,7 +711,7 @@ def complete_job(
         if job.purpose == "prompt":
             settings = config.surveys.get(job.name)
             window_ms = int((settings.answer_window_hours if settings else 24.0) * HOUR_MS)
-            session.execute(
+            sent = session.execute(
                 update(survey)
                 .where(survey.id == job.survey_id)
                 .values(
@@ -698,7 +721,9 @@ def complete_job(
                     answer_deadline_ms=now_ms + window_ms,
                     reason=None,
                 )
-            )
+                .returning(survey.conversation_id)
+            ).scalars().all()
+            _log_surveys(session, sent)
         return "sent"
     attempts = job.attempts + 1
     dispatcher = config.dispatcher
@@ -723,7 +748,11 @@ def complete_job(
         .values(state="failed", attempts=attempts, error=error)
     )
     if job.purpose == "prompt":
-        session.execute(
-            update(survey).where(survey.id == job.survey_id).values(state="failed", reason=error)
-        )
+        failed = session.execute(
+            update(survey)
+            .where(survey.id == job.survey_id)
+            .values(state="failed", reason=error)
+            .returning(survey.conversation_id)
+        ).scalars().all()
+        _log_surveys(session, failed)
     return "failed"
