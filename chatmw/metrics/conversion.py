@@ -18,7 +18,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, true, union
 from sqlalchemy.orm import aliased
@@ -274,7 +274,23 @@ def currency_of(engine: Engine) -> dict[str, Any]:
     }
 
 
-def _figures(conversations: int, rows: Iterable[AttributedConversion]) -> dict[str, Any]:
+class Attribution(Protocol):
+    """The fields of an attribution that the conversion figures read."""
+
+    @property
+    def conversation_id(self) -> int: ...
+
+    @property
+    def conversion_id(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def value_micros(self) -> int: ...
+
+
+def _figures(conversations: int, rows: Iterable[Attribution]) -> dict[str, Any]:
     converted: set[int] = set()
     values: dict[int, int] = {}
     names: dict[int, str] = {}
@@ -298,13 +314,26 @@ def _figures(conversations: int, rows: Iterable[AttributedConversion]) -> dict[s
     }
 
 
+def _attributions(
+    engine: Engine, flt: MetricFilter, days: float
+) -> tuple[dict[Any, int], Sequence[Attribution]]:
+    """Return conversations per group key and the attributions, from rollups where they apply."""
+    # Imported here: the rollup modules import this one.
+    from chatmw.metrics.business_query import rolled_conversions, serves_days, serves_filter
+
+    if serves_days(days) and serves_filter(flt):
+        rolled = rolled_conversions(engine, flt)
+        if rolled is not None:
+            return rolled
+    return conversation_counts(engine, flt), attributed_conversions(engine, flt, days)
+
+
 def conversion_rate(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute the conversion rate, conversions and revenue of the conversations of ``flt``."""
     days = attribution_days(options or {})
-    counts = conversation_counts(engine, flt)
-    rows = attributed_conversions(engine, flt, days)
+    counts, rows = _attributions(engine, flt, days)
     result: dict[str, Any] = {
         "metric": "conversion",
         "filters": flt.describe(),
@@ -313,7 +342,7 @@ def conversion_rate(
     }
     result.update(_figures(sum(counts.values()), rows))
     if flt.group_by is not None:
-        by_group: dict[Any, list[AttributedConversion]] = defaultdict(list)
+        by_group: dict[Any, list[Attribution]] = defaultdict(list)
         for row in rows:
             by_group[row.group_key].append(row)
         result["groups"] = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -13,8 +13,10 @@ from sqlalchemy import Engine, select
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
+from chatmw.metrics.business_query import Link, rolled_conversions, serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    AttributedConversion,
     attributed_conversions,
     attribution_days,
     currency_of,
@@ -111,6 +113,19 @@ def _figures(spend: int, conversions: Mapping[int, int]) -> dict[str, Any]:
     }
 
 
+def _attributions(
+    engine: Engine, flt: MetricFilter, days: float
+) -> Sequence[AttributedConversion | Link]:
+    # Rollups keep the campaigns of both touches, so they serve the campaign filter too.
+    if serves_days(days) and serves_filter(
+        dataclasses.replace(flt, touch_filters={}), ("campaign", "channel")
+    ):
+        rolled = rolled_conversions(engine, flt, counts=False)
+        if rolled is not None:
+            return rolled[1]
+    return attributed_conversions(engine, flt, days)
+
+
 def cost_per_acquisition(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -121,7 +136,7 @@ def cost_per_acquisition(
     grouped = dataclasses.replace(flt, group_by=group_by)
     conversions: dict[str, dict[int, int]] = defaultdict(dict)
     overall: dict[int, int] = {}
-    for row in attributed_conversions(engine, grouped, days):
+    for row in _attributions(engine, grouped, days):
         conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
         overall[row.conversion_id] = row.value_micros
     result: dict[str, Any] = {

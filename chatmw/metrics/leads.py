@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
+from chatmw.metrics.business_query import LeadLink, rolled_leads, serves_filter
 from chatmw.metrics.conversion import resolved_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
@@ -163,6 +164,10 @@ def leads(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute leads, lead quality and scores for the conversations of ``flt``, per source."""
+    if serves_filter(flt):
+        rolled = rolled_leads(engine, flt)
+        if rolled is not None:
+            return _result(flt, *_rolled_rows(*rolled))
     stored = _load_leads(engine)
     ids = sorted({lead[-1] for lead in stored if lead[-1] is not None})
     source_of = _group_keys(engine, dataclasses.replace(flt, group_by=GroupBy("source")), ids)
@@ -170,7 +175,26 @@ def leads(
     group_of = dict.fromkeys(source_of) if flt.group_by is None else _group_keys(engine, flt, ids)
     rows = _leads_in_scope(group_of, stored)
     by_source = _leads_in_scope(source_of, stored)
-    converted_after = _conversion_times(engine)
+    return _result(flt, rows, by_source, _conversion_times(engine))
+
+
+def _rolled_rows(
+    leads: Sequence[LeadLink], converted_after: Mapping[int, int]
+) -> tuple[list[_LeadRow], list[_LeadRow], Mapping[int, int]]:
+    rows, by_source = [], []
+    for lead in leads:
+        fields = (lead.lead_id, lead.kind, lead.origin, lead.score, lead.occurred_at_ms)
+        rows.append(_LeadRow(lead.group_key, *fields, lead.contact_id))
+        by_source.append(_LeadRow(lead.source, *fields, lead.contact_id))
+    return rows, by_source, converted_after
+
+
+def _result(
+    flt: MetricFilter,
+    rows: Sequence[_LeadRow],
+    by_source: Sequence[_LeadRow],
+    converted_after: Mapping[int, int],
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "metric": "leads",
         "filters": flt.describe(),

@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
+from chatmw.metrics.business_query import rolled_customers, serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
     ResolvedConversion,
@@ -81,6 +82,27 @@ def _figures(
     }
 
 
+def _customers(
+    engine: Engine, flt: MetricFilter, days: float, end_ms: int
+) -> tuple[dict[Any, set[int]], dict[int, list[tuple[int, int]]]]:
+    """Return the customers per group key and their orders before ``end_ms``."""
+    if serves_days(days) and serves_filter(flt):
+        rolled = rolled_customers(engine, flt)
+        if rolled is not None:
+            customers_by_group, all_orders = rolled
+            return customers_by_group, {
+                contact_id: [order for order in items if order[0] < end_ms]
+                for contact_id, items in all_orders.items()
+            }
+    conversions = load_conversions(engine)
+    customers_by_group = defaultdict(set)
+    for row in attributed_conversions(engine, flt, days, conversions):
+        if row.contact_id is not None:
+            customers_by_group[row.group_key].add(row.contact_id)
+    customers = set().union(*customers_by_group.values()) if customers_by_group else set()
+    return customers_by_group, _orders(conversions, customers, end_ms)
+
+
 def lifetime_value(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -95,13 +117,8 @@ def lifetime_value(
     end = datetime.now(UTC) if not as_of else parse_datetime("as_of", as_of, flt.tz)
     end_ms = to_ms(end)
 
-    conversions = load_conversions(engine)
-    customers_by_group: dict[Any, set[int]] = defaultdict(set)
-    for row in attributed_conversions(engine, flt, days, conversions):
-        if row.contact_id is not None:
-            customers_by_group[row.group_key].add(row.contact_id)
+    customers_by_group, orders = _customers(engine, flt, days, end_ms)
     customers = set().union(*customers_by_group.values()) if customers_by_group else set()
-    orders = _orders(conversions, customers, end_ms)
 
     result: dict[str, Any] = {
         "metric": "ltv",

@@ -374,10 +374,11 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
+    from chatmw.metrics.business_rollups import BUSINESS_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES, RollupContactSets):
+    for table in (*tables, *STARTED_TABLES, *BUSINESS_TABLES, RollupContactSets):
         connection.execute(delete(table))
     # Conversations created from here on have higher ids, so the next refresh finds them.
     conversations = _max_conversation_id(connection)
@@ -459,10 +460,12 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     )
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
+    from chatmw.metrics.business_rollups import insert_business
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
+    insert_business(connection, [chunk])
     refresh_sets(connection, [chunk])
 
 
@@ -496,6 +499,9 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
     with engine.begin() as connection:
         if not _owns_rebuild(connection, token):
             return False
+        from chatmw.metrics.business_rollups import rebuild_orders
+
+        rebuild_orders(connection)
         connection.execute(
             update(RollupState)
             .where(RollupState.id == 1)
@@ -529,6 +535,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    from chatmw.metrics.business_rollups import delete_business, insert_business
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
@@ -537,6 +544,8 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     ranges = slot_ranges(ordered)
     delete_started(connection, ranges)
     insert_started(connection, ranges)
+    delete_business(connection, ranges)
+    insert_business(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -632,6 +641,9 @@ def _analyze(engine: Engine) -> None:
         "rollup_responses",
         "rollup_contact_sets",
         "rollup_sentiment",
+        "rollup_conversion_links",
+        "rollup_lead_links",
+        "rollup_orders",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that
@@ -661,6 +673,9 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     if slots:
         _recompute(connection, slots)
     _recompute_firsts(connection, changes.contacts)
+    from chatmw.metrics.business_rollups import recompute_business_contacts
+
+    recompute_business_contacts(connection, changes.contacts)
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
     conversation_rescan = state.conversation_rescan_from_id
     conversation_pending = state.conversation_pending_id

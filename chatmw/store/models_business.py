@@ -66,6 +66,7 @@ class Lead(Base):
         UniqueConstraint("key", name="uq_leads_key"),
         Index("ix_leads_user", "channel", "user_id"),
         Index("ix_leads_conversation", "conversation_id"),
+        Index("ix_leads_named", "channel", "conversation_external_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -32,6 +32,9 @@ __all__ = [
     "RollupResponses",
     "RollupContactSets",
     "RollupSentiment",
+    "RollupConversionLinks",
+    "RollupLeadLinks",
+    "RollupOrders",
     "RollupState",
     "SLOT_MS",
     "LEVEL_SLOT",
@@ -198,6 +201,70 @@ class RollupSentiment(Base):
     improved: Mapped[int] = mapped_column(Integer)
     worsened: Mapped[int] = mapped_column(Integer)
     unchanged: Mapped[int] = mapped_column(Integer)
+
+
+class RollupConversionLinks(Base):
+    """One attribution of a conversion to a conversation, with the default attribution window.
+
+    ``start_slot_ms`` and ``channel`` are the conversation's start slot and channel; the
+    campaigns are those of its first and last touch. See ``chatmw.metrics.business_rollups``.
+    """
+
+    __tablename__ = "rollup_conversion_links"
+    __table_args__ = (Index("ix_rollup_conversion_links_slot", "start_slot_ms", "channel"),)
+
+    conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(32))
+    value_micros: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    first_campaign: Mapped[str | None] = mapped_column(String(255))
+    last_campaign: Mapped[str | None] = mapped_column(String(255))
+
+
+class RollupLeadLinks(Base):
+    """A lead with the conversation it counts for (the ``leads`` metric's rule).
+
+    ``start_slot_ms`` and ``channel`` are the conversation's; ``contact_id`` is the lead's
+    user; the sources are those of the conversation's first and last touch.
+    """
+
+    __tablename__ = "rollup_lead_links"
+    __table_args__ = (
+        Index("ix_rollup_lead_links_slot", "start_slot_ms", "channel"),
+        Index("ix_rollup_lead_links_contact", "contact_id"),
+    )
+
+    lead_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(Integer)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(32))
+    contact_id: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    occurred_at_ms: Mapped[int] = mapped_column(BigInteger)
+    first_source: Mapped[str | None] = mapped_column(String(255))
+    last_source: Mapped[str | None] = mapped_column(String(255))
+
+
+class RollupOrders(Base):
+    """A conversion with the contact it resolves to (not slotted: kept per contact).
+
+    Conversions that resolve to no contact have no row. ``chatmw.metrics.business_rollups``
+    recomputes the rows of the contacts that the refresher finds changed.
+    """
+
+    __tablename__ = "rollup_orders"
+    __table_args__ = (
+        Index("ix_rollup_orders_contact", "contact_id", "occurred_at_ms", "value_micros"),
+    )
+
+    conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer)
+    occurred_at_ms: Mapped[int] = mapped_column(BigInteger)
+    value_micros: Mapped[int] = mapped_column(BigInteger)
 
 
 class RollupContactSets(Base):
