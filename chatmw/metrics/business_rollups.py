@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import (
-    Connection,
     ColumnElement,
+    Connection,
     and_,
     delete,
     exists,
@@ -114,12 +114,16 @@ def _link_statements(targets: ColumnElement[bool]) -> list[Any]:
         Conversion.value_micros,
         Conversion.name,
     ]
-    named = select(*head).select_from(Conversation).join(
-        Conversion,
-        and_(
-            Conversion.channel == Conversation.channel,
-            Conversion.conversation_external_id == Conversation.external_id,
-        ),
+    named = (
+        select(*head)
+        .select_from(Conversation)
+        .join(
+            Conversion,
+            and_(
+                Conversion.channel == Conversation.channel,
+                Conversion.conversation_external_id == Conversation.external_id,
+            ),
+        )
     )
     # A conversion naming only a user counts for the user's conversations that started
     # at most LINK_WINDOW_MS before it, as in chatmw.metrics.conversion.
@@ -149,7 +153,9 @@ def conversion_links(connection: Connection, targets: ColumnElement[bool]) -> li
     """Return the link rows of the conversations ``targets`` selects, from raw rows."""
     rows = []
     for statement in _link_statements(targets):
-        rows.extend(dict(zip(LINK_COLUMNS, row, strict=True)) for row in connection.execute(statement))
+        rows.extend(
+            dict(zip(LINK_COLUMNS, row, strict=True)) for row in connection.execute(statement)
+        )
     return rows
 
 
@@ -238,10 +244,12 @@ def lead_links(
     targets: ColumnElement[bool],
     leads: ColumnElement[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Return the lead rows of the leads ``leads`` selects whose conversation ``targets`` selects."""
+    """Return the rows of the leads ``leads`` selects that count for conversations ``targets``."""
     rows = []
     for statement in _lead_statements(targets, true() if leads is None else leads):
-        rows.extend(dict(zip(LEAD_COLUMNS, row, strict=True)) for row in connection.execute(statement))
+        rows.extend(
+            dict(zip(LEAD_COLUMNS, row, strict=True)) for row in connection.execute(statement)
+        )
     return rows
 
 
@@ -251,7 +259,9 @@ def contact_leads(connection: Connection, contacts: Iterable[int]) -> set[int]:
     for chunk in _chunks(sorted(contacts), _IDS):
         statement = (
             select(Lead.id)
-            .join(Contact, and_(Contact.channel == Lead.channel, Contact.external_id == Lead.user_id))
+            .join(
+                Contact, and_(Contact.channel == Lead.channel, Contact.external_id == Lead.user_id)
+            )
             .where(Contact.id.in_(chunk))
         )
         found.update(connection.execute(statement).scalars())
@@ -271,11 +281,16 @@ def contact_orders(connection: Connection, contacts: Iterable[int]) -> list[dict
     for chunk in _chunks(sorted(contacts), _IDS):
         by_user = (
             select(Conversion.id, user.id, Conversion.occurred_at_ms, Conversion.value_micros)
-            .join(user, and_(user.channel == Conversion.channel, user.external_id == Conversion.user_id))
+            .join(
+                user,
+                and_(user.channel == Conversion.channel, user.external_id == Conversion.user_id),
+            )
             .where(user.id.in_(chunk))
         )
         by_conversation = (
-            select(Conversion.id, named.contact_id, Conversion.occurred_at_ms, Conversion.value_micros)
+            select(
+                Conversion.id, named.contact_id, Conversion.occurred_at_ms, Conversion.value_micros
+            )
             .join(
                 named,
                 and_(
@@ -284,7 +299,8 @@ def contact_orders(connection: Connection, contacts: Iterable[int]) -> list[dict
                 ),
             )
             .outerjoin(
-                user, and_(user.channel == Conversion.channel, user.external_id == Conversion.user_id)
+                user,
+                and_(user.channel == Conversion.channel, user.external_id == Conversion.user_id),
             )
             .where(named.contact_id.in_(chunk), user.id.is_(None))
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -13,10 +13,9 @@ from sqlalchemy import Engine, select
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
-from chatmw.metrics.business_query import Link, rolled_conversions, serves_days, serves_filter
+from chatmw.metrics.business_query import rolled_conversions, serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
-    AttributedConversion,
     attributed_conversions,
     attribution_days,
     currency_of,
@@ -102,28 +101,48 @@ def _roi(revenue: int, spend: int) -> float | None:
     return None if spend == 0 else round((revenue - spend) / spend, 4)
 
 
-def _figures(spend: int, conversions: Mapping[int, int]) -> dict[str, Any]:
-    revenue = sum(conversions.values())
+def _figures(spend: int, conversions: tuple[int, int]) -> dict[str, Any]:
+    count, revenue = conversions
     return {
         "spend": format_micros(spend),
-        "conversions": len(conversions),
+        "conversions": count,
         "revenue": format_micros(revenue),
-        "cpa": _cpa(spend, len(conversions)),
+        "cpa": _cpa(spend, count),
         "roi": _roi(revenue, spend),
     }
 
 
-def _attributions(
+def _conversions(
     engine: Engine, flt: MetricFilter, days: float
-) -> Sequence[AttributedConversion | Link]:
+) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """Return (conversions, revenue in micros) per group label and overall."""
     # Rollups keep the campaigns of both touches, so they serve the campaign filter too.
-    if serves_days(days) and serves_filter(
-        dataclasses.replace(flt, touch_filters={}), ("campaign", "channel")
-    ):
-        rolled = rolled_conversions(engine, flt, counts=False)
-        if rolled is not None:
-            return rolled[1]
-    return attributed_conversions(engine, flt, days)
+    plain = dataclasses.replace(flt, touch_filters={})
+    if serves_days(days) and serves_filter(plain, ("campaign", "channel")):
+        sums = rolled_conversions(engine, flt, counts=False)
+        if sums is not None:
+            return (
+                {
+                    group_label(key): _total(names.values())
+                    for key, names in sums.names.items()
+                    if names
+                },
+                _total(sums.overall.values()),
+            )
+    conversions: dict[str, dict[int, int]] = defaultdict(dict)
+    overall: dict[int, int] = {}
+    for row in attributed_conversions(engine, flt, days):
+        conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
+        overall[row.conversion_id] = row.value_micros
+    return (
+        {label: (len(values), sum(values.values())) for label, values in conversions.items()},
+        (len(overall), sum(overall.values())),
+    )
+
+
+def _total(items: Iterable[Sequence[int]]) -> tuple[int, int]:
+    counts = [tuple(item) for item in items]
+    return sum(count for count, _ in counts), sum(micros for _, micros in counts)
 
 
 def cost_per_acquisition(
@@ -134,11 +153,7 @@ def cost_per_acquisition(
     days = attribution_days(options or {})
     spend = _spend_by_group(engine, flt, group_by)
     grouped = dataclasses.replace(flt, group_by=group_by)
-    conversions: dict[str, dict[int, int]] = defaultdict(dict)
-    overall: dict[int, int] = {}
-    for row in _attributions(engine, grouped, days):
-        conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
-        overall[row.conversion_id] = row.value_micros
+    conversions, overall = _conversions(engine, grouped, days)
     result: dict[str, Any] = {
         "metric": "cpa",
         "filters": flt.describe(),
@@ -148,7 +163,7 @@ def cost_per_acquisition(
         **_figures(sum(spend.values()), overall),
     }
     result["groups"] = [
-        {"group": key, **_figures(spend.get(key, 0), conversions.get(key, {}))}
+        {"group": key, **_figures(spend.get(key, 0), conversions.get(key, (0, 0)))}
         for key in sorted(set(spend) | set(conversions))
     ]
     return result

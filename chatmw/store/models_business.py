@@ -40,6 +40,7 @@ class Conversion(Base):
         Index("ix_conversions_user", "channel", "user_id"),
         Index("ix_conversions_conversation", "channel", "conversation_external_id"),
         Index("ix_conversions_occurred", "occurred_at_ms"),
+        Index("ix_conversions_currency", "currency"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -203,6 +203,31 @@ class RollupSentiment(Base):
     unchanged: Mapped[int] = mapped_column(Integer)
 
 
+# Columns of the slot indexes of the link tables.
+CONVERSION_LINK_INDEX = (
+    "start_slot_ms",
+    "channel",
+    "conversion_id",
+    "conversation_id",
+    "value_micros",
+    "name",
+    "first_campaign",
+    "last_campaign",
+)
+LEAD_LINK_INDEX = (
+    "start_slot_ms",
+    "channel",
+    "contact_id",
+    "occurred_at_ms",
+    "kind",
+    "origin",
+    "score",
+    "first_source",
+    "last_source",
+    "lead_id",
+)
+
+
 class RollupConversionLinks(Base):
     """One attribution of a conversion to a conversation, with the default attribution window.
 
@@ -211,7 +236,8 @@ class RollupConversionLinks(Base):
     """
 
     __tablename__ = "rollup_conversion_links"
-    __table_args__ = (Index("ix_rollup_conversion_links_slot", "start_slot_ms", "channel"),)
+    # The slot index holds every column the queries read, so they scan it alone.
+    __table_args__ = (Index("ix_rollup_conversion_links_slot", *CONVERSION_LINK_INDEX),)
 
     conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -232,7 +258,8 @@ class RollupLeadLinks(Base):
 
     __tablename__ = "rollup_lead_links"
     __table_args__ = (
-        Index("ix_rollup_lead_links_slot", "start_slot_ms", "channel"),
+        # The slot index holds every column the queries read, so they scan it alone.
+        Index("ix_rollup_lead_links_slot", *LEAD_LINK_INDEX),
         Index("ix_rollup_lead_links_contact", "contact_id"),
     )
 
@@ -258,7 +285,13 @@ class RollupOrders(Base):
 
     __tablename__ = "rollup_orders"
     __table_args__ = (
-        Index("ix_rollup_orders_contact", "contact_id", "occurred_at_ms", "value_micros"),
+        Index(
+            "ix_rollup_orders_contact",
+            "contact_id",
+            "occurred_at_ms",
+            "value_micros",
+            "conversion_id",
+        ),
     )
 
     conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -311,6 +344,4 @@ class RollupState(Base):
     conversation_rescan_from_id: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0"
     )
-    conversation_pending_id: Mapped[int] = mapped_column(
-        BigInteger, default=0, server_default="0"
-    )
+    conversation_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

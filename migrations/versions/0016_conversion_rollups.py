@@ -1,7 +1,8 @@
 """Conversion attributions, leads and orders for the business metrics' rollups.
 
-Adds an index on leads by named conversation, which the lead rollup reads. The rollups
-are marked unbuilt, so the next refresh fills the new tables.
+Adds an index on leads by named conversation, which the lead rollup reads, and one on
+conversion currencies. The rollups are marked unbuilt, so the next refresh fills the new
+tables.
 
 Revision ID: 0016_conversion_rollups
 Revises: 0013_conversation_watermark
@@ -35,7 +36,16 @@ def upgrade() -> None:
     op.create_index(
         "ix_rollup_conversion_links_slot",
         "rollup_conversion_links",
-        ["start_slot_ms", "channel"],
+        [
+            "start_slot_ms",
+            "channel",
+            "conversion_id",
+            "conversation_id",
+            "value_micros",
+            "name",
+            "first_campaign",
+            "last_campaign",
+        ],
     )
     op.create_table(
         "rollup_lead_links",
@@ -53,7 +63,20 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("lead_id"),
     )
     op.create_index(
-        "ix_rollup_lead_links_slot", "rollup_lead_links", ["start_slot_ms", "channel"]
+        "ix_rollup_lead_links_slot",
+        "rollup_lead_links",
+        [
+            "start_slot_ms",
+            "channel",
+            "contact_id",
+            "occurred_at_ms",
+            "kind",
+            "origin",
+            "score",
+            "first_source",
+            "last_source",
+            "lead_id",
+        ],
     )
     op.create_index("ix_rollup_lead_links_contact", "rollup_lead_links", ["contact_id"])
     op.create_table(
@@ -67,13 +90,15 @@ def upgrade() -> None:
     op.create_index(
         "ix_rollup_orders_contact",
         "rollup_orders",
-        ["contact_id", "occurred_at_ms", "value_micros"],
+        ["contact_id", "occurred_at_ms", "value_micros", "conversion_id"],
     )
     op.create_index("ix_leads_named", "leads", ["channel", "conversation_external_id"])
+    op.create_index("ix_conversions_currency", "conversions", ["currency"])
     op.execute("UPDATE rollup_state SET built = false, rebuild_token = NULL")
 
 
 def downgrade() -> None:
+    op.drop_index("ix_conversions_currency", table_name="conversions")
     op.drop_index("ix_leads_named", table_name="leads")
     op.drop_table("rollup_orders")
     op.drop_table("rollup_lead_links")
