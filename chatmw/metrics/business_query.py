@@ -31,6 +31,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
+from sqlalchemy.orm import aliased
 
 from chatmw.metrics.business_rollups import (
     LINK_WINDOW_MS,
@@ -209,37 +210,61 @@ class ConversionSums:
 
 
 def _served_conversion_sums(
-    connection: Connection,
-    flt: MetricFilter,
-    coverage: Coverage,
-    sums: ConversionSums,
-    counts: bool,
+    connection: Connection, flt: MetricFilter, coverage: Coverage, sums: ConversionSums
 ) -> None:
     conditions = _link_conditions(flt, coverage)
     group = _link_group(flt)
-    keys = [] if group is None else [group.label("group_key")]
-    converted = select(*keys, func.count(func.distinct(Links.conversation_id))).where(*conditions)
-    if keys:
-        converted = converted.group_by(group)
-    for *key, count in connection.execute(converted) if counts else ():
-        sums.converted[key[0] if key else None] += int(count)
+    # PostgreSQL rejects a constant in GROUP BY, so an ungrouped query selects NULL only.
+    grouped = [] if group is None else [group]
+    key = literal_column("NULL") if group is None else group
+    statement = (
+        select(
+            key,
+            Links.by_user,
+            Links.name,
+            func.count(),
+            func.sum(Links.value_micros),
+            func.sum(Links.first_link),
+        )
+        .where(*conditions)
+        .group_by(*grouped, Links.by_user, Links.name)
+    )
+    by_user = False
+    for group_key, user_only, name, count, micros, firsts in connection.execute(statement):
+        sums.converted[group_key] += int(firsts)
+        if user_only:
+            by_user = True
+            continue
+        # A conversion that names a conversation has one row, so rows count conversions.
+        for figures in (sums.names[group_key][name], sums.overall[name]):
+            figures[0] += int(count)
+            figures[1] += int(micros)
+    if by_user:
+        _served_user_conversions(connection, conditions, group, sums)
+
+
+def _served_user_conversions(
+    connection: Connection, conditions: list[Any], group: Any, sums: ConversionSums
+) -> None:
+    """Add the conversions naming only a user, each once per group and once overall."""
     # Each conversion has one name and one value, so distinct rows count it once.
-    for grouped in [False, True] if keys else [False]:
+    user_rows = [*conditions, Links.by_user == 1]
+    for grouped in [False, True] if group is not None else [False]:
+        keys = [group.label("group_key")] if grouped else []
         columns = [Links.conversion_id, Links.name, Links.value_micros]
-        distinct = select(*(keys if grouped else []), *columns).where(*conditions).distinct()
-        inner = distinct.subquery()
+        inner = select(*keys, *columns).where(*user_rows).distinct().subquery()
         outer_keys = [inner.c.group_key] if grouped else []
         statement = select(
             *outer_keys, inner.c.name, func.count(), func.sum(inner.c.value_micros)
         ).group_by(*outer_keys, inner.c.name)
         for row in connection.execute(statement):
             *key, name, count, micros = row
-            target = sums.names[key[0]][name] if grouped else sums.overall[name]
-            target[0] += int(count)
-            target[1] += int(micros)
-            if not keys:
-                sums.names[None][name][0] += int(count)
-                sums.names[None][name][1] += int(micros)
+            targets = [sums.names[key[0]][name]] if grouped else [sums.overall[name]]
+            if group is None:
+                targets.append(sums.names[None][name])
+            for figures in targets:
+                figures[0] += int(count)
+                figures[1] += int(micros)
 
 
 def _add_raw_conversions(
@@ -279,8 +304,7 @@ def rolled_conversions(
     None means that rollups do not apply (see ``chatmw.metrics.rollup_query.cover``). The
     caller checks that rollups serve the filter and the attribution window
     (:func:`serves_filter`, :func:`serves_days`). Groups are the channel or the campaign
-    of the conversation's touch (by label). Without ``counts`` neither conversations nor
-    converted conversations are counted.
+    of the conversation's touch (by label). Without ``counts`` no conversation is counted.
     """
     sums = ConversionSums()
     with engine.connect() as connection:
@@ -294,7 +318,7 @@ def rolled_conversions(
             totals: dict[Any, dict[str, int]] = {}
             add_conversations(connection, flt, coverage, totals)
             sums.conversations = {key: group["conversations"] for key, group in totals.items()}
-        _served_conversion_sums(connection, flt, coverage, sums, counts)
+        _served_conversion_sums(connection, flt, coverage, sums)
         _add_raw_conversions(connection, flt, coverage, sums)
     return sums
 
@@ -366,40 +390,43 @@ def _served_customer_sums(
         .distinct()
         .subquery()
     )
-    per_contact = (
+    placed = aliased(Orders)
+    moved = [placed.conversion_id.not_in(sorted(window.moved))] if window.moved else []
+    pair_keys = [pairs.c.group_key] if keys else []
+    # One row per customer (and group) with the sums of their orders before end_ms.
+    per_customer = (
         select(
-            Orders.contact_id.label("contact_id"),
-            func.count().label("orders"),
-            func.sum(Orders.value_micros).label("micros"),
-            func.min(Orders.occurred_at_ms).label("first_ms"),
+            *pair_keys,
+            func.count(placed.conversion_id).label("orders"),
+            func.coalesce(func.sum(placed.value_micros), 0).label("micros"),
+            func.min(placed.occurred_at_ms).label("first_ms"),
         )
-        .where(
-            Orders.occurred_at_ms < end_ms,
-            Orders.contact_id.in_(select(pairs.c.contact_id)),
-            *([Orders.conversion_id.not_in(sorted(window.moved))] if window.moved else []),
+        .select_from(pairs)
+        .outerjoin(
+            placed,
+            and_(
+                placed.contact_id == pairs.c.contact_id,
+                placed.occurred_at_ms < end_ms,
+                *moved,
+            ),
         )
-        .group_by(Orders.contact_id)
+        .group_by(*pair_keys, pairs.c.contact_id)
         .subquery()
     )
-    span = literal_column(str(int(end_ms))) - per_contact.c.first_ms
+    span = literal_column(str(int(end_ms))) - per_customer.c.first_ms
     observed = case(
-        (per_contact.c.first_ms.is_(None), 0),
+        (per_customer.c.first_ms.is_(None), 0),
         (span > minimum_ms, span),
         else_=minimum_ms,
     )
-    outer_keys = [pairs.c.group_key] if keys else []
-    statement = (
-        select(
-            *outer_keys,
-            func.count(),
-            func.coalesce(func.sum(per_contact.c.orders), 0),
-            func.coalesce(func.sum(per_contact.c.micros), 0),
-            func.coalesce(func.sum(observed), 0),
-        )
-        .select_from(pairs)
-        .outerjoin(per_contact, per_contact.c.contact_id == pairs.c.contact_id)
-        .group_by(*outer_keys)
-    )
+    outer_keys = [per_customer.c.group_key] if keys else []
+    statement = select(
+        *outer_keys,
+        func.count(),
+        func.coalesce(func.sum(per_customer.c.orders), 0),
+        func.coalesce(func.sum(per_customer.c.micros), 0),
+        func.coalesce(func.sum(observed), 0),
+    ).group_by(*outer_keys)
     sums: dict[Any, CustomerSums] = {}
     for row in connection.execute(statement):
         *key, customers, orders, micros, observed_ms = row

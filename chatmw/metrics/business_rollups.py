@@ -150,12 +150,25 @@ def _link_statements(targets: ColumnElement[bool]) -> list[Any]:
 
 
 def conversion_links(connection: Connection, targets: ColumnElement[bool]) -> list[dict[str, Any]]:
-    """Return the link rows of the conversations ``targets`` selects, from raw rows."""
-    rows = []
-    for statement in _link_statements(targets):
-        rows.extend(
-            dict(zip(LINK_COLUMNS, row, strict=True)) for row in connection.execute(statement)
-        )
+    """Return the link rows of the conversations ``targets`` selects, from raw rows.
+
+    ``by_user`` marks the attributions of conversions that name only a user, the only ones
+    a conversion can have several of. ``first_link`` marks one row per conversation (its
+    lowest conversion id), so that summing it counts converted conversations.
+    """
+    rows: list[dict[str, Any]] = []
+    for by_user, statement in enumerate(_link_statements(targets)):
+        for row in connection.execute(statement):
+            link = dict(zip(LINK_COLUMNS, row, strict=True))
+            link["by_user"] = by_user
+            rows.append(link)
+    first: dict[int, int] = {}
+    for link in rows:
+        known = first.get(link["conversation_id"])
+        if known is None or link["conversion_id"] < known:
+            first[link["conversation_id"]] = link["conversion_id"]
+    for link in rows:
+        link["first_link"] = int(first[link["conversation_id"]] == link["conversion_id"])
     return rows
 
 

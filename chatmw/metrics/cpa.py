@@ -81,9 +81,12 @@ def _spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dic
     if "campaign" in flt.touch_filters:
         statement = statement.where(Spend.campaign == flt.touch_filters["campaign"])
     spend: dict[str, int] = defaultdict(int)
+    in_window: dict[date, bool] = {}
     with engine.connect() as connection:
         for day, channel, campaign, micros in connection.execute(statement):
-            if not _day_in_window(day, flt):
+            if day not in in_window:
+                in_window[day] = _day_in_window(day, flt)
+            if not in_window[day]:
                 continue
             key = channel if group_by.kind == "channel" else campaign
             spend[key or UNKNOWN_GROUP] += micros

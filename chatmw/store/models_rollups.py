@@ -207,6 +207,8 @@ class RollupSentiment(Base):
 CONVERSION_LINK_INDEX = (
     "start_slot_ms",
     "channel",
+    "by_user",
+    "first_link",
     "conversion_id",
     "conversation_id",
     "value_micros",
@@ -247,6 +249,10 @@ class RollupConversionLinks(Base):
     name: Mapped[str] = mapped_column(String(128))
     first_campaign: Mapped[str | None] = mapped_column(String(255))
     last_campaign: Mapped[str | None] = mapped_column(String(255))
+    # 1 when the conversion names only a user (it may have several rows), else 0.
+    by_user: Mapped[int] = mapped_column(SmallInteger)
+    # 1 on the row of the conversation's lowest conversion id, else 0.
+    first_link: Mapped[int] = mapped_column(SmallInteger)
 
 
 class RollupLeadLinks(Base):

@@ -31,6 +31,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column("first_campaign", sa.String(length=255), nullable=True),
         sa.Column("last_campaign", sa.String(length=255), nullable=True),
+        sa.Column("by_user", sa.SmallInteger(), nullable=False),
+        sa.Column("first_link", sa.SmallInteger(), nullable=False),
         sa.PrimaryKeyConstraint("conversion_id", "conversation_id"),
     )
     op.create_index(
@@ -39,6 +41,8 @@ def upgrade() -> None:
         [
             "start_slot_ms",
             "channel",
+            "by_user",
+            "first_link",
             "conversion_id",
             "conversation_id",
             "value_micros",
