@@ -24,8 +24,10 @@ from chatmw import events as ev
 from chatmw.business import BusinessSettings, install
 from chatmw.events_business import Conversion, Lead, Spend
 from chatmw.metrics import REGISTRY
-from chatmw.metrics.business_query import rolled_conversions, rolled_customers, rolled_leads
+from chatmw.metrics.business_query import rolled_conversions
+from chatmw.metrics.customer_query import rolled_customers
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.lead_query import rolled_leads
 from chatmw.metrics.rollup_query import raw_only
 from chatmw.metrics.rollup_refresh import rebuild, refresh
 from chatmw.store.models import Conversation
@@ -325,7 +327,7 @@ def test_business_rollups_match_raw(engine: Engine) -> None:
     assert_same_as_raw(engine)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_business_rollups_random_stores(engine: Engine, seed: int) -> None:
     store = Store(engine, seed=seed)
     store.first_events()

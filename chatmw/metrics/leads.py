@@ -12,9 +12,10 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
-from chatmw.metrics.business_query import LeadSums, rolled_leads, serves_filter
+from chatmw.metrics.business_query import serves_filter
 from chatmw.metrics.conversion import resolved_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.lead_query import LeadSums, rolled_leads
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.stats import rate

@@ -12,12 +12,7 @@ from sqlalchemy import Engine
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
-from chatmw.metrics.business_query import (
-    CustomerSums,
-    rolled_customers,
-    serves_days,
-    serves_filter,
-)
+from chatmw.metrics.business_query import serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
     ResolvedConversion,
@@ -26,6 +21,7 @@ from chatmw.metrics.conversion import (
     currency_of,
     load_conversions,
 )
+from chatmw.metrics.customer_query import CustomerSums, rolled_customers
 from chatmw.metrics.filters import FilterError, MetricFilter, parse_datetime
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import group_label
