@@ -33,6 +33,7 @@ from chatmw.store.models_business import Conversion, Spend
 
 __all__ = [
     "ATTRIBUTION_PARAM",
+    "ROLLUP_NOTE",
     "AttributedConversion",
     "attribution_days",
     "ResolvedConversion",
@@ -51,6 +52,15 @@ DAY_MS = 86_400_000
 IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
+# Appended to the descriptions of the metrics that read the business rollups.
+# TODO: count conversions, leads and touches recorded without a message once the
+# refresher tracks them; chatmw.metrics.rollup_refresh.changes_after sees messages only.
+ROLLUP_NOTE = (
+    "\n\nOn a store whose rollups are built, the queries that `docs/rollups.md` lists read "
+    "them. Conversions, leads and touches recorded without a new message are then left out "
+    "of those answers until a message arrives in a conversation they count for, or until the "
+    "next full rebuild (`chatmw rollups refresh --full`)."
+)
 ATTRIBUTION_PARAM = Param(
     "attribution_days",
     "Attribution window in days: a conversion counts for the user's conversations that started "
@@ -407,7 +417,7 @@ CONVERSION = register(
             "- `by_name`: conversions and revenue per conversion name.\n"
             "- `groups` (with `group_by`): the same per group. A conversion attributed to "
             "conversations of two groups counts in both, so group totals may exceed the total.\n\n"
-            "An empty window gives `conversion_rate: null` with `conversations: 0`."
+            "An empty window gives `conversion_rate: null` with `conversations: 0`." + ROLLUP_NOTE
         ),
         compute=conversion_rate,
         params=(ATTRIBUTION_PARAM,),

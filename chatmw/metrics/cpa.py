@@ -16,6 +16,7 @@ from chatmw.events_business import MICROS, format_micros
 from chatmw.metrics.business_query import rolled_conversions, serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     attributed_conversions,
     attribution_days,
     currency_of,
@@ -205,6 +206,7 @@ CPA = register(
             "attributed to conversations of two campaigns counts for both, but once overall. "
             "Filters: `channel` and `campaign` apply to both spend and conversations; attribute "
             "filters and the other touch filters are rejected because spend has no such fields."
+            + ROLLUP_NOTE
         ),
         compute=cost_per_acquisition,
         params=(ATTRIBUTION_PARAM,),

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
 from chatmw.metrics.business_query import serves_filter
-from chatmw.metrics.conversion import resolved_conversions
+from chatmw.metrics.conversion import ROLLUP_NOTE, resolved_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.lead_query import LeadSums, rolled_leads
 from chatmw.metrics.registry import MetricSpec, register
@@ -249,6 +249,7 @@ LEADS = register(
             "over `scored_leads`; `null` when none has a score.\n"
             "- `by_source`: the same per source of the conversation's touch (`touch`, last by "
             "default); `(none)` when it has no touch. `groups` (with `group_by`): per group."
+            + ROLLUP_NOTE
         ),
         compute=leads,
         rows=_rows,

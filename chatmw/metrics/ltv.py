@@ -15,6 +15,7 @@ from chatmw.events_business import MICROS, format_micros
 from chatmw.metrics.business_query import serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     ResolvedConversion,
     attributed_conversions,
     attribution_days,
@@ -194,7 +195,7 @@ LTV = register(
             "`revenue` is exact. With no customers the per-customer figures are `null` and "
             "`customers` is 0; a customer whose orders all come after `as_of` counts with none. "
             "With `group_by`, a customer counts in each group of a conversation their conversions "
-            "are attributed to."
+            "are attributed to." + ROLLUP_NOTE
         ),
         compute=lifetime_value,
         params=(
