@@ -7,7 +7,7 @@ started in the raw ranges are computed from raw rows by the functions the refres
 uses, and added where SQL has not counted the same conversion, contact or lead yet.
 
 The contacts changed since the last refresh are read from raw rows too, because their
-leads and conversions may have moved since the rows were stored: stored rows of their
+leads and conversions may have moved since the rows were stored. The stored rows of their
 leads and of the conversions that now resolve to them are left out of the sums.
 """
 
@@ -83,7 +83,7 @@ def serves_days(days: float) -> bool:
 
 
 def serves_filter(flt: MetricFilter, group_kinds: Iterable[str | None] = (None, "channel")) -> bool:
-    """Return whether rollups can serve ``flt``: no attribute or touch filter, a served grouping."""
+    """Return whether rollups serve ``flt``: no attribute or touch filter, a grouping they keep."""
     if flt.attributes or flt.touch_filters:
         return False
     return (None if flt.group_by is None else flt.group_by.kind) in set(group_kinds)

@@ -2,10 +2,10 @@
 
 ``rollup_conversion_links`` keeps one row per attribution of a conversion to a
 conversation, with the default attribution window (``attribution_days`` 7), keyed by the
-conversation's start slot. A row depends on its conversation (start, channel, contact,
-touches) and on the raw conversions only, so recomputing a dirty start slot from the raw
-tables gives the rows a rebuild gives, even when a conversion naming a user is attributed
-to conversations in several slots.
+conversation's start slot. A row depends only on its conversation (start, channel,
+contact, touches) and on the raw conversions. Recomputing a dirty start slot from the raw
+tables therefore gives the rows a rebuild gives, even for a conversion that names a user
+and counts for conversations in several slots.
 
 ``rollup_lead_links`` keeps one row per lead that counts for a conversation, keyed by
 lead. A lead that names no conversation counts for its user's latest conversation that
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 BUSINESS_TABLES = (RollupConversionLinks, RollupLeadLinks, RollupOrders)
-# The attribution window of the stored links; other windows read raw rows.
+# The attribution window of the stored links. Queries with another window read raw rows.
 LINK_WINDOW_MS = int(DEFAULT_ATTRIBUTION_DAYS * DAY_MS)
 # Ids bound per statement, below SQLite's default limit of 32,766 bound parameters.
 _IDS = 5_000
@@ -95,7 +95,7 @@ def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def _touch_joins(statement: Any, field: str) -> tuple[Any, list[Any]]:
-    """Outer-join the conversation's first and last touch; return ``field`` of both."""
+    """Outer-join the conversation's first and last touch, and return ``field`` of both."""
     first, last = aliased(Touch), aliased(Touch)
     statement = statement.outerjoin(first, first.id == Conversation.first_touch_id).outerjoin(
         last, last.id == Conversation.last_touch_id
@@ -284,9 +284,9 @@ def contact_leads(connection: Connection, contacts: Iterable[int]) -> set[int]:
 def contact_orders(connection: Connection, contacts: Iterable[int]) -> list[dict[str, Any]]:
     """Return the conversions that resolve to one of ``contacts``, from raw rows.
 
-    A conversion resolves to its user's contact on its channel, and only when that contact
-    does not exist to the contact of the conversation it names (as
-    ``chatmw.metrics.conversion.resolved_conversions``).
+    A conversion resolves to its user's contact on its channel or, when that contact does
+    not exist, to the contact of the conversation it names (as
+    ``chatmw.metrics.conversion.resolved_conversions`` selects).
     """
     rows: list[dict[str, Any]] = []
     user = aliased(Contact)

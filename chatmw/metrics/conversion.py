@@ -54,7 +54,7 @@ DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
 # Appended to the descriptions of the metrics that read the business rollups.
 # TODO: count conversions, leads and touches recorded without a message once the
-# refresher tracks them; chatmw.metrics.rollup_refresh.changes_after sees messages only.
+# refresher tracks them. chatmw.metrics.rollup_refresh.changes_after reads messages only.
 ROLLUP_NOTE = (
     "\n\nOn a store whose rollups are built, the queries that `docs/rollups.md` lists read "
     "them. Conversions, leads and touches recorded without a new message are then left out "
@@ -272,7 +272,7 @@ def conversation_counts(engine: Engine, flt: MetricFilter) -> dict[Any, int]:
 
 def currency_of(engine: Engine) -> dict[str, Any]:
     """Return ``{"currency": code}`` for the stored amounts, with a note if they mix currencies."""
-    # The lowest and highest codes come from the index; only a mix needs the full list.
+    # The lowest and highest codes come from the index, and only a mix needs the full list.
     bounds = union(
         select(func.min(Conversion.currency)),
         select(func.max(Conversion.currency)),
@@ -311,7 +311,7 @@ def _figures(conversations: int, rows: Iterable[AttributedConversion]) -> dict[s
 def _section(
     conversations: int, converted: int, by_name: Mapping[str, Sequence[int]]
 ) -> dict[str, Any]:
-    """Return the figures of one group; ``by_name`` maps a name to [conversions, micros]."""
+    """Return the figures of one group, where ``by_name`` maps a name to [conversions, micros]."""
     return {
         "conversations": conversations,
         "converted_conversations": converted,

@@ -1,7 +1,7 @@
 """The ``ltv`` metric's customers and orders of a query window, from the business rollups.
 
-Customers are the contacts that ``rollup_orders`` resolves the attributed conversions to;
-SQL sums each customer's orders once per group. Customers of the raw link rows and of
+Customers are the contacts that ``rollup_orders`` resolves the attributed conversions to,
+and SQL sums each customer's orders once per group. Customers of the raw link rows and of
 conversions that moved to a changed contact are added in Python where SQL has not
 counted them yet (see ``chatmw.metrics.business_query``).
 """
@@ -99,6 +99,7 @@ def _served_customer_sums(
         .distinct()
         .subquery()
     )
+
     placed = aliased(Orders)
     moved = [placed.conversion_id.not_in(sorted(window.moved))] if window.moved else []
     pair_keys = [pairs.c.group_key] if keys else []
@@ -122,6 +123,7 @@ def _served_customer_sums(
         .group_by(*pair_keys, pairs.c.contact_id)
         .subquery()
     )
+
     span = literal_column(str(int(end_ms))) - per_customer.c.first_ms
     observed = case(
         (per_customer.c.first_ms.is_(None), 0),
@@ -136,6 +138,7 @@ def _served_customer_sums(
         func.coalesce(func.sum(per_customer.c.micros), 0),
         func.coalesce(func.sum(observed), 0),
     ).group_by(*outer_keys)
+
     sums: dict[Any, CustomerSums] = {}
     for row in connection.execute(statement):
         *key, customers, orders, micros, observed_ms = row

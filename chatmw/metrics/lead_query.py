@@ -95,6 +95,7 @@ def _served_lead_sums(
     grouped = [LeadLinks.channel] if flt.group_by is not None else []
     source = _lead_source(flt)
     splits: dict[str, dict[Any, LeadSums]] = {"groups": {}, "by_source": {}, "all": {}}
+
     statement = (
         select(
             group,
@@ -120,6 +121,8 @@ def _served_lead_sums(
             sums.converted += int(converted or 0)
             sums.scored += int(scored)
             sums.score_sum += float(score_sum or 0.0)
+
+    # Distinct users are counted per split, because a user can have leads in several groups.
     user_splits: list[tuple[str, Any]] = [("by_source", source), ("all", None)]
     if grouped:
         user_splits.append(("groups", grouped[0]))

@@ -141,7 +141,7 @@ def _figures(rows: Sequence[_LeadRow], converted_after: Mapping[int, int]) -> di
 
 
 def _section(sums: LeadSums, score_sum: float | None = None) -> dict[str, Any]:
-    """Return the figures of one group; ``score_sum`` defaults to ``sums.score_sum``."""
+    """Return the figures of one group (``score_sum`` defaults to ``sums.score_sum``)."""
     total = sums.score_sum if score_sum is None else score_sum
     return {
         "leads": sums.leads,
