@@ -30,7 +30,7 @@ from sqlalchemy import (
     select,
 )
 
-from chatmw.metrics.business_rollups import (
+from chatmw.metrics.conversion_rollups import (
     LINK_WINDOW_MS,
     contact_orders,
     conversion_links,

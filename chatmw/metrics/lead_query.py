@@ -33,7 +33,7 @@ from chatmw.metrics.business_query import (
     raw_targets,
     stored_contact_filter,
 )
-from chatmw.metrics.business_rollups import (
+from chatmw.metrics.conversion_rollups import (
     contact_leads,
     lead_links,
 )

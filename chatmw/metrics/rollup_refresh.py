@@ -374,7 +374,7 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
-    from chatmw.metrics.business_rollups import BUSINESS_TABLES
+    from chatmw.metrics.conversion_rollups import BUSINESS_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
@@ -460,7 +460,7 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     )
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
-    from chatmw.metrics.business_rollups import insert_business
+    from chatmw.metrics.conversion_rollups import insert_business
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import insert_started
 
@@ -499,7 +499,7 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
     with engine.begin() as connection:
         if not _owns_rebuild(connection, token):
             return False
-        from chatmw.metrics.business_rollups import rebuild_orders
+        from chatmw.metrics.conversion_rollups import rebuild_orders
 
         rebuild_orders(connection)
         connection.execute(
@@ -535,7 +535,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
-    from chatmw.metrics.business_rollups import delete_business, insert_business
+    from chatmw.metrics.conversion_rollups import delete_business, insert_business
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
@@ -673,7 +673,7 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     if slots:
         _recompute(connection, slots)
     _recompute_firsts(connection, changes.contacts)
-    from chatmw.metrics.business_rollups import recompute_business_contacts
+    from chatmw.metrics.conversion_rollups import recompute_business_contacts
 
     recompute_business_contacts(connection, changes.contacts)
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms

@@ -234,7 +234,7 @@ class RollupConversionLinks(Base):
     """One attribution of a conversion to a conversation, with the default attribution window.
 
     ``start_slot_ms`` and ``channel`` are the conversation's start slot and channel; the
-    campaigns are those of its first and last touch. See ``chatmw.metrics.business_rollups``.
+    campaigns are those of its first and last touch. See ``chatmw.metrics.conversion_rollups``.
     """
 
     __tablename__ = "rollup_conversion_links"
@@ -285,7 +285,7 @@ class RollupLeadLinks(Base):
 class RollupOrders(Base):
     """A conversion with the contact it resolves to (not slotted: kept per contact).
 
-    Conversions that resolve to no contact have no row. ``chatmw.metrics.business_rollups``
+    Conversions that resolve to no contact have no row. ``chatmw.metrics.conversion_rollups``
     recomputes the rows of the contacts that the refresher finds changed.
     """
 
