@@ -33,6 +33,7 @@ from chatmw.store.models_business import Conversion, Spend
 
 __all__ = [
     "ATTRIBUTION_PARAM",
+    "ROLLUP_NOTE",
     "AttributedConversion",
     "attribution_days",
     "ResolvedConversion",
@@ -51,6 +52,15 @@ DAY_MS = 86_400_000
 IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
+# Appended to the descriptions of the metrics that read the business rollups.
+# TODO: count conversions, leads and touches recorded without a message once the
+# refresher tracks them. chatmw.metrics.rollup_refresh.changes_after reads messages only.
+ROLLUP_NOTE = (
+    "\n\nOn a store whose rollups are built, the queries that `docs/rollups.md` lists read "
+    "them. Conversions, leads and touches recorded without a new message are then left out "
+    "of those answers until a message arrives in a conversation they count for, or until the "
+    "next full rebuild (`chatmw rollups refresh --full`)."
+)
 ATTRIBUTION_PARAM = Param(
     "attribution_days",
     "Attribution window in days: a conversion counts for the user's conversations that started "
@@ -262,9 +272,18 @@ def conversation_counts(engine: Engine, flt: MetricFilter) -> dict[Any, int]:
 
 def currency_of(engine: Engine) -> dict[str, Any]:
     """Return ``{"currency": code}`` for the stored amounts, with a note if they mix currencies."""
-    statement = union(select(Conversion.currency), select(Spend.currency))
+    # The lowest and highest codes come from the index, and only a mix needs the full list.
+    bounds = union(
+        select(func.min(Conversion.currency)),
+        select(func.max(Conversion.currency)),
+        select(func.min(Spend.currency)),
+        select(func.max(Spend.currency)),
+    )
     with engine.connect() as connection:
-        codes = sorted(connection.execute(statement).scalars())
+        codes = sorted(code for code in connection.execute(bounds).scalars() if code is not None)
+        if len(codes) > 1:
+            statement = union(select(Conversion.currency), select(Spend.currency))
+            codes = sorted(connection.execute(statement).scalars())
     if len(codes) <= 1:
         return {"currency": codes[0] if codes else None}
     return {
@@ -282,20 +301,53 @@ def _figures(conversations: int, rows: Iterable[AttributedConversion]) -> dict[s
         converted.add(row.conversation_id)
         values[row.conversion_id] = row.value_micros
         names[row.conversion_id] = row.name
-    by_name: dict[str, list[int]] = defaultdict(list)
+    by_name: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for conversion_id, value in values.items():
-        by_name[names[conversion_id]].append(value)
+        by_name[names[conversion_id]][0] += 1
+        by_name[names[conversion_id]][1] += value
+    return _section(conversations, len(converted), by_name)
+
+
+def _section(
+    conversations: int, converted: int, by_name: Mapping[str, Sequence[int]]
+) -> dict[str, Any]:
+    """Return the figures of one group, where ``by_name`` maps a name to [conversions, micros]."""
     return {
         "conversations": conversations,
-        "converted_conversations": len(converted),
-        "conversion_rate": rate(len(converted), conversations),
-        "conversions": len(values),
-        "revenue": format_micros(sum(values.values())),
+        "converted_conversations": converted,
+        "conversion_rate": rate(converted, conversations),
+        "conversions": sum(count for count, _ in by_name.values()),
+        "revenue": format_micros(sum(micros for _, micros in by_name.values())),
         "by_name": [
-            {"name": name, "conversions": len(items), "revenue": format_micros(sum(items))}
-            for name, items in sorted(by_name.items())
+            {"name": name, "conversions": count, "revenue": format_micros(micros)}
+            for name, (count, micros) in sorted(by_name.items())
         ],
     }
+
+
+def _rolled_result(engine: Engine, flt: MetricFilter, days: float) -> dict[str, Any] | None:
+    """Return the figures and groups from rollups, or None where rollups do not apply."""
+    # Imported here: the rollup modules import this one.
+    from chatmw.metrics.business_query import rolled_conversions, serves_days, serves_filter
+
+    if not (serves_days(days) and serves_filter(flt)):
+        return None
+    sums = rolled_conversions(engine, flt)
+    if sums is None:
+        return None
+    result = _section(sum(sums.conversations.values()), sum(sums.converted.values()), sums.overall)
+    if flt.group_by is not None:
+        keys = set(sums.conversations) | {key for key, count in sums.converted.items() if count}
+        result["groups"] = [
+            {
+                "group": group_label(key),
+                **_section(
+                    sums.conversations.get(key, 0), sums.converted.get(key, 0), sums.names[key]
+                ),
+            }
+            for key in sorted(keys, key=group_label)
+        ]
+    return result
 
 
 def conversion_rate(
@@ -303,14 +355,18 @@ def conversion_rate(
 ) -> dict[str, Any]:
     """Compute the conversion rate, conversions and revenue of the conversations of ``flt``."""
     days = attribution_days(options or {})
-    counts = conversation_counts(engine, flt)
-    rows = attributed_conversions(engine, flt, days)
     result: dict[str, Any] = {
         "metric": "conversion",
         "filters": flt.describe(),
         "attribution_days": days,
         **currency_of(engine),
     }
+    rolled = _rolled_result(engine, flt, days)
+    if rolled is not None:
+        result.update(rolled)
+        return result
+    counts = conversation_counts(engine, flt)
+    rows = attributed_conversions(engine, flt, days)
     result.update(_figures(sum(counts.values()), rows))
     if flt.group_by is not None:
         by_group: dict[Any, list[AttributedConversion]] = defaultdict(list)
@@ -361,7 +417,7 @@ CONVERSION = register(
             "- `by_name`: conversions and revenue per conversion name.\n"
             "- `groups` (with `group_by`): the same per group. A conversion attributed to "
             "conversations of two groups counts in both, so group totals may exceed the total.\n\n"
-            "An empty window gives `conversion_rate: null` with `conversations: 0`."
+            "An empty window gives `conversion_rate: null` with `conversations: 0`." + ROLLUP_NOTE
         ),
         compute=conversion_rate,
         params=(ATTRIBUTION_PARAM,),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
@@ -13,8 +13,10 @@ from sqlalchemy import Engine, select
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
+from chatmw.metrics.business_query import rolled_conversions, serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     attributed_conversions,
     attribution_days,
     currency_of,
@@ -80,9 +82,12 @@ def _spend_by_group(engine: Engine, flt: MetricFilter, group_by: GroupBy) -> dic
     if "campaign" in flt.touch_filters:
         statement = statement.where(Spend.campaign == flt.touch_filters["campaign"])
     spend: dict[str, int] = defaultdict(int)
+    in_window: dict[date, bool] = {}
     with engine.connect() as connection:
         for day, channel, campaign, micros in connection.execute(statement):
-            if not _day_in_window(day, flt):
+            if day not in in_window:
+                in_window[day] = _day_in_window(day, flt)
+            if not in_window[day]:
                 continue
             key = channel if group_by.kind == "channel" else campaign
             spend[key or UNKNOWN_GROUP] += micros
@@ -100,15 +105,48 @@ def _roi(revenue: int, spend: int) -> float | None:
     return None if spend == 0 else round((revenue - spend) / spend, 4)
 
 
-def _figures(spend: int, conversions: Mapping[int, int]) -> dict[str, Any]:
-    revenue = sum(conversions.values())
+def _figures(spend: int, conversions: tuple[int, int]) -> dict[str, Any]:
+    count, revenue = conversions
     return {
         "spend": format_micros(spend),
-        "conversions": len(conversions),
+        "conversions": count,
         "revenue": format_micros(revenue),
-        "cpa": _cpa(spend, len(conversions)),
+        "cpa": _cpa(spend, count),
         "roi": _roi(revenue, spend),
     }
+
+
+def _conversions(
+    engine: Engine, flt: MetricFilter, days: float
+) -> tuple[dict[str, tuple[int, int]], tuple[int, int]]:
+    """Return (conversions, revenue in micros) per group label and overall."""
+    # Rollups keep the campaigns of both touches, so they serve the campaign filter too.
+    plain = dataclasses.replace(flt, touch_filters={})
+    if serves_days(days) and serves_filter(plain, ("campaign", "channel")):
+        sums = rolled_conversions(engine, flt, counts=False)
+        if sums is not None:
+            return (
+                {
+                    group_label(key): _total(names.values())
+                    for key, names in sums.names.items()
+                    if names
+                },
+                _total(sums.overall.values()),
+            )
+    conversions: dict[str, dict[int, int]] = defaultdict(dict)
+    overall: dict[int, int] = {}
+    for row in attributed_conversions(engine, flt, days):
+        conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
+        overall[row.conversion_id] = row.value_micros
+    return (
+        {label: (len(values), sum(values.values())) for label, values in conversions.items()},
+        (len(overall), sum(overall.values())),
+    )
+
+
+def _total(items: Iterable[Sequence[int]]) -> tuple[int, int]:
+    counts = [tuple(item) for item in items]
+    return sum(count for count, _ in counts), sum(micros for _, micros in counts)
 
 
 def cost_per_acquisition(
@@ -119,11 +157,7 @@ def cost_per_acquisition(
     days = attribution_days(options or {})
     spend = _spend_by_group(engine, flt, group_by)
     grouped = dataclasses.replace(flt, group_by=group_by)
-    conversions: dict[str, dict[int, int]] = defaultdict(dict)
-    overall: dict[int, int] = {}
-    for row in attributed_conversions(engine, grouped, days):
-        conversions[group_label(row.group_key)][row.conversion_id] = row.value_micros
-        overall[row.conversion_id] = row.value_micros
+    conversions, overall = _conversions(engine, grouped, days)
     result: dict[str, Any] = {
         "metric": "cpa",
         "filters": flt.describe(),
@@ -133,7 +167,7 @@ def cost_per_acquisition(
         **_figures(sum(spend.values()), overall),
     }
     result["groups"] = [
-        {"group": key, **_figures(spend.get(key, 0), conversions.get(key, {}))}
+        {"group": key, **_figures(spend.get(key, 0), conversions.get(key, (0, 0)))}
         for key in sorted(set(spend) | set(conversions))
     ]
     return result
@@ -172,6 +206,7 @@ CPA = register(
             "attributed to conversations of two campaigns counts for both, but once overall. "
             "Filters: `channel` and `campaign` apply to both spend and conversations; attribute "
             "filters and the other touch filters are rejected because spend has no such fields."
+            + ROLLUP_NOTE
         ),
         compute=cost_per_acquisition,
         params=(ATTRIBUTION_PARAM,),

@@ -12,8 +12,10 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select
 from sqlalchemy.orm import aliased
 
-from chatmw.metrics.conversion import resolved_conversions
+from chatmw.metrics.business_query import serves_filter
+from chatmw.metrics.conversion import ROLLUP_NOTE, resolved_conversions
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.lead_query import LeadSums, rolled_leads
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.stats import rate
@@ -124,28 +126,32 @@ def _conversion_times(engine: Engine) -> dict[int, int]:
 def _figures(rows: Sequence[_LeadRow], converted_after: Mapping[int, int]) -> dict[str, Any]:
     # One lead can be attached to several scope rows only through grouping; count ids once.
     unique = {row.lead_id: row for row in rows}.values()
-    converted = [
-        row
-        for row in unique
-        if row.contact_id is not None
-        and converted_after.get(row.contact_id, -1) >= row.occurred_at_ms
-    ]
-    scores = [row.score for row in unique if row.score is not None]
-    kinds: dict[str, int] = defaultdict(int)
-    origins: dict[str, int] = defaultdict(int)
+    sums = LeadSums()
     for row in unique:
-        kinds[row.kind] += 1
-        origins[row.origin] += 1
-    count = len(unique)
+        sums.leads += 1
+        sums.kinds[row.kind] += 1
+        sums.origins[row.origin] += 1
+        if row.contact_id is not None:
+            sums.converted += converted_after.get(row.contact_id, -1) >= row.occurred_at_ms
+        if row.score is not None:
+            sums.scored += 1
+    sums.users = len({row.contact_id for row in unique if row.contact_id is not None})
+    scores = [row.score for row in unique if row.score is not None]
+    return _section(sums, math.fsum(scores))
+
+
+def _section(sums: LeadSums, score_sum: float | None = None) -> dict[str, Any]:
+    """Return the figures of one group (``score_sum`` defaults to ``sums.score_sum``)."""
+    total = sums.score_sum if score_sum is None else score_sum
     return {
-        "leads": count,
-        "users": len({row.contact_id for row in unique if row.contact_id is not None}),
-        "by_kind": {kind: kinds.get(kind, 0) for kind in ("email", "phone")},
-        "by_origin": {origin: origins.get(origin, 0) for origin in ("message", "api")},
-        "converted_leads": len(converted),
-        "lead_quality": rate(len(converted), count),
-        "scored_leads": len(scores),
-        "average_score": round(math.fsum(scores) / len(scores), 2) if scores else None,
+        "leads": sums.leads,
+        "users": sums.users,
+        "by_kind": {kind: sums.kinds.get(kind, 0) for kind in ("email", "phone")},
+        "by_origin": {origin: sums.origins.get(origin, 0) for origin in ("message", "api")},
+        "converted_leads": sums.converted,
+        "lead_quality": rate(sums.converted, sums.leads),
+        "scored_leads": sums.scored,
+        "average_score": round(total / sums.scored, 2) if sums.scored else None,
     }
 
 
@@ -163,6 +169,10 @@ def leads(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute leads, lead quality and scores for the conversations of ``flt``, per source."""
+    if serves_filter(flt):
+        splits = rolled_leads(engine, flt)
+        if splits is not None:
+            return _rolled_result(flt, splits)
     stored = _load_leads(engine)
     ids = sorted({lead[-1] for lead in stored if lead[-1] is not None})
     source_of = _group_keys(engine, dataclasses.replace(flt, group_by=GroupBy("source")), ids)
@@ -170,7 +180,33 @@ def leads(
     group_of = dict.fromkeys(source_of) if flt.group_by is None else _group_keys(engine, flt, ids)
     rows = _leads_in_scope(group_of, stored)
     by_source = _leads_in_scope(source_of, stored)
-    converted_after = _conversion_times(engine)
+    return _result(flt, rows, by_source, _conversion_times(engine))
+
+
+def _rolled_result(
+    flt: MetricFilter, splits: Mapping[str, Mapping[Any, LeadSums]]
+) -> dict[str, Any]:
+    def ordered(split: str) -> list[dict[str, Any]]:
+        items = sorted(splits[split].items(), key=lambda item: group_label(item[0]))
+        return [{"group": group_label(key), **_section(sums)} for key, sums in items]
+
+    result: dict[str, Any] = {
+        "metric": "leads",
+        "filters": flt.describe(),
+        **_section(splits["all"].get(None, LeadSums())),
+    }
+    result["by_source"] = ordered("by_source")
+    if flt.group_by is not None:
+        result["groups"] = ordered("groups")
+    return result
+
+
+def _result(
+    flt: MetricFilter,
+    rows: Sequence[_LeadRow],
+    by_source: Sequence[_LeadRow],
+    converted_after: Mapping[int, int],
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "metric": "leads",
         "filters": flt.describe(),
@@ -213,6 +249,7 @@ LEADS = register(
             "over `scored_leads`; `null` when none has a score.\n"
             "- `by_source`: the same per source of the conversation's touch (`touch`, last by "
             "default); `(none)` when it has no touch. `groups` (with `group_by`): per group."
+            + ROLLUP_NOTE
         ),
         compute=leads,
         rows=_rows,

@@ -12,14 +12,17 @@ from sqlalchemy import Engine
 
 from chatmw.events import to_ms
 from chatmw.events_business import MICROS, format_micros
+from chatmw.metrics.business_query import serves_days, serves_filter
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     ResolvedConversion,
     attributed_conversions,
     attribution_days,
     currency_of,
     load_conversions,
 )
+from chatmw.metrics.customer_query import CustomerSums, rolled_customers
 from chatmw.metrics.filters import FilterError, MetricFilter, parse_datetime
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import group_label
@@ -54,24 +57,30 @@ def _figures(
     customers: set[int], orders: Mapping[int, list[tuple[int, int]]], end_ms: int, lifespan: float
 ) -> dict[str, Any]:
     placed = [order for customer in customers for order in orders.get(customer, [])]
-    revenue = sum(micros for _, micros in placed)
     observed_ms = sum(
         max(end_ms - min(at for at, _ in orders[c]), MIN_OBSERVED_MS)
         for c in customers
         if orders.get(c)
     )
-    customer_years = observed_ms / YEAR_MS
-    average_order = Decimal(revenue) / MICROS / len(placed) if placed else None
-    frequency = len(placed) / customer_years if customer_years else None
+    sums = CustomerSums(len(customers), len(placed), sum(m for _, m in placed), observed_ms)
+    return _section(sums, lifespan)
+
+
+def _section(sums: CustomerSums, lifespan: float) -> dict[str, Any]:
+    """Return the figures of one group from its summed customers and orders."""
+    revenue, placed, customers = sums.revenue, sums.orders, sums.customers
+    customer_years = sums.observed_ms / YEAR_MS
+    average_order = Decimal(revenue) / MICROS / placed if placed else None
+    frequency = placed / customer_years if customer_years else None
     predicted = None
     if average_order is not None and frequency is not None:
         predicted = _money(average_order * Decimal(repr(frequency)) * Decimal(repr(lifespan)))
     return {
-        "customers": len(customers),
-        "orders": len(placed),
+        "customers": customers,
+        "orders": placed,
         "revenue": format_micros(revenue),
         "historical_value_per_customer": (
-            _money(Decimal(revenue) / MICROS / len(customers)) if customers else None
+            _money(Decimal(revenue) / MICROS / customers) if customers else None
         ),
         "average_order_value": None if average_order is None else _money(average_order),
         "observed_customer_years": round(customer_years, 4),
@@ -79,6 +88,40 @@ def _figures(
         "lifespan_years": lifespan,
         "predicted_value": predicted,
     }
+
+
+def _raw_sections(
+    engine: Engine, flt: MetricFilter, days: float, end_ms: int, lifespan: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    conversions = load_conversions(engine)
+    customers_by_group: dict[Any, set[int]] = defaultdict(set)
+    for row in attributed_conversions(engine, flt, days, conversions):
+        if row.contact_id is not None:
+            customers_by_group[row.group_key].add(row.contact_id)
+    customers = set().union(*customers_by_group.values()) if customers_by_group else set()
+    orders = _orders(conversions, customers, end_ms)
+    groups = [
+        {"group": group_label(key), **_figures(members, orders, end_ms, lifespan)}
+        for key, members in sorted(
+            customers_by_group.items(), key=lambda item: group_label(item[0])
+        )
+    ]
+    return _figures(customers, orders, end_ms, lifespan), groups
+
+
+def _sections(
+    engine: Engine, flt: MetricFilter, days: float, end_ms: int, lifespan: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return the overall figures and the figures per group, from rollups where they apply."""
+    if serves_days(days) and serves_filter(flt):
+        rolled = rolled_customers(engine, flt, end_ms, MIN_OBSERVED_MS)
+        if rolled is not None:
+            groups, overall = rolled
+            return _section(overall, lifespan), [
+                {"group": group_label(key), **_section(sums, lifespan)}
+                for key, sums in sorted(groups.items(), key=lambda item: group_label(item[0]))
+            ]
+    return _raw_sections(engine, flt, days, end_ms, lifespan)
 
 
 def lifetime_value(
@@ -95,29 +138,17 @@ def lifetime_value(
     end = datetime.now(UTC) if not as_of else parse_datetime("as_of", as_of, flt.tz)
     end_ms = to_ms(end)
 
-    conversions = load_conversions(engine)
-    customers_by_group: dict[Any, set[int]] = defaultdict(set)
-    for row in attributed_conversions(engine, flt, days, conversions):
-        if row.contact_id is not None:
-            customers_by_group[row.group_key].add(row.contact_id)
-    customers = set().union(*customers_by_group.values()) if customers_by_group else set()
-    orders = _orders(conversions, customers, end_ms)
-
+    overall, groups = _sections(engine, flt, days, end_ms, float(lifespan))
     result: dict[str, Any] = {
         "metric": "ltv",
         "filters": flt.describe(),
         "attribution_days": days,
         "as_of": end.isoformat(),
         **currency_of(engine),
-        **_figures(customers, orders, end_ms, float(lifespan)),
+        **overall,
     }
     if flt.group_by is not None:
-        result["groups"] = [
-            {"group": group_label(key), **_figures(members, orders, end_ms, float(lifespan))}
-            for key, members in sorted(
-                customers_by_group.items(), key=lambda item: group_label(item[0])
-            )
-        ]
+        result["groups"] = groups
     return result
 
 
@@ -164,7 +195,7 @@ LTV = register(
             "`revenue` is exact. With no customers the per-customer figures are `null` and "
             "`customers` is 0; a customer whose orders all come after `as_of` counts with none. "
             "With `group_by`, a customer counts in each group of a conversation their conversions "
-            "are attributed to."
+            "are attributed to." + ROLLUP_NOTE
         ),
         compute=lifetime_value,
         params=(

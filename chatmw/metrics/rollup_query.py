@@ -14,7 +14,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,7 +28,7 @@ from chatmw.metrics.buckets import next_bucket
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_refresh import (
     BEFORE_EPOCH_SLOT,
-    dirty_slots,
+    changes_after,
     slot_of,
     slot_ranges,
     time_in_ranges,
@@ -124,6 +124,8 @@ class Coverage:
     raw: list[tuple[int | None, int]]
     dirty: set[int]
     offsets: SlotOffsets
+    # Owners of the conversations changed since the last refresh (``changes_after``).
+    contacts: set[int] = field(default_factory=set)
 
     def served_conditions(self, column: Any) -> list[ColumnElement[bool]]:
         """Return SQL conditions true when the slot ``column`` is one of the served slots."""
@@ -185,13 +187,18 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
     since, until = flt.since_ms, flt.until_ms
     if since is None or until is None:
         return None
-    dirty = dirty_slots(connection, watermark[0], None, watermark[1], watermark[2])
+    changes = changes_after(
+        connection, watermark[0], None, watermark[1], after_change_id=watermark[2]
+    )
+    dirty = changes.slots
     offsets = SlotOffsets(flt.tz)
 
     first = max(0, since + (-since) % SLOT_MS)
     end = until - until % SLOT_MS if until > 0 else 0
     if first >= end:
-        return Coverage(since, until, 0, 0, set(), [(since, until)], dirty, offsets)
+        return Coverage(
+            since, until, 0, 0, set(), [(since, until)], dirty, offsets, changes.contacts
+        )
     served: set[int] = set()
     unserved: list[int] = []
     for slot in range(first, end, SLOT_MS):
@@ -207,7 +214,7 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
         raw.append((end, until))
     if len(raw) > MAX_RAW_RANGES:
         return None
-    return Coverage(since, until, first, end, served, raw, dirty, offsets)
+    return Coverage(since, until, first, end, served, raw, dirty, offsets, changes.contacts)
 
 
 class Buckets:

@@ -452,10 +452,11 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
+    from chatmw.metrics.conversion_rollups import BUSINESS_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES, RollupContactSets):
+    for table in (*tables, *STARTED_TABLES, *BUSINESS_TABLES, RollupContactSets):
         connection.execute(delete(table))
     from chatmw.metrics.business_rollups import claim_business_for_rebuild
 
@@ -547,9 +548,11 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
     from chatmw.metrics.contact_sets import refresh_sets
+    from chatmw.metrics.conversion_rollups import insert_business
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
+    insert_business(connection, [chunk])
     refresh_sets(connection, [chunk])
 
 
@@ -586,6 +589,9 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
         if not _owns_rebuild(connection, token):
             return False
         finish_business_rebuild(connection, token)
+        from chatmw.metrics.conversion_rollups import rebuild_orders
+
+        rebuild_orders(connection)
         connection.execute(
             update(RollupState)
             .where(RollupState.id == 1)
@@ -620,6 +626,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
     from chatmw.metrics.contact_sets import refresh_sets
+    from chatmw.metrics.conversion_rollups import delete_business, insert_business
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
     ordered = sorted(slots)
@@ -627,6 +634,8 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     ranges = slot_ranges(ordered)
     delete_started(connection, ranges)
     insert_started(connection, ranges)
+    delete_business(connection, ranges)
+    insert_business(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -735,6 +744,9 @@ ROLLUP_TABLES = (
     "rollup_outcomes",
     "rollup_surveys",
     "rollup_query_types",
+    "rollup_conversion_links",
+    "rollup_lead_links",
+    "rollup_orders",
 )
 
 
@@ -771,6 +783,9 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     if slots:
         _recompute(connection, slots)
     _recompute_firsts(connection, changes.contacts)
+    from chatmw.metrics.conversion_rollups import recompute_business_contacts
+
+    recompute_business_contacts(connection, changes.contacts)
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
     conversation_rescan = state.conversation_rescan_from_id
     conversation_pending = state.conversation_pending_id

@@ -40,6 +40,7 @@ class Conversion(Base):
         Index("ix_conversions_user", "channel", "user_id"),
         Index("ix_conversions_conversation", "channel", "conversation_external_id"),
         Index("ix_conversions_occurred", "occurred_at_ms"),
+        Index("ix_conversions_currency", "currency"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -66,6 +67,7 @@ class Lead(Base):
         UniqueConstraint("key", name="uq_leads_key"),
         Index("ix_leads_user", "channel", "user_id"),
         Index("ix_leads_conversation", "conversation_id"),
+        Index("ix_leads_named", "channel", "conversation_external_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

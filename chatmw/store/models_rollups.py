@@ -38,6 +38,9 @@ __all__ = [
     "RollupOutcomes",
     "RollupSurveys",
     "RollupQueryTypes",
+    "RollupConversionLinks",
+    "RollupLeadLinks",
+    "RollupOrders",
     "RollupState",
     "RollupChange",
     "SLOT_MS",
@@ -310,6 +313,109 @@ class RollupQueryTypes(Base):
     csat_responses: Mapped[int] = mapped_column(Integer)
     csat_satisfied: Mapped[int] = mapped_column(Integer)
     csat_score_sum: Mapped[int] = mapped_column(BigInteger)
+
+
+# Columns of the slot indexes of the link tables.
+CONVERSION_LINK_INDEX = (
+    "start_slot_ms",
+    "channel",
+    "by_user",
+    "first_link",
+    "conversion_id",
+    "conversation_id",
+    "value_micros",
+    "name",
+    "first_campaign",
+    "last_campaign",
+)
+LEAD_LINK_INDEX = (
+    "start_slot_ms",
+    "channel",
+    "contact_id",
+    "occurred_at_ms",
+    "kind",
+    "origin",
+    "score",
+    "first_source",
+    "last_source",
+    "lead_id",
+)
+
+
+class RollupConversionLinks(Base):
+    """One attribution of a conversion to a conversation, with the default attribution window.
+
+    ``start_slot_ms`` and ``channel`` are the conversation's start slot and channel; the
+    campaigns are those of its first and last touch. See ``chatmw.metrics.conversion_rollups``.
+    """
+
+    __tablename__ = "rollup_conversion_links"
+    # The slot index holds every column the queries read, so they scan it alone.
+    __table_args__ = (Index("ix_rollup_conversion_links_slot", *CONVERSION_LINK_INDEX),)
+
+    conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(32))
+    value_micros: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(128))
+    first_campaign: Mapped[str | None] = mapped_column(String(255))
+    last_campaign: Mapped[str | None] = mapped_column(String(255))
+    # 1 when the conversion names only a user (it may have several rows), else 0.
+    by_user: Mapped[int] = mapped_column(SmallInteger)
+    # 1 on the row of the conversation's lowest conversion id, else 0.
+    first_link: Mapped[int] = mapped_column(SmallInteger)
+
+
+class RollupLeadLinks(Base):
+    """A lead with the conversation it counts for (the ``leads`` metric's rule).
+
+    ``start_slot_ms`` and ``channel`` are the conversation's; ``contact_id`` is the lead's
+    user; the sources are those of the conversation's first and last touch.
+    """
+
+    __tablename__ = "rollup_lead_links"
+    __table_args__ = (
+        # The slot index holds every column the queries read, so they scan it alone.
+        Index("ix_rollup_lead_links_slot", *LEAD_LINK_INDEX),
+        Index("ix_rollup_lead_links_contact", "contact_id"),
+    )
+
+    lead_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(Integer)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(32))
+    contact_id: Mapped[int | None] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    occurred_at_ms: Mapped[int] = mapped_column(BigInteger)
+    first_source: Mapped[str | None] = mapped_column(String(255))
+    last_source: Mapped[str | None] = mapped_column(String(255))
+
+
+class RollupOrders(Base):
+    """A conversion with the contact it resolves to (not slotted: kept per contact).
+
+    Conversions that resolve to no contact have no row. ``chatmw.metrics.conversion_rollups``
+    recomputes the rows of the contacts that the refresher finds changed.
+    """
+
+    __tablename__ = "rollup_orders"
+    __table_args__ = (
+        Index(
+            "ix_rollup_orders_contact",
+            "contact_id",
+            "occurred_at_ms",
+            "value_micros",
+            "conversion_id",
+        ),
+    )
+
+    conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer)
+    occurred_at_ms: Mapped[int] = mapped_column(BigInteger)
+    value_micros: Mapped[int] = mapped_column(BigInteger)
 
 
 class RollupContactSets(Base):
