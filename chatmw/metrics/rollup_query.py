@@ -150,12 +150,15 @@ def _supported(flt: MetricFilter) -> bool:
     return flt.group_by is None or flt.group_by.kind == "channel"
 
 
-def _watermark(connection: Connection) -> tuple[int, int] | None:
-    """Return the message and conversation watermarks of built rollups, or None."""
+def _watermark(connection: Connection) -> tuple[int, int, int] | None:
+    """Return the message, conversation and exposure watermarks of built rollups, or None."""
     try:
         row = connection.execute(
             select(
-                RollupState.built, RollupState.watermark_id, RollupState.conversation_watermark_id
+                RollupState.built,
+                RollupState.watermark_id,
+                RollupState.conversation_watermark_id,
+                RollupState.exposure_watermark_id,
             ).where(RollupState.id == 1)
         ).first()
     except DBAPIError:
@@ -164,7 +167,7 @@ def _watermark(connection: Connection) -> tuple[int, int] | None:
         return None
     if row is None or not row[0]:
         return None
-    return int(row[1]), int(row[2])
+    return int(row[1]), int(row[2]), int(row[3])
 
 
 def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
@@ -182,7 +185,7 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
     since, until = flt.since_ms, flt.until_ms
     if since is None or until is None:
         return None
-    dirty = dirty_slots(connection, watermark[0], None, watermark[1])
+    dirty = dirty_slots(connection, watermark[0], None, watermark[1], watermark[2])
     offsets = SlotOffsets(flt.tz)
 
     first = max(0, since + (-since) % SLOT_MS)

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.store.derive import UNTIMED_KINDS
-from chatmw.store.models import Conversation, Message
+from chatmw.store.models import Conversation, Exposure, Message
 from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
@@ -63,6 +63,7 @@ __all__ = [
     "Changes",
     "first_starts",
     "ranked_first_starts",
+    "FIRSTS_COLUMNS",
     "slot_ranges",
     "time_in_ranges",
     "BEFORE_EPOCH_SLOT",
@@ -161,6 +162,8 @@ def changes_after(
     through_id: int | None = None,
     after_conversation_id: int | None = None,
     through_conversation_id: int | None = None,
+    after_exposure_id: int | None = None,
+    through_exposure_id: int | None = None,
 ) -> Changes:
     """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
@@ -168,7 +171,7 @@ def changes_after(
     slots of all its messages and of its start. A late message can move the start, and
     the old start was the time of one of the older messages, so both slots are included.
     The contacts are the owners of those conversations, whose first conversation may have
-    moved.
+    moved. Exposures above ``after_exposure_id`` add their own slots.
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
@@ -184,6 +187,11 @@ def changes_after(
         if through_conversation_id is not None:
             created = created.where(Conversation.id <= through_conversation_id)
         conversations.update(connection.execute(created).scalars())
+    if after_exposure_id is not None:
+        exposures = select(Exposure.occurred_at_ms).where(Exposure.id > after_exposure_id)
+        if through_exposure_id is not None:
+            exposures = exposures.where(Exposure.id <= through_exposure_id)
+        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(exposures))
     ids = sorted(conversations)
     for index in range(0, len(ids), _CHUNK):
         chunk = ids[index : index + _CHUNK]
@@ -204,9 +212,12 @@ def dirty_slots(
     after_id: int,
     through_id: int | None = None,
     after_conversation_id: int | None = None,
+    after_exposure_id: int | None = None,
 ) -> set[int]:
     """Return the slots of :func:`changes_after`."""
-    return changes_after(connection, after_id, through_id, after_conversation_id).slots
+    return changes_after(
+        connection, after_id, through_id, after_conversation_id, None, after_exposure_id
+    ).slots
 
 
 def _timed() -> ColumnElement[bool]:
@@ -269,20 +280,64 @@ def first_starts(where: ColumnElement[bool]) -> Any:
     )
 
 
+FIRSTS_COLUMNS = [
+    "contact_id",
+    "channel",
+    "first_started_ms",
+    "first_rank",
+    "second_started_ms",
+    "second_any_ms",
+]
+
+
 def ranked_first_starts(where: ColumnElement[bool]) -> Any:
-    """Select :func:`first_starts` with each row's ``first_rank`` (see ``RollupFirsts``).
+    """Select the rows of ``RollupFirsts`` (:data:`FIRSTS_COLUMNS`) of the conversations ``where``.
 
     ``where`` must select every conversation of each contact it selects at all, so that
-    each contact's earliest start is among the rows.
+    each contact's earliest and second starts are among the rows.
     """
-    firsts = first_starts(where).subquery()
+    started = Conversation.started_at_ms
+    numbered = (
+        select(
+            Conversation.contact_id,
+            Conversation.channel,
+            started.label("started_ms"),
+            func.row_number()
+            .over(partition_by=(Conversation.contact_id, Conversation.channel), order_by=started)
+            .label("on_channel"),
+            func.row_number()
+            .over(partition_by=Conversation.contact_id, order_by=started)
+            .label("on_any"),
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .subquery()
+    )
+    firsts = (
+        select(
+            numbered.c.contact_id,
+            numbered.c.channel,
+            func.min(numbered.c.started_ms).label("first_started_ms"),
+            func.min(case((numbered.c.on_channel == 2, numbered.c.started_ms))).label("second"),
+            func.min(case((numbered.c.on_any == 2, numbered.c.started_ms))).label("second_any"),
+        )
+        .group_by(numbered.c.contact_id, numbered.c.channel)
+        .subquery()
+    )
     earliest = func.min(firsts.c.first_started_ms).over(partition_by=firsts.c.contact_id)
     order = func.row_number().over(
         partition_by=firsts.c.contact_id,
         order_by=(firsts.c.first_started_ms, firsts.c.channel),
     )
     rank = case((firsts.c.first_started_ms != earliest, 2), (order == 1, 0), else_=1)
-    return select(firsts.c.contact_id, firsts.c.channel, firsts.c.first_started_ms, rank)
+    second_any = func.max(firsts.c.second_any).over(partition_by=firsts.c.contact_id)
+    return select(
+        firsts.c.contact_id,
+        firsts.c.channel,
+        firsts.c.first_started_ms,
+        rank,
+        firsts.c.second,
+        second_any,
+    )
 
 
 def _conversation_counts(where: ColumnElement[bool]) -> Any:
@@ -328,6 +383,9 @@ def _lock_state(connection: Connection) -> RollupStateRow:
             RollupState.conversation_watermark_id,
             RollupState.conversation_rescan_from_id,
             RollupState.conversation_pending_id,
+            RollupState.exposure_watermark_id,
+            RollupState.exposure_rescan_from_id,
+            RollupState.exposure_pending_id,
         )
         .where(RollupState.id == 1)
         .with_for_update()
@@ -347,12 +405,19 @@ class RollupStateRow:
     conversation_watermark_id: int
     conversation_rescan_from_id: int
     conversation_pending_id: int
+    exposure_watermark_id: int
+    exposure_rescan_from_id: int
+    exposure_pending_id: int
 
 
 def _max_conversation_id(connection: Connection) -> int:
     return int(
         connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one()
     )
+
+
+def _max_exposure_id(connection: Connection) -> int:
+    return int(connection.execute(select(func.coalesce(func.max(Exposure.id), 0))).scalar_one())
 
 
 def _max_message_id(connection: Connection) -> int:
@@ -374,13 +439,16 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
+    from chatmw.metrics.reach_rollups import REACH_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES, RollupContactSets):
+    for table in (*tables, *STARTED_TABLES, *REACH_TABLES, RollupContactSets):
         connection.execute(delete(table))
-    # Conversations created from here on have higher ids, so the next refresh finds them.
+    # Conversations and exposures created from here on have higher ids, so the next
+    # refresh finds them.
     conversations = _max_conversation_id(connection)
+    exposures = _max_exposure_id(connection)
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -391,6 +459,9 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
             conversation_watermark_id=conversations,
             conversation_rescan_from_id=conversations,
             conversation_pending_id=conversations,
+            exposure_watermark_id=exposures,
+            exposure_rescan_from_id=exposures,
+            exposure_pending_id=exposures,
         )
     )
     return token, watermark
@@ -403,15 +474,16 @@ def _owns_rebuild(connection: Connection, token: str) -> bool:
     return owner == token
 
 
+# The times that place a raw row in a rollup row; each has an index.
+_TIME_COLUMNS = (Conversation.started_at_ms, Message.occurred_at_ms, Exposure.occurred_at_ms)
+
+
 def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
-    """Return ``[start, end)`` ranges covering every conversation start and message time."""
-    bounds = connection.execute(
-        select(func.min(Conversation.started_at_ms), func.max(Conversation.started_at_ms))
-    ).one()
-    times = connection.execute(
-        select(func.min(Message.occurred_at_ms), func.max(Message.occurred_at_ms))
-    ).one()
-    known = [int(value) for value in (*bounds, *times) if value is not None]
+    """Return ``[start, end)`` ranges covering every conversation start, message and exposure."""
+    known = []
+    for column in _TIME_COLUMNS:
+        bounds = connection.execute(select(func.min(column), func.max(column))).one()
+        known.extend(int(value) for value in bounds if value is not None)
     if not known:
         return []
     first, last = min(known), max(known)
@@ -430,10 +502,10 @@ def _time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
 
 
 def _next_time(connection: Connection, after_ms: int) -> int | None:
-    """Return the earliest conversation start or message time at or after ``after_ms``."""
+    """Return the earliest conversation start, message or exposure time at or after ``after_ms``."""
     found = [
         connection.execute(select(func.min(column)).where(column >= after_ms)).scalar()
-        for column in (Conversation.started_at_ms, Message.occurred_at_ms)
+        for column in _TIME_COLUMNS
     ]
     known = [int(value) for value in found if value is not None]
     return min(known) if known else None
@@ -460,9 +532,11 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
     from chatmw.metrics.contact_sets import refresh_sets
+    from chatmw.metrics.reach_rollups import insert_reach
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
+    insert_reach(connection, [chunk])
     refresh_sets(connection, [chunk])
 
 
@@ -488,10 +562,7 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
                 Conversation.contact_id >= low, Conversation.contact_id < low + REBUILD_CONTACTS
             )
             connection.execute(
-                insert(RollupFirsts).from_select(
-                    ["contact_id", "channel", "first_started_ms", "first_rank"],
-                    ranked_first_starts(contacts),
-                )
+                insert(RollupFirsts).from_select(FIRSTS_COLUMNS, ranked_first_starts(contacts))
             )
     with engine.begin() as connection:
         if not _owns_rebuild(connection, token):
@@ -530,13 +601,16 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
     from chatmw.metrics.contact_sets import refresh_sets
+    from chatmw.metrics.reach_rollups import delete_reach, insert_reach
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
     ordered = sorted(slots)
     _delete_slots(connection, ordered)
+    delete_reach(connection, ordered)
     ranges = slot_ranges(ordered)
     delete_started(connection, ranges)
     insert_started(connection, ranges)
+    insert_reach(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -589,8 +663,7 @@ def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
         connection.execute(delete(RollupFirsts).where(RollupFirsts.contact_id.in_(chunk)))
         connection.execute(
             insert(RollupFirsts).from_select(
-                ["contact_id", "channel", "first_started_ms", "first_rank"],
-                ranked_first_starts(Conversation.contact_id.in_(chunk)),
+                FIRSTS_COLUMNS, ranked_first_starts(Conversation.contact_id.in_(chunk))
             )
         )
 
@@ -632,6 +705,10 @@ def _analyze(engine: Engine) -> None:
         "rollup_responses",
         "rollup_contact_sets",
         "rollup_sentiment",
+        "rollup_engaged",
+        "rollup_proactive",
+        "rollup_writers",
+        "rollup_exposed",
     )
     if engine.dialect.name == "postgresql":
         # VACUUM cannot run in a transaction. It also sets the visibility map, so that
@@ -650,12 +727,15 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
 
     watermark = max(_max_message_id(connection), state.watermark_id)
     conversation_mark = max(_max_conversation_id(connection), state.conversation_watermark_id)
+    exposure_mark = max(_max_exposure_id(connection), state.exposure_watermark_id)
     changes = changes_after(
         connection,
         state.rescan_from_id,
         watermark,
         state.conversation_rescan_from_id,
         conversation_mark,
+        state.exposure_rescan_from_id,
+        exposure_mark,
     )
     slots = changes.slots
     if slots:
@@ -664,9 +744,11 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     rescan_from, pending, pending_at = state.rescan_from_id, state.pending_id, state.pending_at_ms
     conversation_rescan = state.conversation_rescan_from_id
     conversation_pending = state.conversation_pending_id
+    exposure_rescan, exposure_pending = state.exposure_rescan_from_id, state.exposure_pending_id
     if now_ms - pending_at >= OVERLAP_MS:
         rescan_from, pending, pending_at = pending, watermark, now_ms
         conversation_rescan, conversation_pending = conversation_pending, conversation_mark
+        exposure_rescan, exposure_pending = exposure_pending, exposure_mark
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -679,6 +761,9 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
             conversation_watermark_id=conversation_mark,
             conversation_rescan_from_id=conversation_rescan,
             conversation_pending_id=conversation_pending,
+            exposure_watermark_id=exposure_mark,
+            exposure_rescan_from_id=exposure_rescan,
+            exposure_pending_id=exposure_pending,
         )
     )
     return watermark, len(slots)

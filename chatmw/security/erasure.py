@@ -53,7 +53,15 @@ logger = logging.getLogger("chatmw")
 KEPT_TABLES = frozenset({"alembic_version", "api_keys", "chatmw_secrets", "erasure_records"})
 ROOT_TABLES = ("contacts", "conversations", "messages")
 # Rollup tables keyed by contact id (see chatmw/store/models_rollups.py).
-ROLLUP_CONTACT_TABLES = ("rollup_users", "rollup_starters", "rollup_firsts", "rollup_participants")
+ROLLUP_CONTACT_TABLES = (
+    "rollup_users",
+    "rollup_starters",
+    "rollup_firsts",
+    "rollup_participants",
+    "rollup_proactive",
+    "rollup_writers",
+    "rollup_exposed",
+)
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")
 DAY_MS = 86_400_000

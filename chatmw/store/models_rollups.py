@@ -32,6 +32,10 @@ __all__ = [
     "RollupResponses",
     "RollupContactSets",
     "RollupSentiment",
+    "RollupEngaged",
+    "RollupProactive",
+    "RollupWriters",
+    "RollupExposed",
     "RollupState",
     "SLOT_MS",
     "LEVEL_SLOT",
@@ -115,12 +119,17 @@ class RollupFirsts(Base):
     __table_args__ = (
         Index("ix_rollup_firsts_started", "first_started_ms"),
         Index("ix_rollup_firsts_rank", "first_rank", "first_started_ms"),
+        Index("ix_rollup_firsts_rank_channel", "first_rank", "channel"),
     )
 
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     first_started_ms: Mapped[int] = mapped_column(BigInteger)
     first_rank: Mapped[int] = mapped_column(SmallInteger, default=2, server_default="2")
+    # The start of the contact's second conversation on this channel, and over all channels
+    # (the same on every row of the contact); null when there is none.
+    second_started_ms: Mapped[int | None] = mapped_column(BigInteger)
+    second_any_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RollupStarted(Base):
@@ -200,10 +209,58 @@ class RollupSentiment(Base):
     unchanged: Mapped[int] = mapped_column(Integer)
 
 
+class RollupEngaged(Base):
+    """Conversations with at least two user messages, per start slot and conversation channel."""
+
+    __tablename__ = "rollup_engaged"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+
+
+class RollupProactive(Base):
+    """A contact that received a conversation whose first message came from the bot or an agent.
+
+    Keyed by the conversation's start slot and channel. The contact is the conversation's,
+    or the first message's when the conversation has none, as in the ``engagement`` metric.
+    """
+
+    __tablename__ = "rollup_proactive"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupWriters(Base):
+    """A contact with a conversation that has at least one user message, by its start slot.
+
+    The contact is chosen as in :class:`RollupProactive`.
+    """
+
+    __tablename__ = "rollup_writers"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupExposed(Base):
+    """A contact with an exposure (widget impression or open) in a slot, per channel."""
+
+    __tablename__ = "rollup_exposed"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
 class RollupContactSets(Base):
     """The contacts of a slot contact table over one UTC day or epoch week, as a bitset.
 
-    ``kind`` names the table (``users``, ``starters`` or ``participants``); ``contacts``
+    ``kind`` names the table (``users``, ``starters``, ``participants``, ``proactive``,
+    ``writers`` or ``exposed``); ``contacts``
     is a zlib-compressed little-endian bitset whose bit ``i`` is contact id ``i``
     (``chatmw.metrics.contact_sets``).
     """
@@ -247,3 +304,9 @@ class RollupState(Base):
     conversation_pending_id: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0"
     )
+    # The same three watermarks over exposure ids, for rollup_exposed.
+    exposure_watermark_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    exposure_rescan_from_id: Mapped[int] = mapped_column(
+        BigInteger, default=0, server_default="0"
+    )
+    exposure_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
