@@ -24,7 +24,7 @@ from chatmw.store.models_rollups import (
     RollupWriters,
 )
 
-__all__ = ["REACH_TABLES", "delete_reach", "insert_reach"]
+__all__ = ["REACH_TABLES", "conversation_rows", "delete_reach", "insert_reach"]
 
 REACH_TABLES = (RollupEngaged, RollupProactive, RollupWriters, RollupExposed)
 
@@ -60,10 +60,14 @@ def _opener() -> tuple[Any, Any]:
     return opener, first_id
 
 
-def _conversation_rows(where: ColumnElement[bool]) -> Any:
+def conversation_rows(where: ColumnElement[bool], channels: tuple[str, ...] = ()) -> Any:
+    """Select start slot, channel, contact, first message's role and user messages.
+
+    One row per conversation that ``where`` selects, in ``channels`` unless empty.
+    """
     opener, first_id = _opener()
     contact = func.coalesce(Conversation.contact_id, opener.contact_id)
-    return (
+    statement = (
         select(
             _slot(Conversation.started_at_ms).label("slot_ms"),
             Conversation.channel,
@@ -74,6 +78,9 @@ def _conversation_rows(where: ColumnElement[bool]) -> Any:
         .outerjoin(opener, opener.id == first_id)
         .where(where)
     )
+    if channels:
+        statement = statement.where(Conversation.channel.in_(channels))
+    return statement
 
 
 def _insert_conversation_rows(connection: Connection, where: ColumnElement[bool]) -> None:
@@ -81,7 +88,7 @@ def _insert_conversation_rows(connection: Connection, where: ColumnElement[bool]
     proactive: set[tuple[int, str, int]] = set()
     writers: set[tuple[int, str, int]] = set()
     for slot, channel, contact_id, role, user_messages in connection.execute(
-        _conversation_rows(where)
+        conversation_rows(where)
     ):
         key = (int(slot), channel)
         if (user_messages or 0) >= 2:
@@ -113,7 +120,9 @@ def _insert_conversation_rows(connection: Connection, where: ColumnElement[bool]
 
 def _exposure_rows(where: ColumnElement[bool]) -> Any:
     return (
-        select(_slot(Exposure.occurred_at_ms).label("slot_ms"), Exposure.channel, Exposure.contact_id)
+        select(
+            _slot(Exposure.occurred_at_ms).label("slot_ms"), Exposure.channel, Exposure.contact_id
+        )
         .where(where)
         .distinct()
     )

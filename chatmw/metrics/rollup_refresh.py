@@ -411,9 +411,7 @@ class RollupStateRow:
 
 
 def _max_conversation_id(connection: Connection) -> int:
-    return int(
-        connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one()
-    )
+    return int(connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one())
 
 
 def _max_exposure_id(connection: Connection) -> int:

@@ -301,12 +301,8 @@ class RollupState(Base):
     conversation_rescan_from_id: Mapped[int] = mapped_column(
         BigInteger, default=0, server_default="0"
     )
-    conversation_pending_id: Mapped[int] = mapped_column(
-        BigInteger, default=0, server_default="0"
-    )
+    conversation_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # The same three watermarks over exposure ids, for rollup_exposed.
     exposure_watermark_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
-    exposure_rescan_from_id: Mapped[int] = mapped_column(
-        BigInteger, default=0, server_default="0"
-    )
+    exposure_rescan_from_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     exposure_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
