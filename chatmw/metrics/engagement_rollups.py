@@ -87,14 +87,12 @@ def _known_channels(connection: Connection, flt: MetricFilter) -> set[str]:
         select(RollupState.exposure_watermark_id).where(RollupState.id == 1)
     ).scalar_one()
     rolled = select(RollupContactSets.channel).where(RollupContactSets.kind == "exposed").distinct()
-    # Exposures before the epoch and those not refreshed yet are not in the sets.
-    unrolled = (
-        select(Exposure.channel)
-        .where((Exposure.id > watermark) | (Exposure.occurred_at_ms < 0))
-        .distinct()
-    )
+    # Exposures not refreshed yet and those before the epoch are not in the sets. Each
+    # statement reads one index range.
+    new = select(Exposure.channel).where(Exposure.id > watermark).distinct()
+    early = select(Exposure.channel).where(Exposure.occurred_at_ms < 0).distinct()
     known: set[str] = set()
-    for statement in (rolled, unrolled):
+    for statement in (rolled, new, early):
         known.update(connection.execute(statement).scalars())
     if flt.channels:
         known &= set(flt.channels)

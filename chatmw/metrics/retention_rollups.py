@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, case, func, literal_column, select
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import Buckets, Coverage, bucket_index, cover
@@ -57,6 +57,20 @@ def _first_columns(flt: MetricFilter) -> tuple[list[Any], Any]:
     return [RollupFirsts.first_rank == 0], RollupFirsts.second_any_ms
 
 
+def _id_list(connection: Connection, column: Any) -> Any:
+    """Return SQL that aggregates ``column`` into one value per group (see :func:`_ids`)."""
+    if connection.dialect.name == "postgresql":
+        return func.array_agg(column)
+    return func.group_concat(column)
+
+
+def _ids(value: Any) -> list[int]:
+    # PostgreSQL returns array_agg as a list, SQLite group_concat as comma-separated text.
+    if isinstance(value, str):
+        return [int(part) for part in value.split(",")]
+    return list(value)
+
+
 def _cohort_members(
     connection: Connection,
     flt: MetricFilter,
@@ -64,27 +78,44 @@ def _cohort_members(
     changed: set[int],
     counts: dict[Any, CohortCounts],
 ) -> dict[tuple[Any, int], int]:
-    """Count cohort sizes and same-period returns; return each cohort's contacts as a bitset."""
+    """Count cohort sizes and same-period returns; return each cohort's contacts as a bitset.
+
+    One row per cohort and channel carries its contact ids, so the cost per cohort
+    contact is one index entry read in SQL and one integer parsed here.
+    """
     rows, second = _first_columns(flt)
     first = RollupFirsts.first_started_ms
     index = bucket_index(first, buckets.bounds)
-    statement = select(index, RollupFirsts.channel, RollupFirsts.contact_id, second).where(
-        *rows, first >= flt.since_ms, first < flt.until_ms
+    # The second start lies in the cohort's own period when it is in the same bucket.
+    same_period = case(
+        (
+            (second < flt.until_ms) & (bucket_index(second, buckets.bounds) == index),
+            literal_column("1"),
+        ),
+        else_=literal_column("0"),
     )
-    grouped = flt.group_by is not None
-    members: dict[tuple[Any, int], list[int]] = defaultdict(list)
-    for bucket, channel, contact_id, second_ms in connection.execute(statement):
-        if contact_id in changed:
-            continue
+    unchanged = [RollupFirsts.contact_id.not_in(sorted(changed))] if changed else []
+    statement = (
+        select(
+            index,
+            RollupFirsts.channel,
+            func.count(),
+            func.sum(same_period),
+            _id_list(connection, RollupFirsts.contact_id),
+        )
+        .where(*rows, first >= flt.since_ms, first < flt.until_ms, *unchanged)
+        .group_by(index, RollupFirsts.channel)
+    )
+    keys_of = (None,) if flt.group_by is None else None
+    members: dict[tuple[Any, int], int] = {}
+    for bucket, channel, size, back, contact_ids in connection.execute(statement):
         cohort = int(bucket)
-        keys = (None, channel) if grouped else (None,)
-        back = second_ms is not None and second_ms < min(buckets.bounds[cohort + 1], flt.until_ms)
-        for key in keys:
-            counts[key].sizes[cohort] += 1
-            if back:
-                counts[key].same_period[cohort] += 1
-            members[(key, cohort)].append(contact_id)
-    return {key: with_ids(0, ids) for key, ids in members.items()}
+        bits = with_ids(0, _ids(contact_ids))
+        for key in keys_of or (None, channel):
+            counts[key].sizes[cohort] += int(size)
+            counts[key].same_period[cohort] += int(back or 0)
+            members[(key, cohort)] = members.get((key, cohort), 0) | bits
+    return members
 
 
 def _period_starters(

@@ -120,6 +120,22 @@ class RollupFirsts(Base):
         Index("ix_rollup_firsts_started", "first_started_ms"),
         Index("ix_rollup_firsts_rank", "first_rank", "first_started_ms"),
         Index("ix_rollup_firsts_rank_channel", "first_rank", "channel"),
+        # Covering indexes for retention cohorts: over all channels, and on one channel.
+        Index(
+            "ix_rollup_firsts_cohort",
+            "first_rank",
+            "first_started_ms",
+            "channel",
+            "contact_id",
+            "second_any_ms",
+        ),
+        Index(
+            "ix_rollup_firsts_channel_cohort",
+            "channel",
+            "first_started_ms",
+            "contact_id",
+            "second_started_ms",
+        ),
     )
 
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
