@@ -4,8 +4,8 @@ Random stores get several channels, conversations that the bot or an agent opens
 exposures, returning users, late first messages that move a conversation's start,
 duplicates and times on slot edges. Each check runs before the first refresh, after it,
 after new events that are not refreshed yet and after the next refresh, on SQLite and
-PostgreSQL, with windows aligned and not aligned to slots, several time zones, channel
-filters and ``group_by=channel``.
+PostgreSQL. The windows are aligned and not aligned to slots, in several time zones, with
+channel filters and ``group_by=channel``.
 """
 
 from __future__ import annotations
@@ -311,6 +311,8 @@ def test_retention_counts_by_hand(engine: Engine) -> None:
     assert first["returned_same_period"] == 1
     assert [cell["users"] for cell in first["following"]] == [1, 1, None]
     assert [cohort["users"] for cohort in result["cohorts"]] == [2, 0, 0]
+    with raw_only():
+        assert retention(engine, flt, {"periods": 3}) == result
 
 
 def test_empty_store_matches_raw(engine: Engine) -> None:

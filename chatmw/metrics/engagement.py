@@ -161,17 +161,23 @@ def _exchanges(conversations: int, engaged: int) -> dict[str, Any]:
     }
 
 
-def _counts(engine: Engine, flt: MetricFilter) -> EngagementCounts:
+def _counts(
+    engine: Engine, flt: MetricFilter
+) -> tuple[EngagementCounts, list[tuple[Any, str, int | None, int, bool]] | None]:
+    """Return the engagement figures, and the raw conversation rows when they were read."""
     counted = engagement_counts(engine, flt)
     if counted is not None:
-        return counted
+        return counted, None
     exposed, known = _exposed(engine, flt)
-    return _raw_counts(exposed, known, _conversations(engine, flt))
+    conversations = _conversations(engine, flt)
+    return _raw_counts(exposed, known, conversations), conversations
 
 
-def _raw_groups(engine: Engine, flt: MetricFilter) -> list[dict[str, Any]]:
+def _raw_groups(
+    conversations: list[tuple[Any, str, int | None, int, bool]],
+) -> list[dict[str, Any]]:
     by_group: dict[Any, list[int]] = defaultdict(lambda: [0, 0])
-    for key, _, _, user_messages, _ in _conversations(engine, flt):
+    for key, _, _, user_messages, _ in conversations:
         by_group[key][0] += 1
         by_group[key][1] += 1 if user_messages >= 2 else 0
     return [
@@ -184,7 +190,7 @@ def engagement(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute the user engagement rate per channel and the conversation engagement rate."""
-    counts = _counts(engine, flt)
+    counts, conversations = _counts(engine, flt)
     result: dict[str, Any] = {
         "metric": "engagement",
         "filters": flt.describe(),
@@ -211,7 +217,8 @@ def engagement(
             if total
         ]
     else:
-        result["groups"] = _raw_groups(engine, flt)
+        # Rollups serve no other grouping, so the raw rows were read.
+        result["groups"] = _raw_groups(conversations or [])
     return result
 
 

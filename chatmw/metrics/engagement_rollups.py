@@ -1,9 +1,9 @@
 """The ``engagement`` figures from rollups, with raw rows for the parts rollups do not cover.
 
-Reached users and writers are unions over the window, so they come from the day and week
+Reached users and writers are unions over the window. They come from the day and week
 bitsets of ``rollup_contact_sets`` (kinds ``exposed``, ``proactive`` and ``writers``),
-the slot rows of the served slots outside whole days, and the raw rows of the raw
-ranges. Conversation counts are sums of ``rollup_conversations`` and ``rollup_engaged``.
+from the slot rows of the served slots outside whole days, and from the raw rows of the
+raw ranges. Conversation counts are sums of ``rollup_conversations`` and ``rollup_engaged``.
 """
 
 from __future__ import annotations
@@ -99,6 +99,34 @@ def _known_channels(connection: Connection, flt: MetricFilter) -> set[str]:
     return known
 
 
+def _add_raw(
+    connection: Connection,
+    flt: MetricFilter,
+    coverage: Coverage,
+    counts: EngagementCounts,
+    raw_ids: dict[str, dict[str, set[int]]],
+) -> None:
+    """Add the exposures and conversations of the raw ranges to ``counts`` and ``raw_ids``."""
+    exposures = select(Exposure.channel, Exposure.contact_id).where(
+        time_in_ranges(Exposure.occurred_at_ms, coverage.raw),
+        *channel_condition(Exposure.channel, flt),
+    )
+    for channel, contact_id in connection.execute(exposures):
+        raw_ids["exposed"][channel].add(contact_id)
+    rows = conversation_rows(time_in_ranges(Conversation.started_at_ms, coverage.raw), flt.channels)
+    for _, channel, contact_id, role, user_messages in connection.execute(rows):
+        counts.conversations[channel] = counts.conversations.get(channel, 0) + 1
+        if (user_messages or 0) >= 2:
+            totals = counts.engaged_conversations
+            totals[channel] = totals.get(channel, 0) + 1
+        if contact_id is None:
+            continue
+        if role is not None and role != "user":
+            raw_ids["proactive"][channel].add(contact_id)
+        if (user_messages or 0) >= 1:
+            raw_ids["writers"][channel].add(contact_id)
+
+
 def engagement_counts(engine: Engine, flt: MetricFilter) -> EngagementCounts | None:
     """Return the engagement figures from rollups, or None where rollups do not apply."""
     with engine.connect() as connection:
@@ -120,26 +148,8 @@ def engagement_counts(engine: Engine, flt: MetricFilter) -> EngagementCounts | N
             for kind in ("exposed", "proactive", "writers")
         }
         raw_ids: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
-        exposures = select(Exposure.channel, Exposure.contact_id).where(
-            time_in_ranges(Exposure.occurred_at_ms, coverage.raw),
-            *channel_condition(Exposure.channel, flt),
-        )
-        for channel, contact_id in connection.execute(exposures):
-            raw_ids["exposed"][channel].add(contact_id)
-        rows = conversation_rows(
-            time_in_ranges(Conversation.started_at_ms, coverage.raw), flt.channels
-        )
-        for _, channel, contact_id, role, user_messages in connection.execute(rows):
-            counts.conversations[channel] = counts.conversations.get(channel, 0) + 1
-            if (user_messages or 0) >= 2:
-                totals = counts.engaged_conversations
-                totals[channel] = totals.get(channel, 0) + 1
-            if contact_id is None:
-                continue
-            if role is not None and role != "user":
-                raw_ids["proactive"][channel].add(contact_id)
-            if (user_messages or 0) >= 1:
-                raw_ids["writers"][channel].add(contact_id)
+        if coverage.raw:
+            _add_raw(connection, flt, coverage, counts, raw_ids)
 
     for kind, by_channel in raw_ids.items():
         for channel, ids in by_channel.items():

@@ -43,21 +43,17 @@ def _slot(column: Any) -> ColumnElement[Any]:
     return slot_expression(column)
 
 
-def _opener() -> tuple[Any, Any]:
-    """Return an alias of ``messages`` and SQL for the id of each conversation's first message.
-
-    The first message is the earliest by time, then by id, as in the raw computation.
-    """
-    first = aliased(Message)
-    first_id = (
-        select(first.id)
-        .where(first.conversation_id == Conversation.id)
-        .order_by(first.occurred_at_ms, first.id)
-        .limit(1)
-        .scalar_subquery()
-    )
-    opener = aliased(Message)
-    return opener, first_id
+# The first message of each conversation: the earliest by time, then by id, as in the raw
+# computation. The aliases are built once, because building one costs milliseconds.
+_FIRST = aliased(Message)
+_OPENER = aliased(Message)
+_FIRST_ID = (
+    select(_FIRST.id)
+    .where(_FIRST.conversation_id == Conversation.id)
+    .order_by(_FIRST.occurred_at_ms, _FIRST.id)
+    .limit(1)
+    .scalar_subquery()
+)
 
 
 def conversation_rows(where: ColumnElement[bool], channels: tuple[str, ...] = ()) -> Any:
@@ -65,7 +61,7 @@ def conversation_rows(where: ColumnElement[bool], channels: tuple[str, ...] = ()
 
     One row per conversation that ``where`` selects, in ``channels`` unless empty.
     """
-    opener, first_id = _opener()
+    opener, first_id = _OPENER, _FIRST_ID
     contact = func.coalesce(Conversation.contact_id, opener.contact_id)
     statement = (
         select(

@@ -4,10 +4,10 @@ A cohort is the set of contacts whose first conversation starts in a period of t
 ``rollup_firsts`` gives each contact's first start and second start (over all channels
 or on one channel), so cohort sizes and same-period returns are counted from one index
 range. The contacts who returned in a later period are the cohort's bitset ANDed with the
-bitset of contacts who started a conversation in that period: whole UTC days and epoch
-weeks come from ``rollup_contact_sets`` (kind ``starters``), the other served slots from
-``rollup_starters`` and the raw ranges from raw conversations. Contacts changed since the
-refresher's watermark are counted from their raw conversations instead.
+bitset of contacts who started a conversation in that period. That bitset takes whole UTC
+days and epoch weeks from ``rollup_contact_sets`` (kind ``starters``), the other served
+slots from ``rollup_starters`` and the raw ranges from raw conversations. Contacts changed
+since the refresher's watermark are counted from their raw conversations instead.
 """
 
 from __future__ import annotations

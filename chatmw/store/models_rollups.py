@@ -143,7 +143,7 @@ class RollupFirsts(Base):
     first_started_ms: Mapped[int] = mapped_column(BigInteger)
     first_rank: Mapped[int] = mapped_column(SmallInteger, default=2, server_default="2")
     # The start of the contact's second conversation on this channel, and over all channels
-    # (the same on every row of the contact); null when there is none.
+    # (the same on every row of the contact). Each is null when there is no such conversation.
     second_started_ms: Mapped[int | None] = mapped_column(BigInteger)
     second_any_ms: Mapped[int | None] = mapped_column(BigInteger)
 
