@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, literal_column, select, union_all
 
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.reach_rollups import conversation_rows
@@ -28,6 +27,9 @@ from chatmw.store.models_rollups import (
 )
 
 __all__ = ["ChannelReach", "EngagementCounts", "engagement_counts"]
+
+
+_KINDS = ("exposed", "proactive", "writers")
 
 
 @dataclass(slots=True)
@@ -54,31 +56,41 @@ class EngagementCounts:
 
 
 def _window_sets(
-    connection: Connection, kind: str, coverage: Coverage, channels: tuple[str, ...]
-) -> dict[str, int]:
+    connection: Connection, coverage: Coverage, channels: tuple[str, ...]
+) -> dict[str, dict[str, int]]:
+    """Return the contacts of the served slots per kind and channel."""
     spans = {0: (coverage.first_slot, coverage.end_slot)}
-    return {
-        channel: bits
-        for (_, channel), bits in span_sets(
-            connection, kind, spans, coverage.served, channels
-        ).items()
-    }
+    sets: dict[str, dict[str, int]] = {kind: {} for kind in _KINDS}
+    for (kind, _, channel), bits in span_sets(
+        connection, _KINDS, spans, coverage.served, channels
+    ).items():
+        sets[kind][channel] = bits
+    return sets
 
 
 def _slot_sums(
-    connection: Connection,
-    columns: tuple[Any, Any, Any],
-    flt: MetricFilter,
-    coverage: Coverage,
-) -> dict[str, int]:
-    """Sum ``count`` per channel over the served slots; ``columns`` is (slot, channel, count)."""
-    slot, channel, count = columns
-    statement = (
-        select(channel, func.sum(count))
-        .where(*coverage.served_conditions(slot), *channel_condition(channel, flt))
-        .group_by(channel)
-    )
-    return {channel: int(total) for channel, total in connection.execute(statement)}
+    connection: Connection, flt: MetricFilter, coverage: Coverage, counts: EngagementCounts
+) -> None:
+    """Sum conversations and engaged conversations per channel over the served slots."""
+    parts = []
+    for figure, (slot, channel, count) in enumerate(
+        (
+            (
+                RollupConversations.slot_ms,
+                RollupConversations.channel,
+                RollupConversations.conversations,
+            ),
+            (RollupEngaged.start_slot_ms, RollupEngaged.channel, RollupEngaged.conversations),
+        )
+    ):
+        parts.append(
+            select(literal_column(str(figure)).label("figure"), channel, func.sum(count))
+            .where(*coverage.served_conditions(slot), *channel_condition(channel, flt))
+            .group_by(channel)
+        )
+    totals = (counts.conversations, counts.engaged_conversations)
+    for figure, channel, total in connection.execute(union_all(*parts)):
+        totals[int(figure)][channel] = int(total)
 
 
 def _known_channels(connection: Connection, flt: MetricFilter) -> set[str]:
@@ -135,18 +147,8 @@ def engagement_counts(engine: Engine, flt: MetricFilter) -> EngagementCounts | N
             return None
         counts = EngagementCounts()
         counts.known = _known_channels(connection, flt)
-        started = (
-            RollupConversations.slot_ms,
-            RollupConversations.channel,
-            RollupConversations.conversations,
-        )
-        engaged = (RollupEngaged.start_slot_ms, RollupEngaged.channel, RollupEngaged.conversations)
-        counts.conversations = _slot_sums(connection, started, flt, coverage)
-        counts.engaged_conversations = _slot_sums(connection, engaged, flt, coverage)
-        sets = {
-            kind: _window_sets(connection, kind, coverage, flt.channels)
-            for kind in ("exposed", "proactive", "writers")
-        }
+        _slot_sums(connection, flt, coverage, counts)
+        sets = _window_sets(connection, coverage, flt.channels)
         raw_ids: dict[str, dict[str, set[int]]] = defaultdict(lambda: defaultdict(set))
         if coverage.raw:
             _add_raw(connection, flt, coverage, counts, raw_ids)

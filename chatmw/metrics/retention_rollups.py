@@ -124,8 +124,8 @@ def _period_starters(
     """Return, per period index from 1, the contacts who started a conversation in it."""
     spans = {index: buckets.span(index, coverage) for index in range(1, len(buckets.bounds) - 1)}
     starters: dict[int, int] = {}
-    for (index, _), bits in span_sets(
-        connection, "starters", spans, coverage.served, flt.channels
+    for (_, index, _), bits in span_sets(
+        connection, ("starters",), spans, coverage.served, flt.channels
     ).items():
         starters[index] = starters.get(index, 0) | bits
     raw = select(Conversation.started_at_ms, Conversation.contact_id).where(

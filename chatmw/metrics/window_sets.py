@@ -32,20 +32,21 @@ def with_ids(bits: int, contact_ids: Iterable[int]) -> int:
 
 def span_sets(
     connection: Connection,
-    kind: str,
+    kinds: tuple[str, ...],
     spans: dict[int, tuple[int, int]],
     served: set[int],
     channels: tuple[str, ...],
-) -> dict[tuple[int, str], int]:
-    """Return the contacts of the served slots of each span, per (span index, channel).
+) -> dict[tuple[str, int, str], int]:
+    """Return the contacts of the served slots of each span, per (kind, span index, channel).
 
     ``spans`` maps an index to a ``[start, end)`` range of slots. Whole UTC days and epoch
-    weeks whose slots are all served come from ``rollup_contact_sets``, the other served
-    slots from the slot table of ``kind``. ``channels`` filters unless empty. Slots that
-    are not in ``served`` are left out: the caller adds their raw rows.
+    weeks whose slots are all served come from ``rollup_contact_sets`` (one statement for
+    all ``kinds``), the other served slots from the slot table of each kind. ``channels``
+    filters unless empty. Slots that are not in ``served`` are left out, and the caller
+    adds their raw rows.
     """
     periods, rest = plan_spans(spans, served)
-    sets: dict[tuple[int, str], int] = {}
+    sets: dict[tuple[str, int, str], int] = {}
     needed: dict[tuple[int, int], list[int]] = {}
     for index, parts in periods.items():
         for part in parts:
@@ -55,12 +56,13 @@ def span_sets(
         for level, start in needed:
             by_level.setdefault(level, []).append(start)
         statement = select(
+            RollupContactSets.kind,
             RollupContactSets.level,
             RollupContactSets.start_ms,
             RollupContactSets.channel,
             RollupContactSets.contacts,
         ).where(
-            RollupContactSets.kind == kind,
+            RollupContactSets.kind.in_(kinds),
             or_(
                 *(
                     (RollupContactSets.level == level)
@@ -71,16 +73,29 @@ def span_sets(
         )
         if channels:
             statement = statement.where(RollupContactSets.channel.in_(channels))
-        for level, start, channel, blob in connection.execute(statement):
+        for kind, level, start, channel, blob in connection.execute(statement):
             decoded = decode(blob)
             for index in needed[(int(level), int(start))]:
-                sets[(index, channel)] = sets.get((index, channel), 0) | decoded
+                key = (kind, index, channel)
+                sets[key] = sets.get(key, 0) | decoded
 
     edges = sorted((low, high, index) for index, parts in rest.items() for low, high in parts)
-    if not edges:
-        return sets
+    for kind in kinds if edges else ():
+        _add_slot_rows(connection, kind, edges, served, channels, sets)
+    return sets
+
+
+def _add_slot_rows(
+    connection: Connection,
+    kind: str,
+    edges: list[tuple[int, int, int]],
+    served: set[int],
+    channels: tuple[str, ...],
+    sets: dict[tuple[str, int, str], int],
+) -> None:
+    """Add the contacts of the served slots in ``edges`` (low, high, span index) to ``sets``."""
     table, slot_column = SOURCES[kind]
-    ids: dict[tuple[int, str], list[int]] = {}
+    ids: dict[tuple[str, int, str], list[int]] = {}
     for low, high, index in edges:
         rows = select(slot_column, table.channel, table.contact_id).where(
             time_in_ranges(slot_column, [(low, high)])
@@ -89,7 +104,6 @@ def span_sets(
             rows = rows.where(table.channel.in_(channels))
         for slot, channel, contact_id in connection.execute(rows):
             if slot in served:
-                ids.setdefault((index, channel), []).append(contact_id)
+                ids.setdefault((kind, index, channel), []).append(contact_id)
     for key, contact_ids in ids.items():
         sets[key] = with_ids(sets.get(key, 0), contact_ids)
-    return sets
