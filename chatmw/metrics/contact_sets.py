@@ -27,9 +27,12 @@ from chatmw.store.models_rollups import (
     LEVEL_WIDTH_MS,
     SLOT_MS,
     RollupContactSets,
+    RollupExposed,
     RollupParticipants,
+    RollupProactive,
     RollupStarters,
     RollupUsers,
+    RollupWriters,
 )
 
 __all__ = [
@@ -51,6 +54,9 @@ SOURCES: dict[str, tuple[Any, Any]] = {
     "users": (RollupUsers, RollupUsers.slot_ms),
     "starters": (RollupStarters, RollupStarters.slot_ms),
     "participants": (RollupParticipants, RollupParticipants.start_slot_ms),
+    "proactive": (RollupProactive, RollupProactive.start_slot_ms),
+    "writers": (RollupWriters, RollupWriters.start_slot_ms),
+    "exposed": (RollupExposed, RollupExposed.slot_ms),
 }
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import aliased
 
+from chatmw.metrics.engagement_rollups import ChannelReach, EngagementCounts, engagement_counts
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.scope import conversation_scope, group_label
@@ -69,34 +70,53 @@ def _conversations(
         ]
 
 
-def _reach(
-    flt: MetricFilter,
+def _raw_counts(
     exposed: Mapping[str, set[int]],
     known: set[str],
     conversations: list[tuple[Any, str, int | None, int, bool]],
-) -> dict[str, Any]:
+) -> EngagementCounts:
+    """Count the engagement figures from the rows of :func:`_exposed` and :func:`_conversations`."""
     proactive: dict[str, set[int]] = defaultdict(set)
     writers: dict[str, set[int]] = defaultdict(set)
+    counts = EngagementCounts(known=known)
     for _, channel, contact, user_messages, bot_opened in conversations:
+        counts.conversations[channel] = counts.conversations.get(channel, 0) + 1
+        if user_messages >= 2:
+            engaged = counts.engaged_conversations
+            engaged[channel] = engaged.get(channel, 0) + 1
         if contact is None:
             continue
         if bot_opened:
             proactive[channel].add(contact)
         if user_messages >= 1:
             writers[channel].add(contact)
-    channels = sorted(set(flt.channels) | known | {row[1] for row in conversations})
+    for channel in set(exposed) | set(proactive) | set(writers):
+        reached = exposed.get(channel, set()) | proactive.get(channel, set())
+        counts.reach[channel] = ChannelReach(
+            exposed=len(exposed.get(channel, set())),
+            proactive=len(proactive.get(channel, set())),
+            writing=len(writers.get(channel, set())),
+            reach=len(reached),
+            engaged=len(reached & writers.get(channel, set())),
+        )
+    return counts
+
+
+def _reach(flt: MetricFilter, counts: EngagementCounts) -> dict[str, Any]:
+    known = counts.known
+    channels = sorted(set(flt.channels) | known | set(counts.conversations))
     rows, notes = [], []
     total_reach = total_engaged = 0
     measured = False
     for channel in channels:
-        reached = exposed.get(channel, set()) | proactive.get(channel, set())
+        figures = counts.reach.get(channel, ChannelReach())
         row: dict[str, Any] = {
             "channel": channel,
-            "exposed_users": len(exposed.get(channel, set())),
-            "proactive_users": len(proactive.get(channel, set())),
-            "users_writing": len(writers.get(channel, set())),
+            "exposed_users": figures.exposed,
+            "proactive_users": figures.proactive,
+            "users_writing": figures.writing,
         }
-        if channel not in known and not proactive.get(channel):
+        if channel not in known and not figures.proactive:
             note = f"no exposure data for channel {channel}"
             rows.append(
                 {
@@ -109,9 +129,10 @@ def _reach(
             )
             notes.append(note)
             continue
-        engaged = len(reached & writers.get(channel, set()))
         row.update(
-            reach=len(reached), engaged_users=engaged, engagement_rate=rate(engaged, len(reached))
+            reach=figures.reach,
+            engaged_users=figures.engaged,
+            engagement_rate=rate(figures.engaged, figures.reach),
         )
         if channel not in known:
             row["reach_note"] = (
@@ -119,8 +140,8 @@ def _reach(
             )
         rows.append(row)
         measured = True
-        total_reach += len(reached)
-        total_engaged += engaged
+        total_reach += figures.reach
+        total_engaged += figures.engaged
 
     # With no channel that has reach data, a total of 0 would read as a measurement.
     return {
@@ -132,40 +153,72 @@ def _reach(
     }
 
 
-def _exchanges(rows: list[tuple[Any, str, int | None, int, bool]]) -> dict[str, Any]:
-    engaged = sum(1 for row in rows if row[3] >= 2)
+def _exchanges(conversations: int, engaged: int) -> dict[str, Any]:
     return {
-        "conversations": len(rows),
+        "conversations": conversations,
         "engaged_conversations": engaged,
-        "conversation_engagement_rate": rate(engaged, len(rows)),
+        "conversation_engagement_rate": rate(engaged, conversations),
     }
+
+
+def _counts(
+    engine: Engine, flt: MetricFilter
+) -> tuple[EngagementCounts, list[tuple[Any, str, int | None, int, bool]] | None]:
+    """Return the engagement figures, and the raw conversation rows when they were read."""
+    counted = engagement_counts(engine, flt)
+    if counted is not None:
+        return counted, None
+    exposed, known = _exposed(engine, flt)
+    conversations = _conversations(engine, flt)
+    return _raw_counts(exposed, known, conversations), conversations
+
+
+def _raw_groups(
+    conversations: list[tuple[Any, str, int | None, int, bool]],
+) -> list[dict[str, Any]]:
+    by_group: dict[Any, list[int]] = defaultdict(lambda: [0, 0])
+    for key, _, _, user_messages, _ in conversations:
+        by_group[key][0] += 1
+        by_group[key][1] += 1 if user_messages >= 2 else 0
+    return [
+        {"group": group_label(key), **_exchanges(*totals)}
+        for key, totals in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+    ]
 
 
 def engagement(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Compute the user engagement rate per channel and the conversation engagement rate."""
-    exposed, known = _exposed(engine, flt)
-    conversations = _conversations(engine, flt)
+    counts, conversations = _counts(engine, flt)
     result: dict[str, Any] = {
         "metric": "engagement",
         "filters": flt.describe(),
-        "users": _reach(flt, exposed, known, conversations),
-        **_exchanges(conversations),
+        "users": _reach(flt, counts),
+        **_exchanges(
+            sum(counts.conversations.values()), sum(counts.engaged_conversations.values())
+        ),
     }
     if flt.attributes or flt.touch_filters:
         result["users"]["reach_notes"].append(
             "reach ignores attribute and touch filters (exposures have neither); "
             "engaged users are counted in the filtered conversations only"
         )
-    if flt.group_by is not None:
-        by_group: dict[Any, list[tuple[Any, str, int | None, int, bool]]] = defaultdict(list)
-        for row in conversations:
-            by_group[row[0]].append(row)
+    if flt.group_by is None:
+        return result
+    if flt.group_by.kind == "channel":
+        # Every channel with a conversation in the window is a group.
         result["groups"] = [
-            {"group": group_label(key), **_exchanges(items)}
-            for key, items in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+            {
+                "group": group_label(channel),
+                **_exchanges(total, counts.engaged_conversations.get(channel, 0)),
+            }
+            for channel, total in sorted(counts.conversations.items())
+            if total
         ]
+    else:
+        # Rollups serve no other grouping, so the raw rows were read.
+        result["groups"] = _raw_groups(conversations or [])
     return result
 
 

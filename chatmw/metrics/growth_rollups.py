@@ -22,7 +22,7 @@ from chatmw.metrics.rollup_query import (
     raw_message_times,
 )
 from chatmw.metrics.rollup_refresh import (
-    changes_after,
+    changed_contacts,
     first_starts,
     slot_of,
     slot_ranges,
@@ -35,7 +35,6 @@ from chatmw.store.models_rollups import (
     RollupFirsts,
     RollupMessages,
     RollupStarters,
-    RollupState,
 )
 
 __all__ = ["growth_counts"]
@@ -152,19 +151,6 @@ def _add_messages(
 
 def _key(flt: MetricFilter, channel: str) -> Any:
     return channel if flt.group_by is not None else None
-
-
-def _changed_contacts(connection: Connection) -> set[int]:
-    watermark, conversations, logged = connection.execute(
-        select(
-            RollupState.watermark_id,
-            RollupState.conversation_watermark_id,
-            RollupState.change_watermark_id,
-        ).where(RollupState.id == 1)
-    ).one()
-    return changes_after(
-        connection, int(watermark), None, int(conversations), after_change_id=int(logged)
-    ).contacts
 
 
 def _add_new_from_rollups(
@@ -327,7 +313,7 @@ def growth_counts(
         _add_conversations(connection, flt, coverage, buckets, counts)
         _add_messages(connection, flt, coverage, buckets, counts)
         _add_users(connection, flt, coverage, buckets, counts, overall_users)
-        changed = _changed_contacts(connection)
+        changed = changed_contacts(connection)
         _add_new_from_rollups(connection, flt, buckets, counts, overall_new, changed)
         _add_new_from_raw(connection, flt, buckets, counts, overall_new, changed)
 

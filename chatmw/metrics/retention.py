@@ -14,6 +14,7 @@ from chatmw.events import to_ms
 from chatmw.metrics.buckets import bucket_range
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
+from chatmw.metrics.retention_rollups import CohortCounts, retention_counts
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.sql import disable_jit
 from chatmw.metrics.stats import rate
@@ -89,35 +90,45 @@ def _cohort_table(
     end_ms: int,
 ) -> list[dict[str, Any]]:
     start_ms = [int(start.timestamp() * 1000) for start in starts]
-    sizes: dict[int, int] = defaultdict(int)
-    same_period: dict[int, int] = defaultdict(int)
-    returned: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    counts = CohortCounts()
     for conversations in contacts:
         cohort = bisect_right(start_ms, conversations[0][0]) - 1
-        sizes[cohort] += 1
+        counts.sizes[cohort] += 1
         offsets = {bisect_right(start_ms, started) - 1 - cohort for started, _ in conversations[1:]}
         if 0 in offsets:
-            same_period[cohort] += 1
+            counts.same_period[cohort] += 1
         for offset in offsets - {0}:
-            returned[cohort][offset] += 1
+            counts.returned[cohort][offset] += 1
+    return _cohort_rows(counts, starts, cohorts, following, end_ms)
 
+
+def _cohort_rows(
+    counts: CohortCounts,
+    starts: Sequence[datetime],
+    cohorts: int,
+    following: int,
+    end_ms: int,
+) -> list[dict[str, Any]]:
+    start_ms = [int(start.timestamp() * 1000) for start in starts]
     rows = []
     for index in range(cohorts):
-        size = sizes.get(index, 0)
+        size = counts.sizes.get(index, 0)
+        same_period = counts.same_period.get(index, 0)
+        returned = counts.returned.get(index, {})
         cells: list[dict[str, Any]] = []
         for offset in range(1, following + 1):
             position = index + offset
             if position >= len(starts) or start_ms[position] >= end_ms:
                 cells.append({"period": offset, "users": None, "share": None})
                 continue
-            count = returned[index].get(offset, 0)
+            count = returned.get(offset, 0)
             cells.append({"period": offset, "users": count, "share": rate(count, size)})
         rows.append(
             {
                 "cohort": starts[index].isoformat(),
                 "users": size,
-                "returned_same_period": same_period.get(index, 0),
-                "returned_same_period_share": rate(same_period.get(index, 0), size),
+                "returned_same_period": same_period,
+                "returned_same_period_share": rate(same_period, size),
                 "following": cells,
             }
         )
@@ -150,20 +161,53 @@ def _table_for(
     return _cohort_table(in_window, starts, cohorts, following, end_ms)
 
 
+def _from_rollups(
+    engine: Engine, flt: MetricFilter, period: str, following: int, result: dict[str, Any]
+) -> bool:
+    """Fill the cohort tables of ``result`` from rollups; return False where they do not apply."""
+    if flt.since_ms is None or flt.until_ms is None:
+        return False
+    # With both bounds set, cohorts and return periods run from since to until.
+    starts = bucket_range(flt.since_ms, flt.until_ms, period, flt.tz)
+    counted = retention_counts(engine, flt, starts, period)
+    if counted is None:
+        return False
+    counts, keys = counted
+    cohorts = len(starts)
+
+    def table(key: Any) -> list[dict[str, Any]]:
+        return _cohort_rows(
+            counts.get(key, CohortCounts()), starts, cohorts, following, flt.until_ms or 0
+        )
+
+    result["cohorts"] = table(None)
+    if flt.group_by is not None:
+        result["groups"] = [
+            {"group": group_label(key), "cohorts": table(key)}
+            for key in sorted(keys, key=group_label)
+        ]
+    return True
+
+
 def retention(engine: Engine, flt: MetricFilter, options: Mapping[str, Any]) -> dict[str, Any]:
     """Build the cohort table of users by the period of their first conversation."""
     period = options.get("period") or "week"
     following = int(options.get("periods") or 12)
     if not 1 <= following <= MAX_FOLLOWING:
         raise FilterError("periods", f"must be between 1 and {MAX_FOLLOWING}, got {following}")
-    by_contact = _conversations_by_contact(engine, flt)
-    end_ms = flt.until_ms if flt.until_ms is not None else to_ms(datetime.now(UTC))
     result: dict[str, Any] = {
         "metric": "retention",
         "filters": flt.describe(),
         "period": period,
         "periods": following,
     }
+    try:
+        if _from_rollups(engine, flt, period, following, result):
+            return result
+    except ValueError as error:
+        raise FilterError("period", str(error)) from None
+    by_contact = _conversations_by_contact(engine, flt)
+    end_ms = flt.until_ms if flt.until_ms is not None else to_ms(datetime.now(UTC))
     try:
         result["cohorts"] = _table_for(list(by_contact.values()), flt, period, following, end_ms)
         if flt.group_by is not None:

@@ -152,8 +152,8 @@ def _supported(flt: MetricFilter) -> bool:
     return flt.group_by is None or flt.group_by.kind == "channel"
 
 
-def _watermark(connection: Connection) -> tuple[int, int, int] | None:
-    """Return the message, conversation and change-log watermarks of built rollups, or None."""
+def _watermark(connection: Connection) -> tuple[int, int, int, int] | None:
+    """Return the message, conversation, change-log and exposure watermarks, or None if unbuilt."""
     try:
         row = connection.execute(
             select(
@@ -161,6 +161,7 @@ def _watermark(connection: Connection) -> tuple[int, int, int] | None:
                 RollupState.watermark_id,
                 RollupState.conversation_watermark_id,
                 RollupState.change_watermark_id,
+                RollupState.exposure_watermark_id,
             ).where(RollupState.id == 1)
         ).first()
     except DBAPIError:
@@ -169,7 +170,7 @@ def _watermark(connection: Connection) -> tuple[int, int, int] | None:
         return None
     if row is None or not row[0]:
         return None
-    return int(row[1]), int(row[2]), int(row[3])
+    return int(row[1]), int(row[2]), int(row[3]), int(row[4])
 
 
 def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
@@ -188,7 +189,12 @@ def cover(connection: Connection, flt: MetricFilter) -> Coverage | None:
     if since is None or until is None:
         return None
     changes = changes_after(
-        connection, watermark[0], None, watermark[1], after_change_id=watermark[2]
+        connection,
+        watermark[0],
+        None,
+        watermark[1],
+        after_change_id=watermark[2],
+        after_exposure_id=watermark[3],
     )
     dirty = changes.slots
     offsets = SlotOffsets(flt.tz)

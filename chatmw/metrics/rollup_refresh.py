@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.store.derive import UNTIMED_KINDS
-from chatmw.store.models import Conversation, Message
+from chatmw.store.models import Conversation, Exposure, Message
 from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
@@ -61,9 +61,11 @@ __all__ = [
     "slot_expression",
     "dirty_slots",
     "changes_after",
+    "changed_contacts",
     "Changes",
     "first_starts",
     "ranked_first_starts",
+    "FIRSTS_COLUMNS",
     "slot_ranges",
     "time_in_ranges",
     "lock_state",
@@ -169,6 +171,8 @@ def changes_after(
     through_conversation_id: int | None = None,
     after_change_id: int | None = None,
     through_change_id: int | None = None,
+    after_exposure_id: int | None = None,
+    through_exposure_id: int | None = None,
 ) -> Changes:
     """Return the slots and contacts whose rollups may be stale after messages above ``after_id``.
 
@@ -185,6 +189,8 @@ def changes_after(
     conversation counts as changed, plus the slot of its recorded start before the
     change, and a recorded contact adds the start slots of all its conversations and
     itself to the contacts.
+
+    Exposures above ``after_exposure_id`` add their own slots.
     """
     tail = select(Message.conversation_id, Message.occurred_at_ms).where(Message.id > after_id)
     if through_id is not None:
@@ -202,6 +208,11 @@ def changes_after(
         conversations.update(connection.execute(created).scalars())
     if after_change_id is not None:
         _add_logged(connection, changes, conversations, after_change_id, through_change_id)
+    if after_exposure_id is not None:
+        exposures = select(Exposure.occurred_at_ms).where(Exposure.id > after_exposure_id)
+        if through_exposure_id is not None:
+            exposures = exposures.where(Exposure.id <= through_exposure_id)
+        changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(exposures))
     ids = sorted(conversations)
     # contact -> (first, last) time of each changed conversation, over its start and messages
     spans: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -260,16 +271,36 @@ def _add_logged(
         changes.slots.update(slot_of(at_ms) for (at_ms,) in connection.execute(starts))
 
 
+def changed_contacts(connection: Connection) -> set[int]:
+    """Return the contacts whose rollup rows may be stale since the last refresh."""
+    watermark, conversations, logged = connection.execute(
+        select(
+            RollupState.watermark_id,
+            RollupState.conversation_watermark_id,
+            RollupState.change_watermark_id,
+        ).where(RollupState.id == 1)
+    ).one()
+    return changes_after(
+        connection, int(watermark), None, int(conversations), after_change_id=int(logged)
+    ).contacts
+
+
 def dirty_slots(
     connection: Connection,
     after_id: int,
     through_id: int | None = None,
     after_conversation_id: int | None = None,
     after_change_id: int | None = None,
+    after_exposure_id: int | None = None,
 ) -> set[int]:
     """Return the slots of :func:`changes_after`."""
     return changes_after(
-        connection, after_id, through_id, after_conversation_id, after_change_id=after_change_id
+        connection,
+        after_id,
+        through_id,
+        after_conversation_id,
+        after_change_id=after_change_id,
+        after_exposure_id=after_exposure_id,
     ).slots
 
 
@@ -333,20 +364,64 @@ def first_starts(where: ColumnElement[bool]) -> Any:
     )
 
 
+FIRSTS_COLUMNS = [
+    "contact_id",
+    "channel",
+    "first_started_ms",
+    "first_rank",
+    "second_started_ms",
+    "second_any_ms",
+]
+
+
 def ranked_first_starts(where: ColumnElement[bool]) -> Any:
-    """Select :func:`first_starts` with each row's ``first_rank`` (see ``RollupFirsts``).
+    """Select the rows of ``RollupFirsts`` (:data:`FIRSTS_COLUMNS`) of the conversations ``where``.
 
     ``where`` must select every conversation of each contact it selects at all, so that
-    each contact's earliest start is among the rows.
+    each contact's earliest and second starts are among the rows.
     """
-    firsts = first_starts(where).subquery()
+    started = Conversation.started_at_ms
+    numbered = (
+        select(
+            Conversation.contact_id,
+            Conversation.channel,
+            started.label("started_ms"),
+            func.row_number()
+            .over(partition_by=(Conversation.contact_id, Conversation.channel), order_by=started)
+            .label("on_channel"),
+            func.row_number()
+            .over(partition_by=Conversation.contact_id, order_by=started)
+            .label("on_any"),
+        )
+        .where(Conversation.contact_id.is_not(None), where)
+        .subquery()
+    )
+    firsts = (
+        select(
+            numbered.c.contact_id,
+            numbered.c.channel,
+            func.min(numbered.c.started_ms).label("first_started_ms"),
+            func.min(case((numbered.c.on_channel == 2, numbered.c.started_ms))).label("second"),
+            func.min(case((numbered.c.on_any == 2, numbered.c.started_ms))).label("second_any"),
+        )
+        .group_by(numbered.c.contact_id, numbered.c.channel)
+        .subquery()
+    )
     earliest = func.min(firsts.c.first_started_ms).over(partition_by=firsts.c.contact_id)
     order = func.row_number().over(
         partition_by=firsts.c.contact_id,
         order_by=(firsts.c.first_started_ms, firsts.c.channel),
     )
     rank = case((firsts.c.first_started_ms != earliest, 2), (order == 1, 0), else_=1)
-    return select(firsts.c.contact_id, firsts.c.channel, firsts.c.first_started_ms, rank)
+    second_any = func.max(firsts.c.second_any).over(partition_by=firsts.c.contact_id)
+    return select(
+        firsts.c.contact_id,
+        firsts.c.channel,
+        firsts.c.first_started_ms,
+        rank,
+        firsts.c.second,
+        second_any,
+    )
 
 
 def _conversation_counts(where: ColumnElement[bool]) -> Any:
@@ -399,6 +474,9 @@ def lock_state(connection: Connection) -> RollupStateRow:
             RollupState.change_watermark_id,
             RollupState.change_rescan_from_id,
             RollupState.change_pending_id,
+            RollupState.exposure_watermark_id,
+            RollupState.exposure_rescan_from_id,
+            RollupState.exposure_pending_id,
         )
         .where(RollupState.id == 1)
         .with_for_update()
@@ -421,6 +499,9 @@ class RollupStateRow:
     change_watermark_id: int
     change_rescan_from_id: int
     change_pending_id: int
+    exposure_watermark_id: int
+    exposure_rescan_from_id: int
+    exposure_pending_id: int
 
 
 def _max_change_id(connection: Connection) -> int:
@@ -431,6 +512,10 @@ def _max_change_id(connection: Connection) -> int:
 
 def _max_conversation_id(connection: Connection) -> int:
     return int(connection.execute(select(func.coalesce(func.max(Conversation.id), 0))).scalar_one())
+
+
+def _max_exposure_id(connection: Connection) -> int:
+    return int(connection.execute(select(func.coalesce(func.max(Exposure.id), 0))).scalar_one())
 
 
 def _max_message_id(connection: Connection) -> int:
@@ -453,17 +538,20 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
     from chatmw.metrics.conversion_rollups import BUSINESS_TABLES
+    from chatmw.metrics.reach_rollups import REACH_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES, *BUSINESS_TABLES, RollupContactSets):
+    for table in (*tables, *STARTED_TABLES, *BUSINESS_TABLES, *REACH_TABLES, RollupContactSets):
         connection.execute(delete(table))
     from chatmw.metrics.business_rollups import claim_business_for_rebuild
 
     claim_business_for_rebuild(connection, token, now_ms)
-    # Conversations created and changes logged from here on have higher ids, so the next
-    # refresh finds them. The rebuild counts the changes logged so far from raw rows.
+    # Conversations and exposures created and changes logged from here on have higher
+    # ids, so the next refresh finds them. The rebuild counts the changes logged so far
+    # from raw rows.
     conversations = _max_conversation_id(connection)
+    exposures = _max_exposure_id(connection)
     logged = _max_change_id(connection)
     connection.execute(delete(RollupChange).where(RollupChange.id <= logged))
     connection.execute(
@@ -479,6 +567,9 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
             change_watermark_id=logged,
             change_rescan_from_id=logged,
             change_pending_id=logged,
+            exposure_watermark_id=exposures,
+            exposure_rescan_from_id=exposures,
+            exposure_pending_id=exposures,
         )
     )
     return token, watermark
@@ -491,15 +582,16 @@ def _owns_rebuild(connection: Connection, token: str) -> bool:
     return owner == token
 
 
+# The times that place a raw row in a rollup row; each has an index.
+_TIME_COLUMNS = (Conversation.started_at_ms, Message.occurred_at_ms, Exposure.occurred_at_ms)
+
+
 def time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
-    """Return ``[start, end)`` ranges covering every conversation start and message time."""
-    bounds = connection.execute(
-        select(func.min(Conversation.started_at_ms), func.max(Conversation.started_at_ms))
-    ).one()
-    times = connection.execute(
-        select(func.min(Message.occurred_at_ms), func.max(Message.occurred_at_ms))
-    ).one()
-    known = [int(value) for value in (*bounds, *times) if value is not None]
+    """Return ``[start, end)`` ranges covering every conversation start, message and exposure."""
+    known = []
+    for column in _TIME_COLUMNS:
+        bounds = connection.execute(select(func.min(column), func.max(column))).one()
+        known.extend(int(value) for value in bounds if value is not None)
     if not known:
         return []
     first, last = min(known), max(known)
@@ -518,10 +610,10 @@ def time_chunks(connection: Connection) -> list[tuple[int | None, int]]:
 
 
 def _next_time(connection: Connection, after_ms: int) -> int | None:
-    """Return the earliest conversation start or message time at or after ``after_ms``."""
+    """Return the earliest conversation start, message or exposure time at or after ``after_ms``."""
     found = [
         connection.execute(select(func.min(column)).where(column >= after_ms)).scalar()
-        for column in (Conversation.started_at_ms, Message.occurred_at_ms)
+        for column in _TIME_COLUMNS
     ]
     known = [int(value) for value in found if value is not None]
     return min(known) if known else None
@@ -549,10 +641,12 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
         connection.execute(insert(table).from_select(columns, rows))
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import insert_business
+    from chatmw.metrics.reach_rollups import insert_reach
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
     insert_business(connection, [chunk])
+    insert_reach(connection, [chunk])
     refresh_sets(connection, [chunk])
 
 
@@ -578,10 +672,7 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
                 Conversation.contact_id >= low, Conversation.contact_id < low + REBUILD_CONTACTS
             )
             connection.execute(
-                insert(RollupFirsts).from_select(
-                    ["contact_id", "channel", "first_started_ms", "first_rank"],
-                    ranked_first_starts(contacts),
-                )
+                insert(RollupFirsts).from_select(FIRSTS_COLUMNS, ranked_first_starts(contacts))
             )
     from chatmw.metrics.business_rollups import finish_business_rebuild
 
@@ -627,15 +718,18 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import delete_business, insert_business
+    from chatmw.metrics.reach_rollups import delete_reach, insert_reach
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
     ordered = sorted(slots)
     _delete_slots(connection, ordered)
+    delete_reach(connection, ordered)
     ranges = slot_ranges(ordered)
     delete_started(connection, ranges)
     insert_started(connection, ranges)
     delete_business(connection, ranges)
     insert_business(connection, ranges)
+    insert_reach(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -688,8 +782,7 @@ def _recompute_firsts(connection: Connection, contacts: set[int]) -> None:
         connection.execute(delete(RollupFirsts).where(RollupFirsts.contact_id.in_(chunk)))
         connection.execute(
             insert(RollupFirsts).from_select(
-                ["contact_id", "channel", "first_started_ms", "first_rank"],
-                ranked_first_starts(Conversation.contact_id.in_(chunk)),
+                FIRSTS_COLUMNS, ranked_first_starts(Conversation.contact_id.in_(chunk))
             )
         )
 
@@ -747,6 +840,10 @@ ROLLUP_TABLES = (
     "rollup_conversion_links",
     "rollup_lead_links",
     "rollup_orders",
+    "rollup_engaged",
+    "rollup_proactive",
+    "rollup_writers",
+    "rollup_exposed",
 )
 
 
@@ -770,6 +867,7 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     watermark = max(_max_message_id(connection), state.watermark_id)
     conversation_mark = max(_max_conversation_id(connection), state.conversation_watermark_id)
     change_mark = max(_max_change_id(connection), state.change_watermark_id)
+    exposure_mark = max(_max_exposure_id(connection), state.exposure_watermark_id)
     changes = changes_after(
         connection,
         state.rescan_from_id,
@@ -778,6 +876,8 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
         conversation_mark,
         state.change_rescan_from_id,
         change_mark,
+        state.exposure_rescan_from_id,
+        exposure_mark,
     )
     slots = changes.slots
     if slots:
@@ -790,10 +890,12 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
     conversation_rescan = state.conversation_rescan_from_id
     conversation_pending = state.conversation_pending_id
     change_rescan, change_pending = state.change_rescan_from_id, state.change_pending_id
+    exposure_rescan, exposure_pending = state.exposure_rescan_from_id, state.exposure_pending_id
     if now_ms - pending_at >= OVERLAP_MS:
         rescan_from, pending, pending_at = pending, watermark, now_ms
         conversation_rescan, conversation_pending = conversation_pending, conversation_mark
         change_rescan, change_pending = change_pending, change_mark
+        exposure_rescan, exposure_pending = exposure_pending, exposure_mark
     connection.execute(
         update(RollupState)
         .where(RollupState.id == 1)
@@ -809,6 +911,9 @@ def _refresh_slots(connection: Connection, state: RollupStateRow, now_ms: int) -
             change_watermark_id=change_mark,
             change_rescan_from_id=change_rescan,
             change_pending_id=change_pending,
+            exposure_watermark_id=exposure_mark,
+            exposure_rescan_from_id=exposure_rescan,
+            exposure_pending_id=exposure_pending,
         )
     )
     if change_rescan > state.change_rescan_from_id:

@@ -61,6 +61,9 @@ ROLLUP_CONTACT_TABLES = (
     "rollup_changes",
     "rollup_lead_links",
     "rollup_orders",
+    "rollup_proactive",
+    "rollup_writers",
+    "rollup_exposed",
 )
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")

@@ -41,6 +41,10 @@ __all__ = [
     "RollupConversionLinks",
     "RollupLeadLinks",
     "RollupOrders",
+    "RollupEngaged",
+    "RollupProactive",
+    "RollupWriters",
+    "RollupExposed",
     "RollupState",
     "RollupChange",
     "SLOT_MS",
@@ -125,12 +129,33 @@ class RollupFirsts(Base):
     __table_args__ = (
         Index("ix_rollup_firsts_started", "first_started_ms"),
         Index("ix_rollup_firsts_rank", "first_rank", "first_started_ms"),
+        Index("ix_rollup_firsts_rank_channel", "first_rank", "channel"),
+        # Covering indexes for retention cohorts: over all channels, and on one channel.
+        Index(
+            "ix_rollup_firsts_cohort",
+            "first_rank",
+            "first_started_ms",
+            "channel",
+            "contact_id",
+            "second_any_ms",
+        ),
+        Index(
+            "ix_rollup_firsts_channel_cohort",
+            "channel",
+            "first_started_ms",
+            "contact_id",
+            "second_started_ms",
+        ),
     )
 
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     first_started_ms: Mapped[int] = mapped_column(BigInteger)
     first_rank: Mapped[int] = mapped_column(SmallInteger, default=2, server_default="2")
+    # The start of the contact's second conversation on this channel, and over all channels
+    # (the same on every row of the contact). Each is null when there is no such conversation.
+    second_started_ms: Mapped[int | None] = mapped_column(BigInteger)
+    second_any_ms: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RollupStarted(Base):
@@ -418,10 +443,58 @@ class RollupOrders(Base):
     value_micros: Mapped[int] = mapped_column(BigInteger)
 
 
+class RollupEngaged(Base):
+    """Conversations with at least two user messages, per start slot and conversation channel."""
+
+    __tablename__ = "rollup_engaged"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+
+
+class RollupProactive(Base):
+    """A contact that received a conversation whose first message came from the bot or an agent.
+
+    Keyed by the conversation's start slot and channel. The contact is the conversation's,
+    or the first message's when the conversation has none, as in the ``engagement`` metric.
+    """
+
+    __tablename__ = "rollup_proactive"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupWriters(Base):
+    """A contact with a conversation that has at least one user message, by its start slot.
+
+    The contact is chosen as in :class:`RollupProactive`.
+    """
+
+    __tablename__ = "rollup_writers"
+
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupExposed(Base):
+    """A contact with an exposure (widget impression or open) in a slot, per channel."""
+
+    __tablename__ = "rollup_exposed"
+
+    slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
 class RollupContactSets(Base):
     """The contacts of a slot contact table over one UTC day or epoch week, as a bitset.
 
-    ``kind`` names the table (``users``, ``starters`` or ``participants``); ``contacts``
+    ``kind`` names the table (``users``, ``starters``, ``participants``, ``proactive``,
+    ``writers`` or ``exposed``); ``contacts``
     is a zlib-compressed little-endian bitset whose bit ``i`` is contact id ``i``
     (``chatmw.metrics.contact_sets``).
     """
@@ -469,6 +542,11 @@ class RollupState(Base):
     change_watermark_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     change_rescan_from_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     change_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    # The same three watermarks over exposure ids, for rollup_exposed.
+    exposure_watermark_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    exposure_rescan_from_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    exposure_pending_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class RollupChange(Base):
