@@ -34,6 +34,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    inspect,
     select,
     text,
 )
@@ -483,6 +484,63 @@ def test_purge_removes_only_old_data(engine: Engine, privacy: Privacy, database_
     final = count_rows(engine)
     assert json.loads(result.stdout)["total"] == sum(after.values()) - sum(final.values())
     assert final["contacts"] == final["conversations"] == final["messages"] == 0
+
+
+def orphan_messages(engine: Engine) -> list[str]:
+    """Return the keys of messages whose conversation or contact is not stored."""
+    message, conversation, contact = models.Message, models.Conversation, models.Contact
+    with Session(engine) as session:
+        return sorted(session.scalars(
+            select(message.key).where(
+                ~select(conversation.id).where(conversation.id == message.conversation_id)
+                .exists()
+                | (message.contact_id.is_not(None)
+                   & ~select(contact.id).where(contact.id == message.contact_id).exists()))))
+
+
+def shared_conversation(owner: str, guest: str, started: datetime,
+                        ended: datetime) -> list[ev.Event]:
+    """A named conversation that ``owner`` opens, ``guest`` joins and ``owner`` writes last in."""
+    return [
+        ev.Message(channel="web", occurred_at=started, key="s-owner-1", role="user",
+                   user_id=owner, conversation_id="shared", text="hello"),
+        ev.Message(channel="web", occurred_at=started + timedelta(minutes=1), key="s-guest",
+                   role="user", user_id=guest, conversation_id="shared", text="me too"),
+        ev.Message(channel="web", occurred_at=started + timedelta(minutes=2), key="s-bot",
+                   role="bot", user_id=owner, conversation_id="shared", text="hi both"),
+        ev.Message(channel="web", occurred_at=ended, key="s-owner-2", role="user",
+                   user_id=owner, conversation_id="shared", text="still there?"),
+    ]
+
+
+def test_messages_of_removed_rows_go_too(engine: Engine) -> None:
+    # Messages have no foreign keys, so erasure and retention delete the messages of the
+    # conversations and contacts they remove themselves.
+    assert inspect(engine).get_foreign_keys("messages") == []
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    old, recent = now - timedelta(days=100), now - timedelta(days=2)
+    writer = Writer(engine)
+    writer.write(shared_conversation("owner", "old-guest", old, recent)
+                 + person_events("old-only", old, "o") + person_events("erased", recent, "e"))
+    with Session(engine) as session:
+        messages = set(session.scalars(select(models.Message.key)))
+    assert orphan_messages(engine) == []
+
+    removed = purge_older_than(engine, 30, now_ms=int(now.timestamp() * 1000))
+    report = erase_person(engine, "whatsapp", "erased")
+
+    with Session(engine) as session:
+        left = set(session.scalars(select(models.Message.key)))
+        contacts = set(session.scalars(select(models.Contact.external_id)))
+    # "old-guest" was last seen before the cutoff and owns no conversation: the contact and
+    # its message go, while the shared conversation it wrote in stays.
+    assert contacts == {"owner"}
+    assert removed["messages"] == 4 + 1
+    assert report.removed["messages"] == 4
+    assert left == messages - {"s-guest"} - {key for key in messages
+                                            if key.startswith(("o-", "e-"))}
+    assert left == {"s-owner-1", "s-bot", "s-owner-2"}
+    assert orphan_messages(engine) == []
 
 
 def test_purge_rejects_non_positive_days(engine: Engine) -> None:
