@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -121,12 +121,27 @@ def _groups(rows: Sequence[Any]) -> list[list[Any]]:
     return [list(group) for _, group in itertools.groupby(rows, key=itemgetter(0))]
 
 
+# The conversation columns a refresh sets, and those without the start time.
+_FIGURES = ("started_at_ms", "last_message_at_ms", "message_count", "user_message_count",
+            "first_response_ms", "first_response_role", "ended_at_ms")
+_FIGURES_AFTER_START = _FIGURES[1:]
+
+
 def _apply(session: Session, message_changes: list[dict[str, Any]],
-           conversation_changes: list[dict[str, Any]]) -> None:
+           conversation_changes: list[dict[str, Any]],
+           same_start: Collection[int] = ()) -> None:
+    # ``same_start`` are conversations whose stored start time the changes keep. On SQLite
+    # their update leaves the start out, because SQLite updates the entries of the two
+    # indexes on it even for an unchanged value (SQLite 3.40, 1,300 conversations: 2.7 ms
+    # without the column, 5.1 ms with it). PostgreSQL compares the values itself.
     bulk_update(session, Message.__table__, message_changes, ("response_ms", "is_first_response"))
-    bulk_update(session, Conversation.__table__, conversation_changes,
-                ("started_at_ms", "last_message_at_ms", "message_count", "user_message_count",
-                 "first_response_ms", "first_response_role", "ended_at_ms"))
+    if not same_start or session.get_bind().dialect.name != "sqlite":
+        bulk_update(session, Conversation.__table__, conversation_changes, _FIGURES)
+        return
+    moved = [change for change in conversation_changes if change["id"] not in same_start]
+    unmoved = [change for change in conversation_changes if change["id"] in same_start]
+    bulk_update(session, Conversation.__table__, moved, _FIGURES)
+    bulk_update(session, Conversation.__table__, unmoved, _FIGURES_AFTER_START)
 
 
 def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
@@ -280,6 +295,7 @@ class RefreshPlan:
     are the states of the conversations once the plan is applied. ``stored`` maps the key
     of every row to the conversation id and time of the message stored with that key
     once the plan is applied. ``with_intent`` are the conversations that have an intent.
+    ``same_start`` are the conversations whose stored start time the plan keeps.
     """
 
     conversation_ids: list[int]
@@ -289,6 +305,7 @@ class RefreshPlan:
     states: dict[int, ConversationState] = field(default_factory=dict)
     stored: dict[str, tuple[int, int]] = field(default_factory=dict)
     with_intent: set[int] = field(default_factory=set)
+    same_start: set[int] = field(default_factory=set)
 
 
 def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
@@ -327,6 +344,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     conversation_changes: list[dict[str, Any]] = []
     states: dict[int, ConversationState] = {}
     with_intent: set[int] = set()
+    same_start: set[int] = set()
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
@@ -362,6 +380,8 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                 _figures(conversation_id, running, None if row is None else row[8]))
             if row is not None:
                 states[conversation_id] = _state(row[0], row[1], running)
+                if row[2] == running.started_at_ms:
+                    same_start.add(conversation_id)
             for message, response_ms, is_first in changed:
                 if isinstance(message, dict):
                     message["response_ms"] = response_ms
@@ -370,7 +390,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
     return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
-                       stored_rows, with_intent)
+                       stored_rows, with_intent, same_start)
 
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
@@ -408,4 +428,4 @@ def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:
 
 def apply_refresh(session: Session, plan: RefreshPlan) -> None:
     """Store the figures of ``plan`` once its rows went in as expected."""
-    _apply(session, plan.message_changes, plan.conversation_changes)
+    _apply(session, plan.message_changes, plan.conversation_changes, plan.same_start)
