@@ -33,11 +33,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
     func,
     inspect,
     select,
     text,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -540,6 +542,87 @@ def test_messages_of_removed_rows_go_too(engine: Engine) -> None:
     assert left == messages - {"s-guest"} - {key for key in messages
                                             if key.startswith(("o-", "e-"))}
     assert left == {"s-owner-1", "s-bot", "s-owner-2"}
+    assert orphan_messages(engine) == []
+
+
+# Statements that remove a conversation or a contact (with their messages) as erasure does,
+# run inside the writer's transaction just before it inserts a batch's messages.
+REMOVALS = {
+    "conversations": ("DELETE FROM messages WHERE conversation_id IN "
+                      "(SELECT id FROM conversations WHERE external_id = 'c1')",
+                      "DELETE FROM conversations WHERE external_id = 'c1'"),
+    "contacts": ("DELETE FROM messages WHERE contact_id IN "
+                 "(SELECT id FROM contacts WHERE external_id = 'u1')",
+                 "UPDATE conversations SET contact_id = NULL WHERE contact_id IN "
+                 "(SELECT id FROM contacts WHERE external_id = 'u1')",
+                 "DELETE FROM contacts WHERE external_id = 'u1'"),
+}
+
+
+@pytest.mark.parametrize("table", sorted(REMOVALS))
+def test_write_fails_on_removed_rows(engine: Engine, table: str) -> None:
+    def message(key: str, minute: int) -> ev.Message:
+        return ev.Message(channel="web", occurred_at=T0 + timedelta(minutes=minute), key=key,
+                          role="user", user_id="u1", conversation_id="c1", text="hello")
+
+    writer = Writer(engine)
+    writer.write([message("m1", 0)])
+    removed: list[str] = []
+
+    def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO messages") and not removed:
+            removed.append(table)
+            for sql in REMOVALS[table]:
+                cursor.execute(sql)
+
+    event.listen(engine, "before_cursor_execute", remove)
+    try:
+        with pytest.raises(OperationalError, match=f"1 rows of {table} that the batch uses were removed"):
+            writer.write([message("m2", 1)])
+    finally:
+        event.remove(engine, "before_cursor_execute", remove)
+    assert removed == [table]
+    with Session(engine) as session:
+        assert set(session.scalars(select(models.Message.key))) == {"m1"}
+
+    writer.write([message("m2", 1)])
+    with Session(engine) as session:
+        keys = set(session.scalars(select(models.Message.key)))
+    assert keys == {"m1", "m2"}
+    assert orphan_messages(engine) == []
+
+
+def test_erasure_removes_messages_stored_meanwhile(engine: Engine) -> None:
+    # A writer may commit a message for the person while the erasure's delete of the
+    # conversation waits for its row lock. Simulated: the message is inserted just before
+    # that delete, after the erasure has read the messages to remove.
+    Writer(engine).write([
+        ev.Message(channel="web", occurred_at=T0, key="m1", role="user", user_id="u1",
+                   conversation_id="c1", text="hello"),
+        ev.Message(channel="web", occurred_at=T0, key="other", role="user", user_id="u2",
+                   conversation_id="c2", text="hello"),
+    ])
+    late: list[str] = []
+
+    def store_late(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("DELETE FROM conversations") and not late:
+            late.append(statement)
+            cursor.execute(
+                "INSERT INTO messages (key, conversation_id, contact_id, channel, role, kind, "
+                "occurred_at_ms, is_first_response) SELECT 'late', id, contact_id, 'web', "
+                "'user', 'message', occurred, false FROM (SELECT id, contact_id, "
+                "started_at_ms + 1000 AS occurred FROM conversations "
+                "WHERE external_id = 'c1') AS c")
+
+    event.listen(engine, "before_cursor_execute", store_late)
+    try:
+        report = erase_person(engine, "web", "u1")
+    finally:
+        event.remove(engine, "before_cursor_execute", store_late)
+    assert len(late) == 1
+    assert report.removed["messages"] == 2
+    with Session(engine) as session:
+        assert set(session.scalars(select(models.Message.key))) == {"other"}
     assert orphan_messages(engine) == []
 
 

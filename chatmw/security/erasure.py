@@ -192,7 +192,8 @@ def _delete_closure(session: Session, metadata: MetaData, roots: dict[str, set[A
     """Delete the ``roots`` rows (primary keys per table) and every row referencing them."""
     targets = {name: set(ids) for name, ids in roots.items() if ids}
     leaves: list[tuple[Table, Column[Any], set[Any]]] = []
-    references = _references(metadata)
+    unchecked = _unchecked_references(metadata)
+    references = _foreign_key_references(metadata) + unchecked
     pending = list(targets)
     while pending:
         parent = pending.pop(0)
@@ -216,13 +217,24 @@ def _delete_closure(session: Session, metadata: MetaData, roots: dict[str, set[A
         pk = _single_pk(table)
         if pk is not None and targets.get(table.name):
             _add(removed, table.name, _delete_in(session, table, pk, targets[table.name]))
+    # Rows stored since the reads above, by a writer (on PostgreSQL) whose transaction had
+    # updated a removed row: the delete of that row waited for its commit. A writer that
+    # updates a row after its delete finds it missing and writes its batch again.
+    for table, column, parent in unchecked:
+        if targets.get(parent):
+            _add(removed, table.name, _delete_in(session, table, column, targets[parent]))
 
 
-def _references(metadata: MetaData) -> list[tuple[Table, Column[Any], str]]:
-    # Each (table, column, parent table name) of a foreign key or of UNCHECKED_REFERENCES.
-    references = [(table, foreign_key.parent, foreign_key.column.table.name)
-                  for table in metadata.sorted_tables if table.name not in KEPT_TABLES
-                  for foreign_key in table.foreign_keys]
+def _foreign_key_references(metadata: MetaData) -> list[tuple[Table, Column[Any], str]]:
+    # Each (table, column, parent table name) of a foreign key.
+    return [(table, foreign_key.parent, foreign_key.column.table.name)
+            for table in metadata.sorted_tables if table.name not in KEPT_TABLES
+            for foreign_key in table.foreign_keys]
+
+
+def _unchecked_references(metadata: MetaData) -> list[tuple[Table, Column[Any], str]]:
+    # The UNCHECKED_REFERENCES of this database that no foreign key covers.
+    references = []
     for name, column_name, parent in UNCHECKED_REFERENCES:
         table = metadata.tables.get(name)
         if table is None or column_name not in table.c:

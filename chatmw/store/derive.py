@@ -129,19 +129,19 @@ _FIGURES_AFTER_START = _FIGURES[1:]
 
 def _apply(session: Session, message_changes: list[dict[str, Any]],
            conversation_changes: list[dict[str, Any]],
-           same_start: Collection[int] = ()) -> None:
+           same_start: Collection[int] = ()) -> int:
     # ``same_start`` are conversations whose stored start time the changes keep. On SQLite
     # their update leaves the start out, because SQLite updates the entries of the two
     # indexes on it even for an unchanged value (SQLite 3.40, 1,300 conversations: 2.7 ms
-    # without the column, 5.1 ms with it). PostgreSQL compares the values itself.
+    # without the column, 5.1 ms with it). PostgreSQL compares the values itself. Returns
+    # the conversation rows updated.
     bulk_update(session, Message.__table__, message_changes, ("response_ms", "is_first_response"))
     if not same_start or session.get_bind().dialect.name != "sqlite":
-        bulk_update(session, Conversation.__table__, conversation_changes, _FIGURES)
-        return
+        return bulk_update(session, Conversation.__table__, conversation_changes, _FIGURES)
     moved = [change for change in conversation_changes if change["id"] not in same_start]
     unmoved = [change for change in conversation_changes if change["id"] in same_start]
-    bulk_update(session, Conversation.__table__, moved, _FIGURES)
-    bulk_update(session, Conversation.__table__, unmoved, _FIGURES_AFTER_START)
+    return (bulk_update(session, Conversation.__table__, moved, _FIGURES)
+            + bulk_update(session, Conversation.__table__, unmoved, _FIGURES_AFTER_START))
 
 
 def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
@@ -426,6 +426,10 @@ def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:
     return [entry[2] for entry in entries]
 
 
-def apply_refresh(session: Session, plan: RefreshPlan) -> None:
-    """Store the figures of ``plan`` once its rows went in as expected."""
-    _apply(session, plan.message_changes, plan.conversation_changes, plan.same_start)
+def apply_refresh(session: Session, plan: RefreshPlan) -> int:
+    """Store the figures of ``plan`` once its rows went in as expected.
+
+    Returns the conversation rows updated, one per conversation of the plan unless another
+    transaction removed a conversation since the plan read it.
+    """
+    return _apply(session, plan.message_changes, plan.conversation_changes, plan.same_start)
