@@ -33,10 +33,13 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    event,
     func,
+    inspect,
     select,
     text,
 )
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
@@ -488,6 +491,144 @@ def test_purge_removes_only_old_data(engine: Engine, privacy: Privacy, database_
     final = count_rows(engine)
     assert json.loads(result.stdout)["total"] == sum(after.values()) - sum(final.values())
     assert final["contacts"] == final["conversations"] == final["messages"] == 0
+
+
+def orphan_messages(engine: Engine) -> list[str]:
+    """Return the keys of messages whose conversation or contact is not stored."""
+    message, conversation, contact = models.Message, models.Conversation, models.Contact
+    with Session(engine) as session:
+        return sorted(session.scalars(
+            select(message.key).where(
+                ~select(conversation.id).where(conversation.id == message.conversation_id)
+                .exists()
+                | (message.contact_id.is_not(None)
+                   & ~select(contact.id).where(contact.id == message.contact_id).exists()))))
+
+
+def shared_conversation(owner: str, guest: str, started: datetime,
+                        ended: datetime) -> list[ev.Event]:
+    """A named conversation that ``owner`` opens, ``guest`` joins and ``owner`` writes last in."""
+    return [
+        ev.Message(channel="web", occurred_at=started, key="s-owner-1", role="user",
+                   user_id=owner, conversation_id="shared", text="hello"),
+        ev.Message(channel="web", occurred_at=started + timedelta(minutes=1), key="s-guest",
+                   role="user", user_id=guest, conversation_id="shared", text="me too"),
+        ev.Message(channel="web", occurred_at=started + timedelta(minutes=2), key="s-bot",
+                   role="bot", user_id=owner, conversation_id="shared", text="hi both"),
+        ev.Message(channel="web", occurred_at=ended, key="s-owner-2", role="user",
+                   user_id=owner, conversation_id="shared", text="still there?"),
+    ]
+
+
+def test_messages_of_removed_rows_go_too(engine: Engine) -> None:
+    # Messages have no foreign keys, so erasure and retention delete the messages of the
+    # conversations and contacts they remove themselves.
+    assert inspect(engine).get_foreign_keys("messages") == []
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    old, recent = now - timedelta(days=100), now - timedelta(days=2)
+    writer = Writer(engine)
+    writer.write(shared_conversation("owner", "old-guest", old, recent)
+                 + person_events("old-only", old, "o") + person_events("erased", recent, "e"))
+    with Session(engine) as session:
+        messages = set(session.scalars(select(models.Message.key)))
+    assert orphan_messages(engine) == []
+
+    removed = purge_older_than(engine, 30, now_ms=int(now.timestamp() * 1000))
+    report = erase_person(engine, "whatsapp", "erased")
+
+    with Session(engine) as session:
+        left = set(session.scalars(select(models.Message.key)))
+        contacts = set(session.scalars(select(models.Contact.external_id)))
+    # "old-guest" was last seen before the cutoff and owns no conversation: the contact and
+    # its message go, while the shared conversation it wrote in stays.
+    assert contacts == {"owner"}
+    assert removed["messages"] == 4 + 1
+    assert report.removed["messages"] == 4
+    assert left == messages - {"s-guest"} - {key for key in messages
+                                            if key.startswith(("o-", "e-"))}
+    assert left == {"s-owner-1", "s-bot", "s-owner-2"}
+    assert orphan_messages(engine) == []
+
+
+# Statements that remove a conversation or a contact (with their messages) as erasure does,
+# run inside the writer's transaction just before it inserts a batch's messages.
+REMOVALS = {
+    "conversations": ("DELETE FROM messages WHERE conversation_id IN "
+                      "(SELECT id FROM conversations WHERE external_id = 'c1')",
+                      "DELETE FROM conversations WHERE external_id = 'c1'"),
+    "contacts": ("DELETE FROM messages WHERE contact_id IN "
+                 "(SELECT id FROM contacts WHERE external_id = 'u1')",
+                 "UPDATE conversations SET contact_id = NULL WHERE contact_id IN "
+                 "(SELECT id FROM contacts WHERE external_id = 'u1')",
+                 "DELETE FROM contacts WHERE external_id = 'u1'"),
+}
+
+
+@pytest.mark.parametrize("table", sorted(REMOVALS))
+def test_write_fails_on_removed_rows(engine: Engine, table: str) -> None:
+    def message(key: str, minute: int) -> ev.Message:
+        return ev.Message(channel="web", occurred_at=T0 + timedelta(minutes=minute), key=key,
+                          role="user", user_id="u1", conversation_id="c1", text="hello")
+
+    writer = Writer(engine)
+    writer.write([message("m1", 0)])
+    removed: list[str] = []
+
+    def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO messages") and not removed:
+            removed.append(table)
+            for sql in REMOVALS[table]:
+                cursor.execute(sql)
+
+    event.listen(engine, "before_cursor_execute", remove)
+    try:
+        with pytest.raises(OperationalError, match=f"1 rows of {table} that the batch uses were removed"):
+            writer.write([message("m2", 1)])
+    finally:
+        event.remove(engine, "before_cursor_execute", remove)
+    assert removed == [table]
+    with Session(engine) as session:
+        assert set(session.scalars(select(models.Message.key))) == {"m1"}
+
+    writer.write([message("m2", 1)])
+    with Session(engine) as session:
+        keys = set(session.scalars(select(models.Message.key)))
+    assert keys == {"m1", "m2"}
+    assert orphan_messages(engine) == []
+
+
+def test_erasure_removes_messages_stored_meanwhile(engine: Engine) -> None:
+    # A writer may commit a message for the person while the erasure's delete of the
+    # conversation waits for its row lock. Simulated: the message is inserted just before
+    # that delete, after the erasure has read the messages to remove.
+    Writer(engine).write([
+        ev.Message(channel="web", occurred_at=T0, key="m1", role="user", user_id="u1",
+                   conversation_id="c1", text="hello"),
+        ev.Message(channel="web", occurred_at=T0, key="other", role="user", user_id="u2",
+                   conversation_id="c2", text="hello"),
+    ])
+    late: list[str] = []
+
+    def store_late(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("DELETE FROM conversations") and not late:
+            late.append(statement)
+            cursor.execute(
+                "INSERT INTO messages (key, conversation_id, contact_id, channel, role, kind, "
+                "occurred_at_ms, is_first_response) SELECT 'late', id, contact_id, 'web', "
+                "'user', 'message', occurred, false FROM (SELECT id, contact_id, "
+                "started_at_ms + 1000 AS occurred FROM conversations "
+                "WHERE external_id = 'c1') AS c")
+
+    event.listen(engine, "before_cursor_execute", store_late)
+    try:
+        report = erase_person(engine, "web", "u1")
+    finally:
+        event.remove(engine, "before_cursor_execute", store_late)
+    assert len(late) == 1
+    assert report.removed["messages"] == 2
+    with Session(engine) as session:
+        assert set(session.scalars(select(models.Message.key))) == {"other"}
+    assert orphan_messages(engine) == []
 
 
 def test_purge_rejects_non_positive_days(engine: Engine) -> None:

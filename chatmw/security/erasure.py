@@ -9,7 +9,9 @@ What is removed, for a person on one channel:
 3. delivery statuses of the messages in the person's conversations;
 4. every row that references, through a foreign key, the person's contacts,
    conversations or messages, found by reading the database's own foreign keys (so a
-   table added later is covered without registering it), and then those rows themselves;
+   table added later is covered without registering it), the messages of those contacts
+   and conversations (whose ids have no foreign key, see ``UNCHECKED_REFERENCES``), and
+   then those rows themselves;
 5. unparsed payloads whose body contains the platform id (when it is known);
 6. the person's rows in the metric rollups, which are then marked for a rebuild.
 
@@ -68,6 +70,11 @@ ROLLUP_CONTACT_TABLES = (
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")
 DAY_MS = 86_400_000
+# Columns that hold ids of another table without a foreign key, as (table, column, parent
+# table). The writer resolves these ids in the transaction that inserts the row, so the
+# database does not check them. The closure deletes their rows with the parents.
+UNCHECKED_REFERENCES = (("messages", "conversation_id", "conversations"),
+                        ("messages", "contact_id", "contacts"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,24 +203,23 @@ def _delete_closure(session: Session, metadata: MetaData, roots: dict[str, set[A
     """Delete the ``roots`` rows (primary keys per table) and every row referencing them."""
     targets = {name: set(ids) for name, ids in roots.items() if ids}
     leaves: list[tuple[Table, Column[Any], set[Any]]] = []
+    unchecked = _unchecked_references(metadata)
+    references = _foreign_key_references(metadata) + unchecked
     pending = list(targets)
     while pending:
         parent = pending.pop(0)
-        for table in metadata.sorted_tables:
-            if table.name in KEPT_TABLES:
+        for table, column, parent_name in references:
+            if parent_name != parent:
                 continue
-            for foreign_key in table.foreign_keys:
-                if foreign_key.column.table.name != parent:
-                    continue
-                pk = _single_pk(table)
-                if pk is None:
-                    leaves.append((table, foreign_key.parent, set(targets[parent])))
-                    continue
-                found = _select_ids(session, pk, foreign_key.parent, targets[parent])
-                new = found - targets.get(table.name, set())
-                if new:
-                    targets.setdefault(table.name, set()).update(new)
-                    pending.append(table.name)
+            pk = _single_pk(table)
+            if pk is None:
+                leaves.append((table, column, set(targets[parent])))
+                continue
+            found = _select_ids(session, pk, column, targets[parent])
+            new = found - targets.get(table.name, set())
+            if new:
+                targets.setdefault(table.name, set()).update(new)
+                pending.append(table.name)
     # Children before parents: the reverse of the dependency order.
     for table in reversed(metadata.sorted_tables):
         for leaf, column, ids in leaves:
@@ -222,6 +228,32 @@ def _delete_closure(session: Session, metadata: MetaData, roots: dict[str, set[A
         pk = _single_pk(table)
         if pk is not None and targets.get(table.name):
             _add(removed, table.name, _delete_in(session, table, pk, targets[table.name]))
+    # Rows stored since the reads above, by a writer (on PostgreSQL) whose transaction had
+    # updated a removed row: the delete of that row waited for its commit. A writer that
+    # updates a row after its delete finds it missing and writes its batch again.
+    for table, column, parent in unchecked:
+        if targets.get(parent):
+            _add(removed, table.name, _delete_in(session, table, column, targets[parent]))
+
+
+def _foreign_key_references(metadata: MetaData) -> list[tuple[Table, Column[Any], str]]:
+    # Each (table, column, parent table name) of a foreign key.
+    return [(table, foreign_key.parent, foreign_key.column.table.name)
+            for table in metadata.sorted_tables if table.name not in KEPT_TABLES
+            for foreign_key in table.foreign_keys]
+
+
+def _unchecked_references(metadata: MetaData) -> list[tuple[Table, Column[Any], str]]:
+    # The UNCHECKED_REFERENCES of this database that no foreign key covers.
+    references = []
+    for name, column_name, parent in UNCHECKED_REFERENCES:
+        table = metadata.tables.get(name)
+        if table is None or column_name not in table.c:
+            continue
+        column = table.c[column_name]
+        if not any(fk.column.table.name == parent for fk in column.foreign_keys):
+            references.append((table, column, parent))
+    return references
 
 
 # Erasure

@@ -285,18 +285,18 @@ def _upsert_at_once(session: Session, table: Table, rows: Sequence[dict[str, Any
 
 
 def update_from(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                types: dict[str, Any], where: str, assignments: str) -> None:
+                types: dict[str, Any], where: str, assignments: str) -> int:
     """Run one ``UPDATE table SET assignments FROM changes WHERE where`` for all ``rows``.
 
     ``changes`` is :func:`derived_table` of ``rows``. ``where`` and ``assignments`` are SQL
     that refer to ``changes.NAME``. A target row matched by two changes rows is updated
-    once, by either, so callers pass one change per target row.
+    once, by either, so callers pass one change per target row. Returns the rows updated.
     """
     if not rows:
-        return
+        return 0
     source, parameters = derived_table(session, "changes", types, rows)
     statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} WHERE {where}")
-    session.connection().execute(statement, parameters)
+    return int(session.connection().execute(statement, parameters).rowcount)
 
 
 def derived_table(session: Session, alias: str, types: dict[str, Any],
@@ -316,29 +316,30 @@ def derived_table(session: Session, alias: str, types: dict[str, Any],
 
 
 def bulk_update(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                columns: Sequence[str]) -> None:
+                columns: Sequence[str]) -> int:
     """Set ``columns`` on the rows of ``table`` whose ``id`` is each row's ``id``.
 
     PostgreSQL gets one ``UPDATE ... FROM`` statement over :func:`_pg_rows`, because
     executemany sends a statement per row; SQLite runs in process, where executemany is as fast.
+    Returns the rows updated.
     """
     if not rows:
-        return
+        return 0
     dialect = session.get_bind().dialect
     if dialect.name != "postgresql":
         assignments = ", ".join(f'"{name}" = ?' for name in columns)
         names = (*columns, "id")
         processors = _bind_processors(session, table, names)
-        session.connection().exec_driver_sql(
+        result = session.connection().exec_driver_sql(
             f"UPDATE {table.name} SET {assignments} WHERE id = ?",
             _tuples(rows, names, processors))
-        return
+        return int(result.rowcount)
     names = ("id", *columns)
     source, parameters = _pg_rows(session, "changes", _column_types(session, table, names), rows)
     assignments = ", ".join(f"{name} = changes.{name}" for name in columns)
     statement = text(f"UPDATE {table.name} SET {assignments} FROM {source} "
                      f"WHERE {table.name}.id = changes.id")
-    session.connection().execute(statement, parameters)
+    return int(session.connection().execute(statement, parameters).rowcount)
 
 
 def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bool]:

@@ -119,8 +119,11 @@ class Message(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(255))
-    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
-    contact_id: Mapped[int | None] = mapped_column(ForeignKey("contacts.id", ondelete="SET NULL"))
+    # Ids of a conversation and a contact without foreign keys, which would only repeat the
+    # writer's own lookups on every insert. Erasure and retention delete a conversation's
+    # messages and a contact's messages themselves (chatmw/security/erasure.py).
+    conversation_id: Mapped[int] = mapped_column(Integer)
+    contact_id: Mapped[int | None] = mapped_column(Integer)
     channel: Mapped[str] = mapped_column(String(32))
     role: Mapped[str] = mapped_column(String(16))
     kind: Mapped[str] = mapped_column(String(32), default="message")

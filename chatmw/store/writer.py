@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -224,10 +225,15 @@ class Writer:
         self._touch_contacts(session, messages, times, contacts)
         self._apply_intents(session, messages, conversation_ids, plan.with_intent)
         if planned:
-            apply_refresh(session, plan)
+            updated = apply_refresh(session, plan)
+            if updated < len(plan.conversation_changes):
+                raise _removed_meanwhile("conversations",
+                                         len(plan.conversation_changes) - updated)
             pending.update(plan.states)
             session.info.setdefault(_STORED_MESSAGES, {}).update(plan.stored)
         else:
+            # NOTE: this path does not check that the conversations are still stored (the
+            # contacts' update above does check the contacts).
             refresh_conversations(session, conversation_ids)
             for conversation_id in plan.conversation_ids:
                 pending.pop(conversation_id, None)
@@ -322,9 +328,23 @@ class Writer:
             if message.role == "user" and message.kind not in UNTIMED_KINDS:
                 last_user = at_ms if last_user is None else max(last_user, at_ms)
             seen[contact_id] = [min(first, at_ms), max(last, at_ms), last_user]  # type: ignore[type-var]
+        if session.get_bind().dialect.name == "sqlite":
+            # The update of _touch_contacts_joined, run by executemany: SQLite 3.40 took
+            # 1.9 ms for 1,300 contacts this way and 3.4 ms for the join with a JSON table.
+            updated = session.connection().exec_driver_sql(
+                _TOUCH_CONTACTS_SQLITE,
+                [(first, last, last_user, cid) for cid, (first, last, last_user)
+                 in sorted(seen.items())]).rowcount
+        else:
+            updated = self._touch_contacts_joined(session, seen)
+        if updated < len(seen):
+            raise _removed_meanwhile("contacts", len(seen) - updated)
+
+    def _touch_contacts_joined(self, session: Session,
+                               seen: Mapping[int, list[int | None]]) -> int:
         rows = [{"contact_id": cid, "first": first, "last": last, "last_user": last_user}
                 for cid, (first, last, last_user) in sorted(seen.items())]
-        update_from(
+        return update_from(
             session, models.Contact.__table__, rows,
             {"contact_id": Integer(), "first": BigInteger(), "last": BigInteger(),
              "last_user": BigInteger()},
@@ -528,6 +548,24 @@ def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[in
     except KeyError:
         return None
 
+
+def _removed_meanwhile(table: str, count: int) -> OperationalError:
+    # Erasure or retention removed rows that this transaction resolved and gave its messages
+    # (PostgreSQL, in another transaction). Messages have no foreign keys that would reject
+    # them, so the batch fails as retryable, and its next write creates the rows again.
+    return OperationalError(None, None, RuntimeError(
+        f"{count} rows of {table} that the batch uses were removed while it was written; "
+        "write the batch again"))
+
+
+# Moves a contact's first and last seen times and last user message time to include a
+# batch's messages (parameters: first, last, last user message or NULL, contact id).
+_TOUCH_CONTACTS_SQLITE = (
+    "UPDATE contacts SET first_seen_ms = min(first_seen_ms, ?1), "
+    "last_seen_ms = max(last_seen_ms, ?2), "
+    "last_user_message_ms = CASE WHEN ?3 IS NULL THEN last_user_message_ms "
+    "WHEN last_user_message_ms IS NULL THEN ?3 ELSE max(last_user_message_ms, ?3) END "
+    "WHERE id = ?4")
 
 # Types of the conversation columns that a ConversationUpdate sets.
 _UPDATE_TYPES: dict[str, Any] = {

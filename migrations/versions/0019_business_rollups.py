@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0019_business_rollups"
-down_revision: str | Sequence[str] | None = "0017_cohort_rollups"
+down_revision: str | Sequence[str] | None = "0018_ingest"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
