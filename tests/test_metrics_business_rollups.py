@@ -400,11 +400,6 @@ def test_cli_refresh_registers_config_hours(database_url: str, engine: Engine, t
     assert rolled_histograms(engine, flt, DEFAULT_BUSINESS_HOURS) is not None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="changes without a message are not yet tracked: an end update after the erasure "
-    "of a conversation's opener moves its start without dirtying the old start slot",
-)
 def test_end_update_after_erased_opener(engine: Engine) -> None:
     start = datetime(2024, 3, 7, 10, tzinfo=UTC)
     writer = Writer(engine)

@@ -323,7 +323,6 @@ def test_empty_store_matches_raw(engine: Engine) -> None:
         assert (retention(engine, flt, {}), engagement(engine, flt, {})) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_start_moved_without_message_at_old_start(engine: Engine) -> None:
     writer = Writer(engine)
     day = timedelta(days=1)

@@ -355,7 +355,6 @@ def _assert_metric_same(engine: Engine, name: str, options: dict[str, Any]) -> N
     assert REGISTRY[name].compute(engine, flt, options) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_conversion_recorded_after_refresh(engine: Engine) -> None:
     store = _refreshed_store(engine)
     channel, _, start = store.starts["c3"]
@@ -373,7 +372,6 @@ def test_conversion_recorded_after_refresh(engine: Engine) -> None:
     _assert_metric_same(engine, "conversion", {})
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_lead_recorded_after_refresh(engine: Engine) -> None:
     store = _refreshed_store(engine)
     store.writer.write([dataclasses.replace(store.api_lead(5, named=True), key="late-lead")])
@@ -381,7 +379,6 @@ def test_lead_recorded_after_refresh(engine: Engine) -> None:
     _assert_metric_same(engine, "leads", {})
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_touch_recorded_after_refresh(engine: Engine) -> None:
     store = _refreshed_store(engine)
     # A conversation with an attributed conversion, so that its campaign shows in cpa.

@@ -423,7 +423,6 @@ def test_moved_end_dirties_own_slot(engine: Engine) -> None:
     assert _slot_repeats(engine, first) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_resolved_update_without_message(engine: Engine) -> None:
     writer = Writer(engine)
     writer.write([_message(T0 + HOUR, "cid", "a", "a0")])
@@ -437,7 +436,6 @@ def test_resolved_update_without_message(engine: Engine) -> None:
     assert first_contact_resolution(engine, window, {}) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_end_update_without_message_makes_repeat(engine: Engine) -> None:
     writer = Writer(engine)
     first = T0 + HOUR
@@ -465,7 +463,6 @@ def test_end_update_without_message_makes_repeat(engine: Engine) -> None:
     assert first_contact_resolution(engine, window, {}) == expected
 
 
-@pytest.mark.xfail(strict=True, reason="changes without a message are not yet tracked")
 def test_survey_answer_without_message(engine: Engine) -> None:
     build_store(engine, 11)
     refresh(engine)

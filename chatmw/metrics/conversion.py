@@ -53,13 +53,10 @@ IDS_PER_QUERY = 10_000
 DEFAULT_ATTRIBUTION_DAYS = 7.0
 MAX_ATTRIBUTION_DAYS = 366.0
 # Appended to the descriptions of the metrics that read the business rollups.
-# TODO: count conversions, leads and touches recorded without a message once the
-# refresher tracks them. chatmw.metrics.rollup_refresh.changes_after reads messages only.
 ROLLUP_NOTE = (
     "\n\nOn a store whose rollups are built, the queries that `docs/rollups.md` lists read "
-    "them. Conversions, leads and touches recorded without a new message are then left out "
-    "of those answers until a message arrives in a conversation they count for, or until the "
-    "next full rebuild (`chatmw rollups refresh --full`)."
+    "them. Conversions, leads and touches recorded since the last refresh are counted from "
+    "raw rows, so answers include them at once."
 )
 ATTRIBUTION_PARAM = Param(
     "attribution_days",
