@@ -131,7 +131,8 @@ def _filters() -> list[MetricFilter]:
     ]
 
 
-def _check(engine: Engine, served: bool, options: dict[str, str] | None = None) -> None:
+def _check(engine: Engine, served: bool | None, options: dict[str, str] | None = None) -> None:
+    """Compare with the raw path; ``served`` None leaves open whether rollups serve."""
     options = options or {}
     for flt in _filters():
         with raw_only():
@@ -140,14 +141,16 @@ def _check(engine: Engine, served: bool, options: dict[str, str] | None = None) 
         exact = response_time_business(engine, flt, {**options, "exact": "true"})
         assert_close(rolled, expected, str(flt.describe()))
         assert exact == expected, str(flt.describe())
+        hours = parse_inline(options["hours"]) if "hours" in options else REGISTERED
+        rolled_served = rolled_histograms(engine, flt, hours) is not None
+        if served is not None:
+            assert rolled_served == served
         # The calendar half is the response-time metric, estimated where rollups serve.
-        calendar = response_times(engine, flt, {} if served else {"exact": "true"})
+        calendar = response_times(engine, flt, {} if rolled_served else {"exact": "true"})
         for figure in ("first_response", "reply_time"):
             assert {role: rolled[figure]["calendar"][role] for role in calendar[figure]} == (
                 calendar[figure]
             )
-        hours = parse_inline(options["hours"]) if "hours" in options else REGISTERED
-        assert (rolled_histograms(engine, flt, hours) is not None) == served
 
 
 def _write_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message]]:
@@ -191,9 +194,10 @@ def test_business_rollups_match_raw(engine: Engine, installed: None) -> None:
         )
         for n in range(1, 160, 13)
     ]
-    # Late first messages move their conversations' starts and response times.
+    # Late first messages move their conversations' starts and response times. The
+    # duplicates log their conversations, so the raw part may outgrow what cover() serves.
     writer.write(late + duplicates)
-    _check(engine, served=True)
+    _check(engine, served=None)
     assert not refresh(engine).rebuilt
     _check(engine, served=True)
 

@@ -25,6 +25,7 @@ from chatmw.metrics.query_types import query_types
 from chatmw.metrics.resolution import first_contact_resolution
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.store.changes import record_changes
 from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
     LEVEL_SLOT,
@@ -466,12 +467,24 @@ def test_end_update_without_message_makes_repeat(engine: Engine) -> None:
 def test_survey_answer_without_message(engine: Engine) -> None:
     build_store(engine, 11)
     refresh(engine)
+    # A change without a message is seen through the change log, which the survey service
+    # writes in the transaction of each survey change; here the test writes both.
     with engine.begin() as connection:
+        changed = connection.execute(
+            select(Survey.conversation_id).where(Survey.kind == "csat")
+        ).scalars().all()
         connection.execute(
             update(Survey)
             .where(Survey.kind == "csat")
             .values(score=5, sent_at_ms=func.coalesce(Survey.sent_at_ms, 1))
         )
+        record_changes(connection, conversations=[(cid, None) for cid in changed])
+    assert changed
+    flt = MetricFilter(since=T0, until=T0 + timedelta(days=5))
+    with raw_only():
+        expected = csat(engine, flt, {})
+    # Before the refresh, cover() reads the logged conversations' slots raw.
+    assert csat(engine, flt, {}) == expected
     refresh(engine)
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=5))
     with raw_only():

@@ -322,6 +322,8 @@ def test_error_and_retry_when_bot_down(page: Page, runtime: Runtime) -> None:
 def test_other_origin_embeds_widget(page: Page, bot_url: str) -> None:
     sink = ListSink()
     site_port, stranger_port = free_port(), free_port()
+    while stranger_port == site_port:  # two free ports, not the same one twice
+        stranger_port = free_port()
     site_origin = f"http://127.0.0.1:{site_port}"
     settings = WidgetSettings(allowed_origins=[site_origin], bot_url=bot_url)
     with serve(example_site_app(settings, sink)) as chat_server:
