@@ -9,7 +9,7 @@ on contacts) are done explicitly by erasure and retention (chatmw/security/erasu
 SQLite cannot drop a constraint in place, so the messages table is copied without them.
 
 Revision ID: 0018_ingest
-Revises: 0013_conversation_watermark
+Revises: 0017_cohort_rollups
 """
 
 from collections.abc import Sequence
@@ -27,11 +27,25 @@ _NAMING = {"fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s"}
 _DROPPED = (("conversation_id", "conversations", "CASCADE"), ("contact_id", "contacts", "SET NULL"))
 
 
+def _has_statistics(bind: sa.Connection) -> bool:
+    """Whether ANALYZE has stored planner statistics of the messages table on SQLite."""
+    if not sa.inspect(bind).has_table("sqlite_stat1"):
+        return False
+    row = bind.exec_driver_sql("SELECT 1 FROM sqlite_stat1 WHERE tbl = 'messages' LIMIT 1")
+    return row.first() is not None
+
+
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
+    bind = op.get_bind()
+    if bind.dialect.name == "sqlite":
+        analysed = _has_statistics(bind)
         with op.batch_alter_table("messages", naming_convention=_NAMING) as batch:
             for column, parent, _ in _DROPPED:
                 batch.drop_constraint(f"fk_messages_{column}_{parent}", type_="foreignkey")
+        if analysed:
+            # The copy drops the table's statistics; without them the planner may choose
+            # other indexes for queries that join messages.
+            op.execute("ANALYZE messages")
         return
     for foreign_key in sa.inspect(op.get_bind()).get_foreign_keys("messages"):
         if foreign_key["constrained_columns"] in (["conversation_id"], ["contact_id"]):
