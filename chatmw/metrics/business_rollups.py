@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.business_hours import DEFAULT_BUSINESS_HOURS, BusinessClock, BusinessHours
-from chatmw.metrics.histogram import Bin, bucket_of
+from chatmw.metrics.histogram import Bin, SlotKey, add_slot_duration, slot_rows
 from chatmw.metrics.rollup_refresh import (
     REBUILD_LEASE_MS,
     analyze_tables,
@@ -169,31 +169,12 @@ def business_slot_rows(connection: Connection, where: ColumnElement[bool]) -> li
     )
     rows = connection.execute(statement).all()
     durations = business_durations([(row[4], row[5], row[6]) for row in rows], hours)
-    bins: dict[tuple[int, str, str, str, int], Bin] = {}
+    bins: dict[SlotKey, Bin] = {}
     for (start_slot, channel, role, is_first, *_), value in zip(rows, durations, strict=True):
         figures = (REPLY_TIME, FIRST_RESPONSE) if is_first else (REPLY_TIME,)
         for figure in figures:
-            key = (int(start_slot), channel, figure, role or "", bucket_of(value))
-            found = bins.get(key)
-            if found is None:
-                bins[key] = Bin(1, value, value, value)
-            else:
-                found.add(1, value, value, value)
-    return [
-        {
-            "level": LEVEL_SLOT,
-            "start_ms": start_ms,
-            "channel": channel,
-            "figure": figure,
-            "role": role,
-            "bucket": bucket,
-            "count": part.count,
-            "total_ms": part.total,
-            "min_ms": part.low,
-            "max_ms": part.high,
-        }
-        for (start_ms, channel, figure, role, bucket), part in bins.items()
-    ]
+            add_slot_duration(bins, start_slot, channel, figure, role, value)
+    return slot_rows(bins, LEVEL_SLOT)
 
 
 def register_business_hours(engine: Engine, hours: BusinessHours) -> bool:

@@ -16,6 +16,7 @@ import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from chatmw.metrics.stats import EMPTY_STATS
 
@@ -26,6 +27,9 @@ __all__ = [
     "add_value",
     "merge_into",
     "describe_histogram",
+    "SlotKey",
+    "add_slot_duration",
+    "slot_rows",
     "RELATIVE_ERROR",
     "FRACTIONS",
 ]
@@ -140,3 +144,43 @@ def describe_histogram(histograms: Iterable[Mapping[int, Bin]]) -> dict[str, flo
         described[name] = _seconds(low_value + (high_value - low_value) * (position - lower))
     described["max"] = _seconds(max(part.high for part in bins))
     return described
+
+
+# The key of a slot row of a duration histogram: start slot, channel, figure, role, bucket.
+SlotKey = tuple[int, str, str, str, int]
+
+
+def add_slot_duration(
+    bins: dict[SlotKey, Bin],
+    start_slot: int,
+    channel: str,
+    figure: str,
+    role: str | None,
+    value: float,
+) -> None:
+    """Count ``value`` in its bucket of the slot, channel, figure and role (``""`` for none)."""
+    key = (int(start_slot), channel, figure, role or "", bucket_of(value))
+    found = bins.get(key)
+    if found is None:
+        bins[key] = Bin(1, value, value, value)
+    else:
+        found.add(1, value, value, value)
+
+
+def slot_rows(bins: Mapping[SlotKey, Bin], level: int) -> list[dict[str, Any]]:
+    """Return the rows of a histogram table for ``bins`` at ``level``."""
+    return [
+        {
+            "level": level,
+            "start_ms": start_ms,
+            "channel": channel,
+            "figure": figure,
+            "role": role,
+            "bucket": bucket,
+            "count": part.count,
+            "total_ms": part.total,
+            "min_ms": part.low,
+            "max_ms": part.high,
+        }
+        for (start_ms, channel, figure, role, bucket), part in bins.items()
+    ]

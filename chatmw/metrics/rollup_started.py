@@ -22,7 +22,7 @@ from sqlalchemy import Connection, case, delete, func, insert, literal_column, s
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.business_rollups import business_slot_rows
-from chatmw.metrics.histogram import Bin, bucket_of
+from chatmw.metrics.histogram import Bin, SlotKey, add_slot_duration, slot_rows
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
 from chatmw.metrics.sentiment_rollups import delete_sentiment, insert_sentiment
 from chatmw.store.derive import UNTIMED_KINDS
@@ -181,30 +181,11 @@ def _response_rows(connection: Connection, where: ColumnElement[bool]) -> list[d
         .join(Conversation, Conversation.id == Message.conversation_id)
         .where(Message.response_ms.is_not(None), where)
     )
-    bins: dict[tuple[int, str, str, str, int], Bin] = {}
+    bins: dict[SlotKey, Bin] = {}
     for figure, statement in ((FIRST_RESPONSE, firsts), (REPLY_TIME, replies)):
         for start_slot, channel, role, value in connection.execute(statement):
-            key = (int(start_slot), channel, figure, role or "", bucket_of(value))
-            found = bins.get(key)
-            if found is None:
-                bins[key] = Bin(1, value, value, value)
-            else:
-                found.add(1, value, value, value)
-    return [
-        {
-            "level": LEVEL_SLOT,
-            "start_ms": start_ms,
-            "channel": channel,
-            "figure": figure,
-            "role": role,
-            "bucket": bucket,
-            "count": part.count,
-            "total_ms": part.total,
-            "min_ms": part.low,
-            "max_ms": part.high,
-        }
-        for (start_ms, channel, figure, role, bucket), part in bins.items()
-    ]
+            add_slot_duration(bins, start_slot, channel, figure, role, value)
+    return slot_rows(bins, LEVEL_SLOT)
 
 
 def _sum_level(
