@@ -291,7 +291,7 @@ def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def _served(engine: Engine) -> None:
-    """Assert that the rollup paths answer, so the comparisons compare two paths."""
+    """Assert that the rollup paths serve the query, so the comparisons compare two paths."""
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS))
     sums = rolled_conversions(engine, flt)
     assert sums is not None

@@ -467,8 +467,8 @@ def test_end_update_without_message_makes_repeat(engine: Engine) -> None:
 def test_survey_answer_without_message(engine: Engine) -> None:
     build_store(engine, 11)
     refresh(engine)
-    # A change without a message is seen through the change log, which the survey service
-    # writes in the transaction of each survey change; here the test writes both.
+    # The refresher sees a change without a message through the change log. The survey
+    # service writes it in the transaction of each survey change, so the test writes both.
     with engine.begin() as connection:
         changed = connection.execute(
             select(Survey.conversation_id).where(Survey.kind == "csat")

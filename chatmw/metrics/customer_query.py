@@ -63,8 +63,8 @@ def _orders_of(
 ) -> dict[int, tuple[int, int, int]]:
     """Return (orders, micros, first time ms) before ``end_ms`` of each of ``contacts``."""
     found: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    wanted = set(contacts)
-    for chunk in id_chunks(wanted - window.changed):
+    requested = set(contacts)
+    for chunk in id_chunks(requested - window.changed):
         statement = select(
             Orders.contact_id, Orders.conversion_id, Orders.occurred_at_ms, Orders.value_micros
         ).where(Orders.contact_id.in_(chunk), Orders.occurred_at_ms < end_ms)
@@ -72,7 +72,7 @@ def _orders_of(
             if conversion_id not in window.moved:
                 found[contact_id].append((at_ms, micros))
     for row in window.moved.values():
-        if row["contact_id"] in wanted and row["occurred_at_ms"] < end_ms:
+        if row["contact_id"] in requested and row["occurred_at_ms"] < end_ms:
             found[row["contact_id"]].append((row["occurred_at_ms"], row["value_micros"]))
     return {
         contact_id: (len(items), sum(m for _, m in items), min(at for at, _ in items))
@@ -174,16 +174,16 @@ def _stored_contacts(
     connection: Connection, conversion_ids: Iterable[int], window: QueryWindow
 ) -> dict[int, int]:
     """Return the contact each of ``conversion_ids`` resolves to now, where it resolves."""
-    wanted = set(conversion_ids)
+    requested = set(conversion_ids)
     found: dict[int, int] = {}
-    for chunk in id_chunks(wanted):
+    for chunk in id_chunks(requested):
         statement = select(Orders.conversion_id, Orders.contact_id).where(
             Orders.conversion_id.in_(chunk)
         )
         for conversion_id, contact_id in connection.execute(statement):
             if contact_id not in window.changed:
                 found[conversion_id] = contact_id
-    for conversion_id in wanted & set(window.moved):
+    for conversion_id in requested & set(window.moved):
         found[conversion_id] = window.moved[conversion_id]["contact_id"]
     return found
 

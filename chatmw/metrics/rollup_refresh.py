@@ -59,7 +59,6 @@ __all__ = [
     "invalidate",
     "slot_of",
     "slot_expression",
-    "dirty_slots",
     "changes_after",
     "changed_contacts",
     "Changes",
@@ -283,25 +282,6 @@ def changed_contacts(connection: Connection) -> set[int]:
     return changes_after(
         connection, int(watermark), None, int(conversations), after_change_id=int(logged)
     ).contacts
-
-
-def dirty_slots(
-    connection: Connection,
-    after_id: int,
-    through_id: int | None = None,
-    after_conversation_id: int | None = None,
-    after_change_id: int | None = None,
-    after_exposure_id: int | None = None,
-) -> set[int]:
-    """Return the slots of :func:`changes_after`."""
-    return changes_after(
-        connection,
-        after_id,
-        through_id,
-        after_conversation_id,
-        after_change_id=after_change_id,
-        after_exposure_id=after_exposure_id,
-    ).slots
 
 
 def _timed() -> ColumnElement[bool]:

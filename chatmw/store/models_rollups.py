@@ -375,7 +375,7 @@ class RollupConversionLinks(Base):
     """
 
     __tablename__ = "rollup_conversion_links"
-    # The slot index holds every column the queries read, so they scan it alone.
+    # The slot index contains every column the queries read, so they scan it alone.
     __table_args__ = (Index("ix_rollup_conversion_links_slot", *CONVERSION_LINK_INDEX),)
 
     conversion_id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -401,7 +401,7 @@ class RollupLeadLinks(Base):
 
     __tablename__ = "rollup_lead_links"
     __table_args__ = (
-        # The slot index holds every column the queries read, so they scan it alone.
+        # The slot index contains every column the queries read, so they scan it alone.
         Index("ix_rollup_lead_links_slot", *LEAD_LINK_INDEX),
         Index("ix_rollup_lead_links_contact", "contact_id"),
     )
