@@ -12,13 +12,12 @@ the server gets the very messages the bot sent, and each one is forwarded at onc
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-import itertools
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,75 +41,100 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """The state of one exchange, built per call so that concurrent requests never share it."""
+class _Capture:
+    """The copies of one exchange, built per call so that concurrent requests never share them.
 
-    arrived_at: datetime
-    started: float
-    max_body_bytes: int
-    request_chunks: list[bytes] = field(default_factory=list)
-    request_size: int = 0
-    request_complete: bool = False
-    request_too_large: bool = False
-    status: int | None = None
-    content_type: bytes = b""
-    content_encoding: bytes = b""
-    response_chunks: list[bytes] = field(default_factory=list)
-    response_size: int = 0
-    response_too_large: bool = False
-    streaming: bool = False
-    finished: float | None = None
+    ``receive`` and ``send`` stand in for the server's callables: each copies what passes and
+    forwards the very same message at once. The copy steps are inlined rather than split
+    into helpers, because they run for every message of every chat request on the bot's
+    event loop, where each Python call counts.
+    """
 
-    def on_request(self, message: ASGIMessage) -> None:
-        if message["type"] != "http.request" or self.request_complete:
-            return
-        body = message.get("body", b"")
-        self.request_complete = not message.get("more_body", False)
-        if self.request_too_large:
-            return
-        self.request_size += len(body)
-        if self.request_size > self.max_body_bytes:
-            self.request_too_large = True
-            self.request_chunks.clear()
-            return
-        self.request_chunks.append(bytes(body))
+    __slots__ = ("middleware", "downstream_receive", "downstream_send", "arrived_at", "started",
+                 "max_body_bytes", "request_chunks", "request_size", "request_complete",
+                 "request_too_large", "status", "content_type", "content_encoding",
+                 "response_chunks", "response_size", "response_too_large", "streaming",
+                 "finished")
 
-    def on_response(self, message: ASGIMessage, timer: Callable[[], float]) -> None:
-        kind = message["type"]
-        if kind == "http.response.start":
-            self._on_start(message)
-        elif kind == "http.response.body":
-            self._on_body(message, timer)
-        elif kind == "http.response.pathsend":
-            # A file sent by the server (ASGI path send extension): the body never passes here.
-            self.response_too_large = True
-            self.finished = timer()
+    def __init__(self, middleware: ChatMetricsMiddleware, receive: Receive, send: Send,
+                 arrived_at: datetime, started: float) -> None:
+        self.middleware = middleware
+        self.downstream_receive = receive
+        self.downstream_send = send
+        self.arrived_at = arrived_at
+        self.started = started
+        self.max_body_bytes = middleware.max_body_bytes
+        self.request_chunks: list[bytes] = []
+        self.request_size = 0
+        self.request_complete = False
+        self.request_too_large = False
+        self.status: int | None = None
+        self.content_type = b""
+        self.content_encoding = b""
+        self.response_chunks: list[bytes] = []
+        self.response_size = 0
+        self.response_too_large = False
+        self.streaming = False
+        self.finished: float | None = None
+
+    async def receive(self) -> ASGIMessage:
+        message = await self.downstream_receive()
+        if self.request_complete:
+            return message
+        try:
+            if message["type"] == "http.request":
+                body = message.get("body", b"")
+                self.request_complete = not message.get("more_body", False)
+                if not self.request_too_large:
+                    self.request_size += len(body)
+                    if self.request_size > self.max_body_bytes:
+                        self.request_too_large = True
+                        self.request_chunks.clear()
+                    else:
+                        self.request_chunks.append(bytes(body))
+        except Exception as error:  # noqa: BLE001 - never change the bot's request
+            self.middleware._failed("request_copy", error)
+        return message
+
+    async def send(self, message: ASGIMessage) -> None:
+        try:
+            kind = message["type"]
+            if kind == "http.response.body":
+                if self.finished is None:
+                    if not message.get("more_body", False):
+                        self.finished = self.middleware.timer()
+                    if not (self.streaming or self.response_too_large):
+                        body = message.get("body", b"")
+                        self.response_size += len(body)
+                        if self.response_size > self.max_body_bytes:
+                            self.response_too_large = True
+                            self.response_chunks.clear()
+                        else:
+                            self.response_chunks.append(bytes(body))
+            elif kind == "http.response.start":
+                self._on_start(message)
+            elif kind == "http.response.pathsend":
+                # A file sent by the server (ASGI path send extension): the body never
+                # passes here.
+                self.response_too_large = True
+                self.finished = self.middleware.timer()
+        except Exception as error:  # noqa: BLE001 - never change the bot's response
+            self.middleware._failed("response_copy", error)
+        await self.downstream_send(message)
 
     def _on_start(self, message: ASGIMessage) -> None:
         self.status = message["status"]
         for name, value in message.get("headers", ()):
+            # Only content-type (12 bytes) and content-encoding (16) are read: the length
+            # test skips lowering every other header.
+            if len(name) not in (12, 16):
+                continue
             lowered = bytes(name).lower()
             if lowered == b"content-type":
                 self.content_type = bytes(value).lower()
             elif lowered == b"content-encoding":
                 self.content_encoding = bytes(value).lower().strip()
         self.streaming = self.content_type.startswith(b"text/event-stream")
-
-    def _on_body(self, message: ASGIMessage, timer: Callable[[], float]) -> None:
-        if self.finished is not None:
-            return
-        if not message.get("more_body", False):
-            self.finished = timer()
-        if self.streaming or self.response_too_large:
-            return
-        body = message.get("body", b"")
-        self.response_size += len(body)
-        if self.response_size > self.max_body_bytes:
-            self.response_too_large = True
-            self.response_chunks.clear()
-            return
-        self.response_chunks.append(bytes(body))
 
 
 class ChatMetricsMiddleware:
@@ -178,59 +202,37 @@ class ChatMetricsMiddleware:
             await self.app(scope, receive, send)
             return
 
-        exchange = self._start_exchange()
-        if exchange is None:
+        try:
+            capture = _Capture(self, receive, send, self.clock(), self.timer())
+        except Exception as error:  # noqa: BLE001 - the exchange passes through unrecorded
+            self._failed("clock", error)
             await self.app(scope, receive, send)
             return
 
-        # The copies run for every message of every chat request: plain try blocks here,
-        # because a context manager per message costs more than the copy itself.
-        async def receive_and_copy() -> ASGIMessage:
-            message = await receive()
-            try:
-                exchange.on_request(message)
-            except Exception as error:  # noqa: BLE001 - never change the bot's request
-                self._failed("request_copy", error)
-            return message
-
-        async def send_and_copy(message: ASGIMessage) -> None:
-            try:
-                exchange.on_response(message, self.timer)
-            except Exception as error:  # noqa: BLE001 - never change the bot's response
-                self._failed("response_copy", error)
-            await send(message)
-
         try:
-            await self.app(scope, receive_and_copy, send_and_copy)
+            await self.app(scope, capture.receive, capture.send)
         finally:
             # Runs once the bot has returned or raised, so after its response went out. The
             # bot's exception, if any, propagates unchanged after this block.
             try:
-                self._record(exchange)
+                self._record(capture)
             except Exception as error:  # noqa: BLE001 - never change the bot's response
                 self._failed("record", error)
 
     def _is_chat_request(self, scope: Scope) -> bool:
         path = scope.get("path", "")
+        if self.paths is not None and path not in self.paths:
+            return False
         if self.exclude_paths and any(path == prefix or path.startswith(prefix.rstrip("/") + "/")
                                       for prefix in self.exclude_paths):
             return False
-        if self.paths is not None and path not in self.paths:
-            return False
-        return scope.get("method", "").upper() in self.methods
-
-    def _start_exchange(self) -> _Exchange | None:
-        try:
-            return _Exchange(arrived_at=self.clock(), started=self.timer(),
-                             max_body_bytes=self.max_body_bytes)
-        except Exception as error:  # noqa: BLE001 - the exchange passes through unrecorded
-            self._failed("clock", error)
-            return None
+        method = scope.get("method", "")
+        return method in self.methods or method.upper() in self.methods
 
     # Recording: runs after the bot has returned or raised. It only hands the copied bodies
     # to the recorder; the decoder reads them when the batch is written.
 
-    def _record(self, exchange: _Exchange) -> None:
+    def _record(self, exchange: _Capture) -> None:
         if exchange.status is not None and 400 <= exchange.status < 500:
             return  # The bot rejected the request: it was not a chat message.
         if not exchange.request_complete or exchange.request_too_large:

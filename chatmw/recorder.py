@@ -39,7 +39,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from chatmw.events import Event
-from chatmw.exchange import expand_all
+from chatmw.exchange import Exchange, expand_all
 
 __all__ = [
     "Recorder",
@@ -159,6 +159,43 @@ _STOP = object()
 _WAKE = object()
 
 
+class _EventQueue(queue.Queue[object]):
+    """A :class:`queue.Queue` with cheaper calls for the request path and the writer thread.
+
+    ``put_nowait`` and ``get_nowait`` cost several Python calls per item (two conditions,
+    notifications). :meth:`offer` appends under the queue's lock and notifies only on the
+    change from empty, when a consumer can be waiting. :meth:`take` removes many items
+    under one lock. Both assume a single consumer thread, as the recorder has.
+    """
+
+    def offer(self, item: object) -> int:
+        """Append ``item`` unless the queue is full; return the new length, or 0 when full."""
+        with self.mutex:
+            items = self.queue
+            if len(items) >= self.maxsize:
+                return 0
+            items.append(item)
+            self.unfinished_tasks += 1
+            depth = len(items)
+            if depth == 1:
+                self.not_empty.notify()
+            return depth
+
+    def take(self, limit: int) -> list[object]:
+        """Remove and return up to ``limit`` items in order, ending after a stop marker."""
+        taken: list[object] = []
+        with self.mutex:
+            items = self.queue
+            while items and len(taken) < limit:
+                item = items.popleft()
+                taken.append(item)
+                if item is _STOP:
+                    break
+            if taken:
+                self.not_full.notify()
+        return taken
+
+
 def is_retryable(error: BaseException) -> bool:
     """Return whether a failed write may succeed if tried again (connection or lock errors)."""
     if isinstance(error, OperationalError):
@@ -190,7 +227,7 @@ class Recorder:
         self._replayable = False
         self.transform = transform
         self._sleep = sleep
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=self.settings.queue_size)
+        self._queue = _EventQueue(maxsize=self.settings.queue_size)
         # Set when a full batch is queued (or on stop and wake): the writer thread waits on it
         # once per batch, because waking it on every submitted event costs the host
         # application a thread switch and an interpreter-lock handover per event.
@@ -249,18 +286,24 @@ class Recorder:
         which the spill thread appends to the spool. It is dropped (reason ``queue_full``)
         only when that buffer is full too.
         """
-        # Counted before the put, so that a flush can never miss an event the writer has not seen.
-        self._begin(1)
+        # Counted before the put, so that a flush can never miss an event the writer has not
+        # seen. This runs on the bot's event loop for every exchange: the steps are inlined.
+        with self._lock:
+            self._outstanding += 1
+            if self._idle.is_set():
+                self._idle.clear()
         try:
-            self._queue.put_nowait(event)
-            if self._queue.qsize() >= self.settings.batch_size:
-                self._batch_ready.set()
-        except queue.Full:
-            return self._overflow_put(event)
+            depth = self._queue.offer(event)
         except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
             self._count_drop("submit_error", 1)
             self._finish(1)
             return False
+        if not depth:
+            return self._overflow_put(event)
+        if depth == self.settings.batch_size:
+            # The writer thread waits for this only after it found the queue empty, so the
+            # queue passes this length again before the next wait.
+            self._batch_ready.set()
         with self._lock:
             self._submitted += 1
         return True
@@ -268,7 +311,8 @@ class Recorder:
     def _begin(self, count: int) -> None:
         with self._lock:
             self._outstanding += count
-            self._idle.clear()
+            if self._idle.is_set():
+                self._idle.clear()
 
     def _finish(self, count: int) -> None:
         with self._lock:
@@ -538,9 +582,8 @@ class Recorder:
         batch: list[object] = [] if item is _WAKE else [item]
         closes_at = time.monotonic() + self.settings.batch_interval_s
         while batch and len(batch) < self.settings.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
+            taken = self._queue.take(self.settings.batch_size - len(batch))
+            if not taken:
                 # Wait once for a full batch (or the batch's age) rather than once per event.
                 remaining = closes_at - time.monotonic()
                 if remaining <= 0:
@@ -548,10 +591,10 @@ class Recorder:
                 self._batch_ready.wait(remaining)
                 self._batch_ready.clear()
                 continue
-            if item is _STOP:
+            stopping = taken[-1] is _STOP
+            batch.extend(item for item in taken if item is not _WAKE and item is not _STOP)
+            if stopping:
                 return batch, True
-            if item is not _WAKE:
-                batch.append(item)
         return batch, False
 
     def _transform_items(self, items: list[object]) -> list[Event]:
@@ -576,6 +619,10 @@ class Recorder:
             return batch
         result: list[Event] = []
         for event in batch:
+            if event.__class__ is Exchange:
+                # An exchange carries no ids: its events get the transform once decoded.
+                result.append(event)
+                continue
             try:
                 result.append(self.transform(event))
             except Exception as error:  # noqa: BLE001 - never store an event untransformed
