@@ -24,7 +24,7 @@ from typing import Any
 from chatmw import events as ev
 from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
 
-__all__ = ["Exchange", "ExchangeDecoder", "expand_all", "RESPONSE_STATES"]
+__all__ = ["Exchange", "ExchangeDecoder", "captured_exchange", "expand_all", "RESPONSE_STATES"]
 
 logger = logging.getLogger("chatmw")
 
@@ -178,9 +178,52 @@ class Exchange(ev.Event):
 
     def __post_init__(self) -> None:
         # Event's check of storable text is skipped: an exchange is never stored itself,
-        # and the events decoded from it run the check when they are built. The check cost
-        # several microseconds per request on the bot's event loop.
+        # and the events decoded from it run the check when they are built.
         return
+
+
+def _slot_setter(name: str) -> Callable[[Any, Any], None]:
+    for cls in Exchange.__mro__:
+        if name in cls.__dict__:
+            return cls.__dict__[name].__set__  # type: ignore[no-any-return]
+    raise AttributeError(f"Exchange has no slot {name!r}")
+
+
+_set_channel = _slot_setter("channel")
+_set_occurred_at = _slot_setter("occurred_at")
+_set_key = _slot_setter("key")
+_set_decoder = _slot_setter("decoder")
+_set_request = _slot_setter("request")
+_set_response = _slot_setter("response")
+_set_status = _slot_setter("status")
+_set_latency_ms = _slot_setter("latency_ms")
+_set_response_state = _slot_setter("response_state")
+_set_content_encoding = _slot_setter("content_encoding")
+
+
+def captured_exchange(channel: str, occurred_at: datetime, key: str, decoder: ExchangeDecoder,
+                      request: bytes, response: bytes, status: int | None,
+                      latency_ms: float | None, response_state: str,
+                      content_encoding: bytes) -> Exchange:
+    """Build an :class:`Exchange` as ``Exchange(...)`` does, about three times faster.
+
+    The middleware builds one per chat request on the bot's event loop. A frozen
+    dataclass sets each field through ``object.__setattr__``; this sets the slots
+    directly. Every field must be given: ``tests/test_middleware.py`` compares the result
+    with the dataclass's own construction.
+    """
+    exchange = object.__new__(Exchange)
+    _set_channel(exchange, channel)
+    _set_occurred_at(exchange, occurred_at)
+    _set_key(exchange, key)
+    _set_decoder(exchange, decoder)
+    _set_request(exchange, request)
+    _set_response(exchange, response)
+    _set_status(exchange, status)
+    _set_latency_ms(exchange, latency_ms)
+    _set_response_state(exchange, response_state)
+    _set_content_encoding(exchange, content_encoding)
+    return exchange
 
 
 def expand_all(batch: Sequence[ev.Event],

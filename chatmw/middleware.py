@@ -23,7 +23,7 @@ from typing import Any
 
 from chatmw import events as ev
 from chatmw.codecs import Codec
-from chatmw.exchange import Exchange, ExchangeDecoder
+from chatmw.exchange import ExchangeDecoder, captured_exchange
 from chatmw.recorder import Recorder
 
 __all__ = ["ChatMetricsMiddleware", "DEFAULT_MAX_BODY_BYTES"]
@@ -248,17 +248,17 @@ class ChatMetricsMiddleware:
             state = "unfinished"
         else:
             state = "complete"
-        captured = Exchange(
-            channel=self.channel,
-            occurred_at=exchange.arrived_at,
-            key=f"asgi:{self._key_prefix}{next(self._serial)}",
-            decoder=self.decoder,
-            request=b"".join(exchange.request_chunks),
-            response=b"".join(exchange.response_chunks) if state == "complete" else b"",
-            status=exchange.status,
-            latency_ms=None if finished is None else (finished - exchange.started) * 1000.0,
-            response_state=state,
-            content_encoding=exchange.content_encoding,
+        captured = captured_exchange(
+            self.channel,
+            exchange.arrived_at,
+            f"asgi:{self._key_prefix}{next(self._serial)}",
+            self.decoder,
+            b"".join(exchange.request_chunks),
+            b"".join(exchange.response_chunks) if state == "complete" else b"",
+            exchange.status,
+            None if finished is None else (finished - exchange.started) * 1000.0,
+            state,
+            exchange.content_encoding,
         )
         if not self.recorder.submit(captured):
             self._count_skip("recorder_rejected")

@@ -23,7 +23,7 @@ from starlette.websockets import WebSocket
 
 from chatmw import events as ev
 from chatmw.codecs import JsonCodec, RasaCodec
-from chatmw.exchange import Exchange, expand_all
+from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange, expand_all
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store import models
@@ -729,6 +729,33 @@ def stored_conversations(engine: Engine) -> list[models.Conversation]:
                                .order_by(models.Conversation.started_at_ms)).all()
         session.expunge_all()
     return list(rows)
+
+
+def test_captured_exchange_matches_dataclass() -> None:
+    decoder = ExchangeDecoder(CODEC)
+    values = {
+        "channel": "web",
+        "occurred_at": T0,
+        "key": "asgi:prefix:7",
+        "decoder": decoder,
+        "request": b'{"message": "hi"}',
+        "response": b'{"replies": []}',
+        "status": 201,
+        "latency_ms": 12.5,
+        "response_state": "too_large",
+        "content_encoding": b"gzip",
+    }
+    # Every field of Exchange must be an argument of the fast constructor.
+    assert list(values) == list(Exchange.__dataclass_fields__)
+
+    fast = captured_exchange(**values)
+    checked = Exchange(**values)
+
+    assert type(fast) is Exchange
+    assert fast == checked
+    for name, value in values.items():
+        assert getattr(fast, name) is value, name
+    assert expand_all([fast]) == expand_all([checked])
 
 
 def test_exchange_stored_with_latency(engine: Engine, store_recorder: Recorder) -> None:

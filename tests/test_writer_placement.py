@@ -248,6 +248,29 @@ def test_writer_process_runs_nicer(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert niceness == 7
 
 
+def test_writer_process_default_priority(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    monkeypatch.delenv("CHATMW_WRITER_NICE", raising=False)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    runtime = Runtime.from_settings(Settings(database_url=url, writer_process=True), privacy=None)
+    runtime.start()
+    try:
+        writer = runtime.recorder.writer
+        assert isinstance(writer, ProcessWriter)
+        assert runtime.recorder.submit(exchange(0))
+        assert runtime.recorder.flush(60)
+        child = writer._process.pid
+        parent_niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        child_niceness = os.getpriority(os.PRIO_PROCESS, child)
+        policy = os.sched_getscheduler(child) if hasattr(os, "SCHED_BATCH") else None
+    finally:
+        runtime.stop()
+    # The niceness is capped at 19: a parent already at 19 leaves no room below it.
+    assert child_niceness == min(19, parent_niceness + 19)
+    if policy is not None:
+        assert policy == os.SCHED_BATCH
+
+
 @pytest.mark.parametrize("raw", ["high", "-1", "20"])
 def test_writer_niceness_rejects_bad_values(raw: str) -> None:
     with pytest.raises(ValueError, match="CHATMW_WRITER_NICE must be an integer from 0 to 19"):
