@@ -205,12 +205,13 @@ def captured_exchange(channel: str, occurred_at: datetime, key: str, decoder: Ex
                       request: bytes, response: bytes, status: int | None,
                       latency_ms: float | None, response_state: str,
                       content_encoding: bytes) -> Exchange:
-    """Build an :class:`Exchange` as ``Exchange(...)`` does, about three times faster.
+    """Build an :class:`Exchange` as ``Exchange(...)`` does, in about a third of the time.
 
     The middleware builds one per chat request on the bot's event loop. A frozen
-    dataclass sets each field through ``object.__setattr__``; this sets the slots
-    directly. Every field must be given: ``tests/test_middleware.py`` compares the result
-    with the dataclass's own construction.
+    dataclass sets each field through ``object.__setattr__``, and this function sets the
+    slots directly (measured with ``timeit`` on CPython 3.11). Every field must be given,
+    and ``tests/test_middleware.py`` compares the result with the dataclass's own
+    construction.
     """
     exchange = object.__new__(Exchange)
     _set_channel(exchange, channel)

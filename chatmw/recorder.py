@@ -582,8 +582,8 @@ class Recorder:
         batch: list[object] = [] if item is _WAKE else [item]
         closes_at = time.monotonic() + self.settings.batch_interval_s
         while batch and len(batch) < self.settings.batch_size:
-            taken = self._queue.take(self.settings.batch_size - len(batch))
-            if not taken:
+            drained = self._queue.take(self.settings.batch_size - len(batch))
+            if not drained:
                 # Wait once for a full batch (or the batch's age) rather than once per event.
                 remaining = closes_at - time.monotonic()
                 if remaining <= 0:
@@ -591,8 +591,8 @@ class Recorder:
                 self._batch_ready.wait(remaining)
                 self._batch_ready.clear()
                 continue
-            stopping = taken[-1] is _STOP
-            batch.extend(item for item in taken if item is not _WAKE and item is not _STOP)
+            stopping = drained[-1] is _STOP
+            batch.extend(item for item in drained if item is not _WAKE and item is not _STOP)
             if stopping:
                 return batch, True
         return batch, False

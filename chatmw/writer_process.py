@@ -220,7 +220,7 @@ def _lower_priority() -> None:
             os.nice(niceness)
     if niceness and hasattr(os, "SCHED_BATCH"):
         # Linux: a batch task that wakes up (a new batch arrived) does not preempt the
-        # application's running thread, it waits for the next scheduling tick. Any user
+        # application's running thread. It waits for the next scheduling tick. Any user
         # may choose this policy, so a failure here is unexpected and only skipped.
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
