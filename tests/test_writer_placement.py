@@ -265,8 +265,8 @@ def test_writer_process_default_priority(monkeypatch: pytest.MonkeyPatch,
         policy = os.sched_getscheduler(child) if hasattr(os, "SCHED_BATCH") else None
     finally:
         runtime.stop()
-    # The niceness is capped at 19: a parent already at 19 leaves no room below it.
-    assert child_niceness == min(19, parent_niceness + 19)
+    # The niceness is capped at 19: a parent at 15 or more leaves less room than 5.
+    assert child_niceness == min(19, parent_niceness + 5)
     if policy is not None:
         assert policy == os.SCHED_BATCH
 

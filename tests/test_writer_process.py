@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import multiprocessing
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -13,7 +14,16 @@ from chatmw import events as ev
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Conversation, Message
-from chatmw.writer_process import ProcessWriter, WriteRejected, build_writer
+from chatmw.codecs import JsonCodec
+from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange
+from chatmw.writer_process import (
+    SEND_CHUNK,
+    ProcessWriter,
+    WriteRejected,
+    _receive_batch,
+    _send_in_chunks,
+    build_writer,
+)
 
 T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 
@@ -39,6 +49,47 @@ def _messages(count: int) -> list[ev.Event]:
                        role="user" if index % 2 == 0 else "bot", user_id="u1", text="hello",
                        conversation_id="c1")
             for index in range(count)]
+
+
+def _exchanges(count: int) -> list[ev.Event]:
+    decoder = ExchangeDecoder(JsonCodec(text_path="message", user_id_path="user_id"))
+    return [captured_exchange("web", T0 + timedelta(seconds=index), f"asgi:p:{index}", decoder,
+                              b'{"user_id": "u1", "message": "hi"}', b'{"replies": []}',
+                              200, 1.5 + index, "complete", b"")
+            for index in range(count)]
+
+
+def test_batch_chunks_round_trip() -> None:
+    # Chunks of exchanges only travel as rows; a chunk with other events travels as is.
+    exchanges = _exchanges(SEND_CHUNK + 30)
+    batch = exchanges[:SEND_CHUNK] + _messages(3) + exchanges[SEND_CHUNK:]
+    parent, child = multiprocessing.Pipe()
+    try:
+        _send_in_chunks(parent, batch)
+        received = _receive_batch(child)
+    finally:
+        parent.close()
+        child.close()
+
+    assert received is not None
+    assert len(received) == len(batch)
+    assert [type(event) for event in received] == [type(event) for event in batch]
+    assert received == batch
+    first = received[0]
+    assert isinstance(first, Exchange)
+    assert first.latency_ms == 1.5
+    assert first.decoder.codec == exchanges[0].decoder.codec  # type: ignore[attr-defined]
+
+
+def test_receive_batch_ends_on_stop() -> None:
+    parent, child = multiprocessing.Pipe()
+    try:
+        parent.send(None)
+        assert _receive_batch(child) is None
+        parent.close()
+        assert _receive_batch(child) is None
+    finally:
+        child.close()
 
 
 def test_process_writer_stores_through_recorder(engine: Engine, database_url: str) -> None:
