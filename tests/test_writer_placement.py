@@ -231,26 +231,9 @@ def test_daemonic_process_keeps_thread_writer(monkeypatch: pytest.MonkeyPatch,
     runtime.engine.dispose()
 
 
-def test_writer_process_runs_nicer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("CHATMW_WRITER_NICE", "7")
-    url = f"sqlite:///{tmp_path / 'w.db'}"
-    runtime = Runtime.from_settings(Settings(database_url=url, writer_process=True), privacy=None)
-    runtime.start()
-    try:
-        writer = runtime.recorder.writer
-        assert isinstance(writer, ProcessWriter)
-        assert runtime.recorder.submit(exchange(0))
-        assert runtime.recorder.flush(60)
-        child = writer._process.pid
-        niceness = os.getpriority(os.PRIO_PROCESS, child) - os.getpriority(os.PRIO_PROCESS, 0)
-    finally:
-        runtime.stop()
-    assert niceness == 7
-
-
-def test_writer_process_default_priority(monkeypatch: pytest.MonkeyPatch,
-                                         tmp_path: Path) -> None:
-    monkeypatch.delenv("CHATMW_WRITER_NICE", raising=False)
+def _child_priority(tmp_path: Path) -> tuple[int, int, int | None]:
+    # Starts a runtime with a writer process, writes one exchange, and returns the parent's
+    # niceness, the child's niceness and the child's scheduling policy (None off Linux).
     url = f"sqlite:///{tmp_path / 'w.db'}"
     runtime = Runtime.from_settings(Settings(database_url=url, writer_process=True), privacy=None)
     runtime.start()
@@ -265,6 +248,19 @@ def test_writer_process_default_priority(monkeypatch: pytest.MonkeyPatch,
         policy = os.sched_getscheduler(child) if hasattr(os, "SCHED_BATCH") else None
     finally:
         runtime.stop()
+    return parent_niceness, child_niceness, policy
+
+
+def test_writer_process_runs_nicer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHATMW_WRITER_NICE", "7")
+    parent_niceness, child_niceness, _ = _child_priority(tmp_path)
+    assert child_niceness - parent_niceness == 7
+
+
+def test_writer_process_default_priority(monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    monkeypatch.delenv("CHATMW_WRITER_NICE", raising=False)
+    parent_niceness, child_niceness, policy = _child_priority(tmp_path)
     # The niceness is capped at 19: a parent at 15 or more leaves less room than 5.
     assert child_niceness == min(19, parent_niceness + 5)
     if policy is not None:
