@@ -14,7 +14,6 @@ Expanding an exchange is deterministic: the keys of the messages come from the e
 from __future__ import annotations
 
 import logging
-import operator
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -25,8 +24,7 @@ from typing import Any
 from chatmw import events as ev
 from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
 
-__all__ = ["Exchange", "ExchangeDecoder", "captured_exchange", "exchange_fields", "expand_all",
-           "RESPONSE_STATES"]
+__all__ = ["Exchange", "ExchangeDecoder", "captured_exchange", "expand_all", "RESPONSE_STATES"]
 
 logger = logging.getLogger("chatmw")
 
@@ -201,11 +199,6 @@ _set_status = _slot_setter("status")
 _set_latency_ms = _slot_setter("latency_ms")
 _set_response_state = _slot_setter("response_state")
 _set_content_encoding = _slot_setter("content_encoding")
-
-
-# The field values of an exchange as a tuple, in field order: the arguments of
-# captured_exchange. One C call, where a loop of getattr costs one call per field.
-exchange_fields = operator.attrgetter(*Exchange.__dataclass_fields__)
 
 
 def captured_exchange(channel: str, occurred_at: datetime, key: str, decoder: ExchangeDecoder,

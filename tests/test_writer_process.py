@@ -60,7 +60,7 @@ def _exchanges(count: int) -> list[ev.Event]:
 
 
 def test_batch_chunks_round_trip() -> None:
-    # Chunks of exchanges only travel as rows; a chunk with other events travels as is.
+    # Exchanges and messages, over more than one chunk, come back equal and in order.
     exchanges = _exchanges(SEND_CHUNK + 30)
     batch = exchanges[:SEND_CHUNK] + _messages(3) + exchanges[SEND_CHUNK:]
     parent, child = multiprocessing.Pipe()
