@@ -384,11 +384,11 @@ class KnownKeys:
     """Natural keys of rows found stored, with their ids, at most ``size`` of them.
 
     :func:`resolve_contacts` and :func:`resolve_named_conversations` neither insert nor
-    read the rows it holds: they return the remembered ids. Those ids may be stale once
-    erasure or retention removed a row, or a failed transaction never stored it (and
-    SQLite may give the id to another row), so the caller checks them in the same
-    transaction and calls :meth:`clear` when one is wrong (see ``chatmw.store.writer``).
-    The oldest keys are dropped first.
+    read the rows it holds: they return the remembered ids. An id is stale when erasure or
+    retention removed its row or a failed transaction never stored it, and SQLite may give
+    that id to another row. So the caller checks the ids in the same transaction and calls
+    :meth:`clear` when one is wrong (see ``chatmw.store.writer``). The oldest keys are
+    dropped first.
     """
 
     def __init__(self, size: int = 100_000) -> None:

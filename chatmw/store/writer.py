@@ -139,9 +139,9 @@ class Writer:
         try:
             return self._write_once(batch)
         except (_RowsRemoved, IntegrityError) as error:
-            # A remembered id may name a removed row: the batch fails the checks of its
-            # ids (_RowsRemoved) or a foreign key of a new conversation. The second write
-            # reads every id (see _write_once).
+            # A remembered id may name a removed row. Then the batch fails the checks of
+            # its ids (_RowsRemoved) or a foreign key of a new conversation, and the second
+            # write reads every id (see _write_once).
             if isinstance(error, IntegrityError) and not remembered:
                 raise
             return self._write_once(batch)
