@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -569,9 +570,10 @@ def _removed_row_message(key: str, minute: int) -> ev.Message:
                       role="user", user_id="u1", conversation_id="c1", text="hello")
 
 
-def _remove_before_insert(table: str, times: int) -> tuple[Any, list[str]]:
-    # A cursor listener that runs the removal of ``table`` before the first ``times``
-    # inserts of messages, and the list of the removals it ran.
+@contextlib.contextmanager
+def _removing(engine: Engine, table: str, times: int) -> Iterator[list[str]]:
+    # Runs the removal of ``table`` before each of the first ``times`` inserts of messages,
+    # in the inserting transaction, and yields the list of the removals run.
     removed: list[str] = []
 
     def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
@@ -580,7 +582,11 @@ def _remove_before_insert(table: str, times: int) -> tuple[Any, list[str]]:
             for sql in REMOVALS[table]:
                 cursor.execute(sql)
 
-    return remove, removed
+    event.listen(engine, "before_cursor_execute", remove)
+    try:
+        yield removed
+    finally:
+        event.remove(engine, "before_cursor_execute", remove)
 
 
 @pytest.mark.parametrize("table", sorted(REMOVALS))
@@ -589,13 +595,10 @@ def test_write_fails_on_removed_rows(engine: Engine, table: str) -> None:
     # again at once, so the write fails.
     writer = Writer(engine)
     writer.write([_removed_row_message("m1", 0)])
-    remove, removed = _remove_before_insert(table, times=2)
-    event.listen(engine, "before_cursor_execute", remove)
-    try:
-        with pytest.raises(OperationalError, match=f"1 rows of {table} that the batch uses were removed"):
-            writer.write([_removed_row_message("m2", 1)])
-    finally:
-        event.remove(engine, "before_cursor_execute", remove)
+    message = f"1 rows of {table} that the batch uses were removed"
+    with (_removing(engine, table, times=2) as removed,
+          pytest.raises(OperationalError, match=message)):
+        writer.write([_removed_row_message("m2", 1)])
     assert removed == [table, table]
     with Session(engine) as session:
         assert set(session.scalars(select(models.Message.key))) == {"m1"}
@@ -614,12 +617,8 @@ def test_write_retries_after_removed_rows(engine: Engine, table: str) -> None:
     # batch in a second transaction with the ids read again.
     writer = Writer(engine)
     writer.write([_removed_row_message("m1", 0)])
-    remove, removed = _remove_before_insert(table, times=1)
-    event.listen(engine, "before_cursor_execute", remove)
-    try:
+    with _removing(engine, table, times=1) as removed:
         assert writer.write([_removed_row_message("m2", 1)]) == 1
-    finally:
-        event.remove(engine, "before_cursor_execute", remove)
     assert removed == [table]
     with Session(engine) as session:
         messages = session.execute(select(models.Message.key, models.Contact.external_id,
