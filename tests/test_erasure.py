@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -564,36 +565,70 @@ REMOVALS = {
 }
 
 
-@pytest.mark.parametrize("table", sorted(REMOVALS))
-def test_write_fails_on_removed_rows(engine: Engine, table: str) -> None:
-    def message(key: str, minute: int) -> ev.Message:
-        return ev.Message(channel="web", occurred_at=T0 + timedelta(minutes=minute), key=key,
-                          role="user", user_id="u1", conversation_id="c1", text="hello")
+def _removed_row_message(key: str, minute: int) -> ev.Message:
+    return ev.Message(channel="web", occurred_at=T0 + timedelta(minutes=minute), key=key,
+                      role="user", user_id="u1", conversation_id="c1", text="hello")
 
-    writer = Writer(engine)
-    writer.write([message("m1", 0)])
+
+@contextlib.contextmanager
+def _removing(engine: Engine, table: str, times: int) -> Iterator[list[str]]:
+    # Runs the removal of ``table`` before each of the first ``times`` inserts of messages,
+    # in the inserting transaction, and yields the list of the removals run.
     removed: list[str] = []
 
     def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("INSERT INTO messages") and not removed:
+        if statement.startswith("INSERT INTO messages") and len(removed) < times:
             removed.append(table)
             for sql in REMOVALS[table]:
                 cursor.execute(sql)
 
     event.listen(engine, "before_cursor_execute", remove)
     try:
-        with pytest.raises(OperationalError, match=f"1 rows of {table} that the batch uses were removed"):
-            writer.write([message("m2", 1)])
+        yield removed
     finally:
         event.remove(engine, "before_cursor_execute", remove)
-    assert removed == [table]
+
+
+@pytest.mark.parametrize("table", sorted(REMOVALS))
+def test_write_fails_on_removed_rows(engine: Engine, table: str) -> None:
+    # The rows are removed in both the first transaction and the one the writer runs
+    # again at once, so the write fails.
+    writer = Writer(engine)
+    writer.write([_removed_row_message("m1", 0)])
+    message = f"1 rows of {table} that the batch uses were removed"
+    with (_removing(engine, table, times=2) as removed,
+          pytest.raises(OperationalError, match=message)):
+        writer.write([_removed_row_message("m2", 1)])
+    assert removed == [table, table]
     with Session(engine) as session:
         assert set(session.scalars(select(models.Message.key))) == {"m1"}
 
-    writer.write([message("m2", 1)])
+    writer.write([_removed_row_message("m2", 1)])
     with Session(engine) as session:
         keys = set(session.scalars(select(models.Message.key)))
     assert keys == {"m1", "m2"}
+    assert orphan_messages(engine) == []
+
+
+@pytest.mark.parametrize("table", sorted(REMOVALS))
+def test_write_retries_after_removed_rows(engine: Engine, table: str) -> None:
+    # A removal during the first transaction fails it (the removal runs in that
+    # transaction here, so it is rolled back too), and the same write call stores the
+    # batch in a second transaction with the ids read again.
+    writer = Writer(engine)
+    writer.write([_removed_row_message("m1", 0)])
+    with _removing(engine, table, times=1) as removed:
+        assert writer.write([_removed_row_message("m2", 1)]) == 1
+    assert removed == [table]
+    with Session(engine) as session:
+        messages = session.execute(select(models.Message.key, models.Contact.external_id,
+                                          models.Conversation.external_id)
+                                   .join(models.Contact,
+                                         models.Contact.id == models.Message.contact_id)
+                                   .join(models.Conversation,
+                                         models.Conversation.id == models.Message.conversation_id)
+                                   ).all()
+    assert sorted(tuple(row) for row in messages) == [("m1", "u1", "c1"), ("m2", "u1", "c1")]
     assert orphan_messages(engine) == []
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -151,3 +151,97 @@ def test_known_contacts_still_take_write_lock(engine: Engine) -> None:
                 other.execute("BEGIN IMMEDIATE")
     finally:
         other.close()
+
+
+def _person_rows(engine: Engine) -> dict[str, Any]:
+    # Each user's contact, with the natural keys of the conversations and the contacts
+    # that its messages point to.
+    message, contact, conversation = models.Message, models.Contact, models.Conversation
+    with engine.connect() as connection:
+        contacts = {row.id: row for row in connection.execute(select(contact))}
+        conversations = {row.id: row for row in connection.execute(select(conversation))}
+        messages = connection.execute(select(message.key, message.contact_id,
+                                             message.conversation_id)).all()
+    return {
+        "contacts": sorted((row.channel, row.external_id, row.first_seen_ms, row.last_seen_ms)
+                           for row in contacts.values()),
+        "conversations": sorted(
+            (row.channel, row.external_id, contacts[row.contact_id].external_id,
+             row.message_count) for row in conversations.values()),
+        "messages": sorted(
+            (key, contacts[contact_id].external_id, conversations[conversation_id].external_id)
+            for key, contact_id, conversation_id in messages),
+    }
+
+
+def _named_message(key: str, user_id: str, conversation_id: str, at_ms: int) -> ev.Message:
+    at = datetime(2025, 6, 1, tzinfo=UTC) + timedelta(milliseconds=at_ms)
+    return ev.Message(channel="web", occurred_at=at, key=key, role="user", user_id=user_id,
+                      conversation_id=conversation_id, text="hello")
+
+
+def test_remembered_ids_of_replaced_rows(engine: Engine) -> None:
+    # The writer remembers the ids of a contact and a conversation. Erasure removes both,
+    # and another writer stores a new person, to whom SQLite gives the same ids (the
+    # highest ones). The next message of the erased person must get rows of its own.
+    writer = build_writer(Settings(sentiment=False), engine)
+    writer.write([_named_message("a1", "erased", "c-erased", 0)])
+    erase_person(engine, "web", "erased")
+    other = build_writer(Settings(sentiment=False), engine)
+    other.write([_named_message("b1", "other", "c-other", 1_000)])
+    writer.write([_named_message("a2", "erased", "c-erased", 2_000)])
+
+    stored = _person_rows(engine)
+    assert stored["messages"] == [
+        ("a2", "erased", "c-erased"),
+        ("b1", "other", "c-other"),
+    ]
+    assert stored["contacts"] == [
+        ("web", "erased", 1_748_736_002_000, 1_748_736_002_000),
+        ("web", "other", 1_748_736_001_000, 1_748_736_001_000),
+    ]
+    assert stored["conversations"] == [
+        ("web", "c-erased", "erased", 1),
+        ("web", "c-other", "other", 1),
+    ]
+
+
+def test_remembered_ids_skip_reads(engine: Engine) -> None:
+    # A second batch of known users reads neither contacts nor conversations by their
+    # natural keys, and stores the same rows as a writer that remembers nothing.
+    writer = build_writer(Settings(sentiment=False), engine)
+    writer.write([_named_message(f"a{i}", f"u{i}", f"c{i}", i) for i in range(5)])
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        writer.write([_named_message(f"b{i}", f"u{i}", f"c{i}", 100 + i) for i in range(5)])
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    by_natural_key = [s for s in statements if s.startswith("SELECT t.channel, t.external_id")]
+    assert by_natural_key == []
+    assert len(writer.contact_keys) == 5
+    assert len(writer.conversation_keys) == 5
+    assert [row[3] for row in _person_rows(engine)["conversations"]] == [2] * 5
+
+
+def test_failed_write_forgets_ids(engine: Engine) -> None:
+    # The rows that a failed transaction inserted are gone, so their ids are forgotten.
+    writer = build_writer(Settings(sentiment=False), engine)
+    message_handler = writer.handlers[ev.Message]
+
+    def failing(session: Session, messages: list[Any]) -> None:
+        message_handler(session, messages)
+        raise _Failure
+
+    writer.handlers[ev.Message] = failing
+    with pytest.raises(_Failure):
+        writer.write([_named_message("a1", "u1", "c1", 0)])
+    assert len(writer.contact_keys) == 0
+    assert len(writer.conversation_keys) == 0
+    writer.handlers[ev.Message] = message_handler
+    writer.write([_named_message("a1", "u1", "c1", 0)])
+    assert _person_rows(engine)["messages"] == [("a1", "u1", "c1")]

@@ -309,6 +309,7 @@ class RefreshPlan:
     once the plan is applied. ``with_intent`` are the conversations that have an intent.
     ``moved`` are the conversations whose start the plan changes, with their start before.
     ``same_start`` are the conversations whose stored start time the plan keeps.
+    ``identities`` maps each stored conversation of the rows to its channel and external id.
     """
 
     conversation_ids: list[int]
@@ -320,6 +321,7 @@ class RefreshPlan:
     with_intent: set[int] = field(default_factory=set)
     moved: list[tuple[int, int]] = field(default_factory=list)
     same_start: set[int] = field(default_factory=set)
+    identities: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
@@ -360,9 +362,11 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     with_intent: set[int] = set()
     moved: list[tuple[int, int]] = []
     same_start: set[int] = set()
+    identities: dict[int, tuple[str, str]] = {}
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
+        identities.update((cid, (row[0], row[1])) for cid, row in conversations.items())
         with_intent.update(conversation_id for conversation_id, row in conversations.items()
                            if row[9])
         additions = {conversation_id: _added(new_rows.get(conversation_id, ()))
@@ -407,7 +411,7 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
     return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
-                       stored_rows, with_intent, moved, same_start)
+                       stored_rows, with_intent, moved, same_start, identities)
 
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -381,56 +381,78 @@ def select_by_keys(session: Session, table: Table, key_columns: Sequence[str],
 
 
 class KnownKeys:
-    """Natural keys of rows found stored, at most ``size`` of them (the oldest are dropped).
+    """Natural keys of rows found stored, with their ids, at most ``size`` of them.
 
-    :func:`resolve_contacts` and :func:`resolve_named_conversations` skip the insert of
-    the rows they hold, and insert a row that turns out to be missing after all.
+    :func:`resolve_contacts` and :func:`resolve_named_conversations` neither insert nor
+    read the rows it holds: they return the remembered ids. An id is stale when erasure or
+    retention removed its row or a failed transaction never stored it, and SQLite may give
+    that id to another row. So the caller checks the ids in the same transaction and calls
+    :meth:`clear` when one is wrong (see ``chatmw.store.writer``). The oldest keys are
+    dropped first.
     """
 
     def __init__(self, size: int = 100_000) -> None:
         self.size = size
-        self._keys: dict[Any, None] = {}
+        self._ids: dict[Any, int] = {}
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._ids
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._ids)
 
-    def add(self, keys: Iterable[Any]) -> None:
-        """Remember ``keys``."""
-        entries = self._keys
-        for key in keys:
-            entries[key] = None
+    def get(self, key: Any) -> int | None:
+        """Return the remembered id of ``key``, or ``None``."""
+        return self._ids.get(key)
+
+    def add(self, ids: Mapping[Any, int]) -> None:
+        """Remember the id of each key of ``ids``."""
+        entries = self._ids
+        entries.update(ids)
         excess = len(entries) - self.size
         if excess > 0:
             for key in list(itertools.islice(entries, excess)):
                 del entries[key]
 
+    def clear(self) -> None:
+        """Forget every key."""
+        self._ids.clear()
+
 
 def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[str, Any]],
              known: KnownKeys | None) -> dict[tuple[str, str], int]:
-    # Inserts the rows whose (channel, external_id) ``known`` does not hold, then reads the
-    # ids of every row. A known row that is missing (removed since) is inserted then.
+    # Takes the ids that ``known`` holds, inserts the other rows and reads their ids. A row
+    # that the insert skipped and that is gone when read (removed by another transaction
+    # in between) is inserted again.
     keys = sorted(rows)
-    unknown = keys if known is None else [key for key in keys if key not in known]
-    if unknown:
-        insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
-    else:
-        _hold_write_lock(session, table)
     found: dict[tuple[str, str], int] = {}
+    unknown = keys
+    if known is not None:
+        unknown = []
+        for key in keys:
+            row_id = known.get(key)
+            if row_id is None:
+                unknown.append(key)
+            else:
+                found[key] = row_id
+    if not unknown:
+        _hold_write_lock(session, table)
+        return found
+    insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
+    read: dict[tuple[str, str], int] = {}
     for channel, external, row_id in select_by_keys(
-            session, table, ("channel", "external_id"), keys, ("channel", "external_id", "id")):
-        found[(channel, external)] = row_id
-    if len(found) < len(keys):
-        missing = [key for key in keys if key not in found]
+            session, table, ("channel", "external_id"), unknown, ("channel", "external_id", "id")):
+        read[(channel, external)] = row_id
+    if len(read) < len(unknown):
+        missing = [key for key in unknown if key not in read]
         insert_ignore(session, table, [rows[key] for key in missing], ["channel", "external_id"])
         for channel, external, row_id in select_by_keys(
                 session, table, ("channel", "external_id"), missing,
                 ("channel", "external_id", "id")):
-            found[(channel, external)] = row_id
+            read[(channel, external)] = row_id
     if known is not None:
-        known.add(found)
+        known.add(read)
+    found.update(read)
     return found
 
 
@@ -449,7 +471,7 @@ def resolve_contacts(session: Session, identities: dict[tuple[str, str], int],
 
     ``identities`` maps each pair to the earliest time (ms) it was seen in the batch.
     Concurrent writers are safe: the unique constraint decides, and ids are read back.
-    The pairs in ``known`` are not inserted unless they are missing.
+    The pairs in ``known`` get their remembered ids, unchecked.
     """
     if not identities:
         return {}
@@ -468,7 +490,7 @@ def resolve_named_conversations(
     """Return conversation ids for ``(channel, external_id)``, creating missing ones.
 
     ``wanted`` maps each pair to ``(earliest time in ms, contact id)``. The pairs in
-    ``known`` are not inserted unless they are missing.
+    ``known`` get their remembered ids, unchecked.
     """
     if not wanted:
         return {}

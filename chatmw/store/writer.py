@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, select, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -135,12 +135,31 @@ class Writer:
         (one each for keys repeated in the batch), so a repeated batch has none.
         """
         batch = self.expand(batch)
-        with Session(self.engine) as session:
-            with session.begin():
-                self.write_in(session, batch)
-            # Committed: the conversation figures planned in the transaction now hold.
-            self.conversations.update(session.info.pop(_PENDING_STATES, {}))
-            return len(batch), session.info.get(_NEW_MESSAGES, 0)
+        remembered = len(self.contact_keys) + len(self.conversation_keys)
+        try:
+            return self._write_once(batch)
+        except (_RowsRemoved, IntegrityError) as error:
+            # A remembered id may name a removed row. Then the batch fails the checks of
+            # its ids (_RowsRemoved) or a foreign key of a new conversation, and the second
+            # write reads every id (see _write_once).
+            if isinstance(error, IntegrityError) and not remembered:
+                raise
+            return self._write_once(batch)
+
+    def _write_once(self, batch: Sequence[ev.Event]) -> tuple[int, int]:
+        try:
+            with Session(self.engine) as session:
+                with session.begin():
+                    self.write_in(session, batch)
+                # Committed: the conversation figures planned in the transaction now hold.
+                self.conversations.update(session.info.pop(_PENDING_STATES, {}))
+                return len(batch), session.info.get(_NEW_MESSAGES, 0)
+        except BaseException:
+            # The remembered ids may name rows that erasure or retention removed, or rows
+            # inserted by this failed transaction, so all of them are read again.
+            self.contact_keys.clear()
+            self.conversation_keys.clear()
+            raise
 
     def expand(self, batch: Sequence[ev.Event]) -> Sequence[ev.Event]:
         """Decode the chat exchanges of ``batch`` into events, passed through ``transform``.
@@ -182,7 +201,7 @@ class Writer:
             return
         times = [ev.to_ms(message.occurred_at) for message in messages]
         contacts = self._contacts_for(session, messages, times)
-        conversation_ids = self._conversations_for(session, messages, times, contacts)
+        conversation_ids, named_ids = self._conversations_for(session, messages, times, contacts)
 
         rows = []
         for message, at_ms, conversation_id in zip(messages, times, conversation_ids, strict=True):
@@ -215,6 +234,10 @@ class Writer:
         pending: dict[int, ConversationState] = session.info.setdefault(_PENDING_STATES, {})
         plan = plan_refresh(session, rows, lambda conversation_id: (
             pending.get(conversation_id) or self.conversations.get(conversation_id)))
+        # The ids of named conversations may come from memory (KnownKeys): the plan's read
+        # of their rows checks them before any message goes in.
+        if any(plan.identities.get(cid) != key for key, cid in named_ids.items()):
+            raise _removed_meanwhile("conversations", 1)
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
                                          plan.expected)
         session.info[_NEW_MESSAGES] = session.info.get(_NEW_MESSAGES, 0) + len(plan.expected)
@@ -271,8 +294,11 @@ class Writer:
             first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
         return resolve_contacts(session, first_seen, self.contact_keys)
 
-    def _conversations_for(self, session: Session, messages: Sequence[ev.Message],
-                           times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> list[int]:
+    def _conversations_for(
+        self, session: Session, messages: Sequence[ev.Message], times: Sequence[int],
+        contacts: Mapping[tuple[str, str], int],
+    ) -> tuple[list[int], dict[tuple[str, str], int]]:
+        # Returns each message's conversation id, and the ids of the named conversations.
         named: dict[tuple[str, str], tuple[int, int | None]] = {}
         unnamed: list[tuple[str, int, str, int]] = []
         unnamed_index: list[int] = []
@@ -296,7 +322,7 @@ class Writer:
         for position, index in enumerate(unnamed_index):
             result[index] = sessions[position]
         self._claim_owners(session, named, named_ids)
-        return result
+        return result, named_ids
 
     def _claim_owners(self, session: Session, named: Mapping[tuple[str, str], tuple[int, int | None]],
                       named_ids: Mapping[tuple[str, str], int]) -> None:
@@ -321,6 +347,11 @@ class Writer:
 
     def _touch_contacts(self, session: Session, messages: Sequence[ev.Message],
                         times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> None:
+        # The ids of contacts may come from memory (KnownKeys), so the update matches each
+        # row by its id and natural key, and a row that does not match fails the batch.
+        identities = {cid: identity for identity, cid in contacts.items()}
+        if len(identities) < len(contacts):
+            raise _removed_meanwhile("contacts", len(contacts) - len(identities))
         seen: dict[int, list[int | None]] = {}
         for message, at_ms in zip(messages, times, strict=True):
             contact_id = contacts[(message.channel, message.user_id)]
@@ -333,22 +364,25 @@ class Writer:
             # 1.9 ms for 1,300 contacts this way and 3.4 ms for the join with a JSON table.
             updated = session.connection().exec_driver_sql(
                 _TOUCH_CONTACTS_SQLITE,
-                [(first, last, last_user, cid) for cid, (first, last, last_user)
+                [(first, last, last_user, cid, *identities[cid]) for cid, (first, last, last_user)
                  in sorted(seen.items())]).rowcount
         else:
-            updated = self._touch_contacts_joined(session, seen)
+            updated = self._touch_contacts_joined(session, seen, identities)
         if updated < len(seen):
             raise _removed_meanwhile("contacts", len(seen) - updated)
 
-    def _touch_contacts_joined(self, session: Session,
-                               seen: Mapping[int, list[int | None]]) -> int:
-        rows = [{"contact_id": cid, "first": first, "last": last, "last_user": last_user}
+    def _touch_contacts_joined(self, session: Session, seen: Mapping[int, list[int | None]],
+                               identities: Mapping[int, tuple[str, str]]) -> int:
+        rows = [{"contact_id": cid, "channel": identities[cid][0],
+                 "external_id": identities[cid][1], "first": first, "last": last,
+                 "last_user": last_user}
                 for cid, (first, last, last_user) in sorted(seen.items())]
         return update_from(
             session, models.Contact.__table__, rows,
-            {"contact_id": Integer(), "first": BigInteger(), "last": BigInteger(),
-             "last_user": BigInteger()},
-            "contacts.id = changes.contact_id",
+            {"contact_id": Integer(), "channel": String(), "external_id": String(),
+             "first": BigInteger(), "last": BigInteger(), "last_user": BigInteger()},
+            "contacts.id = changes.contact_id AND contacts.channel = changes.channel "
+            "AND contacts.external_id = changes.external_id",
             "first_seen_ms = CASE WHEN contacts.first_seen_ms > changes.first "
             "THEN changes.first ELSE contacts.first_seen_ms END, "
             "last_seen_ms = CASE WHEN contacts.last_seen_ms < changes.last "
@@ -549,23 +583,29 @@ def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[in
         return None
 
 
+class _RowsRemoved(OperationalError):
+    """Rows that a batch resolved are gone, so the batch fails as retryable."""
+
+
 def _removed_meanwhile(table: str, count: int) -> OperationalError:
     # Erasure or retention removed rows that this transaction resolved and gave its messages
-    # (PostgreSQL, in another transaction). Messages have no foreign keys that would reject
-    # them, so the batch fails as retryable, and its next write creates the rows again.
-    return OperationalError(None, None, RuntimeError(
+    # (PostgreSQL, in another transaction), or rows whose ids the writer remembered.
+    # Messages have no foreign keys that would reject them, so the batch fails as
+    # retryable, and its next write creates the rows again.
+    return _RowsRemoved(None, None, RuntimeError(
         f"{count} rows of {table} that the batch uses were removed while it was written; "
         "write the batch again"))
 
 
 # Moves a contact's first and last seen times and last user message time to include a
-# batch's messages (parameters: first, last, last user message or NULL, contact id).
+# batch's messages (parameters: first, last, last user message or NULL, contact id,
+# channel, external id).
 _TOUCH_CONTACTS_SQLITE = (
     "UPDATE contacts SET first_seen_ms = min(first_seen_ms, ?1), "
     "last_seen_ms = max(last_seen_ms, ?2), "
     "last_user_message_ms = CASE WHEN ?3 IS NULL THEN last_user_message_ms "
     "WHEN last_user_message_ms IS NULL THEN ?3 ELSE max(last_user_message_ms, ?3) END "
-    "WHERE id = ?4")
+    "WHERE id = ?4 AND channel = ?5 AND external_id = ?6")
 
 # Types of the conversation columns that a ConversationUpdate sets.
 _UPDATE_TYPES: dict[str, Any] = {
