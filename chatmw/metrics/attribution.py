@@ -69,6 +69,18 @@ def attribution(
             "attribution is already split by source, medium, campaign and ad; remove group_by",
         )
     days = attribution_days(options or {})
+    # Imported here: the rollup modules import the conversion metric, which this one uses.
+    from chatmw.metrics.attribution_rollups import rolled_attribution
+
+    rolled = rolled_attribution(engine, flt, days)
+    if rolled is not None:
+        return {
+            "metric": "attribution",
+            "filters": flt.describe(),
+            "attribution_days": days,
+            **currency_of(engine),
+            **rolled,
+        }
     conversations = _conversation_touches(engine, flt)
     conversions_by_conversation: dict[int, dict[int, int]] = defaultdict(dict)
     all_conversions: dict[int, int] = {}
