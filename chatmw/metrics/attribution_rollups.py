@@ -1,10 +1,11 @@
 """Rollups of the ``attribution`` metric: touch labels per conversation, sets per day and week.
 
 ``rollup_attribution`` keeps one row per conversation, keyed by its start slot like the
-other rollups of started conversations: its channel, its contact and the label of each
-touch field (source, medium, campaign, ad) of its first and last touch, as the metric
-shows it (``(none)`` without a touch or value). A dirty start slot is recomputed from
-raw rows, so the rows follow late messages, moved starts and touch changes.
+other rollups of started conversations. A row contains the conversation's channel and
+contact, and the label of each touch field (source, medium, campaign, ad) of its first
+and last touch as the metric shows it (``(none)`` without a touch or value). A dirty
+start slot is recomputed from raw rows, so the rows follow late messages, moved starts
+and touch changes.
 
 ``rollup_attribution_sets`` sums those rows per UTC day and epoch week, channel, touch,
 field and label: the number of conversations and their contacts as a compressed bitset
@@ -32,6 +33,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.events_business import format_micros
+from chatmw.metrics.business_query import raw_links, serves_days, serves_filter
 from chatmw.metrics.contact_sets import count_union, decode, encode, plan_spans
 from chatmw.metrics.filters import TOUCH_FIELDS, MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
@@ -157,7 +159,7 @@ def _bitset_blob(bits: int) -> bytes:
 def refresh_attribution_sets(connection: Connection, ranges: Ranges) -> None:
     """Rebuild the day and week sets that contain ``ranges`` from the slot rows.
 
-    Ranges before the epoch have no sets: queries never read those slots from rollups.
+    Ranges before the epoch get no sets, because queries never read those slots from rollups.
     """
     days = aligned_ranges(ranges, DAY_MS)
     weeks = aligned_ranges(ranges, WEEK_MS)
@@ -283,7 +285,7 @@ def _add_slot_rows(
 def _add_raw_rows(
     connection: Connection, flt: MetricFilter, coverage: Coverage, sums: _Sums
 ) -> dict[int, list[str]]:
-    """Add the conversations of the raw ranges to ``sums``; return their labels by id."""
+    """Add the conversations of the raw ranges to ``sums`` and return their labels by id."""
     if not coverage.raw:
         return {}
     where = time_in_ranges(Conversation.started_at_ms, coverage.raw)
@@ -299,8 +301,6 @@ def _conversions(
     connection: Connection, flt: MetricFilter, coverage: Coverage, raw: dict[int, list[str]]
 ) -> tuple[dict[tuple[str, str, str], dict[int, int]], dict[int, int]]:
     """Return the attributed conversions (id -> micros) per label, and over the window."""
-    from chatmw.metrics.business_query import raw_links
-
     links = RollupConversionLinks
     labels = [getattr(RollupAttribution, column) for _, _, column in LABEL_COLUMNS]
     statement = (
@@ -356,8 +356,6 @@ def rolled_attribution(engine: Engine, flt: MetricFilter, days: float) -> dict[s
     None means that rollups do not serve the query: another attribution window, an
     attribute or touch filter, a grouping, or a window ``cover`` leaves to raw rows.
     """
-    from chatmw.metrics.business_query import serves_days, serves_filter
-
     if not (serves_days(days) and serves_filter(flt, (None,))):
         return None
     sums = _Sums()
