@@ -1,10 +1,10 @@
 """The attribution metric from rollups equals the attribution metric from raw rows.
 
-Random stores get conversations on three channels with first and last touches (some
-fields missing, empty or spelled ``(none)``), touches without a conversation that the
-writer links later, conversions naming a conversation or only a user, late first
-messages that move starts, duplicate messages, new touches that change a stored
-conversation's last touch, and conversions recorded after the conversations. Each
+Random stores get conversations on three channels with first and last touches, some
+with fields missing, empty or spelled ``(none)``. They also get touches without a
+conversation that the writer links later, and conversions naming a conversation or only
+a user. Later steps add late first messages that move starts, duplicate messages, new
+touches that change a stored conversation's last touch, and new conversions. Each
 check runs before the first refresh, after it, after new events that are not refreshed
 yet, and after the next refresh, on SQLite and PostgreSQL. The raw answer comes from
 ``raw_only``, which reads every conversation of the window.
@@ -23,7 +23,7 @@ from chatmw import events as ev
 from chatmw.business import BusinessSettings, install
 from chatmw.events_business import Conversion
 from chatmw.metrics.attribution import attribution
-from chatmw.metrics.attribution_rollups import rolled_attribution
+from chatmw.metrics.attribution_rollups import ALL_CHANNELS, rolled_attribution
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import raw_only
 from chatmw.metrics.rollup_refresh import rebuild, refresh
@@ -299,18 +299,23 @@ def test_attribution_rollups_random_stores(engine: Engine, seed: int) -> None:
 
 
 def test_attribution_reads_the_sets(engine: Engine) -> None:
-    """Altered week sets change the served answer; unserved queries keep the raw answer."""
+    """Altered week sets change the rolled result, and unserved queries keep the raw result."""
     Store(engine, seed=3).first_events()
     refresh(engine)
     before = _served(engine)
+    web = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS), channels=("web",))
+    web_before = attribution(engine, web)["totals"]
     with engine.begin() as connection:
         connection.execute(
             update(RollupAttributionSets)
-            .where(RollupAttributionSets.level == LEVEL_WEEK)
+            .where(RollupAttributionSets.level.in_((LEVEL_WEEK, LEVEL_WEEK + ALL_CHANNELS)))
             .values(conversations=RollupAttributionSets.conversations + 1000)
         )
     after = _served(engine)
+    # Each first-touch source label of the week gains 1000 conversations.
     assert after["totals"]["conversations"] > before["totals"]["conversations"] + 1000
+    web_after = attribution(engine, web)["totals"]
+    assert web_after["conversations"] > web_before["conversations"] + 1000
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS))
     with raw_only():
         raw = attribution(engine, flt)

@@ -34,7 +34,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.events_business import format_micros
 from chatmw.metrics.business_query import raw_links, serves_days, serves_filter
-from chatmw.metrics.contact_sets import count_union, decode, encode, plan_spans
+from chatmw.metrics.contact_sets import count_union, decode, encode, whole_periods
 from chatmw.metrics.filters import TOUCH_FIELDS, MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
@@ -45,12 +45,14 @@ from chatmw.store.models_rollups import (
     LEVEL_DAY,
     LEVEL_WEEK,
     LEVEL_WIDTH_MS,
+    SLOT_MS,
     RollupAttribution,
     RollupAttributionSets,
     RollupConversionLinks,
 )
 
 __all__ = [
+    "ALL_CHANNELS",
     "ATTRIBUTION_TABLES",
     "TOUCHES",
     "LABEL_COLUMNS",
@@ -78,6 +80,8 @@ DAY_MS = LEVEL_WIDTH_MS[LEVEL_DAY]
 WEEK_MS = LEVEL_WIDTH_MS[LEVEL_WEEK]
 # Ranges per statement, as in chatmw.metrics.rollup_refresh.
 _RANGES = 50
+# Added to the level of set rows that count every channel (their channel is "").
+ALL_CHANNELS = 10
 
 Ranges = list[tuple[int | None, int]]
 
@@ -134,21 +138,36 @@ def insert_attribution(connection: Connection, ranges: Ranges) -> None:
     refresh_attribution_sets(connection, ranges)
 
 
+Key = tuple[str, str, str]
+
+
 @dataclass(slots=True)
 class _Sums:
-    """Conversations and contacts per (touch, field, label), as bitsets and id lists."""
+    """Figures per (touch, field, label).
 
-    conversations: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
-    bits: dict[tuple[str, str, str], int] = field(default_factory=lambda: defaultdict(int))
-    ids: dict[tuple[str, str, str], list[int]] = field(default_factory=lambda: defaultdict(list))
+    ``bits`` and ``ids`` are contacts, as bitsets and as id lists. ``named`` and
+    ``named_micros`` count the conversions that name a conversation, which have one link
+    row each, so their counts add up across slots.
+    """
 
-    def add_row(self, contact_id: int | None, labels: Iterable[str]) -> None:
-        """Add one conversation with the labels of ``LABEL_COLUMNS``."""
+    conversations: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    bits: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    ids: dict[Key, list[int]] = field(default_factory=lambda: defaultdict(list))
+    named: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    named_micros: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add_row(
+        self, contact_id: int | None, labels: Iterable[str], named: tuple[int, int] = (0, 0)
+    ) -> None:
+        """Add one conversation with the labels of ``LABEL_COLUMNS`` and its named conversions."""
         for (touch, name, _), label in zip(LABEL_COLUMNS, labels, strict=True):
             key = (touch, name, label)
             self.conversations[key] += 1
             if contact_id is not None:
                 self.ids[key].append(int(contact_id))
+            if named[0]:
+                self.named[key] += named[0]
+                self.named_micros[key] += named[1]
 
 
 def _bitset_blob(bits: int) -> bytes:
@@ -156,10 +175,111 @@ def _bitset_blob(bits: int) -> bytes:
     return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 1)
 
 
+def _named_conversions(connection: Connection, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """Return (conversions, micros) per conversation of the named conversions in a slot range."""
+    links = RollupConversionLinks
+    statement = (
+        select(links.conversation_id, func.count(), func.sum(links.value_micros))
+        .where(links.by_user == 0, links.start_slot_ms >= start, links.start_slot_ms < end)
+        .group_by(links.conversation_id)
+    )
+    return {
+        int(conversation_id): (int(count), int(micros))
+        for conversation_id, count, micros in connection.execute(statement)
+    }
+
+
+def _set_row(
+    level: int, start: int, channel: str, key: Key, figures: tuple[int, int, int, bytes]
+) -> dict[str, Any]:
+    conversations, named, micros, blob = figures
+    return {
+        "level": level,
+        "start_ms": start,
+        "channel": channel,
+        "touch": key[0],
+        "field": key[1],
+        "value": key[2],
+        "conversations": conversations,
+        "named_conversions": named,
+        "named_micros": micros,
+        "contacts": blob,
+    }
+
+
+def _day_rows(connection: Connection, day: int) -> list[dict[str, Any]]:
+    """Return the set rows of one day, per channel and over all channels."""
+    named = _named_conversions(connection, day, day + DAY_MS)
+    labels = [getattr(RollupAttribution, column) for _, _, column in LABEL_COLUMNS]
+    statement = select(
+        RollupAttribution.conversation_id,
+        RollupAttribution.channel,
+        RollupAttribution.contact_id,
+        *labels,
+    ).where(RollupAttribution.start_slot_ms >= day, RollupAttribution.start_slot_ms < day + DAY_MS)
+    sums: dict[str, _Sums] = defaultdict(_Sums)
+    everywhere = _Sums()
+    for conversation_id, channel, contact_id, *values in connection.execute(statement):
+        figures = named.get(int(conversation_id), (0, 0))
+        sums[channel].add_row(contact_id, values, figures)
+        everywhere.add_row(contact_id, values, figures)
+    rows = []
+    for level, channel, day_sums in [
+        *((LEVEL_DAY, channel, channel_sums) for channel, channel_sums in sums.items()),
+        (LEVEL_DAY + ALL_CHANNELS, "", everywhere),
+    ]:
+        rows.extend(
+            _set_row(
+                level,
+                day,
+                channel,
+                key,
+                (count, day_sums.named[key], day_sums.named_micros[key], encode(day_sums.ids[key])),
+            )
+            for key, count in day_sums.conversations.items()
+        )
+    return rows
+
+
+def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
+    """Return the set rows of one week, summed from the rows of its days."""
+    sets = RollupAttributionSets
+    figures: dict[tuple[int, str, Key], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    statement = select(
+        sets.level,
+        sets.channel,
+        sets.touch,
+        sets.field,
+        sets.value,
+        sets.conversations,
+        sets.named_conversions,
+        sets.named_micros,
+        sets.contacts,
+    ).where(
+        sets.level.in_((LEVEL_DAY, LEVEL_DAY + ALL_CHANNELS)),
+        sets.start_ms >= week,
+        sets.start_ms < week + WEEK_MS,
+    )
+    for level, channel, touch, name, label, count, named, micros, blob in connection.execute(
+        statement
+    ):
+        sums = figures[(int(level) - LEVEL_DAY + LEVEL_WEEK, channel, (touch, name, label))]
+        sums[0] += int(count)
+        sums[1] += int(named)
+        sums[2] += int(micros)
+        sums[3] |= decode(blob)
+    return [
+        _set_row(level, week, channel, key, (count, named, micros, _bitset_blob(bits)))
+        for (level, channel, key), (count, named, micros, bits) in figures.items()
+    ]
+
+
 def refresh_attribution_sets(connection: Connection, ranges: Ranges) -> None:
     """Rebuild the day and week sets that contain ``ranges`` from the slot rows.
 
     Ranges before the epoch get no sets, because queries never read those slots from rollups.
+    The conversion links of ``ranges`` must be up to date, because the sets count the
+    conversions that name a conversation.
     """
     days = aligned_ranges(ranges, DAY_MS)
     weeks = aligned_ranges(ranges, WEEK_MS)
@@ -167,76 +287,49 @@ def refresh_attribution_sets(connection: Connection, ranges: Ranges) -> None:
         for part in _parts(list(spans)):
             connection.execute(
                 delete(RollupAttributionSets).where(
-                    RollupAttributionSets.level == level,
+                    RollupAttributionSets.level.in_((level, level + ALL_CHANNELS)),
                     time_in_ranges(RollupAttributionSets.start_ms, part),
                 )
             )
-    labels = [getattr(RollupAttribution, column) for _, _, column in LABEL_COLUMNS]
-    rows: list[dict[str, Any]] = []
-    for low, high in days:
-        for day in range(low, high, DAY_MS):
-            sums: dict[str, _Sums] = defaultdict(_Sums)
-            statement = select(
-                RollupAttribution.channel, RollupAttribution.contact_id, *labels
-            ).where(
-                RollupAttribution.start_slot_ms >= day,
-                RollupAttribution.start_slot_ms < day + DAY_MS,
-            )
-            for channel, contact_id, *values in connection.execute(statement):
-                sums[channel].add_row(contact_id, values)
-            rows.extend(
-                {
-                    "level": LEVEL_DAY,
-                    "start_ms": day,
-                    "channel": channel,
-                    "touch": touch,
-                    "field": name,
-                    "value": label,
-                    "conversations": count,
-                    "contacts": encode(channel_sums.ids.get((touch, name, label), [])),
-                }
-                for channel, channel_sums in sums.items()
-                for (touch, name, label), count in channel_sums.conversations.items()
-            )
-    if rows:
-        connection.execute(insert(RollupAttributionSets), rows)
-    rows = []
-    for low, high in weeks:
-        for week in range(low, high, WEEK_MS):
-            counts: dict[tuple[str, str, str, str], int] = defaultdict(int)
-            unions: dict[tuple[str, str, str, str], int] = defaultdict(int)
-            statement = select(
-                RollupAttributionSets.channel,
-                RollupAttributionSets.touch,
-                RollupAttributionSets.field,
-                RollupAttributionSets.value,
-                RollupAttributionSets.conversations,
-                RollupAttributionSets.contacts,
-            ).where(
-                RollupAttributionSets.level == LEVEL_DAY,
-                RollupAttributionSets.start_ms >= week,
-                RollupAttributionSets.start_ms < week + WEEK_MS,
-            )
-            for channel, touch, name, label, count, blob in connection.execute(statement):
-                key = (channel, touch, name, label)
-                counts[key] += int(count)
-                unions[key] |= decode(blob)
-            rows.extend(
-                {
-                    "level": LEVEL_WEEK,
-                    "start_ms": week,
-                    "channel": channel,
-                    "touch": touch,
-                    "field": name,
-                    "value": label,
-                    "conversations": count,
-                    "contacts": _bitset_blob(unions[key]),
-                }
-                for key, count in counts.items()
-                for channel, touch, name, label in [key]
-            )
-    if rows:
-        connection.execute(insert(RollupAttributionSets), rows)
+    for spans, width, build in ((days, DAY_MS, _day_rows), (weeks, WEEK_MS, _week_rows)):
+        for low, high in spans:
+            for start in range(low, high, width):
+                rows = build(connection, start)
+                if rows:
+                    connection.execute(insert(RollupAttributionSets), rows)
+
+
+def _plan(coverage: Coverage) -> tuple[list[tuple[int, int]], Ranges]:
+    """Split the served slots into whole weeks and days (level, start) and other slot ranges.
+
+    A week with an unserved slot is split into days, so one late event costs the slot
+    rows of one day, not of a week.
+    """
+    periods: list[tuple[int, int]] = []
+    rest: Ranges = []
+    if coverage.first_slot >= coverage.end_slot:
+        return periods, rest
+    whole, left = whole_periods(coverage.first_slot, coverage.end_slot)
+    for level, start in whole:
+        days = [start] if level == LEVEL_DAY else list(range(start, start + WEEK_MS, DAY_MS))
+        if level == LEVEL_WEEK and _served_through(coverage, start, start + WEEK_MS):
+            periods.append((level, start))
+            continue
+        for day in days:
+            if _served_through(coverage, day, day + DAY_MS):
+                periods.append((LEVEL_DAY, day))
+            else:
+                left.append((day, day + DAY_MS))
+    for low, high in sorted(left):
+        if rest and rest[-1][1] == low:
+            rest[-1] = (rest[-1][0], high)
+        else:
+            rest.append((low, high))
+    return periods, rest
+
+
+def _served_through(coverage: Coverage, start: int, end: int) -> bool:
+    return all(slot in coverage.served for slot in range(start, end, SLOT_MS))
 
 
 def _add_periods(
@@ -245,11 +338,21 @@ def _add_periods(
     """Add the day and week sets of ``periods`` (level, start) to ``sums``."""
     if not periods:
         return
+    # Without a channel filter, the rows over all channels give one row per label.
+    offset = 0 if flt.channels else ALL_CHANNELS
     by_level: dict[int, list[int]] = defaultdict(list)
     for level, start in periods:
-        by_level[level].append(start)
+        by_level[level + offset].append(start)
     sets = RollupAttributionSets
-    statement = select(sets.touch, sets.field, sets.value, sets.conversations, sets.contacts).where(
+    statement = select(
+        sets.touch,
+        sets.field,
+        sets.value,
+        sets.conversations,
+        sets.named_conversions,
+        sets.named_micros,
+        sets.contacts,
+    ).where(
         or_(
             *(
                 (sets.level == level) & sets.start_ms.in_(sorted(starts))
@@ -258,9 +361,11 @@ def _add_periods(
         ),
         *channel_condition(sets.channel, flt),
     )
-    for touch, name, label, count, blob in connection.execute(statement):
+    for touch, name, label, count, named, micros, blob in connection.execute(statement):
         key = (touch, name, label)
         sums.conversations[key] += int(count)
+        sums.named[key] += int(named)
+        sums.named_micros[key] += int(micros)
         sums.bits[key] |= decode(blob)
 
 
@@ -268,18 +373,17 @@ def _add_slot_rows(
     connection: Connection, flt: MetricFilter, coverage: Coverage, edges: Ranges, sums: _Sums
 ) -> None:
     """Add the conversation rows of the served slots in ``edges`` to ``sums``."""
-    if not edges:
-        return
     labels = [getattr(RollupAttribution, column) for _, _, column in LABEL_COLUMNS]
-    statement = select(
-        RollupAttribution.start_slot_ms, RollupAttribution.contact_id, *labels
-    ).where(
-        time_in_ranges(RollupAttribution.start_slot_ms, edges),
-        *channel_condition(RollupAttribution.channel, flt),
-    )
-    for slot, contact_id, *values in connection.execute(statement):
-        if slot in coverage.served:
-            sums.add_row(contact_id, values)
+    for part in _parts(edges):
+        statement = select(
+            RollupAttribution.start_slot_ms, RollupAttribution.contact_id, *labels
+        ).where(
+            time_in_ranges(RollupAttribution.start_slot_ms, part),
+            *channel_condition(RollupAttribution.channel, flt),
+        )
+        for slot, contact_id, *values in connection.execute(statement):
+            if slot in coverage.served:
+                sums.add_row(contact_id, values)
 
 
 def _add_raw_rows(
@@ -297,27 +401,54 @@ def _add_raw_rows(
     return found
 
 
-def _conversions(
-    connection: Connection, flt: MetricFilter, coverage: Coverage, raw: dict[int, list[str]]
-) -> tuple[dict[tuple[str, str, str], dict[int, int]], dict[int, int]]:
-    """Return the attributed conversions (id -> micros) per label, and over the window."""
+def _link_rows(
+    connection: Connection,
+    flt: MetricFilter,
+    coverage: Coverage,
+    ranges: Ranges,
+    by_user_only: bool,
+) -> list[Any]:
+    """Return (conversion id, micros, labels...) of the served link rows in ``ranges``."""
     links = RollupConversionLinks
     labels = [getattr(RollupAttribution, column) for _, _, column in LABEL_COLUMNS]
-    statement = (
-        select(links.conversion_id, links.value_micros, *labels)
-        .join(RollupAttribution, RollupAttribution.conversation_id == links.conversation_id)
-        .where(
-            *coverage.served_conditions(links.start_slot_ms),
-            *channel_condition(links.channel, flt),
+    rows: list[Any] = []
+    for part in _parts(ranges):
+        statement = (
+            select(links.start_slot_ms, links.conversion_id, links.value_micros, *labels)
+            .join(RollupAttribution, RollupAttribution.conversation_id == links.conversation_id)
+            .where(
+                time_in_ranges(links.start_slot_ms, part),
+                *channel_condition(links.channel, flt),
+            )
         )
-    )
-    rows: list[Any] = list(connection.execute(statement))
+        if by_user_only:
+            statement = statement.where(links.by_user == 1)
+        rows.extend(row[1:] for row in connection.execute(statement) if row[0] in coverage.served)
+    return rows
+
+
+def _conversions(
+    connection: Connection,
+    flt: MetricFilter,
+    coverage: Coverage,
+    plan: tuple[list[tuple[int, int]], Ranges],
+    raw: dict[int, list[str]],
+) -> tuple[dict[Key, dict[int, int]], dict[int, int]]:
+    """Return the conversions (id -> micros) per label and over the window that sets leave out.
+
+    Those are the conversions naming only a user in the whole days and weeks, and every
+    conversion of the other served slots and of the raw ranges.
+    """
+    periods, rest = plan
+    spans: Ranges = [(start, start + LEVEL_WIDTH_MS[level]) for level, start in periods]
+    rows = _link_rows(connection, flt, coverage, spans, True)
+    rows += _link_rows(connection, flt, coverage, rest, False)
     for link in raw_links(connection, flt, coverage):
         values = raw.get(link["conversation_id"])
         # A conversation stored after the raw rows were read is in neither count.
         if values is not None:
             rows.append((link["conversion_id"], link["value_micros"], *values))
-    by_label: dict[tuple[str, str, str], dict[int, int]] = defaultdict(dict)
+    by_label: dict[Key, dict[int, int]] = defaultdict(dict)
     overall: dict[int, int] = {}
     for conversion_id, micros, *values in rows:
         overall[conversion_id] = int(micros)
@@ -327,7 +458,7 @@ def _conversions(
 
 
 def _field_rows(
-    sums: _Sums, conversions: dict[tuple[str, str, str], dict[int, int]], touch: str, name: str
+    sums: _Sums, conversions: dict[Key, dict[int, int]], touch: str, name: str
 ) -> list[dict[str, Any]]:
     counts = {
         key[2]: count
@@ -338,13 +469,15 @@ def _field_rows(
     for label in sorted(counts, key=lambda item: (-counts[item], item)):
         key = (touch, name, label)
         values = conversions.get(key, {})
+        # Conversions naming a conversation are counted in the sets or in ``values``,
+        # never in both, because each has one link row.
         rows.append(
             {
                 "value": label,
                 "conversations": counts[label],
                 "users": count_union(sums.bits.get(key, 0), set(sums.ids.get(key, ()))),
-                "conversions": len(values),
-                "revenue": format_micros(sum(values.values())),
+                "conversions": len(values) + sums.named.get(key, 0),
+                "revenue": format_micros(sum(values.values()) + sums.named_micros.get(key, 0)),
             }
         )
     return rows
@@ -363,33 +496,27 @@ def rolled_attribution(engine: Engine, flt: MetricFilter, days: float) -> dict[s
         coverage = cover(connection, dataclasses.replace(flt, tz=ZoneInfo("UTC")))
         if coverage is None:
             return None
-        if coverage.first_slot < coverage.end_slot:
-            periods, rest = plan_spans(
-                {0: (coverage.first_slot, coverage.end_slot)}, coverage.served
-            )
-            _add_periods(connection, flt, periods.get(0, []), sums)
-            _add_slot_rows(connection, flt, coverage, list(rest.get(0, [])), sums)
+        plan = _plan(coverage)
+        _add_periods(connection, flt, plan[0], sums)
+        _add_slot_rows(connection, flt, coverage, plan[1], sums)
         raw = _add_raw_rows(connection, flt, coverage, sums)
-        conversions, overall = _conversions(connection, flt, coverage, raw)
-    # Each conversation has one first-touch source label, so those labels partition them.
+        conversions, overall = _conversions(connection, flt, coverage, plan, raw)
+    # Each conversation has one first-touch source label, so those labels partition the
+    # conversations, their contacts and the conversions counted in the sets.
+    partition = [key for key in sums.conversations if key[:2] == ("first", "source")]
     total_bits = 0
     total_ids: set[int] = set()
-    total_conversations = 0
-    for (touch, name, _), count in sums.conversations.items():
-        if (touch, name) == ("first", "source"):
-            total_conversations += count
-    for key, bits in sums.bits.items():
-        if key[:2] == ("first", "source"):
-            total_bits |= bits
-    for key, ids in sums.ids.items():
-        if key[:2] == ("first", "source"):
-            total_ids.update(ids)
+    for key in partition:
+        total_bits |= sums.bits.get(key, 0)
+        total_ids.update(sums.ids.get(key, ()))
+    named = sum(sums.named.get(key, 0) for key in partition)
+    named_micros = sum(sums.named_micros.get(key, 0) for key in partition)
     result: dict[str, Any] = {
         "totals": {
-            "conversations": total_conversations,
+            "conversations": sum(sums.conversations[key] for key in partition),
             "users": count_union(total_bits, total_ids),
-            "conversions": len(overall),
-            "revenue": format_micros(sum(overall.values())),
+            "conversions": len(overall) + named,
+            "revenue": format_micros(sum(overall.values()) + named_micros),
         }
     }
     for touch in TOUCHES:

@@ -495,7 +495,7 @@ class RollupExposed(Base):
 class RollupAttribution(Base):
     """A conversation's start slot, channel, contact and touch labels, for ``attribution``.
 
-    Each touch column holds the label the metric shows for that field of the first or last
+    Each touch column contains the label the metric shows for that field of the first or last
     touch: the value, or ``(none)`` when the conversation has no such touch or value. See
     ``chatmw.metrics.attribution_rollups``.
     """
@@ -520,9 +520,12 @@ class RollupAttribution(Base):
 class RollupAttributionSets(Base):
     """The conversations and contacts of one touch label over a UTC day or epoch week.
 
-    ``touch`` is ``first`` or ``last``, ``field`` a touch field (``source``, ``medium``,
-    ``campaign``, ``ad``) and ``value`` its label, as in ``rollup_attribution``.
-    ``contacts`` is a bitset as in ``rollup_contact_sets``.
+    ``level`` is ``LEVEL_DAY`` or ``LEVEL_WEEK`` for the rows of one channel, and 10 more
+    for the rows over all channels, whose ``channel`` is empty. ``touch`` is ``first`` or
+    ``last``, ``field`` a touch field (``source``, ``medium``, ``campaign``, ``ad``) and
+    ``value`` its label, as in ``rollup_attribution``. ``named_conversions`` and
+    ``named_micros`` count the conversions that name one of these conversations, and their
+    values. ``contacts`` is a bitset as in ``rollup_contact_sets``.
     """
 
     __tablename__ = "rollup_attribution_sets"
@@ -534,6 +537,8 @@ class RollupAttributionSets(Base):
     field: Mapped[str] = mapped_column(String(16), primary_key=True)
     value: Mapped[str] = mapped_column(String(255), primary_key=True)
     conversations: Mapped[int] = mapped_column(BigInteger)
+    named_conversions: Mapped[int] = mapped_column(BigInteger)
+    named_micros: Mapped[int] = mapped_column(BigInteger)
     contacts: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -45,6 +45,8 @@ def upgrade() -> None:
         sa.Column("field", sa.String(length=16), nullable=False),
         sa.Column("value", sa.String(length=255), nullable=False),
         sa.Column("conversations", sa.BigInteger(), nullable=False),
+        sa.Column("named_conversions", sa.BigInteger(), nullable=False),
+        sa.Column("named_micros", sa.BigInteger(), nullable=False),
         sa.Column("contacts", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("level", "start_ms", "channel", "touch", "field", "value"),
     )
