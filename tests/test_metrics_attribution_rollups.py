@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, update
+from test_metrics_conversion_rollups import _edge_time
 
 from chatmw import events as ev
 from chatmw.business import BusinessSettings, install
@@ -45,17 +46,6 @@ MEDIUMS = ("cpc", "email", None)
 CAMPAIGNS = ("spring", "summer", "autumn", None)
 ADS = ("ad-1", "ad-2", None)
 TABLES = (RollupAttribution, RollupAttributionSets, RollupConversionLinks)
-
-
-def _time(rng: random.Random) -> datetime:
-    """Return a time in the first DAYS days, often on or next to a slot edge."""
-    base = T0 + timedelta(milliseconds=rng.randrange(DAYS * 24 * 4) * SLOT_MS)
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(SLOT_MS))
 
 
 class Store:
@@ -146,7 +136,7 @@ class Store:
         rng = self.rng
         written: list[Any] = []
         for number in range(150):
-            events = self.conversation(number, _time(rng))
+            events = self.conversation(number, _edge_time(rng, DAYS))
             messages = [e for e in events if isinstance(e, ev.Message)]
             if number % 7 == 0 and len(messages) > 1:
                 # The first message arrives late and moves the conversation's start.
@@ -170,7 +160,7 @@ class Store:
         for number in range(300, 320):
             channel, user = rng.choice(known)
             number += (CHANNELS.index(channel) - number) % len(CHANNELS)
-            start = _time(rng)
+            start = _edge_time(rng, DAYS)
             # A touch without a conversation, linked by the writer when the chat arrives.
             events.append(self.touch(channel, user, start - timedelta(minutes=1), None))
             events.extend(
@@ -258,6 +248,18 @@ def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
+def _later_steps_match_raw(engine: Engine, store: Store) -> None:
+    """Compare after later events, after their refresh, and after a rebuild."""
+    store.later_events()
+    assert_same_as_raw(engine)
+    refresh(engine)
+    assert_same_as_raw(engine)
+    refreshed = _table_rows(engine)
+    rebuild(engine)
+    assert _table_rows(engine) == refreshed
+    assert_same_as_raw(engine)
+
+
 def test_attribution_rollups_match_raw(engine: Engine) -> None:
     store = Store(engine, seed=5)
     store.first_events()
@@ -273,15 +275,7 @@ def test_attribution_rollups_match_raw(engine: Engine) -> None:
     assert weeks > 0
     _served(engine)
     assert_same_as_raw(engine)
-
-    store.later_events()
-    assert_same_as_raw(engine)
-    refresh(engine)
-    assert_same_as_raw(engine)
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
-    assert_same_as_raw(engine)
+    _later_steps_match_raw(engine, store)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -289,13 +283,7 @@ def test_attribution_rollups_random_stores(engine: Engine, seed: int) -> None:
     store = Store(engine, seed=seed)
     store.first_events()
     refresh(engine)
-    store.later_events()
-    assert_same_as_raw(engine)
-    refresh(engine)
-    assert_same_as_raw(engine)
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
+    _later_steps_match_raw(engine, store)
 
 
 def test_attribution_reads_the_sets(engine: Engine) -> None:

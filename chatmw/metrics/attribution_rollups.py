@@ -139,6 +139,16 @@ def insert_attribution(connection: Connection, ranges: Ranges) -> None:
 
 
 Key = tuple[str, str, str]
+# The label and figures of a set row, in the order the queries unpack them.
+_SET_FIGURES = (
+    RollupAttributionSets.touch,
+    RollupAttributionSets.field,
+    RollupAttributionSets.value,
+    RollupAttributionSets.conversations,
+    RollupAttributionSets.named_conversions,
+    RollupAttributionSets.named_micros,
+    RollupAttributionSets.contacts,
+)
 
 
 @dataclass(slots=True)
@@ -245,17 +255,7 @@ def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
     """Return the set rows of one week, summed from the rows of its days."""
     sets = RollupAttributionSets
     figures: dict[tuple[int, str, Key], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
-    statement = select(
-        sets.level,
-        sets.channel,
-        sets.touch,
-        sets.field,
-        sets.value,
-        sets.conversations,
-        sets.named_conversions,
-        sets.named_micros,
-        sets.contacts,
-    ).where(
+    statement = select(sets.level, sets.channel, *_SET_FIGURES).where(
         sets.level.in_((LEVEL_DAY, LEVEL_DAY + ALL_CHANNELS)),
         sets.start_ms >= week,
         sets.start_ms < week + WEEK_MS,
@@ -344,15 +344,7 @@ def _add_periods(
     for level, start in periods:
         by_level[level + offset].append(start)
     sets = RollupAttributionSets
-    statement = select(
-        sets.touch,
-        sets.field,
-        sets.value,
-        sets.conversations,
-        sets.named_conversions,
-        sets.named_micros,
-        sets.contacts,
-    ).where(
+    statement = select(*_SET_FIGURES).where(
         or_(
             *(
                 (sets.level == level) & sets.start_ms.in_(sorted(starts))
