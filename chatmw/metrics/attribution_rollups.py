@@ -353,6 +353,10 @@ def _add_periods(
         ),
         *channel_condition(sets.channel, flt),
     )
+    # NOTE: each row decodes a bitset as long as the highest contact id, and a 30-day
+    # window reads about 12 periods per label. On the 1-million-message store of
+    # bench/queries.py (40 labels) decoding took about half of the query time, so it
+    # grows with the number of contacts on larger stores.
     for touch, name, label, count, named, micros, blob in connection.execute(statement):
         key = (touch, name, label)
         sums.conversations[key] += int(count)
