@@ -7,15 +7,18 @@ and last touch as the metric shows it (``(none)`` without a touch or value). A d
 start slot is recomputed from raw rows, so the rows follow late messages, moved starts
 and touch changes.
 
-``rollup_attribution_sets`` sums those rows per UTC day and epoch week, channel, touch,
-field and label: the number of conversations and their contacts as a compressed bitset
-(``chatmw.metrics.contact_sets.encode``). The sets of a day and of its week are rebuilt
-from the slot rows whenever a slot of that day is recomputed.
+``rollup_attribution_sets`` sums those rows per UTC day and epoch week, touch, field and
+label, once per channel and once over all channels. A set row contains the number of
+conversations, their contacts as a compressed bitset
+(``chatmw.metrics.contact_sets.encode``), and the conversions that name one of them with
+their values. The sets of a day and of its week are rebuilt from the slot rows and the
+link rows whenever a slot of that day is recomputed.
 
 A query reads the sets of the whole days and weeks of its window that are served, the
-slot rows of the other served slots, and raw rows for the rest, so its work grows with
-the number of labels, channels and days rather than with the number of conversations.
-Conversions come from ``rollup_conversion_links`` joined to the slot rows.
+slot rows of the other served slots, and raw rows for the rest. Its work on the sets
+grows with the number of labels, channels and days, not with the number of
+conversations. Conversions that name only a user can count for conversations on several
+days, so they come from ``rollup_conversion_links`` joined to the slot rows.
 """
 
 from __future__ import annotations
