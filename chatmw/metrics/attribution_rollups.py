@@ -184,8 +184,12 @@ class _Sums:
 
 
 def _bitset_blob(bits: int) -> bytes:
-    """Return the bitset ``bits`` compressed as :func:`chatmw.metrics.contact_sets.encode` does."""
-    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 1)
+    """Return the bitset ``bits`` as :func:`chatmw.metrics.contact_sets.encode` at level 9.
+
+    Level 9 takes longer to compress than level 1, but the result decompresses about a
+    third faster, and queries decode many more sets than the refresher writes.
+    """
+    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), 9)
 
 
 def _named_conversions(connection: Connection, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -247,7 +251,12 @@ def _day_rows(connection: Connection, day: int) -> list[dict[str, Any]]:
                 day,
                 channel,
                 key,
-                (count, day_sums.named[key], day_sums.named_micros[key], encode(day_sums.ids[key])),
+                (
+                    count,
+                    day_sums.named[key],
+                    day_sums.named_micros[key],
+                    encode(day_sums.ids[key], 9),
+                ),
             )
             for key, count in day_sums.conversations.items()
         )
