@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, func, select, update
+from test_metrics_conversion_rollups import Store as ConversionStore
 from test_metrics_conversion_rollups import _edge_time
 
 from chatmw import events as ev
@@ -100,37 +101,9 @@ class Store:
             events.append(self.touch(channel, user, start - timedelta(minutes=5 - index), name))
         return events
 
-    def conversions(self, number: int) -> list[Conversion]:
-        """Return 0 to 2 conversions for conversation ``c{number}``."""
-        rng = self.rng
-        channel, user, start = self.starts[f"c{number}"]
-        made = []
-        for index in range(rng.choice((0, 0, 1, 2))):
-            by_user = rng.random() < 0.6
-            offset = rng.choice(
-                (
-                    timedelta(0),
-                    timedelta(hours=1),
-                    timedelta(days=3),
-                    timedelta(days=7),
-                    timedelta(days=7, milliseconds=1),
-                    timedelta(days=9),
-                    -timedelta(hours=2),
-                )
-            )
-            made.append(
-                Conversion(
-                    channel=channel,
-                    occurred_at=start + offset,
-                    key=f"v{number}-{index}",
-                    name=rng.choice(("purchase", "signup")),
-                    value_micros=rng.randrange(1, 500) * 10_000,
-                    currency="EUR",
-                    user_id=user if by_user else None,
-                    conversation_id=None if by_user else f"c{number}",
-                )
-            )
-        return made
+    # Conversions naming the conversation or only its user, some exactly 7 days after the
+    # start or before it, as the conversion rollup tests write them.
+    conversions = ConversionStore.conversions
 
     def first_events(self) -> None:
         rng = self.rng
