@@ -38,7 +38,7 @@ from chatmw.store.models_rollups import (
 )
 from chatmw.store.writer import Writer
 
-# A Monday; the epoch week from Thursday 2024-06-06 lies inside the first ten days.
+# A Monday. The epoch week from Thursday 2024-06-06 lies inside the first ten days.
 T0 = datetime(2024, 6, 3, 0, 0, tzinfo=UTC)
 DAYS = 10
 CHANNELS = ("web", "whatsapp", "messenger")
