@@ -6,7 +6,7 @@ conversation that the writer links later, and conversions naming a conversation 
 a user. Later steps add late first messages that move starts, duplicate messages, new
 touches that change a stored conversation's last touch, and new conversions. Each
 check runs before the first refresh, after it, after new events that are not refreshed
-yet, and after the next refresh, on SQLite and PostgreSQL. The raw answer comes from
+yet, and after the next refresh, on SQLite and PostgreSQL. The raw result comes from
 ``raw_only``, which reads every conversation of the window.
 """
 
