@@ -10,8 +10,10 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import aliased
 
 from chatmw.events_business import format_micros
+from chatmw.metrics.attribution_rollups import rolled_attribution
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     attributed_conversions,
     attribution_days,
     currency_of,
@@ -69,6 +71,15 @@ def attribution(
             "attribution is already split by source, medium, campaign and ad; remove group_by",
         )
     days = attribution_days(options or {})
+    rolled = rolled_attribution(engine, flt, days)
+    if rolled is not None:
+        return {
+            "metric": "attribution",
+            "filters": flt.describe(),
+            "attribution_days": days,
+            **currency_of(engine),
+            **rolled,
+        }
     conversations = _conversation_touches(engine, flt)
     conversions_by_conversation: dict[int, dict[int, int]] = defaultdict(dict)
     all_conversions: dict[int, int] = {}
@@ -152,7 +163,7 @@ ATTRIBUTION = register(
             "conversion and user once. Rows are sorted by conversations, most first. "
             "`group_by` is rejected because the response is already split. Touch filters "
             "(`source`, ...) select conversations by the touch named in `touch`. An empty window "
-            "gives `totals` of 0 and empty lists, never `null` figures."
+            "gives `totals` of 0 and empty lists, never `null` figures." + ROLLUP_NOTE
         ),
         compute=attribution,
         params=(ATTRIBUTION_PARAM,),

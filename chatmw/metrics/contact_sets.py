@@ -60,13 +60,13 @@ SOURCES: dict[str, tuple[Any, Any]] = {
 }
 
 
-def encode(contact_ids: Iterable[int]) -> bytes:
-    """Return the compressed bitset of ``contact_ids`` (non-negative integers)."""
+def encode(contact_ids: Iterable[int], level: int = 1) -> bytes:
+    """Return the bitset of ``contact_ids`` (non-negative integers), compressed at ``level``."""
     ids = list(contact_ids)
     bits = bytearray((max(ids) >> 3) + 1 if ids else 0)
     for contact_id in ids:
         bits[contact_id >> 3] |= 1 << (contact_id & 7)
-    return zlib.compress(bytes(bits), 1)
+    return zlib.compress(bytes(bits), level)
 
 
 def decode(blob: bytes) -> int:

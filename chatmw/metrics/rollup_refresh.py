@@ -517,12 +517,14 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
         return None
     token = secrets.token_hex(8)
     watermark = _max_message_id(connection)
+    from chatmw.metrics.attribution_rollups import ATTRIBUTION_TABLES
     from chatmw.metrics.conversion_rollups import BUSINESS_TABLES
     from chatmw.metrics.reach_rollups import REACH_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    for table in (*tables, *STARTED_TABLES, *BUSINESS_TABLES, *REACH_TABLES, RollupContactSets):
+    rolled = (*STARTED_TABLES, *BUSINESS_TABLES, *REACH_TABLES, *ATTRIBUTION_TABLES)
+    for table in (*tables, *rolled, RollupContactSets):
         connection.execute(delete(table))
     from chatmw.metrics.business_rollups import claim_business_for_rebuild
 
@@ -619,6 +621,7 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     )
     for table, columns, rows in statements:
         connection.execute(insert(table).from_select(columns, rows))
+    from chatmw.metrics.attribution_rollups import insert_attribution
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import insert_business
     from chatmw.metrics.reach_rollups import insert_reach
@@ -627,6 +630,7 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     insert_started(connection, [chunk])
     insert_business(connection, [chunk])
     insert_reach(connection, [chunk])
+    insert_attribution(connection, [chunk])
     refresh_sets(connection, [chunk])
 
 
@@ -696,6 +700,7 @@ def _delete_slots(connection: Connection, slots: list[int]) -> None:
 
 def _recompute(connection: Connection, slots: set[int]) -> None:
     """Replace the rollup rows of ``slots`` with counts of the raw rows."""
+    from chatmw.metrics.attribution_rollups import delete_attribution, insert_attribution
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import delete_business, insert_business
     from chatmw.metrics.reach_rollups import delete_reach, insert_reach
@@ -710,6 +715,8 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     delete_business(connection, ranges)
     insert_business(connection, ranges)
     insert_reach(connection, ranges)
+    delete_attribution(connection, ranges)
+    insert_attribution(connection, ranges)
     for index in range(0, len(ranges), 50):
         part = ranges[index : index + 50]
         connection.execute(
@@ -824,6 +831,8 @@ ROLLUP_TABLES = (
     "rollup_proactive",
     "rollup_writers",
     "rollup_exposed",
+    "rollup_attribution",
+    "rollup_attribution_sets",
 )
 
 

@@ -66,6 +66,7 @@ ROLLUP_CONTACT_TABLES = (
     "rollup_proactive",
     "rollup_writers",
     "rollup_exposed",
+    "rollup_attribution",
 )
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")

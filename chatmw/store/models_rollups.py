@@ -45,6 +45,8 @@ __all__ = [
     "RollupProactive",
     "RollupWriters",
     "RollupExposed",
+    "RollupAttribution",
+    "RollupAttributionSets",
     "RollupState",
     "RollupChange",
     "SLOT_MS",
@@ -488,6 +490,56 @@ class RollupExposed(Base):
     slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     channel: Mapped[str] = mapped_column(String(32), primary_key=True)
     contact_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+class RollupAttribution(Base):
+    """A conversation's start slot, channel, contact and touch labels, for ``attribution``.
+
+    Each touch column contains the label the metric shows for that field of the first or last
+    touch: the value, or ``(none)`` when the conversation has no such touch or value. See
+    ``chatmw.metrics.attribution_rollups``.
+    """
+
+    __tablename__ = "rollup_attribution"
+    __table_args__ = (Index("ix_rollup_attribution_slot", "start_slot_ms", "channel"),)
+
+    conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(32))
+    contact_id: Mapped[int | None] = mapped_column(Integer)
+    first_source: Mapped[str] = mapped_column(String(255))
+    first_medium: Mapped[str] = mapped_column(String(255))
+    first_campaign: Mapped[str] = mapped_column(String(255))
+    first_ad: Mapped[str] = mapped_column(String(255))
+    last_source: Mapped[str] = mapped_column(String(255))
+    last_medium: Mapped[str] = mapped_column(String(255))
+    last_campaign: Mapped[str] = mapped_column(String(255))
+    last_ad: Mapped[str] = mapped_column(String(255))
+
+
+class RollupAttributionSets(Base):
+    """The conversations and contacts of one touch label over a UTC day or epoch week.
+
+    ``level`` is ``LEVEL_DAY`` or ``LEVEL_WEEK`` for the rows of one channel, and 10 more
+    for the rows over all channels, whose ``channel`` is empty. ``touch`` is ``first`` or
+    ``last``, ``field`` a touch field (``source``, ``medium``, ``campaign``, ``ad``) and
+    ``value`` its label, as in ``rollup_attribution``. ``named_conversions`` and
+    ``named_micros`` count the conversions that name one of these conversations, and their
+    values. ``contacts`` is a bitset as in ``rollup_contact_sets``.
+    """
+
+    __tablename__ = "rollup_attribution_sets"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    touch: Mapped[str] = mapped_column(String(8), primary_key=True)
+    field: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255), primary_key=True)
+    conversations: Mapped[int] = mapped_column(BigInteger)
+    named_conversions: Mapped[int] = mapped_column(BigInteger)
+    named_micros: Mapped[int] = mapped_column(BigInteger)
+    contacts: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RollupContactSets(Base):
