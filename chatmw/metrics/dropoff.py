@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select
 from chatmw.events import to_ms
 from chatmw.metrics.conversion import (
     ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
     attributed_conversions,
     attribution_days,
 )
@@ -297,7 +298,7 @@ DROPOFF = register(
             "is this step or a later one; `lost` = reached at the step before (all conversations "
             "for the first step) minus reached here; `lost_share` = lost / reached at the step "
             "before; `share_of_start` = reached / conversations.\n\n"
-            "Rates are `null` when their denominator is 0."
+            "Rates are `null` when their denominator is 0." + ROLLUP_NOTE
         ),
         compute=dropoff,
         params=(
