@@ -280,11 +280,13 @@ def test_dropoff_rollups_match_raw(engine: Engine, seed: int) -> None:
     assert_same_as_raw(engine)
     assert refresh(engine).rebuilt
     before, after = _straddling(engine)
-    assert before > 0 and after > 0
+    assert before > 0
+    assert after > 0
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS))
     with engine.connect() as connection:
         coverage = cover(connection, flt)
-    assert coverage is not None and coverage.raw == []
+    assert coverage is not None
+    assert coverage.raw == []
     assert dropoff_tallies(engine, flt, to_ms(CUT), True) is not None
     rows = _table_rows(engine)
     assert all(rows.values())
@@ -294,7 +296,8 @@ def test_dropoff_rollups_match_raw(engine: Engine, seed: int) -> None:
     store.later_events()
     assert_same_as_raw(engine)
     report = refresh(engine)
-    assert not report.rebuilt and report.slots > 0
+    assert not report.rebuilt
+    assert report.slots > 0
     assert_same_as_raw(engine)
 
     refreshed = _table_rows(engine)

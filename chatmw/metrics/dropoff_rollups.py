@@ -3,9 +3,10 @@
 Each conversation counts in the slot of its start, like ``rollup_outcomes``:
 
 - ``rollup_dropoff`` (slot, hour, day and week rows) counts the conversations per last
-  step, the ones without an outcome whose end was reported (``ended``, dropped whatever
-  the time of the query) and the ones without an outcome or a reported end (``open``,
-  dropped once their last message is older than the idle cut-off);
+  step. Its ``ended`` column counts those without an outcome whose end was reported,
+  dropped whatever the time of the query. Its ``open`` column counts those without an
+  outcome or a reported end, dropped once their last message is older than the idle
+  cut-off;
 - ``rollup_dropoff_open`` splits the slot rows' ``open`` conversations by the slot of
   their last message;
 - ``rollup_dropoff_steps`` (slot, hour, day and week rows) counts the conversations per
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.conversion_rollups import conversion_links
@@ -118,12 +119,12 @@ def collect_dropoff(connection: Connection, where: ColumnElement[bool]) -> list[
         Conversation.last_step,
     ).where(where)
     stops = []
-    for cid, started, channel, resolved, ended, last, last_step in connection.execute(
+    for conversation_id, started, channel, resolved, ended, last, last_step in connection.execute(
         conversations
     ):
-        bot_intents = intents.get(cid, [])
+        bot_intents = intents.get(conversation_id, [])
         state = OPEN if ended is None else ENDED
-        if resolved or cid in converted:
+        if resolved or conversation_id in converted:
             state = OUTCOME
         seen = {*bot_intents, *([last_step] if last_step else [])}
         stops.append(
@@ -150,16 +151,16 @@ def _step_set_ids(connection: Connection, sets: Iterable[frozenset[str]]) -> dic
     Only the refresher and a rebuild add sets, one at a time under the ``rollup_state``
     lock, so a set is never added twice.
     """
-    wanted = {_fingerprint(steps)[0]: steps for steps in set(sets)}
+    requested = {_fingerprint(steps)[0]: steps for steps in set(sets)}
     ids: dict[frozenset, int] = {}
-    prints = sorted(wanted)
-    for index in range(0, len(prints), _IDS):
+    fingerprints = sorted(requested)
+    for index in range(0, len(fingerprints), _IDS):
         statement = select(RollupStepSets.fingerprint, RollupStepSets.id).where(
-            RollupStepSets.fingerprint.in_(prints[index : index + _IDS])
+            RollupStepSets.fingerprint.in_(fingerprints[index : index + _IDS])
         )
         for fingerprint, set_id in connection.execute(statement):
-            ids[wanted[fingerprint]] = int(set_id)
-    missing = [steps for steps in wanted.values() if steps not in ids]
+            ids[requested[fingerprint]] = int(set_id)
+    missing = [steps for steps in requested.values() if steps not in ids]
     if missing:
         top = connection.execute(select(RollupStepSets.id).order_by(RollupStepSets.id.desc()))
         next_id = int(top.scalar() or 0) + 1
@@ -350,20 +351,18 @@ def _served_step_sets(
     tallies: dict[str, DropoffTally],
 ) -> None:
     """Add the step set counts of the served slots to ``tallies``."""
-    rows = [
-        (channel, int(set_id), int(number or 0))
-        for channel, set_id, number in rolled_sums(connection, flt, coverage, STEP_COUNTS)
-    ]
-    ids = sorted({set_id for _, set_id, _ in rows})
-    sets: dict[int, frozenset[str]] = {}
-    for index in range(0, len(ids), _IDS):
-        statement = select(RollupStepSets.id, RollupStepSets.steps).where(
-            RollupStepSets.id.in_(ids[index : index + _IDS])
-        )
-        sets.update(
-            (int(set_id), frozenset(json.loads(text)))
-            for set_id, text in connection.execute(statement)
-        )
-    for channel, set_id, number in rows:
+    served = STEP_COUNTS.served(coverage)
+    if served is None:
+        return
+    counts = RollupDropoffSteps
+    # One statement reads the counts with their sets, so a rebuild cannot come between.
+    statement = (
+        select(counts.channel, RollupStepSets.steps, func.sum(counts.conversations))
+        .join(RollupStepSets, RollupStepSets.id == counts.step_set_id)
+        .where(served, *channel_condition(counts.channel, flt))
+        .group_by(counts.channel, RollupStepSets.steps)
+    )
+    for channel, text, number in connection.execute(statement):
+        steps = frozenset(json.loads(text))
         step_sets = tallies[channel].step_sets
-        step_sets[sets[set_id]] = step_sets.get(sets[set_id], 0) + number
+        step_sets[steps] = step_sets.get(steps, 0) + int(number or 0)
