@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, update
+from test_metrics_conversion_rollups import T0, _edge_time
 
 from chatmw import events as ev
 from chatmw.business import BusinessSettings, install
@@ -39,7 +40,6 @@ from chatmw.store.models_rollups import (
 )
 from chatmw.store.writer import Writer
 
-T0 = datetime(2024, 6, 3, 0, 0, tzinfo=UTC)
 DAYS = 5
 CHANNELS = ("web", "whatsapp", "messenger")
 INTENTS = (None, None, "", "greeting", "pricing", "refund", "pay", " padded", "a,b")
@@ -49,18 +49,6 @@ CUT = T0 + timedelta(days=2, hours=3, minutes=7, seconds=30)
 NOW = CUT + timedelta(minutes=30)
 WEEK = timedelta(days=7)
 STEP_LISTS = ("greeting,pricing,pay", "pay", "refund,greeting,checkout,menu", "a b,pay")
-
-
-def _edge_time(rng: random.Random) -> datetime:
-    """Return a time in the first days, often exactly on or next to a slot edge."""
-    slot = rng.randrange(DAYS * 24 * 4)
-    base = T0 + timedelta(milliseconds=slot * SLOT_MS)
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(SLOT_MS))
 
 
 class Store:
@@ -144,7 +132,7 @@ class Store:
         messages: list[ev.Message] = []
         updates = []
         for number in range(120):
-            conversation = self.conversation(number, _edge_time(rng))
+            conversation = self.conversation(number, _edge_time(rng, DAYS))
             if number % 9 == 0 and len(conversation) > 1:
                 # The first message arrives late and moves the conversation's start.
                 self.held_back.append(conversation[0])
@@ -185,7 +173,7 @@ class Store:
                 )
             )
         for number in range(300, 310):
-            events.extend(self.conversation(number, _edge_time(rng)))
+            events.extend(self.conversation(number, _edge_time(rng, DAYS)))
         self.writer.write(events + self.written[::11])
         self.writer.write([self.update(number) for number in range(2, 120, 6)])
         self.writer.write([self.update(number) for number in range(203, 209)])
@@ -212,26 +200,24 @@ def _filters() -> list[MetricFilter]:
     ]
 
 
-def _options() -> list[dict[str, Any]]:
-    options: list[dict[str, Any]] = [{}, {"idle_minutes": 0.0}, {"idle_minutes": 3 * 24 * 60.0}]
-    options += [{"steps": steps} for steps in STEP_LISTS]
-    options.append({"steps": STEP_LISTS[0], "idle_minutes": 95.0})
-    options.append({"attribution_days": 2.0, "steps": STEP_LISTS[2]})
-    return options
-
-
-def _nows() -> list[int]:
-    return [to_ms(NOW), to_ms(NOW + timedelta(days=30)), to_ms(T0 + timedelta(days=1))]
+def _cases() -> list[tuple[dict[str, Any], int]]:
+    """Return (options, time of the query) pairs; NOW puts the cut-off inside a slot."""
+    now, later, early = to_ms(NOW), to_ms(NOW + timedelta(days=30)), to_ms(T0 + timedelta(days=1))
+    cases: list[tuple[dict[str, Any], int]] = [({}, now), ({}, later), ({}, early)]
+    cases += [({"idle_minutes": 0.0}, now), ({"idle_minutes": 3 * 24 * 60.0}, later)]
+    cases += [({"steps": steps}, now) for steps in STEP_LISTS]
+    cases.append(({"steps": STEP_LISTS[0], "idle_minutes": 95.0}, early))
+    cases.append(({"attribution_days": 2.0, "steps": STEP_LISTS[2]}, now))
+    return cases
 
 
 def assert_same_as_raw(engine: Engine) -> None:
     for flt in _filters():
-        for options in _options():
-            for now_ms in _nows():
-                with raw_only():
-                    expected = dropoff(engine, flt, options, now_ms=now_ms)
-                got = dropoff(engine, flt, options, now_ms=now_ms)
-                assert got == expected, f"{flt.describe()} {options} {now_ms}"
+        for options, now_ms in _cases():
+            with raw_only():
+                expected = dropoff(engine, flt, options, now_ms=now_ms)
+            got = dropoff(engine, flt, options, now_ms=now_ms)
+            assert got == expected, f"{flt.describe()} {options} {now_ms}"
 
 
 def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:

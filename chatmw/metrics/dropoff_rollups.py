@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, delete, func, insert, select
+from sqlalchemy import Connection, Engine, delete, func, insert, literal_column, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.conversion_rollups import conversion_links
@@ -280,12 +280,15 @@ def _still_active(
     """
     cut_slot = slot_of(idle_before_ms)
     table = RollupDropoffOpen
+    # "+ 0" keeps the planners off the start slot index: the rows at or after the cut-off
+    # are few and one range of the primary key, the rows of the window are many.
+    start = table.start_slot_ms + literal_column("0")
     statement = select(
         table.start_slot_ms, table.last_slot_ms, table.channel, table.step, table.conversations
     ).where(
         table.last_slot_ms >= cut_slot,
-        table.start_slot_ms >= coverage.first_slot,
-        table.start_slot_ms < coverage.end_slot,
+        start >= coverage.first_slot,
+        start < coverage.end_slot,
         *channel_condition(table.channel, flt),
     )
     straddling: set[int] = set()
