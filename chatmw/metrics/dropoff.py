@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -117,6 +118,7 @@ class DropoffTally:
             self.step_sets[steps] = self.step_sets.get(steps, 0) + count
 
 
+@lru_cache(maxsize=4096)
 def nameable_step(step: str) -> bool:
     """Return whether ``steps=`` can name ``step`` (what :func:`_parse_steps` accepts)."""
     return step == step.strip() and _STEP.match(step) is not None
