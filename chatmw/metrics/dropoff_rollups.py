@@ -358,14 +358,24 @@ def _served_step_sets(
     if served is None:
         return
     counts = RollupDropoffSteps
-    # One statement reads the counts with their sets, so a rebuild cannot come between.
-    statement = (
-        select(counts.channel, RollupStepSets.steps, func.sum(counts.conversations))
-        .join(RollupStepSets, RollupStepSets.id == counts.step_set_id)
+    sums = (
+        select(
+            counts.channel,
+            counts.step_set_id,
+            func.sum(counts.conversations).label("conversations"),
+        )
         .where(served, *channel_condition(counts.channel, flt))
-        .group_by(counts.channel, RollupStepSets.steps)
+        .group_by(counts.channel, counts.step_set_id)
+        .subquery()
     )
+    # One statement reads the counts with their sets, so a rebuild cannot come between.
+    statement = select(sums.c.channel, RollupStepSets.steps, sums.c.conversations).join(
+        RollupStepSets, RollupStepSets.id == sums.c.step_set_id
+    )
+    parsed: dict[str, frozenset[str]] = {}
     for channel, text, number in connection.execute(statement):
-        steps = frozenset(json.loads(text))
+        steps = parsed.get(text)
+        if steps is None:
+            steps = parsed[text] = frozenset(json.loads(text))
         step_sets = tallies[channel].step_sets
         step_sets[steps] = step_sets.get(steps, 0) + int(number or 0)
