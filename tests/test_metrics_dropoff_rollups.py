@@ -1,13 +1,13 @@
 """The dropoff metric from rollups equals the metric from raw rows.
 
-Random stores get conversations on three channels with bot intents (missing, empty,
-named, and names a ``steps`` list cannot hold), reported ends, resolutions, last steps
-(empty and set), conversions naming a conversation or a user, late first messages, and
-times on slot edges. Later events add late bot messages that change the last step, step
-updates, conversions, ends and reopenings, and duplicates. Every check compares the
-rollup answer with the raw answer for a fixed time of the query whose idle cut-off lies
-inside a slot with open conversations on both sides of it, before and after refreshes,
-on SQLite and PostgreSQL.
+Random stores get conversations on three channels with bot intents: missing, empty,
+named, and names a ``steps`` list cannot hold. They also get reported ends,
+resolutions, last steps (empty and set), conversions naming a conversation or a user,
+late first messages, and times on slot edges. Later events add late bot messages that
+change the last step, step updates, conversions, ends and reopenings, and duplicates.
+Every check compares the rollup answer with the raw answer for a fixed time of the
+query whose idle cut-off lies inside a slot with open conversations on both sides of
+it, before and after refreshes, on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, update
+
+# The conversion rollup tests share the start of their stores and their random times.
 from test_metrics_conversion_rollups import T0, _edge_time
 
 from chatmw import events as ev
@@ -66,7 +68,7 @@ class Store:
     def conversation(
         self, number: int, start: datetime, last: datetime | None = None, user: str = ""
     ) -> list[ev.Message]:
-        """Return the messages of ``c{number}``; with ``last``, the final one is at ``last``."""
+        """Return the messages of ``c{number}``. With ``last``, the final one is at ``last``."""
         rng = self.rng
         channel = CHANNELS[number % len(CHANNELS)]
         user = user or f"u{rng.randrange(10)}"
@@ -158,7 +160,7 @@ class Store:
         events: list[Any] = list(self.held_back)
         for number in range(1, 120, 5):
             channel, user, _ = self.starts[f"c{number}"]
-            # A bot message after the others changes the last step; one before does not.
+            # A bot message after the others changes the last step, but one before does not.
             shift = timedelta(minutes=rng.choice([2, 40])) * rng.choice([1, -1])
             events.append(
                 ev.Message(
@@ -365,7 +367,7 @@ def test_unsupported_queries_read_raw_rows(engine: Engine) -> None:
         connection.execute(
             update(RollupDropoff).values(conversations=RollupDropoff.conversations + 1000)
         )
-    # The default query reads the altered rollups; other attribution windows read raw rows.
+    # The default query reads the altered rollups, and other attribution windows read raw rows.
     assert dropoff(engine, plain, {}, now_ms=now_ms)["conversations"] > raw["conversations"]
     assert dropoff(engine, plain, {"attribution_days": 2.0}, now_ms=now_ms) == raw_days
     unsupported = [
