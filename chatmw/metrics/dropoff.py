@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, select
 
 from chatmw.events import to_ms
-from chatmw.metrics.conversion import ATTRIBUTION_PARAM, attributed_conversions, attribution_days
+from chatmw.metrics.conversion import (
+    ATTRIBUTION_PARAM,
+    ROLLUP_NOTE,
+    attributed_conversions,
+    attribution_days,
+)
 from chatmw.metrics.filters import FilterError, MetricFilter
 from chatmw.metrics.registry import MetricSpec, Param, register
 from chatmw.metrics.scope import conversation_scope, group_label
@@ -19,7 +26,14 @@ from chatmw.metrics.stats import rate
 from chatmw.store.identity import CHUNK
 from chatmw.store.models import Conversation, Message
 
-__all__ = ["dropoff", "DROPOFF", "UNKNOWN_STEP"]
+__all__ = [
+    "dropoff",
+    "DROPOFF",
+    "UNKNOWN_STEP",
+    "DropoffTally",
+    "nameable_step",
+    "stopped_step",
+]
 
 UNKNOWN_STEP = "(unknown)"
 DEFAULT_IDLE_MINUTES = 30.0
@@ -84,39 +98,74 @@ def _bot_intents(engine: Engine, conversation_ids: Sequence[int]) -> dict[int, l
     return intents
 
 
-def _last_steps(
-    dropped: Sequence[tuple[Any, int, bool, int | None, int, str | None]],
-    intents: Mapping[int, list[str]],
-) -> dict[str, Any]:
-    counts: dict[str, int] = defaultdict(int)
-    for _, conversation_id, _, _, _, last_step in dropped:
-        bot_intents = intents.get(conversation_id)
-        step = last_step or (bot_intents[-1] if bot_intents else None) or UNKNOWN_STEP
-        counts[step] += 1
-    return {
-        "dropped": len(dropped),
-        "last_steps": [
-            {"step": step, "conversations": count, "share": rate(count, len(dropped))}
-            for step, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-        ],
-    }
+@dataclass(slots=True)
+class DropoffTally:
+    """The drop-off counts of a set of conversations.
+
+    ``dropped`` maps a last step to its dropped conversations, and ``step_sets`` a set of
+    steps seen (bot message intents and ``last_step``) to its conversations.
+    """
+
+    conversations: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    step_sets: dict[frozenset[str], int] = field(default_factory=dict)
+
+    def add(self, other: DropoffTally) -> None:
+        self.conversations += other.conversations
+        for step, count in other.dropped.items():
+            self.dropped[step] = self.dropped.get(step, 0) + count
+        for steps, count in other.step_sets.items():
+            self.step_sets[steps] = self.step_sets.get(steps, 0) + count
 
 
-def _funnel(
-    steps: Sequence[str],
+@lru_cache(maxsize=4096)
+def nameable_step(step: str) -> bool:
+    """Return whether ``steps=`` can name ``step`` (what :func:`_parse_steps` accepts)."""
+    return step == step.strip() and _STEP.match(step) is not None
+
+
+def stopped_step(last_step: str | None, bot_intents: Sequence[str]) -> str:
+    """Return the step a conversation stopped at: ``last_step``, else its last bot intent."""
+    return last_step or (bot_intents[-1] if bot_intents else None) or UNKNOWN_STEP
+
+
+def _raw_tallies(
     rows: Sequence[tuple[Any, int, bool, int | None, int, str | None]],
+    converted: set[int],
+    idle_before_ms: int,
     intents: Mapping[int, list[str]],
-) -> list[dict[str, Any]]:
+    steps: Sequence[str],
+) -> dict[Any, DropoffTally]:
+    named = set(steps)
+    tallies: dict[Any, DropoffTally] = defaultdict(DropoffTally)
+    for key, conversation_id, resolved, ended, last, last_step in rows:
+        tally = tallies[key]
+        tally.conversations += 1
+        bot_intents = intents.get(conversation_id, [])
+        if steps:
+            seen = frozenset({*bot_intents, *([last_step] if last_step else [])} & named)
+            tally.step_sets[seen] = tally.step_sets.get(seen, 0) + 1
+        if (
+            not resolved
+            and conversation_id not in converted
+            and (ended is not None or last < idle_before_ms)
+        ):
+            step = stopped_step(last_step, bot_intents)
+            tally.dropped[step] = tally.dropped.get(step, 0) + 1
+    return tallies
+
+
+def _funnel(steps: Sequence[str], tally: DropoffTally) -> list[dict[str, Any]]:
     position = {step: index for index, step in enumerate(steps)}
-    furthest: list[int] = []
-    for _, conversation_id, _, _, _, last_step in rows:
-        seen = [*intents.get(conversation_id, []), *([last_step] if last_step else [])]
+    # The index of the furthest named step -> conversations; -1 when none was seen.
+    furthest: dict[int, int] = defaultdict(int)
+    for seen, count in tally.step_sets.items():
         indexes = [position[step] for step in seen if step in position]
-        furthest.append(max(indexes) if indexes else -1)
+        furthest[max(indexes) if indexes else -1] += count
     funnel = []
-    previous = len(rows)
+    previous = tally.conversations
     for index, step in enumerate(steps):
-        reached = sum(1 for value in furthest if value >= index)
+        reached = sum(count for value, count in furthest.items() if value >= index)
         lost = previous - reached
         funnel.append(
             {
@@ -124,38 +173,67 @@ def _funnel(
                 "reached": reached,
                 "lost": lost,
                 "lost_share": rate(lost, previous),
-                "share_of_start": rate(reached, len(rows)),
+                "share_of_start": rate(reached, tally.conversations),
             }
         )
         previous = reached
     return funnel
 
 
-def _section(
-    rows: Sequence[tuple[Any, int, bool, int | None, int, str | None]],
-    converted: set[int],
-    idle_before_ms: int,
-    intents: Mapping[int, list[str]],
-    steps: Sequence[str],
-) -> dict[str, Any]:
-    dropped = [
-        row
-        for row in rows
-        if not row[2]
-        and row[1] not in converted
-        and (row[3] is not None or row[4] < idle_before_ms)
-    ]
-    section: dict[str, Any] = {"conversations": len(rows), **_last_steps(dropped, intents)}
-    section["dropoff_rate"] = rate(len(dropped), len(rows))
+def _section(tally: DropoffTally, steps: Sequence[str]) -> dict[str, Any]:
+    dropped = sum(tally.dropped.values())
+    section: dict[str, Any] = {
+        "conversations": tally.conversations,
+        "dropped": dropped,
+        "last_steps": [
+            {"step": step, "conversations": count, "share": rate(count, dropped)}
+            for step, count in sorted(tally.dropped.items(), key=lambda item: (-item[1], item[0]))
+        ],
+        "dropoff_rate": rate(dropped, tally.conversations),
+    }
     if steps:
-        section["funnel"] = _funnel(steps, rows, intents)
+        section["funnel"] = _funnel(steps, tally)
     return section
 
 
+def _tallies(
+    engine: Engine, flt: MetricFilter, days: float, idle_before_ms: int, steps: Sequence[str]
+) -> dict[Any, DropoffTally]:
+    """Return the counts per group key, from rollups where they apply, else from raw rows."""
+    # Imported here: the rollup modules import this one.
+    from chatmw.metrics.business_query import serves_days
+    from chatmw.metrics.dropoff_rollups import dropoff_tallies
+
+    if serves_days(days):
+        rolled = dropoff_tallies(engine, flt, idle_before_ms, bool(steps))
+        if rolled is not None:
+            if flt.group_by is None:
+                return {None: _total(rolled.values())} if rolled else {}
+            return dict(rolled)
+    rows = _conversations(engine, flt)
+    converted = {row.conversation_id for row in attributed_conversions(engine, flt, days)}
+    intents = _bot_intents(engine, [row[1] for row in rows])
+    return _raw_tallies(rows, converted, idle_before_ms, intents, steps)
+
+
+def _total(tallies: Iterable[DropoffTally]) -> DropoffTally:
+    total = DropoffTally()
+    for tally in tallies:
+        total.add(tally)
+    return total
+
+
 def dropoff(
-    engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
+    engine: Engine,
+    flt: MetricFilter,
+    options: Mapping[str, Any] | None = None,
+    now_ms: int | None = None,
 ) -> dict[str, Any]:
-    """Compute the last steps of conversations that ended without an outcome, and a step funnel."""
+    """Compute the last steps of conversations that ended without an outcome, and a step funnel.
+
+    ``now_ms`` is the time of the query that the idle cut-off counts back from (default:
+    the current time).
+    """
     options = options or {}
     days = attribution_days(options)
     idle = options.get("idle_minutes")
@@ -163,31 +241,22 @@ def dropoff(
     if not 0 <= idle <= 60 * 24 * 366:
         raise FilterError("idle_minutes", f"must be between 0 and {60 * 24 * 366}, got {idle:g}")
     steps = _parse_steps(options.get("steps"))
-    idle_before_ms = to_ms(datetime.now(UTC)) - int(idle * 60_000)
+    now_ms = to_ms(datetime.now(UTC)) if now_ms is None else now_ms
+    idle_before_ms = now_ms - int(idle * 60_000)
 
-    rows = _conversations(engine, flt)
-    converted = {row.conversation_id for row in attributed_conversions(engine, flt, days)}
-    intents = _bot_intents(engine, [row[1] for row in rows])
+    tallies = _tallies(engine, flt, days, idle_before_ms, steps)
     result: dict[str, Any] = {
         "metric": "dropoff",
         "filters": flt.describe(),
         "attribution_days": days,
         "idle_minutes": idle,
         "steps": steps,
-        **_section(rows, converted, idle_before_ms, intents, steps),
+        **_section(_total(tallies.values()), steps),
     }
     if flt.group_by is not None:
-        by_group: dict[Any, list[tuple[Any, int, bool, int | None, int, str | None]]] = defaultdict(
-            list
-        )
-        for row in rows:
-            by_group[row[0]].append(row)
         result["groups"] = [
-            {
-                "group": group_label(key),
-                **_section(items, converted, idle_before_ms, intents, steps),
-            }
-            for key, items in sorted(by_group.items(), key=lambda item: group_label(item[0]))
+            {"group": group_label(key), **_section(tally, steps)}
+            for key, tally in sorted(tallies.items(), key=lambda item: group_label(item[0]))
         ]
     return result
 
@@ -231,7 +300,7 @@ DROPOFF = register(
             "is this step or a later one; `lost` = reached at the step before (all conversations "
             "for the first step) minus reached here; `lost_share` = lost / reached at the step "
             "before; `share_of_start` = reached / conversations.\n\n"
-            "Rates are `null` when their denominator is 0."
+            "Rates are `null` when their denominator is 0." + ROLLUP_NOTE
         ),
         compute=dropoff,
         params=(

@@ -35,7 +35,7 @@ from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.store.models import Conversation
 
-__all__ = ["outcome_sums", "survey_sums", "query_type_sums"]
+__all__ = ["outcome_sums", "survey_sums", "query_type_sums", "rolled_sums", "raw_where"]
 
 Result = TypeVar("Result")
 
@@ -53,7 +53,7 @@ def _with_coverage(
         return read(connection, coverage)
 
 
-def _rolled(
+def rolled_sums(
     connection: Connection,
     flt: MetricFilter,
     coverage: Coverage,
@@ -73,7 +73,8 @@ def _rolled(
     return [tuple(row) for row in connection.execute(statement)]
 
 
-def _raw_where(flt: MetricFilter, coverage: Coverage) -> ColumnElement[bool] | None:
+def raw_where(flt: MetricFilter, coverage: Coverage) -> ColumnElement[bool] | None:
+    """Return SQL selecting the conversations of ``flt`` that started in the raw ranges."""
     if not coverage.raw:
         return None
     in_raw = time_in_ranges(Conversation.started_at_ms, coverage.raw)
@@ -87,9 +88,9 @@ def outcome_sums(engine: Engine, flt: MetricFilter) -> dict[str, OutcomeCounts] 
 
     def read(connection: Connection, coverage: Coverage) -> dict[str, OutcomeCounts]:
         by_channel: dict[str, OutcomeCounts] = defaultdict(OutcomeCounts)
-        for channel, *values in _rolled(connection, flt, coverage, OUTCOMES):
+        for channel, *values in rolled_sums(connection, flt, coverage, OUTCOMES):
             by_channel[channel].add(OutcomeCounts(*(int(value or 0) for value in values)))
-        in_raw = _raw_where(flt, coverage)
+        in_raw = raw_where(flt, coverage)
         if in_raw is not None:
             for (_, channel), counts in collect_outcomes(connection, in_raw).items():
                 by_channel[channel].add(counts)
@@ -103,14 +104,14 @@ def survey_sums(engine: Engine, flt: MetricFilter, kind: str) -> dict[str, Surve
 
     def read(connection: Connection, coverage: Coverage) -> dict[str, SurveyCounts]:
         by_channel: dict[str, SurveyCounts] = defaultdict(SurveyCounts)
-        rows = _rolled(connection, flt, coverage, SURVEYS, [SURVEYS.table.kind == kind])
+        rows = rolled_sums(connection, flt, coverage, SURVEYS, [SURVEYS.table.kind == kind])
         for channel, _, answered, score, surveys, sent in rows:
             item = by_channel[channel]
             item.surveys += int(surveys or 0)
             item.sent += int(sent or 0)
             if answered:
                 item.scores[int(score)] = item.scores.get(int(score), 0) + int(surveys or 0)
-        in_raw = _raw_where(flt, coverage)
+        in_raw = raw_where(flt, coverage)
         if in_raw is not None:
             for (_, channel, found), counts in collect_surveys(connection, in_raw).items():
                 if found == kind:
@@ -134,10 +135,12 @@ def query_type_sums(
         by_channel: dict[str, dict[tuple[str, str], TypeCounts]] = defaultdict(
             lambda: defaultdict(TypeCounts)
         )
-        for channel, intent, rule_type, *values in _rolled(connection, flt, coverage, QUERY_TYPES):
+        for channel, intent, rule_type, *values in rolled_sums(
+            connection, flt, coverage, QUERY_TYPES
+        ):
             part = TypeCounts(*(int(value or 0) for value in values))
             by_channel[channel][(intent, rule_type)].add(part)
-        in_raw = _raw_where(flt, coverage)
+        in_raw = raw_where(flt, coverage)
         if in_raw is not None:
             for (_, channel, intent, rule_type), counts in collect_query_types(
                 connection, in_raw

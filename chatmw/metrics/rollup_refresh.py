@@ -485,9 +485,7 @@ class RollupStateRow:
 
 
 def _max_change_id(connection: Connection) -> int:
-    return int(
-        connection.execute(select(func.coalesce(func.max(RollupChange.id), 0))).scalar_one()
-    )
+    return int(connection.execute(select(func.coalesce(func.max(RollupChange.id), 0))).scalar_one())
 
 
 def _max_conversation_id(connection: Connection) -> int:
@@ -519,11 +517,18 @@ def _claim_rebuild(connection: Connection, now_ms: int) -> tuple[str, int] | Non
     watermark = _max_message_id(connection)
     from chatmw.metrics.attribution_rollups import ATTRIBUTION_TABLES
     from chatmw.metrics.conversion_rollups import BUSINESS_TABLES
+    from chatmw.metrics.dropoff_rollups import DROPOFF_TABLES
     from chatmw.metrics.reach_rollups import REACH_TABLES
     from chatmw.metrics.rollup_started import STARTED_TABLES
 
     tables = (RollupConversations, RollupMessages, RollupUsers, RollupStarters, RollupFirsts)
-    rolled = (*STARTED_TABLES, *BUSINESS_TABLES, *REACH_TABLES, *ATTRIBUTION_TABLES)
+    rolled = (
+        *STARTED_TABLES,
+        *BUSINESS_TABLES,
+        *REACH_TABLES,
+        *ATTRIBUTION_TABLES,
+        *DROPOFF_TABLES,
+    )
     for table in (*tables, *rolled, RollupContactSets):
         connection.execute(delete(table))
     from chatmw.metrics.business_rollups import claim_business_for_rebuild
@@ -624,11 +629,13 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     from chatmw.metrics.attribution_rollups import insert_attribution
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import insert_business
+    from chatmw.metrics.dropoff_rollups import insert_dropoff
     from chatmw.metrics.reach_rollups import insert_reach
     from chatmw.metrics.rollup_started import insert_started
 
     insert_started(connection, [chunk])
     insert_business(connection, [chunk])
+    insert_dropoff(connection, [chunk])
     insert_reach(connection, [chunk])
     insert_attribution(connection, [chunk])
     refresh_sets(connection, [chunk])
@@ -703,6 +710,7 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     from chatmw.metrics.attribution_rollups import delete_attribution, insert_attribution
     from chatmw.metrics.contact_sets import refresh_sets
     from chatmw.metrics.conversion_rollups import delete_business, insert_business
+    from chatmw.metrics.dropoff_rollups import delete_dropoff, insert_dropoff
     from chatmw.metrics.reach_rollups import delete_reach, insert_reach
     from chatmw.metrics.rollup_started import delete_started, insert_started
 
@@ -714,6 +722,8 @@ def _recompute(connection: Connection, slots: set[int]) -> None:
     insert_started(connection, ranges)
     delete_business(connection, ranges)
     insert_business(connection, ranges)
+    delete_dropoff(connection, ranges)
+    insert_dropoff(connection, ranges)
     insert_reach(connection, ranges)
     delete_attribution(connection, ranges)
     insert_attribution(connection, ranges)
@@ -833,6 +843,10 @@ ROLLUP_TABLES = (
     "rollup_exposed",
     "rollup_attribution",
     "rollup_attribution_sets",
+    "rollup_dropoff",
+    "rollup_dropoff_open",
+    "rollup_dropoff_steps",
+    "rollup_step_sets",
 )
 
 

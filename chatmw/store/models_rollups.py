@@ -17,6 +17,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -38,6 +39,10 @@ __all__ = [
     "RollupOutcomes",
     "RollupSurveys",
     "RollupQueryTypes",
+    "RollupDropoff",
+    "RollupDropoffOpen",
+    "RollupDropoffSteps",
+    "RollupStepSets",
     "RollupConversionLinks",
     "RollupLeadLinks",
     "RollupOrders",
@@ -340,6 +345,71 @@ class RollupQueryTypes(Base):
     csat_responses: Mapped[int] = mapped_column(Integer)
     csat_satisfied: Mapped[int] = mapped_column(Integer)
     csat_score_sum: Mapped[int] = mapped_column(BigInteger)
+
+
+class RollupDropoff(Base):
+    """Conversations per last step that started in a slot, hour, day or week.
+
+    ``step`` is the step a conversation stopped at (its ``last_step``, else the intent of
+    its last bot message, else ``(unknown)``). ``ended`` counts the conversations without
+    an outcome (not resolved, no attributed conversion with the default window) whose end
+    was reported, and ``open`` those without an outcome and without a reported end, which
+    are dropped once idle. See ``chatmw.metrics.dropoff_rollups``.
+    """
+
+    __tablename__ = "rollup_dropoff"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step: Mapped[str] = mapped_column(String(128), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+    ended: Mapped[int] = mapped_column(Integer)
+    open: Mapped[int] = mapped_column(Integer)
+
+
+class RollupDropoffOpen(Base):
+    """The ``open`` conversations of :class:`RollupDropoff` slot rows, by last message slot.
+
+    The primary key starts with ``last_slot_ms``, so a query reads the few rows whose last
+    message is not older than its idle cut-off as one index range.
+    """
+
+    __tablename__ = "rollup_dropoff_open"
+    __table_args__ = (Index("ix_rollup_dropoff_open_start", "start_slot_ms"),)
+
+    last_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    start_slot_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step: Mapped[str] = mapped_column(String(128), primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+
+
+class RollupDropoffSteps(Base):
+    """Conversations per set of steps seen that started in a slot, hour, day or week.
+
+    ``step_set_id`` is a :class:`RollupStepSets` row: the bot message intents and the
+    ``last_step`` of the conversation that a ``steps`` list of ``dropoff`` can name.
+    """
+
+    __tablename__ = "rollup_dropoff_steps"
+
+    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    start_ms: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), primary_key=True)
+    step_set_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversations: Mapped[int] = mapped_column(Integer)
+
+
+class RollupStepSets(Base):
+    """A distinct set of steps: its sorted steps as a JSON array and their SHA-256."""
+
+    __tablename__ = "rollup_step_sets"
+    __table_args__ = (UniqueConstraint("fingerprint", name="uq_rollup_step_sets_fingerprint"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    steps: Mapped[str] = mapped_column(Text)
 
 
 # Columns of the slot indexes of the link tables.
