@@ -216,7 +216,7 @@ def _sentiment_means(
     if rolled is None:
         return {str(key): value for key, value in mean_polarity(engine, flt).items()}
     connection, coverage = rolled
-    sums = sentiment_in(connection, flt, coverage)
+    sums = sentiment_in(connection, flt, coverage, conversations=False)
     return {
         channel: round(part.score_sum / part.scored, 4)
         for channel, part in sums.items()

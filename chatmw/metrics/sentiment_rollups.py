@@ -200,11 +200,13 @@ def sentiment_sums(engine: Engine, flt: MetricFilter) -> dict[str, SentimentSums
 
 
 def sentiment_in(
-    connection: Connection, flt: MetricFilter, coverage: Coverage
+    connection: Connection, flt: MetricFilter, coverage: Coverage, conversations: bool = True
 ) -> dict[str, SentimentSums]:
     """Return the sums per channel of the conversations that started in the window of ``coverage``.
 
-    ``coverage`` must come from ``cover`` on ``flt`` in UTC.
+    ``coverage`` must come from ``cover`` on ``flt`` in UTC. Without ``conversations`` the
+    conversations are not counted (``conversations`` stays 0) and every channel with sums
+    is returned.
     """
     # Imported here: chatmw.metrics.started_query imports the module that imports this one.
     from chatmw.metrics.started_query import add_conversations
@@ -231,15 +233,18 @@ def sentiment_in(
             }
         )
         by_channel[channel].add(part)
-    # Conversation counts as summary counts them, per channel.
-    counts: dict[Any, dict[str, int]] = {}
-    add_conversations(connection, by_channel_filter, coverage, counts)
-    for channel, totals in counts.items():
-        by_channel[channel].conversations += totals["conversations"]
+    if conversations:
+        # Conversation counts as summary counts them, per channel.
+        counts: dict[Any, dict[str, int]] = {}
+        add_conversations(connection, by_channel_filter, coverage, counts)
+        for channel, totals in counts.items():
+            by_channel[channel].conversations += totals["conversations"]
     if coverage.raw:
         in_raw = time_in_ranges(Conversation.started_at_ms, coverage.raw)
         if flt.channels:
             in_raw = in_raw & Conversation.channel.in_(flt.channels)
         for (_, channel), part in _collect(connection, in_raw).items():
             by_channel[channel].add(part)
+    if not conversations:
+        return dict(by_channel)
     return {channel: sums for channel, sums in by_channel.items() if sums.conversations}
