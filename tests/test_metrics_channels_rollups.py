@@ -1,14 +1,15 @@
 """The channels metric from rollups equals the channels metric from raw rows.
 
-Random stores get conversations on three channels by a few returning contacts, user, bot
-and agent messages (some of them reactions, which are not counted), sentiment scores,
-conversions naming a conversation or a user, surveys in every state, and conversations
-without a user message, which have no contact. Later steps write late first messages that move starts, duplicate
-messages, new conversations and conversions, and survey answers logged without a message.
-Each check runs before the first refresh, after it, with those events not refreshed yet,
-and after the next refresh, on SQLite and PostgreSQL. Percentiles of response times are
-estimates from histograms (docs/rollups.md), and sentiment means can differ by one unit
-in the 4th decimal at a rounding boundary; every other figure must be equal.
+Random stores get conversations on three channels by a few returning contacts. They have
+user, bot and agent messages (some of them reactions, which are not counted), sentiment
+scores, conversions naming a conversation or a user, and surveys in every state.
+Conversations without a user message have no contact. Later steps write late first
+messages that move starts, duplicate messages, new conversations and conversions, and
+survey answers logged without a message. Each check runs before the first refresh,
+after it, with those events not refreshed yet, and after the next refresh, on SQLite and
+PostgreSQL. Percentiles of response times are estimates from histograms
+(docs/rollups.md), and sentiment means can differ by one unit in the 4th decimal at a
+rounding boundary. Every other figure must be equal.
 """
 
 from __future__ import annotations
@@ -109,13 +110,13 @@ class Store:
         """Return 0 to 2 conversions for conversation ``c{number}``."""
         rng = self.rng
         channel, user, start = self.starts[f"c{number}"]
-        made = []
+        created = []
         for index in range(rng.choice((0, 0, 1, 2))):
             by_user = rng.random() < 0.5
             offset = rng.choice(
                 (timedelta(0), timedelta(hours=1), timedelta(days=7), timedelta(days=8))
             )
-            made.append(
+            created.append(
                 Conversion(
                     channel=channel,
                     occurred_at=start + offset,
@@ -127,7 +128,7 @@ class Store:
                     conversation_id=None if by_user else f"c{number}",
                 )
             )
-        return made
+        return created
 
     def first_events(self) -> None:
         rng = self.rng
@@ -202,7 +203,7 @@ class Store:
         # Exact copies of stored messages: the writer stores each key once.
         events.extend(self.written[::7])
         self.writer.write(events)
-        self.writer.write([made for number in range(300, 322) for made in self._maybe(number)])
+        self.writer.write([item for number in range(300, 322) for item in self._maybe(number)])
 
     def _maybe(self, number: int) -> list[Conversion]:
         return self.conversions(number) if f"c{number}" in self.starts else []

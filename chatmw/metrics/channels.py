@@ -45,7 +45,8 @@ __all__ = [
     "ENGAGED_MIN_USER_MESSAGES",
 ]
 
-# A conversation is engaged when the user sent at least this many messages.
+# A conversation is engaged when the user sent at least this many messages. rollup_engaged
+# counts the same threshold (chatmw.metrics.reach_rollups), so both must change together.
 ENGAGED_MIN_USER_MESSAGES = 2
 
 
@@ -121,11 +122,13 @@ def _conversions(
     engine: Engine,
     flt: MetricFilter,
     options: Mapping[str, Any],
-    rolled: tuple[Connection, Coverage, dict[str, dict[str, Any]]] | None,
+    rolled: tuple[Connection, Coverage] | None,
+    conversations: Mapping[str, int],
 ) -> dict[str, dict[str, Any]] | None:
     """Return the ``conversion`` metric's figures per channel, or None without its table.
 
-    ``rolled`` holds the connection, coverage and volume rows when rollups cover the query.
+    ``rolled`` is the connection and coverage when rollups cover the query.
+    ``conversations`` maps each channel to the conversations that started in the window.
     """
     if _conversion is None or not _has_table(engine, "chatmw.store.models_business", "conversions"):
         return None
@@ -134,10 +137,10 @@ def _conversions(
 
     days = _conversion.attribution_days(options)
     if rolled is not None and serves_days(days):
-        connection, coverage, volume = rolled
+        connection, coverage = rolled
         sums = conversions_in(connection, flt, coverage, counts=False)
-        # The conversation counts of rollup_conversations, which the conversion metric sums too.
-        sums.conversations = {channel: row["conversations"] for channel, row in volume.items()}
+        # The conversion metric lists every channel with a conversation, converted or not.
+        sums.conversations = dict(conversations)
         result = {**_conversion.rolled_figures(sums, flt), **_conversion.currency_of(engine)}
     else:
         result = _conversion.conversion_rate(engine, flt, {"attribution_days": days})
@@ -246,12 +249,8 @@ def channel_performance(
             volume = _rolled_volume(connection, by_channel, coverage)
         durations = _durations(engine, by_channel, None if exact_requested(options) else served)
         sentiment = _sentiment_means(engine, by_channel, served)
-        conversions = _conversions(
-            engine,
-            by_channel,
-            options,
-            None if coverage is None else (connection, coverage, volume),
-        )
+        conversations = {channel: row["conversations"] for channel, row in volume.items()}
+        conversions = _conversions(engine, by_channel, options, served, conversations)
         surveys = _surveys(engine, by_channel, served)
     return _result(flt, volume, durations, sentiment, conversions, surveys)
 
@@ -347,7 +346,10 @@ CHANNELS = register(
             "their count. NPS scores run 0-10: `nps` = % promoters (9-10) - % detractors "
             "(0-6), from -100 to 100. Both are `null` when the store has no surveys table.\n"
             "- `sentiment_mean`: mean polarity of scored user messages (see `sentiment`).\n\n"
-            "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
+            "Rates are fractions from 0 to 1 and are `null` when their denominator is 0.\n\n"
+            "On a store whose rollups are built, the queries that `docs/rollups.md` lists read "
+            "them. Events recorded since the last refresh are counted from raw rows, so "
+            "answers include them at once."
         ),
         compute=channel_performance,
         params=(EXACT,) if _conversion is None else (_conversion.ATTRIBUTION_PARAM, EXACT),
