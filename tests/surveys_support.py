@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
 from chatmw.outbound import OutboundMessage, SendResult
+from chatmw.store.models import Conversation
 from chatmw.store.models_surveys import Survey, SurveySend
 from chatmw.store.writer import Writer
 from chatmw.surveys.answering import SurveyAnswerPreprocessor
@@ -218,3 +220,45 @@ class Harness:
     def sends(self) -> list[SurveySend]:
         with Session(self.engine) as session:
             return list(session.scalars(select(SurveySend).order_by(SurveySend.id)))
+
+
+def add_random_surveys(engine: Engine, rng: random.Random) -> None:
+    """Insert a survey of a random kind and state for about two thirds of the conversations."""
+    with engine.begin() as connection:
+        conversations = connection.execute(
+            select(
+                Conversation.id,
+                Conversation.contact_id,
+                Conversation.channel,
+                Conversation.started_at_ms,
+            ).order_by(Conversation.id)
+        ).all()
+        rows = []
+        for conversation_id, contact_id, channel, started_ms in conversations:
+            if rng.random() < 0.35:
+                continue
+            kind = rng.choice(("csat", "nps"))
+            sent = rng.random() < 0.8
+            low, high = (1, 5) if kind == "csat" else (0, 10)
+            # Some unsent surveys have a score. csat and nps do not count it as an answer,
+            # but query-types counts the CSAT ones.
+            score = rng.randint(low, high) if rng.random() < 0.7 else None
+            rows.append(
+                {
+                    "conversation_id": conversation_id,
+                    "contact_id": contact_id,
+                    "channel": channel,
+                    "name": kind,
+                    "kind": kind,
+                    "trigger": "ended",
+                    "state": "answered" if score is not None else "sent",
+                    "locale": "en",
+                    "created_at_ms": started_ms,
+                    "sent_at_ms": started_ms + 60_000 if sent else None,
+                    "score": score,
+                    "comment_window_ms": 0,
+                    "reasks": 0,
+                    "used_template": False,
+                }
+            )
+        connection.execute(insert(Survey), rows)

@@ -16,7 +16,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, func, select, update
+from surveys_support import add_random_surveys
 
 from chatmw import events as ev
 from chatmw.metrics.filters import GroupBy, MetricFilter
@@ -26,7 +27,6 @@ from chatmw.metrics.resolution import first_contact_resolution
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import rebuild, refresh
 from chatmw.store.changes import record_changes
-from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
     LEVEL_SLOT,
     SLOT_MS,
@@ -105,48 +105,6 @@ def _conversation(
     return messages, outcome
 
 
-def _add_surveys(engine: Engine, rng: random.Random) -> None:
-    """Insert a survey of a random kind and state for about two thirds of the conversations."""
-    with engine.begin() as connection:
-        conversations = connection.execute(
-            select(
-                Conversation.id,
-                Conversation.contact_id,
-                Conversation.channel,
-                Conversation.started_at_ms,
-            ).order_by(Conversation.id)
-        ).all()
-        rows = []
-        for conversation_id, contact_id, channel, started_ms in conversations:
-            if rng.random() < 0.35:
-                continue
-            kind = rng.choice(("csat", "nps"))
-            sent = rng.random() < 0.8
-            low, high = (1, 5) if kind == "csat" else (0, 10)
-            # Some unsent surveys have a score. csat and nps do not count it as an answer,
-            # but query-types counts the CSAT ones.
-            score = rng.randint(low, high) if rng.random() < 0.7 else None
-            rows.append(
-                {
-                    "conversation_id": conversation_id,
-                    "contact_id": contact_id,
-                    "channel": channel,
-                    "name": kind,
-                    "kind": kind,
-                    "trigger": "ended",
-                    "state": "answered" if score is not None else "sent",
-                    "locale": "en",
-                    "created_at_ms": started_ms,
-                    "sent_at_ms": started_ms + 60_000 if sent else None,
-                    "score": score,
-                    "comment_window_ms": 0,
-                    "reasks": 0,
-                    "used_template": False,
-                }
-            )
-        connection.execute(insert(Survey), rows)
-
-
 def build_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message]]:
     """Write random conversations and surveys; return the writer and held-back first messages."""
     rng = random.Random(seed)
@@ -172,7 +130,7 @@ def build_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message]]:
         outcomes.append(outcome)
     writer.write(written)
     writer.write(outcomes)
-    _add_surveys(engine, rng)
+    add_random_surveys(engine, rng)
     return writer, held_back
 
 
@@ -470,9 +428,11 @@ def test_survey_answer_without_message(engine: Engine) -> None:
     # The refresher sees a change without a message through the change log. The survey
     # service writes it in the transaction of each survey change, so the test writes both.
     with engine.begin() as connection:
-        changed = connection.execute(
-            select(Survey.conversation_id).where(Survey.kind == "csat")
-        ).scalars().all()
+        changed = (
+            connection.execute(select(Survey.conversation_id).where(Survey.kind == "csat"))
+            .scalars()
+            .all()
+        )
         connection.execute(
             update(Survey)
             .where(Survey.kind == "csat")

@@ -55,6 +55,7 @@ __all__ = [
     "serves_filter",
     "query_window",
     "rolled_conversions",
+    "conversions_in",
     "id_chunks",
     "raw_targets",
     "stored_contact_filter",
@@ -315,7 +316,6 @@ def rolled_conversions(
     (:func:`serves_filter`, :func:`serves_days`). Groups are the channel or the campaign
     of the conversation's touch (by label). Without ``counts`` no conversation is counted.
     """
-    sums = ConversionSums()
     with engine.connect() as connection:
         coverage = cover(
             connection,
@@ -323,10 +323,22 @@ def rolled_conversions(
         )
         if coverage is None:
             return None
-        if counts:
-            totals: dict[Any, dict[str, int]] = {}
-            add_conversations(connection, flt, coverage, totals)
-            sums.conversations = {key: group["conversations"] for key, group in totals.items()}
-        _served_conversion_sums(connection, flt, coverage, sums)
-        _add_raw_conversions(connection, flt, coverage, sums)
+        return conversions_in(connection, flt, coverage, counts)
+
+
+def conversions_in(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, counts: bool = True
+) -> ConversionSums:
+    """Return the attributions to the conversations that started in the window of ``coverage``.
+
+    ``coverage`` must come from ``cover`` on ``flt`` in UTC, without its grouping and touch
+    filters. The sums are those of :func:`rolled_conversions`.
+    """
+    sums = ConversionSums()
+    if counts:
+        totals: dict[Any, dict[str, int]] = {}
+        add_conversations(connection, flt, coverage, totals)
+        sums.conversations = {key: group["conversations"] for key, group in totals.items()}
+    _served_conversion_sums(connection, flt, coverage, sums)
+    _add_raw_conversions(connection, flt, coverage, sums)
     return sums

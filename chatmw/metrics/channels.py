@@ -6,12 +6,14 @@ import dataclasses
 import importlib
 from collections import defaultdict
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine, case, func, inspect, select
+from sqlalchemy import Connection, Engine, case, func, inspect, select
 
+from chatmw.metrics.engagement_rollups import conversation_counts
 from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.outcome_query import surveys_in
 from chatmw.metrics.registry import MetricSpec, register
 from chatmw.metrics.response_time import (
     EXACT,
@@ -19,10 +21,12 @@ from chatmw.metrics.response_time import (
     describe_responses,
     exact_requested,
 )
+from chatmw.metrics.rollup_distinct import distinct_starters
+from chatmw.metrics.rollup_query import Buckets, Coverage, cover
 from chatmw.metrics.scope import conversation_scope
 from chatmw.metrics.sentiment import mean_polarity
-from chatmw.metrics.sentiment_rollups import sentiment_sums
-from chatmw.metrics.started_query import StartedFigures, started_figures
+from chatmw.metrics.sentiment_rollups import sentiment_in
+from chatmw.metrics.started_query import add_messages, add_responses, new_responses
 from chatmw.metrics.stats import describe_seconds, rate
 from chatmw.store.derive import UNTIMED_KINDS
 from chatmw.store.models import Base, Conversation, Message
@@ -41,7 +45,8 @@ __all__ = [
     "ENGAGED_MIN_USER_MESSAGES",
 ]
 
-# A conversation is engaged when the user sent at least this many messages.
+# A conversation is engaged when the user sent at least this many messages. rollup_engaged
+# counts the same threshold (chatmw.metrics.reach_rollups), so both must change together.
 ENGAGED_MIN_USER_MESSAGES = 2
 
 
@@ -55,9 +60,12 @@ def _has_table(engine: Engine, module: str, name: str) -> bool:
     return name in Base.metadata.tables and inspect(engine).has_table(name)
 
 
-def _volume(
-    engine: Engine, flt: MetricFilter, started: StartedFigures | None
-) -> dict[str, dict[str, Any]]:
+def _empty_volume() -> dict[str, Any]:
+    return {"conversations": 0, "users": 0, "messages": 0, "user_messages": 0, "engaged": 0}
+
+
+def _volume(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]]:
+    """Count conversations, contacts, engaged conversations and messages per channel, raw."""
     scope = conversation_scope(flt).subquery()
     conversations = (
         select(
@@ -80,34 +88,62 @@ def _volume(
         .where(Message.kind.not_in(UNTIMED_KINDS))
         .group_by(Conversation.channel)
     )
-    rows: dict[str, dict[str, Any]] = defaultdict(
-        lambda: {"conversations": 0, "users": 0, "messages": 0, "user_messages": 0, "engaged": 0}
-    )
+    rows: dict[str, dict[str, Any]] = defaultdict(_empty_volume)
     with engine.connect() as connection:
         for channel, count, users, engaged in connection.execute(conversations):
             rows[channel].update(conversations=count, users=users, engaged=int(engaged or 0))
-    # Message counts from rollups where they cover the window; they read no message row.
-    if started is not None:
-        for channel, totals in started.totals.items():
-            if totals["messages"]:
-                rows[channel].update(
-                    messages=totals["messages"], user_messages=totals["user_messages"]
-                )
-        return rows
-    with engine.connect() as connection:
         for channel, count, user_count in connection.execute(messages):
             rows[channel].update(messages=count, user_messages=int(user_count or 0))
     return rows
 
 
+def _rolled_volume(
+    connection: Connection, flt: MetricFilter, coverage: Coverage
+) -> dict[str, dict[str, Any]]:
+    """Return the figures of :func:`_volume` from rollups, for a filter grouped by channel."""
+    counts = conversation_counts(connection, flt, coverage)
+    messages: dict[Any, dict[str, int]] = {}
+    add_messages(connection, flt, coverage, messages)
+    window = Buckets.window(coverage.since_ms, coverage.until_ms)
+    users, _ = distinct_starters(connection, flt, coverage, window)
+    rows: dict[str, dict[str, Any]] = defaultdict(_empty_volume)
+    for channel, count in counts.conversations.items():
+        rows[channel].update(
+            conversations=count, engaged=counts.engaged_conversations.get(channel, 0)
+        )
+    for (channel, _), count in users.items():
+        rows[channel]["users"] = count
+    for channel, totals in messages.items():
+        rows[channel].update(messages=totals["messages"], user_messages=totals["user_messages"])
+    return rows
+
+
 def _conversions(
-    engine: Engine, flt: MetricFilter, options: Mapping[str, Any]
+    engine: Engine,
+    flt: MetricFilter,
+    options: Mapping[str, Any],
+    rolled: tuple[Connection, Coverage] | None,
+    conversations: Mapping[str, int],
 ) -> dict[str, dict[str, Any]] | None:
-    """Return the ``conversion`` metric's figures per channel, or None without its table."""
+    """Return the ``conversion`` metric's figures per channel, or None without its table.
+
+    ``rolled`` is the connection and coverage when rollups cover the query.
+    ``conversations`` maps each channel to the conversations that started in the window.
+    """
     if _conversion is None or not _has_table(engine, "chatmw.store.models_business", "conversions"):
         return None
+    # Imported here: the business rollups exist only with the conversion module.
+    from chatmw.metrics.business_query import conversions_in, serves_days
+
     days = _conversion.attribution_days(options)
-    result = _conversion.conversion_rate(engine, flt, {"attribution_days": days})
+    if rolled is not None and serves_days(days):
+        connection, coverage = rolled
+        sums = conversions_in(connection, flt, coverage, counts=False)
+        # The conversion metric lists every channel with a conversation, converted or not.
+        sums.conversations = dict(conversations)
+        result = {**_conversion.rolled_figures(sums, flt), **_conversion.currency_of(engine)}
+    else:
+        result = _conversion.conversion_rate(engine, flt, {"attribution_days": days})
     return {
         group["group"]: {
             "converted": group["converted_conversations"],
@@ -119,49 +155,55 @@ def _conversions(
     }
 
 
-def _surveys(engine: Engine, flt: MetricFilter) -> dict[str, dict[str, Any]] | None:
-    """Return the ``csat`` and ``nps`` figures per channel, or None without the survey tables."""
+SURVEY_KINDS = ("csat", "nps")
+
+
+def _surveys(
+    engine: Engine, flt: MetricFilter, rolled: tuple[Connection, Coverage] | None
+) -> dict[str, dict[str, Any]] | None:
+    """Return the ``csat`` and ``nps`` figures per channel, or None without the survey tables.
+
+    The figures of ``""`` are those of a channel without surveys.
+    """
     if not _has_table(engine, "chatmw.store.models_surveys", "surveys"):
         return None
     try:
         # Imported here, not at module level: chatmw.surveys imports this package's modules.
-        from chatmw.surveys.metrics import csat, nps
+        from chatmw.surveys.metrics import csat, nps, survey_figures
     except ModuleNotFoundError as error:
         if error.name not in ("chatmw.surveys", "chatmw.surveys.metrics"):
             raise
         return None
     figures: dict[str, dict[str, Any]] = defaultdict(dict)
-    for kind, compute in (("csat", csat), ("nps", nps)):
+    for kind in SURVEY_KINDS:
+        figures[""][kind] = survey_figures(kind)
+        if rolled is not None:
+            connection, coverage = rolled
+            for channel, counts in surveys_in(connection, flt, coverage, kind).items():
+                figures[channel][kind] = survey_figures(kind, counts.sent, counts.scores)
+            continue
+        compute = csat if kind == "csat" else nps
         for group in compute(engine, flt)["groups"]:
             figures[group["group"]][kind] = {k: v for k, v in group.items() if k != "group"}
-        # The figures of a channel without surveys, in the same shape.
-        figures[""][kind] = {
-            k: v
-            for k, v in compute(engine, _nothing(flt)).items()
-            if k not in ("metric", "filters")
-        }
     return figures
-
-
-def _nothing(flt: MetricFilter) -> MetricFilter:
-    # An empty window (since == until) selects no conversation: the figures of no surveys.
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    return dataclasses.replace(flt, since=epoch, until=epoch, group_by=None)
 
 
 FIGURES = ("first_response", "reply_time")
 
 
 def _durations(
-    engine: Engine, flt: MetricFilter, started: StartedFigures | None
+    engine: Engine, flt: MetricFilter, rolled: tuple[Connection, Coverage] | None
 ) -> dict[str, dict[str, Any]]:
     """Describe first response and reply time per channel, from rollups where they apply."""
-    if started is not None:
+    if rolled is not None:
+        connection, coverage = rolled
+        responses = new_responses()
+        add_responses(connection, flt, coverage, responses)
         return {
             str(channel): {
                 figure: describe_responses([by_figure], figure, "all") for figure in FIGURES
             }
-            for channel, by_figure in started.responses.items()
+            for channel, by_figure in responses.items()
         }
     # The group key is the channel, which every conversation has.
     return {
@@ -170,11 +212,14 @@ def _durations(
     }
 
 
-def _sentiment_means(engine: Engine, flt: MetricFilter) -> dict[str, float | None]:
+def _sentiment_means(
+    engine: Engine, flt: MetricFilter, rolled: tuple[Connection, Coverage] | None
+) -> dict[str, float | None]:
     """Return the mean polarity of scored user messages per channel."""
-    sums = sentiment_sums(engine, flt)
-    if sums is None:
+    if rolled is None:
         return {str(key): value for key, value in mean_polarity(engine, flt).items()}
+    connection, coverage = rolled
+    sums = sentiment_in(connection, flt, coverage, conversations=False)
     return {
         channel: round(part.score_sum / part.scored, 4)
         for channel, part in sums.items()
@@ -185,16 +230,39 @@ def _sentiment_means(engine: Engine, flt: MetricFilter) -> dict[str, float | Non
 def channel_performance(
     engine: Engine, flt: MetricFilter, options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Compute one row per channel over the conversations of ``flt``."""
-    by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
-    # One read of the rollups serves message counts, and response times unless exact.
-    started = started_figures(engine, by_channel)
-    volume = _volume(engine, flt, started)
-    durations = _durations(engine, by_channel, None if exact_requested(options) else started)
-    sentiment = _sentiment_means(engine, by_channel)
-    conversions = _conversions(engine, by_channel, options or {})
-    surveys = _surveys(engine, by_channel)
+    """Compute one row per channel over the conversations of ``flt``.
 
+    Where ``cover`` accepts the query, every figure comes from rollups over one coverage of
+    the window; otherwise from raw rows. Response times with ``exact=true`` and conversions
+    with another ``attribution_days`` read raw rows in either case.
+    """
+    options = options or {}
+    by_channel = dataclasses.replace(flt, group_by=GroupBy("channel"))
+    with engine.connect() as connection:
+        # Start slots are counted in UTC: the time zone does not change which conversations
+        # started in the window.
+        coverage = cover(connection, dataclasses.replace(flt, tz=ZoneInfo("UTC"), group_by=None))
+        served = None if coverage is None else (connection, coverage)
+        if coverage is None:
+            volume = _volume(engine, flt)
+        else:
+            volume = _rolled_volume(connection, by_channel, coverage)
+        durations = _durations(engine, by_channel, None if exact_requested(options) else served)
+        sentiment = _sentiment_means(engine, by_channel, served)
+        conversations = {channel: row["conversations"] for channel, row in volume.items()}
+        conversions = _conversions(engine, by_channel, options, served, conversations)
+        surveys = _surveys(engine, by_channel, served)
+    return _result(flt, volume, durations, sentiment, conversions, surveys)
+
+
+def _result(
+    flt: MetricFilter,
+    volume: dict[str, dict[str, Any]],
+    durations: dict[str, dict[str, Any]],
+    sentiment: dict[str, float | None],
+    conversions: dict[str, dict[str, Any]] | None,
+    surveys: dict[str, dict[str, Any]] | None,
+) -> dict[str, Any]:
     notes = []
     if conversions is None:
         notes.append("conversion is null: the store has no conversions table")
@@ -278,7 +346,10 @@ CHANNELS = register(
             "their count. NPS scores run 0-10: `nps` = % promoters (9-10) - % detractors "
             "(0-6), from -100 to 100. Both are `null` when the store has no surveys table.\n"
             "- `sentiment_mean`: mean polarity of scored user messages (see `sentiment`).\n\n"
-            "Rates are fractions from 0 to 1 and are `null` when their denominator is 0."
+            "Rates are fractions from 0 to 1 and are `null` when their denominator is 0.\n\n"
+            "On a store whose rollups are built, the queries that `docs/rollups.md` lists read "
+            "them. Events recorded since the last refresh are counted from raw rows, so "
+            "answers include them at once."
         ),
         compute=channel_performance,
         params=(EXACT,) if _conversion is None else (_conversion.ATTRIBUTION_PARAM, EXACT),

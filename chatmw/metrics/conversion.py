@@ -18,7 +18,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Engine, Select, and_, func, or_, select, true, union
 from sqlalchemy.orm import aliased
@@ -30,6 +30,9 @@ from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Contact, Conversation
 from chatmw.store.models_business import Conversion, Spend
+
+if TYPE_CHECKING:
+    from chatmw.metrics.business_query import ConversionSums
 
 __all__ = [
     "ATTRIBUTION_PARAM",
@@ -43,6 +46,7 @@ __all__ = [
     "conversation_counts",
     "currency_of",
     "conversion_rate",
+    "rolled_figures",
     "CONVERSION",
 ]
 
@@ -332,6 +336,11 @@ def _rolled_result(engine: Engine, flt: MetricFilter, days: float) -> dict[str, 
     sums = rolled_conversions(engine, flt)
     if sums is None:
         return None
+    return rolled_figures(sums, flt)
+
+
+def rolled_figures(sums: ConversionSums, flt: MetricFilter) -> dict[str, Any]:
+    """Return the figures, and the groups when ``flt`` groups, of attributions summed by rollups."""
     result = _section(sum(sums.conversations.values()), sum(sums.converted.values()), sums.overall)
     if flt.group_by is not None:
         keys = set(sums.conversations) | {key for key, count in sums.converted.items() if count}

@@ -26,7 +26,12 @@ from chatmw.store.models_rollups import (
     RollupState,
 )
 
-__all__ = ["ChannelReach", "EngagementCounts", "engagement_counts"]
+__all__ = [
+    "ChannelReach",
+    "EngagementCounts",
+    "conversation_counts",
+    "engagement_counts",
+]
 
 
 _KINDS = ("exposed", "proactive", "writers")
@@ -93,6 +98,34 @@ def _slot_sums(
         totals[int(figure)][channel] = int(total)
 
 
+def conversation_counts(
+    connection: Connection, flt: MetricFilter, coverage: Coverage
+) -> EngagementCounts:
+    """Return conversations and engaged conversations per channel, for those started in the window.
+
+    Only ``conversations`` and ``engaged_conversations`` are set. ``coverage`` must come
+    from ``cover`` on ``flt``.
+    """
+    counts = EngagementCounts()
+    _slot_sums(connection, flt, coverage, counts)
+    if not coverage.raw:
+        return counts
+    rows = select(Conversation.channel, Conversation.user_message_count).where(
+        time_in_ranges(Conversation.started_at_ms, coverage.raw),
+        *channel_condition(Conversation.channel, flt),
+    )
+    for channel, user_messages in connection.execute(rows):
+        _count_conversation(counts, channel, user_messages)
+    return counts
+
+
+def _count_conversation(counts: EngagementCounts, channel: str, user_messages: int | None) -> None:
+    counts.conversations[channel] = counts.conversations.get(channel, 0) + 1
+    if (user_messages or 0) >= 2:
+        engaged = counts.engaged_conversations
+        engaged[channel] = engaged.get(channel, 0) + 1
+
+
 def _known_channels(connection: Connection, flt: MetricFilter) -> set[str]:
     """Return the channels with an exposure at any time, within the channel filter."""
     watermark = connection.execute(
@@ -127,10 +160,7 @@ def _add_raw(
         raw_ids["exposed"][channel].add(contact_id)
     rows = conversation_rows(time_in_ranges(Conversation.started_at_ms, coverage.raw), flt.channels)
     for _, channel, contact_id, role, user_messages in connection.execute(rows):
-        counts.conversations[channel] = counts.conversations.get(channel, 0) + 1
-        if (user_messages or 0) >= 2:
-            totals = counts.engaged_conversations
-            totals[channel] = totals.get(channel, 0) + 1
+        _count_conversation(counts, channel, user_messages)
         if contact_id is None:
             continue
         if role is not None and role != "user":

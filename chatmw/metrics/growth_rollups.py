@@ -11,7 +11,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.filters import MetricFilter
-from chatmw.metrics.rollup_distinct import distinct_contacts
+from chatmw.metrics.rollup_distinct import distinct_starters
 from chatmw.metrics.rollup_query import (
     MAX_RAW_RANGES,
     Buckets,
@@ -34,7 +34,6 @@ from chatmw.store.models_rollups import (
     RollupConversations,
     RollupFirsts,
     RollupMessages,
-    RollupStarters,
 )
 
 __all__ = ["growth_counts"]
@@ -281,12 +280,7 @@ def _add_users(
     counts: Counts,
     overall_users: dict[int, int],
 ) -> None:
-    raw = select(Conversation.started_at_ms, Conversation.channel, Conversation.contact_id).where(
-        Conversation.contact_id.is_not(None),
-        time_in_ranges(Conversation.started_at_ms, coverage.raw),
-        *channel_condition(Conversation.channel, flt),
-    )
-    by_channel, overall = distinct_contacts(connection, flt, coverage, buckets, RollupStarters, raw)
+    by_channel, overall = distinct_starters(connection, flt, coverage, buckets)
     for (channel, index), users in by_channel.items():
         counts[channel][index]["users"] = users
     overall_users.update(overall)

@@ -35,7 +35,14 @@ from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.store.models import Conversation
 
-__all__ = ["outcome_sums", "survey_sums", "query_type_sums", "rolled_sums", "raw_where"]
+__all__ = [
+    "outcome_sums",
+    "survey_sums",
+    "surveys_in",
+    "query_type_sums",
+    "rolled_sums",
+    "raw_where",
+]
 
 Result = TypeVar("Result")
 
@@ -101,24 +108,32 @@ def outcome_sums(engine: Engine, flt: MetricFilter) -> dict[str, OutcomeCounts] 
 
 def survey_sums(engine: Engine, flt: MetricFilter, kind: str) -> dict[str, SurveyCounts] | None:
     """Return the surveys of ``kind`` per channel, or None without rollups."""
+    return _with_coverage(
+        engine, flt, lambda connection, coverage: surveys_in(connection, flt, coverage, kind)
+    )
 
-    def read(connection: Connection, coverage: Coverage) -> dict[str, SurveyCounts]:
-        by_channel: dict[str, SurveyCounts] = defaultdict(SurveyCounts)
-        rows = rolled_sums(connection, flt, coverage, SURVEYS, [SURVEYS.table.kind == kind])
-        for channel, _, answered, score, surveys, sent in rows:
-            item = by_channel[channel]
-            item.surveys += int(surveys or 0)
-            item.sent += int(sent or 0)
-            if answered:
-                item.scores[int(score)] = item.scores.get(int(score), 0) + int(surveys or 0)
-        in_raw = raw_where(flt, coverage)
-        if in_raw is not None:
-            for (_, channel, found), counts in collect_surveys(connection, in_raw).items():
-                if found == kind:
-                    by_channel[channel].add(counts)
-        return {channel: counts for channel, counts in by_channel.items() if counts.surveys}
 
-    return _with_coverage(engine, flt, read)
+def surveys_in(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, kind: str
+) -> dict[str, SurveyCounts]:
+    """Return the surveys of ``kind`` per channel of the conversations ``coverage`` splits.
+
+    ``coverage`` must come from ``cover`` on ``flt`` in UTC.
+    """
+    by_channel: dict[str, SurveyCounts] = defaultdict(SurveyCounts)
+    rows = rolled_sums(connection, flt, coverage, SURVEYS, [SURVEYS.table.kind == kind])
+    for channel, _, answered, score, surveys, sent in rows:
+        item = by_channel[channel]
+        item.surveys += int(surveys or 0)
+        item.sent += int(sent or 0)
+        if answered:
+            item.scores[int(score)] = item.scores.get(int(score), 0) + int(surveys or 0)
+    in_raw = raw_where(flt, coverage)
+    if in_raw is not None:
+        for (_, channel, found), counts in collect_surveys(connection, in_raw).items():
+            if found == kind:
+                by_channel[channel].add(counts)
+    return {channel: counts for channel, counts in by_channel.items() if counts.surveys}
 
 
 def query_type_sums(

@@ -27,8 +27,10 @@ from chatmw.metrics.rollup_query import (
     mixed_buckets,
 )
 from chatmw.metrics.rollup_refresh import time_in_ranges
+from chatmw.store.models import Conversation
+from chatmw.store.models_rollups import RollupStarters
 
-__all__ = ["distinct_contacts"]
+__all__ = ["distinct_contacts", "distinct_starters"]
 
 # Contact tables with day and week sets in rollup_contact_sets, by the sets' kind.
 _SET_KINDS = {"rollup_users": "users", "rollup_starters": "starters"}
@@ -141,3 +143,19 @@ def distinct_contacts(
         if union:
             overall[index] = len(union)
     return by_channel, overall
+
+
+def distinct_starters(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: Buckets
+) -> tuple[dict[tuple[Any, int], int], dict[int, int]]:
+    """Count the distinct contacts of the conversations that started in each bucket.
+
+    The counts are those of :func:`distinct_contacts` on ``rollup_starters``: a
+    conversation without a contact is left out.
+    """
+    raw = select(Conversation.started_at_ms, Conversation.channel, Conversation.contact_id).where(
+        Conversation.contact_id.is_not(None),
+        time_in_ranges(Conversation.started_at_ms, coverage.raw),
+        *channel_condition(Conversation.channel, flt),
+    )
+    return distinct_contacts(connection, flt, coverage, buckets, RollupStarters, raw)

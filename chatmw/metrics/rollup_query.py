@@ -230,6 +230,13 @@ class Buckets:
         self.bounds = [to_ms(start) for start in starts]
         self.bounds.append(to_ms(next_bucket(starts[-1], interval, tz)))
 
+    @classmethod
+    def window(cls, since_ms: int, until_ms: int) -> Buckets:
+        """Return one bucket, ``[since_ms, until_ms)``."""
+        buckets = cls.__new__(cls)
+        buckets.bounds = [since_ms, until_ms]
+        return buckets
+
     def index(self, moment_ms: int) -> int:
         """Return the index of the bucket containing ``moment_ms``."""
         return bisect_right(self.bounds, moment_ms) - 1

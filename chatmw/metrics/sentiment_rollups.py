@@ -23,13 +23,19 @@ from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.metrics.filters import GroupBy, MetricFilter
-from chatmw.metrics.rollup_query import channel_condition, cover
+from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
 from chatmw.metrics.stats import rate
 from chatmw.store.models import Conversation, Message
 from chatmw.store.models_rollups import RollupSentiment
 
-__all__ = ["SentimentSums", "insert_sentiment", "delete_sentiment", "sentiment_sums"]
+__all__ = [
+    "SentimentSums",
+    "insert_sentiment",
+    "delete_sentiment",
+    "sentiment_sums",
+    "sentiment_in",
+]
 
 _CLASSES = ("positive", "neutral", "negative")
 
@@ -185,45 +191,60 @@ def insert_sentiment(connection: Connection, part: list[tuple[int | None, int]])
 
 def sentiment_sums(engine: Engine, flt: MetricFilter) -> dict[str, SentimentSums] | None:
     """Return the sums per channel of the conversations of ``flt``, or None without rollups."""
-    # Imported here: chatmw.metrics.started_query imports the module that imports this one.
-    from chatmw.metrics.started_query import add_conversations
-
     utc = dataclasses.replace(flt, tz=ZoneInfo("UTC"))
-    by_channel_filter = dataclasses.replace(flt, group_by=GroupBy("channel"))
-    names = [item.name for item in fields(SentimentSums) if item.name != "conversations"]
-    by_channel: dict[str, SentimentSums] = defaultdict(SentimentSums)
     with engine.connect() as connection:
         coverage = cover(connection, utc)
         if coverage is None:
             return None
-        rolled = (
-            select(
-                RollupSentiment.channel,
-                *(func.sum(getattr(RollupSentiment, name)) for name in names),
-            )
-            .where(
-                *coverage.served_conditions(RollupSentiment.start_slot_ms),
-                *channel_condition(RollupSentiment.channel, flt),
-            )
-            .group_by(RollupSentiment.channel)
+        return sentiment_in(connection, flt, coverage)
+
+
+def sentiment_in(
+    connection: Connection, flt: MetricFilter, coverage: Coverage, conversations: bool = True
+) -> dict[str, SentimentSums]:
+    """Return the sums per channel of the conversations that started in the window of ``coverage``.
+
+    ``coverage`` must come from ``cover`` on ``flt`` in UTC. Without ``conversations`` the
+    conversations are not counted (``conversations`` stays 0) and every channel with sums
+    is returned.
+    """
+    # Imported here: chatmw.metrics.started_query imports the module that imports this one.
+    from chatmw.metrics.started_query import add_conversations
+
+    by_channel_filter = dataclasses.replace(flt, group_by=GroupBy("channel"))
+    names = [item.name for item in fields(SentimentSums) if item.name != "conversations"]
+    by_channel: dict[str, SentimentSums] = defaultdict(SentimentSums)
+    rolled = (
+        select(
+            RollupSentiment.channel,
+            *(func.sum(getattr(RollupSentiment, name)) for name in names),
         )
-        for channel, *values in connection.execute(rolled):
-            part = SentimentSums(
-                **{
-                    name: (float(value or 0) if name == "score_sum" else int(value or 0))
-                    for name, value in zip(names, values, strict=True)
-                }
-            )
-            by_channel[channel].add(part)
+        .where(
+            *coverage.served_conditions(RollupSentiment.start_slot_ms),
+            *channel_condition(RollupSentiment.channel, flt),
+        )
+        .group_by(RollupSentiment.channel)
+    )
+    for channel, *values in connection.execute(rolled):
+        part = SentimentSums(
+            **{
+                name: (float(value or 0) if name == "score_sum" else int(value or 0))
+                for name, value in zip(names, values, strict=True)
+            }
+        )
+        by_channel[channel].add(part)
+    if conversations:
         # Conversation counts as summary counts them, per channel.
         counts: dict[Any, dict[str, int]] = {}
         add_conversations(connection, by_channel_filter, coverage, counts)
         for channel, totals in counts.items():
             by_channel[channel].conversations += totals["conversations"]
-        if coverage.raw:
-            in_raw = time_in_ranges(Conversation.started_at_ms, coverage.raw)
-            if flt.channels:
-                in_raw = in_raw & Conversation.channel.in_(flt.channels)
-            for (_, channel), part in _collect(connection, in_raw).items():
-                by_channel[channel].add(part)
+    if coverage.raw:
+        in_raw = time_in_ranges(Conversation.started_at_ms, coverage.raw)
+        if flt.channels:
+            in_raw = in_raw & Conversation.channel.in_(flt.channels)
+        for (_, channel), part in _collect(connection, in_raw).items():
+            by_channel[channel].add(part)
+    if not conversations:
+        return dict(by_channel)
     return {channel: sums for channel, sums in by_channel.items() if sums.conversations}

@@ -43,6 +43,7 @@ __all__ = [
     "Responses",
     "started_figures",
     "add_conversations",
+    "add_messages",
     "add_responses",
     "add_rolled_histograms",
     "new_responses",
@@ -138,9 +139,10 @@ def add_conversations(
                 group["conversations"] += int(count)
 
 
-def _add_messages(
+def add_messages(
     connection: Connection, flt: MetricFilter, coverage: Coverage, totals: dict[Any, dict[str, int]]
 ) -> None:
+    """Add the timed messages of the conversations started in the window, in all and by role."""
     rolled = (
         select(
             RollupStarted.channel,
@@ -316,7 +318,7 @@ def started_figures(
         users = 0
         if totals:
             add_conversations(connection, flt, coverage, by_group)
-            _add_messages(connection, flt, coverage, by_group)
+            add_messages(connection, flt, coverage, by_group)
             users = _count_users(connection, flt, coverage, by_group)
         add_responses(connection, flt, coverage, responses)
     return StartedFigures(by_group, users, responses)

@@ -24,7 +24,7 @@ from chatmw.metrics.outcome_query import survey_sums
 from chatmw.metrics.scope import conversation_scope, group_label
 from chatmw.store.models_surveys import Survey
 
-__all__ = ["csat", "nps", "csat_rows", "nps_rows"]
+__all__ = ["csat", "nps", "csat_rows", "nps_rows", "survey_figures"]
 
 
 @dataclass(slots=True)
@@ -137,6 +137,18 @@ def _nps_figures(items: _Answers) -> dict[str, Any]:
         "distribution": {str(value): items.scores.get(value, 0) for value in range(0, 11)},
         "response_rate_pct": _pct(answers, items.sent),
     }
+
+
+def survey_figures(
+    kind: str, sent: int = 0, scores: Mapping[int, int] | None = None
+) -> dict[str, Any]:
+    """Return the ``csat`` or ``nps`` figures of ``sent`` surveys and the count of each score.
+
+    These are the figures of one group of :func:`csat` or :func:`nps`. Without arguments
+    they are the figures of no survey.
+    """
+    figures = _csat_figures if kind == "csat" else _nps_figures
+    return figures(_Answers(sent, dict(scores or {})))
 
 
 def _result(engine: Engine, flt: MetricFilter, kind: str, figures: Any) -> dict[str, Any]:
