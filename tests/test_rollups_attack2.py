@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, select
 
 from chatmw import events as ev
@@ -155,3 +156,38 @@ def test_erasure_leaves_no_attribution_sets(engine: Engine) -> None:
     got, expected = _both_ways(lambda: attribution(engine, flt, {}))
     assert got == expected
     assert got["totals"] == {"conversations": 1, "users": 1, "conversions": 0, "revenue": "0.00"}
+
+
+# The largest amount a conversion may have (just below 10^12) in micros.
+LARGEST_MICROS = 999_999_999_999_999_999
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the attribution sets sum conversion values into 64-bit integers, which ten "
+    "conversions of the largest accepted amount exceed; the refresh then fails every time",
+)
+def test_refresh_with_large_conversion_values(engine: Engine) -> None:
+    """Ten conversions of the largest accepted amount, each valid on its own."""
+    writer = _writer(engine)
+    writer.write([_message("c1", T0 + timedelta(minutes=1), "c1-0")])
+    refresh(engine)
+    writer.write(
+        [
+            Conversion(
+                channel="web",
+                occurred_at=T0 + timedelta(hours=1),
+                key=f"order-{number}",
+                name="purchase",
+                value_micros=LARGEST_MICROS,
+                currency="EUR",
+                conversation_id="c1",
+            )
+            for number in range(10)
+        ]
+    )
+    refresh(engine)
+    flt = MetricFilter(since=T0, until=T0 + timedelta(days=7))
+    got, expected = _both_ways(lambda: attribution(engine, flt, {}))
+    assert got == expected
+    assert expected["totals"]["revenue"] == "9999999999999.99999"
