@@ -191,3 +191,38 @@ def test_refresh_with_large_conversion_values(engine: Engine) -> None:
     got, expected = _both_ways(lambda: attribution(engine, flt, {}))
     assert got == expected
     assert expected["totals"]["revenue"] == "9999999999999.99999"
+
+
+def test_touch_naming_another_users_conversation(engine: Engine) -> None:
+    """A touch names a conversation stored for another user of the channel.
+
+    The touch becomes that conversation's first and last touch, so the conversation's
+    start slot is stale although neither its messages nor its contact changed.
+    """
+    writer = _writer(engine)
+    writer.write(
+        [
+            _message("c1", T0 + timedelta(minutes=1), "c1-0"),
+            _message("c2", T0 + timedelta(days=2), "c2-0"),
+        ]
+    )
+    refresh(engine)
+    writer.write(
+        [
+            ev.Touch(
+                channel="web",
+                occurred_at=T0,
+                key="touch-1",
+                user_id="user-c2",
+                conversation_id="c1",
+                source="news",
+            )
+        ]
+    )
+    flt = MetricFilter(since=T0, until=T0 + timedelta(days=7))
+    for _ in range(2):
+        got, expected = _both_ways(lambda: attribution(engine, flt, {}))
+        assert got == expected
+        sources = {item["value"]: item["conversations"] for item in got["first_touch"]["source"]}
+        assert sources == {"news": 1, "(none)": 1}
+        assert not refresh(engine).rebuilt

@@ -453,8 +453,11 @@ class Writer:
         link_touches_to_open_conversations(session, set(contacts.values()),
                                            self.settings.session_gap_ms)
         refresh_touch_pointers(session, contact_ids=set(contacts.values()))
-        # The touches can be linked to any conversation of their contacts.
-        record_changes(session.connection(), contacts=contacts.values())
+        # The touches can be linked to any conversation of their contacts, and a named
+        # conversation may belong to another contact of the channel.
+        record_changes(session.connection(),
+                       conversations=[(cid, None) for cid in set(named_ids.values())],
+                       contacts=contacts.values())
 
     # Conversation updates
 
