@@ -226,3 +226,42 @@ def test_touch_naming_another_users_conversation(engine: Engine) -> None:
         sources = {item["value"]: item["conversations"] for item in got["first_touch"]["source"]}
         assert sources == {"news": 1, "(none)": 1}
         assert not refresh(engine).rebuilt
+
+
+def test_touches_of_two_users_on_one_conversation(engine: Engine) -> None:
+    """Two users' touches name one conversation; a later touch of either sets its touches."""
+    writer = _writer(engine)
+    writer.write(
+        [
+            _message("c1", T0 + timedelta(minutes=1), "c1-0"),
+            _message("c2", T0 + timedelta(days=2), "c2-0"),
+        ]
+    )
+
+    def touch(key: str, user: str, conversation: str | None, days: int, source: str) -> None:
+        writer.write(
+            [
+                ev.Touch(
+                    channel="web",
+                    occurred_at=T0 + timedelta(days=days),
+                    key=key,
+                    user_id=user,
+                    conversation_id=conversation,
+                    source=source,
+                )
+            ]
+        )
+
+    touch("own", "user-c1", "c1", 0, "own")
+    touch("other", "user-c2", "c1", 0, "other")
+    refresh(engine)
+    flt = MetricFilter(since=T0, until=T0 + timedelta(days=7))
+    seen = []
+    for key, user in (("loose-1", "user-c1"), ("loose-2", "user-c2")):
+        touch(key, user, None, 3, key)
+        got, expected = _both_ways(lambda: attribution(engine, flt, {}))
+        assert got == expected
+        seen.append({item["value"] for item in got["first_touch"]["source"]})
+        refresh(engine)
+    # The conversation's touches changed both times.
+    assert seen == [{"own", "(none)"}, {"other", "(none)"}]
