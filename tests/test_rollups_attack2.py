@@ -265,3 +265,36 @@ def test_touches_of_two_users_on_one_conversation(engine: Engine) -> None:
         refresh(engine)
     # The conversation's touches changed both times.
     assert seen == [{"own", "(none)"}, {"other", "(none)"}]
+
+
+def test_step_names_rejected_with_the_reason(database_url: str) -> None:
+    """A step name too long or with a control character gets a 422 that says which."""
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from chatmw.app import mount_chatmw
+    from chatmw.config import Settings
+    from chatmw.runtime import Runtime
+
+    runtime = Runtime.from_settings(Settings(database_url=database_url), privacy=None)
+    app = FastAPI()
+    mount_chatmw(app, runtime, require_keys=False, live=False, manage_lifespan=False)
+    window = "since=2026-03-05T00:00:00Z&until=2026-03-06T00:00:00Z"
+
+    async def scenario() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://chatmw") as client:
+            return [
+                await client.get(f"/metrics/dropoff?{window}&steps={steps}")
+                for steps in ("x" * 129, "a%01b", "x" * 128 + ",pay")
+            ]
+
+    long, control, accepted = asyncio.run(scenario())
+    assert long.status_code == 422
+    assert "longer than 128 characters" in long.json()["detail"][0]["msg"]
+    assert control.status_code == 422
+    assert "control characters" in control.json()["detail"][0]["msg"]
+    assert accepted.status_code == 200
+    assert accepted.json()["steps"] == ["x" * 128, "pay"]
