@@ -55,6 +55,17 @@ def _message(
     )
 
 
+def _touch(key: str, user: str, conversation: str | None, at: datetime, source: str) -> ev.Touch:
+    return ev.Touch(
+        channel="web",
+        occurred_at=at,
+        key=key,
+        user_id=user,
+        conversation_id=conversation,
+        source=source,
+    )
+
+
 def _both_ways(compute: Callable[[], Any]) -> tuple[Any, Any]:
     """Return the answer from rollups and the answer from raw rows only."""
     with raw_only():
@@ -113,14 +124,7 @@ def test_erasure_leaves_no_attribution_sets(engine: Engine) -> None:
     writer = _writer(engine)
     writer.write(
         [
-            ev.Touch(
-                channel="web",
-                occurred_at=T0,
-                key="touch-1",
-                user_id="user-c1",
-                conversation_id="c1",
-                source="news",
-            ),
+            _touch("touch-1", "user-c1", "c1", T0, "news"),
             _message("c1", T0 + timedelta(minutes=1), "c1-0"),
             _message("c2", T0 + timedelta(minutes=5), "c2-0"),
         ]
@@ -207,18 +211,7 @@ def test_touch_naming_another_users_conversation(engine: Engine) -> None:
         ]
     )
     refresh(engine)
-    writer.write(
-        [
-            ev.Touch(
-                channel="web",
-                occurred_at=T0,
-                key="touch-1",
-                user_id="user-c2",
-                conversation_id="c1",
-                source="news",
-            )
-        ]
-    )
+    writer.write([_touch("touch-1", "user-c2", "c1", T0, "news")])
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=7))
     for _ in range(2):
         got, expected = _both_ways(lambda: attribution(engine, flt, {}))
@@ -239,18 +232,7 @@ def test_touches_of_two_users_on_one_conversation(engine: Engine) -> None:
     )
 
     def touch(key: str, user: str, conversation: str | None, days: int, source: str) -> None:
-        writer.write(
-            [
-                ev.Touch(
-                    channel="web",
-                    occurred_at=T0 + timedelta(days=days),
-                    key=key,
-                    user_id=user,
-                    conversation_id=conversation,
-                    source=source,
-                )
-            ]
-        )
+        writer.write([_touch(key, user, conversation, T0 + timedelta(days=days), source)])
 
     touch("own", "user-c1", "c1", 0, "own")
     touch("other", "user-c2", "c1", 0, "other")
