@@ -7,6 +7,7 @@ through the writer as a bot would, and refreshed as the runtime refreshes them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -280,3 +281,118 @@ def test_step_names_rejected_with_the_reason(database_url: str) -> None:
     assert "control characters" in control.json()["detail"][0]["msg"]
     assert accepted.status_code == 200
     assert accepted.json()["steps"] == ["x" * 128, "pay"]
+
+
+def _random_events(rng: random.Random, number: int) -> list[Any]:
+    """Return one batch of random events; conversation ids are shared between users.
+
+    Users post into conversations that other users started, touches name such
+    conversations, and updates, conversions and repeated keys come in any order.
+    """
+    values = [None, "", "(none)", "news", "ads"]
+    events: list[Any] = []
+    for index in range(40):
+        key = f"{number}-{index}"
+        conversation = f"c{rng.randrange(40)}"
+        user = f"u{rng.randrange(12)}"
+        channel = rng.choice(("web", "whatsapp"))
+        at = T0 + timedelta(
+            minutes=rng.randrange(-60, 5 * 24 * 60), milliseconds=rng.choice([0, 1])
+        )
+        kind = rng.random()
+        if kind < 0.45:
+            events.append(
+                ev.Message(
+                    channel=channel,
+                    occurred_at=at,
+                    key=f"m{key}",
+                    role=rng.choice(("user", "bot", "bot", "agent")),
+                    user_id=user,
+                    text="hello",
+                    conversation_id=conversation,
+                    intent=rng.choice([None, "", "greet", "pay", " padded", "a,b", "(unknown)"]),
+                )
+            )
+        elif kind < 0.6:
+            events.append(
+                ev.ConversationUpdate(
+                    channel=channel,
+                    occurred_at=at,
+                    user_id=user,
+                    conversation_id=rng.choice([conversation, None]),
+                    ended=rng.choice([True, False, None]),
+                    resolved=rng.choice([True, False, None]),
+                    step=rng.choice([None, "", "pay", "greet"]),
+                )
+            )
+        elif kind < 0.75:
+            events.append(
+                ev.Touch(
+                    channel=channel,
+                    occurred_at=at,
+                    key=f"t{key}",
+                    user_id=user,
+                    conversation_id=rng.choice([conversation, None]),
+                    source=rng.choice(values),
+                    campaign=rng.choice(values),
+                    ad_id=rng.choice(values),
+                )
+            )
+        else:
+            by_user = kind < 0.85
+            events.append(
+                Conversion(
+                    channel=channel,
+                    occurred_at=at + timedelta(days=rng.choice([0, 1, 7, 8])),
+                    # Some keys repeat, so a conversion may be posted twice.
+                    key=f"v{rng.randrange(60)}",
+                    name="purchase",
+                    value_micros=rng.randrange(1, 10**6),
+                    currency="EUR",
+                    user_id=user if by_user else None,
+                    conversation_id=None if by_user else conversation,
+                )
+            )
+    return events
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_events_of_shared_conversations(engine: Engine, seed: int) -> None:
+    """Rounds of random events, each compared with raw rows before and after a refresh."""
+    rng = random.Random(seed)
+    writer = _writer(engine)
+    now_ms = to_ms(T0 + timedelta(days=2, minutes=rng.randrange(60)))
+    windows = [
+        (T0 - timedelta(days=1), T0 + timedelta(days=8)),
+        (T0 + timedelta(hours=1, minutes=3), T0 + timedelta(days=2, minutes=44)),
+    ]
+    filters = [
+        MetricFilter(since=since, until=until, channels=channels)
+        for since, until in windows
+        for channels in ((), ("web", "sms"))
+    ]
+    seen: list[Any] = []
+    for number in range(6):
+        events = _random_events(rng, number)
+        events += rng.sample(seen, min(len(seen), 5))
+        seen += events
+        for kind in (ev.Message, ev.ConversationUpdate, ev.Touch, Conversion):
+            writer.write([item for item in events if isinstance(item, kind)])
+        if number == 4:
+            erase_person(engine, "web", "u3")
+        for step in ("written", "refreshed"):
+            for flt in filters:
+                got, expected = _both_ways(lambda flt=flt: attribution(engine, flt, {}))
+                assert got == expected, f"attribution {step} {number} {flt.describe()}"
+                for options in ({}, {"steps": "greet,pay", "idle_minutes": 90.0}):
+                    got, expected = _both_ways(
+                        lambda flt=flt, options=options: dropoff(
+                            engine, flt, options, now_ms=now_ms
+                        )
+                    )
+                    assert got == expected, f"dropoff {step} {number} {options} {flt.describe()}"
+            refresh(engine)
+    # The rounds served from rollups and counted touches.
+    with engine.connect() as connection:
+        assert cover(connection, filters[0]) is not None
+    assert len(attribution(engine, filters[0], {})["first_touch"]["source"]) > 2
