@@ -251,7 +251,7 @@ def test_touches_of_two_users_on_one_conversation(engine: Engine) -> None:
 
 
 def test_step_names_rejected_with_the_reason(database_url: str) -> None:
-    """A step name too long or with a control character gets a 422 that says which."""
+    """A step name too long or with a control character gets a 422 that gives the reason."""
     import asyncio
 
     import httpx
