@@ -38,7 +38,8 @@ __all__ = [
 UNKNOWN_STEP = "(unknown)"
 DEFAULT_IDLE_MINUTES = 30.0
 MAX_STEPS = 50
-_STEP = re.compile(r"^[^\x00-\x1f,]{1,128}$")
+MAX_STEP_LENGTH = 128
+_STEP = re.compile(rf"^[^\x00-\x1f,]{{1,{MAX_STEP_LENGTH}}}$")
 
 
 def _parse_steps(text: str | None) -> list[str]:
@@ -52,8 +53,14 @@ def _parse_steps(text: str | None) -> list[str]:
     if len(steps) > MAX_STEPS:
         raise FilterError("steps", f"at most {MAX_STEPS} steps, got {len(steps)}")
     for step in steps:
+        if len(step) > MAX_STEP_LENGTH:
+            raise FilterError(
+                "steps", f"step name {step[:40]!r}... longer than {MAX_STEP_LENGTH} characters"
+            )
         if not _STEP.match(step):
-            raise FilterError("steps", f"invalid step name {step[:40]!r}")
+            raise FilterError(
+                "steps", f"invalid step name {step[:40]!r}: control characters are not allowed"
+            )
     if len(set(steps)) != len(steps):
         raise FilterError("steps", "a step is named twice")
     return steps

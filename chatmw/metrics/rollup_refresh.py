@@ -133,7 +133,9 @@ def slot_ranges(slots: Iterable[int]) -> list[tuple[int | None, int]]:
         if slot == BEFORE_EPOCH_SLOT:
             ranges.append((None, 0))
             continue
-        if ranges and ranges[-1][1] == slot:
+        # The range before the epoch stays apart: the hour, day and week rows around slot
+        # 0 are found from ranges that start at 0 or later (``aligned_ranges``).
+        if ranges and ranges[-1][0] is not None and ranges[-1][1] == slot:
             ranges[-1] = (ranges[-1][0], slot + SLOT_MS)
         else:
             ranges.append((slot, slot + SLOT_MS))

@@ -68,6 +68,8 @@ ROLLUP_CONTACT_TABLES = (
     "rollup_exposed",
     "rollup_attribution",
 )
+# Rollup tables whose rows hold contacts as bitsets, emptied whole.
+ROLLUP_BITSET_TABLES = ("rollup_contact_sets", "rollup_attribution_sets")
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")
 DAY_MS = 86_400_000
@@ -356,9 +358,9 @@ def _invalidate_rollups(session: Session, metadata: MetaData, contact_ids: Itera
     session.execute(
         metadata.tables["rollup_state"].update().values(built=False, rebuild_token=None))
     # The day and week bitsets contain the contacts too; the rebuild makes them again.
-    if "rollup_contact_sets" in metadata.tables:
-        sets = metadata.tables["rollup_contact_sets"]
-        _add(removed, "rollup_contact_sets", session.execute(sets.delete()).rowcount or 0)
+    for name in ROLLUP_BITSET_TABLES:
+        if name in metadata.tables:
+            _add(removed, name, session.execute(metadata.tables[name].delete()).rowcount or 0)
     contacts = set(contact_ids)
     for name in ROLLUP_CONTACT_TABLES:
         if contacts and name in metadata.tables:

@@ -744,7 +744,11 @@ def link_pending_touches(session: Session, conversation_ids: set[int], gap_ms: i
 
 
 def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None:
-    """Set first and last touch on the contacts and on their conversations."""
+    """Set first and last touch on the contacts and on their conversations.
+
+    A touch may name a conversation of another contact. Such conversations are written to
+    the change log here; the callers log ``contact_ids``, which covers their own ones.
+    """
     touch = models.Touch
     ids = sorted(set(contact_ids))
     for start in range(0, len(ids), CHUNK):
@@ -770,3 +774,10 @@ def refresh_touch_pointers(session: Session, contact_ids: Iterable[int]) -> None
                       "last_touch_id": touch_ids[-1]}
                      for conversation_id, touch_ids in by_conversation.items()],
                     ("first_touch_id", "last_touch_id"))
+        owners = session.connection().execute(
+            select(models.Conversation.id, models.Conversation.contact_id)
+            .where(id_in(session, models.Conversation.id, sorted(by_conversation)))
+        ).all() if by_conversation else []
+        owned = set(chunk)
+        record_changes(session.connection(), conversations=[
+            (conversation_id, None) for conversation_id, owner in owners if owner not in owned])
