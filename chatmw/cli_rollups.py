@@ -27,7 +27,7 @@ def refresh_command(
             "--config",
             envvar="CHATMW_CONFIG",
             show_envvar=True,
-            help="TOML configuration file of chatmw serve; its [business_hours] become the "
+            help="TOML configuration file of chatmw serve; its business_hours table becomes the "
             "schedule of the business-hours rollups (default: Mon-Fri 09:00-17:00 UTC).",
         ),
     ] = None,
