@@ -183,17 +183,17 @@ class _EventQueue(queue.Queue[object]):
 
     def take(self, limit: int) -> list[object]:
         """Remove and return up to ``limit`` items in order, ending after a stop marker."""
-        taken: list[object] = []
+        batch: list[object] = []
         with self.mutex:
             items = self.queue
-            while items and len(taken) < limit:
+            while items and len(batch) < limit:
                 item = items.popleft()
-                taken.append(item)
+                batch.append(item)
                 if item is _STOP:
                     break
-            if taken:
-                self.not_full.notify()
-        return taken
+            if batch:
+                self.not_full.notify(len(batch))
+        return batch
 
 
 def is_retryable(error: BaseException) -> bool:

@@ -14,9 +14,9 @@ Each conversation counts in the slot of its start, like ``rollup_outcomes``:
   ``steps`` list is summed from the counts.
 
 A row depends on its conversation (start, channel, end, resolution, last step, last
-message time), its bot messages' intents and its attributed conversions, and each of
-these dirties the conversation's start slot (``chatmw.metrics.rollup_refresh``), so
-recomputing dirty start slots keeps the rows exact.
+message time), its bot messages' intents and its attributed conversions. A change to
+any of these dirties the conversation's start slot (``chatmw.metrics.rollup_refresh``),
+so recomputing dirty start slots keeps the rows exact.
 
 A query sums ``open`` over its served slots and subtracts the conversations whose last
 message lies in the cut-off's slot or later, read from ``rollup_dropoff_open`` as one
