@@ -9,10 +9,10 @@ and touch changes.
 
 ``rollup_attribution_sets`` sums those rows per UTC day and epoch week, touch, field and
 label, once per channel and once over all channels. A set row contains the number of
-conversations, their contacts as a compressed bitset
-(``chatmw.metrics.contact_sets.encode``), and the conversions that name one of them with
-their values. The sets of a day and of its week are rebuilt from the slot rows and the
-link rows whenever a slot of that day is recomputed.
+conversations, their contacts as a serialized Roaring bitmap (:func:`encode_contacts`),
+and the conversions that name one of them with the sum of their values as decimal
+digits, because that sum can exceed 64 bits. The sets of a day and of its week are
+rebuilt from the slot rows and the link rows whenever a slot of that day is recomputed.
 
 A query reads the sets of the whole days and weeks of its window that are served, the
 slot rows of the other served slots, and raw rows for the rest. Its work on the sets
@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from pyroaring import BitMap
 from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.events_business import format_micros
 from chatmw.metrics.business_query import raw_links, serves_days, serves_filter
-from chatmw.metrics.contact_sets import count_union, decode, encode, whole_periods
+from chatmw.metrics.contact_sets import whole_periods
 from chatmw.metrics.filters import TOUCH_FIELDS, MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
@@ -60,7 +62,9 @@ __all__ = [
     "TOUCHES",
     "LABEL_COLUMNS",
     "conversation_labels",
+    "decode_contacts",
     "delete_attribution",
+    "encode_contacts",
     "insert_attribution",
     "refresh_attribution_sets",
     "rolled_attribution",
@@ -85,11 +89,9 @@ WEEK_MS = LEVEL_WIDTH_MS[LEVEL_WEEK]
 _RANGES = 50
 # Added to the level of set rows that count every channel (their channel is "").
 ALL_CHANNELS = 10
-# The zlib level of the set bitsets. On sparse bitsets, level 6 took about 2.5 times as
-# long as level 1 to compress, but decompressed about 40 % faster, and queries decode many
-# more sets than the refresher writes. Level 9 decompressed no faster and took 14 times as
-# long to compress.
-_LEVEL = 6
+# The first byte of a zlib stream (the contact bitsets of stores built before Roaring
+# bitmaps). A serialized Roaring bitmap starts with another byte.
+_ZLIB_HEADER = 0x78
 
 Ranges = list[tuple[int | None, int]]
 
@@ -163,13 +165,13 @@ _SET_FIGURES = (
 class _Sums:
     """Figures per (touch, field, label).
 
-    ``bits`` and ``ids`` are contacts, as bitsets and as id lists. ``named`` and
+    ``bits`` and ``ids`` are contacts, as the bitmaps of set rows and as id lists. ``named`` and
     ``named_micros`` count the conversions that name a conversation, which have one link
     row each, so their counts add up across slots.
     """
 
     conversations: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
-    bits: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    bits: dict[Key, list[BitMap]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[Key, list[int]] = field(default_factory=lambda: defaultdict(list))
     named: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
     named_micros: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
@@ -187,24 +189,47 @@ class _Sums:
                 self.named[key] += named[0]
                 self.named_micros[key] += named[1]
 
+    def users(self, key: Key) -> int:
+        """Return the number of distinct contacts of ``key`` in its bitmaps and id lists."""
+        return len(BitMap.union(BitMap(self.ids.get(key, ())), *self.bits.get(key, ())))
 
-def _bitset_blob(bits: int) -> bytes:
-    """Return the bitset ``bits`` compressed as ``encode`` compresses it at ``_LEVEL``."""
-    return zlib.compress(bits.to_bytes((bits.bit_length() + 7) // 8, "little"), _LEVEL)
+
+def encode_contacts(contacts: Iterable[int] | BitMap) -> bytes:
+    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap.
+
+    The portable Roaring format keeps sparse ranges of ids as sorted 16-bit arrays and
+    dense ranges as plain bitmaps. Its union and count run in C, so a query that reads
+    hundreds of sets pays for their members, not for the highest contact id of each.
+    """
+    bitmap = contacts if isinstance(contacts, BitMap) else BitMap(array("I", contacts))
+    bitmap.run_optimize()
+    return bitmap.serialize()
+
+
+def decode_contacts(blob: bytes) -> BitMap:
+    """Return the bitmap of :func:`encode_contacts`, or of a zlib-compressed bitset.
+
+    Stores built before Roaring bitmaps hold zlib-compressed bitsets (bit ``i`` is contact
+    ``i``) until their next rebuild.
+    """
+    if blob[:1] == bytes((_ZLIB_HEADER,)):
+        bits = int.from_bytes(zlib.decompress(blob), "little")
+        return BitMap(index for index, bit in enumerate(reversed(bin(bits)[2:])) if bit == "1")
+    return BitMap.deserialize(blob)
 
 
 def _named_conversions(connection: Connection, start: int, end: int) -> dict[int, tuple[int, int]]:
     """Return (conversions, micros) per conversation of the named conversions in a slot range."""
     links = RollupConversionLinks
-    statement = (
-        select(links.conversation_id, func.count(), func.sum(links.value_micros))
-        .where(links.by_user == 0, links.start_slot_ms >= start, links.start_slot_ms < end)
-        .group_by(links.conversation_id)
+    statement = select(links.conversation_id, links.value_micros).where(
+        links.by_user == 0, links.start_slot_ms >= start, links.start_slot_ms < end
     )
-    return {
-        int(conversation_id): (int(count), int(micros))
-        for conversation_id, count, micros in connection.execute(statement)
-    }
+    # Summed here: SQLite's SUM fails on a total beyond 64 bits.
+    named: dict[int, tuple[int, int]] = {}
+    for conversation_id, micros in connection.execute(statement):
+        count, total = named.get(int(conversation_id), (0, 0))
+        named[int(conversation_id)] = (count + 1, total + int(micros))
+    return named
 
 
 def _set_row(
@@ -220,7 +245,7 @@ def _set_row(
         "value": key[2],
         "conversations": conversations,
         "named_conversions": named,
-        "named_micros": micros,
+        "named_micros": str(micros),
         "contacts": blob,
     }
 
@@ -256,7 +281,7 @@ def _day_rows(connection: Connection, day: int) -> list[dict[str, Any]]:
                     count,
                     day_sums.named[key],
                     day_sums.named_micros[key],
-                    encode(day_sums.ids[key], _LEVEL),
+                    encode_contacts(day_sums.ids[key]),
                 ),
             )
             for key, count in day_sums.conversations.items()
@@ -267,7 +292,7 @@ def _day_rows(connection: Connection, day: int) -> list[dict[str, Any]]:
 def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
     """Return the set rows of one week, summed from the rows of its days."""
     sets = RollupAttributionSets
-    figures: dict[tuple[int, str, Key], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    figures: dict[tuple[int, str, Key], list[Any]] = defaultdict(lambda: [0, 0, 0, []])
     statement = select(sets.level, sets.channel, *_SET_FIGURES).where(
         sets.level.in_((LEVEL_DAY, LEVEL_DAY + ALL_CHANNELS)),
         sets.start_ms >= week,
@@ -280,10 +305,11 @@ def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
         sums[0] += int(count)
         sums[1] += int(named)
         sums[2] += int(micros)
-        sums[3] |= decode(blob)
+        sums[3].append(decode_contacts(blob))
     return [
-        _set_row(level, week, channel, key, (count, named, micros, _bitset_blob(bits)))
-        for (level, channel, key), (count, named, micros, bits) in figures.items()
+        _set_row(level, week, channel, key, (count, named, micros, encode_contacts(union)))
+        for (level, channel, key), (count, named, micros, bitmaps) in figures.items()
+        for union in (BitMap.union(*bitmaps),)
     ]
 
 
@@ -366,16 +392,14 @@ def _add_periods(
         ),
         *channel_condition(sets.channel, flt),
     )
-    # NOTE: each row decodes a bitset as long as the highest contact id, and a 30-day
-    # window reads about 12 periods per label. On the 1-million-message store of
-    # bench/queries.py (40 labels) decoding took about half of the query time, so it
-    # grows with the number of contacts on larger stores.
+    # A 30-day window reads about 12 periods per label. Their bitmaps are joined once per
+    # label, when the users are counted.
     for touch, name, label, count, named, micros, blob in connection.execute(statement):
         key = (touch, name, label)
         sums.conversations[key] += int(count)
         sums.named[key] += int(named)
         sums.named_micros[key] += int(micros)
-        sums.bits[key] |= decode(blob)
+        sums.bits[key].append(decode_contacts(blob))
 
 
 def _add_slot_rows(
@@ -484,7 +508,7 @@ def _field_rows(
             {
                 "value": label,
                 "conversations": counts[label],
-                "users": count_union(sums.bits.get(key, 0), set(sums.ids.get(key, ()))),
+                "users": sums.users(key),
                 "conversions": len(values) + sums.named.get(key, 0),
                 "revenue": format_micros(sum(values.values()) + sums.named_micros.get(key, 0)),
             }
@@ -513,17 +537,16 @@ def rolled_attribution(engine: Engine, flt: MetricFilter, days: float) -> dict[s
     # Each conversation has one first-touch source label, so those labels partition the
     # conversations, their contacts and the conversions counted in the sets.
     partition = [key for key in sums.conversations if key[:2] == ("first", "source")]
-    total_bits = 0
-    total_ids: set[int] = set()
+    total = _Sums()
     for key in partition:
-        total_bits |= sums.bits.get(key, 0)
-        total_ids.update(sums.ids.get(key, ()))
+        total.bits[("", "", "")].extend(sums.bits.get(key, ()))
+        total.ids[("", "", "")].extend(sums.ids.get(key, ()))
     named = sum(sums.named.get(key, 0) for key in partition)
     named_micros = sum(sums.named_micros.get(key, 0) for key in partition)
     result: dict[str, Any] = {
         "totals": {
             "conversations": sum(sums.conversations[key] for key in partition),
-            "users": count_union(total_bits, total_ids),
+            "users": total.users(("", "", "")),
             "conversions": len(overall) + named,
             "revenue": format_micros(sum(overall.values()) + named_micros),
         }

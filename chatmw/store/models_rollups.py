@@ -594,8 +594,10 @@ class RollupAttributionSets(Base):
     for the rows over all channels, whose ``channel`` is empty. ``touch`` is ``first`` or
     ``last``, ``field`` a touch field (``source``, ``medium``, ``campaign``, ``ad``) and
     ``value`` its label, as in ``rollup_attribution``. ``named_conversions`` and
-    ``named_micros`` count the conversions that name one of these conversations, and their
-    values. ``contacts`` is a bitset as in ``rollup_contact_sets``.
+    ``named_micros`` count the conversions that name one of these conversations, and the
+    sum of their values in micros as decimal digits (the sum can exceed 64 bits).
+    ``contacts`` is a serialized Roaring bitmap of contact ids
+    (``chatmw.metrics.attribution_rollups.encode_contacts``).
     """
 
     __tablename__ = "rollup_attribution_sets"
@@ -608,7 +610,7 @@ class RollupAttributionSets(Base):
     value: Mapped[str] = mapped_column(String(255), primary_key=True)
     conversations: Mapped[int] = mapped_column(BigInteger)
     named_conversions: Mapped[int] = mapped_column(BigInteger)
-    named_micros: Mapped[int] = mapped_column(BigInteger)
+    named_micros: Mapped[str] = mapped_column(String(64))
     contacts: Mapped[bytes] = mapped_column(LargeBinary)
 
 
