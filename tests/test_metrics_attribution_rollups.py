@@ -287,17 +287,3 @@ def test_attribution_reads_the_sets(engine: Engine) -> None:
             expected = attribution(engine, flt, options)
         assert attribution(engine, flt, options) == expected
 
-
-def test_contact_bitmaps_round_trip_and_read_older_bitsets() -> None:
-    """Sets round-trip through the bitmap format, and zlib bitsets of older stores still read."""
-    import zlib
-
-    from chatmw.metrics.attribution_rollups import decode_contacts, encode_contacts
-
-    rng = random.Random(7)
-    for ids in ([], [0], [1, 2, 3], rng.sample(range(2_000_000), 5_000), list(range(70_000))):
-        assert sorted(decode_contacts(encode_contacts(ids))) == sorted(ids)
-        bits = bytearray((max(ids) >> 3) + 1 if ids else 0)
-        for contact_id in ids:
-            bits[contact_id >> 3] |= 1 << (contact_id & 7)
-        assert sorted(decode_contacts(zlib.compress(bytes(bits), 6))) == sorted(ids)

@@ -243,11 +243,28 @@ def test_contact_set_encoding_round_trip() -> None:
 
     ids = {1, 7, 8, 9, 1000, 123_457}
     bits = decode(encode(ids))
-    assert bits.bit_count() == len(ids)
-    assert all((bits >> contact_id) & 1 for contact_id in ids)
-    assert decode(encode([])) == 0
-    assert count_union(bits, {7, 8, 5, 200_000}) == len(ids) + 2
-    assert count_union(0, {3, 4}) == 2
+    assert len(bits) == len(ids)
+    assert all(contact_id in bits for contact_id in ids)
+    assert len(decode(encode([]))) == 0
+    assert count_union([bits], {7, 8, 5, 200_000}) == len(ids) + 2
+    assert count_union([], {3, 4}) == 2
+    assert count_union([bits, decode(encode({9, 10}))]) == len(ids) + 1
+
+
+def test_contact_sets_read_zlib_bitsets_of_older_stores() -> None:
+    import random
+    import zlib
+
+    from chatmw.metrics.contact_sets import decode, encode
+
+    rng = random.Random(7)
+    cases = ([], [0], [1, 2, 3], rng.sample(range(2_000_000), 5_000), list(range(70_000)))
+    for ids in cases:
+        assert sorted(decode(encode(ids))) == sorted(ids)
+        bits = bytearray((max(ids) >> 3) + 1 if ids else 0)
+        for contact_id in ids:
+            bits[contact_id >> 3] |= 1 << (contact_id & 7)
+        assert sorted(decode(zlib.compress(bytes(bits), 1))) == sorted(ids)
 
 
 def test_whole_periods_split_edges() -> None:

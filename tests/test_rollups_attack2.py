@@ -20,7 +20,7 @@ from chatmw.business import BusinessSettings, install
 from chatmw.events import to_ms
 from chatmw.events_business import Conversion
 from chatmw.metrics.attribution import attribution
-from chatmw.metrics.attribution_rollups import decode_contacts
+from chatmw.metrics.contact_sets import decode
 from chatmw.metrics.dropoff import dropoff
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.resolution import RESOLUTION
@@ -149,12 +149,12 @@ def test_erasure_leaves_no_attribution_sets(engine: Engine) -> None:
             select(Contact.id).where(Contact.external_id == "user-c1")
         ).scalar_one()
         blobs = connection.execute(select(RollupAttributionSets.contacts)).scalars().all()
-    assert any(contact_id in decode_contacts(blob) for blob in blobs)
+    assert any(contact_id in decode(blob) for blob in blobs)
 
     erase_person(engine, "web", "user-c1")
     with engine.connect() as connection:
         blobs = connection.execute(select(RollupAttributionSets.contacts)).scalars().all()
-    assert not any(contact_id in decode_contacts(blob) for blob in blobs)
+    assert not any(contact_id in decode(blob) for blob in blobs)
     # The next refresh rebuilds the sets without the erased person.
     assert refresh(engine).rebuilt
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=7))

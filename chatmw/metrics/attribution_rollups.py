@@ -9,7 +9,8 @@ and touch changes.
 
 ``rollup_attribution_sets`` sums those rows per UTC day and epoch week, touch, field and
 label, once per channel and once over all channels. A set row contains the number of
-conversations, their contacts as a serialized Roaring bitmap (:func:`encode_contacts`),
+conversations, their contacts as a serialized Roaring bitmap
+(``chatmw.metrics.contact_sets.encode``),
 and the conversions that name one of them with the sum of their values as decimal
 digits, because that sum can exceed 64 bits. The sets of a day and of its week are
 rebuilt from the slot rows and the link rows whenever a slot of that day is recomputed.
@@ -24,8 +25,6 @@ days, so they come from ``rollup_conversion_links`` joined to the slot rows.
 from __future__ import annotations
 
 import dataclasses
-import zlib
-from array import array
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.events_business import format_micros
 from chatmw.metrics.business_query import raw_links, serves_days, serves_filter
-from chatmw.metrics.contact_sets import whole_periods
+from chatmw.metrics.contact_sets import count_union, decode, encode, whole_periods
 from chatmw.metrics.filters import TOUCH_FIELDS, MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
@@ -62,9 +61,7 @@ __all__ = [
     "TOUCHES",
     "LABEL_COLUMNS",
     "conversation_labels",
-    "decode_contacts",
     "delete_attribution",
-    "encode_contacts",
     "insert_attribution",
     "refresh_attribution_sets",
     "rolled_attribution",
@@ -89,9 +86,6 @@ WEEK_MS = LEVEL_WIDTH_MS[LEVEL_WEEK]
 _RANGES = 50
 # Added to the level of set rows that count every channel (their channel is "").
 ALL_CHANNELS = 10
-# The first byte of a zlib stream (the contact bitsets of stores built before Roaring
-# bitmaps). A serialized Roaring bitmap starts with another byte.
-_ZLIB_HEADER = 0x78
 
 Ranges = list[tuple[int | None, int]]
 
@@ -191,31 +185,7 @@ class _Sums:
 
     def users(self, key: Key) -> int:
         """Return the number of distinct contacts of ``key`` in its bitmaps and id lists."""
-        return len(BitMap.union(BitMap(self.ids.get(key, ())), *self.bits.get(key, ())))
-
-
-def encode_contacts(contacts: Iterable[int] | BitMap) -> bytes:
-    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap.
-
-    The portable Roaring format keeps sparse ranges of ids as sorted 16-bit arrays and
-    dense ranges as plain bitmaps. Its union and count run in C, so a query that reads
-    hundreds of sets pays for their members, not for the highest contact id of each.
-    """
-    bitmap = contacts if isinstance(contacts, BitMap) else BitMap(array("I", contacts))
-    bitmap.run_optimize()
-    return bitmap.serialize()
-
-
-def decode_contacts(blob: bytes) -> BitMap:
-    """Return the bitmap of :func:`encode_contacts`, or of a zlib-compressed bitset.
-
-    Stores built before Roaring bitmaps hold zlib-compressed bitsets (bit ``i`` is contact
-    ``i``) until their next rebuild.
-    """
-    if blob[:1] == bytes((_ZLIB_HEADER,)):
-        bits = int.from_bytes(zlib.decompress(blob), "little")
-        return BitMap(index for index, bit in enumerate(reversed(bin(bits)[2:])) if bit == "1")
-    return BitMap.deserialize(blob)
+        return count_union(self.bits.get(key, ()), self.ids.get(key, ()))
 
 
 def _named_conversions(connection: Connection, start: int, end: int) -> dict[int, tuple[int, int]]:
@@ -281,7 +251,7 @@ def _day_rows(connection: Connection, day: int) -> list[dict[str, Any]]:
                     count,
                     day_sums.named[key],
                     day_sums.named_micros[key],
-                    encode_contacts(day_sums.ids[key]),
+                    encode(day_sums.ids[key]),
                 ),
             )
             for key, count in day_sums.conversations.items()
@@ -305,9 +275,9 @@ def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
         sums[0] += int(count)
         sums[1] += int(named)
         sums[2] += int(micros)
-        sums[3].append(decode_contacts(blob))
+        sums[3].append(decode(blob))
     return [
-        _set_row(level, week, channel, key, (count, named, micros, encode_contacts(union)))
+        _set_row(level, week, channel, key, (count, named, micros, encode(union)))
         for (level, channel, key), (count, named, micros, bitmaps) in figures.items()
         for union in (BitMap.union(*bitmaps),)
     ]
@@ -399,7 +369,7 @@ def _add_periods(
         sums.conversations[key] += int(count)
         sums.named[key] += int(named)
         sums.named_micros[key] += int(micros)
-        sums.bits[key].append(decode_contacts(blob))
+        sums.bits[key].append(decode(blob))
 
 
 def _add_slot_rows(

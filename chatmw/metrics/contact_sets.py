@@ -3,20 +3,27 @@
 The contact rollups (``rollup_users``, ``rollup_starters``, ``rollup_participants``) keep
 one row per contact and slot, so a distinct count over a month reads one row per active
 contact and slot. ``rollup_contact_sets`` keeps, per day and per epoch week (the weeks of
-``rollup_responses``), the union of those rows as a compressed bitset: bit ``i`` is set
-when contact id ``i`` is in the set. A distinct count ORs the bitsets of the whole days
-and weeks it covers and adds the contacts of the remaining slots and raw rows that are
-not among them. Bitsets are rebuilt from the slot rows whenever the refresher recomputes
-a slot of their day, so they are exact wherever the slot rows are.
+``rollup_responses``), the union of those rows as a serialized Roaring bitmap of contact
+ids (:func:`encode`). A distinct count joins the bitmaps of the whole days and weeks it
+covers and adds the contacts of the remaining slots and raw rows that are not among
+them. Bitmaps are rebuilt from the slot rows whenever the refresher recomputes a slot of
+their day, so they are exact wherever the slot rows are.
+
+A Roaring bitmap keeps each range of 65,536 ids as a sorted array of 16-bit values while
+it contains at most 4,096 of them, and as a plain 8 KiB bitmap above that. A set therefore
+costs about two bytes per member when sparse, not one bit per id up to the highest
+contact id, and unions, intersections and counts run in C (the ``pyroaring`` package).
 """
 
 from __future__ import annotations
 
 import zlib
+from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Any
 
+from pyroaring import BitMap
 from sqlalchemy import Connection, delete, insert, or_, select
 
 from chatmw.metrics.rollup_refresh import time_in_ranges
@@ -60,32 +67,40 @@ SOURCES: dict[str, tuple[Any, Any]] = {
 }
 
 
-def encode(contact_ids: Iterable[int], level: int = 1) -> bytes:
-    """Return the bitset of ``contact_ids`` (non-negative integers), compressed at ``level``."""
-    ids = list(contact_ids)
-    bits = bytearray((max(ids) >> 3) + 1 if ids else 0)
-    for contact_id in ids:
-        bits[contact_id >> 3] |= 1 << (contact_id & 7)
-    return zlib.compress(bytes(bits), level)
+# The first byte of a zlib stream. Stores built before Roaring bitmaps keep their sets as
+# zlib-compressed bitsets (bit ``i`` is contact id ``i``), and a serialized Roaring bitmap
+# starts with another byte.
+_ZLIB_HEADER = b"\x78"
 
 
-def decode(blob: bytes) -> int:
-    """Return the bitset of :func:`encode` as an integer (bit ``i`` is contact ``i``)."""
-    return int.from_bytes(zlib.decompress(blob), "little")
+def encode(contacts: Iterable[int] | BitMap) -> bytes:
+    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap."""
+    bitmap = contacts if isinstance(contacts, BitMap) else BitMap(array("I", contacts))
+    bitmap.run_optimize()
+    return bitmap.serialize()
 
 
-def count_union(bits: int, contact_ids: set[int]) -> int:
-    """Return the size of the union of the bitset ``bits`` and ``contact_ids``."""
-    count = bits.bit_count()
-    if not contact_ids:
-        return count
-    table = bits.to_bytes((bits.bit_length() + 7) // 8, "little")
-    size = len(table)
-    for contact_id in contact_ids:
-        index = contact_id >> 3
-        if index >= size or not (table[index] >> (contact_id & 7)) & 1:
-            count += 1
-    return count
+def bitset_members(bitset: bytes) -> BitMap:
+    """Return the bitmap of a little-endian bitset whose bit ``i`` is contact id ``i``."""
+    digits = bin(int.from_bytes(bitset, "little"))[:1:-1]
+    members = array("I")
+    position = digits.find("1")
+    while position >= 0:
+        members.append(position)
+        position = digits.find("1", position + 1)
+    return BitMap(members)
+
+
+def decode(blob: bytes) -> BitMap:
+    """Return the bitmap of :func:`encode`, or of a zlib-compressed bitset of an older store."""
+    if blob[:1] == _ZLIB_HEADER:
+        return bitset_members(zlib.decompress(blob))
+    return BitMap.deserialize(blob)
+
+
+def count_union(bitmaps: Iterable[BitMap], contact_ids: Iterable[int] = ()) -> int:
+    """Return the number of contacts in the union of ``bitmaps`` and ``contact_ids``."""
+    return len(BitMap.union(BitMap(array("I", contact_ids)), *bitmaps))
 
 
 def whole_periods(start: int, end: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -143,7 +158,7 @@ def _insert_weeks(connection: Connection, weeks: list[tuple[int, int]]) -> None:
     rows = []
     for low, high in weeks:
         for week in range(low, high, WEEK_MS):
-            unions: dict[tuple[str, str], int] = {}
+            unions: dict[tuple[str, str], list[BitMap]] = {}
             statement = select(
                 RollupContactSets.kind, RollupContactSets.channel, RollupContactSets.contacts
             ).where(
@@ -152,16 +167,15 @@ def _insert_weeks(connection: Connection, weeks: list[tuple[int, int]]) -> None:
                 RollupContactSets.start_ms < week + WEEK_MS,
             )
             for kind, channel, blob in connection.execute(statement):
-                unions[(kind, channel)] = unions.get((kind, channel), 0) | decode(blob)
-            for (kind, channel), bits in unions.items():
-                data = bits.to_bytes((bits.bit_length() + 7) // 8, "little")
+                unions.setdefault((kind, channel), []).append(decode(blob))
+            for (kind, channel), bitmaps in unions.items():
                 rows.append(
                     {
                         "kind": kind,
                         "level": LEVEL_WEEK,
                         "start_ms": week,
                         "channel": channel,
-                        "contacts": zlib.compress(data, 1),
+                        "contacts": encode(BitMap.union(*bitmaps)),
                     }
                 )
     if rows:
@@ -235,7 +249,7 @@ def count_distinct(
     if not periods:
         return None
     table, slot_column = SOURCES[kind]
-    bits: dict[tuple[str, int], int] = {}
+    bits: dict[tuple[str, int], list[BitMap]] = {}
     ids: dict[tuple[str, int], set[int]] = {}
 
     needed: dict[tuple[int, int], list[int]] = {}
@@ -260,7 +274,7 @@ def count_distinct(
     for level, start, channel, blob in connection.execute(statement):
         decoded = decode(blob)
         for index in needed[(int(level), int(start))]:
-            bits[(channel, index)] = bits.get((channel, index), 0) | decoded
+            bits.setdefault((channel, index), []).append(decoded)
 
     edges = sorted((low, high, index) for index, parts in rest.items() for low, high in parts)
     if edges:
@@ -279,20 +293,20 @@ def count_distinct(
         ids.setdefault((channel, index), set()).add(contact_id)
 
     by_channel: dict[tuple[str, int], int] = {}
-    overall_bits: dict[int, int] = {}
+    overall_bits: dict[int, list[BitMap]] = {}
     overall_ids: dict[int, set[int]] = {}
     for key in set(bits) | set(ids):
-        channel_bits = bits.get(key, 0)
+        channel_bits = bits.get(key, [])
         channel_ids = ids.get(key, set())
         count = count_union(channel_bits, channel_ids)
         if count:
             by_channel[key] = count
         index = key[1]
-        overall_bits[index] = overall_bits.get(index, 0) | channel_bits
+        overall_bits.setdefault(index, []).extend(channel_bits)
         overall_ids.setdefault(index, set()).update(channel_ids)
     overall = {}
     for index in set(overall_bits) | set(overall_ids):
-        count = count_union(overall_bits.get(index, 0), overall_ids.get(index, set()))
+        count = count_union(overall_bits.get(index, []), overall_ids.get(index, set()))
         if count:
             overall[index] = count
     return by_channel, overall

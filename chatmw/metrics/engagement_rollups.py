@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from pyroaring import BitMap, FrozenBitMap
 from sqlalchemy import Connection, Engine, func, literal_column, select, union_all
 
 from chatmw.metrics.filters import MetricFilter
@@ -35,6 +36,7 @@ __all__ = [
 
 
 _KINDS = ("exposed", "proactive", "writers")
+_EMPTY = FrozenBitMap()
 
 
 @dataclass(slots=True)
@@ -62,10 +64,10 @@ class EngagementCounts:
 
 def _window_sets(
     connection: Connection, coverage: Coverage, channels: tuple[str, ...]
-) -> dict[str, dict[str, int]]:
+) -> dict[str, dict[str, BitMap]]:
     """Return the contacts of the served slots per kind and channel."""
     spans = {0: (coverage.first_slot, coverage.end_slot)}
-    sets: dict[str, dict[str, int]] = {kind: {} for kind in _KINDS}
+    sets: dict[str, dict[str, BitMap]] = {kind: {} for kind in _KINDS}
     for (kind, _, channel), bits in span_sets(
         connection, _KINDS, spans, coverage.served, channels
     ).items():
@@ -185,18 +187,18 @@ def engagement_counts(engine: Engine, flt: MetricFilter) -> EngagementCounts | N
 
     for kind, by_channel in raw_ids.items():
         for channel, ids in by_channel.items():
-            sets[kind][channel] = with_ids(sets[kind].get(channel, 0), ids)
+            sets[kind][channel] = with_ids(sets[kind].get(channel), ids)
     channels = set().union(*(kind_sets.keys() for kind_sets in sets.values()))
     for channel in channels:
-        exposed = sets["exposed"].get(channel, 0)
-        proactive = sets["proactive"].get(channel, 0)
-        writers = sets["writers"].get(channel, 0)
+        exposed = sets["exposed"].get(channel, _EMPTY)
+        proactive = sets["proactive"].get(channel, _EMPTY)
+        writers = sets["writers"].get(channel, _EMPTY)
         reached = exposed | proactive
         counts.reach[channel] = ChannelReach(
-            exposed=exposed.bit_count(),
-            proactive=proactive.bit_count(),
-            writing=writers.bit_count(),
-            reach=reached.bit_count(),
-            engaged=(reached & writers).bit_count(),
+            exposed=len(exposed),
+            proactive=len(proactive),
+            writing=len(writers),
+            reach=len(reached),
+            engaged=reached.intersection_cardinality(writers),
         )
     return counts

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pyroaring import BitMap
 from sqlalchemy import Connection, Engine, case, func, literal_column, select
 
 from chatmw.metrics.filters import MetricFilter
@@ -98,30 +99,30 @@ def _cohort_members(
         .group_by(index, RollupFirsts.channel)
     )
     keys_of = (None,) if flt.group_by is None else None
-    members: dict[tuple[Any, int], int] = {}
+    members: dict[tuple[Any, int], BitMap] = {}
     for bucket, channel, size, back, contact_ids in connection.execute(statement):
         cohort = int(bucket)
-        bits = with_ids(0, _ids(contact_ids))
+        bits = with_ids(None, _ids(contact_ids))
         for key in keys_of or (None, channel):
             counts[key].sizes[cohort] += int(size)
             counts[key].same_period[cohort] += int(back or 0)
-            members[(key, cohort)] = members.get((key, cohort), 0) | bits
+            members[(key, cohort)] = with_ids(members.get((key, cohort)), bits)
     return members
 
 
 def _period_starters(
     connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: Buckets
-) -> dict[int, int]:
+) -> dict[int, BitMap]:
     """Return, per period index from 1, the contacts who started a conversation in it."""
     # NOTE: periods whose edges are not UTC midnight read the slot rows of their partial
     # days. Day periods in a zone whose offset is not 0 thus read about one row per
     # conversation of the window, which is no faster than the raw path.
     spans = {index: buckets.span(index, coverage) for index in range(1, len(buckets.bounds) - 1)}
-    starters: dict[int, int] = {}
+    starters: dict[int, BitMap] = {}
     for (_, index, _), bits in span_sets(
         connection, ("starters",), spans, coverage.served, flt.channels
     ).items():
-        starters[index] = starters.get(index, 0) | bits
+        starters[index] = with_ids(starters.get(index), bits)
     raw = select(Conversation.started_at_ms, Conversation.contact_id).where(
         Conversation.contact_id.is_not(None),
         time_in_ranges(Conversation.started_at_ms, coverage.raw),
@@ -134,7 +135,7 @@ def _period_starters(
         if index >= 1:
             ids[index].append(contact_id)
     for index, contact_ids in ids.items():
-        starters[index] = with_ids(starters.get(index, 0), contact_ids)
+        starters[index] = with_ids(starters.get(index), contact_ids)
     return starters
 
 
@@ -248,7 +249,8 @@ def retention_counts(
     periods = len(starts)
     for (key, cohort), bits in members.items():
         for position in range(cohort + 1, periods):
-            back = (bits & starters.get(position, 0)).bit_count()
+            starter_bits = starters.get(position)
+            back = 0 if starter_bits is None else bits.intersection_cardinality(starter_bits)
             if back:
                 counts[key].returned[cohort][position - cohort] += back
     return dict(counts), keys

@@ -1,14 +1,16 @@
-"""Exact contact sets over a query window, from day and week bitsets, slot rows and raw rows.
+"""Exact contact sets over a query window, from day and week bitmaps, slot rows and raw rows.
 
 ``chatmw.metrics.contact_sets.count_distinct`` counts contacts per bucket. Retention and
 engagement need the sets themselves, to intersect them, so this module returns each set
-as an integer bitset (bit ``i`` is contact id ``i``).
+as a Roaring bitmap of contact ids.
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable
 
+from pyroaring import BitMap
 from sqlalchemy import Connection, or_, select
 
 from chatmw.metrics.contact_sets import SOURCES, decode, plan_spans
@@ -18,16 +20,10 @@ from chatmw.store.models_rollups import RollupContactSets
 __all__ = ["with_ids", "span_sets"]
 
 
-def with_ids(bits: int, contact_ids: Iterable[int]) -> int:
-    """Return the bitset ``bits`` with the bits of ``contact_ids`` set."""
-    ids = list(contact_ids)
-    if not ids:
-        return bits
-    size = max((bits.bit_length() + 7) // 8, (max(ids) >> 3) + 1)
-    table = bytearray(bits.to_bytes(size, "little"))
-    for contact_id in ids:
-        table[contact_id >> 3] |= 1 << (contact_id & 7)
-    return int.from_bytes(table, "little")
+def with_ids(bits: BitMap | None, contact_ids: Iterable[int] | BitMap) -> BitMap:
+    """Return a new bitmap of the contacts of ``bits`` (None for none) and ``contact_ids``."""
+    added = contact_ids if isinstance(contact_ids, BitMap) else BitMap(array("I", contact_ids))
+    return BitMap(added) if bits is None else bits | added
 
 
 def span_sets(
@@ -36,7 +32,7 @@ def span_sets(
     spans: dict[int, tuple[int, int]],
     served: set[int],
     channels: tuple[str, ...],
-) -> dict[tuple[str, int, str], int]:
+) -> dict[tuple[str, int, str], BitMap]:
     """Return the contacts of the served slots of each span, per (kind, span index, channel).
 
     ``spans`` maps an index to a ``[start, end)`` range of slots. Whole UTC days and epoch
@@ -46,7 +42,7 @@ def span_sets(
     adds their raw rows.
     """
     periods, rest = plan_spans(spans, served)
-    sets: dict[tuple[str, int, str], int] = {}
+    sets: dict[tuple[str, int, str], BitMap] = {}
     needed: dict[tuple[int, int], list[int]] = {}
     for index, parts in periods.items():
         for part in parts:
@@ -77,7 +73,10 @@ def span_sets(
             decoded = decode(blob)
             for index in needed[(int(level), int(start))]:
                 key = (kind, index, channel)
-                sets[key] = sets.get(key, 0) | decoded
+                if key in sets:
+                    sets[key] |= decoded
+                else:
+                    sets[key] = BitMap(decoded)
 
     edges = sorted((low, high, index) for index, parts in rest.items() for low, high in parts)
     for kind in kinds if edges else ():
@@ -91,7 +90,7 @@ def _add_slot_rows(
     edges: list[tuple[int, int, int]],
     served: set[int],
     channels: tuple[str, ...],
-    sets: dict[tuple[str, int, str], int],
+    sets: dict[tuple[str, int, str], BitMap],
 ) -> None:
     """Add the contacts of the served slots in ``edges`` (low, high, span index) to ``sets``."""
     table, slot_column = SOURCES[kind]
@@ -106,4 +105,4 @@ def _add_slot_rows(
             if slot in served:
                 ids.setdefault((kind, index, channel), []).append(contact_id)
     for key, contact_ids in ids.items():
-        sets[key] = with_ids(sets.get(key, 0), contact_ids)
+        sets[key] = with_ids(sets.get(key), contact_ids)
