@@ -100,7 +100,7 @@ class WebhookDecoder:
     writer process) or in the recorder before it spools a batch. It counts ``events``,
     ``unparseable`` and ``unknown_events`` in ``stats``. A writer process gets a copy
     with counters of its own, so the intake's counters include these three only when
-    the writer runs in a thread; the writer's log has every unparsed body either way.
+    the writer runs in a thread. The writer's log has every unparsed body in both cases.
     """
 
     def __init__(
@@ -125,7 +125,7 @@ class WebhookDecoder:
 def parse_or_keep(
     body: bytes, received_at: datetime, agent_app_ids: frozenset[str], stats: WebhookStats
 ) -> list[ev.Event]:
-    """Parse a verified body; one raw payload holding the body when it cannot be parsed."""
+    """Parse a verified body into events, or into one raw payload of it when that fails."""
     try:
         found = parse_webhook(body, received_at, agent_app_ids)
     except WebhookFormatError as error:
@@ -155,7 +155,7 @@ _ACCEPTED_UNDECODED = WebhookOutcome(200, b"EVENT_RECEIVED", forward=True)
 
 
 class WebhookIntake:
-    """Verifies and records webhooks; one instance serves every request."""
+    """Verifies and records webhooks. One instance serves every request."""
 
     def __init__(
         self, settings: MetaSettings, sink: EventSink | None, stats: WebhookStats | None = None

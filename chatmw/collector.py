@@ -6,17 +6,19 @@ modules, SQLAlchemy's mappers and compiled statements, the FastAPI routes and th
 models. A metrics query over a large window allocates enough row objects to trigger one
 now and then, and the call that meets it pays for that walk.
 
-:func:`settle_collector` runs once, after start-up: it collects what start-up left behind,
+:func:`settle_collector` runs once, after start-up. It collects what start-up left behind,
 then freezes the survivors (``gc.freeze()``), so that later collections skip them, and
-raises the youngest generation's threshold. The policy of the older generations stays
-CPython's: generation 1 is collected after ``middle`` young collections, and a full
-collection runs after ``oldest`` collections of generation 1, and only once the objects
-promoted since the last full collection number at least a quarter of those it kept. So
-cyclic garbage waits at most for that many allocations, or a quarter of the live heap
-above the frozen objects, before it is freed: memory stays bounded.
+raises the youngest generation's threshold. The older generations keep CPython's policy
+(``gc_collect_generations`` in ``Modules/gcmodule.c``, CPython 3.11). Generation 1 is
+collected after ``middle`` young collections, and a full collection is due after ``oldest``
+collections of generation 1. It runs only once the objects promoted since the last full
+collection number at least a quarter of those it kept. So cyclic garbage waits at most for
+that many allocations, or for a quarter of the live objects above the frozen ones, before
+it is freed, and memory stays bounded.
 
-Frozen objects are never examined again. Garbage cycles among them are never freed, so the
-freeze happens once, after start-up, and never again while the process serves requests.
+Frozen objects are never examined again, so a garbage cycle among them is never freed.
+The freeze therefore happens once, after start-up, and not while the process serves
+requests.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ __all__ = ["SERVER_THRESHOLDS", "settle_collector", "settle_after_startup"]
 logger = logging.getLogger("chatmw")
 
 # Collector thresholds of a serving process: a young collection per 10,000 net allocations of
-# containers instead of 700, then CPython's 10 and 10 for the older generations. A full
-# collection is considered at most once per million such allocations.
+# tracked containers instead of CPython's 700, and CPython's 10 and 10 for the older
+# generations. So a full collection is due at most once per million such allocations.
 SERVER_THRESHOLDS = (10_000, 10, 10)
 
 

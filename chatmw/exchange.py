@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from chatmw import events as ev
 from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
 
-__all__ = ["Exchange", "ExchangeDecoder", "Expander", "captured_exchange", "expand_all", "RESPONSE_STATES"]
+__all__ = ["Exchange", "ExchangeDecoder", "Expander", "captured_exchange", "expand_all",
+           "RESPONSE_STATES"]
 
 logger = logging.getLogger("chatmw")
 
@@ -34,8 +35,8 @@ RESPONSE_STATES = ("complete", "streamed", "too_large", "unfinished")
 
 
 class Expander(Protocol):
-    """What turns an :class:`Exchange` into events: :class:`ExchangeDecoder` for chat
-    exchanges, ``chatmw.adapters.webhook.WebhookDecoder`` for Meta webhook bodies."""
+    """The decoder of an :class:`Exchange`: :class:`ExchangeDecoder` for chat exchanges,
+    ``chatmw.adapters.webhook.WebhookDecoder`` for Meta webhook bodies."""
 
     skipped: Counter[str]
 
