@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -23,8 +24,6 @@ SETTLED = re.compile(r"garbage collector settled: (\d+) start-up objects frozen,
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -128,5 +127,6 @@ def test_proxy_settles_collector_and_records_with_writer_process(database_url: s
     assert response.status_code == 200
     assert settled_after_startup(output) > 10_000
     with create_engine(database_url).connect() as connection:
-        rows = connection.execute(text("SELECT platform_message_id, role, text FROM messages")).all()
+        query = text("SELECT platform_message_id, role, text FROM messages")
+        rows = connection.execute(query).all()
     assert [tuple(row) for row in rows] == [("m_gc_1", "user", "hello")]
