@@ -19,6 +19,8 @@ from sqlalchemy import create_engine, text
 from chatmw.collector import SERVER_THRESHOLDS
 
 CHATMW = str(Path(sys.executable).parent / "chatmw")
+PROXY_ENV = {"CHATMW_META_APP_SECRET": APP_SECRET, "CHATMW_META_VERIFY_TOKEN": VERIFY_TOKEN,
+             "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9"}
 SETTLED = re.compile(r"garbage collector settled: (\d+) start-up objects frozen, "
                      r"thresholds \((\d+), (\d+), (\d+)\)")
 
@@ -99,16 +101,9 @@ def test_serve_settles_collector_after_startup(database_url: str) -> None:
 
 def test_proxy_settles_collector_and_records_with_writer_process(database_url: str) -> None:
     port = free_port()
-    env = {
-        **os.environ,
-        "CHATMW_META_APP_SECRET": APP_SECRET,
-        "CHATMW_META_VERIFY_TOKEN": VERIFY_TOKEN,
-        "CHATMW_DATABASE_URL": database_url,
-        "CHATMW_GRAPH_BASE_URL": "http://127.0.0.1:9",
-        "CHATMW_PSEUDONYMISE": "0",
-        # Bodies go to the writer process undecoded, with a copy of the webhook decoder.
-        "CHATMW_WRITER": "process",
-    }
+    # Bodies go to the writer process undecoded, with a copy of the webhook decoder.
+    env = {**os.environ, **PROXY_ENV, "CHATMW_DATABASE_URL": database_url,
+           "CHATMW_PSEUDONYMISE": "0", "CHATMW_WRITER": "process"}
     env.pop("CHATMW_SPOOL_DIR", None)
     url = f"http://127.0.0.1:{port}/webhook"
     challenge = {"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "7"}
