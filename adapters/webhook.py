@@ -1,14 +1,20 @@
 """Webhook intake shared by the proxy and the in-process middleware.
 
 :class:`WebhookIntake` responds to Meta's verification request, checks the signature of a
-webhook over its raw bytes, parses it into events (Messenger, Instagram or WhatsApp by the
-body's ``object``), and hands them to the recorder. It does no I/O of its own, so the
-acknowledgement depends only on the recorder accepting the events.
+webhook over its raw bytes and hands it to the recorder. It does no I/O of its own, so the
+acknowledgement depends only on the recorder accepting the webhook.
+
+A :class:`chatmw.recorder.Recorder` gets the verified body undecoded, as one
+:class:`chatmw.exchange.Exchange` whose :class:`WebhookDecoder` parses it into events
+(Messenger, Instagram or WhatsApp by the body's ``object``) where the batch is written.
+The acknowledgement therefore costs no JSON decoding and no event building. Any other sink,
+and a durable acknowledgement, get the parsed events.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,10 +30,13 @@ from chatmw.adapters._meta import (
     verify_signature,
 )
 from chatmw.codecs import load_json_body
+from chatmw.exchange import Exchange, captured_exchange
+from chatmw.recorder import Recorder
 
 __all__ = [
     "WebhookIntake",
     "WebhookOutcome",
+    "WebhookDecoder",
     "EventSink",
     "parse_webhook",
     "WebhookFormatError",
@@ -84,8 +93,69 @@ def parse_webhook(
     raise WebhookFormatError(f"unknown webhook object {kind!r}")
 
 
+class WebhookDecoder:
+    """Parses the verified bodies that :class:`WebhookIntake` queued undecoded.
+
+    It runs where the batch is written: in the store writer (the recorder's thread or the
+    writer process) or in the recorder before it spools a batch. It counts ``events``,
+    ``unparseable`` and ``unknown_events`` in ``stats``. A writer process gets a copy
+    with counters of its own, so the intake's counters include these three only when
+    the writer runs in a thread. The writer's log has every unparsed body in both cases.
+    """
+
+    def __init__(
+        self, agent_app_ids: frozenset[str] = frozenset(), stats: WebhookStats | None = None
+    ) -> None:
+        self.agent_app_ids = agent_app_ids
+        self.stats = stats or WebhookStats()
+        self.skipped: Counter[str] = Counter()
+
+    def __reduce__(self) -> tuple[type[WebhookDecoder], tuple[frozenset[str]]]:
+        # The counters hold a lock: a copy in another process starts its own.
+        return (WebhookDecoder, (self.agent_app_ids,))
+
+    def expand(self, exchange: Exchange) -> list[ev.Event]:
+        """Return the events of the webhook body that ``exchange`` carries."""
+        found = parse_or_keep(exchange.request, exchange.occurred_at, self.agent_app_ids,
+                              self.stats)
+        self.stats.add("events", len(found))
+        return found
+
+
+def parse_or_keep(
+    body: bytes, received_at: datetime, agent_app_ids: frozenset[str], stats: WebhookStats
+) -> list[ev.Event]:
+    """Parse a verified body into events, or into one raw payload of it when that fails."""
+    try:
+        found = parse_webhook(body, received_at, agent_app_ids)
+    except WebhookFormatError as error:
+        stats.add("unparseable")
+        logger.warning("webhook body verified but not parsed (%d bytes): %s", len(body), error)
+        return [_raw_body(body, received_at, str(error))]
+    except Exception as error:  # noqa: BLE001 - a parser bug must not lose the body
+        stats.add("unparseable")
+        logger.exception("webhook parser failed on a verified body (%d bytes)", len(body))
+        return [_raw_body(body, received_at, f"parser error {type(error).__name__}: {error}")]
+    unknown = sum(
+        1 for item in found if isinstance(item, ev.RawPayload) and item.source in UNKNOWN_SOURCES
+    )
+    if unknown:
+        stats.add("unknown_events", unknown)
+        logger.info("webhook carried %d events of unknown kinds, kept as raw payloads", unknown)
+    return found
+
+
+def _raw_body(body: bytes, received_at: datetime, reason: str) -> ev.RawPayload:
+    return ev.RawPayload(
+        channel="meta", occurred_at=received_at, source="meta_webhook", body=body, reason=reason
+    )
+
+
+_ACCEPTED_UNDECODED = WebhookOutcome(200, b"EVENT_RECEIVED", forward=True)
+
+
 class WebhookIntake:
-    """Verifies, parses and records webhooks; one instance serves every request."""
+    """Verifies and records webhooks. One instance serves every request."""
 
     def __init__(
         self, settings: MetaSettings, sink: EventSink | None, stats: WebhookStats | None = None
@@ -93,6 +163,10 @@ class WebhookIntake:
         self.settings = settings
         self.sink = sink
         self.stats = stats or WebhookStats()
+        self.decoder = WebhookDecoder(settings.agent_app_ids, self.stats)
+        # A recorder decodes exchanges where it writes or spools them. A durable
+        # acknowledgement keeps the parsed events, which the spool stores as they are.
+        self._undecoded = isinstance(sink, Recorder) and not settings.durable_acknowledgement
         if settings.durable_acknowledgement and not getattr(sink, "replayable", False):
             logger.warning(
                 "durable acknowledgement requested, but the recorder has no replayable "
@@ -112,66 +186,39 @@ class WebhookIntake:
     ) -> WebhookOutcome:
         """Handle a ``POST`` body: 403 on a bad signature, else record and return 200.
 
-        Returns 503 when the recorder did not take the events, so that Meta delivers the
-        webhook again later.
+        Returns 503 when the recorder did not take the webhook, so that Meta delivers it
+        again later. ``events`` of the outcome is 0 when a recorder took the body undecoded.
         """
         self.stats.add("received")
         if not verify_signature(body, signature, self.settings.app_secret):
-            self.stats.add("rejected_signature")
-            rejected = self.stats["rejected_signature"]
-            # The first rejection and every hundredth: a flood of forged requests stays readable.
-            if rejected == 1 or rejected % 100 == 0:
-                logger.warning(
-                    "webhook rejected: missing or invalid X-Hub-Signature-256 "
-                    "(%d rejected so far); check the app secret",
-                    rejected,
-                )
-            return WebhookOutcome(403, b"invalid signature")
+            return self._rejected()
         self.stats.add("verified")
         received_at = received_at or ev.now_utc()
-        found = self._parse(body, received_at)
+        if self._undecoded:
+            exchange = captured_exchange("meta", received_at, "", self.decoder, body, b"",
+                                         None, None, "complete", b"")
+            if not self.sink.submit(exchange):  # type: ignore[union-attr]
+                self.stats.add("not_accepted")
+                return WebhookOutcome(503, b"recorder busy, retry later")
+            return _ACCEPTED_UNDECODED
+        found = parse_or_keep(body, received_at, self.settings.agent_app_ids, self.stats)
         if not self._accept(found):
             self.stats.add("not_accepted")
             return WebhookOutcome(503, b"recorder busy, retry later", events=len(found))
         self.stats.add("events", len(found))
         return WebhookOutcome(200, b"EVENT_RECEIVED", events=len(found), forward=True)
 
-    def _parse(self, body: bytes, received_at: datetime) -> list[ev.Event]:
-        try:
-            found = parse_webhook(body, received_at, self.settings.agent_app_ids)
-        except WebhookFormatError as error:
-            self.stats.add("unparseable")
-            logger.warning("webhook body verified but not parsed (%d bytes): %s", len(body), error)
-            return [
-                ev.RawPayload(
-                    channel="meta",
-                    occurred_at=received_at,
-                    source="meta_webhook",
-                    body=body,
-                    reason=str(error),
-                )
-            ]
-        except Exception as error:  # noqa: BLE001 - a parser bug must not lose the body
-            self.stats.add("unparseable")
-            logger.exception("webhook parser failed on a verified body (%d bytes)", len(body))
-            return [
-                ev.RawPayload(
-                    channel="meta",
-                    occurred_at=received_at,
-                    source="meta_webhook",
-                    body=body,
-                    reason=f"parser error {type(error).__name__}: {error}",
-                )
-            ]
-        unknown = sum(
-            1
-            for item in found
-            if isinstance(item, ev.RawPayload) and item.source in UNKNOWN_SOURCES
-        )
-        if unknown:
-            self.stats.add("unknown_events", unknown)
-            logger.info("webhook carried %d events of unknown kinds, kept as raw payloads", unknown)
-        return found
+    def _rejected(self) -> WebhookOutcome:
+        self.stats.add("rejected_signature")
+        rejected = self.stats["rejected_signature"]
+        # The first rejection and every hundredth: a flood of forged requests stays readable.
+        if rejected == 1 or rejected % 100 == 0:
+            logger.warning(
+                "webhook rejected: missing or invalid X-Hub-Signature-256 "
+                "(%d rejected so far); check the app secret",
+                rejected,
+            )
+        return WebhookOutcome(403, b"invalid signature")
 
     def _accept(self, found: Sequence[ev.Event]) -> bool:
         if self.sink is None or not found:

@@ -50,6 +50,7 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
 
         from chatmw.adapters._meta import MetaSettings
         from chatmw.adapters.proxy import create_proxy_app
+        from chatmw.collector import settle_after_startup
         from chatmw.config import Settings
         from chatmw.runtime import Runtime
 
@@ -68,7 +69,10 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
                 await proxy.state.proxy.stop()
                 runtime.stop()
 
-        return Starlette(routes=[Mount("/", app=proxy)], lifespan=lifespan)
+        served = Starlette(routes=[Mount("/", app=proxy)], lifespan=lifespan)
+        # The collector policy `chatmw proxy` applies once it has started.
+        settle_after_startup(served)
+        return served
     raise SystemExit(f"unknown kind {kind!r}")
 
 

@@ -72,6 +72,7 @@ def proxy_command(
 
     from chatmw.adapters._meta import MetaSettings
     from chatmw.adapters.proxy import create_proxy_app
+    from chatmw.collector import settle_after_startup
     from chatmw.runtime import Runtime
     from chatmw.security.privacy import PrivacySettings
     from chatmw.spool import FileSpool, SpoolSettings
@@ -100,10 +101,12 @@ def proxy_command(
     # uvicorn re-raises SIGTERM after its graceful shutdown; with the default handler the
     # process would die before the finally clause flushes the recorder.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    proxy = create_proxy_app(meta, runtime)
+    settle_after_startup(proxy)
     try:
         # No access log: bots often pass the page access token in the query string.
         uvicorn.run(
-            create_proxy_app(meta, runtime),
+            proxy,
             host=host,
             port=port,
             log_level="info",

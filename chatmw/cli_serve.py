@@ -58,6 +58,7 @@ def serve_command(
 
     from chatmw.app import create_app
     from chatmw.app_config import load_app_config
+    from chatmw.collector import settle_after_startup
     from chatmw.runtime import Runtime
     from chatmw.spool import FileSpool, SpoolSettings
 
@@ -83,4 +84,6 @@ def serve_command(
     signal.signal(signal.SIGTERM, _exit_cleanly)
     spool = FileSpool(spool_settings) if spool_settings is not None else None
     runtime = Runtime.from_settings(loaded.settings, spool=spool, privacy=loaded.privacy)
-    uvicorn.run(create_app(loaded, runtime), host=host, port=port, log_level="info")
+    served = create_app(loaded, runtime)
+    settle_after_startup(served)
+    uvicorn.run(served, host=host, port=port, log_level="info")

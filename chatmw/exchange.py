@@ -19,18 +19,28 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from chatmw import events as ev
 from chatmw.codecs import ChatReply, ChatRequest, Codec, CodecError
 
-__all__ = ["Exchange", "ExchangeDecoder", "captured_exchange", "expand_all", "RESPONSE_STATES"]
+__all__ = ["Exchange", "ExchangeDecoder", "Expander", "captured_exchange", "expand_all",
+           "RESPONSE_STATES"]
 
 logger = logging.getLogger("chatmw")
 
 # States of the response body: read in full, streamed (server-sent events, never copied),
 # larger than the copy limit, or never finished.
 RESPONSE_STATES = ("complete", "streamed", "too_large", "unfinished")
+
+
+class Expander(Protocol):
+    """The decoder of an :class:`Exchange`: :class:`ExchangeDecoder` for chat exchanges,
+    ``chatmw.adapters.webhook.WebhookDecoder`` for Meta webhook bodies."""
+
+    skipped: Counter[str]
+
+    def expand(self, exchange: Exchange) -> list[ev.Event]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +178,7 @@ class Exchange(ev.Event):
     """
 
     key: str
-    decoder: ExchangeDecoder
+    decoder: Expander
     request: bytes
     response: bytes = b""
     status: int | None = None
@@ -201,7 +211,7 @@ _set_response_state = _slot_setter("response_state")
 _set_content_encoding = _slot_setter("content_encoding")
 
 
-def captured_exchange(channel: str, occurred_at: datetime, key: str, decoder: ExchangeDecoder,
+def captured_exchange(channel: str, occurred_at: datetime, key: str, decoder: Expander,
                       request: bytes, response: bytes, status: int | None,
                       latency_ms: float | None, response_state: str,
                       content_encoding: bytes) -> Exchange:

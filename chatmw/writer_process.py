@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
+from chatmw import collector
 from chatmw.events import Event
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.recorder import BatchWriter, _describe, is_retryable
@@ -239,10 +240,8 @@ def settle_collector() -> None:
     allocates hundreds of thousands of short-lived objects, and the default threshold of
     700 allocations would run the collector hundreds of times per batch.
     """
-    gc.collect()
-    gc.freeze()
     _, middle, oldest = gc.get_threshold()
-    gc.set_threshold(WRITER_GC_THRESHOLD, middle, oldest)
+    collector.settle_collector((WRITER_GC_THRESHOLD, middle, oldest))
 
 
 def _lower_priority() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -19,7 +20,9 @@ from chatmw import events as ev
 from chatmw.adapters._meta import MetaSettings, WebhookStats
 from chatmw.adapters.messenger import Watermark
 from chatmw.adapters.proxy import Forwarder, create_proxy_app
-from chatmw.adapters.webhook import WebhookIntake
+from chatmw.adapters.webhook import WebhookDecoder, WebhookIntake, parse_webhook
+from chatmw.exchange import Exchange, captured_exchange, expand_all
+from chatmw.recorder import Recorder, RecorderSettings
 
 BODY = json.dumps(
     {
@@ -223,3 +226,91 @@ def test_recorder_sink_gets_messenger_handlers(tmp_path) -> None:  # type: ignor
     assert Watermark in runtime.writer.handlers
     assert runtime.writer.preprocessors.count(drop_recorded_echoes) == 1
     runtime.engine.dispose()
+
+
+class ListWriter:
+    # Takes the batches as a writer process does (exchanges undecoded) and decodes them here.
+    expands_exchanges = True
+
+    def __init__(self) -> None:
+        self.taken: list[type] = []
+        self.written: list[ev.Event] = []
+
+    def write(self, batch: Sequence[ev.Event]) -> int:
+        self.taken.extend(type(event) for event in batch)
+        self.written.extend(expand_all(batch))
+        return len(batch)
+
+
+def recorder_intake(queue_size: int = 100) -> tuple[WebhookIntake, Recorder, ListWriter]:
+    writer = ListWriter()
+    recorder = Recorder(writer, RecorderSettings(queue_size=queue_size, batch_size=10))
+    return WebhookIntake(meta(), recorder), recorder, writer
+
+
+def test_intake_queues_body_undecoded_for_recorder() -> None:
+    intake, recorder, writer = recorder_intake()
+    received = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    outcome = intake.receive(BODY, signature(BODY), received)
+
+    assert (outcome.status, outcome.body, outcome.forward) == (200, b"EVENT_RECEIVED", True)
+    assert recorder.stats().submitted == 1
+    recorder.start()
+    assert recorder.flush(10)
+    recorder.stop()
+    assert writer.taken == [Exchange]
+    expected = parse_webhook(BODY, received)
+    assert writer.written == expected
+    assert [event.key for event in writer.written] == ["messenger:m_intake_1"]  # type: ignore[attr-defined]
+    assert intake.stats["events"] == 1
+
+
+def test_intake_undecoded_answers_retry_when_queue_full() -> None:
+    intake, recorder, _ = recorder_intake(queue_size=1)
+
+    first = intake.receive(BODY, signature(BODY))
+    second = intake.receive(BODY, signature(BODY))
+
+    assert first.status == 200
+    assert (second.status, second.forward) == (503, False)
+    assert intake.stats["not_accepted"] == 1
+
+
+def test_intake_undecoded_rejects_bad_signature_unqueued() -> None:
+    intake, recorder, _ = recorder_intake()
+
+    outcome = intake.receive(BODY, "sha256=" + "0" * 64)
+
+    assert outcome.status == 403
+    assert recorder.stats().submitted == 0
+    assert intake.stats["rejected_signature"] == 1
+
+
+def test_intake_undecoded_keeps_unparseable_body() -> None:
+    intake, recorder, writer = recorder_intake()
+    body = b'{"object": "page", "entry": [ broken'
+
+    assert intake.receive(body, signature(body)).status == 200
+    recorder.start()
+    assert recorder.flush(10)
+    recorder.stop()
+
+    assert [(type(event), event.body) for event in writer.written] == [  # type: ignore[attr-defined]
+        (ev.RawPayload, body)
+    ]
+    assert intake.stats["unparseable"] == 1
+
+
+def test_webhook_decoder_copy_has_own_counters() -> None:
+    stats = WebhookStats()
+    decoder = WebhookDecoder(frozenset({"app-7"}), stats)
+    exchange = captured_exchange("meta", datetime(2026, 1, 2, tzinfo=UTC), "", decoder, BODY,
+                                 b"", None, None, "complete", b"")
+
+    copied = pickle.loads(pickle.dumps(exchange))
+
+    assert copied.decoder.agent_app_ids == frozenset({"app-7"})
+    assert copied.decoder.expand(copied) == decoder.expand(exchange)
+    assert stats["events"] == 1
+    assert copied.decoder.stats["events"] == 1
