@@ -34,6 +34,7 @@ from chatmw.store.models import Contact, Conversation
 __all__ = [
     "bulk_update",
     "id_in",
+    "lock_rows",
     "insert_ignore",
     "insert_ignore_expected",
     "select_by_keys",
@@ -515,16 +516,24 @@ class OpenConversation:
     key: tuple[str, str] | None = None
 
 
-def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
-    # Two processes that sessionise the same contact at once would each start a conversation.
-    # Row locks, taken in id order so that writers cannot deadlock, serialise them on
-    # PostgreSQL. SQLite allows one writer at a time, so it needs no lock.
+def lock_rows(session: Session, table: Table, ids: Iterable[int]) -> None:
+    """Lock the rows of ``table`` with ``ids`` until the transaction ends, in id order.
+
+    Writers that take their row locks on contacts and on conversations this way, contacts
+    first, wait for each other instead of deadlocking, and a writer that has waited reads
+    what the other committed. ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key
+    columns takes, so foreign key checks of other transactions (``FOR KEY SHARE``) do not
+    wait for it. PostgreSQL only: SQLite lets one writer in at a time.
+    """
     if session.get_bind().dialect.name != "postgresql":
         return
+    ordered = sorted(set(ids))
+    if not ordered:
+        return
     session.connection().execute(
-        select(Contact.id).where(id_in(session, Contact.id, sorted(contact_ids)))
-        .order_by(Contact.id).with_for_update()
-    )
+        text(f"SELECT id FROM {table.name} WHERE id = ANY(CAST(:ids AS BIGINT[])) "
+             "ORDER BY id FOR NO KEY UPDATE"),
+        {"ids": ordered})
 
 
 def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str, int]]) -> dict[
@@ -590,12 +599,13 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     after that conversation's last message, and starts a new conversation otherwise. A late
     message from before the latest conversation joins the conversation that covers its time.
     The conversations' start and end times are not updated here: the writer recomputes
-    them from the stored messages.
+    them from the stored messages. On PostgreSQL the caller holds the contacts' row locks
+    (:func:`lock_rows`), so that two writers that sessionise one contact at once do not
+    each start a conversation.
     """
     if not items:
         return {}
     pairs = sorted({(channel, contact_id) for channel, contact_id, _, _ in items})
-    _lock_contacts(session, [contact_id for _, contact_id in pairs])
     latest = _latest_conversations(session, pairs)
     order = sorted(range(len(items)), key=lambda index: items[index][3])
     assigned: dict[int, int] = {}
