@@ -346,7 +346,6 @@ class Writer:
                 result[index] = named_ids[(message.channel, message.conversation_id)]
         for position, index in enumerate(unnamed_index):
             result[index] = sessions[position]
-        lock_rows(session, models.Conversation.__table__, result)
         self._claim_owners(session, named, named_ids)
         return result, named_ids
 
