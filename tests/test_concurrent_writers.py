@@ -166,7 +166,7 @@ def test_threaded_writers_overlapping_users(database_url: str, engine: Engine) -
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_deadlocked_batch_written_again(database_url: str) -> None:
     # Another transaction locks the second contact, the writer locks the first and waits
-    # for the second, then the other transaction asks for the first. PostgreSQL ends the
+    # for the second, then the other transaction requests the first. PostgreSQL ends the
     # writer's transaction, whose deadlock check runs first (deadlock_timeout 1 s against
     # the other session's 30 s), and the writer writes the batch again once it can.
     engine = make_engine(database_url)

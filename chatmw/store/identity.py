@@ -519,9 +519,8 @@ class OpenConversation:
 def lock_rows(session: Session, table: Table, ids: Iterable[int]) -> None:
     """Lock the rows of ``table`` with ``ids`` until the transaction ends, in id order.
 
-    Writers that take their row locks on contacts and on conversations this way, contacts
-    first, wait for each other instead of deadlocking, and a writer that has waited reads
-    what the other committed. ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key
+    Writers that lock contacts this way before they lock conversations wait for each other
+    instead of deadlocking. A writer that has waited then reads what the other committed. ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key
     columns takes, so foreign key checks of other transactions (``FOR KEY SHARE``) do not
     wait for it. PostgreSQL only: SQLite lets one writer in at a time.
     """
