@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from chatmw.events import fit_id
 from chatmw.store.models import Contact, Conversation
+from chatmw.store.pg_copy import copy_rows
 
 __all__ = [
     "bulk_update",
@@ -81,13 +82,19 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     their ids increase in that order. On PostgreSQL the statement returns the inserted
     keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
+    PostgreSQL gets the rows by binary ``COPY`` when their values fit
+    (:func:`chatmw.store.pg_copy.copy_rows`).
     """
     if not rows:
         return not expected
     if session.get_bind().dialect.name != "postgresql":
         return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
     names = list(rows[0])
-    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
+    types = _column_types(session, table, names)
+    parameters: dict[str, Any] = {}
+    source = copy_rows(session, "new_rows", types, rows)
+    if source is None:
+        source, parameters = _pg_rows(session, "new_rows", types, rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
