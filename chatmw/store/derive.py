@@ -416,6 +416,9 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     # The columns of a ConversationState, the end time and whether there is an intent.
+    # On PostgreSQL the read locks the rows in id order (FOR NO KEY UPDATE, the lock of
+    # the updates to come), so writers of one conversation wait for each other here
+    # instead of deadlocking later, and the figures are planned from committed rows.
     statement = select(
         Conversation.id, Conversation.channel, Conversation.external_id,
         Conversation.started_at_ms, Conversation.last_message_at_ms, Conversation.message_count,
@@ -423,6 +426,8 @@ def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
         Conversation.first_response_role, Conversation.ended_at_ms,
         Conversation.intent.is_not(None),
     ).where(id_in(session, Conversation.id, ids))
+    if session.get_bind().dialect.name == "postgresql":
+        statement = statement.order_by(Conversation.id).with_for_update(key_share=True)
     return {row[0]: tuple(row[1:]) for row in session.connection().execute(statement)}
 
 

@@ -30,10 +30,12 @@ from sqlalchemy.orm import Session
 
 from chatmw.events import fit_id
 from chatmw.store.models import Contact, Conversation
+from chatmw.store.pg_copy import copy_rows
 
 __all__ = [
     "bulk_update",
     "id_in",
+    "lock_rows",
     "insert_ignore",
     "insert_ignore_expected",
     "select_by_keys",
@@ -80,13 +82,19 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     their ids increase in that order. On PostgreSQL the statement returns the inserted
     keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
+    PostgreSQL gets the rows by binary ``COPY`` when their values fit
+    (:func:`chatmw.store.pg_copy.copy_rows`).
     """
     if not rows:
         return not expected
     if session.get_bind().dialect.name != "postgresql":
         return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
     names = list(rows[0])
-    source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
+    types = _column_types(session, table, names)
+    parameters: dict[str, Any] = {}
+    source = copy_rows(session, "new_rows", types, rows)
+    if source is None:
+        source, parameters = _pg_rows(session, "new_rows", types, rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
@@ -515,16 +523,23 @@ class OpenConversation:
     key: tuple[str, str] | None = None
 
 
-def _lock_contacts(session: Session, contact_ids: Sequence[int]) -> None:
-    # Two processes that sessionise the same contact at once would each start a conversation.
-    # Row locks, taken in id order so that writers cannot deadlock, serialise them on
-    # PostgreSQL. SQLite allows one writer at a time, so it needs no lock.
+def lock_rows(session: Session, table: Table, ids: Iterable[int]) -> None:
+    """Lock the rows of ``table`` with ``ids`` until the transaction ends, in id order.
+
+    Writers that lock contacts this way before they lock conversations wait for each other
+    instead of deadlocking. A writer that has waited then reads what the other committed. ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key
+    columns takes, so foreign key checks of other transactions (``FOR KEY SHARE``) do not
+    wait for it. PostgreSQL only: SQLite lets one writer in at a time.
+    """
     if session.get_bind().dialect.name != "postgresql":
         return
+    ordered = sorted(set(ids))
+    if not ordered:
+        return
     session.connection().execute(
-        select(Contact.id).where(id_in(session, Contact.id, sorted(contact_ids)))
-        .order_by(Contact.id).with_for_update()
-    )
+        text(f"SELECT id FROM {table.name} WHERE id = ANY(CAST(:ids AS BIGINT[])) "
+             "ORDER BY id FOR NO KEY UPDATE"),
+        {"ids": ordered})
 
 
 def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str, int]]) -> dict[
@@ -590,12 +605,13 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     after that conversation's last message, and starts a new conversation otherwise. A late
     message from before the latest conversation joins the conversation that covers its time.
     The conversations' start and end times are not updated here: the writer recomputes
-    them from the stored messages.
+    them from the stored messages. On PostgreSQL the caller holds the contacts' row locks
+    (:func:`lock_rows`), so that two writers that sessionise one contact at once do not
+    each start a conversation.
     """
     if not items:
         return {}
     pairs = sorted({(channel, contact_id) for channel, contact_id, _, _ in items})
-    _lock_contacts(session, [contact_id for _, contact_id in pairs])
     latest = _latest_conversations(session, pairs)
     order = sorted(range(len(items)), key=lambda index: items[index][3])
     assigned: dict[int, int] = {}

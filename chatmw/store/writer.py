@@ -9,12 +9,13 @@ is written twice therefore stores the same rows as one written once.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, Engine, Integer, String, func, select, text, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -38,6 +39,7 @@ from chatmw.store.identity import (
     id_in,
     insert_ignore,
     insert_ignore_expected,
+    lock_rows,
     resolve_contacts,
     resolve_named_conversations,
     update_from,
@@ -53,6 +55,14 @@ Enricher = Callable[[ev.Message], Mapping[str, Any]]
 # session at hand (for example to recognise survey answers).
 Preprocessor = Callable[[Session, list[ev.Message]], list[ev.Message]]
 Handler = Callable[[Session, list[Any]], None]
+
+logger = logging.getLogger("chatmw")
+
+# SQLSTATEs of a PostgreSQL transaction rolled back to break a deadlock or a serialization
+# failure: nothing of it was stored, so the writer writes the batch again.
+_CONFLICT_STATES = frozenset({"40P01", "40001"})
+# Writes of one batch, the first included, while it meets such conflicts.
+_CONFLICT_ATTEMPTS = 5
 
 # A status only moves forward: a late "sent" after "read" changes nothing.
 STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
@@ -135,6 +145,20 @@ class Writer:
         (one each for keys repeated in the batch), so a repeated batch has none.
         """
         batch = self.expand(batch)
+        attempt = 1
+        while True:
+            try:
+                return self._write_checked(batch)
+            except DBAPIError as error:
+                state = getattr(error.orig, "sqlstate", None)
+                if state not in _CONFLICT_STATES or attempt >= _CONFLICT_ATTEMPTS:
+                    raise
+            attempt += 1
+            logger.warning("store write of %d events rolled back (SQLSTATE %s), writing it "
+                           "again (attempt %d of %d)", len(batch), state, attempt,
+                           _CONFLICT_ATTEMPTS)
+
+    def _write_checked(self, batch: Sequence[ev.Event]) -> tuple[int, int]:
         remembered = len(self.contact_keys) + len(self.conversation_keys)
         try:
             return self._write_once(batch)
@@ -201,6 +225,7 @@ class Writer:
             return
         times = [ev.to_ms(message.occurred_at) for message in messages]
         contacts = self._contacts_for(session, messages, times)
+        lock_rows(session, models.Contact.__table__, contacts.values())
         conversation_ids, named_ids = self._conversations_for(session, messages, times, contacts)
 
         rows = []
@@ -434,6 +459,7 @@ class Writer:
             identity = (touch.channel, touch.user_id)
             first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
         contacts = resolve_contacts(session, first_seen)
+        lock_rows(session, models.Contact.__table__, contacts.values())
         named = {(t.channel, t.conversation_id): (at_ms, contacts[(t.channel, t.user_id)])
                  for t, at_ms in zip(touches, times, strict=True) if t.conversation_id}
         named_ids = resolve_named_conversations(session, named)
@@ -461,6 +487,8 @@ class Writer:
     def _write_updates(self, session: Session, updates: list[ev.ConversationUpdate]) -> None:
         times = [ev.to_ms(item.occurred_at) for item in updates]
         conversation_ids = self._update_targets(session, updates, times)
+        lock_rows(session, models.Conversation.__table__,
+                  [cid for cid in conversation_ids if cid is not None])
         values: dict[int, dict[str, Any]] = {}
         attributes: dict[tuple[int, str], str] = {}
         ended: set[int] = set()
