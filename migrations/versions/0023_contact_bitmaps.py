@@ -26,6 +26,8 @@ _KEYS = ("kind", "level", "start_ms", "channel")
 _ZLIB_HEADER = b"\x78"
 
 
+# The conversion is written out here rather than imported from chatmw.metrics, so that
+# this migration keeps working whatever the application code becomes.
 def _members(bitset: bytes) -> array:
     digits = bin(int.from_bytes(bitset, "little"))[:1:-1]
     members = array("I")
