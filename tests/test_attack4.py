@@ -1,0 +1,88 @@
+"""Odd input through the webhook proxy and the store writer, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from adapters_support import APP_SECRET, VERIFY_TOKEN, EchoBot, GraphStub, ServerThread, signature
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
+
+from chatmw import events as ev
+from chatmw.adapters._meta import MetaSettings
+from chatmw.adapters.proxy import create_proxy_app
+from chatmw.config import Settings
+from chatmw.recorder import RecorderSettings
+from chatmw.runtime import Runtime
+from chatmw.store import models
+from chatmw.store.writer import Writer
+
+PAGE = "104857600000001"
+PSID = "7100000000000009"
+AT_MS = 1_717_000_000_000
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[tuple[str, Runtime]]:
+    graph, bot = GraphStub(), EchoBot()
+    runtime = Runtime.from_settings(
+        Settings(database_url=database_url, recorder=RecorderSettings(batch_interval_s=0.01)))
+    runtime.start(migrate=False)
+    with ServerThread(graph.app()) as graph_server, ServerThread(bot.app()) as bot_server:
+        settings = MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN,
+                                bot_webhook_url=f"{bot_server.url}/bot/webhook",
+                                graph_base_url=graph_server.url, forward_backoff_s=0.02)
+        bot.graph_url = graph_server.url
+        with ServerThread(create_proxy_app(settings, runtime)) as server:
+            yield server.url, runtime
+    runtime.stop()
+
+
+def _post(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(f"{url}/webhook", content=body, timeout=10, headers={
+        "content-type": "application/json", "x-hub-signature-256": signature(body)})
+
+
+def test_webhook_numbers_json_cannot_carry_are_stored(proxy: tuple[str, Runtime]) -> None:
+    # Python's JSON parser reads NaN and Infinity, which JSON has no text for. A referral
+    # carrying them is stored as on SQLite: the touch and the message after it are kept.
+    url, runtime = proxy
+    body = (
+        '{"object": "page", "entry": [{"id": "%s", "time": %d, "messaging": ['
+        '{"sender": {"id": "%s"}, "recipient": {"id": "%s"}, "timestamp": %d,'
+        ' "referral": {"ref": "nan-ad", "source": "ADS", "type": "OPEN_THREAD", "ad_id": "42",'
+        ' "ads_context_data": {"score": NaN, "bid": -Infinity, "big": 1e400}}},'
+        '{"sender": {"id": "%s"}, "recipient": {"id": "%s"}, "timestamp": %d,'
+        ' "message": {"mid": "m_nan_1", "text": "hello"}}]}]}'
+        % (PAGE, AT_MS, PSID, PAGE, AT_MS, PSID, PAGE, AT_MS + 1)).encode()
+    assert _post(url, body).status_code == 200
+    assert runtime.recorder.flush(10)
+    with Session(runtime.engine) as session:
+        touches = session.execute(select(models.Touch.campaign, models.Touch.meta)).all()
+        messages = session.scalars(select(models.Message.key)).all()
+    assert messages == ["messenger:m_nan_1"]
+    assert [campaign for campaign, _ in touches] == ["nan-ad"]
+    # JSON has no text for these numbers: each is stored as null.
+    assert {name: touches[0][1][name] for name in ("score", "bid", "big")} == {
+        "score": None, "bid": None, "big": None}
+
+
+def test_writer_stores_non_finite_meta_as_null(engine: Engine) -> None:
+    # An event built in Python, as an importer or the API builds it, with NaN and infinities
+    # in its meta is stored, as the same event without them, on either database.
+    event = ev.Message(channel="web", occurred_at=datetime(2024, 3, 1, 9, tzinfo=UTC),
+                       key="m-nan", role="user", user_id="u-nan", text="hi",
+                       meta={"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
+    Writer(engine).write([event])
+    with Session(engine) as session:
+        stored = session.scalars(select(models.Message.meta)).all()
+        # The database's own JSON functions read what was stored.
+        extract = ("json_extract(meta, '$.b[1]')" if engine.dialect.name == "sqlite"
+                   else "CAST(meta AS JSONB) -> 'b' ->> 1")
+        second = session.scalar(text(f"SELECT {extract} FROM messages"))
+    assert stored == [{"a": None, "b": [None, 1.5], "c": {"d": None}}]
+    assert float(second) == 1.5
