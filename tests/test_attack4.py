@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -51,14 +52,19 @@ def test_webhook_numbers_json_cannot_carry_are_stored(proxy: tuple[str, Runtime]
     # Python's JSON parser reads NaN and Infinity, which JSON has no text for. A referral
     # carrying them is stored as on SQLite: the touch and the message after it are kept.
     url, runtime = proxy
-    body = (
-        '{"object": "page", "entry": [{"id": "%s", "time": %d, "messaging": ['
-        '{"sender": {"id": "%s"}, "recipient": {"id": "%s"}, "timestamp": %d,'
-        ' "referral": {"ref": "nan-ad", "source": "ADS", "type": "OPEN_THREAD", "ad_id": "42",'
-        ' "ads_context_data": {"score": NaN, "bid": -Infinity, "big": 1e400}}},'
-        '{"sender": {"id": "%s"}, "recipient": {"id": "%s"}, "timestamp": %d,'
-        ' "message": {"mid": "m_nan_1", "text": "hello"}}]}]}'
-        % (PAGE, AT_MS, PSID, PAGE, AT_MS, PSID, PAGE, AT_MS + 1)).encode()
+    referral = {"ref": "nan-ad", "source": "ADS", "type": "OPEN_THREAD", "ad_id": "42",
+                "ads_context_data": {"score": "<NaN>", "bid": "<-Infinity>", "big": "<1e400>"}}
+    items = [
+        {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": AT_MS,
+         "referral": referral},
+        {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": AT_MS + 1,
+         "message": {"mid": "m_nan_1", "text": "hello"}},
+    ]
+    document = json.dumps({"object": "page",
+                           "entry": [{"id": PAGE, "time": AT_MS, "messaging": items}]})
+    for literal in ("NaN", "-Infinity", "1e400"):
+        document = document.replace(f'"<{literal}>"', literal)
+    body = document.encode()
     assert _post(url, body).status_code == 200
     assert runtime.recorder.flush(10)
     with Session(runtime.engine) as session:
@@ -86,3 +92,43 @@ def test_writer_stores_non_finite_meta_as_null(engine: Engine) -> None:
         second = session.scalar(text(f"SELECT {extract} FROM messages"))
     assert stored == [{"a": None, "b": [None, 1.5], "c": {"d": None}}]
     assert float(second) == 1.5
+
+
+# The largest amount a conversion may have (just below 10^12) in micros. Ten of them sum
+# past the largest 64-bit integer.
+LARGEST_MICROS = 999_999_999_999_999_999
+
+
+@pytest.mark.parametrize("name", ["conversion", "channels", "cpa", "ltv"])
+def test_rollups_sum_conversion_values_past_64_bits(engine: Engine, name: str) -> None:
+    import chatmw.metrics  # noqa: F401 - registers the metrics
+    from chatmw.business import BusinessSettings, install
+    from chatmw.events_business import Conversion
+    from chatmw.metrics.filters import GroupBy, MetricFilter
+    from chatmw.metrics.registry import REGISTRY
+    from chatmw.metrics.rollup_query import raw_only
+    from chatmw.metrics.rollup_refresh import refresh
+
+    start = datetime(2026, 3, 2, tzinfo=UTC)
+    writer = Writer(engine)
+    install(writer, BusinessSettings(currency="EUR"))
+    writer.write([
+        ev.Message(channel="web", occurred_at=start + timedelta(minutes=number), key=f"m{number}",
+                   role="user", user_id=f"u{number % 2}", text="hi", conversation_id=f"c{number}")
+        for number in range(2)])
+    writer.write([
+        Conversion(channel="web", occurred_at=start + timedelta(hours=1), key=f"order-{number}",
+                   name="purchase", value_micros=LARGEST_MICROS, currency="EUR",
+                   **({"conversation_id": f"c{number % 2}"} if number < 10
+                      else {"user_id": f"u{number % 2}"}))
+        for number in range(12)])
+    refresh(engine)
+    spec = REGISTRY[name]
+    options = {param.name: param.default for param in spec.params}
+    options["as_of"] = (start + timedelta(days=20)).isoformat()
+    for group_by in (None, GroupBy("channel")):
+        flt = MetricFilter(since=start, until=start + timedelta(days=14), group_by=group_by)
+        with raw_only():
+            expected = spec.compute(engine, flt, options)
+        assert spec.compute(engine, flt, options) == expected
+    assert "11999999999999.99998" in json.dumps(expected)
