@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -132,3 +132,63 @@ def test_rollups_sum_conversion_values_past_64_bits(engine: Engine, name: str) -
             expected = spec.compute(engine, flt, options)
         assert spec.compute(engine, flt, options) == expected
     assert "11999999999999.99998" in json.dumps(expected)
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError,
+                   reason="contact sets are 32-bit Roaring bitmaps; SQLite contact ids from "
+                          "2**32 up cannot be added to them, so the refresh fails")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_refresh_with_contact_ids_past_32_bits(engine: Engine) -> None:
+    from chatmw.metrics.rollup_refresh import refresh
+
+    start = datetime(2026, 3, 2, tzinfo=UTC)
+    with engine.begin() as connection:
+        # A contact stored with an explicit id: SQLite numbers the next ones after it.
+        connection.execute(text(
+            "INSERT INTO contacts (id, channel, external_id, first_seen_ms, last_seen_ms)"
+            " VALUES (5000000000, 'web', 'imported', 0, 0)"))
+    Writer(engine).write([
+        ev.Message(channel="web", occurred_at=start + timedelta(hours=number), key=f"m{number}",
+                   role="user", user_id=f"u{number}", text="hi", conversation_id=f"c{number}")
+        for number in range(3)])
+    assert refresh(engine).rebuilt
+
+
+class _FlakyWriter(Writer):
+    # The store writer, whose first write fails as a locked database does, after it has
+    # decoded what the batch carries.
+    calls: int = 0
+
+    def write(self, batch: Sequence[ev.Event]) -> int:
+        from sqlalchemy.exc import OperationalError
+
+        self.calls += 1
+        if self.calls == 1:
+            self.expand(batch)
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return super().write(batch)
+
+
+def test_webhook_counters_count_a_retried_body_once(engine: Engine) -> None:
+    from chatmw.adapters.webhook import WebhookIntake
+    from chatmw.recorder import Recorder
+
+    writer = _FlakyWriter(engine)
+    recorder = Recorder(writer, RecorderSettings(batch_size=10, retry_backoff_s=0.01))
+    settings = MetaSettings(app_secret=APP_SECRET, verify_token=VERIFY_TOKEN)
+    intake = WebhookIntake(settings, recorder)
+    message = {"sender": {"id": PSID}, "recipient": {"id": PAGE}, "timestamp": AT_MS,
+               "message": {"mid": "m_retry_1", "text": "hi"}}
+    good = json.dumps({"object": "page", "entry": [{"id": PAGE, "time": AT_MS,
+                                                    "messaging": [message]}]}).encode()
+    broken = b'{"object": "page", "entry": [ broken'
+    assert intake.receive(good, signature(good)).status == 200
+    assert intake.receive(broken, signature(broken)).status == 200
+    recorder.start()
+    assert recorder.flush(10)
+    recorder.stop()
+    assert writer.calls == 2
+    with Session(engine) as session:
+        assert session.scalars(select(models.Message.key)).all() == ["messenger:m_retry_1"]
+        assert session.scalars(select(models.RawPayload.body)).all() == [broken]
+    assert (intake.stats["events"], intake.stats["unparseable"]) == (2, 1)
