@@ -48,9 +48,9 @@ def _post(url: str, body: bytes) -> httpx.Response:
         "content-type": "application/json", "x-hub-signature-256": signature(body)})
 
 
-def test_webhook_numbers_json_cannot_carry_are_stored(proxy: tuple[str, Runtime]) -> None:
+def test_webhook_non_finite_numbers_stored(proxy: tuple[str, Runtime]) -> None:
     # Python's JSON parser reads NaN and Infinity, which JSON has no text for. A referral
-    # carrying them is stored as on SQLite: the touch and the message after it are kept.
+    # carrying them is stored on either database, and so is the message after it.
     url, runtime = proxy
     referral = {"ref": "nan-ad", "source": "ADS", "type": "OPEN_THREAD", "ad_id": "42",
                 "ads_context_data": {"score": "<NaN>", "bid": "<-Infinity>", "big": "<1e400>"}}
@@ -79,7 +79,7 @@ def test_webhook_numbers_json_cannot_carry_are_stored(proxy: tuple[str, Runtime]
 
 def test_writer_stores_non_finite_meta_as_null(engine: Engine) -> None:
     # An event built in Python, as an importer or the API builds it, with NaN and infinities
-    # in its meta is stored, as the same event without them, on either database.
+    # in its meta is stored on either database, with null in their place.
     event = ev.Message(channel="web", occurred_at=datetime(2024, 3, 1, 9, tzinfo=UTC),
                        key="m-nan", role="user", user_id="u-nan", text="hi",
                        meta={"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
@@ -96,11 +96,11 @@ def test_writer_stores_non_finite_meta_as_null(engine: Engine) -> None:
 
 # The largest amount a conversion may have (just below 10^12) in micros. Ten of them sum
 # past the largest 64-bit integer.
-LARGEST_MICROS = 999_999_999_999_999_999
+MAX_MICROS = 999_999_999_999_999_999
 
 
 @pytest.mark.parametrize("name", ["conversion", "channels", "cpa", "ltv"])
-def test_rollups_sum_conversion_values_past_64_bits(engine: Engine, name: str) -> None:
+def test_rollup_conversion_sums_past_64_bits(engine: Engine, name: str) -> None:
     import chatmw.metrics  # noqa: F401 - registers the metrics
     from chatmw.business import BusinessSettings, install
     from chatmw.events_business import Conversion
@@ -118,7 +118,7 @@ def test_rollups_sum_conversion_values_past_64_bits(engine: Engine, name: str) -
         for number in range(2)])
     writer.write([
         Conversion(channel="web", occurred_at=start + timedelta(hours=1), key=f"order-{number}",
-                   name="purchase", value_micros=LARGEST_MICROS, currency="EUR",
+                   name="purchase", value_micros=MAX_MICROS, currency="EUR",
                    **({"conversation_id": f"c{number % 2}"} if number < 10
                       else {"user_id": f"u{number % 2}"}))
         for number in range(12)])
@@ -138,7 +138,7 @@ def test_rollups_sum_conversion_values_past_64_bits(engine: Engine, name: str) -
                    reason="contact sets are 32-bit Roaring bitmaps; SQLite contact ids from "
                           "2**32 up cannot be added to them, so the refresh fails")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_refresh_with_contact_ids_past_32_bits(engine: Engine) -> None:
+def test_refresh_contact_ids_past_32_bits(engine: Engine) -> None:
     from chatmw.metrics.rollup_refresh import refresh
 
     start = datetime(2026, 3, 2, tzinfo=UTC)
@@ -169,7 +169,7 @@ class _FlakyWriter(Writer):
         return super().write(batch)
 
 
-def test_webhook_counters_count_a_retried_body_once(engine: Engine) -> None:
+def test_retried_webhook_counted_once(engine: Engine) -> None:
     from chatmw.adapters.webhook import WebhookIntake
     from chatmw.recorder import Recorder
 

@@ -38,5 +38,5 @@ def split_sum(column: Any) -> tuple[Any, Any]:
 
 
 def joined_sum(quotients: Any, remainders: Any) -> int:
-    """Return the exact sum that the two sums of :func:`split_sum` stand for."""
+    """Return the exact sum of a column from the two sums that :func:`split_sum` selects."""
     return int(quotients or 0) * _SPLIT + int(remainders or 0)

@@ -31,7 +31,7 @@ def normalise_url(url: str) -> str:
 def json_text(value: Any) -> str:
     """Serialise a JSON column's value, with NaN and infinite floats stored as ``null``.
 
-    JSON has no text for them, so PostgreSQL refuses a document that holds one and SQLite's
+    JSON has no text for them, so PostgreSQL rejects a document with one and SQLite's
     JSON functions read it as malformed. Python's JSON parser reads ``NaN`` and
     ``Infinity``, and a number such as ``1e400`` becomes an infinite float.
     """
