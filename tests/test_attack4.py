@@ -192,3 +192,40 @@ def test_retried_webhook_counted_once(engine: Engine) -> None:
         assert session.scalars(select(models.Message.key)).all() == ["messenger:m_retry_1"]
         assert session.scalars(select(models.RawPayload.body)).all() == [broken]
     assert (intake.stats["events"], intake.stats["unparseable"]) == (2, 1)
+
+
+def test_refresh_contact_ids_near_int4_max(engine: Engine) -> None:
+    # PostgreSQL keeps contact ids in int4. A contact numbered near its end, after a
+    # sequence that skipped ahead, is counted by a rebuild as any other.
+    import chatmw.metrics  # noqa: F401 - registers the metrics
+    from chatmw.metrics.filters import MetricFilter
+    from chatmw.metrics.registry import REGISTRY
+    from chatmw.metrics.rollup_query import raw_only
+    from chatmw.metrics.rollup_refresh import refresh
+
+    start = datetime(2026, 3, 2, tzinfo=UTC)
+
+    def messages(first: int, users: int) -> list[ev.Event]:
+        return [ev.Message(channel="web", occurred_at=start + timedelta(hours=number),
+                           key=f"m{number}", role="user", user_id=f"u{number}", text="hi",
+                           conversation_id=f"c{number}")
+                for number in range(first, first + users)]
+
+    Writer(engine).write(messages(0, 2))
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT setval('contacts_id_seq', 2147483600)"))
+        else:
+            connection.execute(text(
+                "INSERT INTO contacts (id, channel, external_id, first_seen_ms, last_seen_ms)"
+                " VALUES (2147483600, 'web', 'imported', 0, 0)"))
+    Writer(engine).write(messages(2, 3))
+    assert refresh(engine).rebuilt
+    flt = MetricFilter(since=start, until=start + timedelta(days=7))
+    for name in ("summary", "growth", "retention", "engagement"):
+        spec = REGISTRY[name]
+        options = {param.name: param.default for param in spec.params}
+        with raw_only():
+            expected = spec.compute(engine, flt, options)
+        assert spec.compute(engine, flt, options) == expected, name
+    assert REGISTRY["summary"].compute(engine, flt, {})["totals"]["conversations"] == 5
