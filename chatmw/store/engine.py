@@ -28,7 +28,7 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def json_text(value: Any) -> str:
+def json_text(value: Any, ensure_ascii: bool = False) -> str:
     """Serialise a JSON column's value, with NaN and infinite floats stored as ``null``.
 
     JSON has no text for them, so PostgreSQL rejects a document with one and SQLite's
@@ -36,9 +36,14 @@ def json_text(value: Any) -> str:
     ``Infinity``, and a number such as ``1e400`` becomes an infinite float.
     """
     try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+        return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False)
     except ValueError:
-        return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+        return json.dumps(_finite(value), ensure_ascii=ensure_ascii, allow_nan=False)
+
+
+def _column_json(value: Any) -> str:
+    # The engine's serialiser escapes non-ASCII characters, as json.dumps does by default.
+    return json_text(value, ensure_ascii=True)
 
 
 def _finite(value: Any) -> Any:
@@ -54,10 +59,10 @@ def _finite(value: Any) -> Any:
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """Create an engine for ``url``; SQLite files run in WAL mode with a busy timeout.
 
-    JSON columns are written by :func:`json_text`.
+    JSON columns are written by :func:`json_text`, with non-ASCII characters escaped.
     """
     url = normalise_url(url)
-    kwargs.setdefault("json_serializer", json_text)
+    kwargs.setdefault("json_serializer", _column_json)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         connect_args = kwargs.pop("connect_args", {})
