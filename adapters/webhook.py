@@ -96,9 +96,9 @@ def parse_webhook(
 class WebhookDecoder:
     """Parses the verified bodies that :class:`WebhookIntake` queued undecoded.
 
-    It runs where the batch is written: in the store writer (the recorder's thread or the
-    writer process) or in the recorder before it spools a batch. It counts ``events``,
-    ``unparseable`` and ``unknown_events`` in ``stats``. A writer process gets a copy
+    It runs where the batch is written: in the store writer of the writer process, or in the
+    recorder's thread before it writes or spools a batch (once, however often it writes the
+    batch again). It counts ``events``, ``unparseable`` and ``unknown_events`` in ``stats``. A writer process gets a copy
     with counters of its own, so the intake's counters include these three only when
     the writer runs in a thread. The writer's log has every unparsed body in both cases.
     """

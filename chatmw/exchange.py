@@ -3,8 +3,8 @@
 The ASGI middleware copies a request and its response and hands them to the recorder as
 one :class:`Exchange` event, without reading either body. The exchange's
 :class:`ExchangeDecoder` turns it into the user's message, the bot's replies and a
-conversation update where the batch is written. That is the store writer (in the
-recorder's thread or in the writer process), or the recorder itself before it spools a batch. The bot's event loop
+conversation update where the batch is written: in the store writer of the writer process,
+or in the recorder's thread before it writes or spools a batch. The bot's event loop
 therefore spends no time on JSON decoding or on building events.
 
 Expanding an exchange is deterministic: the keys of the messages come from the exchange

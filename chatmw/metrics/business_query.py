@@ -40,6 +40,7 @@ from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.metrics.scope import UNKNOWN_GROUP
+from chatmw.metrics.sql import joined_sum, split_sum
 from chatmw.metrics.started_query import add_conversations
 from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
@@ -233,14 +234,14 @@ def _served_conversion_sums(
             Links.by_user,
             Links.name,
             func.count(),
-            func.sum(Links.value_micros),
+            *split_sum(Links.value_micros),
             func.sum(Links.first_link),
         )
         .where(*conditions)
         .group_by(*grouped, Links.by_user, Links.name)
     )
     by_user = False
-    for group_key, user_only, name, count, micros, firsts in connection.execute(statement):
+    for group_key, user_only, name, count, high, low, firsts in connection.execute(statement):
         sums.converted[group_key] += int(firsts)
         if user_only:
             by_user = True
@@ -248,7 +249,7 @@ def _served_conversion_sums(
         # A conversion that names a conversation has one row, so rows count conversions.
         for figures in (sums.names[group_key][name], sums.overall[name]):
             figures[0] += int(count)
-            figures[1] += int(micros)
+            figures[1] += joined_sum(high, low)
     if by_user:
         _served_user_conversions(connection, conditions, group, sums)
 
@@ -265,10 +266,11 @@ def _served_user_conversions(
         inner = select(*keys, *columns).where(*user_rows).distinct().subquery()
         outer_keys = [inner.c.group_key] if grouped else []
         statement = select(
-            *outer_keys, inner.c.name, func.count(), func.sum(inner.c.value_micros)
+            *outer_keys, inner.c.name, func.count(), *split_sum(inner.c.value_micros)
         ).group_by(*outer_keys, inner.c.name)
         for row in connection.execute(statement):
-            *key, name, count, micros = row
+            *key, name, count, high, low = row
+            micros = joined_sum(high, low)
             targets = [sums.names[key[0]][name]] if grouped else [sums.overall[name]]
             if group is None:
                 targets.append(sums.names[None][name])

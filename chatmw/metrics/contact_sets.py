@@ -74,7 +74,11 @@ _ZLIB_HEADER = b"\x78"
 
 
 def encode(contacts: Iterable[int] | BitMap) -> bytes:
-    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap."""
+    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap.
+
+    NOTE: SQLite stores a contact given an explicit id from 2**32 up, and numbers the next
+    contacts after it. Such ids raise ``OverflowError`` here, so the refresh fails.
+    """
     bitmap = contacts if isinstance(contacts, BitMap) else BitMap(array("I", contacts))
     bitmap.run_optimize()
     return bitmap.serialize()

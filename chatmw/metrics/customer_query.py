@@ -36,6 +36,7 @@ from chatmw.metrics.business_query import (
     stored_contact_filter,
 )
 from chatmw.metrics.filters import MetricFilter
+from chatmw.metrics.sql import joined_sum, split_sum
 from chatmw.store.models_rollups import RollupConversionLinks, RollupOrders
 
 __all__ = ["CustomerSums", "rolled_customers"]
@@ -108,7 +109,8 @@ def _served_customer_sums(
         select(
             *pair_keys,
             func.count(placed.conversion_id).label("orders"),
-            func.coalesce(func.sum(placed.value_micros), 0).label("micros"),
+            *(part.label(label) for part, label in zip(split_sum(placed.value_micros),
+                                                       ("micros_high", "micros_low"), strict=True)),
             func.min(placed.occurred_at_ms).label("first_ms"),
         )
         .select_from(pairs)
@@ -135,16 +137,17 @@ def _served_customer_sums(
         *outer_keys,
         func.count(),
         func.coalesce(func.sum(per_customer.c.orders), 0),
-        func.coalesce(func.sum(per_customer.c.micros), 0),
+        func.coalesce(func.sum(per_customer.c.micros_high), 0),
+        func.coalesce(func.sum(per_customer.c.micros_low), 0),
         func.coalesce(func.sum(observed), 0),
     ).group_by(*outer_keys)
 
     sums: dict[Any, CustomerSums] = {}
     for row in connection.execute(statement):
-        *key, customers, orders, micros, observed_ms = row
+        *key, customers, orders, high, low, observed_ms = row
         if customers:
             sums[key[0] if key else None] = CustomerSums(
-                int(customers), int(orders), int(micros), int(observed_ms)
+                int(customers), int(orders), joined_sum(high, low), int(observed_ms)
             )
     return sums
 

@@ -643,6 +643,16 @@ def _insert_chunk(connection: Connection, chunk: tuple[int | None, int]) -> None
     refresh_sets(connection, [chunk])
 
 
+def _next_contact(engine: Engine, low: int | None) -> int | None:
+    """Return the lowest contact id of a conversation from ``low`` up, skipping unused ids."""
+    statement = select(func.min(Conversation.contact_id))
+    if low is not None:
+        statement = statement.where(Conversation.contact_id >= low)
+    with engine.connect() as connection:
+        found = connection.execute(statement).scalar()
+    return None if found is None else int(found)
+
+
 def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
     """Count every raw row into the emptied rollups, one chunk per transaction.
 
@@ -657,16 +667,20 @@ def _rebuild(engine: Engine, token: str, watermark: int, now_ms: int) -> bool:
             if not _owns_rebuild(connection, token):
                 return False
             _insert_chunk(connection, chunk)
-    for low in range(0, int(last_contact or 0) + 1, REBUILD_CONTACTS):
+    low = None if last_contact is None else _next_contact(engine, None)
+    while low is not None:
+        high = low + REBUILD_CONTACTS
         with engine.begin() as connection:
             if not _owns_rebuild(connection, token):
                 return False
-            contacts = and_(
-                Conversation.contact_id >= low, Conversation.contact_id < low + REBUILD_CONTACTS
-            )
+            # The last range has no upper bound: PostgreSQL's contact ids are int4, and the
+            # bound past the highest id may not fit it.
+            contacts = and_(Conversation.contact_id >= low,
+                            *([Conversation.contact_id < high] if high <= last_contact else []))
             connection.execute(
                 insert(RollupFirsts).from_select(FIRSTS_COLUMNS, ranked_first_starts(contacts))
             )
+        low = _next_contact(engine, high) if high <= last_contact else None
     from chatmw.metrics.business_rollups import finish_business_rebuild
 
     with engine.begin() as connection:

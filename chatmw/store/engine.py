@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-__all__ = ["make_engine", "upgrade", "current_revisions", "head_revisions", "normalise_url"]
+__all__ = ["make_engine", "upgrade", "current_revisions", "head_revisions", "normalise_url",
+           "json_text"]
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -25,9 +28,41 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def json_text(value: Any, ensure_ascii: bool = False) -> str:
+    """Serialise a JSON column's value, with NaN and infinite floats stored as ``null``.
+
+    JSON has no text for them, so PostgreSQL rejects a document with one and SQLite's
+    JSON functions read it as malformed. Python's JSON parser reads ``NaN`` and
+    ``Infinity``, and a number such as ``1e400`` becomes an infinite float.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=ensure_ascii, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), ensure_ascii=ensure_ascii, allow_nan=False)
+
+
+def _column_json(value: Any) -> str:
+    # The engine's serialiser escapes non-ASCII characters, as json.dumps does by default.
+    return json_text(value, ensure_ascii=True)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine for ``url``; SQLite files run in WAL mode with a busy timeout."""
+    """Create an engine for ``url``; SQLite files run in WAL mode with a busy timeout.
+
+    JSON columns are written by :func:`json_text`, with non-ASCII characters escaped.
+    """
     url = normalise_url(url)
+    kwargs.setdefault("json_serializer", _column_json)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         connect_args = kwargs.pop("connect_args", {})

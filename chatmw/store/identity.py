@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from chatmw.events import fit_id
+from chatmw.store.engine import json_text
 from chatmw.store.models import Contact, Conversation
 from chatmw.store.pg_copy import copy_rows
 
@@ -187,7 +188,7 @@ def _pg_rows(session: Session, alias: str, types: dict[str, Any],
     type_names = [types[name].compile(dialect=dialect) for name in names]
     # psycopg's dialect has no JSON bind processor (the driver adapts dicts itself), but
     # these values travel as text, so they are serialised here.
-    json_columns = {i: types[name].bind_processor(dialect) or _json_text
+    json_columns = {i: types[name].bind_processor(dialect) or json_text
                     for i, (name, type_name) in enumerate(zip(names, type_names, strict=True))
                     if type_name in ("JSON", "JSONB")}
     affinities = [getattr(types[name], "_type_affinity", None) for name in names]
@@ -247,9 +248,6 @@ def _pg_arrays(alias: str, names: Sequence[str], type_names: Sequence[str],
         parameters[parameter] = values
     return f"unnest({', '.join(casts)}) AS {alias}({', '.join(names)})", parameters
 
-
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]],

@@ -12,12 +12,13 @@ table's type as the document path does, so both store the same values.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import Boolean, Float, Integer, String, text
 from sqlalchemy.orm import Session
+
+from chatmw.store.engine import json_text
 
 __all__ = ["copy_rows"]
 
@@ -93,7 +94,7 @@ def _staged_columns(rows: Sequence[dict[str, Any]], names: Sequence[str],
     for name, kind in zip(names, staging, strict=True):
         values = [row.get(name) for row in rows]
         if type(types[name]).__name__ in ("JSON", "JSONB"):
-            serialise: Callable[[Any], str] = types[name].bind_processor(dialect) or _json_text
+            serialise: Callable[[Any], str] = types[name].bind_processor(dialect) or json_text
             columns.append([None if value is None else serialise(value) for value in values])
             continue
         converted = _converted(values, kind)
@@ -135,6 +136,3 @@ def _ensure_table(session: Session, names: Sequence[str], staging_types: Sequenc
         "ON COMMIT DELETE ROWS"))
     return table
 
-
-def _json_text(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)

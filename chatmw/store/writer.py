@@ -91,8 +91,11 @@ class Writer:
     preprocessors: list[Preprocessor] = field(default_factory=list)
     handlers: dict[type, Handler] = field(default_factory=dict)
     transform: Callable[[ev.Event], ev.Event] | None = None
-    # Chat exchanges are decoded here, wherever this writer runs (see chatmw.recorder).
-    expands_exchanges: bool = field(default=True, init=False)
+    # A recorder in this writer's thread decodes chat exchanges before it writes a batch,
+    # so a batch written again after a failure is decoded and counted once and a failing
+    # event is isolated from the other events of its exchange. A writer process
+    # (chatmw.writer_process) takes them undecoded, and this writer decodes them there.
+    expands_exchanges: bool = field(default=False, init=False)
     # The figures of the conversations this writer stored last (see plan_refresh).
     conversations: ConversationCache = field(default_factory=ConversationCache, init=False,
                                               repr=False, compare=False)
