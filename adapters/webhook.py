@@ -14,6 +14,7 @@ and a durable acknowledgement, get the parsed events.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -98,21 +99,26 @@ class WebhookDecoder:
 
     It runs where the batch is written: in the store writer of the writer process, or in the
     recorder's thread before it writes or spools a batch (once, however often it writes the
-    batch again). It counts ``events``, ``unparseable`` and ``unknown_events`` in ``stats``. A writer process gets a copy
-    with counters of its own, so the intake's counters include these three only when
-    the writer runs in a thread. The writer's log has every unparsed body in both cases.
+    batch again). It counts ``events``, ``unparseable`` and ``unknown_events`` in
+    ``stats``. A writer process gets copies with counters of their own and the same
+    ``token``. Once it has written a batch, it sends their counts back with the token, and
+    the parent adds them to this decoder's ``stats`` (``chatmw.writer_process``).
     """
 
     def __init__(
-        self, agent_app_ids: frozenset[str] = frozenset(), stats: WebhookStats | None = None
+        self,
+        agent_app_ids: frozenset[str] = frozenset(),
+        stats: WebhookStats | None = None,
+        token: str | None = None,
     ) -> None:
         self.agent_app_ids = agent_app_ids
         self.stats = stats or WebhookStats()
+        self.token = token or secrets.token_hex(8)
         self.skipped: Counter[str] = Counter()
 
-    def __reduce__(self) -> tuple[type[WebhookDecoder], tuple[frozenset[str]]]:
+    def __reduce__(self) -> tuple[type[WebhookDecoder], tuple[frozenset[str], None, str]]:
         # The counters hold a lock: a copy in another process starts its own.
-        return (WebhookDecoder, (self.agent_app_ids,))
+        return (WebhookDecoder, (self.agent_app_ids, None, self.token))
 
     def expand(self, exchange: Exchange) -> list[ev.Event]:
         """Return the events of the webhook body that ``exchange`` carries."""

@@ -35,6 +35,7 @@ from sqlalchemy.exc import OperationalError
 from chatmw import collector
 from chatmw.events import Event
 from chatmw.events import _rebuild as rebuild_event
+from chatmw.exchange import Exchange
 from chatmw.recorder import BatchWriter, _describe, is_retryable
 
 __all__ = ["ProcessWriter", "WriteRejected", "WriterSnapshot", "build_writer",
@@ -138,8 +139,8 @@ def start_process_writer(writer: Any, database_url: str,
 
 
 def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
-    # The child's loop: receive one batch, send one (ok, retryable, description, written)
-    # reply.
+    # The child's loop: receive one batch, send one (ok, retryable, description, written,
+    # decoder counts) reply.
     _lower_priority()
     writer = factory()
     settle_collector()
@@ -159,9 +160,48 @@ def _write_batches(connection: Connection, writer: BatchWriter) -> None:
         try:
             written = writer.write(batch)
         except Exception as error:  # noqa: BLE001 - sent back to the parent, which decides
-            connection.send((False, is_retryable(error), _describe(error), 0))
+            connection.send((False, is_retryable(error), _describe(error), 0, {}))
             continue
-        connection.send((True, False, "", written if isinstance(written, int) else len(batch)))
+        written = written if isinstance(written, int) else len(batch)
+        connection.send((True, False, "", written, _decoder_counts(batch)))
+
+
+DecoderCounts = dict[str, dict[str, int]]
+
+
+def _decoder_counts(batch: Sequence[Event]) -> DecoderCounts:
+    # The counters of the batch's exchange decoders that keep them (a ``token`` and a
+    # ``stats`` with ``snapshot``, like adapters.webhook.WebhookDecoder), summed per token.
+    # Each unpickled chunk has its own copy of a decoder, so copies are kept apart by id.
+    counts: DecoderCounts = {}
+    seen: set[int] = set()
+    for event in batch:
+        if event.__class__ is not Exchange:
+            continue
+        decoder = event.decoder  # type: ignore[attr-defined]
+        token = getattr(decoder, "token", None)
+        if token is None or id(decoder) in seen:
+            continue
+        seen.add(id(decoder))
+        totals = counts.setdefault(token, {})
+        for name, count in decoder.stats.snapshot().items():
+            totals[name] = totals.get(name, 0) + count
+    return counts
+
+
+def _add_decoder_counts(batch: Sequence[Event], counts: DecoderCounts) -> None:
+    # Adds the counts the child sent to the decoders of the parent's batch, once per token.
+    left = dict(counts)
+    for event in batch:
+        if not left:
+            return
+        if event.__class__ is not Exchange:
+            continue
+        decoder = event.decoder  # type: ignore[attr-defined]
+        totals = left.pop(getattr(decoder, "token", None), None)
+        if totals:
+            for name, count in totals.items():
+                decoder.stats.add(name, count)
 
 
 def _send_in_chunks(connection: Connection, batch: Sequence[Event]) -> None:
@@ -309,12 +349,13 @@ class ProcessWriter:
                 if not connection.poll(self.timeout_s):
                     self._kill(f"write timed out after {self.timeout_s:.0f} s")
                     raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
-                ok, retryable, description, written = connection.recv()
+                ok, retryable, description, written, counts = connection.recv()
             except (EOFError, OSError) as error:
                 self._kill(f"pipe failed: {type(error).__name__}")
                 description = f"child writer process failed: {type(error).__name__}"
                 raise _unavailable(description) from error
         if ok:
+            _add_decoder_counts(batch, counts)
             return int(written)
         if retryable:
             raise _unavailable(description)

@@ -311,6 +311,42 @@ def test_webhook_decoder_copy_has_own_counters() -> None:
     copied = pickle.loads(pickle.dumps(exchange))
 
     assert copied.decoder.agent_app_ids == frozenset({"app-7"})
+    assert copied.decoder.token == decoder.token
     assert copied.decoder.expand(copied) == decoder.expand(exchange)
     assert stats["events"] == 1
     assert copied.decoder.stats["events"] == 1
+
+
+def test_writer_process_counts_reach_intake(database_url: str) -> None:
+    """Counters of bodies parsed in the writer process reach the intake's counters once."""
+    import functools
+
+    from sqlalchemy import func, select
+
+    from chatmw.store.engine import make_engine
+    from chatmw.store.models import Message, RawPayload
+    from chatmw.writer_process import ProcessWriter, build_writer
+
+    writer = ProcessWriter(functools.partial(build_writer, database_url, sentiment=False))
+    recorder = Recorder(writer, RecorderSettings(batch_size=10, batch_interval_s=0.05))
+    intake = WebhookIntake(meta(), recorder)
+    broken = b'{"object": "page", "entry": [ broken'
+    recorder.start()
+    try:
+        for body in (BODY, broken, BODY):
+            assert intake.receive(body, signature(body)).status == 200
+        assert recorder.flush(60)
+    finally:
+        recorder.stop()
+        writer.close()
+
+    # Two bodies give one message (the second is a duplicate), the broken one a raw payload.
+    assert intake.stats["events"] == 3
+    assert intake.stats["unparseable"] == 1
+    engine = make_engine(database_url)
+    with engine.connect() as connection:
+        messages = connection.execute(select(func.count()).select_from(Message)).scalar_one()
+        payloads = connection.execute(select(func.count()).select_from(RawPayload)).scalar_one()
+    engine.dispose()
+    assert messages == 1
+    assert payloads == 1
