@@ -1,7 +1,7 @@
 """The ``engagement`` figures from rollups, with raw rows for the parts rollups do not cover.
 
 Reached users and writers are unions over the window. They come from the day and week
-bitsets of ``rollup_contact_sets`` (kinds ``exposed``, ``proactive`` and ``writers``),
+bitmaps of ``rollup_contact_sets`` (kinds ``exposed``, ``proactive`` and ``writers``),
 from the slot rows of the served slots outside whole days, and from the raw rows of the
 raw ranges. Conversation counts are sums of ``rollup_conversations`` and ``rollup_engaged``.
 """

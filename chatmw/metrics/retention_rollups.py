@@ -3,8 +3,8 @@
 A cohort is the set of contacts whose first conversation starts in a period of the window.
 ``rollup_firsts`` gives each contact's first start and second start (over all channels
 or on one channel), so cohort sizes and same-period returns are counted from one index
-range. The contacts who returned in a later period are the cohort's bitset ANDed with the
-bitset of contacts who started a conversation in that period. That bitset takes whole UTC
+range. The contacts who returned in a later period are the cohort's bitmap intersected with
+the bitmap of contacts who started a conversation in that period. That bitmap takes whole UTC
 days and epoch weeks from ``rollup_contact_sets`` (kind ``starters``), the other served
 slots from ``rollup_starters`` and the raw ranges from raw conversations. Contacts changed
 since the refresher's watermark are counted from their raw conversations instead.
@@ -70,7 +70,7 @@ def _cohort_members(
     changed: set[int],
     counts: dict[Any, CohortCounts],
 ) -> dict[tuple[Any, int], int]:
-    """Count cohort sizes and same-period returns; return each cohort's contacts as a bitset.
+    """Count cohort sizes and same-period returns; return each cohort's contacts as a bitmap.
 
     One row per cohort and channel carries its contact ids, so the cost per cohort
     contact is one index entry read in SQL and one integer parsed here.

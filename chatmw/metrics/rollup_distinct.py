@@ -2,7 +2,7 @@
 
 Distinct counts do not add up across slots. When some bucket contains a whole UTC day
 or epoch week whose slots are all served, every bucket is counted from the day and week
-bitsets of ``rollup_contact_sets`` (``chatmw.metrics.contact_sets``) plus the contacts of
+bitmaps of ``rollup_contact_sets`` (``chatmw.metrics.contact_sets``) plus the contacts of
 its other slots and raw rows. Otherwise (hour buckets, or day buckets in a zone whose
 offset is not 0) a bucket served wholly from rollups is counted with COUNT(DISTINCT) over
 its slots in SQL, and a bucket with a raw part counts the union of the contact sets of

@@ -68,7 +68,7 @@ ROLLUP_CONTACT_TABLES = (
     "rollup_exposed",
     "rollup_attribution",
 )
-# Rollup tables whose rows hold contacts as bitsets, emptied whole.
+# Rollup tables whose rows contain contacts as bitmaps, emptied whole.
 ROLLUP_BITSET_TABLES = ("rollup_contact_sets", "rollup_attribution_sets")
 # Columns that date a row of a table with a user_id column, for retention.
 TIME_COLUMNS = ("occurred_at_ms", "created_at_ms", "received_at_ms")
@@ -357,7 +357,7 @@ def _invalidate_rollups(session: Session, metadata: MetaData, contact_ids: Itera
     # the rebuild, so no rebuild step inserts the contacts' rows again after the delete.
     session.execute(
         metadata.tables["rollup_state"].update().values(built=False, rebuild_token=None))
-    # The day and week bitsets contain the contacts too; the rebuild makes them again.
+    # The day and week bitmaps contain the contacts too; the rebuild makes them again.
     for name in ROLLUP_BITSET_TABLES:
         if name in metadata.tables:
             _add(removed, name, session.execute(metadata.tables[name].delete()).rowcount or 0)

@@ -615,12 +615,11 @@ class RollupAttributionSets(Base):
 
 
 class RollupContactSets(Base):
-    """The contacts of a slot contact table over one UTC day or epoch week, as a bitset.
+    """The contacts of a slot contact table over one UTC day or epoch week, as a bitmap.
 
     ``kind`` names the table (``users``, ``starters``, ``participants``, ``proactive``,
-    ``writers`` or ``exposed``); ``contacts``
-    is a zlib-compressed little-endian bitset whose bit ``i`` is contact id ``i``
-    (``chatmw.metrics.contact_sets``).
+    ``writers`` or ``exposed``). ``contacts`` is a serialized Roaring bitmap of contact ids
+    (``chatmw.metrics.contact_sets.encode``).
     """
 
     __tablename__ = "rollup_contact_sets"
