@@ -35,7 +35,8 @@ logger = logging.getLogger("chatmw")
 
 # Collector thresholds of a serving process: a young collection per 10,000 net allocations of
 # tracked containers instead of CPython's 700, and CPython's 10 and 10 for the older
-# generations. So a full collection is due at most once per million such allocations.
+# generations. CPython thus considers a full collection only after 10,000 x 10 x 10, about a
+# million, such allocations.
 SERVER_THRESHOLDS = (10_000, 10, 10)
 
 

@@ -276,11 +276,11 @@ def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
         sums[1] += int(named)
         sums[2] += int(micros)
         sums[3].append(decode(blob))
-    return [
-        _set_row(level, week, channel, key, (count, named, micros, encode(union)))
-        for (level, channel, key), (count, named, micros, bitmaps) in figures.items()
-        for union in (BitMap.union(*bitmaps),)
-    ]
+    rows = []
+    for (level, channel, key), (count, named, micros, bitmaps) in figures.items():
+        contacts = encode(BitMap.union(*bitmaps))
+        rows.append(_set_row(level, week, channel, key, (count, named, micros, contacts)))
+    return rows
 
 
 def refresh_attribution_sets(connection: Connection, ranges: Ranges) -> None:

@@ -416,9 +416,9 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
 
 def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     # The columns of a ConversationState, the end time and whether there is an intent.
-    # On PostgreSQL the read locks the rows in id order (FOR NO KEY UPDATE, the lock of
-    # the updates to come), so writers of one conversation wait for each other here
-    # instead of deadlocking later, and the figures are planned from committed rows.
+    # On PostgreSQL the read locks the rows in id order with FOR NO KEY UPDATE, the lock
+    # the updates to come take. Writers of one conversation then wait for each other here
+    # instead of deadlocking later, and plan the figures from committed rows.
     statement = select(
         Conversation.id, Conversation.channel, Conversation.external_id,
         Conversation.started_at_ms, Conversation.last_message_at_ms, Conversation.message_count,

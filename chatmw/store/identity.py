@@ -525,9 +525,10 @@ def lock_rows(session: Session, table: Table, ids: Iterable[int]) -> None:
     """Lock the rows of ``table`` with ``ids`` until the transaction ends, in id order.
 
     Writers that lock contacts this way before they lock conversations wait for each other
-    instead of deadlocking. A writer that has waited then reads what the other committed. ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key
-    columns takes, so foreign key checks of other transactions (``FOR KEY SHARE``) do not
-    wait for it. PostgreSQL only: SQLite lets one writer in at a time.
+    instead of deadlocking. A writer that has waited then reads what the other committed.
+    ``FOR NO KEY UPDATE`` is the lock an ``UPDATE`` of non-key columns takes, so foreign
+    key checks of other transactions (``FOR KEY SHARE``) do not wait for it. PostgreSQL
+    only, because SQLite lets one writer in at a time.
     """
     if session.get_bind().dialect.name != "postgresql":
         return

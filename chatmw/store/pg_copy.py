@@ -4,9 +4,10 @@ A batch of message rows travels cheaper this way than as one JSON document
 (:func:`chatmw.store.identity._pg_rows`). On 20,000 message rows of ``bench/workload.py``
 in batches of 2,000 (2-core machine, load average about 10), the server spent 12 to 13
 microseconds of CPU per row on the copy and the ``INSERT ... SELECT`` against 15 to 16.5 for
-the document, and the client 1.8 to 2.6 against 3.5 to 3.9. The staging table has one column per row column, typed by its family
-(``text``, ``int8``, ``float8``, ``bool``), and the ``SELECT`` casts each column to its
-table's type as the document path does, so both store the same values.
+the document, and the client 1.8 to 2.6 against 3.5 to 3.9. The staging table has one
+column per row column, typed by its family (``text``, ``int8``, ``float8``, ``bool``), and
+the ``SELECT`` casts each column to its table's type as the document path does, so both
+store the same values.
 """
 
 from __future__ import annotations
@@ -58,12 +59,11 @@ def copy_rows(session: Session, alias: str, types: dict[str, Any],
     session.info[_STAGED] = batch
     driver = session.connection().connection.driver_connection
     quoted = ", ".join(f'"{name}"' for name in names)
-    with driver.cursor() as cursor:  # type: ignore[union-attr]
-        with cursor.copy(f'COPY {table} (batch, ordinal, {quoted}) FROM STDIN '
-                         "(FORMAT BINARY)") as copy:
-            copy.set_types(["int4", "int4", *staging_types])
-            for ordinal, values in enumerate(zip(*columns, strict=True)):
-                copy.write_row((batch, ordinal, *values))
+    command = f"COPY {table} (batch, ordinal, {quoted}) FROM STDIN (FORMAT BINARY)"
+    with driver.cursor() as cursor, cursor.copy(command) as copy:  # type: ignore[union-attr]
+        copy.set_types(["int4", "int4", *staging_types])
+        for ordinal, values in enumerate(zip(*columns, strict=True)):
+            copy.write_row((batch, ordinal, *values))
     type_names = [types[name].compile(dialect=dialect) for name in names]
     selected = ", ".join(f'CAST(s."{name}" AS {type_name}) AS {name}'
                          for name, type_name in zip(names, type_names, strict=True))
