@@ -84,7 +84,7 @@ def encode(contacts: Iterable[int] | BitMap) -> bytes:
     return bitmap.serialize()
 
 
-def bitset_members(bitset: bytes) -> BitMap:
+def _bitset_members(bitset: bytes) -> BitMap:
     """Return the bitmap of a little-endian bitset whose bit ``i`` is contact id ``i``."""
     digits = bin(int.from_bytes(bitset, "little"))[:1:-1]
     members = array("I")
@@ -98,7 +98,7 @@ def bitset_members(bitset: bytes) -> BitMap:
 def decode(blob: bytes) -> BitMap:
     """Return the bitmap of :func:`encode`, or of a zlib-compressed bitset of an older store."""
     if blob[:1] == _ZLIB_HEADER:
-        return bitset_members(zlib.decompress(blob))
+        return _bitset_members(zlib.decompress(blob))
     return BitMap.deserialize(blob)
 
 
