@@ -66,6 +66,11 @@ class BatchWriter(Protocol):
     A writer whose ``expands_exchanges`` attribute is true takes chat exchanges
     (:class:`chatmw.exchange.Exchange`) as they are, decodes them itself, and returns the
     number of events written; other writers get the decoded events.
+
+    A writer may also offer ``submit(batch)``, which hands a batch over and returns a
+    ticket, and ``result(ticket)``, which waits for that batch and returns what ``write``
+    would have returned or raises what it would have raised. The recorder then hands the
+    next batch over before it reads the result of the previous one.
     """
 
     def write(self, batch: Sequence[Event]) -> int | None: ...
@@ -257,6 +262,9 @@ class Recorder:
         # thread, still busy in a write, then leaves without touching the spool or counters.
         self._abandoned = False
         self._in_flight: list[Event] = []
+        # A batch handed to a pipelining writer whose result is not read yet (see _handle).
+        self._pending: _Pending | None = None
+        self._settled_at = 0.0
         self._overflow: collections.deque[Event] = collections.deque()
         self._overflow_ready = threading.Condition()
         self._spill_stop = False
@@ -444,9 +452,11 @@ class Recorder:
         if not completed:
             self._abandoned = True
             drained = self._drain_nowait()
-            # With a spool the batch being written is spooled too: a duplicate is stored once,
-            # a batch lost with the process is not stored at all.
-            in_flight = list(self._in_flight) if self.spool is not None else []
+            # With a spool the batches being written are spooled too: a duplicate is stored
+            # once, a batch lost with the process is not stored at all.
+            pending = self._pending
+            in_flight = (pending.batch if pending is not None else []) + self._in_flight
+            in_flight = in_flight if self.spool is not None else []
             leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
@@ -536,25 +546,32 @@ class Recorder:
         stopping = False
         while not stopping and not self._abandoned:
             items, stopping = self._next_batch()
+            handed_over = False
             try:
-                self._process(items, stopping)
+                handed_over = self._process(items, stopping)
             except Exception as error:  # noqa: BLE001 - the writer thread must outlive its bugs
                 logger.exception("recorder loop failed; %d events counted as dropped: %s",
                                  len(items), _describe(error))
                 self._count_drop("internal_error", len(items))
                 self._sleep(0.1)
             finally:
-                self._finish(len(items))
+                if not handed_over:
+                    self._finish(len(items))
+        self._settle()
 
-    def _process(self, items: list[object], stopping: bool) -> None:
+    def _process(self, items: list[object], stopping: bool) -> bool:
+        # Returns True when the batch of ``items`` is pending (see _handle): its events are
+        # finished once its result is read.
+        handed_over = False
         if items:
             batch = self._transform_items(items)
             if not getattr(self.writer, "expands_exchanges", False):
                 batch = self._expanded(batch)
             if batch:
-                self._handle(batch)
+                handed_over = self._handle(batch, len(items))
         if not stopping and self._stop_deadline is None:
             self._replay_turn()
+        return handed_over
 
     def _wait_seconds(self) -> float | None:
         if not self.replayable:
@@ -567,6 +584,9 @@ class Recorder:
 
     def _next_batch(self) -> tuple[list[object], bool]:
         # Returns the queued items (events, or events marked as transformed) of one batch.
+        if self._pending is not None and self._queue.empty():
+            # Nothing to hand over meanwhile: the pending batch is settled before waiting.
+            self._settle()
         wait = self._wait_seconds()
         try:
             if wait is None:
@@ -631,15 +651,62 @@ class Recorder:
                 self._count_drop("transform_error", 1)
         return result
 
-    def _handle(self, batch: list[Event]) -> None:
+    def _handle(self, batch: list[Event], count: int) -> bool:
+        # Writes ``batch`` (``count`` queued items). A writer with ``submit`` and ``result``
+        # (chatmw.writer_process.ProcessWriter) gets the batch before the result of the
+        # previous one is read, so it takes the next batch in while it writes. The batch
+        # is then pending and this returns True. Once its result is read, a failed pending
+        # batch goes through the same retries, isolation and spool as any other.
         if self.replayable and self._state != HEALTHY:
+            self._settle()
             self._give_up(batch, "spool_full")
-            return
+            return False
+        submit = getattr(self.writer, "submit", None)
+        if submit is not None and self._stop_deadline is None:
+            started = time.perf_counter()
+            try:
+                ticket = submit(batch)
+            except Exception as error:  # noqa: BLE001 - written again below, with retries
+                logger.warning("recorder hand-over of %d events failed: %s", len(batch),
+                               _describe(error))
+            else:
+                self._settle()
+                self._pending = _Pending(batch, ticket, count, started)
+                return True
+        self._settle()
+        self._write_in_flight(batch)
+        return False
+
+    def _write_in_flight(self, batch: list[Event]) -> None:
         self._in_flight = batch
         try:
             self._write_with_retries(batch)
         finally:
             self._in_flight = []
+
+    def _settle(self) -> None:
+        """Read the result of the pending batch, if any, and account for it."""
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            written = self.writer.result(pending.ticket)  # type: ignore[attr-defined]
+        except Exception as error:  # noqa: BLE001 - handled as a failed write of the batch
+            self._pending = None
+            if not self._abandoned:
+                logger.warning("recorder write failed (%d events): %s; writing them again",
+                               len(pending.batch), _describe(error))
+                self._write_in_flight(pending.batch)
+        else:
+            self._pending = None
+            # The writer began this batch when it had finished the previous one.
+            now = time.perf_counter()
+            if not self._abandoned:
+                self._count_written(pending.batch, written,
+                                    now - max(pending.started, self._settled_at))
+        finally:
+            self._settled_at = time.perf_counter()
+            self._finish(pending.count)
 
     def _write_with_retries(self, batch: list[Event]) -> None:
         delay = self.settings.retry_backoff_s
@@ -689,7 +756,9 @@ class Recorder:
             self._quarantine(batch, f"write_error: {_describe(error)}")
             self._count_drop("write_error", 1)
             return
-        elapsed = time.perf_counter() - started
+        self._count_written(batch, written, time.perf_counter() - started)
+
+    def _count_written(self, batch: list[Event], written: object, elapsed: float) -> None:
         with self._lock:
             # A writer that decodes chat exchanges returns the number of events they became.
             self._written += written if isinstance(written, int) else len(batch)
@@ -717,6 +786,9 @@ class Recorder:
         ends_at = time.monotonic() + self.settings.replay_budget_s
         while True:
             chunk = spool.read_next(self.settings.batch_size)
+            if chunk is not None:
+                # Replayed events are counted apart from the pending batch's.
+                self._settle()
             if chunk is None:
                 if self._state != HEALTHY:
                     self._set_state(HEALTHY, "spool replayed")
@@ -801,6 +873,15 @@ class Recorder:
         if total == count or total // 1000 != (total - count) // 1000:
             logger.error("recorder dropped %d events (%s); %d dropped for this reason so far",
                          count, reason, total)
+
+
+@dataclass(slots=True)
+class _Pending:
+    # A batch handed to the writer whose result has not been read yet.
+    batch: list[Event]
+    ticket: object
+    count: int  # queued items it came from
+    started: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,9 @@ reading results back) competes with the application's event loop for the lock an
 CPU, and the loop's requests wait behind it. :class:`ProcessWriter` keeps the recorder as
 it is (queue, batches, retries, spool) and only moves ``write(batch)`` into a child
 process: the writer thread pickles the batch, sends it down a pipe and waits, with the
-lock released, for the child's answer.
+lock released, for the child's reply. With :meth:`ProcessWriter.submit` the recorder sends
+the next batch before it reads that reply, so the child receives the next batch while it
+writes the current one and does not wait for the writer thread between batches.
 
 The child builds its own writer by calling ``factory`` (a picklable callable, such as
 ``functools.partial(build_writer, url)``), because engines and connections cannot cross a
@@ -24,6 +26,7 @@ import multiprocessing
 import operator
 import os
 import pickle
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -153,8 +156,9 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
 
 
 def _write_batches(connection: Connection, writer: BatchWriter) -> None:
+    inbox = _Inbox(connection)
     while True:
-        batch = _receive_batch(connection)
+        batch = inbox.next()
         if batch is None:
             return
         try:
@@ -253,6 +257,39 @@ def _receive_batch(connection: Connection) -> list[Event] | None:
     return batch
 
 
+class _Inbox:
+    """Receives the batches the parent sends, in a thread, while the writer writes.
+
+    The parent hands the next batch over before it reads the result of the current one
+    (see :meth:`ProcessWriter.submit`), so the batch is received and unpickled while the
+    current one is written, partly while the writer waits for the database. The parent
+    has at most one batch waiting besides the one being written, which bounds what this
+    holds.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._batches: queue.SimpleQueue[list[Event] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._receive, args=(connection,),
+                                        name="chatmw-writer-inbox", daemon=True)
+        self._thread.start()
+
+    def _receive(self, connection: Connection) -> None:
+        while True:
+            try:
+                batch = _receive_batch(connection)
+            except Exception:
+                # An undecodable message means the pipe is broken, so the child ends.
+                logger.exception("writer process could not read a batch")
+                batch = None
+            self._batches.put(batch)
+            if batch is None:
+                return
+
+    def next(self) -> list[Event] | None:
+        """Return the next batch, waiting for it; ``None`` once the parent stopped."""
+        return self._batches.get()
+
+
 def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
     """Read ``CHATMW_WRITER_NICE``, the niceness the writer process adds to its own (0-19)."""
     environ = os.environ if environ is None else environ
@@ -331,6 +368,13 @@ class ProcessWriter:
         self._process: Any = None
         self._connection: Connection | None = None
         self._lock = threading.Lock()
+        # Batches are numbered as they are sent, and the child replies to them in order.
+        # _waiting contains the batches sent to the current child whose reply was not read
+        # yet, and _replies the replies read ahead of their turn.
+        self._sent = 0
+        self._replied = 0
+        self._waiting: dict[int, Sequence[Event]] = {}
+        self._replies: dict[int, tuple[Any, ...]] = {}
 
     def start(self) -> None:
         """Start the child process now rather than on the first write."""
@@ -342,24 +386,70 @@ class ProcessWriter:
 
         Raises as described in the class documentation.
         """
+        return self.result(self.submit(batch))
+
+    def submit(self, batch: Sequence[Event]) -> int:
+        """Send ``batch`` to the child and return its ticket for :meth:`result`.
+
+        The child takes the batch in while it writes the batches sent before, and writes
+        the batches in the order they were sent. Raises a retryable error when the child
+        cannot be started or the pipe fails.
+        """
         with self._lock:
             connection = self._ensure_started()
             try:
                 _send_in_chunks(connection, batch)
-                if not connection.poll(self.timeout_s):
-                    self._kill(f"write timed out after {self.timeout_s:.0f} s")
-                    raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
-                ok, retryable, description, written, counts = connection.recv()
-            except (EOFError, OSError) as error:
+            except OSError as error:
                 self._kill(f"pipe failed: {type(error).__name__}")
-                description = f"child writer process failed: {type(error).__name__}"
-                raise _unavailable(description) from error
+                raise _unavailable(f"child writer process failed: {type(error).__name__}") \
+                    from error
+            ticket = self._sent
+            self._sent += 1
+            self._waiting[ticket] = batch
+            return ticket
+
+    def result(self, ticket: int) -> int:
+        """Wait for the batch of ``ticket`` and return the number of events written.
+
+        Raises as described in the class documentation, and as a retryable error when
+        the child that had the batch stopped before its reply.
+        """
+        with self._lock:
+            batch = self._waiting.pop(ticket, None)
+            if batch is None:
+                raise _unavailable("child writer process stopped before writing the batch")
+            reply = self._replies.pop(ticket, None)
+            while reply is None:
+                reply = self._read_reply(ticket)
+        ok, retryable, description, written, counts = reply
         if ok:
             _add_decoder_counts(batch, counts)
             return int(written)
         if retryable:
             raise _unavailable(description)
         raise WriteRejected(description)
+
+    def _read_reply(self, ticket: int) -> tuple[Any, ...] | None:
+        # Reads the child's next reply. Returns it when it is the reply to ``ticket``,
+        # otherwise keeps it for its own ticket and returns None.
+        connection = self._connection
+        if connection is None:
+            raise _unavailable("child writer process stopped before writing the batch")
+        try:
+            if not connection.poll(self.timeout_s):
+                self._kill(f"write timed out after {self.timeout_s:.0f} s")
+                raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
+            reply = connection.recv()
+        except (EOFError, OSError) as error:
+            self._kill(f"pipe failed: {type(error).__name__}")
+            description = f"child writer process failed: {type(error).__name__}"
+            raise _unavailable(description) from error
+        number = self._replied
+        self._replied += 1
+        if number == ticket:
+            return reply
+        self._replies[number] = reply
+        return None
 
     def refresh(self) -> None:
         """Stop the child after the write in progress, so the next write starts a new copy.
@@ -373,6 +463,9 @@ class ProcessWriter:
         with self._lock:
             process, connection = self._process, self._connection
             self._process = self._connection = None
+            self._waiting.clear()
+            self._replies.clear()
+            self._replied = self._sent
             if process is None or connection is None:
                 return
             with contextlib.suppress(OSError):
@@ -406,6 +499,10 @@ class ProcessWriter:
     def _kill(self, reason: str) -> None:
         process, connection = self._process, self._connection
         self._process = self._connection = None
+        # The batches the child had are lost with it: their results raise a retryable error.
+        self._waiting.clear()
+        self._replies.clear()
+        self._replied = self._sent
         logger.warning("writer process stopped: %s", reason)
         if process is not None and process.is_alive():
             process.kill()

@@ -10,7 +10,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from spool_helpers import SwitchableWriter, wait_for
+from spool_helpers import PipelinedWriter, SwitchableWriter, wait_for
 
 from chatmw import events as ev
 from chatmw.recorder import HEALTHY, REPLAYING, SPOOLING, Recorder, RecorderSettings
@@ -23,6 +23,12 @@ from chatmw.spool import (
 )
 
 T0 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["direct", "pipelined"])
+def new_writer(request: pytest.FixtureRequest) -> type[SwitchableWriter]:
+    """The in-memory writer: written directly, or pipelined as a writer process is."""
+    return PipelinedWriter if request.param == "pipelined" else SwitchableWriter
 
 
 def message(key: str, seconds: float = 0, **fields) -> ev.Message:
@@ -242,8 +248,8 @@ FAST = RecorderSettings(batch_interval_s=0.01, retries=1, retry_backoff_s=0.01,
                         probe_interval_s=0.05, flush_timeout_s=5.0)
 
 
-def test_recorder_spools_while_down_then_replays(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_recorder_spools_while_down_then_replays(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     spool = open_spool(tmp_path)
     recorder = Recorder(writer, FAST, spool=spool)
     recorder.start()
@@ -269,8 +275,8 @@ def test_recorder_spools_while_down_then_replays(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_full_queue_overflows_to_spool(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_full_queue_overflows_to_spool(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     writer.delay = 0.02
     spool = open_spool(tmp_path)
     settings = RecorderSettings(queue_size=5, batch_size=5, batch_interval_s=0.01,
@@ -291,8 +297,8 @@ def test_full_queue_overflows_to_spool(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_durable_submit_on_disk_before_return(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_durable_submit_on_disk_before_return(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     writer.down.set()
     spool = open_spool(tmp_path)
     recorder = Recorder(writer, FAST, spool=spool)
@@ -306,8 +312,8 @@ def test_durable_submit_on_disk_before_return(tmp_path: Path) -> None:
     recorder.stop(1)
 
 
-def test_durable_submit_written_while_healthy(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_durable_submit_written_while_healthy(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     spool = open_spool(tmp_path)
     recorder = Recorder(writer, FAST, spool=spool)
     recorder.start()
@@ -321,8 +327,8 @@ def test_durable_submit_written_while_healthy(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_durable_submit_without_spool_queues(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_durable_submit_without_spool_queues(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     recorder = Recorder(writer, FAST)
     recorder.start()
     assert not recorder.submit_durable([message("a")])
@@ -331,8 +337,8 @@ def test_durable_submit_without_spool_queues(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_stop_spools_what_it_cannot_write(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_stop_spools_what_it_cannot_write(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     writer.delay = 0.3
     spool = open_spool(tmp_path)
     recorder = Recorder(writer, RecorderSettings(batch_size=10, batch_interval_s=0.01),
@@ -350,8 +356,8 @@ def test_stop_spools_what_it_cannot_write(tmp_path: Path) -> None:
     assert recorder.stats().dropped == {}
 
 
-def test_stop_without_spool_counts_drops() -> None:
-    writer = SwitchableWriter()
+def test_stop_without_spool_counts_drops(new_writer) -> None:
+    writer = new_writer()
     writer.delay = 0.3
     recorder = Recorder(writer, RecorderSettings(batch_size=10, batch_interval_s=0.01))
     recorder.start()
@@ -363,8 +369,8 @@ def test_stop_without_spool_counts_drops() -> None:
     assert stats.dropped["shutdown_timeout"] + len(writer.keys()) == 100
 
 
-def test_poison_event_isolated_from_batch(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_poison_event_isolated_from_batch(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     writer.poison = {"m3"}
     spool = open_spool(tmp_path)
     recorder = Recorder(writer, RecorderSettings(batch_size=10, batch_interval_s=0.05),
@@ -379,8 +385,8 @@ def test_poison_event_isolated_from_batch(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_transform_applied_once_including_replay(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_transform_applied_once_including_replay(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     spool = open_spool(tmp_path)
     calls: list[str] = []
 
@@ -401,8 +407,8 @@ def test_transform_applied_once_including_replay(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_spool_full_counted_as_drop(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_spool_full_counted_as_drop(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     writer.down.set()
     spool = open_spool(tmp_path, max_bytes=1500)
     recorder = Recorder(writer, FAST, spool=spool)
@@ -420,8 +426,8 @@ def test_spool_full_counted_as_drop(tmp_path: Path) -> None:
     assert recorder.stop()
 
 
-def test_refused_durable_submit_queues_transformed(tmp_path: Path) -> None:
-    writer = SwitchableWriter()
+def test_refused_durable_submit_queues_transformed(tmp_path: Path, new_writer) -> None:
+    writer = new_writer()
     spool = open_spool(tmp_path, max_bytes=10)  # too small for any batch
     calls: list[str] = []
 
@@ -440,3 +446,50 @@ def test_refused_durable_submit_queues_transformed(tmp_path: Path) -> None:
     assert not stored
     assert writer.keys() == ["t-a", "t-b", "t-c", "t-d"]
     assert sorted(calls) == ["a", "b", "c", "d"]  # each event transformed exactly once
+
+
+def test_pipelined_writer_gets_next_batch_before_result() -> None:
+    # With a slow writer and a full queue, each batch is handed over while the previous
+    # one is written; every event is written once and counted once.
+    writer = PipelinedWriter()
+    writer.delay = 0.02
+    settings = RecorderSettings(queue_size=1000, batch_size=10, batch_interval_s=0.01)
+    recorder = Recorder(writer, settings)
+    recorder.start()
+    for index in range(200):
+        assert recorder.submit(message(f"m{index:03d}"))
+    assert recorder.flush(10)
+
+    assert writer.overlapped()
+    assert writer.keys() == [f"m{index:03d}" for index in range(200)]
+    stats = recorder.stats()
+    assert stats.written == 200
+    assert stats.write_batches == len(writer.batches)
+    assert stats.dropped == {}
+    assert recorder.stop()
+
+
+def test_pipelined_batch_failing_is_written_again() -> None:
+    # A pending batch whose write fails retryably goes through the retries: written once.
+    writer = PipelinedWriter()
+    writer.delay = 0.01
+    settings = RecorderSettings(queue_size=1000, batch_size=5, batch_interval_s=0.01,
+                                retries=5, retry_backoff_s=0.01)
+    recorder = Recorder(writer, settings)
+    recorder.start()
+    for index in range(20):
+        recorder.submit(message(f"a{index:02d}"))
+    assert recorder.flush(10)
+    writer.down.set()
+    for index in range(20):
+        recorder.submit(message(f"b{index:02d}"))
+    time.sleep(0.05)
+    writer.down.clear()
+    assert recorder.flush(10)
+
+    keys = writer.keys()
+    assert sorted(keys) == sorted([f"a{index:02d}" for index in range(20)]
+                                  + [f"b{index:02d}" for index in range(20)])
+    assert recorder.stats().written == 40
+    assert recorder.stats().dropped == {}
+    assert recorder.stop()

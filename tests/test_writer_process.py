@@ -11,11 +11,11 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
 
 from chatmw import events as ev
+from chatmw.codecs import JsonCodec
+from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Conversation, Message
-from chatmw.codecs import JsonCodec
-from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange
 from chatmw.writer_process import (
     SEND_CHUNK,
     ProcessWriter,
@@ -155,3 +155,45 @@ def test_process_writer_restarts_dead_child(tmp_path) -> None:
 def test_process_writer_rejects_bad_timeout() -> None:
     with pytest.raises(ValueError, match="timeout_s"):
         ProcessWriter(functools.partial(build_writer, "sqlite://"), timeout_s=0)
+
+
+def test_process_writer_answers_tickets_in_any_order(tmp_path) -> None:
+    # Two batches handed over before either result is read; the results are read in the
+    # opposite order and each one reports its own batch.
+    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
+    try:
+        first = writer.submit(_messages(2))
+        second = writer.submit(_messages(5))
+        assert writer.result(second) == 5
+        assert writer.result(first) == 2
+        with pytest.raises(OperationalError, match="stopped before writing"):
+            writer.result(first)
+    finally:
+        writer.close()
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 5
+    engine.dispose()
+
+
+def test_process_writer_fails_pending_tickets_of_dead_child(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
+    try:
+        writer.write(_messages(1))
+        tickets = [writer.submit(_messages(3)), writer.submit(_messages(4))]
+        writer._process.kill()
+        for ticket in tickets:
+            with pytest.raises(OperationalError):
+                writer.result(ticket)
+        # The next hand-over starts a new child, whose tickets work.
+        assert writer.result(writer.submit(_messages(6))) == 6
+    finally:
+        writer.close()
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 6
+    engine.dispose()
