@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 from datetime import UTC, datetime, timedelta
@@ -16,10 +17,12 @@ from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Conversation, Message
+from chatmw.store.writer import Writer
 from chatmw.writer_process import (
     SEND_CHUNK,
     ProcessWriter,
     WriteRejected,
+    _Preparer,
     _receive_batch,
     _send_in_chunks,
     build_writer,
@@ -197,3 +200,74 @@ def test_process_writer_fails_pending_tickets_of_dead_child(tmp_path) -> None:
     with engine.connect() as connection:
         assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 6
     engine.dispose()
+
+
+class _CountingEnricher:
+    """Scores a user message by the length of its text and counts its calls."""
+
+    def __init__(self, failing_key: str | None = None) -> None:
+        self.calls: list[str] = []
+        self.failing_key = failing_key
+
+    def __call__(self, message: ev.Message) -> dict[str, float]:
+        self.calls.append(message.key)
+        if message.key == self.failing_key:
+            raise ValueError("enricher failed")
+        if message.role != "user":
+            return {}
+        return {"sentiment": len(message.text or "") / 100}
+
+
+def _stored_sentiments(engine: Engine) -> dict[str, float | None]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(Message.key, Message.sentiment)).all())
+
+
+def test_prepared_enrichments_used_by_write(engine: Engine) -> None:
+    # The inbox computes each message's enrichment once; the write uses those results and
+    # stores what the enricher returns.
+    writer = Writer(engine)
+    enricher = _CountingEnricher()
+    writer.enrichers.append(enricher)
+    preparer = _Preparer(writer)
+    batch = _messages(4) + _exchanges(2)
+    received = preparer.prepare(batch)
+    prepared_calls = list(enricher.calls)
+    with received.enrichments_applied():
+        assert writer.write(received.events) == 8
+
+    assert len(prepared_calls) == 8
+    assert enricher.calls == prepared_calls
+    sentiments = _stored_sentiments(engine)
+    assert sentiments["m0"] == len("hello") / 100
+    assert sentiments["m1"] is None
+    assert len(sentiments) == 8
+
+
+def test_replaced_message_enriched_again(engine: Engine) -> None:
+    # A preprocessor that replaces a message object gets the enricher's result for the new
+    # object, not the one computed for the message it replaced.
+    def longer_text(session: object, messages: list[ev.Message]) -> list[ev.Message]:
+        return [dataclasses.replace(message, text="hello again") if message.key == "m0"
+                else message for message in messages]
+
+    writer = Writer(engine)
+    enricher = _CountingEnricher()
+    writer.enrichers.append(enricher)
+    writer.preprocessors.append(longer_text)
+    preparer = _Preparer(writer)
+    received = preparer.prepare(_messages(2))
+    with received.enrichments_applied():
+        writer.write(received.events)
+
+    assert enricher.calls == ["m0", "m1", "m0"]
+    assert _stored_sentiments(engine)["m0"] == len("hello again") / 100
+
+
+def test_prepared_enricher_error_fails_write(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.enrichers.append(_CountingEnricher(failing_key="m1"))
+    received = _Preparer(writer).prepare(_messages(3))
+    with received.enrichments_applied(), pytest.raises(ValueError, match="enricher failed"):
+        writer.write(received.events)
+    assert _stored_sentiments(engine) == {}
