@@ -111,8 +111,6 @@ def import_command(
     db: DbOption = None,
 ) -> None:
     """Import a transcript file; see ``IMPORT_HELP`` for the exit statuses."""
-    from rich.console import Console
-
     from chatmw.importers import FORMATS, TextFile, detect_format, open_source
     from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
     from chatmw.security.privacy import PrivacySettings
@@ -138,9 +136,6 @@ def import_command(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
 
-    err = Console(stderr=True, soft_wrap=True)
-    if progress is None:
-        progress = err.is_terminal and text_file.size >= PROGRESS_MIN_BYTES
     with ExitStack() as stack:
         # The same writer as live traffic: sentiment, leads, query types, survey answers,
         # and the same privacy rules: pseudonyms here, the text rule in the writer.
@@ -153,6 +148,7 @@ def import_command(
             writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
                                                           child_privacy))
             stack.callback(writer.close)
+        from rich.console import Console
         from sqlalchemy.exc import SQLAlchemyError
 
         from chatmw.importers import ImportAborted, ImportFileError, run_import
@@ -161,6 +157,9 @@ def import_command(
         from chatmw.security.privacy import Privacy
         from chatmw.store.engine import make_engine, upgrade
 
+        err = Console(stderr=True, soft_wrap=True)
+        if progress is None:
+            progress = err.is_terminal and text_file.size >= PROGRESS_MIN_BYTES
         engine = make_engine(settings.database_url)
         stack.callback(engine.dispose)
         try:
