@@ -8,7 +8,7 @@ by then, so a key repeated across batches of one file is counted once.
 In a thread, the writer's Python work shares the interpreter lock with the reading. In a
 child process (:class:`ProcessBatchWriter`) the two run on two CPUs. The child builds its
 own writer with a picklable factory, because engines and connections cannot cross a
-process boundary, and receives each batch as tuples of field values.
+process boundary, and receives each batch as one list of values per field.
 """
 
 from __future__ import annotations
@@ -121,7 +121,9 @@ def _unpack(columns: list[list[Any]]) -> list[ev.Message]:
     # set as they are: Message.__init__ would check them again, at a few times the cost.
     count = len(columns[0]) if columns else 0
     if len(columns) != len(_SLOTS) or any(len(column) != count for column in columns):
-        raise ValueError(f"expected {len(_SLOTS)} columns of {count} values")
+        lengths = [len(column) for column in columns]
+        raise ValueError(f"invalid batch: expected {len(_SLOTS)} columns of equal length, "
+                         f"got columns of {lengths} values")
     new = object.__new__
     messages = [new(ev.Message) for _ in range(count)]
     for slot, column in zip(_SLOTS, columns, strict=True):
