@@ -46,6 +46,8 @@ _FIELDS = tuple(field.name for field in dataclasses.fields(ev.Message))
 _VALUES = operator.attrgetter(*_FIELDS)
 _GETTERS = tuple(operator.attrgetter(name) for name in _FIELDS)
 _SLOTS = tuple(getattr(ev.Message, name) for name in _FIELDS)
+# The slots' bound setters, looked up once instead of once per message and field.
+_SETTERS = tuple(slot.__set__ for slot in _SLOTS)
 
 
 class WriteFailed(Exception):
@@ -323,8 +325,8 @@ def pseudonymise_messages(privacy: Privacy) -> Callable[[ev.Message], ev.Message
 
     def transform(message: ev.Message) -> ev.Message:
         copy = object.__new__(ev.Message)
-        for slot, value in zip(_SLOTS, _VALUES(message), strict=True):
-            slot.__set__(copy, value)
+        for setter, value in zip(_SETTERS, _VALUES(message), strict=True):
+            setter(copy, value)
         for slot, kind in fields:
             value = slot.__get__(message)
             if isinstance(value, str) and value:
