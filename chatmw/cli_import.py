@@ -9,23 +9,21 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import tzinfo
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from sqlalchemy.exc import SQLAlchemyError
 
 from chatmw.cli import DbOption, app, settings_from
-from chatmw.importers.source import Skipped
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from chatmw.importers.source import Skipped
+
+# Rich, SQLAlchemy and the store are imported inside the command, because every chatmw
+# command line imports this module, and so does the import's writer process at its start.
 
 __all__ = ["import_command", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_SKIPPED"]
 
@@ -113,23 +111,9 @@ def import_command(
     db: DbOption = None,
 ) -> None:
     """Import a transcript file; see ``IMPORT_HELP`` for the exit statuses."""
-    from chatmw.importers import (
-        FORMATS,
-        ImportAborted,
-        ImportFileError,
-        TextFile,
-        detect_format,
-        open_source,
-        run_import,
-    )
-    from chatmw.importers.writers import (
-        ProcessBatchWriter,
-        build_import_writer,
-        pseudonymise_messages,
-    )
-    from chatmw.runtime import build_writer
-    from chatmw.security.privacy import Privacy, PrivacySettings
-    from chatmw.store.engine import make_engine, upgrade
+    from chatmw.importers import FORMATS, TextFile, detect_format, open_source
+    from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
+    from chatmw.security.privacy import PrivacySettings
 
     if file_format is None:
         try:
@@ -152,22 +136,32 @@ def import_command(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
 
-    err = Console(stderr=True, soft_wrap=True)
-    if progress is None:
-        progress = err.is_terminal and text_file.size >= PROGRESS_MIN_BYTES
-    engine = make_engine(settings.database_url)
     with ExitStack() as stack:
-        stack.callback(engine.dispose)
         # The same writer as live traffic: sentiment, leads, query types, survey answers,
         # and the same privacy rules: pseudonyms here, the text rule in the writer.
         writer: Any = None
         if text_file.size >= WRITER_PROCESS_MIN_BYTES:
-            # Started first, so that the child's imports overlap the migration. It needs
-            # the text rule only; the pseudonym key stays in this process.
+            # Started before this process imports the store, so that the child's start
+            # (a new interpreter and its imports) overlaps these imports and the migration.
+            # It needs the text rule only; the pseudonym key stays in this process.
             child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
             writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
                                                           child_privacy))
             stack.callback(writer.close)
+        from rich.console import Console
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from chatmw.importers import ImportAborted, ImportFileError, run_import
+        from chatmw.importers.writers import pseudonymise_messages
+        from chatmw.runtime import build_writer
+        from chatmw.security.privacy import Privacy
+        from chatmw.store.engine import make_engine, upgrade
+
+        err = Console(stderr=True, soft_wrap=True)
+        if progress is None:
+            progress = err.is_terminal and text_file.size >= PROGRESS_MIN_BYTES
+        engine = make_engine(settings.database_url)
+        stack.callback(engine.dispose)
         try:
             upgrade(engine)
         except SQLAlchemyError as error:
@@ -232,6 +226,15 @@ def _two_pass_progress(bar: Progress, size: int) -> Callable[[int], None]:
 
 
 def _progress_bar(console: Console, enabled: bool) -> Progress:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

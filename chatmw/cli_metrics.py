@@ -6,8 +6,6 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from chatmw.cli import DbOption, app, settings_from
 
@@ -96,6 +94,9 @@ def metrics_command(
 
 
 def _print_table(title: str, rows: list[dict[str, object]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title)
     columns: dict[str, None] = {}
     for row in rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
@@ -10,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy.orm import Session
 
 from chatmw.cli import DbOption, app, settings_from
 
@@ -115,6 +113,8 @@ def run(
     widget's outbox is built in. The configuration stored through the API, when there is
     one, replaces the file's.
     """
+    import asyncio
+
     from chatmw.surveys.dispatcher import Dispatcher
     from chatmw.surveys.service import build_channels
     from chatmw.surveys.settings_store import ConfigSource
@@ -175,6 +175,8 @@ def send(
     locale: Annotated[str | None, typer.Option(help="Locale of the texts.")] = None,
 ) -> None:
     """Schedule a survey of one conversation now; a running dispatcher sends it."""
+    from sqlalchemy.orm import Session
+
     from chatmw.surveys.scheduler import request_survey
 
     loaded = _load(config)

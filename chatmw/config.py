@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import make_url
-
-from chatmw.recorder import RecorderSettings
+if TYPE_CHECKING:
+    from chatmw.recorder import RecorderSettings
 
 __all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "WRITER_ENV"]
 
@@ -17,6 +17,14 @@ DEFAULT_DATABASE_URL = "sqlite:///chatmw.db"
 DATABASE_URL_ENV = "CHATMW_DATABASE_URL"
 # The store writer's placement: "process" (the default) or "thread".
 WRITER_ENV = "CHATMW_WRITER"
+
+
+def _default_recorder_settings() -> RecorderSettings:
+    # Imported here because the recorder imports SQLAlchemy, which a command line that
+    # only parses its options does not need.
+    from chatmw.recorder import RecorderSettings
+
+    return RecorderSettings()
 
 
 @dataclass(slots=True)
@@ -31,7 +39,7 @@ class Settings:
     database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
     session_gap_minutes: float = 30.0
     metrics_prefix: str = "/metrics"
-    recorder: RecorderSettings = field(default_factory=RecorderSettings)
+    recorder: RecorderSettings = field(default_factory=_default_recorder_settings)
     # Score the sentiment of English user messages as they are written (chatmw.sentiment).
     sentiment: bool = True
     # Run the store writer in a child process (chatmw.writer_process), so that decoding,
@@ -65,6 +73,8 @@ class Settings:
         return cls(**values)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
+        from sqlalchemy.engine import make_url
+
         # The URL may carry a password: the repr shows it masked.
         url = make_url(self.database_url).render_as_string(hide_password=True)
         return (

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-
-from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
+from typing import TYPE_CHECKING
 
 from chatmw.business import install as install_business
-from chatmw.business_hours import BusinessHours
 from chatmw.config import Settings
-from chatmw.metrics.business_rollups import register_business_hours
-from chatmw.metrics.rollup_refresh import REFRESH_INTERVAL_S, Refresher
-from chatmw.recorder import Recorder, Spool
-from chatmw.security.privacy import Privacy, PrivacySettings
 from chatmw.sentiment import sentiment_enricher
-from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.writer import Writer, WriterSettings
-from chatmw.surveys.addresses import install_address_capture
 from chatmw.surveys.service import install_answer_preprocessor
-from chatmw.writer_process import ProcessWriter, start_process_writer
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from chatmw.business_hours import BusinessHours
+    from chatmw.metrics.rollup_refresh import Refresher
+    from chatmw.recorder import Recorder, Spool
+    from chatmw.security.privacy import Privacy, PrivacySettings
+    from chatmw.writer_process import ProcessWriter
+
+# Runtime imports the recorder, the rollups and the privacy rules when it is built, so a
+# process that only builds a writer (such as ``chatmw import``) starts without them.
 
 __all__ = ["Runtime", "build_writer", "PRIVACY_FROM_ENV"]
 
@@ -74,6 +76,8 @@ class Runtime:
         # Set by start() when the writer runs in a child process (Settings.writer_process).
         self._process_writer: ProcessWriter | None = None
         # Seconds between rollup refreshes of the thread ``start`` runs; None runs no thread.
+        from chatmw.metrics.rollup_refresh import REFRESH_INTERVAL_S
+
         self.rollup_interval_s: float | None = REFRESH_INTERVAL_S
         self._rollups: Refresher | None = None
         # The business hours this process serves metrics with; ``start`` registers them as
@@ -92,6 +96,10 @@ class Runtime:
         ``privacy=None`` ids and text are stored as the sources report them. The writer
         comes from :func:`build_writer`.
         """
+        from chatmw.recorder import Recorder
+        from chatmw.security.privacy import PrivacySettings
+        from chatmw.store.engine import make_engine
+
         if privacy is PRIVACY_FROM_ENV:
             privacy = PrivacySettings.from_env()
         if privacy is not None and not isinstance(privacy, PrivacySettings):
@@ -110,6 +118,12 @@ class Runtime:
         the recorder. Address capture for ``survey_channels`` is installed after that, so
         that it copies the platform ids before they are pseudonymised.
         """
+        from chatmw.metrics.rollup_refresh import Refresher
+        from chatmw.security.privacy import Privacy
+        from chatmw.store.engine import upgrade
+        from chatmw.surveys.addresses import install_address_capture
+        from chatmw.writer_process import start_process_writer
+
         if migrate:
             upgrade(self.engine)
         if self.business_hours is not None:
@@ -136,6 +150,10 @@ class Runtime:
             self._rollups.start()
 
     def _register_business_hours(self, hours: BusinessHours) -> None:
+        from sqlalchemy.exc import DBAPIError
+
+        from chatmw.metrics.business_rollups import register_business_hours
+
         try:
             register_business_hours(self.engine, hours)
         except DBAPIError as error:

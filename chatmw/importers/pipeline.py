@@ -6,12 +6,14 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from chatmw import events as ev
 from chatmw.importers.source import Row, Skipped
 from chatmw.importers.writers import BatchWriter, ThreadBatchWriter, WriteFailed
-from chatmw.store.writer import Writer
+
+if TYPE_CHECKING:
+    from chatmw.store.writer import Writer
 
 __all__ = ["ImportReport", "ImportAborted", "MessageSource", "run_import", "DEFAULT_BATCH_SIZE"]
 
@@ -100,6 +102,8 @@ def run_import(source: MessageSource, writer: Writer | BatchWriter,
     written. ``on_skipped`` is called for each invalid row. Raises :class:`ImportAborted`
     when a batch fails, with the batches before it stored; running the import again is safe.
     """
+    from chatmw.store.writer import Writer
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     report = ImportReport()

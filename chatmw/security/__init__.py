@@ -12,12 +12,7 @@ The functions other parts call:
   data-deletion callback.
 """
 
-from chatmw.security.erasure import REGISTRY, DataRegistry, erase_person, purge_older_than
-from chatmw.security.keys import KeyAuth, create_key, list_keys, require_key, revoke_key
-from chatmw.security.privacy import Privacy, PrivacySettings
-from chatmw.security.pseudonyms import Pseudonymiser
-from chatmw.security.redaction import redact_text
-from chatmw.security.secret import Secret
+from chatmw._lazy import lazy_exports
 
 __all__ = [
     "REGISTRY",
@@ -35,3 +30,22 @@ __all__ = [
     "require_key",
     "revoke_key",
 ]
+
+# Each name is imported from its module on first use, so that importing one submodule
+# (such as the privacy rules) does not import the others (such as FastAPI for the routes).
+__getattr__ = lazy_exports(globals(), {
+    "REGISTRY": "chatmw.security.erasure",
+    "DataRegistry": "chatmw.security.erasure",
+    "erase_person": "chatmw.security.erasure",
+    "purge_older_than": "chatmw.security.erasure",
+    "KeyAuth": "chatmw.security.keys",
+    "create_key": "chatmw.security.keys",
+    "list_keys": "chatmw.security.keys",
+    "require_key": "chatmw.security.keys",
+    "revoke_key": "chatmw.security.keys",
+    "Privacy": "chatmw.security.privacy",
+    "PrivacySettings": "chatmw.security.privacy",
+    "Pseudonymiser": "chatmw.security.pseudonyms",
+    "redact_text": "chatmw.security.redaction",
+    "Secret": "chatmw.security.secret",
+})

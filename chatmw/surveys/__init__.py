@@ -5,16 +5,7 @@ through the channel's outbound interface, and the answer preprocessor turns repl
 scores in the writer's transaction. See ``docs/surveys.md``.
 """
 
-from chatmw.surveys.addresses import capture_addresses, install_address_capture
-from chatmw.surveys.answering import SurveyAnswerPreprocessor
-from chatmw.surveys.answers import Answer, parse_answer
-from chatmw.surveys.api import create_survey_router
-from chatmw.surveys.config import SurveysConfig, SurveySettings, load_config, parse_config
-from chatmw.surveys.dispatcher import Dispatcher, RoundStats
-from chatmw.surveys.metrics import csat, nps
-from chatmw.surveys.service import SurveyService, build_channels, install_answer_preprocessor
-from chatmw.surveys.settings_store import ConfigSource
-from chatmw.surveys.web import WebOutbound, fetch_web_messages
+from chatmw._lazy import lazy_exports
 
 __all__ = [
     "Answer",
@@ -38,3 +29,28 @@ __all__ = [
     "parse_answer",
     "parse_config",
 ]
+
+# Each name is imported from its module on first use, so that importing one submodule
+# (such as the answer preprocessor) does not import the others (such as the FastAPI routes).
+__getattr__ = lazy_exports(globals(), {
+    "capture_addresses": "chatmw.surveys.addresses",
+    "install_address_capture": "chatmw.surveys.addresses",
+    "SurveyAnswerPreprocessor": "chatmw.surveys.answering",
+    "Answer": "chatmw.surveys.answers",
+    "parse_answer": "chatmw.surveys.answers",
+    "create_survey_router": "chatmw.surveys.api",
+    "SurveysConfig": "chatmw.surveys.config",
+    "SurveySettings": "chatmw.surveys.config",
+    "load_config": "chatmw.surveys.config",
+    "parse_config": "chatmw.surveys.config",
+    "Dispatcher": "chatmw.surveys.dispatcher",
+    "RoundStats": "chatmw.surveys.dispatcher",
+    "csat": "chatmw.surveys.metrics",
+    "nps": "chatmw.surveys.metrics",
+    "SurveyService": "chatmw.surveys.service",
+    "build_channels": "chatmw.surveys.service",
+    "install_answer_preprocessor": "chatmw.surveys.service",
+    "ConfigSource": "chatmw.surveys.settings_store",
+    "WebOutbound": "chatmw.surveys.web",
+    "fetch_web_messages": "chatmw.surveys.web",
+})
