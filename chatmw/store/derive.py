@@ -7,7 +7,6 @@ right when messages arrive late, out of order or twice.
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -21,6 +20,7 @@ from chatmw.store.identity import bulk_update, id_in, select_by_keys
 from chatmw.store.models import Conversation, Message
 
 __all__ = [
+    "MESSAGE_COLUMNS",
     "UNTIMED_KINDS",
     "ConversationCache",
     "ConversationState",
@@ -36,6 +36,16 @@ __all__ = [
 # user messages, and they are not counted as messages of the conversation.
 UNTIMED_KINDS = frozenset({"survey_prompt", "survey_answer", "reaction"})
 RESPONDER_ROLES = frozenset({"bot", "agent"})
+# The columns of the message rows that plan_refresh takes, in this order (the writer's
+# rows, which the insert sends as they are).
+MESSAGE_COLUMNS = ("key", "conversation_id", "contact_id", "channel", "role", "kind", "text",
+                   "occurred_at_ms", "platform_message_id", "reply_to", "latency_ms",
+                   "response_ms", "is_first_response", "intent", "sentiment", "status",
+                   "status_at_ms", "meta")
+(_KEY, _CONVERSATION, _ROLE, _KIND, _AT, _RESPONSE, _FIRST) = (
+    MESSAGE_COLUMNS.index(name) for name in ("key", "conversation_id", "role", "kind",
+                                              "occurred_at_ms", "response_ms",
+                                              "is_first_response"))
 # Conversations refreshed per query; ids travel as one array or JSON parameter, so this
 # only bounds the rows held in memory at once.
 REFRESH_CHUNK = 5000
@@ -324,15 +334,16 @@ class RefreshPlan:
     identities: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
-def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
+def plan_refresh(session: Session, rows: Sequence[list[Any]],
                  known: Callable[[int], ConversationState | None] | None = None) -> RefreshPlan:
     """Compute the figures of the conversations of message ``rows`` before they are inserted.
 
-    A row is new when no stored message and no earlier row has its key. New rows get ids
-    above every stored id, in row order, so they sort after stored messages of the same
-    time, as :func:`refresh_conversations` sorts them once inserted. Their
-    ``response_ms`` and ``is_first_response`` are set in place, so that they go in with
-    their final values, and only stored messages whose figures change need an update.
+    Rows are lists of the values of :data:`MESSAGE_COLUMNS`, in that order. A row is new
+    when no stored message and no earlier row has its key. New rows get ids above every
+    stored id, in row order, so they sort after stored messages of the same time, as
+    :func:`refresh_conversations` sorts them once inserted. Their ``response_ms`` and
+    ``is_first_response`` are set in place, so that they go in with their final values,
+    and only stored messages whose figures change need an update.
     The plan holds only if exactly the expected rows are then inserted, in order
     (:func:`chatmw.store.identity.insert_ignore_expected`): apply it with
     :func:`apply_refresh`, or else call :func:`refresh_conversations`.
@@ -342,19 +353,24 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     and whose new rows all come at or after its last message, is planned from the state
     alone. The messages of the other conversations are read.
     """
-    ids = sorted({row["conversation_id"] for row in rows})
     stored_rows: dict[str, tuple[int, int]] = {
         key: (conversation_id, at_ms) for key, conversation_id, at_ms in select_by_keys(
-            session, Message.__table__, ("key",), [(row["key"],) for row in rows],
+            session, Message.__table__, ("key",), [(row[_KEY],) for row in rows],
             ("key", "conversation_id", "occurred_at_ms"))}
-    new_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    new_rows: dict[int, list[list[Any]]] = {}
     expected: list[str] = []
     for row in rows:
-        key = row["key"]
+        key = row[_KEY]
         if key not in stored_rows:
-            stored_rows[key] = (row["conversation_id"], row["occurred_at_ms"])
-            new_rows[row["conversation_id"]].append(row)
+            conversation_id = row[_CONVERSATION]
+            stored_rows[key] = (conversation_id, row[_AT])
+            added = new_rows.get(conversation_id)
+            if added is None:
+                new_rows[conversation_id] = [row]
+            else:
+                added.append(row)
             expected.append(key)
+    ids = sorted({row[_CONVERSATION] for row in rows})
 
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
@@ -366,17 +382,20 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
-        identities.update((cid, (row[0], row[1])) for cid, row in conversations.items())
-        with_intent.update(conversation_id for conversation_id, row in conversations.items()
-                           if row[9])
-        additions = {conversation_id: _added(new_rows.get(conversation_id, ()))
-                     for conversation_id in chunk}
+        additions: dict[int, list[Any]] = {}
         planned: dict[int, _Running] = {}
         unknown: list[int] = []
         for conversation_id in chunk:
+            added = _added(new_rows.get(conversation_id))
+            additions[conversation_id] = added
             row = conversations.get(conversation_id)
-            state = None if known is None or row is None else known(conversation_id)
-            added = additions[conversation_id]
+            if row is None:
+                unknown.append(conversation_id)
+                continue
+            identities[conversation_id] = (row[0], row[1])
+            if row[9]:
+                with_intent.add(conversation_id)
+            state = None if known is None else known(conversation_id)
             if (state is not None and row[:_COMPARED] == state[:_COMPARED]
                     and (not added or state[3] <= added[0][4])):
                 planned[conversation_id] = _Running(*state[2:])
@@ -404,9 +423,9 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                 else:
                     same_start.add(conversation_id)
             for message, response_ms, is_first in changed:
-                if isinstance(message, dict):
-                    message["response_ms"] = response_ms
-                    message["is_first_response"] = is_first
+                if type(message) is list:
+                    message[_RESPONSE] = response_ms
+                    message[_FIRST] = is_first
                 else:
                     message_changes.append({"id": message, "response_ms": response_ms,
                                             "is_first_response": is_first})
@@ -431,11 +450,16 @@ def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     return {row[0]: tuple(row[1:]) for row in session.connection().execute(statement)}
 
 
-def _added(new_rows: Sequence[dict[str, Any]]) -> list[Any]:
-    # New rows as timing rows, sorted by time. Rows of equal time keep their order.
-    return sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
-                    row["response_ms"], row["is_first_response"]) for row in new_rows),
-                  key=itemgetter(4))
+def _added(new_rows: Sequence[list[Any]] | None) -> list[Any]:
+    # New rows as timing rows, sorted by time. Rows of equal time keep their order. The
+    # message of a timing row is the row itself, which the plan updates in place.
+    if not new_rows:
+        return []
+    timings = [(row[_CONVERSATION], row, row[_ROLE], row[_KIND], row[_AT], row[_RESPONSE],
+                row[_FIRST]) for row in new_rows]
+    if len(timings) > 1:
+        timings.sort(key=itemgetter(4))
+    return timings
 
 
 def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:

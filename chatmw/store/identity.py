@@ -74,8 +74,9 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
     _insert_ignore_sqlite(session, table, rows, conflict)
 
 
-def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                           conflict: Sequence[str], expected: Sequence[Any]) -> bool:
+def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
+                           conflict: Sequence[str], expected: Sequence[Any],
+                           names: Sequence[str] | None = None) -> bool:
     """Insert ``rows`` as :func:`insert_ignore` does, and return whether ``expected`` went in.
 
     ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
@@ -84,18 +85,28 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
     PostgreSQL gets the rows by binary ``COPY`` when their values fit
-    (:func:`chatmw.store.pg_copy.copy_rows`).
+    (:func:`chatmw.store.pg_copy.copy_rows`). Rows are dicts, or sequences of the values
+    of the columns ``names`` in that order.
     """
     if not rows:
         return not expected
+    if names is None:
+        names = list(rows[0])
+        columns = None
+    else:
+        names = list(names)
+        columns = list(zip(*rows, strict=True))
     if session.get_bind().dialect.name != "postgresql":
-        return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
-    names = list(rows[0])
+        if columns is None:
+            return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
+        return _insert_sqlite_columns(session, table, names, columns, conflict) == len(expected)
     types = _column_types(session, table, names)
     parameters: dict[str, Any] = {}
-    source = copy_rows(session, "new_rows", types, rows)
+    source = copy_rows(session, "new_rows", types, rows, columns)
     if source is None:
-        source, parameters = _pg_rows(session, "new_rows", types, rows)
+        dict_rows = rows if columns is None else [dict(zip(names, row, strict=True))
+                                                  for row in rows]
+        source, parameters = _pg_rows(session, "new_rows", types, dict_rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
@@ -111,17 +122,23 @@ def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[st
                           conflict: Sequence[str]) -> int:
     # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
     # cost more than SQLite's own work on the message batches. Returns the rows inserted.
+    names = list(rows[0])
+    return _insert_sqlite_columns(session, table, names, _columns(rows, names), conflict)
+
+
+def _insert_sqlite_columns(session: Session, table: Table, names: Sequence[str],
+                           columns: list[Sequence[Any]], conflict: Sequence[str]) -> int:
+    # ``columns`` holds the values of each of ``names``, one per row.
     dialect = session.get_bind().dialect.name
     if dialect != "sqlite":
         raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
-    names = list(rows[0])
     processors = _bind_processors(session, table, names)
     statement = (
         f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
         f"VALUES ({', '.join('?' for _ in names)}) "
         f"ON CONFLICT ({', '.join(_quoted(conflict))}) DO NOTHING"
     )
-    result = session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    result = session.connection().exec_driver_sql(statement, _processed(columns, processors))
     return int(result.rowcount)
 
 
@@ -136,21 +153,28 @@ def _bind_processors(session: Session, table: Table, names: Sequence[str]) -> li
 
 def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
             processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return _processed(_columns(rows, names), processors)
+
+
+def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[Sequence[Any]]:
     # One itemgetter call per row reads every column, when every row has every column
-    # (a missing one counts as None). Only the columns with a bind processor (Boolean and
-    # JSON on SQLite) are then processed, column by column.
-    columns: list[Sequence[Any]]
+    # (a missing one counts as None).
     try:
         if len(names) < 2:
             raise KeyError(names)
-        columns = list(zip(*map(itemgetter(*names), rows), strict=True))
+        return list(zip(*map(itemgetter(*names), rows), strict=True))
     except KeyError:
-        columns = [[row.get(name) for row in rows] for name in names]
-    if not any(processors):
-        return list(zip(*columns, strict=True))
-    for index, processor in enumerate(processors):
-        if processor is not None:
-            columns[index] = [processor(value) for value in columns[index]]
+        return [[row.get(name) for row in rows] for name in names]
+
+
+def _processed(columns: list[Sequence[Any]], processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    # The rows of ``columns`` as tuples. Only the columns with a bind processor (Boolean
+    # and JSON on SQLite) are processed, column by column.
+    if any(processors):
+        columns = list(columns)
+        for index, processor in enumerate(processors):
+            if processor is not None:
+                columns[index] = [processor(value) for value in columns[index]]
     return list(zip(*columns, strict=True))
 
 
