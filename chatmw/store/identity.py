@@ -379,7 +379,7 @@ def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bo
     an expanded ``IN (?, ?, ...)`` list is a new statement text for each length, which
     both drivers parse and plan again, and it is bounded by SQLite's variable limit.
     """
-    values = [int(value) for value in ids]
+    values = list(map(int, ids))
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(cast(bindparam(None, values, unique=True), ARRAY(column.type)))
     table = func.json_each(bindparam(None, json.dumps(values), unique=True)).table_valued("value")
