@@ -211,6 +211,32 @@ def _tokens(text: str) -> list[str]:
     return tokens
 
 
+# The tokens of runs of printable ASCII text between spaces, remembered because chat texts
+# repeat most of their words. Emptied when it holds _RUN_TOKENS_SIZE runs (about 2 MB).
+_RUN_TOKENS: dict[str, tuple[str, ...]] = {}
+_RUN_TOKENS_SIZE = 16_384
+
+
+def _printable_tokens(text: str) -> list[str]:
+    """Return ``_tokens(text)`` for printable ASCII ``text``, run by run.
+
+    Such text has no line break, so no end-of-sentence mark, and the contractions and
+    quotes that _tokens pads contain no space. So each run between spaces gives the same
+    tokens on its own as within the text.
+    """
+    remembered = _RUN_TOKENS
+    tokens: list[str] = []
+    for run in text.split():
+        found = remembered.get(run)
+        if found is None:
+            found = tuple(_tokens(run))
+            if len(remembered) >= _RUN_TOKENS_SIZE:
+                remembered.clear()
+            remembered[run] = found
+        tokens += found
+    return tokens
+
+
 def _sentences(tokens: list[str]) -> list[list[str]]:
     """Split tokens into sentences as TextBlob does, dropping end-of-sentence marks."""
     sentences = []
@@ -241,7 +267,7 @@ def _join_marks(tokens: list[str]) -> list[str]:
 
 def _words(text: str) -> list[str]:
     """Return the lowercase words that TextBlob's sentiment call assesses for ``text``."""
-    tokens = _tokens(text)
+    tokens = _printable_tokens(text) if text.isascii() and text.isprintable() else _tokens(text)
     assessed = [token for token in tokens if token != _EOS] if _EOS in tokens else tokens
     line = " ".join(assessed)
     # Each sentence is a part of the line, so RE_SARCASM and RE_EMOTICONS change no
