@@ -212,7 +212,7 @@ def _tokens(text: str) -> list[str]:
 
 
 # The tokens of runs of printable ASCII text between spaces, remembered because chat texts
-# repeat most of their words. Emptied when it holds _RUN_TOKENS_SIZE runs (about 2 MB).
+# repeat most of their words. Emptied once it contains _RUN_TOKENS_SIZE runs (about 2 MB).
 _RUN_TOKENS: dict[str, tuple[str, ...]] = {}
 _RUN_TOKENS_SIZE = 16_384
 
