@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -94,8 +94,7 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
         names = list(rows[0])
         columns = None
     else:
-        names = list(names)
-        columns = list(zip(*rows, strict=True))
+        names, columns = _valued_columns(table, names, list(zip(*rows, strict=True)))
     if session.get_bind().dialect.name != "postgresql":
         if columns is None:
             return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
@@ -104,8 +103,8 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
     parameters: dict[str, Any] = {}
     source = copy_rows(session, "new_rows", types, rows, columns)
     if source is None:
-        dict_rows = rows if columns is None else [dict(zip(names, row, strict=True))
-                                                  for row in rows]
+        dict_rows = rows if columns is None else [dict(zip(names, values, strict=True))
+                                                  for values in zip(*columns, strict=True)]
         source, parameters = _pg_rows(session, "new_rows", types, dict_rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
@@ -116,6 +115,18 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
         return False
     ids = [inserted[key] for key in expected]
     return all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False))
+
+
+def _valued_columns(table: Table, names: Sequence[str],
+                    columns: list[Sequence[Any]]) -> tuple[list[str], list[Sequence[Any]]]:
+    # Leaves out the columns that are NULL in every row and have no server default, which
+    # the insert then sets to NULL all the same. (Python's sqlite3 module binds each None
+    # through its adapters, and a message batch has several such columns.)
+    kept = [index for index, (name, values) in enumerate(zip(names, columns, strict=True))
+            if values.count(None) < len(values) or table.c[name].server_default is not None]
+    if len(kept) == len(names):
+        return list(names), columns
+    return [names[index] for index in kept], [columns[index] for index in kept]
 
 
 def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[str, Any]],
@@ -449,12 +460,14 @@ class KnownKeys:
         self._ids.clear()
 
 
-def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[str, Any]],
+def _resolve(session: Session, table: Table, wanted: Mapping[tuple[str, str], Any],
+             make_row: Callable[[tuple[str, str], Any], dict[str, Any]],
              known: KnownKeys | None) -> dict[tuple[str, str], int]:
     # Takes the ids that ``known`` holds, inserts the other rows and reads their ids. A row
     # that the insert skipped and that is gone when read (removed by another transaction
-    # in between) is inserted again.
-    keys = sorted(rows)
+    # in between) is inserted again. ``make_row`` builds the row of a key and its value in
+    # ``wanted``, for the keys that ``known`` does not hold only.
+    keys = sorted(wanted)
     found: dict[tuple[str, str], int] = {}
     unknown = keys
     if known is not None:
@@ -468,6 +481,7 @@ def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[st
     if not unknown:
         _hold_write_lock(session, table)
         return found
+    rows = {key: make_row(key, wanted[key]) for key in unknown}
     insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
     read: dict[tuple[str, str], int] = {}
     for channel, external, row_id in select_by_keys(
@@ -505,12 +519,12 @@ def resolve_contacts(session: Session, identities: dict[tuple[str, str], int],
     """
     if not identities:
         return {}
-    rows = {
-        (channel, external): {"channel": channel, "external_id": external,
-                              "first_seen_ms": at_ms, "last_seen_ms": at_ms}
-        for (channel, external), at_ms in identities.items()
-    }
-    return _resolve(session, Contact.__table__, rows, known)
+    return _resolve(session, Contact.__table__, identities, _contact_row, known)
+
+
+def _contact_row(identity: tuple[str, str], at_ms: int) -> dict[str, Any]:
+    return {"channel": identity[0], "external_id": identity[1], "first_seen_ms": at_ms,
+            "last_seen_ms": at_ms}
 
 
 def resolve_named_conversations(
@@ -524,14 +538,14 @@ def resolve_named_conversations(
     """
     if not wanted:
         return {}
-    rows = {
-        (channel, external): {
-            "channel": channel, "external_id": external, "contact_id": contact_id,
+    return _resolve(session, Conversation.__table__, wanted, _conversation_row, known)
+
+
+def _conversation_row(identity: tuple[str, str], value: tuple[int, int | None]) -> dict[str, Any]:
+    at_ms, contact_id = value
+    return {"channel": identity[0], "external_id": identity[1], "contact_id": contact_id,
             "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
             "user_message_count": 0, "handed_off": False}
-        for (channel, external), (at_ms, contact_id) in wanted.items()
-    }
-    return _resolve(session, Conversation.__table__, rows, known)
 
 
 @dataclass(slots=True)
