@@ -2,9 +2,9 @@
 
 The writer is the one every runtime builds (``chatmw.runtime.build_writer``, sentiment on),
 with the garbage collector tuned as in a writer process. Batches of ``bench/workload.py``
-are generated first; the warm-up batches fill the writer's caches, and the measured ones
-report the writer's CPU time (``time.process_time``) and, on PostgreSQL, the CPU of the
-server backends of the benchmark database (from ``/proc``), per message.
+are generated first, and the warm-up batches fill the writer's caches. The script then
+reports, per message of the measured batches, the writer's CPU time (``time.process_time``)
+and on PostgreSQL the CPU of the server backends of the benchmark database (from ``/proc``).
 
 Under ``valgrind --tool=callgrind --instr-atstart=no`` with ``--callgrind``, the script
 turns instrumentation on after the warm-up and collects only inside the measured
@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from bench.common import DATA_DIR, recreate_postgres_database
+from bench.common import DATA_DIR, fresh_sqlite_url, recreate_postgres_database
 from bench.workload import message_stream
 from chatmw.config import Settings
 from chatmw.runtime import build_writer
@@ -58,11 +58,7 @@ def _client_requests() -> Any:
 
 def _fresh_url(database: str) -> str:
     if database == "sqlite":
-        DATA_DIR.mkdir(parents=True, exist_ok=True)
-        path = DATA_DIR / "writer_cpu.db"
-        for suffix in ("", "-wal", "-shm"):
-            path.with_name(path.name + suffix).unlink(missing_ok=True)
-        return f"sqlite:///{path}"
+        return fresh_sqlite_url("writer_cpu.db")
     return recreate_postgres_database("chatmw_bench_writer_cpu")
 
 

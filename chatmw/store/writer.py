@@ -239,8 +239,8 @@ class Writer:
         conversation_ids, named_ids = self._conversations_for(session, messages, times,
                                                               contact_ids)
 
-        # Rows are lists in MESSAGE_COLUMNS order: the insert sends sequences, and a dict
-        # per row cost more to build and to turn back into one.
+        # Rows are lists in MESSAGE_COLUMNS order, because the insert sends sequences and a
+        # dict per row cost more to build and to turn back into one.
         rows = []
         append = rows.append
         enrichers = self.enrichers
