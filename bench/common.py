@@ -118,6 +118,15 @@ def recreate_postgres_database(database: str) -> str:
     return postgres_url(database)
 
 
+def fresh_sqlite_url(filename: str) -> str:
+    """Delete the SQLite file ``filename`` under DATA_DIR with its WAL files; return its URL."""
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    path = DATA_DIR / filename
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
 def postgres_database_exists(database: str) -> bool:
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as connection:
         row = connection.execute(

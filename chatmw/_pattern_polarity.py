@@ -41,6 +41,7 @@ _CONTRACTIONS = tuple(textblob_text.replacements.items())
 _CONTRACTIONS_NEED_APOSTROPHE = all("'" in old for old, _ in _CONTRACTIONS)
 _CONTRACTION_TOKENS = frozenset(textblob_text.replacements)
 _QUOTES = ("\u201c", "\u201d", "\u2018", "\u2019", "'", '"')
+_ASCII_QUOTES = tuple(quote for quote in _QUOTES if quote.isascii())
 _LINE_BREAKS = re.compile(r"\n{2,}")
 
 # A period is split off at a token's end only (and not after an abbreviation), so it is not
@@ -73,9 +74,25 @@ def _emoticon_pairs() -> re.Pattern[str]:
     return re.compile("|".join(branches))
 
 
+def _spaced_emoticons() -> re.Pattern[str]:
+    """Compile RE_EMOTICONS restricted to matches with at least one space in the emoticon."""
+    branches = []
+    for faces in textblob_text.EMOTICONS.values():
+        for face in faces:
+            chars = [re.escape(char) for char in face]
+            # The first space present follows chars[split - 1]; later spaces stay optional.
+            for split in range(1, len(chars)):
+                branches.append("".join(chars[:split]) + " " + " ?".join(chars[split:]))
+    return re.compile(r"(?:%s)(?:$|\s)" % "|".join(branches))
+
+
 # RE_EMOTICONS allows one optional space between the characters of an emoticon and replaces
 # a match by the match without spaces, so it changes text only where this pattern matches.
 _EMOTICON_PAIR = _emoticon_pairs()
+# A sentence that RE_EMOTICONS changes has a match of this pattern, and so has the line of
+# all sentences, where a space or the line's end follows each sentence. It runs only on
+# lines that _EMOTICON_PAIR matches, because each of its matches contains such a pair.
+_SPACED_EMOTICON = _spaced_emoticons()
 
 
 class _Tables(NamedTuple):
@@ -170,7 +187,7 @@ def _tokens(text: str) -> list[str]:
         for old, new in _CONTRACTIONS:
             if old in text:
                 text = text.replace(old, new)
-    for quote in _QUOTES:
+    for quote in _ASCII_QUOTES if text.isascii() else _QUOTES:
         if quote in text:
             text = text.replace(quote, f" {quote} ")
     if "\r\n" in text:
@@ -191,6 +208,32 @@ def _tokens(text: str) -> list[str]:
             append(last)
         else:
             _split_punctuation(token, tokens)
+    return tokens
+
+
+# The tokens of runs of printable ASCII text between spaces, remembered because chat texts
+# repeat most of their words. Emptied once it contains _RUN_TOKENS_SIZE runs (about 2 MB).
+_RUN_TOKENS: dict[str, tuple[str, ...]] = {}
+_RUN_TOKENS_SIZE = 16_384
+
+
+def _printable_tokens(text: str) -> list[str]:
+    """Return ``_tokens(text)`` for printable ASCII ``text``, run by run.
+
+    Such text has no line break, so no end-of-sentence mark, and the contractions and
+    quotes that _tokens pads contain no space. So each run between spaces gives the same
+    tokens on its own as within the text.
+    """
+    remembered = _RUN_TOKENS
+    tokens: list[str] = []
+    for run in text.split():
+        found = remembered.get(run)
+        if found is None:
+            found = tuple(_tokens(run))
+            if len(remembered) >= _RUN_TOKENS_SIZE:
+                remembered.clear()
+            remembered[run] = found
+        tokens += found
     return tokens
 
 
@@ -224,10 +267,14 @@ def _join_marks(tokens: list[str]) -> list[str]:
 
 def _words(text: str) -> list[str]:
     """Return the lowercase words that TextBlob's sentiment call assesses for ``text``."""
-    tokens = _tokens(text)
+    tokens = _printable_tokens(text) if text.isascii() and text.isprintable() else _tokens(text)
     assessed = [token for token in tokens if token != _EOS] if _EOS in tokens else tokens
     line = " ".join(assessed)
-    if ("(" in line and "!" in line) or _EMOTICON_PAIR.search(line) is not None:
+    # Each sentence is a part of the line, so RE_SARCASM and RE_EMOTICONS change no
+    # sentence when these searches find nothing in the line (see _SPACED_EMOTICON).
+    if (("(" in line and "!" in line and textblob_text.RE_SARCASM.search(line) is not None)
+            or (_EMOTICON_PAIR.search(line) is not None
+                and _SPACED_EMOTICON.search(line) is not None)):
         assessed = _join_marks(tokens)
     elif line.isascii():
         # ASCII lowercasing maps each character to one non-space character.
@@ -295,7 +342,9 @@ def _mean_polarity(words: list[str]) -> float:
 
 def fast_pattern_polarity(text: str) -> float | None:
     """Return TextBlob's polarity of ``text``, or ``None`` for text left to TextBlob's call."""
-    if _UNCHECKED_WHITESPACE.search(text) is not None:
+    # Printable ASCII has no whitespace but the space, which saves the search.
+    if not (text.isascii() and text.isprintable()) and _UNCHECKED_WHITESPACE.search(
+            text) is not None:
         return None
     return _mean_polarity(_words(text))
 

@@ -89,8 +89,16 @@ def normalise_phone(number: str) -> str | None:
     return digits
 
 
+# Every byte but the ASCII digits, deleted by bytes.translate to count the digits.
+_NON_DIGITS = bytes(code for code in range(256) if not 48 <= code <= 57)
+
+
 def find_phones(text: str) -> list[str]:
     """Return the distinct plausible phone numbers in ``text``, normalised, in order."""
+    if text.isascii() and len(text.encode("ascii").translate(None, _NON_DIGITS)) < MIN_PHONE_DIGITS:
+        # A number has at least MIN_PHONE_DIGITS digits, and counting them costs far less
+        # than the search. (Other scripts' digits are digits too, hence ASCII text only.)
+        return []
     numbers = []
     for match in _PHONE_CANDIDATE.finditer(text):
         candidate = match.group(1).rstrip(" .-/(")

@@ -81,9 +81,12 @@ _MARKUP_SIGNS = ("@", "#", "://", "www.")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
 # On lowercase ASCII text, _WORD matches runs of a-z, joined by one apostrophe at most.
 _ASCII_WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
-_ASCII_NON_LETTERS = str.maketrans(
-    {chr(code): " " for code in range(128) if not "a" <= chr(code) <= "z"}
-)
+# A bytes.translate table that lowercases ASCII letters and turns every other byte into a
+# space. A bytes table needs no dict lookup per character, unlike str.translate.
+_ASCII_LOWER_LETTERS = bytes(
+    code if chr(code).isascii() and chr(code).isalpha() else 32
+    for code in range(256)
+).lower()
 
 # Scores of up to _MEMO_SIZE texts of at most _MEMO_MAX_CHARS characters are kept. Full, that
 # is about 9 MB for ASCII texts (260 bytes per entry with its key, tracemalloc, CPython 3.11)
@@ -115,16 +118,19 @@ def _without_markup(text: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    text = text.replace("\u2019", "'")
-    if any(sign in text for sign in _MARKUP_SIGNS):
-        text = _without_markup(text)
-    if not text.isascii():
-        return [word.lower() for word in _WORD.findall(text)]
+    if text.isascii():
+        if "@" in text or "#" in text or "://" in text or "www." in text:  # _MARKUP_SIGNS
+            text = _without_markup(text)
+    else:
+        text = text.replace("\u2019", "'")
+        if any(sign in text for sign in _MARKUP_SIGNS):
+            text = _without_markup(text)
+        if not text.isascii():
+            return [word.lower() for word in _WORD.findall(text)]
     # Lowercasing ASCII maps letters to letters only, so the words stay the same.
-    text = text.lower()
     if "'" in text:
-        return _ASCII_WORD.findall(text)
-    return text.translate(_ASCII_NON_LETTERS).split()
+        return _ASCII_WORD.findall(text.lower())
+    return text.encode("ascii").translate(_ASCII_LOWER_LETTERS).decode("ascii").split()
 
 
 def is_english(text: str) -> bool:

@@ -162,6 +162,17 @@ def test_generated_tokens_match_textblob() -> None:
             assert _pattern_polarity._words(text) == textblob_words(text), text
 
 
+def test_printable_tokens_match_whole_text_tokens() -> None:
+    # Run by run, from remembered runs on the second pass, as _tokens on the whole text.
+    texts = [text for text in CORPUS + GENERATED if text.isascii() and text.isprintable()]
+    assert len(texts) >= 1000
+    _pattern_polarity._RUN_TOKENS.clear()
+    for _ in range(2):
+        for text in texts:
+            assert _pattern_polarity._printable_tokens(text) == _pattern_polarity._tokens(text)
+    assert 0 < len(_pattern_polarity._RUN_TOKENS) <= _pattern_polarity._RUN_TOKENS_SIZE
+
+
 def test_generated_fast_path_scores_most() -> None:
     fast = [text for text in GENERATED if fast_pattern_polarity(text) is not None]
     assert len(fast) >= 0.9 * len(GENERATED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -96,3 +97,27 @@ def test_touch_before_message_links_conversation(engine: Engine) -> None:
     assert touch.conversation_id == conversation.id
     assert conversation.first_touch_id == touch.id
     assert contact.first_touch_id == touch.id
+
+
+def _status_enricher(item: ev.Message) -> dict[str, object]:
+    return {"status": "read"} if item.role == "bot" else {}
+
+
+def _unknown_column_enricher(item: ev.Message) -> dict[str, object]:
+    return {"mood": "fine"}
+
+
+def test_enricher_sets_message_columns(engine: Engine) -> None:
+    writer = Writer(engine, enrichers=[_status_enricher])
+    writer.write([message("m1", "user", 0), message("m2", "bot", 2)])
+    with Session(engine) as session:
+        statuses = dict(session.execute(select(models.Message.key, models.Message.status)).all())
+    assert statuses == {"m1": None, "m2": "read"}
+
+
+def test_enricher_unknown_column_rejected(engine: Engine) -> None:
+    writer = Writer(engine, enrichers=[_unknown_column_enricher])
+    with pytest.raises(ValueError, match="'mood'"):
+        writer.write([message("m1", "user", 0)])
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(models.Message)) == 0

@@ -7,7 +7,6 @@ right when messages arrive late, out of order or twice.
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -21,6 +20,7 @@ from chatmw.store.identity import bulk_update, id_in, select_by_keys
 from chatmw.store.models import Conversation, Message
 
 __all__ = [
+    "MESSAGE_COLUMNS",
     "UNTIMED_KINDS",
     "ConversationCache",
     "ConversationState",
@@ -36,6 +36,16 @@ __all__ = [
 # user messages, and they are not counted as messages of the conversation.
 UNTIMED_KINDS = frozenset({"survey_prompt", "survey_answer", "reaction"})
 RESPONDER_ROLES = frozenset({"bot", "agent"})
+# The columns of the message rows that plan_refresh takes, in this order (the writer's
+# rows, which the insert sends as they are).
+MESSAGE_COLUMNS = ("key", "conversation_id", "contact_id", "channel", "role", "kind", "text",
+                   "occurred_at_ms", "platform_message_id", "reply_to", "latency_ms",
+                   "response_ms", "is_first_response", "intent", "sentiment", "status",
+                   "status_at_ms", "meta")
+(_KEY, _CONVERSATION, _ROLE, _KIND, _AT, _RESPONSE, _FIRST) = (
+    MESSAGE_COLUMNS.index(name) for name in ("key", "conversation_id", "role", "kind",
+                                              "occurred_at_ms", "response_ms",
+                                              "is_first_response"))
 # Conversations refreshed per query; ids travel as one array or JSON parameter, so this
 # only bounds the rows held in memory at once.
 REFRESH_CHUNK = 5000
@@ -166,38 +176,28 @@ def _conversation_figures(rows: Sequence[Any], ended_at_ms: int | None,
     the stored ones is appended to ``changed``. The figures are those of
     :func:`compute_timings`, computed on the rows without building objects.
     """
-    return _figures(rows[0][0], _walk(rows, _Running(rows[0][4]), changed), ended_at_ms)
+    return _figures(rows[0][0], _walk(rows, _started(rows[0][4]), changed), ended_at_ms)
 
 
-@dataclass(slots=True)
-class _Running:
-    """What the figures of a conversation's next messages depend on, after its last one.
+# What the figures of a conversation's next messages depend on, after its last one:
+# ``(started_at_ms, last_at_ms, count, user_count, first_ms, first_role, run_started,
+# last_user_ms)``. The first two are the times of its first and last messages, and
+# ``run_started`` is the time of the first user message not answered yet. (A tuple, which
+# costs less to build than an object, once per conversation of a batch.)
+_Running = tuple[int, int, int, int, "float | None", "str | None", "int | None", "int | None"]
 
-    ``started_at_ms`` and ``last_at_ms`` are the times of its first and last messages,
-    ``run_started`` the time of the first user message not answered yet.
-    """
 
-    started_at_ms: int
-    last_at_ms: int = 0
-    count: int = 0
-    user_count: int = 0
-    first_ms: float | None = None
-    first_role: str | None = None
-    run_started: int | None = None
-    last_user_ms: int | None = None
+def _started(started_at_ms: int) -> _Running:
+    # A conversation with no message seen yet that starts at ``started_at_ms``.
+    return (started_at_ms, 0, 0, 0, None, None, None, None)
 
 
 def _walk(rows: Iterable[Any], running: _Running,
           changed: list[tuple[Any, float | None, bool]]) -> _Running:
     # Extends ``running`` by message rows that come after every message it has seen, as
     # in :func:`_conversation_figures`.
-    run_started = running.run_started
-    first_ms = running.first_ms
-    first_role = running.first_role
-    count = running.count
-    user_count = running.user_count
-    last_user_ms = running.last_user_ms
-    at_ms = running.last_at_ms
+    (started_at_ms, at_ms, count, user_count, first_ms, first_role, run_started,
+     last_user_ms) = running
     for _, message, role, kind, at_ms, stored_response, stored_first in rows:
         response_ms: float | None = None
         is_first = False
@@ -217,23 +217,24 @@ def _walk(rows: Iterable[Any], running: _Running,
                 run_started = None
         if stored_response != response_ms or bool(stored_first) != is_first:
             changed.append((message, response_ms, is_first))
-    return _Running(running.started_at_ms, at_ms, count, user_count, first_ms, first_role,
-                    run_started, last_user_ms)
+    return (started_at_ms, at_ms, count, user_count, first_ms, first_role, run_started,
+            last_user_ms)
 
 
 def _figures(conversation_id: int, running: _Running, ended_at_ms: int | None) -> dict[str, Any]:
+    (started_at_ms, last_at_ms, count, user_count, first_ms, first_role, _,
+     last_user_ms) = running
     # A user message after the end reopens the conversation.
-    last_user_ms = running.last_user_ms
     if ended_at_ms is not None and last_user_ms is not None and last_user_ms > ended_at_ms:
         ended_at_ms = None
     return {
         "id": conversation_id,
-        "started_at_ms": running.started_at_ms,
-        "last_message_at_ms": running.last_at_ms,
-        "message_count": running.count,
-        "user_message_count": running.user_count,
-        "first_response_ms": running.first_ms,
-        "first_response_role": running.first_role,
+        "started_at_ms": started_at_ms,
+        "last_message_at_ms": last_at_ms,
+        "message_count": count,
+        "user_message_count": user_count,
+        "first_response_ms": first_ms,
+        "first_response_role": first_role,
         "ended_at_ms": ended_at_ms,
     }
 
@@ -241,17 +242,11 @@ def _figures(conversation_id: int, running: _Running, ended_at_ms: int | None) -
 # A conversation's figures after its latest message, as this process stored them:
 # ``(channel, external_id, started_at_ms, last_message_at_ms, message_count,
 # user_message_count, first_response_ms, first_response_role, run_started, last_user_ms)``,
-# the fields of :class:`_Running` after the first two. The first eight are columns of the
-# conversation row, compared with the stored row before the state is used. (A tuple of
-# plain values, which the garbage collector stops tracking, not an object.)
+# the channel and external id followed by the fields of ``_Running``. The first eight are
+# columns of the conversation row, compared with the stored row before the state is used.
+# (A tuple of plain values, which the garbage collector stops tracking, not an object.)
 ConversationState = tuple[Any, ...]
 _COMPARED = 8
-
-
-def _state(channel: str, external_id: str, running: _Running) -> ConversationState:
-    return (channel, external_id, running.started_at_ms, running.last_at_ms, running.count,
-            running.user_count, running.first_ms, running.first_role, running.run_started,
-            running.last_user_ms)
 
 
 class ConversationCache:
@@ -324,15 +319,16 @@ class RefreshPlan:
     identities: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
-def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
+def plan_refresh(session: Session, rows: Sequence[list[Any]],
                  known: Callable[[int], ConversationState | None] | None = None) -> RefreshPlan:
     """Compute the figures of the conversations of message ``rows`` before they are inserted.
 
-    A row is new when no stored message and no earlier row has its key. New rows get ids
-    above every stored id, in row order, so they sort after stored messages of the same
-    time, as :func:`refresh_conversations` sorts them once inserted. Their
-    ``response_ms`` and ``is_first_response`` are set in place, so that they go in with
-    their final values, and only stored messages whose figures change need an update.
+    Rows are lists of the values of :data:`MESSAGE_COLUMNS`, in that order. A row is new
+    when no stored message and no earlier row has its key. New rows get ids above every
+    stored id, in row order, so they sort after stored messages of the same time, as
+    :func:`refresh_conversations` sorts them once inserted. Their ``response_ms`` and
+    ``is_first_response`` are set in place, so that they go in with their final values,
+    and only stored messages whose figures change need an update.
     The plan holds only if exactly the expected rows are then inserted, in order
     (:func:`chatmw.store.identity.insert_ignore_expected`): apply it with
     :func:`apply_refresh`, or else call :func:`refresh_conversations`.
@@ -342,19 +338,24 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     and whose new rows all come at or after its last message, is planned from the state
     alone. The messages of the other conversations are read.
     """
-    ids = sorted({row["conversation_id"] for row in rows})
     stored_rows: dict[str, tuple[int, int]] = {
         key: (conversation_id, at_ms) for key, conversation_id, at_ms in select_by_keys(
-            session, Message.__table__, ("key",), [(row["key"],) for row in rows],
+            session, Message.__table__, ("key",), [(row[_KEY],) for row in rows],
             ("key", "conversation_id", "occurred_at_ms"))}
-    new_rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    new_rows: dict[int, list[list[Any]]] = {}
     expected: list[str] = []
     for row in rows:
-        key = row["key"]
+        key = row[_KEY]
         if key not in stored_rows:
-            stored_rows[key] = (row["conversation_id"], row["occurred_at_ms"])
-            new_rows[row["conversation_id"]].append(row)
+            conversation_id = row[_CONVERSATION]
+            stored_rows[key] = (conversation_id, row[_AT])
+            added = new_rows.get(conversation_id)
+            if added is None:
+                new_rows[conversation_id] = [row]
+            else:
+                added.append(row)
             expected.append(key)
+    ids = sorted({row[_CONVERSATION] for row in rows})
 
     message_changes: list[dict[str, Any]] = []
     conversation_changes: list[dict[str, Any]] = []
@@ -366,26 +367,30 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
     for start in range(0, len(ids), REFRESH_CHUNK):
         chunk = ids[start:start + REFRESH_CHUNK]
         conversations = _conversation_rows(session, chunk)
-        identities.update((cid, (row[0], row[1])) for cid, row in conversations.items())
-        with_intent.update(conversation_id for conversation_id, row in conversations.items()
-                           if row[9])
-        additions = {conversation_id: _added(new_rows.get(conversation_id, ()))
-                     for conversation_id in chunk}
+        additions: dict[int, list[Any]] = {}
         planned: dict[int, _Running] = {}
         unknown: list[int] = []
+        # The timing rows whose figures change, of every conversation of the chunk.
+        changed: list[tuple[Any, float | None, bool]] = []
         for conversation_id in chunk:
+            added = _added(new_rows.get(conversation_id))
+            additions[conversation_id] = added
             row = conversations.get(conversation_id)
-            state = None if known is None or row is None else known(conversation_id)
-            added = additions[conversation_id]
+            if row is None:
+                unknown.append(conversation_id)
+                continue
+            identities[conversation_id] = (row[0], row[1])
+            if row[9]:
+                with_intent.add(conversation_id)
+            state = None if known is None else known(conversation_id)
             if (state is not None and row[:_COMPARED] == state[:_COMPARED]
                     and (not added or state[3] <= added[0][4])):
-                planned[conversation_id] = _Running(*state[2:])
+                planned[conversation_id] = state[2:]
             else:
                 unknown.append(conversation_id)
         stored = ({group[0][0]: group for group in _groups(_stored_timings(session, unknown))}
                   if unknown else {})
         for conversation_id in chunk:
-            changed: list[tuple[Any, float | None, bool]] = []
             running = planned.get(conversation_id)
             if running is not None:
                 running = _walk(additions[conversation_id], running, changed)
@@ -393,23 +398,23 @@ def plan_refresh(session: Session, rows: Sequence[dict[str, Any]],
                 merged = _merged(stored.get(conversation_id, ()), additions[conversation_id])
                 if not merged:
                     continue
-                running = _walk(merged, _Running(merged[0][4]), changed)
+                running = _walk(merged, _started(merged[0][4]), changed)
             row = conversations.get(conversation_id)
             conversation_changes.append(
                 _figures(conversation_id, running, None if row is None else row[8]))
             if row is not None:
-                states[conversation_id] = _state(row[0], row[1], running)
-                if row[2] != running.started_at_ms:
+                states[conversation_id] = row[:2] + running
+                if row[2] != running[0]:
                     moved.append((conversation_id, row[2]))
                 else:
                     same_start.add(conversation_id)
-            for message, response_ms, is_first in changed:
-                if isinstance(message, dict):
-                    message["response_ms"] = response_ms
-                    message["is_first_response"] = is_first
-                else:
-                    message_changes.append({"id": message, "response_ms": response_ms,
-                                            "is_first_response": is_first})
+        for message, response_ms, is_first in changed:
+            if type(message) is list:
+                message[_RESPONSE] = response_ms
+                message[_FIRST] = is_first
+            else:
+                message_changes.append({"id": message, "response_ms": response_ms,
+                                        "is_first_response": is_first})
     return RefreshPlan(ids, expected, message_changes, conversation_changes, states,
                        stored_rows, with_intent, moved, same_start, identities)
 
@@ -428,14 +433,19 @@ def _conversation_rows(session: Session, ids: Sequence[int]) -> dict[int, Any]:
     ).where(id_in(session, Conversation.id, ids))
     if session.get_bind().dialect.name == "postgresql":
         statement = statement.order_by(Conversation.id).with_for_update(key_share=True)
-    return {row[0]: tuple(row[1:]) for row in session.connection().execute(statement)}
+    return {row[0]: row[1:] for row in session.connection().execute(statement).all()}
 
 
-def _added(new_rows: Sequence[dict[str, Any]]) -> list[Any]:
-    # New rows as timing rows, sorted by time. Rows of equal time keep their order.
-    return sorted(((row["conversation_id"], row, row["role"], row["kind"], row["occurred_at_ms"],
-                    row["response_ms"], row["is_first_response"]) for row in new_rows),
-                  key=itemgetter(4))
+def _added(new_rows: Sequence[list[Any]] | None) -> list[Any]:
+    # New rows as timing rows, sorted by time. Rows of equal time keep their order. The
+    # message of a timing row is the row itself, which the plan updates in place.
+    if not new_rows:
+        return []
+    timings = [(row[_CONVERSATION], row, row[_ROLE], row[_KIND], row[_AT], row[_RESPONSE],
+                row[_FIRST]) for row in new_rows]
+    if len(timings) > 1:
+        timings.sort(key=itemgetter(4))
+    return timings
 
 
 def _merged(stored: Sequence[Any], added: Sequence[Any]) -> Sequence[Any]:

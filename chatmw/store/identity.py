@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -74,8 +74,9 @@ def insert_ignore(session: Session, table: Table, rows: Sequence[dict[str, Any]]
     _insert_ignore_sqlite(session, table, rows, conflict)
 
 
-def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                           conflict: Sequence[str], expected: Sequence[Any]) -> bool:
+def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
+                           conflict: Sequence[str], expected: Sequence[Any],
+                           names: Sequence[str] | None = None) -> bool:
     """Insert ``rows`` as :func:`insert_ignore` does, and return whether ``expected`` went in.
 
     ``expected`` are the ``key`` values of the rows the caller expects to be inserted, in
@@ -84,18 +85,27 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
     PostgreSQL gets the rows by binary ``COPY`` when their values fit
-    (:func:`chatmw.store.pg_copy.copy_rows`).
+    (:func:`chatmw.store.pg_copy.copy_rows`). Rows are dicts, or sequences of the values
+    of the columns ``names`` in that order.
     """
     if not rows:
         return not expected
+    if names is None:
+        names = list(rows[0])
+        columns = None
+    else:
+        names, columns = _valued_columns(table, names, list(zip(*rows, strict=True)))
     if session.get_bind().dialect.name != "postgresql":
-        return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
-    names = list(rows[0])
+        if columns is None:
+            return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
+        return _insert_sqlite_columns(session, table, names, columns, conflict) == len(expected)
     types = _column_types(session, table, names)
     parameters: dict[str, Any] = {}
-    source = copy_rows(session, "new_rows", types, rows)
+    source = copy_rows(session, "new_rows", types, rows, columns)
     if source is None:
-        source, parameters = _pg_rows(session, "new_rows", types, rows)
+        dict_rows = rows if columns is None else [dict(zip(names, values, strict=True))
+                                                  for values in zip(*columns, strict=True)]
+        source, parameters = _pg_rows(session, "new_rows", types, dict_rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING RETURNING key, id"
@@ -107,21 +117,39 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[dict[s
     return all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False))
 
 
+def _valued_columns(table: Table, names: Sequence[str],
+                    columns: list[Sequence[Any]]) -> tuple[list[str], list[Sequence[Any]]]:
+    # Leaves out the columns that are NULL in every row and have no server default, which
+    # the insert then sets to NULL all the same. (Python's sqlite3 module binds each None
+    # through its adapters, and a message batch has several such columns.)
+    kept = [index for index, (name, values) in enumerate(zip(names, columns, strict=True))
+            if values.count(None) < len(values) or table.c[name].server_default is not None]
+    if len(kept) == len(names):
+        return list(names), columns
+    return [names[index] for index in kept], [columns[index] for index in kept]
+
+
 def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[str, Any]],
                           conflict: Sequence[str]) -> int:
     # The driver's executemany with plain tuples: SQLAlchemy's per-row parameter handling
     # cost more than SQLite's own work on the message batches. Returns the rows inserted.
+    names = list(rows[0])
+    return _insert_sqlite_columns(session, table, names, _columns(rows, names), conflict)
+
+
+def _insert_sqlite_columns(session: Session, table: Table, names: Sequence[str],
+                           columns: list[Sequence[Any]], conflict: Sequence[str]) -> int:
+    # ``columns`` holds the values of each of ``names``, one per row.
     dialect = session.get_bind().dialect.name
     if dialect != "sqlite":
         raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")
-    names = list(rows[0])
     processors = _bind_processors(session, table, names)
     statement = (
         f"INSERT INTO {table.name} ({', '.join(_quoted(names))}) "
         f"VALUES ({', '.join('?' for _ in names)}) "
         f"ON CONFLICT ({', '.join(_quoted(conflict))}) DO NOTHING"
     )
-    result = session.connection().exec_driver_sql(statement, _tuples(rows, names, processors))
+    result = session.connection().exec_driver_sql(statement, _processed(columns, processors))
     return int(result.rowcount)
 
 
@@ -136,21 +164,28 @@ def _bind_processors(session: Session, table: Table, names: Sequence[str]) -> li
 
 def _tuples(rows: Sequence[dict[str, Any]], names: Sequence[str],
             processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return _processed(_columns(rows, names), processors)
+
+
+def _columns(rows: Sequence[dict[str, Any]], names: Sequence[str]) -> list[Sequence[Any]]:
     # One itemgetter call per row reads every column, when every row has every column
-    # (a missing one counts as None). Only the columns with a bind processor (Boolean and
-    # JSON on SQLite) are then processed, column by column.
-    columns: list[Sequence[Any]]
+    # (a missing one counts as None).
     try:
         if len(names) < 2:
             raise KeyError(names)
-        columns = list(zip(*map(itemgetter(*names), rows), strict=True))
+        return list(zip(*map(itemgetter(*names), rows), strict=True))
     except KeyError:
-        columns = [[row.get(name) for row in rows] for name in names]
-    if not any(processors):
-        return list(zip(*columns, strict=True))
-    for index, processor in enumerate(processors):
-        if processor is not None:
-            columns[index] = [processor(value) for value in columns[index]]
+        return [[row.get(name) for row in rows] for name in names]
+
+
+def _processed(columns: list[Sequence[Any]], processors: Sequence[Any]) -> list[tuple[Any, ...]]:
+    # The rows of ``columns`` as tuples. Only the columns with a bind processor (Boolean
+    # and JSON on SQLite) are processed, column by column.
+    if any(processors):
+        columns = list(columns)
+        for index, processor in enumerate(processors):
+            if processor is not None:
+                columns[index] = [processor(value) for value in columns[index]]
     return list(zip(*columns, strict=True))
 
 
@@ -355,7 +390,7 @@ def id_in(session: Session, column: Any, ids: Iterable[int]) -> ColumnElement[bo
     an expanded ``IN (?, ?, ...)`` list is a new statement text for each length, which
     both drivers parse and plan again, and it is bounded by SQLite's variable limit.
     """
-    values = [int(value) for value in ids]
+    values = list(map(int, ids))
     if session.get_bind().dialect.name == "postgresql":
         return column == any_(cast(bindparam(None, values, unique=True), ARRAY(column.type)))
     table = func.json_each(bindparam(None, json.dumps(values), unique=True)).table_valued("value")
@@ -425,12 +460,14 @@ class KnownKeys:
         self._ids.clear()
 
 
-def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[str, Any]],
+def _resolve(session: Session, table: Table, wanted: Mapping[tuple[str, str], Any],
+             make_row: Callable[[tuple[str, str], Any], dict[str, Any]],
              known: KnownKeys | None) -> dict[tuple[str, str], int]:
     # Takes the ids that ``known`` holds, inserts the other rows and reads their ids. A row
     # that the insert skipped and that is gone when read (removed by another transaction
-    # in between) is inserted again.
-    keys = sorted(rows)
+    # in between) is inserted again. ``make_row`` builds the row of a key and its value in
+    # ``wanted``, for the keys that ``known`` does not hold only.
+    keys = sorted(wanted)
     found: dict[tuple[str, str], int] = {}
     unknown = keys
     if known is not None:
@@ -444,6 +481,7 @@ def _resolve(session: Session, table: Table, rows: dict[tuple[str, str], dict[st
     if not unknown:
         _hold_write_lock(session, table)
         return found
+    rows = {key: make_row(key, wanted[key]) for key in unknown}
     insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
     read: dict[tuple[str, str], int] = {}
     for channel, external, row_id in select_by_keys(
@@ -481,12 +519,12 @@ def resolve_contacts(session: Session, identities: dict[tuple[str, str], int],
     """
     if not identities:
         return {}
-    rows = {
-        (channel, external): {"channel": channel, "external_id": external,
-                              "first_seen_ms": at_ms, "last_seen_ms": at_ms}
-        for (channel, external), at_ms in identities.items()
-    }
-    return _resolve(session, Contact.__table__, rows, known)
+    return _resolve(session, Contact.__table__, identities, _contact_row, known)
+
+
+def _contact_row(identity: tuple[str, str], at_ms: int) -> dict[str, Any]:
+    return {"channel": identity[0], "external_id": identity[1], "first_seen_ms": at_ms,
+            "last_seen_ms": at_ms}
 
 
 def resolve_named_conversations(
@@ -500,14 +538,14 @@ def resolve_named_conversations(
     """
     if not wanted:
         return {}
-    rows = {
-        (channel, external): {
-            "channel": channel, "external_id": external, "contact_id": contact_id,
+    return _resolve(session, Conversation.__table__, wanted, _conversation_row, known)
+
+
+def _conversation_row(identity: tuple[str, str], value: tuple[int, int | None]) -> dict[str, Any]:
+    at_ms, contact_id = value
+    return {"channel": identity[0], "external_id": identity[1], "contact_id": contact_id,
             "started_at_ms": at_ms, "last_message_at_ms": at_ms, "message_count": 0,
             "user_message_count": 0, "handed_off": False}
-        for (channel, external), (at_ms, contact_id) in wanted.items()
-    }
-    return _resolve(session, Conversation.__table__, rows, known)
 
 
 @dataclass(slots=True)

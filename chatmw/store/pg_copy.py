@@ -34,14 +34,15 @@ _STAGED = "chatmw.copy_staged"
 
 
 def copy_rows(session: Session, alias: str, types: dict[str, Any],
-              rows: Sequence[dict[str, Any]]) -> str | None:
+              rows: Sequence[Any], columns: Sequence[Sequence[Any]] | None = None) -> str | None:
     """Copy ``rows`` into a staging table and return SQL for them as a table ``alias``.
 
     The returned ``(SELECT ...) AS alias`` has the columns of ``types``, cast to them, in
     the order of ``rows``. It is valid until the transaction ends, because the staging
     table is emptied at each commit. Returns ``None``, having sent nothing, when a value
     does not fit its column's staging type (the caller then uses the JSON document path)
-    or when the connection's driver is not psycopg 3.
+    or when the connection's driver is not psycopg 3. ``columns``, when given, holds the
+    values of each column of ``types`` in row order, and ``rows`` are then not read.
     """
     dialect = session.get_bind().dialect
     if dialect.name != "postgresql" or dialect.driver != "psycopg":
@@ -50,8 +51,10 @@ def copy_rows(session: Session, alias: str, types: dict[str, Any],
     staging = [_staging_type(types[name]) for name in names]
     if None in staging:
         return None
-    columns = _staged_columns(rows, names, staging, types, dialect)
     if columns is None:
+        columns = [[row.get(name) for row in rows] for name in names]
+    staged = _staged_columns(columns, names, staging, types, dialect)
+    if staged is None:
         return None
     staging_types = [str(kind) for kind in staging]
     table = _ensure_table(session, names, staging_types)
@@ -62,7 +65,7 @@ def copy_rows(session: Session, alias: str, types: dict[str, Any],
     command = f"COPY {table} (batch, ordinal, {quoted}) FROM STDIN (FORMAT BINARY)"
     with driver.cursor() as cursor, cursor.copy(command) as copy:  # type: ignore[union-attr]
         copy.set_types(["int4", "int4", *staging_types])
-        for ordinal, values in enumerate(zip(*columns, strict=True)):
+        for ordinal, values in enumerate(zip(*staged, strict=True)):
             copy.write_row((batch, ordinal, *values))
     type_names = [types[name].compile(dialect=dialect) for name in names]
     selected = ", ".join(f'CAST(s."{name}" AS {type_name}) AS {name}'
@@ -86,13 +89,12 @@ def _staging_type(column_type: Any) -> str | None:
     return None
 
 
-def _staged_columns(rows: Sequence[dict[str, Any]], names: Sequence[str],
+def _staged_columns(values_by_column: Sequence[Sequence[Any]], names: Sequence[str],
                     staging: Sequence[str | None], types: dict[str, Any],
-                    dialect: Any) -> list[list[Any]] | None:
+                    dialect: Any) -> list[Sequence[Any]] | None:
     # Each column's values, converted for its staging type, or None when one does not fit.
-    columns: list[list[Any]] = []
-    for name, kind in zip(names, staging, strict=True):
-        values = [row.get(name) for row in rows]
+    columns: list[Sequence[Any]] = []
+    for values, name, kind in zip(values_by_column, names, staging, strict=True):
         if type(types[name]).__name__ in ("JSON", "JSONB"):
             serialise: Callable[[Any], str] = types[name].bind_processor(dialect) or json_text
             columns.append([None if value is None else serialise(value) for value in values])
@@ -104,7 +106,7 @@ def _staged_columns(rows: Sequence[dict[str, Any]], names: Sequence[str],
     return columns
 
 
-def _converted(values: list[Any], kind: str | None) -> list[Any] | None:
+def _converted(values: Sequence[Any], kind: str | None) -> Sequence[Any] | None:
     if kind == "text":
         return values if all(type(value) is str or value is None for value in values) else None
     if kind == "bool":

@@ -23,6 +23,7 @@ from chatmw.exchange import expand_all
 from chatmw.store import models
 from chatmw.store.changes import record_changes
 from chatmw.store.derive import (
+    MESSAGE_COLUMNS,
     UNTIMED_KINDS,
     ConversationCache,
     ConversationState,
@@ -63,6 +64,9 @@ logger = logging.getLogger("chatmw")
 _CONFLICT_STATES = frozenset({"40P01", "40001"})
 # Writes of one batch, the first included, while it meets such conflicts.
 _CONFLICT_ATTEMPTS = 5
+
+# The position of each column in the message rows that the writer builds.
+_COLUMN_INDEX = {name: index for index, name in enumerate(MESSAGE_COLUMNS)}
 
 # A status only moves forward: a late "sent" after "read" changes nothing.
 STATUS_RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
@@ -226,36 +230,36 @@ class Writer:
             messages = preprocess(session, messages)
         if not messages:
             return
-        times = [ev.to_ms(message.occurred_at) for message in messages]
-        contacts = self._contacts_for(session, messages, times)
+        to_ms = ev.to_ms
+        times = [to_ms(message.occurred_at) for message in messages]
+        identities = [(message.channel, message.user_id) for message in messages]
+        contacts = self._contacts_for(session, identities, times)
         lock_rows(session, models.Contact.__table__, contacts.values())
-        conversation_ids, named_ids = self._conversations_for(session, messages, times, contacts)
+        contact_ids = [contacts[identity] for identity in identities]
+        conversation_ids, named_ids = self._conversations_for(session, messages, times,
+                                                              contact_ids)
 
+        # Rows are lists in MESSAGE_COLUMNS order, because the insert sends sequences and a
+        # dict per row cost more to build and to turn back into one.
         rows = []
-        for message, at_ms, conversation_id in zip(messages, times, conversation_ids, strict=True):
-            row = {
-                "key": message.key,
-                "conversation_id": conversation_id,
-                "contact_id": contacts[(message.channel, message.user_id)],
-                "channel": message.channel,
-                "role": message.role,
-                "kind": message.kind,
-                "text": message.text,
-                "occurred_at_ms": at_ms,
-                "platform_message_id": message.platform_message_id,
-                "reply_to": message.reply_to,
-                "latency_ms": message.latency_ms,
-                "response_ms": None,
-                "is_first_response": False,
-                "intent": message.intent,
-                "sentiment": None,
-                "status": None,
-                "status_at_ms": None,
-                "meta": dict(message.meta) or None,
-            }
-            for enrich in self.enrichers:
-                row.update(enrich(message))
-            rows.append(row)
+        append = rows.append
+        enrichers = self.enrichers
+        column_index = _COLUMN_INDEX
+        for message, at_ms, conversation_id, contact_id in zip(
+                messages, times, conversation_ids, contact_ids, strict=True):
+            meta = message.meta
+            row = [message.key, conversation_id, contact_id, message.channel, message.role,
+                   message.kind, message.text, at_ms, message.platform_message_id,
+                   message.reply_to, message.latency_ms, None, False, message.intent, None,
+                   None, None, dict(meta) if meta else None]
+            for enrich in enrichers:
+                for name, value in enrich(message).items():
+                    try:
+                        row[column_index[name]] = value
+                    except KeyError:
+                        raise ValueError(f"an enricher returned {name!r}, which is not a "
+                                         "column of messages") from None
+            append(row)
         # The response figures are computed before the insert, so that new messages go in
         # with them. When the insert differs from the plan, the conversations are
         # recomputed from the stored messages instead.
@@ -267,13 +271,13 @@ class Writer:
         if any(plan.identities.get(cid) != key for key, cid in named_ids.items()):
             raise _removed_meanwhile("conversations", 1)
         planned = insert_ignore_expected(session, models.Message.__table__, rows, ["key"],
-                                         plan.expected)
+                                         plan.expected, MESSAGE_COLUMNS)
         session.info[_NEW_MESSAGES] = session.info.get(_NEW_MESSAGES, 0) + len(plan.expected)
         if len(plan.expected) < len(rows) or not planned:
             self._record_repeated(session, rows, plan.stored, plan.expected if planned else ())
 
         self._write_attributes(session, messages, conversation_ids)
-        self._touch_contacts(session, messages, times, contacts)
+        self._touch_contacts(session, messages, times, contacts, contact_ids)
         self._apply_intents(session, messages, conversation_ids, plan.with_intent)
         if planned:
             updated = apply_refresh(session, plan)
@@ -297,56 +301,66 @@ class Writer:
         link_pending_touches(session, set(conversation_ids), self.settings.session_gap_ms)
 
     @staticmethod
-    def _record_repeated(session: Session, rows: Sequence[Mapping[str, Any]],
+    def _record_repeated(session: Session, rows: Sequence[Sequence[Any]],
                          stored: Mapping[str, tuple[int, int]], new_keys: Collection[str]) -> None:
         # A message whose key was stored already adds no message id. Its attributes, intent
         # and owner still go to the conversation it was assigned, and the business handlers
         # write to the stored message's conversation, so both are logged. ``new_keys`` is
-        # empty when the insert did not go as planned, and then every row is logged.
+        # empty when the insert did not go as planned, and then every row is logged. Rows
+        # are in MESSAGE_COLUMNS order, so a row's key is its first value and its
+        # conversation its second.
         new = set(new_keys)
         repeated: set[int] = set()
         for row in rows:
-            key = row["key"]
+            key = row[0]
             if key in new:
                 continue
-            repeated.add(row["conversation_id"])
+            repeated.add(row[1])
             if key in stored:
                 repeated.add(stored[key][0])
         record_changes(session.connection(), conversations=[(cid, None) for cid in repeated])
 
-    def _contacts_for(self, session: Session, messages: Sequence[ev.Message],
+    def _contacts_for(self, session: Session, identities: Sequence[tuple[str, str]],
                       times: Sequence[int]) -> dict[tuple[str, str], int]:
         first_seen: dict[tuple[str, str], int] = {}
-        for message, at_ms in zip(messages, times, strict=True):
-            identity = (message.channel, message.user_id)
-            first_seen[identity] = min(at_ms, first_seen.get(identity, at_ms))
+        for identity, at_ms in zip(identities, times, strict=True):
+            earliest = first_seen.get(identity)
+            if earliest is None or at_ms < earliest:
+                first_seen[identity] = at_ms
         return resolve_contacts(session, first_seen, self.contact_keys)
 
     def _conversations_for(
         self, session: Session, messages: Sequence[ev.Message], times: Sequence[int],
-        contacts: Mapping[tuple[str, str], int],
+        contact_ids: Sequence[int],
     ) -> tuple[list[int], dict[tuple[str, str], int]]:
         # Returns each message's conversation id, and the ids of the named conversations.
         named: dict[tuple[str, str], tuple[int, int | None]] = {}
         unnamed: list[tuple[str, int, str, int]] = []
         unnamed_index: list[int] = []
-        for index, (message, at_ms) in enumerate(zip(messages, times, strict=True)):
-            contact_id = contacts[(message.channel, message.user_id)]
-            if message.conversation_id is None:
+        keys: list[tuple[str, str] | None] = []
+        for index, (message, at_ms, contact_id) in enumerate(
+                zip(messages, times, contact_ids, strict=True)):
+            external_id = message.conversation_id
+            if external_id is None:
                 unnamed.append((message.channel, contact_id, message.user_id, at_ms))
                 unnamed_index.append(index)
+                keys.append(None)
                 continue
-            key = (message.channel, message.conversation_id)
-            earliest, owner = named.get(key, (at_ms, None))
+            key = (message.channel, external_id)
+            keys.append(key)
+            found = named.get(key)
+            if found is None:
+                named[key] = (at_ms, contact_id if message.role == "user" else None)
+                continue
+            earliest, owner = found
             if owner is None and message.role == "user":
                 owner = contact_id
+            elif at_ms >= earliest:
+                continue
             named[key] = (min(earliest, at_ms), owner)
         named_ids = resolve_named_conversations(session, named, self.conversation_keys)
         sessions = assign_sessions(session, unnamed, self.settings.session_gap_ms)
-        result: list[int] = [0] * len(messages)
-        for index, message in enumerate(messages):
-            if message.conversation_id is not None:
-                result[index] = named_ids[(message.channel, message.conversation_id)]
+        result: list[int] = [0 if key is None else named_ids[key] for key in keys]
         for position, index in enumerate(unnamed_index):
             result[index] = sessions[position]
         self._claim_owners(session, named, named_ids)
@@ -374,19 +388,27 @@ class Writer:
         write_attributes(session, values)
 
     def _touch_contacts(self, session: Session, messages: Sequence[ev.Message],
-                        times: Sequence[int], contacts: Mapping[tuple[str, str], int]) -> None:
+                        times: Sequence[int], contacts: Mapping[tuple[str, str], int],
+                        contact_ids: Sequence[int]) -> None:
         # The ids of contacts may come from memory (KnownKeys), so the update matches each
         # row by its id and natural key, and a row that does not match fails the batch.
+        # ``contact_ids`` are the messages' contacts, in message order.
         identities = {cid: identity for identity, cid in contacts.items()}
         if len(identities) < len(contacts):
             raise _removed_meanwhile("contacts", len(contacts) - len(identities))
         seen: dict[int, list[int | None]] = {}
-        for message, at_ms in zip(messages, times, strict=True):
-            contact_id = contacts[(message.channel, message.user_id)]
-            first, last, last_user = seen.get(contact_id, [at_ms, at_ms, None])
-            if message.role == "user" and message.kind not in UNTIMED_KINDS:
-                last_user = at_ms if last_user is None else max(last_user, at_ms)
-            seen[contact_id] = [min(first, at_ms), max(last, at_ms), last_user]  # type: ignore[type-var]
+        for message, at_ms, contact_id in zip(messages, times, contact_ids, strict=True):
+            counted_user = message.role == "user" and message.kind not in UNTIMED_KINDS
+            entry = seen.get(contact_id)
+            if entry is None:
+                seen[contact_id] = [at_ms, at_ms, at_ms if counted_user else None]
+                continue
+            if at_ms < entry[0]:  # type: ignore[operator]
+                entry[0] = at_ms
+            elif at_ms > entry[1]:  # type: ignore[operator]
+                entry[1] = at_ms
+            if counted_user and (entry[2] is None or at_ms > entry[2]):
+                entry[2] = at_ms
         if session.get_bind().dialect.name == "sqlite":
             # The update of _touch_contacts_joined, run by executemany: SQLite 3.40 took
             # 1.9 ms for 1,300 contacts this way and 3.4 ms for the join with a JSON table.

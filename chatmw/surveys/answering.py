@@ -72,6 +72,9 @@ class SurveyAnswerPreprocessor:
         awaiting = self._awaiting(
             session, {(messages[i].channel, messages[i].user_id) for i in indexes}
         )
+        if not stored and not awaiting:
+            # Most batches: no answer stored before and no survey waiting for one.
+            return messages
         for index in sorted(indexes, key=lambda i: messages[i].occurred_at):
             message = messages[index]
             if message.key in stored:
