@@ -11,6 +11,7 @@ is a 32-bit ``integer`` column, so its stores get negative ids and ids next to 2
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -48,7 +49,7 @@ OUTSIDE_32_BITS = tuple(contact_id for contact_id in SQLITE_IDS if not 0 <= cont
 
 
 def _members(ids: set[int]) -> set[int]:
-    """Return the members a bitmap of ``ids`` has: negative ids as their two's complement."""
+    """Return the members of a bitmap of ``ids``, with negative ids as their two's complement."""
     return {contact_id % WIDE for contact_id in ids}
 
 
@@ -57,7 +58,7 @@ def test_narrow_sets_keep_32_bit_format() -> None:
     stored = BitMap(ids)
     stored.run_optimize()
     blob = encode(ids)
-    # The bytes are those of a 32-bit bitmap, as stores built before 64-bit sets hold them.
+    # The bytes are those of a 32-bit bitmap, as stores built before 64-bit sets contain them.
     assert blob == stored.serialize()
     decoded = decode(blob)
     assert type(decoded) is BitMap
@@ -86,7 +87,7 @@ def test_wide_sets_round_trip(ids: set[int]) -> None:
 
 
 def test_wide_sets_from_iterators() -> None:
-    # A generator is read once: the 32-bit attempt must not consume it.
+    # A generator can be read only once, so the 32-bit attempt must not consume it.
     bitmap = bitmap_of(contact_id for contact_id in (3, 2**32, 4))
     assert type(bitmap) is BitMap64
     assert set(bitmap) == {3, 4, 2**32}
@@ -124,7 +125,7 @@ def test_mixed_width_unions_and_counts() -> None:
         target = BitMap(narrow_bits)
         merged = union_update(target, wide_bits)
         assert set(merged) == _members(narrow | other | wide)
-        # Only the 64-bit argument changed width: the 32-bit target is left as it was.
+        # Only the argument is 64-bit, so the result is new and the 32-bit target is unchanged.
         assert target == narrow_bits
         wide_target = BitMap64(wide_bits)
         assert union_update(wide_target, narrow_bits) is wide_target
@@ -180,6 +181,16 @@ def _wide_stored(engine: Engine, table: Any, wide_ids: set[int]) -> set[int]:
     return found
 
 
+def _later_steps_match_raw(
+    engine: Engine, write_later: Callable[[], None], assert_same: Callable[[Engine], None]
+) -> None:
+    """Compare after later events are written, and again after their refresh."""
+    write_later()
+    assert_same(engine)
+    refresh(engine)
+    assert_same(engine)
+
+
 def _assert_served(engine: Engine, flt: MetricFilter) -> None:
     """Assert that rollups serve all of ``flt``'s window, so comparisons compare two paths."""
     with engine.connect() as connection:
@@ -213,10 +224,11 @@ def test_activity_metrics_wide_ids(engine: Engine) -> None:
     # summary, volume, growth and channels count distinct users from the sets.
     activity_store.assert_same_as_raw(engine)
 
-    activity_store.later_events(writer, held_back)
-    activity_store.assert_same_as_raw(engine)
-    refresh(engine)
-    activity_store.assert_same_as_raw(engine)
+    _later_steps_match_raw(
+        engine,
+        lambda: activity_store.later_events(writer, held_back),
+        activity_store.assert_same_as_raw,
+    )
 
 
 def test_engagement_retention_wide_ids(engine: Engine) -> None:
@@ -242,10 +254,9 @@ def test_engagement_retention_wide_ids(engine: Engine) -> None:
     assert engagement_counts(engine, flt) is not None
     cohort_store.assert_same_as_raw(engine)
 
-    cohort_store.more_events(writer, late, rng)
-    cohort_store.assert_same_as_raw(engine)
-    refresh(engine)
-    cohort_store.assert_same_as_raw(engine)
+    _later_steps_match_raw(
+        engine, lambda: cohort_store.more_events(writer, late, rng), cohort_store.assert_same_as_raw
+    )
 
 
 def test_attribution_wide_ids(engine: Engine) -> None:
@@ -270,7 +281,4 @@ def test_attribution_wide_ids(engine: Engine) -> None:
     # Every conversation of the store starts inside the ten days.
     assert rolled["totals"]["users"] == distinct
 
-    store.later_events()
-    attribution_store.assert_same_as_raw(engine)
-    refresh(engine)
-    attribution_store.assert_same_as_raw(engine)
+    _later_steps_match_raw(engine, store.later_events, attribution_store.assert_same_as_raw)

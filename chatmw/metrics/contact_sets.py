@@ -14,10 +14,10 @@ it contains at most 4,096 of them, and as a plain 8 KiB bitmap above that. A set
 costs about two bytes per member when sparse, not one bit per id up to the highest
 contact id, and unions, intersections and counts run in C (the ``pyroaring`` package).
 
-Contact ids are signed 64-bit integers, and a set whose ids all lie in ``[0, 2**32)`` is
-a 32-bit ``BitMap``, as every set of a store whose ids stay below 2**32 is. A set with
-another id is a ``BitMap64``, stored with the one-byte prefix ``_WIDE_HEADER`` so
-:func:`decode` tells the two apart. :func:`union`, :func:`union_update`,
+Contact ids are signed 64-bit integers on SQLite. A set whose ids all lie in ``[0, 2**32)``
+is a 32-bit ``BitMap``, so a store whose ids stay in that range keeps only 32-bit sets. A
+set with another id is a ``BitMap64``, stored with the one-byte prefix ``_WIDE_HEADER`` so
+that :func:`decode` tells the two apart. :func:`union`, :func:`union_update`,
 :func:`intersection_count` and :func:`count_union` accept both widths.
 """
 
@@ -97,7 +97,7 @@ _LOW_BUCKET = (1).to_bytes(8, "little") + (0).to_bytes(4, "little")
 
 
 def bitmap_of(contact_ids: Iterable[int]) -> ContactBitmap:
-    """Return a bitmap of ``contact_ids``: 32-bit when they all lie in ``[0, 2**32)``.
+    """Return a bitmap of ``contact_ids``, 32-bit when they all lie in ``[0, 2**32)``.
 
     A negative id is stored as ``id + 2**64``, its two's complement, so distinct ids stay
     distinct and counts stay exact. Ids outside the signed 64-bit range raise
@@ -168,8 +168,8 @@ def union(bitmaps: Iterable[AbstractBitMap | AbstractBitMap64]) -> ContactBitmap
 def union_update(target: ContactBitmap, other: AbstractBitMap | AbstractBitMap64) -> ContactBitmap:
     """Add the members of ``other`` to ``target`` and return the result.
 
-    ``target`` changes in place unless only ``other`` is 64-bit: then the result is a new
-    64-bit bitmap and ``target`` is left as it was.
+    ``target`` changes in place unless only ``other`` is 64-bit. In that case the result
+    is a new 64-bit bitmap and ``target`` is left as it was.
     """
     if isinstance(target, AbstractBitMap64) == isinstance(other, AbstractBitMap64):
         target |= other
