@@ -120,7 +120,7 @@ def _widen(bitmap: AbstractBitMap | AbstractBitMap64) -> AbstractBitMap64:
 
 
 def encode(contacts: Iterable[int] | AbstractBitMap | AbstractBitMap64) -> bytes:
-    """Serialize contact ids as a Roaring bitmap, 64-bit and prefixed for ids from 2**32 up.
+    """Serialize contact ids as a Roaring bitmap, 64-bit and prefixed for ids outside 32 bits.
 
     A bitmap argument is run-optimized in place.
     """
