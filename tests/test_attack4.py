@@ -134,12 +134,14 @@ def test_rollup_conversion_sums_past_64_bits(engine: Engine, name: str) -> None:
     assert "11999999999999.99998" in json.dumps(expected)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="contact sets are 32-bit Roaring bitmaps; SQLite contact ids from "
-                          "2**32 up cannot be added to them, so the refresh fails")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_refresh_contact_ids_past_32_bits(engine: Engine) -> None:
+    from chatmw.metrics.contact_sets import decode
+    from chatmw.metrics.filters import MetricFilter
+    from chatmw.metrics.rollup_query import cover, raw_only
     from chatmw.metrics.rollup_refresh import refresh
+    from chatmw.metrics.summary import summary
+    from chatmw.metrics.volume import volume
 
     start = datetime(2026, 3, 2, tzinfo=UTC)
     with engine.begin() as connection:
@@ -152,6 +154,22 @@ def test_refresh_contact_ids_past_32_bits(engine: Engine) -> None:
                    role="user", user_id=f"u{number}", text="hi", conversation_id=f"c{number}")
         for number in range(3)])
     assert refresh(engine).rebuilt
+    with engine.connect() as connection:
+        ids = connection.execute(text("SELECT id FROM contacts ORDER BY id")).scalars().all()
+        blobs = connection.execute(text(
+            "SELECT contacts FROM rollup_contact_sets WHERE kind = 'users'")).scalars().all()
+    assert ids == [5_000_000_000, 5_000_000_001, 5_000_000_002, 5_000_000_003]
+    assert blobs
+    assert all(set(decode(blob)) == set(ids[1:]) for blob in blobs)
+    flt = MetricFilter(since=start, until=start + timedelta(days=7))
+    with engine.connect() as connection:
+        coverage = cover(connection, flt)
+    assert coverage is not None
+    assert coverage.raw == []
+    with raw_only():
+        expected = (summary(engine, flt, {}), volume(engine, flt, {"interval": "day"}))
+    assert expected[0]["totals"]["users"] == 3
+    assert (summary(engine, flt, {}), volume(engine, flt, {"interval": "day"})) == expected
 
 
 class _FlakyWriter(Writer):

@@ -31,14 +31,20 @@ from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from pyroaring import BitMap
 from sqlalchemy import Connection, Engine, delete, func, insert, literal, or_, select
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from chatmw.events_business import format_micros
 from chatmw.metrics.business_query import raw_links, serves_days, serves_filter
-from chatmw.metrics.contact_sets import count_union, decode, encode, whole_periods
+from chatmw.metrics.contact_sets import (
+    ContactBitmap,
+    count_union,
+    decode,
+    encode,
+    union,
+    whole_periods,
+)
 from chatmw.metrics.filters import TOUCH_FIELDS, MetricFilter
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
 from chatmw.metrics.rollup_refresh import slot_expression, time_in_ranges
@@ -165,7 +171,7 @@ class _Sums:
     """
 
     conversations: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
-    bits: dict[Key, list[BitMap]] = field(default_factory=lambda: defaultdict(list))
+    bits: dict[Key, list[ContactBitmap]] = field(default_factory=lambda: defaultdict(list))
     ids: dict[Key, list[int]] = field(default_factory=lambda: defaultdict(list))
     named: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
     named_micros: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
@@ -278,7 +284,7 @@ def _week_rows(connection: Connection, week: int) -> list[dict[str, Any]]:
         sums[3].append(decode(blob))
     rows = []
     for (level, channel, key), (count, named, micros, bitmaps) in figures.items():
-        contacts = encode(BitMap.union(*bitmaps))
+        contacts = encode(union(bitmaps))
         rows.append(_set_row(level, week, channel, key, (count, named, micros, contacts)))
     return rows
 

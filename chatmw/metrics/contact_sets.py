@@ -13,6 +13,12 @@ A Roaring bitmap keeps each range of 65,536 ids as a sorted array of 16-bit valu
 it contains at most 4,096 of them, and as a plain 8 KiB bitmap above that. A set therefore
 costs about two bytes per member when sparse, not one bit per id up to the highest
 contact id, and unions, intersections and counts run in C (the ``pyroaring`` package).
+
+Contact ids are signed 64-bit integers on SQLite. A set whose ids all lie in ``[0, 2**32)``
+is a 32-bit ``BitMap``, so a store whose ids stay in that range keeps only 32-bit sets. A
+set with another id is a ``BitMap64``, stored with the one-byte prefix ``_WIDE_HEADER`` so
+that :func:`decode` tells the two apart. :func:`union`, :func:`union_update`,
+:func:`intersection_count` and :func:`count_union` accept both widths.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from __future__ import annotations
 import zlib
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
-from pyroaring import BitMap
+from pyroaring import AbstractBitMap, AbstractBitMap64, BitMap, BitMap64
 from sqlalchemy import Connection, delete, insert, or_, select
 
 from chatmw.metrics.rollup_refresh import time_in_ranges
@@ -44,8 +50,13 @@ from chatmw.store.models_rollups import (
 
 __all__ = [
     "SOURCES",
+    "ContactBitmap",
+    "bitmap_of",
     "encode",
     "decode",
+    "union",
+    "union_update",
+    "intersection_count",
     "count_union",
     "refresh_sets",
     "whole_periods",
@@ -67,20 +78,59 @@ SOURCES: dict[str, tuple[Any, Any]] = {
 }
 
 
+# A set of contact ids: 32-bit while every id lies in [0, 2**32), else 64-bit.
+ContactBitmap = BitMap | BitMap64
+
 # The first byte of a zlib stream. Stores built before Roaring bitmaps keep their sets as
 # zlib-compressed bitsets (bit ``i`` is contact id ``i``), and a serialized Roaring bitmap
 # starts with another byte.
 _ZLIB_HEADER = b"\x78"
+# The first byte of an encoded 64-bit set. A serialized 32-bit bitmap starts with its
+# cookie (0x3A or 0x3B), and a 64-bit serialization starts with its bucket count, so the
+# prefix keeps the 64-bit ones apart.
+_WIDE_HEADER = b"\x40"
+# A 64-bit serialization header of one bucket whose upper 32 bits are 0. The portable
+# 64-bit Roaring format (RoaringFormatSpec, "Extension for 64-bit implementations") is a
+# little-endian uint64 bucket count, then per bucket a uint32 of the upper 32 bits and
+# the 32-bit portable serialization of the lower bits.
+_LOW_BUCKET = (1).to_bytes(8, "little") + (0).to_bytes(4, "little")
 
 
-def encode(contacts: Iterable[int] | BitMap) -> bytes:
-    """Serialize contact ids (below 2**32, like the contacts table's ids) as a Roaring bitmap.
+def bitmap_of(contact_ids: Iterable[int]) -> ContactBitmap:
+    """Return a bitmap of ``contact_ids``, 32-bit when they all lie in ``[0, 2**32)``.
 
-    NOTE: SQLite stores a contact given an explicit id from 2**32 up, and numbers the next
-    contacts after it. Such ids raise ``OverflowError`` here, so the refresh fails.
+    A negative id is stored as ``id + 2**64``, its two's complement, so distinct ids stay
+    distinct and counts stay exact. Ids outside the signed 64-bit range raise
+    ``OverflowError``.
     """
-    bitmap = contacts if isinstance(contacts, BitMap) else BitMap(array("I", contacts))
+    ids = contact_ids if isinstance(contact_ids, Collection) else list(contact_ids)
+    try:
+        return BitMap(array("I", ids))
+    except OverflowError:
+        return BitMap64(array("Q", array("q", ids).tobytes()))
+
+
+def _widen(bitmap: AbstractBitMap | AbstractBitMap64) -> AbstractBitMap64:
+    """Return ``bitmap`` as a 64-bit bitmap, converting a 32-bit one without iterating it."""
+    if isinstance(bitmap, AbstractBitMap64):
+        return bitmap
+    if not bitmap:
+        return BitMap64()
+    return BitMap64.deserialize(_LOW_BUCKET + bitmap.serialize())
+
+
+def encode(contacts: Iterable[int] | AbstractBitMap | AbstractBitMap64) -> bytes:
+    """Serialize contact ids as a Roaring bitmap, 64-bit and prefixed for ids outside 32 bits.
+
+    A bitmap argument is run-optimized in place.
+    """
+    if isinstance(contacts, (AbstractBitMap, AbstractBitMap64)):
+        bitmap = contacts
+    else:
+        bitmap = bitmap_of(contacts)
     bitmap.run_optimize()
+    if isinstance(bitmap, AbstractBitMap64):
+        return _WIDE_HEADER + bitmap.serialize()
     return bitmap.serialize()
 
 
@@ -95,16 +145,55 @@ def _bitset_members(bitset: bytes) -> BitMap:
     return BitMap(members)
 
 
-def decode(blob: bytes) -> BitMap:
+def decode(blob: bytes) -> ContactBitmap:
     """Return the bitmap of :func:`encode`, or of a zlib-compressed bitset of an older store."""
-    if blob[:1] == _ZLIB_HEADER:
+    head = blob[:1]
+    if head == _WIDE_HEADER:
+        return BitMap64.deserialize(blob[1:])
+    if head == _ZLIB_HEADER:
         return _bitset_members(zlib.decompress(blob))
     return BitMap.deserialize(blob)
 
 
-def count_union(bitmaps: Iterable[BitMap], contact_ids: Iterable[int] = ()) -> int:
+def union(bitmaps: Iterable[AbstractBitMap | AbstractBitMap64]) -> ContactBitmap:
+    """Return a new bitmap of the members of ``bitmaps``, 64-bit if any of them is."""
+    members = list(bitmaps)
+    if not members:
+        return BitMap()
+    if any(isinstance(bitmap, AbstractBitMap64) for bitmap in members):
+        return BitMap64.union(*(_widen(bitmap) for bitmap in members))
+    return BitMap.union(*members)
+
+
+def union_update(target: ContactBitmap, other: AbstractBitMap | AbstractBitMap64) -> ContactBitmap:
+    """Add the members of ``other`` to ``target`` and return the result.
+
+    ``target`` changes in place unless only ``other`` is 64-bit. In that case the result
+    is a new 64-bit bitmap and ``target`` is left as it was.
+    """
+    if isinstance(target, AbstractBitMap64) == isinstance(other, AbstractBitMap64):
+        target |= other
+        return target
+    if isinstance(target, AbstractBitMap64):
+        target |= _widen(other)
+        return target
+    return _widen(target) | other
+
+
+def intersection_count(
+    first: AbstractBitMap | AbstractBitMap64, second: AbstractBitMap | AbstractBitMap64
+) -> int:
+    """Return the number of contacts in both bitmaps, of either width."""
+    if isinstance(first, AbstractBitMap64) == isinstance(second, AbstractBitMap64):
+        return first.intersection_cardinality(second)
+    return _widen(first).intersection_cardinality(_widen(second))
+
+
+def count_union(
+    bitmaps: Iterable[AbstractBitMap | AbstractBitMap64], contact_ids: Iterable[int] = ()
+) -> int:
     """Return the number of contacts in the union of ``bitmaps`` and ``contact_ids``."""
-    return len(BitMap.union(BitMap(array("I", contact_ids)), *bitmaps))
+    return len(union([bitmap_of(contact_ids), *bitmaps]))
 
 
 def whole_periods(start: int, end: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -162,7 +251,7 @@ def _insert_weeks(connection: Connection, weeks: list[tuple[int, int]]) -> None:
     rows = []
     for low, high in weeks:
         for week in range(low, high, WEEK_MS):
-            unions: dict[tuple[str, str], list[BitMap]] = {}
+            unions: dict[tuple[str, str], list[ContactBitmap]] = {}
             statement = select(
                 RollupContactSets.kind, RollupContactSets.channel, RollupContactSets.contacts
             ).where(
@@ -179,7 +268,7 @@ def _insert_weeks(connection: Connection, weeks: list[tuple[int, int]]) -> None:
                         "level": LEVEL_WEEK,
                         "start_ms": week,
                         "channel": channel,
-                        "contacts": encode(BitMap.union(*bitmaps)),
+                        "contacts": encode(union(bitmaps)),
                     }
                 )
     if rows:
@@ -253,7 +342,7 @@ def count_distinct(
     if not periods:
         return None
     table, slot_column = SOURCES[kind]
-    bits: dict[tuple[str, int], list[BitMap]] = {}
+    bits: dict[tuple[str, int], list[ContactBitmap]] = {}
     ids: dict[tuple[str, int], set[int]] = {}
 
     needed: dict[tuple[int, int], list[int]] = {}
@@ -297,7 +386,7 @@ def count_distinct(
         ids.setdefault((channel, index), set()).add(contact_id)
 
     by_channel: dict[tuple[str, int], int] = {}
-    overall_bits: dict[int, list[BitMap]] = {}
+    overall_bits: dict[int, list[ContactBitmap]] = {}
     overall_ids: dict[int, set[int]] = {}
     for key in set(bits) | set(ids):
         channel_bits = bits.get(key, [])

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from pyroaring import BitMap, FrozenBitMap
+from pyroaring import FrozenBitMap
 from sqlalchemy import Connection, Engine, func, literal_column, select, union_all
 
+from chatmw.metrics.contact_sets import ContactBitmap, intersection_count, union
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.reach_rollups import conversation_rows
 from chatmw.metrics.rollup_query import Coverage, channel_condition, cover
@@ -64,10 +65,10 @@ class EngagementCounts:
 
 def _window_sets(
     connection: Connection, coverage: Coverage, channels: tuple[str, ...]
-) -> dict[str, dict[str, BitMap]]:
+) -> dict[str, dict[str, ContactBitmap]]:
     """Return the contacts of the served slots per kind and channel."""
     spans = {0: (coverage.first_slot, coverage.end_slot)}
-    sets: dict[str, dict[str, BitMap]] = {kind: {} for kind in _KINDS}
+    sets: dict[str, dict[str, ContactBitmap]] = {kind: {} for kind in _KINDS}
     for (kind, _, channel), bits in span_sets(
         connection, _KINDS, spans, coverage.served, channels
     ).items():
@@ -193,12 +194,12 @@ def engagement_counts(engine: Engine, flt: MetricFilter) -> EngagementCounts | N
         exposed = sets["exposed"].get(channel, _EMPTY)
         proactive = sets["proactive"].get(channel, _EMPTY)
         writers = sets["writers"].get(channel, _EMPTY)
-        reached = exposed | proactive
+        reached = union((exposed, proactive))
         counts.reach[channel] = ChannelReach(
             exposed=len(exposed),
             proactive=len(proactive),
             writing=len(writers),
             reach=len(reached),
-            engaged=reached.intersection_cardinality(writers),
+            engaged=intersection_count(reached, writers),
         )
     return counts

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pyroaring import BitMap
 from sqlalchemy import Connection, Engine, case, func, literal_column, select
 
+from chatmw.metrics.contact_sets import ContactBitmap, intersection_count
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import Buckets, Coverage, bucket_index, cover
 from chatmw.metrics.rollup_refresh import changed_contacts, time_in_ranges
@@ -99,7 +99,7 @@ def _cohort_members(
         .group_by(index, RollupFirsts.channel)
     )
     keys_of = (None,) if flt.group_by is None else None
-    members: dict[tuple[Any, int], BitMap] = {}
+    members: dict[tuple[Any, int], ContactBitmap] = {}
     for bucket, channel, size, back, contact_ids in connection.execute(statement):
         cohort = int(bucket)
         bits = with_ids(None, _ids(contact_ids))
@@ -112,13 +112,13 @@ def _cohort_members(
 
 def _period_starters(
     connection: Connection, flt: MetricFilter, coverage: Coverage, buckets: Buckets
-) -> dict[int, BitMap]:
+) -> dict[int, ContactBitmap]:
     """Return, per period index from 1, the contacts who started a conversation in it."""
     # NOTE: periods whose edges are not UTC midnight read the slot rows of their partial
     # days. Day periods in a zone whose offset is not 0 thus read about one row per
     # conversation of the window, which is no faster than the raw path.
     spans = {index: buckets.span(index, coverage) for index in range(1, len(buckets.bounds) - 1)}
-    starters: dict[int, BitMap] = {}
+    starters: dict[int, ContactBitmap] = {}
     for (_, index, _), bits in span_sets(
         connection, ("starters",), spans, coverage.served, flt.channels
     ).items():
@@ -250,7 +250,7 @@ def retention_counts(
     for (key, cohort), bits in members.items():
         for position in range(cohort + 1, periods):
             starter_bits = starters.get(position)
-            back = 0 if starter_bits is None else bits.intersection_cardinality(starter_bits)
+            back = 0 if starter_bits is None else intersection_count(bits, starter_bits)
             if back:
                 counts[key].returned[cohort][position - cohort] += back
     return dict(counts), keys

@@ -2,28 +2,41 @@
 
 ``chatmw.metrics.contact_sets.count_distinct`` counts contacts per bucket. Retention and
 engagement need the sets themselves, to intersect them, so this module returns each set
-as a Roaring bitmap of contact ids.
+as a Roaring bitmap of contact ids, 32-bit or 64-bit as ``chatmw.metrics.contact_sets``
+describes.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Iterable
 
-from pyroaring import BitMap
+from pyroaring import AbstractBitMap, AbstractBitMap64
 from sqlalchemy import Connection, or_, select
 
-from chatmw.metrics.contact_sets import SOURCES, decode, plan_spans
+from chatmw.metrics.contact_sets import (
+    SOURCES,
+    ContactBitmap,
+    bitmap_of,
+    decode,
+    plan_spans,
+    union,
+    union_update,
+)
 from chatmw.metrics.rollup_refresh import time_in_ranges
 from chatmw.store.models_rollups import RollupContactSets
 
 __all__ = ["with_ids", "span_sets"]
 
 
-def with_ids(bits: BitMap | None, contact_ids: Iterable[int] | BitMap) -> BitMap:
+def with_ids(
+    bits: ContactBitmap | None, contact_ids: Iterable[int] | AbstractBitMap | AbstractBitMap64
+) -> ContactBitmap:
     """Return a new bitmap of the contacts of ``bits`` (None for none) and ``contact_ids``."""
-    added = contact_ids if isinstance(contact_ids, BitMap) else BitMap(array("I", contact_ids))
-    return BitMap(added) if bits is None else bits | added
+    if isinstance(contact_ids, (AbstractBitMap, AbstractBitMap64)):
+        added = contact_ids
+    else:
+        added = bitmap_of(contact_ids)
+    return union([added] if bits is None else [bits, added])
 
 
 def span_sets(
@@ -32,7 +45,7 @@ def span_sets(
     spans: dict[int, tuple[int, int]],
     served: set[int],
     channels: tuple[str, ...],
-) -> dict[tuple[str, int, str], BitMap]:
+) -> dict[tuple[str, int, str], ContactBitmap]:
     """Return the contacts of the served slots of each span, per (kind, span index, channel).
 
     ``spans`` maps an index to a ``[start, end)`` range of slots. Whole UTC days and epoch
@@ -42,7 +55,7 @@ def span_sets(
     adds their raw rows.
     """
     periods, rest = plan_spans(spans, served)
-    sets: dict[tuple[str, int, str], BitMap] = {}
+    sets: dict[tuple[str, int, str], ContactBitmap] = {}
     needed: dict[tuple[int, int], list[int]] = {}
     for index, parts in periods.items():
         for part in parts:
@@ -74,9 +87,9 @@ def span_sets(
             for index in needed[(int(level), int(start))]:
                 key = (kind, index, channel)
                 if key in sets:
-                    sets[key] |= decoded
+                    sets[key] = union_update(sets[key], decoded)
                 else:
-                    sets[key] = BitMap(decoded)
+                    sets[key] = union([decoded])
 
     edges = sorted((low, high, index) for index, parts in rest.items() for low, high in parts)
     for kind in kinds if edges else ():
@@ -90,7 +103,7 @@ def _add_slot_rows(
     edges: list[tuple[int, int, int]],
     served: set[int],
     channels: tuple[str, ...],
-    sets: dict[tuple[str, int, str], BitMap],
+    sets: dict[tuple[str, int, str], ContactBitmap],
 ) -> None:
     """Add the contacts of the served slots in ``edges`` (low, high, span index) to ``sets``."""
     table, slot_column = SOURCES[kind]
