@@ -597,7 +597,7 @@ class RollupAttributionSets(Base):
     ``named_micros`` count the conversions that name one of these conversations, and the
     sum of their values in micros as decimal digits (the sum can exceed 64 bits).
     ``contacts`` is a serialized Roaring bitmap of contact ids
-    (``chatmw.metrics.attribution_rollups.encode_contacts``).
+    (``chatmw.metrics.contact_sets.encode``).
     """
 
     __tablename__ = "rollup_attribution_sets"
