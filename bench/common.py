@@ -41,11 +41,29 @@ def machine_description() -> dict[str, str]:
         "cpu": cpu,
         "memory": f"{memory_kib / 1024 / 1024:.1f} GiB",
         "load average (1, 5, 15 min) at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "reference loop at start (best of 3)": f"{reference_loop_seconds():.2f} s",
         "os": platform.platform(),
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "postgresql": postgres_version(),
     }
+
+
+def reference_loop_seconds(rounds: int = 3) -> float:
+    """Return the best time of a fixed pure-Python loop (10 million additions).
+
+    The speed of a shared virtual machine's cores drifts, by a factor of two within minutes
+    on the machines these figures come from. This figure, taken when a section starts,
+    shows how fast the cores were then, so sections from different runs can be compared.
+    """
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        total = 0
+        for number in range(10_000_000):
+            total += number
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def postgres_version() -> str:
