@@ -697,11 +697,15 @@ class Recorder:
                 logger.warning("recorder write failed (%d events): %s; writing them again",
                                len(pending.batch), _describe(error))
                 self._write_in_flight(pending.batch)
+            elif self.spool is None:
+                # stop() gave up on the batch, and without a spool nothing else counts it.
+                self._count_drop("shutdown_timeout", len(pending.batch))
         else:
             self._pending = None
             # The writer began this batch when it had finished the previous one.
             now = time.perf_counter()
-            if not self._abandoned:
+            # After a stop that timed out, only a spool took the batch over (see stop).
+            if not self._abandoned or self.spool is None:
                 self._count_written(pending.batch, written,
                                     now - max(pending.started, self._settled_at))
         finally:

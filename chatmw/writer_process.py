@@ -56,6 +56,8 @@ DEFAULT_NICENESS = 5
 SEND_CHUNK = 100
 # The tag of a chunk sent as rows of event classes and field values.
 _EVENT_ROWS = "event-rows"
+# Sent instead of the end of a batch whose sending failed: the child drops what it got of it.
+_DISCARD = "discard"
 
 
 class WriteRejected(Exception):
@@ -215,7 +217,16 @@ def _send_in_chunks(connection: Connection, batch: Sequence[Event]) -> None:
     for start in range(0, len(batch), SEND_CHUNK):
         chunk = batch[start:start + SEND_CHUNK]
         rows = _event_rows(chunk)
-        connection.send(list(chunk) if rows is None else (_EVENT_ROWS, rows))
+        try:
+            connection.send(list(chunk) if rows is None else (_EVENT_ROWS, rows))
+        except OSError:
+            raise
+        except Exception:
+            # A chunk that cannot be pickled was not sent: the child drops the chunks of
+            # this batch it has, instead of writing them with the next batch.
+            if start:
+                connection.send(_DISCARD)
+            raise
         time.sleep(0)
     connection.send([])
 
@@ -249,6 +260,8 @@ def _receive_batch(connection: Connection) -> list[Event] | None:
         while chunk := connection.recv():
             if chunk.__class__ is tuple:
                 batch.extend(rebuild_event(cls, values) for cls, values in chunk[1])
+            elif chunk.__class__ is str:
+                batch = []
             else:
                 batch.extend(chunk)
     except EOFError:

@@ -1,0 +1,200 @@
+"""The recorder pipelining batches to a writer process: failures while a batch is pending."""
+
+from __future__ import annotations
+
+import functools
+import time
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Engine, func, select
+
+from chatmw import events as ev
+from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.spool import FileSpool, SpoolSettings
+from chatmw.store.engine import make_engine
+from chatmw.store.models import Message
+from chatmw.store.writer import Writer
+from chatmw.writer_process import ProcessWriter
+
+T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
+
+
+class _SlowWriter(Writer):
+    """A store writer that waits ``delay`` seconds before each write, in the child."""
+
+    def __init__(self, engine: Engine, delay: float, poison: str | None) -> None:
+        super().__init__(engine)
+        self.delay = delay
+        self.poison = poison
+
+    def write(self, batch):  # type: ignore[no-untyped-def]
+        time.sleep(self.delay)
+        if self.poison is not None and any(
+                getattr(event, "key", None) == self.poison for event in batch):
+            raise ValueError("poison event")
+        return super().write(batch)
+
+
+def _slow_writer(url: str, delay: float, poison: str | None = None) -> _SlowWriter:
+    return _SlowWriter(make_engine(url), delay, poison)
+
+
+def _messages(count: int, prefix: str = "m") -> list[ev.Event]:
+    return [ev.Message(channel="web", occurred_at=T0 + timedelta(seconds=index),
+                       key=f"{prefix}{index}", role="user", user_id="u1", text="hello",
+                       conversation_id="c1")
+            for index in range(count)]
+
+
+def _stored(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(Message)).scalar_one()
+
+
+def _wait_pending(recorder: Recorder) -> None:
+    deadline = time.monotonic() + 30
+    while recorder._pending is None:
+        assert time.monotonic() < deadline, "no batch became pending"
+        time.sleep(0.01)
+
+
+def test_stop_timeout_without_spool_counts_pending_batch(engine: Engine,
+                                                          database_url: str) -> None:
+    # The child is still writing the pending batch when stop() gives up. Without a spool,
+    # the batch is counted once its result arrives: written when the child stored it.
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 1.5))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
+    recorder.start()
+    thread = recorder._thread
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        assert recorder.stop(timeout=0.2) is False
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert _stored(engine) == 5
+    assert stats.written + stats.spooled + sum(stats.dropped.values()) == 5
+    assert stats.written == 5
+
+
+def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_url: str,
+                                                       tmp_path) -> None:
+    # With a spool the pending batch is spooled at the deadline and not counted again as
+    # written when the child's late answer arrives.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 1.5))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
+                        spool=spool)
+    recorder.start()
+    thread = recorder._thread
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        assert recorder.stop(timeout=0.2) is False
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert stats.spooled == 5
+    assert stats.written == 0
+    assert spool.pending_events() == 5
+    spool.close()
+
+
+def test_child_killed_with_batches_pending(engine: Engine, database_url: str) -> None:
+    # The child dies while one batch is written and the next waits: both are written again
+    # by a new child and counted once.
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.5))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
+    recorder.start()
+    try:
+        for event in _messages(5, "a"):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        for event in _messages(5, "b"):
+            recorder.submit(event)
+        time.sleep(0.2)
+        writer._process.kill()
+        assert recorder.flush(60)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+    assert _stored(engine) == 10
+    assert stats.written == 10
+    assert stats.dropped == {}
+
+
+def test_child_timeout_with_batch_pending(engine: Engine, database_url: str) -> None:
+    # A child slower than the time limit is killed; the retries then store everything once.
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.6), timeout_s=0.3)
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
+                                                 retries=2, retry_backoff_s=0.01))
+    recorder.start()
+    try:
+        for event in _messages(10):
+            recorder.submit(event)
+        recorder.flush(60)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+    # Every write times out, so every event ends dropped after its retries, never written
+    # and dropped at once.
+    assert stats.written + sum(stats.dropped.values()) == 10
+    assert stats.dropped.get("store_unavailable", 0) == 10 - stats.written
+
+
+def test_poison_event_in_pending_batch_isolated(engine: Engine, database_url: str) -> None:
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0, "m3"))
+    recorder = Recorder(writer, RecorderSettings(batch_size=4, batch_interval_s=0.01))
+    recorder.start()
+    try:
+        for event in _messages(12):
+            recorder.submit(event)
+        assert recorder.flush(60)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+    assert _stored(engine) == 11
+    assert stats.written == 11
+    assert stats.dropped == {"write_error": 1}
+
+
+def test_unpicklable_event_isolated_without_extra_events(engine: Engine,
+                                                          database_url: str) -> None:
+    # An event that cannot be pickled in the second chunk of a batch: the chunk before it
+    # was sent already, and must not be written as part of the next batch.
+    class Local(ev.Message):
+        pass
+
+    events = _messages(150)
+    events[120] = Local(channel="web", occurred_at=T0, key="local", role="user",
+                        user_id="u1", text="hello", conversation_id="c1")
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0))
+    recorder = Recorder(writer, RecorderSettings(batch_size=150, batch_interval_s=0.01))
+    recorder.start()
+    try:
+        for event in events:
+            recorder.submit(event)
+        assert recorder.flush(60)
+        for event in _messages(5, "z"):
+            recorder.submit(event)
+        assert recorder.flush(60)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+    assert _stored(engine) == 154
+    assert stats.written == 154
+    assert stats.dropped == {"write_error": 1}
