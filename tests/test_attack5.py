@@ -198,3 +198,71 @@ def test_unpicklable_event_isolated_without_extra_events(engine: Engine,
     assert _stored(engine) == 154
     assert stats.written == 154
     assert stats.dropped == {"write_error": 1}
+
+
+def test_flush_returns_after_pending_batch_settled(engine: Engine, database_url: str) -> None:
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 1.0))
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
+    recorder.start()
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        assert recorder.flush(60)
+        stats = recorder.stats()
+        stored = _stored(engine)
+    finally:
+        recorder.stop(30)
+        writer.close()
+    assert recorder._pending is None
+    assert stats.written == 5
+    assert stored == 5
+
+
+def test_stop_timeout_without_spool_counts_failed_pending_batch(engine: Engine,
+                                                                 database_url: str) -> None:
+    # The child dies after stop() gave up on its pending batch: the batch is counted as
+    # dropped, since no spool took it and the thread does not write it again.
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 5.0))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
+    recorder.start()
+    thread = recorder._thread
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        assert recorder.stop(timeout=0.2) is False
+        writer._process.kill()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert _stored(engine) == 0
+    assert stats.written == 0
+    assert stats.dropped == {"shutdown_timeout": 5}
+
+
+def test_spool_replay_while_batch_pending(engine: Engine, database_url: str, tmp_path) -> None:
+    # Events in the spool at start are replayed between live batches that are pending in
+    # the child; each event is stored and counted once.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    assert spool.append(_messages(8, "s"))
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.2))
+    recorder = Recorder(writer, RecorderSettings(batch_size=4, batch_interval_s=0.01),
+                        spool=spool)
+    recorder.start()
+    try:
+        for event in _messages(8, "l"):
+            recorder.submit(event)
+        assert recorder.flush(60)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+        spool.close()
+    assert _stored(engine) == 16
+    assert stats.written == 16
+    assert stats.replayed == 8
+    assert stats.spooled == 0
+    assert stats.dropped == {}
