@@ -163,6 +163,9 @@ def _write_batches(connection: Connection, writer: BatchWriter) -> None:
         received = inbox.next()
         if received is None:
             return
+        if received.unreadable:
+            connection.send((False, False, received.unreadable, 0, {}))
+            continue
         try:
             with received.enrichments_applied():
                 written = writer.write(received.events)
@@ -252,22 +255,37 @@ def _event_rows(chunk: Sequence[Event]) -> list[tuple[type, tuple[Any, ...]]] | 
     return rows
 
 
+class _Unreadable(Exception):
+    """A chunk of the batch could not be unpickled; the rest of the batch was read."""
+
+
 def _receive_batch(connection: Connection) -> list[Event] | None:
     # Reads the chunks of one batch sent by _send_in_chunks. Returns None when the parent
-    # closed the pipe or asked the child to stop.
+    # closed the pipe or asked the child to stop. Raises _Unreadable, once the whole batch
+    # was read, when a chunk could not be unpickled (an event class the child lacks).
     batch: list[Event] = []
-    try:
-        while chunk := connection.recv():
+    unreadable: Exception | None = None
+    while True:
+        try:
+            chunk = connection.recv()
+            if not chunk:
+                break
             if chunk.__class__ is tuple:
                 batch.extend(rebuild_event(cls, values) for cls, values in chunk[1])
             elif chunk.__class__ is str:
-                batch = []
+                batch, unreadable = [], None
             else:
                 batch.extend(chunk)
-    except EOFError:
-        return None
+        except EOFError:
+            return None
+        except OSError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the message was read whole: the pipe works
+            unreadable = error
     if chunk is None:
         return None
+    if unreadable is not None:
+        raise _Unreadable(_describe(unreadable)) from unreadable
     return batch
 
 
@@ -309,10 +327,13 @@ class _Received:
     """A batch as received, its decoded events and the enrichers' results for them."""
 
     def __init__(self, batch: list[Event], events: Sequence[Event],
-                 enrichments: list[tuple[_Enriched, dict[int, Any]]]) -> None:
+                 enrichments: list[tuple[_Enriched, dict[int, Any]]],
+                 unreadable: str = "") -> None:
         self.batch = batch
         self.events = events
         self.enrichments = enrichments
+        # Why the batch could not be read, when it could not.
+        self.unreadable = unreadable
 
     @contextlib.contextmanager
     def enrichments_applied(self) -> Iterator[None]:
@@ -375,6 +396,10 @@ class _Inbox:
         while True:
             try:
                 batch = _receive_batch(connection)
+            except _Unreadable as error:
+                # Answered as a rejected write, so the parent isolates the event.
+                self._batches.put(_Received([], [], [], f"batch not readable: {error}"))
+                continue
             except Exception:
                 # An undecodable message means the pipe is broken, so the child ends.
                 logger.exception("writer process could not read a batch")

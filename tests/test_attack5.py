@@ -266,3 +266,49 @@ def test_spool_replay_while_batch_pending(engine: Engine, database_url: str, tmp
     assert stats.replayed == 8
     assert stats.spooled == 0
     assert stats.dropped == {}
+
+
+def _parent_only_class() -> type[ev.Message]:
+    # A message class of a module that exists in this process only: the child cannot
+    # unpickle it.
+    import dataclasses
+    import sys
+    import types
+
+    module = sys.modules.get("chatmw_parent_only")
+    if module is None:
+        module = types.ModuleType("chatmw_parent_only")
+
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class ParentOnly(ev.Message):
+            pass
+
+        ParentOnly.__module__ = module.__name__
+        ParentOnly.__qualname__ = "ParentOnly"
+        module.ParentOnly = ParentOnly  # type: ignore[attr-defined]
+        sys.modules[module.__name__] = module
+    return module.ParentOnly  # type: ignore[no-any-return]
+
+
+def test_event_child_cannot_unpickle_isolated(engine: Engine, database_url: str) -> None:
+    # The child rejects the batch with the event it cannot read, so the recorder isolates
+    # that event; the other events of its batch and the batches around it are stored.
+    parent_only = _parent_only_class()
+    events = _messages(10)
+    events[6] = parent_only(channel="web", occurred_at=T0, key="parent-only", role="user",
+                            user_id="u1", text="hello", conversation_id="c1")
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0))
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
+                                                 retries=1, retry_backoff_s=0.01))
+    recorder.start()
+    try:
+        for event in events:
+            recorder.submit(event)
+        assert recorder.flush(120)
+        stats = recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+    assert _stored(engine) == 9
+    assert stats.written == 9
+    assert stats.dropped == {"write_error": 1}
