@@ -7,8 +7,13 @@ import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import OperationalError
 
 from chatmw import events as ev
+from chatmw.adapters._meta import WebhookStats
+from chatmw.adapters.webhook import WebhookDecoder
+from chatmw.codecs import JsonCodec
+from chatmw.exchange import ExchangeDecoder, captured_exchange
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine
@@ -22,21 +27,58 @@ T0 = datetime(2025, 3, 1, 9, 0, tzinfo=UTC)
 class _SlowWriter(Writer):
     """A store writer that waits ``delay`` seconds before each write, in the child."""
 
-    def __init__(self, engine: Engine, delay: float, poison: str | None) -> None:
+    def __init__(self, engine: Engine, delay: float, poison: str | None,
+                 fail_odd: bool = False) -> None:
         super().__init__(engine)
         self.delay = delay
         self.poison = poison
+        # Every other write (the first, the third...) fails as retryable.
+        self.fail_odd = fail_odd
+        self.calls = 0
 
     def write(self, batch):  # type: ignore[no-untyped-def]
         time.sleep(self.delay)
+        self.calls += 1
+        if self.fail_odd and self.calls % 2:
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
         if self.poison is not None and any(
                 getattr(event, "key", None) == self.poison for event in batch):
             raise ValueError("poison event")
         return super().write(batch)
 
 
-def _slow_writer(url: str, delay: float, poison: str | None = None) -> _SlowWriter:
-    return _SlowWriter(make_engine(url), delay, poison)
+def _slow_writer(url: str, delay: float, poison: str | None = None,
+                 fail_odd: bool = False) -> _SlowWriter:
+    return _SlowWriter(make_engine(url), delay, poison, fail_odd)
+
+
+class _KeyedEnricher:
+    """Scores a message 0.1 per call for its key; raises for the key ``failing``."""
+
+    def __init__(self, failing: str | None) -> None:
+        self.failing = failing
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, message: ev.Message) -> dict[str, float]:
+        if message.key == self.failing:
+            raise ValueError("enricher failed")
+        self.calls[message.key] = self.calls.get(message.key, 0) + 1
+        return {"sentiment": self.calls[message.key] / 10}
+
+
+def _enriched_writer(url: str, failing: str | None = None) -> Writer:
+    writer = _slow_writer(url, 0.05)
+    writer.enrichers.append(_KeyedEnricher(failing))
+    return writer
+
+
+class _FaultyCodec(JsonCodec):
+    """A codec with a bug: it raises for a request whose message is ``boom``."""
+
+    def decode_request(self, body: bytes):  # type: ignore[no-untyped-def]
+        if b"boom" in body:
+            raise RuntimeError("codec bug")
+        return super().decode_request(body)
 
 
 def _messages(count: int, prefix: str = "m") -> list[ev.Event]:
@@ -312,3 +354,81 @@ def test_event_child_cannot_unpickle_isolated(engine: Engine, database_url: str)
     assert _stored(engine) == 9
     assert stats.written == 9
     assert stats.dropped == {"write_error": 1}
+
+
+def _sentiments(engine: Engine) -> dict[str, float | None]:
+    with engine.connect() as connection:
+        return dict(connection.execute(select(Message.key, Message.sentiment)).all())
+
+
+def _run(writer: ProcessWriter, events: list[ev.Event], batch_size: int = 4,
+         **settings: float) -> object:
+    recorder = Recorder(writer, RecorderSettings(batch_size=batch_size, batch_interval_s=0.01,
+                                                 **settings))
+    recorder.start()
+    try:
+        for event in events:
+            recorder.submit(event)
+        assert recorder.flush(120)
+        return recorder.stats()
+    finally:
+        recorder.stop(30)
+        writer.close()
+
+
+def test_enricher_called_once_per_message(engine: Engine, database_url: str) -> None:
+    # An enricher that returns a different value on a second call for the same message:
+    # the stored value is the first call's, computed ahead of the write.
+    stats = _run(ProcessWriter(functools.partial(_enriched_writer, database_url)),
+                 _messages(12))
+    assert stats.written == 12
+    assert _sentiments(engine) == {f"m{index}": 0.1 for index in range(12)}
+
+
+def test_enricher_raising_for_one_message(engine: Engine, database_url: str) -> None:
+    # The enricher's error fails the write of its batch; the recorder isolates the message.
+    stats = _run(ProcessWriter(functools.partial(_enriched_writer, database_url, "m5")),
+                 _messages(12))
+    assert stats.written == 11
+    assert stats.dropped == {"write_error": 1}
+    sentiments = _sentiments(engine)
+    assert set(sentiments) == {f"m{index}" for index in range(12)} - {"m5"}
+    assert all(value is not None for value in sentiments.values())
+
+
+def _exchange(decoder: object, index: int, text: str) -> ev.Event:
+    body = f'{{"user_id": "u1", "message": "{text}"}}'.encode()
+    return captured_exchange("web", T0 + timedelta(seconds=index), f"asgi:p:{index}", decoder,
+                             body, b'{"replies": []}', 200, 1.5, "complete", b"")
+
+
+def test_exchange_whose_decoder_raises(engine: Engine, database_url: str) -> None:
+    # A codec that raises for one exchange loses that exchange only, in a pipelined batch.
+    decoder = ExchangeDecoder(_FaultyCodec(text_path="message", user_id_path="user_id"))
+    events = [_exchange(decoder, index, "boom" if index == 3 else "hi") for index in range(10)]
+    stats = _run(ProcessWriter(functools.partial(_slow_writer, database_url, 0.05)), events)
+    assert stats.dropped == {}
+    # Each decoded exchange is the user's message and the bot's status message.
+    assert _stored(engine) == 18
+    assert stats.written == 18
+    with engine.connect() as connection:
+        texts = connection.execute(select(Message.text)).scalars().all()
+    assert "boom" not in texts
+    assert texts.count("hi") == 9
+
+
+def test_decoder_counts_exact_with_retries(engine: Engine, database_url: str) -> None:
+    # Every batch fails once in the child before it is written: the webhook counters the
+    # child sends back count each body once.
+    from test_adapters_intake import BODY
+
+    webhook_stats = WebhookStats()
+    decoder = WebhookDecoder(frozenset({"app-7"}), webhook_stats)
+    events = [captured_exchange("meta", T0 + timedelta(seconds=index), "", decoder, BODY, b"",
+                                None, None, "complete", b"") for index in range(10)]
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.05, None, True))
+    stats = _run(writer, events, retries=3, retry_backoff_s=0.01)
+    assert stats.dropped == {}
+    assert webhook_stats["events"] == 10
+    # The ten bodies are one message.
+    assert _stored(engine) == 1
