@@ -397,7 +397,7 @@ class _Inbox:
             try:
                 batch = _receive_batch(connection)
             except _Unreadable as error:
-                # Answered as a rejected write, so the parent isolates the event.
+                # Sent back as a rejected write, so the parent isolates the event.
                 self._batches.put(_Received([], [], [], f"batch not readable: {error}"))
                 continue
             except Exception:

@@ -14,7 +14,7 @@ from chatmw.adapters._meta import WebhookStats
 from chatmw.adapters.webhook import WebhookDecoder
 from chatmw.codecs import JsonCodec
 from chatmw.exchange import ExchangeDecoder, captured_exchange
-from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.recorder import Recorder, RecorderSettings, RecorderStats
 from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine
 from chatmw.store.models import Message
@@ -100,36 +100,26 @@ def _wait_pending(recorder: Recorder) -> None:
         time.sleep(0.01)
 
 
-def test_stop_timeout_without_spool_counts_pending_batch(engine: Engine,
-                                                          database_url: str) -> None:
-    # The child is still writing the pending batch when stop() gives up. Without a spool,
-    # the batch is counted once its result arrives: written when the child stored it.
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 1.5))
-    writer.start()
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
+def _run(writer: ProcessWriter, events: list[ev.Event], batch_size: int = 4,
+         **settings: float) -> RecorderStats:
+    settings.setdefault("batch_interval_s", 0.01)
+    recorder = Recorder(writer, RecorderSettings(batch_size=batch_size, **settings))
     recorder.start()
-    thread = recorder._thread
     try:
-        for event in _messages(5):
+        for event in events:
             recorder.submit(event)
-        _wait_pending(recorder)
-        assert recorder.stop(timeout=0.2) is False
-        thread.join(30)
-        assert not thread.is_alive()
+        assert recorder.flush(120)
+        return recorder.stats()
     finally:
+        recorder.stop(30)
         writer.close()
-    stats = recorder.stats()
-    assert _stored(engine) == 5
-    assert stats.written + stats.spooled + sum(stats.dropped.values()) == 5
-    assert stats.written == 5
 
 
-def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_url: str,
-                                                       tmp_path) -> None:
-    # With a spool the pending batch is spooled at the deadline and not counted again as
-    # written when the child's late answer arrives.
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 1.5))
+def _stop_while_pending(database_url: str, delay: float, spool: FileSpool | None = None,
+                        kill: bool = False) -> Recorder:
+    # Stops the recorder with a 0.2 s limit while the child writes its batch of 5 events
+    # for ``delay`` seconds, then waits for the writer thread to end.
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, delay))
     writer.start()
     recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
                         spool=spool)
@@ -140,11 +130,31 @@ def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_u
             recorder.submit(event)
         _wait_pending(recorder)
         assert recorder.stop(timeout=0.2) is False
+        if kill:
+            writer._process.kill()
         thread.join(30)
         assert not thread.is_alive()
     finally:
         writer.close()
-    stats = recorder.stats()
+    return recorder
+
+
+def test_stop_timeout_without_spool_counts_pending_batch(engine: Engine,
+                                                          database_url: str) -> None:
+    # The child is still writing the pending batch when stop() gives up. Without a spool,
+    # the batch is counted once its result arrives: written when the child stored it.
+    stats = _stop_while_pending(database_url, 1.5).stats()
+    assert _stored(engine) == 5
+    assert stats.written + stats.spooled + sum(stats.dropped.values()) == 5
+    assert stats.written == 5
+
+
+def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_url: str,
+                                                       tmp_path) -> None:
+    # With a spool the pending batch is spooled at the deadline and not counted again as
+    # written when the child's late reply arrives.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    stats = _stop_while_pending(database_url, 1.5, spool).stats()
     assert stats.spooled == 5
     assert stats.written == 0
     assert spool.pending_events() == 5
@@ -197,17 +207,8 @@ def test_child_timeout_with_batch_pending(engine: Engine, database_url: str) -> 
 
 
 def test_poison_event_in_pending_batch_isolated(engine: Engine, database_url: str) -> None:
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0, "m3"))
-    recorder = Recorder(writer, RecorderSettings(batch_size=4, batch_interval_s=0.01))
-    recorder.start()
-    try:
-        for event in _messages(12):
-            recorder.submit(event)
-        assert recorder.flush(60)
-        stats = recorder.stats()
-    finally:
-        recorder.stop(30)
-        writer.close()
+    stats = _run(ProcessWriter(functools.partial(_slow_writer, database_url, 0.0, "m3")),
+                 _messages(12))
     assert _stored(engine) == 11
     assert stats.written == 11
     assert stats.dropped == {"write_error": 1}
@@ -223,20 +224,8 @@ def test_unpicklable_event_isolated_without_extra_events(engine: Engine,
     events = _messages(150)
     events[120] = Local(channel="web", occurred_at=T0, key="local", role="user",
                         user_id="u1", text="hello", conversation_id="c1")
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0))
-    recorder = Recorder(writer, RecorderSettings(batch_size=150, batch_interval_s=0.01))
-    recorder.start()
-    try:
-        for event in events:
-            recorder.submit(event)
-        assert recorder.flush(60)
-        for event in _messages(5, "z"):
-            recorder.submit(event)
-        assert recorder.flush(60)
-        stats = recorder.stats()
-    finally:
-        recorder.stop(30)
-        writer.close()
+    stats = _run(ProcessWriter(functools.partial(_slow_writer, database_url, 0.0)),
+                 events + _messages(5, "z"), batch_size=150, batch_interval_s=1.0)
     assert _stored(engine) == 154
     assert stats.written == 154
     assert stats.dropped == {"write_error": 1}
@@ -264,22 +253,7 @@ def test_stop_timeout_without_spool_counts_failed_pending_batch(engine: Engine,
                                                                  database_url: str) -> None:
     # The child dies after stop() gave up on its pending batch: the batch is counted as
     # dropped, since no spool took it and the thread does not write it again.
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 5.0))
-    writer.start()
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01))
-    recorder.start()
-    thread = recorder._thread
-    try:
-        for event in _messages(5):
-            recorder.submit(event)
-        _wait_pending(recorder)
-        assert recorder.stop(timeout=0.2) is False
-        writer._process.kill()
-        thread.join(30)
-        assert not thread.is_alive()
-    finally:
-        writer.close()
-    stats = recorder.stats()
+    stats = _stop_while_pending(database_url, 5.0, kill=True).stats()
     assert _stored(engine) == 0
     assert stats.written == 0
     assert stats.dropped == {"shutdown_timeout": 5}
@@ -334,23 +308,13 @@ def _parent_only_class() -> type[ev.Message]:
 
 def test_event_child_cannot_unpickle_isolated(engine: Engine, database_url: str) -> None:
     # The child rejects the batch with the event it cannot read, so the recorder isolates
-    # that event; the other events of its batch and the batches around it are stored.
+    # that event. The other events of its batch and the batches around it are stored.
     parent_only = _parent_only_class()
     events = _messages(10)
     events[6] = parent_only(channel="web", occurred_at=T0, key="parent-only", role="user",
                             user_id="u1", text="hello", conversation_id="c1")
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.0))
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
-                                                 retries=1, retry_backoff_s=0.01))
-    recorder.start()
-    try:
-        for event in events:
-            recorder.submit(event)
-        assert recorder.flush(120)
-        stats = recorder.stats()
-    finally:
-        recorder.stop(30)
-        writer.close()
+    stats = _run(ProcessWriter(functools.partial(_slow_writer, database_url, 0.0)), events,
+                 batch_size=5, retries=1, retry_backoff_s=0.01)
     assert _stored(engine) == 9
     assert stats.written == 9
     assert stats.dropped == {"write_error": 1}
@@ -359,21 +323,6 @@ def test_event_child_cannot_unpickle_isolated(engine: Engine, database_url: str)
 def _sentiments(engine: Engine) -> dict[str, float | None]:
     with engine.connect() as connection:
         return dict(connection.execute(select(Message.key, Message.sentiment)).all())
-
-
-def _run(writer: ProcessWriter, events: list[ev.Event], batch_size: int = 4,
-         **settings: float) -> object:
-    recorder = Recorder(writer, RecorderSettings(batch_size=batch_size, batch_interval_s=0.01,
-                                                 **settings))
-    recorder.start()
-    try:
-        for event in events:
-            recorder.submit(event)
-        assert recorder.flush(120)
-        return recorder.stats()
-    finally:
-        recorder.stop(30)
-        writer.close()
 
 
 def test_enricher_called_once_per_message(engine: Engine, database_url: str) -> None:
