@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -181,14 +182,29 @@ def test_process_writer_answers_tickets_in_any_order(tmp_path) -> None:
     engine.dispose()
 
 
+class _StallingWriter:
+    """The standard writer, except that a batch with a message keyed ``stall`` waits 60 s."""
+
+    def __init__(self, database_url: str) -> None:
+        self.writer = build_writer(database_url, sentiment=False)
+
+    def write(self, batch: list[ev.Event]) -> int:
+        if any(getattr(event, "key", None) == "stall" for event in batch):
+            time.sleep(60)
+        return self.writer.write(batch)
+
+
 def test_process_writer_fails_pending_tickets_of_dead_child(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'chatmw.db'}"
     engine = make_engine(url)
     upgrade(engine)
-    writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
+    writer = ProcessWriter(functools.partial(_StallingWriter, url))
     try:
         writer.write(_messages(1))
-        tickets = [writer.submit(_messages(3)), writer.submit(_messages(4))]
+        stalling = [dataclasses.replace(_messages(1)[0], key="stall")]
+        tickets = [writer.submit(stalling + _messages(3)), writer.submit(_messages(4))]
+        # The child is inside the first pending write, which it cannot finish.
+        time.sleep(0.5)
         writer._process.kill()
         for ticket in tickets:
             with pytest.raises(OperationalError):
