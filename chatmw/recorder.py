@@ -454,6 +454,8 @@ class Recorder:
             drained = self._drain_nowait()
             # With a spool the batches being written are spooled too: a duplicate is stored
             # once, a batch lost with the process is not stored at all.
+            # NOTE: these reads take no lock. A batch that the writer thread settles at this
+            # very moment can be stored and spooled without being counted as written.
             pending = self._pending
             in_flight = (pending.batch if pending is not None else []) + self._in_flight
             in_flight = in_flight if self.spool is not None else []
