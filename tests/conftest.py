@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from chatmw.store.engine import make_engine, upgrade
 
@@ -53,15 +55,31 @@ def postgres_url() -> Iterator[str]:
 
 
 def _empty_postgres(url: str) -> None:
+    # A rollup refresher or writer left running by an earlier test may hold locks that the
+    # TRUNCATE then waits for in the opposite order; PostgreSQL rolls one side back with a
+    # deadlock (SQLSTATE 40P01), and the TRUNCATE is tried again.
+    for attempt in range(5):
+        try:
+            _truncate_postgres(url)
+            return
+        except DBAPIError as error:
+            if getattr(error.orig, "sqlstate", None) != "40P01" or attempt == 4:
+                raise
+            time.sleep(0.2)
+
+
+def _truncate_postgres(url: str) -> None:
     engine = make_engine(url)
-    with engine.begin() as connection:
-        names = connection.execute(text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
-            "AND tablename <> 'alembic_version'"
-        )).scalars().all()
-        tables = ", ".join(f'"{name}"' for name in names)
-        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    engine.dispose()
+    try:
+        with engine.begin() as connection:
+            names = connection.execute(text(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'"
+            )).scalars().all()
+            tables = ", ".join(f'"{name}"' for name in names)
+            connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
