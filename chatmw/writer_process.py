@@ -531,8 +531,8 @@ class ProcessWriter:
                 _send_in_chunks(connection, batch)
             except OSError as error:
                 self._kill(f"pipe failed: {type(error).__name__}")
-                raise _unavailable(f"child writer process failed: {type(error).__name__}") \
-                    from error
+                description = f"child writer process failed: {type(error).__name__}"
+                raise _unavailable(description) from error
             ticket = self._sent
             self._sent += 1
             self._waiting[ticket] = batch

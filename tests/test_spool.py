@@ -450,7 +450,7 @@ def test_refused_durable_submit_queues_transformed(tmp_path: Path, new_writer) -
 
 def test_pipelined_writer_gets_next_batch_before_result() -> None:
     # With a slow writer and a full queue, each batch is handed over while the previous
-    # one is written; every event is written once and counted once.
+    # one is written. Every event is written once and counted once.
     writer = PipelinedWriter()
     writer.delay = 0.02
     settings = RecorderSettings(queue_size=1000, batch_size=10, batch_interval_s=0.01)

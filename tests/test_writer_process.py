@@ -63,6 +63,19 @@ def _exchanges(count: int) -> list[ev.Event]:
             for index in range(count)]
 
 
+def _migrated_sqlite(tmp_path) -> tuple[str, Engine]:
+    """Return the URL of a new migrated SQLite file and an engine on it."""
+    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    return url, engine
+
+
+def _stored_messages(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(Message)).scalar_one()
+
+
 def test_batch_chunks_round_trip() -> None:
     # Exchanges and messages, over more than one chunk, come back equal and in order.
     exchanges = _exchanges(SEND_CHUNK + 30)
@@ -138,9 +151,7 @@ def test_process_writer_raises_other_errors_as_rejected() -> None:
 
 
 def test_process_writer_restarts_dead_child(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
+    url, engine = _migrated_sqlite(tmp_path)
     writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
     try:
         writer.write(_messages(1))
@@ -151,8 +162,7 @@ def test_process_writer_restarts_dead_child(tmp_path) -> None:
         assert writer._process is not first
     finally:
         writer.close()
-    with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 3
+    assert _stored_messages(engine) == 3
     engine.dispose()
 
 
@@ -164,9 +174,7 @@ def test_process_writer_rejects_bad_timeout() -> None:
 def test_process_writer_answers_tickets_in_any_order(tmp_path) -> None:
     # Two batches handed over before either result is read; the results are read in the
     # opposite order and each one reports its own batch.
-    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
+    url, engine = _migrated_sqlite(tmp_path)
     writer = ProcessWriter(functools.partial(build_writer, url, sentiment=False))
     try:
         first = writer.submit(_messages(2))
@@ -177,8 +185,7 @@ def test_process_writer_answers_tickets_in_any_order(tmp_path) -> None:
             writer.result(first)
     finally:
         writer.close()
-    with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 5
+    assert _stored_messages(engine) == 5
     engine.dispose()
 
 
@@ -195,9 +202,7 @@ class _StallingWriter:
 
 
 def test_process_writer_fails_pending_tickets_of_dead_child(tmp_path) -> None:
-    url = f"sqlite:///{tmp_path / 'chatmw.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
+    url, engine = _migrated_sqlite(tmp_path)
     writer = ProcessWriter(functools.partial(_StallingWriter, url))
     try:
         writer.write(_messages(1))
@@ -213,8 +218,7 @@ def test_process_writer_fails_pending_tickets_of_dead_child(tmp_path) -> None:
         assert writer.result(writer.submit(_messages(6))) == 6
     finally:
         writer.close()
-    with engine.connect() as connection:
-        assert connection.execute(select(func.count()).select_from(Message)).scalar_one() == 6
+    assert _stored_messages(engine) == 6
     engine.dispose()
 
 

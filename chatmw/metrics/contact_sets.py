@@ -17,7 +17,7 @@ contact id, and unions, intersections and counts run in C (the ``pyroaring`` pac
 Contact ids are signed 64-bit integers on SQLite. A set whose ids all lie in ``[0, 2**32)``
 is a 32-bit ``BitMap``, so a store whose ids stay in that range keeps only 32-bit sets. A
 set with another id is a ``BitMap64``, stored with the one-byte prefix ``_WIDE_HEADER`` so
-that :func:`decode` tells the two apart. :func:`union`, :func:`union_update`,
+that :func:`decode` can distinguish the two. :func:`union`, :func:`union_update`,
 :func:`intersection_count` and :func:`count_union` accept both widths.
 """
 

@@ -139,7 +139,7 @@ def _insert_ignore_sqlite(session: Session, table: Table, rows: Sequence[dict[st
 
 def _insert_sqlite_columns(session: Session, table: Table, names: Sequence[str],
                            columns: list[Sequence[Any]], conflict: Sequence[str]) -> int:
-    # ``columns`` holds the values of each of ``names``, one per row.
+    # ``columns`` contains the values of each of ``names``, one per row.
     dialect = session.get_bind().dialect.name
     if dialect != "sqlite":
         raise ValueError(f"unsupported database dialect {dialect!r}: use SQLite or PostgreSQL")

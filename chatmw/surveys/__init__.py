@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 # Each name is imported from its module on first use, so that importing one submodule
-# (such as the answer preprocessor) does not import the others (such as the FastAPI routes).
+# (such as the survey-answer preprocessor) does not import the others (such as the FastAPI routes).
 __getattr__ = lazy_exports(globals(), {
     "capture_addresses": "chatmw.surveys.addresses",
     "install_address_capture": "chatmw.surveys.addresses",
