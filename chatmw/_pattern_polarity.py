@@ -29,8 +29,8 @@ import functools
 import re
 from typing import NamedTuple
 
-from textblob import _text as textblob_text
-from textblob.en import sentiment as textblob_sentiment
+from chatmw._textblob_parts import SENTIMENT as textblob_sentiment
+from chatmw._textblob_parts import TEXT as textblob_text
 
 __all__ = ["fast_pattern_polarity", "pattern_polarity"]
 

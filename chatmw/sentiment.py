@@ -26,13 +26,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
-
-from textblob.en import sentiment as _pattern_lexicon
 
 from chatmw import events as ev
 from chatmw._pattern_polarity import pattern_polarity
+from chatmw._textblob_parts import SENTIMENT as _pattern_lexicon
+from chatmw._textblob_parts import english_file
 
 __all__ = [
     "ENGLISH_WORDS",
@@ -100,7 +99,7 @@ def _vocabularies() -> tuple[frozenset[str], frozenset[str]]:
     """Return the core English words and all known English words, built on first use."""
     # en-spelling.txt ships with textblob (about 29,000 words with their counts, after
     # comment lines starting with ";;;"); it is read once, in the thread that scores first.
-    path = resources.files("textblob.en").joinpath("en-spelling.txt")
+    path = english_file("en-spelling.txt")
     listed = set()
     for line in path.read_text("utf-8").splitlines():
         if line and not line.startswith(";;;"):

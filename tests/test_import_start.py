@@ -57,6 +57,21 @@ def test_import_help_loads_no_heavy_module() -> None:
         assert name not in loaded, name
 
 
+def test_sentiment_loads_neither_textblob_package_nor_nltk() -> None:
+    # Scoring, the fallback for unusual whitespace included, reads textblob's files only.
+    code = (
+        "from chatmw.sentiment import polarity\n"
+        "scores = [polarity('really great service, thanks!'), polarity('great\\u00a0job'),\n"
+        "          polarity('not good at all :(')]\n"
+        "assert scores[0] > 0 and scores[1] > 0 and scores[2] < 0, scores\n"
+    )
+    loaded = _modules_after(code)
+
+    assert "chatmw._textblob_text" in loaded
+    for name in ("textblob", "textblob.en", "nltk"):
+        assert name not in loaded, name
+
+
 def test_writer_process_starts_before_store_import(tmp_path: Path) -> None:
     # The driver records the order of the child's start and the first import of the
     # store in the parent, then runs the import command with the child for any file size.

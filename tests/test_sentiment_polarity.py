@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from textblob import _text as textblob_text
 from textblob.en import sentiment as textblob_sentiment
 
-from chatmw import _pattern_polarity, sentiment
+from chatmw import _pattern_polarity, _textblob_parts, sentiment
 from chatmw._pattern_polarity import fast_pattern_polarity, pattern_polarity
 from chatmw.sentiment import MIN_CORE_SHARE, MIN_KNOWN_SHARE, is_english, polarity
 
@@ -150,6 +150,30 @@ def test_corpus_scores_are_not_all_zero() -> None:
 def test_unusual_whitespace_falls_back(text: str) -> None:
     assert fast_pattern_polarity(text) is None
     assert pattern_polarity(text) == textblob_sentiment(text)[0]
+
+
+def test_standalone_lexicon_matches_textblob() -> None:
+    # chatmw builds the lexicon from textblob's files without importing the textblob package.
+    standalone = _textblob_parts.SENTIMENT
+    assert dict(standalone.items()) == _LEXICON
+    assert len(_LEXICON) > 2800
+    # The adverbs derived from adjectives are there, with the adjective's scores.
+    assert standalone["terribly"]["RB"] == tuple(_LEXICON["terrible"]["JJ"])
+    assert standalone["happily"]["RB"] == tuple(_LEXICON["happy"]["JJ"])
+    assert tuple(standalone.negations) == tuple(textblob_sentiment.negations)
+    assert tuple(standalone.modifiers) == tuple(textblob_sentiment.modifiers)
+    for word in ("badly", "really", "bad", "ly", ""):
+        assert standalone.modifier(word) == textblob_sentiment.modifier(word)
+    assert _textblob_parts.TEXT.EMOTICONS == textblob_text.EMOTICONS
+
+
+def test_standalone_scorer_matches_textblob() -> None:
+    # The standalone object scores the texts the fast path leaves, with TextBlob's tokens.
+    standalone = _textblob_parts.SENTIMENT
+    texts = CORPUS + GENERATED[:500] + ["great\u00a0job!!", "not\u2028bad :)", "a\n\n\nb good"]
+    for text in texts:
+        assert standalone.tokenizer(text) == textblob_sentiment.tokenizer(text), text
+        assert standalone(text) == textblob_sentiment(text), text
 
 
 def test_generated_polarity_matches_textblob() -> None:
