@@ -6,11 +6,11 @@ with it nltk: about 0.2-0.3 s of CPU in every process that scores text (the writ
 imports only the standard library, and the lexicon ``textblob/en/en-sentiment.xml``.
 
 This module loads ``_text.py`` from the installed textblob folder as a private module
-(:data:`TEXT`), without running the package's ``__init__``, and builds :data:`SENTIMENT`,
-the English lexicon and scorer with the settings of ``textblob.en.sentiment``: the same
-negations, modifier tag and tokenizer, and the adverbs that ``textblob.en`` derives from
-adjectives ("terrible" gives "terribly"). ``SENTIMENT`` loads the XML file on first use, like
-TextBlob's own object. tests/test_sentiment_polarity.py checks that both objects hold the
+(:data:`TEXT`), without running the package's ``__init__``. It then builds :data:`SENTIMENT`,
+the English lexicon and scorer, with the settings of ``textblob.en.sentiment``. These are
+the same negations, modifier tag and tokenizer, and the adverbs that ``textblob.en`` derives
+from adjectives ("terrible" gives "terribly"). Like TextBlob's own object, ``SENTIMENT``
+loads the XML file on first use. tests/test_sentiment_polarity.py checks that both objects hold the
 same entries and score texts alike.
 """
 
@@ -29,7 +29,8 @@ def _textblob_folder() -> Path:
     # find_spec on a top-level name locates the package without importing it.
     spec = importlib.util.find_spec("textblob")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("chatmw needs the textblob package for sentiment; it is not installed")
+        raise ImportError("textblob is not installed; chatmw needs it for sentiment: "
+                          "pip install textblob")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -40,7 +41,7 @@ def _load_text_module() -> ModuleType:
         return loaded
     spec = importlib.util.spec_from_file_location(name, _textblob_folder() / "_text.py")
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {_textblob_folder() / '_text.py'}")
+        raise ImportError(f"failed to load {_textblob_folder() / '_text.py'}: no loader")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
