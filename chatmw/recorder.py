@@ -262,8 +262,10 @@ class Recorder:
         # thread, still busy in a write, then leaves without touching the spool or counters.
         self._abandoned = False
         self._in_flight: list[Event] = []
-        # A batch handed to a pipelining writer whose result is not read yet (see _handle).
+        # A batch handed to a pipelining writer whose result is not read yet (see _handle),
+        # and the next batch while the pending one settles. Both are set under _lock.
         self._pending: _Pending | None = None
+        self._following: _Pending | None = None
         self._settled_at = 0.0
         self._overflow: collections.deque[Event] = collections.deque()
         self._overflow_ready = threading.Condition()
@@ -450,15 +452,20 @@ class Recorder:
         self._thread = None
         completed = not thread.is_alive()
         if not completed:
-            self._abandoned = True
-            drained = self._drain_nowait()
             # With a spool the batches being written are spooled too: a duplicate is stored
-            # once, a batch lost with the process is not stored at all.
-            # NOTE: these reads take no lock. A batch that the writer thread settles at this
-            # very moment can be stored and spooled without being counted as written.
-            pending = self._pending
-            in_flight = (pending.batch if pending is not None else []) + self._in_flight
-            in_flight = in_flight if self.spool is not None else []
+            # once, a batch lost with the process is not stored at all. Handed-over batches
+            # are marked under the lock, so the writer thread settling one either counts
+            # it before this or leaves it to the spool (see _settle).
+            handed_events: list[Event] = []
+            with self._lock:
+                self._abandoned = True
+                if self.spool is not None:
+                    for handed in (self._pending, self._following):
+                        if handed is not None:
+                            handed.spooled_by_stop = True
+                            handed_events.extend(handed.batch)
+            drained = self._drain_nowait()
+            in_flight = handed_events + self._in_flight if self.spool is not None else []
             leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
@@ -672,8 +679,14 @@ class Recorder:
                 logger.warning("recorder hand-over of %d events failed: %s", len(batch),
                                _describe(error))
             else:
+                following = _Pending(batch, ticket, count, started)
+                # A stop that times out while the previous batch settles spools this one too.
+                with self._lock:
+                    self._following = following
                 self._settle()
-                self._pending = _Pending(batch, ticket, count, started)
+                with self._lock:
+                    self._pending = following
+                    self._following = None
                 return True
         self._settle()
         self._write_in_flight(batch)
@@ -694,20 +707,25 @@ class Recorder:
         try:
             written = self.writer.result(pending.ticket)  # type: ignore[attr-defined]
         except Exception as error:  # noqa: BLE001 - handled as a failed write of the batch
-            self._pending = None
-            if not self._abandoned:
+            with self._lock:
+                self._pending = None
+                abandoned = self._abandoned
+                spooled_by_stop = pending.spooled_by_stop
+            if not abandoned:
                 logger.warning("recorder write failed (%d events): %s; writing them again",
                                len(pending.batch), _describe(error))
                 self._write_in_flight(pending.batch)
-            elif self.spool is None:
-                # stop() gave up on the batch, and without a spool nothing else counts it.
-                self._count_drop("shutdown_timeout", len(pending.batch))
+            elif not spooled_by_stop:
+                # stop() gave up without taking this batch: spooled here, or dropped.
+                self._give_up(pending.batch, "shutdown_timeout")
         else:
-            self._pending = None
+            with self._lock:
+                self._pending = None
+                spooled_by_stop = pending.spooled_by_stop
             # The writer began this batch when it had finished the previous one.
             now = time.perf_counter()
-            # After a stop that timed out, only a spool took the batch over (see stop).
-            if not self._abandoned or self.spool is None:
+            # A batch that a timed-out stop spooled is counted there (see stop).
+            if not spooled_by_stop:
                 self._count_written(pending.batch, written,
                                     now - max(pending.started, self._settled_at))
         finally:
@@ -888,6 +906,8 @@ class _Pending:
     ticket: object
     count: int  # queued items it came from
     started: float
+    # Set by a stop that timed out and spooled the batch, under the recorder's lock.
+    spooled_by_stop: bool = False
 
 
 @dataclass(frozen=True, slots=True)

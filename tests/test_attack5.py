@@ -161,6 +161,79 @@ def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_u
     spool.close()
 
 
+def test_stop_timeout_settling_during_drain_counted_once(engine: Engine, database_url: str,
+                                                         tmp_path) -> None:
+    # The pending batch settles after stop() gave up but before it drained the queue: it
+    # is counted once, as spooled, and the child stored it too.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.6))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
+                        spool=spool)
+    drain = recorder._drain_nowait
+
+    def drain_after_settle():  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 30
+        while recorder._pending is not None:
+            assert time.monotonic() < deadline, "the pending batch never settled"
+            time.sleep(0.01)
+        return drain()
+
+    recorder._drain_nowait = drain_after_settle  # type: ignore[method-assign]
+    recorder.start()
+    thread = recorder._thread
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        assert recorder.stop(timeout=0.2) is False
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert _stored(engine) == 5
+    assert stats.spooled == 5
+    assert stats.written == 0
+    assert sum(stats.dropped.values()) == 0
+    assert spool.pending_events() == 5
+    spool.close()
+
+
+def test_stop_timeout_spools_batch_handed_over_while_settling(engine: Engine,
+                                                              database_url: str,
+                                                              tmp_path) -> None:
+    # stop() gives up while the writer thread waits for the first batch's result with the
+    # second batch already handed to the child: both batches are spooled, none counted twice.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.8))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
+                        spool=spool)
+    # Both batches are queued before the writer thread starts, so it hands the second one
+    # over before it waits for the first one's result.
+    for event in _messages(5, "a") + _messages(5, "b"):
+        assert recorder.submit(event)
+    recorder.start()
+    thread = recorder._thread
+    try:
+        deadline = time.monotonic() + 30
+        while recorder._following is None:
+            assert time.monotonic() < deadline, "the second batch was not handed over"
+            time.sleep(0.005)
+        assert recorder.stop(timeout=0.2) is False
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert stats.spooled == 10
+    assert stats.written == 0
+    assert sum(stats.dropped.values()) == 0
+    assert spool.pending_events() == 10
+    spool.close()
+
+
 def test_child_killed_with_batches_pending(engine: Engine, database_url: str) -> None:
     # The child dies while one batch is written and the next waits: both are written again
     # by a new child and counted once.
