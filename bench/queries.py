@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[Timing]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", default="1000000", help="comma-separated store sizes")
     parser.add_argument("--databases", default="sqlite,postgresql")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--budget", type=float, default=12.0, help="seconds per metric")
     parser.add_argument("--only", default="", help="comma-separated metric names")
     parser.add_argument("--no-docs", action="store_true")
