@@ -20,6 +20,10 @@ from sqlalchemy.exc import DBAPIError
 
 from chatmw.store.engine import make_engine, upgrade
 
+# pytest rewrites assert statements in test modules and conftest files only. Registering
+# the shared rollup checks gives their failures the same detail.
+pytest.register_assert_rewrite("rollup_helpers")
+
 # Runtimes pseudonymise ids, redact text and drop unparseable bodies by default. The tests
 # that check stored ids, text and bodies turn that off here, and the privacy tests pass
 # their own settings. Subprocesses started by tests inherit these variables.

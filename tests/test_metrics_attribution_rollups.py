@@ -12,23 +12,27 @@ yet, and after the next refresh, on SQLite and PostgreSQL. The raw result comes 
 
 from __future__ import annotations
 
-import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from rollup_helpers import (
+    RandomStore,
+    assert_later_steps_match_raw,
+    edge_time,
+    hold_back_first,
+    number_on_channel,
+    table_rows,
+)
 from sqlalchemy import Engine, func, select, update
-from test_metrics_conversion_rollups import Store as ConversionStore
-from test_metrics_conversion_rollups import _edge_time
 
 from chatmw import events as ev
-from chatmw.business import BusinessSettings, install
 from chatmw.events_business import Conversion
 from chatmw.metrics.attribution import attribution
 from chatmw.metrics.attribution_rollups import ALL_CHANNELS, rolled_attribution
 from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.store.models_rollups import (
     LEVEL_WEEK,
     SLOT_MS,
@@ -36,12 +40,10 @@ from chatmw.store.models_rollups import (
     RollupAttributionSets,
     RollupConversionLinks,
 )
-from chatmw.store.writer import Writer
 
 # A Monday. The epoch week from Thursday 2024-06-06 lies inside the first ten days.
 T0 = datetime(2024, 6, 3, 0, 0, tzinfo=UTC)
 DAYS = 10
-CHANNELS = ("web", "whatsapp", "messenger")
 SOURCES = ("google", "facebook", "", "(none)", None)
 MEDIUMS = ("cpc", "email", None)
 CAMPAIGNS = ("spring", "summer", "autumn", None)
@@ -49,16 +51,11 @@ ADS = ("ad-1", "ad-2", None)
 TABLES = (RollupAttribution, RollupAttributionSets, RollupConversionLinks)
 
 
-class Store:
+class Store(RandomStore):
     """A random history of conversations, touches and conversions, written in steps."""
 
     def __init__(self, engine: Engine, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.writer = Writer(engine)
-        install(self.writer, BusinessSettings(currency="EUR"))
-        self.starts: dict[str, tuple[str, str, datetime]] = {}
-        self.held_back: list[ev.Message] = []
-        self.written: list[ev.Message] = []
+        super().__init__(engine, seed)
         self.touches = 0
 
     def touch(self, channel: str, user: str, at: datetime, conversation: str | None) -> ev.Touch:
@@ -78,10 +75,7 @@ class Store:
 
     def conversation(self, number: int, start: datetime, user: str | None = None) -> list[Any]:
         rng = self.rng
-        channel = CHANNELS[number % len(CHANNELS)]
-        user = user or f"u{rng.randrange(15)}"
-        name = f"c{number}"
-        self.starts[name] = (channel, user, start)
+        channel, user, name = self.start_conversation(number, start, user, 15)
         events: list[Any] = []
         at = start
         for step in range(rng.randint(1, 4)):
@@ -101,21 +95,12 @@ class Store:
             events.append(self.touch(channel, user, start - timedelta(minutes=5 - index), name))
         return events
 
-    # Conversions naming the conversation or only its user, some exactly 7 days after the
-    # start or before it, as the conversion rollup tests write them.
-    conversions = ConversionStore.conversions
-
     def first_events(self) -> None:
         rng = self.rng
         written: list[Any] = []
         for number in range(150):
-            events = self.conversation(number, _edge_time(rng, DAYS))
-            messages = [e for e in events if isinstance(e, ev.Message)]
-            if number % 7 == 0 and len(messages) > 1:
-                # The first message arrives late and moves the conversation's start.
-                self.held_back.append(messages[0])
-                events.remove(messages[0])
-            written.extend(events)
+            events = self.conversation(number, edge_time(rng, T0, DAYS))
+            written.extend(hold_back_first(events, self.held_back, number % 7 == 0))
         rng.shuffle(written)
         self.written = [e for e in written if isinstance(e, ev.Message)]
         self.writer.write(self.written)
@@ -132,8 +117,8 @@ class Store:
         known = sorted({(channel, user) for channel, user, _ in self.starts.values()})
         for number in range(300, 320):
             channel, user = rng.choice(known)
-            number += (CHANNELS.index(channel) - number) % len(CHANNELS)
-            start = _edge_time(rng, DAYS)
+            number = number_on_channel(number, channel)
+            start = edge_time(rng, T0, DAYS)
             # A touch without a conversation, linked by the writer when the chat arrives.
             events.append(self.touch(channel, user, start - timedelta(minutes=1), None))
             events.extend(
@@ -151,17 +136,15 @@ class Store:
         self.writer.write(later)
 
     def _late_conversions(self, number: int) -> list[Conversion]:
-        channel, user, start = self.starts[f"c{number}"]
+        start = self.starts[f"c{number}"][2]
         return [
-            Conversion(
-                channel=channel,
-                occurred_at=start + timedelta(hours=self.rng.choice((0, 5, 100))),
-                key=f"late-{number}-{by_user}",
-                name="purchase",
+            self.conversion(
+                number,
+                start + timedelta(hours=self.rng.choice((0, 5, 100))),
+                f"late-{number}-{by_user}",
                 value_micros=self.rng.randrange(1, 900) * 10_000,
-                currency="EUR",
-                user_id=user if by_user else None,
-                conversation_id=None if by_user else f"c{number}",
+                user=by_user,
+                conversation=not by_user,
             )
             for by_user in (True, False)
             if self.rng.random() < 0.7
@@ -212,25 +195,7 @@ def _served(engine: Engine) -> dict[str, Any]:
 
 
 def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    with engine.connect() as connection:
-        return {
-            table.__tablename__: sorted(
-                tuple(row) for row in connection.execute(select(table.__table__))
-            )
-            for table in TABLES
-        }
-
-
-def _later_steps_match_raw(engine: Engine, store: Store) -> None:
-    """Compare after later events, after their refresh, and after a rebuild."""
-    store.later_events()
-    assert_same_as_raw(engine)
-    refresh(engine)
-    assert_same_as_raw(engine)
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
-    assert_same_as_raw(engine)
+    return table_rows(engine, TABLES)
 
 
 def test_attribution_rollups_match_raw(engine: Engine) -> None:
@@ -248,7 +213,7 @@ def test_attribution_rollups_match_raw(engine: Engine) -> None:
     assert weeks > 0
     _served(engine)
     assert_same_as_raw(engine)
-    _later_steps_match_raw(engine, store)
+    assert_later_steps_match_raw(engine, store.later_events, assert_same_as_raw, _table_rows)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -256,7 +221,7 @@ def test_attribution_rollups_random_stores(engine: Engine, seed: int) -> None:
     store = Store(engine, seed=seed)
     store.first_events()
     refresh(engine)
-    _later_steps_match_raw(engine, store)
+    assert_later_steps_match_raw(engine, store.later_events, assert_same_as_raw, _table_rows)
 
 
 def test_attribution_reads_the_sets(engine: Engine) -> None:

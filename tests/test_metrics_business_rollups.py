@@ -15,6 +15,14 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from rollup_helpers import (
+    CHANNELS,
+    assert_close,
+    assert_rebuild_matches,
+    duplicate_messages,
+    hold_back_first,
+    window_filters,
+)
 from sqlalchemy import Engine, func, select
 from typer.testing import CliRunner
 
@@ -35,10 +43,9 @@ from chatmw.metrics.business_rollups import (
     register_business_hours,
 )
 from chatmw.metrics.filters import GroupBy, MetricFilter
-from chatmw.metrics.histogram import RELATIVE_ERROR
 from chatmw.metrics.response_time import response_times
 from chatmw.metrics.rollup_query import raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.runtime import Runtime
 from chatmw.security.erasure import erase_person
 from chatmw.store.models import Message
@@ -47,7 +54,6 @@ from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 6, tzinfo=UTC)  # a Wednesday; New York changes to summer time 03-10
 DAYS = 8
-CHANNELS = ("web", "whatsapp", "messenger")
 REGISTERED = BusinessHours.from_mapping(
     {
         "timezone": "America/New_York",
@@ -59,7 +65,6 @@ REGISTERED = BusinessHours.from_mapping(
         },
     }
 )
-PERCENTILES = ("p50", "p90", "p95")
 GAPS_MS = (1, 900, 45_000, 900_000, 3 * 3_600_000, 20 * 3_600_000)
 
 
@@ -70,26 +75,6 @@ def installed() -> Iterator[None]:
         yield
     finally:
         use_business_hours(None)
-
-
-def assert_close(actual: Any, expected: Any, path: str = "") -> None:
-    """Assert equal results, except percentiles within the histogram's relative error."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict), path
-        assert sorted(actual) == sorted(expected), path
-        for key, value in expected.items():
-            if key in PERCENTILES and value is not None and actual[key] is not None:
-                # Both are rounded to the ms, so they may differ by one more ms.
-                assert abs(actual[key] - value) <= RELATIVE_ERROR * value + 0.001, f"{path}.{key}"
-            else:
-                assert_close(actual[key], value, f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list), path
-        assert len(actual) == len(expected), path
-        for index, (left, right) in enumerate(zip(actual, expected, strict=True)):
-            assert_close(left, right, f"{path}[{index}]")
-    else:
-        assert actual == expected, path
 
 
 def _conversation(rng: random.Random, number: int) -> list[ev.Message]:
@@ -115,20 +100,8 @@ def _conversation(rng: random.Random, number: int) -> list[ev.Message]:
 
 
 def _filters() -> list[MetricFilter]:
-    since, until = T0, T0 + timedelta(days=DAYS)
     ragged = (T0 + timedelta(hours=7, minutes=3, seconds=5), T0 + timedelta(days=5, minutes=44))
-    return [
-        MetricFilter(since=since, until=until),
-        MetricFilter(since=since, until=until, group_by=GroupBy("channel")),
-        MetricFilter(since=since, until=until, channels=("whatsapp",)),
-        MetricFilter(since=ragged[0], until=ragged[1]),
-        MetricFilter(
-            since=ragged[0],
-            until=ragged[1],
-            group_by=GroupBy("channel"),
-            channels=("web", "whatsapp"),
-        ),
-    ]
+    return window_filters(T0, T0 + timedelta(days=DAYS), ragged, "whatsapp")
 
 
 def _check(engine: Engine, served: bool | None, options: dict[str, str] | None = None) -> None:
@@ -156,13 +129,11 @@ def _check(engine: Engine, served: bool | None, options: dict[str, str] | None =
 def _write_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message]]:
     rng = random.Random(seed)
     writer = Writer(engine)
-    written, late = [], []
+    written: list[ev.Message] = []
+    late: list[ev.Message] = []
     for number in range(160):
         messages = _conversation(rng, number)
-        if number % 7 == 0 and len(messages) > 2:
-            late.append(messages[0])
-            messages = messages[1:]
-        written.extend(messages)
+        written.extend(hold_back_first(messages, late, number % 7 == 0, min_messages=3))
     writer.write(written)
     return writer, late
 
@@ -183,17 +154,9 @@ def test_business_rollups_match_raw(engine: Engine, installed: None) -> None:
     # Business time is below calendar time for some answers, so the figures differ.
     assert result["reply_time"]["business"]["all"] != result["reply_time"]["calendar"]["all"]
 
-    duplicates = [
-        ev.Message(
-            channel=CHANNELS[n % 3],
-            occurred_at=T0 + timedelta(days=2),
-            key=f"b{n}-1",
-            role="bot",
-            user_id="u0",
-            conversation_id=f"b{n}",
-        )
-        for n in range(1, 160, 13)
-    ]
+    duplicates = duplicate_messages(
+        range(1, 160, 13), T0 + timedelta(days=2), "b{}-1", "b{}", role="bot"
+    )
     # Late first messages move their conversations' starts and response times. The
     # duplicates log their conversations, so the raw part may outgrow what cover() serves.
     writer.write(late + duplicates)
@@ -257,16 +220,14 @@ def test_schedule_change_rebuilds_table(engine: Engine) -> None:
     assert stored.fingerprint == REGISTERED.fingerprint()
     assert BusinessHours.from_canonical_json(stored.schedule).fingerprint() == stored.fingerprint
     assert rolled_histograms(engine, flt, REGISTERED) is not None
-    rebuilt_rows = _business_rows(engine)
-    assert rebuilt_rows != default_rows
+    assert _business_rows(engine) != default_rows
     use_business_hours(REGISTERED)
     try:
         _check(engine, served=True)
     finally:
         use_business_hours(None)
     # Counting the new schedule alone gives the rows of a full rebuild.
-    assert rebuild(engine).rebuilt
-    assert _business_rows(engine) == rebuilt_rows
+    assert_rebuild_matches(engine, _business_rows)
 
 
 def test_schedule_registered_during_rebuild(engine: Engine) -> None:

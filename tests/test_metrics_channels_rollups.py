@@ -15,22 +15,28 @@ rounding boundary. Every other figure must be equal.
 from __future__ import annotations
 
 import dataclasses
-import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from rollup_helpers import (
+    CHANNELS,
+    RandomStore,
+    coverage_of,
+    edge_time,
+    hold_back_first,
+    number_on_channel,
+)
+from rollup_helpers import assert_close as assert_percentiles_close
 from sqlalchemy import Engine, func, insert, select, update
 from surveys_support import add_random_surveys
-from test_metrics_rollups import assert_close as assert_percentiles_close
 
 from chatmw import events as ev
-from chatmw.business import BusinessSettings, install
 from chatmw.events_business import Conversion
 from chatmw.metrics.channels import channel_performance
 from chatmw.metrics.filters import GroupBy, MetricFilter
-from chatmw.metrics.rollup_query import cover, raw_only
+from chatmw.metrics.rollup_query import raw_only
 from chatmw.metrics.rollup_refresh import refresh
 from chatmw.sentiment import sentiment_enricher
 from chatmw.store.changes import record_changes
@@ -40,7 +46,6 @@ from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 29, 0, 0, tzinfo=UTC)  # Europe/Paris moves to summer time on 31 March
 DAYS = 5
-CHANNELS = ("web", "whatsapp", "messenger")
 TEXTS = (
     "thanks, that is great",
     "this is terrible, I am very angry",
@@ -51,39 +56,20 @@ TEXTS = (
 )
 # Sentiment means are rounded to 4 decimals, so a float sum may round the other way.
 SENTIMENT_TOLERANCE = 0.0001 + 1e-9
+OFFSETS = (timedelta(0), timedelta(hours=1), timedelta(days=7), timedelta(days=8))
 
 
-def _edge_time(rng: random.Random) -> datetime:
-    """Return a time in the first ``DAYS`` days, often on or next to a slot edge."""
-    base = T0 + timedelta(minutes=15 * rng.randrange(DAYS * 24 * 4))
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(900_000))
-
-
-class Store:
+class Store(RandomStore):
     """A random chat history with conversions and surveys, written in steps."""
 
     def __init__(self, engine: Engine, seed: int) -> None:
-        self.engine = engine
-        self.rng = random.Random(seed)
-        self.writer = Writer(engine, enrichers=[sentiment_enricher])
-        install(self.writer, BusinessSettings(currency="EUR"))
-        self.starts: dict[str, tuple[str, str, datetime]] = {}
-        self.held_back: list[ev.Message] = []
-        self.written: list[ev.Message] = []
+        super().__init__(engine, seed, enrichers=[sentiment_enricher])
 
     def conversation(
         self, number: int, start: datetime, user: str | None = None, bot_only: bool = False
     ) -> list[Any]:
         rng = self.rng
-        channel = CHANNELS[number % len(CHANNELS)]
-        user = user or f"u{rng.randrange(10)}"
-        conversation_id = f"c{number}"
-        self.starts[conversation_id] = (channel, user, start)
+        channel, user, conversation_id = self.start_conversation(number, start, user, 10)
         messages = []
         at = start
         for step in range(rng.randint(1, 6)):
@@ -106,41 +92,18 @@ class Store:
         return messages
 
     def conversions(self, number: int) -> list[Conversion]:
-        """Return 0 to 2 conversions for conversation ``c{number}``."""
-        rng = self.rng
-        channel, user, start = self.starts[f"c{number}"]
-        created = []
-        for index in range(rng.choice((0, 0, 1, 2))):
-            by_user = rng.random() < 0.5
-            offset = rng.choice(
-                (timedelta(0), timedelta(hours=1), timedelta(days=7), timedelta(days=8))
-            )
-            created.append(
-                Conversion(
-                    channel=channel,
-                    occurred_at=start + offset,
-                    key=f"v{number}-{index}",
-                    name=rng.choice(("purchase", "signup")),
-                    value_micros=rng.randrange(1, 500) * 10_000,
-                    currency="EUR",
-                    user_id=user if by_user else None,
-                    conversation_id=None if by_user else f"c{number}",
-                )
-            )
-        return created
+        """Return 0 to 2 conversions of ``c{number}``, half of them naming only the user."""
+        return self.random_conversions(number, OFFSETS, by_user_share=0.5)
 
     def first_events(self) -> None:
         rng = self.rng
         written: list[ev.Message] = []
         for number in range(120):
-            messages = self.conversation(number, _edge_time(rng))
-            if number % 6 == 0 and len(messages) > 1:
-                # The first message arrives late and moves the conversation's start.
-                self.held_back.append(messages.pop(0))
-            written.extend(messages)
+            messages = self.conversation(number, edge_time(rng, T0, DAYS))
+            written.extend(hold_back_first(messages, self.held_back, number % 6 == 0))
         # Conversations without a user message have no contact.
         for number in range(900, 903):
-            written.extend(self.conversation(number, _edge_time(rng), bot_only=True))
+            written.extend(self.conversation(number, edge_time(rng, T0, DAYS), bot_only=True))
         rng.shuffle(written)
         self.written = written
         self.writer.write(written)
@@ -157,8 +120,8 @@ class Store:
         known = [(channel, user) for channel, user, _ in self.starts.values()]
         for number in range(300, 320):
             channel, user = rng.choice(known)
-            number += (CHANNELS.index(channel) - number) % len(CHANNELS)
-            events.extend(self.conversation(number, _edge_time(rng), user))
+            number = number_on_channel(number, channel)
+            events.extend(self.conversation(number, edge_time(rng, T0, DAYS), user))
         # Exact copies of stored messages: the writer stores each key once.
         events.extend(self.written[::7])
         self.writer.write(events)
@@ -245,9 +208,7 @@ def assert_same_as_raw(engine: Engine) -> None:
 
 def _assert_served(engine: Engine) -> None:
     """Assert that rollups serve most of the full window, so the checks compare two paths."""
-    flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS))
-    with engine.connect() as connection:
-        coverage = cover(connection, flt)
+    coverage = coverage_of(engine, MetricFilter(since=T0, until=T0 + timedelta(days=DAYS)))
     assert coverage is not None
     assert len(coverage.served) > DAYS * 96 // 2
 

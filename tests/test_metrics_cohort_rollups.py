@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from rollup_helpers import CHANNELS, assert_rebuild_matches, hold_back_first, table_rows
 from sqlalchemy import Engine, func, select
 
 from chatmw import events as ev
@@ -26,7 +27,7 @@ from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.retention import retention
 from chatmw.metrics.retention_rollups import retention_counts
 from chatmw.metrics.rollup_query import raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.store.models_rollups import (
     RollupContactSets,
     RollupEngaged,
@@ -39,7 +40,6 @@ from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 4, 0, 0, tzinfo=UTC)  # a Monday
 DAYS = 40
-CHANNELS = ("web", "whatsapp", "messenger")
 ZONES = ("Europe/Paris", "Asia/Kathmandu", "America/St_Johns")
 REACH_TABLES = (RollupEngaged, RollupProactive, RollupWriters, RollupExposed)
 
@@ -96,10 +96,7 @@ def build_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message], ra
     late: list[ev.Message] = []
     for number in range(220):
         messages = _conversation(rng, f"c{number}", f"u{rng.randrange(60)}", _time(rng))
-        if number % 9 == 0 and len(messages) > 2:
-            late.append(messages[0])
-            messages = messages[1:]
-        written.extend(messages)
+        written.extend(hold_back_first(messages, late, number % 9 == 0, min_messages=3))
     written.extend(_exposures(rng, "x", 120))
     writer.write(written)
     return writer, late, rng
@@ -159,13 +156,7 @@ def assert_same_as_raw(engine: Engine) -> None:
 
 
 def _reach_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    rows = {}
-    with engine.connect() as connection:
-        for table in (*REACH_TABLES, RollupFirsts):
-            columns = list(table.__table__.columns)
-            result = connection.execute(select(*columns).order_by(*columns))
-            rows[table.__tablename__] = [tuple(row) for row in result]
-    return rows
+    return table_rows(engine, (*REACH_TABLES, RollupFirsts))
 
 
 @pytest.mark.parametrize("seed", [3, 11])
@@ -189,15 +180,13 @@ def test_cohort_refresh_matches_rebuild(engine: Engine) -> None:
     refresh(engine)
     more_events(writer, late, rng)
     refresh(engine)
-    refreshed = _reach_rows(engine)
-    assert all(refreshed.values())
     kinds = {"exposed", "proactive", "writers"}
     with engine.connect() as connection:
         sets = select(RollupContactSets.kind, func.count()).group_by(RollupContactSets.kind)
         counted = dict(connection.execute(sets).all())
     assert kinds <= set(counted)
-    rebuild(engine)
-    assert _reach_rows(engine) == refreshed
+    refreshed = assert_rebuild_matches(engine, _reach_rows)
+    assert all(refreshed.values())
 
 
 def test_new_exposure_is_seen_before_refresh(engine: Engine) -> None:

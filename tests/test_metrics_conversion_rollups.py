@@ -12,16 +12,22 @@ next refresh, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
-import random
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from rollup_helpers import (
+    RandomStore,
+    assert_later_steps_match_raw,
+    edge_time,
+    hold_back_first,
+    number_on_channel,
+    table_rows,
+)
 from sqlalchemy import Engine, func, select
 
 from chatmw import events as ev
-from chatmw.business import BusinessSettings, install
 from chatmw.events_business import Conversion, Lead, Spend
 from chatmw.metrics import REGISTRY
 from chatmw.metrics.business_query import rolled_conversions
@@ -29,7 +35,7 @@ from chatmw.metrics.customer_query import rolled_customers
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.lead_query import rolled_leads
 from chatmw.metrics.rollup_query import raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
     SLOT_MS,
@@ -37,45 +43,20 @@ from chatmw.store.models_rollups import (
     RollupLeadLinks,
     RollupOrders,
 )
-from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 6, 3, 0, 0, tzinfo=UTC)
 DAYS = 6
-CHANNELS = ("web", "whatsapp", "messenger")
 CAMPAIGNS = ("spring", "summer", None)
 SOURCES = ("google", "facebook", None)
-WEEK = timedelta(days=7)
 TABLES = (RollupConversionLinks, RollupLeadLinks, RollupOrders)
 
 
-def _edge_time(rng: random.Random, days: int = DAYS) -> datetime:
-    """Return a time in the first ``days`` days, often on or next to a slot edge."""
-    base = T0 + timedelta(milliseconds=rng.randrange(days * 24 * 4) * SLOT_MS)
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(SLOT_MS))
-
-
-class Store:
+class Store(RandomStore):
     """A random chat history with conversions, leads and touches, written in steps."""
-
-    def __init__(self, engine: Engine, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.writer = Writer(engine)
-        install(self.writer, BusinessSettings(currency="EUR"))
-        self.starts: dict[str, tuple[str, str, datetime]] = {}
-        self.held_back: list[ev.Message] = []
-        self.written: list[ev.Message] = []
 
     def conversation(self, number: int, start: datetime, user: str | None = None) -> list[Any]:
         rng = self.rng
-        channel = CHANNELS[number % len(CHANNELS)]
-        user = user or f"u{rng.randrange(12)}"
-        conversation_id = f"c{number}"
-        self.starts[conversation_id] = (channel, user, start)
+        channel, user, conversation_id = self.start_conversation(number, start, user, 12)
         events: list[Any] = []
         at = start
         for step in range(rng.randint(1, 4)):
@@ -111,40 +92,6 @@ class Store:
             )
         return events
 
-    def conversions(self, number: int) -> list[Conversion]:
-        """Return 0 to 2 conversions for conversation ``c{number}``."""
-        rng = self.rng
-        channel, user, start = self.starts[f"c{number}"]
-        made = []
-        for index in range(rng.choice((0, 0, 1, 2))):
-            by_user = rng.random() < 0.6
-            offset = rng.choice(
-                (
-                    timedelta(0),
-                    timedelta(hours=1),
-                    timedelta(days=3),
-                    WEEK,
-                    WEEK + timedelta(milliseconds=1),
-                    WEEK - timedelta(milliseconds=1),
-                    timedelta(days=12),
-                    -timedelta(hours=2),
-                )
-            )
-            both = not by_user and rng.random() < 0.3
-            made.append(
-                Conversion(
-                    channel=channel,
-                    occurred_at=start + offset,
-                    key=f"v{number}-{index}",
-                    name=rng.choice(("purchase", "signup")),
-                    value_micros=rng.randrange(1, 500) * 10_000,
-                    currency="EUR",
-                    user_id=user if by_user or both else None,
-                    conversation_id=None if by_user else f"c{number}",
-                )
-            )
-        return made
-
     def api_lead(self, number: int, named: bool) -> Lead:
         channel, user, start = self.starts[f"c{number}"]
         return Lead(
@@ -162,13 +109,8 @@ class Store:
         rng = self.rng
         written: list[Any] = []
         for number in range(90):
-            events = self.conversation(number, _edge_time(rng))
-            messages = [e for e in events if isinstance(e, ev.Message)]
-            if number % 6 == 0 and len(messages) > 1:
-                # The first message arrives late and moves the conversation's start.
-                self.held_back.append(messages[0])
-                events.remove(messages[0])
-            written.extend(events)
+            events = self.conversation(number, edge_time(rng, T0, DAYS))
+            written.extend(hold_back_first(events, self.held_back, number % 6 == 0))
         rng.shuffle(written)
         messages = [e for e in written if isinstance(e, ev.Message)]
         self.written = messages
@@ -212,10 +154,10 @@ class Store:
         known = [(channel, user) for channel, user, _ in self.starts.values()]
         for number in range(300, 315):
             channel, user = rng.choice(known)
-            number += (CHANNELS.index(channel) - number) % len(CHANNELS)
+            number = number_on_channel(number, channel)
             events.extend(
                 e
-                for e in self.conversation(number, _edge_time(rng), user)
+                for e in self.conversation(number, edge_time(rng, T0, DAYS), user)
                 if isinstance(e, ev.Message)
             )
         events.extend(
@@ -281,13 +223,7 @@ def assert_same_as_raw(engine: Engine) -> None:
 
 
 def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    with engine.connect() as connection:
-        return {
-            table.__tablename__: sorted(
-                tuple(row) for row in connection.execute(select(table.__table__))
-            )
-            for table in TABLES
-        }
+    return table_rows(engine, TABLES)
 
 
 def _served(engine: Engine) -> None:
@@ -317,14 +253,7 @@ def test_business_rollups_match_raw(engine: Engine) -> None:
     _served(engine)
     assert_same_as_raw(engine)
 
-    store.later_events()
-    assert_same_as_raw(engine)
-    refresh(engine)
-    assert_same_as_raw(engine)
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
-    assert_same_as_raw(engine)
+    assert_later_steps_match_raw(engine, store.later_events, assert_same_as_raw, _table_rows)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -332,13 +261,7 @@ def test_business_rollups_random_stores(engine: Engine, seed: int) -> None:
     store = Store(engine, seed=seed)
     store.first_events()
     refresh(engine)
-    store.later_events()
-    assert_same_as_raw(engine)
-    refresh(engine)
-    assert_same_as_raw(engine)
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
+    assert_later_steps_match_raw(engine, store.later_events, assert_same_as_raw, _table_rows)
 
 
 def _refreshed_store(engine: Engine) -> Store:
@@ -357,16 +280,8 @@ def _assert_metric_same(engine: Engine, name: str, options: dict[str, Any]) -> N
 
 def test_conversion_recorded_after_refresh(engine: Engine) -> None:
     store = _refreshed_store(engine)
-    channel, _, start = store.starts["c3"]
-    late = Conversion(
-        channel=channel,
-        occurred_at=start + timedelta(hours=2),
-        key="late-conversion",
-        name="purchase",
-        value_micros=42_000_000,
-        currency="EUR",
-        conversation_id="c3",
-    )
+    start = store.starts["c3"][2]
+    late = store.conversion(3, start + timedelta(hours=2), "late-conversion", 42_000_000)
     store.writer.write([late])
     refresh(engine)
     _assert_metric_same(engine, "conversion", {})

@@ -13,25 +13,28 @@ it, before and after refreshes, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import json
-import random
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from rollup_helpers import (
+    RandomStore,
+    assert_fully_served,
+    assert_later_steps_match_raw,
+    edge_time,
+    hold_back_first,
+    table_rows,
+)
 from sqlalchemy import Engine, select, update
 
-# The conversion rollup tests share the start of their stores and their random times.
-from test_metrics_conversion_rollups import T0, _edge_time
-
 from chatmw import events as ev
-from chatmw.business import BusinessSettings, install
 from chatmw.events import to_ms
 from chatmw.events_business import Conversion
 from chatmw.metrics.dropoff import dropoff
 from chatmw.metrics.dropoff_rollups import dropoff_tallies
 from chatmw.metrics.filters import GroupBy, MetricFilter
-from chatmw.metrics.rollup_query import cover, raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_query import raw_only
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.store.models import Conversation
 from chatmw.store.models_rollups import (
     SLOT_MS,
@@ -40,10 +43,9 @@ from chatmw.store.models_rollups import (
     RollupDropoffSteps,
     RollupStepSets,
 )
-from chatmw.store.writer import Writer
 
+T0 = datetime(2024, 6, 3, 0, 0, tzinfo=UTC)
 DAYS = 5
-CHANNELS = ("web", "whatsapp", "messenger")
 INTENTS = (None, None, "", "greeting", "pricing", "refund", "pay", " padded", "a,b")
 STEPS = (None, None, "", "menu", "checkout", "pay")
 # The idle cut-off of the default 30 minutes for NOW lies 7.5 minutes into a slot.
@@ -53,27 +55,19 @@ WEEK = timedelta(days=7)
 STEP_LISTS = ("greeting,pricing,pay", "pay", "refund,greeting,checkout,menu", "a b,pay")
 
 
-class Store:
+class Store(RandomStore):
     """A random chat history written in two steps."""
 
     def __init__(self, engine: Engine, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.writer = Writer(engine)
-        install(self.writer, BusinessSettings(currency="EUR"))
-        self.starts: dict[str, tuple[str, str, datetime]] = {}
+        super().__init__(engine, seed)
         self.ends: dict[str, datetime] = {}
-        self.held_back: list[ev.Message] = []
-        self.written: list[ev.Message] = []
 
     def conversation(
         self, number: int, start: datetime, last: datetime | None = None, user: str = ""
     ) -> list[ev.Message]:
         """Return the messages of ``c{number}``. With ``last``, the final one is at ``last``."""
         rng = self.rng
-        channel = CHANNELS[number % len(CHANNELS)]
-        user = user or f"u{rng.randrange(10)}"
-        conversation_id = f"c{number}"
-        self.starts[conversation_id] = (channel, user, start)
+        channel, user, conversation_id = self.start_conversation(number, start, user, 10)
         messages = []
         at = start
         count = rng.randint(1, 5)
@@ -113,33 +107,21 @@ class Store:
             step=rng.choice(STEPS),
         )
 
-    def conversion(self, number: int, key: str) -> Conversion:
+    def random_conversion(self, number: int, key: str) -> Conversion:
         rng = self.rng
-        channel, user, start = self.starts[f"c{number}"]
+        start = self.starts[f"c{number}"][2]
         by_user = rng.random() < 0.5
         offset = rng.choice((timedelta(0), timedelta(hours=2), WEEK, WEEK + timedelta(days=1)))
-        return Conversion(
-            channel=channel,
-            occurred_at=start + offset,
-            key=key,
-            name="purchase",
-            value_micros=1_000_000,
-            currency="EUR",
-            user_id=user if by_user else None,
-            conversation_id=None if by_user else f"c{number}",
-        )
+        at = start + offset
+        return self.conversion(number, at, key, 1_000_000, user=by_user, conversation=not by_user)
 
     def first_events(self) -> None:
         rng = self.rng
         messages: list[ev.Message] = []
         updates = []
         for number in range(120):
-            conversation = self.conversation(number, _edge_time(rng, DAYS))
-            if number % 9 == 0 and len(conversation) > 1:
-                # The first message arrives late and moves the conversation's start.
-                self.held_back.append(conversation[0])
-                conversation = conversation[1:]
-            messages.extend(conversation)
+            conversation = self.conversation(number, edge_time(rng, T0, DAYS))
+            messages.extend(hold_back_first(conversation, self.held_back, number % 9 == 0))
             if rng.random() < 0.6:
                 updates.append(self.update(number))
         # Open conversations whose last message lies in the slot of the idle cut-off of NOW,
@@ -152,7 +134,9 @@ class Store:
         self.written = messages
         self.writer.write(messages)
         self.writer.write(updates)
-        self.writer.write([self.conversion(number, f"v{number}") for number in range(0, 120, 4)])
+        self.writer.write(
+            [self.random_conversion(number, f"v{number}") for number in range(0, 120, 4)]
+        )
 
     def later_events(self) -> None:
         """Write late bot messages, step updates, conversions, ends and duplicates."""
@@ -175,11 +159,13 @@ class Store:
                 )
             )
         for number in range(300, 310):
-            events.extend(self.conversation(number, _edge_time(rng, DAYS)))
+            events.extend(self.conversation(number, edge_time(rng, T0, DAYS)))
         self.writer.write(events + self.written[::11])
         self.writer.write([self.update(number) for number in range(2, 120, 6)])
         self.writer.write([self.update(number) for number in range(203, 209)])
-        self.writer.write([self.conversion(number, f"w{number}") for number in range(3, 120, 7)])
+        self.writer.write(
+            [self.random_conversion(number, f"w{number}") for number in range(3, 120, 7)]
+        )
 
 
 def _filters() -> list[MetricFilter]:
@@ -224,13 +210,9 @@ def assert_same_as_raw(engine: Engine) -> None:
 
 def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
     """Return the rows of the drop-off tables, with step set ids replaced by their steps."""
-    rows = {}
+    rows = table_rows(engine, (RollupDropoff, RollupDropoffOpen))
     with engine.connect() as connection:
         sets = dict(connection.execute(select(RollupStepSets.id, RollupStepSets.steps)).all())
-        for table in (RollupDropoff, RollupDropoffOpen):
-            columns = list(table.__table__.columns)
-            result = connection.execute(select(*columns).order_by(*columns))
-            rows[table.__tablename__] = [tuple(row) for row in result]
         table = RollupDropoffSteps
         result = connection.execute(
             select(
@@ -271,26 +253,13 @@ def test_dropoff_rollups_match_raw(engine: Engine, seed: int) -> None:
     assert before > 0
     assert after > 0
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=DAYS))
-    with engine.connect() as connection:
-        coverage = cover(connection, flt)
-    assert coverage is not None
-    assert coverage.raw == []
+    assert_fully_served(engine, flt)
     assert dropoff_tallies(engine, flt, to_ms(CUT), True) is not None
     rows = _table_rows(engine)
     assert all(rows.values())
     assert_same_as_raw(engine)
 
-    # Not refreshed yet: the changed slots are read from raw rows.
-    store.later_events()
-    assert_same_as_raw(engine)
-    report = refresh(engine)
-    assert not report.rebuilt
-    assert report.slots > 0
-    assert_same_as_raw(engine)
-
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
+    assert_later_steps_match_raw(engine, store.later_events, assert_same_as_raw, _table_rows)
 
 
 def test_dropoff_figures_are_not_trivial(engine: Engine) -> None:
@@ -328,16 +297,7 @@ def test_conversion_and_step_after_refresh(engine: Engine) -> None:
     now_ms = to_ms(NOW + timedelta(days=30))
     first = _same_both_ways(engine, flt, options, now_ms)
     channel, user, start = store.starts["c900"]
-    conversion = Conversion(
-        channel=channel,
-        occurred_at=start + timedelta(days=9),
-        key="late-conversion",
-        name="purchase",
-        value_micros=1,
-        currency="EUR",
-        conversation_id="c900",
-    )
-    store.writer.write([conversion])
+    store.writer.write([store.conversion(900, start + timedelta(days=9), "late-conversion", 1)])
     converted = _same_both_ways(engine, flt, options, now_ms)
     assert converted["dropped"] == first["dropped"] - 1
     update_step = ev.ConversationUpdate(

@@ -16,6 +16,15 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from rollup_helpers import (
+    CHANNELS,
+    assert_fully_served,
+    assert_later_steps_match_raw,
+    duplicate_messages,
+    edge_time,
+    table_rows,
+    window_filters,
+)
 from sqlalchemy import Engine, func, select, update
 from surveys_support import add_random_surveys
 
@@ -24,8 +33,8 @@ from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.outcome_query import outcome_sums, query_type_sums, survey_sums
 from chatmw.metrics.query_types import query_types
 from chatmw.metrics.resolution import first_contact_resolution
-from chatmw.metrics.rollup_query import cover, raw_only
-from chatmw.metrics.rollup_refresh import rebuild, refresh
+from chatmw.metrics.rollup_query import raw_only
+from chatmw.metrics.rollup_refresh import refresh
 from chatmw.store.changes import record_changes
 from chatmw.store.models_rollups import (
     LEVEL_SLOT,
@@ -39,7 +48,6 @@ from chatmw.store.writer import Writer
 from chatmw.surveys.metrics import csat, nps
 
 T0 = datetime(2024, 3, 29, 0, 0, tzinfo=UTC)  # Europe/Paris moves to summer time on 31 March
-CHANNELS = ("web", "whatsapp", "messenger")
 INTENTS = (None, "", "billing", "refund", "shipping")
 RULE_TYPES = (None, "", "billing", "account")
 HOUR = timedelta(hours=1)
@@ -56,18 +64,6 @@ METRICS: dict[str, Compute] = {
     "query-types-rules": lambda engine, flt: query_types(engine, flt, {"prefer": "rules"}),
 }
 OUTCOME_TABLES = (RollupOutcomes, RollupSurveys, RollupQueryTypes)
-
-
-def _edge_time(rng: random.Random) -> datetime:
-    """Return a time in the first five days, often exactly on or next to a slot edge."""
-    slot = rng.randrange(5 * 24 * 4)
-    base = T0 + timedelta(milliseconds=slot * SLOT_MS)
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(SLOT_MS))
 
 
 def _conversation(
@@ -113,7 +109,7 @@ def build_store(engine: Engine, seed: int) -> tuple[Writer, list[ev.Message]]:
     outcomes: list[ev.ConversationUpdate] = []
     held_back: list[ev.Message] = []
     for number in range(150):
-        messages, outcome = _conversation(rng, number, _edge_time(rng))
+        messages, outcome = _conversation(rng, number, edge_time(rng, T0, 5))
         if number % 7 == 0 and len(messages) > 1:
             held_back.append(
                 ev.Message(
@@ -140,21 +136,10 @@ def later_events(writer: Writer, held_back: list[ev.Message], seed: int) -> None
     fresh: list[ev.Message] = []
     outcomes: list[ev.ConversationUpdate] = []
     for number in range(1000, 1025):
-        messages, outcome = _conversation(rng, number, _edge_time(rng))
+        messages, outcome = _conversation(rng, number, edge_time(rng, T0, 5))
         fresh.extend(messages)
         outcomes.append(outcome)
-    duplicates = [
-        ev.Message(
-            channel=CHANNELS[number % 3],
-            occurred_at=T0,
-            key=f"m{number}-0",
-            role="user",
-            user_id="u0",
-            text="again",
-            conversation_id=f"c{number}",
-        )
-        for number in range(0, 150, 13)
-    ]
+    duplicates = duplicate_messages(range(0, 150, 13), T0, "m{}-0", "c{}", text="again")
     writer.write(held_back + fresh + duplicates)
     writer.write(outcomes)
 
@@ -163,16 +148,7 @@ def _filters() -> list[MetricFilter]:
     since, until = T0, T0 + timedelta(days=5)
     ragged = (T0 + timedelta(hours=7, minutes=3), T0 + timedelta(days=2, minutes=44))
     return [
-        MetricFilter(since=since, until=until),
-        MetricFilter(since=since, until=until, group_by=GroupBy("channel")),
-        MetricFilter(since=since, until=until, channels=("web",)),
-        MetricFilter(since=ragged[0], until=ragged[1]),
-        MetricFilter(
-            since=ragged[0],
-            until=ragged[1],
-            group_by=GroupBy("channel"),
-            channels=("web", "whatsapp"),
-        ),
+        *window_filters(since, until, ragged, "web"),
         MetricFilter(
             since=since,
             until=until,
@@ -192,13 +168,7 @@ def assert_same_as_raw(engine: Engine) -> None:
 
 
 def _table_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    rows = {}
-    with engine.connect() as connection:
-        for table in OUTCOME_TABLES:
-            columns = list(table.__table__.columns)
-            result = connection.execute(select(*columns).order_by(*columns))
-            rows[table.__tablename__] = [tuple(row) for row in result]
-    return rows
+    return table_rows(engine, OUTCOME_TABLES)
 
 
 @pytest.mark.parametrize("seed", [3, 17])
@@ -210,26 +180,15 @@ def test_outcome_rollups_match_raw(engine: Engine, seed: int) -> None:
     for table in OUTCOME_TABLES:
         assert rows[table.__tablename__], table.__tablename__
     flt = MetricFilter(since=T0, until=T0 + timedelta(days=5))
-    with engine.connect() as connection:
-        coverage = cover(connection, flt)
-    assert coverage is not None
-    assert coverage.raw == []
+    assert_fully_served(engine, flt)
     assert outcome_sums(engine, flt) is not None
     assert survey_sums(engine, flt, "csat") is not None
     assert query_type_sums(engine, flt) is not None
     assert_same_as_raw(engine)
 
-    # Not refreshed yet: the changed slots are read from raw rows.
-    later_events(writer, held_back, seed)
-    assert_same_as_raw(engine)
-    report = refresh(engine)
-    assert not report.rebuilt
-    assert report.slots > 0
-    assert_same_as_raw(engine)
-
-    refreshed = _table_rows(engine)
-    rebuild(engine)
-    assert _table_rows(engine) == refreshed
+    assert_later_steps_match_raw(
+        engine, lambda: later_events(writer, held_back, seed), assert_same_as_raw, _table_rows
+    )
 
 
 def test_outcome_figures_are_not_trivial(engine: Engine) -> None:
@@ -319,12 +278,6 @@ def _repeats(engine: Engine, flt: MetricFilter) -> int:
     return int(result["resolved_repeated"])
 
 
-def _served(engine: Engine, flt: MetricFilter) -> bool:
-    with engine.connect() as connection:
-        coverage = cover(connection, flt)
-    return coverage is not None and coverage.raw == []
-
-
 def _slot_repeats(engine: Engine, at: datetime) -> int:
     slot = ev.to_ms(at) - ev.to_ms(at) % SLOT_MS
     with engine.connect() as connection:
@@ -350,7 +303,7 @@ def test_later_conversation_dirties_earlier_slot(engine: Engine) -> None:
     writer.write([_message(T0 + 20 * HOUR, "ann", "b", "b0")])
     assert _repeats(engine, window) == 1
     refresh(engine)
-    assert _served(engine, window)
+    assert_fully_served(engine, window)
     assert _slot_repeats(engine, first) == 1
     assert _repeats(engine, window) == 1
 
@@ -358,7 +311,7 @@ def test_later_conversation_dirties_earlier_slot(engine: Engine) -> None:
     writer.write([_message(T0 - 30 * timedelta(minutes=1), "ann", "b", "b-late")])
     assert _repeats(engine, window) == 0
     refresh(engine)
-    assert _served(engine, window)
+    assert_fully_served(engine, window)
     assert _slot_repeats(engine, first) == 0
     assert _repeats(engine, window) == 0
 
@@ -378,7 +331,7 @@ def test_moved_end_dirties_own_slot(engine: Engine) -> None:
     writer.write([_message(first + 5 * HOUR, "bob", "a", "a1")])
     assert _repeats(engine, window) == 1
     refresh(engine)
-    assert _served(engine, window)
+    assert_fully_served(engine, window)
     assert _slot_repeats(engine, first) == 1
 
 

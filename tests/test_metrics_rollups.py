@@ -8,12 +8,23 @@ bucket edges, before and after a refresh, on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from rollup_helpers import (
+    ACTIVITY_METRICS,
+    CHANNELS,
+    ESTIMATED_METRICS,
+    assert_close,
+    assert_fully_served,
+    assert_rebuild_matches,
+    coverage_of,
+    duplicate_messages,
+    edge_time,
+    hold_back_first,
+    table_rows,
+)
 from sqlalchemy import Engine, func, select, update
 from typer.testing import CliRunner
 
@@ -23,19 +34,8 @@ from chatmw.metrics.channels import channel_performance
 from chatmw.metrics.contact_sets import SOURCES, count_distinct, decode
 from chatmw.metrics.filters import GroupBy, MetricFilter
 from chatmw.metrics.growth import growth
-from chatmw.metrics.heatmap import heatmap
-from chatmw.metrics.histogram import RELATIVE_ERROR
-from chatmw.metrics.response_time import response_times
 from chatmw.metrics.rollup_query import cover, raw_only
-from chatmw.metrics.rollup_refresh import (
-    REBUILD_LEASE_MS,
-    Refresher,
-    invalidate,
-    rebuild,
-    refresh,
-)
-from chatmw.metrics.summary import summary
-from chatmw.metrics.volume import volume
+from chatmw.metrics.rollup_refresh import REBUILD_LEASE_MS, Refresher, invalidate, refresh
 from chatmw.security.erasure import erase_person
 from chatmw.store.models import Contact, Conversation, Message
 from chatmw.store.models_rollups import (
@@ -53,59 +53,27 @@ from chatmw.store.models_rollups import (
 from chatmw.store.writer import Writer
 
 T0 = datetime(2024, 3, 29, 0, 0, tzinfo=UTC)  # Europe/Paris moves to summer time on 31 March
-CHANNELS = ("web", "whatsapp", "messenger")
 ZONES = ("UTC", "Europe/Paris", "America/St_Johns", "Asia/Kathmandu", "Australia/Adelaide")
 ROLES = ("user", "user", "bot", "agent")
+STARTED_TABLES = (RollupStarted, RollupParticipants, RollupResponses)
 
-Compute = Callable[[Engine, MetricFilter], dict[str, Any]]
-METRICS: dict[str, Compute] = {
-    "volume-day": lambda engine, flt: volume(engine, flt, {"interval": "day"}),
-    "volume-hour": lambda engine, flt: volume(engine, flt, {"interval": "hour"}),
-    "volume-week": lambda engine, flt: volume(engine, flt, {"interval": "week"}),
-    "heatmap": lambda engine, flt: heatmap(engine, flt, {}),
-    "growth-day": lambda engine, flt: growth(engine, flt, {"period": "day"}),
-    "growth-week": lambda engine, flt: growth(engine, flt, {"period": "week"}),
-    "growth-month": lambda engine, flt: growth(engine, flt, {"period": "month"}),
+METRICS = {
+    name: ACTIVITY_METRICS[name]
+    for name in (
+        "volume-day",
+        "volume-hour",
+        "volume-week",
+        "heatmap",
+        "growth-day",
+        "growth-week",
+        "growth-month",
+    )
 }
 # Metrics whose percentiles rollups estimate: every other figure must be equal.
-ESTIMATED: dict[str, Compute] = {
-    "summary": lambda engine, flt: summary(engine, flt, {}),
-    "response-time": lambda engine, flt: response_times(engine, flt, {}),
+ESTIMATED = {
+    **ESTIMATED_METRICS,
     "channels": lambda engine, flt: channel_performance(engine, flt, {}),
 }
-PERCENTILES = ("p50", "p90", "p95")
-
-
-def assert_close(actual: Any, expected: Any, path: str = "") -> None:
-    """Assert equal results, except percentiles within the histogram's relative error."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict), path
-        assert sorted(actual) == sorted(expected), path
-        for key, value in expected.items():
-            if key in PERCENTILES and value is not None and actual[key] is not None:
-                # Both are rounded to the ms, so they may differ by one more ms.
-                assert abs(actual[key] - value) <= RELATIVE_ERROR * value + 0.001, f"{path}.{key}"
-            else:
-                assert_close(actual[key], value, f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list), path
-        assert len(actual) == len(expected), path
-        for index, (left, right) in enumerate(zip(actual, expected, strict=True)):
-            assert_close(left, right, f"{path}[{index}]")
-    else:
-        assert actual == expected, path
-
-
-def _edge_time(rng: random.Random) -> datetime:
-    """Return a time in the first five days, often exactly on or next to a slot edge."""
-    slot = rng.randrange(5 * 24 * 4)
-    base = T0 + timedelta(milliseconds=slot * SLOT_MS)
-    choice = rng.random()
-    if choice < 0.3:
-        return base
-    if choice < 0.4:
-        return base - timedelta(milliseconds=1)
-    return base + timedelta(milliseconds=rng.randrange(SLOT_MS))
 
 
 def _conversation(rng: random.Random, number: int, start: datetime) -> list[ev.Message]:
@@ -137,12 +105,9 @@ def build_store(engine: Engine, seed: int = 3) -> tuple[Writer, list[ev.Message]
     written: list[ev.Message] = []
     held_back: list[ev.Message] = []
     for number in range(120):
-        messages = _conversation(rng, number, _edge_time(rng))
-        if number % 5 == 0 and len(messages) > 1:
-            # The first message of every fifth conversation arrives late, moving its start.
-            held_back.append(messages[0])
-            messages = messages[1:]
-        written.extend(messages)
+        # The first message of every fifth conversation arrives late, moving its start.
+        messages = _conversation(rng, number, edge_time(rng, T0, 5))
+        written.extend(hold_back_first(messages, held_back, number % 5 == 0))
     rng.shuffle(written)
     writer.write(written[:300])
     writer.write(written[300:])
@@ -152,19 +117,10 @@ def build_store(engine: Engine, seed: int = 3) -> tuple[Writer, list[ev.Message]
 def later_events(writer: Writer, held_back: list[ev.Message], seed: int = 5) -> None:
     """Write the late first messages, duplicates of stored ones and new conversations."""
     rng = random.Random(seed)
-    fresh = [m for number in range(200, 215) for m in _conversation(rng, number, _edge_time(rng))]
-    duplicates = [
-        ev.Message(
-            channel=CHANNELS[number % len(CHANNELS)],
-            occurred_at=T0,
-            key=f"m{number}-0",
-            role="user",
-            user_id="user0",
-            text="x",
-            conversation_id=f"c{number}",
-        )
-        for number in range(1, 120, 7)
+    fresh = [
+        m for number in range(200, 215) for m in _conversation(rng, number, edge_time(rng, T0, 5))
     ]
+    duplicates = duplicate_messages(range(1, 120, 7), T0, "m{}-0", "c{}", user="user0", text="x")
     writer.write(held_back + duplicates + fresh)
 
 
@@ -211,8 +167,7 @@ def test_rollups_match_raw_after_refresh(engine: Engine) -> None:
     build_store(engine)
     report = refresh(engine)
     assert report.rebuilt
-    with engine.connect() as connection:
-        coverage = cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
+    coverage = coverage_of(engine, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
     assert coverage is not None
     assert len(coverage.served) == 5 * 24 * 4
     assert coverage.raw == []
@@ -238,8 +193,7 @@ def test_rollups_match_raw_with_late_and_duplicate_events(engine: Engine) -> Non
     refresh(engine)
     later_events(writer, held_back)
     # Not refreshed yet: the slots the new messages touch are read from raw rows.
-    with engine.connect() as connection:
-        coverage = cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
+    coverage = coverage_of(engine, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
     assert coverage is not None
     assert coverage.raw
     assert_same_as_raw(engine)
@@ -247,10 +201,7 @@ def test_rollups_match_raw_with_late_and_duplicate_events(engine: Engine) -> Non
     report = refresh(engine)
     assert not report.rebuilt
     assert report.slots > 0
-    with engine.connect() as connection:
-        coverage = cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
-    assert coverage is not None
-    assert coverage.raw == []
+    assert_fully_served(engine, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
     assert_same_as_raw(engine)
 
 
@@ -259,17 +210,15 @@ def test_refresh_matches_rebuild(engine: Engine) -> None:
     refresh(engine)
     later_events(writer, held_back)
     refresh(engine)
-    refreshed = _rollup_rows(engine)
-    started = _started_rows(engine)
+    started = table_rows(engine, STARTED_TABLES)
     assert all(started.values())
     sets = _contact_sets(engine)
     kinds = {key[0] for key in sets}
     assert {"users", "starters", "participants", "writers"} <= kinds
     assert kinds <= set(SOURCES)
-    rebuild(engine)
-    assert _rollup_rows(engine) == refreshed
-    rebuilt = _started_rows(engine)
-    for table in (RollupStarted, RollupParticipants, RollupResponses):
+    assert_rebuild_matches(engine, _rollup_rows)
+    rebuilt = table_rows(engine, STARTED_TABLES)
+    for table in STARTED_TABLES:
         assert rebuilt[table.__tablename__] == started[table.__tablename__], table.__tablename__
     assert _contact_sets(engine) == sets
 
@@ -287,16 +236,6 @@ def _contact_sets(engine: Engine) -> dict[tuple[str, int, int, str], int]:
         )
         return {(kind, level, start, channel): decode(blob)
                 for kind, level, start, channel, blob in rows}
-
-
-def _started_rows(engine: Engine) -> dict[str, list[tuple[Any, ...]]]:
-    rows = {}
-    with engine.connect() as connection:
-        for table in (RollupStarted, RollupParticipants, RollupResponses):
-            columns = list(table.__table__.columns)
-            result = connection.execute(select(*columns).order_by(*columns))
-            rows[table.__tablename__] = [tuple(row) for row in result]
-    return rows
 
 
 def _rollup_rows(engine: Engine) -> list[tuple[int, int, str, int]]:
@@ -376,10 +315,7 @@ def test_refresher_thread_builds_rollups(engine: Engine) -> None:
     refresher = Refresher(engine, interval_s=3600)
     refresher.start()
     refresher.stop()
-    with engine.connect() as connection:
-        coverage = cover(connection, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
-    assert coverage is not None
-    assert coverage.raw == []
+    assert_fully_served(engine, MetricFilter(since=T0, until=T0 + timedelta(days=5)))
     assert_same_as_raw(engine)
 
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+from rollup_helpers import (
+    CHANNELS,
+    assert_close,
+    duplicate_messages,
+    hold_back_first,
+    window_filters,
+)
 from sqlalchemy import Engine, func, select
 
 from chatmw import events as ev
 from chatmw.metrics.channels import channel_performance
-from chatmw.metrics.filters import GroupBy, MetricFilter
+from chatmw.metrics.filters import MetricFilter
 from chatmw.metrics.rollup_query import raw_only
 from chatmw.metrics.rollup_refresh import refresh
 from chatmw.metrics.sentiment import sentiment
@@ -37,26 +43,9 @@ TEXTS = (
     "the delivery was late and the box was broken",
     "perfect, happy now",
 )
-CHANNELS = ("web", "whatsapp", "messenger")
 # Means are rounded to 4 decimals; a float sum may round the other way at a boundary.
 # The 1e-9 absorbs the float error of the difference of two rounded means.
-MEANS = ("mean", "shift_mean", "sentiment_mean")
-
-
-def assert_same(actual: Any, expected: Any, path: str = "") -> None:
-    if isinstance(expected, dict):
-        assert sorted(actual) == sorted(expected), path
-        for key, value in expected.items():
-            if key in MEANS and value is not None and actual[key] is not None:
-                assert abs(actual[key] - value) <= 0.0001 + 1e-9, f"{path}.{key}"
-            else:
-                assert_same(actual[key], value, f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert len(actual) == len(expected), path
-        for index, (left, right) in enumerate(zip(actual, expected, strict=True)):
-            assert_same(left, right, f"{path}[{index}]")
-    else:
-        assert actual == expected, path
+MEAN_BOUNDS = dict.fromkeys(("mean", "shift_mean", "sentiment_mean"), lambda _: 0.0001 + 1e-9)
 
 
 def _conversation(rng: random.Random, number: int) -> list[ev.Message]:
@@ -82,20 +71,8 @@ def _conversation(rng: random.Random, number: int) -> list[ev.Message]:
 
 
 def _filters() -> list[MetricFilter]:
-    since, until = T0, T0 + timedelta(days=4)
     ragged = (T0 + timedelta(hours=7, minutes=3), T0 + timedelta(days=2, minutes=44))
-    return [
-        MetricFilter(since=since, until=until),
-        MetricFilter(since=since, until=until, group_by=GroupBy("channel")),
-        MetricFilter(since=since, until=until, channels=("web",)),
-        MetricFilter(since=ragged[0], until=ragged[1]),
-        MetricFilter(
-            since=ragged[0],
-            until=ragged[1],
-            group_by=GroupBy("channel"),
-            channels=("web", "whatsapp"),
-        ),
-    ]
+    return window_filters(T0, T0 + timedelta(days=4), ragged, "web")
 
 
 def _check(engine: Engine) -> None:
@@ -103,22 +80,20 @@ def _check(engine: Engine) -> None:
         with raw_only():
             expected = sentiment(engine, flt, {})
             raw_channels = channel_performance(engine, flt, {"exact": "true"})
-        assert_same(sentiment(engine, flt, {}), expected, str(flt.describe()))
+        assert_close(sentiment(engine, flt, {}), expected, str(flt.describe()), MEAN_BOUNDS)
         # With exact=true only the sentiment means of channels come from rollups.
         rolled = channel_performance(engine, flt, {"exact": "true"})
-        assert_same(rolled, raw_channels, "channels")
+        assert_close(rolled, raw_channels, "channels", MEAN_BOUNDS)
 
 
 def test_sentiment_rollups_match_raw(engine: Engine) -> None:
     rng = random.Random(8)
     writer = Writer(engine, enrichers=[sentiment_enricher])
-    written, late = [], []
+    written: list[ev.Message] = []
+    late: list[ev.Message] = []
     for number in range(150):
         messages = _conversation(rng, number)
-        if number % 6 == 0 and len(messages) > 2:
-            late.append(messages[0])
-            messages = messages[1:]
-        written.extend(messages)
+        written.extend(hold_back_first(messages, late, number % 6 == 0, min_messages=3))
     writer.write(written)
     _check(engine)
     assert refresh(engine).rebuilt
@@ -128,18 +103,7 @@ def test_sentiment_rollups_match_raw(engine: Engine) -> None:
     assert sentiment_sums(engine, MetricFilter(since=T0, until=T0 + timedelta(days=4))) is not None
     _check(engine)
 
-    duplicates = [
-        ev.Message(
-            channel=CHANNELS[n % 3],
-            occurred_at=T0,
-            key=f"s{n}-1",
-            role="user",
-            user_id="u0",
-            text="awesome",
-            conversation_id=f"s{n}",
-        )
-        for n in range(1, 150, 11)
-    ]
+    duplicates = duplicate_messages(range(1, 150, 11), T0, "s{}-1", "s{}", text="awesome")
     # Late first messages move their conversations' starts; duplicates change nothing.
     writer.write(late + duplicates)
     _check(engine)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,20 +27,25 @@ import pytest
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rollup_helpers import (
+    ACTIVITY_METRICS,
+    CHANNELS,
+    ESTIMATED_METRICS,
+    PERCENTILES,
+    Compute,
+    assert_close,
+    percentile_bound,
+)
 from sqlalchemy import Engine, func, insert, select, text, update
 
 from chatmw import events as ev
 from chatmw.app import mount_chatmw
 from chatmw.config import Settings
 from chatmw.metrics.filters import GroupBy, MetricFilter
-from chatmw.metrics.growth import growth
-from chatmw.metrics.heatmap import heatmap
-from chatmw.metrics.histogram import RELATIVE_ERROR
 from chatmw.metrics.response_time import response_times
 from chatmw.metrics.rollup_query import cover, raw_only
 from chatmw.metrics.rollup_refresh import invalidate, refresh
 from chatmw.metrics.summary import summary
-from chatmw.metrics.volume import volume
 from chatmw.runtime import Runtime
 from chatmw.security.erasure import erase_person, purge_older_than
 from chatmw.store.engine import make_engine
@@ -53,7 +58,6 @@ EPOCH_WEEK_EDGE = datetime(2024, 3, 28, tzinfo=UTC)  # a Thursday, 2,830 epoch w
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 WEEK_MS = 7 * DAY_MS
-CHANNELS = ("web", "whatsapp", "messenger")
 QUIET = "sms"  # a channel that never has traffic
 ZONES = (
     "UTC",
@@ -67,26 +71,13 @@ ZONES = (
 )
 ROLES = ("user", "user", "bot", "agent")
 
-Compute = Callable[[Engine, MetricFilter], dict[str, Any]]
-EXACT_METRICS: dict[str, Compute] = {
-    "volume-hour": lambda engine, flt: volume(engine, flt, {"interval": "hour"}),
-    "volume-day": lambda engine, flt: volume(engine, flt, {"interval": "day"}),
-    "volume-week": lambda engine, flt: volume(engine, flt, {"interval": "week"}),
-    "volume-month": lambda engine, flt: volume(engine, flt, {"interval": "month"}),
-    "heatmap": lambda engine, flt: heatmap(engine, flt, {}),
-    "growth-day": lambda engine, flt: growth(engine, flt, {"period": "day"}),
-    "growth-week": lambda engine, flt: growth(engine, flt, {"period": "week"}),
-    "growth-month": lambda engine, flt: growth(engine, flt, {"period": "month"}),
-}
-ESTIMATED_METRICS: dict[str, Compute] = {
-    "summary": lambda engine, flt: summary(engine, flt, {}),
-    "response-time": lambda engine, flt: response_times(engine, flt, {}),
-}
+EXACT_METRICS = ACTIVITY_METRICS
 EXACT_OPTION: dict[str, Compute] = {
     "summary exact": lambda engine, flt: summary(engine, flt, {"exact": "true"}),
     "response-time exact": lambda engine, flt: response_times(engine, flt, {"exact": "true"}),
 }
-PERCENTILES = ("p50", "p90", "p95")
+# Both percentiles are rounded to the ms. The 1e-9 absorbs the float error of the difference.
+BOUNDS = dict.fromkeys(PERCENTILES, lambda value: percentile_bound(value) + 1e-9)
 # The metrics most targeted checks compare (each reads a different set of rollup tables).
 CORE = ("volume-day", "heatmap", "growth-week", "summary", "response-time")
 # The metrics with distinct counts from contact sets (bitsets per UTC day and epoch week).
@@ -94,27 +85,6 @@ DISTINCT = ("volume-day", "volume-week", "growth-day", "growth-week", "summary")
 
 
 # Comparison
-
-
-def assert_close(actual: Any, expected: Any, path: str = "") -> None:
-    """Assert equal results, except percentiles within the histogram's bound plus 1 ms."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict), path
-        assert sorted(actual) == sorted(expected), path
-        for key, value in expected.items():
-            if key in PERCENTILES and value is not None and actual[key] is not None:
-                # Both are rounded to the ms. The 1e-9 absorbs the float error of the difference.
-                bound = RELATIVE_ERROR * value + 0.001 + 1e-9
-                assert abs(actual[key] - value) <= bound, f"{path}.{key}: {actual[key]} {value}"
-            else:
-                assert_close(actual[key], value, f"{path}.{key}")
-    elif isinstance(expected, list):
-        assert isinstance(actual, list), path
-        assert len(actual) == len(expected), f"{path}: {len(actual)} != {len(expected)}"
-        for index, (left, right) in enumerate(zip(actual, expected, strict=True)):
-            assert_close(left, right, f"{path}[{index}]")
-    else:
-        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
 
 
 def _outcome(compute: Compute, engine: Engine, flt: MetricFilter) -> tuple[str, Any]:
@@ -140,7 +110,7 @@ def assert_same_as_raw(
                 assert actual == expected, f"{name} {label}"
             else:
                 assert actual[0] == "ok", f"{name} {label}: {actual[1]}"
-                assert_close(actual[1], expected[1], f"{name} {label}")
+                assert_close(actual[1], expected[1], f"{name} {label}", BOUNDS)
     for name, compute in EXACT_OPTION.items():
         if names is not None and name.split()[0] not in names:
             continue

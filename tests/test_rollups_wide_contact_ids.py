@@ -20,6 +20,7 @@ import test_metrics_attribution_rollups as attribution_store
 import test_metrics_cohort_rollups as cohort_store
 import test_metrics_rollups as activity_store
 from pyroaring import BitMap, BitMap64
+from rollup_helpers import CHANNELS
 from sqlalchemy import Engine, func, insert, select, text
 
 from chatmw.metrics.attribution_rollups import rolled_attribution
@@ -201,7 +202,7 @@ def _assert_served(engine: Engine, flt: MetricFilter) -> None:
 
 def test_activity_metrics_wide_ids(engine: Engine) -> None:
     users = [f"user{number}" for number in range(25)]
-    wide = _seed_contacts(engine, [(c, u) for c in activity_store.CHANNELS for u in users])
+    wide = _seed_contacts(engine, [(c, u) for c in CHANNELS for u in users])
     writer, held_back = activity_store.build_store(engine)
     assert refresh(engine).rebuilt
     assert len(_wide_stored(engine, RollupContactSets, wide)) >= 2
@@ -233,7 +234,7 @@ def test_activity_metrics_wide_ids(engine: Engine) -> None:
 
 def test_engagement_retention_wide_ids(engine: Engine) -> None:
     users = [f"u{number}" for number in range(70)]
-    wide = _seed_contacts(engine, [(c, u) for c in cohort_store.CHANNELS for u in users])
+    wide = _seed_contacts(engine, [(c, u) for c in CHANNELS for u in users])
     writer, late, rng = cohort_store.build_store(engine, 3)
     assert refresh(engine).rebuilt
     stored = _wide_stored(engine, RollupContactSets, wide)
@@ -261,7 +262,7 @@ def test_engagement_retention_wide_ids(engine: Engine) -> None:
 
 def test_attribution_wide_ids(engine: Engine) -> None:
     users = [f"u{number}" for number in range(15)]
-    wide = _seed_contacts(engine, [(c, u) for c in attribution_store.CHANNELS for u in users])
+    wide = _seed_contacts(engine, [(c, u) for c in CHANNELS for u in users])
     store = attribution_store.Store(engine, seed=5)
     store.first_events()
     assert refresh(engine).rebuilt
