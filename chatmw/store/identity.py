@@ -190,16 +190,19 @@ def _processed(columns: list[Sequence[Any]], processors: Sequence[Any]) -> list[
 
 
 def _insert_ignore_pg(session: Session, table: Table, rows: Sequence[dict[str, Any]],
-                          conflict: Sequence[str]) -> None:
+                      conflict: Sequence[str], returning: str | None = None) -> list[Any]:
     # One INSERT ... SELECT per batch: psycopg's executemany sends a statement per row, and
-    # a multi-row VALUES list is compiled anew for every length.
+    # a multi-row VALUES list is compiled anew for every length. With ``returning``, the
+    # statement returns those columns of the inserted rows.
     names = list(rows[0])
     source, parameters = _pg_rows(session, "new_rows", _column_types(session, table, names), rows)
     statement = text(
         f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM {source} "
         f"ON CONFLICT ({', '.join(conflict)}) DO NOTHING"
+        + (f" RETURNING {returning}" if returning else "")
     )
-    session.connection().execute(statement, parameters)
+    result = session.connection().execute(statement, parameters)
+    return result.all() if returning else []
 
 
 def _column_types(session: Session, table: Table, names: Sequence[str]) -> dict[str, Any]:
@@ -482,11 +485,13 @@ def _resolve(session: Session, table: Table, wanted: Mapping[tuple[str, str], An
         _hold_write_lock(session, table)
         return found
     rows = {key: make_row(key, wanted[key]) for key in unknown}
-    insert_ignore(session, table, [rows[key] for key in unknown], ["channel", "external_id"])
-    read: dict[tuple[str, str], int] = {}
-    for channel, external, row_id in select_by_keys(
-            session, table, ("channel", "external_id"), unknown, ("channel", "external_id", "id")):
-        read[(channel, external)] = row_id
+    read = _insert_new_keys(session, table, unknown, [rows[key] for key in unknown])
+    stored = [key for key in unknown if key not in read]
+    if stored:
+        for channel, external, row_id in select_by_keys(
+                session, table, ("channel", "external_id"), stored,
+                ("channel", "external_id", "id")):
+            read[(channel, external)] = row_id
     if len(read) < len(unknown):
         missing = [key for key in unknown if key not in read]
         insert_ignore(session, table, [rows[key] for key in missing], ["channel", "external_id"])
@@ -498,6 +503,27 @@ def _resolve(session: Session, table: Table, wanted: Mapping[tuple[str, str], An
         known.add(read)
     found.update(read)
     return found
+
+
+def _insert_new_keys(session: Session, table: Table, keys: Sequence[tuple[str, str]],
+                     rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    # Inserts ``rows`` (one per ``(channel, external_id)`` of ``keys``, in that order),
+    # skipping existing keys, and returns the ids of the rows it inserted. The ids of the
+    # skipped keys are read afterwards by the caller.
+    conflict = ["channel", "external_id"]
+    if session.get_bind().dialect.name == "postgresql":
+        returned = _insert_ignore_pg(session, table, rows, conflict,
+                                     returning="channel, external_id, id")
+        return {(channel, external): row_id for channel, external, row_id in returned}
+    inserted = _insert_ignore_sqlite(session, table, rows, conflict)
+    if inserted != len(rows):
+        return {}
+    # Every row went in. This transaction holds SQLite's write lock, so no other writer
+    # inserted meanwhile, and an integer primary key gives each new row the largest id
+    # plus one: the new ids are the last ``inserted`` ids, in row order.
+    last = session.connection().exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+    first = int(last) - inserted + 1
+    return {key: first + offset for offset, key in enumerate(keys)}
 
 
 def _hold_write_lock(session: Session, table: Table) -> None:
