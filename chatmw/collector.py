@@ -60,7 +60,7 @@ def settle_after_startup(app: Any) -> None:
 
     ``app`` is a Starlette or FastAPI application; the runtime, the routes and the first
     connections then exist before the freeze. Only for an app that owns its process:
-    ``chatmw serve`` and ``chatmw proxy``.
+    ``chatmw serve``, ``chatmw proxy``, or a bot that is the only app of its server.
     """
     inner = app.router.lifespan_context
 
