@@ -1,4 +1,4 @@
-"""Attacks on the textblob loader and on the new contact and conversation ids."""
+"""Attacks on the textblob loader, the new contact and conversation ids, and a timed-out stop."""
 
 from __future__ import annotations
 
