@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -67,7 +68,29 @@ def _find_tokens(text: Any, **_options: Any) -> list[str]:
 
 
 class _EnglishSentiment(TEXT.Sentiment):  # type: ignore[misc, name-defined]
-    """``_text.Sentiment`` plus the adverbs ``textblob.en`` adds when it loads the lexicon."""
+    """``_text.Sentiment`` plus the adverbs ``textblob.en`` adds when it loads the lexicon.
+
+    The first use loads the lexicon under a lock. ``_text.lazydict`` loads whenever the dict
+    is empty, so a second thread would score with the words loaded so far (the adverbs come
+    last), and chatmw's lookup tables and memo would keep that partial result.
+    """
+
+    # Reentrant, because ``load`` itself adds the adverbs through ``annotate`` and so ``_lazy``.
+    _load_lock = threading.RLock()
+    _loading = False
+    _loaded = False
+
+    def _lazy(self, method: str, *args: Any) -> Any:
+        if not self._loaded:
+            with self._load_lock:
+                if not self._loaded and not self._loading:
+                    self._loading = True
+                    try:
+                        self.load()
+                    finally:
+                        self._loading = False
+                    self._loaded = True
+        return getattr(dict, method)(self, *args)
 
     def load(self, path: str | None = None) -> None:
         super().load(path)

@@ -740,6 +740,10 @@ class Recorder:
                 return
             except _WriteFailed as failure:
                 if self._abandoned:
+                    # A timed-out stop spooled the batch being written, if there is a spool.
+                    # Without one the batch is counted here.
+                    if self.spool is None:
+                        self._count_drop("shutdown_timeout", len(batch))
                     return
                 logger.warning("recorder write failed (attempt %d, %d events, retryable=True): %s",
                                attempt + 1, len(batch), failure)

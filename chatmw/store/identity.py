@@ -520,8 +520,13 @@ def _insert_new_keys(session: Session, table: Table, keys: Sequence[tuple[str, s
         return {}
     # Every row went in. This transaction holds SQLite's write lock, so no other writer
     # inserted meanwhile, and an integer primary key gives each new row the largest id
-    # plus one: the new ids are the last ``inserted`` ids, in row order.
-    last = session.connection().exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+    # plus one: the new ids are the last ``inserted`` ids, in row order. Once the largest
+    # id is 2**63 - 1, SQLite picks unused ids at random instead, and the last new id is
+    # then not the largest: the caller reads the ids back.
+    last, largest = session.connection().exec_driver_sql(
+        f"SELECT last_insert_rowid(), max(id) FROM {table.name}").one()
+    if last != largest:
+        return {}
     first = int(last) - inserted + 1
     return {key: first + offset for offset, key in enumerate(keys)}
 
