@@ -464,8 +464,11 @@ class Recorder:
                         if handed is not None:
                             handed.spooled_by_stop = True
                             handed_events.extend(handed.batch)
+                    handed_events.extend(self._in_flight)
             drained = self._drain_nowait()
-            in_flight = handed_events + self._in_flight if self.spool is not None else []
+            # NOTE: a batch written in this thread (not handed over) that the writer thread
+            # then stores is counted as written as well as spooled.
+            in_flight = handed_events
             leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
@@ -711,6 +714,9 @@ class Recorder:
                 self._pending = None
                 abandoned = self._abandoned
                 spooled_by_stop = pending.spooled_by_stop
+                if not abandoned:
+                    # From here on a stop that times out spools it as the batch in flight.
+                    self._in_flight = pending.batch
             if not abandoned:
                 logger.warning("recorder write failed (%d events): %s; writing them again",
                                len(pending.batch), _describe(error))

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.spool import FileSpool, SpoolSettings
+from chatmw.store.engine import make_engine
 from chatmw.store.identity import resolve_contacts, resolve_named_conversations
 from chatmw.store.models import Contact, Conversation
-
-from tests.test_attack5 import _messages, _slow_writer
+from chatmw.store.writer import Writer
+from chatmw.writer_process import ProcessWriter
+from tests.test_attack5 import _messages, _slow_writer, _wait_pending
 
 
 def _largest_id(engine: Engine) -> int:
@@ -133,3 +139,57 @@ def test_stop_timeout_then_failed_write_counted(engine: Engine, database_url: st
     assert stats.submitted == 5
     assert stats.written == 0
     assert stats.dropped == {"shutdown_timeout": 5}
+
+
+class _AlwaysLocked(Writer):
+    """A store writer whose every write fails as retryable, in the child."""
+
+    def write(self, batch):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+
+def _always_locked(url: str) -> _AlwaysLocked:
+    return _AlwaysLocked(make_engine(url))
+
+
+def test_stop_timeout_before_rewrite_spools_batch(database_url: str, tmp_path) -> None:
+    # The pending batch's result is a failure, and stop() gives up after the writer thread
+    # read it but before the thread writes the batch again. The stop spools the batch, and
+    # the failed rewrite does not count it a second time.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    writer = ProcessWriter(functools.partial(_always_locked, database_url))
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
+                                                 retries=0), spool=spool)
+    rewrite = recorder._write_in_flight
+    stopped = threading.Event()
+
+    def rewrite_after_stop(batch):  # type: ignore[no-untyped-def]
+        assert stopped.wait(30), "stop() did not time out"
+        return rewrite(batch)
+
+    recorder._write_in_flight = rewrite_after_stop  # type: ignore[method-assign]
+    recorder.start()
+    thread = recorder._thread
+    try:
+        for event in _messages(5):
+            recorder.submit(event)
+        _wait_pending(recorder)
+        deadline = time.monotonic() + 30
+        while recorder._pending is not None:
+            assert time.monotonic() < deadline, "the pending batch never settled"
+            time.sleep(0.005)
+        assert recorder.stop(timeout=0.1) is False
+        stopped.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        writer.close()
+    stats = recorder.stats()
+    assert stats.submitted == 5
+    assert stats.spooled == 5
+    assert stats.written == 0
+    assert sum(stats.dropped.values()) == 0
+    assert spool.pending_events() == 5
+    spool.close()
