@@ -466,8 +466,8 @@ class Recorder:
                             handed_events.extend(handed.batch)
                     handed_events.extend(self._in_flight)
             drained = self._drain_nowait()
-            # NOTE: a batch written in this thread (not handed over) that the writer thread
-            # then stores is counted as written as well as spooled.
+            # NOTE: a batch in flight (written by the writer thread itself, not handed to
+            # a writer process) that is stored after this counts as written and as spooled.
             in_flight = handed_events
             leftover = in_flight + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
