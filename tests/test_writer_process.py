@@ -243,30 +243,27 @@ def _stored_sentiments(engine: Engine) -> dict[str, float | None]:
         return dict(connection.execute(select(Message.key, Message.sentiment)).all())
 
 
-def test_prepared_enrichments_used_by_write(engine: Engine) -> None:
-    # The inbox computes each message's enrichment once; the write uses those results and
-    # stores what the enricher returns.
+def test_prepare_decodes_without_enriching(engine: Engine) -> None:
+    # The inbox decodes the exchanges ahead; the enricher runs once per message, in the write.
     writer = Writer(engine)
     enricher = _CountingEnricher()
     writer.enrichers.append(enricher)
-    preparer = _Preparer(writer)
-    batch = _messages(4) + _exchanges(2)
-    received = preparer.prepare(batch)
-    prepared_calls = list(enricher.calls)
-    with received.enrichments_applied():
-        assert writer.write(received.events) == 8
+    received = _Preparer(writer).prepare(_messages(4) + _exchanges(2))
 
-    assert len(prepared_calls) == 8
-    assert enricher.calls == prepared_calls
+    assert enricher.calls == []
+    assert len(received.events) == 8
+    assert writer.write(received.events) == 8
+    assert len(enricher.calls) == 8
+    assert len(set(enricher.calls)) == 8
     sentiments = _stored_sentiments(engine)
     assert sentiments["m0"] == len("hello") / 100
     assert sentiments["m1"] is None
     assert len(sentiments) == 8
 
 
-def test_replaced_message_enriched_again(engine: Engine) -> None:
+def test_replaced_message_enriched_as_replaced(engine: Engine) -> None:
     # A preprocessor that replaces a message object gets the enricher's result for the new
-    # object, not the one computed for the message it replaced.
+    # object.
     def longer_text(session: object, messages: list[ev.Message]) -> list[ev.Message]:
         return [dataclasses.replace(message, text="hello again") if message.key == "m0"
                 else message for message in messages]
@@ -275,19 +272,17 @@ def test_replaced_message_enriched_again(engine: Engine) -> None:
     enricher = _CountingEnricher()
     writer.enrichers.append(enricher)
     writer.preprocessors.append(longer_text)
-    preparer = _Preparer(writer)
-    received = preparer.prepare(_messages(2))
-    with received.enrichments_applied():
-        writer.write(received.events)
+    received = _Preparer(writer).prepare(_messages(2))
+    writer.write(received.events)
 
-    assert enricher.calls == ["m0", "m1", "m0"]
+    assert enricher.calls == ["m0", "m1"]
     assert _stored_sentiments(engine)["m0"] == len("hello again") / 100
 
 
-def test_prepared_enricher_error_fails_write(engine: Engine) -> None:
+def test_enricher_error_fails_write(engine: Engine) -> None:
     writer = Writer(engine)
     writer.enrichers.append(_CountingEnricher(failing_key="m1"))
     received = _Preparer(writer).prepare(_messages(3))
-    with received.enrichments_applied(), pytest.raises(ValueError, match="enricher failed"):
+    with pytest.raises(ValueError, match="enricher failed"):
         writer.write(received.events)
     assert _stored_sentiments(engine) == {}
