@@ -10,8 +10,8 @@ This module loads ``_text.py`` from the installed textblob folder as a private m
 the English lexicon and scorer, with the settings of ``textblob.en.sentiment``. These are
 the same negations, modifier tag and tokenizer, and the adverbs that ``textblob.en`` derives
 from adjectives ("terrible" gives "terribly"). Like TextBlob's own object, ``SENTIMENT``
-loads the XML file on first use. tests/test_sentiment_polarity.py checks that both objects hold the
-same entries and score texts alike.
+loads the XML file on first use. tests/test_sentiment_polarity.py checks that both objects
+contain the same entries and score texts alike.
 """
 
 from __future__ import annotations

@@ -468,8 +468,7 @@ class Recorder:
             drained = self._drain_nowait()
             # NOTE: a batch in flight (written by the writer thread itself, not handed to
             # a writer process) that is stored after this counts as written and as spooled.
-            in_flight = handed_events
-            leftover = in_flight + self._transform_items(drained)
+            leftover = handed_events + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
             with contextlib.suppress(queue.Full):

@@ -161,43 +161,64 @@ def test_stop_timeout_with_spool_spools_pending_batch(engine: Engine, database_u
     spool.close()
 
 
+def _wait_until(condition, failure: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.005)
+
+
+def _spooling_recorder(factory, tmp_path,  # type: ignore[no-untyped-def]
+                       **settings: float) -> tuple[Recorder, ProcessWriter, FileSpool]:
+    # A recorder with a spool and a started writer process, in batches of 5 events.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    writer = ProcessWriter(factory)
+    writer.start()
+    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
+                                                 **settings), spool=spool)
+    return recorder, writer, spool
+
+
+def _stop_timed_out(recorder: Recorder, timeout: float) -> None:
+    # Stops the recorder with ``timeout``, which it misses, and waits for its writer thread.
+    thread = recorder._thread
+    assert recorder.stop(timeout=timeout) is False
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def _assert_spooled_once(recorder: Recorder, spool: FileSpool, count: int) -> None:
+    stats = recorder.stats()
+    assert stats.spooled == count
+    assert stats.written == 0
+    assert sum(stats.dropped.values()) == 0
+    assert spool.pending_events() == count
+    spool.close()
+
+
 def test_stop_timeout_settling_during_drain_counted_once(engine: Engine, database_url: str,
                                                          tmp_path) -> None:
     # The pending batch settles after stop() gave up but before it drained the queue: it
     # is counted once, as spooled, and the child stored it too.
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.6))
-    writer.start()
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
-                        spool=spool)
+    recorder, writer, spool = _spooling_recorder(
+        functools.partial(_slow_writer, database_url, 0.6), tmp_path)
     drain = recorder._drain_nowait
 
     def drain_after_settle():  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + 30
-        while recorder._pending is not None:
-            assert time.monotonic() < deadline, "the pending batch never settled"
-            time.sleep(0.01)
+        _wait_until(lambda: recorder._pending is None, "the pending batch never settled")
         return drain()
 
     recorder._drain_nowait = drain_after_settle  # type: ignore[method-assign]
     recorder.start()
-    thread = recorder._thread
     try:
         for event in _messages(5):
             recorder.submit(event)
         _wait_pending(recorder)
-        assert recorder.stop(timeout=0.2) is False
-        thread.join(30)
-        assert not thread.is_alive()
+        _stop_timed_out(recorder, 0.2)
     finally:
         writer.close()
-    stats = recorder.stats()
     assert _stored(engine) == 5
-    assert stats.spooled == 5
-    assert stats.written == 0
-    assert sum(stats.dropped.values()) == 0
-    assert spool.pending_events() == 5
-    spool.close()
+    _assert_spooled_once(recorder, spool, 5)
 
 
 def test_stop_timeout_spools_batch_handed_over_while_settling(engine: Engine,
@@ -205,33 +226,20 @@ def test_stop_timeout_spools_batch_handed_over_while_settling(engine: Engine,
                                                               tmp_path) -> None:
     # stop() gives up while the writer thread waits for the first batch's result with the
     # second batch already handed to the child: both batches are spooled, none counted twice.
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
-    writer = ProcessWriter(functools.partial(_slow_writer, database_url, 0.8))
-    writer.start()
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01),
-                        spool=spool)
+    recorder, writer, spool = _spooling_recorder(
+        functools.partial(_slow_writer, database_url, 0.8), tmp_path)
     # Both batches are queued before the writer thread starts, so it hands the second one
     # over before it waits for the first one's result.
     for event in _messages(5, "a") + _messages(5, "b"):
         assert recorder.submit(event)
     recorder.start()
-    thread = recorder._thread
     try:
-        deadline = time.monotonic() + 30
-        while recorder._following is None:
-            assert time.monotonic() < deadline, "the second batch was not handed over"
-            time.sleep(0.005)
-        assert recorder.stop(timeout=0.2) is False
-        thread.join(30)
-        assert not thread.is_alive()
+        _wait_until(lambda: recorder._following is not None,
+                    "the second batch was not handed over")
+        _stop_timed_out(recorder, 0.2)
     finally:
         writer.close()
-    stats = recorder.stats()
-    assert stats.spooled == 10
-    assert stats.written == 0
-    assert sum(stats.dropped.values()) == 0
-    assert spool.pending_events() == 10
-    spool.close()
+    _assert_spooled_once(recorder, spool, 10)
 
 
 def test_child_killed_with_batches_pending(engine: Engine, database_url: str) -> None:

@@ -15,13 +15,18 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw.recorder import Recorder, RecorderSettings
-from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine
 from chatmw.store.identity import resolve_contacts, resolve_named_conversations
 from chatmw.store.models import Contact, Conversation
 from chatmw.store.writer import Writer
-from chatmw.writer_process import ProcessWriter
-from tests.test_attack5 import _messages, _slow_writer, _wait_pending
+from tests.test_attack5 import (
+    _assert_spooled_once,
+    _messages,
+    _slow_writer,
+    _spooling_recorder,
+    _wait_pending,
+    _wait_until,
+)
 
 
 def _largest_id(engine: Engine) -> int:
@@ -157,11 +162,8 @@ def test_stop_timeout_before_rewrite_spools_batch(database_url: str, tmp_path) -
     # The pending batch's result is a failure, and stop() gives up after the writer thread
     # read it but before the thread writes the batch again. The stop spools the batch, and
     # the failed rewrite does not count it a second time.
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
-    writer = ProcessWriter(functools.partial(_always_locked, database_url))
-    writer.start()
-    recorder = Recorder(writer, RecorderSettings(batch_size=5, batch_interval_s=0.01,
-                                                 retries=0), spool=spool)
+    recorder, writer, spool = _spooling_recorder(
+        functools.partial(_always_locked, database_url), tmp_path, retries=0)
     rewrite = recorder._write_in_flight
     stopped = threading.Event()
 
@@ -176,20 +178,12 @@ def test_stop_timeout_before_rewrite_spools_batch(database_url: str, tmp_path) -
         for event in _messages(5):
             recorder.submit(event)
         _wait_pending(recorder)
-        deadline = time.monotonic() + 30
-        while recorder._pending is not None:
-            assert time.monotonic() < deadline, "the pending batch never settled"
-            time.sleep(0.005)
+        _wait_until(lambda: recorder._pending is None, "the pending batch never settled")
         assert recorder.stop(timeout=0.1) is False
         stopped.set()
         thread.join(30)
         assert not thread.is_alive()
     finally:
         writer.close()
-    stats = recorder.stats()
-    assert stats.submitted == 5
-    assert stats.spooled == 5
-    assert stats.written == 0
-    assert sum(stats.dropped.values()) == 0
-    assert spool.pending_events() == 5
-    spool.close()
+    assert recorder.stats().submitted == 5
+    _assert_spooled_once(recorder, spool, 5)

@@ -23,9 +23,9 @@ def _stored_conversations(engine: Engine) -> dict[tuple[str, str], int]:
 
 
 def test_new_contacts_get_stored_ids(engine: Engine) -> None:
-    wanted = {("web", f"u{index:03d}"): 1000 + index for index in range(50)}
+    identities = {("web", f"u{index:03d}"): 1000 + index for index in range(50)}
     with Session(engine) as session, session.begin():
-        found = resolve_contacts(session, wanted)
+        found = resolve_contacts(session, identities)
 
     assert found == _stored_contacts(engine)
     assert len(set(found.values())) == 50
@@ -35,13 +35,13 @@ def test_mixed_contacts_get_stored_ids(engine: Engine) -> None:
     # Some keys exist already: their ids are read, the new ones come from the insert.
     with Session(engine) as session, session.begin():
         resolve_contacts(session, {("web", f"old{index}"): 1 for index in range(0, 20, 2)})
-    wanted = {("web", f"old{index}"): 5 for index in range(20)}
-    wanted.update({("whatsapp", f"new{index}"): 5 for index in range(7)})
+    identities = {("web", f"old{index}"): 5 for index in range(20)}
+    identities.update({("whatsapp", f"new{index}"): 5 for index in range(7)})
     with Session(engine) as session, session.begin():
-        found = resolve_contacts(session, wanted)
+        found = resolve_contacts(session, identities)
 
     stored = _stored_contacts(engine)
-    assert found == {key: stored[key] for key in wanted}
+    assert found == {key: stored[key] for key in identities}
     assert len(stored) == 27
 
 
@@ -62,11 +62,11 @@ def test_new_ids_after_deleted_last_rows(engine: Engine) -> None:
 def test_new_conversations_get_stored_ids(engine: Engine) -> None:
     with Session(engine) as session, session.begin():
         contacts = resolve_contacts(session, {("web", "u1"): 1000, ("web", "u2"): 1000})
-        wanted = {("web", f"c{index}"): (1000 + index, contacts[("web", f"u{index % 2 + 1}")])
+        identities = {("web", f"c{index}"): (1000 + index, contacts[("web", f"u{index % 2 + 1}")])
                   for index in range(30)}
-        found = resolve_named_conversations(session, wanted)
-        again = resolve_named_conversations(session, dict(list(wanted.items())[:10]))
+        found = resolve_named_conversations(session, identities)
+        again = resolve_named_conversations(session, dict(list(identities.items())[:10]))
 
     stored = _stored_conversations(engine)
     assert found == stored
-    assert again == {key: stored[key] for key in list(wanted)[:10]}
+    assert again == {key: stored[key] for key in list(identities)[:10]}
