@@ -573,11 +573,13 @@ def _removed_row_message(key: str, minute: int) -> ev.Message:
 @contextlib.contextmanager
 def _removing(engine: Engine, table: str, times: int) -> Iterator[list[str]]:
     # Runs the removal of ``table`` before each of the first ``times`` inserts of messages,
-    # in the inserting transaction, and yields the list of the removals run.
+    # in the inserting transaction, and yields the list of the removals run. On PostgreSQL
+    # the messages go by COPY in a savepoint, so the removal runs before the savepoint.
     removed: list[str] = []
 
     def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if statement.startswith("INSERT INTO messages") and len(removed) < times:
+        inserting = statement.startswith(("INSERT INTO messages", "SAVEPOINT chatmw_copy"))
+        if inserting and len(removed) < times:
             removed.append(table)
             for sql in REMOVALS[table]:
                 cursor.execute(sql)

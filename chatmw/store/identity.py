@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from chatmw.events import fit_id
 from chatmw.store.engine import json_text
 from chatmw.store.models import Contact, Conversation
-from chatmw.store.pg_copy import copy_rows
+from chatmw.store.pg_copy import copy_into, copy_rows
 
 __all__ = [
     "bulk_update",
@@ -84,9 +84,12 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
     their ids increase in that order. On PostgreSQL the statement returns the inserted
     keys and ids. On SQLite the inserted row count is compared, because SQLite gives new
     rows increasing ids and lets no other writer in while this transaction writes.
-    PostgreSQL gets the rows by binary ``COPY`` when their values fit
-    (:func:`chatmw.store.pg_copy.copy_rows`). Rows are dicts, or sequences of the values
-    of the columns ``names`` in that order.
+    PostgreSQL gets the expected rows by binary ``COPY`` straight into the table when
+    they fit it (:func:`chatmw.store.pg_copy.copy_into`); otherwise, or when the copy fails
+    (another writer stored one of the keys meanwhile), every row goes by ``COPY`` into a
+    staging table, when their values fit it (:func:`chatmw.store.pg_copy.copy_rows`), and
+    an ``INSERT ... ON CONFLICT DO NOTHING`` reads them from there. Rows are dicts, or
+    sequences of the values of the columns ``names`` in that order.
     """
     if not rows:
         return not expected
@@ -99,6 +102,14 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
         if columns is None:
             return _insert_ignore_sqlite(session, table, rows, conflict) == len(expected)
         return _insert_sqlite_columns(session, table, names, columns, conflict) == len(expected)
+    if columns is not None and conflict == ["key"]:
+        # The expected rows alone, without the conflict check: the caller read the stored
+        # keys in this transaction, so only a key another writer stored since then makes
+        # the copy fail, and the statement below then skips it.
+        kept = _expected_rows(columns[names.index("key")], expected)
+        if kept is not None and copy_into(
+                session, table, names, [[values[i] for i in kept] for values in columns]):
+            return True
     types = _column_types(session, table, names)
     parameters: dict[str, Any] = {}
     source = copy_rows(session, "new_rows", types, rows, columns)
@@ -115,6 +126,18 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
         return False
     ids = [inserted[key] for key in expected]
     return all(earlier < later for earlier, later in zip(ids, ids[1:], strict=False))
+
+
+def _expected_rows(keys: Sequence[Any], expected: Sequence[Any]) -> list[int] | None:
+    # Indexes of the rows an insert that skips stored keys would store: the first row of
+    # each expected key, which must come in the order of ``expected``. None otherwise.
+    kept: list[int] = []
+    position = 0
+    for index, key in enumerate(keys):
+        if position < len(expected) and key == expected[position]:
+            kept.append(index)
+            position += 1
+    return kept if position == len(expected) else None
 
 
 def _valued_columns(table: Table, names: Sequence[str],

@@ -16,18 +16,21 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Integer, String, text
+from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Table, text
 from sqlalchemy.orm import Session
 
 from chatmw.store.engine import json_text
 
-__all__ = ["copy_rows"]
+__all__ = ["copy_into", "copy_rows"]
 
 # Binary COPY sends int8 and float8 values as they are, so an integer outside int8 or one
 # that float8 cannot hold exactly leaves the batch to the document path, whose casts
 # raise or round as before.
 _INT8_MIN, _INT8_MAX = -(2**63), 2**63 - 1
 _EXACT_FLOAT_INT = 2**53
+_INT4_MIN, _INT4_MAX = -(2**31), 2**31 - 1
+# The savepoint around a direct copy (see copy_into).
+_SAVEPOINT = "chatmw_copy"
 # The Session.info key of the number of the session's last staged batch. Staged rows last
 # until their transaction ends, so the rows of one batch are those of its number.
 _STAGED = "chatmw.copy_staged"
@@ -72,6 +75,76 @@ def copy_rows(session: Session, alias: str, types: dict[str, Any],
                          for name, type_name in zip(names, type_names, strict=True))
     return (f"(SELECT {selected} FROM {table} AS s WHERE s.batch = {batch} "
             f"ORDER BY s.ordinal) AS {alias}")
+
+
+def copy_into(session: Session, table: Table, names: Sequence[str],
+              columns: Sequence[Sequence[Any]]) -> bool:
+    """Copy rows straight into ``table`` by binary ``COPY``, or send nothing and return False.
+
+    ``columns`` holds the values of each column of ``names`` in row order. Nothing is sent
+    when a value does not fit its column as stored (a string longer than its ``VARCHAR``,
+    an integer beyond its column's range, a type the copy does not carry), because an
+    ``INSERT`` would cast such a value where ``COPY`` fails. The copy runs in a savepoint:
+    when the server refuses it (a key stored by another writer since the caller read the
+    stored keys, say), the savepoint is rolled back, the transaction goes on, and the
+    result is False. So either every row went in, in order, with ids drawn in that order,
+    or none did.
+    """
+    dialect = session.get_bind().dialect
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return False
+    kinds = [_copy_type(table.c[name].type) for name in names]
+    if None in kinds:
+        return False
+    staging = ["int8" if kind in ("int4", "int8") else "text" if kind == "json" else kind
+               for kind in kinds]
+    types = {name: table.c[name].type for name in names}
+    staged = _staged_columns(columns, names, staging, types, dialect)
+    if staged is None or not all(
+            _fits(values, kind, table.c[name].type)
+            for values, kind, name in zip(staged, kinds, names, strict=True)):
+        return False
+    quoted = ", ".join(f'"{name}"' for name in names)
+    connection = session.connection()
+    driver = connection.connection.driver_connection
+    connection.exec_driver_sql(f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        with driver.cursor() as cursor, cursor.copy(  # type: ignore[union-attr]
+                f"COPY {table.name} ({quoted}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["text" if kind == "json" else kind for kind in kinds])
+            for values in zip(*staged, strict=True):
+                copy.write_row(values)
+    except Exception:  # noqa: BLE001 - the caller inserts the rows its own way instead
+        connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+        connection.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+        return False
+    connection.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
+    return True
+
+
+def _copy_type(column_type: Any) -> str | None:
+    # The binary COPY type of a column as stored, for the types message rows use.
+    affinity = getattr(column_type, "_type_affinity", None)
+    if type(column_type).__name__ == "JSON":
+        return "json"
+    if affinity is String:
+        return "text"
+    if affinity is Integer:
+        return "int8" if isinstance(column_type, BigInteger) else "int4"
+    if affinity is Float:
+        return "float8"
+    if affinity is Boolean:
+        return "bool"
+    return None
+
+
+def _fits(values: Sequence[Any], kind: str, column_type: Any) -> bool:
+    if kind == "text":
+        length = getattr(column_type, "length", None)
+        return length is None or all(value is None or len(value) <= length for value in values)
+    if kind == "int4":
+        return all(value is None or _INT4_MIN <= value <= _INT4_MAX for value in values)
+    return True
 
 
 def _staging_type(column_type: Any) -> str | None:
