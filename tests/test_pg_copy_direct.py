@@ -57,7 +57,7 @@ def _stored(engine: Engine, prefix: str) -> list[str]:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_direct_copy_stores_what_the_staged_insert_stores(engine: Engine,
+def test_direct_copy_matches_staged_insert(engine: Engine,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     direct = _rows("direct")
     with Session(engine) as session, session.begin():
@@ -73,7 +73,7 @@ def test_direct_copy_stores_what_the_staged_insert_stores(engine: Engine,
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_insert_copies_the_first_row_of_each_expected_key(engine: Engine,
+def test_direct_copy_takes_first_duplicate(engine: Engine,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[list[Any]]] = []
 
@@ -95,10 +95,10 @@ def test_insert_copies_the_first_row_of_each_expected_key(engine: Engine,
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_key_stored_meanwhile_falls_back_to_the_conflict_check(engine: Engine) -> None:
+def test_direct_copy_race_falls_back(engine: Engine) -> None:
     # The caller expects three new keys, but another writer stored one of them after the
     # caller read the stored keys: the copy fails, the transaction goes on, the staged
-    # insert skips that key, and the result says the plan did not hold.
+    # insert skips that key, and the result is false: the plan did not hold.
     rows = [_row("race-a"), _row("race-b", text="mine"), _row("race-c")]
     with Session(engine) as session, session.begin():
         session.connection().execute(text("SELECT 1"))
@@ -107,9 +107,9 @@ def test_key_stored_meanwhile_falls_back_to_the_conflict_check(engine: Engine) -
                 "INSERT INTO messages (key, conversation_id, channel, role, kind, "
                 "occurred_at_ms, is_first_response, text) VALUES ('race-b', 9, 'web', 'user', "
                 "'message', 5, false, 'theirs')"))
-        held = insert_ignore_expected(session, TABLE, rows, ["key"],
+        planned = insert_ignore_expected(session, TABLE, rows, ["key"],
                                       ["race-a", "race-b", "race-c"], MESSAGE_COLUMNS)
-        assert held is False
+        assert planned is False
         session.connection().execute(text("SELECT 1"))
     with engine.connect() as connection:
         stored = connection.execute(text(
@@ -125,7 +125,7 @@ def test_key_stored_meanwhile_falls_back_to_the_conflict_check(engine: Engine) -
     ("occurred_at_ms", 1.5),          # a float in an integer column
 ])
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_direct_copy_declines_values_an_insert_would_cast(engine: Engine, column: str,
+def test_direct_copy_declines_misfit_values(engine: Engine, column: str,
                                                           value: Any) -> None:
     rows = [_row("misfit-a"), _row("misfit-b", **{column: value})]
     with Session(engine) as session, session.begin():
@@ -136,7 +136,7 @@ def test_direct_copy_declines_values_an_insert_would_cast(engine: Engine, column
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_overlong_intent_is_truncated_as_before(engine: Engine) -> None:
+def test_insert_truncates_overlong_intent(engine: Engine) -> None:
     rows = [_row("long-a", intent="y" * 300)]
     with Session(engine) as session, session.begin():
         assert insert_ignore_expected(session, TABLE, rows, ["key"], ["long-a"],

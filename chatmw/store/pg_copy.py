@@ -81,7 +81,7 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
               columns: Sequence[Sequence[Any]]) -> bool:
     """Copy rows straight into ``table`` by binary ``COPY``, or send nothing and return False.
 
-    ``columns`` holds the values of each column of ``names`` in row order. Nothing is sent
+    ``columns`` contains the values of each column of ``names`` in row order. Nothing is sent
     when a value does not fit its column as stored (a string longer than its ``VARCHAR``,
     an integer beyond its column's range, a type the copy does not carry), because an
     ``INSERT`` would cast such a value where ``COPY`` fails. The copy runs in a savepoint:
@@ -96,8 +96,16 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
     kinds = [_copy_type(table.c[name].type) for name in names]
     if None in kinds:
         return False
-    staging = ["int8" if kind in ("int4", "int8") else "text" if kind == "json" else kind
-               for kind in kinds]
+    # The conversions of copy_rows, by staging type: integers are checked against int8
+    # first and against int4 below, and JSON values are serialised as text.
+    staging = []
+    for kind in kinds:
+        if kind in ("int4", "int8"):
+            staging.append("int8")
+        elif kind == "json":
+            staging.append("text")
+        else:
+            staging.append(kind)
     types = {name: table.c[name].type for name in names}
     staged = _staged_columns(columns, names, staging, types, dialect)
     if staged is None or not all(

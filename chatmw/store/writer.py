@@ -46,6 +46,7 @@ from chatmw.store.identity import (
     update_from,
     upsert,
 )
+from chatmw.store.statistics import GrowthAnalyzer
 
 __all__ = ["Writer", "WriterSettings", "Enricher", "Preprocessor", "Handler", "STATUS_RANK",
            "stored_messages"]
@@ -108,6 +109,9 @@ class Writer:
                                     compare=False)
     conversation_keys: KnownKeys = field(default_factory=KnownKeys, init=False, repr=False,
                                          compare=False)
+    # Analyses the tables of a young PostgreSQL store as its messages double.
+    statistics: GrowthAnalyzer = field(default_factory=GrowthAnalyzer, init=False,
+                                       repr=False, compare=False)
 
     def __post_init__(self) -> None:
         defaults: dict[type, Handler] = {
@@ -184,7 +188,9 @@ class Writer:
                     self.write_in(session, batch)
                 # Committed: the conversation figures planned in the transaction now hold.
                 self.conversations.update(session.info.pop(_PENDING_STATES, {}))
-                return len(batch), session.info.get(_NEW_MESSAGES, 0)
+                new_messages = session.info.get(_NEW_MESSAGES, 0)
+            self.statistics.after_commit(self.engine, new_messages)
+            return len(batch), new_messages
         except BaseException:
             # The remembered ids may name rows that erasure or retention removed, or rows
             # inserted by this failed transaction, so all of them are read again.

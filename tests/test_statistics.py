@@ -1,0 +1,131 @@
+"""The writer analyses a young PostgreSQL store's tables each time its messages double."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from chatmw import events as ev
+from chatmw.store.statistics import ANALYZED_TABLES, GrowthAnalyzer
+from chatmw.store.writer import Writer
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def _batch(start: int, size: int) -> list[ev.Message]:
+    return [ev.Message(channel="web", occurred_at=T0 + timedelta(seconds=i), key=f"m{i}",
+                       role="user", user_id=f"u{i % 3}", text="hello")
+            for i in range(start, start + size)]
+
+
+def _reltuples(engine: Engine) -> dict[str, float]:
+    with engine.connect() as connection:
+        rows = connection.execute(text(
+            "SELECT relname, reltuples FROM pg_class WHERE relname = ANY(:names) "
+            "AND relkind = 'r'"), {"names": list(ANALYZED_TABLES)}).all()
+    return {name: float(value) for name, value in rows}
+
+
+def _counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as connection:
+        return {name: connection.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()
+                for name in ANALYZED_TABLES}
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_runs_as_messages_double(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=30)
+    seen: list[float] = []
+    for batch in range(20):
+        writer.write(_batch(4 * batch, 4))
+        estimates = _reltuples(engine)
+        if estimates["messages"] in seen[-1:]:
+            continue
+        seen.append(estimates["messages"])
+        if estimates["messages"] >= 0:
+            # A run analyses the three tables as they are at that batch's end.
+            assert estimates == {name: float(count) for name, count in _counts(engine).items()}
+    # Never analysed (-1), then at 12 messages (the first batch end at or past 10), 24
+    # (twice 12) and 48 (twice 24, past 30, the last).
+    assert seen == [-1.0, 12.0, 24.0, 48.0]
+    assert writer.statistics.runs == 3
+    assert writer.statistics.done
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_skips_store_past_limit(engine: Engine) -> None:
+    Writer(engine).write(_batch(0, 40))
+    with engine.begin() as connection:
+        connection.execute(text("ANALYZE messages"))
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=30)
+    writer.write(_batch(40, 100))
+    assert writer.statistics.runs == 0
+    assert writer.statistics.done
+    assert _reltuples(engine)["messages"] == 40.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_starts_from_stored_estimate(engine: Engine) -> None:
+    # A writer started on a store analysed at 20 messages analyses again at 40.
+    Writer(engine).write(_batch(0, 20))
+    with engine.begin() as connection:
+        connection.execute(text("ANALYZE messages"))
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    writer.write(_batch(20, 15))
+    assert writer.statistics.runs == 0
+    writer.write(_batch(35, 5))
+    assert writer.statistics.runs == 1
+    assert _reltuples(engine)["messages"] == 40.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_lock_timeout_keeps_batch(engine: Engine,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    writer.write(_batch(0, 8))
+    blocker = engine.connect()
+    try:
+        blocker.execute(text("LOCK TABLE contacts IN SHARE UPDATE EXCLUSIVE MODE"))
+        with caplog.at_level(logging.INFO, logger="chatmw"):
+            assert writer.write(_batch(8, 4)) == 4
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert "analysing the store's tables failed" in caplog.text
+    assert "lock timeout" in caplog.text
+    assert _counts(engine)["messages"] == 12
+    # The locked table keeps its statistics. (The server stores a table's statistics as
+    # soon as it analysed it, so the tables analysed before the locked one have theirs.)
+    assert _reltuples(engine)["contacts"] == -1.0
+    # The next run comes at twice the messages of the skipped one.
+    writer.write(_batch(12, 11))
+    assert writer.statistics.runs == 0
+    writer.write(_batch(23, 1))
+    assert writer.statistics.runs == 1
+    assert _reltuples(engine) == {name: float(count) for name, count in _counts(engine).items()}
+    assert _reltuples(engine)["messages"] == 24.0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_analyzer_skips_sqlite(engine: Engine) -> None:
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=1, until=1_000)
+    writer.write(_batch(0, 10))
+    assert writer.statistics.runs == 0
+    assert writer.statistics.messages is None
+
+
+def test_analyzer_copy_starts_over() -> None:
+    analyzer = GrowthAnalyzer(first_at=10, until=50)
+    analyzer.messages, analyzer.next_at, analyzer.runs, analyzer.done = 30.0, 60.0, 2, True
+    copy = pickle.loads(pickle.dumps(analyzer))
+    assert (copy.first_at, copy.until) == (10, 50)
+    assert (copy.messages, copy.next_at, copy.runs, copy.done) == (None, 10.0, 0, False)
