@@ -98,7 +98,7 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
         return False
     # The conversions of copy_rows, by staging type: integers are checked against int8
     # first and against int4 below, and JSON values are serialised as text.
-    staging = []
+    staging: list[str] = []
     for kind in kinds:
         if kind in ("int4", "int8"):
             staging.append("int8")
