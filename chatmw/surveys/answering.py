@@ -68,10 +68,13 @@ class SurveyAnswerPreprocessor:
         if not indexes:
             return messages
         result = list(messages)
-        stored = self._stored_answers(session, [messages[i].key for i in indexes])
-        awaiting = self._awaiting(
+        awaiting, surveyed = self._awaiting(
             session, {(messages[i].channel, messages[i].user_id) for i in indexes}
         )
+        # Only a user with a survey can have sent a message stored as its answer.
+        stored = self._stored_answers(session, [
+            messages[i].key for i in indexes
+            if (messages[i].channel, messages[i].user_id) in surveyed])
         if not stored and not awaiting:
             # Most batches: no answer stored before and no survey waiting for one.
             return messages
@@ -114,6 +117,8 @@ class SurveyAnswerPreprocessor:
         return result
 
     def _stored_answers(self, session: Session, keys: Sequence[str]) -> dict[str, str | None]:
+        if not keys:
+            return {}
         source, parameters = derived_table(
             session, "batch", {"message_key": String()}, [{"message_key": key} for key in keys])
         rows = session.connection().execute(text(
@@ -126,7 +131,9 @@ class SurveyAnswerPreprocessor:
 
     def _awaiting(
         self, session: Session, identities: set[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[Survey, str]]:
+    ) -> tuple[dict[tuple[str, str], tuple[Survey, str]], set[tuple[str, str]]]:
+        # The surveys awaiting an answer from these users, by user, and the users who have
+        # a survey in any state.
         now_ms = self.clock()
         awaiting = or_(
             Survey.state == "sent",
@@ -136,9 +143,9 @@ class SurveyAnswerPreprocessor:
                 Survey.comment_deadline_ms >= now_ms,
             ),
         )
-        candidates = self._awaiting_ids(session, identities, now_ms)
+        candidates, surveyed = self._awaiting_ids(session, identities, now_ms)
         if not candidates:
-            return {}
+            return {}, surveyed
         statement = (
             select(Survey, Conversation.external_id, Contact.channel, Contact.external_id)
             .join(Contact, Contact.id == Survey.contact_id)
@@ -153,25 +160,29 @@ class SurveyAnswerPreprocessor:
             session.expunge(survey)
             # The latest survey sent to the user wins.
             found[(channel, user_id)] = (survey, conversation_external)
-        return found
+        return found, surveyed
 
     @staticmethod
-    def _awaiting_ids(session: Session, identities: set[tuple[str, str]], now_ms: int) -> list[int]:
+    def _awaiting_ids(session: Session, identities: set[tuple[str, str]],
+                      now_ms: int) -> tuple[list[int], set[tuple[str, str]]]:
         # Ids of the surveys awaiting an answer from these users, with the same condition as
-        # ``_awaiting``: one statement whose text is the same for every batch. Most batches
-        # find none, and then load no survey.
+        # ``_awaiting``, and the users who have a survey in any state: one statement whose
+        # text is the same for every batch. Most batches find none, and then load no survey.
         source, parameters = derived_table(
             session, "users", {"channel": String(), "external_id": String()},
             [{"channel": channel, "external_id": external}
              for channel, external in sorted(identities)])
         statement = text(
-            f"SELECT s.id FROM {source} JOIN contacts AS c "
+            f"SELECT s.id, users.channel, users.external_id, "
+            "s.state = 'sent' OR (s.state = 'answered' AND s.comment IS NULL "
+            "AND s.comment_deadline_ms >= :now_ms) "
+            f"FROM {source} JOIN contacts AS c "
             "ON c.channel = users.channel AND c.external_id = users.external_id "
-            "JOIN surveys AS s ON s.contact_id = c.id "
-            "WHERE s.state = 'sent' OR (s.state = 'answered' AND s.comment IS NULL "
-            "AND s.comment_deadline_ms >= :now_ms)")
-        rows = session.connection().execute(statement, {**parameters, "now_ms": now_ms})
-        return sorted(set(rows.scalars()))
+            "JOIN surveys AS s ON s.contact_id = c.id")
+        rows = session.connection().execute(statement, {**parameters, "now_ms": now_ms}).all()
+        awaiting = sorted({survey_id for survey_id, _, _, waiting in rows if waiting})
+        surveyed = {(channel, external) for _, channel, external, _ in rows}
+        return awaiting, surveyed
 
     @staticmethod
     def _for_survey(message: ev.Message, survey: Survey, conversation_id: str) -> bool:
