@@ -69,6 +69,7 @@ hi hello hey thanks thank thx pls plz ok okay yeah yep nope lol order orders acc
 need want get got know like money refund pay paid payment card delivery package price still
 sorry anyone agent human person talk speak someone call phone email password login log sign
 app issue issues problem problems fix working work works customer service support time
+bot bots chatbot
 """
 ENGLISH_WORDS = frozenset(_ENGLISH_WORDS_TEXT.split())
 

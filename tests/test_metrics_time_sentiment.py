@@ -42,6 +42,11 @@ TEXTS = [
     ("je ne peux pas me connecter", False),
     ("mi pedido no ha llegado", False),
     ("@RockstarSupport PS4", False),
+    # Words addressed to the bot itself.
+    ("Hello, bot!", True),
+    ("stupid bot", True),
+    ("thanks chatbot, great answer", True),
+    ("hola bot", False),
 ]
 
 
