@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import pickle
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from chatmw import events as ev
+from chatmw.store.engine import make_engine
 from chatmw.store.statistics import ANALYZED_TABLES, GrowthAnalyzer
 from chatmw.store.writer import Writer
 
@@ -129,3 +131,36 @@ def test_analyzer_copy_starts_over() -> None:
     copy = pickle.loads(pickle.dumps(analyzer))
     assert (copy.first_at, copy.until) == (10, 50)
     assert (copy.messages, copy.next_at, copy.runs, copy.done) == (None, 10.0, 0, False)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_lost_connection_keeps_batch(database_url: str, engine: Engine,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # The server ends the analyzer's connection as it reads the stored messages' estimate:
+    # the batch stays written, the failure is logged, and the next batch estimates again
+    # (none, the table was never analysed) and counts from there.
+    admin = make_engine(database_url)
+
+    def end_backend(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "reltuples" in statement:
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"),
+                              {"pid": cursor.connection.info.backend_pid})
+
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    event.listen(engine, "before_cursor_execute", end_backend)
+    try:
+        with caplog.at_level(logging.INFO, logger="chatmw"):
+            assert writer.write(_batch(0, 4)) == 4
+    finally:
+        event.remove(engine, "before_cursor_execute", end_backend)
+        admin.dispose()
+    assert "analysing the store's tables failed" in caplog.text
+    assert "terminating connection" in caplog.text
+    assert writer.statistics.messages is None
+    assert _counts(engine)["messages"] == 4
+    writer.write(_batch(4, 9))
+    assert writer.statistics.runs == 0
+    writer.write(_batch(13, 1))
+    assert writer.statistics.runs == 1

@@ -70,10 +70,11 @@ class GrowthAnalyzer:
             self.done = self.messages >= self.until
             self._analyze(engine)
         except DBAPIError as error:
-            # For example a lock timeout. A role that does not own a table gets a warning
-            # from the server instead of an error, and the table keeps its statistics.
-            logger.info("analysing the store's tables failed at about %d messages, the next "
-                        "attempt is at %d: %s", self.messages, self.next_at, error.orig)
+            # For example a lock timeout, or a connection the server ended. The estimate
+            # is unknown when reading it failed.
+            stored = "unknown" if self.messages is None else f"about {self.messages:.0f}"
+            logger.info("analysing the store's tables failed (stored messages: %s), the next "
+                        "attempt is at %d: %s", stored, self.next_at, error.orig)
         except Exception:  # noqa: BLE001 - statistics never fail a committed batch
             logger.exception("analysing the store's tables failed")
 
