@@ -164,3 +164,27 @@ def test_analyzer_lost_connection_keeps_batch(database_url: str, engine: Engine,
     assert writer.statistics.runs == 0
     writer.write(_batch(13, 1))
     assert writer.statistics.runs == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_counts_rows_it_analysed(engine: Engine) -> None:
+    # A table never analysed has no estimate, so a writer counts from its own messages.
+    # Its first run, at 10 of its own, counts all 210, so the next comes at 420, not at 20.
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO messages (key, conversation_id, channel, role, kind, occurred_at_ms, "
+            "is_first_response) SELECT 'old' || g, 1, 'web', 'user', 'message', g, false "
+            "FROM generate_series(1, 200) AS g"))
+    assert _reltuples(engine)["messages"] == -1.0
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    writer.write(_batch(0, 10))
+    assert writer.statistics.runs == 1
+    assert _reltuples(engine)["messages"] == 210.0
+    assert writer.statistics.next_at == 420.0
+    for start in range(10, 200, 10):
+        writer.write(_batch(start, 10))
+    assert writer.statistics.runs == 1
+    writer.write(_batch(200, 20))
+    assert writer.statistics.runs == 2
+    assert _reltuples(engine)["messages"] == 420.0
