@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -188,3 +189,34 @@ def test_analyzer_counts_rows_it_analysed(engine: Engine) -> None:
     writer.write(_batch(200, 20))
     assert writer.statistics.runs == 2
     assert _reltuples(engine)["messages"] == 420.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_logs_skipped_tables(engine: Engine,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    # A role that may write the tables but does not own them: the server skips each table
+    # with a warning, which is logged, and no run is counted.
+    role = f"chatmw_writer_{secrets.token_hex(4)}"
+    database = engine.url.database
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN '
+                                f'SCHEMA public TO "{role}"'))
+        connection.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+        connection.execute(text(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"'))
+    limited = make_engine(engine.url.set(username=role).render_as_string(hide_password=False))
+    try:
+        writer = Writer(limited)
+        writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+        with caplog.at_level(logging.INFO, logger="chatmw"):
+            assert writer.write(_batch(0, 12)) == 12
+    finally:
+        limited.dispose()
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP OWNED BY "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
+    assert writer.statistics.runs == 0
+    assert "analysed messages" not in caplog.text
+    assert "skipped some of them" in caplog.text
+    assert '"messages"' in caplog.text
+    assert _reltuples(engine)["messages"] == -1.0
