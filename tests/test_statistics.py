@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import pickle
+import secrets
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from chatmw import events as ev
+from chatmw.store.engine import make_engine
 from chatmw.store.statistics import ANALYZED_TABLES, GrowthAnalyzer
 from chatmw.store.writer import Writer
 
@@ -129,3 +132,91 @@ def test_analyzer_copy_starts_over() -> None:
     copy = pickle.loads(pickle.dumps(analyzer))
     assert (copy.first_at, copy.until) == (10, 50)
     assert (copy.messages, copy.next_at, copy.runs, copy.done) == (None, 10.0, 0, False)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_lost_connection_keeps_batch(database_url: str, engine: Engine,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # The server ends the analyzer's connection as it reads the stored messages' estimate:
+    # the batch stays written, the failure is logged, and the next batch estimates again
+    # (none, the table was never analysed) and counts from there.
+    admin = make_engine(database_url)
+
+    def end_backend(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "reltuples" in statement:
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"),
+                              {"pid": cursor.connection.info.backend_pid})
+
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    event.listen(engine, "before_cursor_execute", end_backend)
+    try:
+        with caplog.at_level(logging.INFO, logger="chatmw"):
+            assert writer.write(_batch(0, 4)) == 4
+    finally:
+        event.remove(engine, "before_cursor_execute", end_backend)
+        admin.dispose()
+    assert "analysing the store's tables failed" in caplog.text
+    assert "terminating connection" in caplog.text
+    assert writer.statistics.messages is None
+    assert _counts(engine)["messages"] == 4
+    writer.write(_batch(4, 9))
+    assert writer.statistics.runs == 0
+    writer.write(_batch(13, 1))
+    assert writer.statistics.runs == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_counts_rows_it_analysed(engine: Engine) -> None:
+    # A table never analysed has no estimate, so a writer counts from its own messages.
+    # Its first run, at 10 of its own, counts all 210, so the next comes at 420, not at 20.
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO messages (key, conversation_id, channel, role, kind, occurred_at_ms, "
+            "is_first_response) SELECT 'old' || g, 1, 'web', 'user', 'message', g, false "
+            "FROM generate_series(1, 200) AS g"))
+    assert _reltuples(engine)["messages"] == -1.0
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    writer.write(_batch(0, 10))
+    assert writer.statistics.runs == 1
+    assert _reltuples(engine)["messages"] == 210.0
+    assert writer.statistics.next_at == 420.0
+    for start in range(10, 200, 10):
+        writer.write(_batch(start, 10))
+    assert writer.statistics.runs == 1
+    writer.write(_batch(200, 20))
+    assert writer.statistics.runs == 2
+    assert _reltuples(engine)["messages"] == 420.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analyzer_logs_skipped_tables(engine: Engine,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    # A role that may write the tables but does not own them: the server skips each table
+    # with a warning, which is logged, and no run is counted.
+    role = f"chatmw_writer_{secrets.token_hex(4)}"
+    database = engine.url.database
+    with engine.begin() as connection:
+        connection.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+        connection.execute(text(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN '
+                                f'SCHEMA public TO "{role}"'))
+        connection.execute(text(f'GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+        connection.execute(text(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"'))
+    limited = make_engine(engine.url.set(username=role).render_as_string(hide_password=False))
+    try:
+        writer = Writer(limited)
+        writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+        with caplog.at_level(logging.INFO, logger="chatmw"):
+            assert writer.write(_batch(0, 12)) == 12
+    finally:
+        limited.dispose()
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP OWNED BY "{role}"'))
+            connection.execute(text(f'DROP ROLE "{role}"'))
+    assert writer.statistics.runs == 0
+    assert "analysed messages" not in caplog.text
+    assert "skipped some of them" in caplog.text
+    assert '"messages"' in caplog.text
+    assert _reltuples(engine)["messages"] == -1.0

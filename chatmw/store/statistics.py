@@ -12,12 +12,16 @@ into a new store, the server spent about a fifth of its time in such scans.
 the messages a writer stored double, from ``first_at`` messages until the table holds
 ``until``; from there on autovacuum, which analyses a table each time a tenth of it
 changed, keeps the statistics closer than doubling would. Analysing a table reads a
-sample of at most 30,000 of its rows with the default statistics target.
+sample of at most 30,000 of its rows with the default statistics target. Each run counts
+the table's rows, those other writers stored included, so the next run comes at twice
+that count. A role that does not own a table may not analyse it: the server skips the
+table with a warning, which is logged.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
@@ -68,12 +72,19 @@ class GrowthAnalyzer:
                 return
             self.next_at = 2 * self.messages
             self.done = self.messages >= self.until
-            self._analyze(engine)
+            if not self._analyze(engine):
+                return
+            # ANALYZE counted every row, those of other writers included. The count here
+            # is kept when it is higher, as for a table never analysed before.
+            self.messages = max(self.messages, self._estimate(engine))
+            self.next_at = 2 * self.messages
+            self.done = self.messages >= self.until
         except DBAPIError as error:
-            # For example a lock timeout. A role that does not own a table gets a warning
-            # from the server instead of an error, and the table keeps its statistics.
-            logger.info("analysing the store's tables failed at about %d messages, the next "
-                        "attempt is at %d: %s", self.messages, self.next_at, error.orig)
+            # For example a lock timeout, or a connection the server ended. The estimate
+            # is unknown when reading it failed.
+            stored = "unknown" if self.messages is None else f"about {self.messages:.0f}"
+            logger.info("analysing the store's tables failed (stored messages: %s), the next "
+                        "attempt is at %d: %s", stored, self.next_at, error.orig)
         except Exception:  # noqa: BLE001 - statistics never fail a committed batch
             logger.exception("analysing the store's tables failed")
 
@@ -85,10 +96,32 @@ class GrowthAnalyzer:
         # -1 until the table was first analysed or vacuumed.
         return max(float(estimate), 0.0)
 
-    def _analyze(self, engine: Engine) -> None:
+    def _analyze(self, engine: Engine) -> bool:
+        # Returns whether every table was analysed. The server skips a table the role
+        # may not analyse with a warning instead of an error.
+        warnings: list[str] = []
+
+        def keep_warning(diagnostic: Any) -> None:
+            if diagnostic.severity_nonlocalized == "WARNING":
+                warnings.append(str(diagnostic.message_primary))
+
         with engine.begin() as connection:
-            connection.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'"))
-            connection.execute(text(f"ANALYZE {', '.join(ANALYZED_TABLES)}"))
+            driver = connection.connection.driver_connection
+            listening = hasattr(driver, "add_notice_handler")
+            if listening:
+                driver.add_notice_handler(keep_warning)  # type: ignore[union-attr]
+            try:
+                connection.execute(text(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'"))
+                connection.execute(text(f"ANALYZE {', '.join(ANALYZED_TABLES)}"))
+            finally:
+                if listening:
+                    driver.remove_notice_handler(keep_warning)  # type: ignore[union-attr]
+        if warnings:
+            logger.warning("analysing the store's tables at about %d stored messages skipped "
+                           "some of them: %s. Autovacuum analyses them, or a role allowed to "
+                           "analyse them (their owner) can.", self.messages, "; ".join(warnings))
+            return False
         self.runs += 1
         logger.info("analysed %s at about %d stored messages", ", ".join(ANALYZED_TABLES),
                     self.messages)
+        return True
