@@ -262,6 +262,9 @@ class Recorder:
         # thread, still busy in a write, then leaves without touching the spool or counters.
         self._abandoned = False
         self._in_flight: list[Event] = []
+        # Set under _lock when a timed-out stop spooled the batch in flight: its write, if it
+        # succeeds later, is not counted as written too.
+        self._in_flight_spooled = False
         # A batch handed to a pipelining writer whose result is not read yet (see _handle),
         # and the next batch while the pending one settles. Both are set under _lock.
         self._pending: _Pending | None = None
@@ -417,6 +420,7 @@ class Recorder:
             return
         self._stop_deadline = None
         self._abandoned = False
+        self._in_flight_spooled = False
         self._spill_stop = False
         if self.replayable:
             self._spill_thread = threading.Thread(target=self._spill, name="chatmw-spill",
@@ -464,10 +468,12 @@ class Recorder:
                         if handed is not None:
                             handed.spooled_by_stop = True
                             handed_events.extend(handed.batch)
-                    handed_events.extend(self._in_flight)
+                    if self._in_flight:
+                        self._in_flight_spooled = True
+                        handed_events.extend(self._in_flight)
             drained = self._drain_nowait()
-            # NOTE: a batch in flight (written by the writer thread itself, not handed to
-            # a writer process) that is stored after this counts as written and as spooled.
+            # NOTE: when a non-retryable error split the batch in flight to isolate a bad
+            # event, the parts stored before this count as written and as spooled.
             leftover = handed_events + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
@@ -777,6 +783,9 @@ class Recorder:
         except Exception as error:  # noqa: BLE001 - counted, logged, then retried or isolated
             if is_retryable(error):
                 raise _WriteFailed(_describe(error)) from error
+            if self._in_flight_spooled:
+                # A timed-out stop spooled this batch: the spool's replay isolates its events.
+                return
             if len(batch) > 1:
                 middle = len(batch) // 2
                 self._write_isolating(batch[:middle])
@@ -793,6 +802,9 @@ class Recorder:
 
     def _count_written(self, batch: list[Event], written: object, elapsed: float) -> None:
         with self._lock:
+            if self._in_flight_spooled:
+                # A timed-out stop spooled this batch, and counted it there.
+                return
             # A writer that decodes chat exchanges returns the number of events they became.
             self._written += written if isinstance(written, int) else len(batch)
             self._last_write_s = elapsed
