@@ -1,8 +1,9 @@
 """Planner statistics of a young PostgreSQL store, refreshed as its tables grow.
 
 The writer runs the same statements for every batch, and psycopg prepares them on the
-server after a few runs. PostgreSQL then keeps a generic plan for each, chosen with the
-table sizes of that moment, until the statistics of a table they read change. In a new
+server after a few runs. A few runs later PostgreSQL switches each to a generic plan,
+chosen with the table sizes of that moment, and keeps it until the statistics of a table
+it reads change. In a new
 store those sizes are a few thousand rows, so the plans scan whole tables and hash them.
 They keep doing so as the tables grow, until autovacuum analyses the tables, at the
 earliest a minute (``autovacuum_naptime``) after the first rows. Writing 180,000 messages
