@@ -939,6 +939,8 @@ class Recorder:
             self._count_drop("undecodable", 1)
             return True
         written_before = self._written
+        # NOTE: when a retryable error ends the isolation of a bad event, the parts counted
+        # before it are written and counted again with the whole chunk at the next replay.
         try:
             self._write_isolating(events)
         except _WriteFailed as failure:
