@@ -257,22 +257,61 @@ class Recorder:
         self._idle.set()
         self._state = HEALTHY
         self._next_probe = 0.0
-        self._stop_deadline: float | None = None
-        # Set when stop() timed out and handed the in-flight batch to the spool: the writer
-        # thread, still busy in a write, then leaves without touching the spool or counters.
-        self._abandoned = False
-        self._in_flight: list[Event] = []
-        # Set under _lock when a timed-out stop spooled the batch in flight: its write, if it
-        # succeeds later, is not counted as written too.
-        self._in_flight_spooled = False
-        # A batch handed to a pipelining writer whose result is not read yet (see _handle),
-        # and the next batch while the pending one settles. Both are set under _lock.
-        self._pending: _Pending | None = None
-        self._following: _Pending | None = None
-        self._settled_at = 0.0
+        # The state of the current writer thread. A thread that a timed-out stop abandoned
+        # keeps its own (through _local), so a recorder started again gets a fresh one.
+        self._writer_run = _WriterRun()
+        self._local = threading.local()
         self._overflow: collections.deque[Event] = collections.deque()
         self._overflow_ready = threading.Condition()
-        self._spill_stop = False
+        # Set by stop for the current spill thread. Each spill thread has its own, so a
+        # recorder started again never lets the previous one run on.
+        self._spill_stop = threading.Event()
+
+    # The state of the calling writer thread, or of the current one for other threads.
+
+    def _current(self) -> _WriterRun:
+        run: _WriterRun | None = getattr(self._local, "run", None)
+        return self._writer_run if run is None else run
+
+    @property
+    def _abandoned(self) -> bool:
+        return self._current().abandoned
+
+    @property
+    def _stop_deadline(self) -> float | None:
+        return self._current().stop_deadline
+
+    @_stop_deadline.setter
+    def _stop_deadline(self, value: float | None) -> None:
+        self._current().stop_deadline = value
+
+    @property
+    def _in_flight(self) -> list[Event]:
+        return self._current().in_flight
+
+    @property
+    def _pending(self) -> _Pending | None:
+        return self._current().pending
+
+    @_pending.setter
+    def _pending(self, value: _Pending | None) -> None:
+        self._current().pending = value
+
+    @property
+    def _following(self) -> _Pending | None:
+        return self._current().following
+
+    @_following.setter
+    def _following(self, value: _Pending | None) -> None:
+        self._current().following = value
+
+    @property
+    def _settled_at(self) -> float:
+        return self._current().settled_at
+
+    @_settled_at.setter
+    def _settled_at(self, value: float) -> None:
+        self._current().settled_at = value
 
     @property
     def state(self) -> str:
@@ -418,18 +457,17 @@ class Recorder:
         """Start the writer thread, and the spill thread when there is a spool (idempotent)."""
         if self._thread is not None and self._thread.is_alive():
             return
-        self._stop_deadline = None
-        self._abandoned = False
-        self._in_flight_spooled = False
-        self._spill_stop = False
+        run = self._writer_run = _WriterRun()
         if self.replayable:
-            self._spill_thread = threading.Thread(target=self._spill, name="chatmw-spill",
-                                                  daemon=True)
+            self._spill_stop = threading.Event()
+            self._spill_thread = threading.Thread(target=self._spill, args=(self._spill_stop,),
+                                                  name="chatmw-spill", daemon=True)
             self._spill_thread.start()
             if self.spool.pending_events():  # type: ignore[union-attr]
                 with self._lock:
                     self._idle.clear()
-        self._thread = threading.Thread(target=self._run, name="chatmw-recorder", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(run,), name="chatmw-recorder",
+                                        daemon=True)
         self._thread.start()
         spool_kind = "none"
         if self.spool is not None:
@@ -460,25 +498,28 @@ class Recorder:
             # once, a batch lost with the process is not stored at all. Handed-over batches
             # are marked under the lock, so the writer thread settling one either counts
             # it before this or leaves it to the spool (see _settle).
+            # Only the events of the batch in flight that the thread has not counted yet are
+            # spooled. The thread then counts none of them (see _claim).
             handed_events: list[Event] = []
+            run = self._writer_run
             with self._lock:
-                self._abandoned = True
+                run.abandoned = True
                 if self.spool is not None:
-                    for handed in (self._pending, self._following):
+                    for handed in (run.pending, run.following):
                         if handed is not None:
                             handed.spooled_by_stop = True
                             handed_events.extend(handed.batch)
-                    if self._in_flight:
-                        self._in_flight_spooled = True
-                        handed_events.extend(self._in_flight)
+                    if run.in_flight:
+                        run.in_flight_spooled = True
+                        handed_events.extend(run.in_flight[run.in_flight_done:])
             drained = self._drain_nowait()
-            # NOTE: when a non-retryable error split the batch in flight to isolate a bad
-            # event, the parts stored before this count as written and as spooled.
             leftover = handed_events + self._transform_items(drained)
             self._give_up(leftover, "shutdown_timeout")
             self._finish(len(drained))
+            # Wakes the thread if it waits for events; it leaves because it was abandoned.
+            # A stop marker could end the thread of a recorder started again instead.
             with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(_STOP)  # lets the thread end once its write returns
+                self._queue.put_nowait(_WAKE)
             logger.warning("recorder stop timed out after %.1fs: %d events handed to the %s",
                            timeout, len(leftover), "spool" if self.spool else "void (dropped)")
         completed = self._stop_spill(deadline) and completed
@@ -507,12 +548,12 @@ class Recorder:
 
     # Spill thread: overflow buffer -> spool
 
-    def _spill(self) -> None:
+    def _spill(self, stopping: threading.Event) -> None:
         while True:
             with self._overflow_ready:
-                while not self._overflow and not self._spill_stop:
+                while not self._overflow and not stopping.is_set():
                     self._overflow_ready.wait()
-                if not self._overflow and self._spill_stop:
+                if not self._overflow and stopping.is_set():
                     return
                 count = min(len(self._overflow), self.settings.batch_size)
                 batch = [self._overflow.popleft() for _ in range(count)]
@@ -524,8 +565,9 @@ class Recorder:
         if spill is None:
             return True
         with self._overflow_ready:
-            self._spill_stop = True
-            self._overflow_ready.notify()
+            self._spill_stop.set()
+            # A spill thread of a timed-out stop may still wait on the condition too.
+            self._overflow_ready.notify_all()
         spill.join(max(0.0, deadline - time.monotonic()))
         self._spill_thread = None
         if not spill.is_alive():
@@ -559,9 +601,10 @@ class Recorder:
             if item is not _STOP and item is not _WAKE:
                 items.append(item)
 
-    def _run(self) -> None:
+    def _run(self, run: _WriterRun) -> None:
+        self._local.run = run
         stopping = False
-        while not stopping and not self._abandoned:
+        while not stopping and not run.abandoned:
             items, stopping = self._next_batch()
             handed_over = False
             try:
@@ -604,6 +647,8 @@ class Recorder:
         if self._pending is not None and self._queue.empty():
             # Nothing to hand over meanwhile: the pending batch is settled before waiting.
             self._settle()
+        if self._abandoned:
+            return [], True
         wait = self._wait_seconds()
         try:
             if wait is None:
@@ -701,11 +746,14 @@ class Recorder:
         return False
 
     def _write_in_flight(self, batch: list[Event]) -> None:
-        self._in_flight = batch
+        run = self._current()
+        with self._lock:
+            run.in_flight, run.in_flight_done = batch, 0
         try:
             self._write_with_retries(batch)
         finally:
-            self._in_flight = []
+            with self._lock:
+                run.in_flight, run.in_flight_done = [], 0
 
     def _settle(self) -> None:
         """Read the result of the pending batch, if any, and account for it."""
@@ -721,7 +769,8 @@ class Recorder:
                 spooled_by_stop = pending.spooled_by_stop
                 if not abandoned:
                     # From here on a stop that times out spools it as the batch in flight.
-                    self._in_flight = pending.batch
+                    run = self._current()
+                    run.in_flight, run.in_flight_done = pending.batch, 0
             if not abandoned:
                 logger.warning("recorder write failed (%d events): %s; writing them again",
                                len(pending.batch), _describe(error))
@@ -744,25 +793,33 @@ class Recorder:
             self._finish(pending.count)
 
     def _write_with_retries(self, batch: list[Event]) -> None:
+        # ``batch`` is the batch in flight. Each attempt writes the events not counted yet:
+        # those that an isolation of a bad event stored or rejected before a retryable
+        # error are not written or counted again.
+        run = self._current()
         delay = self.settings.retry_backoff_s
         for attempt in range(self.settings.retries + 1):
+            rest = batch[run.in_flight_done:]
             try:
-                self._write_isolating(batch)
+                self._write_isolating(rest, tracked=True)
                 return
             except _WriteFailed as failure:
-                if self._abandoned:
-                    # A timed-out stop spooled the batch being written, if there is a spool.
-                    # Without one the batch is counted here.
-                    if self.spool is None:
-                        self._count_drop("shutdown_timeout", len(batch))
+                if run.abandoned:
+                    # A timed-out stop spooled the rest of the batch, if there is a spool.
+                    # Without one the rest is counted here.
+                    self._give_up(self._claim(len(batch)), "shutdown_timeout")
                     return
                 logger.warning("recorder write failed (attempt %d, %d events, retryable=True): %s",
-                               attempt + 1, len(batch), failure)
+                               attempt + 1, len(rest), failure)
             if attempt == self.settings.retries or self._past_deadline(delay):
                 break
             self._sleep(delay)
             delay *= 2
-        self._failed(batch, "store_unavailable")
+        rest = self._claim(len(batch))
+        if not rest:
+            # A timed-out stop spooled the rest of the batch meanwhile.
+            return
+        self._failed(rest, "store_unavailable")
         if self.replayable:
             self._set_state(SPOOLING, "writes failed after retries")
             self._next_probe = time.monotonic() + self.settings.probe_interval_s
@@ -771,40 +828,69 @@ class Recorder:
         deadline = self._stop_deadline
         return deadline is not None and time.monotonic() + delay >= deadline
 
-    def _write_isolating(self, batch: list[Event]) -> None:
+    def _write_isolating(self, batch: list[Event], tracked: bool = False) -> None:
         """Write ``batch``; on a non-retryable error split it to isolate the events that fail.
 
         Raises :class:`_WriteFailed` on a retryable error. Events that fail alone are
         rejected: spooled aside when the spool can keep them, otherwise dropped.
+
+        ``tracked`` is set for the events of the batch in flight, which a timed-out stop
+        may spool: they are counted in order, each part only if the stop did not take it.
         """
+        run = self._current()
+        if tracked and run.in_flight_spooled:
+            # A timed-out stop spooled the rest of the batch: the spool's replay writes it.
+            return
         started = time.perf_counter()
         try:
             written = self.writer.write(batch)
         except Exception as error:  # noqa: BLE001 - counted, logged, then retried or isolated
             if is_retryable(error):
                 raise _WriteFailed(_describe(error)) from error
-            if self._in_flight_spooled:
+            if tracked and run.in_flight_spooled:
                 # A timed-out stop spooled this batch: the spool's replay isolates its events.
                 return
             if len(batch) > 1:
                 middle = len(batch) // 2
-                self._write_isolating(batch[:middle])
-                self._write_isolating(batch[middle:])
+                self._write_isolating(batch[:middle], tracked)
+                self._write_isolating(batch[middle:], tracked)
                 return
             logger.warning("recorder write rejected a %s event (retryable=False): %s",
                            type(batch[0]).__name__, _describe(error))
             with self._lock:
+                if tracked:
+                    if run.in_flight_spooled:
+                        return
+                    run.in_flight_done += 1
                 self._failed_batches += 1
             self._quarantine(batch, f"write_error: {_describe(error)}")
             self._count_drop("write_error", 1)
             return
-        self._count_written(batch, written, time.perf_counter() - started)
+        self._count_written(batch, written, time.perf_counter() - started, tracked)
 
-    def _count_written(self, batch: list[Event], written: object, elapsed: float) -> None:
+    def _claim(self, end: int) -> list[Event]:
+        """Return the events of the batch in flight before ``end`` that are not counted yet.
+
+        The caller counts the returned events. The list is empty when a timed-out stop
+        spooled them.
+        """
+        run = self._current()
         with self._lock:
-            if self._in_flight_spooled:
-                # A timed-out stop spooled this batch, and counted it there.
-                return
+            if run.in_flight_spooled:
+                return []
+            rest = run.in_flight[run.in_flight_done:end]
+            run.in_flight_done = max(run.in_flight_done, end)
+            return rest
+
+    def _count_written(self, batch: list[Event], written: object, elapsed: float,
+                       tracked: bool = False) -> None:
+        run = self._current()
+        with self._lock:
+            if tracked:
+                if run.in_flight_spooled:
+                    # A timed-out stop spooled this part of the batch, and counted it there.
+                    return
+                run.in_flight_done += len(batch)
             # A writer that decodes chat exchanges returns the number of events they became.
             self._written += written if isinstance(written, int) else len(batch)
             self._last_write_s = elapsed
@@ -853,6 +939,8 @@ class Recorder:
             self._count_drop("undecodable", 1)
             return True
         written_before = self._written
+        # NOTE: when a retryable error ends the isolation of a bad event, the parts counted
+        # before it are written and counted again with the whole chunk at the next replay.
         try:
             self._write_isolating(events)
         except _WriteFailed as failure:
@@ -918,6 +1006,25 @@ class Recorder:
         if total == count or total // 1000 != (total - count) // 1000:
             logger.error("recorder dropped %d events (%s); %d dropped for this reason so far",
                          count, reason, total)
+
+
+@dataclass(slots=True)
+class _WriterRun:
+    # The state of one writer thread, which a timed-out stop abandons. Fields that a stop
+    # reads or sets are changed under the recorder's lock.
+    abandoned: bool = False
+    stop_deadline: float | None = None
+    # The batch the thread writes itself, and how many of its first events it counted.
+    # A timed-out stop spools the others and sets in_flight_spooled, so the thread counts
+    # none of them after that.
+    in_flight: list[Event] = field(default_factory=list)
+    in_flight_done: int = 0
+    in_flight_spooled: bool = False
+    # A batch handed to a pipelining writer whose result is not read yet (see _handle),
+    # and the next batch while the pending one settles.
+    pending: _Pending | None = None
+    following: _Pending | None = None
+    settled_at: float = 0.0
 
 
 @dataclass(slots=True)
