@@ -261,6 +261,9 @@ class Recorder:
         # keeps its own (through _local), so a recorder started again gets a fresh one.
         self._writer_run = _WriterRun()
         self._local = threading.local()
+        # Where a failed replay of a spool chunk stopped: the chunk's segment and start, and
+        # how many of its first events were counted (stored, or rejected as bad events).
+        self._replay_progress: tuple[tuple[int, int], int] | None = None
         self._overflow: collections.deque[Event] = collections.deque()
         self._overflow_ready = threading.Condition()
         # Set by stop for the current spill thread. Each spill thread has its own, so a
@@ -828,7 +831,8 @@ class Recorder:
         deadline = self._stop_deadline
         return deadline is not None and time.monotonic() + delay >= deadline
 
-    def _write_isolating(self, batch: list[Event], tracked: bool = False) -> None:
+    def _write_isolating(self, batch: list[Event], tracked: bool = False,
+                         counted: list[int] | None = None) -> None:
         """Write ``batch``; on a non-retryable error split it to isolate the events that fail.
 
         Raises :class:`_WriteFailed` on a retryable error. Events that fail alone are
@@ -836,6 +840,7 @@ class Recorder:
 
         ``tracked`` is set for the events of the batch in flight, which a timed-out stop
         may spool: they are counted in order, each part only if the stop did not take it.
+        ``counted``, when given, has its first item raised by the events counted here.
         """
         run = self._current()
         if tracked and run.in_flight_spooled:
@@ -852,8 +857,8 @@ class Recorder:
                 return
             if len(batch) > 1:
                 middle = len(batch) // 2
-                self._write_isolating(batch[:middle], tracked)
-                self._write_isolating(batch[middle:], tracked)
+                self._write_isolating(batch[:middle], tracked, counted)
+                self._write_isolating(batch[middle:], tracked, counted)
                 return
             logger.warning("recorder write rejected a %s event (retryable=False): %s",
                            type(batch[0]).__name__, _describe(error))
@@ -865,8 +870,12 @@ class Recorder:
                 self._failed_batches += 1
             self._quarantine(batch, f"write_error: {_describe(error)}")
             self._count_drop("write_error", 1)
+            if counted is not None:
+                counted[0] += 1
             return
         self._count_written(batch, written, time.perf_counter() - started, tracked)
+        if counted is not None:
+            counted[0] += len(batch)
 
     def _claim(self, end: int) -> list[Event]:
         """Return the events of the batch in flight before ``end`` that are not counted yet.
@@ -938,12 +947,23 @@ class Recorder:
             spool.reject(chunk, f"undecodable batch: {error}")
             self._count_drop("undecodable", 1)
             return True
+        position = _chunk_position(chunk)
+        done = 0
+        progress = self._replay_progress
+        if position is not None and progress is not None and progress[0] == position:
+            # The same chunk again: its first events were counted by the failed replay.
+            done = min(progress[1], len(events))
+        counted = [0]
         written_before = self._written
-        # NOTE: when a retryable error ends the isolation of a bad event, the parts counted
-        # before it are written and counted again with the whole chunk at the next replay.
         try:
-            self._write_isolating(events)
+            self._write_isolating(events[done:], counted=counted)
         except _WriteFailed as failure:
+            # The isolation of a bad event counts the chunk's events in order, so those
+            # counted before the error are its first ones, and the next replay skips them.
+            if position is not None and counted[0]:
+                self._replay_progress = (position, done + counted[0])
+            with self._lock:
+                self._replayed += self._written - written_before
             if self._state != SPOOLING:
                 self._set_state(SPOOLING, f"replay failed: {failure}")
             else:
@@ -951,6 +971,7 @@ class Recorder:
                             self.settings.probe_interval_s, failure)
             self._next_probe = time.monotonic() + self.settings.probe_interval_s
             return False
+        self._replay_progress = None
         spool.commit(chunk)
         with self._lock:
             self._replayed += self._written - written_before
@@ -1006,6 +1027,16 @@ class Recorder:
         if total == count or total // 1000 != (total - count) // 1000:
             logger.error("recorder dropped %d events (%s); %d dropped for this reason so far",
                          count, reason, total)
+
+
+def _chunk_position(chunk: object) -> tuple[int, int] | None:
+    # The segment and start offset of a spool chunk, which a later read of the same
+    # unreplayed batches repeats. None for a spool whose chunks have no such position.
+    segment = getattr(chunk, "segment", None)
+    start = getattr(chunk, "start", None)
+    if isinstance(segment, int) and isinstance(start, int):
+        return segment, start
+    return None
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ timed-out stop does not count the abandoned thread's batch a second time.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -272,4 +273,28 @@ def test_restart_ends_old_spill_thread(tmp_path) -> None:  # type: ignore[no-unt
     old_spill.join(30)
     assert not old_spill.is_alive()
     assert not new_spill.is_alive()
+    spool.close()
+
+
+def test_replay_retry_while_isolating_counts_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A spooled chunk k0-k3 with a bad k3: its replay stores k0 and k1, then k2+k3 meets a
+    # lock error. The next replay of the chunk writes k2 and k3 only.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    assert spool.append(_messages(4))
+    writer = _ScriptedWriter(bad="k3", before={3: _raise_locked})
+    recorder = _recorder(writer, spool, probe_interval_s=0.01)
+    recorder.start()
+    deadline = time.monotonic() + 30
+    while spool.pending_events():
+        assert time.monotonic() < deadline, "the spool was never replayed"
+        time.sleep(0.01)
+    assert recorder.stop(timeout=10)
+    stats = recorder.stats()
+    assert writer.calls == [["k0", "k1", "k2", "k3"], ["k0", "k1"], ["k2", "k3"],
+                            ["k2", "k3"], ["k2"], ["k3"]]
+    assert writer.stored == ["k0", "k1", "k2"]
+    assert stats.written == 3
+    assert stats.replayed == 3
+    assert stats.dropped == {"write_error": 1}
+    assert spool.stats().rejected_events == 1
     spool.close()
