@@ -7,6 +7,7 @@ timed-out stop does not count the abandoned thread's batch a second time.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -297,4 +298,38 @@ def test_replay_retry_while_isolating_counts_once(tmp_path) -> None:  # type: ig
     assert stats.replayed == 3
     assert stats.dropped == {"write_error": 1}
     assert spool.stats().rejected_events == 1
+    spool.close()
+
+
+def test_restart_with_writer_process_counts_once(engine, database_url,  # type: ignore[no-untyped-def]
+                                                 tmp_path) -> None:
+    # A timed-out stop abandons a thread that waits for the writer process's answer; the
+    # recorder started again hands the same process its next batch, and replays the spool.
+    from tests.test_attack5 import _messages as _timed_messages
+    from tests.test_attack5 import _slow_writer, _spooling_recorder, _stored, _wait_pending
+
+    recorder, writer, spool = _spooling_recorder(
+        functools.partial(_slow_writer, database_url, 0.6), tmp_path)
+    recorder.start()
+    for event in _timed_messages(5, "a"):
+        assert recorder.submit(event)
+    _wait_pending(recorder)
+    abandoned = recorder._thread
+    assert abandoned is not None
+    assert recorder.stop(timeout=0.1) is False
+    recorder.start()
+    for event in _timed_messages(5, "b"):
+        assert recorder.submit(event)
+    assert recorder.flush(60)
+    abandoned.join(30)
+    assert not abandoned.is_alive()
+    assert recorder.stop(timeout=30)
+    writer.close()
+    stats = recorder.stats()
+    assert stats.submitted == 10
+    assert _accounted(stats) == 10
+    assert stats.spooled == 5
+    assert sum(stats.dropped.values()) == 0
+    assert spool.pending_events() == 0
+    assert _stored(engine) == 10
     spool.close()
