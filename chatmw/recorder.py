@@ -270,51 +270,10 @@ class Recorder:
         # recorder started again never lets the previous one run on.
         self._spill_stop = threading.Event()
 
-    # The state of the calling writer thread, or of the current one for other threads.
-
     def _current(self) -> _WriterRun:
+        # The state of the calling writer thread, or of the current one for other threads.
         run: _WriterRun | None = getattr(self._local, "run", None)
         return self._writer_run if run is None else run
-
-    @property
-    def _abandoned(self) -> bool:
-        return self._current().abandoned
-
-    @property
-    def _stop_deadline(self) -> float | None:
-        return self._current().stop_deadline
-
-    @_stop_deadline.setter
-    def _stop_deadline(self, value: float | None) -> None:
-        self._current().stop_deadline = value
-
-    @property
-    def _in_flight(self) -> list[Event]:
-        return self._current().in_flight
-
-    @property
-    def _pending(self) -> _Pending | None:
-        return self._current().pending
-
-    @_pending.setter
-    def _pending(self, value: _Pending | None) -> None:
-        self._current().pending = value
-
-    @property
-    def _following(self) -> _Pending | None:
-        return self._current().following
-
-    @_following.setter
-    def _following(self, value: _Pending | None) -> None:
-        self._current().following = value
-
-    @property
-    def _settled_at(self) -> float:
-        return self._current().settled_at
-
-    @_settled_at.setter
-    def _settled_at(self, value: float) -> None:
-        self._current().settled_at = value
 
     @property
     def state(self) -> str:
@@ -491,7 +450,7 @@ class Recorder:
         if thread is None:
             return self._queue.empty()
         deadline = time.monotonic() + timeout
-        self._stop_deadline = deadline
+        self._writer_run.stop_deadline = deadline
         self._put_stop(deadline)
         thread.join(max(0.0, deadline - time.monotonic()))
         self._thread = None
@@ -632,7 +591,7 @@ class Recorder:
                 batch = self._expanded(batch)
             if batch:
                 handed_over = self._handle(batch, len(items))
-        if not stopping and self._stop_deadline is None:
+        if not stopping and self._current().stop_deadline is None:
             self._replay_turn()
         return handed_over
 
@@ -647,10 +606,11 @@ class Recorder:
 
     def _next_batch(self) -> tuple[list[object], bool]:
         # Returns the queued items (events, or events marked as transformed) of one batch.
-        if self._pending is not None and self._queue.empty():
+        run = self._current()
+        if run.pending is not None and self._queue.empty():
             # Nothing to hand over meanwhile: the pending batch is settled before waiting.
             self._settle()
-        if self._abandoned:
+        if run.abandoned:
             return [], True
         wait = self._wait_seconds()
         try:
@@ -726,8 +686,9 @@ class Recorder:
             self._settle()
             self._give_up(batch, "spool_full")
             return False
+        run = self._current()
         submit = getattr(self.writer, "submit", None)
-        if submit is not None and self._stop_deadline is None:
+        if submit is not None and run.stop_deadline is None:
             started = time.perf_counter()
             try:
                 ticket = submit(batch)
@@ -738,11 +699,11 @@ class Recorder:
                 following = _Pending(batch, ticket, count, started)
                 # A stop that times out while the previous batch settles spools this one too.
                 with self._lock:
-                    self._following = following
+                    run.following = following
                 self._settle()
                 with self._lock:
-                    self._pending = following
-                    self._following = None
+                    run.pending = following
+                    run.following = None
                 return True
         self._settle()
         self._write_in_flight(batch)
@@ -760,19 +721,19 @@ class Recorder:
 
     def _settle(self) -> None:
         """Read the result of the pending batch, if any, and account for it."""
-        pending = self._pending
+        run = self._current()
+        pending = run.pending
         if pending is None:
             return
         try:
             written = self.writer.result(pending.ticket)  # type: ignore[attr-defined]
         except Exception as error:  # noqa: BLE001 - handled as a failed write of the batch
             with self._lock:
-                self._pending = None
-                abandoned = self._abandoned
+                run.pending = None
+                abandoned = run.abandoned
                 spooled_by_stop = pending.spooled_by_stop
                 if not abandoned:
                     # From here on a stop that times out spools it as the batch in flight.
-                    run = self._current()
                     run.in_flight, run.in_flight_done = pending.batch, 0
             if not abandoned:
                 logger.warning("recorder write failed (%d events): %s; writing them again",
@@ -783,16 +744,16 @@ class Recorder:
                 self._give_up(pending.batch, "shutdown_timeout")
         else:
             with self._lock:
-                self._pending = None
+                run.pending = None
                 spooled_by_stop = pending.spooled_by_stop
             # The writer began this batch when it had finished the previous one.
             now = time.perf_counter()
             # A batch that a timed-out stop spooled is counted there (see stop).
             if not spooled_by_stop:
                 self._count_written(pending.batch, written,
-                                    now - max(pending.started, self._settled_at))
+                                    now - max(pending.started, run.settled_at))
         finally:
-            self._settled_at = time.perf_counter()
+            run.settled_at = time.perf_counter()
             self._finish(pending.count)
 
     def _write_with_retries(self, batch: list[Event]) -> None:
@@ -828,7 +789,7 @@ class Recorder:
             self._next_probe = time.monotonic() + self.settings.probe_interval_s
 
     def _past_deadline(self, delay: float) -> bool:
-        deadline = self._stop_deadline
+        deadline = self._current().stop_deadline
         return deadline is not None and time.monotonic() + delay >= deadline
 
     def _write_isolating(self, batch: list[Event], tracked: bool = False,

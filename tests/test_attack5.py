@@ -95,7 +95,7 @@ def _stored(engine: Engine) -> int:
 
 def _wait_pending(recorder: Recorder) -> None:
     deadline = time.monotonic() + 30
-    while recorder._pending is None:
+    while recorder._writer_run.pending is None:
         assert time.monotonic() < deadline, "no batch became pending"
         time.sleep(0.01)
 
@@ -205,7 +205,7 @@ def test_stop_timeout_settling_during_drain_counted_once(engine: Engine, databas
     drain = recorder._drain_nowait
 
     def drain_after_settle():  # type: ignore[no-untyped-def]
-        _wait_until(lambda: recorder._pending is None, "the pending batch never settled")
+        _wait_until(lambda: recorder._writer_run.pending is None, "the pending batch never settled")
         return drain()
 
     recorder._drain_nowait = drain_after_settle  # type: ignore[method-assign]
@@ -234,7 +234,7 @@ def test_stop_timeout_spools_batch_handed_over_while_settling(engine: Engine,
         assert recorder.submit(event)
     recorder.start()
     try:
-        _wait_until(lambda: recorder._following is not None,
+        _wait_until(lambda: recorder._writer_run.following is not None,
                     "the second batch was not handed over")
         _stop_timed_out(recorder, 0.2)
     finally:
@@ -325,7 +325,7 @@ def test_flush_returns_after_pending_batch_settled(engine: Engine, database_url:
     finally:
         recorder.stop(30)
         writer.close()
-    assert recorder._pending is None
+    assert recorder._writer_run.pending is None
     assert stats.written == 5
     assert stored == 5
 

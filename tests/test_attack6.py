@@ -133,7 +133,7 @@ def test_stop_timeout_then_failed_write_counted(engine: Engine, database_url: st
     for event in _messages(5):
         recorder.submit(event)
     deadline = time.monotonic() + 30
-    while writer.calls == 0 and not recorder._in_flight:
+    while writer.calls == 0 and not recorder._writer_run.in_flight:
         assert time.monotonic() < deadline, "no write started"
         time.sleep(0.01)
     assert recorder.stop(timeout=0.1) is False
@@ -178,7 +178,7 @@ def test_stop_timeout_before_rewrite_spools_batch(database_url: str, tmp_path) -
         for event in _messages(5):
             recorder.submit(event)
         _wait_pending(recorder)
-        _wait_until(lambda: recorder._pending is None, "the pending batch never settled")
+        _wait_until(lambda: recorder._writer_run.pending is None, "the pending batch never settled")
         assert recorder.stop(timeout=0.1) is False
         stopped.set()
         thread.join(30)
