@@ -97,8 +97,8 @@ def test_direct_copy_takes_first_duplicate(engine: Engine,
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_direct_copy_race_falls_back(engine: Engine) -> None:
     # The caller expects three new keys, but another writer stored one of them after the
-    # caller read the stored keys: the copy fails, the transaction goes on, the staged
-    # insert skips that key, and the result is false: the plan did not hold.
+    # caller read the stored keys. The copy fails and the transaction goes on. The staged
+    # insert skips that key, and the result is false because the plan did not hold.
     rows = [_row("race-a"), _row("race-b", text="mine"), _row("race-c")]
     with Session(engine) as session, session.begin():
         session.connection().execute(text("SELECT 1"))

@@ -303,7 +303,7 @@ def test_replay_retry_while_isolating_counts_once(tmp_path) -> None:  # type: ig
 
 def test_restart_with_writer_process_counts_once(engine, database_url,  # type: ignore[no-untyped-def]
                                                  tmp_path) -> None:
-    # A timed-out stop abandons a thread that waits for the writer process's answer; the
+    # A timed-out stop abandons a thread that waits for the writer process's reply. The
     # recorder started again hands the same process its next batch, and replays the spool.
     from tests.test_attack5 import _messages as _timed_messages
     from tests.test_attack5 import _slow_writer, _spooling_recorder, _stored, _wait_pending

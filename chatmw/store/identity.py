@@ -106,9 +106,9 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
         # The expected rows alone, without the conflict check: the caller read the stored
         # keys in this transaction, so only a key another writer stored since then makes
         # the copy fail, and the statement below then skips it.
-        kept = _expected_rows(columns[names.index("key")], expected)
-        if kept is not None and copy_into(
-                session, table, names, [[values[i] for i in kept] for values in columns]):
+        first_rows = _expected_rows(columns[names.index("key")], expected)
+        if first_rows is not None and copy_into(
+                session, table, names, [[values[i] for i in first_rows] for values in columns]):
             return True
     types = _column_types(session, table, names)
     parameters: dict[str, Any] = {}
@@ -131,13 +131,13 @@ def insert_ignore_expected(session: Session, table: Table, rows: Sequence[Any],
 def _expected_rows(keys: Sequence[Any], expected: Sequence[Any]) -> list[int] | None:
     # Indexes of the rows an insert that skips stored keys would store: the first row of
     # each expected key, which must come in the order of ``expected``. None otherwise.
-    kept: list[int] = []
+    first_rows: list[int] = []
     position = 0
     for index, key in enumerate(keys):
         if position < len(expected) and key == expected[position]:
-            kept.append(index)
+            first_rows.append(index)
             position += 1
-    return kept if position == len(expected) else None
+    return first_rows if position == len(expected) else None
 
 
 def _valued_columns(table: Table, names: Sequence[str],

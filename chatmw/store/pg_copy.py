@@ -82,9 +82,9 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
     """Copy rows straight into ``table`` by binary ``COPY``, or send nothing and return False.
 
     ``columns`` contains the values of each column of ``names`` in row order. Nothing is sent
-    when a value does not fit its column as stored (a string longer than its ``VARCHAR``,
-    an integer beyond its column's range, a type the copy does not carry), because an
-    ``INSERT`` would cast such a value where ``COPY`` fails. The copy runs in a savepoint:
+    when a value does not fit its column as stored, because an ``INSERT`` would cast such
+    a value where ``COPY`` fails. Such values are a string longer than its ``VARCHAR``, an
+    integer beyond its column's range and a type the copy does not carry. The copy runs in a savepoint:
     when the server refuses it (a key stored by another writer since the caller read the
     stored keys, say), the savepoint is rolled back, the transaction goes on, and the
     result is False. So either every row went in, in order, with ids drawn in that order,

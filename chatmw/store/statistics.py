@@ -10,8 +10,8 @@ earliest a minute (``autovacuum_naptime``) after the first rows. Writing 180,000
 into a new store, the server spent about a fifth of its time in such scans.
 
 :class:`GrowthAnalyzer` analyses ``messages``, ``conversations`` and ``contacts`` each time
-the messages a writer stored double, from ``first_at`` messages until the table holds
-``until``; from there on autovacuum, which analyses a table each time a tenth of it
+the messages a writer stored double, from ``first_at`` messages until the table contains
+``until``. From there on autovacuum, which analyses a table each time a tenth of it
 changed, keeps the statistics closer than doubling would. Analysing a table reads a
 sample of at most 30,000 of its rows with the default statistics target. Each run counts
 the table's rows, those other writers stored included, so the next run comes at twice
@@ -32,7 +32,7 @@ __all__ = ["GrowthAnalyzer", "ANALYZED_TABLES"]
 logger = logging.getLogger("chatmw")
 
 ANALYZED_TABLES = ("messages", "conversations", "contacts")
-# The longest wait for a lock held by another ANALYZE or VACUUM (such as autovacuum's),
+# The maximum wait for a lock held by another ANALYZE or VACUUM (such as autovacuum's),
 # which then refreshes the statistics itself.
 _LOCK_TIMEOUT = "100ms"
 
@@ -80,6 +80,8 @@ class GrowthAnalyzer:
             self.messages = max(self.messages, self._estimate(engine))
             self.next_at = 2 * self.messages
             self.done = self.messages >= self.until
+            logger.info("analysed %s at about %d stored messages", ", ".join(ANALYZED_TABLES),
+                        self.messages)
         except DBAPIError as error:
             # For example a lock timeout, or a connection the server ended. The estimate
             # is unknown when reading it failed.
@@ -123,6 +125,4 @@ class GrowthAnalyzer:
                            "analyse them (their owner) can.", self.messages, "; ".join(warnings))
             return False
         self.runs += 1
-        logger.info("analysed %s at about %d stored messages", ", ".join(ANALYZED_TABLES),
-                    self.messages)
         return True
