@@ -13,6 +13,7 @@ store the same values.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from sqlalchemy.orm import Session
 from chatmw.store.engine import json_text
 
 __all__ = ["copy_into", "copy_rows"]
+
+logger = logging.getLogger("chatmw")
 
 # Binary COPY sends int8 and float8 values as they are, so an integer outside int8 or one
 # that float8 cannot hold exactly leaves the batch to the document path, whose casts
@@ -84,10 +87,10 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
     ``columns`` contains the values of each column of ``names`` in row order. Nothing is sent
     when a value does not fit its column as stored, because an ``INSERT`` would cast such
     a value where ``COPY`` fails. Such values are a string longer than its ``VARCHAR``, an
-    integer beyond its column's range and a type the copy does not carry. The copy runs in a savepoint:
-    when the server refuses it (a key stored by another writer since the caller read the
-    stored keys, say), the savepoint is rolled back, the transaction goes on, and the
-    result is False. So either every row went in, in order, with ids drawn in that order,
+    integer beyond its column's range and a type the copy does not carry. The copy runs in
+    a savepoint. When the server rejects it (for example a key that another writer stored
+    since the caller read the stored keys), the savepoint is rolled back, the transaction
+    goes on, and the result is False. So either every row went in, in order, with ids drawn in that order,
     or none did.
     """
     dialect = session.get_bind().dialect
@@ -122,7 +125,9 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
             copy.set_types(["text" if kind == "json" else kind for kind in kinds])
             for values in zip(*staged, strict=True):
                 copy.write_row(values)
-    except Exception:  # noqa: BLE001 - the caller inserts the rows its own way instead
+    except Exception as error:  # noqa: BLE001 - the caller inserts the rows its own way instead
+        logger.info("copy of %d rows into %s failed, so they are inserted with a conflict "
+                    "check instead: %s", len(staged[0]) if staged else 0, table.name, error)
         connection.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
         connection.exec_driver_sql(f"RELEASE SAVEPOINT {_SAVEPOINT}")
         return False
