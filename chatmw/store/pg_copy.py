@@ -90,8 +90,8 @@ def copy_into(session: Session, table: Table, names: Sequence[str],
     integer beyond its column's range and a type the copy does not carry. The copy runs in
     a savepoint. When the server rejects it (for example a key that another writer stored
     since the caller read the stored keys), the savepoint is rolled back, the transaction
-    goes on, and the result is False. So either every row went in, in order, with ids drawn in that order,
-    or none did.
+    goes on, and the result is False. So either every row went in, in order, with ids
+    drawn in that order, or none did.
     """
     dialect = session.get_bind().dialect
     if dialect.name != "postgresql" or dialect.driver != "psycopg":
