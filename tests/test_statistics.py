@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import secrets
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,13 +40,20 @@ def _counts(engine: Engine) -> dict[str, int]:
                 for name in ANALYZED_TABLES}
 
 
+def _write(writer: Writer, batch: list[ev.Message]) -> int:
+    # Writes ``batch`` and waits for the analysis it started in the background, if any.
+    written = writer.write(batch)
+    assert writer.statistics.wait(30)
+    return written
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_analyzer_runs_as_messages_double(engine: Engine) -> None:
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=10, until=30)
     seen: list[float] = []
     for batch in range(20):
-        writer.write(_batch(4 * batch, 4))
+        _write(writer, _batch(4 * batch, 4))
         estimates = _reltuples(engine)
         if estimates["messages"] in seen[-1:]:
             continue
@@ -67,7 +75,7 @@ def test_analyzer_skips_store_past_limit(engine: Engine) -> None:
         connection.execute(text("ANALYZE messages"))
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=10, until=30)
-    writer.write(_batch(40, 100))
+    _write(writer, _batch(40, 100))
     assert writer.statistics.runs == 0
     assert writer.statistics.done
     assert _reltuples(engine)["messages"] == 40.0
@@ -81,9 +89,9 @@ def test_analyzer_starts_from_stored_estimate(engine: Engine) -> None:
         connection.execute(text("ANALYZE messages"))
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
-    writer.write(_batch(20, 15))
+    _write(writer, _batch(20, 15))
     assert writer.statistics.runs == 0
-    writer.write(_batch(35, 5))
+    _write(writer, _batch(35, 5))
     assert writer.statistics.runs == 1
     assert _reltuples(engine)["messages"] == 40.0
 
@@ -93,12 +101,12 @@ def test_analyzer_lock_timeout_keeps_batch(engine: Engine,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
-    writer.write(_batch(0, 8))
+    _write(writer, _batch(0, 8))
     blocker = engine.connect()
     try:
         blocker.execute(text("LOCK TABLE contacts IN SHARE UPDATE EXCLUSIVE MODE"))
         with caplog.at_level(logging.INFO, logger="chatmw"):
-            assert writer.write(_batch(8, 4)) == 4
+            assert _write(writer, _batch(8, 4)) == 4
     finally:
         blocker.rollback()
         blocker.close()
@@ -109,9 +117,9 @@ def test_analyzer_lock_timeout_keeps_batch(engine: Engine,
     # soon as it analysed it, so the tables analysed before the locked one have theirs.)
     assert _reltuples(engine)["contacts"] == -1.0
     # The next run comes at twice the messages of the skipped one.
-    writer.write(_batch(12, 11))
+    _write(writer, _batch(12, 11))
     assert writer.statistics.runs == 0
-    writer.write(_batch(23, 1))
+    _write(writer, _batch(23, 1))
     assert writer.statistics.runs == 1
     assert _reltuples(engine) == {name: float(count) for name, count in _counts(engine).items()}
     assert _reltuples(engine)["messages"] == 24.0
@@ -121,16 +129,17 @@ def test_analyzer_lock_timeout_keeps_batch(engine: Engine,
 def test_analyzer_skips_sqlite(engine: Engine) -> None:
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=1, until=1_000)
-    writer.write(_batch(0, 10))
+    _write(writer, _batch(0, 10))
     assert writer.statistics.runs == 0
     assert writer.statistics.messages is None
 
 
 def test_analyzer_copy_starts_over() -> None:
-    analyzer = GrowthAnalyzer(first_at=10, until=50)
+    analyzer = GrowthAnalyzer(first_at=10, until=50, background=False)
     analyzer.messages, analyzer.next_at, analyzer.runs, analyzer.done = 30.0, 60.0, 2, True
     copy = pickle.loads(pickle.dumps(analyzer))
-    assert (copy.first_at, copy.until) == (10, 50)
+    assert (copy.first_at, copy.until, copy.background) == (10, 50, False)
+    assert copy.wait(0)
     assert (copy.messages, copy.next_at, copy.runs, copy.done) == (None, 10.0, 0, False)
 
 
@@ -153,7 +162,7 @@ def test_analyzer_lost_connection_keeps_batch(database_url: str, engine: Engine,
     event.listen(engine, "before_cursor_execute", end_backend)
     try:
         with caplog.at_level(logging.INFO, logger="chatmw"):
-            assert writer.write(_batch(0, 4)) == 4
+            assert _write(writer, _batch(0, 4)) == 4
     finally:
         event.remove(engine, "before_cursor_execute", end_backend)
         admin.dispose()
@@ -161,9 +170,9 @@ def test_analyzer_lost_connection_keeps_batch(database_url: str, engine: Engine,
     assert "terminating connection" in caplog.text
     assert writer.statistics.messages is None
     assert _counts(engine)["messages"] == 4
-    writer.write(_batch(4, 9))
+    _write(writer, _batch(4, 9))
     assert writer.statistics.runs == 0
-    writer.write(_batch(13, 1))
+    _write(writer, _batch(13, 1))
     assert writer.statistics.runs == 1
 
 
@@ -179,14 +188,14 @@ def test_analyzer_counts_rows_it_analysed(engine: Engine) -> None:
     assert _reltuples(engine)["messages"] == -1.0
     writer = Writer(engine)
     writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
-    writer.write(_batch(0, 10))
+    _write(writer, _batch(0, 10))
     assert writer.statistics.runs == 1
     assert _reltuples(engine)["messages"] == 210.0
     assert writer.statistics.next_at == 420.0
     for start in range(10, 200, 10):
-        writer.write(_batch(start, 10))
+        _write(writer, _batch(start, 10))
     assert writer.statistics.runs == 1
-    writer.write(_batch(200, 20))
+    _write(writer, _batch(200, 20))
     assert writer.statistics.runs == 2
     assert _reltuples(engine)["messages"] == 420.0
 
@@ -209,7 +218,7 @@ def test_analyzer_logs_skipped_tables(engine: Engine,
         writer = Writer(limited)
         writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
         with caplog.at_level(logging.INFO, logger="chatmw"):
-            assert writer.write(_batch(0, 12)) == 12
+            assert _write(writer, _batch(0, 12)) == 12
     finally:
         limited.dispose()
         with engine.begin() as connection:
@@ -220,3 +229,61 @@ def test_analyzer_logs_skipped_tables(engine: Engine,
     assert "skipped some of them" in caplog.text
     assert '"messages"' in caplog.text
     assert _reltuples(engine)["messages"] == -1.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analysis_runs_beside_the_writer(engine: Engine) -> None:
+    # The ANALYZE is held until released: the write that started it returns meanwhile, the
+    # next writes are stored and counted, and no second run starts while one is in flight.
+    release = threading.Event()
+    analyze_threads: list[str] = []
+
+    def hold_analyze(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("ANALYZE"):
+            analyze_threads.append(threading.current_thread().name)
+            assert release.wait(30)
+
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000)
+    event.listen(engine, "before_cursor_execute", hold_analyze)
+    try:
+        assert writer.write(_batch(0, 12)) == 12
+        assert not writer.statistics.wait(0.2)
+        # 12 + 30 messages pass the next threshold (24) while the first run is held.
+        assert writer.write(_batch(12, 30)) == 30
+        assert _counts(engine)["messages"] == 42
+        assert writer.statistics.runs == 0
+        release.set()
+        assert writer.statistics.wait(30)
+    finally:
+        release.set()
+        event.remove(engine, "before_cursor_execute", hold_analyze)
+    assert analyze_threads == ["chatmw-analyze"]
+    assert writer.statistics.runs == 1
+    # The run analysed the tables as they were when it read them: all 42 messages.
+    assert _reltuples(engine)["messages"] == 42.0
+    assert writer.statistics.next_at == 84.0
+    _write(writer, _batch(42, 42))
+    assert writer.statistics.runs == 2
+    assert _reltuples(engine)["messages"] == 84.0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_analysis_in_the_writer_thread(engine: Engine) -> None:
+    # Without ``background`` the write returns once the tables are analysed.
+    names: list[str] = []
+
+    def note_analyze(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("ANALYZE"):
+            names.append(threading.current_thread().name)
+
+    writer = Writer(engine)
+    writer.statistics = GrowthAnalyzer(first_at=10, until=1_000, background=False)
+    event.listen(engine, "before_cursor_execute", note_analyze)
+    try:
+        writer.write(_batch(0, 12))
+    finally:
+        event.remove(engine, "before_cursor_execute", note_analyze)
+    assert names == [threading.current_thread().name]
+    assert writer.statistics.runs == 1
+    assert _reltuples(engine)["messages"] == 12.0

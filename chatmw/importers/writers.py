@@ -194,6 +194,8 @@ def _serve(connection: Connection, factory: Callable[[], Writer]) -> None:
                 enrichments.results = {}
             connection.send(reply)
     finally:
+        # An analysis of the tables still running would end with the connections.
+        writer.statistics.wait(60)
         writer.engine.dispose()
 
 

@@ -22,6 +22,7 @@ table with a warning, which is logged.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from sqlalchemy import Engine, text
@@ -38,21 +39,37 @@ _LOCK_TIMEOUT = "100ms"
 
 
 class GrowthAnalyzer:
-    """Runs ``ANALYZE`` on the writer's tables each time the stored messages double."""
+    """Runs ``ANALYZE`` on the writer's tables each time the stored messages double.
 
-    def __init__(self, first_at: int = 2_000, until: int = 1_000_000) -> None:
+    With ``background`` (the default) each run has a thread and a pooled connection of its
+    own, so the writer goes on with its next batch meanwhile. ``ANALYZE`` takes a lock that
+    does not conflict with the writer's inserts and updates. At most one run is in flight,
+    and :meth:`wait` waits for it.
+    """
+
+    def __init__(self, first_at: int = 2_000, until: int = 1_000_000,
+                 background: bool = True) -> None:
         self.first_at = first_at
         self.until = until
+        self.background = background
         # Messages in the table, as estimated at the first call and counted since.
         self.messages: float | None = None
         self.next_at = float(first_at)
         self.done = False
         self.runs = 0
+        self._lock = threading.Lock()
+        self._running: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, object]:
         # A copy (a writer process's) estimates the table again.
-        return {"first_at": self.first_at, "until": self.until, "messages": None,
+        return {"first_at": self.first_at, "until": self.until,
+                "background": self.background, "messages": None,
                 "next_at": float(self.first_at), "done": False, "runs": 0}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._running = None
 
     def after_commit(self, engine: Engine, new_messages: int) -> None:
         """Count ``new_messages`` just committed, and analyse the tables once they doubled.
@@ -62,34 +79,67 @@ class GrowthAnalyzer:
         if self.done or engine.dialect.name != "postgresql":
             return
         try:
-            if self.messages is None:
-                self.messages = self._estimate(engine)
-                self.next_at = max(2 * self.messages, float(self.first_at))
-                if self.messages >= self.until:
-                    self.done = True
+            with self._lock:
+                if self.messages is None:
+                    self.messages = self._estimate(engine)
+                    self.next_at = max(2 * self.messages, float(self.first_at))
+                    if self.messages >= self.until:
+                        self.done = True
+                        return
+                self.messages += new_messages
+                if self.messages < self.next_at or self._running is not None:
                     return
-            self.messages += new_messages
-            if self.messages < self.next_at:
-                return
-            self.next_at = 2 * self.messages
-            self.done = self.messages >= self.until
+                self.next_at = 2 * self.messages
+                self.done = self.messages >= self.until
+                if self.background:
+                    self._running = threading.Thread(
+                        target=self._run, args=(engine,), name="chatmw-analyze", daemon=True)
+                    self._running.start()
+                    return
+        except DBAPIError as error:
+            self._failed(error)
+            return
+        except Exception:  # noqa: BLE001 - statistics never fail a committed batch
+            logger.exception("analysing the store's tables failed")
+            return
+        self._run(engine)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run in flight, if any, and return whether none is left."""
+        running = self._running
+        if running is not None:
+            running.join(timeout)
+        return self._running is None
+
+    def _run(self, engine: Engine) -> None:
+        try:
             if not self._analyze(engine):
                 return
             # ANALYZE counted every row, those of other writers included. The count here
             # is kept when it is higher, as for a table never analysed before.
-            self.messages = max(self.messages, self._estimate(engine))
-            self.next_at = 2 * self.messages
-            self.done = self.messages >= self.until
+            estimate = self._estimate(engine)
+            with self._lock:
+                self.messages = max(self.messages or 0.0, estimate)
+                self.next_at = 2 * self.messages
+                self.done = self.messages >= self.until
+                messages = self.messages
             logger.info("analysed %s at about %d stored messages", ", ".join(ANALYZED_TABLES),
-                        self.messages)
+                        messages)
         except DBAPIError as error:
-            # For example a lock timeout, or a connection the server ended. The estimate
-            # is unknown when reading it failed.
-            stored = "unknown" if self.messages is None else f"about {self.messages:.0f}"
-            logger.info("analysing the store's tables failed (stored messages: %s), the next "
-                        "attempt is at %d: %s", stored, self.next_at, error.orig)
+            self._failed(error)
         except Exception:  # noqa: BLE001 - statistics never fail a committed batch
             logger.exception("analysing the store's tables failed")
+        finally:
+            with self._lock:
+                if self._running is threading.current_thread():
+                    self._running = None
+
+    def _failed(self, error: DBAPIError) -> None:
+        # For example a lock timeout, or a connection the server ended. The estimate is
+        # unknown when reading it failed.
+        stored = "unknown" if self.messages is None else f"about {self.messages:.0f}"
+        logger.info("analysing the store's tables failed (stored messages: %s), the next "
+                    "attempt is at %d: %s", stored, self.next_at, error.orig)
 
     def _estimate(self, engine: Engine) -> float:
         with engine.connect() as connection:
@@ -124,5 +174,6 @@ class GrowthAnalyzer:
                            "some of them: %s. Autovacuum analyses them, or a role allowed to "
                            "analyse them (their owner) can.", self.messages, "; ".join(warnings))
             return False
-        self.runs += 1
+        with self._lock:
+            self.runs += 1
         return True
