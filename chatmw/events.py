@@ -282,7 +282,10 @@ class ConversationUpdate(Event):
     """Facts about a conversation reported by the bot or the app.
 
     Each field left ``None`` is unchanged. ``ended`` closes the conversation with
-    ``ended_reason``; a later message reopens it.
+    ``ended_reason``; a later message reopens it. Without ``conversation_id`` the update
+    applies to the latest conversation of the user (on ``channel``) that started at or
+    before it. When the user has no such conversation, or no contact yet, it changes
+    nothing and creates no contact.
     """
 
     user_id: str

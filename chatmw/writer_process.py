@@ -14,6 +14,12 @@ The child builds its own writer by calling ``factory`` (a picklable callable, su
 ``functools.partial(build_writer, url)``), because engines and connections cannot cross a
 process boundary. A feature that registers handlers, enrichers or preprocessors on the
 writer must do so inside the factory.
+
+On PostgreSQL :class:`ProcessWriter` starts partner processes beside the child
+(``CHATMW_WRITER_PROCESSES``, 2 writer processes in all by default). The child splits each
+large batch among itself and its partners by user: each process writes the events of its
+users in its own transaction, at the same time as the others, and the child replies once
+all of them are done.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import pickle
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
@@ -36,8 +43,9 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
-from chatmw.events import Event
+from chatmw.events import Event, RawPayload
 from chatmw.events import _rebuild as rebuild_event
+from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
 from chatmw.recorder import BatchWriter, _describe, is_retryable
 
@@ -58,6 +66,15 @@ SEND_CHUNK = 100
 _EVENT_ROWS = "event-rows"
 # Sent instead of the end of a batch whose sending failed: the child drops what it got of it.
 _DISCARD = "discard"
+# The number of writer processes on PostgreSQL: the child and its partners.
+PROCESSES_ENV = "CHATMW_WRITER_PROCESSES"
+DEFAULT_PROCESSES = 2
+MAX_PROCESSES = 8
+# Batches with fewer events are written by the child alone: sending a part to a partner
+# costs a round trip through a pipe, which a small batch does not win back.
+SPLIT_MIN_EVENTS = 200
+# Events that belong to no user. They go to the child's own part.
+_USERLESS_EVENTS = (RawPayload, Spend)
 
 
 class WriteRejected(Exception):
@@ -115,6 +132,22 @@ class WriterSnapshot:
             self._refresher = None
 
 
+class PartnerFactory:
+    """Builds the writer of a partner process from the factory of the writer process.
+
+    A partner writes the parts of batches that the writer process sends it. It runs no
+    rollup refresher: the writer process runs the one its factory sets up.
+    """
+
+    def __init__(self, factory: Callable[[], BatchWriter]) -> None:
+        self.factory = factory
+
+    def __call__(self) -> Any:
+        if isinstance(self.factory, WriterSnapshot):
+            return self.factory.writer
+        return self.factory()
+
+
 def start_process_writer(writer: Any, database_url: str,
                          rollup_interval_s: float | None = None) -> ProcessWriter | None:
     """Return a :class:`ProcessWriter` running a copy of ``writer``, or ``None`` when it cannot.
@@ -122,7 +155,8 @@ def start_process_writer(writer: Any, database_url: str,
     An in-memory SQLite database exists in one process only, and a writer with something
     that cannot be pickled cannot be copied: both keep the writer in the recorder's thread,
     with a warning for the second. With ``rollup_interval_s`` the child also runs the rollup
-    refresher at that interval.
+    refresher at that interval. The number of writer processes is read from
+    ``CHATMW_WRITER_PROCESSES`` (see :func:`writer_processes`).
     """
     from sqlalchemy.engine import make_url
 
@@ -140,25 +174,37 @@ def start_process_writer(writer: Any, database_url: str,
         logger.warning("the store writer stays in this process: it cannot be copied to a "
                        "writer process (%s: %s)", type(error).__name__, error)
         return None
-    return ProcessWriter(WriterSnapshot(writer, rollup_interval_s), local_writer=writer)
+    try:
+        processes = writer_processes(url.get_backend_name())
+    except ValueError as error:
+        logger.warning("%s; the store writer uses %d processes", error, DEFAULT_PROCESSES)
+        processes = DEFAULT_PROCESSES
+    return ProcessWriter(WriterSnapshot(writer, rollup_interval_s), local_writer=writer,
+                         processes=processes)
 
 
-def _serve(connection: Connection, factory: Callable[[], BatchWriter]) -> None:
-    # The child's loop: receive one batch, send one (ok, retryable, description, written,
-    # decoder counts) reply.
+def _serve(connection: Connection, factory: Callable[[], BatchWriter],
+           partner_connections: Sequence[Connection] = ()) -> None:
+    # The loop of the child and of each partner: receive one batch, send one (ok,
+    # retryable, description, written, decoder counts) reply. The child writes parts of
+    # its batches through ``partner_connections``.
     _lower_priority()
     writer = factory()
     settle_collector()
+    partners = [_PartnerLink(partner) for partner in partner_connections]
     try:
-        _write_batches(connection, writer)
+        _write_batches(connection, writer, partners)
     finally:
+        for partner in partners:
+            partner.close()
         stop = getattr(factory, "stop", None)
         if stop is not None:
             stop()
 
 
-def _write_batches(connection: Connection, writer: BatchWriter) -> None:
-    inbox = _Inbox(connection, _Preparer(writer))
+def _write_batches(connection: Connection, writer: BatchWriter,
+                   partners: Sequence[_PartnerLink] = ()) -> None:
+    inbox = _Inbox(connection, _Preparer(writer, partners))
     while True:
         received = inbox.next()
         if received is None:
@@ -167,12 +213,131 @@ def _write_batches(connection: Connection, writer: BatchWriter) -> None:
             connection.send((False, False, received.unreadable, 0, {}))
             continue
         try:
-            written = writer.write(received.events)
+            written = _write_received(writer, received)
+        except _PartnerLost as error:
+            # The writer process ends with its partners, and the parent starts them all
+            # again on its next write.
+            logger.error("writer partner process failed: %s", error)
+            connection.send((False, True, str(error), 0, {}))
+            return
         except Exception as error:  # noqa: BLE001 - sent back to the parent, which decides
             connection.send((False, is_retryable(error), _describe(error), 0, {}))
             continue
         written = written if isinstance(written, int) else len(received.events)
         connection.send((True, False, "", written, _decoder_counts(received.batch)))
+
+
+def _write_received(writer: BatchWriter, received: _Received) -> int:
+    # Writes this process's part of the batch while the partners write theirs. Every part
+    # is waited for, and the first error is raised: the recorder then writes the whole
+    # batch again, and the parts already stored are stored once (writes are idempotent).
+    if received.lost:
+        raise _PartnerLost(received.lost)
+    if received.own is None:
+        return writer.write(received.events)
+    failure: Exception | None = None
+    written = 0
+    try:
+        if received.own:
+            written = writer.write(received.own)
+    except Exception as error:  # noqa: BLE001 - raised once the partners have replied
+        failure = error
+    for partner in received.sent:
+        try:
+            written += partner.result()
+        except _PartnerLost:
+            raise
+        except Exception as error:  # noqa: BLE001 - the first error is raised below
+            if failure is None:
+                failure = error
+    if failure is not None:
+        raise failure
+    return written
+
+
+class _PartnerLost(Exception):
+    """The pipe to a partner process failed: the partner ended or stopped reading."""
+
+
+class _PartnerLink:
+    """The writer process's end of the pipe to one partner process."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    def send(self, part: Sequence[Event]) -> None:
+        """Send ``part`` to the partner, which writes it and replies."""
+        try:
+            _send_in_chunks(self.connection, part)
+        except OSError as error:
+            raise _PartnerLost(f"sending to the partner failed: {type(error).__name__}") from error
+
+    def result(self) -> int:
+        """Wait for the partner's reply and return the events it wrote; raise its error."""
+        try:
+            ok, retryable, description, written, _ = self.connection.recv()
+        except (EOFError, OSError) as error:
+            raise _PartnerLost(f"the partner's pipe failed: {type(error).__name__}") from error
+        if ok:
+            return int(written)
+        if retryable:
+            raise _unavailable(description)
+        raise WriteRejected(description)
+
+    def close(self) -> None:
+        """Tell the partner to stop, and close the pipe."""
+        with contextlib.suppress(OSError):
+            self.connection.send(None)
+        self.connection.close()
+
+
+def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | None:
+    """Return ``events`` split into ``count`` parts by user, or ``None`` to keep them whole.
+
+    An event with a ``user_id`` goes to the part given by a hash of its channel and user,
+    so a user's events always go to the same part, in their order. Raw payloads and spend
+    belong to no user and go to the first part. A batch with fewer than
+    ``SPLIT_MIN_EVENTS`` events, or with any other event (a status without a user, an
+    event type of an extension), is kept whole, because its order against the other
+    events may matter.
+    """
+    if count < 2 or len(events) < SPLIT_MIN_EVENTS:
+        return None
+    parts: list[list[Event]] = [[] for _ in range(count)]
+    crc32 = zlib.crc32
+    for event in events:
+        user = getattr(event, "user_id", None)
+        if user.__class__ is str and user:
+            identity = f"{event.channel}\x00{user}".encode("utf-8", "surrogatepass")
+            parts[crc32(identity) % count].append(event)
+        elif isinstance(event, _USERLESS_EVENTS):
+            parts[0].append(event)
+        else:
+            return None
+    return parts
+
+
+def writer_processes(dialect: str, environ: Mapping[str, str] | None = None) -> int:
+    """Read ``CHATMW_WRITER_PROCESSES``, the writer processes of a store on ``dialect``.
+
+    PostgreSQL gets 2 unless the setting gives another number (1 to 8). SQLite lets one
+    writer in at a time, so it always gets 1.
+    """
+    if dialect != "postgresql":
+        return 1
+    environ = os.environ if environ is None else environ
+    raw = environ.get(PROCESSES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROCESSES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
+                         f"got {raw!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
+                         f"got {value}")
+    return value
 
 
 DecoderCounts = dict[str, dict[str, int]]
@@ -297,6 +462,11 @@ class _Received:
         self.events = events
         # Why the batch could not be read, when it could not.
         self.unreadable = unreadable
+        # When the batch was split: this process's part, and the partners sent a part.
+        self.own: list[Event] | None = None
+        self.sent: list[_PartnerLink] = []
+        # Why a part could not be sent, when a partner was lost.
+        self.lost = ""
 
 
 class _Preparer:
@@ -307,21 +477,45 @@ class _Preparer:
     The enrichers (such as sentiment) run in the write itself. Run ahead in the inbox
     thread, they lowered the SQLite ingest rate by 5 to 7 %, because the two threads then
     take turns with the interpreter lock, and they did not raise the PostgreSQL rate.
-    A writer without ``expand`` gets its batches as received.
+    A writer without ``expand`` gets its batches as received. With partners, the decoded
+    events are split by user (:func:`split_by_user`) and the partners' parts sent at once,
+    so the partners receive them while this process still writes the batch before.
     """
 
-    def __init__(self, writer: Any) -> None:
+    def __init__(self, writer: Any, partners: Sequence[_PartnerLink] = ()) -> None:
         self._expand = getattr(writer, "expand", None)
+        self._partners = partners
 
     def prepare(self, batch: list[Event]) -> _Received:
-        """Return ``batch`` with its decoded events."""
+        """Return ``batch`` with its decoded events, and send the partners their parts."""
         events: Sequence[Event] = batch
         if self._expand is not None:
             try:
                 events = self._expand(batch)
             except Exception:  # noqa: BLE001 - the writer decodes the batch itself and raises
                 return _Received(batch, batch)
-        return _Received(batch, events)
+        received = _Received(batch, events)
+        parts = split_by_user(events, len(self._partners) + 1) if self._partners else None
+        if parts is None:
+            return received
+        received.own = parts[0]
+        for partner, part in zip(self._partners, parts[1:], strict=True):
+            if not part:
+                continue
+            try:
+                partner.send(part)
+            except _PartnerLost as error:
+                received.lost = str(error)
+                return received
+            except Exception as error:  # noqa: BLE001 - this process writes the part itself
+                # A part that cannot be pickled: the partner discards what it received of
+                # it and does not reply, and this process writes it with its own part.
+                logger.warning("writer process kept a part of %d events it could not send to "
+                               "a partner: %s", len(part), _describe(error))
+                received.own.extend(part)
+                continue
+            received.sent.append(partner)
+        return received
 
 
 class _Inbox:
@@ -434,10 +628,16 @@ class ProcessWriter:
     expands_exchanges = True
 
     def __init__(self, factory: Callable[[], BatchWriter], *, timeout_s: float = 120.0,
-                 start_method: str = "spawn", local_writer: Any = None) -> None:
+                 start_method: str = "spawn", local_writer: Any = None,
+                 processes: int = 1) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not 1 <= processes <= MAX_PROCESSES:
+            raise ValueError(f"processes must be from 1 to {MAX_PROCESSES}, got {processes}")
         self.factory = factory
+        # The child and its partners (see split_by_user).
+        self.processes = processes
+        self._partners: list[Any] = []
         # The writer the child copies, when there is one: code that registers handlers
         # registers them here, then calls refresh().
         self.local_writer = local_writer
@@ -537,20 +737,22 @@ class ProcessWriter:
         self.close()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the child after the write in progress, if any."""
+        """Stop the child (and its partners) after the write in progress, if any."""
         with self._lock:
             process, connection = self._process, self._connection
+            partners, self._partners = self._partners, []
             self._process = self._connection = None
             self._forget_batches()
-            if process is None or connection is None:
-                return
-            with contextlib.suppress(OSError):
-                connection.send(None)
-            process.join(timeout_s)
-            if process.is_alive():
-                process.kill()
-                process.join()
-            connection.close()
+            if process is not None and connection is not None:
+                with contextlib.suppress(OSError):
+                    connection.send(None)
+                process.join(timeout_s)
+                if process.is_alive():
+                    process.kill()
+                    process.join()
+                connection.close()
+            # The child sent its partners the stop message as it ended.
+            _stop_processes(partners, timeout_s)
 
     def _ensure_started(self) -> Connection:
         if self._process is not None and self._process.is_alive() and self._connection is not None:
@@ -558,18 +760,40 @@ class ProcessWriter:
         if self._process is not None:
             self._kill("child writer process exited")
         parent, child = self._context.Pipe()
-        process = self._context.Process(target=_serve, args=(child, self.factory),
-                                        name="chatmw-writer", daemon=True)
+        links: list[Connection] = []
         try:
+            self._partners = []
+            for _ in range(self.processes - 1):
+                link, partner_end = self._context.Pipe()
+                links.append(link)
+                partner = self._context.Process(
+                    target=_serve, args=(partner_end, PartnerFactory(self.factory)),
+                    name="chatmw-writer-partner", daemon=True)
+                try:
+                    partner.start()
+                finally:
+                    partner_end.close()
+                self._partners.append(partner)
+            process = self._context.Process(target=_serve, args=(child, self.factory, links),
+                                            name="chatmw-writer", daemon=True)
             process.start()
         except Exception as error:  # noqa: BLE001 - reported as a retryable write failure
             parent.close()
-            child.close()
+            _stop_processes(self._partners, 0)
+            self._partners = []
             logger.error("writer process could not start: %s", _describe(error))
             raise _unavailable(f"writer process could not start: {_describe(error)}") from error
-        child.close()
+        finally:
+            # The child has its own copies of these ends now.
+            child.close()
+            for link in links:
+                link.close()
         self._process, self._connection = process, parent
-        logger.info("writer process started: pid=%s", process.pid)
+        if self._partners:
+            logger.info("writer process started: pid=%s, partners: pids=%s", process.pid,
+                        ",".join(str(partner.pid) for partner in self._partners))
+        else:
+            logger.info("writer process started: pid=%s", process.pid)
         return parent
 
     def _forget_batches(self) -> None:
@@ -580,6 +804,7 @@ class ProcessWriter:
 
     def _kill(self, reason: str) -> None:
         process, connection = self._process, self._connection
+        partners, self._partners = self._partners, []
         self._process = self._connection = None
         self._forget_batches()
         logger.warning("writer process stopped: %s", reason)
@@ -588,6 +813,16 @@ class ProcessWriter:
             process.join()
         if connection is not None:
             connection.close()
+        _stop_processes(partners, 0)
+
+
+def _stop_processes(processes: Sequence[Any], timeout_s: float) -> None:
+    # Waits up to ``timeout_s`` for each process to end, then kills those left.
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def _unavailable(description: str) -> OperationalError:

@@ -121,3 +121,25 @@ def test_enricher_unknown_column_rejected(engine: Engine) -> None:
         writer.write([message("m1", "user", 0)])
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(models.Message)) == 0
+
+
+def test_update_without_conversation_adds_no_contact(engine: Engine) -> None:
+    # An update of a user who has no conversation changes nothing, before or after the
+    # user's first message in the same batch: the contact is first seen at that message.
+    update = ev.ConversationUpdate(channel="web", occurred_at=T0, user_id="u9", resolved=True)
+    writer = Writer(engine)
+
+    writer.write([update])
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(models.Contact)) == 0
+        assert session.scalar(select(func.count()).select_from(models.Conversation)) == 0
+
+    writer.write([update, message("m1", "user", 60, user="u9"), update])
+    with Session(engine) as session:
+        contact = session.scalars(select(models.Contact)).one()
+        conversation = session.scalars(select(models.Conversation)).one()
+    assert contact.external_id == "u9"
+    assert contact.first_seen_ms == ev.to_ms(T0 + timedelta(seconds=60))
+    # The update after the message names no time later than the conversation's start, so
+    # it finds no conversation that started at or before it.
+    assert conversation.resolved is not True

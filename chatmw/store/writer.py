@@ -43,6 +43,7 @@ from chatmw.store.identity import (
     lock_rows,
     resolve_contacts,
     resolve_named_conversations,
+    select_by_keys,
     update_from,
     upsert,
 )
@@ -561,12 +562,18 @@ class Writer:
             else:
                 identities.setdefault((item.channel, item.user_id), at_ms)
         named_ids = resolve_named_conversations(session, named)
-        contacts = resolve_contacts(session, identities)
+        # A contact not stored yet has no conversation to update, so the update creates
+        # none. Created here, it would get the update's time as its first seen time, and
+        # that time would then depend on whether a message of the same batch came first.
+        contacts = {(channel, external_id): contact_id for channel, external_id, contact_id
+                    in select_by_keys(session, models.Contact.__table__,
+                                      ("channel", "external_id"), list(identities),
+                                      ("channel", "external_id", "id"))}
         lookups = [
             {"idx": index, "channel": item.channel,
              "contact_id": contacts[(item.channel, item.user_id)], "at_ms": at_ms}
             for index, (item, at_ms) in enumerate(zip(updates, times, strict=True))
-            if item.conversation_id is None
+            if item.conversation_id is None and (item.channel, item.user_id) in contacts
         ]
         latest = latest_conversations_at(session, lookups)
         targets: list[int | None] = []
