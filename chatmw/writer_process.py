@@ -70,9 +70,12 @@ _DISCARD = "discard"
 PROCESSES_ENV = "CHATMW_WRITER_PROCESSES"
 DEFAULT_PROCESSES = 2
 MAX_PROCESSES = 8
-# Batches with fewer events are written by the child alone: sending a part to a partner
-# costs a round trip through a pipe, which a small batch does not win back.
-SPLIT_MIN_EVENTS = 200
+# Batches of fewer items (events and undecoded exchanges, as the recorder sent them) are
+# written by the child alone. The recorder closes a batch at 2,000 items or after 0.2 s by
+# default, so its batches reach 1,000 items when events arrive faster than 5,000 a second
+# or the writer falls behind, which is when the partners are needed. Below that, one
+# process keeps up, and the partners would only compete with the application for CPU.
+SPLIT_MIN_BATCH = 1000
 # Events that belong to no user. They go to the child's own part.
 _USERLESS_EVENTS = (RawPayload, Spend)
 
@@ -184,16 +187,17 @@ def start_process_writer(writer: Any, database_url: str,
 
 
 def _serve(connection: Connection, factory: Callable[[], BatchWriter],
-           partner_connections: Sequence[Connection] = ()) -> None:
+           partner_connections: Sequence[Connection] = (),
+           split_min_batch: int = SPLIT_MIN_BATCH) -> None:
     # The loop of the child and of each partner: receive one batch, send one (ok,
     # retryable, description, written, decoder counts) reply. The child writes parts of
-    # its batches through ``partner_connections``.
+    # its batches of at least ``split_min_batch`` items through ``partner_connections``.
     _lower_priority()
     writer = factory()
     settle_collector()
     partners = [_PartnerLink(partner) for partner in partner_connections]
     try:
-        _write_batches(connection, writer, partners)
+        _write_batches(connection, writer, partners, split_min_batch)
     finally:
         for partner in partners:
             partner.close()
@@ -203,8 +207,9 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter],
 
 
 def _write_batches(connection: Connection, writer: BatchWriter,
-                   partners: Sequence[_PartnerLink] = ()) -> None:
-    inbox = _Inbox(connection, _Preparer(writer, partners))
+                   partners: Sequence[_PartnerLink] = (),
+                   split_min_batch: int = SPLIT_MIN_BATCH) -> None:
+    inbox = _Inbox(connection, _Preparer(writer, partners, split_min_batch))
     while True:
         received = inbox.next()
         if received is None:
@@ -296,12 +301,11 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
 
     An event with a ``user_id`` goes to the part given by a hash of its channel and user,
     so a user's events always go to the same part, in their order. Raw payloads and spend
-    belong to no user and go to the first part. A batch with fewer than
-    ``SPLIT_MIN_EVENTS`` events, or with any other event (a status without a user, an
-    event type of an extension), is kept whole, because its order against the other
-    events may matter.
+    belong to no user and go to the first part. A batch with any other event (a status
+    without a user, an event type of an extension) is kept whole, because its order
+    against the other events may matter.
     """
-    if count < 2 or len(events) < SPLIT_MIN_EVENTS:
+    if count < 2:
         return None
     parts: list[list[Event]] = [[] for _ in range(count)]
     crc32 = zlib.crc32
@@ -482,9 +486,11 @@ class _Preparer:
     so the partners receive them while this process still writes the batch before.
     """
 
-    def __init__(self, writer: Any, partners: Sequence[_PartnerLink] = ()) -> None:
+    def __init__(self, writer: Any, partners: Sequence[_PartnerLink] = (),
+                 split_min_batch: int = SPLIT_MIN_BATCH) -> None:
         self._expand = getattr(writer, "expand", None)
         self._partners = partners
+        self._split_min_batch = split_min_batch
 
     def prepare(self, batch: list[Event]) -> _Received:
         """Return ``batch`` with its decoded events, and send the partners their parts."""
@@ -495,7 +501,9 @@ class _Preparer:
             except Exception:  # noqa: BLE001 - the writer decodes the batch itself and raises
                 return _Received(batch, batch)
         received = _Received(batch, events)
-        parts = split_by_user(events, len(self._partners) + 1) if self._partners else None
+        parts = None
+        if self._partners and len(batch) >= self._split_min_batch:
+            parts = split_by_user(events, len(self._partners) + 1)
         if parts is None:
             return received
         received.own = parts[0]
@@ -629,14 +637,15 @@ class ProcessWriter:
 
     def __init__(self, factory: Callable[[], BatchWriter], *, timeout_s: float = 120.0,
                  start_method: str = "spawn", local_writer: Any = None,
-                 processes: int = 1) -> None:
+                 processes: int = 1, split_min_batch: int = SPLIT_MIN_BATCH) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if not 1 <= processes <= MAX_PROCESSES:
             raise ValueError(f"processes must be from 1 to {MAX_PROCESSES}, got {processes}")
         self.factory = factory
-        # The child and its partners (see split_by_user).
+        # The child and its partners (see split_by_user), and the smallest batch split.
         self.processes = processes
+        self.split_min_batch = split_min_batch
         self._partners: list[Any] = []
         # The writer the child copies, when there is one: code that registers handlers
         # registers them here, then calls refresh().
@@ -774,7 +783,9 @@ class ProcessWriter:
                 finally:
                     partner_end.close()
                 self._partners.append(partner)
-            process = self._context.Process(target=_serve, args=(child, self.factory, links),
+            process = self._context.Process(target=_serve,
+                                            args=(child, self.factory, links,
+                                                  self.split_min_batch),
                                             name="chatmw-writer", daemon=True)
             process.start()
         except Exception as error:  # noqa: BLE001 - reported as a retryable write failure

@@ -21,7 +21,7 @@ from chatmw.runtime import build_writer
 from chatmw.store.models import Message
 from chatmw.writer_process import (
     DEFAULT_PROCESSES,
-    SPLIT_MIN_EVENTS,
+    SPLIT_MIN_BATCH,
     ProcessWriter,
     WriterSnapshot,
     _Preparer,
@@ -31,6 +31,8 @@ from chatmw.writer_process import (
 )
 
 T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)
+# The smallest batch the writer processes of these tests split (the default is larger).
+SPLIT_MIN = 200
 
 
 def _message(index: int, user: str, text: str = "hello", channel: str = "web") -> ev.Message:
@@ -61,7 +63,7 @@ def _boom_enricher(message: ev.Message) -> dict[str, object]:
 
 def test_split_keeps_users_together() -> None:
     users = _users(12)
-    events: list[ev.Event] = [_message(index, users[index % 12]) for index in range(SPLIT_MIN_EVENTS)]
+    events: list[ev.Event] = [_message(index, users[index % 12]) for index in range(SPLIT_MIN)]
     raw = ev.RawPayload(channel="messenger", occurred_at=T0, source="webhook",
                         body=b'{"object": "page"}', reason="unknown object")
     spend = Spend.for_day(date(2025, 6, 2), "web", Decimal("12.50"), "EUR")
@@ -89,8 +91,8 @@ def test_split_keeps_users_together() -> None:
 def test_split_same_user_same_part() -> None:
     # The same user gets the same part in every batch, and a user on another channel is
     # another contact, hashed on its own.
-    first = [_message(index, f"user{index % 40}") for index in range(SPLIT_MIN_EVENTS)]
-    second = [_message(index + 1000, f"user{index % 40}") for index in range(SPLIT_MIN_EVENTS)]
+    first = [_message(index, f"user{index % 40}") for index in range(SPLIT_MIN)]
+    second = [_message(index + 1000, f"user{index % 40}") for index in range(SPLIT_MIN)]
 
     first_parts = split_by_user(first, 2)
     second_parts = split_by_user(second, 2)
@@ -101,7 +103,7 @@ def test_split_same_user_same_part() -> None:
         assert ({m.user_id for m in first_parts[index]}  # type: ignore[attr-defined]
                 == {m.user_id for m in second_parts[index]})  # type: ignore[attr-defined]
     mixed = [_message(index, "ana", channel=("web", "whatsapp")[index % 2])
-             for index in range(SPLIT_MIN_EVENTS)]
+             for index in range(SPLIT_MIN)]
     mixed_parts = split_by_user(mixed, 7)
     assert mixed_parts is not None
     for channel in ("web", "whatsapp"):
@@ -111,12 +113,11 @@ def test_split_same_user_same_part() -> None:
 
 
 def test_split_keeps_some_batches_whole() -> None:
-    messages = [_message(index, f"user{index % 9}") for index in range(SPLIT_MIN_EVENTS)]
+    messages = [_message(index, f"user{index % 9}") for index in range(SPLIT_MIN)]
     userless = ev.Status(channel="whatsapp", occurred_at=T0, platform_message_id="wamid.1",
                          status="read")
     addressed = dataclasses.replace(userless, user_id="user3")
 
-    assert split_by_user(messages[:-1], 2) is None
     assert split_by_user(messages, 1) is None
     assert split_by_user([*messages, userless], 2) is None
     assert split_by_user([*messages, addressed], 2) is not None
@@ -164,7 +165,7 @@ def test_process_count_checked() -> None:
 def _write_in_batches(url: str, engine: Engine, batches: list[list[ev.Event]],
                       processes: int) -> dict[str, list[dict[str, object]]]:
     writer = ProcessWriter(WriterSnapshot(build_writer(Settings(sentiment=True), engine)),
-                           processes=processes)
+                           processes=processes, split_min_batch=SPLIT_MIN)
     try:
         for batch in batches:
             assert writer.write(batch) == len(batch)
@@ -183,9 +184,9 @@ def test_partners_store_same_rows(database_url: str, engine: Engine) -> None:
              if isinstance(event, ev.Message) and event.platform_message_id}
     events = [dataclasses.replace(event, user_id=users[event.platform_message_id])
               if isinstance(event, ev.Status) else event for event in events]
-    size = SPLIT_MIN_EVENTS + 50
+    size = SPLIT_MIN + 50
     batches = [events[start:start + size] for start in range(0, len(events), size)]
-    batches = [batch for batch in batches if len(batch) >= SPLIT_MIN_EVENTS]
+    batches = [batch for batch in batches if len(batch) >= SPLIT_MIN]
     assert len(batches) >= 2
     for batch in batches:
         parts = split_by_user(batch, 2)
@@ -207,14 +208,15 @@ def test_lost_partner_batch_written_again(database_url: str, engine: Engine,
     # A partner killed between batches: the next batch fails as retryable, the recorder
     # writes it again through new processes, and every message is stored and counted once.
     writer = ProcessWriter(WriterSnapshot(build_writer(Settings(sentiment=False), engine)),
-                           processes=2)
-    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN_EVENTS + 100,
-                                                 batch_interval_s=0.05,
+                           processes=2, split_min_batch=SPLIT_MIN)
+    # A batch closes at its size, so that each one is large enough to split.
+    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
+                                                 batch_interval_s=2.0,
                                                  retry_backoff_s=0.05))
     users = _users(30)
-    first = [_message(index, users[index % 30]) for index in range(SPLIT_MIN_EVENTS + 100)]
+    first = [_message(index, users[index % 30]) for index in range(SPLIT_MIN + 100)]
     second = [_message(index + 10_000, users[index % 30])
-              for index in range(SPLIT_MIN_EVENTS + 100)]
+              for index in range(SPLIT_MIN + 100)]
     recorder.start()
     try:
         for message in first:
@@ -247,12 +249,12 @@ def test_rejected_event_in_partner_isolated(database_url: str, engine: Engine) -
     # the recorder isolates that event, and every other event is stored once.
     local = build_writer(Settings(sentiment=False), engine)
     local.enrichers.append(_boom_enricher)
-    writer = ProcessWriter(WriterSnapshot(local), processes=2)
-    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN_EVENTS + 100,
-                                                 batch_interval_s=0.05))
+    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
+    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
+                                                 batch_interval_s=2.0))
     users = _users(30)
     partner_user = next(user for user in users if _part_of(user) == 1)
-    batch = [_message(index, users[index % 30]) for index in range(SPLIT_MIN_EVENTS + 100)]
+    batch = [_message(index, users[index % 30]) for index in range(SPLIT_MIN + 100)]
     bad = _message(99_999, partner_user, text="boom")
     batch.insert(17, bad)
     recorder.start()
@@ -273,8 +275,8 @@ def test_rejected_event_in_partner_isolated(database_url: str, engine: Engine) -
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_close_stops_partners(database_url: str, engine: Engine) -> None:
     writer = ProcessWriter(WriterSnapshot(build_writer(Settings(sentiment=False), engine)),
-                           processes=3)
-    batch = [_message(index, f"user{index % 50}") for index in range(SPLIT_MIN_EVENTS)]
+                           processes=3, split_min_batch=SPLIT_MIN)
+    batch = [_message(index, f"user{index % 50}") for index in range(SPLIT_MIN)]
     assert writer.write(batch) == len(batch)
     partners = list(writer._partners)
     child = writer._process
@@ -304,8 +306,8 @@ class _UnsendableLink:
 
 
 def test_unsendable_part_stays_with_writer(caplog: pytest.LogCaptureFixture) -> None:
-    batch = [_message(index, f"user{index % 20}") for index in range(SPLIT_MIN_EVENTS)]
-    preparer = _Preparer(_Decoded(), [_UnsendableLink()])  # type: ignore[list-item]
+    batch = [_message(index, f"user{index % 20}") for index in range(SPLIT_MIN)]
+    preparer = _Preparer(_Decoded(), [_UnsendableLink()], SPLIT_MIN)  # type: ignore[list-item]
 
     with caplog.at_level(logging.WARNING, logger="chatmw"):
         received = preparer.prepare(list(batch))
@@ -315,3 +317,31 @@ def test_unsendable_part_stays_with_writer(caplog: pytest.LogCaptureFixture) -> 
     assert received.own is not None
     assert sorted(m.key for m in received.own) == sorted(m.key for m in batch)  # type: ignore[attr-defined]
     assert "could not send to a partner" in caplog.text
+
+
+class _RecordingLink:
+    # A partner link that keeps the parts it is sent.
+    def __init__(self) -> None:
+        self.parts: list[list[ev.Event]] = []
+
+    def send(self, part: list[ev.Event]) -> None:
+        self.parts.append(part)
+
+
+def test_small_batch_stays_with_writer() -> None:
+    # Batches are split from SPLIT_MIN_BATCH items on, counted as the recorder sent them.
+    link = _RecordingLink()
+    preparer = _Preparer(_Decoded(), [link])  # type: ignore[list-item]
+    users = [f"user{index % 20}" for index in range(SPLIT_MIN_BATCH)]
+    small = [_message(index, user) for index, user in enumerate(users[:-1])]
+    full = [_message(index, user) for index, user in enumerate(users)]
+
+    kept = preparer.prepare(small)
+    split = preparer.prepare(full)
+
+    assert kept.own is None
+    assert kept.sent == []
+    assert split.own is not None
+    assert split.sent == [link]
+    assert len(link.parts) == 1
+    assert len(split.own) + len(link.parts[0]) == SPLIT_MIN_BATCH
