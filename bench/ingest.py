@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -40,7 +41,7 @@ from chatmw.config import Settings
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
 from chatmw.store.engine import make_engine, upgrade
-from chatmw.writer_process import ProcessWriter, start_process_writer
+from chatmw.writer_process import PROCESSES_ENV, ProcessWriter, start_process_writer
 
 TARGETS = {"sqlite": 25_000, "postgresql": 20_000}
 
@@ -88,7 +89,10 @@ def run_one(
     # The writer every runtime builds (lead detection, query types, survey answers), with
     # the sentiment enricher on or off.
     writer: Any = build_writer(Settings(database_url=url, sentiment=sentiment), engine)
-    if placement == "process":
+    if placement == "process-1":
+        # One writer process, without the partners a PostgreSQL store gets by default.
+        os.environ[PROCESSES_ENV] = "1"
+    if placement in ("process", "process-1"):
         writer = start_process_writer(writer, url)
         writer.write([])  # waits until the child has started and imported the writer
     recorder = Recorder(writer, settings)
@@ -176,7 +180,9 @@ def render(results: list[IngestResult], seconds: float, warmup: float) -> str:
         f"`writer` is where the store writer runs (the writer every runtime builds: sentiment "
         f"on or off, lead detection, query types, survey answers): the recorder's thread, or "
         f"a child process (`chatmw.writer_process`, the default of a runtime), whose own "
-        f"largest RSS is in the last column. Fresh database for each row; targets apply to "
+        f"largest RSS is in the last column. On PostgreSQL `process` has a partner process "
+        f"(two writer processes, the default) and `process-1` is the child alone "
+        f"(`CHATMW_WRITER_PROCESSES=1`). Fresh database for each row; targets apply to "
         f"sentiment on.",
         "",
         "| database | mode | sentiment | writer | batch / queue | written/s | target | dropped | "
@@ -238,7 +244,11 @@ def main(argv: list[str] | None = None) -> list[IngestResult]:
     results = []
     for database in args.databases.split(","):
         for flag in args.sentiment.split(","):
-            for placement in args.writers.split(","):
+            placements = args.writers.split(",")
+            if database == "postgresql" and flag == "on" and "process" in placements:
+                # One writer process beside the default two, sentiment on.
+                placements.append("process-1")
+            for placement in placements:
                 if "paced" in args.modes.split(","):
                     results.append(run_isolated(database, "paced", flag == "on", placement,
                                                 args.seconds, args.warmup, settings))
