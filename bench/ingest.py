@@ -37,11 +37,11 @@ from bench.common import (
     write_section,
 )
 from bench.workload import message_stream
-from chatmw.config import Settings
+from chatmw.config import PROCESSES_ENV, Settings
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
 from chatmw.store.engine import make_engine, upgrade
-from chatmw.writer_process import PROCESSES_ENV, ProcessWriter, start_process_writer
+from chatmw.writer_process import ProcessWriter, start_process_writer
 
 TARGETS = {"sqlite": 25_000, "postgresql": 20_000}
 

@@ -41,6 +41,21 @@ WRITER_PROCESS_MIN_BYTES = 4 * 1024 * 1024
 FORMAT_HELP = "File format: csv, jsonl or twcs (default: from the extension .csv, .jsonl, .ndjson)."
 
 
+def import_writer_processes(database_url: str) -> int:
+    """Return the writer processes of an import into ``database_url`` (CHATMW_WRITER_PROCESSES).
+
+    The backend is read from the URL's scheme, so that SQLAlchemy is not imported before
+    the writer processes start.
+    """
+    from chatmw.config import writer_processes
+
+    backend = database_url.partition(":")[0].partition("+")[0].lower()
+    try:
+        return writer_processes(backend)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 def _timezone(name: str | None) -> tzinfo | None:
     if name is None:
         return None
@@ -112,7 +127,11 @@ def import_command(
 ) -> None:
     """Import a transcript file; see ``IMPORT_HELP`` for the exit statuses."""
     from chatmw.importers import FORMATS, TextFile, detect_format, open_source
-    from chatmw.importers.writers import ProcessBatchWriter, build_import_writer
+    from chatmw.importers.writers import (
+        ProcessBatchWriter,
+        SplitBatchWriter,
+        build_import_writer,
+    )
     from chatmw.security.privacy import PrivacySettings
 
     if file_format is None:
@@ -145,8 +164,14 @@ def import_command(
             # (a new interpreter and its imports) overlaps these imports and the migration.
             # It needs the text rule only; the pseudonym key stays in this process.
             child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
-            writer = ProcessBatchWriter(functools.partial(build_import_writer, settings,
-                                                          child_privacy))
+            factory = functools.partial(build_import_writer, settings, child_privacy)
+            processes = import_writer_processes(settings.database_url)
+            if processes > 1:
+                # PostgreSQL: one child per part of each batch, split by user.
+                writer = SplitBatchWriter([ProcessBatchWriter(factory)
+                                           for _ in range(processes)])
+            else:
+                writer = ProcessBatchWriter(factory)
             stack.callback(writer.close)
         from rich.console import Console
         from sqlalchemy.exc import SQLAlchemyError

@@ -10,13 +10,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from chatmw.recorder import RecorderSettings
 
-__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "WRITER_ENV"]
+__all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "PROCESSES_ENV", "WRITER_ENV",
+           "writer_processes"]
 
 DEFAULT_DATABASE_URL = "sqlite:///chatmw.db"
 # The database URL when no ``--db`` option or ``database_url`` argument is given.
 DATABASE_URL_ENV = "CHATMW_DATABASE_URL"
 # The store writer's placement: "process" (the default) or "thread".
 WRITER_ENV = "CHATMW_WRITER"
+# The number of writer processes on PostgreSQL (see chatmw.writer_process.split_by_user).
+PROCESSES_ENV = "CHATMW_WRITER_PROCESSES"
+DEFAULT_PROCESSES = 2
+MAX_PROCESSES = 8
 
 
 def _default_recorder_settings() -> RecorderSettings:
@@ -100,3 +105,26 @@ def writer_process_from_env(environ: Mapping[str, str]) -> bool:
     if placement not in ("process", "thread"):
         raise ValueError(f"{WRITER_ENV} must be 'process' or 'thread', got {placement!r}")
     return placement == "process"
+
+
+def writer_processes(dialect: str, environ: Mapping[str, str] | None = None) -> int:
+    """Read ``CHATMW_WRITER_PROCESSES``, the writer processes of a store on ``dialect``.
+
+    PostgreSQL gets 2 unless the setting gives another number (1 to 8). SQLite lets one
+    writer in at a time, so it always gets 1.
+    """
+    if dialect != "postgresql":
+        return 1
+    environ = os.environ if environ is None else environ
+    raw = environ.get(PROCESSES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROCESSES
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
+                         f"got {raw!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
+                         f"got {value}")
+    return value

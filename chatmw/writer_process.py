@@ -43,6 +43,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
+from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, writer_processes
 from chatmw.events import Event, RawPayload
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
@@ -66,10 +67,6 @@ SEND_CHUNK = 100
 _EVENT_ROWS = "event-rows"
 # Sent instead of the end of a batch whose sending failed: the child drops what it got of it.
 _DISCARD = "discard"
-# The number of writer processes on PostgreSQL: the child and its partners.
-PROCESSES_ENV = "CHATMW_WRITER_PROCESSES"
-DEFAULT_PROCESSES = 2
-MAX_PROCESSES = 8
 # Batches of fewer items (events and undecoded exchanges, as the recorder sent them) are
 # written by the child alone. The recorder closes a batch at 2,000 items or after 0.2 s by
 # default, so its batches reach 1,000 items when events arrive faster than 5,000 a second
@@ -319,29 +316,6 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
         else:
             return None
     return parts
-
-
-def writer_processes(dialect: str, environ: Mapping[str, str] | None = None) -> int:
-    """Read ``CHATMW_WRITER_PROCESSES``, the writer processes of a store on ``dialect``.
-
-    PostgreSQL gets 2 unless the setting gives another number (1 to 8). SQLite lets one
-    writer in at a time, so it always gets 1.
-    """
-    if dialect != "postgresql":
-        return 1
-    environ = os.environ if environ is None else environ
-    raw = environ.get(PROCESSES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROCESSES
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
-                         f"got {raw!r}") from None
-    if not 1 <= value <= MAX_PROCESSES:
-        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
-                         f"got {value}")
-    return value
 
 
 DecoderCounts = dict[str, dict[str, int]]

@@ -14,20 +14,18 @@ from sqlalchemy import Engine, func, select
 from test_writer_reference import stored, traffic
 
 from chatmw import events as ev
-from chatmw.config import Settings
+from chatmw.config import DEFAULT_PROCESSES, Settings, writer_processes
 from chatmw.events_business import Spend
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
 from chatmw.store.models import Message
 from chatmw.writer_process import (
-    DEFAULT_PROCESSES,
     SPLIT_MIN_BATCH,
     ProcessWriter,
     WriterSnapshot,
     _Preparer,
     split_by_user,
     start_process_writer,
-    writer_processes,
 )
 
 T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)

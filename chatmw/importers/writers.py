@@ -20,7 +20,7 @@ import logging
 import multiprocessing
 import operator
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Protocol
@@ -290,6 +290,73 @@ class ProcessBatchWriter:
             self._process.kill()
             self._process.join()
         self._connection.close()
+
+
+class SplitBatchWriter:
+    """Writes each batch through several batch writers at once, split by user.
+
+    Each message goes to the writer given by its channel and user
+    (:func:`chatmw.writer_process.split_by_user`), so a user's messages always go to the
+    same writer, in their order. Every part is waited for, and the first error is raised
+    once all have returned. The parts already stored then stay stored, and importing the
+    file again stores them once.
+    """
+
+    def __init__(self, writers: Sequence[BatchWriter]) -> None:
+        if len(writers) < 2:
+            raise ValueError(f"a split batch writer needs 2 writers or more, got {len(writers)}")
+        self.writers = list(writers)
+        self._prepared: tuple[list[ev.Message], list[list[ev.Message]]] | None = None
+        self._submitted: list[BatchWriter] = []
+
+    def _parts(self, messages: list[ev.Message]) -> list[list[ev.Message]]:
+        from chatmw.writer_process import split_by_user
+
+        prepared = self._prepared
+        if prepared is not None and prepared[0] is messages:
+            return prepared[1]
+        parts = split_by_user(messages, len(self.writers))
+        if parts is None:
+            return [messages] + [[] for _ in self.writers[1:]]
+        return parts  # type: ignore[return-value]
+
+    def prepare(self, messages: list[ev.Message]) -> None:
+        """Split the next batch and let each writer prepare its part."""
+        parts = self._parts(messages)
+        self._prepared = (messages, parts)
+        for writer, part in zip(self.writers, parts, strict=True):
+            if part:
+                writer.prepare(part)
+
+    def submit(self, messages: list[ev.Message]) -> None:
+        """Send each writer its part of ``messages``."""
+        parts = self._parts(messages)
+        self._prepared = None
+        self._submitted = []
+        for writer, part in zip(self.writers, parts, strict=True):
+            if part:
+                writer.submit(part)
+                self._submitted.append(writer)
+
+    def result(self) -> int:
+        """Wait for every part; return the new messages of all, or raise the first error."""
+        submitted, self._submitted = self._submitted, []
+        failure: BaseException | None = None
+        new = 0
+        for writer in submitted:
+            try:
+                new += writer.result()
+            except Exception as error:  # noqa: BLE001 - raised once every part has answered
+                if failure is None:
+                    failure = error
+        if failure is not None:
+            raise failure
+        return new
+
+    def close(self) -> None:
+        """Close every writer."""
+        for writer in self.writers:
+            writer.close()
 
 
 def build_import_writer(settings: Settings, privacy: PrivacySettings | None = None) -> Writer:
