@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
-from chatmw.events import Event, RawPayload
+from chatmw.events import Event
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
@@ -77,7 +77,7 @@ MAX_PROCESSES = 8
 # process keeps up, and the partners would only compete with the application for CPU.
 SPLIT_MIN_BATCH = 1000
 # Events that belong to no user. They go to the child's own part.
-_USERLESS_EVENTS = (RawPayload, Spend)
+_USERLESS_EVENTS = (Spend,)
 
 
 class WriteRejected(Exception):
@@ -300,10 +300,12 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
     """Return ``events`` split into ``count`` parts by user, or ``None`` to keep them whole.
 
     An event with a ``user_id`` goes to the part given by a hash of its channel and user,
-    so a user's events always go to the same part, in their order. Raw payloads and spend
-    belong to no user and go to the first part. A batch with any other event (a status
-    without a user, an event type of an extension) is kept whole, because its order
-    against the other events may matter.
+    so a user's events always go to the same part, in their order. Spend belongs to no
+    user and goes to the first part. A batch with any other event (a status without a
+    user, an event type of an extension) is kept whole, because its order against the
+    other events may matter. So is a batch with a raw payload: it has no key, so a part
+    that holds it must not be stored on its own before a failure of another part makes
+    the recorder write the whole batch again.
     """
     if count < 2:
         return None

@@ -18,7 +18,7 @@ from chatmw.config import Settings
 from chatmw.events_business import Spend
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
-from chatmw.store.models import Message
+from chatmw.store.models import Message, RawPayload
 from chatmw.writer_process import (
     DEFAULT_PROCESSES,
     SPLIT_MIN_BATCH,
@@ -64,10 +64,8 @@ def _boom_enricher(message: ev.Message) -> dict[str, object]:
 def test_split_keeps_users_together() -> None:
     users = _users(12)
     events: list[ev.Event] = [_message(index, users[index % 12]) for index in range(SPLIT_MIN)]
-    raw = ev.RawPayload(channel="messenger", occurred_at=T0, source="webhook",
-                        body=b'{"object": "page"}', reason="unknown object")
     spend = Spend.for_day(date(2025, 6, 2), "web", Decimal("12.50"), "EUR")
-    events[5:5] = [raw, spend]
+    events[5:5] = [spend]
 
     parts = split_by_user(events, 3)
 
@@ -78,7 +76,6 @@ def test_split_keeps_users_together() -> None:
         for event in part:
             if isinstance(event, ev.Message):
                 assert _part_of(event.user_id, 3) == index
-    assert raw in parts[0]
     assert spend in parts[0]
     # Each part keeps the batch order.
     for part in parts:
@@ -118,8 +115,13 @@ def test_split_keeps_some_batches_whole() -> None:
                          status="read")
     addressed = dataclasses.replace(userless, user_id="user3")
 
+    raw = ev.RawPayload(channel="messenger", occurred_at=T0, source="webhook",
+                        body=b'{"object": "page"}', reason="unknown object")
+
     assert split_by_user(messages, 1) is None
     assert split_by_user([*messages, userless], 2) is None
+    # A raw payload has no key: a batch written again stores it again.
+    assert split_by_user([*messages, raw], 2) is None
     assert split_by_user([*messages, addressed], 2) is not None
 
 
@@ -345,3 +347,42 @@ def test_small_batch_stays_with_writer() -> None:
     assert split.sent == [link]
     assert len(link.parts) == 1
     assert len(split.own) + len(link.parts[0]) == SPLIT_MIN_BATCH
+
+
+def _raw_count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(RawPayload)).scalar_one()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_raw_payload_stored_once_when_partner_rejects(database_url: str,
+                                                      engine: Engine) -> None:
+    # A raw payload has no key, so a second write of it stores it again. The batch is
+    # written again when any part fails: the part that holds the raw payload must not
+    # have been stored on its own before.
+    local = build_writer(Settings(sentiment=False), engine)
+    local.enrichers.append(_boom_enricher)
+    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
+    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
+                                                 batch_interval_s=2.0))
+    users = _users(30)
+    partner_user = next(user for user in users if _part_of(user) == 1)
+    batch: list[ev.Event] = [_message(index, users[index % 30])
+                             for index in range(SPLIT_MIN + 98)]
+    batch.insert(17, _message(99_999, partner_user, text="boom"))
+    batch.insert(3, ev.RawPayload(channel="web", occurred_at=T0, source="webhook",
+                                  body=b"not json", reason="unparseable"))
+    recorder.start()
+    try:
+        for event in batch:
+            assert recorder.submit(event)
+        assert recorder.flush(120)
+        stats = recorder.stats()
+    finally:
+        recorder.stop()
+        writer.close()
+
+    assert sum(stats.dropped.values()) == 1
+    assert stats.written == len(batch) - 1
+    assert _raw_count(engine) == 1
+
