@@ -305,17 +305,26 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
     user, an event type of an extension) is kept whole, because its order against the
     other events may matter. So is a batch with a raw payload: it has no key, so a part
     that holds it must not be stored on its own before a failure of another part makes
-    the recorder write the whole batch again.
+    the recorder write the whole batch again. And so is a batch in which users of two
+    parts name one conversation (a group chat): the part that reaches the conversation
+    first would create it, with its user as the owner, whatever the batch order.
     """
     if count < 2:
         return None
     parts: list[list[Event]] = [[] for _ in range(count)]
     crc32 = zlib.crc32
+    # The part of each conversation named in the batch.
+    named: dict[tuple[str, str], int] = {}
     for event in events:
         user = getattr(event, "user_id", None)
         if user.__class__ is str and user:
             identity = f"{event.channel}\x00{user}".encode("utf-8", "surrogatepass")
-            parts[crc32(identity) % count].append(event)
+            index = crc32(identity) % count
+            conversation = getattr(event, "conversation_id", None)
+            if conversation is not None and named.setdefault(
+                    (event.channel, conversation), index) != index:
+                return None
+            parts[index].append(event)
         elif isinstance(event, _USERLESS_EVENTS):
             parts[0].append(event)
         else:

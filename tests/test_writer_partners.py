@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import zlib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -18,7 +19,7 @@ from chatmw.config import Settings
 from chatmw.events_business import Spend
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
-from chatmw.store.models import Message, RawPayload
+from chatmw.store.models import Contact, Conversation, Message, RawPayload
 from chatmw.writer_process import (
     DEFAULT_PROCESSES,
     SPLIT_MIN_BATCH,
@@ -122,6 +123,15 @@ def test_split_keeps_some_batches_whole() -> None:
     assert split_by_user([*messages, userless], 2) is None
     # A raw payload has no key: a batch written again stores it again.
     assert split_by_user([*messages, raw], 2) is None
+    # A conversation named by users of two parts, and by users of one part.
+    apart = [dataclasses.replace(_message(index, user), conversation_id="group")
+             for index, user in enumerate(("user0", "user4"))]
+    together = [dataclasses.replace(_message(index, user), conversation_id="group")
+                for index, user in enumerate(("user5", "user4"))]
+    assert _part_of("user0") != _part_of("user4")
+    assert _part_of("user5") == _part_of("user4")
+    assert split_by_user([*messages, *apart], 2) is None
+    assert split_by_user([*messages, *together], 2) is not None
     assert split_by_user([*messages, addressed], 2) is not None
 
 
@@ -386,3 +396,49 @@ def test_raw_payload_stored_once_when_partner_rejects(database_url: str,
     assert stats.written == len(batch) - 1
     assert _raw_count(engine) == 1
 
+
+
+def _slow_preprocessor(session: object, messages: list[ev.Message]) -> list[ev.Message]:
+    # Holds up the process that writes a message saying "wait", before any of its run.
+    if any(message.text == "wait" for message in messages):
+        time.sleep(1.5)
+    return messages
+
+
+def _group_owner(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(Contact.external_id).join(Conversation, Conversation.contact_id == Contact.id)
+            .where(Conversation.external_id == "group")).scalar_one_or_none()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_shared_conversation_same_owner(database_url: str, engine: Engine) -> None:
+    # A conversation that the source names and two users write in belongs to the first
+    # user who wrote, as with one writer process, even when the process that writes the
+    # other user's events gets to the conversation first.
+    users = _users(40)
+    first_user = next(user for user in users if _part_of(user) == 0)
+    second_user = next(user for user in users if _part_of(user) == 1)
+    batch: list[ev.Event] = [_message(index, users[index % 40]) for index in range(SPLIT_MIN)]
+    batch[0] = dataclasses.replace(batch[0], user_id=first_user, text="wait")
+    batch.append(ev.Message(channel="web", occurred_at=T0 + timedelta(hours=2), key="g1",
+                            role="user", user_id=first_user, text="hi all",
+                            conversation_id="group"))
+    batch.append(ev.Message(channel="web", occurred_at=T0 + timedelta(hours=2, seconds=5),
+                            key="g2", role="user", user_id=second_user, text="hello",
+                            conversation_id="group"))
+    owners = []
+    for processes in (1, 2):
+        _empty_postgres(database_url)
+        local = build_writer(Settings(sentiment=False), engine)
+        local.preprocessors.append(_slow_preprocessor)
+        writer = ProcessWriter(WriterSnapshot(local), processes=processes,
+                               split_min_batch=SPLIT_MIN)
+        try:
+            assert writer.write(batch) == len(batch)
+        finally:
+            writer.close()
+        owners.append(_group_owner(engine))
+    assert owners[0] == first_user
+    assert owners[1] == first_user
