@@ -304,7 +304,7 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
     user and goes to the first part. A batch with any other event (a status without a
     user, an event type of an extension) is kept whole, because its order against the
     other events may matter. So is a batch with a raw payload: it has no key, so a part
-    that holds it must not be stored on its own before a failure of another part makes
+    that contains it must not be stored on its own before a failure of another part makes
     the recorder write the whole batch again. And so is a batch in which users of two
     parts name one conversation (a group chat): the part that reaches the conversation
     first would create it, with its user as the owner, whatever the batch order.

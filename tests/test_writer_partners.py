@@ -365,10 +365,9 @@ def _raw_count(engine: Engine) -> int:
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
-def test_raw_payload_stored_once_when_partner_rejects(database_url: str,
-                                                      engine: Engine) -> None:
+def test_raw_payload_stored_once(database_url: str, engine: Engine) -> None:
     # A raw payload has no key, so a second write of it stores it again. The batch is
-    # written again when any part fails: the part that holds the raw payload must not
+    # written again when any part fails: the part that contains the raw payload must not
     # have been stored on its own before.
     local = build_writer(Settings(sentiment=False), engine)
     local.enrichers.append(_boom_enricher)
