@@ -44,7 +44,7 @@ from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
 from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, writer_processes
-from chatmw.events import Event, RawPayload
+from chatmw.events import Event
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
@@ -74,7 +74,7 @@ _DISCARD = "discard"
 # process keeps up, and the partners would only compete with the application for CPU.
 SPLIT_MIN_BATCH = 1000
 # Events that belong to no user. They go to the child's own part.
-_USERLESS_EVENTS = (RawPayload, Spend)
+_USERLESS_EVENTS = (Spend,)
 
 
 class WriteRejected(Exception):
@@ -297,20 +297,31 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
     """Return ``events`` split into ``count`` parts by user, or ``None`` to keep them whole.
 
     An event with a ``user_id`` goes to the part given by a hash of its channel and user,
-    so a user's events always go to the same part, in their order. Raw payloads and spend
-    belong to no user and go to the first part. A batch with any other event (a status
-    without a user, an event type of an extension) is kept whole, because its order
-    against the other events may matter.
+    so a user's events always go to the same part, in their order. Spend belongs to no
+    user and goes to the first part. A batch with any other event (a status without a
+    user, an event type of an extension) is kept whole, because its order against the
+    other events may matter. So is a batch with a raw payload: it has no key, so a part
+    that contains it must not be stored on its own before a failure of another part makes
+    the recorder write the whole batch again. And so is a batch in which users of two
+    parts name one conversation (a group chat): the part that reaches the conversation
+    first would create it, with its user as the owner, whatever the batch order.
     """
     if count < 2:
         return None
     parts: list[list[Event]] = [[] for _ in range(count)]
     crc32 = zlib.crc32
+    # The part of each conversation named in the batch.
+    named: dict[tuple[str, str], int] = {}
     for event in events:
         user = getattr(event, "user_id", None)
         if user.__class__ is str and user:
             identity = f"{event.channel}\x00{user}".encode("utf-8", "surrogatepass")
-            parts[crc32(identity) % count].append(event)
+            index = crc32(identity) % count
+            conversation = getattr(event, "conversation_id", None)
+            if conversation is not None and named.setdefault(
+                    (event.channel, conversation), index) != index:
+                return None
+            parts[index].append(event)
         elif isinstance(event, _USERLESS_EVENTS):
             parts[0].append(event)
         else:

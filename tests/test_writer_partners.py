@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import zlib
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -18,7 +19,7 @@ from chatmw.config import DEFAULT_PROCESSES, Settings, writer_processes
 from chatmw.events_business import Spend
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import build_writer
-from chatmw.store.models import Message
+from chatmw.store.models import Contact, Conversation, Message, RawPayload
 from chatmw.writer_process import (
     SPLIT_MIN_BATCH,
     ProcessWriter,
@@ -62,10 +63,8 @@ def _boom_enricher(message: ev.Message) -> dict[str, object]:
 def test_split_keeps_users_together() -> None:
     users = _users(12)
     events: list[ev.Event] = [_message(index, users[index % 12]) for index in range(SPLIT_MIN)]
-    raw = ev.RawPayload(channel="messenger", occurred_at=T0, source="webhook",
-                        body=b'{"object": "page"}', reason="unknown object")
     spend = Spend.for_day(date(2025, 6, 2), "web", Decimal("12.50"), "EUR")
-    events[5:5] = [raw, spend]
+    events[5:5] = [spend]
 
     parts = split_by_user(events, 3)
 
@@ -76,7 +75,6 @@ def test_split_keeps_users_together() -> None:
         for event in part:
             if isinstance(event, ev.Message):
                 assert _part_of(event.user_id, 3) == index
-    assert raw in parts[0]
     assert spend in parts[0]
     # Each part keeps the batch order.
     for part in parts:
@@ -116,8 +114,22 @@ def test_split_keeps_some_batches_whole() -> None:
                          status="read")
     addressed = dataclasses.replace(userless, user_id="user3")
 
+    raw = ev.RawPayload(channel="messenger", occurred_at=T0, source="webhook",
+                        body=b'{"object": "page"}', reason="unknown object")
+
     assert split_by_user(messages, 1) is None
     assert split_by_user([*messages, userless], 2) is None
+    # A raw payload has no key: a batch written again stores it again.
+    assert split_by_user([*messages, raw], 2) is None
+    # A conversation named by users of two parts, and by users of one part.
+    apart = [dataclasses.replace(_message(index, user), conversation_id="group")
+             for index, user in enumerate(("user0", "user4"))]
+    together = [dataclasses.replace(_message(index, user), conversation_id="group")
+                for index, user in enumerate(("user5", "user4"))]
+    assert _part_of("user0") != _part_of("user4")
+    assert _part_of("user5") == _part_of("user4")
+    assert split_by_user([*messages, *apart], 2) is None
+    assert split_by_user([*messages, *together], 2) is not None
     assert split_by_user([*messages, addressed], 2) is not None
 
 
@@ -343,3 +355,87 @@ def test_small_batch_stays_with_writer() -> None:
     assert split.sent == [link]
     assert len(link.parts) == 1
     assert len(split.own) + len(link.parts[0]) == SPLIT_MIN_BATCH
+
+
+def _raw_count(engine: Engine) -> int:
+    with engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(RawPayload)).scalar_one()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_raw_payload_stored_once(database_url: str, engine: Engine) -> None:
+    # A raw payload has no key, so a second write of it stores it again. The batch is
+    # written again when any part fails: the part that contains the raw payload must not
+    # have been stored on its own before.
+    local = build_writer(Settings(sentiment=False), engine)
+    local.enrichers.append(_boom_enricher)
+    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
+    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
+                                                 batch_interval_s=2.0))
+    users = _users(30)
+    partner_user = next(user for user in users if _part_of(user) == 1)
+    batch: list[ev.Event] = [_message(index, users[index % 30])
+                             for index in range(SPLIT_MIN + 98)]
+    batch.insert(17, _message(99_999, partner_user, text="boom"))
+    batch.insert(3, ev.RawPayload(channel="web", occurred_at=T0, source="webhook",
+                                  body=b"not json", reason="unparseable"))
+    recorder.start()
+    try:
+        for event in batch:
+            assert recorder.submit(event)
+        assert recorder.flush(120)
+        stats = recorder.stats()
+    finally:
+        recorder.stop()
+        writer.close()
+
+    assert sum(stats.dropped.values()) == 1
+    assert stats.written == len(batch) - 1
+    assert _raw_count(engine) == 1
+
+
+
+def _slow_preprocessor(session: object, messages: list[ev.Message]) -> list[ev.Message]:
+    # Holds up the process that writes a message saying "wait", before any of its run.
+    if any(message.text == "wait" for message in messages):
+        time.sleep(1.5)
+    return messages
+
+
+def _group_owner(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return connection.execute(
+            select(Contact.external_id).join(Conversation, Conversation.contact_id == Contact.id)
+            .where(Conversation.external_id == "group")).scalar_one_or_none()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_shared_conversation_same_owner(database_url: str, engine: Engine) -> None:
+    # A conversation that the source names and two users write in belongs to the first
+    # user who wrote, as with one writer process, even when the process that writes the
+    # other user's events gets to the conversation first.
+    users = _users(40)
+    first_user = next(user for user in users if _part_of(user) == 0)
+    second_user = next(user for user in users if _part_of(user) == 1)
+    batch: list[ev.Event] = [_message(index, users[index % 40]) for index in range(SPLIT_MIN)]
+    batch[0] = dataclasses.replace(batch[0], user_id=first_user, text="wait")
+    batch.append(ev.Message(channel="web", occurred_at=T0 + timedelta(hours=2), key="g1",
+                            role="user", user_id=first_user, text="hi all",
+                            conversation_id="group"))
+    batch.append(ev.Message(channel="web", occurred_at=T0 + timedelta(hours=2, seconds=5),
+                            key="g2", role="user", user_id=second_user, text="hello",
+                            conversation_id="group"))
+    owners = []
+    for processes in (1, 2):
+        _empty_postgres(database_url)
+        local = build_writer(Settings(sentiment=False), engine)
+        local.preprocessors.append(_slow_preprocessor)
+        writer = ProcessWriter(WriterSnapshot(local), processes=processes,
+                               split_min_batch=SPLIT_MIN)
+        try:
+            assert writer.write(batch) == len(batch)
+        finally:
+            writer.close()
+        owners.append(_group_owner(engine))
+    assert owners[0] == first_user
+    assert owners[1] == first_user
