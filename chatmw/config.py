@@ -115,16 +115,24 @@ def writer_processes(dialect: str, environ: Mapping[str, str] | None = None) -> 
     """
     if dialect != "postgresql":
         return 1
-    environ = os.environ if environ is None else environ
-    raw = environ.get(PROCESSES_ENV, "").strip()
+    return int_setting(os.environ if environ is None else environ, PROCESSES_ENV, 1,
+                       MAX_PROCESSES, DEFAULT_PROCESSES)
+
+
+def int_setting(environ: Mapping[str, str], name: str, low: int, high: int,
+                default: int) -> int:
+    """Read the integer variable ``name`` of ``environ``, from ``low`` to ``high``.
+
+    An unset or blank variable gives ``default``; any other value outside the range, or
+    not an integer, raises :class:`ValueError` naming the variable and the range.
+    """
+    raw = environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_PROCESSES
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
-                         f"got {raw!r}") from None
-    if not 1 <= value <= MAX_PROCESSES:
-        raise ValueError(f"{PROCESSES_ENV} must be an integer from 1 to {MAX_PROCESSES}, "
-                         f"got {value}")
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value}")
     return value

@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
-from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, writer_processes
+from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, int_setting, writer_processes
 from chatmw.events import Event
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
@@ -557,17 +557,8 @@ class _Inbox:
 
 def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
     """Read ``CHATMW_WRITER_NICE``, the niceness the writer process adds to its own (0-19)."""
-    environ = os.environ if environ is None else environ
-    raw = environ.get(NICE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_NICENESS
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{NICE_ENV} must be an integer from 0 to 19, got {raw!r}") from None
-    if not 0 <= value <= 19:
-        raise ValueError(f"{NICE_ENV} must be an integer from 0 to 19, got {value}")
-    return value
+    return int_setting(os.environ if environ is None else environ, NICE_ENV, 0, 19,
+                       DEFAULT_NICENESS)
 
 
 # Allocations between two collections of the youngest generation in a writer process.

@@ -17,7 +17,7 @@ from test_writer_reference import stored, traffic
 from chatmw import events as ev
 from chatmw.config import DEFAULT_PROCESSES, Settings, writer_processes
 from chatmw.events_business import Spend
-from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.recorder import Recorder, RecorderSettings, RecorderStats
 from chatmw.runtime import build_writer
 from chatmw.store.models import Contact, Conversation, Message, RawPayload
 from chatmw.writer_process import (
@@ -253,29 +253,35 @@ def test_lost_partner_batch_written_again(database_url: str, engine: Engine,
     assert _stored_keys(engine) == sorted(message.key for message in first + second)
 
 
+def _record_with_rejecting_partner(engine: Engine, batch: list[ev.Event]) -> RecorderStats:
+    # Records ``batch`` as one batch through two writer processes whose writers reject
+    # a message saying "boom", and returns the recorder's counters once it is flushed.
+    local = build_writer(Settings(sentiment=False), engine)
+    local.enrichers.append(_boom_enricher)
+    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
+    recorder = Recorder(writer, RecorderSettings(batch_size=len(batch), batch_interval_s=2.0))
+    recorder.start()
+    try:
+        for event in batch:
+            assert recorder.submit(event)
+        assert recorder.flush(120)
+        return recorder.stats()
+    finally:
+        recorder.stop()
+        writer.close()
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_rejected_event_in_partner_isolated(database_url: str, engine: Engine) -> None:
     # An event that the partner's writer rejects fails the whole batch as not retryable:
     # the recorder isolates that event, and every other event is stored once.
-    local = build_writer(Settings(sentiment=False), engine)
-    local.enrichers.append(_boom_enricher)
-    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
-    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
-                                                 batch_interval_s=2.0))
     users = _users(30)
-    partner_user = next(user for user in users if _part_of(user) == 1)
-    batch = [_message(index, users[index % 30]) for index in range(SPLIT_MIN + 100)]
-    bad = _message(99_999, partner_user, text="boom")
+    batch: list[ev.Event] = [_message(index, users[index % 30])
+                             for index in range(SPLIT_MIN + 100)]
+    bad = _message(99_999, next(user for user in users if _part_of(user) == 1), text="boom")
     batch.insert(17, bad)
-    recorder.start()
-    try:
-        for message in batch:
-            assert recorder.submit(message)
-        assert recorder.flush(120)
-        stats = recorder.stats()
-    finally:
-        recorder.stop()
-        writer.close()
+
+    stats = _record_with_rejecting_partner(engine, batch)
 
     assert stats.written == len(batch) - 1
     assert sum(stats.dropped.values()) == 1
@@ -367,11 +373,6 @@ def test_raw_payload_stored_once(database_url: str, engine: Engine) -> None:
     # A raw payload has no key, so a second write of it stores it again. The batch is
     # written again when any part fails: the part that contains the raw payload must not
     # have been stored on its own before.
-    local = build_writer(Settings(sentiment=False), engine)
-    local.enrichers.append(_boom_enricher)
-    writer = ProcessWriter(WriterSnapshot(local), processes=2, split_min_batch=SPLIT_MIN)
-    recorder = Recorder(writer, RecorderSettings(batch_size=SPLIT_MIN + 100,
-                                                 batch_interval_s=2.0))
     users = _users(30)
     partner_user = next(user for user in users if _part_of(user) == 1)
     batch: list[ev.Event] = [_message(index, users[index % 30])
@@ -379,15 +380,8 @@ def test_raw_payload_stored_once(database_url: str, engine: Engine) -> None:
     batch.insert(17, _message(99_999, partner_user, text="boom"))
     batch.insert(3, ev.RawPayload(channel="web", occurred_at=T0, source="webhook",
                                   body=b"not json", reason="unparseable"))
-    recorder.start()
-    try:
-        for event in batch:
-            assert recorder.submit(event)
-        assert recorder.flush(120)
-        stats = recorder.stats()
-    finally:
-        recorder.stop()
-        writer.close()
+
+    stats = _record_with_rejecting_partner(engine, batch)
 
     assert sum(stats.dropped.values()) == 1
     assert stats.written == len(batch) - 1
