@@ -41,11 +41,11 @@ WRITER_PROCESS_MIN_BYTES = 4 * 1024 * 1024
 FORMAT_HELP = "File format: csv, jsonl or twcs (default: from the extension .csv, .jsonl, .ndjson)."
 
 
-def import_writer_processes(database_url: str) -> int:
-    """Return the writer processes of an import into ``database_url`` (CHATMW_WRITER_PROCESSES).
+def _import_writer_processes(database_url: str) -> int:
+    """Return the number of writer processes of an import into ``database_url``.
 
-    The backend is read from the URL's scheme, so that SQLAlchemy is not imported before
-    the writer processes start.
+    The number comes from ``CHATMW_WRITER_PROCESSES``. The backend is read from the URL's
+    scheme, so that SQLAlchemy is not imported before the writer processes start.
     """
     from chatmw.config import writer_processes
 
@@ -165,7 +165,7 @@ def import_command(
             # It needs the text rule only; the pseudonym key stays in this process.
             child_privacy = dataclasses.replace(privacy_settings, pseudonym_key=None)
             factory = functools.partial(build_import_writer, settings, child_privacy)
-            processes = import_writer_processes(settings.database_url)
+            processes = _import_writer_processes(settings.database_url)
             if processes > 1:
                 # PostgreSQL: one child per part of each batch, split by user.
                 writer = SplitBatchWriter([ProcessBatchWriter(factory)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from chatmw.recorder import RecorderSettings
 
 __all__ = ["Settings", "DEFAULT_DATABASE_URL", "DATABASE_URL_ENV", "PROCESSES_ENV", "WRITER_ENV",
-           "writer_processes"]
+           "int_setting", "writer_processes"]
 
 DEFAULT_DATABASE_URL = "sqlite:///chatmw.db"
 # The database URL when no ``--db`` option or ``database_url`` argument is given.

@@ -50,8 +50,9 @@ from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
 from chatmw.recorder import BatchWriter, _describe, is_retryable
 
-__all__ = ["ProcessWriter", "WriteRejected", "WriterSnapshot", "build_writer",
-           "settle_collector", "start_process_writer", "writer_factory"]
+__all__ = ["PartnerFactory", "ProcessWriter", "SPLIT_MIN_BATCH", "WriteRejected",
+           "WriterSnapshot", "build_writer", "settle_collector", "split_by_user",
+           "start_process_writer", "writer_factory"]
 
 logger = logging.getLogger("chatmw")
 
@@ -217,9 +218,8 @@ def _write_batches(connection: Connection, writer: BatchWriter,
         try:
             written = _write_received(writer, received)
         except _PartnerLost as error:
-            # The writer process ends with its partners, and the parent starts them all
-            # again on its next write.
-            logger.error("writer partner process failed: %s", error)
+            logger.error("writer partner process failed: %s; the writer process ends, and its "
+                         "processes start again on the next write", error)
             connection.send((False, True, str(error), 0, {}))
             return
         except Exception as error:  # noqa: BLE001 - sent back to the parent, which decides
@@ -451,7 +451,7 @@ class _Received:
         self.events = events
         # Why the batch could not be read, when it could not.
         self.unreadable = unreadable
-        # When the batch was split: this process's part, and the partners sent a part.
+        # When the batch was split: this process's part, and the partners that were sent one.
         self.own: list[Event] | None = None
         self.sent: list[_PartnerLink] = []
         # Why a part could not be sent, when a partner was lost.

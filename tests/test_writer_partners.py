@@ -310,7 +310,7 @@ def test_close_stops_partners(database_url: str, engine: Engine) -> None:
 
 
 class _Decoded:
-    # A writer whose batches hold no chat exchange to decode.
+    # A writer whose batches contain no chat exchange to decode.
     def expand(self, batch: list[ev.Event]) -> list[ev.Event]:
         return batch
 
@@ -352,11 +352,11 @@ def test_small_batch_stays_with_writer() -> None:
     small = [_message(index, user) for index, user in enumerate(users[:-1])]
     full = [_message(index, user) for index, user in enumerate(users)]
 
-    kept = preparer.prepare(small)
+    whole = preparer.prepare(small)
     split = preparer.prepare(full)
 
-    assert kept.own is None
-    assert kept.sent == []
+    assert whole.own is None
+    assert whole.sent == []
     assert split.own is not None
     assert split.sent == [link]
     assert len(link.parts) == 1
@@ -388,9 +388,8 @@ def test_raw_payload_stored_once(database_url: str, engine: Engine) -> None:
     assert _raw_count(engine) == 1
 
 
-
 def _slow_preprocessor(session: object, messages: list[ev.Message]) -> list[ev.Message]:
-    # Holds up the process that writes a message saying "wait", before any of its run.
+    # Delays the process whose batch contains a message saying "wait", before it writes.
     if any(message.text == "wait" for message in messages):
         time.sleep(1.5)
     return messages

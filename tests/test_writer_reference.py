@@ -188,7 +188,8 @@ def test_insert_reports_unexpected_rows(engine: Engine) -> None:
 
 def _first_message_ms(channel: str, user: str) -> int:
     return min(ev.to_ms(event.occurred_at) for batch in traffic() for event in batch
-               if isinstance(event, ev.Message) and (event.channel, event.user_id) == (channel, user))
+               if isinstance(event, ev.Message)
+               and (event.channel, event.user_id) == (channel, user))
 
 
 def check_reference(engine: Engine) -> None:

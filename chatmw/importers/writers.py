@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 # The store (SQLAlchemy, the writer, the enrichers) is imported where it is used, so that
 # the import command starts its child process before this process loads it.
 
-__all__ = ["BatchWriter", "ThreadBatchWriter", "ProcessBatchWriter", "WriteFailed",
-           "build_import_writer", "pseudonymise_messages"]
+__all__ = ["BatchWriter", "ThreadBatchWriter", "ProcessBatchWriter", "SplitBatchWriter",
+           "WriteFailed", "build_import_writer", "pseudonymise_messages"]
 
 logger = logging.getLogger("chatmw")
 
@@ -346,7 +346,7 @@ class SplitBatchWriter:
         for writer in submitted:
             try:
                 new += writer.result()
-            except Exception as error:  # noqa: BLE001 - raised once every part has answered
+            except Exception as error:  # noqa: BLE001 - raised once every part has returned
                 if failure is None:
                     failure = error
         if failure is not None:
