@@ -84,13 +84,20 @@ class _NullWriter:
         return 0
 
 
+SETTLED = "+settled"
+
+
 def main() -> None:
     kind, port = sys.argv[1], int(sys.argv[2])
     url = sys.argv[3] if len(sys.argv) > 3 else None
     logging.getLogger("chatmw").setLevel(logging.WARNING)
-    uvicorn.run(
-        build(kind, url), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
+    settled = kind.endswith(SETTLED)
+    app = build(kind.removesuffix(SETTLED), url)
+    if settled:
+        from chatmw.collector import settle_after_startup
+
+        settle_after_startup(app)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
