@@ -8,11 +8,14 @@ them as integer milliseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import MemberDescriptorType
 from typing import Any, Literal
 
 __all__ = [
@@ -163,12 +166,14 @@ class Event:
         Unlike :func:`dataclasses.replace` it runs no checks: it serves transforms that
         put values known to pass them, such as pseudonyms.
         """
-        names = _field_names(self.__class__)
-        unknown = set(changes) - set(names)
-        if unknown:
-            raise TypeError(f"{self.__class__.__name__} has no fields {sorted(unknown)}")
-        values = tuple(changes[name] if name in changes else getattr(self, name)
-                       for name in names)
+        read, _, positions = _slots_of(self.__class__)
+        values = list(read(self))
+        for name, value in changes.items():
+            position = positions.get(name)
+            if position is None:
+                unknown = sorted(set(changes) - set(positions))
+                raise TypeError(f"{self.__class__.__name__} has no fields {unknown}")
+            values[position] = value
         return _rebuild(self.__class__, values)
 
 
@@ -186,12 +191,46 @@ def _field_values(event: Event) -> tuple[Any, ...]:
     return tuple([getattr(event, name) for name in _field_names(event.__class__)])
 
 
-def _rebuild(cls: type[Event], values: tuple[Any, ...]) -> Event:
+def _rebuild(cls: type[Event], values: Sequence[Any]) -> Event:
     """Recreate an event of ``cls`` from its field values (see ``Event.__reduce__``)."""
     event = object.__new__(cls)
-    for name, value in zip(_field_names(cls), values, strict=True):
-        object.__setattr__(event, name, value)
+    for set_slot, value in zip(_slots_of(cls)[1], values, strict=True):
+        set_slot(event, value)
     return event
+
+
+# Per event class: a function returning its field values in order, a function per field
+# that sets it on an instance, and each field's position.
+_SLOTS: dict[type, tuple[Callable[[Any], tuple[Any, ...]],
+                         tuple[Callable[[Any, Any], None], ...], dict[str, int]]] = {}
+
+
+def _slots_of(cls: type) -> tuple[Callable[[Any], tuple[Any, ...]],
+                                  tuple[Callable[[Any, Any], None], ...], dict[str, int]]:
+    found = _SLOTS.get(cls)
+    if found is None:
+        names = _field_names(cls)
+        read = operator.attrgetter(*names)
+        if len(names) == 1:
+            # attrgetter of one name returns the value itself, not a tuple.
+            single = read
+            read = lambda event: (single(event),)  # noqa: E731
+        setters: list[Callable[[Any, Any], None]] = []
+        for name in names:
+            slot = getattr(cls, name, None)
+            if isinstance(slot, MemberDescriptorType):
+                # The slot's own setter skips the frozen dataclass's __setattr__, as
+                # object.__setattr__ does, without looking the field's name up.
+                setters.append(slot.__set__)
+            else:
+                # A subclass declared without slots keeps this field in its __dict__.
+                setters.append(functools.partial(_set_field, name))
+        found = _SLOTS[cls] = (read, tuple(setters), {name: i for i, name in enumerate(names)})
+    return found
+
+
+def _set_field(name: str, event: Any, value: Any) -> None:
+    object.__setattr__(event, name, value)
 
 
 # Per event class: each field's name and its stored width (0 when it is not an id).

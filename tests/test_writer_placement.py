@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -137,6 +138,37 @@ def test_copy_with_changes_fields_and_rejects_unknown_ones() -> None:
         channel="web", occurred_at=T0, key="m", role="user", user_id="v")
     with pytest.raises(TypeError, match="no fields"):
         message.copy_with(nickname="v")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _TaggedMessage(ev.Message):
+    # A subclass declared without slots: its own field lives in the instance's __dict__.
+    tag: str = "none"
+
+
+def test_unslotted_subclass_copies_and_pickles() -> None:
+    message = _TaggedMessage(channel="web", occurred_at=T0, key="m", role="user", user_id="u",
+                             text="hi", tag="a")
+    copy = message.copy_with(user_id="v", tag="b")
+    assert type(copy) is _TaggedMessage
+    assert (copy.user_id, copy.tag, copy.text, copy.key) == ("v", "b", "hi", "m")
+    assert (message.user_id, message.tag) == ("u", "a")
+    assert pickle.loads(pickle.dumps(message)) == message
+
+
+def test_copy_with_keeps_every_other_field() -> None:
+    message = ev.Message(channel="web", occurred_at=T0, key="m", role="bot", user_id="u",
+                         text="t", conversation_id="c", intent="greeting", latency_ms=12.5,
+                         attributes={"plan": "pro"}, meta={"a": 1})
+    copy = message.copy_with(conversation_id="d")
+    assert copy == dataclasses.replace(message, conversation_id="d")
+
+
+def test_rebuild_rejects_wrong_value_count() -> None:
+    message = ev.Message(channel="web", occurred_at=T0, key="m", role="user", user_id="u")
+    _, values = message.__reduce__()[1]
+    with pytest.raises(ValueError):
+        ev._rebuild(ev.Message, values[:-1])
 
 
 # The writer process
