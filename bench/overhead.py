@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from bench.common import DATA_DIR, Section, command_line, fmt, write_section
 from bench.loadgen import LoadResult, run_wrk, served
+from bench.serve import SETTLED
 
 KINDS = ("bare", "wrapped", "wrapped-nosentiment", "wrapped-thread", "wrapped-nowrite",
          "bare+settled", "wrapped+settled", "wrapped-nowrite+settled")
 PACED_KINDS = ("bare", "wrapped", "bare+settled", "wrapped+settled")
-SETTLED = "+settled"
 
 
 def baseline(kind: str) -> str:
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Summary
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args(argv)
     # An empty list ("") skips that load.
-    plans = {"saturated": ([k for k in args.kinds.split(",") if k], 0),
-             "paced": ([k for k in args.paced_kinds.split(",") if k], args.delay_ms)}
+    plans = {"saturated": (_kind_list(args.kinds), 0),
+             "paced": (_kind_list(args.paced_kinds), args.delay_ms)}
     results: dict[str, dict[str, dict[str, Summary]]] = {}
     for database in args.databases.split(","):
         results[database] = {}
@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Summary
     if not args.no_docs:
         write_section(Section("overhead", render(results, args)), command_line())
     return results
+
+
+def _kind_list(text: str) -> list[str]:
+    return [kind for kind in text.split(",") if kind]
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ __all__ = [
     "to_ms",
     "from_ms",
     "storable",
+    "field_reader",
 ]
 
 Role = Literal["user", "bot", "agent"]
@@ -188,7 +189,12 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 
 def _field_values(event: Event) -> tuple[Any, ...]:
-    return tuple([getattr(event, name) for name in _field_names(event.__class__)])
+    return _slots_of(event.__class__)[0](event)
+
+
+def field_reader(cls: type) -> Callable[[Any], tuple[Any, ...]]:
+    """Return the function that reads the field values of an event of ``cls``, in order."""
+    return _slots_of(cls)[0]
 
 
 def _rebuild(cls: type[Event], values: Sequence[Any]) -> Event:

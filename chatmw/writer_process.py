@@ -29,14 +29,13 @@ import functools
 import gc
 import logging
 import multiprocessing
-import operator
 import os
 import pickle
 import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -44,7 +43,7 @@ from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
 from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, int_setting, writer_processes
-from chatmw.events import Event
+from chatmw.events import Event, field_reader
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
@@ -52,7 +51,7 @@ from chatmw.recorder import BatchWriter, _describe, is_retryable
 
 __all__ = ["PartnerFactory", "ProcessWriter", "SPLIT_MIN_BATCH", "WriteRejected",
            "WriterSnapshot", "build_writer", "settle_collector", "split_by_user",
-           "start_process_writer", "writer_factory"]
+           "start_process_writer", "sum_results", "writer_factory"]
 
 logger = logging.getLogger("chatmw")
 
@@ -244,17 +243,29 @@ def _write_received(writer: BatchWriter, received: _Received) -> int:
             written = writer.write(received.own)
     except Exception as error:  # noqa: BLE001 - raised once the partners have replied
         failure = error
-    for partner in received.sent:
+    return sum_results([partner.result for partner in received.sent], written, failure,
+                       immediate=(_PartnerLost,))
+
+
+def sum_results(results: Iterable[Callable[[], int]], total: int = 0,
+                failure: Exception | None = None,
+                immediate: tuple[type[BaseException], ...] = ()) -> int:
+    """Call each of ``results`` and return ``total`` plus what they returned.
+
+    Every call is made even after one raised, and then the first error (``failure`` when
+    given) is raised. An error of an ``immediate`` type is raised at once.
+    """
+    for result in results:
         try:
-            written += partner.result()
-        except _PartnerLost:
+            total += result()
+        except immediate:
             raise
-        except Exception as error:  # noqa: BLE001 - the first error is raised below
+        except Exception as error:  # noqa: BLE001 - raised once every call has returned
             if failure is None:
                 failure = error
     if failure is not None:
         raise failure
-    return written
+    return total
 
 
 class _PartnerLost(Exception):
@@ -387,24 +398,20 @@ def _send_in_chunks(connection: Connection, batch: Sequence[Event]) -> None:
     connection.send([])
 
 
-# Per event class: a function returning the tuple of an event's field values, in order.
-_FIELD_GETTERS: dict[type, Callable[[Event], tuple[Any, ...]]] = {}
-
-
 def _event_rows(chunk: Sequence[Event]) -> list[tuple[type, tuple[Any, ...]]] | None:
     # Returns each event as its class and field values, so that pickle skips the reduce
     # call per event (Event.__reduce__), about half of its instructions. Returns None when
     # an event's class pickles differently, and the chunk then goes as events.
     rows: list[tuple[type, tuple[Any, ...]]] = []
+    readers: dict[type, Callable[[Event], tuple[Any, ...]]] = {}
     for event in chunk:
         cls = event.__class__
-        getter = _FIELD_GETTERS.get(cls)
-        if getter is None:
+        read = readers.get(cls)
+        if read is None:
             if cls.__reduce__ is not Event.__reduce__:
                 return None
-            getter = operator.attrgetter(*cls.__dataclass_fields__)  # type: ignore[attr-defined]
-            _FIELD_GETTERS[cls] = getter
-        rows.append((cls, getter(event)))
+            read = readers[cls] = field_reader(cls)
+        rows.append((cls, read(event)))
     return rows
 
 

@@ -151,8 +151,12 @@ def test_unslotted_subclass_copies_and_pickles() -> None:
                              text="hi", tag="a")
     copy = message.copy_with(user_id="v", tag="b")
     assert type(copy) is _TaggedMessage
-    assert (copy.user_id, copy.tag, copy.text, copy.key) == ("v", "b", "hi", "m")
-    assert (message.user_id, message.tag) == ("u", "a")
+    assert copy.user_id == "v"
+    assert copy.tag == "b"
+    assert copy.text == "hi"
+    assert copy.key == "m"
+    assert message.user_id == "u"
+    assert message.tag == "a"
     assert pickle.loads(pickle.dumps(message)) == message
 
 

@@ -340,18 +340,10 @@ class SplitBatchWriter:
 
     def result(self) -> int:
         """Wait for every part; return the new messages of all, or raise the first error."""
+        from chatmw.writer_process import sum_results
+
         submitted, self._submitted = self._submitted, []
-        failure: BaseException | None = None
-        new = 0
-        for writer in submitted:
-            try:
-                new += writer.result()
-            except Exception as error:  # noqa: BLE001 - raised once every part has returned
-                if failure is None:
-                    failure = error
-        if failure is not None:
-            raise failure
-        return new
+        return sum_results([writer.result for writer in submitted])
 
     def close(self) -> None:
         """Close every writer."""
