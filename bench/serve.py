@@ -39,6 +39,9 @@ def build(kind: str, database_url: str | None):  # type: ignore[no-untyped-def]
             runtime.writer.enrichers.remove(sentiment_enricher)
         elif kind == "wrapped-nowrite":
             runtime.recorder.writer = _NullWriter()
+            # With the writer in the recorder's thread the runtime would refresh the rollups
+            # in this process, which the default (a writer process) does in the child.
+            runtime.rollup_interval_s = None
         elif kind not in ("wrapped", "wrapped-thread"):
             raise SystemExit(f"unknown kind {kind!r}")
         return app

@@ -32,11 +32,12 @@ import multiprocessing
 import os
 import pickle
 import queue
+import struct
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from sqlalchemy.exc import OperationalError
@@ -63,10 +64,10 @@ NICE_ENV = "CHATMW_WRITER_NICE"
 DEFAULT_NICENESS = 5
 # Events pickled per message to the writer process: about a quarter of a millisecond each.
 SEND_CHUNK = 100
+# Bytes of pickled chunks written to the pipe at once: a Linux pipe's default capacity.
+_WRITE_BYTES = 64 * 1024
 # The tag of a chunk sent as rows of event classes and field values.
 _EVENT_ROWS = "event-rows"
-# Sent instead of the end of a batch whose sending failed: the child drops what it got of it.
-_DISCARD = "discard"
 # Batches of fewer items (events and undecoded exchanges, as the recorder sent them) are
 # written by the child alone. The recorder closes a batch at 2,000 items or after 0.2 s by
 # default, so its batches reach 1,000 items when events arrive faster than 5,000 a second
@@ -379,23 +380,56 @@ def _add_decoder_counts(batch: Sequence[Event], counts: DecoderCounts) -> None:
 
 
 def _send_in_chunks(connection: Connection, batch: Sequence[Event]) -> None:
-    # pickle holds the interpreter lock for a whole call: pickling a large batch at once
-    # would stall the application's threads for milliseconds. Chunks let them run between.
+    # Chunks are pickled one by one, because pickle holds the interpreter lock for a whole
+    # call and a chunk bounds how long the application's threads wait.
+    # Their frames are written in groups of about a pipe's capacity. Each write releases
+    # the lock. While the application's event loop is busy, this thread then waits long to
+    # take it back, and each release by the event loop wakes it for nothing. So fewer writes
+    # cost the application less, and the child still reads a group while the next is pickled.
+    descriptor = connection.fileno()
+    frames: list[bytes] = []
+    pending = 0
+    written = False
     for start in range(0, len(batch), SEND_CHUNK):
         chunk = batch[start:start + SEND_CHUNK]
         rows = _event_rows(chunk)
         try:
-            connection.send(list(chunk) if rows is None else (_EVENT_ROWS, rows))
-        except OSError:
-            raise
+            message = list(chunk) if rows is None else (_EVENT_ROWS, rows)
+            frame = _frame(ForkingPickler.dumps(message))
         except Exception:
-            # A chunk that cannot be pickled was not sent: the child drops the chunks of
-            # this batch it has, instead of writing them with the next batch.
-            if start:
-                connection.send(_DISCARD)
+            # The child drops the chunks of this batch it has received, instead of writing
+            # them with the next batch.
+            if written:
+                _write_all(descriptor, _DISCARD_BATCH)
             raise
-        time.sleep(0)
-    connection.send([])
+        frames.append(frame)
+        pending += len(frame)
+        if pending >= _WRITE_BYTES:
+            _write_all(descriptor, b"".join(frames))
+            frames, pending, written = [], 0, True
+    frames.append(_END_OF_BATCH)
+    _write_all(descriptor, b"".join(frames))
+
+
+def _frame(payload: bytes) -> bytes:
+    # The framing of multiprocessing.connection.Connection, which the receiving end reads.
+    size = len(payload)
+    if size > 0x7FFFFFFF:
+        return struct.pack("!iQ", -1, size) + payload
+    return struct.pack("!i", size) + payload
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+
+
+# The frame that ends a batch: an empty list.
+_END_OF_BATCH = _frame(ForkingPickler.dumps([]))
+# The frame sent instead of the end of a batch whose sending failed, so that the child drops
+# the part it received.
+_DISCARD_BATCH = _frame(ForkingPickler.dumps("discard"))
 
 
 def _event_rows(chunk: Sequence[Event]) -> list[tuple[type, tuple[Any, ...]]] | None:
@@ -415,11 +449,57 @@ def _event_rows(chunk: Sequence[Event]) -> list[tuple[type, tuple[Any, ...]]] | 
     return rows
 
 
+class _FrameReader:
+    """A reader of a pipe's messages that takes several per read when they arrived together.
+
+    The receiving twin of :func:`_send_in_chunks`. ``Connection.recv`` reads each message's
+    header and body with a call each, and every read releases the interpreter lock. This
+    reads up to a pipe's capacity at once and keeps what follows the message for the next
+    call. Only this reader may read from the connection once it has begun.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._descriptor = connection.fileno()
+        self._buffer = bytearray()
+
+    def poll(self, timeout: float) -> bool:
+        """Return whether a message, or its start, has arrived; wait at most ``timeout`` s."""
+        return bool(self._buffer) or self._connection.poll(timeout)
+
+    def recv(self) -> Any:
+        """Read and return the next message; raise EOFError once the pipe is closed."""
+        size, start = self._header()
+        while len(self._buffer) < start + size:
+            self._fill()
+        payload = bytes(self._buffer[start:start + size])
+        del self._buffer[:start + size]
+        return ForkingPickler.loads(payload)
+
+    def _header(self) -> tuple[int, int]:
+        # Returns the size of the next message and where its body starts in the buffer.
+        while len(self._buffer) < 4:
+            self._fill()
+        (size,) = struct.unpack_from("!i", self._buffer)
+        if size != -1:
+            return size, 4
+        while len(self._buffer) < 12:
+            self._fill()
+        (size,) = struct.unpack_from("!Q", self._buffer, 4)
+        return size, 12
+
+    def _fill(self) -> None:
+        data = os.read(self._descriptor, _WRITE_BYTES)
+        if not data:
+            raise EOFError
+        self._buffer += data
+
+
 class _Unreadable(Exception):
     """A chunk of the batch could not be unpickled; the rest of the batch was read."""
 
 
-def _receive_batch(connection: Connection) -> list[Event] | None:
+def _receive_batch(connection: Connection | _FrameReader) -> list[Event] | None:
     # Reads the chunks of one batch sent by _send_in_chunks. Returns None when the parent
     # closed the pipe or asked the child to stop. Raises _Unreadable, once the whole batch
     # was read, when a chunk could not be unpickled (an event class the child lacks).
@@ -535,9 +615,10 @@ class _Inbox:
         self._thread.start()
 
     def _receive(self, connection: Connection, preparer: _Preparer) -> None:
+        reader = _FrameReader(connection)
         while True:
             try:
-                batch = _receive_batch(connection)
+                batch = _receive_batch(reader)
             except _Unreadable as error:
                 # Sent back as a rejected write, so the parent isolates the event.
                 self._batches.put(_Received([], [], f"batch not readable: {error}"))
@@ -637,6 +718,8 @@ class ProcessWriter:
         self._context = multiprocessing.get_context(start_method)
         self._process: Any = None
         self._connection: Connection | None = None
+        # Reads the child's replies from the connection.
+        self._reader: _FrameReader | None = None
         self._lock = threading.Lock()
         # Batches are numbered as they are sent, and the child replies to them in order.
         # _waiting contains the batches sent to the current child whose reply was not read
@@ -702,14 +785,14 @@ class ProcessWriter:
     def _read_reply(self, ticket: int) -> tuple[Any, ...] | None:
         # Reads the child's next reply. Returns it when it is the reply to ``ticket``,
         # otherwise keeps it for its own ticket and returns None.
-        connection = self._connection
-        if connection is None:
+        reader = self._reader
+        if self._connection is None or reader is None:
             raise _unavailable("child writer process stopped before writing the batch")
         try:
-            if not connection.poll(self.timeout_s):
+            if not reader.poll(self.timeout_s):
                 self._kill(f"write timed out after {self.timeout_s:.0f} s")
                 raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
-            reply = connection.recv()
+            reply = reader.recv()
         except (EOFError, OSError) as error:
             self._kill(f"pipe failed: {type(error).__name__}")
             description = f"child writer process failed: {type(error).__name__}"
@@ -783,6 +866,7 @@ class ProcessWriter:
             for link in links:
                 link.close()
         self._process, self._connection = process, parent
+        self._reader = _FrameReader(parent)
         if self._partners:
             logger.info("writer process started: pid=%s, partners: pids=%s", process.pid,
                         ",".join(str(partner.pid) for partner in self._partners))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import multiprocessing
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -20,9 +21,11 @@ from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Conversation, Message
 from chatmw.store.writer import Writer
 from chatmw.writer_process import (
+    _WRITE_BYTES,
     SEND_CHUNK,
     ProcessWriter,
     WriteRejected,
+    _FrameReader,
     _Preparer,
     _receive_batch,
     _send_in_chunks,
@@ -96,6 +99,91 @@ def test_batch_chunks_round_trip() -> None:
     assert isinstance(first, Exchange)
     assert first.latency_ms == 1.5
     assert first.decoder.codec == exchanges[0].decoder.codec  # type: ignore[attr-defined]
+
+
+def test_unpicklable_batch_after_write_discarded() -> None:
+    # The first chunks fill more than a pipe write, so they are written before the chunk
+    # that cannot be pickled: the child drops them and then reads the next batch alone.
+    class Local(ev.Message):
+        pass
+
+    # Distinct texts: pickle writes a repeated object once per chunk.
+    first = [dataclasses.replace(message, text=f"{index} " + "x" * 1500)  # type: ignore[type-var]
+             for index, message in enumerate(_messages(SEND_CHUNK * 2))]
+    first.append(Local(channel="web", occurred_at=T0, key="local", role="user", user_id="u1",
+                       text="hello", conversation_id="c1"))
+    assert sum(len(message.text or "") for message in first[:SEND_CHUNK]) > _WRITE_BYTES
+    following = _messages(3)
+    parent, child = multiprocessing.Pipe()
+    errors: list[Exception] = []
+
+    def send() -> None:
+        try:
+            _send_in_chunks(parent, first)
+        except Exception as error:  # noqa: BLE001 - checked below
+            errors.append(error)
+        _send_in_chunks(parent, following)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        received = _receive_batch(child)
+    finally:
+        sender.join(30)
+        parent.close()
+        child.close()
+
+    assert len(errors) == 1
+    assert received == following
+
+
+def test_frame_reader_reads_grouped_frames() -> None:
+    # Messages of Connection.send and of one write of several frames come back whole and
+    # in order, small ones and one larger than a read. A closed pipe ends with EOFError.
+    large = "y" * (_WRITE_BYTES * 3)
+    parent, child = multiprocessing.Pipe()
+    reader = _FrameReader(child)
+    received: list[object] = []
+
+    def read() -> None:
+        received.extend([reader.recv(), reader.recv(), _receive_batch(reader), reader.recv()])
+        try:
+            received.append(reader.recv())
+        except EOFError:
+            received.append("end of pipe")
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        parent.send({"first": 1})
+        parent.send(large)
+        _send_in_chunks(parent, _messages(3))
+        parent.send((True, False, "", 3, {}))
+    finally:
+        parent.close()
+        thread.join(30)
+        child.close()
+
+    assert not thread.is_alive()
+    assert received == [{"first": 1}, large, _messages(3), (True, False, "", 3, {}),
+                        "end of pipe"]
+
+
+def test_frame_reader_poll_waits() -> None:
+    parent, child = multiprocessing.Pipe()
+    reader = _FrameReader(child)
+    try:
+        assert not reader.poll(0.01)
+        parent.send("one")
+        parent.send("two")
+        assert reader.poll(5)
+        assert reader.recv() == "one"
+        assert reader.poll(0)  # the second message came with the first read
+        assert reader.recv() == "two"
+        assert not reader.poll(0.01)
+    finally:
+        parent.close()
+        child.close()
 
 
 def test_receive_batch_ends_on_stop() -> None:
