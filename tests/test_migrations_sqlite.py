@@ -6,7 +6,12 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.engine import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    SQLITE_WAL_CHECKPOINT_PAGES,
+    make_engine,
+    upgrade,
+)
 
 
 def _statistics(engine, table: str) -> list[tuple[str, str]]:
@@ -73,4 +78,20 @@ def test_unanalysed_messages_stay_unanalysed(tmp_path: Path) -> None:
         ).first()
     # The migrations analyse only rollup tables on their own, never messages.
     assert has_table is None or _statistics(engine, "messages") == []
+    engine.dispose()
+
+
+def test_file_connection_pragmas(tmp_path: Path) -> None:
+    # Each connection to a file store gets WAL, a normal sync, the checkpoint limit, the busy
+    # timeout and foreign keys.
+    engine = make_engine(f"sqlite:///{tmp_path / 'pragmas.db'}")
+    with engine.connect() as connection:
+        def pragma(name: str) -> object:
+            return connection.exec_driver_sql(f"PRAGMA {name}").scalar_one()
+
+        assert pragma("journal_mode") == "wal"
+        assert pragma("synchronous") == 1  # NORMAL
+        assert pragma("wal_autocheckpoint") == SQLITE_WAL_CHECKPOINT_PAGES
+        assert pragma("busy_timeout") == SQLITE_BUSY_TIMEOUT_MS
+        assert pragma("foreign_keys") == 1
     engine.dispose()

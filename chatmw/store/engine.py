@@ -19,6 +19,13 @@ __all__ = ["make_engine", "upgrade", "current_revisions", "head_revisions", "nor
            "json_text"]
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+# WAL pages a committing connection lets accumulate before it checkpoints them into the
+# database file (SQLite's default is 1,000). A checkpoint runs inside the commit that
+# crosses the limit and syncs the file, and pages rewritten between checkpoints (index
+# pages, above all) are copied once. With 10,000 pages (about 40 MiB of WAL) the writer
+# process stored about 5 % more messages per second (bench/ingest.py, SQLite, sentiment on,
+# four alternating runs each).
+SQLITE_WAL_CHECKPOINT_PAGES = 10_000
 
 
 def normalise_url(url: str) -> str:
@@ -96,6 +103,7 @@ def _sqlite_pragmas(in_memory: bool) -> Any:
         if not in_memory:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
