@@ -102,7 +102,7 @@ def test_batch_chunks_round_trip() -> None:
 
 
 def test_unpicklable_batch_after_write_discarded() -> None:
-    # The first chunks fill more than a pipe write, so they are written before the chunk
+    # The first chunks fill more than one group of writes, so they go out before the chunk
     # that cannot be pickled: the child drops them and then reads the next batch alone.
     class Local(ev.Message):
         pass
