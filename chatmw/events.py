@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import keyword
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from datetime import UTC, datetime
 from types import MemberDescriptorType
 from typing import Any, Literal
@@ -33,6 +34,7 @@ __all__ = [
     "from_ms",
     "storable",
     "field_reader",
+    "checked_builder",
 ]
 
 Role = Literal["user", "bot", "agent"]
@@ -137,23 +139,10 @@ class Event:
     def __post_init__(self) -> None:
         # Every source builds events, so this one check keeps any text the store cannot
         # take (see ``storable``) from failing the batch write and losing the event.
-        for name, width in _checked_fields(self.__class__):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            kind = value.__class__
-            if kind is str:
-                if not (value.isascii() and "\x00" not in value) \
-                        and _UNSTORABLE.search(value) is not None:
-                    value = _UNSTORABLE.sub("\ufffd", value)
-                    object.__setattr__(self, name, value)
-            elif kind in _PLAIN_TYPES or (kind is dict and _plain_text_dict(value)):
-                continue
-            elif _has_unstorable(value):
-                value = storable(value)
-                object.__setattr__(self, name, value)
-            if width and value.__class__ is str and len(value) > width:
-                object.__setattr__(self, name, fit_id(value, width))
+        checker = _CHECKERS.get(self.__class__)
+        if checker is None:
+            checker = _CHECKERS[self.__class__] = _fields_checker(self.__class__)
+        checker(self)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Events cross process boundaries (the writer process) in every batch: a tuple of
@@ -167,7 +156,7 @@ class Event:
         Unlike :func:`dataclasses.replace` it runs no checks: it serves transforms that
         put values known to pass them, such as pseudonyms.
         """
-        read, _, positions = _slots_of(self.__class__)
+        read, _, positions, build = _slots_of(self.__class__)
         values = list(read(self))
         for name, value in changes.items():
             position = positions.get(name)
@@ -175,7 +164,7 @@ class Event:
                 unknown = sorted(set(changes) - set(positions))
                 raise TypeError(f"{self.__class__.__name__} has no fields {unknown}")
             values[position] = value
-        return _rebuild(self.__class__, values)
+        return build(values)
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
@@ -199,20 +188,18 @@ def field_reader(cls: type) -> Callable[[Any], tuple[Any, ...]]:
 
 def _rebuild(cls: type[Event], values: Sequence[Any]) -> Event:
     """Recreate an event of ``cls`` from its field values (see ``Event.__reduce__``)."""
-    event = object.__new__(cls)
-    for set_slot, value in zip(_slots_of(cls)[1], values, strict=True):
-        set_slot(event, value)
-    return event
+    return _slots_of(cls)[3](values)
 
 
 # Per event class: a function returning its field values in order, a function per field
-# that sets it on an instance, and each field's position.
-_SLOTS: dict[type, tuple[Callable[[Any], tuple[Any, ...]],
-                         tuple[Callable[[Any, Any], None], ...], dict[str, int]]] = {}
+# that sets it on an instance, each field's position, and a function that builds an
+# instance from the values in order (without the checks of construction).
+_Slots = tuple[Callable[[Any], tuple[Any, ...]], tuple[Callable[[Any, Any], None], ...],
+               dict[str, int], Callable[[Sequence[Any]], Any]]
+_SLOTS: dict[type, _Slots] = {}
 
 
-def _slots_of(cls: type) -> tuple[Callable[[Any], tuple[Any, ...]],
-                                  tuple[Callable[[Any, Any], None], ...], dict[str, int]]:
+def _slots_of(cls: type) -> _Slots:
     found = _SLOTS.get(cls)
     if found is None:
         names = _field_names(cls)
@@ -231,16 +218,74 @@ def _slots_of(cls: type) -> tuple[Callable[[Any], tuple[Any, ...]],
             else:
                 # A subclass declared without slots keeps this field in its __dict__.
                 setters.append(functools.partial(_set_field, name))
-        found = _SLOTS[cls] = (read, tuple(setters), {name: i for i, name in enumerate(names)})
+        found = _SLOTS[cls] = (read, tuple(setters), {name: i for i, name in enumerate(names)},
+                               _values_builder(cls, setters))
     return found
+
+
+def _values_builder(cls: type, setters: Sequence[Callable[[Any, Any], None]]
+                    ) -> Callable[[Sequence[Any]], Any]:
+    # Generated code that unpacks the values and calls each field's setter by position. A
+    # loop over zip() took about a third more instructions per Message (counted with
+    # callgrind). The unpacking raises ValueError for a wrong count of values.
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    lines = []
+    targets = []
+    for index, setter in enumerate(setters):
+        namespace[f"set_{index}"] = setter
+        targets.append(f"v_{index},")
+        lines.append(f"    set_{index}(event, v_{index})")
+    source = ("def build(values):\n"
+              f"    {' '.join(targets)} = values\n"
+              "    event = new(cls)\n"
+              + "\n".join(lines) + "\n"
+              "    return event\n")
+    exec(compile(source, f"<chatmw.events build of {cls.__name__}>", "exec"), namespace)
+    return namespace["build"]  # type: ignore[no-any-return]
+
+
+def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any]:
+    """Return a function that builds an event of ``cls`` from the values of ``names``, in order.
+
+    ``checked_builder(Message, ("channel", ...))(*values)`` equals ``Message(channel=...,
+    ...)``: the other fields get their defaults, and the checks of construction run. It
+    takes about a quarter fewer instructions per Message (counted with callgrind), because
+    a frozen dataclass sets each field through ``object.__setattr__``. Every field without
+    a default must be named.
+    """
+    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    unknown = [name for name in names if name not in fields]
+    if unknown or len(set(names)) != len(names):
+        raise TypeError(f"{cls.__name__} fields must be named once each, got {list(names)}")
+    setters = _slots_of(cls)[1]
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls,
+                                 "check": cls.__post_init__}  # type: ignore[attr-defined]
+    lines = []
+    for index, (name, spec) in enumerate(fields.items()):
+        namespace[f"set_{index}"] = setters[index]
+        if name in names:
+            value = f"a_{names.index(name)}"
+        elif spec.default is not MISSING:
+            namespace[f"default_{index}"] = spec.default
+            value = f"default_{index}"
+        elif spec.default_factory is not MISSING:
+            namespace[f"factory_{index}"] = spec.default_factory
+            value = f"factory_{index}()"
+        else:
+            raise TypeError(f"{cls.__name__} field {name!r} has no default and must be named")
+        lines.append(f"    set_{index}(event, {value})")
+    arguments = ", ".join(f"a_{index}" for index in range(len(names)))
+    source = (f"def build({arguments}):\n"
+              "    event = new(cls)\n"
+              + "\n".join(lines) + "\n"
+              "    check(event)\n"
+              "    return event\n")
+    exec(compile(source, f"<chatmw.events checked build of {cls.__name__}>", "exec"), namespace)
+    return namespace["build"]  # type: ignore[no-any-return]
 
 
 def _set_field(name: str, event: Any, value: Any) -> None:
     object.__setattr__(event, name, value)
-
-
-# Per event class: each field's name and its stored width (0 when it is not an id).
-_CHECKED_FIELDS: dict[type, tuple[tuple[str, int], ...]] = {}
 
 
 def _plain_text_dict(value: dict[Any, Any]) -> bool:
@@ -253,13 +298,65 @@ def _plain_text_dict(value: dict[Any, Any]) -> bool:
     return joined.isascii() and "\x00" not in joined
 
 
-def _checked_fields(event_class: type) -> tuple[tuple[str, int], ...]:
-    fields = _CHECKED_FIELDS.get(event_class)
-    if fields is None:
-        fields = tuple((name, _ID_WIDTHS.get(name, 0))
-                       for name in event_class.__dataclass_fields__)  # type: ignore[attr-defined]
-        _CHECKED_FIELDS[event_class] = fields
-    return fields
+# Per event class: the function that runs the checks of construction (see _fields_checker).
+_CHECKERS: dict[type, Callable[[Any], None]] = {}
+
+
+def _fields_checker(event_class: type) -> Callable[[Any], None]:
+    # Generated code that reads each field as an attribute and settles the common cases
+    # inline: None, and ASCII text without NUL that fits the field's width. Other values go
+    # to _check_text or _check_value. A loop over the fields with getattr() took about a
+    # third more instructions per Message (counted with callgrind). Field names go into
+    # the code, so each is checked to be an identifier.
+    namespace: dict[str, Any] = {"check_text": _check_text, "check_value": _check_value,
+                                 "fit_id": fit_id, "set_field": object.__setattr__}
+
+    lines = ["def check(self):"]
+    for name in event_class.__dataclass_fields__:  # type: ignore[attr-defined]
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise TypeError(f"{event_class.__name__} field {name!r} is not an identifier")
+        width = _ID_WIDTHS.get(name, 0)
+        lines += [
+            f"    value = self.{name}",
+            "    if value is not None:",
+            "        if value.__class__ is str:",
+            "            if not (value.isascii() and '\\x00' not in value):",
+            f"                value = check_text(self, {name!r}, value)",
+        ]
+        if width:
+            lines += [
+                f"            if len(value) > {width}:",
+                f"                set_field(self, {name!r}, fit_id(value, {width}))",
+            ]
+        lines += [
+            "        else:",
+            f"            check_value(self, {name!r}, value, {width})",
+        ]
+    lines.append("    return None")
+
+    source = "\n".join(lines) + "\n"
+    exec(compile(source, f"<chatmw.events checks of {event_class.__name__}>", "exec"), namespace)
+    return namespace["check"]  # type: ignore[no-any-return]
+
+
+def _check_text(event: Any, name: str, value: str) -> str:
+    # A str field that is not plain ASCII, or contains NUL.
+    if _UNSTORABLE.search(value) is not None:
+        value = _UNSTORABLE.sub("\ufffd", value)
+        object.__setattr__(event, name, value)
+    return value
+
+
+def _check_value(event: Any, name: str, value: Any, width: int) -> None:
+    # A field that is neither None nor a str.
+    kind = value.__class__
+    if kind in _PLAIN_TYPES or (kind is dict and _plain_text_dict(value)):
+        return
+    if _has_unstorable(value):
+        value = storable(value)
+        object.__setattr__(event, name, value)
+    if width and value.__class__ is str and len(value) > width:
+        object.__setattr__(event, name, fit_id(value, width))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
