@@ -85,6 +85,8 @@ def get_path(document: Any, path: str | None) -> Any:
     """Return the value at a dotted ``path`` (``a.b.0.c``) or ``None`` where it is absent."""
     if path is None:
         return None
+    if document.__class__ is dict and "." not in path:
+        return document.get(path)  # The common case: one key of a JSON object.
     value = document
     for part in _path_parts(path):
         if isinstance(value, Mapping):
@@ -130,6 +132,10 @@ def replace_lone_surrogates(value: Any) -> Any:
     return value
 
 
+# First bytes of a JSON object or array ({ and [).
+_JSON_OPENERS = frozenset(b"{[")
+
+
 def load_json_body(body: bytes) -> Any:
     """Parse a JSON body, with lone surrogates replaced; raises ValueError when it is invalid.
 
@@ -137,8 +143,13 @@ def load_json_body(body: bytes) -> Any:
     errors: integers of more than 4300 digits and nesting deeper than the recursion limit.
     """
     try:
-        document = json.loads(body)
-        if _SURROGATE_ESCAPE.search(body):
+        if len(body) > 1 and body[0] in _JSON_OPENERS and body[1]:
+            # json.loads would detect UTF-8 from the first two bytes and decode the same way.
+            document = json.loads(body.decode("utf-8", "surrogatepass"))
+        else:
+            document = json.loads(body)
+        # The substring tests skip the regular expression for bodies without either prefix.
+        if (b"\\u" in body or b"\xed" in body) and _SURROGATE_ESCAPE.search(body):
             document = replace_lone_surrogates(document)
     except (ValueError, RecursionError) as error:
         raise ValueError(f"body is not valid JSON: {error}") from None

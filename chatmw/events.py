@@ -248,40 +248,62 @@ def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any
     """Return a function that builds an event of ``cls`` from the values of ``names``, in order.
 
     ``checked_builder(Message, ("channel", ...))(*values)`` equals ``Message(channel=...,
-    ...)``: the other fields get their defaults, and the checks of construction run. It
-    takes about a quarter fewer instructions per Message (counted with callgrind), because
-    a frozen dataclass sets each field through ``object.__setattr__``. Every field without
-    a default must be named.
+    ...)``: the other fields get their defaults, and the checks of construction run. A
+    frozen dataclass sets each field through ``object.__setattr__``, so this builder takes
+    fewer instructions (see docs/performance.md). Every field without a default must be
+    named.
     """
     fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
     unknown = [name for name in names if name not in fields]
     if unknown or len(set(names)) != len(names):
         raise TypeError(f"{cls.__name__} fields must be named once each, got {list(names)}")
     setters = _slots_of(cls)[1]
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls,
-                                 "check": cls.__post_init__}  # type: ignore[attr-defined]
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, **_CHECK_NAMES}
     lines = []
+    # The checks of Event run inline on the named values and on the defaults that might
+    # need them. A subclass with its own __post_init__ gets that method called instead.
+    inline = cls.__post_init__ is Event.__post_init__  # type: ignore[attr-defined]
+    checked: list[tuple[str, str]] = []
     for index, (name, spec) in enumerate(fields.items()):
         namespace[f"set_{index}"] = setters[index]
         if name in names:
             value = f"a_{names.index(name)}"
+            checked.append((name, value))
         elif spec.default is not MISSING:
             namespace[f"default_{index}"] = spec.default
             value = f"default_{index}"
+            if not _passes_checks(name, spec.default):
+                checked.append((name, f"self.{name}"))
         elif spec.default_factory is not MISSING:
             namespace[f"factory_{index}"] = spec.default_factory
             value = f"factory_{index}()"
+            if spec.default_factory not in (dict, list):
+                checked.append((name, f"self.{name}"))
         else:
             raise TypeError(f"{cls.__name__} field {name!r} has no default and must be named")
-        lines.append(f"    set_{index}(event, {value})")
+        lines.append(f"    set_{index}(self, {value})")
+
+    if inline:
+        lines += _check_lines(cls, checked)
+    else:
+        namespace["post_init"] = cls.__post_init__  # type: ignore[attr-defined]
+        lines.append("    post_init(self)")
     arguments = ", ".join(f"a_{index}" for index in range(len(names)))
     source = (f"def build({arguments}):\n"
-              "    event = new(cls)\n"
+              "    self = new(cls)\n"
               + "\n".join(lines) + "\n"
-              "    check(event)\n"
-              "    return event\n")
+              "    return self\n")
     exec(compile(source, f"<chatmw.events checked build of {cls.__name__}>", "exec"), namespace)
     return namespace["build"]  # type: ignore[no-any-return]
+
+
+def _passes_checks(name: str, value: Any) -> bool:
+    # A default value that the checks of construction would leave as it is.
+    if value is None or value.__class__ in _PLAIN_TYPES:
+        return True
+    width = _ID_WIDTHS.get(name, 0)
+    return (value.__class__ is str and value.isascii() and "\x00" not in value
+            and not (width and len(value) > width))
 
 
 def _set_field(name: str, event: Any, value: Any) -> None:
@@ -303,21 +325,30 @@ _CHECKERS: dict[type, Callable[[Any], None]] = {}
 
 
 def _fields_checker(event_class: type) -> Callable[[Any], None]:
-    # Generated code that reads each field as an attribute and settles the common cases
-    # inline: None, and ASCII text without NUL that fits the field's width. Other values go
-    # to _check_text or _check_value. A loop over the fields with getattr() took about a
-    # third more instructions per Message (counted with callgrind). Field names go into
-    # the code, so each is checked to be an identifier.
-    namespace: dict[str, Any] = {"check_text": _check_text, "check_value": _check_value,
-                                 "fit_id": fit_id, "set_field": object.__setattr__}
+    fields = event_class.__dataclass_fields__  # type: ignore[attr-defined]
+    lines = ["def check(self):", *_check_lines(event_class, [(name, f"self.{name}")
+                                                            for name in fields])]
+    lines.append("    return None")
+    source = "\n".join(lines) + "\n"
+    namespace = dict(_CHECK_NAMES)
+    exec(compile(source, f"<chatmw.events checks of {event_class.__name__}>", "exec"), namespace)
+    return namespace["check"]  # type: ignore[no-any-return]
 
-    lines = ["def check(self):"]
-    for name in event_class.__dataclass_fields__:  # type: ignore[attr-defined]
+
+def _check_lines(event_class: type, fields: Sequence[tuple[str, str]]) -> list[str]:
+    # Generated code that checks each field's value, read from its expression, on the
+    # instance ``self``. The common cases are settled inline: None, ASCII text without NUL
+    # that fits the field's width, values of the types that hold no text, and empty dicts.
+    # Other values go to _check_text or _check_value. A loop over the fields with getattr()
+    # took at least a third more instructions per Message (counted with callgrind). Field
+    # names go into the code, so each is checked to be an identifier.
+    lines = []
+    for name, expression in fields:
         if not name.isidentifier() or keyword.iskeyword(name):
             raise TypeError(f"{event_class.__name__} field {name!r} is not an identifier")
         width = _ID_WIDTHS.get(name, 0)
         lines += [
-            f"    value = self.{name}",
+            f"    value = {expression}",
             "    if value is not None:",
             "        if value.__class__ is str:",
             "            if not (value.isascii() and '\\x00' not in value):",
@@ -329,14 +360,11 @@ def _fields_checker(event_class: type) -> Callable[[Any], None]:
                 f"                set_field(self, {name!r}, fit_id(value, {width}))",
             ]
         lines += [
-            "        else:",
+            "        elif value.__class__ not in plain_types and (",
+            "                value.__class__ is not dict or value):",
             f"            check_value(self, {name!r}, value, {width})",
         ]
-    lines.append("    return None")
-
-    source = "\n".join(lines) + "\n"
-    exec(compile(source, f"<chatmw.events checks of {event_class.__name__}>", "exec"), namespace)
-    return namespace["check"]  # type: ignore[no-any-return]
+    return lines
 
 
 def _check_text(event: Any, name: str, value: str) -> str:
@@ -357,6 +385,12 @@ def _check_value(event: Any, name: str, value: Any, width: int) -> None:
         object.__setattr__(event, name, value)
     if width and value.__class__ is str and len(value) > width:
         object.__setattr__(event, name, fit_id(value, width))
+
+
+# The names that the generated checks use.
+_CHECK_NAMES: dict[str, Any] = {"check_text": _check_text, "check_value": _check_value,
+                                "fit_id": fit_id, "set_field": object.__setattr__,
+                                "plain_types": _PLAIN_TYPES}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

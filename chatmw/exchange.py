@@ -14,6 +14,7 @@ Expanding an exchange is deterministic: the keys of the messages come from the e
 from __future__ import annotations
 
 import logging
+import operator
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -41,6 +42,23 @@ class Expander(Protocol):
     skipped: Counter[str]
 
     def expand(self, exchange: Exchange) -> list[ev.Event]: ...
+
+
+# Builders of the decoded events (see ``chatmw.events.checked_builder``): each exchange
+# makes two or three events, which the dataclass constructors would build more slowly.
+_build_user_message = ev.checked_builder(ev.Message, (
+    "channel", "occurred_at", "key", "role", "user_id", "text", "conversation_id",
+    "platform_message_id", "attributes"))
+_REPLY_COMMON = ("channel", "occurred_at", "role", "user_id", "conversation_id", "latency_ms",
+                 "reply_to")
+_build_reply = ev.checked_builder(ev.Message, (*_REPLY_COMMON, "key", "text", "intent"))
+_build_unread_reply = ev.checked_builder(ev.Message, (*_REPLY_COMMON, "key", "text", "meta"))
+_build_update = ev.checked_builder(ev.ConversationUpdate, (
+    "channel", "occurred_at", "user_id", "conversation_id", "ended", "ended_reason",
+    "resolved", "handed_off", "intent", "step"))
+# Facts about the conversation that a reply may report, in the order _read_facts returns them.
+_REPLY_FACTS = ("intent", "resolved", "handed_off", "ended", "step")
+_read_facts = operator.attrgetter(*_REPLY_FACTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,65 +125,44 @@ class ExchangeDecoder:
 
     def _user_message(self, exchange: Exchange, request: ChatRequest) -> ev.Message:
         channel = request.channel or self.channel
+        key = exchange.key
         if request.message_id is not None:
             key = f"{channel}:{request.message_id}"
-        else:
-            key = exchange.key
-        return ev.Message(
-            channel=channel,
-            occurred_at=exchange.occurred_at,
-            key=key,
-            role="user",
-            user_id=request.user_id,
-            text=request.text if self.record_text else None,
-            conversation_id=request.conversation_id,
-            platform_message_id=request.message_id,
-            attributes=dict(request.attributes),
-        )
+        text = request.text if self.record_text else None
+        return _build_user_message(channel, exchange.occurred_at, key, "user", request.user_id,
+                                   text, request.conversation_id, request.message_id,
+                                   dict(request.attributes))
 
     def _bot_messages(self, request: ChatRequest, user_message: ev.Message,
                       replies: list[ChatReply] | str, latency_ms: float,
                       finished_at: datetime) -> list[ev.Message]:
-        common: dict[str, Any] = {
-            "channel": user_message.channel,
-            "occurred_at": finished_at,
-            "role": "bot",
-            "user_id": request.user_id,
-            "conversation_id": request.conversation_id,
-            "latency_ms": latency_ms,
-            "reply_to": user_message.key,
-        }
+        common = (user_message.channel, finished_at, "bot", request.user_id,
+                  request.conversation_id, latency_ms, user_message.key)
         if isinstance(replies, str):
             # The body was streamed, too large or unreadable: one reply without text keeps the
             # time, and ``meta["body"]`` gives the reason the text is missing.
-            return [ev.Message(key=f"{user_message.key}:reply:0", text=None,
-                               meta={"body": replies}, **common)]
+            return [_build_unread_reply(*common, f"{user_message.key}:reply:0", None,
+                                        {"body": replies})]
         return [
-            ev.Message(key=f"{user_message.key}:reply:{index}",
-                       text=reply.text if self.record_text else None,
-                       intent=reply.intent, **common)
+            _build_reply(*common, f"{user_message.key}:reply:{index}",
+                         reply.text if self.record_text else None, reply.intent)
             for index, reply in enumerate(replies)
         ]
 
     def _conversation_update(self, request: ChatRequest, replies: list[ChatReply] | str,
                              finished_at: datetime) -> ev.ConversationUpdate | None:
-        fields: dict[str, Any] = {}
+        # The last reply that sets a fact wins.
+        facts: list[Any] = [None] * len(_REPLY_FACTS)
         for reply in replies if isinstance(replies, list) else ():
-            for name in ("intent", "resolved", "handed_off", "ended", "step"):
-                value = getattr(reply, name)
+            for index, value in enumerate(_read_facts(reply)):
                 if value is not None:
-                    fields[name] = value
-        if not fields:
+                    facts[index] = value
+        if facts.count(None) == len(facts):
             return None
-        if fields.get("ended") is True:
-            fields["ended_reason"] = "bot"
-        return ev.ConversationUpdate(
-            channel=request.channel or self.channel,
-            occurred_at=finished_at,
-            user_id=request.user_id,
-            conversation_id=request.conversation_id,
-            **fields,
-        )
+        intent, resolved, handed_off, ended, step = facts
+        return _build_update(request.channel or self.channel, finished_at, request.user_id,
+                             request.conversation_id, ended, "bot" if ended is True else None,
+                             resolved, handed_off, intent, step)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

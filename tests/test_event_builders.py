@@ -254,3 +254,39 @@ def test_message_any_text(channel: str, key: str, user_id: str, text: str | None
     ]
     for build in builders:
         check_fields(build(**values), values)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OddDefaults(ev.Event):
+    """Defaults that the checks change: they must run on them too."""
+
+    user_id: str
+    kind: str = "k" * 40
+    note: str = "n\x00"
+    tags: list[str] = dataclasses.field(default_factory=lambda: ["t\udc00"])
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Audited(ev.Message):
+    """A subclass with its own __post_init__, which the builder must call."""
+
+    def __post_init__(self) -> None:
+        ev.Message.__post_init__(self)
+        object.__setattr__(self, "meta", {**self.meta, "audited": True})
+
+
+def test_checked_builder_checks_defaults() -> None:
+    event = checked_builder(OddDefaults, ("channel", "occurred_at", "user_id"))("web", WHEN, "u")
+    assert event == OddDefaults(channel="web", occurred_at=WHEN, user_id="u")
+    assert event.kind == fitted("k" * 40, 32)
+    assert event.note == "n\ufffd"
+    assert event.tags == ["t\ufffd"]
+
+
+def test_checked_builder_own_post_init() -> None:
+    names = ("channel", "occurred_at", "key", "role", "user_id", "text")
+    event = checked_builder(Audited, names)("web", WHEN, "k", "user", "u", "a\x00")
+    assert event.meta == {"audited": True}
+    assert event.text == "a\ufffd"
+    assert event == Audited(channel="web", occurred_at=WHEN, key="k", role="user",
+                            user_id="u", text="a\x00")
