@@ -34,6 +34,7 @@ __all__ = [
     "from_ms",
     "storable",
     "field_reader",
+    "values_builder",
     "checked_builder",
 ]
 
@@ -184,6 +185,16 @@ def _field_values(event: Event) -> tuple[Any, ...]:
 def field_reader(cls: type) -> Callable[[Any], tuple[Any, ...]]:
     """Return the function that reads the field values of an event of ``cls``, in order."""
     return _slots_of(cls)[0]
+
+
+def values_builder(cls: type) -> Callable[[Sequence[Any]], Any]:
+    """Return the function that builds an event of ``cls`` from all its field values, in order.
+
+    It runs none of the checks of construction, like :meth:`Event.copy_with`, so it serves
+    values read from an event with :func:`field_reader` and replaced by values known to
+    pass the checks. A wrong count of values raises ValueError.
+    """
+    return _slots_of(cls)[3]
 
 
 def _rebuild(cls: type[Event], values: Sequence[Any]) -> Event:

@@ -290,3 +290,15 @@ def test_checked_builder_own_post_init() -> None:
     assert event.text == "a\ufffd"
     assert event == Audited(channel="web", occurred_at=WHEN, key="k", role="user",
                             user_id="u", text="a\x00")
+
+
+@pytest.mark.parametrize("cls", [*CLASSES, NoteMessage], ids=lambda cls: cls.__name__)
+def test_values_builder_round_trip(cls: type[ev.Event]) -> None:
+    values = required(cls)
+    event = cls(**values)
+    read = ev.field_reader(cls)
+    build = ev.values_builder(cls)
+    assert build(read(event)) == event
+    assert type(build(read(event))) is cls
+    with pytest.raises(ValueError):
+        build(read(event)[:-1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -246,6 +247,45 @@ def test_pseudonymiser_rewrites_every_event_type() -> None:
         assert event.user_id == user  # type: ignore[attr-defined]
         assert getattr(event, "conversation_id", None) in (None, conversation)
     assert pseudonymiser.apply(events[0]).key == "m"  # type: ignore[attr-defined]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _NotedMessage(ev.Message):
+    """A Message subclass without slots and with a field of its own."""
+
+    note: str = "n"
+
+
+def test_pseudonymiser_apply_equals_replace() -> None:
+    pseudonymiser = Pseudonymiser(KEY)
+    only_users = Pseudonymiser(KEY, fields=("user_id",))
+    message = ev.Message(channel="web", occurred_at=T0, key="m", role="user", user_id="u1",
+                         conversation_id="c1", text="hi", attributes={"a": "b"})
+    cases = [
+        message,
+        dataclasses.replace(message, conversation_id=None),
+        dataclasses.replace(message, conversation_id=""),
+        _NotedMessage(channel="web", occurred_at=T0, key="m", role="bot", user_id="u2",
+                      conversation_id="c2", note="kept"),
+        ev.Status(channel="web", occurred_at=T0, platform_message_id="p", status="read"),
+        ev.RawPayload(channel="web", occurred_at=T0, source="s", body=b"x", reason="r"),
+    ]
+    for event in cases:
+        for each in (pseudonymiser, only_users):
+            changes = {}
+            for name in each.fields:
+                value = getattr(event, name, None)
+                if isinstance(value, str) and value:
+                    kind = "user" if name == "user_id" else "conversation"
+                    changes[name] = each.pseudonymise(value, kind)
+            result = each.apply(event)
+            assert type(result) is type(event)
+            assert result == dataclasses.replace(event, **changes)
+            if not changes:
+                assert result is event
+    noted = pseudonymiser.apply(cases[3])
+    assert noted.note == "kept"  # type: ignore[attr-defined]
+    assert only_users.apply(message).conversation_id == "c1"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -18,13 +18,14 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from chatmw.events import Event
+from chatmw.events import Event, field_reader, values_builder
 from chatmw.security.secret import Secret
 
 __all__ = [
@@ -49,6 +50,12 @@ STORED_KEY_NAME = "pseudonym_key"
 PSEUDONYMISED_FIELDS = {"user_id": "user", "conversation_id": "conversation"}
 
 
+# Per event class: its field reader, its builder from field values, and the positions and
+# kinds of the fields to replace (see Pseudonymiser.apply).
+_Plan = tuple[Callable[[Any], tuple[Any, ...]], Callable[[Sequence[Any]], Any],
+              tuple[tuple[int, str], ...]]
+
+
 class Pseudonymiser:
     """Maps platform ids to keyed pseudonyms; :meth:`apply` rewrites a whole event."""
 
@@ -65,6 +72,7 @@ class Pseudonymiser:
         self._key = key.reveal().encode("utf-8")
         self.fields = fields
         self._recent: dict[tuple[str, str], str] = {}
+        self._plans: dict[type, _Plan] = {}
 
     def __repr__(self) -> str:
         return "Pseudonymiser(key=[secure])"
@@ -84,14 +92,30 @@ class Pseudonymiser:
 
     def apply(self, event: Event) -> Event:
         """Return ``event`` with its id fields (``user_id``, ``conversation_id``) pseudonymised."""
-        changes = {}
-        for name in self.fields:
-            kind = PSEUDONYMISED_FIELDS[name]
-            value = getattr(event, name, None)
+        plan = self._plans.get(event.__class__)
+        if plan is None:
+            plan = self._plans[event.__class__] = self._plan(event.__class__)
+        read, build, targets = plan
+        if not targets:
+            return event
+        values = read(event)
+        changed: list[Any] | None = None
+        for position, kind in targets:
+            value = values[position]
             if isinstance(value, str) and value:
-                changes[name] = self.pseudonymise(value, kind)
+                if changed is None:
+                    changed = list(values)
+                changed[position] = self.pseudonymise(value, kind)
         # Pseudonyms are short hex strings, so the copy skips the checks a new event runs.
-        return event.copy_with(**changes) if changes else event
+        return event if changed is None else build(changed)
+
+    def _plan(self, event_class: type) -> _Plan:
+        # The event class's field reader and builder, and the position and kind of each
+        # of its fields that this pseudonymiser replaces.
+        names = tuple(event_class.__dataclass_fields__)  # type: ignore[attr-defined]
+        targets = tuple((names.index(name), PSEUDONYMISED_FIELDS[name])
+                        for name in self.fields if name in names)
+        return field_reader(event_class), values_builder(event_class), targets
 
     def apply_all(self, events: Iterable[Event]) -> list[Event]:
         """Pseudonymise ``events`` (for sources that write through the Writer directly)."""
