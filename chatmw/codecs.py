@@ -148,6 +148,9 @@ def load_json_body(body: bytes) -> Any:
             document = json.loads(body.decode("utf-8", "surrogatepass"))
         else:
             document = json.loads(body)
+            if not json.detect_encoding(body).startswith("utf-8"):
+                # A UTF-16 or UTF-32 body: the expression below reads UTF-8 bytes only.
+                return replace_lone_surrogates(document)
         # The substring tests skip the regular expression for bodies without either prefix.
         if (b"\\u" in body or b"\xed" in body) and _SURROGATE_ESCAPE.search(body):
             document = replace_lone_surrogates(document)

@@ -8,8 +8,10 @@ them as integer milliseconds since the Unix epoch (UTC).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import inspect
 import keyword
 import operator
 import re
@@ -174,7 +176,10 @@ _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELD_NAMES.get(cls)
     if names is None:
-        names = _FIELD_NAMES[cls] = tuple(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        # dataclasses.fields leaves out the ClassVar and InitVar pseudo-fields that
+        # __dataclass_fields__ lists. They are not instance data, and a slotted instance
+        # has no slot for them.
+        names = _FIELD_NAMES[cls] = tuple(spec.name for spec in dataclasses.fields(cls))
     return names
 
 
@@ -264,10 +269,15 @@ def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any
     fewer instructions (see docs/performance.md). Every field without a default must be
     named.
     """
-    fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    unknown = [name for name in names if name not in fields]
+    fields = {spec.name: spec for spec in dataclasses.fields(cls)}
+    parameters = set(inspect.signature(cls).parameters)
+    unknown = [name for name in names if name not in parameters]
     if unknown or len(set(names)) != len(names):
         raise TypeError(f"{cls.__name__} fields must be named once each, got {list(names)}")
+    if parameters != {name for name, spec in fields.items() if spec.init}:
+        # The constructor takes InitVar values for __post_init__, or the class has its own
+        # __init__. Only calling the constructor then builds the same event.
+        return _constructor_builder(cls, tuple(names))
     setters = _slots_of(cls)[1]
     namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, **_CHECK_NAMES}
     lines = []
@@ -280,6 +290,10 @@ def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any
         if name in names:
             value = f"a_{names.index(name)}"
             checked.append((name, value))
+        elif not spec.init and spec.default is MISSING and spec.default_factory is MISSING:
+            # The constructor leaves this field unset too (a __post_init__ may set it).
+            checked.append((name, f"self.{name}"))
+            continue
         elif spec.default is not MISSING:
             namespace[f"default_{index}"] = spec.default
             value = f"default_{index}"
@@ -306,6 +320,15 @@ def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any
               "    return self\n")
     exec(compile(source, f"<chatmw.events checked build of {cls.__name__}>", "exec"), namespace)
     return namespace["build"]  # type: ignore[no-any-return]
+
+
+def _constructor_builder(cls: type[Event], names: tuple[str, ...]) -> Callable[..., Any]:
+    def build(*values: Any) -> Any:
+        if len(values) != len(names):
+            raise TypeError(f"{cls.__name__} builder expected {len(names)} values "
+                            f"for {list(names)}, got {len(values)}")
+        return cls(**dict(zip(names, values, strict=True)))
+    return build
 
 
 def _passes_checks(name: str, value: Any) -> bool:
@@ -336,9 +359,8 @@ _CHECKERS: dict[type, Callable[[Any], None]] = {}
 
 
 def _fields_checker(event_class: type) -> Callable[[Any], None]:
-    fields = event_class.__dataclass_fields__  # type: ignore[attr-defined]
     lines = ["def check(self):", *_check_lines(event_class, [(name, f"self.{name}")
-                                                            for name in fields])]
+                                                            for name in _field_names(event_class)])]
     lines.append("    return None")
     source = "\n".join(lines) + "\n"
     namespace = dict(_CHECK_NAMES)
