@@ -105,3 +105,14 @@ def test_checked_builder_init_false_field() -> None:
     # The constructor rejects the field as an argument, and so does the builder.
     with pytest.raises(TypeError):
         checked_builder(DerivedEvent, ("channel", "occurred_at", "user_id", "label"))
+
+
+def test_pseudonymiser_skips_class_constants() -> None:
+    from chatmw.security import Pseudonymiser, Secret
+
+    pseudonymiser = Pseudonymiser(Secret("k" * 32))
+    event = TableEvent(channel="web", occurred_at=WHEN, user_id="u1", note="n")
+    result = pseudonymiser.apply(event)
+    assert result == dataclasses.replace(event, user_id=pseudonymiser.pseudonymise("u1"))
+    assert result.note == "n"
+    assert TableEvent.table == "custom_events"

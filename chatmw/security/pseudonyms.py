@@ -13,6 +13,7 @@ database then also has the key. Changing the key splits every person into a new 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -112,7 +113,7 @@ class Pseudonymiser:
     def _plan(self, event_class: type) -> _Plan:
         # The event class's field reader and builder, and the position and kind of each
         # of its fields that this pseudonymiser replaces.
-        names = tuple(event_class.__dataclass_fields__)  # type: ignore[attr-defined]
+        names = tuple(spec.name for spec in dataclasses.fields(event_class))
         targets = tuple((names.index(name), PSEUDONYMISED_FIELDS[name])
                         for name in self.fields if name in names)
         return field_reader(event_class), values_builder(event_class), targets
