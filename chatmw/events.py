@@ -409,14 +409,14 @@ def _check_text(event: Any, name: str, value: str) -> str:
 
 
 def _check_value(event: Any, name: str, value: Any, width: int) -> None:
-    # A field that is neither None nor a str.
+    # A field that is neither None nor a str. An id of a str subclass is fitted like a str.
     kind = value.__class__
     if kind in _PLAIN_TYPES or (kind is dict and _plain_text_dict(value)):
         return
     if _has_unstorable(value):
         value = storable(value)
         object.__setattr__(event, name, value)
-    if width and value.__class__ is str and len(value) > width:
+    if width and isinstance(value, str) and len(value) > width:
         object.__setattr__(event, name, fit_id(value, width))
 
 

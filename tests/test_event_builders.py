@@ -61,8 +61,8 @@ def expected(name: str, value: Any) -> Any:
     if value is None:
         return None
     result = clean(value)
-    if type(result) is str and name in WIDTHS and (type(value) is str or result != value):
-        result = fitted(result, WIDTHS[name])
+    if isinstance(result, str) and name in WIDTHS and len(result) > WIDTHS[name]:
+        result = fitted(str(result), WIDTHS[name])
     return result
 
 
@@ -198,6 +198,10 @@ def test_str_subclass_cleaned_or_kept() -> None:
     assert dirty.text == "a\ufffd"
     assert type(dirty.text) is str
     assert dirty.user_id == fitted("u\ufffd" + "w" * 300, 255)
+    long_tag = ev.Message(channel="web", occurred_at=WHEN, key="k", role="user",
+                          user_id=Tag("v" * 300))
+    assert long_tag.user_id == fitted("v" * 300, 255)
+    assert type(long_tag.user_id) is str
 
 
 def test_subclass_without_slots() -> None:
