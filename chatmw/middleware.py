@@ -12,16 +12,16 @@ the server gets the very messages the bot sent, and each one is forwarded at onc
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from chatmw import events as ev
 from chatmw.codecs import Codec
 from chatmw.exchange import ExchangeDecoder, captured_exchange
 from chatmw.recorder import Recorder
@@ -39,6 +39,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # The largest body copied: a larger request is not recorded, a larger response is recorded
 # without its text. Both are passed to the bot and the server unchanged.
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+# The default clock: chatmw.events.now_utc without its Python frame, because it runs for
+# every chat request on the bot's event loop.
+_utc_now = functools.partial(datetime.now, UTC)
 
 
 class _Capture:
@@ -171,7 +174,7 @@ class ChatMetricsMiddleware:
         channel: str = "web",
         record_text: bool = True,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-        clock: Callable[[], datetime] = ev.now_utc,
+        clock: Callable[[], datetime] = _utc_now,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.app = app
