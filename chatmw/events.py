@@ -272,8 +272,10 @@ def checked_builder(cls: type[Event], names: Sequence[str]) -> Callable[..., Any
     fields = {spec.name: spec for spec in dataclasses.fields(cls)}
     parameters = set(inspect.signature(cls).parameters)
     unknown = [name for name in names if name not in parameters]
-    if unknown or len(set(names)) != len(names):
-        raise TypeError(f"{cls.__name__} fields must be named once each, got {list(names)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if unknown or repeated:
+        raise TypeError(f"{cls.__name__} fields must be named once each, got {list(names)}: "
+                        f"unknown {unknown}, repeated {repeated}")
     if parameters != {name for name, spec in fields.items() if spec.init}:
         # The constructor takes InitVar values for __post_init__, or the class has its own
         # __init__. Only calling the constructor then builds the same event.
@@ -359,9 +361,8 @@ _CHECKERS: dict[type, Callable[[Any], None]] = {}
 
 
 def _fields_checker(event_class: type) -> Callable[[Any], None]:
-    lines = ["def check(self):", *_check_lines(event_class, [(name, f"self.{name}")
-                                                            for name in _field_names(event_class)])]
-    lines.append("    return None")
+    fields = [(name, f"self.{name}") for name in _field_names(event_class)]
+    lines = ["def check(self):", *_check_lines(event_class, fields), "    return None"]
     source = "\n".join(lines) + "\n"
     namespace = dict(_CHECK_NAMES)
     exec(compile(source, f"<chatmw.events checks of {event_class.__name__}>", "exec"), namespace)
@@ -371,7 +372,7 @@ def _fields_checker(event_class: type) -> Callable[[Any], None]:
 def _check_lines(event_class: type, fields: Sequence[tuple[str, str]]) -> list[str]:
     # Generated code that checks each field's value, read from its expression, on the
     # instance ``self``. The common cases are settled inline: None, ASCII text without NUL
-    # that fits the field's width, values of the types that hold no text, and empty dicts.
+    # that fits the field's width, values of the types that contain no text, and empty dicts.
     # Other values go to _check_text or _check_value. A loop over the fields with getattr()
     # took at least a third more instructions per Message (counted with callgrind). Field
     # names go into the code, so each is checked to be an identifier.

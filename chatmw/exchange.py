@@ -157,7 +157,7 @@ class ExchangeDecoder:
             for index, value in enumerate(_read_facts(reply)):
                 if value is not None:
                     facts[index] = value
-        if facts.count(None) == len(facts):
+        if all(fact is None for fact in facts):
             return None
         intent, resolved, handed_off, ended, step = facts
         return _build_update(request.channel or self.channel, finished_at, request.user_id,

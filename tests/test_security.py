@@ -271,14 +271,14 @@ def test_pseudonymiser_apply_equals_replace() -> None:
         ev.RawPayload(channel="web", occurred_at=T0, source="s", body=b"x", reason="r"),
     ]
     for event in cases:
-        for each in (pseudonymiser, only_users):
+        for subject in (pseudonymiser, only_users):
             changes = {}
-            for name in each.fields:
+            for name in subject.fields:
                 value = getattr(event, name, None)
                 if isinstance(value, str) and value:
                     kind = "user" if name == "user_id" else "conversation"
-                    changes[name] = each.pseudonymise(value, kind)
-            result = each.apply(event)
+                    changes[name] = subject.pseudonymise(value, kind)
+            result = subject.apply(event)
             assert type(result) is type(event)
             assert result == dataclasses.replace(event, **changes)
             if not changes:
