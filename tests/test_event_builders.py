@@ -253,8 +253,8 @@ def test_message_any_text(channel: str, key: str, user_id: str, text: str | None
     values = {"channel": channel, "occurred_at": WHEN, "key": key, "role": "bot",
               "user_id": user_id, "text": text, "intent": intent, "attributes": attributes}
     builders: list[Callable[..., ev.Event]] = [
-        lambda **kw: ev.Message(**kw),
-        lambda **kw: checked_builder(ev.Message, tuple(kw))(*kw.values()),
+        lambda **fields: ev.Message(**fields),
+        lambda **fields: checked_builder(ev.Message, tuple(fields))(*fields.values()),
     ]
     for build in builders:
         check_fields(build(**values), values)
