@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.common import DATA_DIR, Section, command_line, fmt, write_section
 from bench.loadgen import LoadResult, run_wrk, served
@@ -35,6 +35,31 @@ class Summary:
     p99: float
     errors: int
     rounds: list[LoadResult]
+    # Per round of a variant that stores: (requests answered in warm-up and measurement,
+    # user messages in the database once the server stopped).
+    stored: list[tuple[int, int]] = field(default_factory=list)
+
+
+def stores(kind: str) -> bool:
+    """Whether the variant ``kind`` stores what it records."""
+    return kind.startswith("wrapped") and not kind.startswith("wrapped-nowrite")
+
+
+def stored_user_messages(url: str) -> int:
+    """Count the user messages in the database at ``url`` (each chat request makes one)."""
+    from sqlalchemy import func, select
+
+    from chatmw.store.engine import make_engine
+    from chatmw.store.models import Message
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                select(func.count()).select_from(Message).where(Message.role == "user")
+            ).scalar_one()
+    finally:
+        engine.dispose()
 
 
 def database_url(kind: str, database: str) -> str | None:
@@ -53,14 +78,22 @@ def database_url(kind: str, database: str) -> str | None:
 
 def measure(
     kind: str, database: str, seconds: float, warmup: float, connections: int, delay_ms: int
-) -> LoadResult:
+) -> tuple[LoadResult, tuple[int, int] | None]:
+    """Load one server; return the measured load and, for a variant that stores, the
+    requests answered and the user messages stored once the server stopped."""
     env = {"BENCH_DELAY_MS": str(delay_ms)} if delay_ms else None
-    with served(kind, database_url(kind, database)) as port:
-        run_wrk(port, "chat.lua", warmup, connections, env)
-        return run_wrk(port, "chat.lua", seconds, connections, env)
+    url = database_url(kind, database)
+    with served(kind, url) as port:
+        warm = run_wrk(port, "chat.lua", warmup, connections, env)
+        result = run_wrk(port, "chat.lua", seconds, connections, env)
+    # The server stopped with SIGINT, and the runtime flushed its queue on the way out.
+    if url is None or not stores(kind):
+        return result, None
+    return result, (warm.requests + result.requests, stored_user_messages(url))
 
 
-def summarise(kind: str, rounds: list[LoadResult]) -> Summary:
+def summarise(kind: str, rounds: list[LoadResult],
+              stored: list[tuple[int, int]] | None = None) -> Summary:
     return Summary(
         kind,
         statistics.median(r.rps for r in rounds),
@@ -68,6 +101,7 @@ def summarise(kind: str, rounds: list[LoadResult]) -> Summary:
         statistics.median(r.p99_ms for r in rounds),
         sum(r.errors for r in rounds),
         rounds,
+        stored or [],
     )
 
 
@@ -129,6 +163,21 @@ def render(results: dict[str, dict[str, dict[str, Summary]]], args: argparse.Nam
                     f"{fmt(item.p99, 2)} | {fmt(added, 2)} | {item.errors} | "
                     f"{'met' if met else '**missed**'} |"
                 )
+            checked = [(kind, item.stored) for kind, item in summaries.items() if item.stored]
+            if checked:
+                lines += [
+                    "",
+                    "Stored once the server stopped (user messages against requests answered, "
+                    "warm-up included; wrk does not count the requests in flight when it "
+                    "stops, so up to the connections per load may be stored beyond the "
+                    "count): "
+                    + "; ".join(
+                        f"{kind}: "
+                        + ", ".join(f"{stored:,} of {answered:,}" for answered, stored in pairs)
+                        for kind, pairs in checked
+                    )
+                    + ".",
+                ]
             lines += [
                 "",
                 "Per round (requests/s, p99 ms): "
@@ -165,13 +214,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Summary
             if not kinds:
                 continue
             rounds: dict[str, list[LoadResult]] = {kind: [] for kind in kinds}
+            stored: dict[str, list[tuple[int, int]]] = {kind: [] for kind in kinds}
             for _ in range(args.rounds):
                 for kind in kinds:
-                    result = measure(kind, database, args.seconds, args.warmup,
-                                     args.connections, delay_ms)
-                    print(database, load, kind, result, flush=True)
+                    result, check = measure(kind, database, args.seconds, args.warmup,
+                                            args.connections, delay_ms)
+                    print(database, load, kind, result,
+                          "" if check is None else f"answered={check[0]} stored={check[1]}",
+                          flush=True)
                     rounds[kind].append(result)
-            results[database][load] = {kind: summarise(kind, items)
+                    if check is not None:
+                        stored[kind].append(check)
+            results[database][load] = {kind: summarise(kind, items, stored[kind])
                                        for kind, items in rounds.items()}
     if not args.no_docs:
         write_section(Section("overhead", render(results, args)), command_line())

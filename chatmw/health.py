@@ -148,6 +148,12 @@ def render_metrics(recorder: Recorder) -> str:
     families = _recorder_families(recorder)
     if callable(getattr(recorder.spool, "stats", None)):
         families.extend(_spool_families(recorder.spool))
+    raises = getattr(recorder.writer, "priority_raises", None)
+    if isinstance(raises, int):
+        families.append(_single(
+            "chatmw_writer_priority_raises_total", "counter",
+            "Times the writer processes starved under the idle scheduling policy and were "
+            "started again under the batch policy.", raises))
     return _render(families)
 
 

@@ -34,34 +34,37 @@ import pickle
 import queue
 import struct
 import threading
+import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import OperationalError
 
 from chatmw import collector
-from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, int_setting, writer_processes
+from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, writer_processes
 from chatmw.events import Event, field_reader
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
 from chatmw.exchange import Exchange
 from chatmw.recorder import BatchWriter, _describe, is_retryable
+from chatmw.writer_priority import (
+    StarvationWatch,
+    WriterPriority,
+    enter_idle_policy,
+    runs_idle,
+    start_priority,
+    writer_niceness,
+)
 
 __all__ = ["PartnerFactory", "ProcessWriter", "SPLIT_MIN_BATCH", "WriteRejected",
            "WriterSnapshot", "build_writer", "settle_collector", "split_by_user",
-           "start_process_writer", "sum_results", "writer_factory"]
+           "start_process_writer", "sum_results", "writer_factory", "writer_niceness"]
 
 logger = logging.getLogger("chatmw")
 
-# The niceness the writer process adds to its own, so the application wins contended CPU.
-# At 5 Linux weighs the writer 335 against 1,024 for a process at 0 (CFS weights), so on a
-# CPU both want the writer gets about a quarter of it, and on an idle CPU all of it. At 19
-# it gets about 1.5 %, which also lets any other busy process on the host starve it.
-NICE_ENV = "CHATMW_WRITER_NICE"
-DEFAULT_NICENESS = 5
 # Events pickled per message to the writer process: about a quarter of a millisecond each.
 SEND_CHUNK = 100
 # Bytes of pickled chunks written at once, and read at once. A batch of 2,000 FAQ-bot
@@ -188,16 +191,18 @@ def start_process_writer(writer: Any, database_url: str,
 
 def _serve(connection: Connection, factory: Callable[[], BatchWriter],
            partner_connections: Sequence[Connection] = (),
-           split_min_batch: int = SPLIT_MIN_BATCH) -> None:
+           split_min_batch: int = SPLIT_MIN_BATCH,
+           priority: tuple[int, float | None] = (0, None)) -> None:
     # The loop of the child and of each partner: receive one batch, send one (ok,
     # retryable, description, written, decoder counts) reply. The child writes parts of
     # its batches of at least ``split_min_batch`` items through ``partner_connections``.
-    _lower_priority()
+    # ``priority`` is WriterPriority.start_argument's niceness and time until idle.
+    idle_at = start_priority(priority)
     writer = factory()
     settle_collector()
     partners = [_PartnerLink(partner) for partner in partner_connections]
     try:
-        _write_batches(connection, writer, partners, split_min_batch)
+        _write_batches(connection, writer, partners, split_min_batch, idle_at)
     finally:
         for partner in partners:
             partner.close()
@@ -208,9 +213,15 @@ def _serve(connection: Connection, factory: Callable[[], BatchWriter],
 
 def _write_batches(connection: Connection, writer: BatchWriter,
                    partners: Sequence[_PartnerLink] = (),
-                   split_min_batch: int = SPLIT_MIN_BATCH) -> None:
+                   split_min_batch: int = SPLIT_MIN_BATCH,
+                   idle_at: float | None = None) -> None:
+    # ``idle_at``: the time.monotonic() after which the process enters the idle policy,
+    # checked between batches.
     inbox = _Inbox(connection, _Preparer(writer, partners, split_min_batch))
     while True:
+        if idle_at is not None and time.monotonic() >= idle_at:
+            enter_idle_policy()
+            idle_at = None
         received = inbox.next()
         if received is None:
             return
@@ -646,12 +657,6 @@ class _Inbox:
         return self._batches.get()
 
 
-def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
-    """Read ``CHATMW_WRITER_NICE``, the niceness the writer process adds to its own (0-19)."""
-    return int_setting(os.environ if environ is None else environ, NICE_ENV, 0, 19,
-                       DEFAULT_NICENESS)
-
-
 # Allocations between two collections of the youngest generation in a writer process.
 WRITER_GC_THRESHOLD = 20_000
 
@@ -668,26 +673,6 @@ def settle_collector() -> None:
     collector.settle_collector((WRITER_GC_THRESHOLD, middle, oldest))
 
 
-def _lower_priority() -> None:
-    # When the bot and the writer want the same CPU, the bot's requests go first. The queue
-    # absorbs the writer's delay, and the writer catches up on idle CPU.
-    try:
-        niceness = writer_niceness()
-    except ValueError as error:
-        logger.warning("%s; the writer process keeps the default niceness %d",
-                       error, DEFAULT_NICENESS)
-        niceness = DEFAULT_NICENESS
-    if niceness and hasattr(os, "nice"):
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-    if niceness and hasattr(os, "SCHED_BATCH"):
-        # Linux: a batch task that wakes up (a new batch arrived) does not preempt the
-        # application's running thread. It waits for the next scheduling tick. Any user
-        # may choose this policy, so a failure here is unexpected and only skipped.
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-
-
 class ProcessWriter:
     """Writes batches through a writer that runs in a child process.
 
@@ -697,6 +682,11 @@ class ProcessWriter:
     again on the next write. Retryable errors in the child are raised here as
     :class:`sqlalchemy.exc.OperationalError`, so the recorder retries them as usual; other
     errors are raised as :class:`WriteRejected`, so the recorder isolates the bad events.
+
+    ``priority`` sets how the processes are scheduled (:mod:`chatmw.writer_priority`; read
+    from the environment by default). Processes under the idle policy that starve while a
+    reply is due are stopped, and the write fails as retryable; the next write starts them
+    under the batch policy, and ``priority_raises`` counts those restarts.
     """
 
     # Chat exchanges (chatmw.exchange) are decoded in the child, by the store writer there.
@@ -704,7 +694,8 @@ class ProcessWriter:
 
     def __init__(self, factory: Callable[[], BatchWriter], *, timeout_s: float = 120.0,
                  start_method: str = "spawn", local_writer: Any = None,
-                 processes: int = 1, split_min_batch: int = SPLIT_MIN_BATCH) -> None:
+                 processes: int = 1, split_min_batch: int = SPLIT_MIN_BATCH,
+                 priority: WriterPriority | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if not 1 <= processes <= MAX_PROCESSES:
@@ -718,6 +709,10 @@ class ProcessWriter:
         # registers them here, then calls refresh().
         self.local_writer = local_writer
         self.timeout_s = timeout_s
+        self.priority = WriterPriority.from_environ() if priority is None else priority
+        # Whether the processes start under the batch policy because idle ones starved.
+        self._raised = False
+        self.priority_raises = 0
         self._context = multiprocessing.get_context(start_method)
         self._process: Any = None
         self._connection: Connection | None = None
@@ -792,7 +787,7 @@ class ProcessWriter:
         if reader is None:
             raise _unavailable("child writer process stopped before writing the batch")
         try:
-            if not reader.poll(self.timeout_s):
+            if not self._wait_for_reply(reader):
                 self._kill(f"write timed out after {self.timeout_s:.0f} s")
                 raise _unavailable(f"child writer did not reply in {self.timeout_s:.0f} s")
             reply = reader.recv()
@@ -806,6 +801,37 @@ class ProcessWriter:
             return reply
         self._replies[number] = reply
         return None
+
+    def _wait_for_reply(self, reader: _FrameReader) -> bool:
+        # Waits up to timeout_s for the next reply. Under the idle policy, a reply that takes
+        # longer than a quarter of starved_after_s starts a watch of the processes, which
+        # stops them once they starve (see chatmw.writer_priority).
+        process = self._process
+        if not self.priority.uses_idle or process is None:
+            return reader.poll(self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
+        step = self.priority.starved_after_s / 4
+        watch: StarvationWatch | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if reader.poll(max(0.0, min(step, remaining))):
+                return True
+            if remaining <= step:
+                return False
+            if watch is None:
+                pids = [process.pid, *(partner.pid for partner in self._partners)]
+                watch = StarvationWatch(pids, self.priority)
+            elif watch.starved() and runs_idle(process.pid):
+                # Processes already under the batch policy would gain nothing by a restart.
+                self._raise_priority(watch)
+
+    def _raise_priority(self, watch: StarvationWatch) -> NoReturn:
+        self._raised = True
+        self.priority_raises += 1
+        self._kill(f"it waited for a CPU {watch.share:.0%} of the time under the idle "
+                   f"scheduling policy; it starts again under the batch policy with niceness "
+                   f"{self.priority.niceness} for {self.priority.calm_s:.0f} s")
+        raise _unavailable("child writer process starved of CPU under the idle policy")
 
     def refresh(self) -> None:
         """Stop the child after the write in progress, so the next write starts a new copy.
@@ -841,11 +867,13 @@ class ProcessWriter:
         links: list[Connection] = []
         try:
             self._partners = []
+            start = self.priority.start_argument(self._raised)
             for _ in range(self.processes - 1):
                 link, partner_end = self._context.Pipe()
                 links.append(link)
                 partner = self._context.Process(
-                    target=_serve, args=(partner_end, PartnerFactory(self.factory)),
+                    target=_serve, args=(partner_end, PartnerFactory(self.factory), (),
+                                         self.split_min_batch, start),
                     name="chatmw-writer-partner", daemon=True)
                 try:
                     partner.start()
@@ -854,7 +882,7 @@ class ProcessWriter:
                 self._partners.append(partner)
             process = self._context.Process(target=_serve,
                                             args=(child, self.factory, links,
-                                                  self.split_min_batch),
+                                                  self.split_min_batch, start),
                                             name="chatmw-writer", daemon=True)
             process.start()
         except Exception as error:  # noqa: BLE001 - reported as a retryable write failure
