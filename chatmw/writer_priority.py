@@ -8,8 +8,8 @@ core busy, the recorder's queue absorbs the delay.
 
 A host whose cores stay busy for long would starve such a writer. The parent process
 therefore watches the writer processes' threads while it waits for a reply (their state and
-run time in ``/proc/PID/task/TID``). A reply can be late while a thread was runnable
-throughout but ran for less than half of the wait. The parent then stops the writer
+run time in ``/proc/PID/task/TID``). A thread can stay runnable for seconds while the
+processes together run for at most half of that time. The parent then stops the writer
 processes and starts new ones under the batch policy (``SCHED_BATCH``) with the configured
 niceness, where they get their share of a contended CPU. Those processes return to the
 idle policy by themselves after a calm period. An unprivileged process can lower its own
@@ -47,7 +47,8 @@ POLICIES = ("idle", "batch")
 DEFAULT_POLICY = "idle"
 # The idle policy needs Linux's SCHED_IDLE and the run-queue times of /proc, without which a
 # starving writer would go unnoticed.
-IDLE_SUPPORTED = hasattr(os, "SCHED_IDLE") and os.path.exists("/proc/self/task")
+IDLE_SUPPORTED = (hasattr(os, "SCHED_IDLE") and os.path.exists("/proc/self/task")
+                  and os.path.exists("/proc/self/schedstat"))
 
 
 def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
@@ -58,8 +59,8 @@ def writer_niceness(environ: Mapping[str, str] | None = None) -> int:
 
 def writer_policy(environ: Mapping[str, str] | None = None) -> str:
     """Read ``CHATMW_WRITER_POLICY``: ``idle`` (also when unset) or ``batch``."""
-    raw = (os.environ if environ is None else environ).get(POLICY_ENV, "").strip().lower()
-    policy = raw or DEFAULT_POLICY
+    raw = (os.environ if environ is None else environ).get(POLICY_ENV, "").strip()
+    policy = raw.lower() or DEFAULT_POLICY
     if policy not in POLICIES:
         raise ValueError(f"{POLICY_ENV} must be 'idle' or 'batch', got {raw!r}")
     return policy
@@ -70,9 +71,10 @@ class WriterPriority:
     """The scheduling settings of the writer processes.
 
     ``niceness`` is added under the batch policy (0 leaves the processes as the parent is).
-    ``idle`` runs them under the idle policy while they keep up. A reply later than
-    ``starved_after_s`` from processes that spent at least ``starved_share`` of that time
-    waiting for a CPU starts them again under the batch policy, for ``calm_s`` seconds.
+    ``idle`` runs them under the idle policy while they keep up. Processes whose thread
+    stays runnable for ``starved_after_s`` while they do not run for at least
+    ``starved_share`` of that time start again under the batch policy, for ``calm_s``
+    seconds (see :class:`StarvationWatch`).
     """
 
     niceness: int = DEFAULT_NICENESS
@@ -201,35 +203,52 @@ def runs_idle(pid: int) -> bool:
 
 
 class StarvationWatch:
-    """Tells whether processes under the idle policy are starved of CPU while a reply is due.
+    """A watch of processes under the idle policy while a reply from them is due.
 
-    Created when the wait begins, and sampled by each call of :meth:`starved`. A thread is
-    starved when it was runnable at every sample and ran for less than ``1 -
-    starved_share`` of the time since the watch began. The kernel adds to a thread's
-    run-queue wait only when it gets a CPU, so a starved thread's wait would show late. Its
-    state and its run time are current.
+    Each call of :meth:`starved` samples the threads of the processes. They are starved
+    once some thread has been runnable at every sample for ``starved_after_s`` while all
+    their threads together ran for at most ``1 - starved_share`` of that time. Counting
+    every thread's run time keeps processes that share a CPU with each other from looking
+    starved. The kernel adds to a thread's run-queue wait only when it gets a CPU, so a
+    starved thread's wait would show late. Its state and its run time are current.
     """
 
     def __init__(self, pids: Sequence[int], priority: WriterPriority) -> None:
+        self.pids = list(pids)
         self.priority = priority
-        self.started = time.monotonic()
-        self.baseline = {pid: thread_samples(pid) for pid in pids}
-        # The threads runnable at every sample so far, with their run time at the start.
-        self.waiting = {(pid, thread): ran for pid, samples in self.baseline.items()
-                        for thread, (runnable, ran) in samples.items() if runnable}
-        # The largest share of the time that one of them spent waiting, at the last call.
+        # Per sample: its time and the run time of each thread.
+        self.samples: list[tuple[float, dict[tuple[int, int], int]]] = []
+        # The threads runnable at the last sample, with the first sample of their run of
+        # samples at which they were runnable.
+        self.runnable_since: dict[tuple[int, int], int] = {}
+        # The share of the time the processes did not run, at the last call.
         self.share = 0.0
+        self._sample()
+
+    def _sample(self) -> None:
+        ran: dict[tuple[int, int], int] = {}
+        runnable: list[tuple[int, int]] = []
+        for pid in self.pids:
+            for thread, (is_runnable, nanoseconds) in thread_samples(pid).items():
+                ran[(pid, thread)] = nanoseconds
+                if is_runnable:
+                    runnable.append((pid, thread))
+        index = len(self.samples)
+        self.samples.append((time.monotonic(), ran))
+        self.runnable_since = {key: self.runnable_since.get(key, index) for key in runnable}
 
     def starved(self) -> bool:
-        """Return whether the reply is late and a thread waited for a CPU most of that time."""
-        elapsed = time.monotonic() - self.started
-        now = {pid: thread_samples(pid) for pid in self.baseline}
-        for pid, thread in list(self.waiting):
-            runnable, _ = now[pid].get(thread, (False, 0))
-            if not runnable:
-                del self.waiting[(pid, thread)]
+        """Sample the threads; return whether the processes are starved of CPU."""
+        self._sample()
+        if not self.runnable_since:
+            self.share = 0.0
+            return False
+        now, ran_now = self.samples[-1]
+        since, ran_then = self.samples[min(self.runnable_since.values())]
+        elapsed = now - since
         if elapsed < self.priority.starved_after_s:
             return False
-        self.share = max((1 - (now[pid][thread][1] - ran) / 1e9 / elapsed
-                          for (pid, thread), ran in self.waiting.items()), default=0.0)
+        # Threads that started or ended in between are left out.
+        progress = sum(ran_now[key] - ran for key, ran in ran_then.items() if key in ran_now)
+        self.share = 1 - progress / 1e9 / elapsed
         return self.share >= self.priority.starved_share

@@ -804,8 +804,8 @@ class ProcessWriter:
 
     def _wait_for_reply(self, reader: _FrameReader) -> bool:
         # Waits up to timeout_s for the next reply. Under the idle policy, a reply that takes
-        # longer than a quarter of starved_after_s starts a watch of the processes, which
-        # stops them once they starve (see chatmw.writer_priority).
+        # longer than a quarter of starved_after_s starts a watch of the processes, sampled
+        # at that interval, which stops them once they starve (see chatmw.writer_priority).
         process = self._process
         if not self.priority.uses_idle or process is None:
             return reader.poll(self.timeout_s)

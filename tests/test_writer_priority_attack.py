@@ -124,8 +124,8 @@ class BurnFactory:
 def test_starved_after_database_wait_raised(hog: int) -> None:
     # The writer waits for the database (sleeping) when the watch takes its first look,
     # then needs the CPU for the rest of the batch and gets almost none of it. The watch
-    # only follows the threads runnable at its first sample, so it never samples this one: the
-    # write runs into timeout_s, and the next process starts under the idle policy again.
+    # follows a thread from the first look at which it is runnable, so it raises the
+    # processes well before timeout_s.
     writer = ProcessWriter(BurnFactory(sleep_s=1.0, cpu_per_event_s=0.3), timeout_s=12.0,
                            priority=WriterPriority(starved_after_s=0.6))
     try:
