@@ -167,10 +167,10 @@ def render(results: dict[str, dict[str, dict[str, Summary]]], args: argparse.Nam
             if checked:
                 lines += [
                     "",
-                    "Stored once the server stopped (user messages against requests answered, "
-                    "warm-up included; wrk does not count the requests in flight when it "
-                    "stops, so up to the connections per load may be stored beyond the "
-                    "count): "
+                    "Stored once the server stopped, as user messages against requests "
+                    "answered with the warm-up. wrk does not count the requests in flight "
+                    "when it stops, so up to the connections per load may be stored beyond "
+                    "the count. "
                     + "; ".join(
                         f"{kind}: "
                         + ", ".join(f"{stored:,} of {answered:,}" for answered, stored in pairs)
