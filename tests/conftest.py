@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -112,3 +114,19 @@ def engine(database_url: str) -> Iterator[Engine]:
 def anyio_backend() -> str:
     """Run ``@pytest.mark.anyio`` tests on asyncio only."""
     return "asyncio"
+
+
+@pytest.fixture
+def hog() -> Iterator[int]:
+    """A busy process at the test's priority, pinned to one CPU; yields that CPU.
+
+    Tests of the writer processes' scheduling pin a writer to the same CPU to starve it.
+    """
+    cpu = min(os.sched_getaffinity(0))
+    process = subprocess.Popen([sys.executable, "-c",
+                                f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        yield cpu
+    finally:
+        process.kill()
+        process.wait()

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -78,19 +77,6 @@ def _pin(pid: int, cpu: int) -> None:
     for _ in range(2):
         for thread in os.listdir(f"/proc/{pid}/task"):
             os.sched_setaffinity(int(thread), {cpu})
-
-
-@pytest.fixture
-def hog() -> Iterator[int]:
-    """A busy process at the default priority, pinned to one CPU; yields that CPU."""
-    cpu = min(os.sched_getaffinity(0))
-    process = subprocess.Popen([sys.executable, "-c",
-                                f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-    try:
-        yield cpu
-    finally:
-        process.kill()
-        process.wait()
 
 
 # Settings

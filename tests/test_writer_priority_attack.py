@@ -11,11 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,29 +24,19 @@ from sqlalchemy.exc import OperationalError
 from chatmw import events as ev
 from chatmw import writer_priority
 from chatmw.recorder import Recorder, RecorderSettings
-from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.engine import make_engine
 from chatmw.store.models import Message
-from chatmw.writer_priority import IDLE_SUPPORTED, WriterPriority
+from chatmw.writer_priority import WriterPriority
 from chatmw.writer_process import ProcessWriter, build_writer
+from tests.test_writer_priority import _pin, _sqlite, linux_only
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
-
-linux_only = pytest.mark.skipif(not IDLE_SUPPORTED, reason="needs Linux's SCHED_IDLE and /proc")
-
 
 def _messages(count: int, prefix: str, users: int = 3) -> list[ev.Event]:
     return [ev.Message(channel="web", occurred_at=T0 + timedelta(seconds=index),
                        key=f"{prefix}{index:05d}", role="user", user_id=f"u{index % users}",
                        text="hello there", conversation_id=f"c{index % users}")
             for index in range(count)]
-
-
-def _sqlite(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'w.db'}"
-    engine = make_engine(url)
-    upgrade(engine)
-    engine.dispose()
-    return url
 
 
 def _count_keys(url: str, prefix: str) -> tuple[int, int]:
@@ -65,27 +53,8 @@ def _count_keys(url: str, prefix: str) -> tuple[int, int]:
         engine.dispose()
 
 
-def _pin(pid: int, cpu: int) -> None:
-    for _ in range(2):
-        for thread in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(thread), {cpu})
-
-
 def _writer_pids(writer: ProcessWriter) -> list[int]:
     return [writer._process.pid, *(partner.pid for partner in writer._partners)]
-
-
-@pytest.fixture
-def hog() -> Iterator[int]:
-    """A busy process at the test's priority, pinned to one CPU; yields that CPU."""
-    cpu = min(os.sched_getaffinity(0))
-    process = subprocess.Popen([sys.executable, "-c",
-                                f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
-    try:
-        yield cpu
-    finally:
-        process.kill()
-        process.wait()
 
 
 class BurnWriter:
