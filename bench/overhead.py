@@ -35,13 +35,13 @@ class Summary:
     p99: float
     errors: int
     rounds: list[LoadResult]
-    # Per round of a variant that stores: (requests answered in warm-up and measurement,
+    # Per round of a variant that stores: (requests completed in warm-up and measurement,
     # user messages in the database once the server stopped).
     stored: list[tuple[int, int]] = field(default_factory=list)
 
 
 def stores(kind: str) -> bool:
-    """Whether the variant ``kind`` stores what it records."""
+    """Return whether the variant ``kind`` stores what it records."""
     return kind.startswith("wrapped") and not kind.startswith("wrapped-nowrite")
 
 
@@ -80,7 +80,7 @@ def measure(
     kind: str, database: str, seconds: float, warmup: float, connections: int, delay_ms: int
 ) -> tuple[LoadResult, tuple[int, int] | None]:
     """Load one server; return the measured load and, for a variant that stores, the
-    requests answered and the user messages stored once the server stopped."""
+    requests completed and the user messages stored once the server stopped."""
     env = {"BENCH_DELAY_MS": str(delay_ms)} if delay_ms else None
     url = database_url(kind, database)
     with served(kind, url) as port:
@@ -168,12 +168,12 @@ def render(results: dict[str, dict[str, dict[str, Summary]]], args: argparse.Nam
                 lines += [
                     "",
                     "Stored once the server stopped, as user messages against requests "
-                    "answered with the warm-up. wrk does not count the requests in flight "
+                    "completed with the warm-up. wrk does not count the requests in flight "
                     "when it stops, so up to the connections per load may be stored beyond "
                     "the count. "
                     + "; ".join(
                         f"{kind}: "
-                        + ", ".join(f"{stored:,} of {answered:,}" for answered, stored in pairs)
+                        + ", ".join(f"{stored:,} of {completed:,}" for completed, stored in pairs)
                         for kind, pairs in checked
                     )
                     + ".",
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, Summary
                     result, check = measure(kind, database, args.seconds, args.warmup,
                                             args.connections, delay_ms)
                     print(database, load, kind, result,
-                          "" if check is None else f"answered={check[0]} stored={check[1]}",
+                          "" if check is None else f"completed={check[0]} stored={check[1]}",
                           flush=True)
                     rounds[kind].append(result)
                     if check is not None:

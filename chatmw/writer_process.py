@@ -685,7 +685,7 @@ class ProcessWriter:
 
     ``priority`` sets how the processes are scheduled (:mod:`chatmw.writer_priority`; read
     from the environment by default). Processes under the idle policy that starve while a
-    reply is due are stopped, and the write fails as retryable; the next write starts them
+    reply is due are stopped, and the write fails as retryable. The next write starts them
     under the batch policy, and ``priority_raises`` counts those restarts.
     """
 
@@ -710,7 +710,7 @@ class ProcessWriter:
         self.local_writer = local_writer
         self.timeout_s = timeout_s
         self.priority = WriterPriority.from_environ() if priority is None else priority
-        # Whether the processes start under the batch policy because idle ones starved.
+        # True once idle processes starved: new processes start under the batch policy.
         self._raised = False
         self.priority_raises = 0
         self._context = multiprocessing.get_context(start_method)
