@@ -12,8 +12,9 @@ run time in ``/proc/PID/task/TID``). A thread can stay runnable for seconds whil
 processes together run for at most half of that time. The parent then stops the writer
 processes and starts new ones under the batch policy (``SCHED_BATCH``) with the configured
 niceness, where they get their share of a contended CPU. Those processes return to the
-idle policy by themselves after a calm period. An unprivileged process can lower its own
-priority but never raise it, which is why rising means starting new processes.
+idle policy by themselves after a calm period. Without ``CAP_SYS_NICE`` a thread may leave
+the idle policy only for a niceness its ``RLIMIT_NICE`` allows (``sched(7)``), and the usual
+limit of 0 allows none, so rising means starting new processes.
 
 Settings: ``CHATMW_WRITER_POLICY`` (``idle``, the default, or ``batch`` to keep the batch
 policy always) and ``CHATMW_WRITER_NICE`` (0-19, the niceness added under the batch policy;
@@ -42,11 +43,13 @@ logger = logging.getLogger("chatmw")
 # on a CPU both want the writer gets about a quarter of it.
 NICE_ENV = "CHATMW_WRITER_NICE"
 DEFAULT_NICENESS = 5
+# The policy of the writer processes: "idle" (the default) runs them under SCHED_IDLE and
+# raises them when they starve, "batch" keeps the batch policy with the niceness above.
 POLICY_ENV = "CHATMW_WRITER_POLICY"
 POLICIES = ("idle", "batch")
 DEFAULT_POLICY = "idle"
-# The idle policy needs Linux's SCHED_IDLE and the run-queue times of /proc, without which a
-# starving writer would go unnoticed.
+# The idle policy needs Linux's SCHED_IDLE, and the thread states and run times of /proc,
+# without which a starving writer would go unnoticed.
 IDLE_SUPPORTED = (hasattr(os, "SCHED_IDLE") and os.path.exists("/proc/self/task")
                   and os.path.exists("/proc/self/schedstat"))
 
@@ -95,8 +98,10 @@ class WriterPriority:
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> WriterPriority:
-        """Read ``CHATMW_WRITER_NICE`` and ``CHATMW_WRITER_POLICY``; a bad value is logged
-        and replaced by its default."""
+        """Read ``CHATMW_WRITER_NICE`` and ``CHATMW_WRITER_POLICY``.
+
+        A bad value is logged and replaced by its default.
+        """
         try:
             niceness = writer_niceness(environ)
         except ValueError as error:
@@ -138,8 +143,8 @@ def start_priority(priority: tuple[int, float | None]) -> float | None:
         with contextlib.suppress(OSError):
             os.nice(niceness)
     if niceness and hasattr(os, "SCHED_BATCH"):
-        # Linux: a batch task that wakes up (a new batch arrived) does not preempt the
-        # application's running thread. Any user may choose this policy, so a failure here
+        # Linux treats a batch task as CPU-bound and disfavours it when it wakes up (a new
+        # batch arrived), per sched(7). Any user may choose this policy, so a failure here
         # is unexpected and only skipped.
         with contextlib.suppress(OSError):
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
@@ -160,8 +165,8 @@ def enter_idle_policy() -> None:
     except OSError:
         threads = [0]
     for thread in threads:
-        # A thread that ended since the listing is gone; nothing else can fail for the
-        # caller's own threads, since lowering a priority needs no privilege.
+        # Only a thread that ended since the listing can fail here, because lowering the
+        # priority of the caller's own threads needs no privilege.
         with contextlib.suppress(OSError):
             os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
 
@@ -182,7 +187,8 @@ def thread_samples(pid: int) -> dict[int, tuple[bool, int]]:
         folder = f"/proc/{pid}/task/{thread}"
         try:
             with open(f"{folder}/stat", "rb") as stat:
-                # The command name in parentheses may hold spaces: the state follows it.
+                # The command name in parentheses may contain spaces, so the state is read
+                # after the last parenthesis.
                 state = stat.read().rpartition(b")")[2].split()[0]
             with open(f"{folder}/schedstat", "rb") as schedstat:
                 ran = int(schedstat.read().split()[0])
@@ -218,8 +224,8 @@ class StarvationWatch:
         self.priority = priority
         # Per sample: its time and the run time of each thread.
         self.samples: list[tuple[float, dict[tuple[int, int], int]]] = []
-        # The threads runnable at the last sample, with the first sample of their run of
-        # samples at which they were runnable.
+        # Each thread runnable at the last sample, with the index of the sample since which
+        # it was runnable at every sample.
         self.runnable_since: dict[tuple[int, int], int] = {}
         # The share of the time the processes did not run, at the last call.
         self.share = 0.0

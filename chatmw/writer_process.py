@@ -56,12 +56,11 @@ from chatmw.writer_priority import (
     enter_idle_policy,
     runs_idle,
     start_priority,
-    writer_niceness,
 )
 
 __all__ = ["PartnerFactory", "ProcessWriter", "SPLIT_MIN_BATCH", "WriteRejected",
            "WriterSnapshot", "build_writer", "settle_collector", "split_by_user",
-           "start_process_writer", "sum_results", "writer_factory", "writer_niceness"]
+           "start_process_writer", "sum_results", "writer_factory"]
 
 logger = logging.getLogger("chatmw")
 
@@ -803,9 +802,8 @@ class ProcessWriter:
         return None
 
     def _wait_for_reply(self, reader: _FrameReader) -> bool:
-        # Waits up to timeout_s for the next reply. Under the idle policy, a reply that takes
-        # longer than a quarter of starved_after_s starts a watch of the processes, sampled
-        # at that interval, which stops them once they starve (see chatmw.writer_priority).
+        # Waits up to timeout_s for the next reply. Under the idle policy the processes are
+        # sampled every quarter of starved_after_s and stopped once they starve.
         process = self._process
         if not self.priority.uses_idle or process is None:
             return reader.poll(self.timeout_s)

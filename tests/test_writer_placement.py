@@ -27,7 +27,8 @@ from chatmw.spool import FileSpool, SpoolSettings
 from chatmw.store.engine import make_engine, upgrade
 from chatmw.store.models import Contact, Message
 from chatmw.store.models_rollups import RollupState
-from chatmw.writer_process import ProcessWriter, start_process_writer, writer_niceness
+from chatmw.writer_priority import writer_niceness
+from chatmw.writer_process import ProcessWriter, start_process_writer
 from tests.spool_helpers import SwitchableWriter, wait_for
 
 T0 = datetime(2025, 6, 2, 10, 0, tzinfo=UTC)

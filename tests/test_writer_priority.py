@@ -1,8 +1,8 @@
 """The writer processes' scheduling priority: the idle policy, and the restart under the
 batch policy when idle processes starve.
 
-Starvation is real here: a busy process at the default priority is pinned to the CPU that
-the idle writer process is pinned to, so the writer gets almost none of it.
+Starvation is real here: a busy process at the test's own priority is pinned to the CPU
+that the idle writer process is pinned to, so the writer gets almost none of it.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def test_runtime_writer_runs_idle_or_batch(monkeypatch: pytest.MonkeyPatch,
 
 
 @linux_only
-def test_starved_writer_starts_again_under_batch_policy(hog: int, tmp_path: Path) -> None:
+def test_starved_writer_restarts_under_batch(hog: int, tmp_path: Path) -> None:
     url = _sqlite(tmp_path)
     priority = WriterPriority(starved_after_s=0.6, calm_s=1.5)
     writer = ProcessWriter(functools.partial(build_writer, url, sentiment=True),
@@ -284,7 +284,7 @@ def test_starved_writer_starts_again_under_batch_policy(hog: int, tmp_path: Path
 
 
 @linux_only
-def test_writer_under_batch_policy_is_not_restarted(hog: int, tmp_path: Path) -> None:
+def test_batch_writer_not_restarted(hog: int, tmp_path: Path) -> None:
     # Starved under the batch policy too (niceness 10 against a busy process), a restart
     # would gain nothing: the write waits for its reply.
     url = _sqlite(tmp_path)

@@ -1,7 +1,7 @@
 """Attacks on the writer processes' idle policy and their restart when they starve.
 
-Starvation is real here, as in tests/test_writer_priority.py: a busy process at the
-default priority is pinned to the CPU the writer processes are pinned to. The tests that
+Starvation is real here, as in tests/test_writer_priority.py: a busy process at the test's
+own priority is pinned to the CPU the writer processes are pinned to. The tests that
 need no competing process pin the writer processes to one CPU and let them compete with
 each other.
 """
@@ -176,9 +176,9 @@ def test_raise_postgresql_partner_stores_once(hog: int, postgres_url: str) -> No
 
 @linux_only
 def test_pipelined_tickets_across_raise(hog: int, tmp_path: Path) -> None:
-    # submit, submit, then the first result starves: both tickets fail as retryable, the
-    # next submit goes to a new process under the batch policy, and a write again stores
-    # each event once.
+    # Two submits, then the first result starves. Both tickets fail as retryable, the next
+    # submit goes to a new process under the batch policy, and a write again stores each
+    # event once.
     url = _sqlite(tmp_path)
     writer = ProcessWriter(functools.partial(build_writer, url, sentiment=True),
                            priority=WriterPriority(starved_after_s=0.6, calm_s=60.0))
