@@ -94,12 +94,16 @@ class _Capture:
                         self.request_too_large = True
                         self.request_chunks.clear()
                     else:
-                        self.request_chunks.append(bytes(body))
+                        # A bytes body is kept as is (immutable); any other type is copied.
+                        self.request_chunks.append(
+                            body if body.__class__ is bytes else bytes(body))
         except Exception as error:  # noqa: BLE001 - never change the bot's request
             self.middleware._failed("request_copy", error)
         return message
 
-    async def send(self, message: ASGIMessage) -> None:
+    def send(self, message: ASGIMessage) -> Awaitable[None]:
+        # A plain function that returns the server's own awaitable: the bot awaits it as it
+        # would await the server's send, and no coroutine of ours runs per message.
         try:
             kind = message["type"]
             if kind == "http.response.body":
@@ -113,9 +117,23 @@ class _Capture:
                             self.response_too_large = True
                             self.response_chunks.clear()
                         else:
-                            self.response_chunks.append(bytes(body))
+                            self.response_chunks.append(
+                                body if body.__class__ is bytes else bytes(body))
             elif kind == "http.response.start":
-                self._on_start(message)
+                self.status = message["status"]
+                for name, value in message.get("headers", ()):
+                    # Only content-type (12 bytes) and content-encoding (16) are read: the
+                    # length test skips lowering every other header.
+                    if len(name) not in (12, 16):
+                        continue
+                    lowered = (name if name.__class__ is bytes else bytes(name)).lower()
+                    if lowered == b"content-type":
+                        self.content_type = (
+                            value if value.__class__ is bytes else bytes(value)).lower()
+                    elif lowered == b"content-encoding":
+                        self.content_encoding = (
+                            value if value.__class__ is bytes else bytes(value)).lower().strip()
+                self.streaming = self.content_type.startswith(b"text/event-stream")
             elif kind == "http.response.pathsend":
                 # A file sent by the server (ASGI path send extension): the body never
                 # passes here.
@@ -123,21 +141,7 @@ class _Capture:
                 self.finished = self.middleware.timer()
         except Exception as error:  # noqa: BLE001 - never change the bot's response
             self.middleware._failed("response_copy", error)
-        await self.downstream_send(message)
-
-    def _on_start(self, message: ASGIMessage) -> None:
-        self.status = message["status"]
-        for name, value in message.get("headers", ()):
-            # Only content-type (12 bytes) and content-encoding (16) are read: the length
-            # test skips lowering every other header.
-            if len(name) not in (12, 16):
-                continue
-            lowered = bytes(name).lower()
-            if lowered == b"content-type":
-                self.content_type = bytes(value).lower()
-            elif lowered == b"content-encoding":
-                self.content_encoding = bytes(value).lower().strip()
-        self.streaming = self.content_type.startswith(b"text/event-stream")
+        return self.downstream_send(message)
 
 
 class ChatMetricsMiddleware:

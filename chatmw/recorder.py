@@ -301,16 +301,19 @@ class Recorder:
         only when that buffer is full too.
         """
         # Counted before the put, so that a flush can never miss an event the writer has not
-        # seen. This runs on the bot's event loop for every exchange: the steps are inlined.
+        # seen, and counted as submitted at once (taken back if it is dropped), so that one
+        # lock suffices. This runs on the bot's event loop for every exchange: the steps are
+        # inlined. _idle can be set only while nothing is outstanding, so it needs clearing
+        # only when this event is the one outstanding.
         with self._lock:
             self._outstanding += 1
-            if self._idle.is_set():
+            self._submitted += 1
+            if self._outstanding <= 1:
                 self._idle.clear()
         try:
             depth = self._queue.offer(event)
         except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
-            self._count_drop("submit_error", 1)
-            self._finish(1)
+            self._reject("submit_error")
             return False
         if not depth:
             return self._overflow_put(event)
@@ -318,9 +321,14 @@ class Recorder:
             # The writer thread waits for this only after it found the queue empty, so the
             # queue passes this length again before the next wait.
             self._batch_ready.set()
-        with self._lock:
-            self._submitted += 1
         return True
+
+    def _reject(self, reason: str) -> None:
+        # Takes back an event that submit counted and could not queue.
+        with self._lock:
+            self._submitted -= 1
+        self._count_drop(reason, 1)
+        self._finish(1)
 
     def _begin(self, count: int) -> None:
         with self._lock:
@@ -388,9 +396,9 @@ class Recorder:
             self._submitted += 1
 
     def _overflow_put(self, event: Event) -> bool:
+        # The event was counted as submitted by submit.
         if not self.replayable or self._spill_thread is None:
-            self._count_drop("queue_full", 1)
-            self._finish(1)
+            self._reject("queue_full")
             return False
         with self._overflow_ready:
             if len(self._overflow) >= self.settings.overflow_size:
@@ -400,11 +408,8 @@ class Recorder:
                 self._overflow.append(event)
                 self._overflow_ready.notify()
         if full:
-            self._count_drop("queue_full", 1)
-            self._finish(1)
+            self._reject("queue_full")
             return False
-        with self._lock:
-            self._submitted += 1
         return True
 
     def _wake(self) -> None:

@@ -48,7 +48,7 @@ from chatmw.config import DEFAULT_PROCESSES, MAX_PROCESSES, writer_processes
 from chatmw.events import Event, field_reader
 from chatmw.events import _rebuild as rebuild_event
 from chatmw.events_business import Spend
-from chatmw.exchange import Exchange
+from chatmw.exchange import EXCHANGE_PARTS, Exchange
 from chatmw.recorder import BatchWriter, _describe, is_retryable
 from chatmw.writer_priority import (
     StarvationWatch,
@@ -354,6 +354,8 @@ def split_by_user(events: Sequence[Event], count: int) -> list[list[Event]] | No
 
 
 DecoderCounts = dict[str, dict[str, int]]
+# The position of an exchange's decoder in its parts.
+_DECODER = EXCHANGE_PARTS.index("decoder")
 
 
 def _decoder_counts(batch: Sequence[Event]) -> DecoderCounts:
@@ -365,7 +367,7 @@ def _decoder_counts(batch: Sequence[Event]) -> DecoderCounts:
     for event in batch:
         if event.__class__ is not Exchange:
             continue
-        decoder = event.decoder  # type: ignore[attr-defined]
+        decoder = event.parts[_DECODER]  # type: ignore[attr-defined]
         token = getattr(decoder, "token", None)
         if token is None or id(decoder) in seen:
             continue
@@ -384,7 +386,7 @@ def _add_decoder_counts(batch: Sequence[Event], counts: DecoderCounts) -> None:
             return
         if event.__class__ is not Exchange:
             continue
-        decoder = event.decoder  # type: ignore[attr-defined]
+        decoder = event.parts[_DECODER]  # type: ignore[attr-defined]
         totals = left.pop(getattr(decoder, "token", None), None)
         if totals:
             for name, count in totals.items():

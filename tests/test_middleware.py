@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import json
 import logging
+import pickle
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,7 +24,13 @@ from starlette.websockets import WebSocket
 
 from chatmw import events as ev
 from chatmw.codecs import JsonCodec, RasaCodec
-from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange, expand_all
+from chatmw.exchange import (
+    EXCHANGE_PARTS,
+    Exchange,
+    ExchangeDecoder,
+    captured_exchange,
+    expand_all,
+)
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.store import models
@@ -733,9 +740,7 @@ def stored_conversations(engine: Engine) -> list[models.Conversation]:
 
 def test_captured_exchange_matches_dataclass() -> None:
     decoder = ExchangeDecoder(CODEC)
-    values = {
-        "channel": "web",
-        "occurred_at": T0,
+    parts = {
         "key": "asgi:prefix:7",
         "decoder": decoder,
         "request": b'{"message": "hi"}',
@@ -745,17 +750,27 @@ def test_captured_exchange_matches_dataclass() -> None:
         "response_state": "too_large",
         "content_encoding": b"gzip",
     }
-    # Every field of Exchange must be an argument of the fast constructor.
-    assert list(values) == list(Exchange.__dataclass_fields__)
+    # Every part of Exchange must be an argument of the fast constructor, in order.
+    assert tuple(parts) == EXCHANGE_PARTS
 
-    fast = captured_exchange(**values)
-    checked = Exchange(**values)
+    fast = captured_exchange("web", T0, **parts)
+    checked = Exchange(channel="web", occurred_at=T0, parts=tuple(parts.values()))
 
     assert type(fast) is Exchange
     assert fast == checked
-    for name, value in values.items():
+    assert (fast.channel, fast.occurred_at) == ("web", T0)
+    for name, value in parts.items():
         assert getattr(fast, name) is value, name
     assert expand_all([fast]) == expand_all([checked])
+    # Pickled as every event is, to the writer process.
+    copy = pickle.loads(pickle.dumps(fast))
+    assert (copy.channel, copy.occurred_at, copy.key, copy.request, copy.content_encoding) == (
+        "web", T0, "asgi:prefix:7", b'{"message": "hi"}', b"gzip")
+
+
+def test_exchange_parts_checked() -> None:
+    with pytest.raises(ValueError, match="an exchange has 8 parts .*got 2"):
+        Exchange(channel="web", occurred_at=T0, parts=("k", None))
 
 
 def test_exchange_stored_with_latency(engine: Engine, store_recorder: Recorder) -> None:

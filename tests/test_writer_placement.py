@@ -18,7 +18,7 @@ from chatmw import events as ev
 from chatmw._demo.faq_bot import FAQ_CODEC
 from chatmw.adapters import messenger
 from chatmw.config import Settings
-from chatmw.exchange import Exchange, ExchangeDecoder, expand_all
+from chatmw.exchange import Exchange, ExchangeDecoder, captured_exchange, expand_all
 from chatmw.recorder import Recorder, RecorderSettings
 from chatmw.runtime import Runtime
 from chatmw.security.privacy import PrivacySettings
@@ -39,9 +39,9 @@ def exchange(index: int, user: str = "u1", text: str = "what are your opening ho
              decoder: ExchangeDecoder | None = None) -> Exchange:
     body = ('{"user_id": "%s", "message": "%s"}' % (user, text)).encode()
     reply = b'{"replies": [{"text": "We open at 9.", "intent": "opening_hours"}]}'
-    return Exchange(channel="web", occurred_at=T0 + timedelta(minutes=index), key=f"x{index}",
-                    decoder=decoder or ExchangeDecoder(FAQ_CODEC), request=body, response=reply,
-                    status=200, latency_ms=120.0)
+    return captured_exchange(channel="web", occurred_at=T0 + timedelta(minutes=index),
+                             key=f"x{index}", decoder=decoder or ExchangeDecoder(FAQ_CODEC), request=body,
+                             response=reply, status=200, latency_ms=120.0)
 
 
 # Decoding
@@ -63,16 +63,17 @@ def test_exchange_expands_to_messages() -> None:
 
 
 def test_exchange_unfinished_keeps_user_message() -> None:
-    unfinished = Exchange(channel="web", occurred_at=T0, key="x", decoder=ExchangeDecoder(FAQ_CODEC),
-                          request=b'{"user_id": "u", "message": "hi"}', latency_ms=None,
-                          response_state="unfinished")
+    unfinished = captured_exchange(channel="web", occurred_at=T0, key="x",
+                                   decoder=ExchangeDecoder(FAQ_CODEC),
+                                   request=b'{"user_id": "u", "message": "hi"}', latency_ms=None,
+                                   response_state="unfinished")
     assert [e.role for e in expand_all([unfinished])] == ["user"]  # type: ignore[attr-defined]
 
 
 def test_exchange_not_chat_is_counted() -> None:
     decoder = ExchangeDecoder(FAQ_CODEC)
-    bad = Exchange(channel="web", occurred_at=T0, key="x", decoder=decoder, request=b"not json",
-                   status=200, latency_ms=5.0)
+    bad = captured_exchange(channel="web", occurred_at=T0, key="x", decoder=decoder,
+                            request=b"not json", status=200, latency_ms=5.0)
     assert expand_all([bad, exchange(1, decoder=decoder)])[0].key == "x1"  # type: ignore[attr-defined]
     assert decoder.skipped == {"request_not_decoded": 1}
 

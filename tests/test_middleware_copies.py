@@ -1,0 +1,251 @@
+"""The middleware's copies of bodies and headers that are not plain bytes, and the server's send.
+
+Servers pass ``bytes``, but a bot may send a ``bytearray`` or ``memoryview`` body, or header
+names and values of those types, and reuse the buffer afterwards. The copy must hold what
+passed at the time, the bot must get the server's own result of ``send`` (its awaitable,
+its exception), and the recorder's counts must add up when events are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from chatmw import events as ev
+from chatmw.codecs import JsonCodec
+from chatmw.exchange import Exchange, expand_all
+from chatmw.middleware import ChatMetricsMiddleware
+from chatmw.recorder import Recorder, RecorderSettings
+
+CODEC = JsonCodec(replies_path="replies")
+REQUEST = b'{"user_id": "u1", "message": "hello"}'
+
+
+class Collecting:
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    def submit(self, event: ev.Event) -> bool:
+        assert isinstance(event, Exchange)
+        self.exchanges.append(event)
+        return True
+
+    def messages(self) -> list[ev.Message]:
+        return [e for e in expand_all(self.exchanges) if isinstance(e, ev.Message)]
+
+
+def run(app: Any, request_chunks: list[Any], server_send: Any = None) -> list[dict[str, Any]]:
+    """Call ``app`` as a server would; return the messages it sent."""
+    sent: list[dict[str, Any]] = []
+    pending = list(request_chunks)
+
+    async def receive() -> dict[str, Any]:
+        body = pending.pop(0)
+        return {"type": "http.request", "body": body, "more_body": bool(pending)}
+
+    async def send(message: dict[str, Any]) -> None:
+        # Records what the message holds now: the bot may change its buffers later.
+        sent.append({**message, "body": bytes(message.get("body", b""))})
+
+    scope = {"type": "http", "method": "POST", "path": "/chat", "headers": []}
+    asyncio.run(app(scope, receive, server_send or send))
+    return sent
+
+
+def reply_bot(body_type: type, header_type: type, parts: int = 1) -> Any:
+    """A raw ASGI bot that reads the request, then sends its reply as ``body_type`` chunks
+    and overwrites each chunk's buffer once it was sent."""
+
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        request = b""
+        more = True
+        while more:
+            message = await receive()
+            request += bytes(message["body"])
+            more = message["more_body"]
+        text = json.loads(request)["message"]
+        payload = json.dumps({"replies": [{"text": f"echo {text}"}]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (header_type(b"Content-Type"), header_type(b"Application/JSON")),
+            (header_type(b"X-Other-Header"), header_type(b"1")),
+        ]})
+        size = -(-len(payload) // parts)
+        for index in range(parts):
+            buffer = bytearray(payload[index * size:(index + 1) * size])
+            chunk = buffer if body_type is bytearray else body_type(buffer)
+            await send({"type": "http.response.body", "body": chunk,
+                        "more_body": index < parts - 1})
+            buffer[:] = b"x" * len(buffer)  # the bot reuses its buffer
+
+    return bot
+
+
+@pytest.mark.parametrize("body_type", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("parts", [1, 3])
+def test_reused_buffers_are_copied(body_type: type, parts: int) -> None:
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(reply_bot(body_type, body_type if body_type is not memoryview
+                                          else bytes, parts),
+                                recorder, CODEC, paths=["/chat"])
+    request = bytearray(REQUEST)
+    chunks = [request] if body_type is bytearray else [REQUEST]
+
+    sent = run(app, chunks)
+    request[:] = b"x" * len(request)  # the server reuses its request buffer
+
+    # The server got the bot's messages as they were when sent.
+    assert b"".join(m["body"] for m in sent[1:]) == b'{"replies": [{"text": "echo hello"}]}'
+    user, bot = recorder.messages()
+    assert (user.text, bot.text) == ("hello", "echo hello")
+    assert app.errors == {}
+    exchange = recorder.exchanges[0]
+    assert exchange.request == REQUEST and exchange.request.__class__ is bytes
+    assert exchange.response.__class__ is bytes
+
+
+@pytest.mark.parametrize("header_type", [bytes, bytearray])
+def test_header_names_of_any_case_and_type(header_type: type) -> None:
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(reply_bot(bytes, header_type), recorder, CODEC, paths=["/chat"])
+
+    sent = run(app, [REQUEST])
+
+    assert sent[0]["headers"][0] == (header_type(b"Content-Type"), header_type(b"Application/JSON"))
+    assert recorder.exchanges[0].status == 200
+    assert [m.text for m in recorder.messages()] == ["hello", "echo hello"]
+
+
+def test_header_of_wrong_type_is_an_error_of_ours_only() -> None:
+    # A header value that is no bytes-like object cannot be copied: the exchange goes
+    # unrecorded and counted, and the bot's message still reaches the server unchanged.
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", "text/plain")]})
+        await send({"type": "http.response.body", "body": b'{"replies": []}'})
+
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"])
+
+    sent = run(app, [REQUEST])
+
+    assert sent[0]["headers"] == [(b"content-type", "text/plain")]
+    assert app.errors == {"response_copy": 1}
+
+
+def test_bot_awaits_the_servers_own_send() -> None:
+    # The wrapper hands back what the server's send returned, and the server's exception
+    # reaches the bot unchanged, raised where the bot awaits it.
+    class Disconnected(Exception):
+        pass
+
+    returned: list[Any] = []
+    raised: list[BaseException] = []
+
+    class ServerSend:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __call__(self, message: dict[str, Any]) -> Any:
+            self.calls += 1
+
+            async def sending() -> str:
+                if message["type"] == "http.response.body":
+                    raise Disconnected("client went away")
+                return "started"
+
+            awaitable = sending()
+            returned.append(awaitable)
+            return awaitable
+
+    server_send = ServerSend()
+
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        start = send({"type": "http.response.start", "status": 200, "headers": []})
+        assert start is returned[0]
+        assert await start == "started"
+        try:
+            await send({"type": "http.response.body", "body": b'{"replies": []}'})
+        except Disconnected as error:
+            raised.append(error)
+            raise
+
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"])
+
+    with pytest.raises(Disconnected, match="client went away"):
+        run(app, [REQUEST], server_send)
+    assert server_send.calls == 2
+    assert len(raised) == 1
+    assert app.errors == {}
+
+
+# The recorder's counts when the queue is full
+
+
+class SlowWriter:
+    def __init__(self) -> None:
+        self.written: list[ev.Event] = []
+
+    def write(self, batch: list[ev.Event]) -> int:
+        self.written.extend(batch)
+        return len(batch)
+
+
+def make_event(index: int) -> ev.Message:
+    return ev.Message(channel="web", occurred_at=ev.now_utc(), key=f"m{index}", role="user",
+                      user_id="u1", text=f"hello {index}")
+
+
+def test_dropped_events_are_not_counted_as_submitted() -> None:
+    writer = SlowWriter()
+    recorder = Recorder(writer, RecorderSettings(queue_size=5, batch_size=5))
+    # Not started: the queue fills and the rest is dropped.
+    results = [recorder.submit(make_event(index)) for index in range(8)]
+
+    assert results == [True] * 5 + [False] * 3
+    stats = recorder.stats()
+    assert stats.submitted == 5
+    assert stats.dropped == {"queue_full": 3}
+    assert not recorder.flush(0.05)  # five events wait for the writer
+
+    recorder.start()
+    assert recorder.flush(10)
+    assert [event.key for event in writer.written] == [f"m{index}" for index in range(5)]
+    assert recorder.stats().written == 5
+    recorder.stop(10)
+
+
+def test_submit_error_is_not_counted_as_submitted() -> None:
+    recorder = Recorder(SlowWriter(), RecorderSettings(queue_size=5, batch_size=5))
+
+    def broken(item: object) -> int:
+        raise RuntimeError("queue is broken")
+
+    recorder._queue.offer = broken  # type: ignore[method-assign]
+
+    assert recorder.submit(make_event(0)) is False
+    stats = recorder.stats()
+    assert (stats.submitted, stats.dropped) == (0, {"submit_error": 1})
+    assert recorder.flush(0.5)  # nothing is outstanding
+
+
+def test_flush_waits_for_events_submitted_after_idle() -> None:
+    writer = SlowWriter()
+    recorder = Recorder(writer, RecorderSettings(queue_size=100, batch_size=10,
+                                                 batch_interval_s=0.05))
+    recorder.start()
+    try:
+        for round_ in range(3):
+            assert recorder.flush(10)  # idle
+            for index in range(4):
+                recorder.submit(make_event(round_ * 10 + index))
+            assert recorder.flush(10)
+            assert len(writer.written) == 4 * (round_ + 1)
+        assert recorder.stats().submitted == 12
+    finally:
+        recorder.stop(10)
