@@ -300,19 +300,25 @@ class Recorder:
         which the spill thread appends to the spool. It is dropped (reason ``queue_full``)
         only when that buffer is full too.
         """
-        # Counted before the put, so that a flush can never miss an event the writer has not
-        # seen, and counted as submitted at once (taken back if it is dropped), so that one
-        # lock suffices. This runs on the bot's event loop for every exchange: the steps are
-        # inlined. _idle can be set only while nothing is outstanding, so it needs clearing
-        # only when this event is the one outstanding.
+        # Counted as outstanding before the put, so that a flush can never miss an event the
+        # writer has not seen. The put runs under the same lock, and the event is counted as
+        # submitted only once it is queued. So one lock per event suffices, and the submitted
+        # counter (exported as a Prometheus counter) never counts a dropped event, not even
+        # for a moment. This runs on the bot's event loop for every exchange, so the steps
+        # are inlined. _idle can be set only while nothing is outstanding, so it needs
+        # clearing only when this event is the one outstanding. Taking the queue's mutex
+        # inside _lock is the lock order of stats() too.
         with self._lock:
             self._outstanding += 1
-            self._submitted += 1
             if self._outstanding <= 1:
                 self._idle.clear()
-        try:
-            depth = self._queue.offer(event)
-        except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
+            try:
+                depth = self._queue.offer(event)
+            except Exception:  # noqa: BLE001 - the bot's request path must never see our errors
+                depth = -1
+            if depth > 0:
+                self._submitted += 1
+        if depth < 0:
             self._reject("submit_error")
             return False
         if not depth:
@@ -324,9 +330,7 @@ class Recorder:
         return True
 
     def _reject(self, reason: str) -> None:
-        # Takes back an event that submit counted and could not queue.
-        with self._lock:
-            self._submitted -= 1
+        # Counts an event that submit could not queue as dropped, and no longer outstanding.
         self._count_drop(reason, 1)
         self._finish(1)
 
@@ -396,7 +400,7 @@ class Recorder:
             self._submitted += 1
 
     def _overflow_put(self, event: Event) -> bool:
-        # The event was counted as submitted by submit.
+        # The event was counted as outstanding, and not yet as submitted, by submit.
         if not self.replayable or self._spill_thread is None:
             self._reject("queue_full")
             return False
@@ -410,6 +414,8 @@ class Recorder:
         if full:
             self._reject("queue_full")
             return False
+        with self._lock:
+            self._submitted += 1
         return True
 
     def _wake(self) -> None:
