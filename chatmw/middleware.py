@@ -57,7 +57,7 @@ class _Capture:
                  "max_body_bytes", "request_chunks", "request_size", "request_complete",
                  "request_too_large", "status", "content_type", "content_encoding",
                  "response_chunks", "response_size", "response_too_large", "streaming",
-                 "finished")
+                 "finished", "copy_failed")
 
     def __init__(self, middleware: ChatMetricsMiddleware, receive: Receive, send: Send,
                  arrived_at: datetime, started: float) -> None:
@@ -79,6 +79,8 @@ class _Capture:
         self.response_too_large = False
         self.streaming = False
         self.finished: float | None = None
+        # Set when a copy step failed: the exchange is then not recorded, as the log says.
+        self.copy_failed = False
 
     async def receive(self) -> ASGIMessage:
         message = await self.downstream_receive()
@@ -98,12 +100,13 @@ class _Capture:
                         self.request_chunks.append(
                             body if body.__class__ is bytes else bytes(body))
         except Exception as error:  # noqa: BLE001 - never change the bot's request
+            self.copy_failed = True
             self.middleware._failed("request_copy", error)
         return message
 
-    def send(self, message: ASGIMessage) -> Awaitable[None]:
-        # A plain function that returns the server's own awaitable: the bot awaits it as it
-        # would await the server's send, and no coroutine of ours runs per message.
+    async def send(self, message: ASGIMessage) -> None:
+        # A coroutine, so the copy is taken when the bot awaits the send, as the server reads
+        # the message then: a body changed or a send cancelled before it runs is not recorded.
         try:
             kind = message["type"]
             if kind == "http.response.body":
@@ -140,8 +143,9 @@ class _Capture:
                 self.response_too_large = True
                 self.finished = self.middleware.timer()
         except Exception as error:  # noqa: BLE001 - never change the bot's response
+            self.copy_failed = True
             self.middleware._failed("response_copy", error)
-        return self.downstream_send(message)
+        await self.downstream_send(message)
 
 
 class ChatMetricsMiddleware:
@@ -240,6 +244,8 @@ class ChatMetricsMiddleware:
     # to the recorder; the decoder reads them when the batch is written.
 
     def _record(self, exchange: _Capture) -> None:
+        if exchange.copy_failed:
+            return  # Counted in errors and logged when the copy failed.
         if exchange.status is not None and 400 <= exchange.status < 500:
             return  # The bot rejected the request: it was not a chat message.
         if not exchange.request_complete or exchange.request_too_large:
