@@ -405,7 +405,9 @@ class Recorder:
             self._reject("queue_full")
             return False
         with self._overflow_ready:
-            if len(self._overflow) >= self.settings.overflow_size:
+            # Once the stop was signalled (under this lock), the spill thread may have ended:
+            # an event added now would never reach the spool, and a flush would wait for it.
+            if len(self._overflow) >= self.settings.overflow_size or self._spill_stop.is_set():
                 full = True
             else:
                 full = False

@@ -3,13 +3,16 @@
 Servers pass ``bytes``, but a bot may send a ``bytearray`` or ``memoryview`` body, or header
 names and values of those types, and reuse the buffer afterwards. The copy must hold what
 passed at the time, the server must get the bot's own messages (and the bot the server's
-exception), and the recorder's counts must add up when events are dropped.
+exception), and the recorder's counts must add up when events are dropped. No event may
+be left in an overflow buffer once the spill thread has stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +22,7 @@ from chatmw.codecs import JsonCodec
 from chatmw.exchange import Exchange, expand_all
 from chatmw.middleware import ChatMetricsMiddleware
 from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.spool import FileSpool, SpoolSettings
 
 CODEC = JsonCodec(replies_path="replies")
 REQUEST = b'{"user_id": "u1", "message": "hello"}'
@@ -47,7 +51,7 @@ def run(app: Any, request_chunks: list[Any], server_send: Any = None) -> list[di
         return {"type": "http.request", "body": body, "more_body": bool(pending)}
 
     async def send(message: dict[str, Any]) -> None:
-        # Records what the message holds now: the bot may change its buffers later.
+        # Copies the body as it is now, because the bot may change its buffers later.
         sent.append({**message, "body": bytes(message.get("body", b""))})
 
     scope = {"type": "http", "method": "POST", "path": "/chat", "headers": []}
@@ -102,7 +106,8 @@ def test_reused_buffers_are_copied(body_type: type, parts: int) -> None:
     assert (user.text, bot.text) == ("hello", "echo hello")
     assert app.errors == {}
     exchange = recorder.exchanges[0]
-    assert exchange.request == REQUEST and exchange.request.__class__ is bytes
+    assert exchange.request == REQUEST
+    assert exchange.request.__class__ is bytes
     assert exchange.response.__class__ is bytes
 
 
@@ -191,7 +196,7 @@ def make_event(index: int) -> ev.Message:
                       user_id="u1", text=f"hello {index}")
 
 
-def test_dropped_events_are_not_counted_as_submitted() -> None:
+def test_dropped_events_not_submitted() -> None:
     writer = SlowWriter()
     recorder = Recorder(writer, RecorderSettings(queue_size=5, batch_size=5))
     # Not started: the queue fills and the rest is dropped.
@@ -210,7 +215,7 @@ def test_dropped_events_are_not_counted_as_submitted() -> None:
     recorder.stop(10)
 
 
-def test_submit_error_is_not_counted_as_submitted() -> None:
+def test_submit_error_not_submitted() -> None:
     recorder = Recorder(SlowWriter(), RecorderSettings(queue_size=5, batch_size=5))
 
     def broken(item: object) -> int:
@@ -238,4 +243,53 @@ def test_flush_waits_for_events_submitted_after_idle() -> None:
             assert len(writer.written) == 4 * (round_ + 1)
         assert recorder.stats().submitted == 12
     finally:
+        recorder.stop(10)
+
+
+class BlockingWriter:
+    """Blocks in ``write`` until ``release`` is set; keeps the keys written."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.keys: list[str] = []
+
+    def write(self, batch: list[ev.Event]) -> int:
+        self.entered.set()
+        assert self.release.wait(30)
+        self.keys.extend(event.key for event in batch)  # type: ignore[attr-defined]
+        return len(batch)
+
+
+def test_overflow_closed_once_spill_stops(tmp_path: Path) -> None:
+    # Between the spill thread's end and the end of stop, an event that finds the queue full
+    # must be dropped, not put in an overflow that nobody empties (a flush would then wait
+    # for it until its timeout).
+    writer = BlockingWriter()
+    spool = FileSpool(SpoolSettings(directory=tmp_path))
+    recorder = Recorder(writer, RecorderSettings(queue_size=2, batch_size=1), spool=spool)
+    recorder.start()
+    try:
+        assert recorder.submit(make_event(0))
+        assert writer.entered.wait(10)  # the writer holds event 0
+        assert recorder.submit(make_event(1))
+        assert recorder.submit(make_event(2))  # the queue is full now
+        spill = recorder._spill_thread
+        assert spill is not None
+        # The first step of stop: signal the spill thread, which ends with nothing to spill.
+        with recorder._overflow_ready:
+            recorder._spill_stop.set()
+            recorder._overflow_ready.notify_all()
+        spill.join(10)
+        assert not spill.is_alive()
+
+        assert recorder.submit(make_event(3)) is False
+        assert recorder.stats().dropped == {"queue_full": 1}
+
+        writer.release.set()
+        assert recorder.flush(10)
+        assert writer.keys == ["m0", "m1", "m2"]
+        assert recorder.stats().submitted == 3
+    finally:
+        writer.release.set()
         recorder.stop(10)
