@@ -300,14 +300,10 @@ class Recorder:
         which the spill thread appends to the spool. It is dropped (reason ``queue_full``)
         only when that buffer is full too.
         """
-        # Counted as outstanding before the put, so that a flush can never miss an event the
-        # writer has not seen. The put runs under the same lock, and the event is counted as
-        # submitted only once it is queued. So one lock per event suffices, and the submitted
-        # counter (exported as a Prometheus counter) never counts a dropped event, not even
-        # for a moment. This runs on the bot's event loop for every exchange, so the steps
-        # are inlined. _idle can be set only while nothing is outstanding, so it needs
-        # clearing only when this event is the one outstanding. Taking the queue's mutex
-        # inside _lock is the lock order of stats() too.
+        # Runs on the bot's event loop for every exchange, so it takes one lock: the event is
+        # counted as outstanding before the put (a flush never misses it) and as submitted
+        # only once queued (the Prometheus counter never goes down). stats() also takes the
+        # queue's mutex inside _lock. _idle is set only while nothing is outstanding.
         with self._lock:
             self._outstanding += 1
             if self._outstanding <= 1:
