@@ -530,6 +530,10 @@ class Recorder:
                 batch = [self._overflow.popleft() for _ in range(count)]
             self._give_up(self._transform(batch), "spool_full")
             self._finish(len(batch))
+            if not stopping.is_set():
+                # The writer thread may wait for the queue without a timeout, because it
+                # found the spool empty: it replays these events once woken.
+                self._wake()
 
     def _stop_spill(self, deadline: float) -> bool:
         spill = self._spill_thread
