@@ -550,7 +550,9 @@ class Recorder:
         with self._overflow_ready:
             leftover = list(self._overflow)
             self._overflow.clear()
-        self._count_drop("shutdown_timeout", len(leftover))
+        # The spill thread did not end in time, so the events left in the overflow are
+        # spooled here, as the queued ones are.
+        self._give_up(self._transform(leftover), "shutdown_timeout")
         self._finish(len(leftover))
         return False
 
