@@ -269,6 +269,8 @@ class Recorder:
         # Set by stop for the current spill thread. Each spill thread has its own, so a
         # recorder started again never lets the previous one run on.
         self._spill_stop = threading.Event()
+        # Held by stop, so that stops called at the same time run one after the other.
+        self._stop_lock = threading.Lock()
 
     def _current(self) -> _WriterRun:
         # The state of the calling writer thread, or of the current one for other threads.
@@ -455,6 +457,17 @@ class Recorder:
         written may then be stored twice, which the idempotent writer stores once.
         """
         timeout = self.settings.flush_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        # Concurrent stops run one at a time. Each would queue a stop marker, and the marker
+        # left over would end the writer thread of the next start at once.
+        if not self._stop_lock.acquire(timeout=max(0.0, timeout)):
+            return False
+        try:
+            return self._stop(max(0.0, deadline - time.monotonic()))
+        finally:
+            self._stop_lock.release()
+
+    def _stop(self, timeout: float) -> bool:
         thread = self._thread
         if thread is None:
             return self._queue.empty()
