@@ -79,7 +79,7 @@ class _Capture:
         self.response_too_large = False
         self.streaming = False
         self.finished: float | None = None
-        # Set when a copy step failed: the exchange is then not recorded, as the log says.
+        # Set when a copy step failed: the exchange is then not recorded, as the log states.
         self.copy_failed = False
 
     async def receive(self) -> ASGIMessage:
@@ -91,14 +91,17 @@ class _Capture:
                 body = message.get("body", b"")
                 self.request_complete = not message.get("more_body", False)
                 if not self.request_too_large:
-                    self.request_size += len(body)
+                    # A bytes body is kept as is (immutable). Any other type is measured and
+                    # copied through a memoryview, which counts bytes, not items, and rejects
+                    # what is not a buffer (a str, or an int that bytes() would expand).
+                    self.request_size += (len(body) if body.__class__ is bytes
+                                          else memoryview(body).nbytes)
                     if self.request_size > self.max_body_bytes:
                         self.request_too_large = True
                         self.request_chunks.clear()
                     else:
-                        # A bytes body is kept as is (immutable); any other type is copied.
                         self.request_chunks.append(
-                            body if body.__class__ is bytes else bytes(body))
+                            body if body.__class__ is bytes else bytes(memoryview(body)))
         except Exception as error:  # noqa: BLE001 - never change the bot's request
             self.copy_failed = True
             self.middleware._failed("request_copy", error)
@@ -115,13 +118,15 @@ class _Capture:
                         self.finished = self.middleware.timer()
                     if not (self.streaming or self.response_too_large):
                         body = message.get("body", b"")
-                        self.response_size += len(body)
+                        # Measured and copied as the request body is (see receive).
+                        self.response_size += (len(body) if body.__class__ is bytes
+                                               else memoryview(body).nbytes)
                         if self.response_size > self.max_body_bytes:
                             self.response_too_large = True
                             self.response_chunks.clear()
                         else:
                             self.response_chunks.append(
-                                body if body.__class__ is bytes else bytes(body))
+                                body if body.__class__ is bytes else bytes(memoryview(body)))
             elif kind == "http.response.start":
                 self.status = message["status"]
                 for name, value in message.get("headers", ()):
@@ -129,13 +134,14 @@ class _Capture:
                     # length test skips lowering every other header.
                     if len(name) not in (12, 16):
                         continue
-                    lowered = (name if name.__class__ is bytes else bytes(name)).lower()
+                    lowered = (name if name.__class__ is bytes
+                               else bytes(memoryview(name))).lower()
                     if lowered == b"content-type":
-                        self.content_type = (
-                            value if value.__class__ is bytes else bytes(value)).lower()
+                        self.content_type = (value if value.__class__ is bytes
+                                             else bytes(memoryview(value))).lower()
                     elif lowered == b"content-encoding":
-                        self.content_encoding = (
-                            value if value.__class__ is bytes else bytes(value)).lower().strip()
+                        self.content_encoding = (value if value.__class__ is bytes
+                                                 else bytes(memoryview(value))).lower().strip()
                 self.streaming = self.content_type.startswith(b"text/event-stream")
             elif kind == "http.response.pathsend":
                 # A file sent by the server (ASGI path send extension): the body never

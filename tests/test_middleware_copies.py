@@ -293,3 +293,60 @@ def test_overflow_closed_once_spill_stops(tmp_path: Path) -> None:
     finally:
         writer.release.set()
         recorder.stop(10)
+
+
+@pytest.mark.parametrize("value", [7, 10**9])
+def test_int_header_value_is_a_copy_failure(value: int) -> None:
+    # bytes() of an int builds that many zero bytes: an int header value must fail the copy
+    # (the exchange goes unrecorded) instead of being read as a content type.
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", value)]})
+        await send({"type": "http.response.body", "body": b'{"replies": []}'})
+
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"])
+
+    sent = run(app, [REQUEST])
+
+    assert sent[0]["headers"] == [(b"content-type", value)]
+    assert app.errors == {"response_copy": 1}
+    assert recorder.exchanges == []
+
+
+def test_wide_item_buffers_measured_in_bytes() -> None:
+    # len() of a memoryview of 4-byte items counts items: the body limit counts bytes.
+    reply = json.dumps({"replies": [{"text": "x" * 200}]}).encode()
+    reply += b" " * (-len(reply) % 4)
+    wide = memoryview(reply).cast("B").cast("I")
+    assert len(wide) * 4 == len(reply)
+
+    async def bot(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": wide})
+
+    recorder = Collecting()
+    over = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"],
+                                 max_body_bytes=len(reply) - 1)
+    run(over, [REQUEST])
+    assert recorder.exchanges[0].response_state == "too_large"
+
+    recorder = Collecting()
+    fits = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"],
+                                 max_body_bytes=len(reply))
+    run(fits, [REQUEST])
+    assert recorder.exchanges[0].response_state == "complete"
+    assert recorder.exchanges[0].response == reply
+    assert recorder.messages()[1].text == "x" * 200
+
+    # A request body of wide items is measured the same way.
+    request = REQUEST + b" " * (-len(REQUEST) % 4)
+    recorder = Collecting()
+    app = ChatMetricsMiddleware(bot, recorder, CODEC, paths=["/chat"],
+                                max_body_bytes=len(request) - 1)
+    run(app, [memoryview(request).cast("B").cast("I")])
+    assert recorder.exchanges == []
+    assert app.skipped == {"request_too_large": 1}
