@@ -276,6 +276,8 @@ class FileSpool:
         self._replayed_events = 0
         self._rejected_events = 0
         self._full_rejections = 0
+        # The sum of the segments' pending events, read by pending_events without the lock.
+        self._pending_total = 0
         self._closed = False
         self._load()
 
@@ -302,6 +304,7 @@ class FileSpool:
             self._segments[segment.seq] = segment
             if segment.offset >= segment.size:
                 self._delete(segment)
+        self._recount()
         if self._segments:
             stats = self.stats()
             logger.info("spool opened at %s: %d events pending in %d segments",
@@ -361,6 +364,7 @@ class FileSpool:
             segment = self._segments[self._active]  # type: ignore[index]
             segment.size += len(record)
             segment.pending_events += len(batch)
+            self._recount()
             if segment.oldest_at is None:
                 segment.oldest_at = time.time()
             self._appended_events += len(batch)
@@ -405,9 +409,17 @@ class FileSpool:
     # Replay
 
     def pending_events(self) -> int:
-        """Return how many spooled events wait for replay."""
-        with self._lock:
-            return sum(segment.pending_events for segment in self._segments.values())
+        """Return how many spooled events wait for replay.
+
+        It reads a count kept up to date under the lock, without taking the lock, so that
+        it never waits for an append's fsync: the recorder asks it while the bot's request
+        path may wait for the recorder's own lock.
+        """
+        return self._pending_total
+
+    def _recount(self) -> None:
+        # Called under the lock after every change to the segments' pending events.
+        self._pending_total = sum(segment.pending_events for segment in self._segments.values())
 
     def read_next(self, max_events: int) -> SpoolChunk | None:
         """Read the oldest unreplayed batches, up to ``max_events`` (at least one batch)."""
@@ -492,7 +504,9 @@ class FileSpool:
         segment.pending_events = max(0, segment.pending_events - len(chunk.events))
         if segment.offset >= segment.size:
             self._delete(segment)
+            self._recount()
             return
+        self._recount()
         segment.oldest_at = self._record_time(segment.seq, segment.offset)
         self._write_offset(segment)
 

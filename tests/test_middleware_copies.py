@@ -350,3 +350,29 @@ def test_wide_item_buffers_measured_in_bytes() -> None:
     run(app, [memoryview(request).cast("B").cast("I")])
     assert recorder.exchanges == []
     assert app.skipped == {"request_too_large": 1}
+
+
+def test_spool_pending_count_not_held_by_append(tmp_path: Path) -> None:
+    # The recorder asks the spool for its pending events while it holds its own lock, which
+    # the bot's submit takes. The answer must not wait for an append's fsync, which holds
+    # the spool's lock.
+    spool = FileSpool(SpoolSettings(directory=tmp_path))
+    assert spool.append([make_event(0), make_event(1)])
+    answers: list[int] = []
+    with spool._lock:  # an append is writing to disk
+        asking = threading.Thread(target=lambda: answers.append(spool.pending_events()),
+                                  daemon=True)
+        asking.start()
+        asking.join(2)
+        assert answers == [2]
+    assert spool.append([make_event(2)])
+    assert spool.pending_events() == 3
+    chunk = spool.read_next(10)
+    assert chunk is not None
+    spool.commit(chunk)
+    assert spool.pending_events() == 0
+    assert spool.append([make_event(3)])
+    spool.close()
+    reopened = FileSpool(SpoolSettings(directory=tmp_path))
+    assert reopened.pending_events() == 1
+    reopened.close()
