@@ -87,10 +87,9 @@ def test_postgres_outage_spools_and_replays_in_order(private_pg: PrivateCluster,
     runtime = make_runtime(private_pg.url, tmp_path / "spool")
     runtime.start(migrate=False)
     total, rate = 1500, 500.0  # events, events per second: a 3 s run
-    slowest = 0.0
+    durations: list[float] = []
 
     def traffic() -> None:
-        nonlocal slowest
         started = time.monotonic()
         for index in range(total):
             delay = started + index / rate - time.monotonic()
@@ -98,7 +97,7 @@ def test_postgres_outage_spools_and_replays_in_order(private_pg: PrivateCluster,
                 time.sleep(delay)
             before = time.perf_counter()
             assert runtime.recorder.submit(message(index))
-            slowest = max(slowest, time.perf_counter() - before)
+            durations.append(time.perf_counter() - before)
 
     sender = threading.Thread(target=traffic)
     sender.start()
@@ -117,7 +116,13 @@ def test_postgres_outage_spools_and_replays_in_order(private_pg: PrivateCluster,
     keys = stored_keys(engine)
     engine.dispose()
     assert spooled_during_outage > 0
-    assert slowest < 0.05  # submit never waited for the database
+    # Submit never waited for the database: a submit that did would be slow for the whole
+    # outage (hundreds of submits). A few slow ones are pauses of the process (a collection
+    # of the garbage collector, or a busy test machine).
+    slow = [duration for duration in durations if duration >= 0.05]
+    assert len(durations) == total
+    assert len(slow) <= 5, slow
+    assert max(durations) < 1.0
     assert len(keys) == total
     assert keys == [f"k{index:06d}" for index in range(total)]  # written in submission order
     assert stats.dropped == {}
