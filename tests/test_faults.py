@@ -117,8 +117,8 @@ def test_postgres_outage_spools_and_replays_in_order(private_pg: PrivateCluster,
     engine.dispose()
     assert spooled_during_outage > 0
     # Submit never waited for the database: a submit that did would be slow for the whole
-    # outage (hundreds of submits). A few slow ones are pauses of the process (a collection
-    # of the garbage collector, or a busy test machine).
+    # outage (hundreds of submits). One submit of 113 ms was seen in a full test run on a
+    # busy machine, a pause of the whole process, so a few slow ones are allowed.
     slow = [duration for duration in durations if duration >= 0.05]
     assert len(durations) == total
     assert len(slow) <= 5, slow
