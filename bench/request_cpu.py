@@ -4,7 +4,7 @@ The FAQ bot of the overhead benchmark is called in process through ASGI (no serv
 socket), bare and wrapped by ``ChatMetricsMiddleware`` with three recorders:
 
 - ``noop``: a recorder whose ``submit`` does nothing, so only the middleware counts;
-- ``recorder``: a started ``Recorder`` whose writer drops every batch;
+- ``recorder``: a started ``Recorder`` whose writer drops every batch undecoded;
 - ``process``: a started ``Recorder`` with the writer process on SQLite, as a runtime
   builds it. Callgrind follows only the bot's process, so the count includes the
   recorder's thread sending batches down the pipe, not the child that writes them.
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, Section, command_line, write_section
+from bench.serve import _NullWriter
 
 VARIANTS = ("bare", "noop", "recorder", "process")
 TEXTS = ("hello there", "what are your opening hours?", "how much is the pro plan",
@@ -46,11 +47,6 @@ TEXTS = ("hello there", "what are your opening hours?", "how much is the pro pla
 class _NoopRecorder:
     def submit(self, event: object) -> bool:
         return True
-
-
-class _DroppingWriter:
-    def write(self, batch: list[Any]) -> int:
-        return len(batch)
 
 
 def _build(variant: str, database: Path) -> tuple[Any, Any]:
@@ -65,7 +61,7 @@ def _build(variant: str, database: Path) -> tuple[Any, Any]:
     if variant == "noop":
         return ChatMetricsMiddleware(bot, _NoopRecorder(), FAQ_CODEC, paths=[CHAT_PATH]), None
     if variant == "recorder":
-        recorder = Recorder(_DroppingWriter(), RecorderSettings())
+        recorder = Recorder(_NullWriter(), RecorderSettings())
     else:
         from chatmw.config import Settings
         from chatmw.runtime import build_writer
@@ -182,7 +178,7 @@ def render(rows: dict[str, dict[str, float]], requests: int, warmup: int,
         f"{warmup:,} warm-up requests, each variant in its own interpreter under callgrind "
         f"(`PYTHONHASHSEED=0`; counts do not depend on the machine's load). `noop`: the "
         f"middleware with a recorder whose `submit` does nothing. `recorder`: a started "
-        f"`Recorder` whose writer drops every batch. `process`: the writer process on SQLite "
+        f"`Recorder` whose writer drops every batch undecoded. `process`: the writer process on SQLite "
         f"(the bot's process only: its recorder thread pickles and sends the batches). "
         f"`added` is the share over `bare`.",
         "",

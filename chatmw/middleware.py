@@ -91,17 +91,16 @@ class _Capture:
                 body = message.get("body", b"")
                 self.request_complete = not message.get("more_body", False)
                 if not self.request_too_large:
-                    # A bytes body is kept as is (immutable). Any other type is measured and
-                    # copied through a memoryview, which counts bytes, not items, and rejects
-                    # what is not a buffer (a str, or an int that bytes() would expand).
-                    self.request_size += (len(body) if body.__class__ is bytes
-                                          else memoryview(body).nbytes)
+                    if body.__class__ is not bytes:
+                        # A bytes body is kept as is, since it cannot change. Another type is
+                        # copied through a memoryview, which rejects a str or an int.
+                        body = bytes(memoryview(body))
+                    self.request_size += len(body)
                     if self.request_size > self.max_body_bytes:
                         self.request_too_large = True
                         self.request_chunks.clear()
                     else:
-                        self.request_chunks.append(
-                            body if body.__class__ is bytes else bytes(memoryview(body)))
+                        self.request_chunks.append(body)
         except Exception as error:  # noqa: BLE001 - never change the bot's request
             self.copy_failed = True
             self.middleware._failed("request_copy", error)
@@ -118,15 +117,14 @@ class _Capture:
                         self.finished = self.middleware.timer()
                     if not (self.streaming or self.response_too_large):
                         body = message.get("body", b"")
-                        # Measured and copied as the request body is (see receive).
-                        self.response_size += (len(body) if body.__class__ is bytes
-                                               else memoryview(body).nbytes)
+                        if body.__class__ is not bytes:
+                            body = bytes(memoryview(body))  # as in receive
+                        self.response_size += len(body)
                         if self.response_size > self.max_body_bytes:
                             self.response_too_large = True
                             self.response_chunks.clear()
                         else:
-                            self.response_chunks.append(
-                                body if body.__class__ is bytes else bytes(memoryview(body)))
+                            self.response_chunks.append(body)
             elif kind == "http.response.start":
                 self.status = message["status"]
                 for name, value in message.get("headers", ()):
