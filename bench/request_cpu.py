@@ -103,7 +103,7 @@ async def _request(app: Any, index: int) -> None:
 
     await app(scope, receive, send)
     if sent[0]["status"] != 200:
-        raise RuntimeError(f"the bot answered {sent[0]['status']}")
+        raise RuntimeError(f"the bot responded with status {sent[0]['status']}, expected 200")
 
 
 def _measure(variant: str, requests: int, warmup: int) -> None:
@@ -178,8 +178,9 @@ def render(rows: dict[str, dict[str, float]], requests: int, warmup: int,
         f"{warmup:,} warm-up requests, each variant in its own interpreter under callgrind "
         f"(`PYTHONHASHSEED=0`; counts do not depend on the machine's load). `noop`: the "
         f"middleware with a recorder whose `submit` does nothing. `recorder`: a started "
-        f"`Recorder` whose writer drops every batch undecoded. `process`: the writer process on SQLite "
-        f"(the bot's process only: its recorder thread pickles and sends the batches). "
+        f"`Recorder` whose writer drops every batch undecoded. `process`: the writer process "
+        f"on SQLite (the bot's process only: its recorder thread pickles and sends the "
+        f"batches). "
         f"`added` is the share over `bare`.",
         "",
         "| variant | " + " | ".join(f"{label} (instructions) | {label} added" for label in labels)

@@ -411,9 +411,9 @@ class FileSpool:
     def pending_events(self) -> int:
         """Return how many spooled events wait for replay.
 
-        It reads a count kept up to date under the lock, without taking the lock, so it never
-        waits for an append's fsync. The recorder calls it while holding its own lock, which
-        the bot's request path takes too.
+        It reads a count that every change updates under the lock, without taking the lock,
+        so it does not wait for an append's fsync. The recorder calls it while holding its own
+        lock, which the bot's request path takes too.
         """
         return self._pending_total
 

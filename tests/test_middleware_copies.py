@@ -182,7 +182,7 @@ def test_server_send_gets_the_bots_messages() -> None:
 # The recorder's counts when the queue is full
 
 
-class SlowWriter:
+class ListWriter:
     def __init__(self) -> None:
         self.written: list[ev.Event] = []
 
@@ -197,7 +197,7 @@ def make_event(index: int) -> ev.Message:
 
 
 def test_dropped_events_not_submitted() -> None:
-    writer = SlowWriter()
+    writer = ListWriter()
     recorder = Recorder(writer, RecorderSettings(queue_size=5, batch_size=5))
     # Not started: the queue fills and the rest is dropped.
     results = [recorder.submit(make_event(index)) for index in range(8)]
@@ -216,7 +216,7 @@ def test_dropped_events_not_submitted() -> None:
 
 
 def test_submit_error_not_submitted() -> None:
-    recorder = Recorder(SlowWriter(), RecorderSettings(queue_size=5, batch_size=5))
+    recorder = Recorder(ListWriter(), RecorderSettings(queue_size=5, batch_size=5))
 
     def broken(item: object) -> int:
         raise RuntimeError("queue is broken")
@@ -229,8 +229,8 @@ def test_submit_error_not_submitted() -> None:
     assert recorder.flush(0.5)  # nothing is outstanding
 
 
-def test_flush_waits_for_events_submitted_after_idle() -> None:
-    writer = SlowWriter()
+def test_flush_waits_after_idle() -> None:
+    writer = ListWriter()
     recorder = Recorder(writer, RecorderSettings(queue_size=100, batch_size=10,
                                                  batch_interval_s=0.05))
     recorder.start()
@@ -263,15 +263,15 @@ class BlockingWriter:
 
 def test_overflow_closed_once_spill_stops(tmp_path: Path) -> None:
     # Between the spill thread's end and the end of stop, an event that finds the queue full
-    # must be dropped, not put in an overflow that nobody empties (a flush would then wait
-    # for it until its timeout).
+    # must be dropped. Put in the overflow, it would never be spooled, and a flush would wait
+    # for it until its timeout.
     writer = BlockingWriter()
     spool = FileSpool(SpoolSettings(directory=tmp_path))
     recorder = Recorder(writer, RecorderSettings(queue_size=2, batch_size=1), spool=spool)
     recorder.start()
     try:
         assert recorder.submit(make_event(0))
-        assert writer.entered.wait(10)  # the writer holds event 0
+        assert writer.entered.wait(10)  # the writer is writing event 0
         assert recorder.submit(make_event(1))
         assert recorder.submit(make_event(2))  # the queue is full now
         spill = recorder._spill_thread
@@ -296,7 +296,7 @@ def test_overflow_closed_once_spill_stops(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("value", [7, 10**9])
-def test_int_header_value_is_a_copy_failure(value: int) -> None:
+def test_int_header_value_fails_copy(value: int) -> None:
     # bytes() of an int builds that many zero bytes: an int header value must fail the copy
     # (the exchange goes unrecorded) instead of being read as a content type.
     async def bot(scope: Any, receive: Any, send: Any) -> None:
@@ -353,9 +353,9 @@ def test_wide_item_buffers_measured_in_bytes() -> None:
 
 
 def test_spool_pending_count_not_held_by_append(tmp_path: Path) -> None:
-    # The recorder asks the spool for its pending events while it holds its own lock, which
-    # the bot's submit takes. The answer must not wait for an append's fsync, which holds
-    # the spool's lock.
+    # The recorder reads the spool's pending events while it has its own lock, which the
+    # bot's submit takes. The read must not wait for an append's fsync, during which the
+    # append has the spool's lock.
     spool = FileSpool(SpoolSettings(directory=tmp_path))
     assert spool.append([make_event(0), make_event(1)])
     answers: list[int] = []

@@ -103,18 +103,24 @@ class Gates:
 # Overflow and spill thread
 
 
-def test_overflowed_event_stored_without_another_submit(tmp_path: Path,
-                                                        engine: Engine) -> None:
-    # o2 finds the queue full and goes to the spill thread, whose spool append (a slow fsync)
-    # is blocked here. The writer thread meanwhile writes o0 and o1 and waits for the queue
-    # without a timeout, because the spool is still empty. Nothing wakes it once o2 is in
-    # the spool, so o2 is not stored and flush times out until another event arrives.
-    gates = Gates(WRITER_THREAD, SPILL_THREAD)
+def started_with_spool(tmp_path: Path, engine: Engine, gates: Gates) -> tuple[FileSpool, Recorder]:
+    """Start a recorder with a queue of one event, a spool and ``gates`` as its transform."""
     spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
     recorder = Recorder(Writer(engine),
                         RecorderSettings(queue_size=1, batch_size=1, batch_interval_s=0.01),
                         spool=spool, transform=gates)
     recorder.start()
+    return spool, recorder
+
+
+def test_overflowed_event_stored_without_another_submit(tmp_path: Path,
+                                                        engine: Engine) -> None:
+    # o2 finds the queue full and goes to the spill thread, whose spool append (a slow fsync)
+    # is blocked here. The writer thread meanwhile writes o0 and o1 and waits for the queue
+    # without a timeout, because the spool is still empty. The spill thread must wake it
+    # once o2 is in the spool, or o2 waits there until another event arrives.
+    gates = Gates(WRITER_THREAD, SPILL_THREAD)
+    spool, recorder = started_with_spool(tmp_path, engine, gates)
     try:
         assert recorder.submit(message("o0"))
         assert gates.entered[WRITER_THREAD].wait(10)
@@ -139,14 +145,10 @@ def test_overflowed_event_stored_without_another_submit(tmp_path: Path,
 
 def test_timed_out_stop_spools_overflowed_events(tmp_path: Path, engine: Engine) -> None:
     # The store hangs, so stop times out and spools the queued event t1, as documented.
-    # t3 waits in the overflow behind the spill thread's blocked append to the same working
-    # spool, yet the stop drops it as shutdown_timeout, so the next start never stores it.
+    # t3 waits in the overflow behind the spill thread's blocked append to the same spool,
+    # which works: the stop must spool t3 too, so that the next start stores it.
     gates = Gates(WRITER_THREAD, SPILL_THREAD)
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
-    recorder = Recorder(Writer(engine),
-                        RecorderSettings(queue_size=1, batch_size=1, batch_interval_s=0.01),
-                        spool=spool, transform=gates)
-    recorder.start()
+    spool, recorder = started_with_spool(tmp_path, engine, gates)
     old_writer, old_spill = recorder._thread, recorder._spill_thread
     assert old_writer is not None and old_spill is not None
     try:
@@ -176,12 +178,8 @@ def test_timed_out_stop_spools_overflowed_events(tmp_path: Path, engine: Engine)
 def test_restart_after_stop_overflows_again(tmp_path: Path, engine: Engine) -> None:
     # Once the spill thread is signalled to stop, an event that finds the queue full is
     # dropped. A recorder started again must accept overflowing events again and store them.
-    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
     gates = Gates()
-    recorder = Recorder(Writer(engine),
-                        RecorderSettings(queue_size=1, batch_size=1, batch_interval_s=0.01),
-                        spool=spool, transform=gates)
-    recorder.start()
+    spool, recorder = started_with_spool(tmp_path, engine, gates)
     try:
         assert recorder.stop(10)
         gates.held_threads.add(WRITER_THREAD)
@@ -206,9 +204,8 @@ def test_restart_after_stop_overflows_again(tmp_path: Path, engine: Engine) -> N
 
 def test_concurrent_stops_leave_no_stop_marker(engine: Engine) -> None:
     # Two threads stop the recorder at once, for example a signal handler and the lifespan's
-    # shutdown. Each puts a stop marker on the queue, and the writer thread ends at the
-    # first, so the second stays queued. The new writer thread of the next start ends at
-    # that marker, and the events submitted after the start are accepted but never written.
+    # shutdown. If each put a stop marker on the queue, the second would stay queued and end
+    # the writer thread of the next start, and the events submitted then would not be written.
     gates = Gates(WRITER_THREAD)
     recorder = Recorder(Writer(engine), RecorderSettings(batch_size=1, batch_interval_s=0.01),
                         transform=gates)
@@ -300,8 +297,8 @@ def test_counts_hold_across_restarts_under_load(tmp_path: Path, engine: Engine) 
     assert falls == []
     assert stats.submitted == len(keys)
     assert stats.submitted + stats.dropped.get("queue_full", 0) == len(keys) + sum(rejected)
-    # A timed-out stop drops the events left in the overflow (shown by
-    # test_timed_out_stop_spools_overflowed_events). Only those may be missing from the store.
+    # A stop that times out spools what is left and counts as shutdown_timeout only what the
+    # spool rejects. Only those events may be missing from the store.
     assert set(stats.dropped) <= {"queue_full", "shutdown_timeout"}
     stored = set(stored_keys(engine))
     assert stored <= set(keys)

@@ -1,4 +1,4 @@
-"""Attacks on the bot's request path: the middleware's plain ``send``, the recorder's counts.
+"""Attacks on the bot's request path: when the middleware's ``send`` copies, the recorder's counts.
 
 Each test drives real objects: ASGI calls through ``ChatMetricsMiddleware``, a started
 ``Recorder`` with the store ``Writer`` on an SQLite file under ``tmp_path`` (in this process
@@ -104,8 +104,8 @@ def run_with_store(bot: Any, engine: Engine) -> tuple[list[bytes], BaseException
 
 def test_reply_changed_before_await_recorded_as_sent(sqlite_store: tuple[str, Engine]) -> None:
     # ASGI servers read a message when its send is awaited. This bot overwrites its buffer
-    # between calling send and awaiting it, so the client receives the final text. The
-    # middleware copies the body at the call, so it stores the draft instead.
+    # between calling send and awaiting it, so the client receives the final text. A copy
+    # taken at the call would store the draft instead.
     async def bot(scope: Any, receive: Any, send: Any) -> None:
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
@@ -186,8 +186,8 @@ def test_submitted_counter_never_decreases() -> None:
     # accepted. Prometheus reads a decrease as a restart of the process, so an event that
     # the full queue drops must never be counted as submitted, even briefly. Three threads
     # submit to the full queue of a recorder that was not started, while this thread reads
-    # the counter. When submit counts an event before it tries the queue and takes the
-    # count back on a drop, a decrease shows within milliseconds (CPython 3.11).
+    # the counter. A submit that counted an event before trying the queue and took the
+    # count back on a drop showed a decrease within milliseconds (CPython 3.11).
     recorder = Recorder(Writer(make_engine("sqlite://")), RecorderSettings(queue_size=3))
     event = ev.Message(channel="web", occurred_at=ev.now_utc(), key="k1", role="user",
                        user_id="u1", text="hello")
