@@ -173,11 +173,26 @@ class _EventQueue(queue.Queue[object]):
     under one lock. Both assume a single consumer thread, as the recorder has.
     """
 
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        # The length at which offer rejects items: maxsize while open, 0 once closed.
+        self.limit = maxsize
+
+    def close(self) -> None:
+        """Make every later :meth:`offer` return 0. Items already queued stay."""
+        with self.mutex:
+            self.limit = 0
+
+    def reopen(self) -> None:
+        """Accept items again, up to ``maxsize``."""
+        with self.mutex:
+            self.limit = self.maxsize
+
     def offer(self, item: object) -> int:
-        """Append ``item`` unless the queue is full; return the new length, or 0 when full."""
+        """Append ``item`` unless the queue is full or closed; return the new length, or 0."""
         with self.mutex:
             items = self.queue
-            if len(items) >= self.maxsize:
+            if len(items) >= self.limit:
                 return 0
             items.append(item)
             self.unfinished_tasks += 1
@@ -271,6 +286,9 @@ class Recorder:
         self._spill_stop = threading.Event()
         # Held by stop, so that stops called at the same time run one after the other.
         self._stop_lock = threading.Lock()
+        # Set by stop once the writer thread has ended, before the queue closes; cleared by
+        # start after the queue opens again. See _submit_stopped.
+        self._stopped = False
 
     def _current(self) -> _WriterRun:
         # The state of the calling writer thread, or of the current one for other threads.
@@ -300,7 +318,10 @@ class Recorder:
 
         When the queue is full and a spool is set, the event goes to the overflow buffer,
         which the spill thread appends to the spool. It is dropped (reason ``queue_full``)
-        only when that buffer is full too.
+        only when that buffer is full too. After :meth:`stop`, no thread writes queued
+        events, so the event is appended to the spool at once, for the next start to
+        replay, or dropped (reason ``recorder_stopped``) when there is no spool. Events
+        submitted before the first :meth:`start` wait in the queue for it.
         """
         # Runs on the bot's event loop for every exchange, so it takes one lock: the event is
         # counted as outstanding before the put (a flush never misses it) and as submitted
@@ -388,10 +409,8 @@ class Recorder:
     def _enqueue_transformed(self, event: Event) -> None:
         # The event was transformed already: the marker keeps the writer from doing it again.
         self._begin(1)
-        try:
-            self._queue.put_nowait(_Transformed(event))
-        except queue.Full:
-            self._count_drop("queue_full", 1)
+        if not self._queue.offer(_Transformed(event)):
+            self._count_drop("recorder_stopped" if self._stopped else "queue_full", 1)
             self._finish(1)
             return
         with self._lock:
@@ -399,6 +418,8 @@ class Recorder:
 
     def _overflow_put(self, event: Event) -> bool:
         # The event was counted as outstanding, and not yet as submitted, by submit.
+        if self._stopped:
+            return self._submit_stopped(event)
         if not self.replayable or self._spill_thread is None:
             self._reject("queue_full")
             return False
@@ -418,6 +439,17 @@ class Recorder:
             self._submitted += 1
         return True
 
+    def _submit_stopped(self, event: Event) -> bool:
+        # The queue is closed because no writer thread takes events any more. The event is
+        # spooled here (the caller's thread), or counted as dropped.
+        batch = self._transform([event])
+        spooled = bool(batch) and self._give_up(batch, "recorder_stopped")
+        if spooled:
+            with self._lock:
+                self._submitted += 1
+        self._finish(1)
+        return spooled
+
     def _wake(self) -> None:
         # A full queue means the writer is busy and looks at the spool after this batch.
         with contextlib.suppress(queue.Full):
@@ -431,6 +463,8 @@ class Recorder:
         if self._thread is not None and self._thread.is_alive():
             return
         run = self._writer_run = _WriterRun()
+        self._queue.reopen()
+        self._stopped = False
         if self.replayable:
             self._spill_stop = threading.Event()
             self._spill_thread = threading.Thread(target=self._spill, args=(self._spill_stop,),
@@ -454,7 +488,10 @@ class Recorder:
         Returns ``True`` when everything queued was written or spooled in time. Events still
         queued at the deadline, and the batch being written then, are spooled if a spool is
         set, otherwise counted as dropped (reason ``shutdown_timeout``). The batch being
-        written may then be stored twice, which the idempotent writer stores once.
+        written may then be stored twice, which the idempotent writer stores once. Events
+        submitted while the writer thread finishes, after it took its last batch, are
+        spooled or dropped (reason ``recorder_stopped``), and so are those submitted later
+        (see :meth:`submit`).
         """
         timeout = self.settings.flush_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -476,8 +513,19 @@ class Recorder:
         self._put_stop(deadline)
         thread.join(max(0.0, deadline - time.monotonic()))
         self._thread = None
+        # From here on submit spools or drops events itself: no writer thread takes them
+        # from the queue. _stopped is set first, so a submit rejected by the closed queue
+        # always finds it set.
+        self._stopped = True
+        self._queue.close()
         completed = not thread.is_alive()
-        if not completed:
+        if completed:
+            # Events queued behind the stop marker, before the queue closed.
+            drained = self._drain_nowait()
+            if drained:
+                self._give_up(self._transform_items(drained), "recorder_stopped")
+                self._finish(len(drained))
+        else:
             # With a spool the batches being written are spooled too: a duplicate is stored
             # once, a batch lost with the process is not stored at all. Handed-over batches
             # are marked under the lock, so the writer thread settling one either counts
@@ -986,25 +1034,27 @@ class Recorder:
             self._failed_batches += 1
         self._give_up(batch, reason)
 
-    def _give_up(self, batch: list[Event], reason: str) -> None:
+    def _give_up(self, batch: list[Event], reason: str) -> bool:
         """Spool ``batch``; count it as dropped with ``reason`` when there is no spool.
 
         A spool that rejects the batch (it is full or closed) counts it as ``spool_full``.
+        Returns whether the batch was spooled.
         """
         if not batch:
-            return
+            return False
         if self.spool is not None:
             try:
                 batch = self._expanded(batch)
                 if self.spool.append(batch):
                     with self._lock:
                         self._spooled += len(batch)
-                    return
+                    return True
                 reason = "spool_full"
             except Exception as error:  # noqa: BLE001 - a failing spool must not stop the writer
                 logger.error("spool append failed for %d events: %s", len(batch), _describe(error))
                 reason = "spool_error"
         self._count_drop(reason, len(batch))
+        return False
 
     def _count_drop(self, reason: str, count: int) -> None:
         if count <= 0:

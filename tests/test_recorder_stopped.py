@@ -1,0 +1,199 @@
+"""Events submitted while or after a recorder stops: spooled or counted, never left queued.
+
+Once the writer thread has ended, nothing takes events from the queue, and an event left
+there is lost with the process although ``submit`` accepted it. These tests drive a real
+``Recorder`` with the store ``Writer`` on an SQLite file under ``tmp_path``, and a
+``FileSpool`` under ``tmp_path`` where a spool is used. A second recorder on the same
+spool directory plays the next start of the process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select
+
+from chatmw import events as ev
+from chatmw.recorder import Recorder, RecorderSettings
+from chatmw.spool import FileSpool, SpoolSettings
+from chatmw.store.engine import make_engine, upgrade
+from chatmw.store.models import Message
+from chatmw.store.writer import Writer
+
+FAST = RecorderSettings(batch_size=10, batch_interval_s=0.01)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a new migrated SQLite file under ``tmp_path``."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'chatmw.db'}")
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def message(key: str) -> ev.Message:
+    return ev.Message(channel="web", occurred_at=ev.now_utc(), key=key, role="user",
+                      user_id="u1", text=f"text of {key}")
+
+
+def stored_keys(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return sorted(connection.execute(select(Message.key)).scalars())
+
+
+def wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return bool(condition())
+
+
+class HoldWriter:
+    """A transform that blocks the writer thread on its first event until opened."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, event: ev.Event) -> ev.Event:
+        if threading.current_thread().name == "chatmw-recorder" and not self.opened.is_set():
+            self.entered.set()
+            assert self.opened.wait(30)
+        return event
+
+
+def test_stopped_without_spool_drops(engine: Engine) -> None:
+    recorder = Recorder(Writer(engine), FAST)
+    recorder.start()
+    assert all(recorder.submit(message(f"a{index}")) for index in range(3))
+    assert recorder.stop(10)
+
+    late = [recorder.submit(message(f"late{index}")) for index in range(2)]
+    stats = recorder.stats()
+
+    assert late == [False, False]
+    assert stats.submitted == 3
+    assert stats.written == 3
+    assert stats.dropped == {"recorder_stopped": 2}
+    assert stats.queue_depth == 0
+    assert stored_keys(engine) == ["a0", "a1", "a2"]
+
+    # A restart does not bring the dropped events back, and takes new ones as before.
+    recorder.start()
+    try:
+        assert recorder.submit(message("b0"))
+        assert recorder.flush(10)
+    finally:
+        assert recorder.stop(10)
+    assert stored_keys(engine) == ["a0", "a1", "a2", "b0"]
+    assert recorder.stats().submitted == 4
+
+
+def test_stopped_with_spool_spools(
+        tmp_path: Path, engine: Engine) -> None:
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    assert recorder.submit(message("a0"))
+    assert recorder.stop(10)
+
+    accepted = recorder.submit(message("late0"))
+    stats = recorder.stats()
+    pending = spool.pending_events()
+    spool.close()
+
+    assert accepted is True
+    assert (stats.submitted, stats.written, stats.spooled, stats.dropped) == (2, 1, 1, {})
+    assert stats.queue_depth == 0
+    assert pending == 1
+    assert stored_keys(engine) == ["a0"]
+
+    # The process exits here. The next one replays the spool.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    successor = Recorder(Writer(engine), FAST, spool=spool)
+    successor.start()
+    try:
+        assert successor.flush(10)
+    finally:
+        assert successor.stop(10)
+        spool.close()
+    assert stored_keys(engine) == ["a0", "late0"]
+
+
+@pytest.mark.parametrize("with_spool", [False, True])
+def test_events_behind_stop_marker_handled(
+        tmp_path: Path, engine: Engine, with_spool: bool) -> None:
+    # The writer thread is held on w0 while stop() queues its marker. Events submitted
+    # then are queued behind the marker, which ends the thread before it reaches them.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool")) if with_spool else None
+    hold = HoldWriter()
+    recorder = Recorder(Writer(engine), FAST, spool=spool, transform=hold)
+    recorder.start()
+    stopped: list[bool] = []
+    stopper = threading.Thread(target=lambda: stopped.append(recorder.stop(10)))
+    try:
+        assert recorder.submit(message("w0"))
+        assert hold.entered.wait(10)
+        stopper.start()
+        # The stop marker is the only item queued once stop() has put it.
+        assert wait_for(lambda: recorder.stats().queue_depth == 1)
+        behind = [recorder.submit(message(f"behind{index}")) for index in range(3)]
+    finally:
+        hold.opened.set()
+        stopper.join(15)
+    stats = recorder.stats()
+    keys = stored_keys(engine)
+    pending = spool.pending_events() if spool is not None else 0
+    if spool is not None:
+        spool.close()
+
+    assert stopped == [True]
+    assert behind == [True, True, True]  # queued while the queue was still open
+    assert keys == ["w0"]
+    assert stats.queue_depth == 0
+    assert stats.submitted == 4
+    if with_spool:
+        assert (stats.spooled, pending, stats.dropped) == (3, 3, {})
+    else:
+        assert (stats.spooled, stats.dropped) == (0, {"recorder_stopped": 3})
+
+
+def test_stopped_durable_full_spool_drops(tmp_path: Path,
+                                                                engine: Engine) -> None:
+    # The spool rejects the append (one byte allowed), so submit_durable falls back to the
+    # queue, which is closed after stop: the events are counted as dropped, not queued.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool", max_bytes=1))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    assert recorder.stop(10)
+    try:
+        durable = recorder.submit_durable([message("d0"), message("d1")])
+        stats = recorder.stats()
+    finally:
+        spool.close()
+
+    assert durable is False
+    assert stats.queue_depth == 0
+    assert stats.submitted == 0
+    assert stats.dropped == {"recorder_stopped": 2}
+
+
+def test_submit_before_start_waits(engine: Engine) -> None:
+    recorder = Recorder(Writer(engine), FAST)
+    assert recorder.submit(message("early"))
+    assert recorder.stats().queue_depth == 1
+    recorder.start()
+    try:
+        assert recorder.flush(10)
+    finally:
+        assert recorder.stop(10)
+    assert stored_keys(engine) == ["early"]
+    assert recorder.stats().dropped == {}
