@@ -551,6 +551,36 @@ def test_messages_of_removed_rows_go_too(engine: Engine) -> None:
     assert orphan_messages(engine) == []
 
 
+def attribute_owners(engine: Engine) -> tuple[set[int], set[int]]:
+    """Return the conversation ids of the stored attributes, and those of the conversations."""
+    with Session(engine) as session:
+        owners = set(session.scalars(select(models.ConversationAttribute.conversation_id)))
+        stored = set(session.scalars(select(models.Conversation.id)))
+    return owners, stored
+
+
+def test_attributes_of_removed_conversations_go(engine: Engine) -> None:
+    # Conversation attributes have no foreign key either, so erasure and retention delete
+    # the attributes of the conversations they remove themselves.
+    assert inspect(engine).get_foreign_keys("conversation_attributes") == []
+    now = datetime(2024, 6, 1, tzinfo=UTC)
+    old, recent = now - timedelta(days=100), now - timedelta(days=2)
+    Writer(engine).write(person_events("old-only", old, "o") + person_events("kept", recent, "k")
+                         + person_events("erased", recent, "e"))
+    owners, stored = attribute_owners(engine)
+    assert len(owners) == 6  # two conversations per person, each with a plan
+    assert owners == stored
+
+    removed = purge_older_than(engine, 30, now_ms=int(now.timestamp() * 1000))
+    report = erase_person(engine, "whatsapp", "erased")
+
+    owners, stored = attribute_owners(engine)
+    assert removed["conversation_attributes"] == 2
+    assert report.removed["conversation_attributes"] == 2
+    assert len(stored) == 2
+    assert owners == stored
+
+
 # Statements that remove a conversation or a contact (with their messages) as erasure does,
 # run inside the writer's transaction just before it inserts a batch's messages.
 REMOVALS = {

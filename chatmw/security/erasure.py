@@ -10,8 +10,8 @@ What is removed, for a person on one channel:
 4. every row that references, through a foreign key, the person's contacts,
    conversations or messages, found by reading the database's own foreign keys (so a
    table added later is covered without registering it), the messages of those contacts
-   and conversations (whose ids have no foreign key, see ``UNCHECKED_REFERENCES``), and
-   then those rows themselves;
+   and conversations and the attributes of those conversations (whose ids have no foreign
+   key, see ``UNCHECKED_REFERENCES``), and then those rows themselves;
 5. unparsed payloads whose body contains the platform id (when it is known);
 6. the person's rows in the metric rollups, which are then marked for a rebuild.
 
@@ -77,7 +77,8 @@ DAY_MS = 86_400_000
 # table). The writer resolves these ids in the transaction that inserts the row, so the
 # database does not check them. The closure deletes their rows with the parents.
 UNCHECKED_REFERENCES = (("messages", "conversation_id", "conversations"),
-                        ("messages", "contact_id", "contacts"))
+                        ("messages", "contact_id", "contacts"),
+                        ("conversation_attributes", "conversation_id", "conversations"))
 
 
 @dataclass(frozen=True, slots=True)

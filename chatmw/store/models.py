@@ -93,9 +93,10 @@ class ConversationAttribute(Base):
     __tablename__ = "conversation_attributes"
     __table_args__ = (Index("ix_conversation_attributes_value", "name", "value"),)
 
-    conversation_id: Mapped[int] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
-    )
+    # A conversation id without a foreign key, as in messages: the writer resolves it in the
+    # transaction that inserts the row. Erasure and retention delete a conversation's
+    # attributes themselves (chatmw/security/erasure.py).
+    conversation_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(255))
 
