@@ -284,7 +284,7 @@ class Recorder:
         # Set by stop for the current spill thread. Each spill thread has its own, so a
         # recorder started again never lets the previous one run on.
         self._spill_stop = threading.Event()
-        # Held by stop, so that stops called at the same time run one after the other.
+        # Held by stop and start, so that they run one after the other.
         self._stop_lock = threading.Lock()
         # Set by stop once the writer thread has ended, before the queue closes; cleared by
         # start after the queue opens again. See _submit_stopped.
@@ -366,8 +366,9 @@ class Recorder:
                 self._idle.set()
 
     def _spool_work_pending(self) -> bool:
-        # Spooled events count as handled while the store is down, and as pending otherwise.
-        if not self.replayable or self._state == SPOOLING:
+        # Spooled events count as handled while the store is down, and after stop because no
+        # thread replays them before the next start. Otherwise they count as pending.
+        if not self.replayable or self._state == SPOOLING or self._stopped:
             return False
         return bool(self.spool.pending_events())  # type: ignore[union-attr]
 
@@ -402,8 +403,13 @@ class Recorder:
         with self._lock:
             self._submitted += len(batch)
             self._spooled += len(batch)
-            self._idle.clear()
-        self._wake()
+            # After stop no thread replays the spool before the next start, which clears
+            # _idle itself when the spool has events.
+            stopped = self._stopped
+            if not stopped:
+                self._idle.clear()
+        if not stopped:
+            self._wake()
         return True
 
     def _enqueue_transformed(self, event: Event) -> None:
@@ -451,15 +457,24 @@ class Recorder:
         return spooled
 
     def _wake(self) -> None:
-        # A full queue means the writer is busy and looks at the spool after this batch.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
+        # A full queue means the writer is busy and looks at the spool after this batch. A
+        # closed one means no writer thread runs, so the marker would only stay queued.
+        self._queue.offer(_WAKE)
         self._batch_ready.set()
 
     # Lifecycle
 
     def start(self) -> None:
-        """Start the writer thread, and the spill thread when there is a spool (idempotent)."""
+        """Start the writer thread, and the spill thread when there is a spool (idempotent).
+
+        A start called while a stop runs waits for the stop to end.
+        """
+        # A start that ran inside a stop would have its queue closed by that stop, and its
+        # thread forgotten.
+        with self._stop_lock:
+            self._start()
+
+    def _start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
         run = self._writer_run = _WriterRun()
@@ -495,8 +510,9 @@ class Recorder:
         """
         timeout = self.settings.flush_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        # Concurrent stops run one at a time. Each would queue a stop marker, and the marker
-        # left over would end the writer thread of the next start at once.
+        # Concurrent stops run one at a time, and starts wait for them. Each stop would queue
+        # a stop marker, and the marker left over would end the writer thread of the next
+        # start at once.
         if not self._stop_lock.acquire(timeout=max(0.0, timeout)):
             return False
         try:
@@ -555,6 +571,8 @@ class Recorder:
             logger.warning("recorder stop timed out after %.1fs: %d events handed to the %s",
                            timeout, len(leftover), "spool" if self.spool else "void (dropped)")
         completed = self._stop_spill(deadline) and completed
+        # Sets _idle when nothing is outstanding, because spooled events no longer count.
+        self._finish(0)
         if completed:
             logger.info("recorder stopped: written=%d spooled=%d", self._written, self._spooled)
         return completed

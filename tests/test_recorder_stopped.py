@@ -197,3 +197,197 @@ def test_submit_before_start_waits(engine: Engine) -> None:
         assert recorder.stop(10)
     assert stored_keys(engine) == ["early"]
     assert recorder.stats().dropped == {}
+
+
+def test_flush_after_stop_returns(tmp_path: Path, engine: Engine) -> None:
+    # Events spooled after stop wait for the next start, because no thread replays them
+    # before it. So flush counts them as handled instead of waiting until its timeout.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    try:
+        assert recorder.submit(message("a0"))
+        assert recorder.stop(10)
+        assert recorder.submit(message("late0"))
+        flushed = recorder.flush(1)
+        pending = spool.pending_events()
+    finally:
+        spool.close()
+
+    assert pending == 1
+    assert flushed is True
+
+
+def test_restart_replays_late_events(tmp_path: Path, engine: Engine) -> None:
+    # The same recorder started again replays what was spooled while it was stopped.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    try:
+        recorder.start()
+        assert recorder.stop(10)
+        assert recorder.submit(message("late0"))
+        recorder.start()
+        assert recorder.flush(10)
+        assert recorder.stop(10)
+        pending = spool.pending_events()
+    finally:
+        spool.close()
+
+    stats = recorder.stats()
+    assert stored_keys(engine) == ["late0"]
+    assert pending == 0
+    assert (stats.submitted, stats.spooled, stats.replayed, stats.dropped) == (1, 1, 1, {})
+
+
+@pytest.mark.parametrize("with_spool", [False, True])
+def test_submits_racing_stop_add_up(tmp_path: Path, engine: Engine, with_spool: bool) -> None:
+    # Four threads submit while another stops the recorder. Every event is stored,
+    # spooled or counted as dropped, exactly once, and nothing stays in the queue.
+    # Without a spool, events accepted behind the stop marker are dropped too.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool")) if with_spool else None
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    accepted: list[str] = []
+    rejected: list[str] = []
+    results_lock = threading.Lock()
+    go = threading.Barrier(5)
+
+    def submit_many(thread: int) -> None:
+        go.wait()
+        for index in range(300):
+            key = f"t{thread}-{index}"
+            result = recorder.submit(message(key))
+            with results_lock:
+                (accepted if result else rejected).append(key)
+
+    threads = [threading.Thread(target=submit_many, args=(thread,)) for thread in range(4)]
+    for thread in threads:
+        thread.start()
+    go.wait()
+    time.sleep(0.01)
+    stopped = recorder.stop(30)
+    for thread in threads:
+        thread.join(30)
+    stats = recorder.stats()
+    pending = spool.pending_events() if spool is not None else 0
+    if spool is not None:
+        spool.close()
+
+    assert stopped is True
+    assert len(accepted) + len(rejected) == 1200
+    assert stats.queue_depth == 0
+    assert stats.submitted == len(accepted)
+    assert stats.written + stats.spooled + sum(stats.dropped.values()) == 1200
+    assert pending == stats.spooled
+    stored = stored_keys(engine)
+    assert len(stored) == stats.written
+    assert set(stored) <= set(accepted)
+    if with_spool:
+        assert rejected == []
+        assert stats.dropped == {}
+        # The next start replays the spooled events, so each accepted event is stored once.
+        spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+        successor = Recorder(Writer(engine), FAST, spool=spool)
+        successor.start()
+        try:
+            assert successor.flush(30)
+        finally:
+            assert successor.stop(30)
+            spool.close()
+        assert stored_keys(engine) == sorted(accepted)
+    else:
+        assert set(stats.dropped) <= {"recorder_stopped"}
+
+
+def test_durable_after_stop_queues_nothing(tmp_path: Path, engine: Engine) -> None:
+    # A durable submit after stop appends to the spool and leaves the queue empty, because
+    # no writer thread would take a wake-up marker. Flush does not wait for one either.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    try:
+        assert recorder.stop(10)
+        durable = [recorder.submit_durable([message(f"d{index}")]) for index in range(3)]
+        stats = recorder.stats()
+        flushed = recorder.flush(1)
+        pending = spool.pending_events()
+    finally:
+        spool.close()
+
+    assert durable == [True, True, True]
+    assert pending == 3
+    assert (stats.submitted, stats.spooled) == (3, 3)
+    assert stats.queue_depth == 0
+    assert flushed is True
+
+
+@pytest.mark.parametrize("with_spool", [False, True])
+def test_submit_after_timed_out_stop(tmp_path: Path, engine: Engine, with_spool: bool) -> None:
+    # The writer thread is held on w0 past the stop's deadline. Events submitted after
+    # that stop are spooled or dropped at once, the abandoned thread still stores w0, and
+    # a restart takes new events.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool")) if with_spool else None
+    hold = HoldWriter()
+    recorder = Recorder(Writer(engine), FAST, spool=spool, transform=hold)
+    recorder.start()
+    try:
+        assert recorder.submit(message("w0"))
+        assert hold.entered.wait(10)
+        stopped = recorder.stop(0.2)
+        late = [recorder.submit(message(f"late{index}")) for index in range(3)]
+    finally:
+        hold.opened.set()
+    assert wait_for(lambda: "w0" in stored_keys(engine))
+    recorder.start()
+    try:
+        assert recorder.submit(message("b0"))
+        assert recorder.flush(10)
+    finally:
+        assert recorder.stop(10)
+        if spool is not None:
+            spool.close()
+    stats = recorder.stats()
+
+    assert stopped is False
+    assert late == [with_spool] * 3
+    assert stats.written + stats.spooled - stats.replayed + sum(stats.dropped.values()) == 5
+    if with_spool:
+        assert stored_keys(engine) == ["b0", "late0", "late1", "late2", "w0"]
+        assert stats.dropped == {}
+    else:
+        assert stored_keys(engine) == ["b0", "w0"]
+        assert stats.dropped == {"recorder_stopped": 3}
+
+
+def test_start_racing_stop_runs(engine: Engine) -> None:
+    # A start in another thread comes in after the stop's writer thread has ended and
+    # before the queue closes. Whichever goes first, the recorder ends up running with
+    # an open queue, so it stores what is submitted next.
+    recorder = Recorder(Writer(engine), FAST)
+    recorder.start()
+    queue = recorder._queue
+    close = queue.close
+    starter = threading.Thread(target=recorder.start)
+
+    def close_during_start() -> None:
+        starter.start()
+        # Gives the start time to run here, when nothing keeps it from doing so.
+        starter.join(0.5)
+        close()
+
+    queue.close = close_during_start  # type: ignore[method-assign]
+    try:
+        assert recorder.stop(10)
+    finally:
+        queue.close = close  # type: ignore[method-assign]
+    starter.join(10)
+    try:
+        accepted = recorder.submit(message("after"))
+        flushed = recorder.flush(10)
+    finally:
+        recorder.stop(10)
+
+    assert accepted is True
+    assert flushed is True
+    assert stored_keys(engine) == ["after"]
+    assert recorder.stats().dropped == {}
