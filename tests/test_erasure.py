@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,8 +49,15 @@ from chatmw import events as ev
 from chatmw.cli import app as cli_app
 from chatmw.security import KeyAuth, Privacy, PrivacySettings, Secret, create_key
 from chatmw.security.api import create_admin_router
-from chatmw.security.erasure import DataRegistry, erase_person, parse_user, purge_older_than
+from chatmw.security.erasure import (
+    DataRegistry,
+    ErasureReport,
+    erase_person,
+    parse_user,
+    purge_older_than,
+)
 from chatmw.store import models
+from chatmw.store.engine import make_engine
 from chatmw.store.models_rollups import RollupChange
 from chatmw.store.writer import Writer
 
@@ -701,3 +709,76 @@ def test_erasure_removes_messages_stored_meanwhile(engine: Engine) -> None:
 def test_purge_rejects_non_positive_days(engine: Engine) -> None:
     with pytest.raises(ValueError, match="days must be positive"):
         purge_older_than(engine, 0)
+
+
+def _attribute_update(minute: int, plan: str) -> ev.ConversationUpdate:
+    return ev.ConversationUpdate(channel="web", occurred_at=T0 + timedelta(minutes=minute),
+                                 user_id="u1", conversation_id="c1", attributes={"plan": plan})
+
+
+def test_update_retries_removed_conversation(engine: Engine) -> None:
+    # Conversation c1 is removed, as erasure does, in the writer's transaction just before
+    # the attributes of an update go in. Nothing rejects an attribute of a removed
+    # conversation, so the writer must see the removal and write the update again.
+    writer = Writer(engine)
+    writer.write([_removed_row_message("m1", 0)])
+    removals: list[str] = []
+
+    def remove(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("INSERT INTO conversation_attributes") and not removals:
+            removals.append(statement)
+            cursor.execute("DELETE FROM messages WHERE conversation_id IN "
+                           "(SELECT id FROM conversations WHERE external_id = 'c1')")
+            cursor.execute("DELETE FROM conversations WHERE external_id = 'c1'")
+
+    event.listen(engine, "before_cursor_execute", remove)
+    try:
+        writer.write([_attribute_update(1, "pro")])
+    finally:
+        event.remove(engine, "before_cursor_execute", remove)
+
+    owners, stored = attribute_owners(engine)
+    assert len(removals) == 1
+    assert owners <= stored
+    with Session(engine) as session:
+        attributes = session.execute(
+            select(models.Conversation.external_id, models.ConversationAttribute.value)
+            .join(models.ConversationAttribute,
+                  models.ConversationAttribute.conversation_id == models.Conversation.id)).all()
+    assert [tuple(row) for row in attributes] == [("c1", "pro")]
+
+
+def test_update_racing_erasure_no_orphan(database_url: str) -> None:
+    # On PostgreSQL, an erasure commits in another transaction after the writer resolved
+    # conversation c1 and before it locks the row. The writer must not store the update's
+    # attribute under the removed conversation's id.
+    if not database_url.startswith("postgresql"):
+        pytest.skip("SQLite lets one writer in at a time")
+    engine = make_engine(database_url)
+    eraser = make_engine(database_url)
+    try:
+        writer = Writer(engine)
+        writer.write([_removed_row_message("m1", 0)])
+        reports: list[ErasureReport] = []
+
+        def erase_between(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if "FOR NO KEY UPDATE" in statement and statement.startswith(
+                    "SELECT id FROM conversations") and not reports:
+                done = threading.Thread(
+                    target=lambda: reports.append(erase_person(eraser, "web", "u1")))
+                done.start()
+                done.join(30)
+
+        event.listen(engine, "before_cursor_execute", erase_between)
+        try:
+            writer.write([_attribute_update(1, "pro")])
+        finally:
+            event.remove(engine, "before_cursor_execute", erase_between)
+
+        owners, stored = attribute_owners(engine)
+        assert len(reports) == 1
+        assert reports[0].removed["conversations"] == 1
+        assert owners <= stored
+    finally:
+        eraser.dispose()
+        engine.dispose()

@@ -545,6 +545,12 @@ class Writer:
         write_attributes(session, attributes)
         changed = {cid for cid, fields in values.items() if fields}
         changed.update(cid for cid, _ in attributes)
+        # No foreign key rejects an attribute of a removed conversation, and an update of
+        # one changes no row. The check runs after the writes, because SQLite then holds
+        # this transaction's write lock and PostgreSQL keeps the rows that lock_rows locked.
+        missing = len(changed) - _count_stored_conversations(session, changed)
+        if missing:
+            raise _removed_meanwhile("conversations", missing)
         record_changes(session.connection(), conversations=[(cid, None) for cid in changed])
         if ended:
             # A user message later than the end reopens the conversation, whichever came first.
@@ -647,6 +653,16 @@ def stored_messages(session: Session, keys: Iterable[str]) -> dict[str, tuple[in
         return {key: known[key] for key in keys}
     except KeyError:
         return None
+
+
+def _count_stored_conversations(session: Session, ids: Iterable[int]) -> int:
+    id_list = sorted(ids)
+    stored = 0
+    for start in range(0, len(id_list), CHUNK):
+        chunk = id_list[start:start + CHUNK]
+        stored += session.scalar(select(func.count()).select_from(models.Conversation)
+                                 .where(models.Conversation.id.in_(chunk))) or 0
+    return stored
 
 
 class _RowsRemoved(OperationalError):
