@@ -1055,7 +1055,8 @@ class Recorder:
     def _give_up(self, batch: list[Event], reason: str) -> bool:
         """Spool ``batch``; count it as dropped with ``reason`` when there is no spool.
 
-        A spool that rejects the batch (it is full or closed) counts it as ``spool_full``.
+        A spool that rejects the batch counts it as ``spool_full``, or as ``spool_closed``
+        when the spool was closed (``Runtime.stop`` closes it after the recorder's stop).
         Returns whether the batch was spooled.
         """
         if not batch:
@@ -1067,7 +1068,7 @@ class Recorder:
                     with self._lock:
                         self._spooled += len(batch)
                     return True
-                reason = "spool_full"
+                reason = "spool_closed" if getattr(self.spool, "closed", False) else "spool_full"
             except Exception as error:  # noqa: BLE001 - a failing spool must not stop the writer
                 logger.error("spool append failed for %d events: %s", len(batch), _describe(error))
                 reason = "spool_error"

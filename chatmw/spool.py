@@ -349,6 +349,11 @@ class FileSpool:
 
     # Appending
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: appends then return ``False``."""
+        return self._closed
+
     def append(self, batch: Sequence[Event]) -> bool:
         """Store ``batch`` durably (fsync); ``False`` when the spool is full or closed."""
         if not batch:

@@ -391,3 +391,21 @@ def test_start_racing_stop_runs(engine: Engine) -> None:
     assert flushed is True
     assert stored_keys(engine) == ["after"]
     assert recorder.stats().dropped == {}
+
+
+def test_closed_spool_counts_as_closed(tmp_path: Path, engine: Engine) -> None:
+    # Runtime.stop closes the spool after the recorder's stop: a later event is dropped as
+    # spool_closed, apart from the spool_full of a spool that ran out of room.
+    spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
+    recorder = Recorder(Writer(engine), FAST, spool=spool)
+    recorder.start()
+    assert recorder.stop(10)
+    spool.close()
+
+    accepted = recorder.submit(message("late0"))
+    stats = recorder.stats()
+
+    assert spool.closed is True
+    assert accepted is False
+    assert stats.dropped == {"spool_closed": 1}
+    assert stats.submitted == 0
