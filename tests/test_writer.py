@@ -46,6 +46,32 @@ def test_silence_starts_new_conversation(engine: Engine) -> None:
     assert [count for _, count in counts] == [3, 1]
 
 
+def test_late_message_joins_covering(engine: Engine) -> None:
+    # Three conversations of u1 with a 30-minute gap: 09:00-09:10, 09:50-10:00 and
+    # 12:00-12:10. A message that comes later but happened earlier joins the latest
+    # conversation whose time, widened by the gap, covers it, and starts a conversation of
+    # its own when none does.
+    writer = Writer(engine, WriterSettings(session_gap_ms=30 * 60_000))
+    writer.write([message("a1", "user", 0), message("a2", "bot", 10 * 60)])
+    writer.write([message("b1", "user", 50 * 60), message("b2", "bot", 60 * 60)])
+    writer.write([message("c1", "user", 180 * 60), message("c2", "bot", 190 * 60)])
+    # Another contact's conversation covers the same times, and must not take them.
+    writer.write([message("other", "user", 120 * 60, user="u2")])
+    writer.write([message("late-5", "user", 5 * 60), message("late-30", "user", 30 * 60),
+                  message("late-120", "user", 120 * 60),
+                  message("late-160", "user", 160 * 60)])
+
+    with Session(engine) as session:
+        rows = session.execute(select(models.Message.key, models.Message.conversation_id)).all()
+    conversation_of = dict(rows)
+    assert conversation_of["late-5"] == conversation_of["a1"]
+    assert conversation_of["late-30"] == conversation_of["b1"]  # a1's covers it too
+    assert conversation_of["late-160"] == conversation_of["c1"]
+    assert conversation_of["late-120"] not in {
+        conversation_of[key] for key in ("a1", "b1", "c1", "other")}
+    assert len(set(conversation_of.values())) == 5
+
+
 def test_reply_time_from_first_message_of_run(engine: Engine) -> None:
     writer = Writer(engine)
     writer.write([message("u1", "user", 0), message("u2", "user", 5), message("a1", "agent", 12),

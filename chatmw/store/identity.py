@@ -16,12 +16,10 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
-    and_,
     any_,
     bindparam,
     cast,
     func,
-    or_,
     select,
     text,
 )
@@ -665,22 +663,27 @@ def _latest_conversations(session: Session, channel_contacts: Sequence[tuple[str
     return latest
 
 
+# The conversation of a contact on a channel that covers a late message's time (within the
+# gap), the latest first. {p} is the driver's placeholder.
+_COVERING_SQL = (
+    "SELECT id, started_at_ms, last_message_at_ms, ended_at_ms FROM conversations "
+    "WHERE channel = {p} AND contact_id = {p} AND started_at_ms <= {p} "
+    "AND (last_message_at_ms >= {p} OR started_at_ms >= {p}) "
+    "ORDER BY started_at_ms DESC LIMIT 1")
+_COVERING_SQLITE = _COVERING_SQL.format(p="?")
+_COVERING_POSTGRESQL = _COVERING_SQL.format(p="%s")
+
+
 def _covering_conversation(session: Session, channel: str, contact_id: int, at_ms: int,
                            gap_ms: int) -> OpenConversation | None:
-    statement = (
-        select(Conversation.id, Conversation.started_at_ms, Conversation.last_message_at_ms,
-               Conversation.ended_at_ms)
-        .where(
-            Conversation.channel == channel,
-            Conversation.contact_id == contact_id,
-            Conversation.started_at_ms <= at_ms + gap_ms,
-            or_(Conversation.last_message_at_ms >= at_ms - gap_ms,
-                and_(Conversation.started_at_ms >= at_ms - gap_ms)),
-        )
-        .order_by(Conversation.started_at_ms.desc())
-        .limit(1)
-    )
-    row = session.connection().execute(statement).first()
+    # Runs once per late message, so a fixed text goes to the driver's connection, in the
+    # session's transaction: on SQLite 12 to 21 µs a call, against 460 to 690 µs built from
+    # expressions and run through the session (docs/performance.md, "Late messages").
+    connection = session.connection()
+    sql = _COVERING_SQLITE if connection.dialect.name == "sqlite" else _COVERING_POSTGRESQL
+    lower = at_ms - gap_ms
+    driver = connection.connection.driver_connection
+    row = driver.execute(sql, (channel, contact_id, at_ms + gap_ms, lower, lower)).fetchone()
     if row is None:
         return None
     return OpenConversation(row[0], row[1], row[2], row[3])
