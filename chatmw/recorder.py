@@ -416,7 +416,13 @@ class Recorder:
         # The event was transformed already: the marker keeps the writer from doing it again.
         self._begin(1)
         if not self._queue.offer(_Transformed(event)):
-            self._count_drop("recorder_stopped" if self._stopped else "queue_full", 1)
+            reason = "queue_full"
+            if self._stopped:
+                # A durable submit after Runtime.stop, which closes the spool: the closed
+                # spool rejected the event, as it rejects those that submit spools.
+                closed = getattr(self.spool, "closed", False)
+                reason = "spool_closed" if closed else "recorder_stopped"
+            self._count_drop(reason, 1)
             self._finish(1)
             return
         with self._lock:

@@ -689,6 +689,32 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
     return OpenConversation(row[0], row[1], row[2], row[3])
 
 
+def _join_earlier(session: Session, known: list[OpenConversation], channel: str,
+                  contact_id: int, at_ms: int, gap_ms: int) -> OpenConversation | None:
+    # Returns the conversation a late message joins, or None: of the stored ones and those
+    # in ``known``, the latest started whose [start - gap, last + gap] covers ``at_ms``.
+    # Stored rows keep their times from before this batch. ``known`` has the times that
+    # this batch's earlier messages gave them, and the conversations this batch started.
+    candidates = [conversation for conversation in known
+                  if conversation.started_at_ms - gap_ms <= at_ms
+                  <= conversation.last_message_at_ms + gap_ms]
+    stored = _covering_conversation(session, channel, contact_id, at_ms, gap_ms)
+    if stored is not None:
+        known_copy = next(
+            (conversation for conversation in known if conversation.id == stored.id), None)
+        if known_copy is None:
+            known.append(stored)
+            candidates.append(stored)
+        elif all(candidate is not known_copy for candidate in candidates):
+            candidates.append(known_copy)
+    if not candidates:
+        return None
+    joined = max(candidates, key=lambda conversation: conversation.started_at_ms)
+    joined.started_at_ms = min(joined.started_at_ms, at_ms)
+    joined.last_message_at_ms = max(joined.last_message_at_ms, at_ms)
+    return joined
+
+
 def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]],
                     gap_ms: int) -> dict[int, int]:
     """Assign messages without a conversation id to conversations by silence.
@@ -697,7 +723,9 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     message, and the result maps each item's index to a conversation id. A message joins
     the contact's latest conversation on that channel when it comes at most ``gap_ms``
     after that conversation's last message, and starts a new conversation otherwise. A late
-    message from before the latest conversation joins the conversation that covers its time.
+    message from before the latest conversation joins the conversation that covers its time,
+    with the times that this batch's earlier messages gave it, so a batch assigns what the
+    same messages written one per batch would.
     The conversations' start and end times are not updated here: the writer recomputes
     them from the stored messages. On PostgreSQL the caller holds the contacts' row locks
     (:func:`lock_rows`), so that two writers that sessionise one contact at once do not
@@ -712,13 +740,20 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
     # Conversations this batch starts are known by their new external id until inserted.
     pending: dict[int, tuple[str, str]] = {}
     new_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    # Per channel and contact, the conversations from before the latest one that late
+    # messages of this batch joined or started, with the times those messages give them.
+    earlier: dict[tuple[str, int], list[OpenConversation]] = {}
     for index in order:
         channel, contact_id, external, at_ms = items[index]
         current = latest.get((channel, contact_id))
         if current is not None and at_ms < current.started_at_ms - gap_ms:
-            covering = _covering_conversation(session, channel, contact_id, at_ms, gap_ms)
+            covering = _join_earlier(session, earlier.setdefault((channel, contact_id), []),
+                                     channel, contact_id, at_ms, gap_ms)
             if covering is not None:
-                assigned[index] = covering.id
+                if covering.id > 0:
+                    assigned[index] = covering.id
+                else:
+                    pending[index] = new_rows_key(covering)
                 continue
         elif current is not None and at_ms - current.last_message_at_ms <= gap_ms:
             current.last_message_at_ms = max(current.last_message_at_ms, at_ms)
@@ -736,6 +771,8 @@ def assign_sessions(session: Session, items: Sequence[tuple[str, int, str, int]]
         created.key = (channel, external_id)
         if current is None or at_ms >= current.started_at_ms:
             latest[(channel, contact_id)] = created
+        else:
+            earlier.setdefault((channel, contact_id), []).append(created)
         pending[index] = (channel, external_id)
     if new_rows:
         # Inserted in time order, so the new conversations' ids follow their start times.
