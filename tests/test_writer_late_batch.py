@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from chatmw import events as ev
@@ -100,3 +100,30 @@ def test_lost_connection_at_lookup_retryable(engine: Engine,
     writer.write([message("u1-120", 120, "u1")])
     stored = conversation_of(engine)
     assert stored["u1-120"] not in {stored["u1-a0"], stored["u1-c300"]}
+
+
+def test_lookup_error_is_sqlalchemy_error(engine: Engine) -> None:
+    # The lookup runs on the driver's connection, and its errors come out as SQLAlchemy's,
+    # as those of every other statement of the writer do.
+    with Session(engine) as session, session.begin():
+        session.execute(text("ALTER TABLE conversations RENAME TO conversations_moved"))
+        with pytest.raises(DBAPIError) as raised:
+            identity._covering_conversation(session, "web", 1, 0, 60_000)
+        session.rollback()
+    assert isinstance(raised.value.orig, engine.dialect.loaded_dbapi.Error)
+    assert "conversations" in str(raised.value.orig)
+
+
+def test_lookup_lock_timeout_retryable(engine: Engine) -> None:
+    # A lookup that PostgreSQL cancels (here at its lock timeout) fails as retryable.
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite readers do not wait for a lock in WAL mode")
+    with engine.connect() as holder:
+        holder.execute(text("LOCK TABLE conversations IN ACCESS EXCLUSIVE MODE"))
+        with Session(engine) as session, session.begin():
+            session.execute(text("SET LOCAL lock_timeout = '100ms'"))
+            with pytest.raises(OperationalError) as raised:
+                identity._covering_conversation(session, "web", 1, 0, 60_000)
+            session.rollback()
+        holder.rollback()
+    assert is_retryable(raised.value)
