@@ -393,14 +393,20 @@ def test_start_racing_stop_runs(engine: Engine) -> None:
     assert recorder.stats().dropped == {}
 
 
-def test_closed_spool_counts_as_closed(tmp_path: Path, engine: Engine) -> None:
-    # Runtime.stop closes the spool after the recorder's stop: a later event is dropped as
-    # spool_closed, apart from the spool_full of a spool that ran out of room.
+def stopped_with_closed_spool(tmp_path: Path, engine: Engine) -> tuple[FileSpool, Recorder]:
+    """Start and stop a recorder with a spool, then close the spool as Runtime.stop does."""
     spool = FileSpool(SpoolSettings(directory=tmp_path / "spool"))
     recorder = Recorder(Writer(engine), FAST, spool=spool)
     recorder.start()
     assert recorder.stop(10)
     spool.close()
+    return spool, recorder
+
+
+def test_closed_spool_counts_as_closed(tmp_path: Path, engine: Engine) -> None:
+    # Runtime.stop closes the spool after the recorder's stop: a later event is dropped as
+    # spool_closed, apart from the spool_full of a spool that ran out of room.
+    spool, recorder = stopped_with_closed_spool(tmp_path, engine)
 
     accepted = recorder.submit(message("late0"))
     stats = recorder.stats()
@@ -408,4 +414,19 @@ def test_closed_spool_counts_as_closed(tmp_path: Path, engine: Engine) -> None:
     assert spool.closed is True
     assert accepted is False
     assert stats.dropped == {"spool_closed": 1}
+    assert stats.submitted == 0
+
+
+def test_durable_submit_closed_spool(tmp_path: Path, engine: Engine) -> None:
+    # The closed spool rejects a durable submit's events too, so they are dropped as
+    # spool_closed, as submit counts them.
+    _, recorder = stopped_with_closed_spool(tmp_path, engine)
+
+    durable = recorder.submit_durable([message("late-durable")])
+    queued = recorder.submit(message("late-queued"))
+    stats = recorder.stats()
+
+    assert durable is False
+    assert queued is False
+    assert stats.dropped == {"spool_closed": 2}
     assert stats.submitted == 0
