@@ -678,8 +678,8 @@ _COVERING_POSTGRESQL = _COVERING_SQL.format(p="%s")
 def _covering_conversation(session: Session, channel: str, contact_id: int, at_ms: int,
                            gap_ms: int) -> OpenConversation | None:
     # Runs once per late message, so a fixed text goes to the driver's connection, in the
-    # session's transaction. On SQLite that took 12 to 21 µs a call, and the same query
-    # built from expressions and run through the session 460 to 690 µs.
+    # session's transaction. On SQLite that took about 11 µs a call, and the same query
+    # built from expressions and run through the session about 390 µs (bench/late_lookup.py).
     connection = session.connection()
     sql = _COVERING_SQLITE if connection.dialect.name == "sqlite" else _COVERING_POSTGRESQL
     lower = at_ms - gap_ms
