@@ -286,8 +286,8 @@ class Recorder:
         self._spill_stop = threading.Event()
         # Held by stop and start, so that they run one after the other.
         self._stop_lock = threading.Lock()
-        # Set by stop once the writer thread has ended, before the queue closes; cleared by
-        # start after the queue opens again. See _submit_stopped.
+        # Set by stop once the writer thread has ended, before the queue closes. Cleared by
+        # start after the queue opens again (see _submit_stopped).
         self._stopped = False
 
     def _current(self) -> _WriterRun:
@@ -418,8 +418,8 @@ class Recorder:
         if not self._queue.offer(_Transformed(event)):
             reason = "queue_full"
             if self._stopped:
-                # A durable submit after Runtime.stop, which closes the spool: the closed
-                # spool rejected the event, as it rejects those that submit spools.
+                # A durable submit after Runtime.stop closed the spool: the spool rejected
+                # the event, as it rejects the events that submit spools then.
                 closed = getattr(self.spool, "closed", False)
                 reason = "spool_closed" if closed else "recorder_stopped"
             self._count_drop(reason, 1)

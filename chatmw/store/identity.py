@@ -684,14 +684,17 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
     sql = _COVERING_SQLITE if connection.dialect.name == "sqlite" else _COVERING_POSTGRESQL
     lower = at_ms - gap_ms
     parameters = (channel, contact_id, at_ms + gap_ms, lower, lower)
-    dbapi = connection.dialect.loaded_dbapi
-    cursor = connection.connection.driver_connection.cursor()
+    dialect = connection.dialect
+    driver = connection.connection.driver_connection
+    cursor = driver.cursor()
     try:
         cursor.execute(sql, parameters)
         row = cursor.fetchone()
-    except dbapi.Error as error:
+    except dialect.loaded_dbapi.Error as error:
         # The error SQLAlchemy would raise, so that the recorder's retry rules apply.
-        raise DBAPIError.instance(sql, parameters, error, dbapi.Error) from error
+        lost = dialect.is_disconnect(error, driver, cursor)
+        raise DBAPIError.instance(sql, parameters, error, dialect.loaded_dbapi.Error,
+                                  connection_invalidated=lost) from error
     finally:
         cursor.close()
     if row is None:
@@ -709,14 +712,11 @@ def _join_earlier(session: Session, known: list[OpenConversation], channel: str,
                   if conversation.started_at_ms - gap_ms <= at_ms
                   <= conversation.last_message_at_ms + gap_ms]
     stored = _covering_conversation(session, channel, contact_id, at_ms, gap_ms)
-    if stored is not None:
-        known_copy = next(
-            (conversation for conversation in known if conversation.id == stored.id), None)
-        if known_copy is None:
-            known.append(stored)
-            candidates.append(stored)
-        elif all(candidate is not known_copy for candidate in candidates):
-            candidates.append(known_copy)
+    # A copy in ``known`` has times only widened from the stored ones, so when the stored row
+    # covers ``at_ms`` the copy does too, and it is a candidate already.
+    if stored is not None and all(conversation.id != stored.id for conversation in known):
+        known.append(stored)
+        candidates.append(stored)
     if not candidates:
         return None
     joined = max(candidates, key=lambda conversation: conversation.started_at_ms)
