@@ -85,7 +85,8 @@ def measure(rounds: int, seed: int = 1) -> dict[str, list[float]]:
                     if number < WARMUP:
                         continue
                     executed = re.search(r"Execution Time: ([\d.]+) ms", plan)
-                    assert executed is not None, plan
+                    if executed is None:
+                        raise RuntimeError(f"no execution time in the plan of {table}:\n{plan}")
                     times[table].append(float(executed.group(1)))
                     trigger = re.search(r"Trigger for constraint \S+: time=([\d.]+)", plan)
                     if trigger is not None:

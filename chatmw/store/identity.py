@@ -681,10 +681,11 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
     # session's transaction. On SQLite that took about 11 µs a call, and the same query
     # built from expressions and run through the session about 390 µs (bench/late_lookup.py).
     connection = session.connection()
-    sql = _COVERING_SQLITE if connection.dialect.name == "sqlite" else _COVERING_POSTGRESQL
+    dialect = connection.dialect
+    sql = _COVERING_SQLITE if dialect.name == "sqlite" else _COVERING_POSTGRESQL
     lower = at_ms - gap_ms
     parameters = (channel, contact_id, at_ms + gap_ms, lower, lower)
-    dialect = connection.dialect
+
     driver = connection.connection.driver_connection
     cursor = driver.cursor()
     try:
@@ -697,6 +698,7 @@ def _covering_conversation(session: Session, channel: str, contact_id: int, at_m
                                   connection_invalidated=lost) from error
     finally:
         cursor.close()
+
     if row is None:
         return None
     return OpenConversation(row[0], row[1], row[2], row[3])
@@ -711,6 +713,7 @@ def _join_earlier(session: Session, known: list[OpenConversation], channel: str,
     candidates = [conversation for conversation in known
                   if conversation.started_at_ms - gap_ms <= at_ms
                   <= conversation.last_message_at_ms + gap_ms]
+
     stored = _covering_conversation(session, channel, contact_id, at_ms, gap_ms)
     # A copy in ``known`` has times only widened from the stored ones, so when the stored row
     # covers ``at_ms`` the copy does too, and it is a candidate already.
@@ -719,6 +722,7 @@ def _join_earlier(session: Session, known: list[OpenConversation], channel: str,
         candidates.append(stored)
     if not candidates:
         return None
+
     joined = max(candidates, key=lambda conversation: conversation.started_at_ms)
     joined.started_at_ms = min(joined.started_at_ms, at_ms)
     joined.last_message_at_ms = max(joined.last_message_at_ms, at_ms)
